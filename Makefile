@@ -1,0 +1,42 @@
+# Ringpost: the two commands a newcomer needs are `make run` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+DATA_DIR ?= ./data
+
+.PHONY: run test deps gen check-gen fmt lint unit fuzz bench clean
+
+## make run: build, then start a dev node (embedded coordinator, local data dir) in the foreground.
+run: deps
+	$(CARGO) run -p ringpost-node --bin ringpost-node -- dev --data-dir $(DATA_DIR)
+
+## make test: every check CI runs: generated code, formatting, lints, all tests.
+test: deps check-gen
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) build --workspace --bins
+	$(CARGO) nextest run --workspace --no-fail-fast
+	$(CARGO) test --workspace --doc
+
+deps:
+	@scripts/deps.sh
+
+## make gen: regenerate wire/src/generated.rs from wire/schema/*.fbs with the pinned flatc.
+gen:
+	scripts/gen-wire.sh
+
+check-gen:
+	scripts/gen-wire.sh --check
+
+fmt:
+	$(CARGO) fmt --all
+
+lint:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## make fuzz: run each wire decoder fuzz target for a bounded time (FUZZ_SECONDS each).
+FUZZ_SECONDS ?= 60
+fuzz:
+	scripts/fuzz.sh $(FUZZ_SECONDS)
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,72 @@
+//! [`Event`]: what a [`crate::Client`] hands the application besides answers to its requests.
+
+use ringpost_wire::{Deliver, DeliverKind, DeviceId, GoingAway, MsgId, PresenceUpdate, Typing, UserId, Welcome};
+
+/// Something that happened on the client's connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A message for this device (an inbox entry of kind `Message`).
+    Message(Deliver),
+    /// A device of `by_user` received these of our messages (sent by the node).
+    Delivered {
+        seq: u64,
+        by_user: UserId,
+        by_device: DeviceId,
+        msg_ids: Vec<MsgId>,
+        server_time_ms: u64,
+    },
+    /// `by_user` read these of our messages (a receipt sent by their client).
+    Read {
+        seq: u64,
+        by_user: UserId,
+        by_device: DeviceId,
+        msg_ids: Vec<MsgId>,
+        server_time_ms: u64,
+    },
+    /// A contact started or stopped typing to us.
+    Typing(Typing),
+    /// A subscribed user came online or went away.
+    Presence(PresenceUpdate),
+    /// The node is going away; the client reconnects after `reconnect_after_ms` (if it
+    /// reconnects at all).
+    GoingAway(GoingAway),
+    /// The connection dropped. Requests in flight failed with
+    /// [`crate::ClientError::Disconnected`]. With `will_reconnect`, a
+    /// [`Event::Reconnected`] follows once a new connection is up; without, this is the last
+    /// event.
+    Disconnected { reason: String, will_reconnect: bool },
+    /// A new connection is up and authenticated; `reconnects` counts them since connect.
+    Reconnected { welcome: Welcome, reconnects: u64 },
+}
+
+impl Event {
+    /// The event for a delivery.
+    pub(crate) fn from_deliver(d: Deliver) -> Event {
+        match d.kind {
+            DeliverKind::Message => Event::Message(d),
+            DeliverKind::Delivered => Event::Delivered {
+                seq: d.seq,
+                by_user: d.from_user,
+                by_device: d.from_device,
+                msg_ids: d.receipt_msg_ids,
+                server_time_ms: d.server_time_ms,
+            },
+            DeliverKind::Read => Event::Read {
+                seq: d.seq,
+                by_user: d.from_user,
+                by_device: d.from_device,
+                msg_ids: d.receipt_msg_ids,
+                server_time_ms: d.server_time_ms,
+            },
+        }
+    }
+
+    /// The inbox seq to acknowledge, for deliveries.
+    pub fn seq(&self) -> Option<u64> {
+        match self {
+            Event::Message(d) => Some(d.seq),
+            Event::Delivered { seq, .. } | Event::Read { seq, .. } => Some(*seq),
+            _ => None,
+        }
+    }
+}

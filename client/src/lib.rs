@@ -1,0 +1,1 @@
+//! Ringpost Rust SDK.

@@ -1,0 +1,273 @@
+//! The connection driver shared by every transport: it moves frames between a [`Transport`] and
+//! a [`Session`], executes the session's requests on the [`Server`], delivers inbox entries
+//! inside the session's window, and closes when asked (replaced, reaped, shutting down).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::{FuturesOrdered, StreamExt};
+use ringpost_wire::{ErrorCode, Frame};
+use tracing::{debug, warn};
+
+use crate::metrics::Transport as TransportKind;
+use crate::registry::{CloseReason, ConnShared};
+use crate::server::Server;
+use crate::session::{self, Answer, Peer, Session, Step, REQUESTS_IN_FLIGHT_MAX};
+use crate::transport::{Transport, TransportError};
+
+type Pending = FuturesOrdered<BoxFuture<'static, (u32, Answer)>>;
+
+/// What the connection loop should do after handling an event.
+enum Flow {
+    Continue,
+    Close(Option<(ErrorCode, String)>),
+}
+
+/// Serves one connection until it closes. Never panics on peer input.
+pub async fn serve<T: Transport>(server: Arc<Server>, mut transport: T, kind: TransportKind) {
+    server.metrics.connection_opened(kind);
+    let shared = server.registry.open(session::HANDSHAKE_TIMEOUT_MS as u32);
+    let mut conn = Conn {
+        server: server.clone(),
+        session: Session::new(server.now_ms(), server.node_id, server.epoch()),
+        shared: shared.clone(),
+        out: VecDeque::new(),
+        pending: None,
+        bound: None,
+    };
+    let flow = conn.run(&mut transport).await;
+    if let Flow::Close(error) = flow {
+        if !conn.out.is_empty() {
+            let _ = transport.write(&mut conn.out).await;
+        }
+        transport.close(error.as_ref().map(|(c, m)| (*c, m.as_str()))).await;
+    }
+    server.registry.close(&shared, conn.bound);
+    server.metrics.connection_closed(kind);
+}
+
+struct Conn {
+    server: Arc<Server>,
+    session: Session,
+    shared: Arc<ConnShared>,
+    /// Encoded frames waiting to be written; empty (and unallocated) when idle.
+    out: VecDeque<Bytes>,
+    /// Requests executing, answered in the order they arrived (so `SendAck`s go out in commit
+    /// order). Allocated only while there are some.
+    pending: Option<Box<Pending>>,
+    /// The device this connection is bound to in the registry.
+    bound: Option<(u64, u32)>,
+}
+
+impl Conn {
+    async fn run<T: Transport>(&mut self, transport: &mut T) -> Flow {
+        loop {
+            if let Flow::Close(e) = self.deliver() {
+                return Flow::Close(e);
+            }
+            if !self.out.is_empty() {
+                let n = self.out.len() as u64;
+                if let Err(e) = transport.write(&mut self.out).await {
+                    debug!(conn = self.shared.id, error = %e, "write failed");
+                    return Flow::Close(None);
+                }
+                self.server.metrics.frames_out.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                self.out = VecDeque::new();
+            }
+            if self.session.is_closed() {
+                return Flow::Close(None);
+            }
+            let in_flight = self.pending.as_ref().map_or(0, |p| p.len());
+            let flow = tokio::select! {
+                biased;
+                _ = self.shared.notified() => self.handle_notified(),
+                Some((req, answer)) = next_answer(&mut self.pending), if in_flight > 0 => {
+                    self.handle_answer(req, answer)
+                }
+                read = transport.next_frame(), if in_flight < REQUESTS_IN_FLIGHT_MAX => {
+                    self.handle_read(read)
+                }
+            };
+            if let Flow::Close(e) = flow {
+                return Flow::Close(e);
+            }
+        }
+    }
+
+    fn handle_notified(&mut self) -> Flow {
+        match self.shared.close_reason() {
+            CloseReason::None => {}
+            CloseReason::Replaced => {
+                return self.close_with(ErrorCode::Forbidden, "replaced by a newer connection of this device")
+            }
+            CloseReason::Expired => {
+                let why = self.session.poll_expired(self.server.now_ms()).unwrap_or("idle timeout");
+                debug!(conn = self.shared.id, why, "reaping connection");
+                return Flow::Close(None);
+            }
+            CloseReason::ShuttingDown => {
+                self.push_frame(&Frame::new(
+                    0,
+                    ringpost_wire::GoingAway {
+                        reconnect_after_ms: 1_000,
+                        reason: "node shutting down".into(),
+                    },
+                ));
+                return Flow::Close(Some((ErrorCode::ShuttingDown, "node shutting down".into())));
+            }
+        }
+        if self.shared.take_woken() {
+            self.session.handle_wake();
+        }
+        self.out.extend(self.shared.take_pushed());
+        Flow::Continue
+    }
+
+    fn handle_read(&mut self, read: Result<Option<Bytes>, TransportError>) -> Flow {
+        let bytes = match read {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return Flow::Close(None),
+            Err(TransportError::Protocol { code, message }) => {
+                self.server.metrics.frames_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return self.close_with(code, &message);
+            }
+            Err(e) => {
+                debug!(conn = self.shared.id, error = %e, "read failed");
+                return Flow::Close(None);
+            }
+        };
+        self.server.metrics.frames_in.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let now = self.server.now_ms();
+        self.shared.touch(self.server.registry.now_ms());
+        let steps = match Frame::decode(&bytes) {
+            Ok(frame) => self.session.handle_frame(frame, now),
+            Err(e) => {
+                self.server.metrics.frames_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.session.handle_bad_frame(e.code(), e.to_string())
+            }
+        };
+        self.apply(steps)
+    }
+
+    fn handle_answer(&mut self, req: u32, answer: Answer) -> Flow {
+        let steps = self.session.handle_answer(req, answer);
+        if let Peer::Device { user, device } = self.session.peer() {
+            if self.bound.is_none() {
+                self.bound = Some((user, device));
+                self.server.registry.bind(&self.shared, user, device);
+                self.shared.set_timeout_ms(session::IDLE_TIMEOUT_MS);
+            }
+        } else if self.session.peer() == Peer::Anonymous {
+            self.shared.set_timeout_ms(session::IDLE_TIMEOUT_MS);
+        }
+        self.apply(steps)
+    }
+
+    fn apply(&mut self, steps: Vec<Step>) -> Flow {
+        for step in steps {
+            match step {
+                Step::Write(frame) => {
+                    if self.session.peer() == Peer::Anonymous {
+                        self.shared.set_timeout_ms(session::IDLE_TIMEOUT_MS);
+                    }
+                    self.push_frame(&frame)
+                }
+                Step::Execute { req, request } => {
+                    let fut = self.server.execute(request);
+                    let pending = self.pending.get_or_insert_with(|| Box::new(FuturesOrdered::new()));
+                    pending.push_back(Box::pin(async move { (req, fut.await) }));
+                    // Poll once now so the request reaches its service (e.g. the inbox
+                    // writer's queue) in arrival order: commit order follows frame order.
+                    if let Poll::Ready(Some((req, answer))) =
+                        futures::FutureExt::now_or_never(std::future::poll_fn(|cx| {
+                            Poll::Ready(pending.poll_next_unpin(cx))
+                        }))
+                        .unwrap_or(Poll::Pending)
+                    {
+                        if let Flow::Close(e) = self.handle_answer(req, answer) {
+                            return Flow::Close(e);
+                        }
+                    }
+                }
+                Step::Close(frame) => {
+                    let message = match &frame.body {
+                        ringpost_wire::Body::Error(e) => e.message.clone(),
+                        _ => String::new(),
+                    };
+                    let code = match &frame.body {
+                        ringpost_wire::Body::Error(e) => {
+                            ErrorCode::from_u16(e.code).unwrap_or(ErrorCode::Internal)
+                        }
+                        _ => ErrorCode::Internal,
+                    };
+                    self.push_frame(&frame);
+                    return Flow::Close(Some((code, message)));
+                }
+            }
+        }
+        if self.pending.as_ref().is_some_and(|p| p.is_empty()) {
+            self.pending = None;
+        }
+        Flow::Continue
+    }
+
+    /// Reads and queues inbox entries while the session's window has room.
+    fn deliver(&mut self) -> Flow {
+        let Peer::Device { user, device } = self.session.peer() else { return Flow::Continue };
+        while let Some((after, limit)) = self.session.poll_fetch() {
+            match self.server.read_deliveries(user, device, after, limit) {
+                Ok(frames) => {
+                    let seqs: Vec<u64> = frames
+                        .iter()
+                        .filter_map(|f| match &f.body {
+                            ringpost_wire::Body::Deliver(d) => Some(d.seq),
+                            _ => None,
+                        })
+                        .collect();
+                    self.session.handle_fetched(&seqs, limit);
+                    for f in &frames {
+                        self.push_frame(f);
+                    }
+                    self.server
+                        .metrics
+                        .messages_delivered
+                        .fetch_add(frames.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(e) => {
+                    warn!(conn = self.shared.id, error = %e, "inbox read failed");
+                    self.session.handle_fetch_failed();
+                    break;
+                }
+            }
+        }
+        Flow::Continue
+    }
+
+    fn push_frame(&mut self, frame: &Frame) {
+        match frame.encode() {
+            Ok(bytes) => self.out.push_back(bytes),
+            Err(e) => warn!(conn = self.shared.id, frame = frame.body.name(), error = %e, "cannot encode frame"),
+        }
+    }
+
+    fn close_with(&mut self, code: ErrorCode, message: &str) -> Flow {
+        self.push_frame(&session::error_frame(0, code, message.to_string(), 0));
+        Flow::Close(Some((code, message.to_string())))
+    }
+}
+
+async fn next_answer(pending: &mut Option<Box<Pending>>) -> Option<(u32, Answer)> {
+    match pending {
+        Some(p) => p.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Milliseconds of wall time, for metrics and logs.
+pub fn elapsed_ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}

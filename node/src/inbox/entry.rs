@@ -1,0 +1,243 @@
+//! [`Entry`]: what the inbox stores for one device, and its binary encoding.
+//!
+//! Layout (format 1), integers big-endian:
+//! `version u8 | kind u8 | from_user u64 | from_device u32 | msg_id [16] | server_time_ms u64 |
+//!  expires_at_ms u64 | body_len u32 | body | receipts_len u16 | receipt msg_ids [16]*`.
+
+use bytes::{BufMut, Bytes};
+use ringpost_wire::{DeliverKind, DeviceId, MsgId, UserId};
+
+use super::codec::{corrupt, Reader};
+use crate::storage::StorageError;
+
+const FORMAT_V1: u8 = 1;
+const CF: &str = "inbox";
+/// Bytes of a format-1 entry besides its body and receipts.
+const FIXED_BYTES: usize = 1 + 1 + 8 + 4 + 16 + 8 + 8 + 4 + 2;
+
+/// What an entry is. The stored byte is the discriminant, equal to the wire's
+/// [`DeliverKind`] value (checked by a test), so an entry maps to a `Deliver` one to one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum EntryKind {
+    /// A ciphertext for this device.
+    Message = 0,
+    /// A device of `from_user` acked `receipt_msg_ids`.
+    Delivered = 1,
+    /// `from_user` read `receipt_msg_ids`.
+    Read = 2,
+}
+
+impl EntryKind {
+    fn from_u8(b: u8) -> Option<Self> {
+        match b {
+            0 => Some(EntryKind::Message),
+            1 => Some(EntryKind::Delivered),
+            2 => Some(EntryKind::Read),
+            _ => None,
+        }
+    }
+}
+
+impl From<EntryKind> for DeliverKind {
+    fn from(kind: EntryKind) -> Self {
+        match kind {
+            EntryKind::Message => DeliverKind::Message,
+            EntryKind::Delivered => DeliverKind::Delivered,
+            EntryKind::Read => DeliverKind::Read,
+        }
+    }
+}
+
+/// One stored inbox entry for one device: a message ciphertext or a receipt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub kind: EntryKind,
+    pub from_user: UserId,
+    pub from_device: DeviceId,
+    pub msg_id: MsgId,
+    /// Set by [`Inbox::append`](super::Inbox::append) to its `now_ms`.
+    pub server_time_ms: u64,
+    /// Set by [`Inbox::append`](super::Inbox::append) to `now_ms + retention`.
+    pub expires_at_ms: u64,
+    /// Opaque ciphertext (empty for receipts).
+    pub body: Bytes,
+    /// The messages a `Delivered` or `Read` receipt is about.
+    pub receipt_msg_ids: Vec<MsgId>,
+}
+
+impl Entry {
+    /// A message entry with a zero `server_time_ms`/`expires_at_ms` (the inbox sets them).
+    pub fn message(from_user: UserId, from_device: DeviceId, msg_id: MsgId, body: Bytes) -> Self {
+        Self {
+            kind: EntryKind::Message,
+            from_user,
+            from_device,
+            msg_id,
+            server_time_ms: 0,
+            expires_at_ms: 0,
+            body,
+            receipt_msg_ids: Vec::new(),
+        }
+    }
+
+    /// The stored size: what this entry costs on disk and in a group commit.
+    pub fn encoded_len(&self) -> usize {
+        FIXED_BYTES + self.body.len() + 16 * self.receipt_msg_ids.len()
+    }
+
+    /// Encodes the entry. Callers bound the body and receipt list first (see
+    /// [`super::ENTRY_BODY_BYTES_MAX`], [`super::RECEIPT_MSG_IDS_MAX`]); lengths beyond the
+    /// format's fields would not fit and are rejected there, never truncated here.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        debug_assert!(u32::try_from(self.body.len()).is_ok());
+        debug_assert!(u16::try_from(self.receipt_msg_ids.len()).is_ok());
+        let mut out = Vec::with_capacity(self.encoded_len());
+        out.put_u8(FORMAT_V1);
+        out.put_u8(self.kind as u8);
+        out.put_u64(self.from_user);
+        out.put_u32(self.from_device);
+        out.put_slice(&self.msg_id);
+        out.put_u64(self.server_time_ms);
+        out.put_u64(self.expires_at_ms);
+        out.put_u32(self.body.len() as u32);
+        out.put_slice(&self.body);
+        out.put_u16(self.receipt_msg_ids.len() as u16);
+        for id in &self.receipt_msg_ids {
+            out.put_slice(id);
+        }
+        out
+    }
+
+    /// Decodes an entry; the body is a zero-copy slice of `value`.
+    pub(crate) fn decode(value: Bytes) -> Result<Self, StorageError> {
+        let mut r = Reader::new(&value);
+        let short = || corrupt(CF, "entry is truncated");
+        let version = r.u8().ok_or_else(short)?;
+        if version != FORMAT_V1 {
+            return Err(corrupt(CF, format!("unknown entry format {version}")));
+        }
+        let kind_byte = r.u8().ok_or_else(short)?;
+        let kind = EntryKind::from_u8(kind_byte)
+            .ok_or_else(|| corrupt(CF, format!("unknown entry kind {kind_byte}")))?;
+        let from_user = r.u64().ok_or_else(short)?;
+        let from_device = r.u32().ok_or_else(short)?;
+        let msg_id = r.array::<16>().ok_or_else(short)?;
+        let server_time_ms = r.u64().ok_or_else(short)?;
+        let expires_at_ms = r.u64().ok_or_else(short)?;
+        let body_len = r.u32().ok_or_else(short)? as usize;
+        let body_start = r.position();
+        r.bytes(body_len).ok_or_else(short)?;
+        let receipts = usize::from(r.u16().ok_or_else(short)?);
+        if value.len() - r.position() != 16 * receipts {
+            return Err(corrupt(CF, "receipt list length does not match the record"));
+        }
+        let mut receipt_msg_ids = Vec::with_capacity(receipts);
+        for _ in 0..receipts {
+            receipt_msg_ids.push(r.array::<16>().ok_or_else(short)?);
+        }
+        debug_assert!(r.is_done());
+        let body = value.slice(body_start..body_start + body_len);
+        Ok(Self {
+            kind,
+            from_user,
+            from_device,
+            msg_id,
+            server_time_ms,
+            expires_at_ms,
+            body,
+            receipt_msg_ids,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Entry {
+        Entry {
+            kind: EntryKind::Read,
+            from_user: u64::MAX,
+            from_device: 3,
+            msg_id: [7; 16],
+            server_time_ms: 1_700_000_000_000,
+            expires_at_ms: 1_702_592_000_000,
+            body: Bytes::from_static(b"ciphertext"),
+            receipt_msg_ids: vec![[1; 16], [2; 16]],
+        }
+    }
+
+    #[test]
+    fn roundtrips() {
+        for e in [sample(), Entry::message(1, 2, [0; 16], Bytes::new())] {
+            let bytes = e.encode();
+            assert_eq!(bytes.len(), e.encoded_len());
+            assert_eq!(Entry::decode(Bytes::from(bytes)).unwrap(), e);
+        }
+    }
+
+    #[test]
+    fn kinds_match_the_wire_values() {
+        for kind in [EntryKind::Message, EntryKind::Delivered, EntryKind::Read] {
+            assert_eq!(kind as u8, DeliverKind::from(kind) as u8);
+            assert_eq!(EntryKind::from_u8(kind as u8), Some(kind));
+        }
+        assert_eq!(EntryKind::from_u8(3), None);
+    }
+
+    #[test]
+    fn every_truncation_and_corruption_is_an_error_not_a_panic() {
+        let good = sample().encode();
+        for len in 0..good.len() {
+            let err = Entry::decode(Bytes::copy_from_slice(&good[..len])).unwrap_err();
+            assert!(
+                matches!(err, StorageError::Corrupt { cf: "inbox", .. }),
+                "{len}: {err}"
+            );
+        }
+        let mut trailing = good.clone();
+        trailing.push(0);
+        assert!(Entry::decode(Bytes::from(trailing)).is_err());
+        let mut version = good.clone();
+        version[0] = 2;
+        assert!(Entry::decode(Bytes::from(version)).is_err());
+        let mut kind = good.clone();
+        kind[1] = 9;
+        assert!(Entry::decode(Bytes::from(kind)).is_err());
+        let mut body_len = good;
+        body_len[46..50].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(Entry::decode(Bytes::from(body_len)).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let _ = Entry::decode(Bytes::from(bytes));
+        }
+
+        #[test]
+        fn any_entry_roundtrips(
+            kind in 0u8..3,
+            from_user: u64,
+            from_device: u32,
+            msg_id: [u8; 16],
+            server_time_ms: u64,
+            expires_at_ms: u64,
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            receipt_msg_ids in proptest::collection::vec(proptest::prelude::any::<[u8; 16]>(), 0..20),
+        ) {
+            let entry = Entry {
+                kind: EntryKind::from_u8(kind).unwrap(),
+                from_user,
+                from_device,
+                msg_id,
+                server_time_ms,
+                expires_at_ms,
+                body: Bytes::from(body),
+                receipt_msg_ids,
+            };
+            proptest::prop_assert_eq!(Entry::decode(Bytes::from(entry.encode())).unwrap(), entry);
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! Ringpost edge node.
+//!
+//! - [`transport`]: thin IO drivers (WebSocket over TCP or TLS, QUIC) that turn bytes into
+//!   frames; [`conn`] drives one connection; [`session`] is its sans-IO state machine.
+//! - [`server`]: executes session requests on the shard services: [`accounts`], [`keys`],
+//!   [`inbox`], over the [`storage`] engine (RocksDB); [`registry`] knows who is connected.
+//! - [`runtime`]: starts and stops a node; [`admin`] serves `/metrics`, `/healthz`, `/readyz`.
+//!
+//! `docs/architecture.md` is the guided tour.
+
+pub mod accounts;
+pub mod admin;
+pub mod conn;
+pub mod inbox;
+pub mod keys;
+pub mod metrics;
+pub mod registry;
+pub mod runtime;
+pub mod server;
+pub mod session;
+pub mod shard;
+pub mod storage;
+pub mod transport;

@@ -1,0 +1,215 @@
+//! Prometheus metrics, named `ringpost_<area>_<what>_<unit>`. Plain atomics, rendered in the
+//! text exposition format by [`Metrics::render`]. Labels are a fixed, small set (transport
+//! names, frame directions); never a user id.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Transports, as metric label values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Ws = 0,
+    Wss = 1,
+    Quic = 2,
+}
+
+impl Transport {
+    pub const ALL: [Transport; 3] = [Transport::Ws, Transport::Wss, Transport::Quic];
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Ws => "ws",
+            Transport::Wss => "wss",
+            Transport::Quic => "quic",
+        }
+    }
+}
+
+/// A histogram with fixed buckets in seconds (upper bounds), cumulative on render.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds_s: &'static [f64],
+    counts: Vec<AtomicU64>,
+    sum_ns: AtomicU64,
+    count: AtomicU64,
+}
+
+/// Buckets for latencies from 50 µs to 5 s.
+pub const LATENCY_BUCKETS_S: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0,
+];
+
+impl Histogram {
+    pub fn new(bounds_s: &'static [f64]) -> Self {
+        Histogram {
+            bounds_s,
+            counts: (0..=bounds_s.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_ns: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = self.bounds_s.iter().position(|&b| s <= b).unwrap_or(self.bounds_s.len());
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(d.as_nanos().min(u128::from(u64::MAX)) as u64, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, b) in self.bounds_s.iter().enumerate() {
+            cumulative += self.counts[i].load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        cumulative += self.counts[self.bounds_s.len()].load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_ns.load(Relaxed) as f64 / 1e9);
+        let _ = writeln!(out, "{name}_count {}", self.count.load(Relaxed));
+    }
+}
+
+/// Every metric of a node.
+#[derive(Debug)]
+pub struct Metrics {
+    pub connections: [AtomicI64; 3],
+    pub connections_accepted: [AtomicU64; 3],
+    pub frames_in: AtomicU64,
+    pub frames_out: AtomicU64,
+    pub frames_rejected: AtomicU64,
+    pub messages_accepted: AtomicU64,
+    pub messages_duplicate: AtomicU64,
+    pub messages_delivered: AtomicU64,
+    pub messages_acked: AtomicU64,
+    pub messages_rejected: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub inbox_entries: AtomicI64,
+    pub wal_sync: Histogram,
+    pub commit_group_requests: AtomicU64,
+    pub commits: AtomicU64,
+    pub send_ack: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            connections: Default::default(),
+            connections_accepted: Default::default(),
+            frames_in: AtomicU64::new(0),
+            frames_out: AtomicU64::new(0),
+            frames_rejected: AtomicU64::new(0),
+            messages_accepted: AtomicU64::new(0),
+            messages_duplicate: AtomicU64::new(0),
+            messages_delivered: AtomicU64::new(0),
+            messages_acked: AtomicU64::new(0),
+            messages_rejected: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
+            inbox_entries: AtomicI64::new(0),
+            wal_sync: Histogram::new(LATENCY_BUCKETS_S),
+            commit_group_requests: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
+            send_ack: Histogram::new(LATENCY_BUCKETS_S),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn connection_opened(&self, t: Transport) {
+        self.connections[t as usize].fetch_add(1, Relaxed);
+        self.connections_accepted[t as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn connection_closed(&self, t: Transport) {
+        self.connections[t as usize].fetch_sub(1, Relaxed);
+    }
+
+    /// Connections open now, all transports.
+    pub fn connections_total(&self) -> i64 {
+        self.connections.iter().map(|c| c.load(Relaxed)).sum()
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let _ = writeln!(
+            out,
+            "# HELP ringpost_connections Open client connections.\n# TYPE ringpost_connections gauge"
+        );
+        for t in Transport::ALL {
+            let _ = writeln!(
+                out,
+                "ringpost_connections{{transport=\"{}\"}} {}",
+                t.name(),
+                self.connections[t as usize].load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ringpost_connections_accepted_total Client connections accepted.\n# TYPE ringpost_connections_accepted_total counter"
+        );
+        for t in Transport::ALL {
+            let _ = writeln!(
+                out,
+                "ringpost_connections_accepted_total{{transport=\"{}\"}} {}",
+                t.name(),
+                self.connections_accepted[t as usize].load(Relaxed)
+            );
+        }
+        let counters: [(&str, &str, &AtomicU64); 11] = [
+            ("ringpost_frames_in_total", "Frames received from clients.", &self.frames_in),
+            ("ringpost_frames_out_total", "Frames sent to clients.", &self.frames_out),
+            ("ringpost_frames_rejected_total", "Frames that failed to decode or were refused.", &self.frames_rejected),
+            ("ringpost_messages_accepted_total", "Messages made durable and acknowledged to the sender.", &self.messages_accepted),
+            ("ringpost_messages_duplicate_total", "Sends answered from the dedup record.", &self.messages_duplicate),
+            ("ringpost_messages_delivered_total", "Deliver frames sent to devices.", &self.messages_delivered),
+            ("ringpost_messages_acked_total", "Inbox entries acknowledged by devices and deleted.", &self.messages_acked),
+            ("ringpost_messages_rejected_total", "Sends refused (mismatched devices, inbox full, unknown user).", &self.messages_rejected),
+            ("ringpost_rate_limited_total", "Requests refused by a rate limit.", &self.rate_limited),
+            ("ringpost_inbox_commits_total", "Synced inbox write groups.", &self.commits),
+            ("ringpost_inbox_commit_requests_total", "Inbox requests carried by those groups.", &self.commit_group_requests),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Relaxed));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ringpost_inbox_entries Entries stored in device inboxes.\n# TYPE ringpost_inbox_entries gauge\nringpost_inbox_entries {}",
+            self.inbox_entries.load(Relaxed)
+        );
+        self.wal_sync.render(&mut out, "ringpost_inbox_wal_sync_seconds", "Latency of a synced inbox write (one group commit).");
+        self.send_ack.render(&mut out, "ringpost_send_ack_seconds", "Time from a Send frame's arrival to its SendAck.");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::new(LATENCY_BUCKETS_S);
+        h.observe(Duration::from_micros(40));
+        h.observe(Duration::from_millis(2));
+        h.observe(Duration::from_secs(10));
+        let mut out = String::new();
+        h.render(&mut out, "x", "y");
+        assert!(out.contains("x_bucket{le=\"0.00005\"} 1"), "{out}");
+        assert!(out.contains("x_bucket{le=\"0.0025\"} 2"), "{out}");
+        assert!(out.contains("x_bucket{le=\"5\"} 2"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 3"), "{out}");
+        assert!(out.contains("x_count 3"), "{out}");
+    }
+
+    #[test]
+    fn render_names_every_transport() {
+        let m = Metrics::default();
+        m.connection_opened(Transport::Quic);
+        let out = m.render();
+        assert!(out.contains("ringpost_connections{transport=\"quic\"} 1"));
+        assert!(out.contains("ringpost_connections{transport=\"ws\"} 0"));
+    }
+}

@@ -1,0 +1,284 @@
+//! Which devices are connected to this node, and the small shared handle through which other
+//! tasks reach a connection: wake it (new inbox entries), push it an ephemeral frame (typing),
+//! or ask it to close (replaced, reaped, shutting down).
+//!
+//! Keepalive is a sweep, not a timer per connection: each connection stores the time it last
+//! heard from its peer in its handle, and one task ([`Registry::sweep`]) walks every handle once
+//! a second and closes the ones past their deadline.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use ringpost_wire::{DeviceId, UserId};
+use tokio::sync::Notify;
+
+/// Ephemeral frames (typing, presence) queued to one connection. When full, new ones are
+/// dropped: they are never stored and a stale typing indicator is worthless. Worst case per
+/// connection: this many encoded frames (each well under 100 bytes).
+pub const PUSH_QUEUE_MAX: usize = 32;
+
+/// Registry shards: fewer lock collisions between workers; each shard is a small map.
+const SHARDS: usize = 64;
+
+/// Why a connection is asked to close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CloseReason {
+    None = 0,
+    /// The same device connected again; the newer connection wins.
+    Replaced = 1,
+    /// No frame within the idle timeout (or no handshake in time).
+    Expired = 2,
+    /// The node is shutting down.
+    ShuttingDown = 3,
+}
+
+/// The part of a connection other tasks can reach.
+#[derive(Debug)]
+pub struct ConnShared {
+    pub id: u64,
+    notify: Notify,
+    /// Milliseconds since the registry's start when the peer was last heard from.
+    last_rx_ms: AtomicU64,
+    /// The deadline kind: idle timeout for established sessions, handshake timeout before.
+    timeout_ms: AtomicU32,
+    close: AtomicU8,
+    woken: AtomicU8,
+    pushed: Mutex<VecDeque<Bytes>>,
+}
+
+impl ConnShared {
+    /// Wakes the connection task (new inbox entries may exist).
+    pub fn wake(&self) {
+        self.woken.store(1, Relaxed);
+        self.notify.notify_one();
+    }
+
+    /// Takes the wake flag: true if a wake-up arrived since the last call.
+    pub fn take_woken(&self) -> bool {
+        self.woken.swap(0, Relaxed) == 1
+    }
+
+    /// Resolves when the connection is woken, pushed to, or asked to close.
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+
+    /// Queues an ephemeral frame; false if the queue is full and it was dropped.
+    pub fn push(&self, frame: Bytes) -> bool {
+        let mut q = self.pushed.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() >= PUSH_QUEUE_MAX {
+            return false;
+        }
+        q.push_back(frame);
+        drop(q);
+        self.notify.notify_one();
+        true
+    }
+
+    /// Takes every queued ephemeral frame.
+    pub fn take_pushed(&self) -> VecDeque<Bytes> {
+        let mut q = self.pushed.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut *q)
+    }
+
+    pub fn ask_close(&self, reason: CloseReason) {
+        self.close.store(reason as u8, Relaxed);
+        self.notify.notify_one();
+    }
+
+    pub fn close_reason(&self) -> CloseReason {
+        match self.close.load(Relaxed) {
+            1 => CloseReason::Replaced,
+            2 => CloseReason::Expired,
+            3 => CloseReason::ShuttingDown,
+            _ => CloseReason::None,
+        }
+    }
+
+    /// Records that the peer was heard from at `now_ms` (registry clock).
+    pub fn touch(&self, now_ms: u64) {
+        self.last_rx_ms.store(now_ms, Relaxed);
+    }
+
+    /// Sets the silence after which the sweep closes this connection.
+    pub fn set_timeout_ms(&self, timeout_ms: u32) {
+        self.timeout_ms.store(timeout_ms, Relaxed);
+    }
+}
+
+type DeviceKey = (UserId, DeviceId);
+
+/// Every open connection, and the authenticated ones by device.
+#[derive(Debug)]
+pub struct Registry {
+    start: std::time::Instant,
+    next_id: AtomicU64,
+    all: Vec<Mutex<HashMap<u64, Arc<ConnShared>>>>,
+    devices: Vec<Mutex<HashMap<DeviceKey, Arc<ConnShared>>>>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            start: std::time::Instant::now(),
+            next_id: AtomicU64::new(1),
+            all: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            devices: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn device_shard(key: DeviceKey) -> usize {
+    ((key.0 ^ (u64::from(key.1) << 48)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58) as usize
+}
+
+impl Registry {
+    /// Milliseconds since the registry started: the clock of [`ConnShared::touch`].
+    pub fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Registers a new connection with a handshake deadline.
+    pub fn open(&self, handshake_timeout_ms: u32) -> Arc<ConnShared> {
+        let id = self.next_id.fetch_add(1, Relaxed);
+        let conn = Arc::new(ConnShared {
+            id,
+            notify: Notify::new(),
+            last_rx_ms: AtomicU64::new(self.now_ms()),
+            timeout_ms: AtomicU32::new(handshake_timeout_ms),
+            close: AtomicU8::new(0),
+            woken: AtomicU8::new(0),
+            pushed: Mutex::new(VecDeque::new()),
+        });
+        lock(&self.all[id as usize % SHARDS]).insert(id, conn.clone());
+        conn
+    }
+
+    /// The connection is now this device. An older connection of the same device is asked to
+    /// close (the newer one wins; at most one delivery stream per device).
+    pub fn bind(&self, conn: &Arc<ConnShared>, user: UserId, device: DeviceId) {
+        let key = (user, device);
+        let old = lock(&self.devices[device_shard(key)]).insert(key, conn.clone());
+        if let Some(old) = old {
+            if old.id != conn.id {
+                old.ask_close(CloseReason::Replaced);
+            }
+        }
+    }
+
+    /// Forgets a closing connection (and its device binding, if it still holds it).
+    pub fn close(&self, conn: &Arc<ConnShared>, device: Option<DeviceKey>) {
+        lock(&self.all[conn.id as usize % SHARDS]).remove(&conn.id);
+        if let Some(key) = device {
+            let mut map = lock(&self.devices[device_shard(key)]);
+            if map.get(&key).is_some_and(|c| c.id == conn.id) {
+                map.remove(&key);
+            }
+        }
+    }
+
+    /// The connection of a device, if it is connected here.
+    pub fn device(&self, user: UserId, device: DeviceId) -> Option<Arc<ConnShared>> {
+        let key = (user, device);
+        lock(&self.devices[device_shard(key)]).get(&key).cloned()
+    }
+
+    /// Wakes the device's connection, if any.
+    pub fn wake(&self, user: UserId, device: DeviceId) {
+        if let Some(c) = self.device(user, device) {
+            c.wake();
+        }
+    }
+
+    /// Closes every connection silent past its deadline. Returns how many it closed.
+    pub fn sweep(&self) -> usize {
+        let now = self.now_ms();
+        let mut closed = 0;
+        for shard in &self.all {
+            for conn in lock(shard).values() {
+                let last = conn.last_rx_ms.load(Relaxed);
+                let timeout = u64::from(conn.timeout_ms.load(Relaxed));
+                if now.saturating_sub(last) > timeout && conn.close_reason() == CloseReason::None {
+                    conn.ask_close(CloseReason::Expired);
+                    closed += 1;
+                }
+            }
+        }
+        closed
+    }
+
+    /// Asks every connection to close (graceful shutdown).
+    pub fn close_all(&self, reason: CloseReason) {
+        for shard in &self.all {
+            for conn in lock(shard).values() {
+                conn.ask_close(reason);
+            }
+        }
+    }
+
+    /// Open connections.
+    pub fn len(&self) -> usize {
+        self.all.iter().map(|s| lock(s).len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newer_connection_of_a_device_replaces_the_older() {
+        let r = Registry::default();
+        let a = r.open(1000);
+        let b = r.open(1000);
+        r.bind(&a, 1, 1);
+        r.bind(&b, 1, 1);
+        assert_eq!(a.close_reason(), CloseReason::Replaced);
+        assert_eq!(b.close_reason(), CloseReason::None);
+        // The old connection closing must not unbind the new one.
+        r.close(&a, Some((1, 1)));
+        assert_eq!(r.device(1, 1).map(|c| c.id), Some(b.id));
+        r.close(&b, Some((1, 1)));
+        assert!(r.device(1, 1).is_none());
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn push_queue_is_bounded() {
+        let r = Registry::default();
+        let c = r.open(1000);
+        for _ in 0..PUSH_QUEUE_MAX {
+            assert!(c.push(Bytes::from_static(b"x")));
+        }
+        assert!(!c.push(Bytes::from_static(b"x")));
+        assert_eq!(c.take_pushed().len(), PUSH_QUEUE_MAX);
+        assert!(c.take_pushed().is_empty());
+    }
+
+    #[test]
+    fn sweep_closes_only_silent_connections() {
+        let r = Registry::default();
+        let silent = r.open(0);
+        let fresh = r.open(60_000);
+        // `silent` has a zero timeout: any elapsed millisecond expires it.
+        silent.touch(0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while r.now_ms() == 0 && std::time::Instant::now() < deadline {
+            std::hint::spin_loop();
+        }
+        assert_eq!(r.sweep(), 1);
+        assert_eq!(silent.close_reason(), CloseReason::Expired);
+        assert_eq!(fresh.close_reason(), CloseReason::None);
+    }
+}

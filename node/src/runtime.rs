@@ -1,0 +1,253 @@
+//! Starting and stopping a node: open storage, start the services, bind the listeners, run the
+//! housekeeping tasks, and shut down gracefully (stop accepting, tell clients `GoingAway`, let
+//! in-flight writes finish syncing, close).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::accounts::{Accounts, AccountsConfig, LogCodeSender};
+use crate::inbox::{Inbox, InboxConfig};
+use crate::keys::Keys;
+use crate::metrics::{Metrics, Transport as TransportKind};
+use crate::server::{Server, ServerConfig};
+use crate::session;
+use crate::storage::rocks::{RocksConfig, RocksEngine};
+use crate::storage::Engine;
+use crate::transport::quic::{self, QuicTransport};
+use crate::transport::tls::{self, CertPaths};
+use crate::transport::ws::{WsStream, WsTransport};
+
+/// How often the keepalive sweep runs.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How often expired inbox entries are deleted.
+pub const EXPIRE_INTERVAL: Duration = Duration::from_secs(600);
+/// How long shutdown waits for connections to close after `GoingAway`.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Pause after a failed accept (e.g. out of file descriptors) before trying again.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Everything needed to start a node.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub data_dir: PathBuf,
+    pub listen_ws: Option<SocketAddr>,
+    pub listen_wss: Option<SocketAddr>,
+    pub listen_quic: Option<SocketAddr>,
+    pub listen_admin: Option<SocketAddr>,
+    /// TLS certificate for wss and QUIC; `None` generates a dev certificate in the data dir.
+    pub tls: Option<CertPaths>,
+    pub server: ServerConfig,
+    pub inbox: InboxConfig,
+    pub rocks: RocksConfig,
+    /// Append verification codes to this file (dev).
+    pub codes_file: Option<PathBuf>,
+}
+
+/// The addresses a started node listens on.
+#[derive(Debug, Clone, Default)]
+pub struct Bound {
+    pub ws: Option<SocketAddr>,
+    pub wss: Option<SocketAddr>,
+    pub quic: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+/// A running node.
+pub struct Node {
+    pub server: Arc<Server>,
+    pub bound: Bound,
+    pub ca: Option<PathBuf>,
+    tasks: JoinSet<()>,
+    quic: Option<quinn::Endpoint>,
+}
+
+impl Node {
+    /// Opens storage, starts services and binds every listener.
+    pub async fn start(opts: NodeOptions) -> Result<Node> {
+        std::fs::create_dir_all(&opts.data_dir)
+            .with_context(|| format!("creating data dir {}", opts.data_dir.display()))?;
+        let engine: Arc<dyn Engine> = Arc::new(
+            RocksEngine::open(opts.data_dir.join("db"), &opts.rocks)
+                .with_context(|| format!("opening RocksDB in {}", opts.data_dir.display()))?,
+        );
+        let metrics = Arc::new(Metrics::default());
+        let inbox_config = {
+            let mut c = opts.inbox.clone();
+            c.shard_count = opts.server.shard_count;
+            c.retention_ms = opts.server.retention_ms;
+            let m = metrics.clone();
+            c.observer = Some(Arc::new(move |d: Duration, n: usize| {
+                m.wal_sync.observe(d);
+                m.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                m.commit_group_requests.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            }));
+            c
+        };
+        let inbox = Inbox::start(engine.clone(), inbox_config).context("starting the inbox")?;
+        metrics
+            .inbox_entries
+            .store(inbox.entries_total() as i64, std::sync::atomic::Ordering::Relaxed);
+        let sender = Arc::new(LogCodeSender::new(opts.codes_file.clone()));
+        let accounts_config =
+            AccountsConfig { shard_count: opts.server.shard_count, ..AccountsConfig::default() };
+        let accounts = Accounts::new(engine.clone(), sender, accounts_config);
+        let keys = Keys::new(engine.clone(), opts.server.shard_count);
+        let server = Server::new(opts.server.clone(), accounts, keys, inbox, metrics);
+
+        let (cert, ca) = match &opts.tls {
+            Some(c) => (c.clone(), c.ca.clone()),
+            None if opts.listen_wss.is_some() || opts.listen_quic.is_some() => {
+                let c = tls::dev_certificate(&opts.data_dir.join("tls"))?;
+                let ca = c.ca.clone();
+                (c, ca)
+            }
+            None => (CertPaths { cert: PathBuf::new(), key: PathBuf::new(), ca: None }, None),
+        };
+
+        let mut tasks = JoinSet::new();
+        let mut bound = Bound::default();
+        if let Some(addr) = opts.listen_ws {
+            let l = TcpListener::bind(addr).await.with_context(|| format!("binding ws {addr}"))?;
+            bound.ws = Some(l.local_addr()?);
+            tasks.spawn(accept_ws(l, None, server.clone()));
+        }
+        if let Some(addr) = opts.listen_wss {
+            let l = TcpListener::bind(addr).await.with_context(|| format!("binding wss {addr}"))?;
+            bound.wss = Some(l.local_addr()?);
+            let config = tls::server_config(&cert, &[], false)?;
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+            tasks.spawn(accept_ws(l, Some(acceptor), server.clone()));
+        }
+        let mut endpoint = None;
+        if let Some(addr) = opts.listen_quic {
+            let config = quic::server_config(
+                &cert,
+                Duration::from_millis(u64::from(session::IDLE_TIMEOUT_MS)),
+            )?;
+            let ep = quinn::Endpoint::server(config, addr)
+                .with_context(|| format!("binding quic {addr}"))?;
+            bound.quic = Some(ep.local_addr()?);
+            tasks.spawn(accept_quic(ep.clone(), server.clone()));
+            endpoint = Some(ep);
+        }
+        if let Some(addr) = opts.listen_admin {
+            let l = TcpListener::bind(addr).await.with_context(|| format!("binding admin {addr}"))?;
+            bound.admin = Some(l.local_addr()?);
+            tasks.spawn(crate::admin::serve(l, server.clone()));
+        }
+        tasks.spawn(housekeeping(server.clone()));
+        Ok(Node { server, bound, ca, tasks, quic: endpoint })
+    }
+
+    /// Graceful shutdown: stop accepting, send `GoingAway`, wait for connections to close (up
+    /// to [`SHUTDOWN_GRACE`]), then stop. Every acknowledged write was already synced.
+    pub async fn shutdown(mut self) {
+        info!("shutting down: no new connections, telling clients to go away");
+        self.tasks.abort_all();
+        self.server.begin_shutdown();
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        while !self.server.registry.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if let Some(ep) = self.quic.take() {
+            ep.close(quinn::VarInt::from_u32(quic::CLOSE_GOING_AWAY), b"node shutting down");
+            let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
+        }
+        while self.tasks.join_next().await.is_some() {}
+        info!(left = self.server.registry.len(), "shutdown complete");
+    }
+}
+
+async fn accept_ws(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    server: Arc<Server>,
+) {
+    let kind = if tls.is_some() { TransportKind::Wss } else { TransportKind::Ws };
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(transport = kind.name(), error = %e, "accept failed; raise the open-file limit if this is EMFILE");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        if server.is_shutting_down() {
+            continue;
+        }
+        let _ = tcp.set_nodelay(true);
+        let server = server.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let handshake = async {
+                let stream = match tls {
+                    Some(acceptor) => WsStream::Tls(Box::new(acceptor.accept(tcp).await?)),
+                    None => WsStream::Plain(tcp),
+                };
+                WsTransport::accept(stream).await.map_err(std::io::Error::other)
+            };
+            let timeout = Duration::from_millis(session::HANDSHAKE_TIMEOUT_MS);
+            match tokio::time::timeout(timeout, handshake).await {
+                Ok(Ok(transport)) => crate::conn::serve(server, transport, kind).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "websocket upgrade failed"),
+                Err(_) => tracing::debug!(%peer, "websocket upgrade timed out"),
+            }
+        });
+    }
+}
+
+async fn accept_quic(endpoint: quinn::Endpoint, server: Arc<Server>) {
+    while let Some(incoming) = endpoint.accept().await {
+        if server.is_shutting_down() {
+            incoming.refuse();
+            continue;
+        }
+        let server = server.clone();
+        tokio::spawn(async move {
+            let timeout = Duration::from_millis(session::HANDSHAKE_TIMEOUT_MS);
+            let setup = async {
+                let conn = incoming.await?;
+                QuicTransport::accept(conn).await
+            };
+            match tokio::time::timeout(timeout, setup).await {
+                Ok(Ok(transport)) => crate::conn::serve(server, transport, TransportKind::Quic).await,
+                Ok(Err(e)) => tracing::debug!(error = %e, "quic handshake failed"),
+                Err(_) => tracing::debug!("quic handshake timed out"),
+            }
+        });
+    }
+}
+
+async fn housekeeping(server: Arc<Server>) {
+    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    let mut expire = tokio::time::interval(EXPIRE_INTERVAL);
+    let mut prune = tokio::time::interval(crate::server::RATE_LIMITER_PRUNE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = sweep.tick() => {
+                let reaped = server.registry.sweep();
+                if reaped > 0 {
+                    tracing::debug!(reaped, "keepalive sweep");
+                }
+                server.metrics.inbox_entries.store(
+                    server.inbox.entries_total() as i64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
+            _ = expire.tick() => match server.inbox.expire(server.now_ms()).await {
+                Ok(n) if n > 0 => info!(expired = n, "deleted expired inbox entries"),
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "expiring inbox entries failed"),
+            },
+            _ = prune.tick() => server.prune(),
+        }
+    }
+}

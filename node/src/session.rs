@@ -1,0 +1,528 @@
+//! The per-connection state machine, sans-IO.
+//!
+//! A [`Session`] takes decoded frames, service results and `now_ms`, and returns [`Step`]s for
+//! its driver ([`crate::conn`]) to carry out: frames to write, service requests to execute, a
+//! close. It owns no socket and no timer, so every protocol rule here is unit-tested without a
+//! network. The driver is shared by every transport (WebSocket, WebSocket over TLS, QUIC).
+//!
+//! What lives here: the handshake (`Hello` first, version check, authentication gating), which
+//! frames are allowed in which state, the delivery window (how many `Deliver`s are in flight and
+//! where the drain cursor is), and keepalive bookkeeping. What does not: anything that touches
+//! storage or other connections; that is [`crate::server`].
+
+use ringpost_wire::{
+    limits, Auth, Body, DeliverAck, DeviceId, ErrorCode, Frame, Pong, UserId, Welcome,
+};
+
+/// Deliveries in flight (sent, not yet acked) per device. Each is an inbox entry the device
+/// will ack; the window bounds what a slow device makes the node hold and re-send. Worst case
+/// per connection: this many seq numbers in the in-flight set (8 bytes each).
+pub const DELIVER_WINDOW: u32 = 64;
+
+/// How often a client should ping while idle.
+pub const PING_INTERVAL_MS: u32 = 30_000;
+
+/// A connection silent for this long is reaped (half-open TCP, vanished phones).
+pub const IDLE_TIMEOUT_MS: u32 = 90_000;
+
+/// A new connection must complete `Hello` (and its authentication) within this time.
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+
+/// Requests a session may have outstanding at the driver (executing or queued). When reached,
+/// the driver stops reading the connection until one completes: back-pressure, not buffering.
+pub const REQUESTS_IN_FLIGHT_MAX: usize = 64;
+
+/// Who is on the other end, once known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// `Hello` not yet received.
+    New,
+    /// `Hello` without credentials: may register or link a device, nothing else.
+    Anonymous,
+    /// `Hello` with credentials sent to the server, answer pending.
+    Authenticating,
+    /// An authenticated device.
+    Device { user: UserId, device: DeviceId },
+    /// The session is over; the driver closes the transport.
+    Closed,
+}
+
+/// A service operation the driver must execute for this session. `req` is echoed in the answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Authenticate(Auth),
+    /// Anything an anonymous connection may ask: register, verify, link.
+    Anonymous(Body),
+    /// Anything an authenticated device may ask; the driver checks nothing further about who.
+    Device { user: UserId, device: DeviceId, body: Body },
+}
+
+/// One thing the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Write this frame.
+    Write(Frame),
+    /// Execute a request and feed the answer back through [`Session::handle_answer`].
+    Execute { req: u32, request: Request },
+    /// Write this error frame, then close the transport.
+    Close(Frame),
+}
+
+/// What the server made of a request, fed back to the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// Reply with these frames (usually one).
+    Frames(Vec<Frame>),
+    /// The connection is now this device (authentication succeeded, or a device was registered
+    /// or linked on this connection); reply with these frames.
+    Authenticated { user: UserId, device: DeviceId, frames: Vec<Frame> },
+    /// Reply with this error; if fatal, close.
+    Error { code: ErrorCode, message: String, retry_after_ms: u32 },
+}
+
+/// Where the drain of this device's inbox stands.
+#[derive(Debug, Default)]
+struct DeliverWindow {
+    /// Highest seq handed to the device (every entry up to here was read once).
+    cursor: u64,
+    /// Seqs sent but not acked, ascending. Bounded by [`DELIVER_WINDOW`].
+    in_flight: Vec<u64>,
+    /// A fetch is outstanding at the driver.
+    fetching: bool,
+    /// New entries may exist past `cursor` (set by a wake-up, cleared when a fetch comes back
+    /// short).
+    more: bool,
+}
+
+/// The per-connection protocol state. Small on purpose: it lives as long as the connection.
+#[derive(Debug)]
+pub struct Session {
+    peer: Peer,
+    opened_ms: u64,
+    last_rx_ms: u64,
+    node_id: u64,
+    epoch: u64,
+    /// Present only for authenticated devices.
+    window: Option<Box<DeliverWindow>>,
+}
+
+impl Session {
+    pub fn new(now_ms: u64, node_id: u64, epoch: u64) -> Self {
+        Session { peer: Peer::New, opened_ms: now_ms, last_rx_ms: now_ms, node_id, epoch, window: None }
+    }
+
+    pub fn peer(&self) -> Peer {
+        self.peer
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.peer == Peer::Closed
+    }
+
+    /// A frame arrived (already decoded by the transport driver).
+    pub fn handle_frame(&mut self, frame: Frame, now_ms: u64) -> Vec<Step> {
+        self.last_rx_ms = now_ms;
+        let Frame { req, body } = frame;
+        match (self.peer, body) {
+            (Peer::Closed, _) => Vec::new(),
+            (_, Body::Ping(ping)) => vec![Step::Write(Frame::new(req, Pong { nonce: ping.nonce }))],
+            (Peer::New, Body::Hello(hello)) => {
+                if hello.protocol_version != limits::PROTOCOL_VERSION {
+                    return self.fatal(
+                        req,
+                        ErrorCode::UnsupportedVersion,
+                        format!(
+                            "protocol version {} is not supported; this node speaks {}",
+                            hello.protocol_version,
+                            limits::PROTOCOL_VERSION
+                        ),
+                    );
+                }
+                match hello.auth {
+                    None => {
+                        self.peer = Peer::Anonymous;
+                        vec![Step::Write(Frame::new(req, self.welcome(now_ms)))]
+                    }
+                    Some(auth) => {
+                        self.peer = Peer::Authenticating;
+                        vec![Step::Execute { req, request: Request::Authenticate(auth) }]
+                    }
+                }
+            }
+            (Peer::New, other) => self.fatal(
+                req,
+                ErrorCode::UnexpectedFrame,
+                format!("the first frame must be Hello, got {}", other.name()),
+            ),
+            (_, Body::Hello(_)) => {
+                self.fatal(req, ErrorCode::UnexpectedFrame, "Hello was already received".into())
+            }
+            (Peer::Authenticating, other) => self.fatal(
+                req,
+                ErrorCode::UnexpectedFrame,
+                format!("{} sent before authentication completed", other.name()),
+            ),
+            (Peer::Anonymous, body) => match body {
+                Body::RegisterRequest(_) | Body::RegisterVerify(_) | Body::LinkDevice(_) => {
+                    vec![Step::Execute { req, request: Request::Anonymous(body) }]
+                }
+                other if is_client_frame(&other) => vec![Step::Write(error_frame(
+                    req,
+                    ErrorCode::Unauthenticated,
+                    format!("{} needs an authenticated connection", other.name()),
+                    0,
+                ))],
+                other => self.not_client_frame(req, &other),
+            },
+            (Peer::Device { user, device }, body) => match body {
+                Body::DeliverAck(ack) => self.handle_deliver_ack(req, user, device, ack),
+                Body::RegisterRequest(_) | Body::RegisterVerify(_) | Body::LinkDevice(_) => {
+                    vec![Step::Write(error_frame(
+                        req,
+                        ErrorCode::UnexpectedFrame,
+                        "this connection is already a registered device".into(),
+                        0,
+                    ))]
+                }
+                other if is_client_frame(&other) => {
+                    vec![Step::Execute { req, request: Request::Device { user, device, body: other } }]
+                }
+                other => self.not_client_frame(req, &other),
+            },
+        }
+    }
+
+    /// A frame could not be decoded. The transport kept its framing (the length or the
+    /// WebSocket message was sound), so the stream is still trustworthy unless `fatal`.
+    pub fn handle_bad_frame(&mut self, code: ErrorCode, message: String) -> Vec<Step> {
+        if code.is_fatal() {
+            self.fatal(0, code, message)
+        } else {
+            vec![Step::Write(error_frame(0, code, message, 0))]
+        }
+    }
+
+    /// The driver executed a request.
+    pub fn handle_answer(&mut self, req: u32, answer: Answer) -> Vec<Step> {
+        match answer {
+            Answer::Frames(frames) => frames.into_iter().map(|f| Step::Write(reply(req, f))).collect(),
+            Answer::Authenticated { user, device, frames } => {
+                let was_authenticating = self.peer == Peer::Authenticating;
+                self.peer = Peer::Device { user, device };
+                self.window = Some(Box::new(DeliverWindow { more: true, ..Default::default() }));
+                let mut steps = Vec::with_capacity(frames.len() + 1);
+                if was_authenticating {
+                    steps.push(Step::Write(Frame::new(req, self.welcome(self.last_rx_ms))));
+                }
+                steps.extend(frames.into_iter().map(|f| Step::Write(reply(req, f))));
+                steps
+            }
+            Answer::Error { code, message, retry_after_ms } => {
+                if code.is_fatal() || self.peer == Peer::Authenticating {
+                    self.fatal(req, code, message)
+                } else {
+                    vec![Step::Write(error_frame(req, code, message, retry_after_ms))]
+                }
+            }
+        }
+    }
+
+    /// New inbox entries may exist for this device.
+    pub fn handle_wake(&mut self) {
+        if let Some(w) = self.window.as_deref_mut() {
+            w.more = true;
+        }
+    }
+
+    /// If the device should be sent more entries, the range to read: `(after_seq, limit)`.
+    /// The driver reads them and calls [`Session::handle_fetched`].
+    pub fn poll_fetch(&mut self) -> Option<(u64, usize)> {
+        let w = self.window.as_deref_mut()?;
+        let room = DELIVER_WINDOW as usize - w.in_flight.len();
+        if w.fetching || !w.more || room == 0 {
+            return None;
+        }
+        w.fetching = true;
+        Some((w.cursor, room))
+    }
+
+    /// The driver read these seqs (ascending) from the inbox for the range of the last
+    /// [`Session::poll_fetch`]; it writes their `Deliver` frames.
+    pub fn handle_fetched(&mut self, seqs: &[u64], limit: usize) {
+        let Some(w) = self.window.as_deref_mut() else { return };
+        w.fetching = false;
+        debug_assert!(seqs.windows(2).all(|p| p[0] < p[1]), "inbox reads are ordered");
+        for &seq in seqs {
+            if seq > w.cursor {
+                w.cursor = seq;
+                w.in_flight.push(seq);
+            }
+        }
+        // A short read means the inbox is drained up to now; a wake-up sets `more` again.
+        if seqs.len() < limit {
+            w.more = false;
+        }
+    }
+
+    /// A fetch failed (storage error); try again on the next wake-up.
+    pub fn handle_fetch_failed(&mut self) {
+        if let Some(w) = self.window.as_deref_mut() {
+            w.fetching = false;
+        }
+    }
+
+    fn handle_deliver_ack(
+        &mut self,
+        req: u32,
+        user: UserId,
+        device: DeviceId,
+        ack: DeliverAck,
+    ) -> Vec<Step> {
+        if let Some(w) = self.window.as_deref_mut() {
+            w.in_flight.retain(|s| !ack.seqs.contains(s));
+            // Freed window room: more can be sent if anything is left.
+            w.more = true;
+        }
+        // Acks for seqs not in flight (e.g. delivered on an earlier connection) still delete:
+        // the inbox only touches this device's own entries.
+        let body = Body::DeliverAck(ack);
+        vec![Step::Execute { req, request: Request::Device { user, device, body } }]
+    }
+
+    /// Keepalive and handshake deadlines: `Some(reason)` when the connection must be closed.
+    pub fn poll_expired(&self, now_ms: u64) -> Option<&'static str> {
+        match self.peer {
+            Peer::New | Peer::Authenticating
+                if now_ms.saturating_sub(self.opened_ms) > HANDSHAKE_TIMEOUT_MS =>
+            {
+                Some("handshake timeout")
+            }
+            _ if now_ms.saturating_sub(self.last_rx_ms) > u64::from(IDLE_TIMEOUT_MS) => {
+                Some("idle timeout")
+            }
+            _ => None,
+        }
+    }
+
+    /// The epoch changed; later redirects and forwards use it.
+    pub fn set_epoch(&mut self, epoch: u64) {
+        self.epoch = epoch;
+    }
+
+    fn welcome(&self, now_ms: u64) -> Welcome {
+        Welcome {
+            protocol_version: limits::PROTOCOL_VERSION,
+            node_id: self.node_id,
+            epoch: self.epoch,
+            server_time_ms: now_ms,
+            ping_interval_ms: PING_INTERVAL_MS,
+            idle_timeout_ms: IDLE_TIMEOUT_MS,
+            deliver_window: DELIVER_WINDOW,
+            frame_bytes_max: limits::FRAME_BYTES_MAX as u32,
+        }
+    }
+
+    fn not_client_frame(&mut self, req: u32, body: &Body) -> Vec<Step> {
+        vec![Step::Write(error_frame(
+            req,
+            ErrorCode::UnknownFrameType,
+            format!("{} is not a client-to-server frame", body.name()),
+            0,
+        ))]
+    }
+
+    fn fatal(&mut self, req: u32, code: ErrorCode, message: String) -> Vec<Step> {
+        self.peer = Peer::Closed;
+        self.window = None;
+        vec![Step::Close(Frame::new(
+            req,
+            ringpost_wire::Error { code: code.as_u16(), message, retry_after_ms: 0, fatal: true },
+        ))]
+    }
+}
+
+/// A service's answer frame, stamped with the request id it answers.
+fn reply(req: u32, mut frame: Frame) -> Frame {
+    if frame.req == 0 {
+        frame.req = req;
+    }
+    frame
+}
+
+/// Builds an `Error` frame.
+pub fn error_frame(req: u32, code: ErrorCode, message: String, retry_after_ms: u32) -> Frame {
+    Frame::new(
+        req,
+        ringpost_wire::Error { code: code.as_u16(), message, retry_after_ms, fatal: code.is_fatal() },
+    )
+}
+
+/// Frames a client may send (everything else is server-to-client only).
+fn is_client_frame(body: &Body) -> bool {
+    matches!(
+        body,
+        Body::Hello(_)
+            | Body::RegisterRequest(_)
+            | Body::RegisterVerify(_)
+            | Body::LinkCodeRequest(_)
+            | Body::LinkDevice(_)
+            | Body::RemoveDevice(_)
+            | Body::SetRegistrationLock(_)
+            | Body::DeviceListRequest(_)
+            | Body::Send(_)
+            | Body::DeliverAck(_)
+            | Body::Receipt(_)
+            | Body::PresenceSubscribe(_)
+            | Body::SetPrivacy(_)
+            | Body::Typing(_)
+            | Body::PrekeyUpload(_)
+            | Body::PrekeyClaim(_)
+            | Body::PrekeyCountRequest(_)
+            | Body::GroupCreate(_)
+            | Body::GroupUpdate(_)
+            | Body::GroupInfoRequest(_)
+            | Body::MediaUploadRequest(_)
+            | Body::Ping(_)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use ringpost_wire::{Hello, Ping, RegisterRequest, Send};
+
+    fn hello(auth: Option<Auth>) -> Frame {
+        Frame::new(1, Hello { protocol_version: 1, auth, user_agent: "t".into() })
+    }
+
+    fn auth() -> Auth {
+        Auth { user: 15550001, device: 1, token: Bytes::from_static(&[7; 32]) }
+    }
+
+    fn authed() -> Session {
+        let mut s = Session::new(0, 9, 1);
+        s.handle_frame(hello(Some(auth())), 0);
+        s.handle_answer(1, Answer::Authenticated { user: 15550001, device: 1, frames: vec![] });
+        s
+    }
+
+    fn is_close_with(steps: &[Step], code: ErrorCode) -> bool {
+        matches!(steps, [Step::Close(Frame { body: Body::Error(e), .. })] if e.code == code.as_u16())
+    }
+
+    fn is_error_with(steps: &[Step], code: ErrorCode) -> bool {
+        matches!(steps, [Step::Write(Frame { body: Body::Error(e), .. })] if e.code == code.as_u16())
+    }
+
+    #[test]
+    fn first_frame_must_be_hello() {
+        let mut s = Session::new(0, 1, 1);
+        let steps = s.handle_frame(Frame::new(3, ringpost_wire::DeliverAck { seqs: vec![] }), 0);
+        assert!(is_close_with(&steps, ErrorCode::UnexpectedFrame));
+        assert!(s.is_closed());
+        assert!(s.handle_frame(hello(None), 1).is_empty(), "a closed session ignores input");
+    }
+
+    #[test]
+    fn wrong_protocol_version_is_refused() {
+        let mut s = Session::new(0, 1, 1);
+        let f = Frame::new(1, Hello { protocol_version: 99, auth: None, user_agent: String::new() });
+        assert!(is_close_with(&s.handle_frame(f, 0), ErrorCode::UnsupportedVersion));
+    }
+
+    #[test]
+    fn anonymous_may_register_but_not_send() {
+        let mut s = Session::new(0, 1, 1);
+        let steps = s.handle_frame(hello(None), 0);
+        assert!(matches!(&steps[..], [Step::Write(Frame { body: Body::Welcome(_), .. })]));
+        let reg = Frame::new(2, RegisterRequest { phone: 1555, channel: ringpost_wire::CodeChannel::Sms });
+        assert!(matches!(&s.handle_frame(reg, 0)[..], [Step::Execute { req: 2, request: Request::Anonymous(_) }]));
+        let send = Frame::new(3, Send { msg_id: [1; 16], to: 2, ciphertexts: vec![] });
+        assert!(is_error_with(&s.handle_frame(send, 0), ErrorCode::Unauthenticated));
+        assert_eq!(s.peer(), Peer::Anonymous, "a refused request does not close the connection");
+    }
+
+    #[test]
+    fn authentication_gates_everything() {
+        let mut s = Session::new(0, 1, 1);
+        let steps = s.handle_frame(hello(Some(auth())), 0);
+        assert!(matches!(&steps[..], [Step::Execute { request: Request::Authenticate(_), .. }]));
+        // Pipelined frames before the answer are a protocol violation.
+        let mut s2 = Session::new(0, 1, 1);
+        s2.handle_frame(hello(Some(auth())), 0);
+        let send = Frame::new(3, Send { msg_id: [1; 16], to: 2, ciphertexts: vec![] });
+        assert!(is_close_with(&s2.handle_frame(send, 0), ErrorCode::UnexpectedFrame));
+        // A refused token closes.
+        let steps = s.handle_answer(
+            1,
+            Answer::Error { code: ErrorCode::BadCredentials, message: "no".into(), retry_after_ms: 0 },
+        );
+        assert!(is_close_with(&steps, ErrorCode::BadCredentials));
+    }
+
+    #[test]
+    fn authenticated_device_gets_welcome_and_requests_carry_identity() {
+        let mut s = Session::new(0, 1, 1);
+        s.handle_frame(hello(Some(auth())), 0);
+        let steps =
+            s.handle_answer(1, Answer::Authenticated { user: 15550001, device: 1, frames: vec![] });
+        assert!(matches!(&steps[..], [Step::Write(Frame { req: 1, body: Body::Welcome(_) })]));
+        let send = Frame::new(4, Send { msg_id: [1; 16], to: 2, ciphertexts: vec![] });
+        match &s.handle_frame(send, 5)[..] {
+            [Step::Execute { req: 4, request: Request::Device { user: 15550001, device: 1, .. } }] => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn ping_is_answered_in_any_open_state() {
+        let mut s = Session::new(0, 1, 1);
+        let steps = s.handle_frame(Frame::new(8, Ping { nonce: 42 }), 0);
+        assert_eq!(steps, vec![Step::Write(Frame::new(8, Pong { nonce: 42 }))]);
+    }
+
+    #[test]
+    fn server_frames_from_a_client_are_rejected_without_closing() {
+        let mut s = authed();
+        let f = Frame::new(5, ringpost_wire::Pong { nonce: 1 });
+        assert!(is_error_with(&s.handle_frame(f, 0), ErrorCode::UnknownFrameType));
+        assert!(!s.is_closed());
+    }
+
+    #[test]
+    fn delivery_window_is_bounded_and_refilled_by_acks() {
+        let mut s = authed();
+        let (after, limit) = s.poll_fetch().expect("a new device drains its inbox");
+        assert_eq!((after, limit), (0, DELIVER_WINDOW as usize));
+        assert_eq!(s.poll_fetch(), None, "one fetch at a time");
+        let seqs: Vec<u64> = (1..=DELIVER_WINDOW as u64).collect();
+        s.handle_fetched(&seqs, limit);
+        s.handle_wake();
+        assert_eq!(s.poll_fetch(), None, "window full: nothing more until acks");
+        let steps = s.handle_frame(Frame::new(0, DeliverAck { seqs: vec![1, 2, 3] }), 1);
+        assert!(matches!(&steps[..], [Step::Execute { .. }]));
+        assert_eq!(s.poll_fetch(), Some((DELIVER_WINDOW as u64, 3)));
+        s.handle_fetched(&[], 3);
+        assert_eq!(s.poll_fetch(), None, "a short read means drained");
+        s.handle_wake();
+        assert_eq!(s.poll_fetch(), Some((DELIVER_WINDOW as u64, 3)));
+    }
+
+    #[test]
+    fn deadlines() {
+        let s = Session::new(0, 1, 1);
+        assert_eq!(s.poll_expired(HANDSHAKE_TIMEOUT_MS), None);
+        assert_eq!(s.poll_expired(HANDSHAKE_TIMEOUT_MS + 1), Some("handshake timeout"));
+        let mut s = authed();
+        s.handle_frame(Frame::new(0, Ping { nonce: 1 }), 1_000);
+        assert_eq!(s.poll_expired(1_000 + u64::from(IDLE_TIMEOUT_MS)), None);
+        assert_eq!(s.poll_expired(1_001 + u64::from(IDLE_TIMEOUT_MS)), Some("idle timeout"));
+    }
+
+    #[test]
+    fn session_is_small() {
+        // Lives as long as the connection: keep it a handful of words.
+        assert!(std::mem::size_of::<Session>() <= 64, "{}", std::mem::size_of::<Session>());
+    }
+}

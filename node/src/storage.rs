@@ -1,0 +1,190 @@
+//! The narrow storage interface every shard service is written against.
+//!
+//! One database per node, one column family per service ([`Cf`]). Every key starts with the
+//! shard id as a big-endian `u16` so that a shard is one contiguous range in every family:
+//! hand-off is a range scan, dropping a shard is a range delete.
+//!
+//! Two engines implement [`Engine`]: [`rocks::RocksEngine`] (the real one) and
+//! [`mem::MemEngine`] (for unit tests of the services); both pass the same conformance suite
+//! (`storage/suite.rs`).
+
+pub mod mem;
+pub mod rocks;
+#[cfg(test)]
+pub(crate) mod suite;
+
+use crate::shard::ShardId;
+
+/// The column families of a node's database. The set is fixed: adding one is a schema change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Cf {
+    /// `shard | user` → account record (devices, token hashes, registration lock).
+    Accounts,
+    /// `shard | phone` → pending verification code; `shard | user | 0xff | code` → link code.
+    Verify,
+    /// `shard | user | device | seq` → inbox entry.
+    Inbox,
+    /// `shard | user | device` → inbox counters (next seq, entry count).
+    InboxMeta,
+    /// `shard | to user | sender user | sender device | msg_id` → the `SendAck` given, for the
+    /// dedup window.
+    ///
+    /// Contract with the engines: every value starts with its expiry, a big-endian `u64` of
+    /// milliseconds since the Unix epoch. An engine may drop a record once that time has passed
+    /// (RocksDB does so in a compaction filter), so readers must treat an expired record as absent.
+    Dedup,
+    /// `shard | user | device | kind | id` → prekeys.
+    Prekeys,
+    /// Node-local metadata (`shard` prefix unused): schema version, node id.
+    Meta,
+}
+
+impl Cf {
+    pub const ALL: [Cf; 7] = [
+        Cf::Accounts,
+        Cf::Verify,
+        Cf::Inbox,
+        Cf::InboxMeta,
+        Cf::Dedup,
+        Cf::Prekeys,
+        Cf::Meta,
+    ];
+
+    /// The column family's name in RocksDB.
+    pub fn name(self) -> &'static str {
+        match self {
+            Cf::Accounts => "accounts",
+            Cf::Verify => "verify",
+            Cf::Inbox => "inbox",
+            Cf::InboxMeta => "inbox_meta",
+            Cf::Dedup => "dedup",
+            Cf::Prekeys => "prekeys",
+            Cf::Meta => "meta",
+        }
+    }
+}
+
+/// One mutation in a [`WriteBatch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Put {
+        cf: Cf,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        cf: Cf,
+        key: Vec<u8>,
+    },
+    /// Deletes every key in `[from, to)`.
+    DeleteRange {
+        cf: Cf,
+        from: Vec<u8>,
+        to: Vec<u8>,
+    },
+}
+
+/// Mutations applied atomically by [`Engine::write`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteBatch {
+    pub ops: Vec<Op>,
+}
+
+impl WriteBatch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn put(&mut self, cf: Cf, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.ops.push(Op::Put {
+            cf,
+            key: key.into(),
+            value: value.into(),
+        });
+    }
+    pub fn delete(&mut self, cf: Cf, key: impl Into<Vec<u8>>) {
+        self.ops.push(Op::Delete {
+            cf,
+            key: key.into(),
+        });
+    }
+    pub fn delete_range(&mut self, cf: Cf, from: impl Into<Vec<u8>>, to: impl Into<Vec<u8>>) {
+        self.ops.push(Op::DeleteRange {
+            cf,
+            from: from.into(),
+            to: to.into(),
+        });
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+}
+
+/// Why storage failed. Every variant means "nothing was made durable by this call".
+///
+/// `Clone` so that one failed group commit can report the same error to every request in it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StorageError {
+    /// The device is full; writes fail until space is freed.
+    #[error("storage is full: {0}")]
+    NoSpace(String),
+    /// An I/O error, including a failed fsync: the database stops accepting writes.
+    #[error("storage I/O error: {0}")]
+    Io(String),
+    /// Stored bytes did not decode.
+    #[error("corrupt record in {cf}: {detail}")]
+    Corrupt { cf: &'static str, detail: String },
+    /// Anything else the engine reports.
+    #[error("storage error: {0}")]
+    Other(String),
+}
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// A key-value engine with column families, atomic batches and ordered scans.
+pub trait Engine: Send + Sync + 'static {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>>;
+
+    /// Applies `batch` atomically. With `sync`, returns only once the batch is durable (the WAL
+    /// is fsynced); callers batch many logical writes into one synced write.
+    fn write(&self, batch: WriteBatch, sync: bool) -> Result<()>;
+
+    /// Up to `limit` pairs with `from <= key < to`, in key order.
+    fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize)
+        -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+
+    /// The last pair with `from <= key < to`, if any.
+    fn last_in(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>>;
+}
+
+/// The exclusive upper bound of all keys starting with `prefix`: the prefix with its last
+/// non-`0xff` byte incremented and everything after it removed.
+///
+/// Edge case: a prefix made only of `0xff` bytes (or empty) has no finite bound. The result is
+/// then `0xff` repeated `prefix.len() + 1` times, which covers the keys with that prefix except
+/// those continuing with another `0xff`. Keys built by [`key`] never hit this: shard ids are
+/// below `u16::MAX`, so their first two bytes are never both `0xff`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Only 0xff bytes: every key with this prefix sorts before a longer run of 0xff.
+    vec![0xff; prefix.len() + 1]
+}
+
+/// Builds a key: the shard id first, big-endian, then the given parts.
+pub fn key(shard: ShardId, parts: &[&[u8]]) -> Vec<u8> {
+    let len = 2 + parts.iter().map(|p| p.len()).sum::<usize>();
+    let mut k = Vec::with_capacity(len);
+    k.extend_from_slice(&shard.to_be_bytes());
+    for p in parts {
+        k.extend_from_slice(p);
+    }
+    k
+}

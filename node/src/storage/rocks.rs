@@ -1,0 +1,433 @@
+//! [`RocksEngine`]: the node's [`Engine`] over RocksDB.
+//!
+//! One database per node, one column family per [`Cf`], every option chosen on purpose in
+//! [`RocksConfig`] (each with its memory or disk cost). Writes always go through the WAL; a
+//! `sync` write returns only once the WAL is fsynced. RocksDB stops accepting writes after a
+//! fatal background error (e.g. a failed fsync); that is surfaced, not hidden: every later write
+//! fails with the same error until the process reopens the database.
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rocksdb::compaction_filter::Decision;
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Options,
+    ReadOptions, WriteOptions, DB, DEFAULT_COLUMN_FAMILY_NAME,
+};
+
+use super::{Cf, Engine, Op, Result, StorageError, WriteBatch};
+
+const MIB: usize = 1024 * 1024;
+
+/// RocksDB options that matter for memory, file descriptors and durability. Worst-case memory
+/// of the database is about `block_cache_bytes + write_buffer_bytes_total_max` (index and filter
+/// blocks are charged to the block cache), plus iterators' pinned blocks.
+#[derive(Debug, Clone)]
+pub struct RocksConfig {
+    /// One LRU block cache shared by every column family; also holds index and filter blocks,
+    /// so table readers cost no memory outside it. Memory: exactly this, at most.
+    pub block_cache_bytes: usize,
+    /// Size of one memtable of one column family before it is frozen and flushed. Memory:
+    /// up to `write_buffer_bytes_per_cf * write_buffers_per_cf_max` per family, capped in total
+    /// by `write_buffer_bytes_total_max`.
+    pub write_buffer_bytes_per_cf: usize,
+    /// Memtables (active + immutable, waiting for flush) per column family.
+    pub write_buffers_per_cf_max: i32,
+    /// Cap on the memtables of all column families together (RocksDB's `db_write_buffer_size`):
+    /// when reached, the largest memtable is flushed.
+    pub write_buffer_bytes_total_max: usize,
+    /// Table files kept open (each holds a file descriptor; the process limit is shared with
+    /// millions of sockets). Beyond it, RocksDB closes and reopens files through its table cache.
+    pub open_files_max: i32,
+    /// Background flush + compaction threads.
+    pub background_jobs_max: i32,
+    /// Once the WALs together exceed this, the column families pinning the oldest WAL are
+    /// flushed so it can be deleted. Disk: at most about this much WAL.
+    pub wal_bytes_total_max: u64,
+    /// RocksDB's own info `LOG` files kept, and the size at which one is rotated. Disk: the
+    /// product, at most.
+    pub info_log_files_keep: usize,
+    pub info_log_file_bytes_max: usize,
+    /// How often every table file of the dedup family is compacted at least once, so that its
+    /// compaction filter drops expired records even when no write triggers a compaction.
+    pub dedup_periodic_compaction_secs: u64,
+}
+
+impl Default for RocksConfig {
+    fn default() -> Self {
+        Self {
+            block_cache_bytes: 256 * MIB,
+            write_buffer_bytes_per_cf: 32 * MIB,
+            write_buffers_per_cf_max: 3,
+            write_buffer_bytes_total_max: 256 * MIB,
+            open_files_max: 512,
+            background_jobs_max: 2,
+            wal_bytes_total_max: 1024 * MIB as u64,
+            info_log_files_keep: 4,
+            info_log_file_bytes_max: 16 * MIB,
+            dedup_periodic_compaction_secs: 24 * 60 * 60,
+        }
+    }
+}
+
+impl RocksConfig {
+    /// Small buffers for tests: many databases open at once in one test binary.
+    pub fn for_tests() -> Self {
+        Self {
+            block_cache_bytes: 8 * MIB,
+            write_buffer_bytes_per_cf: MIB,
+            write_buffers_per_cf_max: 2,
+            write_buffer_bytes_total_max: 8 * MIB,
+            open_files_max: 64,
+            background_jobs_max: 2,
+            wal_bytes_total_max: 64 * MIB as u64,
+            info_log_files_keep: 1,
+            info_log_file_bytes_max: MIB,
+            dedup_periodic_compaction_secs: 24 * 60 * 60,
+        }
+    }
+}
+
+/// The RocksDB engine. Cheap to share behind an `Arc`; every method may be called from any
+/// thread.
+pub struct RocksEngine {
+    db: DB,
+    // Kept so the cache outlives every table reader (RocksDB holds its own reference too).
+    _block_cache: Cache,
+}
+
+impl std::fmt::Debug for RocksEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RocksEngine")
+            .field("path", &self.db.path())
+            .finish()
+    }
+}
+
+impl RocksEngine {
+    /// Opens (creating if missing) the database at `path` with every family of [`Cf::ALL`].
+    /// A family on disk that this version does not know is an error (a newer schema wrote it).
+    pub fn open(path: impl AsRef<Path>, config: &RocksConfig) -> Result<Self> {
+        let path = path.as_ref();
+        let block_cache = Cache::new_lru_cache(config.block_cache_bytes);
+
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_paranoid_checks(true);
+        db_opts.set_max_open_files(config.open_files_max);
+        db_opts.set_max_background_jobs(config.background_jobs_max);
+        db_opts.set_db_write_buffer_size(config.write_buffer_bytes_total_max);
+        db_opts.set_max_total_wal_size(config.wal_bytes_total_max);
+        db_opts.set_keep_log_file_num(config.info_log_files_keep);
+        db_opts.set_max_log_file_size(config.info_log_file_bytes_max);
+        // Spread table-file writeback instead of one large fsync at the end of a flush.
+        db_opts.set_bytes_per_sync(MIB as u64);
+
+        let on_disk = match DB::list_cf(&db_opts, path) {
+            Ok(names) => names,
+            // No database yet (or no CURRENT file): it will be created.
+            Err(_) if !path.join("CURRENT").exists() => Vec::new(),
+            Err(e) => return Err(classify(e.into_string())),
+        };
+        if let Some(unknown) = on_disk.iter().find(|name| {
+            name.as_str() != DEFAULT_COLUMN_FAMILY_NAME
+                && !Cf::ALL.iter().any(|cf| cf.name() == *name)
+        }) {
+            return Err(StorageError::Other(format!(
+                "unknown column family {unknown:?} in {}: written by a newer version?",
+                path.display()
+            )));
+        }
+
+        let descriptors = Cf::ALL.iter().map(|cf| {
+            ColumnFamilyDescriptor::new(cf.name(), cf_options(*cf, config, &block_cache))
+        });
+        let db = DB::open_cf_descriptors(&db_opts, path, descriptors)
+            .map_err(|e| classify(e.into_string()))?;
+        Ok(Self {
+            db,
+            _block_cache: block_cache,
+        })
+    }
+
+    fn handle(&self, cf: Cf) -> Result<&ColumnFamily> {
+        // Every family is created at open, so this only fails if the database is broken.
+        self.db
+            .cf_handle(cf.name())
+            .ok_or_else(|| StorageError::Other(format!("column family {} is missing", cf.name())))
+    }
+
+    fn bounded_read(from: &[u8], to: &[u8]) -> ReadOptions {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(from);
+        ro.set_iterate_upper_bound(to);
+        ro
+    }
+}
+
+/// Options of one column family, chosen for its access pattern.
+fn cf_options(cf: Cf, config: &RocksConfig, cache: &Cache) -> Options {
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(cache);
+    // Index and filter blocks live in (and are bounded by) the block cache; L0's stay pinned
+    // since every read consults them.
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+
+    let mut opts = Options::default();
+    opts.set_write_buffer_size(config.write_buffer_bytes_per_cf);
+    opts.set_max_write_buffer_number(config.write_buffers_per_cf_max);
+    opts.set_level_compaction_dynamic_level_bytes(true);
+    match cf {
+        Cf::Inbox => {
+            // Read by prefix scans only: whole-key bloom filters would cost cache for nothing.
+            // Values are ciphertext, which does not compress; keys are short.
+            opts.set_compression_type(DBCompressionType::None);
+            // Entries are deleted soon after they are written (acked), leaving runs of
+            // tombstones that slow every drain scan: compact a table file once 64 of any 128
+            // consecutive entries are deletions.
+            opts.add_compact_on_deletion_collector_factory(128, 64, 0.5);
+        }
+        Cf::Dedup => {
+            table.set_bloom_filter(10.0, false);
+            opts.set_compression_type(DBCompressionType::Lz4);
+            opts.set_compaction_filter("ringpost_dedup_expiry", drop_expired_dedup);
+            opts.set_periodic_compaction_seconds(config.dedup_periodic_compaction_secs);
+        }
+        Cf::Accounts | Cf::Verify | Cf::InboxMeta | Cf::Prekeys | Cf::Meta => {
+            // Point lookups, many of them for keys that exist: 10 bits/key ≈ 1% false positives.
+            table.set_bloom_filter(10.0, false);
+            opts.set_compression_type(DBCompressionType::Lz4);
+        }
+    }
+    opts.set_block_based_table_factory(&table);
+    opts
+}
+
+/// Compaction filter of [`Cf::Dedup`]: a record whose expiry (the first 8 bytes of its value,
+/// big-endian ms since the Unix epoch) has passed is dropped. A value too short to hold an
+/// expiry is kept for the service to report as corrupt.
+fn drop_expired_dedup(_level: u32, _key: &[u8], value: &[u8]) -> Decision {
+    let Some(expiry) = value.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
+        return Decision::Keep;
+    };
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    if u64::from_be_bytes(expiry) <= now_ms {
+        Decision::Remove
+    } else {
+        Decision::Keep
+    }
+}
+
+/// Maps a RocksDB error message to a [`StorageError`]. RocksDB reports ENOSPC as an IO error
+/// whose message carries the OS text; background errors are re-reported by every later write.
+fn classify(msg: String) -> StorageError {
+    if msg.contains("No space left on device") || msg.contains("ENOSPC") {
+        StorageError::NoSpace(msg)
+    } else if msg.starts_with("IO error") {
+        StorageError::Io(msg)
+    } else if msg.starts_with("Corruption") {
+        StorageError::Corrupt {
+            cf: "rocksdb",
+            detail: msg,
+        }
+    } else {
+        StorageError::Other(msg)
+    }
+}
+
+impl Engine for RocksEngine {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.db
+            .get_cf(self.handle(cf)?, key)
+            .map_err(|e| classify(e.into_string()))
+    }
+
+    fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
+        let mut rb = rocksdb::WriteBatch::default();
+        for op in batch.ops {
+            match op {
+                Op::Put { cf, key, value } => rb.put_cf(self.handle(cf)?, key, value),
+                Op::Delete { cf, key } => rb.delete_cf(self.handle(cf)?, key),
+                // RocksDB rejects an inverted range; an empty or inverted range deletes nothing.
+                Op::DeleteRange { from, to, .. } if from >= to => {}
+                Op::DeleteRange { cf, from, to } => rb.delete_range_cf(self.handle(cf)?, from, to),
+            }
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        // The WAL is what makes a batch atomic across families and durable: never off.
+        wo.disable_wal(false);
+        self.db
+            .write_opt(rb, &wo)
+            .map_err(|e| classify(e.into_string()))
+    }
+
+    fn scan(
+        &self,
+        cf: Cf,
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        if from >= to || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut it = self
+            .db
+            .raw_iterator_cf_opt(self.handle(cf)?, Self::bounded_read(from, to));
+        it.seek(from);
+        let mut out = Vec::new();
+        while out.len() < limit {
+            match (it.key(), it.value()) {
+                (Some(k), Some(v)) => out.push((k.to_vec(), v.to_vec())),
+                _ => break,
+            }
+            it.next();
+        }
+        // An invalid iterator means either the end of the range or an error: tell them apart.
+        it.status().map_err(|e| classify(e.into_string()))?;
+        Ok(out)
+    }
+
+    fn last_in(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        if from >= to {
+            return Ok(None);
+        }
+        let mut it = self
+            .db
+            .raw_iterator_cf_opt(self.handle(cf)?, Self::bounded_read(from, to));
+        it.seek_to_last();
+        let last = match (it.key(), it.value()) {
+            (Some(k), Some(v)) => Some((k.to_vec(), v.to_vec())),
+            _ => None,
+        };
+        it.status().map_err(|e| classify(e.into_string()))?;
+        Ok(last)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(e: &RocksEngine, cf: Cf, k: &[u8], v: &[u8], sync: bool) {
+        let mut b = WriteBatch::new();
+        b.put(cf, k, v);
+        e.write(b, sync).unwrap();
+    }
+
+    #[test]
+    fn sync_write_survives_close_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let e = RocksEngine::open(dir.path(), &RocksConfig::for_tests()).unwrap();
+            put(&e, Cf::Inbox, b"k", b"durable", true);
+            let mut b = WriteBatch::new();
+            b.put(Cf::InboxMeta, &b"m"[..], &b"1"[..]);
+            b.put(Cf::Dedup, &b"d"[..], &u64::MAX.to_be_bytes()[..]);
+            e.write(b, true).unwrap();
+        }
+        let e = RocksEngine::open(dir.path(), &RocksConfig::for_tests()).unwrap();
+        assert_eq!(
+            e.get(Cf::Inbox, b"k").unwrap().as_deref(),
+            Some(&b"durable"[..])
+        );
+        assert_eq!(
+            e.get(Cf::InboxMeta, b"m").unwrap().as_deref(),
+            Some(&b"1"[..])
+        );
+        assert!(e.get(Cf::Dedup, b"d").unwrap().is_some());
+    }
+
+    #[test]
+    fn opens_an_existing_database_repeatedly() {
+        let dir = tempfile::tempdir().unwrap();
+        for round in 0u8..3 {
+            let e = RocksEngine::open(dir.path(), &RocksConfig::default()).unwrap();
+            for r in 0..round {
+                assert_eq!(
+                    e.get(Cf::Accounts, &[r]).unwrap(),
+                    Some(vec![r]),
+                    "round {round}"
+                );
+            }
+            put(&e, Cf::Accounts, &[round], &[round], true);
+        }
+    }
+
+    #[test]
+    fn refuses_unknown_column_families() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut opts = Options::default();
+            opts.create_if_missing(true);
+            opts.create_missing_column_families(true);
+            let _db = DB::open_cf(&opts, dir.path(), ["from_the_future"]).unwrap();
+        }
+        let err = RocksEngine::open(dir.path(), &RocksConfig::for_tests()).unwrap_err();
+        assert!(err.to_string().contains("from_the_future"), "{err}");
+    }
+
+    #[test]
+    fn open_fails_cleanly_on_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(RocksEngine::open(&file, &RocksConfig::for_tests()).is_err());
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        let no_space = "IO error: No space left on device: While appending to file: 000012.log";
+        assert!(matches!(
+            classify(no_space.into()),
+            StorageError::NoSpace(_)
+        ));
+        let fsync = "IO error: While fsync: a file descriptor: Input/output error";
+        assert!(matches!(classify(fsync.into()), StorageError::Io(_)));
+        let corrupt = "Corruption: block checksum mismatch";
+        assert!(matches!(
+            classify(corrupt.into()),
+            StorageError::Corrupt { .. }
+        ));
+        let other = "Invalid argument: Column family not found";
+        assert!(matches!(classify(other.into()), StorageError::Other(_)));
+    }
+
+    #[test]
+    fn dedup_filter_drops_only_expired_records() {
+        let past = 1_000u64.to_be_bytes();
+        let future = u64::MAX.to_be_bytes();
+        assert!(matches!(
+            drop_expired_dedup(0, b"k", &past),
+            Decision::Remove
+        ));
+        assert!(matches!(
+            drop_expired_dedup(0, b"k", &future),
+            Decision::Keep
+        ));
+        assert!(matches!(
+            drop_expired_dedup(0, b"k", b"short"),
+            Decision::Keep
+        ));
+    }
+
+    #[test]
+    fn compaction_drops_expired_dedup_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = RocksEngine::open(dir.path(), &RocksConfig::for_tests()).unwrap();
+        let mut b = WriteBatch::new();
+        b.put(Cf::Dedup, &b"expired"[..], &1_000u64.to_be_bytes()[..]);
+        b.put(Cf::Dedup, &b"live"[..], &u64::MAX.to_be_bytes()[..]);
+        e.write(b, true).unwrap();
+        let cf = e.handle(Cf::Dedup).unwrap();
+        e.db.flush_cf(cf).unwrap();
+        e.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        assert_eq!(e.get(Cf::Dedup, b"expired").unwrap(), None);
+        assert!(e.get(Cf::Dedup, b"live").unwrap().is_some());
+    }
+}

@@ -1,0 +1,61 @@
+//! Thin IO drivers that turn bytes into frames and back. Every transport feeds the same
+//! [`crate::conn`] driver and [`crate::session::Session`].
+//!
+//! Idle connections own no read buffer: a driver waits for readiness, reads into a buffer that
+//! belongs to the worker thread ([`with_read_buf`]), and keeps only the leftover of a partial
+//! frame, allocated only while there is one. Outgoing frames are queued as `Bytes` and written
+//! vectored, so the queue is empty (and unallocated) when idle.
+
+pub mod quic;
+pub mod tls;
+pub mod ws;
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::future::Future;
+
+use bytes::Bytes;
+use ringpost_wire::ErrorCode;
+
+/// Size of each worker thread's read buffer. One per thread, not per connection.
+pub const READ_BUF_BYTES: usize = 64 * 1024;
+
+/// A connection that stops reading our writes for this long is dropped (it holds our queue).
+pub const WRITE_TIMEOUT_MS: u64 = 30_000;
+
+thread_local! {
+    static READ_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; READ_BUF_BYTES].into_boxed_slice());
+}
+
+/// Runs `f` with this thread's read buffer. Never hold it across an `.await`.
+pub fn with_read_buf<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    READ_BUF.with(|b| f(&mut b.borrow_mut()))
+}
+
+/// Why a transport gave up.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer broke the transport's framing; the stream cannot be trusted any more.
+    #[error("{message}")]
+    Protocol { code: ErrorCode, message: String },
+    #[error("write timed out")]
+    WriteTimeout,
+}
+
+/// What the connection driver needs from a transport.
+pub trait Transport: Send {
+    /// The next complete frame (encoded flatbuffer bytes); `Ok(None)` when the peer closed.
+    /// Cancel-safe: dropping the future loses nothing.
+    fn next_frame(&mut self) -> impl Future<Output = Result<Option<Bytes>, TransportError>> + Send;
+
+    /// Writes every queued frame, in order, emptying the queue.
+    fn write(
+        &mut self,
+        frames: &mut VecDeque<Bytes>,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Closes the transport; `error` says why when it is a protocol violation.
+    fn close(&mut self, error: Option<(ErrorCode, &str)>) -> impl Future<Output = ()> + Send;
+}

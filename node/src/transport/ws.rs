@@ -1,0 +1,239 @@
+//! WebSocket over TCP (`ws://`) and over TLS (`wss://`): one binary message is one frame.
+//!
+//! Reading: try a non-blocking read into the worker's buffer first, wait for readiness only when
+//! there is nothing to read, and keep only the leftover bytes of a partial message between
+//! reads. TLS is driven the same way: the TLS stream is polled once with a no-op waker while the
+//! worker's buffer is borrowed, and readiness is awaited on the TCP socket underneath.
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use ringpost_wire::ws::{self, Decoder, Message, OpCode, Role};
+use ringpost_wire::{limits, ErrorCode};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::{with_read_buf, Transport, TransportError, WRITE_TIMEOUT_MS};
+
+/// The byte stream under the WebSocket.
+pub enum WsStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl WsStream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            WsStream::Plain(s) => s,
+            WsStream::Tls(s) => s.get_ref().0,
+        }
+    }
+
+    /// One non-blocking read appended to `dst`: `Ok(Some(0))` is end of stream, `Ok(None)`
+    /// means nothing is available now.
+    fn try_read_into(&mut self, dst: &mut BytesMut) -> io::Result<Option<usize>> {
+        with_read_buf(|buf| match self {
+            WsStream::Plain(s) => match s.try_read(buf) {
+                Ok(n) => {
+                    dst.extend_from_slice(&buf[..n]);
+                    Ok(Some(n))
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+                Err(e) => Err(e),
+            },
+            WsStream::Tls(s) => {
+                let mut rb = ReadBuf::new(buf);
+                let mut cx = Context::from_waker(Waker::noop());
+                match Pin::new(&mut **s).poll_read(&mut cx, &mut rb) {
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        dst.extend_from_slice(rb.filled());
+                        Ok(Some(n))
+                    }
+                    Poll::Ready(Err(e)) => Err(e),
+                    Poll::Pending => Ok(None),
+                }
+            }
+        })
+    }
+
+    /// Reads at least one byte into `dst` (0 at end of stream).
+    pub async fn read_some(&mut self, dst: &mut BytesMut) -> io::Result<usize> {
+        loop {
+            if let Some(n) = self.try_read_into(dst)? {
+                return Ok(n);
+            }
+            self.tcp().readable().await?;
+        }
+    }
+
+    pub async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            WsStream::Plain(s) => s.write_all(bytes).await,
+            WsStream::Tls(s) => {
+                s.write_all(bytes).await?;
+                s.flush().await
+            }
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        let _ = match self {
+            WsStream::Plain(s) => s.shutdown().await,
+            WsStream::Tls(s) => s.shutdown().await,
+        };
+    }
+}
+
+/// Why a WebSocket upgrade failed (the HTTP answer was already written when it could be).
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    #[error("io: {0}")]
+    Io(#[from] io::Error),
+    #[error("bad upgrade request: {0}")]
+    Handshake(#[from] ws::HandshakeError),
+    #[error("peer closed before completing the upgrade")]
+    Closed,
+}
+
+/// A server-side WebSocket connection after the upgrade.
+pub struct WsTransport {
+    stream: WsStream,
+    decoder: Decoder,
+    /// Bytes of a partial WebSocket frame; empty and unallocated while idle.
+    partial: BytesMut,
+    closed: bool,
+}
+
+impl WsTransport {
+    /// Reads the HTTP upgrade request, answers it, and returns the transport. The caller
+    /// bounds the time this may take.
+    pub async fn accept(mut stream: WsStream) -> Result<WsTransport, UpgradeError> {
+        let mut head = BytesMut::new();
+        loop {
+            match ws::parse_request(&head) {
+                Ok(Some((request, used))) => {
+                    stream.write_all(&ws::accept_response(&request)).await?;
+                    let _ = head.split_to(used);
+                    let partial = if head.is_empty() { BytesMut::new() } else { head };
+                    return Ok(WsTransport {
+                        stream,
+                        decoder: Decoder::new(Role::Server, limits::FRAME_BYTES_MAX),
+                        partial,
+                        closed: false,
+                    });
+                }
+                Ok(None) => {
+                    if stream.read_some(&mut head).await? == 0 {
+                        return Err(UpgradeError::Closed);
+                    }
+                }
+                Err(e) => {
+                    let _ = stream.write_all(&ws::reject_response(&e)).await;
+                    stream.shutdown().await;
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    async fn send_control(&mut self, opcode: OpCode, payload: &[u8]) -> io::Result<()> {
+        let mut out = BytesMut::with_capacity(payload.len() + ws::FRAME_HEADER_BYTES_MAX);
+        ws::encode_frame(opcode, payload, None, &mut out);
+        self.stream.write_all(&out).await
+    }
+}
+
+impl Transport for WsTransport {
+    async fn next_frame(&mut self) -> Result<Option<Bytes>, TransportError> {
+        loop {
+            if self.closed {
+                return Ok(None);
+            }
+            let decoded = self.decoder.decode(&mut self.partial);
+            if self.partial.is_empty() && self.partial.capacity() > 0 {
+                // Give the allocation back: an idle connection holds no buffer.
+                self.partial = BytesMut::new();
+            }
+            match decoded {
+                Ok(Some(Message::Binary(frame))) => return Ok(Some(frame)),
+                Ok(Some(Message::Ping(payload))) => {
+                    self.send_control(OpCode::Pong, &payload).await?;
+                }
+                Ok(Some(Message::Pong(_))) => {}
+                Ok(Some(Message::Close { .. })) => {
+                    let _ = self.send_control(OpCode::Close, &ws::close_payload(1000, "")).await;
+                    self.closed = true;
+                    return Ok(None);
+                }
+                Ok(Some(Message::Text(_))) => {
+                    return Err(TransportError::Protocol {
+                        code: ErrorCode::TransportProtocol,
+                        message: "text frames are not part of the protocol: send each frame as one binary message".into(),
+                    });
+                }
+                Ok(None) => {
+                    if self.stream.read_some(&mut self.partial).await? == 0 {
+                        return Ok(None);
+                    }
+                }
+                Err(ws::WsError::TextNotSupported) => {
+                    return Err(TransportError::Protocol {
+                        code: ErrorCode::TransportProtocol,
+                        message: "text frames are not part of the protocol: send each frame as one binary message".into(),
+                    });
+                }
+                Err(e) => {
+                    let code = if e.close_code() == 1009 {
+                        ErrorCode::FrameTooLarge
+                    } else {
+                        ErrorCode::TransportProtocol
+                    };
+                    return Err(TransportError::Protocol { code, message: e.to_string() });
+                }
+            }
+        }
+    }
+
+    async fn write(&mut self, frames: &mut VecDeque<Bytes>) -> Result<(), TransportError> {
+        // One contiguous write per batch: headers interleaved with payloads, one syscall.
+        let total: usize = frames.iter().map(|f| f.len() + ws::FRAME_HEADER_BYTES_MAX).sum();
+        let mut out = BytesMut::with_capacity(total);
+        for f in frames.drain(..) {
+            let header = ws::encode_header(OpCode::Binary, true, f.len(), None);
+            out.extend_from_slice(header.as_bytes());
+            out.extend_from_slice(&f);
+        }
+        tokio::time::timeout(Duration::from_millis(WRITE_TIMEOUT_MS), self.stream.write_all(&out))
+            .await
+            .map_err(|_| TransportError::WriteTimeout)??;
+        Ok(())
+    }
+
+    async fn close(&mut self, error: Option<(ErrorCode, &str)>) {
+        let (code, reason) = match error {
+            Some((ErrorCode::FrameTooLarge, r)) => (1009, r),
+            Some((ErrorCode::TransportProtocol, r)) if r.starts_with("text frames") => (1003, r),
+            Some((ErrorCode::TransportProtocol | ErrorCode::Malformed, r)) => (1002, r),
+            Some((ErrorCode::ShuttingDown, r)) => (1001, r),
+            Some((_, r)) => (1008, r),
+            None => (1000, ""),
+        };
+        // A close reason is at most 123 bytes.
+        let mut end = reason.len().min(123);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        let payload = ws::close_payload(code, &reason[..end]);
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            self.send_control(OpCode::Close, &payload),
+        )
+        .await;
+        self.stream.shutdown().await;
+    }
+}

@@ -1,0 +1,166 @@
+//! A real `ringpost-node dev` process on loopback ports picked by the kernel, killed on drop.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+pub struct TestNode {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub ws: String,
+    pub wss: String,
+    pub quic: String,
+    pub admin: String,
+    extra_args: Vec<String>,
+}
+
+impl TestNode {
+    pub fn start() -> TestNode {
+        Self::start_with(&[])
+    }
+
+    /// Starts a node with extra `dev` flags.
+    pub fn start_with(extra: &[&str]) -> TestNode {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut node = TestNode {
+            child: None,
+            dir,
+            ws: String::new(),
+            wss: String::new(),
+            quic: String::new(),
+            admin: String::new(),
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        node.spawn();
+        node
+    }
+
+    fn spawn(&mut self) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ringpost-node"))
+            .arg("dev")
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .args(["--listen-ws", "127.0.0.1:0", "--listen-wss", "127.0.0.1:0"])
+            .args(["--listen-quic", "127.0.0.1:0", "--listen-admin", "127.0.0.1:0"])
+            .args(&self.extra_args)
+            .env("RUST_LOG", std::env::var("RINGPOST_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn ringpost-node");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    // Keep draining so the node never blocks on a full pipe.
+                    continue;
+                }
+            }
+        });
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = rx.recv_timeout(left).expect("node did not print its addresses in time");
+            let mut parts = line.split_whitespace();
+            if parts.next() == Some("listening") {
+                let (kind, addr) = (parts.next().unwrap_or(""), parts.next().unwrap_or("").to_string());
+                match kind {
+                    "ws" => self.ws = addr,
+                    "wss" => self.wss = addr,
+                    "quic" => self.quic = addr,
+                    "admin" => self.admin = addr,
+                    _ => {}
+                }
+            }
+            if line.starts_with("ringpost dev node ready") {
+                break;
+            }
+        }
+    }
+
+    pub fn url(&self, transport: &str) -> String {
+        match transport {
+            "ws" => self.ws.clone(),
+            "wss" => self.wss.clone(),
+            "quic" => self.quic.clone(),
+            other => panic!("unknown transport {other}"),
+        }
+    }
+
+    pub fn codes_file(&self) -> PathBuf {
+        self.dir.path().join("verification-codes.txt")
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("tls").join("ca.pem")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for a graceful exit; returns whether it exited successfully.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else { return false };
+        signal(c.id(), "TERM");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.success();
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the node again on the same data directory (new ports).
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// GET on the admin port; returns (status, body).
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let addr = self.admin.trim_start_matches("http://");
+        let mut s = std::net::TcpStream::connect(addr).expect("admin connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+        write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").expect("admin write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("admin read");
+        let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+        (status, body)
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

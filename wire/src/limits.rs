@@ -1,0 +1,85 @@
+//! Hard limits of the protocol. Every frame, list and string on the wire is bounded; a peer that
+//! exceeds a bound gets `Error{code}` (see [`crate::ErrorCode`]) and, where the stream can no
+//! longer be trusted, a clean close. Each bound says what it costs at worst.
+
+/// Protocol version spoken by this build. A `Hello` or frame carrying another version is refused
+/// with [`crate::ErrorCode::UnsupportedVersion`].
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Largest encoded frame, in bytes (128 KiB). Worst case per connection: one frame being
+/// assembled, so 128 KiB while a maximal frame is in flight, nothing when idle.
+pub const FRAME_BYTES_MAX: usize = 128 * 1024;
+
+/// Largest single ciphertext inside a `Send` or `Deliver` (the frame bound still applies to the
+/// sum). Stored once per recipient device: an inbox entry is at most this plus ~64 bytes.
+pub const CIPHERTEXT_BYTES_MAX: usize = 64 * 1024;
+
+/// Devices per user: one primary and up to four linked devices.
+pub const DEVICES_PER_USER_MAX: usize = 5;
+
+/// Ciphertexts in one `Send`: every device of the recipient plus every other device of the
+/// sender.
+pub const SEND_CIPHERTEXTS_MAX: usize = 2 * DEVICES_PER_USER_MAX;
+
+/// Sequence numbers acknowledged by one `DeliverAck`, and message ids in one receipt.
+pub const ACK_SEQS_MAX: usize = 256;
+
+/// Message ids referenced by one receipt.
+pub const RECEIPT_MSG_IDS_MAX: usize = 256;
+
+/// Users in one presence subscription frame; the node bounds the total per connection separately.
+pub const PRESENCE_USERS_MAX: usize = 256;
+
+/// One-time prekeys in one upload.
+pub const PREKEYS_PER_UPLOAD_MAX: usize = 100;
+
+/// Public key bytes (Curve25519 keys are 32 bytes, plus a type byte).
+pub const KEY_BYTES_MAX: usize = 64;
+
+/// Signature bytes (Ed25519/XEdDSA signatures are 64 bytes).
+pub const SIGNATURE_BYTES_MAX: usize = 96;
+
+/// Members of one group, and members changed by one update.
+pub const GROUP_MEMBERS_MAX: usize = 1024;
+
+/// Encrypted group metadata (title, description, avatar reference).
+pub const GROUP_META_BYTES_MAX: usize = 4 * 1024;
+
+/// Any free-text string: device names, user agents, error messages, codes, URLs.
+pub const STRING_BYTES_MAX: usize = 256;
+
+/// Device authentication token length (random, 32 bytes).
+pub const TOKEN_BYTES: usize = 32;
+
+/// Client-chosen message id length.
+pub const MSG_ID_BYTES: usize = 16;
+
+/// Group id length (server-assigned, random).
+pub const GROUP_ID_BYTES: usize = 16;
+
+/// Largest media object a grant may be asked for (100 MiB).
+pub const MEDIA_BYTES_MAX: u64 = 100 * 1024 * 1024;
+
+/// Contacts in one `SetPrivacy` (the whole list is replaced each time): 32 KiB of ids, a quarter
+/// of a frame. Held per user by the presence service, so this is also its per-user worst case.
+pub const PRIVACY_CONTACTS_MAX: usize = 4096;
+
+// Bounds on the flatbuffers verifier's work per frame. A frame is verified before any field is
+// read, and verification must cost no more than a small multiple of the frame's size even for a
+// hostile buffer (a DAG of offsets all pointing at one large table, for instance).
+
+/// Deepest table nesting the verifier follows. The schema nests at most 4 deep (Frame →
+/// PrekeyBundle → DeviceBundle → SignedPrekey); the headroom lets a new nested table land
+/// without a lockstep change here. Bounds the verifier's recursion.
+pub const VERIFY_DEPTH_MAX: usize = 8;
+
+/// Tables the verifier visits in one frame. The largest legal frame has 104 (a `PrekeyUpload`
+/// with a signed prekey and 100 one-time prekeys); a frame over this is malformed whatever its
+/// list lengths say.
+pub const VERIFY_TABLES_MAX: usize = 1024;
+
+/// Bytes the verifier may read in one frame, counting bytes reached twice (through shared
+/// offsets) twice: twice the frame bound, so verification is linear in the frame size.
+pub const VERIFY_APPARENT_BYTES_MAX: usize = 2 * FRAME_BYTES_MAX;
+
+const _: () = assert!(3 + PREKEYS_PER_UPLOAD_MAX < VERIFY_TABLES_MAX);
