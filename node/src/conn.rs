@@ -147,7 +147,8 @@ impl Conn {
             Ok(frame) => self.session.handle_frame(frame, now),
             Err(e) => {
                 self.server.metrics.frames_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.session.handle_bad_frame(e.code(), e.to_string())
+                let req = ringpost_wire::view::FrameView::req_of(&bytes).unwrap_or(0);
+                self.session.handle_bad_frame(req, e.code(), e.to_string())
             }
         };
         self.apply(steps)

@@ -11,7 +11,7 @@
 //! storage or other connections; that is [`crate::server`].
 
 use ringpost_wire::{
-    limits, Auth, Body, DeliverAck, DeviceId, ErrorCode, Frame, Pong, UserId, Welcome,
+    limits, Auth, Body, DeliverAck, DeviceId, Direction, ErrorCode, Frame, Pong, UserId, Welcome,
 };
 
 /// Deliveries in flight (sent, not yet acked) per device. Each is an inbox entry the device
@@ -194,11 +194,12 @@ impl Session {
 
     /// A frame could not be decoded. The transport kept its framing (the length or the
     /// WebSocket message was sound), so the stream is still trustworthy unless `fatal`.
-    pub fn handle_bad_frame(&mut self, code: ErrorCode, message: String) -> Vec<Step> {
-        if code.is_fatal() {
-            self.fatal(0, code, message)
+    /// `req` is the frame's request id when it could still be read, else 0.
+    pub fn handle_bad_frame(&mut self, req: u32, code: ErrorCode, message: String) -> Vec<Step> {
+        if code.is_fatal() || self.peer == Peer::New {
+            self.fatal(req, code, message)
         } else {
-            vec![Step::Write(error_frame(0, code, message, 0))]
+            vec![Step::Write(error_frame(req, code, message, 0))]
         }
     }
 
@@ -359,31 +360,7 @@ pub fn error_frame(req: u32, code: ErrorCode, message: String, retry_after_ms: u
 
 /// Frames a client may send (everything else is server-to-client only).
 fn is_client_frame(body: &Body) -> bool {
-    matches!(
-        body,
-        Body::Hello(_)
-            | Body::RegisterRequest(_)
-            | Body::RegisterVerify(_)
-            | Body::LinkCodeRequest(_)
-            | Body::LinkDevice(_)
-            | Body::RemoveDevice(_)
-            | Body::SetRegistrationLock(_)
-            | Body::DeviceListRequest(_)
-            | Body::Send(_)
-            | Body::DeliverAck(_)
-            | Body::Receipt(_)
-            | Body::PresenceSubscribe(_)
-            | Body::SetPrivacy(_)
-            | Body::Typing(_)
-            | Body::PrekeyUpload(_)
-            | Body::PrekeyClaim(_)
-            | Body::PrekeyCountRequest(_)
-            | Body::GroupCreate(_)
-            | Body::GroupUpdate(_)
-            | Body::GroupInfoRequest(_)
-            | Body::MediaUploadRequest(_)
-            | Body::Ping(_)
-    )
+    matches!(body.kind().direction(), Direction::ToServer | Direction::Both)
 }
 
 #[cfg(test)]

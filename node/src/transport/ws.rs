@@ -235,5 +235,25 @@ impl Transport for WsTransport {
         )
         .await;
         self.stream.shutdown().await;
+        // Lingering close: read and discard what the peer still sends (e.g. the rest of an
+        // oversize message) until it closes, so the kernel does not answer with a reset that
+        // could destroy our close frame before the peer reads it. Bounded in time and bytes.
+        let drain = async {
+            let mut discarded = 0usize;
+            let mut sink = BytesMut::new();
+            while discarded < LINGER_BYTES_MAX {
+                match self.stream.read_some(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => discarded += n,
+                }
+                sink.clear();
+            }
+        };
+        let _ = tokio::time::timeout(LINGER, drain).await;
     }
 }
+
+/// How long a closing connection keeps reading (and discarding) the peer's bytes.
+const LINGER: Duration = Duration::from_secs(1);
+/// How much it discards at most.
+const LINGER_BYTES_MAX: usize = 1024 * 1024;
