@@ -161,10 +161,7 @@ fn split_host_port(authority: &str) -> std::result::Result<(&str, Option<u16>), 
         }
         match after {
             "" => (host, None),
-            _ => (
-                host,
-                Some(after.strip_prefix(':').ok_or("junk after ]")?),
-            ),
+            _ => (host, Some(after.strip_prefix(':').ok_or("junk after ]")?)),
         }
     } else {
         match authority.rsplit_once(':') {

@@ -42,6 +42,13 @@ impl PartialEq<ErrorCode> for ServerErrorCode {
     }
 }
 
+/// Compares the wire value, so `code == ErrorCode::RateLimited.as_u16()` works too.
+impl PartialEq<u16> for ServerErrorCode {
+    fn eq(&self, other: &u16) -> bool {
+        self.as_u16() == *other
+    }
+}
+
 impl std::fmt::Display for ServerErrorCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -180,7 +187,12 @@ mod tests {
             ServerErrorCode::Known(ErrorCode::RateLimited)
         );
         assert!(ServerErrorCode::from_u16(20) == ErrorCode::RateLimited);
-        assert_eq!(ServerErrorCode::from_u16(999), ServerErrorCode::Unknown(999));
+        assert!(ServerErrorCode::from_u16(20) == 20u16);
+        assert!(ServerErrorCode::from_u16(999) == 999u16);
+        assert_eq!(
+            ServerErrorCode::from_u16(999),
+            ServerErrorCode::Unknown(999)
+        );
         assert_eq!(ServerErrorCode::from_u16(999).as_u16(), 999);
     }
 

@@ -68,7 +68,10 @@ pub(crate) fn client_config(
     let stamp = match &options.ca_file {
         Some(path) => {
             let meta = std::fs::metadata(path).map_err(|e| ca_error(path, e))?;
-            Some((meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len()))
+            Some((
+                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                meta.len(),
+            ))
         }
         None => None,
     };
@@ -133,7 +136,9 @@ fn build(options: &TlsOptions, usage: TlsUse) -> Result<rustls::ClientConfig> {
 }
 
 fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
-    let len = std::fs::metadata(path).map_err(|e| ca_error(path, e))?.len();
+    let len = std::fs::metadata(path)
+        .map_err(|e| ca_error(path, e))?
+        .len();
     if len > CA_FILE_BYTES_MAX {
         return Err(ClientError::Tls(format!(
             "{}: {len} bytes is more than CA_FILE_BYTES_MAX",

@@ -22,7 +22,9 @@ pub const ADMIN_CONNECTIONS_MAX: usize = 64;
 pub async fn serve(listener: TcpListener, server: Arc<Server>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS_MAX));
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
@@ -58,6 +60,10 @@ async fn handle(mut stream: TcpStream, server: Arc<Server>) -> std::io::Result<(
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     match (method, path) {
         ("GET", "/metrics") => {
+            server.metrics.inbox_entries.store(
+                server.inbox.entries_total() as i64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             let body = server.metrics.render();
             respond(&mut stream, 200, "text/plain; version=0.0.4", &body).await
         }
@@ -72,11 +78,24 @@ async fn handle(mut stream: TcpStream, server: Arc<Server>) -> std::io::Result<(
         (_, "/metrics" | "/healthz" | "/readyz") => {
             respond(&mut stream, 405, "text/plain", "method not allowed\n").await
         }
-        _ => respond(&mut stream, 404, "text/plain", "not found: try /metrics, /healthz or /readyz\n").await,
+        _ => {
+            respond(
+                &mut stream,
+                404,
+                "text/plain",
+                "not found: try /metrics, /healthz or /readyz\n",
+            )
+            .await
+        }
     }
 }
 
-async fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: &str) -> std::io::Result<()> {
+async fn respond(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<()> {
     let reason = match status {
         200 => "OK",
         404 => "Not Found",

@@ -44,7 +44,9 @@ pub async fn serve<T: Transport>(server: Arc<Server>, mut transport: T, kind: Tr
         if !conn.out.is_empty() {
             let _ = transport.write(&mut conn.out).await;
         }
-        transport.close(error.as_ref().map(|(c, m)| (*c, m.as_str()))).await;
+        transport
+            .close(error.as_ref().map(|(c, m)| (*c, m.as_str())))
+            .await;
     }
     server.registry.close(&shared, conn.bound);
     server.metrics.connection_closed(kind);
@@ -75,7 +77,10 @@ impl Conn {
                     debug!(conn = self.shared.id, error = %e, "write failed");
                     return Flow::Close(None);
                 }
-                self.server.metrics.frames_out.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                self.server
+                    .metrics
+                    .frames_out
+                    .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                 self.out = VecDeque::new();
             }
             if self.session.is_closed() {
@@ -102,10 +107,16 @@ impl Conn {
         match self.shared.close_reason() {
             CloseReason::None => {}
             CloseReason::Replaced => {
-                return self.close_with(ErrorCode::Forbidden, "replaced by a newer connection of this device")
+                return self.close_with(
+                    ErrorCode::Forbidden,
+                    "replaced by a newer connection of this device",
+                )
             }
             CloseReason::Expired => {
-                let why = self.session.poll_expired(self.server.now_ms()).unwrap_or("idle timeout");
+                let why = self
+                    .session
+                    .poll_expired(self.server.now_ms())
+                    .unwrap_or("idle timeout");
                 debug!(conn = self.shared.id, why, "reaping connection");
                 return Flow::Close(None);
             }
@@ -132,7 +143,10 @@ impl Conn {
             Ok(Some(bytes)) => bytes,
             Ok(None) => return Flow::Close(None),
             Err(TransportError::Protocol { code, message }) => {
-                self.server.metrics.frames_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.server
+                    .metrics
+                    .frames_rejected
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return self.close_with(code, &message);
             }
             Err(e) => {
@@ -140,13 +154,19 @@ impl Conn {
                 return Flow::Close(None);
             }
         };
-        self.server.metrics.frames_in.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.server
+            .metrics
+            .frames_in
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let now = self.server.now_ms();
         self.shared.touch(self.server.registry.now_ms());
         let steps = match Frame::decode(&bytes) {
             Ok(frame) => self.session.handle_frame(frame, now),
             Err(e) => {
-                self.server.metrics.frames_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.server
+                    .metrics
+                    .frames_rejected
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let req = ringpost_wire::view::FrameView::req_of(&bytes).unwrap_or(0);
                 self.session.handle_bad_frame(req, e.code(), e.to_string())
             }
@@ -179,7 +199,9 @@ impl Conn {
                 }
                 Step::Execute { req, request } => {
                     let fut = self.server.execute(request);
-                    let pending = self.pending.get_or_insert_with(|| Box::new(FuturesOrdered::new()));
+                    let pending = self
+                        .pending
+                        .get_or_insert_with(|| Box::new(FuturesOrdered::new()));
                     pending.push_back(Box::pin(async move { (req, fut.await) }));
                     // Poll once now so the request reaches its service (e.g. the inbox
                     // writer's queue) in arrival order: commit order follows frame order.
@@ -218,7 +240,9 @@ impl Conn {
 
     /// Reads and queues inbox entries while the session's window has room.
     fn deliver(&mut self) -> Flow {
-        let Peer::Device { user, device } = self.session.peer() else { return Flow::Continue };
+        let Peer::Device { user, device } = self.session.peer() else {
+            return Flow::Continue;
+        };
         while let Some((after, limit)) = self.session.poll_fetch() {
             match self.server.read_deliveries(user, device, after, limit) {
                 Ok(frames) => {
@@ -251,12 +275,20 @@ impl Conn {
     fn push_frame(&mut self, frame: &Frame) {
         match frame.encode() {
             Ok(bytes) => self.out.push_back(bytes),
-            Err(e) => warn!(conn = self.shared.id, frame = frame.body.name(), error = %e, "cannot encode frame"),
+            Err(e) => {
+                warn!(conn = self.shared.id, frame = frame.body.name(), error = %e, "cannot encode frame")
+            }
         }
     }
 
     fn close_with(&mut self, code: ErrorCode, message: &str) -> Flow {
-        self.push_frame(&session::error_frame(0, code, message.to_string(), 0));
+        let error = ringpost_wire::Error {
+            code: code.as_u16(),
+            message: message.to_string(),
+            retry_after_ms: 0,
+            fatal: true,
+        };
+        self.push_frame(&Frame::new(0, error));
         Flow::Close(Some((code, message.to_string())))
     }
 }

@@ -36,8 +36,8 @@ pub struct Histogram {
 
 /// Buckets for latencies from 50 µs to 5 s.
 pub const LATENCY_BUCKETS_S: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0,
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0,
 ];
 
 impl Histogram {
@@ -52,9 +52,14 @@ impl Histogram {
 
     pub fn observe(&self, d: Duration) {
         let s = d.as_secs_f64();
-        let i = self.bounds_s.iter().position(|&b| s <= b).unwrap_or(self.bounds_s.len());
+        let i = self
+            .bounds_s
+            .iter()
+            .position(|&b| s <= b)
+            .unwrap_or(self.bounds_s.len());
         self.counts[i].fetch_add(1, Relaxed);
-        self.sum_ns.fetch_add(d.as_nanos().min(u128::from(u64::MAX)) as u64, Relaxed);
+        self.sum_ns
+            .fetch_add(d.as_nanos().min(u128::from(u64::MAX)) as u64, Relaxed);
         self.count.fetch_add(1, Relaxed);
     }
 
@@ -159,28 +164,84 @@ impl Metrics {
             );
         }
         let counters: [(&str, &str, &AtomicU64); 11] = [
-            ("ringpost_frames_in_total", "Frames received from clients.", &self.frames_in),
-            ("ringpost_frames_out_total", "Frames sent to clients.", &self.frames_out),
-            ("ringpost_frames_rejected_total", "Frames that failed to decode or were refused.", &self.frames_rejected),
-            ("ringpost_messages_accepted_total", "Messages made durable and acknowledged to the sender.", &self.messages_accepted),
-            ("ringpost_messages_duplicate_total", "Sends answered from the dedup record.", &self.messages_duplicate),
-            ("ringpost_messages_delivered_total", "Deliver frames sent to devices.", &self.messages_delivered),
-            ("ringpost_messages_acked_total", "Inbox entries acknowledged by devices and deleted.", &self.messages_acked),
-            ("ringpost_messages_rejected_total", "Sends refused (mismatched devices, inbox full, unknown user).", &self.messages_rejected),
-            ("ringpost_rate_limited_total", "Requests refused by a rate limit.", &self.rate_limited),
-            ("ringpost_inbox_commits_total", "Synced inbox write groups.", &self.commits),
-            ("ringpost_inbox_commit_requests_total", "Inbox requests carried by those groups.", &self.commit_group_requests),
+            (
+                "ringpost_frames_in_total",
+                "Frames received from clients.",
+                &self.frames_in,
+            ),
+            (
+                "ringpost_frames_out_total",
+                "Frames sent to clients.",
+                &self.frames_out,
+            ),
+            (
+                "ringpost_frames_rejected_total",
+                "Frames that failed to decode or were refused.",
+                &self.frames_rejected,
+            ),
+            (
+                "ringpost_messages_accepted_total",
+                "Messages made durable and acknowledged to the sender.",
+                &self.messages_accepted,
+            ),
+            (
+                "ringpost_messages_duplicate_total",
+                "Sends answered from the dedup record.",
+                &self.messages_duplicate,
+            ),
+            (
+                "ringpost_messages_delivered_total",
+                "Deliver frames sent to devices.",
+                &self.messages_delivered,
+            ),
+            (
+                "ringpost_messages_acked_total",
+                "Inbox entries acknowledged by devices and deleted.",
+                &self.messages_acked,
+            ),
+            (
+                "ringpost_messages_rejected_total",
+                "Sends refused (mismatched devices, inbox full, unknown user).",
+                &self.messages_rejected,
+            ),
+            (
+                "ringpost_rate_limited_total",
+                "Requests refused by a rate limit.",
+                &self.rate_limited,
+            ),
+            (
+                "ringpost_inbox_commits_total",
+                "Synced inbox write groups.",
+                &self.commits,
+            ),
+            (
+                "ringpost_inbox_commit_requests_total",
+                "Inbox requests carried by those groups.",
+                &self.commit_group_requests,
+            ),
         ];
         for (name, help, v) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Relaxed));
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Relaxed)
+            );
         }
         let _ = writeln!(
             out,
             "# HELP ringpost_inbox_entries Entries stored in device inboxes.\n# TYPE ringpost_inbox_entries gauge\nringpost_inbox_entries {}",
             self.inbox_entries.load(Relaxed)
         );
-        self.wal_sync.render(&mut out, "ringpost_inbox_wal_sync_seconds", "Latency of a synced inbox write (one group commit).");
-        self.send_ack.render(&mut out, "ringpost_send_ack_seconds", "Time from a Send frame's arrival to its SendAck.");
+        self.wal_sync.render(
+            &mut out,
+            "ringpost_inbox_wal_sync_seconds",
+            "Latency of a synced inbox write (one group commit).",
+        );
+        self.send_ack.render(
+            &mut out,
+            "ringpost_send_ack_seconds",
+            "Time from a Send frame's arrival to its SendAck.",
+        );
         out
     }
 }

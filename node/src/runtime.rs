@@ -86,17 +86,21 @@ impl Node {
             c.observer = Some(Arc::new(move |d: Duration, n: usize| {
                 m.wal_sync.observe(d);
                 m.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                m.commit_group_requests.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                m.commit_group_requests
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
             }));
             c
         };
         let inbox = Inbox::start(engine.clone(), inbox_config).context("starting the inbox")?;
-        metrics
-            .inbox_entries
-            .store(inbox.entries_total() as i64, std::sync::atomic::Ordering::Relaxed);
+        metrics.inbox_entries.store(
+            inbox.entries_total() as i64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let sender = Arc::new(LogCodeSender::new(opts.codes_file.clone()));
-        let accounts_config =
-            AccountsConfig { shard_count: opts.server.shard_count, ..AccountsConfig::default() };
+        let accounts_config = AccountsConfig {
+            shard_count: opts.server.shard_count,
+            ..AccountsConfig::default()
+        };
         let accounts = Accounts::new(engine.clone(), sender, accounts_config);
         let keys = Keys::new(engine.clone(), opts.server.shard_count);
         let server = Server::new(opts.server.clone(), accounts, keys, inbox, metrics);
@@ -108,18 +112,29 @@ impl Node {
                 let ca = c.ca.clone();
                 (c, ca)
             }
-            None => (CertPaths { cert: PathBuf::new(), key: PathBuf::new(), ca: None }, None),
+            None => (
+                CertPaths {
+                    cert: PathBuf::new(),
+                    key: PathBuf::new(),
+                    ca: None,
+                },
+                None,
+            ),
         };
 
         let mut tasks = JoinSet::new();
         let mut bound = Bound::default();
         if let Some(addr) = opts.listen_ws {
-            let l = TcpListener::bind(addr).await.with_context(|| format!("binding ws {addr}"))?;
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding ws {addr}"))?;
             bound.ws = Some(l.local_addr()?);
             tasks.spawn(accept_ws(l, None, server.clone()));
         }
         if let Some(addr) = opts.listen_wss {
-            let l = TcpListener::bind(addr).await.with_context(|| format!("binding wss {addr}"))?;
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding wss {addr}"))?;
             bound.wss = Some(l.local_addr()?);
             let config = tls::server_config(&cert, &[], false)?;
             let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
@@ -138,12 +153,20 @@ impl Node {
             endpoint = Some(ep);
         }
         if let Some(addr) = opts.listen_admin {
-            let l = TcpListener::bind(addr).await.with_context(|| format!("binding admin {addr}"))?;
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding admin {addr}"))?;
             bound.admin = Some(l.local_addr()?);
             tasks.spawn(crate::admin::serve(l, server.clone()));
         }
         tasks.spawn(housekeeping(server.clone()));
-        Ok(Node { server, bound, ca, tasks, quic: endpoint })
+        Ok(Node {
+            server,
+            bound,
+            ca,
+            tasks,
+            quic: endpoint,
+        })
     }
 
     /// Graceful shutdown: stop accepting, send `GoingAway`, wait for connections to close (up
@@ -157,7 +180,10 @@ impl Node {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if let Some(ep) = self.quic.take() {
-            ep.close(quinn::VarInt::from_u32(quic::CLOSE_GOING_AWAY), b"node shutting down");
+            ep.close(
+                quinn::VarInt::from_u32(quic::CLOSE_GOING_AWAY),
+                b"node shutting down",
+            );
             let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
         }
         while self.tasks.join_next().await.is_some() {}
@@ -170,7 +196,11 @@ async fn accept_ws(
     tls: Option<tokio_rustls::TlsAcceptor>,
     server: Arc<Server>,
 ) {
-    let kind = if tls.is_some() { TransportKind::Wss } else { TransportKind::Ws };
+    let kind = if tls.is_some() {
+        TransportKind::Wss
+    } else {
+        TransportKind::Ws
+    };
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -192,7 +222,9 @@ async fn accept_ws(
                     Some(acceptor) => WsStream::Tls(Box::new(acceptor.accept(tcp).await?)),
                     None => WsStream::Plain(tcp),
                 };
-                WsTransport::accept(stream).await.map_err(std::io::Error::other)
+                WsTransport::accept(stream)
+                    .await
+                    .map_err(std::io::Error::other)
             };
             let timeout = Duration::from_millis(session::HANDSHAKE_TIMEOUT_MS);
             match tokio::time::timeout(timeout, handshake).await {
@@ -218,7 +250,9 @@ async fn accept_quic(endpoint: quinn::Endpoint, server: Arc<Server>) {
                 QuicTransport::accept(conn).await
             };
             match tokio::time::timeout(timeout, setup).await {
-                Ok(Ok(transport)) => crate::conn::serve(server, transport, TransportKind::Quic).await,
+                Ok(Ok(transport)) => {
+                    crate::conn::serve(server, transport, TransportKind::Quic).await
+                }
                 Ok(Err(e)) => tracing::debug!(error = %e, "quic handshake failed"),
                 Err(_) => tracing::debug!("quic handshake timed out"),
             }

@@ -11,9 +11,9 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use ringpost_wire::{
-    Body, DeliverKind, DeviceCiphertextRef, DeviceId, DeviceList, Done, ErrorCode, Frame,
-    LinkCode, MismatchedDevices, MsgId, PrekeyCount, RegisterChallenge, Registered, SendAck,
-    SendStatus, UserId,
+    Body, DeliverKind, DeviceCiphertextRef, DeviceId, DeviceList, Done, ErrorCode, Frame, LinkCode,
+    MismatchedDevices, MsgId, PrekeyCount, RegisterChallenge, Registered, SendAck, SendStatus,
+    UserId,
 };
 use tracing::{info, warn};
 
@@ -134,7 +134,10 @@ impl Server {
         }
         match request {
             Request::Authenticate(auth) => Box::pin(async move {
-                match server.accounts.authenticate(auth.user, auth.device, &auth.token) {
+                match server
+                    .accounts
+                    .authenticate(auth.user, auth.device, &auth.token)
+                {
                     Ok(()) => Answer::Authenticated {
                         user: auth.user,
                         device: auth.device,
@@ -181,7 +184,11 @@ impl Server {
                             device: r.device,
                             frames: vec![Frame::new(
                                 0,
-                                Registered { user: r.user, device: r.device, token: r.token.to_bytes() },
+                                Registered {
+                                    user: r.user,
+                                    device: r.device,
+                                    token: r.token.to_bytes(),
+                                },
                             )],
                         }
                     }
@@ -190,25 +197,37 @@ impl Server {
                 }
             }
             Body::LinkDevice(l) => match blocking(&self.accounts, move |a| {
-                a.link(l.user, &l.code, &l.device_name, now).map(|r| (l.user, r))
+                a.link(l.user, &l.code, &l.device_name, now)
+                    .map(|r| (l.user, r))
             })
             .await
             {
                 Ok((user, (device, token))) => {
-                    let l = ringpost_wire::LinkDevice { user, code: String::new(), device_name: String::new() };
+                    let l = ringpost_wire::LinkDevice {
+                        user,
+                        code: String::new(),
+                        device_name: String::new(),
+                    };
                     info!(user = l.user, device, "device linked");
                     Answer::Authenticated {
                         user: l.user,
                         device,
                         frames: vec![Frame::new(
                             0,
-                            Registered { user: l.user, device, token: token.to_bytes() },
+                            Registered {
+                                user: l.user,
+                                device,
+                                token: token.to_bytes(),
+                            },
                         )],
                     }
                 }
                 Err(e) => account_error(e),
             },
-            other => error(ErrorCode::Unauthenticated, &format!("{} needs an authenticated connection", other.name())),
+            other => error(
+                ErrorCode::Unauthenticated,
+                &format!("{} needs an authenticated connection", other.name()),
+            ),
         }
     }
 
@@ -265,7 +284,10 @@ impl Server {
                 Box::pin(async move {
                     match server.inbox.ack(user, device, ack.seqs, now).await {
                         Ok(acked) => {
-                            server.metrics.messages_acked.fetch_add(acked.len() as u64, Relaxed);
+                            server
+                                .metrics
+                                .messages_acked
+                                .fetch_add(acked.len() as u64, Relaxed);
                             server.route_delivered_receipts(user, device, acked).await;
                             Answer::Frames(vec![])
                         }
@@ -294,14 +316,28 @@ impl Server {
         let now = self.now_ms();
         match body {
             Body::DeviceListRequest(r) => match self.accounts.devices(r.user) {
-                Ok(devices) => frames(DeviceList { user: r.user, devices }),
+                Ok(devices) => frames(DeviceList {
+                    user: r.user,
+                    devices,
+                }),
                 Err(e) => account_error(e),
             },
-            Body::LinkCodeRequest(_) => match blocking(&self.accounts, move |a| a.issue_link_code(user, device, now)).await {
-                Ok(c) => frames(LinkCode { code: c.code, expires_in_ms: c.expires_in_ms }),
+            Body::LinkCodeRequest(_) => match blocking(&self.accounts, move |a| {
+                a.issue_link_code(user, device, now)
+            })
+            .await
+            {
+                Ok(c) => frames(LinkCode {
+                    code: c.code,
+                    expires_in_ms: c.expires_in_ms,
+                }),
                 Err(e) => account_error(e),
             },
-            Body::RemoveDevice(r) => match blocking(&self.accounts, move |a| a.remove_device(user, device, r.device)).await {
+            Body::RemoveDevice(r) => match blocking(&self.accounts, move |a| {
+                a.remove_device(user, device, r.device)
+            })
+            .await
+            {
                 Ok(()) => {
                     self.forget_device(user, r.device).await;
                     frames(Done {})
@@ -309,7 +345,11 @@ impl Server {
                 Err(e) => account_error(e),
             },
             Body::SetRegistrationLock(l) => {
-                match blocking(&self.accounts, move |a| a.set_registration_lock(user, device, &l.pin)).await {
+                match blocking(&self.accounts, move |a| {
+                    a.set_registration_lock(user, device, &l.pin)
+                })
+                .await
+                {
                     Ok(()) => frames(Done {}),
                     Err(e) => account_error(e),
                 }
@@ -317,7 +357,13 @@ impl Server {
             Body::PrekeyUpload(u) => {
                 let keys = self.keys.clone();
                 let uploaded = tokio::task::spawn_blocking(move || {
-                    keys.upload(user, device, &u.identity_key, u.signed_prekey.as_ref(), &u.one_time)
+                    keys.upload(
+                        user,
+                        device,
+                        &u.identity_key,
+                        u.signed_prekey.as_ref(),
+                        &u.one_time,
+                    )
                 })
                 .await;
                 match uploaded.unwrap_or_else(|e| Err(task_failed(e))) {
@@ -332,9 +378,13 @@ impl Server {
                 };
                 let which = (c.device != 0).then_some(c.device);
                 let keys = self.keys.clone();
-                let claimed = tokio::task::spawn_blocking(move || keys.claim(c.user, which, &devices)).await;
+                let claimed =
+                    tokio::task::spawn_blocking(move || keys.claim(c.user, which, &devices)).await;
                 match claimed.unwrap_or_else(|e| Err(task_failed(e))) {
-                    Ok(devices) => frames(ringpost_wire::PrekeyBundle { user: c.user, devices }),
+                    Ok(devices) => frames(ringpost_wire::PrekeyBundle {
+                        user: c.user,
+                        devices,
+                    }),
                     Err(e) => keys_error(e),
                 }
             }
@@ -342,16 +392,22 @@ impl Server {
                 Ok(count) => frames(PrekeyCount { count }),
                 Err(e) => keys_error(e),
             },
-            Body::PresenceSubscribe(_) | Body::SetPrivacy(_) => {
-                error(ErrorCode::NotImplemented, "presence is not served by this node version yet")
-            }
-            Body::GroupCreate(_) | Body::GroupUpdate(_) | Body::GroupInfoRequest(_) => {
-                error(ErrorCode::NotImplemented, "groups are not served by this node version yet")
-            }
-            Body::MediaUploadRequest(_) => {
-                error(ErrorCode::NotImplemented, "media upload grants are not served by this node version yet")
-            }
-            other => error(ErrorCode::UnexpectedFrame, &format!("{} is not a request", other.name())),
+            Body::PresenceSubscribe(_) | Body::SetPrivacy(_) => error(
+                ErrorCode::NotImplemented,
+                "presence is not served by this node version yet",
+            ),
+            Body::GroupCreate(_) | Body::GroupUpdate(_) | Body::GroupInfoRequest(_) => error(
+                ErrorCode::NotImplemented,
+                "groups are not served by this node version yet",
+            ),
+            Body::MediaUploadRequest(_) => error(
+                ErrorCode::NotImplemented,
+                "media upload grants are not served by this node version yet",
+            ),
+            other => error(
+                ErrorCode::UnexpectedFrame,
+                &format!("{} is not a request", other.name()),
+            ),
         }
     }
 
@@ -460,9 +516,18 @@ impl Server {
 
         let dedup = Some((user, device, msg_id));
         let to_user = send.to;
-        let to_append = Append { to_user, dedup, entries: to_entries, now_ms: now };
-        let own_append = (!own_entries.is_empty())
-            .then_some(Append { to_user: user, dedup, entries: own_entries, now_ms: now });
+        let to_append = Append {
+            to_user,
+            dedup,
+            entries: to_entries,
+            now_ms: now,
+        };
+        let own_append = (!own_entries.is_empty()).then_some(Append {
+            to_user: user,
+            dedup,
+            entries: own_entries,
+            now_ms: now,
+        });
         Box::pin(async move {
             // Both appends reach the writer's queue on this future's first poll, which the
             // connection driver does at once: commit order follows frame order.
@@ -482,7 +547,10 @@ impl Server {
                 full_devices: vec![],
             };
             match to_result {
-                Ok(AppendOutcome::Stored { server_time_ms, seqs }) => {
+                Ok(AppendOutcome::Stored {
+                    server_time_ms,
+                    seqs,
+                }) => {
                     ack.server_time_ms = server_time_ms;
                     for (d, _) in seqs {
                         server.registry.wake(to_user, d);
@@ -497,7 +565,10 @@ impl Server {
                     ack.status = SendStatus::InboxFull;
                     ack.full_devices = devices
                         .into_iter()
-                        .map(|device| DeviceCiphertextRef { user: to_user, device })
+                        .map(|device| DeviceCiphertextRef {
+                            user: to_user,
+                            device,
+                        })
                         .collect();
                     server.metrics.messages_rejected.fetch_add(1, Relaxed);
                 }
@@ -513,7 +584,9 @@ impl Server {
                     }
                 }
                 Some(Ok(AppendOutcome::Full { devices })) => ack.full_devices.extend(
-                    devices.into_iter().map(|device| DeviceCiphertextRef { user, device }),
+                    devices
+                        .into_iter()
+                        .map(|device| DeviceCiphertextRef { user, device }),
                 ),
                 Some(Ok(AppendOutcome::Duplicate { .. })) | None => {}
                 Some(Err(e)) => return inbox_error(e),
@@ -547,12 +620,25 @@ impl Server {
         let entries = devices
             .iter()
             .filter(|&&d| !(r.to == user && d == device))
-            .map(|&d| (d, self.receipt_entry(kind, user, device, r.msg_id, r.msg_ids.clone(), now)))
+            .map(|&d| {
+                (
+                    d,
+                    self.receipt_entry(kind, user, device, r.msg_id, r.msg_ids.clone(), now),
+                )
+            })
             .collect();
-        let append = Append { to_user: r.to, dedup: Some((user, device, r.msg_id)), entries, now_ms: now };
+        let append = Append {
+            to_user: r.to,
+            dedup: Some((user, device, r.msg_id)),
+            entries,
+            now_ms: now,
+        };
         Box::pin(async move {
             match server.inbox.append(append).await {
-                Ok(AppendOutcome::Stored { server_time_ms, seqs }) => {
+                Ok(AppendOutcome::Stored {
+                    server_time_ms,
+                    seqs,
+                }) => {
                     for (d, _) in seqs {
                         server.registry.wake(r.to, d);
                     }
@@ -599,9 +685,26 @@ impl Server {
             };
             let entries = devices
                 .iter()
-                .map(|&d| (d, self.receipt_entry(EntryKind::Delivered, user, device, a.msg_id, vec![a.msg_id], now)))
+                .map(|&d| {
+                    (
+                        d,
+                        self.receipt_entry(
+                            EntryKind::Delivered,
+                            user,
+                            device,
+                            a.msg_id,
+                            vec![a.msg_id],
+                            now,
+                        ),
+                    )
+                })
                 .collect();
-            let append = Append { to_user: a.from_user, dedup: None, entries, now_ms: now };
+            let append = Append {
+                to_user: a.from_user,
+                dedup: None,
+                entries,
+                now_ms: now,
+            };
             match self.inbox.append(append).await {
                 Ok(AppendOutcome::Stored { seqs, .. }) => {
                     for (d, _) in seqs {
@@ -616,8 +719,17 @@ impl Server {
 
     /// Typing indicators go only to the recipient's connected devices and are never stored.
     fn typing(&self, user: UserId, device: DeviceId, t: ringpost_wire::Typing) {
-        let Ok(devices) = self.accounts.devices(t.user) else { return };
-        let frame = Frame::new(0, ringpost_wire::Typing { user, device, typing: t.typing });
+        let Ok(devices) = self.accounts.devices(t.user) else {
+            return;
+        };
+        let frame = Frame::new(
+            0,
+            ringpost_wire::Typing {
+                user,
+                device,
+                typing: t.typing,
+            },
+        );
         let Ok(bytes) = frame.encode() else { return };
         for d in devices {
             if let Some(conn) = self.registry.device(t.user, d) {
@@ -634,7 +746,9 @@ impl Server {
         after_seq: u64,
         limit: usize,
     ) -> Result<Vec<Frame>, InboxError> {
-        let entries = self.inbox.read(user, device, after_seq, limit, self.now_ms())?;
+        let entries = self
+            .inbox
+            .read(user, device, after_seq, limit, self.now_ms())?;
         Ok(entries
             .into_iter()
             .map(|(seq, e)| {
@@ -665,9 +779,21 @@ fn mismatch(
     expected: &[DeviceId],
     given: &BTreeSet<DeviceId>,
 ) -> Option<MismatchedDevices> {
-    let missing: Vec<DeviceId> = expected.iter().copied().filter(|d| !given.contains(d)).collect();
-    let extra: Vec<DeviceId> = given.iter().copied().filter(|d| !expected.contains(d)).collect();
-    (!missing.is_empty() || !extra.is_empty()).then_some(MismatchedDevices { user, missing, extra })
+    let missing: Vec<DeviceId> = expected
+        .iter()
+        .copied()
+        .filter(|d| !given.contains(d))
+        .collect();
+    let extra: Vec<DeviceId> = given
+        .iter()
+        .copied()
+        .filter(|d| !expected.contains(d))
+        .collect();
+    (!missing.is_empty() || !extra.is_empty()).then_some(MismatchedDevices {
+        user,
+        missing,
+        extra,
+    })
 }
 
 /// Runs an account operation that may hash a PIN or sync a write on the blocking pool.
@@ -683,7 +809,9 @@ async fn blocking<T: Send + 'static>(
 
 /// A blocking task that panicked or was cancelled.
 fn task_failed(e: tokio::task::JoinError) -> crate::keys::KeysError {
-    crate::keys::KeysError::Storage(crate::storage::StorageError::Other(format!("task failed: {e}")))
+    crate::keys::KeysError::Storage(crate::storage::StorageError::Other(format!(
+        "task failed: {e}"
+    )))
 }
 
 fn frames(body: impl Into<Body>) -> Answer {
@@ -691,21 +819,43 @@ fn frames(body: impl Into<Body>) -> Answer {
 }
 
 fn send_ack(msg_id: MsgId, status: SendStatus, now: u64) -> Answer {
-    frames(SendAck { msg_id, status, server_time_ms: now, mismatched: vec![], full_devices: vec![] })
+    frames(SendAck {
+        msg_id,
+        status,
+        server_time_ms: now,
+        mismatched: vec![],
+        full_devices: vec![],
+    })
 }
 
 fn error(code: ErrorCode, message: &str) -> Answer {
-    Answer::Error { code, message: message.to_string(), retry_after_ms: 0 }
+    Answer::Error {
+        code,
+        message: message.to_string(),
+        retry_after_ms: 0,
+    }
 }
 
 fn account_error(e: AccountError) -> Answer {
-    Answer::Error { code: e.code(), message: e.to_string(), retry_after_ms: e.retry_after_ms() }
+    Answer::Error {
+        code: e.code(),
+        message: e.to_string(),
+        retry_after_ms: e.retry_after_ms(),
+    }
 }
 
 fn inbox_error(e: InboxError) -> Answer {
-    Answer::Error { code: e.code(), message: e.to_string(), retry_after_ms: 0 }
+    Answer::Error {
+        code: e.code(),
+        message: e.to_string(),
+        retry_after_ms: 0,
+    }
 }
 
 fn keys_error(e: crate::keys::KeysError) -> Answer {
-    Answer::Error { code: e.code(), message: e.to_string(), retry_after_ms: 0 }
+    Answer::Error {
+        code: e.code(),
+        message: e.to_string(),
+        retry_after_ms: 0,
+    }
 }

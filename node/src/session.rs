@@ -54,7 +54,11 @@ pub enum Request {
     /// Anything an anonymous connection may ask: register, verify, link.
     Anonymous(Body),
     /// Anything an authenticated device may ask; the driver checks nothing further about who.
-    Device { user: UserId, device: DeviceId, body: Body },
+    Device {
+        user: UserId,
+        device: DeviceId,
+        body: Body,
+    },
 }
 
 /// One thing the driver must do.
@@ -75,9 +79,17 @@ pub enum Answer {
     Frames(Vec<Frame>),
     /// The connection is now this device (authentication succeeded, or a device was registered
     /// or linked on this connection); reply with these frames.
-    Authenticated { user: UserId, device: DeviceId, frames: Vec<Frame> },
+    Authenticated {
+        user: UserId,
+        device: DeviceId,
+        frames: Vec<Frame>,
+    },
     /// Reply with this error; if fatal, close.
-    Error { code: ErrorCode, message: String, retry_after_ms: u32 },
+    Error {
+        code: ErrorCode,
+        message: String,
+        retry_after_ms: u32,
+    },
 }
 
 /// Where the drain of this device's inbox stands.
@@ -108,7 +120,14 @@ pub struct Session {
 
 impl Session {
     pub fn new(now_ms: u64, node_id: u64, epoch: u64) -> Self {
-        Session { peer: Peer::New, opened_ms: now_ms, last_rx_ms: now_ms, node_id, epoch, window: None }
+        Session {
+            peer: Peer::New,
+            opened_ms: now_ms,
+            last_rx_ms: now_ms,
+            node_id,
+            epoch,
+            window: None,
+        }
     }
 
     pub fn peer(&self) -> Peer {
@@ -145,7 +164,10 @@ impl Session {
                     }
                     Some(auth) => {
                         self.peer = Peer::Authenticating;
-                        vec![Step::Execute { req, request: Request::Authenticate(auth) }]
+                        vec![Step::Execute {
+                            req,
+                            request: Request::Authenticate(auth),
+                        }]
                     }
                 }
             }
@@ -154,9 +176,11 @@ impl Session {
                 ErrorCode::UnexpectedFrame,
                 format!("the first frame must be Hello, got {}", other.name()),
             ),
-            (_, Body::Hello(_)) => {
-                self.fatal(req, ErrorCode::UnexpectedFrame, "Hello was already received".into())
-            }
+            (_, Body::Hello(_)) => self.fatal(
+                req,
+                ErrorCode::UnexpectedFrame,
+                "Hello was already received".into(),
+            ),
             (Peer::Authenticating, other) => self.fatal(
                 req,
                 ErrorCode::UnexpectedFrame,
@@ -164,7 +188,10 @@ impl Session {
             ),
             (Peer::Anonymous, body) => match body {
                 Body::RegisterRequest(_) | Body::RegisterVerify(_) | Body::LinkDevice(_) => {
-                    vec![Step::Execute { req, request: Request::Anonymous(body) }]
+                    vec![Step::Execute {
+                        req,
+                        request: Request::Anonymous(body),
+                    }]
                 }
                 other if is_client_frame(&other) => vec![Step::Write(error_frame(
                     req,
@@ -185,7 +212,14 @@ impl Session {
                     ))]
                 }
                 other if is_client_frame(&other) => {
-                    vec![Step::Execute { req, request: Request::Device { user, device, body: other } }]
+                    vec![Step::Execute {
+                        req,
+                        request: Request::Device {
+                            user,
+                            device,
+                            body: other,
+                        },
+                    }]
                 }
                 other => self.not_client_frame(req, &other),
             },
@@ -206,11 +240,21 @@ impl Session {
     /// The driver executed a request.
     pub fn handle_answer(&mut self, req: u32, answer: Answer) -> Vec<Step> {
         match answer {
-            Answer::Frames(frames) => frames.into_iter().map(|f| Step::Write(reply(req, f))).collect(),
-            Answer::Authenticated { user, device, frames } => {
+            Answer::Frames(frames) => frames
+                .into_iter()
+                .map(|f| Step::Write(reply(req, f)))
+                .collect(),
+            Answer::Authenticated {
+                user,
+                device,
+                frames,
+            } => {
                 let was_authenticating = self.peer == Peer::Authenticating;
                 self.peer = Peer::Device { user, device };
-                self.window = Some(Box::new(DeliverWindow { more: true, ..Default::default() }));
+                self.window = Some(Box::new(DeliverWindow {
+                    more: true,
+                    ..Default::default()
+                }));
                 let mut steps = Vec::with_capacity(frames.len() + 1);
                 if was_authenticating {
                     steps.push(Step::Write(Frame::new(req, self.welcome(self.last_rx_ms))));
@@ -218,7 +262,11 @@ impl Session {
                 steps.extend(frames.into_iter().map(|f| Step::Write(reply(req, f))));
                 steps
             }
-            Answer::Error { code, message, retry_after_ms } => {
+            Answer::Error {
+                code,
+                message,
+                retry_after_ms,
+            } => {
                 if code.is_fatal() || self.peer == Peer::Authenticating {
                     self.fatal(req, code, message)
                 } else {
@@ -250,9 +298,14 @@ impl Session {
     /// The driver read these seqs (ascending) from the inbox for the range of the last
     /// [`Session::poll_fetch`]; it writes their `Deliver` frames.
     pub fn handle_fetched(&mut self, seqs: &[u64], limit: usize) {
-        let Some(w) = self.window.as_deref_mut() else { return };
+        let Some(w) = self.window.as_deref_mut() else {
+            return;
+        };
         w.fetching = false;
-        debug_assert!(seqs.windows(2).all(|p| p[0] < p[1]), "inbox reads are ordered");
+        debug_assert!(
+            seqs.windows(2).all(|p| p[0] < p[1]),
+            "inbox reads are ordered"
+        );
         for &seq in seqs {
             if seq > w.cursor {
                 w.cursor = seq;
@@ -287,7 +340,10 @@ impl Session {
         // Acks for seqs not in flight (e.g. delivered on an earlier connection) still delete:
         // the inbox only touches this device's own entries.
         let body = Body::DeliverAck(ack);
-        vec![Step::Execute { req, request: Request::Device { user, device, body } }]
+        vec![Step::Execute {
+            req,
+            request: Request::Device { user, device, body },
+        }]
     }
 
     /// Keepalive and handshake deadlines: `Some(reason)` when the connection must be closed.
@@ -337,7 +393,12 @@ impl Session {
         self.window = None;
         vec![Step::Close(Frame::new(
             req,
-            ringpost_wire::Error { code: code.as_u16(), message, retry_after_ms: 0, fatal: true },
+            ringpost_wire::Error {
+                code: code.as_u16(),
+                message,
+                retry_after_ms: 0,
+                fatal: true,
+            },
         ))]
     }
 }
@@ -354,13 +415,21 @@ fn reply(req: u32, mut frame: Frame) -> Frame {
 pub fn error_frame(req: u32, code: ErrorCode, message: String, retry_after_ms: u32) -> Frame {
     Frame::new(
         req,
-        ringpost_wire::Error { code: code.as_u16(), message, retry_after_ms, fatal: code.is_fatal() },
+        ringpost_wire::Error {
+            code: code.as_u16(),
+            message,
+            retry_after_ms,
+            fatal: code.is_fatal(),
+        },
     )
 }
 
 /// Frames a client may send (everything else is server-to-client only).
 fn is_client_frame(body: &Body) -> bool {
-    matches!(body.kind().direction(), Direction::ToServer | Direction::Both)
+    matches!(
+        body.kind().direction(),
+        Direction::ToServer | Direction::Both
+    )
 }
 
 #[cfg(test)]
@@ -370,17 +439,35 @@ mod tests {
     use ringpost_wire::{Hello, Ping, RegisterRequest, Send};
 
     fn hello(auth: Option<Auth>) -> Frame {
-        Frame::new(1, Hello { protocol_version: 1, auth, user_agent: "t".into() })
+        Frame::new(
+            1,
+            Hello {
+                protocol_version: 1,
+                auth,
+                user_agent: "t".into(),
+            },
+        )
     }
 
     fn auth() -> Auth {
-        Auth { user: 15550001, device: 1, token: Bytes::from_static(&[7; 32]) }
+        Auth {
+            user: 15550001,
+            device: 1,
+            token: Bytes::from_static(&[7; 32]),
+        }
     }
 
     fn authed() -> Session {
         let mut s = Session::new(0, 9, 1);
         s.handle_frame(hello(Some(auth())), 0);
-        s.handle_answer(1, Answer::Authenticated { user: 15550001, device: 1, frames: vec![] });
+        s.handle_answer(
+            1,
+            Answer::Authenticated {
+                user: 15550001,
+                device: 1,
+                frames: vec![],
+            },
+        );
         s
     }
 
@@ -398,42 +485,107 @@ mod tests {
         let steps = s.handle_frame(Frame::new(3, ringpost_wire::DeliverAck { seqs: vec![] }), 0);
         assert!(is_close_with(&steps, ErrorCode::UnexpectedFrame));
         assert!(s.is_closed());
-        assert!(s.handle_frame(hello(None), 1).is_empty(), "a closed session ignores input");
+        assert!(
+            s.handle_frame(hello(None), 1).is_empty(),
+            "a closed session ignores input"
+        );
     }
 
     #[test]
     fn wrong_protocol_version_is_refused() {
         let mut s = Session::new(0, 1, 1);
-        let f = Frame::new(1, Hello { protocol_version: 99, auth: None, user_agent: String::new() });
-        assert!(is_close_with(&s.handle_frame(f, 0), ErrorCode::UnsupportedVersion));
+        let f = Frame::new(
+            1,
+            Hello {
+                protocol_version: 99,
+                auth: None,
+                user_agent: String::new(),
+            },
+        );
+        assert!(is_close_with(
+            &s.handle_frame(f, 0),
+            ErrorCode::UnsupportedVersion
+        ));
     }
 
     #[test]
     fn anonymous_may_register_but_not_send() {
         let mut s = Session::new(0, 1, 1);
         let steps = s.handle_frame(hello(None), 0);
-        assert!(matches!(&steps[..], [Step::Write(Frame { body: Body::Welcome(_), .. })]));
-        let reg = Frame::new(2, RegisterRequest { phone: 1555, channel: ringpost_wire::CodeChannel::Sms });
-        assert!(matches!(&s.handle_frame(reg, 0)[..], [Step::Execute { req: 2, request: Request::Anonymous(_) }]));
-        let send = Frame::new(3, Send { msg_id: [1; 16], to: 2, ciphertexts: vec![] });
-        assert!(is_error_with(&s.handle_frame(send, 0), ErrorCode::Unauthenticated));
-        assert_eq!(s.peer(), Peer::Anonymous, "a refused request does not close the connection");
+        assert!(matches!(
+            &steps[..],
+            [Step::Write(Frame {
+                body: Body::Welcome(_),
+                ..
+            })]
+        ));
+        let reg = Frame::new(
+            2,
+            RegisterRequest {
+                phone: 1555,
+                channel: ringpost_wire::CodeChannel::Sms,
+            },
+        );
+        assert!(matches!(
+            &s.handle_frame(reg, 0)[..],
+            [Step::Execute {
+                req: 2,
+                request: Request::Anonymous(_)
+            }]
+        ));
+        let send = Frame::new(
+            3,
+            Send {
+                msg_id: [1; 16],
+                to: 2,
+                ciphertexts: vec![],
+            },
+        );
+        assert!(is_error_with(
+            &s.handle_frame(send, 0),
+            ErrorCode::Unauthenticated
+        ));
+        assert_eq!(
+            s.peer(),
+            Peer::Anonymous,
+            "a refused request does not close the connection"
+        );
     }
 
     #[test]
     fn authentication_gates_everything() {
         let mut s = Session::new(0, 1, 1);
         let steps = s.handle_frame(hello(Some(auth())), 0);
-        assert!(matches!(&steps[..], [Step::Execute { request: Request::Authenticate(_), .. }]));
+        assert!(matches!(
+            &steps[..],
+            [Step::Execute {
+                request: Request::Authenticate(_),
+                ..
+            }]
+        ));
         // Pipelined frames before the answer are a protocol violation.
         let mut s2 = Session::new(0, 1, 1);
         s2.handle_frame(hello(Some(auth())), 0);
-        let send = Frame::new(3, Send { msg_id: [1; 16], to: 2, ciphertexts: vec![] });
-        assert!(is_close_with(&s2.handle_frame(send, 0), ErrorCode::UnexpectedFrame));
+        let send = Frame::new(
+            3,
+            Send {
+                msg_id: [1; 16],
+                to: 2,
+                ciphertexts: vec![],
+            },
+        );
+        assert!(is_close_with(
+            &s2.handle_frame(send, 0),
+            ErrorCode::UnexpectedFrame
+        ));
         // A refused token closes.
         let steps = s.handle_answer(
             1,
-            Answer::Error { code: ErrorCode::BadCredentials, message: "no".into(), retry_after_ms: 0 },
+            Answer::Error {
+                code: ErrorCode::BadCredentials,
+                message: "no".into(),
+                retry_after_ms: 0,
+            },
         );
         assert!(is_close_with(&steps, ErrorCode::BadCredentials));
     }
@@ -442,12 +594,39 @@ mod tests {
     fn authenticated_device_gets_welcome_and_requests_carry_identity() {
         let mut s = Session::new(0, 1, 1);
         s.handle_frame(hello(Some(auth())), 0);
-        let steps =
-            s.handle_answer(1, Answer::Authenticated { user: 15550001, device: 1, frames: vec![] });
-        assert!(matches!(&steps[..], [Step::Write(Frame { req: 1, body: Body::Welcome(_) })]));
-        let send = Frame::new(4, Send { msg_id: [1; 16], to: 2, ciphertexts: vec![] });
+        let steps = s.handle_answer(
+            1,
+            Answer::Authenticated {
+                user: 15550001,
+                device: 1,
+                frames: vec![],
+            },
+        );
+        assert!(matches!(
+            &steps[..],
+            [Step::Write(Frame {
+                req: 1,
+                body: Body::Welcome(_)
+            })]
+        ));
+        let send = Frame::new(
+            4,
+            Send {
+                msg_id: [1; 16],
+                to: 2,
+                ciphertexts: vec![],
+            },
+        );
         match &s.handle_frame(send, 5)[..] {
-            [Step::Execute { req: 4, request: Request::Device { user: 15550001, device: 1, .. } }] => {}
+            [Step::Execute {
+                req: 4,
+                request:
+                    Request::Device {
+                        user: 15550001,
+                        device: 1,
+                        ..
+                    },
+            }] => {}
             other => panic!("{other:?}"),
         }
     }
@@ -463,7 +642,10 @@ mod tests {
     fn server_frames_from_a_client_are_rejected_without_closing() {
         let mut s = authed();
         let f = Frame::new(5, ringpost_wire::Pong { nonce: 1 });
-        assert!(is_error_with(&s.handle_frame(f, 0), ErrorCode::UnknownFrameType));
+        assert!(is_error_with(
+            &s.handle_frame(f, 0),
+            ErrorCode::UnknownFrameType
+        ));
         assert!(!s.is_closed());
     }
 
@@ -477,7 +659,15 @@ mod tests {
         s.handle_fetched(&seqs, limit);
         s.handle_wake();
         assert_eq!(s.poll_fetch(), None, "window full: nothing more until acks");
-        let steps = s.handle_frame(Frame::new(0, DeliverAck { seqs: vec![1, 2, 3] }), 1);
+        let steps = s.handle_frame(
+            Frame::new(
+                0,
+                DeliverAck {
+                    seqs: vec![1, 2, 3],
+                },
+            ),
+            1,
+        );
         assert!(matches!(&steps[..], [Step::Execute { .. }]));
         assert_eq!(s.poll_fetch(), Some((DELIVER_WINDOW as u64, 3)));
         s.handle_fetched(&[], 3);
@@ -490,16 +680,26 @@ mod tests {
     fn deadlines() {
         let s = Session::new(0, 1, 1);
         assert_eq!(s.poll_expired(HANDSHAKE_TIMEOUT_MS), None);
-        assert_eq!(s.poll_expired(HANDSHAKE_TIMEOUT_MS + 1), Some("handshake timeout"));
+        assert_eq!(
+            s.poll_expired(HANDSHAKE_TIMEOUT_MS + 1),
+            Some("handshake timeout")
+        );
         let mut s = authed();
         s.handle_frame(Frame::new(0, Ping { nonce: 1 }), 1_000);
         assert_eq!(s.poll_expired(1_000 + u64::from(IDLE_TIMEOUT_MS)), None);
-        assert_eq!(s.poll_expired(1_001 + u64::from(IDLE_TIMEOUT_MS)), Some("idle timeout"));
+        assert_eq!(
+            s.poll_expired(1_001 + u64::from(IDLE_TIMEOUT_MS)),
+            Some("idle timeout")
+        );
     }
 
     #[test]
     fn session_is_small() {
         // Lives as long as the connection: keep it a handful of words.
-        assert!(std::mem::size_of::<Session>() <= 64, "{}", std::mem::size_of::<Session>());
+        assert!(
+            std::mem::size_of::<Session>() <= 64,
+            "{}",
+            std::mem::size_of::<Session>()
+        );
     }
 }

@@ -92,12 +92,14 @@ impl ErrorCode {
         ErrorCode::ALL.iter().copied().find(|c| c.as_u16() == code)
     }
 
-    /// Whether the connection is closed after reporting this error.
+    /// Whether the connection is closed after reporting this error. `Malformed` is not: a
+    /// frame that fails to verify inside sound transport framing leaves the stream usable
+    /// (a broken length prefix or WebSocket header is reported as `FrameTooLarge` or
+    /// `TransportProtocol` and does close).
     pub fn is_fatal(self) -> bool {
         matches!(
             self,
-            ErrorCode::Malformed
-                | ErrorCode::FrameTooLarge
+            ErrorCode::FrameTooLarge
                 | ErrorCode::UnsupportedVersion
                 | ErrorCode::TransportProtocol
                 | ErrorCode::BadCredentials

@@ -1,6 +1,8 @@
 //! [`Event`]: what a [`crate::Client`] hands the application besides answers to its requests.
 
-use ringpost_wire::{Deliver, DeliverKind, DeviceId, GoingAway, MsgId, PresenceUpdate, Typing, UserId, Welcome};
+use ringpost_wire::{
+    Deliver, DeliverKind, DeviceId, GoingAway, MsgId, PresenceUpdate, Typing, UserId, Welcome,
+};
 
 /// Something that happened on the client's connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,7 +36,10 @@ pub enum Event {
     /// [`crate::ClientError::Disconnected`]. With `will_reconnect`, a
     /// [`Event::Reconnected`] follows once a new connection is up; without, this is the last
     /// event.
-    Disconnected { reason: String, will_reconnect: bool },
+    Disconnected {
+        reason: String,
+        will_reconnect: bool,
+    },
     /// A new connection is up and authenticated; `reconnects` counts them since connect.
     Reconnected { welcome: Welcome, reconnects: u64 },
 }

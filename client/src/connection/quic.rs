@@ -1,14 +1,17 @@
 //! QUIC over quinn: ALPN `ringpost/1`, one bidirectional stream opened by the client, frames
 //! behind a u32 big-endian length prefix (`ringpost_wire::framing`).
 //!
-//! Each [`super::Connection`] gets its own quinn endpoint (one UDP socket and one endpoint driver
-//! task) unless the caller passes a shared one to [`super::Connection::open_quic_on`]: own
-//! sockets keep connections independent (a chaos test can drop one without touching the others,
-//! and each looks like a distinct client to the node); a shared endpoint saves a socket and a
-//! task per connection for the load generator.
+//! Connections share a quinn endpoint (one UDP socket and one driver task) per tokio runtime and
+//! address family: an endpoint keeps a receive buffer sized for a batch of GRO datagrams, so one
+//! per connection measured ~200 KiB resident each against ~30 KiB for a connection on a shared
+//! one. The shared endpoint lives as long as a connection uses it (weak registry, pruned on each
+//! open), and is per runtime because its driver task runs on the runtime that created it: the
+//! parallel tests of one process each have their own. A caller that wants its own socket (a
+//! distinct source port per connection, say) passes an endpoint to
+//! [`super::Connection::open_quic_on`].
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
@@ -35,8 +38,13 @@ pub const QUIC_SEND_WINDOW_BYTES: u64 = 256 * 1024;
 /// vanished when pings are off.
 pub const QUIC_IDLE_TIMEOUT_MS: u32 = 120_000;
 
-/// How long a close waits for the node to acknowledge it before the socket goes away.
+/// How long closing the last connection of a shared endpoint waits for the node to receive the
+/// close before the socket goes away.
 pub const QUIC_CLOSE_LINGER_MS: u64 = 250;
+
+/// After the node finished its stream, how long a read waits for its CONNECTION_CLOSE to report
+/// the close code and reason ([`super::PeerClose`]).
+pub const QUIC_CLOSE_REASON_WAIT_MS: u64 = 250;
 
 /// Application close code for a normal close (the node uses the same values).
 pub const QUIC_CLOSE_NORMAL: u32 = 0;
@@ -60,6 +68,40 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
         .clone()
 }
 
+/// A quinn client endpoint shared by the connections of one runtime (see the module docs).
+pub(crate) struct SharedEndpoint {
+    endpoint: quinn::Endpoint,
+}
+
+/// Live shared endpoints: (runtime, IPv6?, endpoint). At most two per live tokio runtime.
+static SHARED_ENDPOINTS: Mutex<Vec<(tokio::runtime::Id, bool, Weak<SharedEndpoint>)>> =
+    Mutex::new(Vec::new());
+
+/// The shared endpoint of the current runtime for the family of `addr`, created if needed.
+fn shared_endpoint(addr: SocketAddr) -> Result<Arc<SharedEndpoint>> {
+    let runtime = tokio::runtime::Handle::current().id();
+    let v6 = addr.is_ipv6();
+    let mut all = SHARED_ENDPOINTS.lock().unwrap_or_else(|p| p.into_inner());
+    all.retain(|(_, _, weak)| weak.strong_count() > 0);
+    let found = all
+        .iter()
+        .filter(|(r, family, _)| *r == runtime && *family == v6)
+        .find_map(|(_, _, weak)| weak.upgrade());
+    if let Some(shared) = found {
+        return Ok(shared);
+    }
+    let bind: SocketAddr = if v6 {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let shared = Arc::new(SharedEndpoint {
+        endpoint: quinn::Endpoint::client(bind)?,
+    });
+    all.push((runtime, v6, Arc::downgrade(&shared)));
+    Ok(shared)
+}
+
 /// The reading side: the node's half of the stream.
 pub(crate) struct QuicReader {
     recv: quinn::RecvStream,
@@ -72,8 +114,9 @@ pub(crate) struct QuicReader {
 pub(crate) struct QuicWriter {
     send: quinn::SendStream,
     conn: quinn::Connection,
-    /// Our own endpoint, closed with the connection; `None` when it is shared.
-    endpoint: Option<quinn::Endpoint>,
+    /// The runtime's shared endpoint this connection keeps alive; `None` when the caller
+    /// passed one.
+    endpoint: Option<Arc<SharedEndpoint>>,
 }
 
 /// Resolves the endpoint's host, connects on `shared` or a fresh endpoint, and opens the stream.
@@ -93,16 +136,12 @@ pub(crate) async fn open(
         })?;
     let own = match shared {
         Some(_) => None,
-        None => {
-            let bind: SocketAddr = match addr {
-                SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-                SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-            };
-            Some(quinn::Endpoint::client(bind)?)
-        }
+        None => Some(shared_endpoint(addr)?),
     };
-    let Some(quic_endpoint) = shared.or(own.as_ref()) else {
-        unreachable!("either shared or own is set")
+    let quic_endpoint = match (shared, &own) {
+        (Some(endpoint), _) => endpoint,
+        (None, Some(own)) => &own.endpoint,
+        (None, None) => unreachable!("own is set when shared is not"),
     };
     let crypto = QuicClientConfig::try_from(crypto).map_err(|e| ClientError::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
@@ -129,9 +168,17 @@ pub(crate) async fn open(
 
 fn connection_error(e: quinn::ConnectionError) -> ClientError {
     match e {
-        // A handshake failure is reported by the peer as a transport error with a TLS alert.
-        quinn::ConnectionError::TransportError(t) if t.code.to_string().contains("TLS") => {
+        // A failed TLS handshake is a transport error in the CRYPTO_ERROR range (RFC 9000
+        // §20.1: 0x0100-0x01ff, the TLS alert in the low byte).
+        quinn::ConnectionError::TransportError(t)
+            if (0x100..=0x1ff).contains(&u64::from(t.code)) =>
+        {
             ClientError::Tls(t.to_string())
+        }
+        quinn::ConnectionError::ConnectionClosed(c)
+            if (0x100..=0x1ff).contains(&u64::from(c.error_code)) =>
+        {
+            ClientError::Tls(c.to_string())
         }
         quinn::ConnectionError::TimedOut => ClientError::Timeout("QUIC connection"),
         other => ClientError::Quic(other.to_string()),
@@ -167,7 +214,13 @@ impl QuicReader {
                         self.partial.extend_from_slice(&chunk.bytes);
                     }
                 }
-                Ok(None) => return Ok(Inbound::Closed(self.conn.close_reason().as_ref().and_then(peer_close))),
+                Ok(None) => {
+                    // The node finishes its stream and then closes the connection with a code
+                    // and reason: wait a moment for them.
+                    let wait = Duration::from_millis(QUIC_CLOSE_REASON_WAIT_MS);
+                    let closed = tokio::time::timeout(wait, self.conn.closed()).await;
+                    return Ok(Inbound::Closed(closed.ok().as_ref().and_then(peer_close)));
+                }
                 Err(quinn::ReadError::ConnectionLost(e)) => {
                     return match peer_close(&e) {
                         Some(close) => Ok(Inbound::Closed(Some(close))),
@@ -211,15 +264,17 @@ impl QuicWriter {
         })
     }
 
-    /// Finishes the stream, closes the connection and, for an own endpoint, waits briefly for the
-    /// close to reach the node.
+    /// Finishes the stream and closes the connection. If it was the last connection on the
+    /// shared endpoint, waits briefly for the close to reach the node before the endpoint goes.
     pub(crate) async fn close(&mut self) -> Result<()> {
         let _ = self.send.finish();
         self.conn
             .close(VarInt::from_u32(QUIC_CLOSE_NORMAL), b"client closed");
-        if let Some(endpoint) = &self.endpoint {
-            let linger = Duration::from_millis(QUIC_CLOSE_LINGER_MS);
-            let _ = tokio::time::timeout(linger, endpoint.wait_idle()).await;
+        if let Some(shared) = &self.endpoint {
+            if Arc::strong_count(shared) == 1 {
+                let linger = Duration::from_millis(QUIC_CLOSE_LINGER_MS);
+                let _ = tokio::time::timeout(linger, shared.endpoint.wait_idle()).await;
+            }
         }
         Ok(())
     }

@@ -67,7 +67,12 @@ impl QuicTransport {
     /// Waits for the client to open its control stream.
     pub async fn accept(conn: quinn::Connection) -> Result<QuicTransport, quinn::ConnectionError> {
         let (send, recv) = conn.accept_bi().await?;
-        Ok(QuicTransport { conn, send, recv, partial: BytesMut::new() })
+        Ok(QuicTransport {
+            conn,
+            send,
+            recv,
+            partial: BytesMut::new(),
+        })
     }
 }
 
@@ -83,7 +88,10 @@ impl Transport for QuicTransport {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    return Err(TransportError::Protocol { code: e.code(), message: e.to_string() })
+                    return Err(TransportError::Protocol {
+                        code: e.code(),
+                        message: e.to_string(),
+                    })
                 }
             }
             match self.recv.read_chunk(usize::MAX, true).await {

@@ -41,9 +41,13 @@ pub fn dev_certificate(dir: &Path) -> Result<CertPaths> {
     let ca_key = rcgen::KeyPair::generate()?;
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "Ringpost dev CA");
-    ca_params.key_usages =
-        vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Ringpost dev CA");
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
     let ca_cert = ca_params.self_signed(&ca_key)?;
 
     let key = rcgen::KeyPair::generate()?;
@@ -52,7 +56,9 @@ pub fn dev_certificate(dir: &Path) -> Result<CertPaths> {
         "127.0.0.1".to_string(),
         "::1".to_string(),
     ])?;
-    params.distinguished_name.push(rcgen::DnType::CommonName, "Ringpost dev node");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Ringpost dev node");
     let cert = params.signed_by(&key, &ca_cert, &ca_key)?;
 
     write_private(&paths.key, key.serialize_pem().as_bytes())?;
@@ -71,7 +77,9 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
     opts.mode(0o600);
-    let mut f = opts.open(path).with_context(|| format!("writing {}", path.display()))?;
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
     f.write_all(bytes)?;
     Ok(())
 }
@@ -83,7 +91,11 @@ pub fn load(paths: &CertPaths) -> Result<(Vec<CertificateDer<'static>>, PrivateK
     let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("parsing {}", paths.cert.display()))?;
-    anyhow::ensure!(!certs.is_empty(), "no certificate in {}", paths.cert.display());
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "no certificate in {}",
+        paths.cert.display()
+    );
     let key_pem = std::fs::read(&paths.key)
         .with_context(|| format!("reading key {}", paths.key.display()))?;
     let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
@@ -93,7 +105,11 @@ pub fn load(paths: &CertPaths) -> Result<(Vec<CertificateDer<'static>>, PrivateK
 }
 
 /// A TLS server configuration for the given ALPN protocols (none for WebSocket over TLS).
-pub fn server_config(paths: &CertPaths, alpn: &[&[u8]], tls13_only: bool) -> Result<rustls::ServerConfig> {
+pub fn server_config(
+    paths: &CertPaths,
+    alpn: &[&[u8]],
+    tls13_only: bool,
+) -> Result<rustls::ServerConfig> {
     let (certs, key) = load(paths)?;
     let versions: &[&rustls::SupportedProtocolVersion] = if tls13_only {
         &[&rustls::version::TLS13]
@@ -118,7 +134,11 @@ mod tests {
         let a = dev_certificate(dir.path()).unwrap();
         let first = std::fs::read(&a.cert).unwrap();
         let b = dev_certificate(dir.path()).unwrap();
-        assert_eq!(first, std::fs::read(&b.cert).unwrap(), "reused, not regenerated");
+        assert_eq!(
+            first,
+            std::fs::read(&b.cert).unwrap(),
+            "reused, not regenerated"
+        );
         server_config(&a, &[ALPN_CLIENT], true).unwrap();
         server_config(&a, &[], false).unwrap();
     }

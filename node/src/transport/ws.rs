@@ -119,7 +119,11 @@ impl WsTransport {
                 Ok(Some((request, used))) => {
                     stream.write_all(&ws::accept_response(&request)).await?;
                     let _ = head.split_to(used);
-                    let partial = if head.is_empty() { BytesMut::new() } else { head };
+                    let partial = if head.is_empty() {
+                        BytesMut::new()
+                    } else {
+                        head
+                    };
                     return Ok(WsTransport {
                         stream,
                         decoder: Decoder::new(Role::Server, limits::FRAME_BYTES_MAX),
@@ -166,7 +170,9 @@ impl Transport for WsTransport {
                 }
                 Ok(Some(Message::Pong(_))) => {}
                 Ok(Some(Message::Close { .. })) => {
-                    let _ = self.send_control(OpCode::Close, &ws::close_payload(1000, "")).await;
+                    let _ = self
+                        .send_control(OpCode::Close, &ws::close_payload(1000, ""))
+                        .await;
                     self.closed = true;
                     return Ok(None);
                 }
@@ -193,7 +199,10 @@ impl Transport for WsTransport {
                     } else {
                         ErrorCode::TransportProtocol
                     };
-                    return Err(TransportError::Protocol { code, message: e.to_string() });
+                    return Err(TransportError::Protocol {
+                        code,
+                        message: e.to_string(),
+                    });
                 }
             }
         }
@@ -201,16 +210,22 @@ impl Transport for WsTransport {
 
     async fn write(&mut self, frames: &mut VecDeque<Bytes>) -> Result<(), TransportError> {
         // One contiguous write per batch: headers interleaved with payloads, one syscall.
-        let total: usize = frames.iter().map(|f| f.len() + ws::FRAME_HEADER_BYTES_MAX).sum();
+        let total: usize = frames
+            .iter()
+            .map(|f| f.len() + ws::FRAME_HEADER_BYTES_MAX)
+            .sum();
         let mut out = BytesMut::with_capacity(total);
         for f in frames.drain(..) {
             let header = ws::encode_header(OpCode::Binary, true, f.len(), None);
             out.extend_from_slice(header.as_bytes());
             out.extend_from_slice(&f);
         }
-        tokio::time::timeout(Duration::from_millis(WRITE_TIMEOUT_MS), self.stream.write_all(&out))
-            .await
-            .map_err(|_| TransportError::WriteTimeout)??;
+        tokio::time::timeout(
+            Duration::from_millis(WRITE_TIMEOUT_MS),
+            self.stream.write_all(&out),
+        )
+        .await
+        .map_err(|_| TransportError::WriteTimeout)??;
         Ok(())
     }
 

@@ -43,9 +43,17 @@ impl TestNode {
             .arg("--data-dir")
             .arg(self.dir.path())
             .args(["--listen-ws", "127.0.0.1:0", "--listen-wss", "127.0.0.1:0"])
-            .args(["--listen-quic", "127.0.0.1:0", "--listen-admin", "127.0.0.1:0"])
+            .args([
+                "--listen-quic",
+                "127.0.0.1:0",
+                "--listen-admin",
+                "127.0.0.1:0",
+            ])
             .args(&self.extra_args)
-            .env("RUST_LOG", std::env::var("RINGPOST_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RINGPOST_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -65,10 +73,15 @@ impl TestNode {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let line = rx.recv_timeout(left).expect("node did not print its addresses in time");
+            let line = rx
+                .recv_timeout(left)
+                .expect("node did not print its addresses in time");
             let mut parts = line.split_whitespace();
             if parts.next() == Some("listening") {
-                let (kind, addr) = (parts.next().unwrap_or(""), parts.next().unwrap_or("").to_string());
+                let (kind, addr) = (
+                    parts.next().unwrap_or(""),
+                    parts.next().unwrap_or("").to_string(),
+                );
                 match kind {
                     "ws" => self.ws = addr,
                     "wss" => self.wss = addr,
@@ -114,7 +127,9 @@ impl TestNode {
 
     /// SIGTERM, then wait for a graceful exit; returns whether it exited successfully.
     pub fn terminate(&mut self) -> bool {
-        let Some(mut c) = self.child.take() else { return false };
+        let Some(mut c) = self.child.take() else {
+            return false;
+        };
         signal(c.id(), "TERM");
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
@@ -149,14 +164,21 @@ impl TestNode {
         write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").expect("admin write");
         let mut out = String::new();
         s.read_to_string(&mut out).expect("admin read");
-        let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let status = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
         let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
         (status, body)
     }
 }
 
 fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
 }
 
 impl Drop for TestNode {

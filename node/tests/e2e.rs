@@ -1,0 +1,10 @@
+//! End-to-end tests: a real `ringpost-node dev` process, real sockets (ws, wss, QUIC), real
+//! RocksDB, driven through the client SDK (and raw connections where a test needs to send
+//! what the SDK never would).
+
+#[path = "e2e/harness.rs"]
+mod harness;
+#[path = "e2e/messaging.rs"]
+mod messaging;
+#[path = "e2e/robustness.rs"]
+mod robustness;
