@@ -33,7 +33,12 @@ pub async fn serve<T: Transport>(server: Arc<Server>, mut transport: T, kind: Tr
     let shared = server.registry.open(session::HANDSHAKE_TIMEOUT_MS as u32);
     let mut conn = Conn {
         server: server.clone(),
-        session: Session::new(server.now_ms(), server.node_id, server.epoch()),
+        session: Session::new(
+            server.now_ms(),
+            server.node_id,
+            server.epoch(),
+            server.config.keepalive,
+        ),
         shared: shared.clone(),
         out: VecDeque::new(),
         pending: None,
@@ -180,10 +185,12 @@ impl Conn {
             if self.bound.is_none() {
                 self.bound = Some((user, device));
                 self.server.registry.bind(&self.shared, user, device);
-                self.shared.set_timeout_ms(session::IDLE_TIMEOUT_MS);
+                self.shared
+                    .set_timeout_ms(self.server.config.keepalive.idle_timeout_ms);
             }
         } else if self.session.peer() == Peer::Anonymous {
-            self.shared.set_timeout_ms(session::IDLE_TIMEOUT_MS);
+            self.shared
+                .set_timeout_ms(self.server.config.keepalive.idle_timeout_ms);
         }
         self.apply(steps)
     }
@@ -193,7 +200,8 @@ impl Conn {
             match step {
                 Step::Write(frame) => {
                     if self.session.peer() == Peer::Anonymous {
-                        self.shared.set_timeout_ms(session::IDLE_TIMEOUT_MS);
+                        self.shared
+                            .set_timeout_ms(self.server.config.keepalive.idle_timeout_ms);
                     }
                     self.push_frame(&frame)
                 }

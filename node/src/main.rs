@@ -1,11 +1,18 @@
 //! `ringpost-node`: the edge node binary.
+//!
+//! Every option is a flag, an environment variable (`RINGPOST_<NAME>`), and a key of the
+//! `--config` TOML file (`name = value`, the flag's name without dashes, `-` or `_`). Precedence:
+//! flag, then environment, then file, then the default `--help` prints.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use ringpost_node::runtime::{Node, NodeOptions};
+use ringpost_node::accounts::{HttpCodeSenderConfig, HTTP_TIMEOUT_MS_DEFAULT};
+use ringpost_node::runtime::{CodeDelivery, Node, NodeOptions};
+use ringpost_node::session::{Keepalive, IDLE_TIMEOUT_MS, PING_INTERVAL_MS};
+use ringpost_node::transport::tls::CertPaths;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -30,16 +37,40 @@ enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// One self-contained node for development: local data dir, self-signed TLS certificate,
-    /// verification codes written to the log and to DATA_DIR/verification-codes.txt.
+    /// One self-contained node for development: data in ./data, a generated dev CA and
+    /// certificate, verification codes written to the log and to DATA_DIR/verification-codes.txt.
     Dev(DevArgs),
+    /// A node for real traffic: TLS certificate and SMS gateway from configuration. Options come
+    /// from flags, RINGPOST_* environment variables and `--config node.toml`. (Until the
+    /// coordinator lands, a node serves all shards itself.)
+    Run(RunArgs),
+}
+
+/// Options shared by `dev` and `run`.
+#[derive(clap::Args, Debug)]
+struct Common {
+    /// Where RocksDB (and, for dev, the certificate and codes file) live.
+    #[arg(long, default_value = "./data", env = "RINGPOST_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Sends, receipts and typing indicators one device may make per second.
+    #[arg(long, default_value_t = ringpost_node::server::DEVICE_RATE_PER_S, env = "RINGPOST_DEVICE_RATE")]
+    device_rate: u32,
+    /// Burst allowance on top of --device-rate.
+    #[arg(long, default_value_t = ringpost_node::server::DEVICE_BURST, env = "RINGPOST_DEVICE_BURST")]
+    device_burst: u32,
+    /// Most entries kept in one device's inbox; senders get InboxFull beyond it.
+    #[arg(long, default_value_t = ringpost_node::inbox::DEVICE_QUOTA_DEFAULT, env = "RINGPOST_INBOX_QUOTA")]
+    inbox_quota: u64,
+    /// Ping interval announced to clients, in milliseconds.
+    #[arg(long, default_value_t = PING_INTERVAL_MS, env = "RINGPOST_PING_INTERVAL_MS")]
+    ping_interval_ms: u32,
+    /// A connection silent for this long is closed (half-open connections are reaped).
+    #[arg(long, default_value_t = IDLE_TIMEOUT_MS, env = "RINGPOST_IDLE_TIMEOUT_MS")]
+    idle_timeout_ms: u32,
 }
 
 #[derive(clap::Args, Debug)]
 struct DevArgs {
-    /// Where RocksDB, the dev certificate and the verification-code file live.
-    #[arg(long, default_value = "./data", env = "RINGPOST_DATA_DIR")]
-    data_dir: PathBuf,
     /// WebSocket listener (plain). Port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:7700", env = "RINGPOST_LISTEN_WS")]
     listen_ws: SocketAddr,
@@ -52,53 +83,182 @@ struct DevArgs {
     /// Admin HTTP listener: /metrics, /healthz, /readyz.
     #[arg(long, default_value = "127.0.0.1:7780", env = "RINGPOST_LISTEN_ADMIN")]
     listen_admin: SocketAddr,
-    /// Sends, receipts and typing indicators one device may make per second.
-    #[arg(long, default_value_t = ringpost_node::server::DEVICE_RATE_PER_S, env = "RINGPOST_DEVICE_RATE")]
-    device_rate: u32,
-    /// Burst allowance on top of --device-rate.
-    #[arg(long, default_value_t = ringpost_node::server::DEVICE_BURST, env = "RINGPOST_DEVICE_BURST")]
-    device_burst: u32,
-    /// Most entries kept in one device's inbox; senders get InboxFull beyond it.
-    #[arg(long, default_value_t = ringpost_node::inbox::InboxConfig::default().device_quota, env = "RINGPOST_INBOX_QUOTA")]
-    inbox_quota: u64,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// TOML file with any of these options (keys are flag names with `_` for `-`).
+    #[arg(long, env = "RINGPOST_CONFIG")]
+    config: Option<PathBuf>,
+    /// WebSocket listener (plain; put it behind a TLS load balancer). Omit to disable.
+    #[arg(long, env = "RINGPOST_LISTEN_WS")]
+    listen_ws: Option<SocketAddr>,
+    /// WebSocket over TLS listener; needs --tls-cert and --tls-key. Omit to disable.
+    #[arg(long, env = "RINGPOST_LISTEN_WSS")]
+    listen_wss: Option<SocketAddr>,
+    /// QUIC listener (UDP); needs --tls-cert and --tls-key. Omit to disable.
+    #[arg(long, env = "RINGPOST_LISTEN_QUIC")]
+    listen_quic: Option<SocketAddr>,
+    /// Admin HTTP listener. Bind it to a private interface.
+    #[arg(long, default_value = "127.0.0.1:7780", env = "RINGPOST_LISTEN_ADMIN")]
+    listen_admin: SocketAddr,
+    /// PEM certificate chain for wss and QUIC.
+    #[arg(long, env = "RINGPOST_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for wss and QUIC.
+    #[arg(long, env = "RINGPOST_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// SMS gateway that receives verification codes as JSON POSTs
+    /// ({"to":"+<phone>","code":"<code>","channel":"sms|voice"}).
+    #[arg(long, env = "RINGPOST_SMS_GATEWAY_URL")]
+    sms_gateway_url: Option<String>,
+    /// Bearer token for the SMS gateway.
+    #[arg(long, env = "RINGPOST_SMS_GATEWAY_TOKEN", hide_env_values = true)]
+    sms_gateway_token: Option<String>,
+    /// SMS gateway request timeout.
+    #[arg(long, default_value_t = HTTP_TIMEOUT_MS_DEFAULT, env = "RINGPOST_SMS_GATEWAY_TIMEOUT_MS")]
+    sms_gateway_timeout_ms: u64,
+    /// Write verification codes to the log instead of an SMS gateway (testing only).
+    #[arg(long, env = "RINGPOST_CODES_TO_LOG")]
+    codes_to_log: bool,
+    #[command(flatten)]
+    common: Common,
 }
 
 fn main() -> Result<()> {
+    load_config_file()?;
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    let opts = match cli.command {
+        Command::Dev(args) => dev_options(args),
+        Command::Run(args) => run_options(args)?,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
-        match cli.command {
-            Command::Dev(args) => dev(args).await,
-        }
-    })
+    runtime.block_on(serve(opts))
 }
 
-async fn dev(args: DevArgs) -> Result<()> {
+/// Reads `--config FILE` (or RINGPOST_CONFIG) before clap runs and exports each key as its
+/// RINGPOST_* variable unless the environment already sets it, so flags and environment
+/// override the file and clap validates every value the same way.
+fn load_config_file() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let path = args
+        .iter()
+        .position(|a| a == "--config")
+        .and_then(|i| args.get(i + 1).cloned())
+        .or_else(|| {
+            args.iter()
+                .find_map(|a| a.strip_prefix("--config=").map(str::to_string))
+        })
+        .or_else(|| std::env::var("RINGPOST_CONFIG").ok());
+    let Some(path) = path else { return Ok(()) };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading config {path}"))?;
+    let table: toml::Table = text
+        .parse()
+        .with_context(|| format!("parsing config {path}"))?;
+    for (key, value) in table {
+        let var = format!("RINGPOST_{}", key.replace('-', "_").to_ascii_uppercase());
+        let value = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            other => anyhow::bail!(
+                "config {path}: `{key}` must be a string, integer or boolean, not {other}"
+            ),
+        };
+        if std::env::var_os(&var).is_none() {
+            // Single-threaded here: nothing else reads the environment concurrently.
+            std::env::set_var(var, value);
+        }
+    }
+    Ok(())
+}
+
+fn node_options(common: Common) -> NodeOptions {
     let server = ringpost_node::server::ServerConfig {
-        device_rate_per_s: args.device_rate,
-        device_burst: args.device_burst,
+        device_rate_per_s: common.device_rate,
+        device_burst: common.device_burst,
+        keepalive: Keepalive {
+            ping_interval_ms: common.ping_interval_ms,
+            idle_timeout_ms: common.idle_timeout_ms,
+        },
         ..Default::default()
     };
     let inbox = ringpost_node::inbox::InboxConfig {
-        device_quota: args.inbox_quota,
+        device_quota: common.inbox_quota,
         ..Default::default()
     };
-    let opts = NodeOptions {
-        codes_file: Some(args.data_dir.join("verification-codes.txt")),
-        data_dir: args.data_dir,
-        listen_ws: Some(args.listen_ws),
-        listen_wss: Some(args.listen_wss),
-        listen_quic: Some(args.listen_quic),
-        listen_admin: Some(args.listen_admin),
+    NodeOptions {
+        codes: CodeDelivery::Log { file: None },
+        data_dir: common.data_dir,
+        listen_ws: None,
+        listen_wss: None,
+        listen_quic: None,
+        listen_admin: None,
         tls: None,
         server,
         inbox,
         rocks: Default::default(),
+    }
+}
+
+fn dev_options(args: DevArgs) -> NodeOptions {
+    let mut opts = node_options(args.common);
+    opts.codes = CodeDelivery::Log {
+        file: Some(opts.data_dir.join("verification-codes.txt")),
     };
+    opts.listen_ws = Some(args.listen_ws);
+    opts.listen_wss = Some(args.listen_wss);
+    opts.listen_quic = Some(args.listen_quic);
+    opts.listen_admin = Some(args.listen_admin);
+    opts
+}
+
+fn run_options(args: RunArgs) -> Result<NodeOptions> {
+    let mut opts = node_options(args.common);
+    let needs_tls = args.listen_wss.is_some() || args.listen_quic.is_some();
+    opts.tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => Some(CertPaths {
+            cert,
+            key,
+            ca: None,
+        }),
+        (None, None) if !needs_tls => None,
+        _ => anyhow::bail!("--listen-wss and --listen-quic need both --tls-cert and --tls-key"),
+    };
+    anyhow::ensure!(
+        args.listen_ws.is_some() || needs_tls,
+        "no client listener: set at least one of --listen-ws, --listen-wss, --listen-quic"
+    );
+    opts.codes = match (args.sms_gateway_url, args.codes_to_log) {
+        (Some(url), false) => CodeDelivery::Http(HttpCodeSenderConfig {
+            url,
+            bearer_token: args.sms_gateway_token,
+            timeout_ms: args.sms_gateway_timeout_ms,
+        }),
+        (None, true) => CodeDelivery::Log { file: None },
+        (Some(_), true) => anyhow::bail!("choose one of --sms-gateway-url and --codes-to-log"),
+        (None, false) => anyhow::bail!(
+            "verification codes need a destination: --sms-gateway-url URL (or --codes-to-log for testing)"
+        ),
+    };
+    opts.listen_ws = args.listen_ws;
+    opts.listen_wss = args.listen_wss;
+    opts.listen_quic = args.listen_quic;
+    opts.listen_admin = Some(args.listen_admin);
+    Ok(opts)
+}
+
+async fn serve(opts: NodeOptions) -> Result<()> {
     let data_dir = opts.data_dir.clone();
+    let codes_file = match &opts.codes {
+        CodeDelivery::Log { file } => file.clone(),
+        CodeDelivery::Http(_) => None,
+    };
     let node = Node::start(opts).await?;
     // Machine-readable lines (tests and scripts parse them), then a human summary.
     let b = &node.bound;
@@ -117,11 +277,14 @@ async fn dev(args: DevArgs) -> Result<()> {
     if let Some(ca) = &node.ca {
         println!("dev CA certificate (trust it in clients): {}", ca.display());
     }
-    println!(
-        "ringpost dev node ready; data in {}; verification codes in {}; Ctrl-C stops it",
-        data_dir.display(),
-        data_dir.join("verification-codes.txt").display()
-    );
+    match codes_file {
+        Some(f) => println!(
+            "ringpost dev node ready; data in {}; verification codes in {}; Ctrl-C stops it",
+            data_dir.display(),
+            f.display()
+        ),
+        None => println!("ringpost node ready; data in {}", data_dir.display()),
+    }
     wait_for_signal().await;
     node.shutdown().await;
     Ok(())
@@ -152,8 +315,10 @@ async fn wait_for_signal() {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),

@@ -12,7 +12,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use crate::accounts::{Accounts, AccountsConfig, LogCodeSender};
+use crate::accounts::{
+    Accounts, AccountsConfig, CodeSender, HttpCodeSender, HttpCodeSenderConfig, LogCodeSender,
+};
 use crate::inbox::{Inbox, InboxConfig};
 use crate::keys::Keys;
 use crate::metrics::{Metrics, Transport as TransportKind};
@@ -46,8 +48,17 @@ pub struct NodeOptions {
     pub server: ServerConfig,
     pub inbox: InboxConfig,
     pub rocks: RocksConfig,
-    /// Append verification codes to this file (dev).
-    pub codes_file: Option<PathBuf>,
+    /// How verification codes reach users.
+    pub codes: CodeDelivery,
+}
+
+/// How verification codes are delivered.
+#[derive(Debug, Clone)]
+pub enum CodeDelivery {
+    /// Written to the log (and appended to `file` as "<phone> <code>" lines): development only.
+    Log { file: Option<PathBuf> },
+    /// POSTed to an SMS gateway.
+    Http(HttpCodeSenderConfig),
 }
 
 /// The addresses a started node listens on.
@@ -96,7 +107,12 @@ impl Node {
             inbox.entries_total() as i64,
             std::sync::atomic::Ordering::Relaxed,
         );
-        let sender = Arc::new(LogCodeSender::new(opts.codes_file.clone()));
+        let sender: Arc<dyn CodeSender> = match &opts.codes {
+            CodeDelivery::Log { file } => Arc::new(LogCodeSender::new(file.clone())),
+            CodeDelivery::Http(config) => Arc::new(
+                HttpCodeSender::new(config.clone()).context("configuring the SMS gateway")?,
+            ),
+        };
         let accounts_config = AccountsConfig {
             shard_count: opts.server.shard_count,
             ..AccountsConfig::default()
@@ -144,7 +160,7 @@ impl Node {
         if let Some(addr) = opts.listen_quic {
             let config = quic::server_config(
                 &cert,
-                Duration::from_millis(u64::from(session::IDLE_TIMEOUT_MS)),
+                Duration::from_millis(u64::from(opts.server.keepalive.idle_timeout_ms)),
             )?;
             let ep = quinn::Endpoint::server(config, addr)
                 .with_context(|| format!("binding quic {addr}"))?;

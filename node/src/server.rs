@@ -41,6 +41,7 @@ pub struct ServerConfig {
     pub retention_ms: u64,
     pub device_rate_per_s: u32,
     pub device_burst: u32,
+    pub keepalive: crate::session::Keepalive,
 }
 
 impl Default for ServerConfig {
@@ -51,6 +52,7 @@ impl Default for ServerConfig {
             retention_ms: crate::inbox::RETENTION_MS_DEFAULT,
             device_rate_per_s: DEVICE_RATE_PER_S,
             device_burst: DEVICE_BURST,
+            keepalive: Default::default(),
         }
     }
 }

@@ -32,6 +32,24 @@ pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// the driver stops reading the connection until one completes: back-pressure, not buffering.
 pub const REQUESTS_IN_FLIGHT_MAX: usize = 64;
 
+/// Keepalive settings a node announces in `Welcome` and enforces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// How often a client should ping while idle.
+    pub ping_interval_ms: u32,
+    /// A connection silent for this long is closed.
+    pub idle_timeout_ms: u32,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Keepalive {
+            ping_interval_ms: PING_INTERVAL_MS,
+            idle_timeout_ms: IDLE_TIMEOUT_MS,
+        }
+    }
+}
+
 /// Who is on the other end, once known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Peer {
@@ -114,18 +132,20 @@ pub struct Session {
     last_rx_ms: u64,
     node_id: u64,
     epoch: u64,
+    keepalive: Keepalive,
     /// Present only for authenticated devices.
     window: Option<Box<DeliverWindow>>,
 }
 
 impl Session {
-    pub fn new(now_ms: u64, node_id: u64, epoch: u64) -> Self {
+    pub fn new(now_ms: u64, node_id: u64, epoch: u64, keepalive: Keepalive) -> Self {
         Session {
             peer: Peer::New,
             opened_ms: now_ms,
             last_rx_ms: now_ms,
             node_id,
             epoch,
+            keepalive,
             window: None,
         }
     }
@@ -354,7 +374,9 @@ impl Session {
             {
                 Some("handshake timeout")
             }
-            _ if now_ms.saturating_sub(self.last_rx_ms) > u64::from(IDLE_TIMEOUT_MS) => {
+            _ if now_ms.saturating_sub(self.last_rx_ms)
+                > u64::from(self.keepalive.idle_timeout_ms) =>
+            {
                 Some("idle timeout")
             }
             _ => None,
@@ -372,8 +394,8 @@ impl Session {
             node_id: self.node_id,
             epoch: self.epoch,
             server_time_ms: now_ms,
-            ping_interval_ms: PING_INTERVAL_MS,
-            idle_timeout_ms: IDLE_TIMEOUT_MS,
+            ping_interval_ms: self.keepalive.ping_interval_ms,
+            idle_timeout_ms: self.keepalive.idle_timeout_ms,
             deliver_window: DELIVER_WINDOW,
             frame_bytes_max: limits::FRAME_BYTES_MAX as u32,
         }
@@ -458,7 +480,7 @@ mod tests {
     }
 
     fn authed() -> Session {
-        let mut s = Session::new(0, 9, 1);
+        let mut s = Session::new(0, 9, 1, Keepalive::default());
         s.handle_frame(hello(Some(auth())), 0);
         s.handle_answer(
             1,
@@ -481,7 +503,7 @@ mod tests {
 
     #[test]
     fn first_frame_must_be_hello() {
-        let mut s = Session::new(0, 1, 1);
+        let mut s = Session::new(0, 1, 1, Keepalive::default());
         let steps = s.handle_frame(Frame::new(3, ringpost_wire::DeliverAck { seqs: vec![] }), 0);
         assert!(is_close_with(&steps, ErrorCode::UnexpectedFrame));
         assert!(s.is_closed());
@@ -493,7 +515,7 @@ mod tests {
 
     #[test]
     fn wrong_protocol_version_is_refused() {
-        let mut s = Session::new(0, 1, 1);
+        let mut s = Session::new(0, 1, 1, Keepalive::default());
         let f = Frame::new(
             1,
             Hello {
@@ -510,7 +532,7 @@ mod tests {
 
     #[test]
     fn anonymous_may_register_but_not_send() {
-        let mut s = Session::new(0, 1, 1);
+        let mut s = Session::new(0, 1, 1, Keepalive::default());
         let steps = s.handle_frame(hello(None), 0);
         assert!(matches!(
             &steps[..],
@@ -554,7 +576,7 @@ mod tests {
 
     #[test]
     fn authentication_gates_everything() {
-        let mut s = Session::new(0, 1, 1);
+        let mut s = Session::new(0, 1, 1, Keepalive::default());
         let steps = s.handle_frame(hello(Some(auth())), 0);
         assert!(matches!(
             &steps[..],
@@ -564,7 +586,7 @@ mod tests {
             }]
         ));
         // Pipelined frames before the answer are a protocol violation.
-        let mut s2 = Session::new(0, 1, 1);
+        let mut s2 = Session::new(0, 1, 1, Keepalive::default());
         s2.handle_frame(hello(Some(auth())), 0);
         let send = Frame::new(
             3,
@@ -592,7 +614,7 @@ mod tests {
 
     #[test]
     fn authenticated_device_gets_welcome_and_requests_carry_identity() {
-        let mut s = Session::new(0, 1, 1);
+        let mut s = Session::new(0, 1, 1, Keepalive::default());
         s.handle_frame(hello(Some(auth())), 0);
         let steps = s.handle_answer(
             1,
@@ -633,7 +655,7 @@ mod tests {
 
     #[test]
     fn ping_is_answered_in_any_open_state() {
-        let mut s = Session::new(0, 1, 1);
+        let mut s = Session::new(0, 1, 1, Keepalive::default());
         let steps = s.handle_frame(Frame::new(8, Ping { nonce: 42 }), 0);
         assert_eq!(steps, vec![Step::Write(Frame::new(8, Pong { nonce: 42 }))]);
     }
@@ -678,7 +700,7 @@ mod tests {
 
     #[test]
     fn deadlines() {
-        let s = Session::new(0, 1, 1);
+        let s = Session::new(0, 1, 1, Keepalive::default());
         assert_eq!(s.poll_expired(HANDSHAKE_TIMEOUT_MS), None);
         assert_eq!(
             s.poll_expired(HANDSHAKE_TIMEOUT_MS + 1),

@@ -6,5 +6,7 @@
 mod harness;
 #[path = "e2e/messaging.rs"]
 mod messaging;
+#[path = "e2e/operations.rs"]
+mod operations;
 #[path = "e2e/robustness.rs"]
 mod robustness;

@@ -13,7 +13,8 @@ pub struct TestNode {
     pub wss: String,
     pub quic: String,
     pub admin: String,
-    extra_args: Vec<String>,
+    /// Arguments after the binary name; `{dir}` stands for the data directory.
+    args: Vec<String>,
 }
 
 impl TestNode {
@@ -21,8 +22,30 @@ impl TestNode {
         Self::start_with(&[])
     }
 
-    /// Starts a node with extra `dev` flags.
+    /// Starts a dev node with extra `dev` flags.
     pub fn start_with(extra: &[&str]) -> TestNode {
+        let mut args: Vec<String> = [
+            "dev",
+            "--data-dir",
+            "{dir}",
+            "--listen-ws",
+            "127.0.0.1:0",
+            "--listen-wss",
+            "127.0.0.1:0",
+            "--listen-quic",
+            "127.0.0.1:0",
+            "--listen-admin",
+            "127.0.0.1:0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::start_args(args)
+    }
+
+    /// Starts `ringpost-node ARGS...` (`{dir}` in an argument is the test's data directory).
+    pub fn start_args(args: Vec<String>) -> TestNode {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut node = TestNode {
             child: None,
@@ -31,25 +54,17 @@ impl TestNode {
             wss: String::new(),
             quic: String::new(),
             admin: String::new(),
-            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            args,
         };
         node.spawn();
         node
     }
 
     fn spawn(&mut self) {
+        let dir = self.dir.path().to_string_lossy().to_string();
+        let args: Vec<String> = self.args.iter().map(|a| a.replace("{dir}", &dir)).collect();
         let mut child = Command::new(env!("CARGO_BIN_EXE_ringpost-node"))
-            .arg("dev")
-            .arg("--data-dir")
-            .arg(self.dir.path())
-            .args(["--listen-ws", "127.0.0.1:0", "--listen-wss", "127.0.0.1:0"])
-            .args([
-                "--listen-quic",
-                "127.0.0.1:0",
-                "--listen-admin",
-                "127.0.0.1:0",
-            ])
-            .args(&self.extra_args)
+            .args(&args)
             .env(
                 "RUST_LOG",
                 std::env::var("RINGPOST_TEST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -90,7 +105,9 @@ impl TestNode {
                     _ => {}
                 }
             }
-            if line.starts_with("ringpost dev node ready") {
+            if line.starts_with("ringpost dev node ready")
+                || line.starts_with("ringpost node ready")
+            {
                 break;
             }
         }

@@ -1,0 +1,174 @@
+//! Operating a node: the production `run` mode with a config file and an SMS gateway, and the
+//! keepalive that reaps silent connections.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use ringpost_client::{Client, ClientConfig, Connection, Endpoint, TlsOptions};
+use ringpost_wire::{Body, Frame, Hello, SendStatus, PROTOCOL_VERSION};
+
+use super::harness::TestNode;
+use super::messaging::{msg_id, next_message, to_device, ALICE, BOB};
+
+/// A one-shot-per-request HTTP server on 127.0.0.1:0 that records each POST body.
+fn sms_gateway() -> (String, mpsc::Receiver<String>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/send", listener.local_addr().unwrap());
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(16) {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut len = 0usize;
+            let mut authorized = false;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                let lower = line.to_ascii_lowercase();
+                if let Some(v) = lower.strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                authorized |= lower.starts_with("authorization: bearer sekrit");
+            }
+            let mut body = vec![0u8; len];
+            let _ = reader.read_exact(&mut body);
+            let status = if authorized {
+                "200 OK"
+            } else {
+                "401 Unauthorized"
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            );
+            let _ = tx.send(String::from_utf8_lossy(&body).into_owned());
+        }
+    });
+    (url, rx)
+}
+
+fn code_from(body: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(body).expect("JSON body");
+    v["code"].as_str().expect("code field").to_string()
+}
+
+#[tokio::test]
+async fn run_mode_reads_its_config_file_and_sends_codes_to_the_sms_gateway() {
+    let (gateway, posts) = sms_gateway();
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config_dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{{dir}}\"\nlisten_ws = \"127.0.0.1:0\"\nlisten_admin = \"127.0.0.1:0\"\n\
+             sms_gateway_url = \"{gateway}\"\nsms_gateway_token = \"sekrit\"\ndevice_rate = 1000\n"
+        ),
+    )
+    .unwrap();
+    // The harness replaces {dir} in arguments, not in files: pass the data dir as a flag too,
+    // which also shows that flags override the file.
+    let node = TestNode::start_args(vec![
+        "run".into(),
+        "--config".into(),
+        config.to_string_lossy().into_owned(),
+        "--data-dir".into(),
+        "{dir}".into(),
+    ]);
+    assert!(
+        node.wss.is_empty() && node.quic.is_empty(),
+        "only the configured listeners"
+    );
+
+    let mut devices = Vec::new();
+    for phone in [ALICE, BOB] {
+        let client = Client::connect(ClientConfig::new(node.ws.clone()))
+            .await
+            .unwrap();
+        client.register_request(phone).await.unwrap();
+        let body = posts
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the gateway got a POST");
+        assert!(body.contains(&format!("\"to\":\"+{phone}\"")), "{body}");
+        client
+            .register_verify(phone, &code_from(&body), "", "phone")
+            .await
+            .unwrap();
+        devices.push(client);
+    }
+    let ack = devices[0]
+        .send(BOB, msg_id(1), vec![to_device(BOB, 1, "via run")])
+        .await
+        .unwrap();
+    assert_eq!(ack.status, SendStatus::Ok);
+    assert_eq!(&next_message(&devices[1]).await.body[..], b"via run");
+}
+
+#[tokio::test]
+async fn run_mode_refuses_an_incomplete_configuration() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringpost-node"))
+        .args(["run", "--listen-quic", "127.0.0.1:0", "--codes-to-log"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--tls-cert"), "{err}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringpost-node"))
+        .args(["run", "--listen-ws", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--sms-gateway-url"));
+}
+
+#[tokio::test]
+async fn silent_connections_are_reaped_and_pinging_ones_kept() {
+    let node = TestNode::start_with(&["--idle-timeout-ms", "1500", "--ping-interval-ms", "500"]);
+    let endpoint = Endpoint::parse(&node.ws).unwrap();
+    let mut silent = Connection::open(&endpoint, &TlsOptions::default())
+        .await
+        .unwrap();
+    let mut chatty = Connection::open(&endpoint, &TlsOptions::default())
+        .await
+        .unwrap();
+    for c in [&mut silent, &mut chatty] {
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            auth: None,
+            user_agent: "t".into(),
+        };
+        c.send(&Frame::new(1, hello)).await.unwrap();
+        match c.recv().await.unwrap().unwrap().body {
+            Body::Welcome(w) => assert_eq!((w.ping_interval_ms, w.idle_timeout_ms), (500, 1500)),
+            other => panic!("{other:?}"),
+        }
+    }
+    // The chatty one pings every 400 ms for 10 s; the silent one must be closed meanwhile.
+    let mut silent_closed = false;
+    for n in 0..25u64 {
+        chatty
+            .send(&Frame::new(2, ringpost_wire::Ping { nonce: n }))
+            .await
+            .unwrap();
+        assert!(matches!(
+            chatty.recv().await.unwrap().unwrap().body,
+            Body::Pong(_)
+        ));
+        if !silent_closed {
+            silent_closed = matches!(
+                tokio::time::timeout(Duration::from_millis(400), silent.recv()).await,
+                Ok(Ok(None)) | Ok(Err(_))
+            );
+        } else {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+    }
+    assert!(silent_closed, "a silent connection is reaped");
+    let (_, metrics) = node.admin_get("/metrics");
+    assert!(
+        metrics.contains("ringpost_connections{transport=\"ws\"} 1"),
+        "{metrics}"
+    );
+}
