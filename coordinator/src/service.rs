@@ -1,0 +1,289 @@
+//! What a replica does with each client request, independent of the listener: proposals through
+//! Raft, leader checks, linearizable reads, `init`, and the failure-detector driver.
+//!
+//! Writes go through `Raft::client_write` on this replica; a follower answers
+//! [`ErrorCode::NotLeader`] with the leader's client address, and the client retries there (the
+//! client follows hints; replicas never forward).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
+use openraft::ServerState;
+use tokio::sync::watch;
+
+use crate::detector::FailureDetector;
+use crate::protocol::{ErrorCode, InitSpec, LeaderHint, WireError, MAX_REPLICAS};
+use crate::raft_types::{Raft, RaftNode};
+use crate::state::{ApplyOutcome, Command};
+use crate::types::{
+    ClusterView, HeartbeatAck, MemberState, NodeId, NodeInfo, ReplicaInfo, StatusReport,
+    MAX_ADDRESS_BYTES,
+};
+
+/// How long `init` waits for the new cluster to elect a leader.
+const INIT_LEADER_WAIT: Duration = Duration::from_secs(10);
+/// Failure-detector tick before `init` (nothing to watch yet).
+const IDLE_TICK: Duration = Duration::from_millis(200);
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Shared by the client listener, the detector driver and the [`crate::Coordinator`] handle.
+#[derive(Clone)]
+pub(crate) struct Service {
+    pub(crate) raft: Raft,
+    pub(crate) me: ReplicaInfo,
+    pub(crate) views: watch::Receiver<Option<Arc<ClusterView>>>,
+    pub(crate) detector: Arc<Mutex<FailureDetector>>,
+}
+
+impl Service {
+    fn view_now(&self) -> Result<Arc<ClusterView>, WireError> {
+        self.views
+            .borrow()
+            .clone()
+            .ok_or_else(|| WireError::new(ErrorCode::NotInitialized, "cluster not initialized"))
+    }
+
+    fn leader_hint(&self, leader: Option<NodeId>, node: Option<&RaftNode>) -> WireError {
+        match (leader, node) {
+            (Some(id), Some(n)) if id != self.me.replica_id => WireError {
+                code: ErrorCode::NotLeader,
+                message: format!(
+                    "replica {} is not the leader; leader is {id}",
+                    self.me.replica_id
+                ),
+                leader: Some(LeaderHint {
+                    replica_id: id,
+                    client_addr: n.client_addr.clone(),
+                }),
+            },
+            _ => WireError::new(ErrorCode::NoLeader, "no leader known; retry"),
+        }
+    }
+
+    /// The leader as this replica knows it, without a round trip.
+    fn not_leader(&self) -> Option<WireError> {
+        let m = self.raft.metrics().borrow().clone();
+        if m.state == ServerState::Leader {
+            return None;
+        }
+        let node = m
+            .current_leader
+            .and_then(|id| m.membership_config.membership().get_node(&id).cloned());
+        Some(self.leader_hint(m.current_leader, node.as_ref()))
+    }
+
+    /// Proposes a command; `Ok` once applied on this (leader) replica.
+    pub(crate) async fn write(&self, cmd: Command) -> Result<Arc<ClusterView>, WireError> {
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => match resp.data {
+                ApplyOutcome::Applied { .. } | ApplyOutcome::Nothing => self.view_now(),
+                ApplyOutcome::Refused(e) => Err(e.into()),
+            },
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(self.leader_hint(f.leader_id, f.leader_node.as_ref()))
+            }
+            Err(RaftError::APIError(e)) => Err(WireError::new(ErrorCode::Internal, e.to_string())),
+            Err(RaftError::Fatal(e)) => Err(WireError::new(ErrorCode::ShuttingDown, e.to_string())),
+        }
+    }
+
+    /// Linearizable read of the view (leader only).
+    pub(crate) async fn read_view(&self) -> Result<Arc<ClusterView>, WireError> {
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => self.view_now(),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(self.leader_hint(f.leader_id, f.leader_node.as_ref()))
+            }
+            Err(RaftError::APIError(e)) => Err(WireError::new(ErrorCode::NoLeader, e.to_string())),
+            Err(RaftError::Fatal(e)) => Err(WireError::new(ErrorCode::ShuttingDown, e.to_string())),
+        }
+    }
+
+    pub(crate) async fn join(&self, info: NodeInfo) -> Result<Arc<ClusterView>, WireError> {
+        info.validate()
+            .map_err(|m| WireError::new(ErrorCode::InvalidRequest, m))?;
+        let node_id = info.node_id;
+        let view = self
+            .write(Command::Join {
+                info,
+                at_ms: now_ms(),
+            })
+            .await?;
+        self.record_heartbeat(node_id);
+        Ok(view)
+    }
+
+    fn record_heartbeat(&self, node_id: NodeId) {
+        if let Ok(mut d) = self.detector.lock() {
+            d.handle_heartbeat(node_id, Instant::now());
+        }
+    }
+
+    /// A node heartbeat. Leader only (cheap check, no quorum round): a deposed leader that does
+    /// not know it yet may record it, which at worst delays a `down` by one timeout.
+    pub(crate) async fn heartbeat(&self, node_id: NodeId) -> Result<HeartbeatAck, WireError> {
+        if let Some(e) = self.not_leader() {
+            return Err(e);
+        }
+        let view = self.view_now()?;
+        let member = view.member(node_id).ok_or_else(|| {
+            WireError::new(ErrorCode::UnknownNode, format!("unknown node {node_id}"))
+        })?;
+        self.record_heartbeat(node_id);
+        if member.state != MemberState::Down {
+            return Ok(HeartbeatAck {
+                state: member.state,
+                epoch: view.epoch,
+            });
+        }
+        tracing::info!(node_id, "down node heartbeated: reviving as joining");
+        let view = self
+            .write(Command::Revive {
+                node_id,
+                at_ms: now_ms(),
+            })
+            .await?;
+        let state = view.member(node_id).map_or(MemberState::Down, |m| m.state);
+        Ok(HeartbeatAck {
+            state,
+            epoch: view.epoch,
+        })
+    }
+
+    pub(crate) fn status(&self) -> StatusReport {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let replicas = membership
+            .nodes()
+            .filter(|(id, _)| voters.contains(id))
+            .map(|(id, n)| ReplicaInfo {
+                replica_id: *id,
+                raft_addr: n.raft_addr.clone(),
+                client_addr: n.client_addr.clone(),
+            })
+            .collect();
+        StatusReport {
+            replica: self.me.clone(),
+            raft_role: match m.state {
+                ServerState::Leader => "leader",
+                ServerState::Follower => "follower",
+                ServerState::Candidate => "candidate",
+                ServerState::Learner => "learner",
+                ServerState::Shutdown => "shutdown",
+            }
+            .to_owned(),
+            term: m.current_term,
+            leader_id: m.current_leader,
+            last_log_index: m.last_log_index,
+            last_applied_index: m.last_applied.map(|l| l.index),
+            replicas,
+            view: self.views.borrow().as_deref().cloned(),
+        }
+    }
+
+    /// Creates the cluster: initializes Raft with the replica set (if not yet), waits for a
+    /// leader, and proposes the cluster config. Safe to repeat with the same spec.
+    pub(crate) async fn init(&self, spec: InitSpec) -> Result<Arc<ClusterView>, WireError> {
+        let invalid = |m: String| WireError::new(ErrorCode::InvalidRequest, m);
+        spec.config.validate()?;
+        if spec.replicas.is_empty() || spec.replicas.len() > MAX_REPLICAS {
+            return Err(invalid(format!(
+                "replica set must have 1..={MAX_REPLICAS} replicas"
+            )));
+        }
+        let mut nodes = BTreeMap::new();
+        for r in &spec.replicas {
+            if r.raft_addr.len() > MAX_ADDRESS_BYTES || r.client_addr.len() > MAX_ADDRESS_BYTES {
+                return Err(invalid("replica address too long".into()));
+            }
+            let node = RaftNode {
+                raft_addr: r.raft_addr.clone(),
+                client_addr: r.client_addr.clone(),
+            };
+            if nodes.insert(r.replica_id, node).is_some() {
+                return Err(invalid(format!("replica id {} listed twice", r.replica_id)));
+            }
+        }
+        if !nodes.contains_key(&self.me.replica_id) {
+            return Err(invalid(format!(
+                "replica set does not include the replica asked ({})",
+                self.me.replica_id
+            )));
+        }
+        match self.raft.initialize(nodes).await {
+            Ok(()) => tracing::info!(replicas = spec.replicas.len(), "raft initialized"),
+            // Already initialized (a retry, or another replica went first): carry on.
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+            Err(RaftError::APIError(e)) => return Err(invalid(e.to_string())),
+            Err(RaftError::Fatal(e)) => {
+                return Err(WireError::new(ErrorCode::ShuttingDown, e.to_string()))
+            }
+        }
+        let _ = self
+            .raft
+            .wait(Some(INIT_LEADER_WAIT))
+            .metrics(|m| m.current_leader.is_some(), "a leader")
+            .await;
+        self.write(Command::Init(spec.config)).await
+    }
+}
+
+/// Runs the failure detector until `shutdown`: on the leader, proposes `mark_down` for members
+/// silent for longer than the view's timeout.
+pub(crate) async fn run_failure_detector(svc: Service, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let tick = svc.views.borrow().as_ref().map_or(IDLE_TICK, |v| {
+            Duration::from_millis((v.heartbeat_interval_ms / 2).max(5))
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(tick) => {}
+            _ = crate::service::stopped(&mut shutdown) => return,
+        }
+        let (state, term) = {
+            let m = svc.raft.metrics();
+            let m = m.borrow();
+            (m.state, m.current_term)
+        };
+        let Some(view) = svc.views.borrow().clone() else {
+            continue;
+        };
+        let expired = {
+            let Ok(mut d) = svc.detector.lock() else {
+                return;
+            };
+            if state != ServerState::Leader {
+                d.handle_step_down();
+                continue;
+            }
+            d.poll_expired(term, &view, Instant::now())
+        };
+        if expired.is_empty() {
+            continue;
+        }
+        tracing::warn!(nodes = ?expired, "nodes missed heartbeats: marking down");
+        match svc
+            .write(Command::MarkDown {
+                node_ids: expired,
+                at_ms: now_ms(),
+            })
+            .await
+        {
+            Ok(v) => tracing::info!(epoch = v.epoch, "marked down"),
+            Err(e) => tracing::warn!(error = %e, "mark_down not committed"),
+        }
+    }
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone).
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}

@@ -1,0 +1,230 @@
+//! The real binary: three `run` processes on 127.0.0.1:0, `init`, and `ctl`, all killed on drop.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use ringpost_coordinator::{ClusterSecret, CoordinatorClient, NodeInfo};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ringpost-coordinator");
+const SECRET: &str = "cli-binary-test-secret-0123";
+
+/// A replica process, killed when dropped.
+struct Replica {
+    child: Child,
+    client_addr: SocketAddr,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn bin() -> Command {
+    let mut c = Command::new(BIN);
+    // Nothing from the environment of the test runner leaks in.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("RINGPOST_COORD_") {
+            c.env_remove(k);
+        }
+    }
+    c.env("RINGPOST_COORD_LOG", "warn");
+    c
+}
+
+fn start_replica(id: u64, dir: &Path) -> Replica {
+    let mut child = bin()
+        .args(["run", "--replica-id", &id.to_string()])
+        .arg("--data-dir")
+        .arg(dir)
+        .args([
+            "--raft-listen",
+            "127.0.0.1:0",
+            "--client-listen",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--election-timeout-min-ms",
+            "300",
+            "--election-timeout-max-ms",
+            "600",
+        ])
+        .env("RINGPOST_COORD_SECRET", SECRET)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn replica");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut replica = Replica {
+        child,
+        client_addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+    };
+    let mut raft = None;
+    while raft.is_none() || replica.client_addr.port() == 0 {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("replica printed its listening addresses");
+        if let Some(a) = line.strip_prefix("listening raft ") {
+            raft = Some(a.parse::<SocketAddr>().unwrap());
+        } else if let Some(a) = line.strip_prefix("listening client ") {
+            replica.client_addr = a.parse().unwrap();
+        }
+    }
+    replica
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = cmd.output().expect("run binary");
+    let (out, err) = (
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    );
+    assert!(
+        status.success(),
+        "{cmd:?} failed: {status}\nstdout:\n{out}\nstderr:\n{err}"
+    );
+    out
+}
+
+#[test]
+fn init_run_and_ctl_with_three_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let replicas: Vec<Replica> = (1..=3)
+        .map(|id| start_replica(id, &dir.path().join(format!("r{id}"))))
+        .collect();
+    let addrs: Vec<String> = replicas.iter().map(|r| r.client_addr.to_string()).collect();
+
+    // init with flags.
+    let out = run_ok(
+        bin()
+            .args(["init", "--secret", SECRET, "--shard-count", "64"])
+            .args(["--coordinator", &addrs.join(",")])
+            .args(["--cluster-id", "cli-test"]),
+    );
+    assert!(
+        out.contains("initialized cluster cli-test with 3 replicas"),
+        "{out}"
+    );
+
+    // ctl status with options from a config file.
+    let config = dir.path().join("coord.toml");
+    std::fs::write(
+        &config,
+        format!("secret = \"{SECRET}\"\ncoordinator = {addrs:?}\n"),
+    )
+    .unwrap();
+    let out = run_ok(bin().args(["ctl", "--config"]).arg(&config).arg("status"));
+    assert_eq!(out.matches("replica ").count(), 3, "{out}");
+    assert_eq!(
+        out.matches(": leader,").count(),
+        1,
+        "exactly one leader:\n{out}"
+    );
+    assert!(out.contains("cluster cli-test: epoch 0"), "{out}");
+    assert!(out.contains("shards 64"), "{out}");
+
+    // A node joins through the library client; ctl sees it and drains it.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = CoordinatorClient::connect(
+            replicas.iter().map(|r| r.client_addr).collect(),
+            ClusterSecret::new(SECRET).unwrap(),
+        )
+        .await
+        .unwrap();
+        client.join(NodeInfo::new(7)).await.unwrap();
+        client.activate(7).await.unwrap();
+    });
+    let out = run_ok(bin().args(["ctl", "--config"]).arg(&config).arg("members"));
+    assert!(out.contains("epoch 1"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains(" 7 ") && l.contains("active")),
+        "{out}"
+    );
+
+    // Secret from the environment, one replica only (a follower, most likely: hints are followed).
+    let out = run_ok(bin().env("RINGPOST_COORD_SECRET", SECRET).args([
+        "ctl",
+        "--coordinator",
+        &addrs[2],
+        "drain",
+        "7",
+    ]));
+    assert!(
+        out.lines()
+            .any(|l| l.contains(" 7 ") && l.contains("draining")),
+        "{out}"
+    );
+    assert!(out.contains("epoch 2"), "{out}");
+    let out = run_ok(bin().env("RINGPOST_COORD_SECRET", SECRET).args([
+        "ctl",
+        "--json",
+        "--coordinator",
+        &addrs[1],
+        "remove",
+        "7",
+    ]));
+    let view: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(view["members"].as_array().map(Vec::len), Some(0), "{out}");
+
+    // Wrong secret: a clean error, no panic.
+    let out = bin()
+        .args([
+            "ctl",
+            "--secret",
+            "wrong-secret-0123456789",
+            "--coordinator",
+            &addrs[0],
+            "members",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("authentication failed"), "{err}");
+
+    // Unknown config keys are refused.
+    std::fs::write(&config, "secrett = \"x\"\n").unwrap();
+    let out = bin()
+        .args(["ctl", "--config"])
+        .arg(&config)
+        .arg("status")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown option `secrett`"));
+}
+
+#[test]
+fn help_prints_defaults() {
+    let out = run_ok(bin().args(["run", "--help"]));
+    for needle in [
+        "[default: 0.0.0.0:7400]",
+        "[default: 0.0.0.0:7401]",
+        "[env: RINGPOST_COORD_REPLICA_ID=]",
+        "[default: 1000]",
+    ] {
+        assert!(out.contains(needle), "missing {needle} in:\n{out}");
+    }
+    let out = run_ok(bin().args(["init", "--help"]));
+    assert!(out.contains("[default: 4096]"), "{out}");
+}
