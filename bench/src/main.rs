@@ -30,5 +30,8 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    anyhow::bail!("`ringpost-bench {:?}` is not available in this build yet", cli.command)
+    anyhow::bail!(
+        "`ringpost-bench {:?}` is not available in this build yet",
+        cli.command
+    )
 }

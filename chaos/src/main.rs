@@ -28,5 +28,8 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    anyhow::bail!("`ringpost-chaos {:?}` is not available in this build yet", cli.command)
+    anyhow::bail!(
+        "`ringpost-chaos {:?}` is not available in this build yet",
+        cli.command
+    )
 }

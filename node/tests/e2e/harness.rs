@@ -1,7 +1,7 @@
 //! A real `ringpost-node dev` process on loopback ports picked by the kernel, killed on drop.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -130,10 +130,6 @@ impl TestNode {
         self.dir.path().join("tls").join("ca.pem")
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
     /// SIGKILL: no shutdown path runs.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -143,6 +139,8 @@ impl TestNode {
     }
 
     /// SIGTERM, then wait for a graceful exit; returns whether it exited successfully.
+    /// Blocking: call it from a blocking thread.
+    #[allow(clippy::disallowed_methods)] // a plain thread polling a child process
     pub fn terminate(&mut self) -> bool {
         let Some(mut c) = self.child.take() else {
             return false;
@@ -166,10 +164,6 @@ impl TestNode {
     pub fn restart(&mut self) {
         self.kill9();
         self.spawn();
-    }
-
-    pub fn data_dir(&self) -> &Path {
-        self.dir.path()
     }
 
     /// GET on the admin port; returns (status, body).
