@@ -10,6 +10,7 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod cluster;
 pub mod conn;
 pub mod inbox;
 pub mod keys;

@@ -37,8 +37,9 @@ enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// One self-contained node for development: data in ./data, a generated dev CA and
-    /// certificate, verification codes written to the log and to DATA_DIR/verification-codes.txt.
+    /// One self-contained node for development: an embedded single-member coordinator, data in
+    /// ./data, a generated dev CA and certificate, verification codes written to the log and to
+    /// DATA_DIR/verification-codes.txt.
     Dev(DevArgs),
     /// A node for real traffic: TLS certificate and SMS gateway from configuration. Options come
     /// from flags, RINGPOST_* environment variables and `--config node.toml`. (Until the
@@ -194,6 +195,7 @@ fn node_options(common: Common) -> NodeOptions {
     };
     NodeOptions {
         codes: CodeDelivery::Log { file: None },
+        embedded_coordinator: false,
         data_dir: common.data_dir,
         listen_ws: None,
         listen_wss: None,
@@ -215,6 +217,7 @@ fn dev_options(args: DevArgs) -> NodeOptions {
     opts.listen_wss = Some(args.listen_wss);
     opts.listen_quic = Some(args.listen_quic);
     opts.listen_admin = Some(args.listen_admin);
+    opts.embedded_coordinator = true;
     opts
 }
 
@@ -259,6 +262,7 @@ async fn serve(opts: NodeOptions) -> Result<()> {
         CodeDelivery::Log { file } => file.clone(),
         CodeDelivery::Http(_) => None,
     };
+    let signals = Signals::register()?;
     let node = Node::start(opts).await?;
     // Machine-readable lines (tests and scripts parse them), then a human summary.
     let b = &node.bound;
@@ -285,29 +289,41 @@ async fn serve(opts: NodeOptions) -> Result<()> {
         ),
         None => println!("ringpost node ready; data in {}", data_dir.display()),
     }
-    wait_for_signal().await;
+    signals.wait().await;
     node.shutdown().await;
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// SIGTERM and SIGINT, registered before the node says it is ready, so a signal sent right
+/// after the ready line is handled gracefully rather than killing the process.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = match signal(SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn register() -> Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals {
+                term: signal(SignalKind::terminate()).context("registering SIGTERM")?,
+                int: signal(SignalKind::interrupt()).context("registering SIGINT")?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(Signals {})
     }
-    #[cfg(not(unix))]
-    {
+
+    async fn wait(mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -50,6 +50,8 @@ pub struct NodeOptions {
     pub rocks: RocksConfig,
     /// How verification codes reach users.
     pub codes: CodeDelivery,
+    /// Run a single-replica coordinator in this process and join it (dev).
+    pub embedded_coordinator: bool,
 }
 
 /// How verification codes are delivered.
@@ -77,6 +79,7 @@ pub struct Node {
     pub ca: Option<PathBuf>,
     tasks: JoinSet<()>,
     quic: Option<quinn::Endpoint>,
+    cluster: Option<crate::cluster::ClusterLink>,
 }
 
 impl Node {
@@ -176,12 +179,25 @@ impl Node {
             tasks.spawn(crate::admin::serve(l, server.clone()));
         }
         tasks.spawn(housekeeping(server.clone()));
+        let cluster = if opts.embedded_coordinator {
+            let link = crate::cluster::ClusterLink::start_embedded(
+                &opts.data_dir,
+                opts.server.node_id,
+                &bound,
+                server.clone(),
+            )
+            .await?;
+            Some(link)
+        } else {
+            None
+        };
         Ok(Node {
             server,
             bound,
             ca,
             tasks,
             quic: endpoint,
+            cluster,
         })
     }
 
@@ -203,6 +219,9 @@ impl Node {
             let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
         }
         while self.tasks.join_next().await.is_some() {}
+        if let Some(cluster) = self.cluster.take() {
+            cluster.shutdown().await;
+        }
         info!(left = self.server.registry.len(), "shutdown complete");
     }
 }

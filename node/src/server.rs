@@ -111,6 +111,11 @@ impl Server {
         self.epoch.load(Relaxed)
     }
 
+    /// The coordinator committed a new ring epoch.
+    pub fn set_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Relaxed);
+    }
+
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Relaxed)
     }
