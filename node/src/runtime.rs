@@ -54,6 +54,49 @@ pub struct NodeOptions {
     pub embedded_coordinator: bool,
 }
 
+/// Accept queue of each TCP listener (the kernel caps it at `net.core.somaxconn`). A reconnect
+/// storm arrives faster than one accept loop drains it; with the default of 128 the kernel
+/// drops the excess SYNs and clients stall for a 1 s retransmission. Costs nothing until used.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Receive and send buffer asked for on the QUIC UDP socket (the kernel caps it at
+/// `net.core.rmem_max` / `wmem_max`). Every QUIC client shares this one socket, so a handshake
+/// burst overflows the default ~208 KiB and the dropped datagrams cost retransmission timeouts.
+pub const QUIC_SOCKET_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+
+fn listen_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+fn quic_endpoint(
+    config: quinn::ServerConfig,
+    addr: SocketAddr,
+) -> std::io::Result<quinn::Endpoint> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    // Best effort: a smaller buffer than asked for still works.
+    let _ = socket.set_recv_buffer_size(QUIC_SOCKET_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(QUIC_SOCKET_BUFFER_BYTES);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        socket.into(),
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
 /// How verification codes are delivered.
 #[derive(Debug, Clone)]
 pub enum CodeDelivery {
@@ -144,16 +187,12 @@ impl Node {
         let mut tasks = JoinSet::new();
         let mut bound = Bound::default();
         if let Some(addr) = opts.listen_ws {
-            let l = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding ws {addr}"))?;
+            let l = listen_tcp(addr).with_context(|| format!("binding ws {addr}"))?;
             bound.ws = Some(l.local_addr()?);
             tasks.spawn(accept_ws(l, None, server.clone()));
         }
         if let Some(addr) = opts.listen_wss {
-            let l = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding wss {addr}"))?;
+            let l = listen_tcp(addr).with_context(|| format!("binding wss {addr}"))?;
             bound.wss = Some(l.local_addr()?);
             let config = tls::server_config(&cert, &[], false)?;
             let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
@@ -165,16 +204,13 @@ impl Node {
                 &cert,
                 Duration::from_millis(u64::from(opts.server.keepalive.idle_timeout_ms)),
             )?;
-            let ep = quinn::Endpoint::server(config, addr)
-                .with_context(|| format!("binding quic {addr}"))?;
+            let ep = quic_endpoint(config, addr).with_context(|| format!("binding quic {addr}"))?;
             bound.quic = Some(ep.local_addr()?);
             tasks.spawn(accept_quic(ep.clone(), server.clone()));
             endpoint = Some(ep);
         }
         if let Some(addr) = opts.listen_admin {
-            let l = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding admin {addr}"))?;
+            let l = listen_tcp(addr).with_context(|| format!("binding admin {addr}"))?;
             bound.admin = Some(l.local_addr()?);
             tasks.spawn(crate::admin::serve(l, server.clone()));
         }
