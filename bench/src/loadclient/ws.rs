@@ -1,0 +1,151 @@
+//! WebSocket (plain or TLS) on the wire crate's sans-IO codec: the upgrade handshake, then one
+//! binary message per frame. Generic over the byte stream so `ws://` (a TCP half) and `wss://`
+//! (a TLS half) share every line.
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::{Bytes, BytesMut};
+use ringpost_wire::limits::FRAME_BYTES_MAX;
+use ringpost_wire::ws::{self, Decoder, Message, OpCode, Role};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Bytes reserved for each read. The reserve stays with the connection while it waits, so this
+/// is the load generator's own per-connection read cost (100k connections: 800 MiB across the
+/// workers); the node's memory, which is what is measured, does not depend on it.
+pub const READ_RESERVE_BYTES: usize = 8 * 1024;
+
+/// The upgrade handshake on `io`: send the request, read until the `101` answer is complete.
+/// Returns the bytes read past the answer (frames the node sent right away).
+pub async fn handshake<S>(io: &mut S, host: &str, path: &str, key: [u8; 16]) -> Result<BytesMut>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    io.write_all(&ws::client_request(host, path, key)).await?;
+    let mut buf = BytesMut::with_capacity(1024);
+    loop {
+        if let Some(consumed) = ws::parse_response(&buf, key)? {
+            let _ = buf.split_to(consumed);
+            return Ok(buf);
+        }
+        if buf.len() > ws::HANDSHAKE_HEAD_BYTES_MAX {
+            bail!(
+                "WebSocket handshake answer longer than {} bytes",
+                ws::HANDSHAKE_HEAD_BYTES_MAX
+            );
+        }
+        buf.reserve(1024);
+        if io.read_buf(&mut buf).await? == 0 {
+            bail!("connection closed during the WebSocket handshake");
+        }
+    }
+}
+
+/// The reading half: whole frames out of WebSocket binary messages.
+pub struct WsReader<R> {
+    io: R,
+    buf: BytesMut,
+    decoder: Decoder,
+    closed: bool,
+}
+
+impl<R: AsyncRead + Unpin> WsReader<R> {
+    pub fn new(io: R, leftover: BytesMut) -> Self {
+        WsReader {
+            io,
+            buf: leftover,
+            decoder: Decoder::new(Role::Client, FRAME_BYTES_MAX),
+            closed: false,
+        }
+    }
+
+    /// The next frame already read, without waiting. `Ok(None)`: none is complete yet.
+    pub fn buffered(&mut self) -> Result<Option<Bytes>> {
+        loop {
+            if self.closed {
+                return Ok(None);
+            }
+            match self
+                .decoder
+                .decode(&mut self.buf)
+                .map_err(|e| anyhow!("WebSocket: {e}"))?
+            {
+                Some(Message::Binary(frame)) => return Ok(Some(frame)),
+                // The node answers pings itself and sends none; nothing to do for either.
+                Some(Message::Ping(_) | Message::Pong(_)) => continue,
+                Some(Message::Close { .. }) => {
+                    self.closed = true;
+                    return Ok(None);
+                }
+                Some(Message::Text(_)) => bail!("the node sent a text message"),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// The next frame; `Ok(None)` once the node closed. Cancel-safe: a read either lands in the
+    /// buffer or does not happen.
+    pub async fn next(&mut self) -> Result<Option<Bytes>> {
+        loop {
+            if let Some(frame) = self.buffered()? {
+                return Ok(Some(frame));
+            }
+            if self.closed {
+                return Ok(None);
+            }
+            self.buf.reserve(READ_RESERVE_BYTES);
+            let n = self.io.read_buf(&mut self.buf).await.context("read")?;
+            if n == 0 {
+                self.closed = true;
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// The writing half: frames are masked into one buffer and written together.
+pub struct WsWriter<W> {
+    io: W,
+    out: BytesMut,
+    /// State of the masking-key generator (xorshift64*): RFC 6455 wants unpredictable keys to
+    /// protect proxies from browsers' scripts; a load generator talking to its own node only
+    /// needs them to vary.
+    mask_state: u64,
+}
+
+impl<W: AsyncWrite + Unpin> WsWriter<W> {
+    pub fn new(io: W, seed: u64) -> Self {
+        WsWriter {
+            io,
+            out: BytesMut::new(),
+            mask_state: seed | 1,
+        }
+    }
+
+    fn next_mask(&mut self) -> [u8; 4] {
+        let mut x = self.mask_state;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.mask_state = x;
+        let v = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        ((v >> 32) as u32).to_ne_bytes()
+    }
+
+    /// Queues one encoded frame as a binary message.
+    pub fn push(&mut self, frame: &[u8]) {
+        let mask = self.next_mask();
+        ws::encode_frame(OpCode::Binary, frame, Some(mask), &mut self.out);
+    }
+
+    /// Writes everything queued.
+    pub async fn flush(&mut self) -> Result<()> {
+        if !self.out.is_empty() {
+            self.io.write_all(&self.out).await.context("write")?;
+            self.io.flush().await.context("flush")?;
+            self.out.clear();
+        }
+        if self.out.capacity() > 64 * 1024 {
+            self.out = BytesMut::new();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,456 @@
+//! `chat`: 1:1 pairs, both devices of a pair sending to each other, at a fixed offered rate
+//! (open loop: each sender has a schedule, and latency counts from when a message was due, so
+//! a stall shows up in full rather than hiding behind the sends it delayed), or saturating with
+//! a bounded window of sends awaiting their `SendAck` per device.
+//!
+//! Figures: send → deliver latency (HDR: p50, p99, p999, max), `SendAck` latency, delivered
+//! msgs/s over the measured window (after the warm-up), and errors, including messages the
+//! node acknowledged that never arrived.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::idle::round2;
+use super::{device, join_all, Merged, Mode, SendPlan, SeriesOf, Shared, SERIES_INTERVAL_MS};
+use crate::report::Report;
+use crate::run::{self, Common, Setup};
+use crate::stats::Percentiles;
+use crate::worker::{Fleet, WorkerCtx, DONE, PROGRESS_INTERVAL};
+
+/// Delay between the go-ahead and the first send, so every worker starts on its schedule.
+pub const START_DELAY: Duration = Duration::from_millis(100);
+
+/// Pause after telling devices to stop sending before counting what is still in flight.
+pub const DRAIN_GRACE: Duration = Duration::from_millis(100);
+
+/// `chat` options.
+#[derive(clap::Args, Debug, Clone, Serialize)]
+pub struct Args {
+    /// Pairs of devices (each pair is two connections sending to each other).
+    #[arg(long, default_value_t = 100)]
+    pub pairs: usize,
+    /// Offered messages per second, all senders together; 0: saturate (each device keeps
+    /// --window sends in flight).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Sends awaiting their SendAck per device, at most.
+    #[arg(long, default_value_t = 16)]
+    pub window: usize,
+    /// Ciphertext bytes per message (at least 16: the bench's timestamp header).
+    #[arg(long, default_value_t = 128)]
+    pub msg_bytes: usize,
+    /// Seconds of sending before measuring starts.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// Seconds measured.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Seconds to wait after sending stops for every acknowledged message to arrive.
+    #[arg(long, default_value_t = 10.0)]
+    pub drain_timeout: f64,
+}
+
+/// A `chat` worker's parameters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Spec {
+    /// Messages per second per sending device; 0: saturate.
+    pub rate_per_sender: f64,
+    pub window: usize,
+    pub msg_bytes: usize,
+    pub warmup_s: f64,
+    pub duration_s: f64,
+    pub drain_timeout_s: f64,
+    /// This worker's first sender among all senders, and their number (spreads schedules).
+    pub first_sender: usize,
+    pub senders_total: usize,
+}
+
+pub async fn worker(ctx: &mut WorkerCtx, spec: Spec) -> Result<Value> {
+    let sh = Shared::new(
+        ctx.connector.clone(),
+        ctx.spec.connect_concurrency,
+        SeriesOf::Deliveries,
+        Duration::from_millis(SERIES_INTERVAL_MS),
+    );
+    let (mode_tx, mode_rx) = watch::channel(Mode::Hold);
+    let interval =
+        (spec.rate_per_sender > 0.0).then(|| Duration::from_secs_f64(1.0 / spec.rate_per_sender));
+    let accounts = ctx.accounts.clone();
+    if !accounts.len().is_multiple_of(2) {
+        bail!("chat needs whole pairs");
+    }
+    let mut tasks = Vec::with_capacity(accounts.len());
+    for (i, me) in accounts.iter().enumerate() {
+        let peer = &accounts[i ^ 1];
+        let global = spec.first_sender + i;
+        let offset = interval.map_or(Duration::ZERO, |iv| {
+            iv.mul_f64(global as f64 / spec.senders_total.max(1) as f64)
+        });
+        let plan = SendPlan {
+            to: vec![(peer.user, peer.device)],
+            interval,
+            offset,
+            window: spec.window.max(1),
+            limit: None,
+            msg_bytes: spec.msg_bytes,
+        };
+        tasks.push(tokio::spawn(device(
+            sh.clone(),
+            me.clone(),
+            Some(plan),
+            global as u32,
+            0,
+            mode_rx.clone(),
+        )));
+    }
+    let n = accounts.len() as u64;
+    super::report_progress(
+        ctx,
+        &sh,
+        |s| s.counters.connected.load(Relaxed),
+        |s| s.counters.connected.load(Relaxed) + s.counters.connect_failed.load(Relaxed) >= n,
+    )
+    .await;
+    ctx.phase("connected", json!({})).await?;
+
+    let start = Instant::now() + START_DELAY;
+    let start_ns = sh.ns_of(start);
+    let from_ns = start_ns + (spec.warmup_s * 1e9) as u64;
+    let to_ns = from_ns + (spec.duration_s * 1e9) as u64;
+    sh.recorder
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .set_window(start_ns, from_ns, to_ns);
+    let _ = mode_tx.send(Mode::Send { start });
+    let end = start + Duration::from_secs_f64(spec.warmup_s + spec.duration_s);
+    while Instant::now() < end {
+        ctx.progress(sh.counters.delivered.load(Relaxed), sh.errors());
+        tokio::time::sleep(PROGRESS_INTERVAL.min(end.saturating_duration_since(Instant::now())))
+            .await;
+    }
+    let _ = mode_tx.send(Mode::Drain);
+    // Devices see the mode change a moment later and may send once more meanwhile.
+    tokio::time::sleep(DRAIN_GRACE).await;
+    let drain_end = Instant::now() + Duration::from_secs_f64(spec.drain_timeout_s);
+    loop {
+        let c = &sh.counters;
+        let expected = if ctx.connector.acknowledges_sends() {
+            c.acked_ok.load(Relaxed)
+        } else {
+            c.sent.load(Relaxed)
+        };
+        let settled = c.inflight.load(Relaxed) == 0 && c.delivered.load(Relaxed) >= expected;
+        if settled || Instant::now() >= drain_end {
+            break;
+        }
+        ctx.progress(c.delivered.load(Relaxed), sh.errors());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let drained_s = Instant::now().saturating_duration_since(end).as_secs_f64();
+    let _ = mode_tx.send(Mode::Close);
+    join_all(tasks).await;
+    ctx.connector.close_all();
+    let c = &sh.counters;
+    // Without acknowledgements (core NATS) every message sent should arrive.
+    let expected = if ctx.connector.acknowledges_sends() {
+        c.acked_ok.load(Relaxed)
+    } else {
+        c.sent.load(Relaxed)
+    };
+    let lost = expected.saturating_sub(c.delivered.load(Relaxed));
+    let mut report = sh.report()?;
+    report["lost"] = lost.into();
+    report["drained_s"] = drained_s.into();
+    Ok(report)
+}
+
+pub async fn run(c: &Common, a: &Args) -> Result<Report> {
+    if a.pairs == 0 {
+        bail!("--pairs must be at least 1");
+    }
+    let setup = Setup::new(c).await?;
+    run_with(c, &setup, a).await
+}
+
+/// `chat` against a node (or peer) already set up.
+pub async fn run_with(c: &Common, setup: &Setup, a: &Args) -> Result<Report> {
+    let devices = a.pairs * 2;
+    let accounts = setup.accounts(c, devices).await?;
+    let (workers, in_process) = run::plan_workers(c, devices);
+    let ranges = run::split(devices, workers, 2);
+    let spec_of = |i: usize| {
+        super::Spec::Chat(Spec {
+            rate_per_sender: a.rate / devices as f64,
+            window: a.window,
+            msg_bytes: a.msg_bytes,
+            warmup_s: a.warmup,
+            duration_s: a.duration,
+            drain_timeout_s: a.drain_timeout,
+            first_sender: ranges[i].start,
+            senders_total: devices,
+        })
+    };
+    let specs = setup.specs(
+        c,
+        workers,
+        |i| accounts[ranges[i].clone()].to_vec(),
+        spec_of,
+    );
+    let mut fleet = Fleet::start(specs, in_process).await?;
+    let bar = run::bar(c, "connecting", devices as u64);
+    let b = bar.clone();
+    fleet
+        .wait("connected", &move |done, errors| {
+            b.set_position(done);
+            b.set_message(format!("{errors} errors"));
+        })
+        .await?;
+    bar.finish_and_clear();
+    let before = setup.snapshot().await;
+    let bench_before = run::bench_cpu_ticks(&fleet.pids());
+    fleet.go();
+    let bar = run::bar(c, "chatting", 0);
+    bar.set_length(if a.rate > 0.0 {
+        (a.rate * (a.warmup + a.duration)) as u64
+    } else {
+        0
+    });
+    let b = bar.clone();
+    let datas = fleet
+        .wait(DONE, &move |done, errors| {
+            b.set_position(done);
+            b.set_message(format!("delivered, {errors} errors"));
+        })
+        .await?;
+    bar.finish_and_clear();
+    let after = setup.snapshot().await;
+    let bench_cpu = run::bench_cpu_ticks(&fleet.pids()).saturating_sub(bench_before) as f64
+        / run::CLOCK_TICKS_PER_S
+        / after.at.duration_since(before.at).as_secs_f64().max(1e-9)
+        * 100.0;
+    let merged = Merged::of(&datas)?;
+    let drained_s = datas
+        .iter()
+        .filter_map(|d| d.get("drained_s")?.as_f64())
+        .fold(0.0, f64::max);
+    let mut report = assemble(setup.transport_name(), a, &merged, fleet.len());
+    report.set_row(
+        "drain_s",
+        round2(drained_s),
+        "drain",
+        format!("{drained_s:.2} s after sending stopped"),
+    );
+    server_side(&mut report, &before, &after, Some(bench_cpu));
+    run::probe_disk(setup, &mut report).await;
+    run::finish(c, setup, report, serde_json::to_value(a)?, "send → deliver")
+}
+
+/// The report from the merged worker figures.
+pub fn assemble(transport: &str, a: &Args, m: &Merged, workers: usize) -> Report {
+    let mut r = Report::new("chat", transport, m.get("connected"), m.errors());
+    r.series = m.series.clone();
+    r.series_label = "delivered msgs/s".into();
+    let mode = if a.rate > 0.0 {
+        format!("{:.0} msgs/s offered", a.rate)
+    } else {
+        format!("saturating, window {} per device", a.window)
+    };
+    r.set_row(
+        "pairs",
+        a.pairs,
+        "pairs",
+        format!(
+            "{} ({mode}, {} B messages, {workers} worker(s))",
+            a.pairs, a.msg_bytes
+        ),
+    );
+    if a.rate > 0.0 {
+        r.set("offered_per_s", a.rate);
+    }
+    let delivered_per_s = round2(m.get("delivered_in_window") as f64 / a.duration.max(1e-9));
+    r.set_row(
+        "delivered_per_s",
+        delivered_per_s,
+        "delivered/s",
+        format!(
+            "{delivered_per_s:.0} msgs/s over {:.1} s after {:.1} s warm-up",
+            a.duration, a.warmup
+        ),
+    );
+    r.set_percentiles("latency_ms", "send→deliver", Percentiles::of(&m.latency));
+    r.set_percentiles(
+        "ack_latency_ms",
+        "send→SendAck",
+        Percentiles::of(&m.ack_latency),
+    );
+    r.set_row(
+        "messages",
+        json!({
+            "sent": m.get("sent"),
+            "acked_ok": m.get("acked_ok"),
+            "delivered": m.get("delivered"),
+            "receipts": m.get("receipts"),
+            "stale_delivered": m.get("stale_delivered"),
+            "lost": m.get("lost"),
+        }),
+        "messages",
+        format!(
+            "{} sent, {} acked, {} delivered, {} receipts, {} acked but not delivered within the drain \
+             timeout, {} left over from earlier runs",
+            m.get("sent"),
+            m.get("acked_ok"),
+            m.get("delivered"),
+            m.get("receipts"),
+            m.get("lost"),
+            m.get("stale_delivered")
+        ),
+    );
+    r.set("errors_detail", m.error_detail());
+    if !m.error_codes.is_empty() {
+        r.row("error codes", format!("{:?}", m.error_codes));
+    }
+    if m.error_codes.keys().any(|k| k.starts_with("RateLimited")) {
+        r.row(
+            "hint",
+            "the node's per-device rate limit refused sends: start it with --device-rate 1000000 \
+             --device-burst 1000000 (the bench does not pace itself to it)"
+                .into(),
+        );
+    }
+    if let Some(e) = &m.first_error {
+        r.row("first error", e.clone());
+    }
+    r
+}
+
+/// Server-side figures between two snapshots: its CPU, and its own view of commit and ack
+/// latency (Prometheus buckets: upper bounds).
+pub fn server_side(
+    r: &mut Report,
+    before: &run::Snapshot,
+    after: &run::Snapshot,
+    bench_cpu: Option<f64>,
+) {
+    before.report_drops(after, r);
+    let cpu = before.server_cpu_percent(after);
+    if let Some(cpu) = cpu {
+        let bench = bench_cpu.map_or(String::new(), |b| format!(", load generator {b:.0}%"));
+        r.set_row(
+            "server_cpu_percent",
+            cpu,
+            "CPU",
+            format!("server {cpu:.0}%{bench} (% of one core; the machine has 2, shared)"),
+        );
+    }
+    if let Some(b) = bench_cpu {
+        r.set("bench_cpu_percent", b.round());
+    }
+    if let Some(acc) = before.metric_delta(after, "ringpost_messages_accepted_total") {
+        r.set("server_messages_accepted", acc);
+    }
+    let wal = before.metric_quantile_ms(after, "ringpost_inbox_wal_sync_seconds", 0.99);
+    let wal50 = before.metric_quantile_ms(after, "ringpost_inbox_wal_sync_seconds", 0.5);
+    let ack = before.metric_quantile_ms(after, "ringpost_send_ack_seconds", 0.99);
+    let commits = before.metric_delta(after, "ringpost_inbox_commits_total");
+    let reqs = before.metric_delta(after, "ringpost_inbox_commit_requests_total");
+    if wal.is_some() || ack.is_some() {
+        r.set("server_wal_sync_p99_ms_le", wal);
+        r.set("server_wal_sync_p50_ms_le", wal50);
+        r.set("server_send_ack_p99_ms_le", ack);
+        r.set("server_inbox_commits", commits);
+        r.set("server_inbox_commit_requests", reqs);
+        let mut parts = Vec::new();
+        if let (Some(v50), Some(v)) = (wal50, wal) {
+            parts.push(format!("WAL sync p50 ≤ {v50} ms, p99 ≤ {v} ms"));
+        }
+        if let Some(v) = ack {
+            parts.push(format!("Send→SendAck p99 ≤ {v} ms"));
+        }
+        if let (Some(c), Some(q)) = (commits, reqs) {
+            if c > 0.0 {
+                let secs = after.at.duration_since(before.at).as_secs_f64().max(1e-9);
+                parts.push(format!(
+                    "{:.0} synced commits/s of {:.1} requests each",
+                    c / secs,
+                    q / c
+                ));
+            }
+        }
+        r.row(
+            "node says",
+            format!("{} (its histogram buckets: upper bounds)", parts.join(", ")),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::{MEASURED_KEYS, REQUIRED_KEYS};
+    use crate::stats;
+
+    /// A worker's final report as `Shared::report` writes it, with made-up figures.
+    fn worker_report(delivered: u64) -> Value {
+        let mut h = stats::new_histogram();
+        for i in 0..delivered {
+            stats::record_us(&mut h, 500 + i);
+        }
+        let enc = stats::encode(&h).unwrap();
+        let empty = stats::encode(&stats::new_histogram()).unwrap();
+        json!({
+            "connected": 4, "connect_failed": 0, "sent": delivered, "acked_ok": delivered,
+            "send_refused": 0, "delivered": delivered, "delivered_in_window": delivered,
+            "stale_delivered": 0, "receipts": delivered, "closed_by_node": 0,
+            "transport_errors": 0, "error_frames": 0, "error_codes": {}, "complete": 0,
+            "first_error": null, "latency": enc, "ack_latency": enc, "connect_latency": empty,
+            "series": [{"delivered": delivered, "acked": delivered, "latency": enc}],
+            "lost": 0, "drained_s": 0.1,
+        })
+    }
+
+    #[test]
+    fn chat_report_has_every_key_scripts_read() {
+        let m = Merged::of(&[worker_report(100), worker_report(300)]).unwrap();
+        let a = Args {
+            pairs: 4,
+            rate: 0.0,
+            window: 16,
+            msg_bytes: 128,
+            warmup: 1.0,
+            duration: 2.0,
+            drain_timeout: 5.0,
+        };
+        let r = assemble("ws", &a, &m, 2);
+        let v = r.to_json();
+        for k in REQUIRED_KEYS {
+            assert!(v.get(k).is_some(), "{k}");
+        }
+        for k in ["delivered_per_s", "latency_ms", "ack_latency_ms"] {
+            assert!(MEASURED_KEYS.contains(&k));
+            assert!(v.get(k).is_some(), "{k}");
+        }
+        assert_eq!(v["connections"], 8);
+        assert_eq!(v["errors"], 0);
+        assert_eq!(v["delivered_per_s"], 200.0);
+        assert_eq!(v["latency_ms"]["count"], 400);
+        assert_eq!(r.series.len(), 1);
+        assert_eq!(r.series[0].delivered_per_s, 400.0);
+    }
+
+    #[test]
+    fn lost_messages_and_refusals_are_errors() {
+        let mut w = worker_report(10);
+        w["lost"] = 3.into();
+        w["send_refused"] = 2.into();
+        w["error_codes"] = json!({"RateLimited(20)": 2});
+        let m = Merged::of(&[w]).unwrap();
+        assert_eq!(m.errors(), 5);
+        assert_eq!(m.error_detail()["error_codes"]["RateLimited(20)"], 2);
+    }
+}

@@ -1,0 +1,118 @@
+//! Smoke test: the real `ringpost-bench` binary against a real dev node it starts itself
+//! (`--spawn-node`): `idle` with 50 connections and `chat` for 2 seconds over ws. Asserts the
+//! JSON reports have the fixed keys and no errors; never timing.
+//!
+//! The node binary belongs to another package, so `env!("CARGO_BIN_EXE_...")` cannot name it.
+//! It is found, in order, at `$RINGPOST_NODE_BIN`; beside the directory of this test's
+//! executable (`target/<profile>/deps/..`, where `cargo build --workspace --bins`, which `make
+//! test` runs first, puts it); or under `$CARGO_TARGET_DIR/{debug,release}`. If none exists the
+//! test fails and says how to build it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn node_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("RINGPOST_NODE_BIN") {
+        return PathBuf::from(p);
+    }
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        // target/<profile>/deps/bench_smoke-HASH → target/<profile>/ringpost-node
+        if let Some(profile_dir) = exe.parent().and_then(Path::parent) {
+            candidates.push(profile_dir.join("ringpost-node"));
+        }
+    }
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        let dir = PathBuf::from(dir);
+        candidates.push(dir.join("debug/ringpost-node"));
+        candidates.push(dir.join("release/ringpost-node"));
+    }
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "ringpost-node not found (looked at {candidates:?}): run `cargo build -p ringpost-node` \
+                 or set RINGPOST_NODE_BIN"
+            )
+        })
+}
+
+fn run_bench(args: &[&str], json: &Path) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_ringpost-bench"))
+        .args(args)
+        .arg("--spawn-node")
+        .arg(node_bin())
+        .arg("--quiet")
+        .arg("--json")
+        .arg(json)
+        .output()
+        .expect("run ringpost-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "ringpost-bench {args:?} failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    let text = std::fs::read_to_string(json).expect("json written");
+    serde_json::from_str(&text).expect("valid json")
+}
+
+fn assert_keys(v: &Value, keys: &[&str]) {
+    for k in ["scenario", "transport", "connections", "errors", "config"] {
+        assert!(v.get(k).is_some(), "missing {k} in {v:#}");
+    }
+    for k in keys {
+        assert!(v.get(*k).is_some(), "missing {k} in {v:#}");
+    }
+    assert_eq!(v["errors"], 0, "errors in {v:#}");
+}
+
+#[test]
+fn idle_and_chat_against_a_dev_node() {
+    let dir = tempfile::tempdir().unwrap();
+
+    let idle = run_bench(
+        &["idle", "--connections", "50", "--settle", "0.5"],
+        &dir.path().join("idle.json"),
+    );
+    assert_keys(&idle, &["server_rss_kib_per_conn", "kernel_kib_per_conn"]);
+    assert_eq!(idle["scenario"], "idle");
+    assert_eq!(idle["transport"], "ws");
+    assert_eq!(idle["connections"], 50);
+
+    let chat = run_bench(
+        &[
+            "chat",
+            "--pairs",
+            "5",
+            "--rate",
+            "200",
+            "--warmup",
+            "0.5",
+            "--duration",
+            "2",
+        ],
+        &dir.path().join("chat.json"),
+    );
+    assert_keys(&chat, &["delivered_per_s", "latency_ms", "ack_latency_ms"]);
+    for k in ["p50", "p99", "p999", "max"] {
+        assert!(chat["latency_ms"][k].is_number(), "latency_ms.{k}");
+        assert!(chat["ack_latency_ms"][k].is_number(), "ack_latency_ms.{k}");
+    }
+    assert_eq!(chat["messages"]["lost"], 0);
+    assert!(chat["messages"]["delivered"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn group_says_it_is_not_available() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ringpost-bench"))
+        .arg("group")
+        .output()
+        .expect("run ringpost-bench");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not available"));
+}
