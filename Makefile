@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 DATA_DIR ?= ./data
 
-.PHONY: run test deps gen check-gen fmt lint unit fuzz bench clean
+.PHONY: run test deps gen check-gen fmt lint fuzz chaos clean
 
 ## make run: build, then start a dev node (embedded coordinator, local data dir) in the foreground.
 run: deps
@@ -37,6 +37,12 @@ lint:
 FUZZ_SECONDS ?= 60
 fuzz:
 	scripts/fuzz.sh $(FUZZ_SECONDS)
+
+## make chaos: every chaos scenario against a real node (root for the network faults); prints a table.
+CHAOS_SEED ?= 1
+chaos: deps
+	$(CARGO) build -p ringpost-node -p ringpost-chaos
+	$(CARGO) run -q -p ringpost-chaos --bin ringpost-chaos -- run all --seed $(CHAOS_SEED) --json $${CARGO_TARGET_DIR:-target}/chaos-report.json
 
 clean:
 	$(CARGO) clean

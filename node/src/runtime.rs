@@ -165,7 +165,20 @@ impl Node {
         };
         let accounts = Accounts::new(engine.clone(), sender, accounts_config);
         let keys = Keys::new(engine.clone(), opts.server.shard_count);
-        let server = Server::new(opts.server.clone(), accounts, keys, inbox, metrics);
+        let wall_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let expiry_clock = crate::clock::ExpiryClock::load(engine.clone(), wall_ms)
+            .context("loading the expiry clock")?;
+        let server = Server::new(
+            opts.server.clone(),
+            accounts,
+            keys,
+            inbox,
+            metrics,
+            expiry_clock,
+        );
 
         let (cert, ca) = match &opts.tls {
             Some(c) => (c.clone(), c.ca.clone()),
@@ -338,6 +351,9 @@ async fn housekeeping(server: Arc<Server>) {
     loop {
         tokio::select! {
             _ = sweep.tick() => {
+                if let Err(e) = server.expiry_clock.persist(server.now_ms()) {
+                    warn!(error = %e, "persisting the expiry clock failed");
+                }
                 let reaped = server.registry.sweep();
                 if reaped > 0 {
                     tracing::debug!(reaped, "keepalive sweep");
@@ -347,7 +363,7 @@ async fn housekeeping(server: Arc<Server>) {
                     std::sync::atomic::Ordering::Relaxed,
                 );
             }
-            _ = expire.tick() => match server.inbox.expire(server.now_ms()).await {
+            _ = expire.tick() => match server.inbox.expire(server.expiry_now_ms()).await {
                 Ok(n) if n > 0 => info!(expired = n, "deleted expired inbox entries"),
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "expiring inbox entries failed"),

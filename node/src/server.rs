@@ -69,6 +69,8 @@ pub struct Server {
     pub metrics: Arc<Metrics>,
     limiter: DefaultKeyedRateLimiter<(UserId, DeviceId)>,
     shutting_down: AtomicBool,
+    /// Decides what has expired; see [`crate::clock`].
+    pub expiry_clock: crate::clock::ExpiryClock,
     started: Instant,
     started_unix_ms: u64,
 }
@@ -80,6 +82,7 @@ impl Server {
         keys: Keys,
         inbox: Inbox,
         metrics: Arc<Metrics>,
+        expiry_clock: crate::clock::ExpiryClock,
     ) -> Arc<Server> {
         let rate = NonZeroU32::new(config.device_rate_per_s.max(1)).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(config.device_burst.max(1)).unwrap_or(NonZeroU32::MIN);
@@ -93,6 +96,7 @@ impl Server {
             metrics,
             limiter: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
             shutting_down: AtomicBool::new(false),
+            expiry_clock,
             started: Instant::now(),
             started_unix_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -105,6 +109,11 @@ impl Server {
     /// Wall-clock milliseconds since the Unix epoch, monotonic within this process.
     pub fn now_ms(&self) -> u64 {
         self.started_unix_ms + self.started.elapsed().as_millis() as u64
+    }
+
+    /// The time expiry decisions use: never ahead of monotonic time since the last run.
+    pub fn expiry_now_ms(&self) -> u64 {
+        self.expiry_clock.now_ms(self.now_ms())
     }
 
     pub fn epoch(&self) -> u64 {
@@ -755,7 +764,7 @@ impl Server {
     ) -> Result<Vec<Frame>, InboxError> {
         let entries = self
             .inbox
-            .read(user, device, after_seq, limit, self.now_ms())?;
+            .read(user, device, after_seq, limit, self.expiry_now_ms())?;
         Ok(entries
             .into_iter()
             .map(|(seq, e)| {
