@@ -1,0 +1,732 @@
+//! The checker: reads a history ([`crate::history`]) and reports every place it breaks the
+//! design invariants, each violation with its msg_id and the faults around it.
+//!
+//! Pure: it takes records and returns a [`CheckReport`]; no IO, no clock. What it checks
+//! (DESIGN.md invariant numbers after each name):
+//! - **lost** (1, 2): a message with `SendAck{Ok}` that some recipient device never got. A loss
+//!   of a message acked while a storage fault (disk full, fsync failure) was active is also
+//!   counted as `storage_acked_lost`: such a node should have refused (`StorageUnavailable`)
+//!   instead of acking.
+//! - **duplicated** (2): a message handed to the application twice on one device (after the
+//!   SDK's dedup).
+//! - **reordered** (3): per sender device and conversation (recipient user), as seen on each
+//!   recipient device, a message delivered after one that was acked later.
+//! - **leaked** (4): a delivery to a device the message was not addressed to, a ciphertext
+//!   written for another device or message, or a message nobody sent.
+//! - **phantom** (1): a message delivered although every attempt was refused by a definitive
+//!   non-`Ok` `SendAck` (which means "nothing stored").
+//!
+//! Read receipts are inbox entries routed like messages and get the same lost, duplicated and
+//! leaked checks; the node's own `delivered` receipts are checked for leaks only.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::history::{Dev, Event, MsgId, Phase, Record};
+
+/// Violations listed one by one in a report; past this only the counts grow. A broken node can
+/// lose every message of a run; listing a few thousand says enough.
+pub const VIOLATIONS_LISTED_MAX: usize = 5_000;
+
+/// How far before a message's first send and after its ack (or delivery) a fault counts as
+/// "around" a violation, in microseconds.
+pub const FAULT_CONTEXT_US: u64 = 10_000_000;
+
+/// Fault kinds that break storage: a message acked while one is active is suspect.
+pub const STORAGE_FAULT_KINDS: &[&str] = &["disk-full", "fsync-fail"];
+
+/// What kind of violation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ViolationKind {
+    Lost,
+    Duplicated,
+    Reordered,
+    Leaked,
+    Phantom,
+}
+
+/// Whether a violation is about a message or a read receipt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Subject {
+    Message,
+    ReadReceipt,
+    DeliveredReceipt,
+}
+
+/// A fault window as the history tells it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultWindow {
+    pub id: u32,
+    pub kind: String,
+    pub target: String,
+    pub detail: String,
+    pub start_us: u64,
+    /// `None`: the history ends inside the window (it never healed).
+    pub end_us: Option<u64>,
+}
+
+impl FaultWindow {
+    fn overlaps(&self, lo_us: u64, hi_us: u64) -> bool {
+        self.start_us <= hi_us && self.end_us.is_none_or(|end| end >= lo_us)
+    }
+
+    fn contains(&self, t_us: u64) -> bool {
+        self.start_us <= t_us && self.end_us.is_none_or(|end| t_us <= end)
+    }
+
+    fn is_storage(&self) -> bool {
+        STORAGE_FAULT_KINDS.contains(&self.kind.as_str())
+    }
+}
+
+/// A fault named in a violation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultRef {
+    pub id: u32,
+    pub kind: String,
+    pub target: String,
+}
+
+/// One broken invariant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Violation {
+    pub kind: ViolationKind,
+    pub subject: Subject,
+    pub msg_id: MsgId,
+    pub from: Dev,
+    /// The device it concerns (the one that missed it, got it twice, out of order, or wrongly).
+    pub device: Dev,
+    pub detail: String,
+    /// When it happened, or (for a loss) when the message was acked.
+    pub t_us: u64,
+    /// Faults whose window overlaps the message's life (see [`FAULT_CONTEXT_US`]).
+    pub faults: Vec<FaultRef>,
+    /// For a loss: the storage fault active when the message was acked.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub storage_fault: Option<u32>,
+}
+
+/// The numbers of a check.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    /// Distinct messages the workload tried to send.
+    pub sent: u64,
+    /// Messages with `SendAck{Ok}`.
+    pub acked: u64,
+    /// Messages whose every answer was a definitive refusal (non-`Ok` `SendAck`).
+    pub refused: u64,
+    /// Messages with no `Ok` and at least one attempt without an answer (outcome unknown).
+    pub unknown: u64,
+    /// (acked message, recipient device) pairs the invariants require delivered.
+    pub expected_deliveries: u64,
+    /// Distinct (message, device) pairs handed to the application.
+    pub delivered: u64,
+    /// Of those, messages that never got `Ok` (allowed: the node stored it, the ack was lost).
+    pub delivered_unacked: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub reordered: u64,
+    pub leaked: u64,
+    pub phantom: u64,
+    /// Messages acked while a storage fault was active, and how many of those were lost.
+    pub storage_acked: u64,
+    pub storage_acked_lost: u64,
+    /// Attempts answered `StorageUnavailable` (the node refusing while its storage is broken).
+    pub storage_refusals: u64,
+    pub receipts_sent: u64,
+    pub receipts_acked: u64,
+    pub receipts_delivered: u64,
+    /// `delivered` receipts the node sent (checked for leaks only).
+    pub delivered_receipts: u64,
+    /// Connection drops seen by the devices.
+    pub disconnects: u64,
+    pub faults: u64,
+}
+
+/// The outcome of a check.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckReport {
+    pub counts: Counts,
+    pub violations: Vec<Violation>,
+    /// Violations found beyond [`VIOLATIONS_LISTED_MAX`] (counted, not listed).
+    pub violations_unlisted: u64,
+    pub faults: Vec<FaultWindow>,
+    pub first_t_us: u64,
+    pub last_t_us: u64,
+}
+
+impl CheckReport {
+    /// Whether no invariant was broken.
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty() && self.violations_unlisted == 0
+    }
+
+    /// Violations by kind.
+    pub fn by_kind(&self) -> BTreeMap<ViolationKind, u64> {
+        let mut map = BTreeMap::new();
+        for v in &self.violations {
+            *map.entry(v.kind).or_insert(0) += 1;
+        }
+        map
+    }
+}
+
+/// `SendAck` status meaning durable.
+pub const STATUS_OK: &str = "Ok";
+
+/// `Error` code the node answers while its storage is broken.
+pub const CODE_STORAGE_UNAVAILABLE: u16 = 51;
+
+/// What the history says about one message.
+#[derive(Debug)]
+struct Message {
+    to_user: u64,
+    recipients: Vec<Dev>,
+    first_send_us: u64,
+    /// When the first `Ok` came and its place in the sender's ack order.
+    ok: Option<(u64, u64)>,
+    refusals: u32,
+    errors: u32,
+}
+
+/// A read receipt sent by the workload.
+#[derive(Debug)]
+struct ReadReceipt {
+    recipients: Vec<Dev>,
+    msg_id: MsgId,
+    sent_us: u64,
+    acked_us: Option<u64>,
+}
+
+struct Checker<'a> {
+    report: CheckReport,
+    records: &'a [Record],
+}
+
+/// Checks a merged history (records in time order, as [`crate::history::merge`] gives them).
+pub fn check(records: &[Record]) -> CheckReport {
+    let mut checker = Checker {
+        report: CheckReport::default(),
+        records,
+    };
+    checker.run();
+    checker.report
+}
+
+impl Checker<'_> {
+    fn run(&mut self) {
+        let records = self.records;
+        self.report.first_t_us = records.first().map_or(0, |r| r.t_us);
+        self.report.last_t_us = records.iter().map(|r| r.t_us).max().unwrap_or(0);
+        self.collect_faults();
+
+        // Pass 1: what was sent and acked.
+        let mut messages: HashMap<(Dev, MsgId), Message> = HashMap::new();
+        let mut next_ack_index: HashMap<Dev, u64> = HashMap::new();
+        let mut receipts: HashMap<(Dev, MsgId), ReadReceipt> = HashMap::new();
+        for record in records {
+            match &record.event {
+                Event::Send {
+                    from,
+                    to_user,
+                    msg_id,
+                    recipients,
+                    ..
+                } => {
+                    let message = messages.entry((*from, *msg_id)).or_insert(Message {
+                        to_user: *to_user,
+                        recipients: recipients.clone(),
+                        first_send_us: record.t_us,
+                        ok: None,
+                        refusals: 0,
+                        errors: 0,
+                    });
+                    if message.ok.is_none() {
+                        // A retry after a refusal may carry a corrected device list.
+                        message.recipients = recipients.clone();
+                        message.to_user = *to_user;
+                    }
+                }
+                Event::SendAck {
+                    from,
+                    msg_id,
+                    status,
+                    ..
+                } => {
+                    let Some(message) = messages.get_mut(&(*from, *msg_id)) else {
+                        continue;
+                    };
+                    if status == STATUS_OK {
+                        if message.ok.is_none() {
+                            let index = next_ack_index.entry(*from).or_insert(0);
+                            message.ok = Some((record.t_us, *index));
+                            *index += 1;
+                        }
+                    } else {
+                        message.refusals += 1;
+                    }
+                }
+                Event::SendError {
+                    from, msg_id, code, ..
+                } => {
+                    if let Some(message) = messages.get_mut(&(*from, *msg_id)) {
+                        message.errors += 1;
+                    }
+                    if *code == Some(CODE_STORAGE_UNAVAILABLE) {
+                        self.report.counts.storage_refusals += 1;
+                    }
+                }
+                Event::ReceiptSend {
+                    from,
+                    receipt_id,
+                    msg_ids,
+                    recipients,
+                    ..
+                } => {
+                    if let Some(&msg_id) = msg_ids.first() {
+                        receipts.entry((*from, *receipt_id)).or_insert(ReadReceipt {
+                            recipients: recipients.clone(),
+                            msg_id,
+                            sent_us: record.t_us,
+                            acked_us: None,
+                        });
+                    }
+                }
+                Event::ReceiptAck {
+                    from,
+                    receipt_id,
+                    status,
+                } if status == STATUS_OK => {
+                    if let Some(receipt) = receipts.get_mut(&(*from, *receipt_id)) {
+                        receipt.acked_us.get_or_insert(record.t_us);
+                    }
+                }
+                Event::Connection { up: false, .. } => self.report.counts.disconnects += 1,
+                _ => {}
+            }
+        }
+
+        let counts = &mut self.report.counts;
+        counts.sent = messages.len() as u64;
+        for message in messages.values() {
+            match message.ok {
+                Some(_) => {
+                    counts.acked += 1;
+                    counts.expected_deliveries += message.recipients.len() as u64;
+                }
+                None if message.errors == 0 && message.refusals > 0 => counts.refused += 1,
+                None => counts.unknown += 1,
+            }
+        }
+        counts.receipts_sent = receipts.len() as u64;
+        counts.receipts_acked = receipts.values().filter(|r| r.acked_us.is_some()).count() as u64;
+
+        self.check_deliveries(&messages);
+        self.check_receipts(&messages, &receipts);
+        self.check_losses(&messages);
+        self.report
+            .violations
+            .sort_by_key(|v| (v.t_us, v.kind, v.device, v.msg_id));
+    }
+
+    fn collect_faults(&mut self) {
+        let mut open: HashMap<u32, usize> = HashMap::new();
+        for record in self.records {
+            let Event::Fault {
+                id,
+                kind,
+                phase,
+                target,
+                detail,
+            } = &record.event
+            else {
+                continue;
+            };
+            match phase {
+                Phase::Start => {
+                    open.insert(*id, self.report.faults.len());
+                    self.report.faults.push(FaultWindow {
+                        id: *id,
+                        kind: kind.clone(),
+                        target: target.clone(),
+                        detail: detail.clone(),
+                        start_us: record.t_us,
+                        end_us: None,
+                    });
+                }
+                Phase::End => {
+                    if let Some(i) = open.remove(id) {
+                        let window = &mut self.report.faults[i];
+                        window.end_us = Some(record.t_us);
+                        // The end says what was done, which the start could only plan.
+                        if !detail.is_empty() {
+                            window.detail = detail.clone();
+                        }
+                    }
+                }
+            }
+        }
+        self.report.counts.faults = self.report.faults.len() as u64;
+    }
+
+    fn faults_around(&self, lo_us: u64, hi_us: u64) -> Vec<FaultRef> {
+        let lo_us = lo_us.saturating_sub(FAULT_CONTEXT_US);
+        let hi_us = hi_us.saturating_add(FAULT_CONTEXT_US);
+        self.report
+            .faults
+            .iter()
+            .filter(|f| f.overlaps(lo_us, hi_us))
+            .map(|f| FaultRef {
+                id: f.id,
+                kind: f.kind.clone(),
+                target: f.target.clone(),
+            })
+            .collect()
+    }
+
+    fn push(&mut self, violation: Violation) {
+        match violation.kind {
+            ViolationKind::Lost => self.report.counts.lost += 1,
+            ViolationKind::Duplicated => self.report.counts.duplicated += 1,
+            ViolationKind::Reordered => self.report.counts.reordered += 1,
+            ViolationKind::Leaked => self.report.counts.leaked += 1,
+            ViolationKind::Phantom => self.report.counts.phantom += 1,
+        }
+        if self.report.violations.len() < VIOLATIONS_LISTED_MAX {
+            self.report.violations.push(violation);
+        } else {
+            self.report.violations_unlisted += 1;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn violation(
+        &self,
+        kind: ViolationKind,
+        subject: Subject,
+        msg_id: MsgId,
+        from: Dev,
+        device: Dev,
+        detail: String,
+        t_us: u64,
+        life: (u64, u64),
+    ) -> Violation {
+        Violation {
+            kind,
+            subject,
+            msg_id,
+            from,
+            device,
+            detail,
+            t_us,
+            faults: self.faults_around(life.0, life.1),
+            storage_fault: None,
+        }
+    }
+
+    /// Leaks, phantoms, duplicates and reorders, walking every delivery in history order.
+    fn check_deliveries(&mut self, messages: &HashMap<(Dev, MsgId), Message>) {
+        let records = self.records;
+        let mut seen: HashSet<(Dev, Dev, MsgId)> = HashSet::new();
+        let mut unacked_seen: HashSet<(Dev, MsgId)> = HashSet::new();
+        // (recipient device, sender device, conversation) -> highest ack index delivered so far
+        // and the message that had it.
+        let mut highest: HashMap<(Dev, Dev, u64), (u64, MsgId)> = HashMap::new();
+        for record in records {
+            let Event::Deliver {
+                at,
+                msg_id,
+                from,
+                body,
+                ..
+            } = &record.event
+            else {
+                continue;
+            };
+            let (at, msg_id, from) = (*at, *msg_id, *from);
+            let t_us = record.t_us;
+            let message = messages.get(&(from, msg_id));
+            let life = message.map_or((t_us, t_us), |m| (m.first_send_us, t_us));
+            let v = |kind, detail: String| (kind, detail);
+            let mut found = Vec::new();
+            match message {
+                None => found.push(v(
+                    ViolationKind::Leaked,
+                    format!("delivered to {at} but {from} never sent {msg_id}"),
+                )),
+                Some(m) => {
+                    if !m.recipients.contains(&at) {
+                        found.push(v(
+                            ViolationKind::Leaked,
+                            format!(
+                                "delivered to {at}, which is not one of its recipients {}",
+                                list(&m.recipients)
+                            ),
+                        ));
+                    }
+                    if m.ok.is_none() && m.errors == 0 && m.refusals > 0 {
+                        found.push(v(
+                            ViolationKind::Phantom,
+                            format!(
+                                "delivered to {at} although all {} attempts were refused",
+                                m.refusals
+                            ),
+                        ));
+                    }
+                }
+            }
+            match body {
+                Some(tag) if tag.to == at && tag.msg_id == msg_id => {}
+                Some(tag) => found.push(v(
+                    ViolationKind::Leaked,
+                    format!(
+                        "{at} got the ciphertext written for {} (message {})",
+                        tag.to, tag.msg_id
+                    ),
+                )),
+                None => found.push(v(
+                    ViolationKind::Leaked,
+                    format!("{at} got a ciphertext the workload did not write"),
+                )),
+            }
+            let first = seen.insert((at, from, msg_id));
+            if !first {
+                found.push(v(
+                    ViolationKind::Duplicated,
+                    format!("handed to the application on {at} again"),
+                ));
+            } else {
+                self.report.counts.delivered += 1;
+                if message.is_some_and(|m| m.ok.is_none()) && unacked_seen.insert((from, msg_id)) {
+                    self.report.counts.delivered_unacked += 1;
+                }
+            }
+            if let (true, Some(m)) = (first, message) {
+                if let Some((_, index)) = m.ok {
+                    let key = (at, from, m.to_user);
+                    match highest.get(&key) {
+                        Some(&(top, top_msg)) if top > index => found.push(v(
+                            ViolationKind::Reordered,
+                            format!(
+                                "delivered to {at} after {top_msg}, which {from} got acked later \
+                                 (ack #{index} after ack #{top} in conversation with {})",
+                                m.to_user
+                            ),
+                        )),
+                        _ => {
+                            highest.insert(key, (index, msg_id));
+                        }
+                    }
+                }
+            }
+            for (kind, detail) in found {
+                let violation =
+                    self.violation(kind, Subject::Message, msg_id, from, at, detail, t_us, life);
+                self.push(violation);
+            }
+        }
+    }
+
+    /// Read receipts: leaked and duplicated as they arrive; `delivered` receipts for leaks.
+    fn check_receipts(
+        &mut self,
+        messages: &HashMap<(Dev, MsgId), Message>,
+        receipts: &HashMap<(Dev, MsgId), ReadReceipt>,
+    ) {
+        let records = self.records;
+        // (reader device, message it read) -> the receipt, for matching arrivals.
+        let by_read: HashMap<(Dev, MsgId), &ReadReceipt> = receipts
+            .iter()
+            .map(|((from, _), r)| ((*from, r.msg_id), r))
+            .collect();
+        // Which (sender user, recipient user, msg_id) messages exist, for delivered receipts.
+        let sent_between: HashSet<(u64, u64, MsgId)> = messages
+            .iter()
+            .map(|((from, msg_id), m)| (from.user, m.to_user, *msg_id))
+            .collect();
+        let mut seen: HashSet<(Dev, Dev, MsgId)> = HashSet::new();
+        for record in records {
+            let Event::Receipt {
+                at,
+                kind,
+                by,
+                msg_ids,
+                ..
+            } = &record.event
+            else {
+                continue;
+            };
+            let t_us = record.t_us;
+            if kind == "delivered" {
+                self.report.counts.delivered_receipts += 1;
+                for msg_id in msg_ids {
+                    if !sent_between.contains(&(at.user, by.user, *msg_id)) {
+                        let violation = self.violation(
+                            ViolationKind::Leaked,
+                            Subject::DeliveredReceipt,
+                            *msg_id,
+                            *by,
+                            *at,
+                            format!(
+                                "{at} told that {by} received {msg_id}, which user {} never \
+                                 sent to user {}",
+                                at.user, by.user
+                            ),
+                            t_us,
+                            (t_us, t_us),
+                        );
+                        self.push(violation);
+                    }
+                }
+                continue;
+            }
+            let Some(&msg_id) = msg_ids.first() else {
+                continue;
+            };
+            let found = by_read.get(&(*by, msg_id));
+            let life = found.map_or((t_us, t_us), |r| (r.sent_us, t_us));
+            let mut problems = Vec::new();
+            match found {
+                None => problems.push((
+                    ViolationKind::Leaked,
+                    format!("{at} got a read receipt from {by} for {msg_id} that was never sent"),
+                )),
+                Some(r) if !r.recipients.contains(at) => problems.push((
+                    ViolationKind::Leaked,
+                    format!(
+                        "{at} got a read receipt from {by} addressed to {}",
+                        list(&r.recipients)
+                    ),
+                )),
+                Some(_) => {}
+            }
+            if seen.insert((*at, *by, msg_id)) {
+                self.report.counts.receipts_delivered += 1;
+            } else {
+                problems.push((
+                    ViolationKind::Duplicated,
+                    format!("read receipt from {by} handed to {at} again"),
+                ));
+            }
+            for (kind, detail) in problems {
+                let violation = self.violation(
+                    kind,
+                    Subject::ReadReceipt,
+                    msg_id,
+                    *by,
+                    *at,
+                    detail,
+                    t_us,
+                    life,
+                );
+                self.push(violation);
+            }
+        }
+
+        // Lost read receipts.
+        let mut missing = Vec::new();
+        for ((from, _), receipt) in receipts {
+            let Some(acked_us) = receipt.acked_us else {
+                continue;
+            };
+            for device in &receipt.recipients {
+                if !seen.contains(&(*device, *from, receipt.msg_id)) {
+                    missing.push((*from, *device, receipt.msg_id, receipt.sent_us, acked_us));
+                }
+            }
+        }
+        missing.sort();
+        for (from, device, msg_id, sent_us, acked_us) in missing {
+            let violation = self.violation(
+                ViolationKind::Lost,
+                Subject::ReadReceipt,
+                msg_id,
+                from,
+                device,
+                format!("read receipt from {from} for {msg_id}, acked, never reached {device}"),
+                acked_us,
+                (sent_us, acked_us),
+            );
+            self.push(violation);
+        }
+    }
+
+    /// Acked messages some recipient device never got.
+    fn check_losses(&mut self, messages: &HashMap<(Dev, MsgId), Message>) {
+        let mut delivered: HashSet<(Dev, Dev, MsgId)> = HashSet::new();
+        for record in self.records {
+            if let Event::Deliver {
+                at, msg_id, from, ..
+            } = &record.event
+            {
+                delivered.insert((*at, *from, *msg_id));
+            }
+        }
+        let mut storage_acked = 0;
+        let mut lost = Vec::new();
+        for ((from, msg_id), message) in messages {
+            let Some((acked_us, index)) = message.ok else {
+                continue;
+            };
+            let storage_fault = self
+                .report
+                .faults
+                .iter()
+                .find(|f| f.is_storage() && f.contains(acked_us))
+                .map(|f| f.id);
+            if storage_fault.is_some() {
+                storage_acked += 1;
+            }
+            for device in &message.recipients {
+                if !delivered.contains(&(*device, *from, *msg_id)) {
+                    lost.push((
+                        acked_us,
+                        *device,
+                        *from,
+                        *msg_id,
+                        index,
+                        message.first_send_us,
+                        storage_fault,
+                    ));
+                }
+            }
+        }
+        self.report.counts.storage_acked = storage_acked;
+        lost.sort();
+        let mut storage_lost: HashSet<(Dev, MsgId)> = HashSet::new();
+        for (acked_us, device, from, msg_id, index, sent_us, storage_fault) in lost {
+            let mut detail = format!("acked (ack #{index} of {from}), never reached {device}");
+            if let Some(id) = storage_fault {
+                detail.push_str(&format!(
+                    "; acked during storage fault {id}: the node should have refused instead"
+                ));
+                storage_lost.insert((from, msg_id));
+            }
+            let mut violation = self.violation(
+                ViolationKind::Lost,
+                Subject::Message,
+                msg_id,
+                from,
+                device,
+                detail,
+                acked_us,
+                (sent_us, acked_us),
+            );
+            violation.storage_fault = storage_fault;
+            self.push(violation);
+        }
+        self.report.counts.storage_acked_lost = storage_lost.len() as u64;
+    }
+}
+
+fn list(devs: &[Dev]) -> String {
+    let names: Vec<String> = devs.iter().map(Dev::to_string).collect();
+    format!("[{}]", names.join(", "))
+}
+
+#[cfg(test)]
+#[path = "check/tests.rs"]
+mod tests;

@@ -1,0 +1,512 @@
+//! Faults: what each kind does when applied and when healed, and the seeded schedule of a
+//! scenario.
+//!
+//! | kind | applied | healed | needs |
+//! |---|---|---|---|
+//! | `kill-restart` | SIGKILL the node | start it again on the same data dir | — |
+//! | `restart-loop` | kill and restart several times in a row, each run short | node running | — |
+//! | `pause` | SIGSTOP | SIGCONT | — |
+//! | `partition` | the node's link down | link up | netns |
+//! | `one-way-partition` | iptables in the node's namespace drops one direction | rule removed | netns, iptables |
+//! | `partial-partition` | the node and one client host cannot reach each other; the other can | rules removed | netns, iptables |
+//! | `loss` | iptables `statistic` drops a share of packets both ways | rules removed | netns, iptables |
+//! | `bandwidth` | tc tbf on the node's and the clients' links | qdiscs removed | netns, tc |
+//! | `delay` | the relay delays TCP chunks (with jitter) | relay clean | relay |
+//! | `relay-reset` | the relay aborts every TCP connection (RST) | — | relay |
+//! | `udp-chaos` | the relay drops, duplicates, reorders and delays QUIC datagrams | relay clean | relay |
+//! | `disk-full` | fill the node's tmpfs data dir | remove the filler (and maybe kill -9, restart) | netns (root: mount) |
+//! | `fsync-fail` | libfiu: fsync and fdatasync fail with EIO | disabled (and maybe kill -9, restart) | libfiu |
+//! | `clock-skew` | libfaketime: the node's wall clock jumps, and the node restarts on it | real time, restart | libfaketime |
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::relay::Impairment;
+use crate::scenario::Rig;
+
+/// Rule comment that marks our iptables rules.
+const IPTABLES_COMMENT: &str = "ringpost-chaos";
+
+/// Largest filler written to make the disk full, in bytes (the tmpfs is far smaller).
+const FILLER_BYTES_MAX: u64 = 1 << 30;
+
+/// One fault.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum FaultKind {
+    KillRestart,
+    RestartLoop {
+        kills: u32,
+    },
+    Pause,
+    Partition,
+    /// `inbound`: packets to the node are dropped; otherwise packets from it.
+    OneWayPartition {
+        inbound: bool,
+    },
+    /// The node and this client host are cut off from each other.
+    PartialPartition {
+        host: String,
+    },
+    Loss {
+        percent: u32,
+    },
+    Bandwidth {
+        kbit: u32,
+    },
+    Delay {
+        delay_ms: u32,
+        jitter_ms: u32,
+    },
+    RelayReset,
+    UdpChaos {
+        loss_percent: u32,
+        duplicate_percent: u32,
+        reorder_percent: u32,
+        jitter_ms: u32,
+    },
+    /// `restart`: after freeing the space, kill -9 and restart the node (what an operator does
+    /// when it stays stuck), which also checks that what it acked survives a crash.
+    DiskFull {
+        restart: bool,
+    },
+    FsyncFail {
+        restart: bool,
+    },
+    /// Seconds the node's wall clock is moved (negative: back).
+    ClockSkew {
+        offset_s: i64,
+    },
+}
+
+impl FaultKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            FaultKind::KillRestart => "kill-restart",
+            FaultKind::RestartLoop { .. } => "restart-loop",
+            FaultKind::Pause => "pause",
+            FaultKind::Partition => "partition",
+            FaultKind::OneWayPartition { .. } => "one-way-partition",
+            FaultKind::PartialPartition { .. } => "partial-partition",
+            FaultKind::Loss { .. } => "loss",
+            FaultKind::Bandwidth { .. } => "bandwidth",
+            FaultKind::Delay { .. } => "delay",
+            FaultKind::RelayReset => "relay-reset",
+            FaultKind::UdpChaos { .. } => "udp-chaos",
+            FaultKind::DiskFull { .. } => "disk-full",
+            FaultKind::FsyncFail { .. } => "fsync-fail",
+            FaultKind::ClockSkew { .. } => "clock-skew",
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            FaultKind::RestartLoop { kills } => format!("{kills} kills in a row"),
+            FaultKind::OneWayPartition { inbound: true } => "clients -> node dropped".into(),
+            FaultKind::OneWayPartition { inbound: false } => "node -> clients dropped".into(),
+            FaultKind::PartialPartition { host } => format!("node <-> {host} cut"),
+            FaultKind::Loss { percent } => format!("{percent}% of packets dropped both ways"),
+            FaultKind::Bandwidth { kbit } => format!("{kbit} kbit/s"),
+            FaultKind::Delay {
+                delay_ms,
+                jitter_ms,
+            } => format!("{delay_ms} ms + 0..{jitter_ms} ms per chunk"),
+            FaultKind::UdpChaos {
+                loss_percent,
+                duplicate_percent,
+                reorder_percent,
+                jitter_ms,
+            } => format!(
+                "{loss_percent}% lost, {duplicate_percent}% duplicated, {reorder_percent}% \
+                 reordered, 0..{jitter_ms} ms jitter"
+            ),
+            FaultKind::ClockSkew { offset_s } => format!("node clock {offset_s:+} s"),
+            FaultKind::DiskFull { restart: true } | FaultKind::FsyncFail { restart: true } => {
+                "then kill -9 and restart".into()
+            }
+            _ => String::new(),
+        }
+    }
+
+    /// Whether the node's data directory must be a tmpfs of ours.
+    pub fn needs_tmpfs(&self) -> bool {
+        matches!(self, FaultKind::DiskFull { .. })
+    }
+}
+
+/// A fault at a time in the run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlannedFault {
+    pub id: u32,
+    /// From the start of sending.
+    pub at: Duration,
+    /// How long the fault lasts (for `relay-reset`, nothing: it is instantaneous).
+    pub duration: Duration,
+    pub kind: FaultKind,
+}
+
+/// A menu entry: a fault kind maker and its duration range in milliseconds.
+pub type Menu = Vec<(fn(&mut ChaCha8Rng) -> FaultKind, (u64, u64))>;
+
+/// Faults one after another from `menu`, separated by quiet gaps, from a warm-up after the
+/// start until a cool-down before the end of `window`, so the run ends healed.
+pub fn plan(seed: u64, window: Duration, menu: &Menu) -> Vec<PlannedFault> {
+    const WARMUP: Duration = Duration::from_secs(2);
+    const COOLDOWN: Duration = Duration::from_secs(3);
+    const FAULTS_MAX: usize = 500;
+    let mut rng = crate::seeded(seed, "faults");
+    let mut out = Vec::new();
+    if menu.is_empty() {
+        return out;
+    }
+    let mut t = WARMUP;
+    while out.len() < FAULTS_MAX {
+        let (make, (lo, hi)) = &menu[rng.gen_range(0..menu.len())];
+        let kind = make(&mut rng);
+        let duration = Duration::from_millis(rng.gen_range(*lo..=*hi));
+        if t + duration + COOLDOWN > window {
+            break;
+        }
+        out.push(PlannedFault {
+            id: out.len() as u32 + 1,
+            at: t,
+            duration,
+            kind,
+        });
+        t += duration + Duration::from_millis(rng.gen_range(1_000..3_000));
+    }
+    out
+}
+
+/// Applies a fault. Returns what was done (for the history).
+pub async fn apply(rig: &mut Rig, fault: &PlannedFault) -> Result<String> {
+    let node_host = rig.node.host.clone();
+    match &fault.kind {
+        FaultKind::KillRestart => {
+            let pid = rig.node.pid().unwrap_or(0);
+            rig.kill_node().await;
+            Ok(format!("SIGKILL pid {pid}"))
+        }
+        FaultKind::RestartLoop { kills } => {
+            let mut pids = Vec::new();
+            let per = fault.duration / (*kills).max(1);
+            for i in 0..*kills {
+                pids.push(rig.node.pid().unwrap_or(0));
+                rig.kill_node().await;
+                rig.start_node().await?;
+                if i + 1 < *kills {
+                    // Up for a short, seeded while, then killed again.
+                    let up = per.mul_f64(rig.rng.gen_range(0.1..0.6));
+                    tokio::time::sleep(up).await;
+                }
+            }
+            Ok(format!("SIGKILL pids {pids:?}, each restarted"))
+        }
+        FaultKind::Pause => {
+            rig.node.pause();
+            rig.process_event("stop", "SIGSTOP");
+            Ok(format!("SIGSTOP pid {}", rig.node.pid().unwrap_or(0)))
+        }
+        FaultKind::Partition => {
+            let ifname = node_host.ifname.clone().context("partition needs netns")?;
+            node_host
+                .exec("ip", &["link", "set", &ifname, "down"])
+                .await?;
+            Ok(format!("{} link {ifname} down", node_host.name))
+        }
+        FaultKind::OneWayPartition { inbound } => {
+            let chain = if *inbound { "INPUT" } else { "OUTPUT" };
+            iptables(&node_host, "-I", chain, &drop_rule(None, 0)).await?;
+            Ok(format!("iptables {chain} DROP in {}", node_host.name))
+        }
+        FaultKind::PartialPartition { host } => {
+            let peer = rig.net.host(host).ip.to_string();
+            iptables(&node_host, "-I", "INPUT", &source_rule(&peer)).await?;
+            iptables(&node_host, "-I", "OUTPUT", &dest_rule(&peer)).await?;
+            Ok(format!(
+                "iptables DROP {peer} both ways in {}",
+                node_host.name
+            ))
+        }
+        FaultKind::Loss { percent } => {
+            for chain in ["INPUT", "OUTPUT"] {
+                iptables(&node_host, "-I", chain, &drop_rule(None, *percent)).await?;
+            }
+            Ok(format!(
+                "iptables statistic {percent}% in {}",
+                node_host.name
+            ))
+        }
+        FaultKind::Bandwidth { kbit } => {
+            for host in rig.shaped_hosts() {
+                let ifname = host.ifname.clone().context("bandwidth needs netns")?;
+                let rate = format!("{kbit}kbit");
+                host.exec(
+                    "tc",
+                    &[
+                        "qdisc", "add", "dev", &ifname, "root", "tbf", "rate", &rate, "burst",
+                        "16kb", "latency", "400ms",
+                    ],
+                )
+                .await?;
+            }
+            Ok(format!("tc tbf {kbit}kbit on the node and clients"))
+        }
+        FaultKind::Delay {
+            delay_ms,
+            jitter_ms,
+        } => {
+            rig.relay_set(Impairment {
+                delay_ms: *delay_ms,
+                jitter_ms: *jitter_ms,
+                ..Impairment::default()
+            })?;
+            Ok("relay delay".into())
+        }
+        FaultKind::RelayReset => {
+            rig.relay_reset()?;
+            Ok("relay RST to every TCP connection".into())
+        }
+        FaultKind::UdpChaos {
+            loss_percent,
+            duplicate_percent,
+            reorder_percent,
+            jitter_ms,
+        } => {
+            rig.relay_set(Impairment {
+                delay_ms: 2,
+                jitter_ms: *jitter_ms,
+                loss: f64::from(*loss_percent) / 100.0,
+                duplicate: f64::from(*duplicate_percent) / 100.0,
+                reorder: f64::from(*reorder_percent) / 100.0,
+                reorder_ms: 40,
+                ..Impairment::default()
+            })?;
+            Ok("relay udp chaos".into())
+        }
+        FaultKind::DiskFull { .. } => {
+            let data_dir = rig.node.spec.data_dir.clone();
+            let filled = tokio::task::spawn_blocking(move || fill_disk(&data_dir))
+                .await
+                .context("filler task")??;
+            Ok(format!("filled the tmpfs data dir with {filled} bytes"))
+        }
+        FaultKind::FsyncFail { .. } => {
+            for name in FSYNC_FAILPOINTS {
+                rig.node
+                    .fiu(&format!("enable name={name},failnum=1,failinfo=5"))
+                    .await?;
+            }
+            Ok(format!(
+                "libfiu {} fail with EIO",
+                FSYNC_FAILPOINTS.join(", ")
+            ))
+        }
+        FaultKind::ClockSkew { offset_s } => {
+            // The node reads the wall clock once at start (and RocksDB's dedup compaction
+            // filter at every compaction): move it live, then restart the node so it starts
+            // on the skewed clock.
+            rig.set_clock(*offset_s)?;
+            rig.restart_node().await?;
+            Ok(format!(
+                "node wall clock {offset_s:+} s, node restarted (SIGTERM)"
+            ))
+        }
+    }
+}
+
+/// libfiu failure points that make syncing fail (RocksDB syncs its WAL with fdatasync and its
+/// manifest and directories with fsync).
+pub const FSYNC_FAILPOINTS: &[&str] = &["posix/io/sync/fsync", "posix/io/sync/fdatasync"];
+
+/// Heals a fault. Returns what was done.
+pub async fn heal(rig: &mut Rig, fault: &PlannedFault) -> Result<String> {
+    let node_host = rig.node.host.clone();
+    match &fault.kind {
+        FaultKind::KillRestart | FaultKind::RestartLoop { .. } => {
+            if !rig.node.is_running() {
+                rig.start_node().await?;
+            }
+            Ok(format!("node running, pid {}", rig.node.pid().unwrap_or(0)))
+        }
+        FaultKind::Pause => {
+            rig.node.resume();
+            rig.process_event("cont", "SIGCONT");
+            Ok("SIGCONT".into())
+        }
+        FaultKind::Partition => {
+            let ifname = node_host.ifname.clone().context("partition needs netns")?;
+            node_host
+                .exec("ip", &["link", "set", &ifname, "up"])
+                .await?;
+            Ok("link up".into())
+        }
+        FaultKind::OneWayPartition { inbound } => {
+            let chain = if *inbound { "INPUT" } else { "OUTPUT" };
+            iptables(&node_host, "-D", chain, &drop_rule(None, 0)).await?;
+            Ok("rule removed".into())
+        }
+        FaultKind::PartialPartition { host } => {
+            let peer = rig.net.host(host).ip.to_string();
+            iptables(&node_host, "-D", "INPUT", &source_rule(&peer)).await?;
+            iptables(&node_host, "-D", "OUTPUT", &dest_rule(&peer)).await?;
+            Ok("rules removed".into())
+        }
+        FaultKind::Loss { percent } => {
+            for chain in ["INPUT", "OUTPUT"] {
+                iptables(&node_host, "-D", chain, &drop_rule(None, *percent)).await?;
+            }
+            Ok("rules removed".into())
+        }
+        FaultKind::Bandwidth { .. } => {
+            for host in rig.shaped_hosts() {
+                let ifname = host.ifname.clone().context("bandwidth needs netns")?;
+                host.exec("tc", &["qdisc", "del", "dev", &ifname, "root"])
+                    .await?;
+            }
+            Ok("qdiscs removed".into())
+        }
+        FaultKind::Delay { .. } | FaultKind::UdpChaos { .. } => {
+            rig.relay_set(Impairment::default())?;
+            Ok("relay clean".into())
+        }
+        FaultKind::RelayReset => Ok(String::new()),
+        FaultKind::DiskFull { restart } => {
+            let filler = rig.node.spec.data_dir.join(FILLER_NAME);
+            std::fs::remove_file(&filler)
+                .with_context(|| format!("removing {}", filler.display()))?;
+            restart_after_storage(rig, *restart, "filler removed").await
+        }
+        FaultKind::FsyncFail { restart } => {
+            for name in FSYNC_FAILPOINTS {
+                rig.node.fiu(&format!("disable name={name}")).await?;
+            }
+            restart_after_storage(rig, *restart, "libfiu disabled").await
+        }
+        FaultKind::ClockSkew { .. } => {
+            rig.set_clock(0)?;
+            rig.restart_node().await?;
+            Ok("node wall clock real again, node restarted".into())
+        }
+    }
+}
+
+async fn restart_after_storage(rig: &mut Rig, restart: bool, done: &str) -> Result<String> {
+    if !restart {
+        return Ok(done.to_string());
+    }
+    let pid = rig.node.pid().unwrap_or(0);
+    rig.kill_node().await;
+    rig.start_node().await?;
+    Ok(format!("{done}; SIGKILL pid {pid}, restarted"))
+}
+
+fn drop_rule(_peer: Option<&str>, percent: u32) -> Vec<String> {
+    let mut rule = Vec::new();
+    if percent > 0 {
+        rule.extend(
+            [
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                &format!("{:.2}", f64::from(percent) / 100.0),
+            ]
+            .map(String::from),
+        );
+    }
+    // Never the loopback: only traffic on the run's link.
+    rule.extend(["!", "-i", "lo"].map(String::from));
+    rule
+}
+
+fn source_rule(peer: &str) -> Vec<String> {
+    ["-s", peer].map(String::from).to_vec()
+}
+
+fn dest_rule(peer: &str) -> Vec<String> {
+    ["-d", peer].map(String::from).to_vec()
+}
+
+async fn iptables(host: &crate::hosts::Host, op: &str, chain: &str, rule: &[String]) -> Result<()> {
+    let mut rule = rule.to_vec();
+    if chain == "OUTPUT" {
+        // `-i` is not valid on OUTPUT: match the outgoing side instead.
+        for part in rule.iter_mut() {
+            if part == "-i" {
+                *part = "-o".into();
+            }
+        }
+    }
+    let mut args: Vec<&str> = vec!["-w", "5", op, chain];
+    args.extend(rule.iter().map(String::as_str));
+    args.extend(["-m", "comment", "--comment", IPTABLES_COMMENT, "-j", "DROP"]);
+    host.exec("iptables", &args).await?;
+    Ok(())
+}
+
+/// Name of the file that fills the node's tmpfs.
+pub const FILLER_NAME: &str = "chaos-filler";
+
+/// Writes zeros into `dir/FILLER_NAME` until the filesystem is full. Returns the bytes written.
+fn fill_disk(dir: &Path) -> Result<u64> {
+    use std::io::Write;
+    let path = dir.join(FILLER_NAME);
+    let mut file =
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    let mut written = 0u64;
+    for chunk in [1 << 20, 4096, 512] {
+        let zeros = vec![0u8; chunk];
+        while written < FILLER_BYTES_MAX {
+            match file.write(&zeros) {
+                Ok(0) => break,
+                Ok(n) => written += n as u64,
+                Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+                Err(e) => return Err(e).context("filling the disk"),
+            }
+        }
+    }
+    let _ = file.sync_all();
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn menu() -> Menu {
+        vec![
+            (|_| FaultKind::Pause, (500, 2_000)),
+            (
+                |rng| FaultKind::Loss {
+                    percent: rng.gen_range(5..30),
+                },
+                (1_000, 3_000),
+            ),
+        ]
+    }
+
+    #[test]
+    fn plans_are_fixed_by_the_seed_sequential_and_healed_before_the_end() {
+        let window = Duration::from_secs(40);
+        let a = plan(9, window, &menu());
+        assert_eq!(a, plan(9, window, &menu()));
+        assert_ne!(a, plan(10, window, &menu()));
+        assert!(!a.is_empty());
+        for pair in a.windows(2) {
+            assert!(
+                pair[0].at + pair[0].duration < pair[1].at,
+                "one fault at a time"
+            );
+        }
+        let last = a.last().unwrap();
+        assert!(last.at + last.duration + Duration::from_secs(3) <= window);
+        assert!(plan(9, Duration::from_secs(1), &menu()).is_empty());
+    }
+}

@@ -1,0 +1,201 @@
+//! The report of a run: JSON for machines, one table row for people.
+
+use serde::{Deserialize, Serialize};
+
+use crate::check::{CheckReport, Counts, FaultWindow, Violation};
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// No invariant broken (and the run did prove something: messages were acked).
+    Pass,
+    /// An invariant was broken, or the run proved nothing.
+    Fail,
+    /// The scenario needs something this build or machine does not have (a multi-node
+    /// cluster, root); nothing was run.
+    Unsupported,
+    /// The run could not be carried out (a node would not start, a fault could not be applied).
+    Error,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::Fail => "FAIL",
+            Verdict::Unsupported => "unsupported",
+            Verdict::Error => "ERROR",
+        }
+    }
+
+    /// Whether `make chaos` should fail for it.
+    pub fn is_failure(self) -> bool {
+        matches!(self, Verdict::Fail | Verdict::Error)
+    }
+}
+
+/// A fault as applied, times in milliseconds from the start of sending.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppliedFault {
+    pub id: u32,
+    pub kind: String,
+    pub target: String,
+    pub detail: String,
+    pub start_ms: i64,
+    pub end_ms: Option<i64>,
+}
+
+/// The report of one scenario run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunReport {
+    pub scenario: String,
+    pub seed: u64,
+    pub mode: String,
+    pub verdict: Verdict,
+    /// Why it is not a plain pass: what broke, what is missing.
+    pub reason: String,
+    /// The sending window, and the whole run, in milliseconds.
+    pub duration_ms: u64,
+    pub wall_ms: u64,
+    pub counts: Counts,
+    pub faults: Vec<AppliedFault>,
+    pub violations: Vec<Violation>,
+    pub violations_unlisted: u64,
+    /// What the run observed besides violations (refusals, reconnects, clock skew seen).
+    pub notes: Vec<String>,
+    pub run_dir: String,
+    pub history: String,
+}
+
+impl RunReport {
+    /// A report for a run that did not happen.
+    pub fn not_run(
+        scenario: &str,
+        seed: u64,
+        mode: &str,
+        verdict: Verdict,
+        reason: String,
+    ) -> Self {
+        RunReport {
+            scenario: scenario.to_string(),
+            seed,
+            mode: mode.to_string(),
+            verdict,
+            reason,
+            duration_ms: 0,
+            wall_ms: 0,
+            counts: Counts::default(),
+            faults: Vec::new(),
+            violations: Vec::new(),
+            violations_unlisted: 0,
+            notes: Vec::new(),
+            run_dir: String::new(),
+            history: String::new(),
+        }
+    }
+
+    /// Fills counts, faults and violations from a check, times relative to `origin_us`.
+    pub fn absorb(&mut self, check: CheckReport, origin_us: u64) {
+        let rel = |t: u64| (t as i64 - origin_us as i64) / 1_000;
+        self.faults = check
+            .faults
+            .iter()
+            .map(|f: &FaultWindow| AppliedFault {
+                id: f.id,
+                kind: f.kind.clone(),
+                target: f.target.clone(),
+                detail: f.detail.clone(),
+                start_ms: rel(f.start_us),
+                end_ms: f.end_us.map(rel),
+            })
+            .collect();
+        self.counts = check.counts;
+        self.violations = check.violations;
+        self.violations_unlisted = check.violations_unlisted;
+    }
+}
+
+/// The table header.
+pub fn table_header() -> String {
+    format!(
+        "{:<14} {:>20} {:<11} {:>6} {:>9} {:>5} {:>4} {:>6} {:>6} {:>6} {:>7}  {}",
+        "scenario",
+        "seed",
+        "verdict",
+        "acked",
+        "delivered",
+        "lost",
+        "dup",
+        "reord",
+        "leaked",
+        "faults",
+        "time",
+        "note"
+    )
+}
+
+/// One row.
+pub fn table_row(r: &RunReport) -> String {
+    let c = &r.counts;
+    let time = if r.wall_ms == 0 {
+        "-".to_string()
+    } else {
+        format!("{:.0}s", r.wall_ms as f64 / 1000.0)
+    };
+    let note = if r.reason.is_empty() {
+        String::new()
+    } else {
+        r.reason.clone()
+    };
+    format!(
+        "{:<14} {:>20} {:<11} {:>6} {:>9} {:>5} {:>4} {:>6} {:>6} {:>6} {:>7}  {}",
+        r.scenario,
+        r.seed,
+        r.verdict.as_str(),
+        c.acked,
+        c.delivered,
+        c.lost,
+        c.duplicated,
+        c.reordered,
+        c.leaked,
+        r.faults.len(),
+        time,
+        note
+    )
+}
+
+/// The violations of a report, one per line, for people.
+pub fn violation_lines(r: &RunReport, max: usize) -> Vec<String> {
+    let mut lines: Vec<String> = r
+        .violations
+        .iter()
+        .take(max)
+        .map(|v| {
+            let faults: Vec<String> = v
+                .faults
+                .iter()
+                .map(|f| format!("#{} {}", f.id, f.kind))
+                .collect();
+            format!(
+                "  {:?} {:?} msg {} from {} at {}: {} [faults around: {}]",
+                v.kind,
+                v.subject,
+                v.msg_id,
+                v.from,
+                v.device,
+                v.detail,
+                if faults.is_empty() {
+                    "none".to_string()
+                } else {
+                    faults.join(", ")
+                }
+            )
+        })
+        .collect();
+    let more = r.violations.len().saturating_sub(max) as u64 + r.violations_unlisted;
+    if more > 0 {
+        lines.push(format!("  ... and {more} more (see the JSON report)"));
+    }
+    lines
+}

@@ -1,0 +1,1239 @@
+//! Scenarios and the run.
+//!
+//! A run: create the hosts (`node1`, `client1`, `client2`, and `relay` when the scenario puts a
+//! relay between the clients and the node), start the node, register the population, start one
+//! workload process per client host, apply the seeded fault schedule during the sending window,
+//! let the system settle (until every acked message has arrived, or [`SETTLE_MAX`]), stop
+//! everything, merge the histories and check them.
+//!
+//! Everything a run starts is torn down when it ends, however it ends: the [`Rig`] removes its
+//! processes, mounts, namespaces and links when dropped, and `ringpost-chaos cleanup` removes
+//! what a killed run left.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use tokio::process::Child;
+
+use crate::check;
+use crate::faults::{self, FaultKind, Menu, PlannedFault};
+use crate::history::{self, Clock, Event, HistoryWriter, Phase};
+use crate::hosts::{Host, Mode, Network};
+use crate::node::{self, NodeProcess, NodeSpec};
+use crate::relay::{self, Impairment};
+use crate::report::{RunReport, Verdict};
+use crate::sys::{self, ProcId};
+use crate::workload::{UserPlan, WorkloadSpec};
+
+/// Longest wait, after the sending window, for every acked message to arrive.
+pub const SETTLE_MAX: Duration = Duration::from_secs(120);
+
+/// A run is settled once nothing new happened for this long (and nothing is missing).
+pub const SETTLE_QUIET: Duration = Duration::from_secs(2);
+
+/// How often the settle loop reads the histories.
+const SETTLE_POLL: Duration = Duration::from_secs(1);
+
+/// Time registration of the population may take.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Time the workload processes get to connect before sending starts.
+const WORKLOAD_WARMUP: Duration = Duration::from_secs(2);
+
+/// Time a workload process gets to exit after the stop file appears.
+const WORKLOAD_EXIT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Users in the population (each with one or two devices, by seed).
+pub const USERS: u64 = 6;
+
+/// First phone number of the population.
+pub const FIRST_USER: u64 = 15_550_001;
+
+/// Messages per second per device.
+pub const RATE_PER_DEVICE: f64 = 4.0;
+
+/// Share of received messages answered with a read receipt.
+pub const RECEIPT_FRACTION: f64 = 0.3;
+
+/// Size of the tmpfs data dir of `disk-full` runs.
+pub const TMPFS_SIZE: &str = "64m";
+
+/// What a scenario needs from the machine.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Needs {
+    /// Network namespaces (root): network faults, tmpfs mounts.
+    pub netns: bool,
+    pub iptables: bool,
+    pub tc: bool,
+    pub fiu: bool,
+    pub faketime: bool,
+    /// A relay between the clients and the node.
+    pub relay: bool,
+    /// A multi-node cluster (Raft coordinator, several nodes): not built yet.
+    pub cluster: bool,
+    /// The clients speak QUIC (through the relay's UDP side).
+    pub quic: bool,
+}
+
+/// One scenario.
+pub struct Scenario {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub needs: Needs,
+    /// Sending window when `--duration` is not given.
+    pub window: Duration,
+    pub menu: fn() -> Menu,
+}
+
+fn no_faults() -> Menu {
+    Vec::new()
+}
+
+fn kill_menu() -> Menu {
+    vec![
+        (|_| FaultKind::KillRestart, (300, 3_000)),
+        (|_| FaultKind::KillRestart, (300, 3_000)),
+        (
+            |rng| FaultKind::RestartLoop {
+                kills: rng.gen_range(3..6),
+            },
+            (3_000, 6_000),
+        ),
+    ]
+}
+
+fn pause_menu() -> Menu {
+    vec![(|_| FaultKind::Pause, (500, 6_000))]
+}
+
+fn partition_menu() -> Menu {
+    vec![
+        (|_| FaultKind::Partition, (1_000, 6_000)),
+        (
+            |rng| FaultKind::OneWayPartition {
+                inbound: rng.gen_bool(0.5),
+            },
+            (1_000, 6_000),
+        ),
+        (
+            |rng| FaultKind::PartialPartition {
+                host: if rng.gen_bool(0.5) {
+                    "client1"
+                } else {
+                    "client2"
+                }
+                .into(),
+            },
+            (1_000, 6_000),
+        ),
+    ]
+}
+
+fn network_menu() -> Menu {
+    vec![
+        (
+            |rng| FaultKind::Loss {
+                percent: rng.gen_range(5..=30),
+            },
+            (2_000, 6_000),
+        ),
+        (
+            |rng| FaultKind::Bandwidth {
+                kbit: rng.gen_range(64..=512),
+            },
+            (2_000, 6_000),
+        ),
+    ]
+}
+
+fn relay_tcp_menu() -> Menu {
+    vec![
+        (
+            |rng| FaultKind::Delay {
+                delay_ms: rng.gen_range(20..=300),
+                jitter_ms: rng.gen_range(0..=300),
+            },
+            (2_000, 6_000),
+        ),
+        (|_| FaultKind::RelayReset, (0, 0)),
+    ]
+}
+
+fn relay_udp_menu() -> Menu {
+    vec![(
+        |rng| FaultKind::UdpChaos {
+            loss_percent: rng.gen_range(0..=20),
+            duplicate_percent: rng.gen_range(0..=20),
+            reorder_percent: rng.gen_range(0..=30),
+            jitter_ms: rng.gen_range(0..=80),
+        },
+        (2_000, 6_000),
+    )]
+}
+
+fn disk_menu() -> Menu {
+    vec![(
+        |rng| FaultKind::DiskFull {
+            restart: rng.gen_bool(0.5),
+        },
+        (1_000, 5_000),
+    )]
+}
+
+fn fsync_menu() -> Menu {
+    vec![(
+        |rng| FaultKind::FsyncFail {
+            restart: rng.gen_bool(0.5),
+        },
+        (1_000, 5_000),
+    )]
+}
+
+fn clock_menu() -> Menu {
+    vec![(
+        |rng| {
+            // Hours to days, both ways; never past the 30-day expiry.
+            let choices = [-3 * 86_400, -7_200, -60, 60, 3_600, 86_400, 7 * 86_400];
+            FaultKind::ClockSkew {
+                offset_s: choices[rng.gen_range(0..choices.len())],
+            }
+        },
+        (2_000, 6_000),
+    )]
+}
+
+fn clock_jump_menu() -> Menu {
+    vec![(
+        |rng| FaultKind::ClockSkew {
+            // Past the 30-day retention: a node booting with a clock this far ahead.
+            offset_s: rng.gen_range(31..=60) * 86_400,
+        },
+        (2_000, 6_000),
+    )]
+}
+
+fn mixed_menu() -> Menu {
+    let mut menu = kill_menu();
+    menu.extend(pause_menu());
+    menu.extend(partition_menu());
+    menu.extend(network_menu());
+    menu.extend(relay_tcp_menu());
+    // Storage faults end with a restart here: a node left stuck refusing would make the rest
+    // of the run prove little.
+    menu.push((|_| FaultKind::DiskFull { restart: true }, (1_000, 5_000)));
+    menu.push((|_| FaultKind::FsyncFail { restart: true }, (1_000, 5_000)));
+    menu.extend(clock_menu());
+    menu
+}
+
+/// Every scenario.
+pub fn catalogue() -> Vec<Scenario> {
+    let s = |secs| Duration::from_secs(secs);
+    vec![
+        Scenario {
+            name: "smoke",
+            about: "no faults: everything acked arrives once, in order, to the right devices",
+            needs: Needs::default(),
+            window: s(8),
+            menu: no_faults,
+        },
+        Scenario {
+            name: "kill-restart",
+            about: "kill -9 the node and restart it on the same data dir, also in quick loops",
+            needs: Needs::default(),
+            window: s(30),
+            menu: kill_menu,
+        },
+        Scenario {
+            name: "pause",
+            about: "SIGSTOP / SIGCONT the node",
+            needs: Needs::default(),
+            window: s(30),
+            menu: pause_menu,
+        },
+        Scenario {
+            name: "partition",
+            about: "client <-> node partitions: link down, one-way, partial (one client host)",
+            needs: Needs {
+                netns: true,
+                iptables: true,
+                ..Needs::default()
+            },
+            window: s(30),
+            menu: partition_menu,
+        },
+        Scenario {
+            name: "loss",
+            about: "random packet loss (iptables) and a bandwidth limit (tc tbf)",
+            needs: Needs {
+                netns: true,
+                iptables: true,
+                tc: true,
+                ..Needs::default()
+            },
+            window: s(30),
+            menu: network_menu,
+        },
+        Scenario {
+            name: "slow-net",
+            about: "WebSocket through the TCP relay: delay and jitter, connection resets",
+            needs: Needs {
+                relay: true,
+                ..Needs::default()
+            },
+            window: s(30),
+            menu: relay_tcp_menu,
+        },
+        Scenario {
+            name: "quic-chaos",
+            about: "QUIC through the UDP relay: loss, duplication, reordering, jitter",
+            needs: Needs {
+                relay: true,
+                quic: true,
+                ..Needs::default()
+            },
+            window: s(30),
+            menu: relay_udp_menu,
+        },
+        Scenario {
+            name: "disk-full",
+            about: "the node's data dir (a small tmpfs) fills up, then frees",
+            needs: Needs {
+                netns: true,
+                ..Needs::default()
+            },
+            window: s(30),
+            menu: disk_menu,
+        },
+        Scenario {
+            name: "fsync-fail",
+            about: "fsync and fdatasync fail with EIO (libfiu), then work again",
+            needs: Needs {
+                fiu: true,
+                ..Needs::default()
+            },
+            window: s(30),
+            menu: fsync_menu,
+        },
+        Scenario {
+            name: "clock-skew",
+            about: "the node's wall clock jumps hours to days, both ways (libfaketime)",
+            needs: Needs {
+                faketime: true,
+                ..Needs::default()
+            },
+            window: s(30),
+            menu: clock_menu,
+        },
+        Scenario {
+            name: "clock-jump",
+            about: "the node restarts with its clock 31-60 days ahead (past the 30-day retention) \
+                    and back: acked messages still queued must survive",
+            needs: Needs {
+                faketime: true,
+                ..Needs::default()
+            },
+            window: s(30),
+            menu: clock_jump_menu,
+        },
+        Scenario {
+            name: "mixed",
+            about: "all of the above that a single node supports, one after another",
+            needs: Needs {
+                netns: true,
+                iptables: true,
+                tc: true,
+                fiu: true,
+                faketime: true,
+                relay: true,
+                ..Needs::default()
+            },
+            window: s(60),
+            menu: mixed_menu,
+        },
+        Scenario {
+            name: "leader-kill",
+            about: "kill -9 the coordinator leader under load",
+            needs: Needs {
+                cluster: true,
+                ..Needs::default()
+            },
+            window: s(30),
+            menu: no_faults,
+        },
+        Scenario {
+            name: "join-drain",
+            about: "a node joins and another drains under load",
+            needs: Needs {
+                cluster: true,
+                ..Needs::default()
+            },
+            window: s(30),
+            menu: no_faults,
+        },
+    ]
+}
+
+pub fn find(name: &str) -> Option<Scenario> {
+    catalogue().into_iter().find(|s| s.name == name)
+}
+
+/// Options of a run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub seed: u64,
+    pub duration: Option<Duration>,
+    /// Where logs, histories and the node's data go (default under [`crate::hosts::base_dir`]`/runs`).
+    pub run_dir: Option<PathBuf>,
+    pub node_bin: PathBuf,
+    /// This executable (the workload and relay run as its subcommands).
+    pub self_bin: PathBuf,
+    pub force_loopback: bool,
+    pub settle_max: Duration,
+}
+
+/// The parts of a run that faults act on.
+pub struct Rig {
+    pub net: Network,
+    pub node: NodeProcess,
+    pub history: Arc<HistoryWriter>,
+    /// For random choices inside faults (seeded).
+    pub rng: ChaCha8Rng,
+    pub run_dir: PathBuf,
+    relay_control: Option<PathBuf>,
+    relay_reset: u64,
+    relay: Option<(Child, ProcId)>,
+    workloads: Vec<(String, Child, ProcId)>,
+    faketime_file: Option<PathBuf>,
+    tmpfs: Option<PathBuf>,
+}
+
+impl Rig {
+    pub fn process_event(&self, action: &str, detail: &str) {
+        self.history.record(Event::Process {
+            node: self.node.spec.name.clone(),
+            action: action.into(),
+            pid: self.node.pid().unwrap_or(0),
+            detail: detail.into(),
+        });
+    }
+
+    pub async fn kill_node(&mut self) {
+        self.process_event("kill", "SIGKILL");
+        self.node.kill9(&self.net).await;
+    }
+
+    pub async fn start_node(&mut self) -> Result<()> {
+        let pid = self.node.start(&self.net).await?;
+        self.history.record(Event::Process {
+            node: self.node.spec.name.clone(),
+            action: "ready".into(),
+            pid,
+            detail: format!("start #{}", self.node.starts),
+        });
+        Ok(())
+    }
+
+    /// Restarts the node gracefully (SIGTERM, then start on the same data dir).
+    pub async fn restart_node(&mut self) -> Result<()> {
+        self.process_event("term", "SIGTERM");
+        self.node.terminate(&self.net).await;
+        self.start_node().await
+    }
+
+    /// The hosts whose links a bandwidth limit shapes: the node's, and the clients'.
+    pub fn shaped_hosts(&self) -> Vec<Host> {
+        self.net
+            .hosts
+            .iter()
+            .filter(|h| h.name == "node1" || h.name.starts_with("client"))
+            .cloned()
+            .collect()
+    }
+
+    pub fn relay_set(&mut self, mut impairment: Impairment) -> Result<()> {
+        let path = self
+            .relay_control
+            .clone()
+            .context("this run has no relay")?;
+        impairment.reset = self.relay_reset;
+        relay::write_control(&path, &impairment)
+    }
+
+    pub fn relay_reset(&mut self) -> Result<()> {
+        self.relay_reset += 1;
+        self.relay_set(Impairment::default())
+    }
+
+    /// Moves the node's wall clock `offset_s` seconds from the real time (libfaketime re-reads
+    /// its file every second).
+    pub fn set_clock(&mut self, offset_s: i64) -> Result<()> {
+        let path = self
+            .faketime_file
+            .clone()
+            .context("this node does not run under libfaketime")?;
+        std::fs::write(&path, format!("{offset_s:+}\n"))
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Stops everything gracefully (workloads, relay, node), then removes the hosts.
+    async fn shutdown(&mut self) {
+        for (_, child, id) in &mut self.workloads {
+            if tokio::time::timeout(WORKLOAD_EXIT_TIMEOUT, child.wait())
+                .await
+                .is_err()
+            {
+                id.signal_group(nix::sys::signal::Signal::SIGKILL);
+                let _ = child.wait().await;
+            }
+        }
+        if let Some((mut child, id)) = self.relay.take() {
+            id.signal_group(nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait().await;
+        }
+        if self.node.is_running() {
+            self.node.terminate(&self.net).await;
+        }
+        if let Some(mount) = self.tmpfs.take() {
+            crate::hosts::unmount(&mount).await;
+            self.net.untrack_mount(&mount);
+        }
+        self.net.teardown().await;
+    }
+}
+
+/// Runs one scenario and reports.
+pub async fn run(scenario: &Scenario, opts: &RunOptions) -> RunReport {
+    let (mode, mode_note) = Mode::detect(opts.force_loopback);
+    if scenario.needs.cluster {
+        return RunReport::not_run(
+            scenario.name,
+            opts.seed,
+            mode.as_str(),
+            Verdict::Unsupported,
+            "needs a multi-node cluster (Raft coordinator and node joins, issue 5): not \
+             available yet"
+                .into(),
+        );
+    }
+    if scenario.needs.netns && mode == Mode::Loopback {
+        return RunReport::not_run(
+            scenario.name,
+            opts.seed,
+            mode.as_str(),
+            Verdict::Unsupported,
+            format!(
+                "needs network namespaces (root): {}",
+                mode_note.unwrap_or_default()
+            ),
+        );
+    }
+    if let Some(note) = &mode_note {
+        eprintln!("ringpost-chaos: {note}");
+    }
+    let started = std::time::Instant::now();
+    let mut report = match run_inner(scenario, opts, mode).await {
+        Ok(report) => report,
+        Err(e) => RunReport::not_run(
+            scenario.name,
+            opts.seed,
+            mode.as_str(),
+            Verdict::Error,
+            format!("{e:#}"),
+        ),
+    };
+    report.wall_ms = started.elapsed().as_millis() as u64;
+    if let Some(note) = mode_note {
+        report.notes.push(note);
+    }
+    report
+}
+
+async fn ensure_tools(needs: &Needs) -> Result<()> {
+    if needs.iptables {
+        sys::ensure_tool("iptables", "iptables").await?;
+    }
+    if needs.tc {
+        sys::ensure_tool("tc", "iproute2").await?;
+    }
+    if needs.fiu {
+        sys::ensure_tool("fiu-ctrl", "fiu-utils").await?;
+        if !Path::new("/usr/lib/fiu/fiu_posix_preload.so").exists() {
+            bail!("libfiu's preload library is missing: install Debian fiu-utils");
+        }
+    }
+    if needs.faketime {
+        sys::ensure_tool("faketime", "faketime").await?;
+        if !Path::new(node::FAKETIME_LIB).exists() {
+            bail!(
+                "{} is missing: install Debian libfaketime",
+                node::FAKETIME_LIB
+            );
+        }
+    }
+    Ok(())
+}
+
+fn default_run_dir(name: &str, seed: u64) -> PathBuf {
+    crate::hosts::base_dir()
+        .join("runs")
+        .join(format!("{name}-{}-{seed}", crate::hosts::run_id()))
+}
+
+/// The population: [`USERS`] users with one or two devices each, alternating between the two
+/// client hosts.
+pub fn population(seed: u64) -> Vec<UserPlan> {
+    let mut rng = crate::seeded(seed, "population");
+    (0..USERS)
+        .map(|i| UserPlan {
+            user: FIRST_USER + i,
+            devices: rng.gen_range(1..=2),
+            host: format!("client{}", 1 + i % 2),
+        })
+        .collect()
+}
+
+fn spawn_on(
+    net: &Network,
+    host: &Host,
+    what: &str,
+    argv: &[String],
+    log: &Path,
+) -> Result<(Child, ProcId)> {
+    let full = host.command(argv);
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let child = tokio::process::Command::new(&full[0])
+        .args(&full[1..])
+        .stdin(std::process::Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {what}"))?;
+    let id = child
+        .id()
+        .and_then(ProcId::of)
+        .with_context(|| format!("{what} exited at once; see {}", log.display()))?;
+    net.track_process(what, id);
+    Ok((child, id))
+}
+
+async fn run_inner(scenario: &Scenario, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
+    ensure_tools(&scenario.needs).await?;
+    let seed = opts.seed;
+    let window = opts.duration.unwrap_or(scenario.window);
+    let run_dir = opts
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| default_run_dir(scenario.name, seed));
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let run_dir = run_dir.canonicalize()?;
+    let plan = faults::plan(seed, window, &(scenario.menu)());
+    if mode == Mode::Loopback {
+        if let Some(f) = plan.iter().find(|f| needs_netns(&f.kind)) {
+            bail!("fault {} needs network namespaces (root)", f.kind.name());
+        }
+    }
+
+    // Private copies of the binaries: the cargo target dir may be shared, and a build elsewhere
+    // must not swap the node (restarted many times) or the workload under a running scenario.
+    let mut opts = opts.clone();
+    let bin_dir = run_dir.join("bin");
+    opts.node_bin = snapshot_binary(&opts.node_bin, &bin_dir.join("ringpost-node"))?;
+    opts.self_bin = snapshot_binary(&opts.self_bin, &bin_dir.join("ringpost-chaos"))?;
+    let opts = &opts;
+
+    let mut names = vec!["node1", "client1", "client2"];
+    if scenario.needs.relay || plan.iter().any(|f| uses_relay(&f.kind)) {
+        names.push("relay");
+    }
+    let net = Network::create(mode, &run_dir, &names).await?;
+    let clock = Clock::new();
+    let history = Arc::new(HistoryWriter::create(
+        &run_dir.join("history-orchestrator.jsonl"),
+        "orchestrator",
+        clock,
+    )?);
+    history.record(Event::Meta {
+        scenario: scenario.name.into(),
+        seed,
+        mode: mode.as_str().into(),
+    });
+    let node_host = net.host("node1").clone();
+    let data_dir = run_dir.join("node1-data");
+    let uses_fiu = scenario.needs.fiu
+        || plan
+            .iter()
+            .any(|f| matches!(f.kind, FaultKind::FsyncFail { .. }));
+    let spec = NodeSpec {
+        name: "node1".into(),
+        bin: opts.node_bin.clone(),
+        data_dir: data_dir.clone(),
+        log: run_dir.join("node1.log"),
+        device_rate: 200,
+        device_burst: 400,
+        fiu_ctrl: uses_fiu.then(|| run_dir.join("fiu-ctrl")),
+    };
+    let mut rig = Rig {
+        node: NodeProcess::new(spec, node_host.clone()),
+        net,
+        history: history.clone(),
+        rng: crate::seeded(seed, "fault-internals"),
+        run_dir: run_dir.clone(),
+        relay_control: None,
+        relay_reset: 0,
+        relay: None,
+        workloads: Vec::new(),
+        faketime_file: None,
+        tmpfs: None,
+    };
+    let result = drive(&mut rig, scenario, opts, window, &plan, clock).await;
+    // Stop the workloads first (the stop file), then everything else, whatever happened.
+    let _ = std::fs::write(run_dir.join("stop"), b"");
+    rig.shutdown().await;
+    // The binary copies are only needed while the run goes (40 MB each run).
+    let _ = std::fs::remove_dir_all(run_dir.join("bin"));
+    let origin_us = result?;
+
+    // Merge and check.
+    let mut records = Vec::new();
+    for entry in std::fs::read_dir(&run_dir)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("history-") && name.ends_with(".jsonl") {
+            records.extend(history::read(&entry.path())?);
+        }
+    }
+    let records = history::merge(records);
+    let history_path = run_dir.join("history.jsonl");
+    history::write_all(&history_path, &records)?;
+    let checked = check::check(&records);
+    let mut report = RunReport::not_run(
+        scenario.name,
+        seed,
+        mode.as_str(),
+        Verdict::Pass,
+        String::new(),
+    );
+    report.duration_ms = window.as_millis() as u64;
+    report.run_dir = run_dir.display().to_string();
+    report.history = history_path.display().to_string();
+    report.notes = observations(&records, &checked);
+    let passed = checked.passed();
+    report.absorb(checked, origin_us);
+    if !passed {
+        report.verdict = Verdict::Fail;
+        let kinds: Vec<String> = crate::check::CheckReport {
+            violations: report.violations.clone(),
+            ..Default::default()
+        }
+        .by_kind()
+        .iter()
+        .map(|(k, n)| format!("{n} {k:?}").to_lowercase())
+        .collect();
+        report.reason = format!("invariant violations: {}", kinds.join(", "));
+    } else if report.counts.acked == 0 {
+        report.verdict = Verdict::Fail;
+        report.reason = "no message was acked: the run proves nothing".into();
+    } else if report.faults.len() < plan.len() {
+        report.verdict = Verdict::Error;
+        report.reason = format!(
+            "only {} of {} faults applied",
+            report.faults.len(),
+            plan.len()
+        );
+    } else if report.notes.iter().any(|n| n.starts_with("availability:")) {
+        report.reason = "no violation; warning: the node stayed unavailable after a storage \
+                         fault healed (see notes)"
+            .into();
+    }
+    Ok(report)
+}
+
+/// Copies a binary into the run dir and returns the new path (a copy, not a hard link: a
+/// linker may rewrite its output in place). This process's own binary is read through
+/// /proc/self/exe, the very file running now.
+fn snapshot_binary(from: &Path, to: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(to.parent().unwrap_or(Path::new(".")))?;
+    let _ = std::fs::remove_file(to);
+    let is_self = std::env::current_exe().is_ok_and(|me| me == from);
+    let source = if is_self {
+        PathBuf::from("/proc/self/exe")
+    } else {
+        from.to_path_buf()
+    };
+    std::fs::copy(&source, to)
+        .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    Ok(to.to_path_buf())
+}
+
+fn needs_netns(kind: &FaultKind) -> bool {
+    matches!(
+        kind,
+        FaultKind::Partition
+            | FaultKind::OneWayPartition { .. }
+            | FaultKind::PartialPartition { .. }
+            | FaultKind::Loss { .. }
+            | FaultKind::Bandwidth { .. }
+            | FaultKind::DiskFull { .. }
+    )
+}
+
+fn uses_relay(kind: &FaultKind) -> bool {
+    matches!(
+        kind,
+        FaultKind::Delay { .. } | FaultKind::RelayReset | FaultKind::UdpChaos { .. }
+    )
+}
+
+/// Everything from the node's start to the end of settling. Returns the start of sending
+/// (Unix microseconds), the origin of the report's times.
+async fn drive(
+    rig: &mut Rig,
+    scenario: &Scenario,
+    opts: &RunOptions,
+    window: Duration,
+    plan: &[PlannedFault],
+    clock: Clock,
+) -> Result<u64> {
+    let run_dir = rig.run_dir.clone();
+    let data_dir = rig.node.spec.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)?;
+    if plan.iter().any(|f| f.kind.needs_tmpfs()) {
+        rig.net.track_mount(&data_dir)?;
+        let shown = data_dir.display().to_string();
+        sys::run(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={TMPFS_SIZE}"),
+                "tmpfs",
+                &shown,
+            ],
+        )
+        .await?;
+        rig.tmpfs = Some(data_dir.clone());
+    }
+    if scenario.needs.faketime
+        || plan
+            .iter()
+            .any(|f| matches!(f.kind, FaultKind::ClockSkew { .. }))
+    {
+        let file = run_dir.join("faketime");
+        std::fs::write(&file, "+0\n")?;
+        rig.faketime_file = Some(file.clone());
+        rig.node.faketime_file = Some(file.clone());
+    }
+    let relay_ip = rig
+        .net
+        .hosts
+        .iter()
+        .find(|h| h.name == "relay")
+        .map(|h| h.ip);
+    let mut cert_ips = vec![rig.node.host.ip];
+    cert_ips.extend(relay_ip);
+    node::write_dev_certificate(&data_dir, &cert_ips)?;
+    rig.history.record(Event::Process {
+        node: "node1".into(),
+        action: "start".into(),
+        pid: 0,
+        detail: opts.node_bin.display().to_string(),
+    });
+    rig.start_node().await?;
+
+    // The relay, if any, in front of the node.
+    let node_ip = rig.node.host.ip;
+    let mut url = rig.node.ws_url();
+    if let Some(relay_ip) = relay_ip {
+        let control = run_dir.join("relay.json");
+        relay::write_control(&control, &Impairment::default())?;
+        let argv: Vec<String> = vec![
+            opts.self_bin.display().to_string(),
+            "relay".into(),
+            "--tcp".into(),
+            format!("{relay_ip}:{}={node_ip}:{}", node::PORT_WS, node::PORT_WS),
+            "--udp".into(),
+            format!(
+                "{relay_ip}:{}={node_ip}:{}",
+                node::PORT_QUIC,
+                node::PORT_QUIC
+            ),
+            "--control".into(),
+            control.display().to_string(),
+            "--seed".into(),
+            opts.seed.to_string(),
+        ];
+        let log = run_dir.join("relay.log");
+        let host = rig.net.host("relay").clone();
+        let (child, id) = spawn_on(&rig.net, &host, "relay", &argv, &log)?;
+        rig.relay = Some((child, id));
+        rig.relay_control = Some(control);
+        wait_for_line(&log, "relay ready", Duration::from_secs(15)).await?;
+        url = if scenario.needs.quic {
+            format!("quic://{relay_ip}:{}", node::PORT_QUIC)
+        } else {
+            format!("ws://{relay_ip}:{}", node::PORT_WS)
+        };
+    } else if scenario.needs.quic {
+        url = rig.node.quic_url();
+    }
+
+    // Register the population, from client1.
+    let population = population(opts.seed);
+    let spec_for = |host: &str, start_at_us: u64| WorkloadSpec {
+        host: host.into(),
+        url: url.clone(),
+        ca_file: Some(rig.node.ca_file()),
+        codes_file: rig.node.codes_file(),
+        seed: opts.seed,
+        population: population.clone(),
+        credentials: run_dir.join("credentials.json"),
+        history: run_dir.join(format!("history-{host}.jsonl")),
+        start_at_us,
+        send_ms: window.as_millis() as u64,
+        rate_per_device: RATE_PER_DEVICE,
+        receipt_fraction: RECEIPT_FRACTION,
+        stop_file: run_dir.join("stop"),
+        deadline_us: start_at_us
+            + (window + crate::workload::RETRY_GRACE + opts.settle_max + WORKLOAD_EXIT_TIMEOUT)
+                .as_micros() as u64,
+    };
+    let register_spec = run_dir.join("workload-register.json");
+    std::fs::write(
+        &register_spec,
+        serde_json::to_vec_pretty(&spec_for("client1", clock.now_us()))?,
+    )?;
+    let client1 = rig.net.host("client1").clone();
+    let argv = vec![
+        opts.self_bin.display().to_string(),
+        "workload".into(),
+        "--spec".into(),
+        register_spec.display().to_string(),
+        "--register".into(),
+    ];
+    let log = run_dir.join("register.log");
+    let (mut child, id) = spawn_on(&rig.net, &client1, "register", &argv, &log)?;
+    let status = tokio::time::timeout(REGISTER_TIMEOUT, child.wait()).await;
+    rig.net.untrack_process(id);
+    match status {
+        Ok(Ok(status)) if status.success() => {}
+        Ok(_) => bail!(
+            "registering the population failed; see {}:\n{}",
+            log.display(),
+            node::log_tail(&log, 0)
+        ),
+        Err(_) => {
+            id.signal_group(nix::sys::signal::Signal::SIGKILL);
+            bail!("registering the population took over {REGISTER_TIMEOUT:?}")
+        }
+    }
+
+    // The workloads.
+    let start_at_us = clock.now_us() + WORKLOAD_WARMUP.as_micros() as u64;
+    for host in ["client1", "client2"] {
+        let path = run_dir.join(format!("workload-{host}.json"));
+        std::fs::write(
+            &path,
+            serde_json::to_vec_pretty(&spec_for(host, start_at_us))?,
+        )?;
+        let argv = vec![
+            opts.self_bin.display().to_string(),
+            "workload".into(),
+            "--spec".into(),
+            path.display().to_string(),
+        ];
+        let h = rig.net.host(host).clone();
+        let log = run_dir.join(format!("workload-{host}.log"));
+        let (child, id) = spawn_on(&rig.net, &h, host, &argv, &log)?;
+        rig.workloads.push((host.to_string(), child, id));
+    }
+
+    // The faults.
+    let start = tokio::time::Instant::now() + WORKLOAD_WARMUP;
+    for fault in plan {
+        tokio::time::sleep_until(start + fault.at).await;
+        check_workloads(rig)?;
+        let target = fault_target(&fault.kind);
+        // The window opens before the fault is applied and closes after it healed, so it
+        // covers every moment the fault could act.
+        rig.history.record(Event::Fault {
+            id: fault.id,
+            kind: fault.kind.name().into(),
+            phase: Phase::Start,
+            target: target.clone(),
+            detail: fault.kind.describe(),
+        });
+        let applied = faults::apply(rig, fault)
+            .await
+            .with_context(|| format!("applying fault {} ({})", fault.id, fault.kind.name()))?;
+        tokio::time::sleep_until(start + fault.at + fault.duration).await;
+        let healed = faults::heal(rig, fault)
+            .await
+            .with_context(|| format!("healing fault {} ({})", fault.id, fault.kind.name()))?;
+        let describe = fault.kind.describe();
+        rig.history.record(Event::Fault {
+            id: fault.id,
+            kind: fault.kind.name().into(),
+            phase: Phase::End,
+            target,
+            detail: [describe, applied, healed]
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+                .join("; "),
+        });
+    }
+    tokio::time::sleep_until(start + window).await;
+    check_workloads(rig)?;
+
+    // Settle: until every acked message arrived and nothing moved for a while.
+    let settle_deadline = tokio::time::Instant::now() + opts.settle_max;
+    loop {
+        tokio::time::sleep(SETTLE_POLL).await;
+        let (settled, last_us) = settled(&run_dir)?;
+        let quiet = clock.now_us().saturating_sub(last_us) >= SETTLE_QUIET.as_micros() as u64;
+        if (settled && quiet) || tokio::time::Instant::now() >= settle_deadline {
+            break;
+        }
+        check_workloads(rig)?;
+    }
+    Ok(start_at_us)
+}
+
+fn fault_target(kind: &FaultKind) -> String {
+    match kind {
+        FaultKind::PartialPartition { host } => format!("node1<->{host}"),
+        FaultKind::Delay { .. } | FaultKind::RelayReset | FaultKind::UdpChaos { .. } => {
+            "relay".into()
+        }
+        FaultKind::Bandwidth { .. } => "node1,client1,client2".into(),
+        _ => "node1".into(),
+    }
+}
+
+fn check_workloads(rig: &mut Rig) -> Result<()> {
+    for (host, child, _) in &mut rig.workloads {
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = rig.run_dir.join(format!("workload-{host}.log"));
+            bail!(
+                "the workload on {host} exited early ({status}); see {}:\n{}",
+                log.display(),
+                node::log_tail(&log, 0)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Whether every workload finished sending and every acked message and receipt arrived; and
+/// the time of the last event.
+fn settled(run_dir: &Path) -> Result<(bool, u64)> {
+    let mut records = Vec::new();
+    for entry in std::fs::read_dir(run_dir)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("history-client") && name.ends_with(".jsonl") {
+            records.extend(history::read(&entry.path())?);
+        }
+    }
+    let last_us = records.iter().map(|r| r.t_us).max().unwrap_or(0);
+    let done = records
+        .iter()
+        .filter(|r| matches!(&r.event, Event::Workload { phase, .. } if phase == "sending_done"))
+        .count();
+    if done < 2 {
+        return Ok((false, last_us));
+    }
+    let report = check::check(&history::merge(records));
+    let missing = report
+        .violations
+        .iter()
+        .any(|v| v.kind == check::ViolationKind::Lost);
+    Ok((!missing, last_us))
+}
+
+async fn wait_for_line(path: &Path, needle: &str, limit: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if std::fs::read_to_string(path).is_ok_and(|t| t.contains(needle)) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "no {needle:?} in {} after {limit:?}:\n{}",
+                path.display(),
+                node::log_tail(path, 0)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What the run saw besides violations: refusals, unknown outcomes, reconnects, the node's
+/// clock as the acks showed it.
+/// Send-to-ack and ack-to-delivery latencies, outside faults and during each kind of fault:
+/// evidence that a fault did something (a bandwidth limit or a delay shows here even when
+/// nothing breaks).
+fn latency_notes(records: &[history::Record], checked: &check::CheckReport) -> Vec<String> {
+    use std::collections::{BTreeMap, HashMap};
+    let mut first_send: HashMap<(history::Dev, history::MsgId), u64> = HashMap::new();
+    let mut by_kind: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for r in records {
+        match &r.event {
+            Event::Send { from, msg_id, .. } => {
+                first_send.entry((*from, *msg_id)).or_insert(r.t_us);
+            }
+            Event::SendAck {
+                from,
+                msg_id,
+                status,
+                ..
+            } if status == check::STATUS_OK => {
+                let Some(&sent) = first_send.get(&(*from, *msg_id)) else {
+                    continue;
+                };
+                let kind = checked
+                    .faults
+                    .iter()
+                    .find(|f| f.start_us <= sent && f.end_us.is_none_or(|end| sent <= end))
+                    .map_or_else(|| "no fault".to_string(), |f| f.kind.clone());
+                by_kind
+                    .entry(kind)
+                    .or_default()
+                    .push(r.t_us.saturating_sub(sent));
+            }
+            _ => {}
+        }
+    }
+    let mut parts = Vec::new();
+    for (kind, mut lat) in by_kind {
+        lat.sort_unstable();
+        let at = |q: f64| lat[((lat.len() - 1) as f64 * q) as usize] as f64 / 1000.0;
+        parts.push(format!(
+            "{kind}: n={} p50 {:.0} ms p99 {:.0} ms max {:.0} ms",
+            lat.len(),
+            at(0.5),
+            at(0.99),
+            at(1.0)
+        ));
+    }
+    if parts.is_empty() {
+        return Vec::new();
+    }
+    vec![format!(
+        "send -> SendAck latency by sending time: {}",
+        parts.join("; ")
+    )]
+}
+
+fn observations(records: &[history::Record], checked: &check::CheckReport) -> Vec<String> {
+    let c = &checked.counts;
+    let mut notes = vec![format!(
+        "{} messages sent: {} acked, {} refused, {} of unknown outcome ({} of those delivered \
+         anyway); {} deliveries expected, {} made",
+        c.sent,
+        c.acked,
+        c.refused,
+        c.unknown,
+        c.delivered_unacked,
+        c.expected_deliveries,
+        c.delivered
+    )];
+    notes.push(format!(
+        "{} read receipts sent, {} acked, {} delivered; {} delivered receipts from the node; {} \
+         connection drops seen by devices",
+        c.receipts_sent,
+        c.receipts_acked,
+        c.receipts_delivered,
+        c.delivered_receipts,
+        c.disconnects
+    ));
+    if c.storage_refusals > 0 || c.storage_acked > 0 {
+        notes.push(format!(
+            "storage faults: {} attempts refused with StorageUnavailable, {} messages acked \
+             while a storage fault was active ({} of them lost)",
+            c.storage_refusals, c.storage_acked, c.storage_acked_lost
+        ));
+    }
+    let mut errors: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut skew_max_ms: i64 = 0;
+    for r in records {
+        match &r.event {
+            Event::SendError { error, .. } => {
+                let key: String = error.chars().take(60).collect();
+                *errors.entry(key).or_default() += 1;
+            }
+            Event::SendAck { server_time_ms, .. } if *server_time_ms > 0 => {
+                let skew = *server_time_ms as i64 - (r.t_us / 1_000) as i64;
+                if skew.abs() > skew_max_ms.abs() {
+                    skew_max_ms = skew;
+                }
+            }
+            _ => {}
+        }
+    }
+    if !errors.is_empty() {
+        let mut top: Vec<(String, u64)> = errors.into_iter().collect();
+        top.sort_by_key(|b| std::cmp::Reverse(b.1));
+        let shown: Vec<String> = top
+            .iter()
+            .take(5)
+            .map(|(e, n)| format!("{n}x {e}"))
+            .collect();
+        notes.push(format!("send errors (retried): {}", shown.join("; ")));
+    }
+    // Did the node take writes again once a storage fault healed (before anything else
+    // happened to it)?
+    let mut windows: Vec<&check::FaultWindow> = checked.faults.iter().collect();
+    windows.sort_by_key(|f| f.start_us);
+    for (i, fault) in windows.iter().enumerate() {
+        if !check::STORAGE_FAULT_KINDS.contains(&fault.kind.as_str()) {
+            continue;
+        }
+        let Some(healed_us) = fault.end_us else {
+            continue;
+        };
+        let until_us = windows.get(i + 1).map_or(u64::MAX, |next| next.start_us);
+        let from_us = healed_us + 2_000_000;
+        let in_gap = |r: &&history::Record| r.t_us > from_us && r.t_us < until_us;
+        let refused = records
+            .iter()
+            .filter(in_gap)
+            .filter(|r| {
+                matches!(&r.event, Event::SendError { code, .. }
+                    if *code == Some(check::CODE_STORAGE_UNAVAILABLE))
+            })
+            .count();
+        let acked = records
+            .iter()
+            .filter(in_gap)
+            .filter(|r| matches!(&r.event, Event::SendAck { status, .. } if status == "Ok"))
+            .count();
+        if refused > 0 {
+            notes.push(format!(
+                "availability: after {} #{} healed ({}), the node kept refusing: {refused} sends \
+                 answered StorageUnavailable from 2 s after the heal until the next fault or the \
+                 end, {acked} acked (it recovers only by a restart)",
+                fault.kind, fault.id, fault.detail
+            ));
+        }
+    }
+    notes.extend(latency_notes(records, checked));
+    // Above a minute: a replayed SendAck (a retry answered with the original) is older by the
+    // retry's delay, not by a clock offset.
+    if skew_max_ms.abs() > 60_000 {
+        notes.push(format!(
+            "largest node clock offset seen in SendAcks: {:+} s",
+            skew_max_ms / 1_000
+        ));
+    }
+    notes
+}

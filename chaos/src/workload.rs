@@ -1,0 +1,777 @@
+//! The workload: SDK devices sending 1:1 messages and read receipts on a seeded schedule, and
+//! recording every send, `SendAck`, delivery, ack, receipt and connection change into the
+//! history.
+//!
+//! It runs as `ringpost-chaos workload` on a client host, in two steps:
+//! - `--register`: registers every user of the population through the dev node's codes file
+//!   (and links their extra devices), writing the credentials to a file;
+//! - the run: connects the devices of its own host, sends from each on its own schedule (drawn
+//!   from the seed before anything is sent, so the messages, their ids and their recipients are
+//!   the same whatever the faults do), receives and acks until told to stop.
+//!
+//! Every ciphertext names the device it is for and its message ([`body_for`]), so a device given
+//! another device's ciphertext shows it in the history. Sends from one device are sequential, so
+//! its ack order is its send order; a send that gets no answer is retried with the same msg_id
+//! (the node's idempotency key) until it gets one or the retry window closes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use rand::Rng;
+use ringpost_client::{
+    dev, Auth, Client, ClientConfig, ClientError, DeviceCiphertext, Event as SdkEvent, ReceiptKind,
+    SendStatus,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::history::{BodyTag, Clock, Dev, Event, HistoryWriter, MsgId};
+
+/// Messages one device sends in a run, at most.
+pub const MESSAGES_PER_DEVICE_MAX: usize = 20_000;
+
+/// Attempts for one message before it is abandoned (each bounded by the request timeout).
+pub const SEND_ATTEMPTS_MAX: u32 = 1_000;
+
+/// Time one request (a send, a receipt) may take before it is retried.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// Pause between attempts of one message (doubling up to [`RETRY_PAUSE_MAX`]).
+pub const RETRY_PAUSE: Duration = Duration::from_millis(100);
+pub const RETRY_PAUSE_MAX: Duration = Duration::from_secs(2);
+
+/// After the sending window, a message already started is retried this much longer; none is
+/// started after the window.
+pub const RETRY_GRACE: Duration = Duration::from_secs(45);
+
+/// Padding added to each ciphertext, at most (bytes): bodies of varying size.
+pub const PADDING_BYTES_MAX: usize = 512;
+
+/// Read receipts queued per device for sending; more are not sent (the history says so only by
+/// their absence, and a receipt not sent is not checked).
+pub const RECEIPT_QUEUE_MAX: usize = 1024;
+
+/// How often the stop file is looked at.
+const STOP_POLL: Duration = Duration::from_millis(100);
+
+/// Time to connect one device (registration and the first connect of a run).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Attempts at registering one device before the run is given up.
+const REGISTER_ATTEMPTS_MAX: u32 = 5;
+
+/// Ping interval the devices use: a dead connection is noticed after three, 3 s.
+pub const PING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Longest reconnect backoff: after a partition heals, devices are back within this.
+pub const BACKOFF_CAP: Duration = Duration::from_secs(2);
+
+/// A user of the population: its phone number, how many devices, which client host runs them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserPlan {
+    pub user: u64,
+    pub devices: u32,
+    pub host: String,
+}
+
+/// A registered device.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Credential {
+    pub user: u64,
+    pub device: u32,
+    pub token: String,
+    pub host: String,
+}
+
+/// Everything a workload process needs (written by the orchestrator as JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkloadSpec {
+    /// This process's host (`client1`); its devices are the population's with this host.
+    pub host: String,
+    /// Where the devices connect (`ws://…` or `quic://…`, the node or a relay in front of it).
+    pub url: String,
+    pub ca_file: Option<PathBuf>,
+    pub codes_file: PathBuf,
+    pub seed: u64,
+    pub population: Vec<UserPlan>,
+    pub credentials: PathBuf,
+    pub history: PathBuf,
+    /// When sending starts (Unix microseconds) and for how long.
+    pub start_at_us: u64,
+    pub send_ms: u64,
+    /// Messages per second per device (a Poisson schedule).
+    pub rate_per_device: f64,
+    /// Fraction of received messages answered with a read receipt.
+    pub receipt_fraction: f64,
+    /// The orchestrator creates this file when the run is over.
+    pub stop_file: PathBuf,
+    /// Hard end (Unix microseconds), whatever the stop file says.
+    pub deadline_us: u64,
+}
+
+impl WorkloadSpec {
+    fn config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new(self.url.clone());
+        if let Some(ca) = &self.ca_file {
+            config = config.with_ca_file(ca.clone());
+        }
+        config.auto_ack = false;
+        config.request_timeout = REQUEST_TIMEOUT;
+        config.ping_interval = Some(PING_INTERVAL);
+        config.backoff_cap = BACKOFF_CAP;
+        config.reconnect_attempts_max = 100_000;
+        config.connect_timeout = Duration::from_secs(5);
+        config
+    }
+}
+
+/// The ciphertext the workload writes for `to`: it names its recipient device and message.
+pub fn body_for(to: Dev, msg_id: MsgId, from: Dev, padding: usize) -> Bytes {
+    let mut text = format!(
+        "rp1 {}.{} {} {}.{} ",
+        to.user, to.device, msg_id, from.user, from.device
+    );
+    text.extend(std::iter::repeat_n('x', padding.min(PADDING_BYTES_MAX)));
+    Bytes::from(text)
+}
+
+/// Reads what a ciphertext says about itself; `None` if the workload did not write it.
+pub fn parse_body(body: &[u8]) -> Option<BodyTag> {
+    let text = std::str::from_utf8(body).ok()?;
+    let mut parts = text.split_whitespace();
+    if parts.next()? != "rp1" {
+        return None;
+    }
+    let to = parse_dev(parts.next()?)?;
+    let msg_id = parts.next()?.parse().ok()?;
+    Some(BodyTag { to, msg_id })
+}
+
+fn parse_dev(s: &str) -> Option<Dev> {
+    let (user, device) = s.split_once('.')?;
+    Some(Dev {
+        user: user.parse().ok()?,
+        device: device.parse().ok()?,
+    })
+}
+
+/// One planned message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Planned {
+    pub at: Duration,
+    pub to_user: u64,
+    pub msg_id: MsgId,
+    pub padding: usize,
+}
+
+/// The send schedule of one device: Poisson arrivals at `rate` per second over `window`, each to
+/// a random other user, all drawn from the seed.
+pub fn schedule(seed: u64, from: Dev, users: &[u64], rate: f64, window: Duration) -> Vec<Planned> {
+    let mut rng = crate::seeded(seed, &format!("send-{from}"));
+    let others: Vec<u64> = users.iter().copied().filter(|u| *u != from.user).collect();
+    let mut plan = Vec::new();
+    if others.is_empty() || rate <= 0.0 {
+        return plan;
+    }
+    let mut t = 0.0f64;
+    while plan.len() < MESSAGES_PER_DEVICE_MAX {
+        // Exponential gap: -ln(U)/rate.
+        let u: f64 = rng.gen_range(f64::MIN_POSITIVE..1.0);
+        t += -u.ln() / rate;
+        if t >= window.as_secs_f64() {
+            break;
+        }
+        plan.push(Planned {
+            at: Duration::from_secs_f64(t),
+            to_user: others[rng.gen_range(0..others.len())],
+            msg_id: MsgId(rng.gen()),
+            padding: rng.gen_range(0..=PADDING_BYTES_MAX),
+        });
+    }
+    plan
+}
+
+/// Registers every user of the population (primary, then linked devices) and writes the
+/// credentials file.
+pub async fn register(spec: &WorkloadSpec) -> Result<()> {
+    let config = spec.config();
+    let mut credentials = Vec::new();
+    for plan in &spec.population {
+        let (primary, registered) =
+            retry_register(|| dev::register_device(config.clone(), plan.user, &spec.codes_file))
+                .await
+                .with_context(|| format!("registering {}", plan.user))?;
+        credentials.push(Credential {
+            user: registered.user,
+            device: registered.device,
+            token: hex::encode(&registered.token),
+            host: plan.host.clone(),
+        });
+        for _ in 1..plan.devices {
+            let (linked, registered) =
+                retry_register(|| dev::link_device(config.clone(), &primary))
+                    .await
+                    .with_context(|| format!("linking a device to {}", plan.user))?;
+            credentials.push(Credential {
+                user: registered.user,
+                device: registered.device,
+                token: hex::encode(&registered.token),
+                host: plan.host.clone(),
+            });
+            linked.close().await;
+        }
+        primary.close().await;
+    }
+    let tmp = spec.credentials.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&credentials)?)?;
+    std::fs::rename(&tmp, &spec.credentials)?;
+    Ok(())
+}
+
+async fn retry_register<F, Fut, T>(mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ringpost_client::Result<T>>,
+{
+    let mut last = None;
+    for attempt in 0..REGISTER_ATTEMPTS_MAX {
+        match tokio::time::timeout(CONNECT_TIMEOUT, f()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => last = Some(e.to_string()),
+            Err(_) => last = Some("timed out".into()),
+        }
+        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+    }
+    bail!("{}", last.unwrap_or_default())
+}
+
+/// Reads a credentials file.
+pub fn read_credentials(path: &Path) -> Result<Vec<Credential>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(serde_json::from_slice(&bytes)?)
+}
+
+fn code_of(e: &ClientError) -> Option<u16> {
+    match e {
+        ClientError::Server { code, .. } => Some(code.as_u16()),
+        _ => None,
+    }
+}
+
+fn status_name(status: SendStatus) -> String {
+    format!("{status:?}")
+}
+
+/// Runs this host's devices until the stop file appears or the deadline passes.
+pub async fn run(spec: WorkloadSpec) -> Result<()> {
+    let clock = Clock::new();
+    let history = Arc::new(HistoryWriter::create(&spec.history, &spec.host, clock)?);
+    let credentials = read_credentials(&spec.credentials)?;
+    // Every user's devices, for recipient lists.
+    let mut devices: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+    for c in &credentials {
+        devices.entry(c.user).or_default().push(c.device);
+    }
+    for list in devices.values_mut() {
+        list.sort_unstable();
+    }
+    let users: Vec<u64> = devices.keys().copied().collect();
+    let mine: Vec<&Credential> = credentials.iter().filter(|c| c.host == spec.host).collect();
+    let spec = Arc::new(spec);
+    let devices = Arc::new(devices);
+
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut senders = tokio::task::JoinSet::new();
+    for cred in mine {
+        let dev = Dev {
+            user: cred.user,
+            device: cred.device,
+        };
+        history.record(Event::Device {
+            dev,
+            host: spec.host.clone(),
+        });
+        let token = hex::decode(&cred.token).context("credential token")?;
+        let config = spec.config().with_auth(Auth {
+            user: cred.user,
+            device: cred.device,
+            token: Bytes::from(token),
+        });
+        let client = connect_with_retry(config, &spec).await?;
+        let (receipts_tx, receipts_rx) = mpsc::channel(RECEIPT_QUEUE_MAX);
+        tasks.spawn(receive(
+            client.clone(),
+            dev,
+            spec.clone(),
+            history.clone(),
+            receipts_tx,
+        ));
+        tasks.spawn(send_receipts(
+            client.clone(),
+            dev,
+            spec.clone(),
+            history.clone(),
+            devices.clone(),
+            receipts_rx,
+        ));
+        let plan = schedule(
+            spec.seed,
+            dev,
+            &users,
+            spec.rate_per_device,
+            Duration::from_millis(spec.send_ms),
+        );
+        senders.spawn(send(
+            client,
+            dev,
+            plan,
+            spec.clone(),
+            history.clone(),
+            devices.clone(),
+        ));
+    }
+    history.record(Event::Workload {
+        host: spec.host.clone(),
+        phase: "sending".into(),
+    });
+    while let Some(done) = senders.join_next().await {
+        done.context("a sender panicked")?;
+    }
+    history.record(Event::Workload {
+        host: spec.host.clone(),
+        phase: "sending_done".into(),
+    });
+    while let Some(done) = tasks.join_next().await {
+        done.context("a receiver panicked")?;
+    }
+    history.record(Event::Workload {
+        host: spec.host.clone(),
+        phase: "end".into(),
+    });
+    Ok(())
+}
+
+async fn connect_with_retry(config: ClientConfig, spec: &WorkloadSpec) -> Result<Client> {
+    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    loop {
+        match Client::connect(config.clone()).await {
+            Ok(client) => return Ok(client),
+            Err(e) if tokio::time::Instant::now() >= deadline || e.is_terminal() => {
+                bail!("connecting to {}: {e}", spec.url)
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+fn now_us(clock: &Clock) -> u64 {
+    clock.now_us()
+}
+
+fn should_stop(spec: &WorkloadSpec, clock: &Clock) -> bool {
+    now_us(clock) >= spec.deadline_us || spec.stop_file.exists()
+}
+
+fn recipients_of(devices: &BTreeMap<u64, Vec<u32>>, from: Dev, to_user: u64) -> Vec<Dev> {
+    let mut out: Vec<Dev> = devices
+        .get(&to_user)
+        .into_iter()
+        .flatten()
+        .map(|&device| Dev {
+            user: to_user,
+            device,
+        })
+        .collect();
+    out.extend(
+        devices
+            .get(&from.user)
+            .into_iter()
+            .flatten()
+            .filter(|&&d| d != from.device)
+            .map(|&device| Dev {
+                user: from.user,
+                device,
+            }),
+    );
+    out
+}
+
+/// Sends one device's schedule, in order, each message until it is answered.
+async fn send(
+    client: Client,
+    from: Dev,
+    plan: Vec<Planned>,
+    spec: Arc<WorkloadSpec>,
+    history: Arc<HistoryWriter>,
+    devices: Arc<BTreeMap<u64, Vec<u32>>>,
+) {
+    let clock = history.clock();
+    let start_us = spec.start_at_us;
+    let window_end_us = start_us + spec.send_ms * 1_000;
+    let retry_until_us = window_end_us + RETRY_GRACE.as_micros() as u64;
+    for planned in plan {
+        let due_us = start_us + planned.at.as_micros() as u64;
+        let now = clock.now_us();
+        if due_us > now {
+            tokio::time::sleep(Duration::from_micros(due_us - now)).await;
+        }
+        if clock.now_us() >= window_end_us || should_stop(&spec, &clock) {
+            break;
+        }
+        let recipients = recipients_of(&devices, from, planned.to_user);
+        let ciphertexts: Vec<DeviceCiphertext> = recipients
+            .iter()
+            .map(|to| DeviceCiphertext {
+                user: to.user,
+                device: to.device,
+                body: body_for(*to, planned.msg_id, from, planned.padding),
+            })
+            .collect();
+        let mut pause = RETRY_PAUSE;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            history.record(Event::Send {
+                from,
+                to_user: planned.to_user,
+                msg_id: planned.msg_id,
+                attempt,
+                recipients: recipients.clone(),
+            });
+            let answer = tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                client.send(planned.to_user, planned.msg_id.0, ciphertexts.clone()),
+            )
+            .await;
+            let mut wait = pause;
+            match answer {
+                Ok(Ok(ack)) => {
+                    history.record(Event::SendAck {
+                        from,
+                        msg_id: planned.msg_id,
+                        attempt,
+                        status: status_name(ack.status),
+                        server_time_ms: ack.server_time_ms,
+                    });
+                    // Ok is final; so is a refusal (the device lists never change in a run).
+                    break;
+                }
+                Ok(Err(e)) => {
+                    if let Some(after) = e.retry_after() {
+                        wait = wait.max(after);
+                    }
+                    history.record(Event::SendError {
+                        from,
+                        msg_id: planned.msg_id,
+                        attempt,
+                        error: e.to_string(),
+                        code: code_of(&e),
+                    });
+                }
+                Err(_) => {
+                    history.record(Event::SendError {
+                        from,
+                        msg_id: planned.msg_id,
+                        attempt,
+                        error: "timed out".into(),
+                        code: None,
+                    });
+                }
+            }
+            if attempt >= SEND_ATTEMPTS_MAX
+                || clock.now_us() >= retry_until_us
+                || should_stop(&spec, &clock)
+            {
+                history.record(Event::SendAbandoned {
+                    from,
+                    msg_id: planned.msg_id,
+                    attempts: attempt,
+                });
+                break;
+            }
+            tokio::time::sleep(wait).await;
+            pause = (pause * 2).min(RETRY_PAUSE_MAX);
+        }
+    }
+}
+
+/// A read receipt to send: for which message, to which user.
+struct ReceiptJob {
+    to_user: u64,
+    msg_id: MsgId,
+}
+
+/// Receives and acks until stopped; queues read receipts for some messages.
+async fn receive(
+    client: Client,
+    at: Dev,
+    spec: Arc<WorkloadSpec>,
+    history: Arc<HistoryWriter>,
+    receipts: mpsc::Sender<ReceiptJob>,
+) {
+    let clock = history.clock();
+    // `next_event` is never cancelled here (no timeout around it): a call dropped while it
+    // writes acks loses the delivery it already counted as seen. Instead a stopper closes the
+    // client when the run is over, and `next_event` then drains and returns `None`.
+    let stopper = {
+        let client = client.clone();
+        let spec = spec.clone();
+        tokio::spawn(async move {
+            while !should_stop(&spec, &clock) {
+                tokio::time::sleep(STOP_POLL).await;
+            }
+            client.close().await;
+        })
+    };
+    while let Some(event) = client.next_event().await {
+        let mut ack = None;
+        match event {
+            SdkEvent::Message(d) => {
+                let msg_id = MsgId(d.msg_id);
+                let from = Dev {
+                    user: d.from_user,
+                    device: d.from_device,
+                };
+                history.record(Event::Deliver {
+                    at,
+                    seq: d.seq,
+                    msg_id,
+                    from,
+                    body: parse_body(&d.body),
+                });
+                ack = Some(d.seq);
+                if from.user != at.user && wants_receipt(&spec, at, msg_id) {
+                    let _ = receipts.try_send(ReceiptJob {
+                        to_user: from.user,
+                        msg_id,
+                    });
+                }
+            }
+            SdkEvent::Delivered {
+                seq,
+                by_user,
+                by_device,
+                msg_ids,
+                ..
+            } => {
+                ack = Some(seq);
+                record_receipt(&history, at, "delivered", by_user, by_device, msg_ids, seq);
+            }
+            SdkEvent::Read {
+                seq,
+                by_user,
+                by_device,
+                msg_ids,
+                ..
+            } => {
+                ack = Some(seq);
+                record_receipt(&history, at, "read", by_user, by_device, msg_ids, seq);
+            }
+            SdkEvent::Disconnected { reason, .. } => {
+                history.record(Event::Connection {
+                    at,
+                    up: false,
+                    reason,
+                });
+            }
+            SdkEvent::Reconnected { reconnects, .. } => {
+                history.record(Event::Connection {
+                    at,
+                    up: true,
+                    reason: format!("reconnect #{reconnects}"),
+                });
+            }
+            _ => {}
+        }
+        if let Some(seq) = ack {
+            let ok = client.ack(&[seq]).await.is_ok();
+            history.record(Event::Ack {
+                at,
+                seqs: vec![seq],
+                ok,
+            });
+        }
+    }
+    if !should_stop(&spec, &clock) {
+        // The SDK gave up reconnecting (RECONNECT_ATTEMPTS_MAX in a row): the device is gone
+        // for the rest of the run, and what it misses shows as lost.
+        history.record(Event::Connection {
+            at,
+            up: false,
+            reason: "the client gave up reconnecting".into(),
+        });
+    }
+    stopper.abort();
+}
+
+fn record_receipt(
+    history: &HistoryWriter,
+    at: Dev,
+    kind: &str,
+    by_user: u64,
+    by_device: u32,
+    msg_ids: Vec<[u8; 16]>,
+    seq: u64,
+) {
+    history.record(Event::Receipt {
+        at,
+        kind: kind.into(),
+        by: Dev {
+            user: by_user,
+            device: by_device,
+        },
+        msg_ids: msg_ids.into_iter().map(MsgId).collect(),
+        seq,
+    });
+}
+
+/// Whether `at` answers `msg_id` with a read receipt: a seeded coin per (device, message).
+fn wants_receipt(spec: &WorkloadSpec, at: Dev, msg_id: MsgId) -> bool {
+    let mut rng = crate::seeded(spec.seed, &format!("receipt-{at}-{msg_id}"));
+    rng.gen_bool(spec.receipt_fraction.clamp(0.0, 1.0))
+}
+
+/// Sends queued read receipts one at a time, each until answered (bounded like sends).
+async fn send_receipts(
+    client: Client,
+    from: Dev,
+    spec: Arc<WorkloadSpec>,
+    history: Arc<HistoryWriter>,
+    devices: Arc<BTreeMap<u64, Vec<u32>>>,
+    mut jobs: mpsc::Receiver<ReceiptJob>,
+) {
+    let clock = history.clock();
+    let window_end_us = spec.start_at_us + spec.send_ms * 1_000;
+    let retry_until_us = window_end_us + RETRY_GRACE.as_micros() as u64;
+    loop {
+        let job = match tokio::time::timeout(STOP_POLL, jobs.recv()).await {
+            Err(_) if should_stop(&spec, &clock) => return,
+            Err(_) => continue,
+            Ok(None) => return,
+            Ok(Some(job)) => job,
+        };
+        // No new receipts after the sending window: the run is settling.
+        if clock.now_us() >= window_end_us {
+            continue;
+        }
+        let mut id_rng = crate::seeded(spec.seed, &format!("receipt-id-{from}-{}", job.msg_id));
+        let receipt_id = MsgId(id_rng.gen());
+        let recipients: Vec<Dev> = devices
+            .get(&job.to_user)
+            .into_iter()
+            .flatten()
+            .map(|&device| Dev {
+                user: job.to_user,
+                device,
+            })
+            .collect();
+        history.record(Event::ReceiptSend {
+            from,
+            to_user: job.to_user,
+            receipt_id,
+            msg_ids: vec![job.msg_id],
+            recipients,
+        });
+        let mut pause = RETRY_PAUSE;
+        for _ in 0..SEND_ATTEMPTS_MAX {
+            let answer = tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                client.receipt(
+                    job.to_user,
+                    receipt_id.0,
+                    ReceiptKind::Read,
+                    vec![job.msg_id.0],
+                ),
+            )
+            .await;
+            match answer {
+                Ok(Ok(ack)) => {
+                    history.record(Event::ReceiptAck {
+                        from,
+                        receipt_id,
+                        status: status_name(ack.status),
+                    });
+                    break;
+                }
+                Ok(Err(e)) => {
+                    history.record(Event::ReceiptAck {
+                        from,
+                        receipt_id,
+                        status: format!("error: {e}"),
+                    });
+                }
+                Err(_) => {
+                    history.record(Event::ReceiptAck {
+                        from,
+                        receipt_id,
+                        status: "error: timed out".into(),
+                    });
+                }
+            }
+            if clock.now_us() >= retry_until_us || should_stop(&spec, &clock) {
+                break;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(RETRY_PAUSE_MAX);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_name_their_device_and_message() {
+        let to = Dev {
+            user: 15550002,
+            device: 3,
+        };
+        let from = Dev {
+            user: 15550001,
+            device: 1,
+        };
+        let body = body_for(to, MsgId([0xab; 16]), from, 40);
+        let tag = parse_body(&body).unwrap();
+        assert_eq!(tag.to, to);
+        assert_eq!(tag.msg_id, MsgId([0xab; 16]));
+        assert_eq!(parse_body(b"something else"), None);
+        assert_eq!(parse_body(b""), None);
+    }
+
+    #[test]
+    fn schedules_are_fixed_by_the_seed_and_bounded() {
+        let from = Dev { user: 1, device: 1 };
+        let users = [1, 2, 3];
+        let a = schedule(42, from, &users, 5.0, Duration::from_secs(20));
+        let b = schedule(42, from, &users, 5.0, Duration::from_secs(20));
+        let c = schedule(43, from, &users, 5.0, Duration::from_secs(20));
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert!((60..160).contains(&a.len()), "about 100: {}", a.len());
+        assert!(a
+            .iter()
+            .all(|p| p.to_user != 1 && p.at < Duration::from_secs(20)));
+        assert!(a.windows(2).all(|w| w[0].at <= w[1].at));
+        let huge = schedule(1, from, &users, 1e9, Duration::from_secs(1));
+        assert_eq!(huge.len(), MESSAGES_PER_DEVICE_MAX);
+        assert!(schedule(1, from, &[1], 5.0, Duration::from_secs(1)).is_empty());
+    }
+
+    #[test]
+    fn recipients_are_the_other_users_devices_and_our_other_devices() {
+        let mut devices = BTreeMap::new();
+        devices.insert(1, vec![1, 2]);
+        devices.insert(2, vec![1, 2, 3]);
+        let got = recipients_of(&devices, Dev { user: 1, device: 2 }, 2);
+        let want: Vec<Dev> = [(2, 1), (2, 2), (2, 3), (1, 1)]
+            .iter()
+            .map(|&(user, device)| Dev { user, device })
+            .collect();
+        assert_eq!(got, want);
+    }
+}

@@ -1,0 +1,148 @@
+//! `ringpost-chaos run smoke` with the real node binary: a namespace host for the node and two
+//! for the clients (loopback addresses without root), SDK devices sending for a few seconds, no
+//! faults; the checker must find nothing and the hosts must be gone afterwards.
+//!
+//! The node binary is `RINGPOST_NODE_BIN` if set, else `ringpost-node` in this test's target
+//! dir (`make test` builds it first with `cargo build --workspace --bins`; alone, run
+//! `cargo build -p ringpost-node` before `cargo test -p ringpost-chaos`).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// The whole run, bounded well under the 3 minutes `make test` allows it.
+const RUN_TIMEOUT: Duration = Duration::from_secs(170);
+
+fn chaos_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ringpost-chaos"))
+}
+
+fn node_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("RINGPOST_NODE_BIN") {
+        return PathBuf::from(path);
+    }
+    // target/debug/ringpost-chaos -> target/debug/ringpost-node
+    let path = chaos_bin().with_file_name("ringpost-node");
+    assert!(
+        path.is_file(),
+        "{} is missing: build it with `cargo build -p ringpost-node` (make test does) or set \
+         RINGPOST_NODE_BIN",
+        path.display()
+    );
+    path
+}
+
+/// Owns the chaos process: whatever happens to the test, the process is stopped (SIGTERM, which
+/// makes it tear its hosts down; SIGKILL if it does not exit) and `cleanup` runs after it.
+struct RunGuard {
+    child: Child,
+}
+
+impl RunGuard {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the exit, polling (bounded by `limit`).
+    fn wait(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            #[allow(clippy::disallowed_methods)] // a test thread, no runtime to block
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    }
+}
+
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let pid = Pid::from_raw(self.child.id() as i32);
+            let _ = kill(pid, Signal::SIGTERM);
+            if self.wait(Duration::from_secs(20)).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+        // Removes anything a killed run left (only runs whose owner is gone).
+        let _ = Command::new(chaos_bin())
+            .arg("cleanup")
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
+#[test]
+fn smoke_finds_nothing_and_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let report_path = dir.path().join("report.json");
+    let run_dir = dir.path().join("run");
+    let started = Instant::now();
+    let child = Command::new(chaos_bin())
+        .args(["run", "smoke", "--seed", "20251123", "--json"])
+        .arg(&report_path)
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .arg("--node-bin")
+        .arg(node_bin())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut guard = RunGuard { child };
+    let status = guard
+        .wait(RUN_TIMEOUT)
+        .unwrap_or_else(|| panic!("smoke took longer than {RUN_TIMEOUT:?}"));
+    let elapsed = started.elapsed();
+    let report: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&report_path).unwrap_or_else(|e| panic!("no report ({e}); exit {status}")),
+    )
+    .unwrap();
+    let shown = serde_json::to_string_pretty(&report).unwrap();
+    assert!(status.success(), "exit {status}: {shown}");
+    assert_eq!(report["verdict"], "pass", "{shown}");
+    let counts = &report["counts"];
+    let n = |k: &str| {
+        counts[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no count {k}: {shown}"))
+    };
+    assert!(
+        n("acked") > 50,
+        "a smoke run acks hundreds of messages: {shown}"
+    );
+    for k in ["lost", "duplicated", "reordered", "leaked", "phantom"] {
+        assert_eq!(n(k), 0, "{k}: {shown}");
+    }
+    assert_eq!(n("delivered"), n("expected_deliveries"), "{shown}");
+    assert!(n("receipts_delivered") > 0, "{shown}");
+    assert_eq!(report["faults"].as_array().unwrap().len(), 0);
+    eprintln!("smoke: {} acked in {elapsed:?}", n("acked"));
+
+    // Nothing of the run is left: namespaces, links, state file.
+    let run_id = format!("rpc-{}", guard.pid());
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !text.contains(&format!("{run_id}-")),
+            "namespaces left: {text}"
+        );
+    }
+    if let Ok(out) = Command::new("ip").args(["-o", "link", "show"]).output() {
+        let text = String::from_utf8_lossy(&out.stdout);
+        let link = format!("rpc{}", guard.pid());
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.contains(&format!(" {link}b")) || l.contains(&format!(" {link}h"))),
+            "links left: {text}"
+        );
+    }
+    let state = ringpost_chaos::hosts::state_dir().join(format!("{run_id}.json"));
+    assert!(!state.exists(), "state file left: {}", state.display());
+}
