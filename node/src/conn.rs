@@ -5,7 +5,6 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Instant;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -306,9 +305,4 @@ async fn next_answer(pending: &mut Option<Box<Pending>>) -> Option<(u32, Answer)
         Some(p) => p.next().await,
         None => std::future::pending().await,
     }
-}
-
-/// Milliseconds of wall time, for metrics and logs.
-pub fn elapsed_ms(since: Instant) -> f64 {
-    since.elapsed().as_secs_f64() * 1e3
 }

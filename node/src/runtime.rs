@@ -138,7 +138,6 @@ impl Node {
         let inbox_config = {
             let mut c = opts.inbox.clone();
             c.shard_count = opts.server.shard_count;
-            c.retention_ms = opts.server.retention_ms;
             let m = metrics.clone();
             c.observer = Some(Arc::new(move |d: Duration, n: usize| {
                 m.wal_sync.observe(d);

@@ -37,8 +37,6 @@ pub const RATE_LIMITER_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 pub struct ServerConfig {
     pub node_id: u64,
     pub shard_count: u16,
-    /// How long an undelivered message is kept (the inbox enforces it; entries carry it).
-    pub retention_ms: u64,
     pub device_rate_per_s: u32,
     pub device_burst: u32,
     pub keepalive: crate::session::Keepalive,
@@ -49,7 +47,6 @@ impl Default for ServerConfig {
         ServerConfig {
             node_id: 1,
             shard_count: crate::shard::SHARD_COUNT_DEFAULT,
-            retention_ms: crate::inbox::RETENTION_MS_DEFAULT,
             device_rate_per_s: DEVICE_RATE_PER_S,
             device_burst: DEVICE_BURST,
             keepalive: Default::default(),
@@ -470,7 +467,6 @@ impl Server {
         let mut own_given = BTreeSet::new();
         let mut to_entries = Vec::with_capacity(send.ciphertexts.len());
         let mut own_entries = Vec::new();
-        let expires = now.saturating_add(self.config.retention_ms);
         for c in send.ciphertexts {
             let entry = Entry {
                 kind: EntryKind::Message,
@@ -478,7 +474,8 @@ impl Server {
                 from_device: device,
                 msg_id,
                 server_time_ms: now,
-                expires_at_ms: expires,
+                // The inbox stamps both times when it stores the entry.
+                expires_at_ms: 0,
                 body: c.body,
                 receipt_msg_ids: Vec::new(),
             };
@@ -684,7 +681,7 @@ impl Server {
             from_device,
             msg_id,
             server_time_ms: now,
-            expires_at_ms: now.saturating_add(self.config.retention_ms),
+            expires_at_ms: 0, // set by the inbox
             body: Bytes::new(),
             receipt_msg_ids: msg_ids,
         }
