@@ -625,6 +625,15 @@ impl Accounts {
         self.cache.clear();
     }
 
+    /// Forgets the cached device lists of `shard`'s users, after a hand-off imported or dropped
+    /// the shard's accounts behind this service's back (see [`crate::handoff`]). A lookup
+    /// racing with the call cannot re-insert a list it read before. Visits every cache slot.
+    pub fn forget_cached_shard(&self, shard: ShardId) {
+        let shard_count = self.config.shard_count;
+        self.cache
+            .forget_where(|user| shard_of(user, shard_count) == shard);
+    }
+
     /// Deletes verification state of `shard` that no longer matters: pending codes that are
     /// used or expired and whose throttles have lapsed, and expired link codes. Looks at up to
     /// `scan_limit` records starting at `resume_from` (from a previous [`Sweep`], or `None`

@@ -15,10 +15,15 @@
 //!
 //! Seqs of a device start at 1 and only grow: `next_seq` is persisted with every append and
 //! survives acks, expiry, [`Inbox::drop_device`] and restarts, so a seq is never handed out twice.
+//!
+//! Shard hand-off (see [`crate::handoff`]): the writer is also the node's single writer of
+//! whole shards ([`Inbox::import`], [`Inbox::drop_shard`]), and it fences appends per shard
+//! ([`Inbox::set_writable`], [`Inbox::sync_barrier`]).
 
 mod codec;
 mod entry;
 mod error;
+mod gate;
 mod keys;
 mod records;
 mod writer;
@@ -35,8 +40,10 @@ use tokio::sync::{mpsc, oneshot};
 pub use entry::{Entry, EntryKind};
 pub use error::InboxError;
 
-use crate::shard::{shard_of, SHARD_COUNT_DEFAULT};
-use crate::storage::{prefix_end, Cf, Engine, StorageError};
+use crate::handoff::{self, Row};
+use crate::shard::{shard_of, ShardId, SHARD_COUNT_DEFAULT};
+use crate::storage::{prefix_end, successor, Cf, Engine, StorageError};
+use gate::ShardGate;
 use keys::{device_prefix, inbox_key, parse_inbox_key, parse_meta_key, DEVICE_PREFIX_LEN};
 use records::{DedupRecord, DeviceMeta};
 use writer::{Reply, Request, Writer};
@@ -85,7 +92,9 @@ pub const GROUP_REQUESTS_MAX_DEFAULT: usize = 512;
 /// Default of [`InboxConfig::group_bytes_max`]: one group is one WAL write of about this size.
 pub const GROUP_BYTES_MAX_DEFAULT: usize = 8 * 1024 * 1024;
 /// Default of [`InboxConfig::queue_depth`]. Memory: up to `1024 * APPEND_BYTES_MAX` = 256 MiB
-/// queued at the very worst (every request a maximal append); about 1 KiB each typically.
+/// queued at the very worst (every request a maximal append); about 1 KiB each typically. A
+/// hand-off import holds up to [`crate::handoff::CHUNK_BYTES_MAX`] instead, one per pull in
+/// flight.
 pub const QUEUE_DEPTH_DEFAULT: usize = 1024;
 
 /// Called by the writer after every group commit attempt with the latency of the synced write
@@ -233,6 +242,7 @@ struct Inner {
     engine: Arc<dyn Engine>,
     config: InboxConfig,
     entries_total: Arc<AtomicU64>,
+    gate: Arc<ShardGate>,
 }
 
 impl Drop for Inner {
@@ -252,11 +262,13 @@ impl Inbox {
     pub fn start(engine: Arc<dyn Engine>, config: InboxConfig) -> Result<Inbox, InboxError> {
         config.validate()?;
         let entries_total = Arc::new(AtomicU64::new(count_entries(&*engine)?));
+        let gate = Arc::new(ShardGate::new(config.shard_count));
         let (tx, rx) = mpsc::channel(config.queue_depth);
         let writer = Writer {
             engine: Arc::clone(&engine),
             config: config.clone(),
             entries_total: Arc::clone(&entries_total),
+            gate: Arc::clone(&gate),
             rx,
         };
         let handle = std::thread::Builder::new()
@@ -270,6 +282,7 @@ impl Inbox {
                 engine,
                 config,
                 entries_total,
+                gate,
             }),
         })
     }
@@ -318,6 +331,83 @@ impl Inbox {
             reply,
         })
         .await
+    }
+
+    /// Opens or closes `shard` for appends on this node (all are open at start). An append to a
+    /// closed shard is answered [`InboxError::WrongOwner`] and stores nothing; acks, expiry and
+    /// [`Inbox::drop_device`] still run. The writer reads the flag when it handles an append.
+    ///
+    /// The fence: once `set_writable(s, false)` has returned and a [`Inbox::sync_barrier`]
+    /// called after it has answered, no append to `s` commits until `s` is opened again, and
+    /// every append to `s` that was or will be answered `Stored` is durable, so an export of
+    /// `s` started after the barrier sees all of them. (An append handled before the writer
+    /// received the barrier is committed before the barrier answers; one handled after it
+    /// sees the flag cleared, the queue ordering the two.)
+    pub fn set_writable(&self, shard: ShardId, writable: bool) {
+        let known = self.inner.gate.set(shard, writable);
+        debug_assert!(known, "no shard {shard}");
+        if !known {
+            tracing::error!(
+                shard,
+                writable,
+                "set_writable of a shard that does not exist"
+            );
+        }
+    }
+
+    /// Whether `shard` takes appends on this node (`false` for a shard that does not exist).
+    pub fn is_writable(&self, shard: ShardId) -> bool {
+        self.inner.gate.is_writable(shard)
+    }
+
+    /// Answers once every request queued before it is committed and durable: a synced write
+    /// (of nothing) after them, which syncs the unsynced writes of [`Inbox::import`] too. Use
+    /// it to end an import, and after closing a shard (see [`Inbox::set_writable`]).
+    pub async fn sync_barrier(&self) -> Result<(), InboxError> {
+        self.call(|reply| Request::SyncBarrier { reply }).await
+    }
+
+    /// Writes one chunk of hand-off rows of `shard` (of any [`handoff::SHARD_CFS`] family, as
+    /// exported by its old owner) in one batch, NOT synced: an import ends with
+    /// [`Inbox::sync_barrier`] ([`handoff::finish_import`]). Rows are checked with
+    /// [`handoff::validate_rows`] first (call it yourself to learn why rows are refused);
+    /// refused rows store nothing.
+    ///
+    /// No append to `shard` may be accepted on this node until the import is complete (the
+    /// router's readiness or [`Inbox::set_writable`]): imported counters replace local ones,
+    /// so seqs handed out meanwhile would be handed out again.
+    ///
+    /// Returns the change of [`Inbox::entries_total`]: the gauge is the sum of the stored
+    /// per-device counts (as computed at start), so an imported counter adds its count minus
+    /// that of the counter it replaces; entries rows do not count by themselves. Importing the
+    /// same chunk again therefore changes nothing, and a partial import (entries whose counters
+    /// never came) is not counted and leaves nothing to subtract when [`Inbox::drop_shard`]
+    /// cleans it up, before or after a restart.
+    pub async fn import(&self, shard: ShardId, rows: Vec<Row>) -> Result<i64, InboxError> {
+        self.check_shard(shard)?;
+        if let Err(err) = handoff::validate_rows(shard, &rows) {
+            tracing::warn!(%err, shard, "refusing hand-off rows");
+            return Err(InboxError::Invalid("hand-off rows failed validation"));
+        }
+        self.call(|reply| Request::Import { shard, rows, reply })
+            .await
+    }
+
+    /// Deletes every row of `shard` in every [`handoff::SHARD_CFS`] family (range deletes, one
+    /// synced write) and subtracts what its counters held from [`Inbox::entries_total`], which
+    /// it returns. Close the shard first ([`Inbox::set_writable`]): an append committed after
+    /// the drop would stay behind. [`handoff::drop_shard`] also updates the accounts cache.
+    pub async fn drop_shard(&self, shard: ShardId) -> Result<u64, InboxError> {
+        self.check_shard(shard)?;
+        self.call(|reply| Request::DropShard { shard, reply }).await
+    }
+
+    fn check_shard(&self, shard: ShardId) -> Result<(), InboxError> {
+        if shard < self.inner.config.shard_count {
+            Ok(())
+        } else {
+            Err(InboxError::Invalid("no such shard"))
+        }
     }
 
     /// Up to `limit` (at most [`READ_ENTRIES_MAX`]) unexpired entries of a device with
@@ -519,22 +609,19 @@ fn validate_append(append: &Append) -> Result<(), InboxError> {
     limit("append bytes", bytes, APPEND_BYTES_MAX)
 }
 
-/// The smallest key after `key`.
-fn successor(key: &[u8]) -> Vec<u8> {
-    let mut next = Vec::with_capacity(key.len() + 1);
-    next.extend_from_slice(key);
-    next.push(0);
-    next
-}
-
 /// Sums the entry counts of every device, in pages.
 fn count_entries(engine: &dyn Engine) -> Result<u64, StorageError> {
+    // Above every shard-prefixed key: shard ids are below u16::MAX.
+    count_entries_in(engine, &[], &[0xff, 0xff])
+}
+
+/// Sums the entry counts of the devices whose counters' keys are in `[from, end)`, in pages.
+fn count_entries_in(engine: &dyn Engine, from: &[u8], end: &[u8]) -> Result<u64, StorageError> {
     const PAGE: usize = 4096;
-    let end = [0xff, 0xff];
-    let mut from = Vec::new();
+    let mut from = from.to_vec();
     let mut total = 0u64;
     loop {
-        let page = engine.scan(Cf::InboxMeta, &from, &end, PAGE)?;
+        let page = engine.scan(Cf::InboxMeta, &from, end, PAGE)?;
         for (key, value) in &page {
             if parse_meta_key(key).is_none() {
                 return Err(codec::corrupt("inbox_meta", "malformed meta key"));
@@ -1444,6 +1531,9 @@ mod tests {
     mod rocks_engine {
         inbox_cases!(crate::storage::suite::rocks_fixture);
     }
+
+    /// Hand-off: the write fence, imports, shard drops and the sync barrier.
+    mod handoff;
 
     // ---- Engine-independent checks. ----
 

@@ -13,6 +13,7 @@ pub mod admin;
 pub mod clock;
 pub mod cluster;
 pub mod conn;
+pub mod handoff;
 pub mod inbox;
 pub mod keys;
 pub mod metrics;

@@ -148,7 +148,9 @@ pub trait Engine: Send + Sync + 'static {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>>;
 
     /// Applies `batch` atomically. With `sync`, returns only once the batch is durable (the WAL
-    /// is fsynced); callers batch many logical writes into one synced write.
+    /// is fsynced); callers batch many logical writes into one synced write. A synced write
+    /// also makes every write that returned before it durable (the WAL is one append-only log),
+    /// and that holds for an empty batch too: it is how a barrier syncs earlier unsynced writes.
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<()>;
 
     /// Up to `limit` pairs with `from <= key < to`, in key order.
@@ -176,6 +178,14 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     }
     // Only 0xff bytes: every key with this prefix sorts before a longer run of 0xff.
     vec![0xff; prefix.len() + 1]
+}
+
+/// The smallest key after `key`: a scan resuming after `key` starts here.
+pub fn successor(key: &[u8]) -> Vec<u8> {
+    let mut next = Vec::with_capacity(key.len() + 1);
+    next.extend_from_slice(key);
+    next.push(0);
+    next
 }
 
 /// Builds a key: the shard id first, big-endian, then the given parts.

@@ -169,6 +169,26 @@ impl DeviceCache {
         }
     }
 
+    /// Forgets every cached user for whom `forget` holds (e.g. the users of one shard) and,
+    /// like [`DeviceCache::invalidate`], fences off every fill that started before this call.
+    /// Visits every slot: O(capacity).
+    pub fn forget_where(&self, mut forget: impl FnMut(UserId) -> bool) {
+        for part in self.parts.iter() {
+            let mut guard = part.lock().unwrap_or_else(|e| e.into_inner());
+            let part = &mut *guard;
+            part.generation = part.generation.wrapping_add(1);
+            part.slots.retain(|slot| !forget(slot.user));
+            part.index.clear();
+            part.index.extend(
+                part.slots
+                    .iter()
+                    .enumerate()
+                    .map(|(i, slot)| (slot.user, i)),
+            );
+            part.hand = 0;
+        }
+    }
+
     #[cfg(test)]
     pub fn len(&self) -> usize {
         self.parts
@@ -209,6 +229,36 @@ mod tests {
         assert_eq!(c.get(1).unwrap().as_slice(), &[1]);
         c.clear();
         assert_eq!(c.get(1), None);
+        assert_eq!(c.len(), 0);
+    }
+
+    #[test]
+    fn forget_where_keeps_the_others_and_fences_fills() {
+        let cap = CACHE_SHARDS * 8;
+        let c = DeviceCache::new(cap);
+        let generations: Vec<u64> = (0..40u64).map(|user| c.generation(user)).collect();
+        for user in 0..40u64 {
+            c.fill(user, DeviceSet::new(&[1]), generations[user as usize]);
+        }
+        let cached: Vec<u64> = (0..40u64).filter(|&u| c.get(u).is_some()).collect();
+        c.forget_where(|user| user % 2 == 0);
+        for &user in &cached {
+            assert_eq!(c.get(user).is_some(), user % 2 == 1, "user {user}");
+        }
+        assert_eq!(c.len(), cached.iter().filter(|&&u| u % 2 == 1).count());
+        // A fill that read storage before the call is dropped.
+        c.fill(2, DeviceSet::new(&[1]), generations[2]);
+        assert_eq!(c.get(2), None);
+        // Index and slots still agree: fills, evictions and invalidations keep working.
+        for user in 1000..1200u64 {
+            let g = c.generation(user);
+            c.fill(user, DeviceSet::new(&[2]), g);
+            assert!(c.len() <= cap);
+        }
+        for user in (1..40u64).step_by(2).chain(1000..1200) {
+            c.invalidate(user);
+            assert_eq!(c.get(user), None);
+        }
         assert_eq!(c.len(), 0);
     }
 

@@ -2,6 +2,7 @@
 
 use ringpost_wire::ErrorCode;
 
+use crate::shard::ShardId;
 use crate::storage::StorageError;
 
 /// Why an inbox call failed. On any error nothing of that call was made durable, except that a
@@ -22,6 +23,10 @@ pub enum InboxError {
     /// The request is inconsistent (a caller bug, not client input that got this far).
     #[error("invalid inbox request: {0}")]
     Invalid(&'static str),
+    /// The shard is closed for appends on this node (it is being handed off, or was): nothing
+    /// was stored; the sender refreshes its routing and retries at the owner.
+    #[error("shard {shard} does not take appends on this node")]
+    WrongOwner { shard: ShardId },
     /// The writer thread is gone (the node is shutting down).
     #[error("the inbox is shut down")]
     Closed,
@@ -35,6 +40,7 @@ impl InboxError {
             InboxError::Storage(_) => ErrorCode::StorageUnavailable,
             InboxError::LimitExceeded { .. } => ErrorCode::LimitExceeded,
             InboxError::Invalid(_) => ErrorCode::Internal,
+            InboxError::WrongOwner { .. } => ErrorCode::WrongOwner,
             InboxError::Closed => ErrorCode::ShuttingDown,
         }
     }
@@ -75,6 +81,7 @@ mod tests {
                 ErrorCode::LimitExceeded,
             ),
             (InboxError::Invalid("x"), ErrorCode::Internal),
+            (InboxError::WrongOwner { shard: 3 }, ErrorCode::WrongOwner),
             (InboxError::Closed, ErrorCode::ShuttingDown),
         ];
         for (err, code) in cases {

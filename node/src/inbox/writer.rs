@@ -11,6 +11,10 @@
 //! so after a failed write (whose batch was never applied) nothing in memory can drift from
 //! disk. The only cross-group state is the `entries_total` gauge, which moves by a group's
 //! delta only once its write succeeded.
+//!
+//! Hand-off requests (import, shard drop, sync barrier) each form a group of their own: they
+//! touch whole shards, which the overlay of per-device state does not model, and an import's
+//! write is the only one not synced.
 
 use std::collections::btree_map::Entry as MapEntry;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -23,11 +27,13 @@ use ringpost_wire::{DeviceId, UserId};
 use tokio::sync::{mpsc, oneshot};
 
 use super::entry::{Entry, EntryKind};
-use super::keys::{dedup_key, device_prefix, inbox_key, parse_inbox_key};
+use super::gate::ShardGate;
+use super::keys::{dedup_key, device_prefix, inbox_key, parse_inbox_key, parse_meta_key};
 use super::records::{DedupRecord, DeviceMeta};
-use super::{Acked, Append, AppendOutcome, InboxConfig, InboxError};
-use crate::shard::shard_of;
-use crate::storage::{prefix_end, Cf, Engine, StorageError, WriteBatch};
+use super::{count_entries_in, Acked, Append, AppendOutcome, InboxConfig, InboxError};
+use crate::handoff::{Row, SHARD_CFS};
+use crate::shard::{shard_of, ShardId};
+use crate::storage::{key, prefix_end, Cf, Engine, StorageError, WriteBatch};
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, InboxError>>;
 
@@ -64,6 +70,16 @@ pub(crate) enum Request {
         now_ms: u64,
         reply: Reply<u64>,
     },
+    /// Hand-off rows of a closed shard, already validated; written unsynced.
+    Import {
+        shard: ShardId,
+        rows: Vec<Row>,
+        reply: Reply<i64>,
+    },
+    /// Deletes every row of a closed shard.
+    DropShard { shard: ShardId, reply: Reply<u64> },
+    /// A synced write, even of nothing: answered once everything before it is durable.
+    SyncBarrier { reply: Reply<()> },
 }
 
 impl Request {
@@ -81,8 +97,29 @@ impl Request {
                 Request::ExpireEntries { keys, .. } | Request::ExpireDedup { keys, .. } => {
                     keys.iter().map(Vec::len).sum()
                 }
+                Request::Import { rows, .. } => rows.iter().map(Row::encoded_len).sum(),
+                Request::DropShard { .. } | Request::SyncBarrier { .. } => 0,
             }
     }
+
+    /// Whether the request must be a group of its own (see the module documentation).
+    fn is_exclusive(&self) -> bool {
+        matches!(
+            self,
+            Request::Import { .. } | Request::DropShard { .. } | Request::SyncBarrier { .. }
+        )
+    }
+}
+
+/// How a group's batch is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// Synced; an empty batch is not written at all.
+    Synced,
+    /// Not synced: a hand-off import, made durable by the barrier that ends it.
+    Unsynced,
+    /// Synced even when empty: a sync barrier.
+    Barrier,
 }
 
 /// The writer thread's state.
@@ -90,6 +127,7 @@ pub(crate) struct Writer {
     pub(crate) engine: Arc<dyn Engine>,
     pub(crate) config: InboxConfig,
     pub(crate) entries_total: Arc<AtomicU64>,
+    pub(crate) gate: Arc<ShardGate>,
     pub(crate) rx: mpsc::Receiver<Request>,
 }
 
@@ -107,11 +145,12 @@ impl Writer {
                 },
             };
             let mut bytes = first.cost_bytes();
+            let alone = first.is_exclusive();
             let mut group = vec![first];
-            while group.len() < self.config.group_requests_max {
+            while !alone && group.len() < self.config.group_requests_max {
                 let Ok(next) = self.rx.try_recv() else { break };
                 let cost = next.cost_bytes();
-                if bytes + cost > self.config.group_bytes_max {
+                if next.is_exclusive() || bytes + cost > self.config.group_bytes_max {
                     carried = Some(next);
                     break;
                 }
@@ -123,12 +162,18 @@ impl Writer {
     }
 
     fn commit_group(&self, requests: Vec<Request>) {
-        let mut group = Group::new(&*self.engine, &self.config);
+        debug_assert!(
+            requests.len() == 1 || !requests.iter().any(Request::is_exclusive),
+            "a hand-off request shares a group"
+        );
+        let mut group = Group::new(&*self.engine, &self.config, &self.gate);
         let mut done: Vec<Done> = requests.into_iter().map(|r| group.handle(r)).collect();
-        let (batch, entries_delta) = group.finish();
-        let result = if batch.is_empty() {
+        let (batch, entries_delta, durability) = group.finish();
+        let result = if batch.is_empty() && durability != Durability::Barrier {
             // Nothing to make durable: duplicates of durable records, acks of unknown seqs.
             Ok(())
+        } else if durability == Durability::Unsynced {
+            self.engine.write(batch, false)
         } else {
             let started = Instant::now();
             let result = self.engine.write(batch, true);
@@ -165,6 +210,8 @@ enum Done {
     Append(Reply<AppendOutcome>, Result<AppendOutcome, InboxError>),
     Ack(Reply<Vec<Acked>>, Result<Vec<Acked>, InboxError>),
     Count(Reply<u64>, Result<u64, InboxError>),
+    Delta(Reply<i64>, Result<i64, InboxError>),
+    Unit(Reply<()>, Result<(), InboxError>),
 }
 
 impl Done {
@@ -175,6 +222,8 @@ impl Done {
             Done::Append(_, r @ Ok(_)) => *r = Err(err()),
             Done::Ack(_, r @ Ok(_)) => *r = Err(err()),
             Done::Count(_, r @ Ok(_)) => *r = Err(err()),
+            Done::Delta(_, r @ Ok(_)) => *r = Err(err()),
+            Done::Unit(_, r @ Ok(_)) => *r = Err(err()),
             _ => {}
         }
     }
@@ -185,6 +234,8 @@ impl Done {
             Done::Append(tx, r) => drop(tx.send(r)),
             Done::Ack(tx, r) => drop(tx.send(r)),
             Done::Count(tx, r) => drop(tx.send(r)),
+            Done::Delta(tx, r) => drop(tx.send(r)),
+            Done::Unit(tx, r) => drop(tx.send(r)),
         }
     }
 }
@@ -209,6 +260,7 @@ struct DedupSlot {
 pub(crate) struct Group<'a> {
     engine: &'a dyn Engine,
     config: &'a InboxConfig,
+    gate: &'a ShardGate,
     batch: WriteBatch,
     metas: BTreeMap<(UserId, DeviceId), MetaSlot>,
     dedups: BTreeMap<Vec<u8>, DedupSlot>,
@@ -217,19 +269,26 @@ pub(crate) struct Group<'a> {
     /// Devices whose stored entries this group range-deleted.
     dropped: HashSet<(UserId, DeviceId)>,
     entries_delta: i64,
+    durability: Durability,
 }
 
 impl<'a> Group<'a> {
-    pub(crate) fn new(engine: &'a dyn Engine, config: &'a InboxConfig) -> Self {
+    pub(crate) fn new(
+        engine: &'a dyn Engine,
+        config: &'a InboxConfig,
+        gate: &'a ShardGate,
+    ) -> Self {
         Self {
             engine,
             config,
+            gate,
             batch: WriteBatch::new(),
             metas: BTreeMap::new(),
             dedups: BTreeMap::new(),
             deleted: HashSet::new(),
             dropped: HashSet::new(),
             entries_delta: 0,
+            durability: Durability::Synced,
         }
     }
 
@@ -258,11 +317,21 @@ impl<'a> Group<'a> {
                 now_ms,
                 reply,
             } => Done::Count(reply, self.handle_expire_dedup(&keys, now_ms)),
+            Request::Import { shard, rows, reply } => {
+                Done::Delta(reply, self.handle_import(shard, rows))
+            }
+            Request::DropShard { shard, reply } => {
+                Done::Count(reply, self.handle_drop_shard(shard))
+            }
+            Request::SyncBarrier { reply } => {
+                self.durability = Durability::Barrier;
+                Done::Unit(reply, Ok(()))
+            }
         }
     }
 
-    /// The batch to write and the change of the stored entry count it makes.
-    pub(crate) fn finish(mut self) -> (WriteBatch, i64) {
+    /// The batch to write, the change of the stored entry count it makes, and how to write it.
+    fn finish(mut self) -> (WriteBatch, i64, Durability) {
         for ((user, device), slot) in &self.metas {
             if slot.dirty {
                 let shard = shard_of(*user, self.config.shard_count);
@@ -280,7 +349,7 @@ impl<'a> Group<'a> {
                 (true, None) => self.batch.delete(Cf::Dedup, key.clone()),
             }
         }
-        (self.batch, self.entries_delta)
+        (self.batch, self.entries_delta, self.durability)
     }
 
     /// Loads a device's counters into the overlay (from the engine the first time).
@@ -349,6 +418,9 @@ impl<'a> Group<'a> {
             now_ms,
         } = append;
         let shard = shard_of(to_user, self.config.shard_count);
+        if !self.gate.is_writable(shard) {
+            return Err(InboxError::WrongOwner { shard });
+        }
 
         // Load phase.
         let dedup_key = dedup.map(|(sender_user, sender_device, msg_id)| {
@@ -614,6 +686,59 @@ impl<'a> Group<'a> {
         }
         Ok(n)
     }
+
+    /// Writes hand-off rows (validated by [`super::Inbox::import`]) as they are. The only rows
+    /// that change the gauge are counters: each adds its count minus that of the counter it
+    /// replaces, the gauge being the sum of the stored counts.
+    fn handle_import(&mut self, shard: ShardId, rows: Vec<Row>) -> Result<i64, InboxError> {
+        // Load phase.
+        let mut delta = 0i64;
+        let mut puts = Vec::with_capacity(rows.len());
+        for row in rows {
+            let cf = row
+                .column_family()
+                .ok_or(InboxError::Invalid("hand-off row of an unknown family"))?;
+            if cf == Cf::InboxMeta {
+                if parse_meta_key(&row.key).is_none_or(|(s, _, _)| s != shard) {
+                    return Err(InboxError::Invalid("hand-off row is not an inbox counter"));
+                }
+                let imported = DeviceMeta::decode(&row.value)?.count;
+                let replaced = match self.engine.get(Cf::InboxMeta, &row.key)? {
+                    Some(bytes) => DeviceMeta::decode(&bytes)?.count,
+                    None => 0,
+                };
+                delta = delta
+                    .saturating_add(signed(imported))
+                    .saturating_sub(signed(replaced));
+            }
+            puts.push((cf, row.key, row.value));
+        }
+
+        // Apply phase.
+        for (cf, key, value) in puts {
+            self.batch.put(cf, key, value);
+        }
+        self.entries_delta = self.entries_delta.saturating_add(delta);
+        self.durability = Durability::Unsynced;
+        Ok(delta)
+    }
+
+    /// Range-deletes the shard in every family; subtracts what its counters held.
+    fn handle_drop_shard(&mut self, shard: ShardId) -> Result<u64, InboxError> {
+        let from = key(shard, &[]);
+        let end = prefix_end(&from);
+        let removed = count_entries_in(self.engine, &from, &end)?;
+        for cf in SHARD_CFS {
+            self.batch.delete_range(cf, from.clone(), end.clone());
+        }
+        self.entries_delta = self.entries_delta.saturating_sub(signed(removed));
+        Ok(removed)
+    }
+}
+
+/// A count as a gauge delta (counts never come near `i64::MAX`).
+fn signed(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// The dedup key under which a `delivered` receipt for this acked entry is tracked, if one is
