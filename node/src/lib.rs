@@ -17,6 +17,7 @@ pub mod handoff;
 pub mod inbox;
 pub mod keys;
 pub mod metrics;
+pub mod peer;
 pub mod registry;
 pub mod runtime;
 pub mod server;

@@ -1,0 +1,1130 @@
+//! The node-to-node link, ALPN `ringpost-peer/1`: nodes of a cluster forward requests to each
+//! other over QUIC, one link (connection) per peer in each direction.
+//!
+//! # Authentication by channel binding
+//! Nodes have no PKI between them. Each [`PeerNet`] serves a fresh self-signed certificate, and
+//! the dialer accepts any certificate (`AnyServerCert` still checks the handshake signature,
+//! so the server holds the key of the certificate it showed). Authentication rides on the TLS
+//! session instead: after the QUIC handshake the dialer opens one bidirectional stream (used for
+//! the whole link) and both sides export 32 bytes of keying material (`ekm`, label
+//! `ringpost-peer/1 auth`) unique to this TLS session. Each proves it knows the cluster secret
+//! with `HMAC-SHA256(secret, "ringpost-peer/1" | role | node_id | cluster_id | ekm)`, role `c`
+//! for the dialer and `s` for the server:
+//!
+//! ```text
+//! dialer → server   node_id u64 | cluster_id len u8 | cluster_id | proof [32]
+//! server → dialer   node_id u64 | proof [32]          (only after the dialer's proof verified)
+//! ```
+//!
+//! An attacker in the middle runs two TLS sessions with two different `ekm`s, so a proof it
+//! relays fails, and it cannot forge one without the secret; the role byte stops a proof being
+//! reflected back. The server answers only a verified dialer, the dialer sends no request before
+//! it has verified the server's proof and node id, and the service never sees an
+//! unauthenticated peer. Whoever answers a dial does see the dialer's proof (bound to its own
+//! session) and could try to guess the secret offline: hence a random secret of at least
+//! [`PEER_SECRET_BYTES_MIN`] bytes.
+//!
+//! # Framing and ordering
+//! Then the stream carries `u32 BE length | u64 BE id | body` both ways (the length covers id
+//! and body). Requests are written in the order their [`PeerNet::call`] futures were first
+//! polled; the server starts them in that order ([`PeerService::call`]) and answers as they
+//! complete, matched by id. A link that breaks fails its pending calls with
+//! [`PeerError::Closed`]; the next call dials again.
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures::future::{BoxFuture, FutureExt};
+use futures::stream::{FuturesUnordered, StreamExt};
+use hmac::{Hmac, Mac};
+use quinn::VarInt;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::Sha256;
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, warn};
+
+/// ALPN of the node-to-node protocol; the only one a peer endpoint speaks.
+pub const PEER_ALPN: &[u8] = b"ringpost-peer/1";
+
+/// Largest request or response body (bytes): a receiver buffers a whole frame before handing
+/// it on, so this bounds the memory one frame can make a node hold; larger payloads (shard
+/// hand-off) must be split by the caller.
+pub const PEER_FRAME_BYTES_MAX: usize = 4 << 20;
+
+/// Requests one link keeps in flight (caller side waits for a slot = backpressure); the serving
+/// side stops reading when this many are executing or waiting to be written. Worst case per
+/// link and side: this many bodies of up to [`PEER_FRAME_BYTES_MAX`].
+pub const PEER_IN_FLIGHT_MAX: usize = 4096;
+
+/// Shortest cluster secret (bytes): any node answering a dial sees a proof it could use to
+/// guess the secret offline, so the secret must be random and this long at least.
+pub const PEER_SECRET_BYTES_MIN: usize = 16;
+
+/// Longest cluster id (bytes); its length travels as one byte in the hello.
+pub const PEER_CLUSTER_ID_BYTES_MAX: usize = 255;
+
+/// Time for the QUIC handshake and the proof exchange, on each side; an unauthenticated
+/// connection holds a served-link slot at most this long.
+pub const PEER_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+
+/// Keep-alive interval: a link is never idle long enough for its idle timeout to fire while the
+/// peer is alive. Costs one small packet per second per link.
+pub const PEER_KEEP_ALIVE_MS: u64 = 1_000;
+
+/// Idle timeout: a peer silent this long (five missed keep-alives) is dead, and its link fails
+/// its pending calls.
+pub const PEER_IDLE_TIMEOUT_MS: u32 = 5_000;
+
+/// Receive window of the link stream: two maximal frames, so one big frame does not stall on
+/// flow-control round trips. Worst-case unread bytes buffered per link.
+pub const PEER_STREAM_RECEIVE_WINDOW_BYTES: u32 = 8 << 20;
+
+/// Connection receive window: a link has a single stream, so the stream's window.
+pub const PEER_CONNECTION_RECEIVE_WINDOW_BYTES: u32 = PEER_STREAM_RECEIVE_WINDOW_BYTES;
+
+/// Bytes a link may have sent and not yet acknowledged: bounds the send buffer a slow peer can
+/// make us hold, per link.
+pub const PEER_SEND_WINDOW_BYTES: u64 = 8 << 20;
+
+/// Links (handshaking or authenticated) a node serves at once: a cluster is far smaller, so
+/// this only stops a flood of unauthenticated connections, each costing up to the windows above.
+pub const PEER_LINKS_SERVED_MAX: usize = 256;
+
+/// Longest [`PeerNet::shutdown`] waits for its close packets to be acknowledged.
+pub const PEER_SHUTDOWN_DRAIN_MS: u64 = 500;
+
+/// QUIC application close code: the link is no longer needed (forgotten, replaced, lost).
+pub const PEER_CLOSE_DONE: u32 = 0;
+/// QUIC application close code: authentication failed; the reason says why.
+pub const PEER_CLOSE_AUTH: u32 = 1;
+/// QUIC application close code: the peer broke the framing (e.g. an oversize frame).
+pub const PEER_CLOSE_PROTOCOL: u32 = 2;
+/// QUIC application close code: the node is shutting down.
+pub const PEER_CLOSE_SHUTDOWN: u32 = 3;
+
+/// Server name in the certificate and in dials; never verified (see the module doc).
+const SERVER_NAME: &str = "ringpost-peer";
+/// Exporter label of the channel binding.
+const AUTH_LABEL: &[u8] = b"ringpost-peer/1 auth";
+const ROLE_DIALER: u8 = b'c';
+const ROLE_SERVER: u8 = b's';
+const EKM_BYTES: usize = 32;
+const PROOF_BYTES: usize = 32;
+/// Bytes of the request id, counted in a frame's length.
+const ID_BYTES: usize = 8;
+
+/// A node's id in the cluster.
+pub type NodeId = u64;
+
+/// What a node does with the requests its peers send.
+pub trait PeerService: Send + Sync + 'static {
+    /// One request from authenticated peer `from`. Called in arrival order on the link's reader
+    /// task; the returned future is polled once at once, before the next request is read, so
+    /// work it starts on its first poll (e.g. queueing a write) happens in arrival order. Its
+    /// output is the response body.
+    fn call(&self, from: NodeId, request: Bytes) -> BoxFuture<'static, Bytes>;
+}
+
+/// How a node joins the peer network.
+pub struct PeerConfig {
+    pub node_id: NodeId,
+    /// Nodes of another cluster are refused even if they share the secret.
+    pub cluster_id: String,
+    /// Shared cluster secret, random, at least [`PEER_SECRET_BYTES_MIN`] bytes.
+    pub secret: Arc<Vec<u8>>,
+    /// UDP address to serve on and dial from.
+    pub bind: SocketAddr,
+}
+
+/// Why a peer call (or starting the peer network) failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PeerError {
+    #[error("peer unreachable: {0}")]
+    Unreachable(String),
+    #[error("peer authentication failed: {0}")]
+    AuthFailed(String),
+    #[error("peer link closed: {0}")]
+    Closed(String),
+    #[error("peer call timed out")]
+    Timeout,
+    #[error("peer frame body of {len} bytes exceeds the limit of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("peer network not started: {0}")]
+    Config(String),
+}
+
+/// This node's side of the network: serves peers' links and dials its own, one per peer.
+#[derive(Clone)]
+pub struct PeerNet {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    identity: Arc<Identity>,
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    /// Outgoing links by peer, `None` once shut down. Keyed by cluster members only (the
+    /// caller's view of the cluster), so bounded by the cluster size.
+    links: Mutex<Option<HashMap<NodeId, Arc<Link>>>>,
+}
+
+impl PeerNet {
+    /// Binds `config.bind` with a fresh self-signed certificate and starts serving peers.
+    pub async fn start(
+        config: PeerConfig,
+        service: Arc<dyn PeerService>,
+    ) -> Result<PeerNet, PeerError> {
+        if config.secret.len() < PEER_SECRET_BYTES_MIN {
+            return Err(PeerError::Config(format!(
+                "cluster secret has {} bytes, at least {PEER_SECRET_BYTES_MIN} needed",
+                config.secret.len()
+            )));
+        }
+        if config.cluster_id.len() > PEER_CLUSTER_ID_BYTES_MAX {
+            return Err(PeerError::Config(format!(
+                "cluster id longer than {PEER_CLUSTER_ID_BYTES_MAX} bytes"
+            )));
+        }
+        let keyed = Hmac::<Sha256>::new_from_slice(&config.secret)
+            .map_err(|e| PeerError::Config(e.to_string()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut endpoint = quinn::Endpoint::server(server_config(&provider)?, config.bind)
+            .map_err(|e| PeerError::Config(format!("binding {}: {e}", config.bind)))?;
+        endpoint.set_default_client_config(client_config(provider)?);
+        let local_addr = endpoint
+            .local_addr()
+            .map_err(|e| PeerError::Config(e.to_string()))?;
+        let identity = Arc::new(Identity {
+            node_id: config.node_id,
+            cluster_id: config.cluster_id,
+            keyed,
+        });
+        tokio::spawn(accept_links(endpoint.clone(), identity.clone(), service));
+        Ok(PeerNet {
+            shared: Arc::new(Shared {
+                identity,
+                endpoint,
+                local_addr,
+                links: Mutex::new(Some(HashMap::new())),
+            }),
+        })
+    }
+
+    /// The bound address (the port chosen when `bind` asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.local_addr
+    }
+
+    /// Sends `request` to `peer` (at `addr`, "host:port") over the single link to it — dialed
+    /// on first use, re-dialed when broken or when the address changes — and waits up to
+    /// `timeout` for the response.
+    pub async fn call(
+        &self,
+        peer: NodeId,
+        addr: &str,
+        request: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, PeerError> {
+        if request.len() > PEER_FRAME_BYTES_MAX {
+            return Err(PeerError::TooLarge {
+                len: request.len(),
+                max: PEER_FRAME_BYTES_MAX,
+            });
+        }
+        let link = self.link(peer, addr)?;
+        let call = async {
+            // Everything up to the send happens on the first poll when a slot is free; the
+            // slot queue is FIFO otherwise. Unconstrained: tokio's coop budget could make a
+            // first poll return without queueing, and break first-poll order.
+            let slot = tokio::task::unconstrained(link.state.slots.clone().acquire_owned())
+                .await
+                .map_err(|_| link.state.failure())?;
+            let (reply, answer) = oneshot::channel();
+            let id = link.state.next_id.fetch_add(1, Ordering::Relaxed);
+            lock(&link.state.pending).insert(id, (reply, slot));
+            // Never full: every queued request holds a slot. Closed once the link has ended.
+            if link.requests.try_send((id, request)).is_err() {
+                lock(&link.state.pending).remove(&id);
+                return Err(link.state.failure());
+            }
+            answer.await.unwrap_or_else(|_| Err(link.state.failure()))
+        };
+        tokio::time::timeout(timeout, call)
+            .await
+            .unwrap_or(Err(PeerError::Timeout))
+    }
+
+    /// Closes and forgets the link to a peer that left the cluster.
+    pub fn forget(&self, peer: NodeId) {
+        let link = lock(&self.shared.links)
+            .as_mut()
+            .and_then(|links| links.remove(&peer));
+        if let Some(link) = link {
+            link.state.close("peer forgotten");
+        }
+    }
+
+    /// Stops accepting, closes every link. (Dropping every handle closes the outgoing links
+    /// but keeps serving: call this to stop.)
+    pub async fn shutdown(&self) {
+        let links = lock(&self.shared.links).take();
+        for link in links.into_iter().flat_map(HashMap::into_values) {
+            link.state.close("node shutting down");
+        }
+        let endpoint = &self.shared.endpoint;
+        endpoint.close(VarInt::from_u32(PEER_CLOSE_SHUTDOWN), b"node shutting down");
+        let drain = Duration::from_millis(PEER_SHUTDOWN_DRAIN_MS);
+        let _ = tokio::time::timeout(drain, endpoint.wait_idle()).await;
+    }
+
+    /// The live link to `peer` at `addr`, or a new one (its task dials it).
+    fn link(&self, peer: NodeId, addr: &str) -> Result<Arc<Link>, PeerError> {
+        let mut links = lock(&self.shared.links);
+        let Some(links) = links.as_mut() else {
+            return Err(PeerError::Closed("peer network shut down".into()));
+        };
+        if let Some(link) = links.get(&peer) {
+            if link.addr == addr && !link.requests.is_closed() {
+                return Ok(link.clone());
+            }
+            link.state.close("peer moved to another address");
+        }
+        let (requests, queued) = mpsc::channel(PEER_IN_FLIGHT_MAX);
+        let state = Arc::new(LinkState {
+            slots: Arc::new(Semaphore::new(PEER_IN_FLIGHT_MAX)),
+            pending: Mutex::default(),
+            next_id: AtomicU64::new(0),
+            failure: OnceLock::new(),
+            close: Notify::new(),
+        });
+        tokio::spawn(run_link(
+            self.shared.identity.clone(),
+            self.shared.endpoint.clone(),
+            peer,
+            addr.to_owned(),
+            state.clone(),
+            queued,
+        ));
+        let link = Arc::new(Link {
+            addr: addr.to_owned(),
+            requests,
+            state,
+        });
+        links.insert(peer, link.clone());
+        Ok(link)
+    }
+}
+
+/// What a node proves about itself on every link.
+struct Identity {
+    node_id: NodeId,
+    cluster_id: String,
+    /// HMAC keyed with the cluster secret, cloned for each proof.
+    keyed: Hmac<Sha256>,
+}
+
+impl Identity {
+    /// The proof of `node_id` acting as `role` on the TLS session that exported `ekm`.
+    fn mac(&self, role: u8, node_id: NodeId, ekm: &[u8; EKM_BYTES]) -> Hmac<Sha256> {
+        let mut mac = self.keyed.clone();
+        mac.update(PEER_ALPN);
+        mac.update(&[role]);
+        mac.update(&node_id.to_be_bytes());
+        mac.update(&[self.cluster_id.len() as u8]);
+        mac.update(self.cluster_id.as_bytes());
+        mac.update(ekm);
+        mac
+    }
+
+    fn proof(&self, role: u8, ekm: &[u8; EKM_BYTES]) -> [u8; PROOF_BYTES] {
+        self.mac(role, self.node_id, ekm)
+            .finalize()
+            .into_bytes()
+            .into()
+    }
+
+    /// Whether `proof` shows that `node_id` (in `role`) knows the secret; constant time.
+    fn verify(&self, role: u8, node_id: NodeId, ekm: &[u8; EKM_BYTES], proof: &[u8]) -> bool {
+        self.mac(role, node_id, ekm).verify_slice(proof).is_ok()
+    }
+}
+
+fn export_ekm(conn: &quinn::Connection) -> Result<[u8; EKM_BYTES], String> {
+    let mut ekm = [0u8; EKM_BYTES];
+    conn.export_keying_material(&mut ekm, AUTH_LABEL, b"")
+        .map_err(|_| "cannot export keying material")?;
+    Ok(ekm)
+}
+
+// ---- The dialing side ------------------------------------------------------------------------
+
+/// The caller's handle on one outgoing link.
+struct Link {
+    /// The address dialed; a call naming another address replaces the link.
+    addr: String,
+    /// `(id, body)` of requests for the link task to write, in first-poll order. Closed once
+    /// the link has ended.
+    requests: mpsc::Sender<(u64, Bytes)>,
+    state: Arc<LinkState>,
+}
+
+/// What callers and the link task share.
+struct LinkState {
+    /// In-flight slots: a request holds one until its response arrives or the link ends (a
+    /// caller that timed out too: the peer may still be working on it).
+    slots: Arc<Semaphore>,
+    /// Requests queued or written, by id, waiting for their responses.
+    pending: Mutex<HashMap<u64, Pending>>,
+    next_id: AtomicU64,
+    /// Why the link ended (or was asked to close); the first reason wins.
+    failure: OnceLock<PeerError>,
+    /// Wakes the link task to close the link (forget, replace, shutdown).
+    close: Notify,
+}
+
+impl LinkState {
+    fn failure(&self) -> PeerError {
+        self.failure
+            .get()
+            .cloned()
+            .unwrap_or_else(|| PeerError::Closed("link ended".into()))
+    }
+
+    fn close(&self, why: &str) {
+        let _ = self.failure.set(PeerError::Closed(why.into()));
+        self.close.notify_one();
+    }
+}
+
+/// A request's caller and slot.
+type Pending = (
+    oneshot::Sender<Result<Bytes, PeerError>>,
+    OwnedSemaphorePermit,
+);
+
+/// Dials `peer` at `addr`, then writes requests and hands out responses until the link ends;
+/// then fails everything pending or queued with the link's failure.
+async fn run_link(
+    identity: Arc<Identity>,
+    endpoint: quinn::Endpoint,
+    peer: NodeId,
+    addr: String,
+    state: Arc<LinkState>,
+    mut requests: mpsc::Receiver<(u64, Bytes)>,
+) {
+    let handshake = Duration::from_millis(PEER_HANDSHAKE_TIMEOUT_MS);
+    let dialed = tokio::select! {
+        dialed = tokio::time::timeout(handshake, dial(&identity, &endpoint, peer, &addr)) => {
+            dialed.unwrap_or_else(|_| Err(PeerError::Unreachable(format!(
+                "no authenticated link to {addr} within {PEER_HANDSHAKE_TIMEOUT_MS} ms"
+            ))))
+        }
+        () = state.close.notified() => Err(state.failure()),
+    };
+    let error = match dialed {
+        Err(e) => {
+            debug!(node = identity.node_id, peer, %addr, error = %e, "peer dial failed");
+            e
+        }
+        Ok((conn, mut send, recv)) => {
+            debug!(node = identity.node_id, peer, %addr, "peer link up");
+            let end = tokio::select! {
+                end = write_frames(&mut send, &mut requests) => end,
+                end = read_responses(FrameReader::new(recv), &state.pending) => end,
+                () = state.close.notified() => LinkEnd::done(state.failure().to_string()),
+            };
+            let reason = end.close(&conn);
+            debug!(node = identity.node_id, peer, %addr, %reason, "peer link down");
+            PeerError::Closed(reason)
+        }
+    };
+    // Mark the link ended before failing calls, so a retrying caller dials a new one; a
+    // request queued after this fails to send and its caller removes it from `pending`.
+    let error = state.failure.get_or_init(|| error).clone();
+    requests.close();
+    state.slots.close();
+    for (reply, _slot) in std::mem::take(&mut *lock(&state.pending)).into_values() {
+        let _ = reply.send(Err(error.clone()));
+    }
+}
+
+/// Connects to `addr` and runs the dialer's half of the proof exchange; closes the connection
+/// with the reason if it fails.
+async fn dial(
+    identity: &Identity,
+    endpoint: &quinn::Endpoint,
+    peer: NodeId,
+    addr: &str,
+) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), PeerError> {
+    let unreachable_at = |e: &dyn Display| PeerError::Unreachable(format!("{addr}: {e}"));
+    let local = endpoint.local_addr().map_err(|e| unreachable_at(&e))?;
+    // An IPv6 endpoint reaches IPv4 addresses too (quinn maps them); an IPv4 one does not.
+    let target = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| unreachable_at(&e))?
+        .find(|a| local.is_ipv6() || a.is_ipv4())
+        .ok_or_else(|| unreachable_at(&"no usable address"))?;
+    let conn = endpoint
+        .connect(target, SERVER_NAME)
+        .map_err(|e| unreachable_at(&e))?
+        .await
+        .map_err(|e| unreachable_at(&e))?;
+    match prove_to_server(identity, &conn, peer).await {
+        Ok((send, recv)) => Ok((conn, send, recv)),
+        Err(reason) => {
+            let error = match conn.close_reason() {
+                Some(quinn::ConnectionError::ApplicationClosed(close))
+                    if close.error_code == VarInt::from_u32(PEER_CLOSE_AUTH) =>
+                {
+                    let why = String::from_utf8_lossy(&close.reason);
+                    PeerError::AuthFailed(format!("{addr} refused this node: {why}"))
+                }
+                Some(e) => unreachable_at(&e),
+                None => PeerError::AuthFailed(format!("{addr}: {reason}")),
+            };
+            conn.close(VarInt::from_u32(PEER_CLOSE_AUTH), reason.as_bytes());
+            Err(error)
+        }
+    }
+}
+
+async fn prove_to_server(
+    identity: &Identity,
+    conn: &quinn::Connection,
+    peer: NodeId,
+) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(text)?;
+    let ekm = export_ekm(conn)?;
+    let cluster_id = identity.cluster_id.as_bytes();
+    let mut hello = Vec::with_capacity(8 + 1 + cluster_id.len() + PROOF_BYTES);
+    hello.put_u64(identity.node_id);
+    hello.put_u8(cluster_id.len() as u8);
+    hello.put_slice(cluster_id);
+    hello.put_slice(&identity.proof(ROLE_DIALER, &ekm));
+    send.write_all(&hello).await.map_err(text)?;
+    let mut answer = [0u8; 8 + PROOF_BYTES];
+    recv.read_exact(&mut answer).await.map_err(text)?;
+    let (server, proof) = ((&answer[..8]).get_u64(), &answer[8..]);
+    if !identity.verify(ROLE_SERVER, server, &ekm, proof) {
+        return Err("server's proof does not verify (wrong cluster secret?)".into());
+    }
+    if server != peer {
+        return Err(format!("expected node {peer}, node {server} answered"));
+    }
+    Ok((send, recv))
+}
+
+/// Hands each response to its caller; a response nobody asked for breaks the link.
+async fn read_responses(
+    mut frames: FrameReader,
+    pending: &Mutex<HashMap<u64, Pending>>,
+) -> LinkEnd {
+    loop {
+        let (id, body) = match frames.next().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return LinkEnd::done("peer ended the link stream"),
+            Err(end) => return end,
+        };
+        let waiting = lock(pending).remove(&id);
+        let Some((reply, _slot)) = waiting else {
+            return LinkEnd::protocol(format!("response to unknown request {id}"));
+        };
+        let _ = reply.send(Ok(body));
+    }
+}
+
+// ---- The serving side ------------------------------------------------------------------------
+
+async fn accept_links(
+    endpoint: quinn::Endpoint,
+    identity: Arc<Identity>,
+    service: Arc<dyn PeerService>,
+) {
+    let served = Arc::new(Semaphore::new(PEER_LINKS_SERVED_MAX));
+    while let Some(incoming) = endpoint.accept().await {
+        match served.clone().try_acquire_owned() {
+            Ok(slot) => {
+                tokio::spawn(serve_link(
+                    identity.clone(),
+                    service.clone(),
+                    incoming,
+                    slot,
+                ));
+            }
+            Err(_) => {
+                warn!(node = identity.node_id, remote = %incoming.remote_address(),
+                    "refusing peer link: PEER_LINKS_SERVED_MAX links served");
+                incoming.refuse();
+            }
+        }
+    }
+}
+
+/// Serves one incoming link: authenticates the dialer, then answers its requests.
+async fn serve_link(
+    identity: Arc<Identity>,
+    service: Arc<dyn PeerService>,
+    incoming: quinn::Incoming,
+    _served: OwnedSemaphorePermit,
+) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(conn) => conn,
+        Err(e) => {
+            debug!(node = identity.node_id, %remote, error = %e, "peer handshake failed");
+            return;
+        }
+    };
+    let handshake = Duration::from_millis(PEER_HANDSHAKE_TIMEOUT_MS);
+    let proved = tokio::time::timeout(handshake, check_dialer(&identity, &conn))
+        .await
+        .unwrap_or_else(|_| Err("authentication timed out".into()));
+    let (from, mut send, recv) = match proved {
+        Ok(proved) => proved,
+        Err(reason) => {
+            warn!(node = identity.node_id, %remote, %reason, "refused peer link");
+            conn.close(VarInt::from_u32(PEER_CLOSE_AUTH), reason.as_bytes());
+            return;
+        }
+    };
+    debug!(node = identity.node_id, peer = from, %remote, "serving peer link");
+    let (answers, mut to_write) = mpsc::channel(PEER_IN_FLIGHT_MAX);
+    let end = tokio::select! {
+        end = read_requests(&*service, from, FrameReader::new(recv), answers) => end,
+        end = write_frames(&mut send, &mut to_write) => end,
+    };
+    let reason = end.close(&conn);
+    debug!(node = identity.node_id, peer = from, %reason, "served peer link ended");
+}
+
+/// The server's half of the proof exchange: checks the dialer's hello, then proves itself.
+async fn check_dialer(
+    identity: &Identity,
+    conn: &quinn::Connection,
+) -> Result<(NodeId, quinn::SendStream, quinn::RecvStream), String> {
+    let (mut send, mut recv) = conn.accept_bi().await.map_err(text)?;
+    let ekm = export_ekm(conn)?;
+    let mut head = [0u8; 8 + 1];
+    recv.read_exact(&mut head).await.map_err(text)?;
+    let [from @ .., cluster_id_len] = head;
+    let (from, cluster_id_len) = (u64::from_be_bytes(from), usize::from(cluster_id_len));
+    // At most 255 + 32 bytes, whatever the dialer claims.
+    let mut rest = vec![0u8; cluster_id_len + PROOF_BYTES];
+    recv.read_exact(&mut rest).await.map_err(text)?;
+    let (cluster_id, proof) = rest.split_at(cluster_id_len);
+    if cluster_id != identity.cluster_id.as_bytes() {
+        return Err("wrong cluster id".into());
+    }
+    if !identity.verify(ROLE_DIALER, from, &ekm, proof) {
+        return Err("dialer's proof does not verify (wrong cluster secret?)".into());
+    }
+    let mut answer = Vec::with_capacity(8 + PROOF_BYTES);
+    answer.put_u64(identity.node_id);
+    answer.put_slice(&identity.proof(ROLE_SERVER, &ekm));
+    send.write_all(&answer).await.map_err(text)?;
+    Ok((from, send, recv))
+}
+
+/// Reads requests in order and starts each on the service at once (one poll, before the next
+/// is read), then keeps the started ones running. Each answer goes to the writer through a
+/// queue slot reserved before its request was read, so at most [`PEER_IN_FLIGHT_MAX`] are
+/// executing or queued; at that bound the reading stops.
+async fn read_requests(
+    service: &dyn PeerService,
+    from: NodeId,
+    mut frames: FrameReader,
+    answers: mpsc::Sender<(u64, Bytes)>,
+) -> LinkEnd {
+    let mut executing = FuturesUnordered::new();
+    loop {
+        let reserve = answers.clone().reserve_owned();
+        let Ok(slot) = drive_until(&mut executing, reserve).await else {
+            return LinkEnd::done("response writer ended");
+        };
+        let (id, body) = match drive_until(&mut executing, frames.next()).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return LinkEnd::done("dialer ended the link stream"),
+            Err(end) => return end,
+        };
+        let mut answer = service.call(from, body);
+        match (&mut answer).now_or_never() {
+            Some(body) => drop(slot.send((id, body))),
+            None => executing.push(async move { drop(slot.send((id, answer.await))) }.boxed()),
+        }
+    }
+}
+
+/// Runs `fut` to completion while driving the started requests.
+async fn drive_until<T>(
+    executing: &mut FuturesUnordered<BoxFuture<'static, ()>>,
+    fut: impl Future<Output = T>,
+) -> T {
+    tokio::pin!(fut);
+    loop {
+        tokio::select! {
+            biased;
+            Some(()) = executing.next(), if !executing.is_empty() => {}
+            out = &mut fut => return out,
+        }
+    }
+}
+
+/// Writes `(id, body)` frames in queue order: requests on the dialing side, responses on the
+/// serving side.
+async fn write_frames(
+    send: &mut quinn::SendStream,
+    queue: &mut mpsc::Receiver<(u64, Bytes)>,
+) -> LinkEnd {
+    while let Some((id, body)) = queue.recv().await {
+        if let Err(end) = write_frame(send, id, body).await {
+            return end;
+        }
+    }
+    LinkEnd::done("link dropped by this node")
+}
+
+// ---- Framing -----------------------------------------------------------------------------------
+
+/// Why a link ends: the application close code for the peer, and a reason for both sides.
+struct LinkEnd {
+    code: u32,
+    reason: String,
+}
+
+impl LinkEnd {
+    fn done(reason: impl Into<String>) -> LinkEnd {
+        let reason = reason.into();
+        LinkEnd {
+            code: PEER_CLOSE_DONE,
+            reason,
+        }
+    }
+
+    fn protocol(reason: impl Into<String>) -> LinkEnd {
+        let reason = reason.into();
+        LinkEnd {
+            code: PEER_CLOSE_PROTOCOL,
+            reason,
+        }
+    }
+
+    /// Closes `conn` (a no-op if it is already closed) and says why the link ended: the peer's
+    /// close reason if it closed first (more telling than "connection lost"), else ours.
+    fn close(self, conn: &quinn::Connection) -> String {
+        let why = conn.close_reason().map(|e| e.to_string());
+        conn.close(VarInt::from_u32(self.code), self.reason.as_bytes());
+        why.unwrap_or(self.reason)
+    }
+}
+
+/// Writes one frame. A body over the limit closes the link rather than going out: the
+/// receiver would refuse it anyway, and this way the reason names the culprit.
+async fn write_frame(send: &mut quinn::SendStream, id: u64, body: Bytes) -> Result<(), LinkEnd> {
+    if body.len() > PEER_FRAME_BYTES_MAX {
+        return Err(LinkEnd::protocol(format!(
+            "frame {id} has a body of {} bytes, over PEER_FRAME_BYTES_MAX",
+            body.len()
+        )));
+    }
+    let mut header = BytesMut::with_capacity(4 + ID_BYTES);
+    header.put_u32((ID_BYTES + body.len()) as u32);
+    header.put_u64(id);
+    send.write_all_chunks(&mut [header.freeze(), body])
+        .await
+        .map_err(|e| LinkEnd::done(e.to_string()))
+}
+
+/// Splits a link stream into frames; holds only the bytes of a partial frame. Cancel-safe: the
+/// state lives here and quinn's `read_chunk` is cancel-safe.
+struct FrameReader {
+    recv: quinn::RecvStream,
+    buf: BytesMut,
+}
+
+impl FrameReader {
+    fn new(recv: quinn::RecvStream) -> FrameReader {
+        FrameReader {
+            recv,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// The next `(id, body)`, `None` where the stream ends between frames.
+    async fn next(&mut self) -> Result<Option<(u64, Bytes)>, LinkEnd> {
+        loop {
+            if let Some(frame) = split_frame(&mut self.buf).map_err(LinkEnd::protocol)? {
+                return Ok(Some(frame));
+            }
+            match self.recv.read_chunk(usize::MAX, true).await {
+                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
+                Ok(None) if self.buf.is_empty() => return Ok(None),
+                Ok(None) => return Err(LinkEnd::protocol("link stream ended inside a frame")),
+                Err(e) => return Err(LinkEnd::done(e.to_string())),
+            }
+        }
+    }
+}
+
+/// Takes the first complete frame off `buf`. A length outside the limits is refused as soon
+/// as its 4 bytes are in, so a peer never makes us buffer (or allocate) more than one maximal
+/// frame.
+fn split_frame(buf: &mut BytesMut) -> Result<Option<(u64, Bytes)>, String> {
+    let Some(length) = buf.first_chunk::<4>() else {
+        return Ok(None);
+    };
+    let length = u32::from_be_bytes(*length) as usize;
+    if length < ID_BYTES || length - ID_BYTES > PEER_FRAME_BYTES_MAX {
+        return Err(format!(
+            "frame length {length} outside {ID_BYTES}..={}",
+            ID_BYTES + PEER_FRAME_BYTES_MAX
+        ));
+    }
+    if buf.len() < 4 + length {
+        return Ok(None);
+    }
+    let mut frame = buf.split_to(4 + length);
+    frame.advance(4);
+    let id = frame.get_u64();
+    Ok(Some((id, frame.freeze())))
+}
+
+// ---- TLS -----------------------------------------------------------------------------------------
+
+/// The serving half of the endpoint: a fresh self-signed certificate, TLS 1.3, our ALPN only.
+fn server_config(provider: &Arc<CryptoProvider>) -> Result<quinn::ServerConfig, PeerError> {
+    let certified =
+        rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_owned()]).map_err(tls_error)?;
+    let key = PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_error)?
+        .with_no_client_auth()
+        .with_single_cert(vec![certified.cert.der().clone()], key.into())
+        .map_err(tls_error)?;
+    tls.alpn_protocols = vec![PEER_ALPN.to_vec()];
+    let tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(tls_error)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(tls));
+    config.transport_config(transport_config(1));
+    Ok(config)
+}
+
+/// The dialing half: any server certificate, authenticated afterwards by the proof exchange.
+fn client_config(provider: Arc<CryptoProvider>) -> Result<quinn::ClientConfig, PeerError> {
+    let verifier = Arc::new(AnyServerCert(provider.signature_verification_algorithms));
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_error)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![PEER_ALPN.to_vec()];
+    let tls = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(tls_error)?;
+    let mut config = quinn::ClientConfig::new(Arc::new(tls));
+    config.transport_config(transport_config(0));
+    Ok(config)
+}
+
+/// Limits of every link; `peer_streams` is how many streams the other side may open (the
+/// dialer opens the one link stream, the server none).
+fn transport_config(peer_streams: u32) -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(peer_streams.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window(PEER_STREAM_RECEIVE_WINDOW_BYTES.into())
+        .receive_window(PEER_CONNECTION_RECEIVE_WINDOW_BYTES.into())
+        .send_window(PEER_SEND_WINDOW_BYTES)
+        .datagram_receive_buffer_size(None)
+        .keep_alive_interval(Some(Duration::from_millis(PEER_KEEP_ALIVE_MS)))
+        .max_idle_timeout(Some(VarInt::from_u32(PEER_IDLE_TIMEOUT_MS).into()));
+    Arc::new(t)
+}
+
+fn tls_error(e: impl Display) -> PeerError {
+    PeerError::Config(format!("TLS setup: {e}"))
+}
+
+/// Accepts any server certificate but checks the handshake signature made with its key:
+/// peers authenticate by channel binding (see the module doc), not by certificates.
+#[derive(Debug)]
+struct AnyServerCert(WebPkiSupportedAlgorithms);
+
+impl ServerCertVerifier for AnyServerCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("peer links use TLS 1.3 only".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_schemes()
+    }
+}
+
+fn text(e: impl Display) -> String {
+    e.to_string()
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &[u8] = b"test cluster secret, 32 bytes!!!";
+    const TIMEOUT: Duration = Duration::from_secs(1);
+
+    /// Records every request as it arrives and answers `from:body` (bodies over 64 bytes:
+    /// `from:len`); a request `hold` is answered only once `gate` is notified.
+    #[derive(Default)]
+    struct Recorder {
+        arrivals: Arc<Mutex<Vec<Bytes>>>,
+        /// For each answer's first poll, in order: how many requests had arrived by then.
+        first_polls: Arc<Mutex<Vec<usize>>>,
+        arrived: Notify,
+        gate: Arc<Notify>,
+    }
+
+    impl Recorder {
+        fn calls(&self) -> usize {
+            lock(&self.arrivals).len()
+        }
+    }
+
+    impl PeerService for Recorder {
+        fn call(&self, from: NodeId, request: Bytes) -> BoxFuture<'static, Bytes> {
+            lock(&self.arrivals).push(request.clone());
+            self.arrived.notify_one();
+            let gate = (&request[..] == b"hold").then(|| self.gate.clone());
+            let (arrivals, first_polls) = (self.arrivals.clone(), self.first_polls.clone());
+            async move {
+                lock(&first_polls).push(lock(&arrivals).len());
+                if let Some(gate) = gate {
+                    gate.notified().await;
+                }
+                Bytes::from(match request.len() {
+                    0..=64 => format!("{from}:{}", String::from_utf8_lossy(&request)),
+                    len => format!("{from}:{len}"),
+                })
+            }
+            .boxed()
+        }
+    }
+
+    async fn start(node_id: NodeId, cluster_id: &str, secret: &[u8]) -> (PeerNet, Arc<Recorder>) {
+        let service = Arc::new(Recorder::default());
+        let config = PeerConfig {
+            node_id,
+            cluster_id: cluster_id.into(),
+            secret: Arc::new(secret.to_vec()),
+            bind: "127.0.0.1:0".parse().unwrap(),
+        };
+        let net = PeerNet::start(config, service.clone()).await.unwrap();
+        (net, service)
+    }
+
+    /// Node 1 (`a`) and node 2 (`b`, at `to_b`, serving with `served`) of one cluster.
+    async fn pair() -> (PeerNet, PeerNet, String, Arc<Recorder>) {
+        let (a, _) = start(1, "c", SECRET).await;
+        let (b, served) = start(2, "c", SECRET).await;
+        let to_b = b.local_addr().to_string();
+        (a, b, to_b, served)
+    }
+
+    #[tokio::test]
+    async fn round_trip_and_redial_after_forget() {
+        let (a, _b, to_b, served) = pair().await;
+        let answer = a.call(2, &to_b, Bytes::from("ping"), TIMEOUT).await;
+        assert_eq!(answer.unwrap(), "1:ping");
+        a.forget(2);
+        let answer = a.call(2, &to_b, Bytes::from("again"), TIMEOUT).await;
+        assert_eq!(answer.unwrap(), "1:again");
+        assert_eq!(served.calls(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_concurrent_calls() {
+        let (a, _b, to_b, served) = pair().await;
+        let tasks = (0..2_000).map(|i| {
+            let (a, to_b) = (a.clone(), to_b.clone());
+            tokio::spawn(async move { (i, a.call(2, &to_b, i.to_string().into(), TIMEOUT).await) })
+        });
+        for task in futures::future::join_all(tasks).await {
+            let (i, answer) = task.unwrap();
+            assert_eq!(answer.unwrap(), format!("1:{i}"));
+        }
+        assert_eq!(served.calls(), 2_000);
+    }
+
+    #[tokio::test]
+    async fn arrival_order_is_first_poll_order_and_each_starts_at_once() {
+        let (a, _b, to_b, served) = pair().await;
+        let bodies: Vec<Bytes> = (0..500).map(|i: u32| i.to_string().into()).collect();
+        let calls: Vec<_> = (bodies.iter())
+            .map(|body| a.call(2, &to_b, body.clone(), TIMEOUT))
+            .collect();
+        for (answer, body) in futures::future::join_all(calls).await.iter().zip(&bodies) {
+            let body = String::from_utf8_lossy(body);
+            assert_eq!(answer.as_ref().unwrap(), &format!("1:{body}"));
+        }
+        assert_eq!(*lock(&served.arrivals), bodies);
+        // Each answer was first polled before the next request arrived.
+        assert_eq!(*lock(&served.first_polls), (1..=500).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn refused_links_fail_auth_and_are_never_served() {
+        let other_secret = b"another secret, also 32 bytes!!!";
+        // The dialer's cluster id and secret, the node it calls, and why it fails.
+        let cases: [(&str, &[u8], NodeId, &str); 3] = [
+            (
+                "c",
+                other_secret,
+                2,
+                "refused this node: dialer's proof does not verify",
+            ),
+            ("other", SECRET, 2, "refused this node: wrong cluster id"),
+            ("c", SECRET, 3, "expected node 3, node 2 answered"),
+        ];
+        for (cluster_id, secret, peer, why) in cases {
+            let (a, _) = start(1, cluster_id, secret).await;
+            let (b, served) = start(2, "c", SECRET).await;
+            let to_b = b.local_addr().to_string();
+            let answer = a.call(peer, &to_b, Bytes::from("x"), TIMEOUT).await;
+            assert!(
+                matches!(&answer, Err(PeerError::AuthFailed(e)) if e.contains(why)),
+                "{answer:?}"
+            );
+            assert_eq!(served.calls(), 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn restarted_peer_fails_pending_calls_and_is_redialed() {
+        let (a, b, to_b, served) = pair().await;
+        let held = tokio::spawn({
+            let (a, to_b) = (a.clone(), to_b.clone());
+            async move { a.call(2, &to_b, Bytes::from("hold"), TIMEOUT).await }
+        });
+        served.arrived.notified().await;
+        b.shutdown().await;
+        let answer = held.await.unwrap();
+        assert!(matches!(answer, Err(PeerError::Closed(_))), "{answer:?}");
+
+        let short = Duration::from_millis(200);
+        let answer = a.call(2, &to_b, Bytes::from("x"), short).await;
+        assert!(
+            matches!(
+                answer,
+                Err(PeerError::Timeout | PeerError::Unreachable(_) | PeerError::Closed(_))
+            ),
+            "{answer:?}"
+        );
+
+        let (b, _) = start(2, "c", SECRET).await;
+        let to_b = b.local_addr().to_string();
+        let answer = a.call(2, &to_b, Bytes::from("back"), TIMEOUT).await;
+        assert_eq!(answer.unwrap(), "1:back");
+    }
+
+    #[tokio::test]
+    async fn oversize_request_is_refused_before_sending() {
+        let (a, _b, to_b, served) = pair().await;
+        let too_big = Bytes::from(vec![0u8; PEER_FRAME_BYTES_MAX + 1]);
+        let answer = a.call(2, &to_b, too_big, TIMEOUT).await;
+        assert!(
+            matches!(answer, Err(PeerError::TooLarge { len, max: PEER_FRAME_BYTES_MAX })
+                if len == PEER_FRAME_BYTES_MAX + 1),
+            "{answer:?}"
+        );
+        assert_eq!(served.calls(), 0);
+        let largest = Bytes::from(vec![0u8; PEER_FRAME_BYTES_MAX]);
+        let answer = a.call(2, &to_b, largest, TIMEOUT).await;
+        assert_eq!(answer.unwrap(), format!("1:{PEER_FRAME_BYTES_MAX}"));
+    }
+
+    #[tokio::test]
+    async fn oversize_frame_from_peer_closes_the_link() {
+        let (a, _b, to_b, served) = pair().await;
+        let (identity, endpoint) = (&a.shared.identity, &a.shared.endpoint);
+        let (conn, mut send, _recv) = dial(identity, endpoint, 2, &to_b).await.unwrap();
+        let mut header = BytesMut::new();
+        header.put_u32(u32::MAX);
+        header.put_u64(0);
+        send.write_all(&header).await.unwrap();
+        let closed = tokio::time::timeout(TIMEOUT, conn.closed()).await.unwrap();
+        assert!(
+            matches!(&closed, quinn::ConnectionError::ApplicationClosed(c)
+                if c.error_code == VarInt::from_u32(PEER_CLOSE_PROTOCOL)),
+            "{closed:?}"
+        );
+        assert_eq!(served.calls(), 0);
+    }
+
+    #[tokio::test]
+    async fn slow_answer_does_not_block_others() {
+        let (a, _b, to_b, served) = pair().await;
+        let held = tokio::spawn({
+            let (a, to_b) = (a.clone(), to_b.clone());
+            async move { a.call(2, &to_b, Bytes::from("hold"), TIMEOUT).await }
+        });
+        served.arrived.notified().await;
+        let answer = a.call(2, &to_b, Bytes::from("quick"), TIMEOUT).await;
+        assert_eq!(answer.unwrap(), "1:quick");
+        assert!(!held.is_finished());
+        served.gate.notify_one();
+        assert_eq!(held.await.unwrap().unwrap(), "1:hold");
+    }
+
+    #[test]
+    fn split_frame_waits_for_whole_frames_and_refuses_bad_lengths() {
+        let mut buf = BytesMut::new();
+        for (id, body) in [(7u64, &b"abc"[..]), (8, b"")] {
+            buf.put_u32((ID_BYTES + body.len()) as u32);
+            buf.put_u64(id);
+            buf.put_slice(body);
+        }
+        let mut partial = BytesMut::from(&buf[..14]);
+        assert_eq!(split_frame(&mut partial), Ok(None));
+        assert_eq!(split_frame(&mut buf), Ok(Some((7, Bytes::from("abc")))));
+        assert_eq!(split_frame(&mut buf), Ok(Some((8, Bytes::new()))));
+        assert_eq!(split_frame(&mut buf), Ok(None));
+        for length in [0, ID_BYTES - 1, ID_BYTES + PEER_FRAME_BYTES_MAX + 1] {
+            let mut bad = BytesMut::from(&(length as u32).to_be_bytes()[..]);
+            assert!(split_frame(&mut bad).is_err(), "length {length}");
+        }
+    }
+}
