@@ -61,6 +61,7 @@ macro_rules! expect {
     ($frame:expr, $kind:ident) => {
         match $frame.body {
             ::ringpost_wire::Body::$kind(value) => Ok(value),
+            ::ringpost_wire::Body::Redirect(r) => Err($crate::error::ClientError::Redirected(r)),
             other => Err($crate::error::ClientError::Protocol(format!(
                 "expected {}, got {}",
                 stringify!($kind),

@@ -26,6 +26,7 @@ use std::time::Duration;
 use ringpost_wire::{Registered, UserId};
 
 use crate::client::{Client, ClientConfig};
+use crate::endpoint::Endpoint;
 use crate::error::{ClientError, Result};
 
 /// How often [`read_code`] looks at the codes file.
@@ -116,38 +117,62 @@ pub async fn register_device(
     codes_file: impl AsRef<Path>,
 ) -> Result<(Client, Registered)> {
     let codes_file = codes_file.as_ref();
-    let client = Client::connect(ClientConfig {
+    let mut config = ClientConfig {
         auth: None,
         ..config
-    })
-    .await?;
-    let mark = codes_mark(codes_file);
-    client.register_request(phone).await?;
-    let code = read_code_after(codes_file, phone, mark, CODE_TIMEOUT).await?;
-    let registered = client
-        .register_verify(phone, &code, "", DEV_DEVICE_NAME)
-        .await?;
-    Ok((client, registered))
+    };
+    let mut hops = 0;
+    loop {
+        let client = Client::connect(config.clone()).await?;
+        let mark = codes_mark(codes_file);
+        match client.register_request(phone).await {
+            Ok(_) => {}
+            Err(ClientError::Redirected(r)) if hops < config.max_redirects => {
+                // Accounts live on their user's node: register there.
+                hops += 1;
+                client.close().await;
+                config.url = Endpoint::parse(&config.url)?
+                    .redirect_target(&r)?
+                    .to_string();
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        let code = read_code_after(codes_file, phone, mark, CODE_TIMEOUT).await?;
+        let registered = client
+            .register_verify(phone, &code, "", DEV_DEVICE_NAME)
+            .await?;
+        return Ok((client, registered));
+    }
 }
 
-/// Links a new device to the account of `primary` (an authenticated primary device): asks it for
-/// a provisioning code, connects anonymously with `config` and links. Returns the new device's
-/// client and credentials.
+/// Links a new device to `primary`'s user: asks the primary for a provisioning code and uses
+/// it on a new anonymous connection (at the user's node, following a redirect).
 pub async fn link_device(config: ClientConfig, primary: &Client) -> Result<(Client, Registered)> {
     let user = primary
         .auth()
         .ok_or_else(|| ClientError::Protocol("the primary client is not a device".to_string()))?
         .user;
     let code = primary.link_code().await?;
-    let client = Client::connect(ClientConfig {
+    let mut config = ClientConfig {
         auth: None,
         ..config
-    })
-    .await?;
-    let registered = client
-        .link_device(user, &code.code, DEV_DEVICE_NAME)
-        .await?;
-    Ok((client, registered))
+    };
+    let mut hops = 0;
+    loop {
+        let client = Client::connect(config.clone()).await?;
+        match client.link_device(user, &code.code, DEV_DEVICE_NAME).await {
+            Ok(registered) => return Ok((client, registered)),
+            Err(ClientError::Redirected(r)) if hops < config.max_redirects => {
+                hops += 1;
+                client.close().await;
+                config.url = Endpoint::parse(&config.url)?
+                    .redirect_target(&r)?
+                    .to_string();
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 #[cfg(test)]

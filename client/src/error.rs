@@ -105,6 +105,12 @@ pub enum ClientError {
     /// may not have been executed: retry it idempotently (a `Send` with the same msg_id).
     #[error("disconnected")]
     Disconnected,
+    /// The node does not own the user a request was about and closed the connection; the
+    /// request must be made again at the owner ([`crate::Endpoint::redirect_target`]). Only
+    /// anonymous requests (register, verify, link) get this; `Hello` redirects are followed
+    /// by the client itself.
+    #[error("redirected to the owner of user {} (ws {:?}, quic {:?})", .0.user, .0.ws_url, .0.quic_addr)]
+    Redirected(ringpost_wire::Redirect),
     /// The servers redirected more often than `ClientConfig::max_redirects` allows.
     #[error("redirected more than {max} times (last target {last})")]
     TooManyRedirects { max: u32, last: String },

@@ -60,6 +60,12 @@ impl ClusterSecret {
         ClusterSecret(Arc::from(&b[..]))
     }
 
+    /// The secret's bytes, for other protocols of the same cluster that authenticate with it
+    /// (the nodes' peer links). Never log them.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+
     fn mac(&self) -> HmacSha256 {
         // HMAC accepts keys of any length.
         <HmacSha256 as Mac>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!())

@@ -18,6 +18,10 @@ use crate::server::Server;
 use crate::session::{self, Answer, Peer, Session, Step, REQUESTS_IN_FLIGHT_MAX};
 use crate::transport::{Transport, TransportError};
 
+/// How long a client whose user moved to another node waits before reconnecting (its
+/// reconnect then follows the `Redirect` of the node it reaches).
+pub const MOVED_RECONNECT_AFTER_MS: u32 = 50;
+
 type Pending = FuturesOrdered<BoxFuture<'static, (u32, Answer)>>;
 
 /// What the connection loop should do after handling an event.
@@ -123,6 +127,19 @@ impl Conn {
                     .unwrap_or("idle timeout");
                 debug!(conn = self.shared.id, why, "reaping connection");
                 return Flow::Close(None);
+            }
+            CloseReason::Moved => {
+                self.push_frame(&Frame::new(
+                    0,
+                    ringpost_wire::GoingAway {
+                        reconnect_after_ms: MOVED_RECONNECT_AFTER_MS,
+                        reason: "this user now belongs to another node; reconnect".into(),
+                    },
+                ));
+                return Flow::Close(Some((
+                    ErrorCode::WrongOwner,
+                    "this user now belongs to another node".into(),
+                )));
             }
             CloseReason::ShuttingDown => {
                 self.push_frame(&Frame::new(

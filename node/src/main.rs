@@ -41,10 +41,10 @@ enum Command {
     /// ./data, a generated dev CA and certificate, verification codes written to the log and to
     /// DATA_DIR/verification-codes.txt.
     Dev(DevArgs),
-    /// A node for real traffic: TLS certificate and SMS gateway from configuration. Options come
-    /// from flags, RINGPOST_* environment variables and `--config node.toml`. (Until the
-    /// coordinator lands, a node serves all shards itself.)
-    Run(RunArgs),
+    /// A node for real traffic: TLS certificate, SMS gateway and coordinator from configuration.
+    /// Options come from flags, RINGPOST_* environment variables and `--config node.toml`.
+    /// Without --coordinator the node is a one-node cluster with an embedded coordinator.
+    Run(Box<RunArgs>),
 }
 
 /// Options shared by `dev` and `run`.
@@ -124,6 +124,43 @@ struct RunArgs {
     /// Write verification codes to the log instead of an SMS gateway (testing only).
     #[arg(long, env = "RINGPOST_CODES_TO_LOG")]
     codes_to_log: bool,
+    /// Also append "<phone> <code>" lines to this file (testing only; implies --codes-to-log).
+    #[arg(long, env = "RINGPOST_CODES_FILE")]
+    codes_file: Option<PathBuf>,
+    /// This node's id in the cluster (unique, stable across restarts).
+    #[arg(long, default_value_t = 1, env = "RINGPOST_NODE_ID")]
+    node_id: u64,
+    /// Client addresses of the coordinator replicas, comma-separated. Omit to run a
+    /// one-node cluster with an embedded coordinator.
+    #[arg(long, env = "RINGPOST_COORDINATOR", value_delimiter = ',')]
+    coordinator: Vec<SocketAddr>,
+    /// File holding the cluster secret shared with the coordinators and the other nodes.
+    #[arg(long, env = "RINGPOST_CLUSTER_SECRET_FILE")]
+    cluster_secret_file: Option<PathBuf>,
+    /// The cluster secret itself (prefer --cluster-secret-file).
+    #[arg(long, env = "RINGPOST_CLUSTER_SECRET", hide_env_values = true)]
+    cluster_secret: Option<String>,
+    /// Node-to-node QUIC listener (UDP).
+    #[arg(long, default_value = "127.0.0.1:7790", env = "RINGPOST_LISTEN_PEER")]
+    listen_peer: SocketAddr,
+    /// Peer address other nodes dial (default: the bound --listen-peer address).
+    #[arg(long, env = "RINGPOST_ADVERTISE_PEER")]
+    advertise_peer: Option<String>,
+    /// WebSocket URL announced for redirects (default: ws://<bound address>).
+    #[arg(long, env = "RINGPOST_ADVERTISE_WS")]
+    advertise_ws: Option<String>,
+    /// WebSocket-over-TLS URL announced for redirects (default: wss://<bound address>).
+    #[arg(long, env = "RINGPOST_ADVERTISE_WSS")]
+    advertise_wss: Option<String>,
+    /// QUIC host:port announced for redirects (default: the bound address).
+    #[arg(long, env = "RINGPOST_ADVERTISE_QUIC")]
+    advertise_quic: Option<String>,
+    /// Failure zone (rack, availability zone) of this node.
+    #[arg(long, default_value = "", env = "RINGPOST_ZONE")]
+    zone: String,
+    /// Shards of the cluster (must equal the coordinator's, fixed at `init`).
+    #[arg(long, default_value_t = ringpost_node::shard::SHARD_COUNT_DEFAULT, env = "RINGPOST_SHARD_COUNT")]
+    shard_count: u16,
     #[command(flatten)]
     common: Common,
 }
@@ -134,7 +171,7 @@ fn main() -> Result<()> {
     init_logging(cli.log_format);
     let opts = match cli.command {
         Command::Dev(args) => dev_options(args),
-        Command::Run(args) => run_options(args)?,
+        Command::Run(args) => run_options(*args)?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -195,7 +232,7 @@ fn node_options(common: Common) -> NodeOptions {
     };
     NodeOptions {
         codes: CodeDelivery::Log { file: None },
-        embedded_coordinator: false,
+        cluster: None,
         data_dir: common.data_dir,
         listen_ws: None,
         listen_wss: None,
@@ -217,7 +254,6 @@ fn dev_options(args: DevArgs) -> NodeOptions {
     opts.listen_wss = Some(args.listen_wss);
     opts.listen_quic = Some(args.listen_quic);
     opts.listen_admin = Some(args.listen_admin);
-    opts.embedded_coordinator = true;
     opts
 }
 
@@ -237,18 +273,55 @@ fn run_options(args: RunArgs) -> Result<NodeOptions> {
         args.listen_ws.is_some() || needs_tls,
         "no client listener: set at least one of --listen-ws, --listen-wss, --listen-quic"
     );
-    opts.codes = match (args.sms_gateway_url, args.codes_to_log) {
+    let codes_to_log = args.codes_to_log || args.codes_file.is_some();
+    opts.codes = match (args.sms_gateway_url, codes_to_log) {
         (Some(url), false) => CodeDelivery::Http(HttpCodeSenderConfig {
             url,
             bearer_token: args.sms_gateway_token,
             timeout_ms: args.sms_gateway_timeout_ms,
         }),
-        (None, true) => CodeDelivery::Log { file: None },
+        (None, true) => CodeDelivery::Log {
+            file: args.codes_file,
+        },
         (Some(_), true) => anyhow::bail!("choose one of --sms-gateway-url and --codes-to-log"),
         (None, false) => anyhow::bail!(
             "verification codes need a destination: --sms-gateway-url URL (or --codes-to-log for testing)"
         ),
     };
+    opts.server.node_id = args.node_id;
+    opts.server.shard_count = args.shard_count;
+    if !args.coordinator.is_empty() {
+        let secret = match (args.cluster_secret, args.cluster_secret_file) {
+            (Some(s), None) => s.into_bytes(),
+            (None, Some(path)) => {
+                let mut raw =
+                    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                while raw.last().is_some_and(|b| b.is_ascii_whitespace()) {
+                    raw.pop();
+                }
+                raw
+            }
+            (Some(_), Some(_)) => {
+                anyhow::bail!("give either --cluster-secret or --cluster-secret-file, not both")
+            }
+            (None, None) => {
+                anyhow::bail!("--coordinator needs the cluster secret: --cluster-secret-file FILE")
+            }
+        };
+        let secret = ringpost_coordinator::ClusterSecret::new(secret).map_err(|e| {
+            anyhow::anyhow!("the cluster secret must be 16 to 1024 bytes, not {}", e.0)
+        })?;
+        opts.cluster = Some(ringpost_node::cluster::ClusterOptions {
+            coordinators: args.coordinator,
+            secret,
+            listen_peer: args.listen_peer,
+            advertise_peer: args.advertise_peer,
+            advertise_ws: args.advertise_ws,
+            advertise_wss: args.advertise_wss,
+            advertise_quic: args.advertise_quic,
+            zone: args.zone,
+        });
+    }
     opts.listen_ws = args.listen_ws;
     opts.listen_wss = args.listen_wss;
     opts.listen_quic = args.listen_quic;
@@ -289,7 +362,10 @@ async fn serve(opts: NodeOptions) -> Result<()> {
         ),
         None => println!("ringpost node ready; data in {}", data_dir.display()),
     }
-    signals.wait().await;
+    tokio::select! {
+        _ = signals.wait() => {}
+        _ = node.left_cluster() => println!("ringpost node drained and left the cluster"),
+    }
     node.shutdown().await;
     Ok(())
 }

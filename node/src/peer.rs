@@ -1,4 +1,258 @@
-//! Node-to-node traffic: the authenticated QUIC links ([`link`]) over which nodes forward
-//! requests to each other.
+//! Node-to-node traffic: the authenticated QUIC links ([`link`]) and what nodes ask of each
+//! other over them.
+//!
+//! Every request carries the sender's ring epoch. The receiver first catches up to that epoch
+//! (it may have missed a watch update), then serves the request only if it owns the shard in
+//! question at its own epoch and has taken it over; otherwise it answers
+//! [`PeerResponse::WrongOwner`] with its epoch, and the sender waits for its own view to move
+//! and routes again. Messages are postcard-encoded serde values; [`PEER_PROTOCOL_VERSION`] is
+//! checked on every request so that a node of another version is refused clearly.
 
 pub mod link;
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use ringpost_coordinator::NodeId;
+use ringpost_wire::{DeviceId, MsgId, UserId};
+use serde::{Deserialize, Serialize};
+
+use crate::handoff::{Chunk, Cursor, ShardDigest};
+use crate::server::Server;
+use crate::shard::ShardId;
+
+/// Version of the messages below; bumped on any incompatible change.
+pub const PEER_PROTOCOL_VERSION: u16 = 1;
+/// How long a forwarded request may take before the sender gives up on that attempt.
+pub const PEER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which kind of inbox entry a [`Store`] creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoreKind {
+    Message,
+    Delivered,
+    Read,
+}
+
+/// Who gets an entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Targets {
+    /// One ciphertext per device; the set must equal the recipient's devices (minus
+    /// [`Store::except`]) or the store answers [`Stored::Mismatched`].
+    Exact(Vec<(DeviceId, Vec<u8>)>),
+    /// The same body for every device of the recipient (minus [`Store::except`]): receipts.
+    AllDevices(Vec<u8>),
+}
+
+/// Entries for the devices of one user, executed on that user's owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Store {
+    pub to_user: UserId,
+    pub from_user: UserId,
+    pub from_device: DeviceId,
+    pub msg_id: MsgId,
+    pub kind: StoreKind,
+    pub targets: Targets,
+    /// A device of `to_user` that gets no copy (the sender, when it writes to its own user).
+    pub except: Option<DeviceId>,
+    pub receipt_msg_ids: Vec<MsgId>,
+    /// Deduplicate by (from_user, from_device, msg_id).
+    pub dedup: bool,
+    pub now_ms: u64,
+}
+
+/// What a [`Store`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Stored {
+    /// Durable on the owner.
+    Stored {
+        server_time_ms: u64,
+    },
+    Duplicate {
+        server_time_ms: u64,
+    },
+    Full {
+        devices: Vec<DeviceId>,
+    },
+    Mismatched {
+        missing: Vec<DeviceId>,
+        extra: Vec<DeviceId>,
+    },
+    UnknownUser,
+    /// Not stored: an error code of the client protocol and why.
+    Refused {
+        code: u16,
+        message: String,
+        retry_after_ms: u32,
+    },
+}
+
+/// A request from one node to another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerRequest {
+    Store(Store),
+    /// A typing indicator for the connected devices of `to`.
+    Typing {
+        to: UserId,
+        from_user: UserId,
+        from_device: DeviceId,
+        typing: bool,
+    },
+    /// A client request about another user answered by that user's owner: an encoded
+    /// `DeviceListRequest` or `PrekeyClaim` frame. The answer is [`PeerResponse::Frames`].
+    Query {
+        from_user: UserId,
+        from_device: DeviceId,
+        frame: Vec<u8>,
+    },
+    /// Hand-off, asked by a shard's new owner: which of these shards (none of which the
+    /// receiver owns at `epoch`) does the receiver hold rows for? The receiver first closes
+    /// them for writes and waits for its writer, so nothing is committed to them afterwards.
+    Holdings {
+        shards: Vec<ShardId>,
+    },
+    /// Hand-off: the next chunk of a shard's rows.
+    Export {
+        shard: ShardId,
+        from: Option<Cursor>,
+        max_bytes: u32,
+    },
+    /// Hand-off: the new owner has stored the shard durably (digest of what it received,
+    /// leaving out dedup records expiring by `dedup_cutoff_ms`); the receiver deletes its copy
+    /// if it still matches.
+    Release {
+        shard: ShardId,
+        digest: ShardDigest,
+        dedup_cutoff_ms: u64,
+    },
+}
+
+/// A request and the epoch it was routed at.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope {
+    pub version: u16,
+    pub epoch: u64,
+    pub request: PeerRequest,
+}
+
+/// The answer to a [`PeerRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerResponse {
+    Stored(Stored),
+    Done,
+    Frames(Vec<Vec<u8>>),
+    Holdings(Vec<ShardId>),
+    Chunk(Chunk),
+    /// The shard's rows changed since the digest was taken: pull again.
+    DigestMismatch,
+    /// The receiver does not own (or no longer holds) what was asked at its `epoch`.
+    WrongOwner {
+        epoch: u64,
+    },
+    /// The request could not be served: an error code of the client protocol and why.
+    Error {
+        code: u16,
+        message: String,
+    },
+}
+
+/// Encodes a request for [`link::PeerNet::call`].
+pub fn encode_request(epoch: u64, request: PeerRequest) -> Bytes {
+    let envelope = Envelope {
+        version: PEER_PROTOCOL_VERSION,
+        epoch,
+        request,
+    };
+    // Serialising owned plain data into a Vec cannot fail.
+    Bytes::from(postcard::to_allocvec(&envelope).unwrap_or_default())
+}
+
+/// Decodes a response; a peer's garbage is an error, never a panic.
+pub fn decode_response(bytes: &[u8]) -> Result<PeerResponse, String> {
+    postcard::from_bytes(bytes).map_err(|e| format!("undecodable peer response: {e}"))
+}
+
+fn encode_response(response: &PeerResponse) -> Bytes {
+    Bytes::from(postcard::to_allocvec(response).unwrap_or_default())
+}
+
+/// Serves other nodes' requests on this node's [`Server`].
+pub struct NodePeerService {
+    /// Weak: the link must not keep a stopped server alive.
+    pub server: Weak<Server>,
+}
+
+impl link::PeerService for NodePeerService {
+    fn call(&self, from: NodeId, request: Bytes) -> BoxFuture<'static, Bytes> {
+        let Some(server) = self.server.upgrade() else {
+            return Box::pin(async {
+                encode_response(&PeerResponse::Error {
+                    code: ringpost_wire::ErrorCode::ShuttingDown as u16,
+                    message: "node is stopping".into(),
+                })
+            });
+        };
+        let envelope: Envelope = match postcard::from_bytes(&request) {
+            Ok(e) => e,
+            Err(e) => {
+                let message = format!("undecodable peer request: {e}");
+                return Box::pin(async move {
+                    encode_response(&PeerResponse::Error {
+                        code: ringpost_wire::ErrorCode::Malformed as u16,
+                        message,
+                    })
+                });
+            }
+        };
+        if envelope.version != PEER_PROTOCOL_VERSION {
+            let message = format!(
+                "peer protocol version {} is not spoken here ({PEER_PROTOCOL_VERSION})",
+                envelope.version
+            );
+            return Box::pin(async move {
+                encode_response(&PeerResponse::Error {
+                    code: ringpost_wire::ErrorCode::UnsupportedVersion as u16,
+                    message,
+                })
+            });
+        }
+        let answer = Server::serve_peer(&server, from, envelope.epoch, envelope.request);
+        Box::pin(async move { encode_response(&answer.await) })
+    }
+}
+
+/// Keeps `Arc<Server>` out of the signature of callers that only hold the service.
+pub fn service(server: &Arc<Server>) -> Arc<NodePeerService> {
+    Arc::new(NodePeerService {
+        server: Arc::downgrade(server),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_and_garbage_is_an_error() {
+        let req = PeerRequest::Store(Store {
+            to_user: 1,
+            from_user: 2,
+            from_device: 3,
+            msg_id: [7; 16],
+            kind: StoreKind::Message,
+            targets: Targets::Exact(vec![(1, b"ct".to_vec())]),
+            except: None,
+            receipt_msg_ids: vec![],
+            dedup: true,
+            now_ms: 9,
+        });
+        let bytes = encode_request(4, req.clone());
+        let env: Envelope = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!((env.version, env.epoch, env.request), (1, 4, req));
+        let resp = PeerResponse::WrongOwner { epoch: 5 };
+        assert_eq!(decode_response(&encode_response(&resp)).unwrap(), resp);
+        assert!(decode_response(&[0xff, 0xff, 0xff]).is_err());
+    }
+}

@@ -33,6 +33,8 @@ pub enum CloseReason {
     Expired = 2,
     /// The node is shutting down.
     ShuttingDown = 3,
+    /// The device's user now belongs to another node (new ring epoch): reconnect.
+    Moved = 4,
 }
 
 /// The part of a connection other tasks can reach.
@@ -94,6 +96,7 @@ impl ConnShared {
             1 => CloseReason::Replaced,
             2 => CloseReason::Expired,
             3 => CloseReason::ShuttingDown,
+            4 => CloseReason::Moved,
             _ => CloseReason::None,
         }
     }
@@ -212,6 +215,21 @@ impl Registry {
             }
         }
         closed
+    }
+
+    /// Asks the connection of every device whose user matches `moved` to close with
+    /// [`CloseReason::Moved`]. Returns how many were asked.
+    pub fn close_moved(&self, moved: impl Fn(UserId) -> bool) -> usize {
+        let mut asked = 0;
+        for shard in &self.devices {
+            for (&(user, _), conn) in lock(shard).iter() {
+                if moved(user) {
+                    conn.ask_close(CloseReason::Moved);
+                    asked += 1;
+                }
+            }
+        }
+        asked
     }
 
     /// Asks every connection to close (graceful shutdown).

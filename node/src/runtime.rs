@@ -50,8 +50,9 @@ pub struct NodeOptions {
     pub rocks: RocksConfig,
     /// How verification codes reach users.
     pub codes: CodeDelivery,
-    /// Run a single-replica coordinator in this process and join it (dev).
-    pub embedded_coordinator: bool,
+    /// Join a standalone coordinator; `None` runs a single-replica coordinator in this
+    /// process and joins it (dev, or a one-node deployment).
+    pub cluster: Option<crate::cluster::ClusterOptions>,
 }
 
 /// Accept queue of each TCP listener (the kernel caps it at `net.core.somaxconn`). A reconnect
@@ -172,6 +173,7 @@ impl Node {
             .context("loading the expiry clock")?;
         let server = Server::new(
             opts.server.clone(),
+            engine.clone(),
             accounts,
             keys,
             inbox,
@@ -227,18 +229,27 @@ impl Node {
             tasks.spawn(crate::admin::serve(l, server.clone()));
         }
         tasks.spawn(housekeeping(server.clone()));
-        let cluster = if opts.embedded_coordinator {
-            let link = crate::cluster::ClusterLink::start_embedded(
-                &opts.data_dir,
-                opts.server.node_id,
-                &bound,
-                server.clone(),
-            )
-            .await?;
-            Some(link)
-        } else {
-            None
+        let cluster = match opts.cluster.clone() {
+            Some(options) => {
+                crate::cluster::ClusterLink::start(
+                    options,
+                    opts.server.node_id,
+                    &bound,
+                    server.clone(),
+                )
+                .await?
+            }
+            None => {
+                crate::cluster::ClusterLink::start_embedded(
+                    &opts.data_dir,
+                    opts.server.node_id,
+                    &bound,
+                    server.clone(),
+                )
+                .await?
+            }
         };
+        let cluster = Some(cluster);
         Ok(Node {
             server,
             bound,
@@ -247,6 +258,14 @@ impl Node {
             quic: endpoint,
             cluster,
         })
+    }
+
+    /// Resolves when the node has been drained and has left the cluster (it should then stop).
+    pub async fn left_cluster(&self) {
+        match &self.cluster {
+            Some(c) => c.left().await,
+            None => std::future::pending().await,
+        }
     }
 
     /// Graceful shutdown: stop accepting, send `GoingAway`, wait for connections to close (up

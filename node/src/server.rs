@@ -3,11 +3,10 @@
 
 use std::collections::BTreeSet;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use ringpost_wire::{
@@ -21,7 +20,9 @@ use crate::accounts::{AccountError, Accounts};
 use crate::inbox::{Acked, Append, AppendOutcome, Entry, EntryKind, Inbox, InboxError};
 use crate::keys::Keys;
 use crate::metrics::Metrics;
+use crate::peer::{Store, StoreKind, Stored, Targets};
 use crate::registry::{CloseReason, Registry};
+use crate::routing::{Route, Routing};
 use crate::session::{Answer, Request};
 
 /// Sends, receipts and typing indicators one device may make per second, sustained.
@@ -58,7 +59,12 @@ impl Default for ServerConfig {
 pub struct Server {
     pub node_id: u64,
     pub config: ServerConfig,
-    epoch: AtomicU64,
+    /// The ring snapshot, shard readiness and coordinator lease.
+    pub routing: Routing,
+    /// Links to the other nodes (set once the node has joined a multi-node cluster).
+    pub(crate) peers: std::sync::OnceLock<crate::peer::link::PeerNet>,
+    /// The node's database, for shard hand-offs (every service owns its own column families).
+    pub(crate) engine: Arc<dyn crate::storage::Engine>,
     pub accounts: Arc<Accounts>,
     pub keys: Arc<Keys>,
     pub inbox: Inbox,
@@ -75,6 +81,7 @@ pub struct Server {
 impl Server {
     pub fn new(
         config: ServerConfig,
+        engine: Arc<dyn crate::storage::Engine>,
         accounts: Accounts,
         keys: Keys,
         inbox: Inbox,
@@ -85,7 +92,9 @@ impl Server {
         let burst = NonZeroU32::new(config.device_burst.max(1)).unwrap_or(NonZeroU32::MIN);
         Arc::new(Server {
             node_id: config.node_id,
-            epoch: AtomicU64::new(1),
+            routing: Routing::new(config.node_id, config.shard_count),
+            peers: std::sync::OnceLock::new(),
+            engine,
             accounts: Arc::new(accounts),
             keys: Arc::new(keys),
             inbox,
@@ -113,13 +122,9 @@ impl Server {
         self.expiry_clock.now_ms(self.now_ms())
     }
 
+    /// The ring epoch this node routes at.
     pub fn epoch(&self) -> u64 {
-        self.epoch.load(Relaxed)
-    }
-
-    /// The coordinator committed a new ring epoch.
-    pub fn set_epoch(&self, epoch: u64) {
-        self.epoch.store(epoch, Relaxed);
+        self.routing.epoch()
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -147,6 +152,9 @@ impl Server {
         }
         match request {
             Request::Authenticate(auth) => Box::pin(async move {
+                if let Err(elsewhere) = server.gate(auth.user).await {
+                    return elsewhere;
+                }
                 match server
                     .accounts
                     .authenticate(auth.user, auth.device, &auth.token)
@@ -166,6 +174,18 @@ impl Server {
 
     async fn anonymous(&self, body: Body) -> Answer {
         let now = self.now_ms();
+        // Accounts live on their user's owner: register and link there.
+        let user = match &body {
+            Body::RegisterRequest(r) => Some(r.phone),
+            Body::RegisterVerify(v) => Some(v.phone),
+            Body::LinkDevice(l) => Some(l.user),
+            _ => None,
+        };
+        if let Some(user) = user {
+            if let Err(elsewhere) = self.gate(user).await {
+                return elsewhere;
+            }
+        }
         match body {
             Body::RegisterRequest(r) => {
                 match self.accounts.request_code(r.phone, r.channel, now).await {
@@ -285,6 +305,11 @@ impl Server {
         body: Body,
     ) -> BoxFuture<'static, Answer> {
         let server = self.clone();
+        // A device is connected to its user's owner; after an epoch change moved the user its
+        // connection is being closed, and nothing more is served on it.
+        if let Some(moved) = self.serves_here(user) {
+            return Box::pin(async move { moved });
+        }
         match body {
             Body::Send(send) => {
                 if let Some(limited) = self.rate_limited(user, device) {
@@ -325,9 +350,21 @@ impl Server {
         }
     }
 
-    async fn device_control(&self, user: UserId, device: DeviceId, body: Body) -> Answer {
+    pub(crate) async fn device_control(
+        &self,
+        user: UserId,
+        device: DeviceId,
+        body: Body,
+    ) -> Answer {
         let now = self.now_ms();
         match body {
+            Body::DeviceListRequest(r) if !self.is_local(r.user) => {
+                self.query(user, device, r.user, Body::DeviceListRequest(r))
+                    .await
+            }
+            Body::PrekeyClaim(c) if !self.is_local(c.user) => {
+                self.query(user, device, c.user, Body::PrekeyClaim(c)).await
+            }
             Body::DeviceListRequest(r) => match self.accounts.devices(r.user) {
                 Ok(devices) => frames(DeviceList {
                     user: r.user,
@@ -424,8 +461,14 @@ impl Server {
         }
     }
 
-    /// A 1:1 message: check the device lists, store one entry per recipient device (and per
-    /// other device of the sender), then acknowledge.
+    /// A 1:1 message: check the device lists, store one entry per recipient device (on the
+    /// recipient's owner, which may be another node) and per other device of the sender (here),
+    /// then acknowledge.
+    ///
+    /// With a local recipient both device lists are checked before anything is stored. With a
+    /// remote one the owner checks the recipient's list; the sender's own copies are queued at
+    /// once (so they keep frame order) and stay even if the owner then answers
+    /// `MismatchedDevices`: the retry with the same msg_id finds them as duplicates.
     fn send(
         self: &Arc<Self>,
         user: UserId,
@@ -436,63 +479,17 @@ impl Server {
         let server = self.clone();
         let now = self.now_ms();
         let msg_id = send.msg_id;
-
-        // Who must get a copy: every device of the recipient, and every other device of the
-        // sender. A stale view on the sender's side gets MismatchedDevices and stores nothing.
-        let to_devices = match self.accounts.devices(send.to) {
-            Ok(d) if d.is_empty() => {
-                return Box::pin(async move { send_ack(msg_id, SendStatus::UnknownUser, now) })
-            }
-            Ok(d) => d,
-            Err(AccountError::NotFound) => {
-                return Box::pin(async move { send_ack(msg_id, SendStatus::UnknownUser, now) })
-            }
-            Err(e) => return Box::pin(async move { account_error(e) }),
-        };
-        let own_devices: Vec<DeviceId> = if send.to == user {
-            Vec::new()
-        } else {
-            match self.accounts.devices(user) {
-                Ok(d) => d.into_iter().filter(|&d| d != device).collect(),
-                Err(e) => return Box::pin(async move { account_error(e) }),
-            }
-        };
-        let to_expected: Vec<DeviceId> = if send.to == user {
-            to_devices.into_iter().filter(|&d| d != device).collect()
-        } else {
-            to_devices
-        };
+        let to_user = send.to;
 
         let mut to_given = BTreeSet::new();
         let mut own_given = BTreeSet::new();
-        let mut to_entries = Vec::with_capacity(send.ciphertexts.len());
+        let mut to_targets = Vec::with_capacity(send.ciphertexts.len());
         let mut own_entries = Vec::new();
         for c in send.ciphertexts {
-            let entry = Entry {
-                kind: EntryKind::Message,
-                from_user: user,
-                from_device: device,
-                msg_id,
-                server_time_ms: now,
-                // The inbox stamps both times when it stores the entry.
-                expires_at_ms: 0,
-                body: c.body,
-                receipt_msg_ids: Vec::new(),
-            };
-            if c.user == send.to {
-                if !to_given.insert(c.device) {
-                    return Box::pin(async move {
-                        error(ErrorCode::Malformed, "two ciphertexts for the same device")
-                    });
-                }
-                to_entries.push((c.device, entry));
+            let given = if c.user == to_user {
+                &mut to_given
             } else if c.user == user {
-                if !own_given.insert(c.device) {
-                    return Box::pin(async move {
-                        error(ErrorCode::Malformed, "two ciphertexts for the same device")
-                    });
-                }
-                own_entries.push((c.device, entry));
+                &mut own_given
             } else {
                 return Box::pin(async move {
                     error(
@@ -500,57 +497,72 @@ impl Server {
                         "a Send carries ciphertexts only for the recipient's and the sender's devices",
                     )
                 });
+            };
+            if !given.insert(c.device) {
+                return Box::pin(async move {
+                    error(ErrorCode::Malformed, "two ciphertexts for the same device")
+                });
+            }
+            if c.user == to_user {
+                to_targets.push((c.device, c.body.to_vec()));
+            } else {
+                own_entries.push((c.device, Entry::message(user, device, msg_id, c.body)));
             }
         }
+
+        // The sender's other devices: its user is local (its connection is here).
         let mut mismatched = Vec::new();
-        if let Some(m) = mismatch(send.to, &to_expected, &to_given) {
-            mismatched.push(m);
-        }
-        if send.to != user {
-            if let Some(m) = mismatch(user, &own_devices, &own_given) {
-                mismatched.push(m);
+        if to_user != user {
+            let own_devices: Vec<DeviceId> = match self.accounts.devices(user) {
+                Ok(d) => d.into_iter().filter(|&d| d != device).collect(),
+                Err(e) => return Box::pin(async move { account_error(e) }),
+            };
+            mismatched.extend(mismatch(user, &own_devices, &own_given));
+            // A local recipient's list is checked now too, so nothing is stored on a mismatch.
+            if self.is_local(to_user) {
+                match self.accounts.devices(to_user) {
+                    Ok(d) if !d.is_empty() => mismatched.extend(mismatch(to_user, &d, &to_given)),
+                    Ok(_) | Err(AccountError::NotFound) => {
+                        return Box::pin(
+                            async move { send_ack(msg_id, SendStatus::UnknownUser, now) },
+                        )
+                    }
+                    Err(e) => return Box::pin(async move { account_error(e) }),
+                }
             }
         }
         if !mismatched.is_empty() {
             self.metrics.messages_rejected.fetch_add(1, Relaxed);
-            return Box::pin(async move {
-                Answer::Frames(vec![Frame::new(
-                    0,
-                    SendAck {
-                        msg_id,
-                        status: SendStatus::MismatchedDevices,
-                        server_time_ms: now,
-                        mismatched,
-                        full_devices: vec![],
-                    },
-                )])
-            });
+            return Box::pin(async move { mismatched_ack(msg_id, now, mismatched) });
         }
 
-        let dedup = Some((user, device, msg_id));
-        let to_user = send.to;
-        let to_append = Append {
+        let to_store = self.store(Store {
             to_user,
-            dedup,
-            entries: to_entries,
+            from_user: user,
+            from_device: device,
+            msg_id,
+            kind: StoreKind::Message,
+            targets: Targets::Exact(to_targets),
+            except: (to_user == user).then_some(device),
+            receipt_msg_ids: Vec::new(),
+            dedup: true,
             now_ms: now,
-        };
+        });
         let own_append = (!own_entries.is_empty()).then_some(Append {
             to_user: user,
-            dedup,
+            dedup: Some((user, device, msg_id)),
             entries: own_entries,
             now_ms: now,
         });
         Box::pin(async move {
-            // Both appends reach the writer's queue on this future's first poll, which the
-            // connection driver does at once: commit order follows frame order.
+            // Both reach their queues (the writer's, or the peer link's) on this future's first
+            // poll, which the connection driver does at once: commit order follows frame order.
             let (to_result, own_result) = match own_append {
                 Some(own) => {
-                    let (a, b) =
-                        futures::join!(server.inbox.append(to_append), server.inbox.append(own));
+                    let (a, b) = futures::join!(to_store, server.inbox.append(own));
                     (a, Some(b))
                 }
-                None => (server.inbox.append(to_append).await, None),
+                None => (to_store.await, None),
             };
             let mut ack = SendAck {
                 msg_id,
@@ -560,21 +572,15 @@ impl Server {
                 full_devices: vec![],
             };
             match to_result {
-                Ok(AppendOutcome::Stored {
-                    server_time_ms,
-                    seqs,
-                }) => {
+                Stored::Stored { server_time_ms } => {
                     ack.server_time_ms = server_time_ms;
-                    for (d, _) in seqs {
-                        server.registry.wake(to_user, d);
-                    }
                     server.metrics.messages_accepted.fetch_add(1, Relaxed);
                 }
-                Ok(AppendOutcome::Duplicate { server_time_ms }) => {
+                Stored::Duplicate { server_time_ms } => {
                     ack.server_time_ms = server_time_ms;
                     server.metrics.messages_duplicate.fetch_add(1, Relaxed);
                 }
-                Ok(AppendOutcome::Full { devices }) => {
+                Stored::Full { devices } => {
                     ack.status = SendStatus::InboxFull;
                     ack.full_devices = devices
                         .into_iter()
@@ -585,7 +591,21 @@ impl Server {
                         .collect();
                     server.metrics.messages_rejected.fetch_add(1, Relaxed);
                 }
-                Err(e) => return inbox_error(e),
+                Stored::Mismatched { missing, extra } => {
+                    server.metrics.messages_rejected.fetch_add(1, Relaxed);
+                    let m = MismatchedDevices {
+                        user: to_user,
+                        missing,
+                        extra,
+                    };
+                    return mismatched_ack(msg_id, now, vec![m]);
+                }
+                Stored::UnknownUser => return send_ack(msg_id, SendStatus::UnknownUser, now),
+                Stored::Refused {
+                    code,
+                    message,
+                    retry_after_ms,
+                } => return refused(code, message, retry_after_ms),
             }
             // The sender's other devices: their copies are a courtesy sync. If one of those
             // inboxes is full the message still went to the recipient; the device is named in
@@ -609,143 +629,128 @@ impl Server {
         })
     }
 
-    /// A read (or delivered) receipt from a client: stored for every device of `to`, like a
-    /// message, so it reaches devices that are offline now.
+    /// A read (or delivered) receipt from a client: stored for every device of `to` (on its
+    /// owner), like a message, so it reaches devices that are offline now.
     fn receipt(
         self: &Arc<Self>,
         user: UserId,
         device: DeviceId,
         r: ringpost_wire::Receipt,
     ) -> BoxFuture<'static, Answer> {
-        let server = self.clone();
         let now = self.now_ms();
         let kind = match r.kind {
-            ringpost_wire::ReceiptKind::Read => EntryKind::Read,
-            ringpost_wire::ReceiptKind::Delivered => EntryKind::Delivered,
+            ringpost_wire::ReceiptKind::Read => StoreKind::Read,
+            ringpost_wire::ReceiptKind::Delivered => StoreKind::Delivered,
         };
-        let devices = match self.accounts.devices(r.to) {
-            Ok(d) => d,
-            Err(AccountError::NotFound) => {
-                return Box::pin(async move { send_ack(r.msg_id, SendStatus::UnknownUser, now) })
-            }
-            Err(e) => return Box::pin(async move { account_error(e) }),
-        };
-        let entries = devices
-            .iter()
-            .filter(|&&d| !(r.to == user && d == device))
-            .map(|&d| {
-                (
-                    d,
-                    self.receipt_entry(kind, user, device, r.msg_id, r.msg_ids.clone(), now),
-                )
-            })
-            .collect();
-        let append = Append {
+        let msg_id = r.msg_id;
+        let stored = self.store(Store {
             to_user: r.to,
-            dedup: Some((user, device, r.msg_id)),
-            entries,
+            from_user: user,
+            from_device: device,
+            msg_id,
+            kind,
+            targets: Targets::AllDevices(Vec::new()),
+            except: (r.to == user).then_some(device),
+            receipt_msg_ids: r.msg_ids,
+            dedup: true,
             now_ms: now,
-        };
+        });
         Box::pin(async move {
-            match server.inbox.append(append).await {
-                Ok(AppendOutcome::Stored {
-                    server_time_ms,
-                    seqs,
-                }) => {
-                    for (d, _) in seqs {
-                        server.registry.wake(r.to, d);
-                    }
-                    send_ack(r.msg_id, SendStatus::Ok, server_time_ms)
+            match stored.await {
+                Stored::Stored { server_time_ms } | Stored::Duplicate { server_time_ms } => {
+                    send_ack(msg_id, SendStatus::Ok, server_time_ms)
                 }
-                Ok(AppendOutcome::Duplicate { server_time_ms }) => {
-                    send_ack(r.msg_id, SendStatus::Ok, server_time_ms)
-                }
-                Ok(AppendOutcome::Full { .. }) => send_ack(r.msg_id, SendStatus::InboxFull, now),
-                Err(e) => inbox_error(e),
+                Stored::Full { .. } => send_ack(msg_id, SendStatus::InboxFull, now),
+                Stored::UnknownUser => send_ack(msg_id, SendStatus::UnknownUser, now),
+                // Receipts go to every device: the owner never finds a mismatch.
+                Stored::Mismatched { .. } => send_ack(msg_id, SendStatus::Ok, now),
+                Stored::Refused {
+                    code,
+                    message,
+                    retry_after_ms,
+                } => refused(code, message, retry_after_ms),
             }
         })
     }
 
-    fn receipt_entry(
-        &self,
-        kind: EntryKind,
-        from_user: UserId,
-        from_device: DeviceId,
-        msg_id: MsgId,
-        msg_ids: Vec<MsgId>,
-        now: u64,
-    ) -> Entry {
-        Entry {
-            kind,
-            from_user,
-            from_device,
-            msg_id,
-            server_time_ms: now,
-            expires_at_ms: 0, // set by the inbox
-            body: Bytes::new(),
-            receipt_msg_ids: msg_ids,
-        }
-    }
-
     /// The first device of `user` to ack a message makes the server tell the sender's devices
     /// that it was delivered. The inbox reports `first_ack` exactly once per message.
-    async fn route_delivered_receipts(&self, user: UserId, device: DeviceId, acked: Vec<Acked>) {
+    async fn route_delivered_receipts(
+        self: &Arc<Self>,
+        user: UserId,
+        device: DeviceId,
+        acked: Vec<Acked>,
+    ) {
         let now = self.now_ms();
-        for a in acked.into_iter().filter(|a| a.first_ack) {
-            let devices = match self.accounts.devices(a.from_user) {
-                Ok(d) => d,
-                Err(_) => continue,
-            };
-            let entries = devices
-                .iter()
-                .map(|&d| {
-                    (
-                        d,
-                        self.receipt_entry(
-                            EntryKind::Delivered,
-                            user,
-                            device,
-                            a.msg_id,
-                            vec![a.msg_id],
-                            now,
-                        ),
-                    )
+        let receipts: Vec<_> = acked
+            .into_iter()
+            .filter(|a| a.first_ack)
+            .map(|a| {
+                self.store(Store {
+                    to_user: a.from_user,
+                    from_user: user,
+                    from_device: device,
+                    msg_id: a.msg_id,
+                    kind: StoreKind::Delivered,
+                    targets: Targets::AllDevices(Vec::new()),
+                    except: None,
+                    receipt_msg_ids: vec![a.msg_id],
+                    dedup: false,
+                    now_ms: now,
                 })
-                .collect();
-            let append = Append {
-                to_user: a.from_user,
-                dedup: None,
-                entries,
-                now_ms: now,
-            };
-            match self.inbox.append(append).await {
-                Ok(AppendOutcome::Stored { seqs, .. }) => {
-                    for (d, _) in seqs {
-                        self.registry.wake(a.from_user, d);
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => warn!(error = %e, "storing a delivered receipt failed"),
+            })
+            .collect();
+        for stored in futures::future::join_all(receipts).await {
+            if let Stored::Refused { message, .. } = stored {
+                warn!(error = %message, "storing a delivered receipt failed");
             }
         }
     }
 
-    /// Typing indicators go only to the recipient's connected devices and are never stored.
-    fn typing(&self, user: UserId, device: DeviceId, t: ringpost_wire::Typing) {
-        let Ok(devices) = self.accounts.devices(t.user) else {
+    /// Typing indicators go only to the recipient's connected devices (on its owner) and are
+    /// never stored.
+    fn typing(self: &Arc<Self>, user: UserId, device: DeviceId, t: ringpost_wire::Typing) {
+        match self.routing.route(t.user) {
+            Route::Local { .. } => self.push_typing(t.user, user, device, t.typing),
+            Route::Remote { node, epoch, .. } => {
+                let server = self.clone();
+                tokio::spawn(async move {
+                    let request = crate::peer::PeerRequest::Typing {
+                        to: t.user,
+                        from_user: user,
+                        from_device: device,
+                        typing: t.typing,
+                    };
+                    // Best effort, like the indicator itself.
+                    let _ = server.call_peer(node, epoch, request).await;
+                });
+            }
+            Route::Unowned => {}
+        }
+    }
+
+    /// Shows `from`'s typing state on the connected devices of `to` (a local user).
+    pub(crate) fn push_typing(
+        &self,
+        to: UserId,
+        from_user: UserId,
+        from_device: DeviceId,
+        typing: bool,
+    ) {
+        let Ok(devices) = self.accounts.devices(to) else {
             return;
         };
         let frame = Frame::new(
             0,
             ringpost_wire::Typing {
-                user,
-                device,
-                typing: t.typing,
+                user: from_user,
+                device: from_device,
+                typing,
             },
         );
         let Ok(bytes) = frame.encode() else { return };
         for d in devices {
-            if let Some(conn) = self.registry.device(t.user, d) {
+            if let Some(conn) = self.registry.device(to, d) {
                 conn.push(bytes.clone());
             }
         }
@@ -810,7 +815,7 @@ fn mismatch(
 }
 
 /// Runs an account operation that may hash a PIN or sync a write on the blocking pool.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     accounts: &Arc<Accounts>,
     f: impl FnOnce(&Accounts) -> Result<T, AccountError> + Send + 'static,
 ) -> Result<T, AccountError> {
@@ -821,17 +826,17 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// A blocking task that panicked or was cancelled.
-fn task_failed(e: tokio::task::JoinError) -> crate::keys::KeysError {
+pub(crate) fn task_failed(e: tokio::task::JoinError) -> crate::keys::KeysError {
     crate::keys::KeysError::Storage(crate::storage::StorageError::Other(format!(
         "task failed: {e}"
     )))
 }
 
-fn frames(body: impl Into<Body>) -> Answer {
+pub(crate) fn frames(body: impl Into<Body>) -> Answer {
     Answer::Frames(vec![Frame::new(0, body)])
 }
 
-fn send_ack(msg_id: MsgId, status: SendStatus, now: u64) -> Answer {
+pub(crate) fn send_ack(msg_id: MsgId, status: SendStatus, now: u64) -> Answer {
     frames(SendAck {
         msg_id,
         status,
@@ -841,7 +846,26 @@ fn send_ack(msg_id: MsgId, status: SendStatus, now: u64) -> Answer {
     })
 }
 
-fn error(code: ErrorCode, message: &str) -> Answer {
+fn mismatched_ack(msg_id: MsgId, now: u64, mismatched: Vec<MismatchedDevices>) -> Answer {
+    frames(SendAck {
+        msg_id,
+        status: SendStatus::MismatchedDevices,
+        server_time_ms: now,
+        mismatched,
+        full_devices: vec![],
+    })
+}
+
+/// An answer for a request another node (or the routing layer) refused.
+pub(crate) fn refused(code: u16, message: String, retry_after_ms: u32) -> Answer {
+    Answer::Error {
+        code: ErrorCode::from_u16(code).unwrap_or(ErrorCode::Internal),
+        message,
+        retry_after_ms,
+    }
+}
+
+pub(crate) fn error(code: ErrorCode, message: &str) -> Answer {
     Answer::Error {
         code,
         message: message.to_string(),
@@ -849,7 +873,7 @@ fn error(code: ErrorCode, message: &str) -> Answer {
     }
 }
 
-fn account_error(e: AccountError) -> Answer {
+pub(crate) fn account_error(e: AccountError) -> Answer {
     Answer::Error {
         code: e.code(),
         message: e.to_string(),
@@ -857,7 +881,7 @@ fn account_error(e: AccountError) -> Answer {
     }
 }
 
-fn inbox_error(e: InboxError) -> Answer {
+pub(crate) fn inbox_error(e: InboxError) -> Answer {
     Answer::Error {
         code: e.code(),
         message: e.to_string(),
@@ -865,7 +889,7 @@ fn inbox_error(e: InboxError) -> Answer {
     }
 }
 
-fn keys_error(e: crate::keys::KeysError) -> Answer {
+pub(crate) fn keys_error(e: crate::keys::KeysError) -> Answer {
     Answer::Error {
         code: e.code(),
         message: e.to_string(),

@@ -108,6 +108,9 @@ pub enum Answer {
         message: String,
         retry_after_ms: u32,
     },
+    /// Another node owns the user this request is about: reply `Redirect` and close, so the
+    /// client reconnects to the owner.
+    Redirect(ringpost_wire::Redirect),
 }
 
 /// Where the drain of this device's inbox stands.
@@ -281,6 +284,11 @@ impl Session {
                 }
                 steps.extend(frames.into_iter().map(|f| Step::Write(reply(req, f))));
                 steps
+            }
+            Answer::Redirect(redirect) => {
+                self.peer = Peer::Closed;
+                self.window = None;
+                vec![Step::Close(Frame::new(req, redirect))]
             }
             Answer::Error {
                 code,

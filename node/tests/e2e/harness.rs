@@ -160,6 +160,32 @@ impl TestNode {
         }
     }
 
+    /// Sends a signal ("STOP", "CONT", "TERM", ...) to the node process.
+    #[allow(dead_code)] // used by the cluster tests
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            signal(c.id(), sig);
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit on its own; `Some(success)` if it did.
+    /// Blocking: call it from a blocking thread.
+    #[allow(dead_code, clippy::disallowed_methods)] // cluster tests; polls a child process
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<bool> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let c = self.child.as_mut()?;
+            if let Ok(Some(status)) = c.try_wait() {
+                self.child = None;
+                return Some(status.success());
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts the node again on the same data directory (new ports).
     pub fn restart(&mut self) {
         self.kill9();

@@ -1,0 +1,487 @@
+//! Multi-node tests: real `ringpost-coordinator` replicas and real `ringpost-node run` nodes
+//! on loopback, driven through the client SDK. Users spread over the nodes, redirects,
+//! forwarding between nodes, a coordinator leader killed, a node added and a node drained under
+//! traffic, and the fence that keeps a node with a stale view from writing.
+
+#[path = "cluster/harness.rs"]
+mod harness;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use harness::TestCluster;
+use ringpost_client::{Client, ClientConfig, ClientError, Event};
+use ringpost_coordinator::{ClusterView, Member, MemberState, NodeInfo};
+use ringpost_node::ring::Ring;
+use ringpost_wire::{Auth, DeviceCiphertext, ErrorCode, MsgId, SendStatus, UserId};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// The ring a cluster of these active node ids computes.
+fn ring_of(nodes: &[u64]) -> Ring {
+    Ring::from_view(&ClusterView {
+        cluster_id: String::new(),
+        epoch: 1,
+        revision: 1,
+        shard_count: u32::from(harness::SHARDS),
+        replication_factor: 1,
+        heartbeat_interval_ms: harness::HEARTBEAT_MS,
+        heartbeat_miss_limit: harness::MISS_LIMIT,
+        members: nodes
+            .iter()
+            .map(|&id| Member {
+                info: NodeInfo::new(id),
+                state: MemberState::Active,
+                state_since_ms: 0,
+            })
+            .collect(),
+        in_sync_replicas: Default::default(),
+    })
+}
+
+/// `n` phone numbers (from `base` up) whose owner in `ring` satisfies `want`.
+fn users_where(ring: &Ring, base: u64, n: usize, want: impl Fn(u64) -> bool) -> Vec<UserId> {
+    (base..)
+        .filter(|&u| ring.owner_of(u).is_some_and(&want))
+        .take(n)
+        .collect()
+}
+
+fn msg_id(sender: UserId, n: u32) -> MsgId {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&sender.to_be_bytes());
+    id[8..12].copy_from_slice(&n.to_be_bytes());
+    id
+}
+
+fn ciphertext(to: UserId, body: &str) -> Vec<DeviceCiphertext> {
+    vec![DeviceCiphertext {
+        user: to,
+        device: 1,
+        body: Bytes::copy_from_slice(body.as_bytes()),
+    }]
+}
+
+/// Sends until acked (retrying the same msg_id through redirects and moves).
+async fn send_acked(c: &Client, to: UserId, id: MsgId, body: &str) -> Result<(), ClientError> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match c.send(to, id, ciphertext(to, body)).await {
+            Ok(ack) if ack.status == SendStatus::Ok => return Ok(()),
+            Ok(ack) => panic!("send refused: {ack:?}"),
+            Err(e) if Instant::now() < deadline => {
+                tokio::time::sleep(e.retry_after().unwrap_or(Duration::from_millis(100))).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Message ids a client receives, collected by a task that keeps reading its events.
+#[derive(Clone, Default)]
+struct Inbox(Arc<Mutex<BTreeSet<MsgId>>>);
+
+impl Inbox {
+    fn collect(c: Client) -> Inbox {
+        let inbox = Inbox::default();
+        let seen = inbox.clone();
+        tokio::spawn(async move {
+            while let Some(event) = c.next_event().await {
+                if let Event::Message(d) = event {
+                    seen.0.lock().unwrap().insert(d.msg_id);
+                }
+            }
+        });
+        inbox
+    }
+
+    fn has(&self, id: &MsgId) -> bool {
+        self.0.lock().unwrap().contains(id)
+    }
+
+    /// Waits until every id of `ids` has arrived; returns the missing ones on timeout.
+    async fn wait_all(&self, ids: &[MsgId]) -> Vec<MsgId> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let missing: Vec<MsgId> = ids.iter().filter(|id| !self.has(id)).copied().collect();
+            if missing.is_empty() || Instant::now() > deadline {
+                return missing;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn auth_of(c: &Client) -> Auth {
+    c.auth().expect("a registered device")
+}
+
+/// A device's client connected through node `via` (following the redirect to the owner).
+async fn connect_as(cluster: &TestCluster, via: usize, auth: Auth) -> Client {
+    Client::connect(ClientConfig {
+        auth: Some(auth),
+        ..cluster.config(via)
+    })
+    .await
+    .expect("connect")
+}
+
+#[test]
+fn users_spread_over_nodes_exchange_messages_and_survive_a_leader_kill() {
+    let mut cluster = TestCluster::start(3, 3);
+    runtime().block_on(async {
+        let ring = ring_of(&[1, 2, 3]);
+        // Two users on each node, registered through node 1 (so most are redirected).
+        let users: Vec<UserId> = (1..=3)
+            .flat_map(|n| users_where(&ring, 15_551_000_000, 2, move |o| o == n))
+            .collect();
+        let mut clients = Vec::new();
+        for &u in &users {
+            clients.push(cluster.register(0, u).await);
+        }
+        for (c, &u) in clients.iter().zip(&users) {
+            assert_eq!(
+                Some(c.welcome().node_id),
+                ring.owner_of(u),
+                "user {u} is served by its owner"
+            );
+        }
+
+        // A device that connects to a non-owner is redirected to the owner (the new
+        // connection replaces the device's old one).
+        let u = users[0];
+        let owner = ring.owner_of(u).unwrap();
+        let other = cluster.index_of(if owner == 1 { 2 } else { 1 });
+        let auth = auth_of(&clients[0]);
+        clients[0].close().await;
+        clients[0] = connect_as(&cluster, other, auth).await;
+        assert_eq!(clients[0].welcome().node_id, owner);
+
+        // Everyone sends to everyone: same-node and cross-node pairs.
+        let inboxes: Vec<Inbox> = clients.iter().map(|c| Inbox::collect(c.clone())).collect();
+        let mut expected: BTreeMap<usize, Vec<MsgId>> = BTreeMap::new();
+        let mut n = 0;
+        for (i, c) in clients.iter().enumerate() {
+            for (j, &to) in users.iter().enumerate() {
+                if i != j {
+                    n += 1;
+                    let id = msg_id(users[i], n);
+                    send_acked(c, to, id, "hello").await.expect("send");
+                    expected.entry(j).or_default().push(id);
+                }
+            }
+        }
+        for (j, ids) in &expected {
+            assert!(
+                inboxes[*j].wait_all(ids).await.is_empty(),
+                "user {j} got everything"
+            );
+        }
+        // A device list and a prekey claim about a user on another node are answered.
+        let far = users[5];
+        assert_ne!(ring.owner_of(far), ring.owner_of(users[0]));
+        assert_eq!(
+            clients[0].device_list(far).await.expect("device list"),
+            vec![1]
+        );
+
+        // Kill -9 the coordinator leader: a new one takes over and the nodes keep serving.
+        let status = cluster.status_of(0).await;
+        let leader = status.leader_id.expect("a leader");
+        let index = cluster
+            .replicas
+            .iter()
+            .position(|r| r.id == leader)
+            .unwrap();
+        cluster.replicas[index].kill9();
+        let killed = Instant::now();
+        let survivor = (0..3).find(|&i| i != index).unwrap();
+        let new_leader = loop {
+            let s = cluster.status_of(survivor).await;
+            if let Some(l) = s.leader_id.filter(|&l| l != leader) {
+                break l;
+            }
+            assert!(killed.elapsed() < WAIT, "no new leader");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        eprintln!(
+            "coordinator leader {leader} killed; replica {new_leader} leads after {} ms",
+            killed.elapsed().as_millis()
+        );
+        for (i, c) in clients.iter().enumerate() {
+            n += 1;
+            let to = users[(i + 1) % users.len()];
+            let id = msg_id(users[i], n);
+            send_acked(c, to, id, "after the leader died")
+                .await
+                .expect("send");
+            expected.entry((i + 1) % users.len()).or_default().push(id);
+        }
+        for (j, ids) in &expected {
+            assert!(inboxes[*j].wait_all(ids).await.is_empty());
+        }
+        // The nodes heartbeat the new leader: nobody is marked down.
+        tokio::time::sleep(Duration::from_millis(
+            harness::HEARTBEAT_MS * u64::from(harness::MISS_LIMIT) + 500,
+        ))
+        .await;
+        let view = cluster.view().await;
+        assert!(
+            view.members.iter().all(|m| m.state == MemberState::Active),
+            "{view:?}"
+        );
+    });
+}
+
+/// Sends from every sender to its partner until `stop`, each message retried until acked;
+/// returns the acked ids per recipient.
+async fn traffic(
+    pairs: Vec<(Client, UserId)>,
+    stop: Arc<AtomicBool>,
+) -> BTreeMap<UserId, Vec<MsgId>> {
+    let tasks: Vec<_> = pairs
+        .into_iter()
+        .map(|(c, to)| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let me = c.auth().unwrap().user;
+                let mut acked = Vec::new();
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let id = msg_id(me, n);
+                    send_acked(&c, to, id, "traffic")
+                        .await
+                        .expect("send under traffic");
+                    acked.push(id);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                (to, acked)
+            })
+        })
+        .collect();
+    let mut out: BTreeMap<UserId, Vec<MsgId>> = BTreeMap::new();
+    for t in tasks {
+        let (to, acked) = t.await.expect("traffic task");
+        out.entry(to).or_default().extend(acked);
+    }
+    out
+}
+
+#[test]
+fn adding_a_node_under_traffic_moves_users_without_losing_messages() {
+    let mut cluster = TestCluster::start(3, 3);
+    let rt = runtime();
+    let before = ring_of(&[1, 2, 3]);
+    let after = ring_of(&[1, 2, 3, 4]);
+    // Users who move to node 4, and users who stay.
+    let mut users = users_where(&after, 15_552_000_000, 4, |o| o == 4);
+    users.extend(users_where(&after, 15_552_000_000, 4, |o| o != 4));
+    let (clients, inboxes) = rt.block_on(async {
+        let mut clients = Vec::new();
+        for (i, &u) in users.iter().enumerate() {
+            clients.push(cluster.register(i % 3, u).await);
+        }
+        let inboxes: Vec<Inbox> = clients.iter().map(|c| Inbox::collect(c.clone())).collect();
+        (clients, inboxes)
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    // Each user sends to the next one, so moved and staying users talk both ways.
+    let pairs: Vec<(Client, UserId)> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.clone(), users[(i + 1) % users.len()]))
+        .collect();
+    let load = rt.spawn(traffic(pairs, stop.clone()));
+    rt.block_on(async { tokio::time::sleep(Duration::from_secs(1)).await });
+
+    let epoch_before = rt.block_on(cluster.view()).epoch;
+    cluster.add_node();
+    rt.block_on(async {
+        // The new node takes its shards over and serves the moved users.
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let moved = clients[..4].iter().all(|c| c.welcome().node_id == 4);
+            if moved {
+                break;
+            }
+            assert!(Instant::now() < deadline, "users did not move to node 4");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let view = cluster.view().await;
+        assert!(view.epoch > epoch_before);
+        assert_eq!(
+            Ring::from_view(&view).shards_of(4).count(),
+            after.shards_of(4).count()
+        );
+        assert!(before.shards_of(1).count() > after.shards_of(1).count());
+        // Traffic keeps flowing for a while after the move.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop.store(true, Ordering::Relaxed);
+        let acked = load.await.expect("traffic");
+        let total: usize = acked.values().map(Vec::len).sum();
+        eprintln!("{total} messages acked while node 4 joined");
+        for (i, &u) in users.iter().enumerate() {
+            let ids = acked.get(&u).cloned().unwrap_or_default();
+            assert!(!ids.is_empty());
+            let missing = inboxes[i].wait_all(&ids).await;
+            assert!(
+                missing.is_empty(),
+                "user {u} lost {} acked messages",
+                missing.len()
+            );
+        }
+    });
+}
+
+#[test]
+fn draining_a_node_rehomes_its_users_and_delivers_their_queued_messages() {
+    let mut cluster = TestCluster::start(3, 3);
+    let rt = runtime();
+    let ring = ring_of(&[1, 2, 3]);
+    // Users on node 3 (to be drained) and users elsewhere.
+    let on3 = users_where(&ring, 15_553_000_000, 3, |o| o == 3);
+    let others = users_where(&ring, 15_553_000_000, 3, |o| o != 3);
+    rt.block_on(async {
+        let mut drained = Vec::new();
+        for &u in &on3 {
+            drained.push(cluster.register(0, u).await);
+        }
+        let mut senders = Vec::new();
+        for &u in &others {
+            senders.push(cluster.register(0, u).await);
+        }
+        // Node 3's users go offline; messages queue for them on node 3.
+        let auths: Vec<Auth> = drained.iter().map(auth_of).collect();
+        for c in &drained {
+            c.close().await;
+        }
+        let mut queued: BTreeMap<UserId, Vec<MsgId>> = BTreeMap::new();
+        for (i, s) in senders.iter().enumerate() {
+            for (j, &to) in on3.iter().enumerate() {
+                let id = msg_id(others[i], (j * 10) as u32);
+                send_acked(s, to, id, "queued").await.expect("send");
+                queued.entry(to).or_default().push(id);
+            }
+        }
+        // Traffic between the other users continues through the drain.
+        let inboxes: Vec<Inbox> = senders.iter().map(|c| Inbox::collect(c.clone())).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let pairs: Vec<(Client, UserId)> = senders
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.clone(), others[(i + 1) % others.len()]))
+            .collect();
+        let load = tokio::spawn(traffic(pairs, stop.clone()));
+
+        let started = Instant::now();
+        let out = cluster.ctl(&["drain", "3"]);
+        assert!(out.contains("draining"), "{out}");
+        let node3 = cluster.index_of(3);
+        let exited = tokio::task::block_in_place(|| cluster.nodes[node3].wait_exit(WAIT));
+        assert_eq!(exited, Some(true), "the drained node leaves and exits cleanly");
+        let left_ms = started.elapsed().as_millis();
+
+        // The drained users come back (through node 1) and find their queued messages.
+        let mut rehomed = Vec::new();
+        for auth in auths {
+            let c = connect_as(&cluster, 0, auth).await;
+            assert_ne!(c.welcome().node_id, 3);
+            rehomed.push(c);
+        }
+        for (c, &u) in rehomed.iter().zip(&on3) {
+            let inbox = Inbox::collect(c.clone());
+            let missing = inbox.wait_all(&queued[&u]).await;
+            assert!(missing.is_empty(), "user {u} lost {} queued messages", missing.len());
+        }
+        eprintln!(
+            "drain: node 3 left after {left_ms} ms; its users re-homed with their queues after {} ms",
+            started.elapsed().as_millis()
+        );
+        let view = cluster.view().await;
+        assert!(view.member(3).is_none(), "node 3 removed itself");
+
+        stop.store(true, Ordering::Relaxed);
+        let acked = load.await.expect("traffic");
+        for (i, &u) in others.iter().enumerate() {
+            let missing = inboxes[i].wait_all(&acked[&u]).await;
+            assert!(missing.is_empty(), "user {u} lost {} messages", missing.len());
+        }
+    });
+}
+
+#[test]
+fn a_node_cut_off_from_the_coordinator_stops_writing_for_shards_it_lost() {
+    let cluster = TestCluster::start(1, 2);
+    let rt = runtime();
+    let ring = ring_of(&[1, 2]);
+    let on2 = users_where(&ring, 15_554_000_000, 2, |o| o == 2);
+    rt.block_on(async {
+        let alice = cluster.register(0, on2[0]).await;
+        let bob = cluster.register(0, on2[1]).await;
+        let bob_auth = auth_of(&bob);
+        bob.close().await;
+        send_acked(&alice, on2[1], msg_id(on2[0], 1), "before")
+            .await
+            .expect("send");
+
+        // Freeze node 2 until the coordinator marks it down and its shards move to node 1.
+        let node2 = cluster.index_of(2);
+        cluster.nodes[node2].signal("STOP");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let view = cluster.view().await;
+            if view.member(2).is_some_and(|m| m.state == MemberState::Down) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node 2 was not marked down");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Alice's Send reaches node 2 while it is frozen and still believes it owns Bob's
+        // shard; when it wakes its lease has run out and it must not store the message.
+        let pending = {
+            let alice = alice.clone();
+            let on2 = on2.clone();
+            tokio::spawn(async move {
+                alice
+                    .send(on2[1], msg_id(on2[0], 2), ciphertext(on2[1], "stale"))
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        cluster.nodes[node2].signal("CONT");
+        match pending.await.expect("send task") {
+            Ok(ack) => assert_ne!(
+                ack.status,
+                SendStatus::Ok,
+                "a node whose shards were given away acknowledged a write"
+            ),
+            Err(e) => assert!(
+                matches!(e, ClientError::Disconnected) || e.code() == Some(ErrorCode::WrongOwner),
+                "{e}"
+            ),
+        }
+
+        // Node 2 comes back, re-joins and serves its users again; nothing acked was lost.
+        send_acked(&alice, on2[1], msg_id(on2[0], 3), "after")
+            .await
+            .expect("send");
+        let bob = connect_as(&cluster, 0, bob_auth).await;
+        let inbox = Inbox::collect(bob);
+        let missing = inbox
+            .wait_all(&[msg_id(on2[0], 1), msg_id(on2[0], 3)])
+            .await;
+        assert!(missing.is_empty(), "{missing:?}");
+    });
+}
