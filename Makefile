@@ -3,11 +3,15 @@ SHELL := /bin/bash
 CARGO ?= cargo
 DATA_DIR ?= ./data
 
-.PHONY: run test deps gen check-gen fmt lint fuzz chaos clean
+.PHONY: run cluster test deps gen check-gen fmt lint fuzz chaos clean
 
 ## make run: build, then start a dev node (embedded coordinator, local data dir) in the foreground.
 run: deps
 	$(CARGO) run -p ringpost-node --bin ringpost-node -- dev --data-dir $(DATA_DIR)
+
+## make cluster: 3 coordinators and 3 nodes on loopback (data in ./data/cluster); prints addresses, Ctrl-C stops it.
+cluster: deps
+	scripts/cluster.sh
 
 ## make test: every check CI runs: generated code, formatting, lints, all tests.
 test: deps check-gen

@@ -47,6 +47,8 @@ pub const HANDOFF_RETRY_PAUSE: Duration = Duration::from_millis(300);
 /// Dedup records expiring within this margin are left out of hand-off digests: either side
 /// may drop them at any moment.
 pub const DIGEST_DEDUP_MARGIN_MS: u64 = 60 * 60 * 1000;
+/// How long a starting node waits for the coordinator to have a leader and a cluster.
+pub const COORDINATOR_WAIT: Duration = Duration::from_secs(60);
 /// How often a draining node checks whether its shards have all been taken over.
 pub const DRAIN_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -113,7 +115,18 @@ impl ClusterLink {
             CoordinatorClient::connect(options.coordinators.clone(), options.secret.clone())
                 .await
                 .context("connecting to the coordinator")?;
-        let view = client.view().await.context("reading the cluster view")?;
+        // The replicas may still be electing a leader (they start together with the nodes).
+        let waiting = Instant::now();
+        let view = loop {
+            match client.view().await {
+                Ok(view) => break view,
+                Err(e) if waiting.elapsed() < COORDINATOR_WAIT => {
+                    info!(error = %e, "waiting for the coordinator");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e).context("reading the cluster view"),
+            }
+        };
         anyhow::ensure!(
             view.shard_count == u32::from(server.config.shard_count),
             "the cluster has {} shards but this node was started with {}",

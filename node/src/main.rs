@@ -169,6 +169,7 @@ fn main() -> Result<()> {
     load_config_file()?;
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    let dev = matches!(cli.command, Command::Dev(_));
     let opts = match cli.command {
         Command::Dev(args) => dev_options(args),
         Command::Run(args) => run_options(*args)?,
@@ -176,7 +177,7 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(serve(opts))
+    runtime.block_on(serve(opts, dev))
 }
 
 /// Reads `--config FILE` (or RINGPOST_CONFIG) before clap runs and exports each key as its
@@ -329,7 +330,7 @@ fn run_options(args: RunArgs) -> Result<NodeOptions> {
     Ok(opts)
 }
 
-async fn serve(opts: NodeOptions) -> Result<()> {
+async fn serve(opts: NodeOptions, dev: bool) -> Result<()> {
     let data_dir = opts.data_dir.clone();
     let codes_file = match &opts.codes {
         CodeDelivery::Log { file } => file.clone(),
@@ -355,8 +356,13 @@ async fn serve(opts: NodeOptions) -> Result<()> {
         println!("dev CA certificate (trust it in clients): {}", ca.display());
     }
     match codes_file {
-        Some(f) => println!(
+        Some(f) if dev => println!(
             "ringpost dev node ready; data in {}; verification codes in {}; Ctrl-C stops it",
+            data_dir.display(),
+            f.display()
+        ),
+        Some(f) => println!(
+            "ringpost node ready; data in {}; verification codes in {}",
             data_dir.display(),
             f.display()
         ),
