@@ -1,5 +1,6 @@
 //! Admin HTTP on its own port: `/metrics` (Prometheus text format), `/healthz` (the process is
-//! up), `/readyz` (accepting clients: storage writable, not shutting down). A deliberately tiny
+//! up), `/readyz` (accepting clients: an active member holding a lease that has taken over every
+//! shard it owns, not shutting down). A deliberately tiny
 //! HTTP/1.1 responder: one request per connection, bounded head, bounded time.
 
 use std::sync::Arc;
@@ -71,6 +72,8 @@ async fn handle(mut stream: TcpStream, server: Arc<Server>) -> std::io::Result<(
         ("GET", "/readyz") => {
             if server.is_shutting_down() {
                 respond(&mut stream, 503, "text/plain", "shutting down\n").await
+            } else if let Some(why) = server.not_ready_reason() {
+                respond(&mut stream, 503, "text/plain", &format!("{why}\n")).await
             } else {
                 respond(&mut stream, 200, "text/plain", "ready\n").await
             }

@@ -19,6 +19,7 @@
 //! new owners; once it holds no rows it removes itself from the cluster and the process ends.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -467,6 +468,11 @@ async fn pull_shard(
         };
         match server.call_peer(node, epoch, release).await? {
             PeerResponse::Done => {
+                server.metrics.handoff_shards.fetch_add(1, Relaxed);
+                server
+                    .metrics
+                    .handoff_rows
+                    .fetch_add(rows_total as u64, Relaxed);
                 info!(shard, from = node, rows = rows_total, "shard taken over");
                 return Ok(());
             }

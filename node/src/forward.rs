@@ -3,6 +3,7 @@
 //! the serving side of shard hand-offs. The pulling side of a hand-off is in
 //! [`crate::cluster`].
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,6 +45,13 @@ impl Server {
     /// `None` if this node serves `user` now; else the answer for a request about it.
     pub(crate) fn serves_here(&self, user: UserId) -> Option<Answer> {
         match self.routing.route(user) {
+            // Without a lease this node may have lost the shard without knowing yet: it
+            // neither reads nor writes (accounts and keys included) until it hears back.
+            Route::Local { .. } if !self.routing.lease_valid() => Some(Answer::Error {
+                code: ErrorCode::WrongOwner,
+                message: lease_lost_message().into(),
+                retry_after_ms: ROUTE_RETRY_AFTER_MS,
+            }),
             Route::Local { shard } if self.routing.is_ready(shard) => None,
             Route::Local { .. } => Some(moving()),
             Route::Remote { node, epoch, .. } => Some(self.redirect(user, node, epoch)),
@@ -272,6 +280,7 @@ impl Server {
             .member(node)
             .and_then(|m| m.info.peer_addr.clone())
             .ok_or_else(|| format!("node {node} advertises no peer address"))?;
+        self.metrics.peer_requests_sent.fetch_add(1, Relaxed);
         let bytes = peers
             .call(
                 node,
@@ -281,7 +290,11 @@ impl Server {
             )
             .await
             .map_err(|e| e.to_string())?;
-        decode_response(&bytes)
+        let response = decode_response(&bytes)?;
+        if matches!(response, PeerResponse::WrongOwner { .. }) {
+            self.metrics.peer_wrong_owner.fetch_add(1, Relaxed);
+        }
+        Ok(response)
     }
 
     /// A `DeviceListRequest` or `PrekeyClaim` about a user another node owns.
@@ -355,6 +368,7 @@ impl Server {
         epoch: u64,
         request: PeerRequest,
     ) -> BoxFuture<'static, PeerResponse> {
+        self.metrics.peer_requests_served.fetch_add(1, Relaxed);
         // The common case first, without yielding, so that stores from one link are queued in
         // the order they arrived.
         if let PeerRequest::Store(store) = &request {
@@ -554,6 +568,7 @@ impl Server {
                 self.inbox.set_writable(s, false);
             }
         }
+        self.update_shard_gauges();
         let moved = self
             .registry
             .close_moved(|user| ring.owner_of(user) != Some(self.node_id));
@@ -572,7 +587,39 @@ impl Server {
         if self.owns(shard) {
             self.inbox.set_writable(shard, true);
             self.routing.set_ready(shard, true);
+            self.update_shard_gauges();
         }
+    }
+
+    fn update_shard_gauges(&self) {
+        let ring = self.routing.ring();
+        let (mut owned, mut ready) = (0, 0);
+        for s in ring.shards_of(self.node_id) {
+            owned += 1;
+            ready += i64::from(self.routing.is_ready(s));
+        }
+        self.metrics.ring_epoch.store(ring.epoch as i64, Relaxed);
+        self.metrics.shards_owned.store(owned, Relaxed);
+        self.metrics.shards_ready.store(ready, Relaxed);
+    }
+
+    /// Why this node should not get new clients now, if it should not: it is not (or no
+    /// longer) an active member, or it has not taken over every shard it owns yet.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        let ring = self.routing.ring();
+        match ring.state_of(self.node_id) {
+            None => return Some("not a member of the cluster yet".into()),
+            Some(ringpost_coordinator::MemberState::Active) => {}
+            Some(state) => return Some(format!("member state is {state}")),
+        }
+        if !self.routing.lease_valid() {
+            return Some("no lease from the coordinator".into());
+        }
+        let pending = ring
+            .shards_of(self.node_id)
+            .filter(|&s| !self.routing.is_ready(s))
+            .count();
+        (pending > 0).then(|| format!("taking over {pending} shards"))
     }
 }
 
@@ -609,12 +656,14 @@ fn stored_refusal(answer: Answer) -> Stored {
     }
 }
 
+fn lease_lost_message() -> &'static str {
+    "this node has lost touch with the coordinator and may no longer own the shard; retry"
+}
+
 fn lease_lost() -> Stored {
     Stored::Refused {
         code: ErrorCode::WrongOwner.as_u16(),
-        message:
-            "this node has lost touch with the coordinator and may no longer own the shard; retry"
-                .into(),
+        message: lease_lost_message().into(),
         retry_after_ms: ROUTE_RETRY_AFTER_MS,
     }
 }

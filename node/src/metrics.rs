@@ -96,6 +96,20 @@ pub struct Metrics {
     pub commit_group_requests: AtomicU64,
     pub commits: AtomicU64,
     pub send_ack: Histogram,
+    /// Requests this node sent to other nodes (forwards, queries, hand-off steps).
+    pub peer_requests_sent: AtomicU64,
+    /// Requests other nodes sent to this one.
+    pub peer_requests_served: AtomicU64,
+    /// Forwards another node refused with `WrongOwner` (its view or ours was stale).
+    pub peer_wrong_owner: AtomicU64,
+    /// Shards pulled from another node by a hand-off, and their rows.
+    pub handoff_shards: AtomicU64,
+    pub handoff_rows: AtomicU64,
+    /// The ring epoch this node routes at, the shards it owns, and how many of them it has
+    /// taken over (serves).
+    pub ring_epoch: AtomicI64,
+    pub shards_owned: AtomicI64,
+    pub shards_ready: AtomicI64,
 }
 
 impl Default for Metrics {
@@ -117,6 +131,14 @@ impl Default for Metrics {
             commit_group_requests: AtomicU64::new(0),
             commits: AtomicU64::new(0),
             send_ack: Histogram::new(LATENCY_BUCKETS_S),
+            peer_requests_sent: AtomicU64::new(0),
+            peer_requests_served: AtomicU64::new(0),
+            peer_wrong_owner: AtomicU64::new(0),
+            handoff_shards: AtomicU64::new(0),
+            handoff_rows: AtomicU64::new(0),
+            ring_epoch: AtomicI64::new(0),
+            shards_owned: AtomicI64::new(0),
+            shards_ready: AtomicI64::new(0),
         }
     }
 }
@@ -163,7 +185,7 @@ impl Metrics {
                 self.connections_accepted[t as usize].load(Relaxed)
             );
         }
-        let counters: [(&str, &str, &AtomicU64); 11] = [
+        let counters: [(&str, &str, &AtomicU64); 16] = [
             (
                 "ringpost_frames_in_total",
                 "Frames received from clients.",
@@ -210,6 +232,31 @@ impl Metrics {
                 &self.rate_limited,
             ),
             (
+                "ringpost_peer_requests_sent_total",
+                "Requests sent to other nodes (forwards, queries, hand-off steps).",
+                &self.peer_requests_sent,
+            ),
+            (
+                "ringpost_peer_requests_served_total",
+                "Requests served for other nodes.",
+                &self.peer_requests_served,
+            ),
+            (
+                "ringpost_peer_wrong_owner_total",
+                "Forwards refused by the receiving node with WrongOwner.",
+                &self.peer_wrong_owner,
+            ),
+            (
+                "ringpost_handoff_shards_total",
+                "Shards taken over from another node.",
+                &self.handoff_shards,
+            ),
+            (
+                "ringpost_handoff_rows_total",
+                "Rows copied by those hand-offs.",
+                &self.handoff_rows,
+            ),
+            (
                 "ringpost_inbox_commits_total",
                 "Synced inbox write groups.",
                 &self.commits,
@@ -232,6 +279,30 @@ impl Metrics {
             "# HELP ringpost_inbox_entries Entries stored in device inboxes.\n# TYPE ringpost_inbox_entries gauge\nringpost_inbox_entries {}",
             self.inbox_entries.load(Relaxed)
         );
+        let gauges: [(&str, &str, &AtomicI64); 3] = [
+            (
+                "ringpost_ring_epoch",
+                "The ring epoch this node routes at.",
+                &self.ring_epoch,
+            ),
+            (
+                "ringpost_shards_owned",
+                "Shards this node owns at that epoch.",
+                &self.shards_owned,
+            ),
+            (
+                "ringpost_shards_ready",
+                "Owned shards taken over and served.",
+                &self.shards_ready,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
+                v.load(Relaxed)
+            );
+        }
         self.wal_sync.render(
             &mut out,
             "ringpost_inbox_wal_sync_seconds",
