@@ -187,6 +187,7 @@ impl Server {
             .into_iter()
             .filter(|&d| Some(d) != store.except)
             .collect();
+        let now_ms = self.now_ms();
         let kind = match store.kind {
             StoreKind::Message => EntryKind::Message,
             StoreKind::Delivered => EntryKind::Delivered,
@@ -197,7 +198,9 @@ impl Server {
             from_user: store.from_user,
             from_device: store.from_device,
             msg_id: store.msg_id,
-            server_time_ms: store.now_ms,
+            // The owner's clock stamps and expires entries (see `crate::clock`), not the
+            // sender's.
+            server_time_ms: now_ms,
             expires_at_ms: 0, // set by the inbox
             body: body.into(),
             receipt_msg_ids: store.receipt_msg_ids.clone(),
@@ -241,7 +244,7 @@ impl Server {
                 .dedup
                 .then_some((store.from_user, store.from_device, store.msg_id)),
             entries,
-            now_ms: store.now_ms,
+            now_ms,
         };
         let server = self.clone();
         Box::pin(async move {

@@ -60,7 +60,6 @@ pub struct Store {
     pub receipt_msg_ids: Vec<MsgId>,
     /// Deduplicate by (from_user, from_device, msg_id).
     pub dedup: bool,
-    pub now_ms: u64,
 }
 
 /// What a [`Store`] did.
@@ -246,7 +245,6 @@ mod tests {
             except: None,
             receipt_msg_ids: vec![],
             dedup: true,
-            now_ms: 9,
         });
         let bytes = encode_request(4, req.clone());
         let env: Envelope = postcard::from_bytes(&bytes).unwrap();

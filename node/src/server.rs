@@ -546,7 +546,6 @@ impl Server {
             except: (to_user == user).then_some(device),
             receipt_msg_ids: Vec::new(),
             dedup: true,
-            now_ms: now,
         });
         let own_append = (!own_entries.is_empty()).then_some(Append {
             to_user: user,
@@ -653,7 +652,6 @@ impl Server {
             except: (r.to == user).then_some(device),
             receipt_msg_ids: r.msg_ids,
             dedup: true,
-            now_ms: now,
         });
         Box::pin(async move {
             match stored.await {
@@ -681,7 +679,6 @@ impl Server {
         device: DeviceId,
         acked: Vec<Acked>,
     ) {
-        let now = self.now_ms();
         let receipts: Vec<_> = acked
             .into_iter()
             .filter(|a| a.first_ack)
@@ -696,7 +693,6 @@ impl Server {
                     except: None,
                     receipt_msg_ids: vec![a.msg_id],
                     dedup: false,
-                    now_ms: now,
                 })
             })
             .collect();

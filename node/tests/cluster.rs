@@ -15,6 +15,10 @@ use bytes::Bytes;
 use harness::TestCluster;
 use ringpost_client::{Client, ClientConfig, ClientError, Event};
 use ringpost_coordinator::{ClusterView, Member, MemberState, NodeInfo};
+use ringpost_node::peer::link::{PeerConfig, PeerNet, PeerService};
+use ringpost_node::peer::{
+    decode_response, encode_request, PeerRequest, PeerResponse, Store, StoreKind, Stored, Targets,
+};
 use ringpost_node::ring::Ring;
 use ringpost_wire::{Auth, DeviceCiphertext, ErrorCode, MsgId, SendStatus, UserId};
 
@@ -342,7 +346,78 @@ fn adding_a_node_under_traffic_moves_users_without_losing_messages() {
                 missing.len()
             );
         }
+
+        // Fencing, at the peer protocol: a write routed at the old epoch to the node that lost
+        // the user's shard is refused with the new epoch; the new owner takes it.
+        let moved = users[0];
+        let old_owner = before.owner_of(moved).unwrap();
+        let id = msg_id(users[4], 999_999);
+        let store = Store {
+            to_user: moved,
+            from_user: users[4],
+            from_device: 1,
+            msg_id: id,
+            kind: StoreKind::Message,
+            targets: Targets::Exact(vec![(1, b"fenced".to_vec())]),
+            except: None,
+            receipt_msg_ids: vec![],
+            dedup: true,
+        };
+        let view = cluster.view().await;
+        let refused = peer_call(
+            &view,
+            old_owner,
+            epoch_before,
+            PeerRequest::Store(store.clone()),
+        )
+        .await;
+        assert_eq!(refused, PeerResponse::WrongOwner { epoch: view.epoch });
+        let taken = peer_call(&view, 4, epoch_before, PeerRequest::Store(store)).await;
+        assert!(
+            matches!(taken, PeerResponse::Stored(Stored::Stored { .. })),
+            "{taken:?}"
+        );
+        assert!(inboxes[0].wait_all(&[id]).await.is_empty());
     });
+}
+
+/// One peer request to `node`, from a client holding the cluster secret (node id 99).
+async fn peer_call(
+    view: &ClusterView,
+    node: u64,
+    epoch: u64,
+    request: PeerRequest,
+) -> PeerResponse {
+    let net = PeerNet::start(
+        PeerConfig {
+            node_id: 99,
+            cluster_id: view.cluster_id.clone(),
+            secret: Arc::new(harness::SECRET.as_bytes().to_vec()),
+            bind: "127.0.0.1:0".parse().unwrap(),
+        },
+        Arc::new(NoService),
+    )
+    .await
+    .expect("peer endpoint");
+    let addr = view
+        .member(node)
+        .and_then(|m| m.info.peer_addr.clone())
+        .expect("peer address");
+    let bytes = net
+        .call(node, &addr, encode_request(epoch, request), WAIT)
+        .await
+        .expect("peer call");
+    net.shutdown().await;
+    decode_response(&bytes).expect("peer response")
+}
+
+/// A peer endpoint that serves nothing (the test only calls).
+struct NoService;
+
+impl PeerService for NoService {
+    fn call(&self, _: u64, _: Bytes) -> futures::future::BoxFuture<'static, Bytes> {
+        Box::pin(async { Bytes::new() })
+    }
 }
 
 #[test]
