@@ -465,10 +465,11 @@ impl Server {
     /// recipient's owner, which may be another node) and per other device of the sender (here),
     /// then acknowledge.
     ///
-    /// With a local recipient both device lists are checked before anything is stored. With a
-    /// remote one the owner checks the recipient's list; the sender's own copies are queued at
-    /// once (so they keep frame order) and stay even if the owner then answers
-    /// `MismatchedDevices`: the retry with the same msg_id finds them as duplicates.
+    /// The recipient's entries are stored first (the recipient's list is checked by its owner);
+    /// the sender's own copies only once that succeeded, so a refused send (mismatched devices,
+    /// full inbox, unknown user) stores nothing, as `SendStatus` promises. The own copies of
+    /// pipelined sends still keep frame order: recipient stores complete in commit order and
+    /// their continuations run in the order they are woken.
     fn send(
         self: &Arc<Self>,
         user: UserId,
@@ -554,15 +555,10 @@ impl Server {
             now_ms: now,
         });
         Box::pin(async move {
-            // Both reach their queues (the writer's, or the peer link's) on this future's first
-            // poll, which the connection driver does at once: commit order follows frame order.
-            let (to_result, own_result) = match own_append {
-                Some(own) => {
-                    let (a, b) = futures::join!(to_store, server.inbox.append(own));
-                    (a, Some(b))
-                }
-                None => (to_store.await, None),
-            };
+            // The recipient store reaches its queue (the writer's, or the peer link's) on this
+            // future's first poll, which the connection driver does at once: commit order
+            // follows frame order.
+            let to_result = to_store.await;
             let mut ack = SendAck {
                 msg_id,
                 status: SendStatus::Ok,
@@ -609,6 +605,10 @@ impl Server {
             // The sender's other devices: their copies are a courtesy sync. If one of those
             // inboxes is full the message still went to the recipient; the device is named in
             // `full_devices` so the client knows that device will miss it.
+            let own_result = match own_append {
+                Some(own) => Some(server.inbox.append(own).await),
+                None => None,
+            };
             match own_result {
                 Some(Ok(AppendOutcome::Stored { seqs, .. })) => {
                     for (d, _) in seqs {

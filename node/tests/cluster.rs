@@ -245,6 +245,40 @@ fn users_spread_over_nodes_exchange_messages_and_survive_a_leader_kill() {
             view.members.iter().all(|m| m.state == MemberState::Active),
             "{view:?}"
         );
+
+        // A send to a user who does not exist on its (remote) owner stores nothing, not even
+        // the sync copy for the sender's other device.
+        let (second, _) = ringpost_client::dev::link_device(cluster.config(0), &clients[0])
+            .await
+            .expect("link a second device");
+        let second_inbox = Inbox::collect(second);
+        let nobody = users_where(&ring, 15_551_900_000, 1, |o| {
+            Some(o) != ring.owner_of(users[0])
+        })[0];
+        let with_copy = |to: UserId, body: &str| {
+            let mut c = ciphertext(to, body);
+            c.push(DeviceCiphertext {
+                user: users[0],
+                device: 2,
+                body: Bytes::copy_from_slice(body.as_bytes()),
+            });
+            c
+        };
+        let refused = clients[0]
+            .send(nobody, msg_id(users[0], 90), with_copy(nobody, "phantom"))
+            .await
+            .expect("send");
+        assert_eq!(refused.status, SendStatus::UnknownUser);
+        let ok = clients[0]
+            .send(users[5], msg_id(users[0], 91), with_copy(users[5], "real"))
+            .await
+            .expect("send");
+        assert_eq!(ok.status, SendStatus::Ok);
+        assert!(second_inbox
+            .wait_all(&[msg_id(users[0], 91)])
+            .await
+            .is_empty());
+        assert!(!second_inbox.has(&msg_id(users[0], 90)), "no phantom copy");
     });
 }
 

@@ -176,6 +176,35 @@ async fn linked_device_gets_its_own_copy_and_stale_lists_are_refused() {
         (sync.from_user, sync.from_device, &sync.body[..]),
         (ALICE, 1, &b"sync copy"[..])
     );
+
+    // A send refused for its recipient stores nothing, not even the sync copy.
+    const NOBODY: UserId = 15_550_000_999;
+    let ack = alice
+        .send(
+            NOBODY,
+            msg_id(10),
+            vec![
+                to_device(NOBODY, 1, "to nobody"),
+                to_device(ALICE, 2, "phantom copy"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(ack.status, SendStatus::UnknownUser);
+    let ack = alice
+        .send(
+            BOB,
+            msg_id(11),
+            vec![to_device(BOB, 1, "next"), to_device(ALICE, 2, "next copy")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(ack.status, SendStatus::Ok);
+    assert_eq!(
+        &next_message(&alice2).await.body[..],
+        b"next copy",
+        "the refused send left no copy"
+    );
 }
 
 #[tokio::test]
