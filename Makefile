@@ -45,7 +45,7 @@ fuzz:
 ## make chaos: every chaos scenario against a real node (root for the network faults); prints a table.
 CHAOS_SEED ?= 1
 chaos: deps
-	$(CARGO) build -p ringpost-node -p ringpost-chaos
+	$(CARGO) build -p ringpost-node -p ringpost-coordinator -p ringpost-chaos
 	$(CARGO) run -q -p ringpost-chaos --bin ringpost-chaos -- run all --seed $(CHAOS_SEED) --json $${CARGO_TARGET_DIR:-target}/chaos-report.json
 
 clean:

@@ -16,6 +16,18 @@
 //! - **phantom** (1): a message delivered although every attempt was refused by a definitive
 //!   non-`Ok` `SendAck` (which means "nothing stored").
 //!
+//! One kind of loss is expected and not a violation: with replication factor 1 a node holds the
+//! only copy of its users' inboxes, so when a node is killed and then removed (`ctl remove`)
+//! without coming back, what was queued there is given up. A missing delivery is **lost with a
+//! removed node** ([`ViolationKind::LostUnreplicated`], listed apart in
+//! [`CheckReport::unreplicated`]) when all of these hold, and a plain loss otherwise:
+//! - the history has the node's `kill` and then its `remove` ([`crate::history::MemberAction`]),
+//!   with no start of it in between;
+//! - the recipient device's user was last seen on that node (the node that welcomed one of its
+//!   devices most recently) before the kill: its inbox lived there;
+//! - the message was first sent before the kill (so it could have been stored there) and acked
+//!   before the removal (an `Ok` after the removal promises a copy that survived).
+//!
 //! Read receipts are inbox entries routed like messages and get the same lost, duplicated and
 //! leaked checks; the node's own `delivered` receipts are checked for leaks only.
 
@@ -23,7 +35,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::history::{Dev, Event, MsgId, Phase, Record};
+use crate::history::{Dev, Event, MemberAction, MsgId, Phase, Record};
 
 /// Violations listed one by one in a report; past this only the counts grow. A broken node can
 /// lose every message of a run; listing a few thousand says enough.
@@ -45,6 +57,9 @@ pub enum ViolationKind {
     Reordered,
     Leaked,
     Phantom,
+    /// Not a violation: an acked message whose only copy lived on a node that was killed and
+    /// removed (replication factor 1). Listed in [`CheckReport::unreplicated`].
+    LostUnreplicated,
 }
 
 /// Whether a violation is about a message or a read receipt.
@@ -107,6 +122,23 @@ pub struct Violation {
     /// For a loss: the storage fault active when the message was acked.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub storage_fault: Option<u32>,
+    /// For a loss with a removed node: that node's id.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub removed_node: Option<u64>,
+}
+
+/// A node that was killed and then removed from the cluster without coming back in between:
+/// everything that lived only on it is gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovedNode {
+    pub node_id: u64,
+    /// When it was killed (recorded once it was dead).
+    pub killed_us: u64,
+    /// When `ctl remove` had returned.
+    pub removed_us: u64,
+    /// Users whose devices were last seen on it when it was killed: their inboxes (and
+    /// accounts) lived only there.
+    pub users: Vec<u64>,
 }
 
 /// The numbers of a check.
@@ -144,6 +176,16 @@ pub struct Counts {
     /// Connection drops seen by the devices.
     pub disconnects: u64,
     pub faults: u64,
+    /// (acked message, recipient device) pairs lost with a removed node (expected, not
+    /// violations; see [`ViolationKind::LostUnreplicated`]).
+    #[serde(default)]
+    pub lost_unreplicated: u64,
+    /// Distinct acked messages with at least one such loss.
+    #[serde(default)]
+    pub lost_unreplicated_messages: u64,
+    /// Acked read receipts lost with a removed node (receipt, recipient device pairs).
+    #[serde(default)]
+    pub lost_unreplicated_receipts: u64,
 }
 
 /// The outcome of a check.
@@ -153,6 +195,12 @@ pub struct CheckReport {
     pub violations: Vec<Violation>,
     /// Violations found beyond [`VIOLATIONS_LISTED_MAX`] (counted, not listed).
     pub violations_unlisted: u64,
+    /// Losses explained by a removed node (not violations), at most [`VIOLATIONS_LISTED_MAX`].
+    #[serde(default)]
+    pub unreplicated: Vec<Violation>,
+    /// Nodes killed and removed without coming back.
+    #[serde(default)]
+    pub removed_nodes: Vec<RemovedNode>,
     pub faults: Vec<FaultWindow>,
     pub first_t_us: u64,
     pub last_t_us: u64,
@@ -189,6 +237,8 @@ struct Message {
     /// When the first `Ok` came and its place in the sender's ack order.
     ok: Option<(u64, u64)>,
     refusals: u32,
+    /// The status of the last refusal (`UnknownUser`, ...).
+    refused_as: Option<String>,
     errors: u32,
 }
 
@@ -204,6 +254,8 @@ struct ReadReceipt {
 struct Checker<'a> {
     report: CheckReport,
     records: &'a [Record],
+    /// Per user, the nodes that welcomed its devices, in time order: (time, node id).
+    homes: HashMap<u64, Vec<(u64, u64)>>,
 }
 
 /// Checks a merged history (records in time order, as [`crate::history::merge`] gives them).
@@ -211,6 +263,7 @@ pub fn check(records: &[Record]) -> CheckReport {
     let mut checker = Checker {
         report: CheckReport::default(),
         records,
+        homes: HashMap::new(),
     };
     checker.run();
     checker.report
@@ -222,6 +275,7 @@ impl Checker<'_> {
         self.report.first_t_us = records.first().map_or(0, |r| r.t_us);
         self.report.last_t_us = records.iter().map(|r| r.t_us).max().unwrap_or(0);
         self.collect_faults();
+        self.collect_membership();
 
         // Pass 1: what was sent and acked.
         let mut messages: HashMap<(Dev, MsgId), Message> = HashMap::new();
@@ -242,6 +296,7 @@ impl Checker<'_> {
                         first_send_us: record.t_us,
                         ok: None,
                         refusals: 0,
+                        refused_as: None,
                         errors: 0,
                     });
                     if message.ok.is_none() {
@@ -267,6 +322,7 @@ impl Checker<'_> {
                         }
                     } else {
                         message.refusals += 1;
+                        message.refused_as = Some(status.clone());
                     }
                 }
                 Event::SendError {
@@ -330,6 +386,9 @@ impl Checker<'_> {
         self.report
             .violations
             .sort_by_key(|v| (v.t_us, v.kind, v.device, v.msg_id));
+        self.report
+            .unreplicated
+            .sort_by_key(|v| (v.t_us, v.device, v.msg_id));
     }
 
     fn collect_faults(&mut self) {
@@ -372,6 +431,80 @@ impl Checker<'_> {
         self.report.counts.faults = self.report.faults.len() as u64;
     }
 
+    /// Which nodes were killed and removed, and where each user's devices were welcomed.
+    fn collect_membership(&mut self) {
+        let mut killed: HashMap<u64, u64> = HashMap::new();
+        for record in self.records {
+            match &record.event {
+                Event::Member {
+                    node_id, action, ..
+                } => match action {
+                    MemberAction::Ready => {
+                        killed.remove(node_id);
+                    }
+                    MemberAction::Kill => {
+                        killed.insert(*node_id, record.t_us);
+                    }
+                    MemberAction::Remove => {
+                        if let Some(killed_us) = killed.remove(node_id) {
+                            self.report.removed_nodes.push(RemovedNode {
+                                node_id: *node_id,
+                                killed_us,
+                                removed_us: record.t_us,
+                                users: Vec::new(),
+                            });
+                        }
+                    }
+                    MemberAction::Drain | MemberAction::Left | MemberAction::Down => {}
+                },
+                Event::Connection {
+                    at,
+                    up: true,
+                    node: Some(node),
+                    ..
+                } => self
+                    .homes
+                    .entry(at.user)
+                    .or_default()
+                    .push((record.t_us, *node)),
+                _ => {}
+            }
+        }
+        let mut removed = std::mem::take(&mut self.report.removed_nodes);
+        for node in &mut removed {
+            node.users = self
+                .homes
+                .keys()
+                .copied()
+                .filter(|&user| self.home_at(user, node.killed_us) == Some(node.node_id))
+                .collect();
+            node.users.sort_unstable();
+        }
+        self.report.removed_nodes = removed;
+    }
+
+    /// The node that most recently welcomed a device of `user` at or before `t_us`.
+    fn home_at(&self, user: u64, t_us: u64) -> Option<u64> {
+        let homes = self.homes.get(&user)?;
+        let after = homes.partition_point(|&(t, _)| t <= t_us);
+        after.checked_sub(1).map(|i| homes[i].1)
+    }
+
+    /// The removed node a missing delivery to `device` is explained by, if any: the device's
+    /// user lived there when it was killed, the message was first sent before that and acked
+    /// before the removal.
+    fn removed_node_for(&self, device: Dev, first_send_us: u64, acked_us: u64) -> Option<u64> {
+        self.report
+            .removed_nodes
+            .iter()
+            .find(|r| {
+                first_send_us <= r.killed_us
+                    && acked_us <= r.removed_us
+                    && self.home_at(device.user, r.killed_us) == Some(r.node_id)
+            })
+            .map(|r| r.node_id)
+    }
+
     fn faults_around(&self, lo_us: u64, hi_us: u64) -> Vec<FaultRef> {
         let lo_us = lo_us.saturating_sub(FAULT_CONTEXT_US);
         let hi_us = hi_us.saturating_add(FAULT_CONTEXT_US);
@@ -394,6 +527,16 @@ impl Checker<'_> {
             ViolationKind::Reordered => self.report.counts.reordered += 1,
             ViolationKind::Leaked => self.report.counts.leaked += 1,
             ViolationKind::Phantom => self.report.counts.phantom += 1,
+            ViolationKind::LostUnreplicated => {
+                match violation.subject {
+                    Subject::Message => self.report.counts.lost_unreplicated += 1,
+                    _ => self.report.counts.lost_unreplicated_receipts += 1,
+                }
+                if self.report.unreplicated.len() < VIOLATIONS_LISTED_MAX {
+                    self.report.unreplicated.push(violation);
+                }
+                return;
+            }
         }
         if self.report.violations.len() < VIOLATIONS_LISTED_MAX {
             self.report.violations.push(violation);
@@ -424,6 +567,7 @@ impl Checker<'_> {
             t_us,
             faults: self.faults_around(life.0, life.1),
             storage_fault: None,
+            removed_node: None,
         }
     }
 
@@ -471,8 +615,10 @@ impl Checker<'_> {
                         found.push(v(
                             ViolationKind::Phantom,
                             format!(
-                                "delivered to {at} although all {} attempts were refused",
-                                m.refusals
+                                "delivered to {at} although all {} attempts were refused (last: \
+                                 {}, which means nothing was stored)",
+                                m.refusals,
+                                m.refused_as.as_deref().unwrap_or("?")
                             ),
                         ));
                     }
@@ -640,16 +786,27 @@ impl Checker<'_> {
         }
         missing.sort();
         for (from, device, msg_id, sent_us, acked_us) in missing {
-            let violation = self.violation(
-                ViolationKind::Lost,
+            let removed = self.removed_node_for(device, sent_us, acked_us);
+            let mut detail =
+                format!("read receipt from {from} for {msg_id}, acked, never reached {device}");
+            if let Some(node) = removed {
+                detail.push_str(&lived_only_on(node));
+            }
+            let kind = match removed {
+                Some(_) => ViolationKind::LostUnreplicated,
+                None => ViolationKind::Lost,
+            };
+            let mut violation = self.violation(
+                kind,
                 Subject::ReadReceipt,
                 msg_id,
                 from,
                 device,
-                format!("read receipt from {from} for {msg_id}, acked, never reached {device}"),
+                detail,
                 acked_us,
                 (sent_us, acked_us),
             );
+            violation.removed_node = removed;
             self.push(violation);
         }
     }
@@ -697,16 +854,25 @@ impl Checker<'_> {
         self.report.counts.storage_acked = storage_acked;
         lost.sort();
         let mut storage_lost: HashSet<(Dev, MsgId)> = HashSet::new();
+        let mut unreplicated_lost: HashSet<(Dev, MsgId)> = HashSet::new();
         for (acked_us, device, from, msg_id, index, sent_us, storage_fault) in lost {
             let mut detail = format!("acked (ack #{index} of {from}), never reached {device}");
-            if let Some(id) = storage_fault {
+            let removed = self.removed_node_for(device, sent_us, acked_us);
+            if let Some(node) = removed {
+                detail.push_str(&lived_only_on(node));
+                unreplicated_lost.insert((from, msg_id));
+            } else if let Some(id) = storage_fault {
                 detail.push_str(&format!(
                     "; acked during storage fault {id}: the node should have refused instead"
                 ));
                 storage_lost.insert((from, msg_id));
             }
+            let kind = match removed {
+                Some(_) => ViolationKind::LostUnreplicated,
+                None => ViolationKind::Lost,
+            };
             let mut violation = self.violation(
-                ViolationKind::Lost,
+                kind,
                 Subject::Message,
                 msg_id,
                 from,
@@ -716,10 +882,19 @@ impl Checker<'_> {
                 (sent_us, acked_us),
             );
             violation.storage_fault = storage_fault;
+            violation.removed_node = removed;
             self.push(violation);
         }
         self.report.counts.storage_acked_lost = storage_lost.len() as u64;
+        self.report.counts.lost_unreplicated_messages = unreplicated_lost.len() as u64;
     }
+}
+
+fn lived_only_on(node: u64) -> String {
+    format!(
+        "; its only copy lived on node {node}, which was killed and removed (replication \
+         factor 1): lost with a removed node, not a violation"
+    )
 }
 
 fn list(devs: &[Dev]) -> String {

@@ -17,6 +17,12 @@
 //! | `disk-full` | fill the node's tmpfs data dir | remove the filler (and maybe kill -9, restart) | netns (root: mount) |
 //! | `fsync-fail` | libfiu: fsync and fdatasync fail with EIO | disabled (and maybe kill -9, restart) | libfiu |
 //! | `clock-skew` | libfaketime: the node's wall clock jumps, and the node restarts on it | real time, restart | libfaketime |
+//! | `leader-kill` | SIGKILL the coordinator leader (`ctl status`), wait for a new one | the replica restarted, all agree on a leader | cluster |
+//! | `node-join` | start a node (a fresh data dir if it ran before), wait until it is active | — | cluster |
+//! | `node-drain` | `ctl drain`, wait until the node handed off its shards and exited 0 | — | cluster |
+//! | `node-loss` | cut a node off from the client hosts (netns), SIGKILL it for good, wait until it is marked down, `ctl remove` it | — (it stays gone) | cluster |
+//!
+//! The membership kinds (the last four) live in [`membership`].
 
 use std::path::Path;
 use std::time::Duration;
@@ -28,6 +34,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::relay::Impairment;
 use crate::scenario::Rig;
+
+pub mod membership;
 
 /// Rule comment that marks our iptables rules.
 const IPTABLES_COMMENT: &str = "ringpost-chaos";
@@ -82,6 +90,23 @@ pub enum FaultKind {
     ClockSkew {
         offset_s: i64,
     },
+    /// kill -9 the coordinator leader; restarted when the fault heals.
+    LeaderKill,
+    /// Node `node` starts and joins the cluster.
+    NodeJoin {
+        node: u64,
+    },
+    /// Node `node` is drained (`ctl drain`) and leaves.
+    NodeDrain {
+        node: u64,
+    },
+    /// Node `node` is killed for good and removed (`ctl remove`). With namespaces it is first
+    /// cut off from the client hosts for `offline_ms` (its users' devices drop off, messages
+    /// to them queue there), so that the kill takes queued messages with it.
+    NodeLoss {
+        node: u64,
+        offline_ms: u64,
+    },
 }
 
 impl FaultKind {
@@ -101,6 +126,31 @@ impl FaultKind {
             FaultKind::DiskFull { .. } => "disk-full",
             FaultKind::FsyncFail { .. } => "fsync-fail",
             FaultKind::ClockSkew { .. } => "clock-skew",
+            FaultKind::LeaderKill => "leader-kill",
+            FaultKind::NodeJoin { .. } => "node-join",
+            FaultKind::NodeDrain { .. } => "node-drain",
+            FaultKind::NodeLoss { .. } => "node-loss",
+        }
+    }
+
+    /// Whether it changes the membership of a cluster (and needs one).
+    pub fn is_membership(&self) -> bool {
+        matches!(
+            self,
+            FaultKind::LeaderKill
+                | FaultKind::NodeJoin { .. }
+                | FaultKind::NodeDrain { .. }
+                | FaultKind::NodeLoss { .. }
+        )
+    }
+
+    /// The node a membership fault acts on.
+    pub fn member_node(&self) -> Option<u64> {
+        match self {
+            FaultKind::NodeJoin { node }
+            | FaultKind::NodeDrain { node }
+            | FaultKind::NodeLoss { node, .. } => Some(*node),
+            _ => None,
         }
     }
 
@@ -129,6 +179,13 @@ impl FaultKind {
             FaultKind::DiskFull { restart: true } | FaultKind::FsyncFail { restart: true } => {
                 "then kill -9 and restart".into()
             }
+            FaultKind::LeaderKill => "kill -9 the coordinator leader, restart it after".into(),
+            FaultKind::NodeJoin { node } => format!("node {node} joins"),
+            FaultKind::NodeDrain { node } => format!("ctl drain {node}"),
+            FaultKind::NodeLoss { node, offline_ms } => format!(
+                "node {node} cut off from the clients for {offline_ms} ms (namespaces only), \
+                 then kill -9 for good and ctl remove {node}"
+            ),
             _ => String::new(),
         }
     }
@@ -185,10 +242,10 @@ pub fn plan(seed: u64, window: Duration, menu: &Menu) -> Vec<PlannedFault> {
 
 /// Applies a fault. Returns what was done (for the history).
 pub async fn apply(rig: &mut Rig, fault: &PlannedFault) -> Result<String> {
-    let node_host = rig.node.host.clone();
+    let node_host = rig.node().host.clone();
     match &fault.kind {
         FaultKind::KillRestart => {
-            let pid = rig.node.pid().unwrap_or(0);
+            let pid = rig.node().pid().unwrap_or(0);
             rig.kill_node().await;
             Ok(format!("SIGKILL pid {pid}"))
         }
@@ -196,7 +253,7 @@ pub async fn apply(rig: &mut Rig, fault: &PlannedFault) -> Result<String> {
             let mut pids = Vec::new();
             let per = fault.duration / (*kills).max(1);
             for i in 0..*kills {
-                pids.push(rig.node.pid().unwrap_or(0));
+                pids.push(rig.node().pid().unwrap_or(0));
                 rig.kill_node().await;
                 rig.start_node().await?;
                 if i + 1 < *kills {
@@ -208,9 +265,9 @@ pub async fn apply(rig: &mut Rig, fault: &PlannedFault) -> Result<String> {
             Ok(format!("SIGKILL pids {pids:?}, each restarted"))
         }
         FaultKind::Pause => {
-            rig.node.pause();
+            rig.node().pause();
             rig.process_event("stop", "SIGSTOP");
-            Ok(format!("SIGSTOP pid {}", rig.node.pid().unwrap_or(0)))
+            Ok(format!("SIGSTOP pid {}", rig.node().pid().unwrap_or(0)))
         }
         FaultKind::Partition => {
             let ifname = node_host.ifname.clone().context("partition needs netns")?;
@@ -290,7 +347,7 @@ pub async fn apply(rig: &mut Rig, fault: &PlannedFault) -> Result<String> {
             Ok("relay udp chaos".into())
         }
         FaultKind::DiskFull { .. } => {
-            let data_dir = rig.node.spec.data_dir.clone();
+            let data_dir = rig.node().spec.data_dir.clone();
             let filled = tokio::task::spawn_blocking(move || fill_disk(&data_dir))
                 .await
                 .context("filler task")??;
@@ -298,7 +355,7 @@ pub async fn apply(rig: &mut Rig, fault: &PlannedFault) -> Result<String> {
         }
         FaultKind::FsyncFail { .. } => {
             for name in FSYNC_FAILPOINTS {
-                rig.node
+                rig.node()
                     .fiu(&format!("enable name={name},failnum=1,failinfo=5"))
                     .await?;
             }
@@ -317,6 +374,10 @@ pub async fn apply(rig: &mut Rig, fault: &PlannedFault) -> Result<String> {
                 "node wall clock {offset_s:+} s, node restarted (SIGTERM)"
             ))
         }
+        FaultKind::LeaderKill
+        | FaultKind::NodeJoin { .. }
+        | FaultKind::NodeDrain { .. }
+        | FaultKind::NodeLoss { .. } => membership::apply(rig, &fault.kind).await,
     }
 }
 
@@ -326,16 +387,19 @@ pub const FSYNC_FAILPOINTS: &[&str] = &["posix/io/sync/fsync", "posix/io/sync/fd
 
 /// Heals a fault. Returns what was done.
 pub async fn heal(rig: &mut Rig, fault: &PlannedFault) -> Result<String> {
-    let node_host = rig.node.host.clone();
+    let node_host = rig.node().host.clone();
     match &fault.kind {
         FaultKind::KillRestart | FaultKind::RestartLoop { .. } => {
-            if !rig.node.is_running() {
+            if !rig.node_mut().is_running() {
                 rig.start_node().await?;
             }
-            Ok(format!("node running, pid {}", rig.node.pid().unwrap_or(0)))
+            Ok(format!(
+                "node running, pid {}",
+                rig.node().pid().unwrap_or(0)
+            ))
         }
         FaultKind::Pause => {
-            rig.node.resume();
+            rig.node().resume();
             rig.process_event("cont", "SIGCONT");
             Ok("SIGCONT".into())
         }
@@ -377,14 +441,14 @@ pub async fn heal(rig: &mut Rig, fault: &PlannedFault) -> Result<String> {
         }
         FaultKind::RelayReset => Ok(String::new()),
         FaultKind::DiskFull { restart } => {
-            let filler = rig.node.spec.data_dir.join(FILLER_NAME);
+            let filler = rig.node().spec.data_dir.join(FILLER_NAME);
             std::fs::remove_file(&filler)
                 .with_context(|| format!("removing {}", filler.display()))?;
             restart_after_storage(rig, *restart, "filler removed").await
         }
         FaultKind::FsyncFail { restart } => {
             for name in FSYNC_FAILPOINTS {
-                rig.node.fiu(&format!("disable name={name}")).await?;
+                rig.node().fiu(&format!("disable name={name}")).await?;
             }
             restart_after_storage(rig, *restart, "libfiu disabled").await
         }
@@ -393,6 +457,10 @@ pub async fn heal(rig: &mut Rig, fault: &PlannedFault) -> Result<String> {
             rig.restart_node().await?;
             Ok("node wall clock real again, node restarted".into())
         }
+        FaultKind::LeaderKill
+        | FaultKind::NodeJoin { .. }
+        | FaultKind::NodeDrain { .. }
+        | FaultKind::NodeLoss { .. } => membership::heal(rig, &fault.kind).await,
     }
 }
 
@@ -400,7 +468,7 @@ async fn restart_after_storage(rig: &mut Rig, restart: bool, done: &str) -> Resu
     if !restart {
         return Ok(done.to_string());
     }
-    let pid = rig.node.pid().unwrap_or(0);
+    let pid = rig.node().pid().unwrap_or(0);
     rig.kill_node().await;
     rig.start_node().await?;
     Ok(format!("{done}; SIGKILL pid {pid}, restarted"))

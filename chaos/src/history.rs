@@ -172,8 +172,16 @@ pub enum Event {
         msg_ids: Vec<MsgId>,
         seq: u64,
     },
-    /// A device's connection dropped (`up: false`) or came back (`up: true`).
-    Connection { at: Dev, up: bool, reason: String },
+    /// A device's connection dropped (`up: false`) or came up (`up: true`: the first connect
+    /// or a reconnect). `node` is the node that welcomed it: in a cluster every device sits on
+    /// its user's owner, so this is where the user's inbox lived at that moment.
+    Connection {
+        at: Dev,
+        up: bool,
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        node: Option<u64>,
+    },
     /// A fault window opens or closes. `id` pairs the two.
     Fault {
         id: u32,
@@ -189,8 +197,36 @@ pub enum Event {
         pid: u32,
         detail: String,
     },
+    /// A cluster membership step the orchestrator took or saw, by node id (see
+    /// [`MemberAction`]): a node started or joined, a drain, a kill -9 without restart, the
+    /// coordinator marking it down, `ctl remove`. The checker uses `kill` and `remove` to tell
+    /// losses of data that lived only on a removed node from other losses.
+    Member {
+        node_id: u64,
+        action: MemberAction,
+        detail: String,
+    },
     /// A workload phase: `sending`, `sending_done`, `end`.
     Workload { host: String, phase: String },
+}
+
+/// What happened to a cluster member ([`Event::Member`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberAction {
+    /// The node process started and printed that it is ready (a first start, a join, a
+    /// restart, a re-join with a fresh data dir).
+    Ready,
+    /// `ctl drain`: its shards are being handed to the others.
+    Drain,
+    /// A drained node exited 0 after handing everything off.
+    Left,
+    /// SIGKILL, not restarted: whatever lived only on it is gone with it unless it comes back.
+    Kill,
+    /// The coordinator marked it down (missed heartbeats).
+    Down,
+    /// `ctl remove`: it is forgotten and its unreplicated data given up.
+    Remove,
 }
 
 /// One line of a history.

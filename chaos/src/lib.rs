@@ -6,15 +6,20 @@
 //!   phantom) out, each with its msg_id and the faults around it.
 //! - [`hosts`]: network-namespace hosts on a bridge (or loopback addresses without root), with a
 //!   state file so `cleanup` can remove what a crashed run left.
-//! - [`node`]: a `ringpost-node dev` process on a host, started, killed, paused and restarted,
-//!   optionally under `faketime` or libfiu.
-//! - [`faults`]: the fault kinds and what applying and healing each one does.
+//! - [`node`]: a node process on a host (`ringpost-node dev`, or `ringpost-node run` as a cluster
+//!   member), started, killed, paused, restarted and waited for when it leaves, optionally
+//!   under `faketime` or libfiu.
+//! - [`coordinator`]: a `ringpost-coordinator run` replica on a host.
+//! - [`cluster`]: the coordinator side of a cluster run: its replicas, `init`, and `ctl` (who
+//!   leads, member states, drain, remove).
+//! - [`faults`]: the fault kinds and what applying and healing each one does (membership
+//!   changes of a cluster in [`faults::membership`]).
 //! - [`relay`]: a TCP and UDP relay placed between hosts for delay, jitter, reordering,
 //!   duplication and loss (this kernel has no netem).
 //! - [`workload`]: SDK devices sending 1:1 messages and read receipts on a seeded schedule,
 //!   recording everything into the history.
-//! - [`scenario`]: the catalogue of scenarios and the run: hosts, node, workload, the seeded fault
-//!   schedule, settle, check, report.
+//! - [`scenario`]: the catalogue of scenarios and the run: hosts, the dev node or a cluster,
+//!   workload, the seeded fault schedule, settle, check, report.
 //!
 //! One seed fixes the workload and the fault schedule: every random choice comes from a
 //! ChaCha RNG derived from it ([`seeded`]).
@@ -22,6 +27,8 @@
 #![forbid(unsafe_code)]
 
 pub mod check;
+pub mod cluster;
+pub mod coordinator;
 pub mod faults;
 pub mod history;
 pub mod hosts;

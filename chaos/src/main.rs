@@ -45,6 +45,10 @@ enum Command {
         /// $CARGO_TARGET_DIR/debug]
         #[arg(long)]
         node_bin: Option<PathBuf>,
+        /// The coordinator binary, for the cluster scenarios [default:
+        /// $RINGPOST_COORDINATOR_BIN, next to this binary, or $CARGO_TARGET_DIR/debug]
+        #[arg(long)]
+        coordinator_bin: Option<PathBuf>,
         /// Loopback-only mode even when namespaces are available (process faults only).
         #[arg(long)]
         loopback: bool,
@@ -148,7 +152,7 @@ async fn run(cli: Cli) -> Result<i32> {
             for s in scenario::catalogue() {
                 let mut needs = Vec::new();
                 if s.needs.cluster {
-                    needs.push("multi-node cluster (not available yet)");
+                    needs.push("multi-node cluster: ringpost-coordinator");
                 }
                 if s.needs.netns {
                     needs.push("root");
@@ -169,6 +173,7 @@ async fn run(cli: Cli) -> Result<i32> {
             json,
             run_dir,
             node_bin,
+            coordinator_bin,
             loopback,
             settle_max,
         } => {
@@ -180,6 +185,11 @@ async fn run(cli: Cli) -> Result<i32> {
                 })?]
             };
             let node_bin = node::locate_node_bin(node_bin.as_deref())?;
+            // Only the cluster scenarios need it: without it they report `unsupported`.
+            let coordinator_bin = match coordinator_bin {
+                Some(path) => Ok(node::locate_coordinator_bin(Some(&path))?),
+                None => node::locate_coordinator_bin(None).map_err(|e| format!("{e:#}")),
+            };
             let self_bin = std::env::current_exe().context("locating ringpost-chaos itself")?;
             println!("{}", report::table_header());
             let mut reports: Vec<RunReport> = Vec::new();
@@ -195,6 +205,7 @@ async fn run(cli: Cli) -> Result<i32> {
                         }
                     }),
                     node_bin: node_bin.clone(),
+                    coordinator_bin: coordinator_bin.clone(),
                     self_bin: self_bin.clone(),
                     force_loopback: loopback,
                     settle_max,
@@ -252,6 +263,21 @@ async fn run(cli: Cli) -> Result<i32> {
                 c.phantom,
                 c.faults
             );
+            if !report.removed_nodes.is_empty() {
+                let nodes: Vec<String> = report
+                    .removed_nodes
+                    .iter()
+                    .map(|r| r.node_id.to_string())
+                    .collect();
+                println!(
+                    "lost with removed nodes ({}): {} messages ({} deliveries), {} read receipts \
+                     (expected with replication factor 1; not violations)",
+                    nodes.join(", "),
+                    c.lost_unreplicated_messages,
+                    c.lost_unreplicated,
+                    c.lost_unreplicated_receipts
+                );
+            }
             for v in report.violations.iter().take(50) {
                 let faults: Vec<String> = v
                     .faults

@@ -1,6 +1,8 @@
-//! A `ringpost-node dev` process on a host: started (optionally under libfaketime for clock skew
-//! and libfiu for fsync failures), waited for until it prints that it is ready, killed, paused,
-//! continued and restarted on the same data directory.
+//! A node process on a host: `ringpost-node dev` (one process with an embedded coordinator) or
+//! `ringpost-node run`, one member of a cluster ([`NodeRole`]). Started (optionally under
+//! libfaketime for clock skew and libfiu for fsync failures), waited for until it prints that it
+//! is ready, killed, paused, continued, restarted on the same data directory, and waited for when
+//! it leaves on its own (a drained member exits 0).
 //!
 //! The node is started as a process-group leader through `ip netns exec` (which execs, so the
 //! group is the node); its stdout and stderr are appended to `<run-dir>/<name>.log` across
@@ -16,7 +18,7 @@ use tokio::process::Child;
 use crate::hosts::{Host, Network};
 use crate::sys::{self, ProcId};
 
-/// Time a node may take from start to `ringpost dev node ready`.
+/// Time a node may take from start to its ready line.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Time a node may take to exit after SIGTERM before it is killed.
@@ -33,6 +35,40 @@ pub const PORT_WS: u16 = 7700;
 pub const PORT_WSS: u16 = 7743;
 pub const PORT_QUIC: u16 = 7744;
 pub const PORT_ADMIN: u16 = 7780;
+/// Node-to-node QUIC (UDP), cluster members only.
+pub const PORT_PEER: u16 = 7790;
+
+/// What kind of node process.
+#[derive(Debug, Clone)]
+pub enum NodeRole {
+    /// `ringpost-node dev`: one process with an embedded single-member coordinator, ws, wss and
+    /// QUIC (with the run's certificate), its codes file in its data dir.
+    Dev,
+    /// `ringpost-node run`: a member of a cluster of coordinator replicas and nodes, ws only.
+    Member(MemberConfig),
+}
+
+/// How a cluster member finds and joins its cluster.
+#[derive(Debug, Clone)]
+pub struct MemberConfig {
+    pub node_id: u64,
+    /// Client addresses of the coordinator replicas, comma-separated.
+    pub coordinators: String,
+    pub secret_file: PathBuf,
+    pub shard_count: u16,
+    /// One file for every node of the run: registration reads its codes from it.
+    pub codes_file: PathBuf,
+}
+
+impl NodeRole {
+    /// What the node prints on stdout once it serves.
+    pub fn ready_line(&self) -> &'static str {
+        match self {
+            NodeRole::Dev => "ringpost dev node ready",
+            NodeRole::Member(_) => "ringpost node ready",
+        }
+    }
+}
 
 /// libfiu's preload libraries (Debian `fiu-utils` / `libfiu0`).
 pub const FIU_PRELOAD: &str = "/usr/lib/fiu/fiu_run_preload.so /usr/lib/fiu/fiu_posix_preload.so";
@@ -44,6 +80,7 @@ pub const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.s
 #[derive(Debug, Clone)]
 pub struct NodeSpec {
     pub name: String,
+    pub role: NodeRole,
     pub bin: PathBuf,
     pub data_dir: PathBuf,
     pub log: PathBuf,
@@ -88,7 +125,18 @@ impl NodeProcess {
     }
 
     pub fn codes_file(&self) -> PathBuf {
-        self.spec.data_dir.join("verification-codes.txt")
+        match &self.spec.role {
+            NodeRole::Dev => self.spec.data_dir.join("verification-codes.txt"),
+            NodeRole::Member(member) => member.codes_file.clone(),
+        }
+    }
+
+    /// The cluster node id (1 for a dev node, whose embedded cluster has only it).
+    pub fn node_id(&self) -> u64 {
+        match &self.spec.role {
+            NodeRole::Dev => 1,
+            NodeRole::Member(member) => member.node_id,
+        }
     }
 
     pub fn ca_file(&self) -> PathBuf {
@@ -106,6 +154,13 @@ impl NodeProcess {
         }
     }
 
+    /// The exit status if the process exited without being stopped by us (a crash, or a
+    /// drained node before [`Self::wait_exit`] reaped it); `None` while it runs or once
+    /// it was stopped on purpose.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
     /// Starts the node and waits until it is ready. Returns its pid.
     pub async fn start(&mut self, net: &Network) -> Result<u32> {
         if self.is_running() {
@@ -119,27 +174,7 @@ impl NodeProcess {
             .open(&self.spec.log)
             .with_context(|| format!("opening {}", self.spec.log.display()))?;
         let log_start = log.metadata().map_or(0, |m| m.len());
-        let ip = self.host.ip;
-        let argv: Vec<String> = [
-            self.spec.bin.display().to_string(),
-            "dev".into(),
-            "--data-dir".into(),
-            self.spec.data_dir.display().to_string(),
-            "--listen-ws".into(),
-            format!("{ip}:{PORT_WS}"),
-            "--listen-wss".into(),
-            format!("{ip}:{PORT_WSS}"),
-            "--listen-quic".into(),
-            format!("{ip}:{PORT_QUIC}"),
-            "--listen-admin".into(),
-            format!("{ip}:{PORT_ADMIN}"),
-            "--device-rate".into(),
-            self.spec.device_rate.to_string(),
-            "--device-burst".into(),
-            self.spec.device_burst.to_string(),
-        ]
-        .into_iter()
-        .collect();
+        let argv = self.argv();
         let full = self.host.command(&argv);
         let mut cmd = tokio::process::Command::new(&full[0]);
         cmd.args(&full[1..])
@@ -177,10 +212,67 @@ impl NodeProcess {
         Ok(pid)
     }
 
+    /// The command line: the binary and its arguments.
+    fn argv(&self) -> Vec<String> {
+        let ip = self.host.ip;
+        let data_dir = self.spec.data_dir.display().to_string();
+        let mut argv: Vec<String> = vec![self.spec.bin.display().to_string()];
+        match &self.spec.role {
+            NodeRole::Dev => argv.extend([
+                "dev".into(),
+                "--data-dir".into(),
+                data_dir,
+                "--listen-ws".into(),
+                format!("{ip}:{PORT_WS}"),
+                "--listen-wss".into(),
+                format!("{ip}:{PORT_WSS}"),
+                "--listen-quic".into(),
+                format!("{ip}:{PORT_QUIC}"),
+                "--listen-admin".into(),
+                format!("{ip}:{PORT_ADMIN}"),
+            ]),
+            // The host's own address is what other hosts reach it on: advertise it for
+            // redirects and peer links.
+            NodeRole::Member(member) => argv.extend([
+                "run".into(),
+                "--data-dir".into(),
+                data_dir,
+                "--node-id".into(),
+                member.node_id.to_string(),
+                "--listen-ws".into(),
+                format!("{ip}:{PORT_WS}"),
+                "--advertise-ws".into(),
+                self.ws_url(),
+                "--listen-admin".into(),
+                format!("{ip}:{PORT_ADMIN}"),
+                "--listen-peer".into(),
+                format!("{ip}:{PORT_PEER}"),
+                "--advertise-peer".into(),
+                format!("{ip}:{PORT_PEER}"),
+                "--coordinator".into(),
+                member.coordinators.clone(),
+                "--cluster-secret-file".into(),
+                member.secret_file.display().to_string(),
+                "--shard-count".into(),
+                member.shard_count.to_string(),
+                "--codes-file".into(),
+                member.codes_file.display().to_string(),
+            ]),
+        }
+        argv.extend([
+            "--device-rate".into(),
+            self.spec.device_rate.to_string(),
+            "--device-burst".into(),
+            self.spec.device_burst.to_string(),
+        ]);
+        argv
+    }
+
     async fn wait_ready(&mut self, log_start: u64) -> Result<()> {
         let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        let ready_line = self.spec.role.ready_line();
         loop {
-            if log_has(&self.spec.log, log_start, "ringpost dev node ready") {
+            if log_has(&self.spec.log, log_start, ready_line) {
                 return Ok(());
             }
             if !self.is_running() {
@@ -228,6 +320,22 @@ impl NodeProcess {
         self.reap(net).await;
     }
 
+    /// Waits up to `limit` for the node to exit on its own (a drained member leaves); its exit
+    /// status, or `None` if it is still running (or was not).
+    pub async fn wait_exit(
+        &mut self,
+        net: &Network,
+        limit: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let status = tokio::time::timeout(limit, child.wait()).await.ok()?.ok()?;
+        self.child = None;
+        if let Some(id) = self.id.take() {
+            net.untrack_process(id);
+        }
+        Some(status)
+    }
+
     async fn reap(&mut self, net: &Network) {
         if let Some(mut child) = self.child.take() {
             let _ = tokio::time::timeout(TERM_TIMEOUT, child.wait()).await;
@@ -271,7 +379,8 @@ fn read_from(path: &Path, start: u64) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
-fn log_has(path: &Path, start: u64, needle: &str) -> bool {
+/// Whether the log has `needle` after byte `start`.
+pub fn log_has(path: &Path, start: u64, needle: &str) -> bool {
     read_from(path, start).contains(needle)
 }
 
@@ -313,30 +422,46 @@ pub fn write_dev_certificate(data_dir: &Path, ips: &[std::net::Ipv4Addr]) -> Res
     Ok(())
 }
 
-/// Where the node binary is: `RINGPOST_NODE_BIN`, else next to this executable (the same
-/// cargo target dir), else `$CARGO_TARGET_DIR/debug/ringpost-node`, else `target/debug`.
+/// Where the node binary is: `--node-bin`, `RINGPOST_NODE_BIN`, else next to this executable
+/// (the same cargo target dir), else `$CARGO_TARGET_DIR/debug/ringpost-node`, else
+/// `target/debug`.
 pub fn locate_node_bin(explicit: Option<&Path>) -> Result<PathBuf> {
+    locate_binary("ringpost-node", "RINGPOST_NODE_BIN", "--node-bin", explicit)
+}
+
+/// Where the coordinator binary is, found the same way as the node's
+/// (`--coordinator-bin`, `RINGPOST_COORDINATOR_BIN`, ...).
+pub fn locate_coordinator_bin(explicit: Option<&Path>) -> Result<PathBuf> {
+    locate_binary(
+        "ringpost-coordinator",
+        "RINGPOST_COORDINATOR_BIN",
+        "--coordinator-bin",
+        explicit,
+    )
+}
+
+fn locate_binary(name: &str, env: &str, flag: &str, explicit: Option<&Path>) -> Result<PathBuf> {
     let mut tried = Vec::new();
     let mut candidates: Vec<PathBuf> = Vec::new();
     if let Some(p) = explicit {
         if !p.is_file() {
-            bail!("--node-bin {}: no such file", p.display());
+            bail!("{flag} {}: no such file", p.display());
         }
         candidates.push(p.to_path_buf());
     }
-    if let Some(p) = std::env::var_os("RINGPOST_NODE_BIN") {
+    if let Some(p) = std::env::var_os(env) {
         candidates.push(PathBuf::from(p));
     }
     if let Ok(exe) = std::env::current_exe() {
         // target/debug/ringpost-chaos, or target/debug/deps/<test> for integration tests.
         for dir in exe.ancestors().skip(1).take(2) {
-            candidates.push(dir.join("ringpost-node"));
+            candidates.push(dir.join(name));
         }
     }
     if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
-        candidates.push(PathBuf::from(dir).join("debug").join("ringpost-node"));
+        candidates.push(PathBuf::from(dir).join("debug").join(name));
     }
-    candidates.push(PathBuf::from("target/debug/ringpost-node"));
+    candidates.push(PathBuf::from("target/debug").join(name));
     for candidate in candidates {
         if candidate.is_file() {
             return Ok(candidate.canonicalize().unwrap_or(candidate));
@@ -344,8 +469,7 @@ pub fn locate_node_bin(explicit: Option<&Path>) -> Result<PathBuf> {
         tried.push(candidate.display().to_string());
     }
     bail!(
-        "ringpost-node not found (tried {}); build it with `cargo build -p ringpost-node` or set \
-         RINGPOST_NODE_BIN",
+        "{name} not found (tried {}); build it with `cargo build -p {name}` or set {env}",
         tried.join(", ")
     )
 }

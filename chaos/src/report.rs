@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::check::{CheckReport, Counts, FaultWindow, Violation};
+use crate::check::{CheckReport, Counts, FaultWindow, RemovedNode, Violation};
 
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +46,16 @@ pub struct AppliedFault {
     pub end_ms: Option<i64>,
 }
 
+/// A node killed and removed, times in milliseconds from the start of sending.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RemovedNodeReport {
+    pub node_id: u64,
+    pub killed_ms: i64,
+    pub removed_ms: i64,
+    /// Users that lived only on it.
+    pub users: Vec<u64>,
+}
+
 /// The report of one scenario run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunReport {
@@ -62,6 +72,13 @@ pub struct RunReport {
     pub faults: Vec<AppliedFault>,
     pub violations: Vec<Violation>,
     pub violations_unlisted: u64,
+    /// Losses explained by a node killed and removed (replication factor 1): expected, not
+    /// violations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreplicated: Vec<Violation>,
+    /// Nodes killed and removed, times in milliseconds from the start of sending.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed_nodes: Vec<RemovedNodeReport>,
     /// What the run observed besides violations (refusals, reconnects, clock skew seen).
     pub notes: Vec<String>,
     pub run_dir: String,
@@ -89,6 +106,8 @@ impl RunReport {
             faults: Vec::new(),
             violations: Vec::new(),
             violations_unlisted: 0,
+            unreplicated: Vec::new(),
+            removed_nodes: Vec::new(),
             notes: Vec::new(),
             run_dir: String::new(),
             history: String::new(),
@@ -110,9 +129,41 @@ impl RunReport {
                 end_ms: f.end_us.map(rel),
             })
             .collect();
+        self.removed_nodes = check
+            .removed_nodes
+            .iter()
+            .map(|r: &RemovedNode| RemovedNodeReport {
+                node_id: r.node_id,
+                killed_ms: rel(r.killed_us),
+                removed_ms: rel(r.removed_us),
+                users: r.users.clone(),
+            })
+            .collect();
         self.counts = check.counts;
         self.violations = check.violations;
         self.violations_unlisted = check.violations_unlisted;
+        self.unreplicated = check.unreplicated;
+    }
+
+    /// What was lost with removed nodes, said plainly; `None` when no node was removed.
+    pub fn unreplicated_summary(&self) -> Option<String> {
+        if self.removed_nodes.is_empty() {
+            return None;
+        }
+        let c = &self.counts;
+        let nodes: Vec<String> = self
+            .removed_nodes
+            .iter()
+            .map(|r| format!("node {}", r.node_id))
+            .collect();
+        Some(format!(
+            "{} acked messages ({} deliveries) and {} read receipts lost with removed {}: they \
+             lived only there (replication factor 1)",
+            c.lost_unreplicated_messages,
+            c.lost_unreplicated,
+            c.lost_unreplicated_receipts,
+            nodes.join(", ")
+        ))
     }
 }
 

@@ -6,6 +6,14 @@
 //! let the system settle (until every acked message has arrived, or [`SETTLE_MAX`]), stop
 //! everything, merge the histories and check them.
 //!
+//! A cluster scenario ([`Needs::cluster`]) runs a real cluster instead of the dev node: three
+//! coordinator replicas (`coord1`..`coord3`), three nodes (`node1`..`node3`, and `node4` when the
+//! scenario adds one), each on its own host, and an `ops` host for `ringpost-coordinator ctl`.
+//! The population is registered through `node1` and spread over the nodes by the ring; the
+//! devices of `client1` enter through `node1` and those of `client2` through `node2`, nodes that
+//! stay (the SDK reconnects alternately to its last node and its entry point, so the entry
+//! point must outlive the faults), and are redirected to their user's owner.
+//!
 //! Everything a run starts is torn down when it ends, however it ends: the [`Rig`] removes its
 //! processes, mounts, namespaces and links when dropped, and `ringpost-chaos cleanup` removes
 //! what a killed run left.
@@ -20,10 +28,12 @@ use rand_chacha::ChaCha8Rng;
 use tokio::process::Child;
 
 use crate::check;
+use crate::cluster::{self, Cluster};
+use crate::coordinator::{CoordinatorProcess, CoordinatorSpec};
 use crate::faults::{self, FaultKind, Menu, PlannedFault};
-use crate::history::{self, Clock, Event, HistoryWriter, Phase};
+use crate::history::{self, Clock, Event, HistoryWriter, MemberAction, Phase};
 use crate::hosts::{Host, Mode, Network};
-use crate::node::{self, NodeProcess, NodeSpec};
+use crate::node::{self, NodeProcess, NodeRole, NodeSpec};
 use crate::relay::{self, Impairment};
 use crate::report::{RunReport, Verdict};
 use crate::sys::{self, ProcId};
@@ -50,6 +60,11 @@ const WORKLOAD_EXIT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Users in the population (each with one or two devices, by seed).
 pub const USERS: u64 = 6;
 
+/// Users in a cluster run's population: more, so the ring gives every node some (with 12,
+/// node 3, the one `join-drain` and `node-loss` take away, owns several; the run's notes list
+/// who lived where).
+pub const USERS_CLUSTER: u64 = 12;
+
 /// First phone number of the population.
 pub const FIRST_USER: u64 = 15_550_001;
 
@@ -73,7 +88,8 @@ pub struct Needs {
     pub faketime: bool,
     /// A relay between the clients and the node.
     pub relay: bool,
-    /// A multi-node cluster (Raft coordinator, several nodes): not built yet.
+    /// A multi-node cluster (three coordinator replicas, three nodes) instead of the dev node:
+    /// needs the `ringpost-coordinator` binary.
     pub cluster: bool,
     /// The clients speak QUIC (through the relay's UDP side).
     pub quic: bool,
@@ -86,11 +102,108 @@ pub struct Scenario {
     pub needs: Needs,
     /// Sending window when `--duration` is not given.
     pub window: Duration,
-    pub menu: fn() -> Menu,
+    pub schedule: Schedule,
+}
+
+/// How a scenario's faults are chosen.
+#[derive(Clone, Copy)]
+pub enum Schedule {
+    /// Drawn one after another from a menu ([`faults::plan`]).
+    Menu(fn() -> Menu),
+    /// A fixed sequence (membership changes, which build on each other), its times drawn from
+    /// the seed's RNG within the window.
+    Script(fn(&mut ChaCha8Rng, Duration) -> Vec<PlannedFault>),
+}
+
+impl Schedule {
+    /// The faults of a run.
+    pub fn plan(&self, seed: u64, window: Duration) -> Vec<PlannedFault> {
+        match self {
+            Schedule::Menu(menu) => faults::plan(seed, window, &menu()),
+            Schedule::Script(script) => script(&mut crate::seeded(seed, "faults"), window),
+        }
+    }
 }
 
 fn no_faults() -> Menu {
     Vec::new()
+}
+
+/// The node `join-drain` drains and `node-loss` loses: one that is nobody's entry point.
+pub const VICTIM_NODE: u64 = 3;
+
+/// The node `join-drain` adds.
+pub const JOINING_NODE: u64 = 4;
+
+fn leader_kill_menu() -> Menu {
+    // Down for a few seconds each time, then restarted; the plan's gaps (1-3 s) let it catch up
+    // before the next leader dies.
+    vec![(|_| FaultKind::LeaderKill, (2_000, 5_000))]
+}
+
+/// A fault at `at_fraction` of the window (moved by up to ±5 % by the seed), lasting `duration`.
+fn scripted(
+    rng: &mut ChaCha8Rng,
+    window: Duration,
+    id: u32,
+    at_fraction: f64,
+    duration: Duration,
+    kind: FaultKind,
+) -> PlannedFault {
+    let fraction = (at_fraction + rng.gen_range(-0.05..0.05)).clamp(0.05, 0.9);
+    PlannedFault {
+        id,
+        at: window.mul_f64(fraction),
+        duration,
+        kind,
+    }
+}
+
+/// A 4th node joins early, node 3 drains in the middle, node 3 comes back (fresh data dir) late.
+fn join_drain_script(rng: &mut ChaCha8Rng, window: Duration) -> Vec<PlannedFault> {
+    let s = Duration::from_secs;
+    vec![
+        scripted(
+            rng,
+            window,
+            1,
+            0.15,
+            s(1),
+            FaultKind::NodeJoin { node: JOINING_NODE },
+        ),
+        scripted(
+            rng,
+            window,
+            2,
+            0.4,
+            s(1),
+            FaultKind::NodeDrain { node: VICTIM_NODE },
+        ),
+        scripted(
+            rng,
+            window,
+            3,
+            0.7,
+            s(1),
+            FaultKind::NodeJoin { node: VICTIM_NODE },
+        ),
+    ]
+}
+
+/// Node 3 is cut off from its users a quarter into the window (namespaces only), killed 3 s
+/// later and removed once it is marked down.
+fn node_loss_script(rng: &mut ChaCha8Rng, window: Duration) -> Vec<PlannedFault> {
+    vec![scripted(
+        rng,
+        window,
+        1,
+        0.25,
+        Duration::from_secs(1),
+        FaultKind::NodeLoss {
+            node: VICTIM_NODE,
+            offline_ms: 3_000,
+        },
+    )]
 }
 
 fn kill_menu() -> Menu {
@@ -239,21 +352,21 @@ pub fn catalogue() -> Vec<Scenario> {
             about: "no faults: everything acked arrives once, in order, to the right devices",
             needs: Needs::default(),
             window: s(8),
-            menu: no_faults,
+            schedule: Schedule::Menu(no_faults),
         },
         Scenario {
             name: "kill-restart",
             about: "kill -9 the node and restart it on the same data dir, also in quick loops",
             needs: Needs::default(),
             window: s(30),
-            menu: kill_menu,
+            schedule: Schedule::Menu(kill_menu),
         },
         Scenario {
             name: "pause",
             about: "SIGSTOP / SIGCONT the node",
             needs: Needs::default(),
             window: s(30),
-            menu: pause_menu,
+            schedule: Schedule::Menu(pause_menu),
         },
         Scenario {
             name: "partition",
@@ -264,7 +377,7 @@ pub fn catalogue() -> Vec<Scenario> {
                 ..Needs::default()
             },
             window: s(30),
-            menu: partition_menu,
+            schedule: Schedule::Menu(partition_menu),
         },
         Scenario {
             name: "loss",
@@ -276,7 +389,7 @@ pub fn catalogue() -> Vec<Scenario> {
                 ..Needs::default()
             },
             window: s(30),
-            menu: network_menu,
+            schedule: Schedule::Menu(network_menu),
         },
         Scenario {
             name: "slow-net",
@@ -286,7 +399,7 @@ pub fn catalogue() -> Vec<Scenario> {
                 ..Needs::default()
             },
             window: s(30),
-            menu: relay_tcp_menu,
+            schedule: Schedule::Menu(relay_tcp_menu),
         },
         Scenario {
             name: "quic-chaos",
@@ -297,7 +410,7 @@ pub fn catalogue() -> Vec<Scenario> {
                 ..Needs::default()
             },
             window: s(30),
-            menu: relay_udp_menu,
+            schedule: Schedule::Menu(relay_udp_menu),
         },
         Scenario {
             name: "disk-full",
@@ -307,7 +420,7 @@ pub fn catalogue() -> Vec<Scenario> {
                 ..Needs::default()
             },
             window: s(30),
-            menu: disk_menu,
+            schedule: Schedule::Menu(disk_menu),
         },
         Scenario {
             name: "fsync-fail",
@@ -317,7 +430,7 @@ pub fn catalogue() -> Vec<Scenario> {
                 ..Needs::default()
             },
             window: s(30),
-            menu: fsync_menu,
+            schedule: Schedule::Menu(fsync_menu),
         },
         Scenario {
             name: "clock-skew",
@@ -327,7 +440,7 @@ pub fn catalogue() -> Vec<Scenario> {
                 ..Needs::default()
             },
             window: s(30),
-            menu: clock_menu,
+            schedule: Schedule::Menu(clock_menu),
         },
         Scenario {
             name: "clock-jump",
@@ -338,7 +451,7 @@ pub fn catalogue() -> Vec<Scenario> {
                 ..Needs::default()
             },
             window: s(30),
-            menu: clock_jump_menu,
+            schedule: Schedule::Menu(clock_jump_menu),
         },
         Scenario {
             name: "mixed",
@@ -353,27 +466,40 @@ pub fn catalogue() -> Vec<Scenario> {
                 ..Needs::default()
             },
             window: s(60),
-            menu: mixed_menu,
+            schedule: Schedule::Menu(mixed_menu),
         },
         Scenario {
             name: "leader-kill",
-            about: "kill -9 the coordinator leader under load",
+            about: "kill -9 the coordinator leader again and again (restarted after 2-5 s); the \
+                    nodes keep serving",
             needs: Needs {
                 cluster: true,
                 ..Needs::default()
             },
             window: s(30),
-            menu: no_faults,
+            schedule: Schedule::Menu(leader_kill_menu),
         },
         Scenario {
             name: "join-drain",
-            about: "a node joins and another drains under load",
+            about: "node 4 joins, node 3 drains away (exits 0), node 3 comes back with a fresh \
+                    data dir, all under load",
             needs: Needs {
                 cluster: true,
                 ..Needs::default()
             },
             window: s(30),
-            menu: no_faults,
+            schedule: Schedule::Script(join_drain_script),
+        },
+        Scenario {
+            name: "node-loss",
+            about: "kill -9 node 3 for good, ctl remove it once it is down: only what lived \
+                    there alone (replication factor 1) may be lost, and the report counts it",
+            needs: Needs {
+                cluster: true,
+                ..Needs::default()
+            },
+            window: s(20),
+            schedule: Schedule::Script(node_loss_script),
         },
     ]
 }
@@ -390,6 +516,8 @@ pub struct RunOptions {
     /// Where logs, histories and the node's data go (default under [`crate::hosts::base_dir`]`/runs`).
     pub run_dir: Option<PathBuf>,
     pub node_bin: PathBuf,
+    /// The `ringpost-coordinator` binary, for cluster scenarios (`Err`: why there is none).
+    pub coordinator_bin: Result<PathBuf, String>,
     /// This executable (the workload and relay run as its subcommands).
     pub self_bin: PathBuf,
     pub force_loopback: bool,
@@ -399,7 +527,11 @@ pub struct RunOptions {
 /// The parts of a run that faults act on.
 pub struct Rig {
     pub net: Network,
-    pub node: NodeProcess,
+    /// The nodes: `node1` first (the node the single-node faults act on), then, in a cluster,
+    /// the other members, by node id.
+    pub nodes: Vec<NodeProcess>,
+    /// The coordinator replicas and how to reach them (cluster scenarios).
+    pub cluster: Option<Cluster>,
     pub history: Arc<HistoryWriter>,
     /// For random choices inside faults (seeded).
     pub rng: ChaCha8Rng,
@@ -410,38 +542,81 @@ pub struct Rig {
     workloads: Vec<(String, Child, ProcId)>,
     faketime_file: Option<PathBuf>,
     tmpfs: Option<PathBuf>,
+    /// What the setup observed, for the report (users per node in a cluster).
+    notes: Vec<String>,
 }
 
 impl Rig {
+    /// `node1`: the node single-node faults act on.
+    pub fn node(&self) -> &NodeProcess {
+        &self.nodes[0]
+    }
+
+    pub fn node_mut(&mut self) -> &mut NodeProcess {
+        &mut self.nodes[0]
+    }
+
+    /// The index in [`Rig::nodes`] of the node with this cluster node id.
+    pub fn node_index(&self, node_id: u64) -> Result<usize> {
+        self.nodes
+            .iter()
+            .position(|n| n.node_id() == node_id)
+            .with_context(|| format!("this run has no node {node_id}"))
+    }
+
     pub fn process_event(&self, action: &str, detail: &str) {
         self.history.record(Event::Process {
-            node: self.node.spec.name.clone(),
+            node: self.node().spec.name.clone(),
             action: action.into(),
-            pid: self.node.pid().unwrap_or(0),
+            pid: self.node().pid().unwrap_or(0),
+            detail: detail.into(),
+        });
+    }
+
+    /// Records a membership step of node `node_id`.
+    pub fn member_event(&self, node_id: u64, action: MemberAction, detail: &str) {
+        self.history.record(Event::Member {
+            node_id,
+            action,
             detail: detail.into(),
         });
     }
 
     pub async fn kill_node(&mut self) {
         self.process_event("kill", "SIGKILL");
-        self.node.kill9(&self.net).await;
+        self.nodes[0].kill9(&self.net).await;
     }
 
     pub async fn start_node(&mut self) -> Result<()> {
-        let pid = self.node.start(&self.net).await?;
+        let pid = self.nodes[0].start(&self.net).await?;
         self.history.record(Event::Process {
-            node: self.node.spec.name.clone(),
+            node: self.node().spec.name.clone(),
             action: "ready".into(),
             pid,
-            detail: format!("start #{}", self.node.starts),
+            detail: format!("start #{}", self.node().starts),
         });
         Ok(())
+    }
+
+    /// Starts cluster member `index` (of [`Rig::nodes`]) and records it; its pid.
+    pub async fn start_member(&mut self, index: usize) -> Result<u32> {
+        let node = &mut self.nodes[index];
+        let pid = node.start(&self.net).await?;
+        self.history.record(Event::Process {
+            node: node.spec.name.clone(),
+            action: "ready".into(),
+            pid,
+            detail: format!("start #{}", node.starts),
+        });
+        let detail = format!("{} pid {pid}", node.spec.data_dir.display());
+        self.member_event(self.nodes[index].node_id(), MemberAction::Ready, &detail);
+        Ok(pid)
     }
 
     /// Restarts the node gracefully (SIGTERM, then start on the same data dir).
     pub async fn restart_node(&mut self) -> Result<()> {
         self.process_event("term", "SIGTERM");
-        self.node.terminate(&self.net).await;
+        self.nodes[0].terminate(&self.net).await;
         self.start_node().await
     }
 
@@ -495,8 +670,14 @@ impl Rig {
             id.signal_group(nix::sys::signal::Signal::SIGKILL);
             let _ = child.wait().await;
         }
-        if self.node.is_running() {
-            self.node.terminate(&self.net).await;
+        // Nodes first (their clients are gone), then the coordinators.
+        for node in &mut self.nodes {
+            if node.is_running() {
+                node.terminate(&self.net).await;
+            }
+        }
+        if let Some(cluster) = &mut self.cluster {
+            cluster.stop(&self.net).await;
         }
         if let Some(mount) = self.tmpfs.take() {
             crate::hosts::unmount(&mount).await;
@@ -509,15 +690,13 @@ impl Rig {
 /// Runs one scenario and reports.
 pub async fn run(scenario: &Scenario, opts: &RunOptions) -> RunReport {
     let (mode, mode_note) = Mode::detect(opts.force_loopback);
-    if scenario.needs.cluster {
+    if let (true, Err(why)) = (scenario.needs.cluster, &opts.coordinator_bin) {
         return RunReport::not_run(
             scenario.name,
             opts.seed,
             mode.as_str(),
             Verdict::Unsupported,
-            "needs a multi-node cluster (Raft coordinator and node joins, issue 5): not \
-             available yet"
-                .into(),
+            format!("needs a multi-node cluster: {why}"),
         );
     }
     if scenario.needs.netns && mode == Mode::Loopback {
@@ -584,11 +763,11 @@ fn default_run_dir(name: &str, seed: u64) -> PathBuf {
         .join(format!("{name}-{}-{seed}", crate::hosts::run_id()))
 }
 
-/// The population: [`USERS`] users with one or two devices each, alternating between the two
-/// client hosts.
-pub fn population(seed: u64) -> Vec<UserPlan> {
+/// The population: `users` users ([`USERS`], [`USERS_CLUSTER`]) with one or two devices each,
+/// alternating between the two client hosts.
+pub fn population(seed: u64, users: u64) -> Vec<UserPlan> {
     let mut rng = crate::seeded(seed, "population");
-    (0..USERS)
+    (0..users)
         .map(|i| UserPlan {
             user: FIRST_USER + i,
             devices: rng.gen_range(1..=2),
@@ -636,7 +815,7 @@ async fn run_inner(scenario: &Scenario, opts: &RunOptions, mode: Mode) -> Result
         .unwrap_or_else(|| default_run_dir(scenario.name, seed));
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let run_dir = run_dir.canonicalize()?;
-    let plan = faults::plan(seed, window, &(scenario.menu)());
+    let plan = scenario.schedule.plan(seed, window);
     if mode == Mode::Loopback {
         if let Some(f) = plan.iter().find(|f| needs_netns(&f.kind)) {
             bail!("fault {} needs network namespaces (root)", f.kind.name());
@@ -649,12 +828,35 @@ async fn run_inner(scenario: &Scenario, opts: &RunOptions, mode: Mode) -> Result
     let bin_dir = run_dir.join("bin");
     opts.node_bin = snapshot_binary(&opts.node_bin, &bin_dir.join("ringpost-node"))?;
     opts.self_bin = snapshot_binary(&opts.self_bin, &bin_dir.join("ringpost-chaos"))?;
+    let coordinator_bin = match (&opts.coordinator_bin, scenario.needs.cluster) {
+        (Ok(bin), true) => Some(snapshot_binary(bin, &bin_dir.join("ringpost-coordinator"))?),
+        _ => None,
+    };
     let opts = &opts;
 
-    let mut names = vec!["node1", "client1", "client2"];
-    if scenario.needs.relay || plan.iter().any(|f| uses_relay(&f.kind)) {
-        names.push("relay");
+    // A cluster has its nodes 1..=node_count (the plan may add one) and coordinators.
+    let node_count = if scenario.needs.cluster {
+        plan.iter()
+            .filter_map(|f| f.kind.member_node())
+            .max()
+            .unwrap_or(0)
+            .max(cluster::NODES)
+    } else {
+        1
+    };
+    let mut names: Vec<String> = Vec::new();
+    if scenario.needs.cluster {
+        names.extend((1..=cluster::REPLICAS).map(|i| format!("coord{i}")));
     }
+    names.extend((1..=node_count).map(|i| format!("node{i}")));
+    names.extend(["client1".to_string(), "client2".to_string()]);
+    if scenario.needs.cluster {
+        names.push("ops".into());
+    }
+    if scenario.needs.relay || plan.iter().any(|f| uses_relay(&f.kind)) {
+        names.push("relay".into());
+    }
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let net = Network::create(mode, &run_dir, &names).await?;
     let clock = Clock::new();
     let history = Arc::new(HistoryWriter::create(
@@ -667,23 +869,52 @@ async fn run_inner(scenario: &Scenario, opts: &RunOptions, mode: Mode) -> Result
         seed,
         mode: mode.as_str().into(),
     });
-    let node_host = net.host("node1").clone();
-    let data_dir = run_dir.join("node1-data");
+    let cluster = coordinator_bin.map(|bin| Cluster {
+        replicas: (1..=cluster::REPLICAS)
+            .map(|i| {
+                let name = format!("coord{i}");
+                let spec = CoordinatorSpec {
+                    replica_id: i,
+                    bin: bin.clone(),
+                    data_dir: run_dir.join(format!("{name}-data")),
+                    log: run_dir.join(format!("{name}.log")),
+                    secret_file: run_dir.join("secret"),
+                    name: name.clone(),
+                };
+                CoordinatorProcess::new(spec, net.host(&name).clone())
+            })
+            .collect(),
+        bin,
+        secret_file: run_dir.join("secret"),
+        codes_file: run_dir.join("verification-codes.txt"),
+        ops: net.host("ops").clone(),
+    });
     let uses_fiu = scenario.needs.fiu
         || plan
             .iter()
             .any(|f| matches!(f.kind, FaultKind::FsyncFail { .. }));
-    let spec = NodeSpec {
-        name: "node1".into(),
-        bin: opts.node_bin.clone(),
-        data_dir: data_dir.clone(),
-        log: run_dir.join("node1.log"),
-        device_rate: 200,
-        device_burst: 400,
-        fiu_ctrl: uses_fiu.then(|| run_dir.join("fiu-ctrl")),
-    };
+    let nodes: Vec<NodeProcess> = (1..=node_count)
+        .map(|i| {
+            let name = format!("node{i}");
+            let spec = NodeSpec {
+                role: match &cluster {
+                    Some(cluster) => NodeRole::Member(cluster.member_config(i)),
+                    None => NodeRole::Dev,
+                },
+                bin: opts.node_bin.clone(),
+                data_dir: run_dir.join(format!("{name}-data")),
+                log: run_dir.join(format!("{name}.log")),
+                device_rate: 200,
+                device_burst: 400,
+                fiu_ctrl: uses_fiu.then(|| run_dir.join("fiu-ctrl")),
+                name: name.clone(),
+            };
+            NodeProcess::new(spec, net.host(&name).clone())
+        })
+        .collect();
     let mut rig = Rig {
-        node: NodeProcess::new(spec, node_host.clone()),
+        nodes,
+        cluster,
         net,
         history: history.clone(),
         rng: crate::seeded(seed, "fault-internals"),
@@ -694,6 +925,7 @@ async fn run_inner(scenario: &Scenario, opts: &RunOptions, mode: Mode) -> Result
         workloads: Vec::new(),
         faketime_file: None,
         tmpfs: None,
+        notes: Vec::new(),
     };
     let result = drive(&mut rig, scenario, opts, window, &plan, clock).await;
     // Stop the workloads first (the stop file), then everything else, whatever happened.
@@ -725,9 +957,11 @@ async fn run_inner(scenario: &Scenario, opts: &RunOptions, mode: Mode) -> Result
     report.duration_ms = window.as_millis() as u64;
     report.run_dir = run_dir.display().to_string();
     report.history = history_path.display().to_string();
-    report.notes = observations(&records, &checked);
+    report.notes = std::mem::take(&mut rig.notes);
+    report.notes.extend(observations(&records, &checked));
     let passed = checked.passed();
     report.absorb(checked, origin_us);
+    report.notes.extend(membership_notes(&report));
     if !passed {
         report.verdict = Verdict::Fail;
         let kinds: Vec<String> = crate::check::CheckReport {
@@ -739,6 +973,11 @@ async fn run_inner(scenario: &Scenario, opts: &RunOptions, mode: Mode) -> Result
         .map(|(k, n)| format!("{n} {k:?}").to_lowercase())
         .collect();
         report.reason = format!("invariant violations: {}", kinds.join(", "));
+        if let Some(summary) = report.unreplicated_summary() {
+            report
+                .reason
+                .push_str(&format!("; besides, {summary} (expected)"));
+        }
     } else if report.counts.acked == 0 {
         report.verdict = Verdict::Fail;
         report.reason = "no message was acked: the run proves nothing".into();
@@ -753,8 +992,51 @@ async fn run_inner(scenario: &Scenario, opts: &RunOptions, mode: Mode) -> Result
         report.reason = "no violation; warning: the node stayed unavailable after a storage \
                          fault healed (see notes)"
             .into();
+    } else if let Some(summary) = report.unreplicated_summary() {
+        report.reason = format!("no violation; {summary}");
     }
     Ok(report)
+}
+
+/// What each membership fault did and how long the cluster took (from the faults' details),
+/// and what a removed node took with it.
+fn membership_notes(report: &RunReport) -> Vec<String> {
+    let mut notes = Vec::new();
+    for f in &report.faults {
+        if !["leader-kill", "node-join", "node-drain", "node-loss"].contains(&f.kind.as_str()) {
+            continue;
+        }
+        let end = f
+            .end_ms
+            .map_or_else(|| "never healed".to_string(), |e| format!("to {e} ms"));
+        notes.push(format!(
+            "membership #{} {} ({} ms {end}): {}",
+            f.id, f.kind, f.start_ms, f.detail
+        ));
+    }
+    if let Some(summary) = report.unreplicated_summary() {
+        for r in &report.removed_nodes {
+            let users: Vec<String> = r.users.iter().map(u64::to_string).collect();
+            notes.push(format!(
+                "node {} was killed at {} ms and removed at {} ms; users that lived only there: \
+                 {} (their accounts went with it: their devices cannot log in again and sends \
+                 to them are refused)",
+                r.node_id,
+                r.killed_ms,
+                r.removed_ms,
+                if users.is_empty() {
+                    "none".to_string()
+                } else {
+                    users.join(", ")
+                }
+            ));
+        }
+        notes.push(format!(
+            "lost with a removed node: {summary}; listed as `lost_unreplicated` in the JSON \
+             report, not as violations. Every other acked message was checked as usual."
+        ));
+    }
+    notes
 }
 
 /// Copies a binary into the run dir and returns the new path (a copy, not a hard link: a
@@ -793,6 +1075,26 @@ fn uses_relay(kind: &FaultKind) -> bool {
     )
 }
 
+/// Where the workload connects and registers.
+struct Entry {
+    /// The entry point of `client1`'s devices and of registration.
+    client1: String,
+    /// The entry point of `client2`'s devices.
+    client2: String,
+    ca_file: Option<PathBuf>,
+    codes_file: PathBuf,
+}
+
+impl Entry {
+    fn url(&self, host: &str) -> String {
+        if host == "client2" {
+            self.client2.clone()
+        } else {
+            self.client1.clone()
+        }
+    }
+}
+
 /// Everything from the node's start to the end of settling. Returns the start of sending
 /// (Unix microseconds), the origin of the report's times.
 async fn drive(
@@ -804,96 +1106,24 @@ async fn drive(
     clock: Clock,
 ) -> Result<u64> {
     let run_dir = rig.run_dir.clone();
-    let data_dir = rig.node.spec.data_dir.clone();
-    std::fs::create_dir_all(&data_dir)?;
-    if plan.iter().any(|f| f.kind.needs_tmpfs()) {
-        rig.net.track_mount(&data_dir)?;
-        let shown = data_dir.display().to_string();
-        sys::run(
-            "mount",
-            &[
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={TMPFS_SIZE}"),
-                "tmpfs",
-                &shown,
-            ],
-        )
-        .await?;
-        rig.tmpfs = Some(data_dir.clone());
-    }
-    if scenario.needs.faketime
-        || plan
-            .iter()
-            .any(|f| matches!(f.kind, FaultKind::ClockSkew { .. }))
-    {
-        let file = run_dir.join("faketime");
-        std::fs::write(&file, "+0\n")?;
-        rig.faketime_file = Some(file.clone());
-        rig.node.faketime_file = Some(file.clone());
-    }
-    let relay_ip = rig
-        .net
-        .hosts
-        .iter()
-        .find(|h| h.name == "relay")
-        .map(|h| h.ip);
-    let mut cert_ips = vec![rig.node.host.ip];
-    cert_ips.extend(relay_ip);
-    node::write_dev_certificate(&data_dir, &cert_ips)?;
-    rig.history.record(Event::Process {
-        node: "node1".into(),
-        action: "start".into(),
-        pid: 0,
-        detail: opts.node_bin.display().to_string(),
-    });
-    rig.start_node().await?;
-
-    // The relay, if any, in front of the node.
-    let node_ip = rig.node.host.ip;
-    let mut url = rig.node.ws_url();
-    if let Some(relay_ip) = relay_ip {
-        let control = run_dir.join("relay.json");
-        relay::write_control(&control, &Impairment::default())?;
-        let argv: Vec<String> = vec![
-            opts.self_bin.display().to_string(),
-            "relay".into(),
-            "--tcp".into(),
-            format!("{relay_ip}:{}={node_ip}:{}", node::PORT_WS, node::PORT_WS),
-            "--udp".into(),
-            format!(
-                "{relay_ip}:{}={node_ip}:{}",
-                node::PORT_QUIC,
-                node::PORT_QUIC
-            ),
-            "--control".into(),
-            control.display().to_string(),
-            "--seed".into(),
-            opts.seed.to_string(),
-        ];
-        let log = run_dir.join("relay.log");
-        let host = rig.net.host("relay").clone();
-        let (child, id) = spawn_on(&rig.net, &host, "relay", &argv, &log)?;
-        rig.relay = Some((child, id));
-        rig.relay_control = Some(control);
-        wait_for_line(&log, "relay ready", Duration::from_secs(15)).await?;
-        url = if scenario.needs.quic {
-            format!("quic://{relay_ip}:{}", node::PORT_QUIC)
-        } else {
-            format!("ws://{relay_ip}:{}", node::PORT_WS)
-        };
-    } else if scenario.needs.quic {
-        url = rig.node.quic_url();
-    }
+    let entry = if rig.cluster.is_some() {
+        start_cluster(rig).await?
+    } else {
+        start_dev_node(rig, scenario, opts, plan).await?
+    };
 
     // Register the population, from client1.
-    let population = population(opts.seed);
+    let users = if rig.cluster.is_some() {
+        USERS_CLUSTER
+    } else {
+        USERS
+    };
+    let population = population(opts.seed, users);
     let spec_for = |host: &str, start_at_us: u64| WorkloadSpec {
         host: host.into(),
-        url: url.clone(),
-        ca_file: Some(rig.node.ca_file()),
-        codes_file: rig.node.codes_file(),
+        url: entry.url(host),
+        ca_file: entry.ca_file.clone(),
+        codes_file: entry.codes_file.clone(),
         seed: opts.seed,
         population: population.clone(),
         credentials: run_dir.join("credentials.json"),
@@ -935,6 +1165,14 @@ async fn drive(
             id.signal_group(nix::sys::signal::Signal::SIGKILL);
             bail!("registering the population took over {REGISTER_TIMEOUT:?}")
         }
+    }
+    if rig.cluster.is_some() {
+        let credentials = crate::workload::read_credentials(&run_dir.join("credentials.json"))?;
+        rig.notes.push(format!(
+            "users by owner node at registration (entry points: client1 node 1, client2 node \
+             2): {}",
+            users_by_node(&credentials)
+        ));
     }
 
     // The workloads.
@@ -1009,6 +1247,182 @@ async fn drive(
     Ok(start_at_us)
 }
 
+/// The dev node (and the relay in front of it, if any): where the workload connects.
+async fn start_dev_node(
+    rig: &mut Rig,
+    scenario: &Scenario,
+    opts: &RunOptions,
+    plan: &[PlannedFault],
+) -> Result<Entry> {
+    let run_dir = rig.run_dir.clone();
+    let data_dir = rig.node().spec.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)?;
+    if plan.iter().any(|f| f.kind.needs_tmpfs()) {
+        rig.net.track_mount(&data_dir)?;
+        let shown = data_dir.display().to_string();
+        sys::run(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={TMPFS_SIZE}"),
+                "tmpfs",
+                &shown,
+            ],
+        )
+        .await?;
+        rig.tmpfs = Some(data_dir.clone());
+    }
+    if scenario.needs.faketime
+        || plan
+            .iter()
+            .any(|f| matches!(f.kind, FaultKind::ClockSkew { .. }))
+    {
+        let file = run_dir.join("faketime");
+        std::fs::write(&file, "+0\n")?;
+        rig.faketime_file = Some(file.clone());
+        rig.node_mut().faketime_file = Some(file.clone());
+    }
+    let relay_ip = rig
+        .net
+        .hosts
+        .iter()
+        .find(|h| h.name == "relay")
+        .map(|h| h.ip);
+    let mut cert_ips = vec![rig.node().host.ip];
+    cert_ips.extend(relay_ip);
+    node::write_dev_certificate(&data_dir, &cert_ips)?;
+    rig.history.record(Event::Process {
+        node: "node1".into(),
+        action: "start".into(),
+        pid: 0,
+        detail: opts.node_bin.display().to_string(),
+    });
+    rig.start_node().await?;
+
+    // The relay, if any, in front of the node.
+    let node_ip = rig.node().host.ip;
+    let mut url = rig.node().ws_url();
+    if let Some(relay_ip) = relay_ip {
+        let control = run_dir.join("relay.json");
+        relay::write_control(&control, &Impairment::default())?;
+        let argv: Vec<String> = vec![
+            opts.self_bin.display().to_string(),
+            "relay".into(),
+            "--tcp".into(),
+            format!("{relay_ip}:{}={node_ip}:{}", node::PORT_WS, node::PORT_WS),
+            "--udp".into(),
+            format!(
+                "{relay_ip}:{}={node_ip}:{}",
+                node::PORT_QUIC,
+                node::PORT_QUIC
+            ),
+            "--control".into(),
+            control.display().to_string(),
+            "--seed".into(),
+            opts.seed.to_string(),
+        ];
+        let log = run_dir.join("relay.log");
+        let host = rig.net.host("relay").clone();
+        let (child, id) = spawn_on(&rig.net, &host, "relay", &argv, &log)?;
+        rig.relay = Some((child, id));
+        rig.relay_control = Some(control);
+        wait_for_line(&log, "relay ready", Duration::from_secs(15)).await?;
+        url = if scenario.needs.quic {
+            format!("quic://{relay_ip}:{}", node::PORT_QUIC)
+        } else {
+            format!("ws://{relay_ip}:{}", node::PORT_WS)
+        };
+    } else if scenario.needs.quic {
+        url = rig.node().quic_url();
+    }
+    Ok(Entry {
+        client1: url.clone(),
+        client2: url,
+        ca_file: Some(rig.node().ca_file()),
+        codes_file: rig.node().codes_file(),
+    })
+}
+
+/// The coordinator replicas, `init`, and the first [`cluster::NODES`] nodes: where the
+/// workload connects (`client1` through node 1, `client2` through node 2).
+async fn start_cluster(rig: &mut Rig) -> Result<Entry> {
+    let run_dir = rig.run_dir.clone();
+    let cluster = rig.cluster.as_mut().context("not a cluster run")?;
+    // The secret is the run's own (the namespaces are the only ones that can reach it anyway).
+    let secret = format!(
+        "ringpost-chaos-{}-{:016x}",
+        rig.net.run_id,
+        rig.rng.gen::<u64>()
+    );
+    std::fs::write(&cluster.secret_file, &secret)
+        .with_context(|| format!("writing {}", cluster.secret_file.display()))?;
+    std::fs::write(&cluster.codes_file, b"")?;
+    cluster.start(&rig.net).await?;
+    for replica in &cluster.replicas {
+        rig.history.record(Event::Process {
+            node: replica.spec.name.clone(),
+            action: "ready".into(),
+            pid: replica.pid().unwrap_or(0),
+            detail: "start #1".into(),
+        });
+    }
+    for node_id in 1..=cluster::NODES {
+        let index = rig.node_index(node_id)?;
+        rig.start_member(index).await?;
+    }
+    let cluster = rig.cluster.as_ref().context("not a cluster run")?;
+    let mut view = None;
+    for node_id in 1..=cluster::NODES {
+        let (v, _) = cluster
+            .wait_member(
+                node_id,
+                |s| s == Some("active"),
+                faults::membership::JOIN_TIMEOUT,
+            )
+            .await?;
+        view = Some(v);
+    }
+    if let Some(view) = view {
+        rig.notes.push(format!(
+            "cluster: {} coordinator replicas, {} shards, heartbeats every {} ms (down after {} \
+             missed); view {}",
+            cluster::REPLICAS,
+            cluster::SHARD_COUNT,
+            cluster::HEARTBEAT_MS,
+            cluster::HEARTBEAT_MISS_LIMIT,
+            view.describe()
+        ));
+    }
+    let node = |id: u64| -> Result<String> { Ok(rig.nodes[rig.node_index(id)?].ws_url()) };
+    Ok(Entry {
+        client1: node(1)?,
+        client2: node(2)?,
+        ca_file: None,
+        codes_file: run_dir.join("verification-codes.txt"),
+    })
+}
+
+/// Which users the ring gave each node, as registration saw it.
+fn users_by_node(credentials: &[crate::workload::Credential]) -> String {
+    use std::collections::BTreeMap;
+    let mut by_node: BTreeMap<u64, std::collections::BTreeSet<u64>> = BTreeMap::new();
+    for c in credentials {
+        if let Some(node) = c.node {
+            by_node.entry(node).or_default().insert(c.user);
+        }
+    }
+    let parts: Vec<String> = by_node
+        .iter()
+        .map(|(node, users)| {
+            let users: Vec<String> = users.iter().map(u64::to_string).collect();
+            format!("node {node}: {}", users.join(" "))
+        })
+        .collect();
+    parts.join("; ")
+}
+
 fn fault_target(kind: &FaultKind) -> String {
     match kind {
         FaultKind::PartialPartition { host } => format!("node1<->{host}"),
@@ -1016,6 +1430,10 @@ fn fault_target(kind: &FaultKind) -> String {
             "relay".into()
         }
         FaultKind::Bandwidth { .. } => "node1,client1,client2".into(),
+        FaultKind::LeaderKill => "coordinator leader".into(),
+        FaultKind::NodeJoin { node }
+        | FaultKind::NodeDrain { node }
+        | FaultKind::NodeLoss { node, .. } => format!("node{node}"),
         _ => "node1".into(),
     }
 }
@@ -1031,6 +1449,29 @@ fn check_workloads(rig: &mut Rig) -> Result<()> {
             );
         }
     }
+    // In a cluster nothing exits unless a fault made it: a crash is a finding.
+    if let Some(cluster) = &mut rig.cluster {
+        for node in &mut rig.nodes {
+            if let Some(status) = node.exited() {
+                bail!(
+                    "{} exited on its own ({status}); see {}:\n{}",
+                    node.spec.name,
+                    node.spec.log.display(),
+                    node::log_tail(&node.spec.log, 0)
+                );
+            }
+        }
+        for replica in &mut cluster.replicas {
+            if let Some(status) = replica.exited() {
+                bail!(
+                    "{} exited on its own ({status}); see {}:\n{}",
+                    replica.spec.name,
+                    replica.spec.log.display(),
+                    node::log_tail(&replica.spec.log, 0)
+                );
+            }
+        }
+    }
     Ok(())
 }
 
@@ -1040,7 +1481,8 @@ fn settled(run_dir: &Path) -> Result<(bool, u64)> {
     let mut records = Vec::new();
     for entry in std::fs::read_dir(run_dir)?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("history-client") && name.ends_with(".jsonl") {
+        // The orchestrator's too: its membership events explain losses with a removed node.
+        if name.starts_with("history-") && name.ends_with(".jsonl") {
             records.extend(history::read(&entry.path())?);
         }
     }
@@ -1131,6 +1573,48 @@ fn latency_notes(records: &[history::Record], checked: &check::CheckReport) -> V
     vec![format!(
         "send -> SendAck latency by sending time: {}",
         parts.join("; ")
+    )]
+}
+
+/// In a cluster: which users moved between nodes, as the nodes that welcomed their devices
+/// show (evidence that a join or a drain moved someone).
+fn user_moves(records: &[history::Record]) -> Vec<String> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut paths: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    let mut nodes = BTreeSet::new();
+    for r in records {
+        if let Event::Connection {
+            at,
+            up: true,
+            node: Some(node),
+            ..
+        } = &r.event
+        {
+            nodes.insert(*node);
+            let path = paths.entry(at.user).or_default();
+            if path.last() != Some(node) {
+                path.push(*node);
+            }
+        }
+    }
+    if nodes.len() <= 1 {
+        return Vec::new();
+    }
+    let moved: Vec<String> = paths
+        .iter()
+        .filter(|(_, path)| path.len() > 1)
+        .map(|(user, path)| {
+            let hops: Vec<String> = path.iter().map(u64::to_string).collect();
+            format!("{user} {}", hops.join("->"))
+        })
+        .collect();
+    vec![format!(
+        "users that moved between nodes (the nodes that welcomed their devices): {}",
+        if moved.is_empty() {
+            "none".to_string()
+        } else {
+            moved.join(", ")
+        }
     )]
 }
 
@@ -1227,6 +1711,7 @@ fn observations(records: &[history::Record], checked: &check::CheckReport) -> Ve
         }
     }
     notes.extend(latency_notes(records, checked));
+    notes.extend(user_moves(records));
     // Above a minute: a replayed SendAck (a retry answered with the original) is older by the
     // retry's delay, not by a clock offset.
     if skew_max_ms.abs() > 60_000 {
@@ -1236,4 +1721,71 @@ fn observations(records: &[history::Record], checked: &check::CheckReport) -> Ve
         ));
     }
     notes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_scenario_has_a_unique_name_and_cluster_ones_plan_faults() {
+        let all = catalogue();
+        let mut names: Vec<&str> = all.iter().map(|s| s.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), all.len());
+        for s in all.iter().filter(|s| s.needs.cluster) {
+            let plan = s.schedule.plan(1, s.window);
+            assert!(!plan.is_empty(), "{} plans nothing", s.name);
+            assert!(plan.iter().all(|f| f.kind.is_membership()), "{}", s.name);
+        }
+    }
+
+    #[test]
+    fn scripts_are_fixed_by_the_seed_ordered_and_inside_the_window() {
+        for window in [Duration::from_secs(10), Duration::from_secs(30)] {
+            for script in [join_drain_script, node_loss_script] {
+                let schedule = Schedule::Script(script);
+                let a = schedule.plan(5, window);
+                assert_eq!(a, schedule.plan(5, window));
+                for pair in a.windows(2) {
+                    assert!(pair[0].at + pair[0].duration <= pair[1].at, "{a:?}");
+                }
+                for f in &a {
+                    assert!(f.at + f.duration < window, "{f:?} in {window:?}");
+                }
+            }
+        }
+        let plan = Schedule::Script(join_drain_script).plan(1, Duration::from_secs(30));
+        let kinds: Vec<FaultKind> = plan.into_iter().map(|f| f.kind).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                FaultKind::NodeJoin { node: JOINING_NODE },
+                FaultKind::NodeDrain { node: VICTIM_NODE },
+                FaultKind::NodeJoin { node: VICTIM_NODE },
+            ]
+        );
+    }
+
+    #[test]
+    fn cluster_populations_are_larger_and_alternate_hosts() {
+        let small = population(1, USERS);
+        let large = population(1, USERS_CLUSTER);
+        assert_eq!(small.len() as u64, USERS);
+        assert_eq!(large.len() as u64, USERS_CLUSTER);
+        let key = |p: &[UserPlan]| -> Vec<(u64, u32, String)> {
+            p.iter()
+                .map(|u| (u.user, u.devices, u.host.clone()))
+                .collect()
+        };
+        assert_eq!(
+            key(&small),
+            key(&large[..small.len()]),
+            "the same seed, the same start"
+        );
+        assert!(large.iter().all(|u| (1..=2).contains(&u.devices)));
+        assert_eq!(large[0].host, "client1");
+        assert_eq!(large[1].host, "client2");
+    }
 }

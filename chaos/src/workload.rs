@@ -85,6 +85,9 @@ pub struct Credential {
     pub device: u32,
     pub token: String,
     pub host: String,
+    /// The node it registered on (in a cluster: its user's owner then).
+    #[serde(default)]
+    pub node: Option<u64>,
 }
 
 /// Everything a workload process needs (written by the orchestrator as JSON).
@@ -210,6 +213,7 @@ pub async fn register(spec: &WorkloadSpec) -> Result<()> {
             device: registered.device,
             token: hex::encode(&registered.token),
             host: plan.host.clone(),
+            node: Some(primary.welcome().node_id),
         });
         for _ in 1..plan.devices {
             let (linked, registered) =
@@ -221,6 +225,7 @@ pub async fn register(spec: &WorkloadSpec) -> Result<()> {
                 device: registered.device,
                 token: hex::encode(&registered.token),
                 host: plan.host.clone(),
+                node: Some(linked.welcome().node_id),
             });
             linked.close().await;
         }
@@ -302,6 +307,12 @@ pub async fn run(spec: WorkloadSpec) -> Result<()> {
             token: Bytes::from(token),
         });
         let client = connect_with_retry(config, &spec).await?;
+        history.record(Event::Connection {
+            at: dev,
+            up: true,
+            reason: "connect".into(),
+            node: Some(client.welcome().node_id),
+        });
         let (receipts_tx, receipts_rx) = mpsc::channel(RECEIPT_QUEUE_MAX);
         tasks.spawn(receive(
             client.clone(),
@@ -471,6 +482,16 @@ async fn send(
                         error: e.to_string(),
                         code: code_of(&e),
                     });
+                    if e.is_terminal() {
+                        // The client is closed for good (its device's account is gone, e.g.
+                        // with a removed node): nothing this device sends can work any more.
+                        history.record(Event::SendAbandoned {
+                            from,
+                            msg_id: planned.msg_id,
+                            attempts: attempt,
+                        });
+                        return;
+                    }
                 }
                 Err(_) => {
                     history.record(Event::SendError {
@@ -576,13 +597,18 @@ async fn receive(
                     at,
                     up: false,
                     reason,
+                    node: None,
                 });
             }
-            SdkEvent::Reconnected { reconnects, .. } => {
+            SdkEvent::Reconnected {
+                reconnects,
+                welcome,
+            } => {
                 history.record(Event::Connection {
                     at,
                     up: true,
                     reason: format!("reconnect #{reconnects}"),
+                    node: Some(welcome.node_id),
                 });
             }
             _ => {}
@@ -603,6 +629,7 @@ async fn receive(
             at,
             up: false,
             reason: "the client gave up reconnecting".into(),
+            node: None,
         });
     }
     stopper.abort();

@@ -87,6 +87,7 @@ fn list_names_every_scenario_and_says_which_need_a_cluster() {
         "mixed",
         "leader-kill",
         "join-drain",
+        "node-loss",
     ] {
         assert!(
             text.lines().any(|l| l.starts_with(name)),
@@ -97,26 +98,60 @@ fn list_names_every_scenario_and_says_which_need_a_cluster() {
     assert!(leader.contains("multi-node cluster"), "{leader}");
 }
 
+/// Without a `ringpost-coordinator` binary anywhere it looks, a cluster scenario says so and
+/// runs nothing (exit 3, `unsupported`), as `make chaos` expects of what is not built.
 #[test]
-fn a_cluster_scenario_reports_it_needs_a_cluster() {
+fn a_cluster_scenario_without_the_coordinator_binary_is_unsupported() {
     let dir = tempfile::tempdir().unwrap();
+    // A copy of ringpost-chaos alone in a directory: nothing next to it, no target dir.
+    let alone = dir.path().join("ringpost-chaos");
+    std::fs::copy(env!("CARGO_BIN_EXE_ringpost-chaos"), &alone).unwrap();
+    let node = std::env::var_os("RINGPOST_NODE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_BIN_EXE_ringpost-chaos")).with_file_name("ringpost-node")
+        });
+    // `--node-bin` must name a file; its content does not matter here.
+    let node = if node.is_file() { node } else { alone.clone() };
     let json = dir.path().join("r.json");
-    let out = chaos()
-        .args(["run", "leader-kill", "--json"])
-        .arg(&json)
-        .output()
-        .unwrap();
+    let run = || {
+        Command::new(&alone)
+            .args(["run", "leader-kill", "--json"])
+            .arg(&json)
+            .arg("--node-bin")
+            .arg(&node)
+            .current_dir(dir.path())
+            .env_remove("RINGPOST_COORDINATOR_BIN")
+            .env_remove("CARGO_TARGET_DIR")
+            .output()
+    };
+    // A process forked by another test thread while the copy was open for writing holds it
+    // open for a moment: exec fails with ETXTBSY until that child execs too.
+    let mut out = run();
+    for _ in 0..50 {
+        match &out {
+            Err(e) if e.raw_os_error() == Some(26) => {
+                #[allow(clippy::disallowed_methods)] // a test thread, no runtime to block
+                std::thread::sleep(Duration::from_millis(100));
+                out = run();
+            }
+            _ => break,
+        }
+    }
+    let out = out.unwrap();
     assert_eq!(
         out.status.code(),
         Some(3),
-        "unsupported has its own exit code"
+        "unsupported has its own exit code: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(report["verdict"], "unsupported");
-    assert!(report["reason"]
-        .as_str()
-        .unwrap()
-        .contains("multi-node cluster"));
+    let reason = report["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("multi-node cluster") && reason.contains("ringpost-coordinator"),
+        "{reason}"
+    );
 }
 
 /// A run killed with SIGKILL (no chance to clean up) leaves namespaces and links; `cleanup`

@@ -6,77 +6,16 @@
 //! dir (`make test` builds it first with `cargo build --workspace --bins`; alone, run
 //! `cargo build -p ringpost-node` before `cargo test -p ringpost-chaos`).
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+#[path = "support/harness.rs"]
+mod harness;
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use harness::{chaos_bin, node_bin, RunGuard};
 
 /// The whole run, bounded well under the 3 minutes `make test` allows it.
 const RUN_TIMEOUT: Duration = Duration::from_secs(170);
-
-fn chaos_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_ringpost-chaos"))
-}
-
-fn node_bin() -> PathBuf {
-    if let Some(path) = std::env::var_os("RINGPOST_NODE_BIN") {
-        return PathBuf::from(path);
-    }
-    // target/debug/ringpost-chaos -> target/debug/ringpost-node
-    let path = chaos_bin().with_file_name("ringpost-node");
-    assert!(
-        path.is_file(),
-        "{} is missing: build it with `cargo build -p ringpost-node` (make test does) or set \
-         RINGPOST_NODE_BIN",
-        path.display()
-    );
-    path
-}
-
-/// Owns the chaos process: whatever happens to the test, the process is stopped (SIGTERM, which
-/// makes it tear its hosts down; SIGKILL if it does not exit) and `cleanup` runs after it.
-struct RunGuard {
-    child: Child,
-}
-
-impl RunGuard {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Waits for the exit, polling (bounded by `limit`).
-    fn wait(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            #[allow(clippy::disallowed_methods)] // a test thread, no runtime to block
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        None
-    }
-}
-
-impl Drop for RunGuard {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let pid = Pid::from_raw(self.child.id() as i32);
-            let _ = kill(pid, Signal::SIGTERM);
-            if self.wait(Duration::from_secs(20)).is_none() {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-            }
-        }
-        // Removes anything a killed run left (only runs whose owner is gone).
-        let _ = Command::new(chaos_bin())
-            .arg("cleanup")
-            .stdout(Stdio::null())
-            .status();
-    }
-}
 
 #[test]
 fn smoke_finds_nothing_and_leaves_nothing_behind() {

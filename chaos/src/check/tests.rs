@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::*;
-use crate::history::{BodyTag, Event, Phase, Record};
+use crate::history::{BodyTag, Event, MemberAction, Phase, Record};
 
 const A1: Dev = Dev {
     user: 15550001,
@@ -331,6 +331,140 @@ fn read_receipts_are_checked_like_messages() {
         seq: 1,
     });
     assert_eq!(kinds(&h.check()), vec![(ViolationKind::Leaked, id(4))]);
+}
+
+/// Builder steps for membership: where a device was welcomed, and node lifecycle events.
+impl Builder {
+    fn welcomed(&mut self, at: Dev, node: u64) -> &mut Self {
+        self.push(Event::Connection {
+            at,
+            up: true,
+            reason: "connect".into(),
+            node: Some(node),
+        })
+    }
+
+    fn member(&mut self, node_id: u64, action: MemberAction) -> &mut Self {
+        self.push(Event::Member {
+            node_id,
+            action,
+            detail: String::new(),
+        })
+    }
+}
+
+#[test]
+fn a_loss_with_a_killed_and_removed_node_is_explained_not_a_violation() {
+    // B lives on node 3; A on node 1. Message 1 is acked (stored on node 3 for B1), then node 3
+    // dies and is removed before B1 got it. Message 2 went to A2 on node 1 and arrived.
+    let mut h = Builder::default();
+    h.welcomed(A1, 1)
+        .welcomed(A2, 1)
+        .welcomed(B1, 3)
+        .send(A1, &[B1, A2], 1, "Ok")
+        .deliver(A2, A1, 1)
+        .member(3, MemberAction::Kill)
+        .member(3, MemberAction::Down)
+        .member(3, MemberAction::Remove);
+    let report = h.check();
+    assert!(report.passed(), "{:#?}", report.violations);
+    assert_eq!(report.counts.lost, 0);
+    assert_eq!(report.counts.lost_unreplicated, 1);
+    assert_eq!(report.counts.lost_unreplicated_messages, 1);
+    assert_eq!(report.unreplicated.len(), 1);
+    let v = &report.unreplicated[0];
+    assert_eq!(
+        (v.kind, v.device, v.removed_node),
+        (ViolationKind::LostUnreplicated, B1, Some(3))
+    );
+    assert!(v.detail.contains("lived on node 3"), "{}", v.detail);
+    assert_eq!(report.removed_nodes.len(), 1);
+    assert_eq!(report.removed_nodes[0].users, vec![B1.user]);
+
+    // A read receipt for A stored on node 1 and lost: A never lived on node 3, a violation.
+    h.push(Event::ReceiptSend {
+        from: B1,
+        to_user: A1.user,
+        receipt_id: id(50),
+        msg_ids: vec![id(1)],
+        recipients: vec![A1],
+    });
+    h.push(Event::ReceiptAck {
+        from: B1,
+        receipt_id: id(50),
+        status: "Ok".into(),
+    });
+    assert_eq!(kinds(&h.check()), vec![(ViolationKind::Lost, id(1))]);
+}
+
+#[test]
+fn losses_a_removed_node_cannot_explain_stay_violations() {
+    let lost_with = |steps: &dyn Fn(&mut Builder)| {
+        let mut h = Builder::default();
+        h.welcomed(A1, 1).welcomed(B1, 3);
+        steps(&mut h);
+        let report = h.check();
+        (kinds(&report), report.counts.lost_unreplicated)
+    };
+    let lost = (vec![(ViolationKind::Lost, id(1))], 0);
+    // Sent after the kill: it cannot have been stored on the dead node.
+    assert_eq!(
+        lost_with(&|h| {
+            h.member(3, MemberAction::Kill)
+                .send(A1, &[B1], 1, "Ok")
+                .member(3, MemberAction::Remove);
+        }),
+        lost
+    );
+    // Acked after the removal: that ack promised a copy that survives.
+    assert_eq!(
+        lost_with(&|h| {
+            h.push(Event::Send {
+                from: A1,
+                to_user: B1.user,
+                msg_id: id(1),
+                attempt: 1,
+                recipients: vec![B1],
+            });
+            h.member(3, MemberAction::Kill)
+                .member(3, MemberAction::Remove)
+                .push(Event::SendAck {
+                    from: A1,
+                    msg_id: id(1),
+                    attempt: 1,
+                    status: "Ok".into(),
+                    server_time_ms: 0,
+                });
+        }),
+        lost
+    );
+    // The node came back before it was removed (a drain, say): its data was not given up.
+    assert_eq!(
+        lost_with(&|h| {
+            h.send(A1, &[B1], 1, "Ok")
+                .member(3, MemberAction::Kill)
+                .member(3, MemberAction::Ready)
+                .member(3, MemberAction::Remove);
+        }),
+        lost
+    );
+    // The recipient had moved to node 2 before the kill.
+    assert_eq!(
+        lost_with(&|h| {
+            h.welcomed(B1, 2)
+                .send(A1, &[B1], 1, "Ok")
+                .member(3, MemberAction::Kill)
+                .member(3, MemberAction::Remove);
+        }),
+        lost
+    );
+    // Killed but never removed: it may come back with its data; until then, a loss.
+    assert_eq!(
+        lost_with(&|h| {
+            h.send(A1, &[B1], 1, "Ok").member(3, MemberAction::Kill);
+        }),
+        lost
+    );
 }
 
 // ---- Property test: generated valid histories, then planted violations. ----

@@ -1,0 +1,111 @@
+//! `ringpost-chaos run join-drain` end to end, in loopback mode (no root needed): three real
+//! coordinator replicas and three real nodes on 127.x addresses, SDK devices sending for 10 s
+//! while node 4 joins, node 3 drains away (exiting 0) and node 3 comes back with a fresh data
+//! dir. The checker must find nothing; users must have moved; nothing may be left running.
+//!
+//! Needs `ringpost-node` and `ringpost-coordinator` next to `ringpost-chaos` (`make test`
+//! builds every binary first) or `RINGPOST_NODE_BIN` / `RINGPOST_COORDINATOR_BIN`. About 15 s.
+
+#[path = "support/harness.rs"]
+mod harness;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use harness::{chaos_bin, coordinator_bin, node_bin, RunGuard};
+
+/// The whole run (about 15 s), bounded generously for a busy machine.
+const RUN_TIMEOUT: Duration = Duration::from_secs(150);
+
+#[test]
+fn join_drain_in_loopback_mode_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let report_path = dir.path().join("report.json");
+    let run_dir = dir.path().join("run");
+    let started = Instant::now();
+    let child = Command::new(chaos_bin())
+        .args([
+            "run",
+            "join-drain",
+            "--seed",
+            "20251124",
+            "--duration",
+            "10s",
+            "--loopback",
+            "--json",
+        ])
+        .arg(&report_path)
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .arg("--node-bin")
+        .arg(node_bin())
+        .arg("--coordinator-bin")
+        .arg(coordinator_bin())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut guard = RunGuard { child };
+    let status = guard
+        .wait(RUN_TIMEOUT)
+        .unwrap_or_else(|| panic!("join-drain took longer than {RUN_TIMEOUT:?}"));
+    let elapsed = started.elapsed();
+    let report: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&report_path).unwrap_or_else(|e| panic!("no report ({e}); exit {status}")),
+    )
+    .unwrap();
+    let shown = serde_json::to_string_pretty(&report).unwrap();
+    assert!(status.success(), "exit {status}: {shown}");
+    assert_eq!(report["verdict"], "pass", "{shown}");
+    assert_eq!(report["mode"], "loopback", "{shown}");
+    let counts = &report["counts"];
+    let n = |k: &str| {
+        counts[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no count {k}: {shown}"))
+    };
+    assert!(n("acked") > 100, "{shown}");
+    for k in ["lost", "duplicated", "reordered", "leaked", "phantom"] {
+        assert_eq!(n(k), 0, "{k}: {shown}");
+    }
+    assert_eq!(n("delivered"), n("expected_deliveries"), "{shown}");
+    assert_eq!(n("lost_unreplicated"), 0, "nothing was removed: {shown}");
+
+    // The three membership changes happened, in order, as planned.
+    let faults = report["faults"].as_array().unwrap();
+    let kinds: Vec<&str> = faults.iter().map(|f| f["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["node-join", "node-drain", "node-join"], "{shown}");
+    let drain = faults[1]["detail"].as_str().unwrap();
+    assert!(drain.contains("exited 0"), "{drain}");
+    let rejoin = faults[2]["detail"].as_str().unwrap();
+    assert!(rejoin.contains("fresh data dir"), "{rejoin}");
+
+    // Users moved: to node 4 when it joined, off node 3 when it drained.
+    let notes: Vec<&str> = report["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    let moved = notes
+        .iter()
+        .find(|n| n.starts_with("users that moved"))
+        .unwrap_or_else(|| panic!("no note on moves: {shown}"));
+    assert!(moved.contains("->4"), "{moved}");
+    assert!(moved.contains("3->"), "{moved}");
+    eprintln!("join-drain: {} acked in {elapsed:?}", n("acked"));
+
+    // Nothing of the run is left running (loopback mode: its processes carry the run dir).
+    let run_dir_text = run_dir.display().to_string();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let cmdline = std::fs::read_to_string(entry.path().join("cmdline")).unwrap_or_default();
+            assert!(
+                !cmdline.contains(&run_dir_text),
+                "process {:?} of the run left running",
+                entry.file_name()
+            );
+        }
+    }
+    let state = ringpost_chaos::hosts::state_dir().join(format!("rpc-{}.json", guard.pid()));
+    assert!(!state.exists(), "state file left: {}", state.display());
+}
