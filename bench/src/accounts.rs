@@ -198,20 +198,35 @@ impl CodeBook {
     }
 }
 
+/// Redirects a registration follows to the user's node before it fails.
+const REGISTER_REDIRECTS_MAX: u32 = 3;
+
 /// Registers one device for `phone`: anonymous `Hello`, `RegisterRequest`, the code from the
 /// codes file, `RegisterVerify`.
 pub async fn register_one(dialer: &Dialer, codes: &CodeBook, phone: UserId) -> Result<Account> {
     let work = async {
         let mut conn = dialer.connect().await?;
-        match conn.hello(None).await? {
-            HelloOutcome::Welcome(_) => {}
-            HelloOutcome::Redirect(_) => bail!("an anonymous Hello was redirected"),
+        // Accounts live on their user's node: a RegisterRequest elsewhere is redirected there.
+        let mut redirects = 0;
+        loop {
+            match conn.hello(None).await? {
+                HelloOutcome::Welcome(_) => {}
+                HelloOutcome::Redirect(_) => bail!("an anonymous Hello was redirected"),
+            }
+            let req = RegisterRequest {
+                phone,
+                channel: CodeChannel::Sms,
+            };
+            match conn.request(2, req).await?.body {
+                Body::Redirect(r) if redirects < REGISTER_REDIRECTS_MAX => {
+                    redirects += 1;
+                    conn.abort().await;
+                    conn = dialer.connect_redirected(&r).await?;
+                }
+                Body::RegisterChallenge(_) => break,
+                other => bail!("RegisterRequest answered with {}", other.name()),
+            }
         }
-        let req = RegisterRequest {
-            phone,
-            channel: CodeChannel::Sms,
-        };
-        conn.request(2, req).await?;
         let code = codes.code(phone).await?;
         let verify = RegisterVerify {
             phone,

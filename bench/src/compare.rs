@@ -171,6 +171,7 @@ async fn workloads(a: &Args, c: &Common, setup: &Setup) -> Result<Runs> {
         warmup: a.warmup,
         duration: a.duration,
         drain_timeout: 10.0,
+        pairing: chat::pairing::Pairing::Any,
     };
     let chat_rate = chat::run_with(c, setup, &chat_args(a.rate)).await?;
     let chat_saturate = chat::run_with(c, setup, &chat_args(0.0)).await?;

@@ -262,17 +262,22 @@ impl Dialer {
                 HelloOutcome::Welcome(w) => return Ok((conn, w)),
                 HelloOutcome::Redirect(r) => {
                     conn.abort().await;
-                    let url = match self.transport {
-                        Transport::Ws | Transport::Wss => r.ws_url.clone(),
-                        Transport::Quic if r.quic_addr.contains("://") => r.quic_addr.clone(),
-                        Transport::Quic => format!("quic://{}", r.quic_addr),
-                    };
-                    let target = Target::resolve(&url).await?;
-                    conn = self.connect_to(&target).await?;
+                    conn = self.connect_redirected(&r).await?;
                 }
             }
         }
         bail!("more than {REDIRECTS_MAX} redirects")
+    }
+
+    /// Opens a transport connection to the node a `Redirect` names (no `Hello` yet).
+    pub async fn connect_redirected(&self, r: &Redirect) -> Result<Conn> {
+        let url = match self.transport {
+            Transport::Ws | Transport::Wss => r.ws_url.clone(),
+            Transport::Quic if r.quic_addr.contains("://") => r.quic_addr.clone(),
+            Transport::Quic => format!("quic://{}", r.quic_addr),
+        };
+        let target = Target::resolve(&url).await?;
+        self.connect_to(&target).await
     }
 
     /// Closes every QUIC connection at once (the end of a run); nothing for TCP.
@@ -475,17 +480,35 @@ pub enum Connector {
     },
 }
 
+/// A device's connection, as [`Connector::connect`] opens it.
+pub struct Connected {
+    pub link: Link,
+    /// How often it must ping (`None`: never).
+    pub ping_every: Option<Duration>,
+    /// The node it ended on, after any redirect (`Welcome.node_id`); `None` for a peer broker.
+    pub node: Option<u64>,
+}
+
 impl Connector {
     /// Connects and authenticates as `auth` (peers: subscribes to the device's own topic).
-    /// Returns the link and how often it must ping (`None`: never).
-    pub async fn connect(&self, auth: &Auth) -> Result<(Link, Option<Duration>)> {
+    pub async fn connect(&self, auth: &Auth) -> Result<Connected> {
         match self {
             Connector::Ringpost(d) => {
                 let (conn, welcome) = d.connect_device(auth).await?;
-                let every = Duration::from_millis(u64::from(welcome.ping_interval_ms));
-                Ok((Link::Ringpost(conn), Some(every)))
+                Ok(Connected {
+                    link: Link::Ringpost(conn),
+                    ping_every: Some(Duration::from_millis(u64::from(welcome.ping_interval_ms))),
+                    node: Some(welcome.node_id),
+                })
             }
-            Connector::Sdk(s) => Ok((Link::Sdk(s.connect(auth).await?), None)),
+            Connector::Sdk(s) => {
+                let link = s.connect(auth).await?;
+                Ok(Connected {
+                    node: Some(link.node_id()),
+                    link: Link::Sdk(link),
+                    ping_every: None,
+                })
+            }
             Connector::Peer {
                 protocol,
                 addr,
@@ -495,7 +518,11 @@ impl Connector {
                 let conn = tokio::time::timeout(CONNECT_TIMEOUT, work)
                     .await
                     .map_err(|_| anyhow!("connect timed out after {CONNECT_TIMEOUT:?}"))??;
-                Ok((Link::Peer(conn), None))
+                Ok(Connected {
+                    link: Link::Peer(conn),
+                    ping_every: None,
+                    node: None,
+                })
             }
         }
     }

@@ -29,11 +29,11 @@ use hdrhistogram::Histogram;
 use ringpost_wire::{DeviceId, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::time::Instant;
 
 use crate::accounts::Account;
-use crate::loadclient::{Connector, Incoming, Link};
+use crate::loadclient::{Connected, Connector, Incoming, Link};
 use crate::stats::{self, IntervalReport};
 use crate::worker::{WorkerCtx, PROGRESS_INTERVAL};
 
@@ -97,6 +97,21 @@ pub struct SendPlan {
     /// Messages to send in all; `None`: until the mode changes.
     pub limit: Option<u64>,
     pub msg_bytes: usize,
+}
+
+/// When a device learns its [`SendPlan`].
+#[derive(Debug)]
+pub enum PlanOf {
+    /// From the start (`None`: it only receives).
+    Start(Option<SendPlan>),
+    /// Once connected (`chat --pairing`): the device reports the node its connection ended on
+    /// (the sender is dropped unsent if it does not connect), then keeps receiving,
+    /// acknowledging and pinging until its plan arrives (`None`, or a dropped sender: it only
+    /// receives).
+    AfterConnect {
+        node: oneshot::Sender<Option<u64>>,
+        plan: oneshot::Receiver<Option<SendPlan>>,
+    },
 }
 
 /// What feeds the time series.
@@ -457,6 +472,18 @@ pub async fn device(
     plan: Option<SendPlan>,
     index: u32,
     expect: u64,
+    mode: watch::Receiver<Mode>,
+) -> DeviceOutcome {
+    device_planned(sh, account, PlanOf::Start(plan), index, expect, mode).await
+}
+
+/// [`device`], with its plan given at the start or once it is connected.
+pub async fn device_planned(
+    sh: Arc<Shared>,
+    account: Account,
+    plan: PlanOf,
+    index: u32,
+    expect: u64,
     mut mode: watch::Receiver<Mode>,
 ) -> DeviceOutcome {
     let mut out = DeviceOutcome::default();
@@ -471,7 +498,11 @@ pub async fn device(
         out.started_ns = sh.now_ns();
         sh.connector.connect(&account.auth()).await
     };
-    let (mut link, ping_every) = match connected {
+    let Connected {
+        mut link,
+        ping_every,
+        node,
+    } = match connected {
         Ok(c) => c,
         Err(e) => {
             sh.counters.connect_failed.fetch_add(1, Relaxed);
@@ -494,7 +525,7 @@ pub async fn device(
     // Peers need no pings: a timer that never fires keeps one select! for both.
     let ping_every = ping_every.map_or(Duration::from_secs(86_400), |p| p.max(PING_INTERVAL_MIN));
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
-    let mut sender = plan.map(|plan| Sender {
+    let new_sender = |plan: SendPlan| Sender {
         plan,
         index,
         next_due: never(),
@@ -502,7 +533,17 @@ pub async fn device(
         inflight: 0,
         sent: 0,
         req: 0,
-    });
+    };
+    let (mut sender, mut pending_plan) = match plan {
+        PlanOf::Start(plan) => (plan.map(new_sender), None),
+        PlanOf::AfterConnect {
+            node: node_tx,
+            plan,
+        } => {
+            let _ = node_tx.send(node);
+            (None, Some(plan))
+        }
+    };
     let mut acks: Vec<u64> = Vec::new();
     let mut ack_req = 0u32;
     let mut current = *mode.borrow_and_update();
@@ -573,6 +614,14 @@ pub async fn device(
                     Err(e) => Err(e),
                 }
             }
+            plan = plan_when_told(&mut pending_plan), if pending_plan.is_some() => {
+                pending_plan = None;
+                sender = plan.map(new_sender);
+                if let (Mode::Send { start }, Some(s)) = (current, sender.as_mut()) {
+                    s.next_due = start + s.plan.offset;
+                }
+                Ok(true)
+            }
             changed = mode.changed() => {
                 if changed.is_err() {
                     Ok(false)
@@ -601,6 +650,15 @@ pub async fn device(
     }
     link.abort().await;
     out
+}
+
+/// The plan a [`PlanOf::AfterConnect`] device waits for (`None` if its sender went away);
+/// never resolves without a receiver.
+async fn plan_when_told(rx: &mut Option<oneshot::Receiver<Option<SendPlan>>>) -> Option<SendPlan> {
+    match rx {
+        Some(rx) => rx.await.ok().flatten(),
+        None => std::future::pending().await,
+    }
 }
 
 fn handle(

@@ -145,6 +145,11 @@ impl SdkLink {
         });
     }
 
+    /// The node this device's connection ended on (its `Welcome`).
+    pub fn node_id(&self) -> u64 {
+        self.client.welcome().node_id
+    }
+
     pub async fn close(self) {
         self.forward.abort();
         self.client.close().await;

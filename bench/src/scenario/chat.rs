@@ -6,22 +6,33 @@
 //! Figures: send → deliver latency (HDR: p50, p99, p999, max), `SendAck` latency, delivered
 //! msgs/s over the measured window (after the warm-up), and errors, including messages the
 //! node acknowledged that never arrived.
+//!
+//! Pairs are made once every device is connected ([`pairing`]): against a cluster,
+//! `--pairing same-node` or `cross-node` pairs devices by the node their connections ended on,
+//! to tell the latency of a local delivery from one that crosses to another node. Each worker
+//! pairs its own devices (both ends of a pair share the worker's clock) and keeps its share of
+//! the offered rate, spread over the pairs it could make.
+
+pub mod pairing;
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use super::idle::round2;
-use super::{device, join_all, Merged, Mode, SendPlan, SeriesOf, Shared, SERIES_INTERVAL_MS};
+use super::{
+    device_planned, join_all, Merged, Mode, PlanOf, SendPlan, SeriesOf, Shared, SERIES_INTERVAL_MS,
+};
 use crate::report::Report;
 use crate::run::{self, Common, Setup};
 use crate::stats::Percentiles;
 use crate::worker::{Fleet, WorkerCtx, DONE, PROGRESS_INTERVAL};
+use pairing::{Pairing, Summary};
 
 /// Delay between the go-ahead and the first send, so every worker starts on its schedule.
 pub const START_DELAY: Duration = Duration::from_millis(100);
@@ -54,6 +65,12 @@ pub struct Args {
     /// Seconds to wait after sending stops for every acknowledged message to arrive.
     #[arg(long, default_value_t = 10.0)]
     pub drain_timeout: f64,
+    /// Which devices pair up, decided once all are connected: neighbours in the accounts list
+    /// (any), or by the node each connection ended on after redirects (same-node, cross-node;
+    /// for a cluster). Pairs that cannot be made are left out and the report says so; no pair
+    /// at all is an error.
+    #[arg(long, value_enum, default_value_t = Pairing::Any)]
+    pub pairing: Pairing,
 }
 
 /// A `chat` worker's parameters.
@@ -69,6 +86,7 @@ pub struct Spec {
     /// This worker's first sender among all senders, and their number (spreads schedules).
     pub first_sender: usize,
     pub senders_total: usize,
+    pub pairing: Pairing,
 }
 
 pub async fn worker(ctx: &mut WorkerCtx, spec: Spec) -> Result<Value> {
@@ -79,32 +97,26 @@ pub async fn worker(ctx: &mut WorkerCtx, spec: Spec) -> Result<Value> {
         Duration::from_millis(SERIES_INTERVAL_MS),
     );
     let (mode_tx, mode_rx) = watch::channel(Mode::Hold);
-    let interval =
-        (spec.rate_per_sender > 0.0).then(|| Duration::from_secs_f64(1.0 / spec.rate_per_sender));
     let accounts = ctx.accounts.clone();
     if !accounts.len().is_multiple_of(2) {
         bail!("chat needs whole pairs");
     }
     let mut tasks = Vec::with_capacity(accounts.len());
+    let mut node_rxs = Vec::with_capacity(accounts.len());
+    let mut plan_txs = Vec::with_capacity(accounts.len());
     for (i, me) in accounts.iter().enumerate() {
-        let peer = &accounts[i ^ 1];
-        let global = spec.first_sender + i;
-        let offset = interval.map_or(Duration::ZERO, |iv| {
-            iv.mul_f64(global as f64 / spec.senders_total.max(1) as f64)
-        });
-        let plan = SendPlan {
-            to: vec![(peer.user, peer.device)],
-            interval,
-            offset,
-            window: spec.window.max(1),
-            limit: None,
-            msg_bytes: spec.msg_bytes,
-        };
-        tasks.push(tokio::spawn(device(
+        let (node_tx, node_rx) = oneshot::channel();
+        let (plan_tx, plan_rx) = oneshot::channel();
+        node_rxs.push(node_rx);
+        plan_txs.push(plan_tx);
+        tasks.push(tokio::spawn(device_planned(
             sh.clone(),
             me.clone(),
-            Some(plan),
-            global as u32,
+            PlanOf::AfterConnect {
+                node: node_tx,
+                plan: plan_rx,
+            },
+            (spec.first_sender + i) as u32,
             0,
             mode_rx.clone(),
         )));
@@ -117,7 +129,40 @@ pub async fn worker(ctx: &mut WorkerCtx, spec: Spec) -> Result<Value> {
         |s| s.counters.connected.load(Relaxed) + s.counters.connect_failed.load(Relaxed) >= n,
     )
     .await;
-    ctx.phase("connected", json!({})).await?;
+    // Every device has connected or failed: each says its node, or dropped its sender.
+    let mut nodes = Vec::with_capacity(accounts.len());
+    for rx in node_rxs {
+        nodes.push(rx.await.ok().flatten());
+    }
+    let pairs = pairing::pair(spec.pairing, &nodes);
+    // This worker's share of the offered rate, spread over the senders it could pair.
+    let senders = pairs.len() * 2;
+    let rate_per_sender = spec.rate_per_sender * accounts.len() as f64 / senders.max(1) as f64;
+    let interval = (rate_per_sender > 0.0).then(|| Duration::from_secs_f64(1.0 / rate_per_sender));
+    let mut plans: Vec<Option<SendPlan>> = vec![None; accounts.len()];
+    let sending = pairs.iter().flat_map(|&(a, b)| [(a, b), (b, a)]);
+    for (k, (me, peer)) in sending.enumerate() {
+        // Senders spread evenly over the interval; with every device paired, sender `k` of the
+        // run is device `k`, as before pairing existed.
+        let slot = spec.first_sender + k * accounts.len() / senders;
+        let offset = interval.map_or(Duration::ZERO, |iv| {
+            iv.mul_f64(slot as f64 / spec.senders_total.max(1) as f64)
+        });
+        plans[me] = Some(SendPlan {
+            to: vec![(accounts[peer].user, accounts[peer].device)],
+            interval,
+            offset,
+            window: spec.window.max(1),
+            limit: None,
+            msg_bytes: spec.msg_bytes,
+        });
+    }
+    for (tx, plan) in plan_txs.into_iter().zip(plans) {
+        let _ = tx.send(plan);
+    }
+    let summary = Summary::of(spec.pairing, &nodes, &pairs);
+    ctx.phase("connected", serde_json::to_value(&summary)?)
+        .await?;
 
     let start = Instant::now() + START_DELAY;
     let start_ns = sh.ns_of(start);
@@ -194,6 +239,7 @@ pub async fn run_with(c: &Common, setup: &Setup, a: &Args) -> Result<Report> {
             drain_timeout_s: a.drain_timeout,
             first_sender: ranges[i].start,
             senders_total: devices,
+            pairing: a.pairing,
         })
     };
     let specs = setup.specs(
@@ -205,13 +251,30 @@ pub async fn run_with(c: &Common, setup: &Setup, a: &Args) -> Result<Report> {
     let mut fleet = Fleet::start(specs, in_process).await?;
     let bar = run::bar(c, "connecting", devices as u64);
     let b = bar.clone();
-    fleet
+    let placed = fleet
         .wait("connected", &move |done, errors| {
             b.set_position(done);
             b.set_message(format!("{errors} errors"));
         })
         .await?;
     bar.finish_and_clear();
+    let mut pairing = Summary {
+        mode: a.pairing,
+        ..Summary::default()
+    };
+    for p in placed {
+        pairing.add(&serde_json::from_value(p).context("a worker's pairing")?);
+    }
+    if pairing.pairs == 0 {
+        bail!(
+            "--pairing {}: no pair can be made of the {} devices (devices per node: {}); \
+             same-node needs two devices on one node, cross-node devices on at least two nodes \
+             (give every node of the cluster with --target)",
+            a.pairing.name(),
+            devices,
+            pairing.devices_text()
+        );
+    }
     let before = setup.snapshot().await;
     let bench_before = run::bench_cpu_ticks(&fleet.pids());
     fleet.go();
@@ -239,7 +302,7 @@ pub async fn run_with(c: &Common, setup: &Setup, a: &Args) -> Result<Report> {
         .iter()
         .filter_map(|d| d.get("drained_s")?.as_f64())
         .fold(0.0, f64::max);
-    let mut report = assemble(setup.transport_name(), a, &merged, fleet.len());
+    let mut report = assemble(setup.transport_name(), a, &merged, fleet.len(), &pairing);
     report.set_row(
         "drain_s",
         round2(drained_s),
@@ -252,7 +315,13 @@ pub async fn run_with(c: &Common, setup: &Setup, a: &Args) -> Result<Report> {
 }
 
 /// The report from the merged worker figures.
-pub fn assemble(transport: &str, a: &Args, m: &Merged, workers: usize) -> Report {
+pub fn assemble(
+    transport: &str,
+    a: &Args,
+    m: &Merged,
+    workers: usize,
+    pairing: &Summary,
+) -> Report {
     let mut r = Report::new("chat", transport, m.get("connected"), m.errors());
     r.series = m.series.clone();
     r.series_label = "delivered msgs/s".into();
@@ -270,6 +339,7 @@ pub fn assemble(transport: &str, a: &Args, m: &Merged, workers: usize) -> Report
             a.pairs, a.msg_bytes
         ),
     );
+    r.set_row("pairing", pairing, "pairing", pairing.text());
     if a.rate > 0.0 {
         r.set("offered_per_s", a.rate);
     }
@@ -425,8 +495,11 @@ mod tests {
             warmup: 1.0,
             duration: 2.0,
             drain_timeout: 5.0,
+            pairing: Pairing::Any,
         };
-        let r = assemble("ws", &a, &m, 2);
+        let nodes = vec![Some(1); 8];
+        let pairing = Summary::of(a.pairing, &nodes, &pairing::pair(a.pairing, &nodes));
+        let r = assemble("ws", &a, &m, 2, &pairing);
         let v = r.to_json();
         for k in REQUIRED_KEYS {
             assert!(v.get(k).is_some(), "{k}");
@@ -436,6 +509,8 @@ mod tests {
             assert!(v.get(k).is_some(), "{k}");
         }
         assert_eq!(v["connections"], 8);
+        assert_eq!(v["pairing"]["mode"], "any");
+        assert_eq!(v["pairing"]["pairs"], 4);
         assert_eq!(v["errors"], 0);
         assert_eq!(v["delivered_per_s"], 200.0);
         assert_eq!(v["latency_ms"]["count"], 400);
