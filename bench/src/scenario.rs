@@ -10,8 +10,9 @@
 //! tasks.
 //!
 //! Timestamps travel in the messages: a body starts with the time it was due (nanoseconds since
-//! the worker's epoch), the run's nonce and the sender's index; a `msg_id` starts with the time
-//! it was actually sent. Both ends of every pair live in the same worker, so one clock serves.
+//! the worker's epoch), the run's nonce and the sender's index; a `msg_id` is the time it was
+//! actually sent, the run's nonce and the sender's count. Both ends of every pair live in the
+//! same worker, so one clock serves.
 
 pub mod chat;
 pub mod drain;
@@ -424,8 +425,12 @@ impl Sender {
             self.next_to += 1;
             let sent_ns = sh.now_ns();
             let mut msg_id = [0u8; 16];
+            // (sender device, msg_id) is the node's idempotency key for 7 days: the run's
+            // nonce keeps a later run (same devices, same schedule, times a few µs apart)
+            // from repeating an id and being answered as a duplicate of an old message.
             msg_id[..8].copy_from_slice(&sent_ns.to_le_bytes());
-            msg_id[8..].copy_from_slice(&self.sent.to_le_bytes());
+            msg_id[8..12].copy_from_slice(&sh.nonce.to_le_bytes());
+            msg_id[12..].copy_from_slice(&(self.sent as u32).to_le_bytes());
             let mut body = BytesMut::with_capacity(self.plan.msg_bytes.max(BODY_HEADER_BYTES));
             body.put_u64_le(sh.ns_of(due));
             body.put_u32_le(sh.nonce);
