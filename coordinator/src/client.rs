@@ -369,16 +369,15 @@ impl CoordinatorClient {
             };
             conn.channel = Some(ch);
         }
-        let Some(ch) = conn.channel.as_mut() else {
+        // Out of `conn` while the request is in flight: if the caller drops this future after
+        // the request went out, the connection is dropped with it, so its late answer can
+        // never be read as the answer to the next request.
+        let Some(mut ch) = conn.channel.take() else {
             return Err(ClientError::Unavailable("no connection".into()));
         };
-        match ch.call(req, opts.request_timeout).await {
-            Ok(r) => Ok(r),
-            Err(e) => {
-                conn.channel = None;
-                Err(e.into())
-            }
-        }
+        let answer = ch.call(req, opts.request_timeout).await?;
+        conn.channel = Some(ch);
+        Ok(answer)
     }
 }
 

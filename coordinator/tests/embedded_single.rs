@@ -1,5 +1,6 @@
 //! The embedded single-replica coordinator the dev node uses.
 
+use std::future::Future;
 use std::time::Duration;
 
 use ringpost_coordinator::{Coordinator, EmbeddedConfig, MemberState, NodeInfo};
@@ -52,5 +53,36 @@ async fn embedded_coordinator_serves_the_client_api_and_survives_restart() {
     assert_eq!(view.shard_count, 128);
     assert_eq!(view.member(1).unwrap().state, MemberState::Active);
     assert_eq!(view.epoch, active.epoch);
+    coordinator.shutdown().await;
+}
+
+/// A request whose caller gives up after it was sent must not leave its answer behind for the
+/// next request on the same connection (the node's heartbeat loop times requests out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_request_never_answers_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, client) = Coordinator::start_embedded(EmbeddedConfig::new(dir.path()))
+        .await
+        .unwrap();
+    client.join(NodeInfo::new(1)).await.unwrap();
+    client.activate(1).await.unwrap();
+    let mut cancelled = 0;
+    for _ in 0..200 {
+        // Poll the request once (it is sent, its answer not yet read), then give up on it.
+        let mut request = Box::pin(client.view());
+        let answered =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(request.as_mut().poll(cx).is_ready()))
+                .await;
+        if !answered {
+            cancelled += 1;
+        }
+        drop(request);
+        let ack = client
+            .heartbeat(1)
+            .await
+            .expect("the next request gets its own answer");
+        assert_eq!(ack.state, MemberState::Active);
+    }
+    assert!(cancelled > 0, "some requests were cut short");
     coordinator.shutdown().await;
 }
