@@ -107,10 +107,17 @@ impl Server {
     /// The slow path of [`Server::store`]: forward, follow `WrongOwner`, wait out hand-offs.
     async fn store_routed(self: &Arc<Self>, store: Store) -> Stored {
         let mut last = String::from("no owner");
+        let mut waited_for_hand_off = false;
         for attempt in 0..ROUTE_ATTEMPTS_MAX {
             match self.routing.route(store.to_user) {
                 Route::Local { shard } => {
                     if !self.routing.is_ready(shard) {
+                        // Wait for a hand-off once (a down previous owner can take long).
+                        if waited_for_hand_off {
+                            last = format!("user {}'s data is not on this node yet", store.to_user);
+                            break;
+                        }
+                        waited_for_hand_off = true;
                         self.routing
                             .wait_ready(store.to_user, SHARD_READY_WAIT)
                             .await;

@@ -357,14 +357,23 @@ impl Server {
         body: Body,
     ) -> Answer {
         let now = self.now_ms();
+        // Questions about another user go to its owner; one whose shard is here but not taken
+        // over yet (or while this node has no lease) waits for it or gets a retryable error,
+        // never a final NotFound.
+        let about = match &body {
+            Body::DeviceListRequest(r) => Some(r.user),
+            Body::PrekeyClaim(c) => Some(c.user),
+            _ => None,
+        };
+        if let Some(target) = about {
+            if !self.is_local(target) {
+                return self.query(user, device, target, body).await;
+            }
+            if let Err(answer) = self.gate(target).await {
+                return answer;
+            }
+        }
         match body {
-            Body::DeviceListRequest(r) if !self.is_local(r.user) => {
-                self.query(user, device, r.user, Body::DeviceListRequest(r))
-                    .await
-            }
-            Body::PrekeyClaim(c) if !self.is_local(c.user) => {
-                self.query(user, device, c.user, Body::PrekeyClaim(c)).await
-            }
             Body::DeviceListRequest(r) => match self.accounts.devices(r.user) {
                 Ok(devices) => frames(DeviceList {
                     user: r.user,
@@ -519,8 +528,11 @@ impl Server {
                 Err(e) => return Box::pin(async move { account_error(e) }),
             };
             mismatched.extend(mismatch(user, &own_devices, &own_given));
-            // A local recipient's list is checked now too, so nothing is stored on a mismatch.
-            if self.is_local(to_user) {
+            // A recipient this node serves has its list checked now too, so nothing is stored
+            // on a mismatch. (One whose shard is local but not taken over yet is left to
+            // `store`, which waits for the hand-off or answers a retryable error: its account
+            // is not here yet, and "unknown user" would be final.)
+            if self.serves_here(to_user).is_none() {
                 match self.accounts.devices(to_user) {
                     Ok(d) if !d.is_empty() => mismatched.extend(mismatch(to_user, &d, &to_given)),
                     Ok(_) | Err(AccountError::NotFound) => {

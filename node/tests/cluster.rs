@@ -539,6 +539,8 @@ fn a_node_cut_off_from_the_coordinator_stops_writing_for_shards_it_lost() {
     rt.block_on(async {
         let alice = cluster.register(0, on2[0]).await;
         let bob = cluster.register(0, on2[1]).await;
+        let on1 = users_where(&ring, 15_554_000_000, 1, |o| o == 1)[0];
+        let carol = cluster.register(0, on1).await;
         let bob_auth = auth_of(&bob);
         bob.close().await;
         send_acked(&alice, on2[1], msg_id(on2[0], 1), "before")
@@ -556,6 +558,15 @@ fn a_node_cut_off_from_the_coordinator_stops_writing_for_shards_it_lost() {
             }
             assert!(Instant::now() < deadline, "node 2 was not marked down");
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // While node 2 is down its users' shards belong to node 1, which has not got their
+        // data: a send to Bob gets a retryable error there, never a final "unknown user".
+        match carol
+            .send(on2[1], msg_id(on1, 1), ciphertext(on2[1], "while down"))
+            .await
+        {
+            Err(e) => assert_eq!(e.code(), Some(ErrorCode::WrongOwner), "{e}"),
+            Ok(ack) => panic!("a send to a user whose node is down was answered {ack:?}"),
         }
         // Alice's Send reaches node 2 while it is frozen and still believes it owns Bob's
         // shard; when it wakes its lease has run out and it must not store the message.
