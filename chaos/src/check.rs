@@ -455,7 +455,10 @@ impl Checker<'_> {
                             });
                         }
                     }
-                    MemberAction::Drain | MemberAction::Left | MemberAction::Down => {}
+                    MemberAction::Drain
+                    | MemberAction::Left
+                    | MemberAction::Down
+                    | MemberAction::Active => {}
                 },
                 Event::Connection {
                     at,

@@ -21,8 +21,9 @@
 //! | `node-join` | start a node (a fresh data dir if it ran before), wait until it is active | — | cluster |
 //! | `node-drain` | `ctl drain`, wait until the node handed off its shards and exited 0 | — | cluster |
 //! | `node-loss` | cut a node off from the client hosts (netns), SIGKILL it for good, wait until it is marked down, `ctl remove` it | — (it stays gone) | cluster |
+//! | `coord-partition` | iptables DROP both ways between a node and every coordinator replica (its clients still reach it), wait until it is marked down | rules removed, wait until it is active again | cluster, netns, iptables |
 //!
-//! The membership kinds (the last four) live in [`membership`].
+//! The membership kinds (the last five) live in [`membership`].
 
 use std::path::Path;
 use std::time::Duration;
@@ -107,6 +108,12 @@ pub enum FaultKind {
         node: u64,
         offline_ms: u64,
     },
+    /// Node `node` cannot reach any coordinator replica, nor they it (iptables, both ways);
+    /// its clients and peers still reach it. It must stop acking writes once its lease runs
+    /// out, be marked down, and be re-activated when the partition heals.
+    CoordPartition {
+        node: u64,
+    },
 }
 
 impl FaultKind {
@@ -130,6 +137,7 @@ impl FaultKind {
             FaultKind::NodeJoin { .. } => "node-join",
             FaultKind::NodeDrain { .. } => "node-drain",
             FaultKind::NodeLoss { .. } => "node-loss",
+            FaultKind::CoordPartition { .. } => "coord-partition",
         }
     }
 
@@ -141,6 +149,7 @@ impl FaultKind {
                 | FaultKind::NodeJoin { .. }
                 | FaultKind::NodeDrain { .. }
                 | FaultKind::NodeLoss { .. }
+                | FaultKind::CoordPartition { .. }
         )
     }
 
@@ -149,7 +158,8 @@ impl FaultKind {
         match self {
             FaultKind::NodeJoin { node }
             | FaultKind::NodeDrain { node }
-            | FaultKind::NodeLoss { node, .. } => Some(*node),
+            | FaultKind::NodeLoss { node, .. }
+            | FaultKind::CoordPartition { node } => Some(*node),
             _ => None,
         }
     }
@@ -186,6 +196,9 @@ impl FaultKind {
                 "node {node} cut off from the clients for {offline_ms} ms (namespaces only), \
                  then kill -9 for good and ctl remove {node}"
             ),
+            FaultKind::CoordPartition { node } => {
+                format!("node {node} <-> every coordinator replica cut, clients still reach it")
+            }
             _ => String::new(),
         }
     }
@@ -377,7 +390,8 @@ pub async fn apply(rig: &mut Rig, fault: &PlannedFault) -> Result<String> {
         FaultKind::LeaderKill
         | FaultKind::NodeJoin { .. }
         | FaultKind::NodeDrain { .. }
-        | FaultKind::NodeLoss { .. } => membership::apply(rig, &fault.kind).await,
+        | FaultKind::NodeLoss { .. }
+        | FaultKind::CoordPartition { .. } => membership::apply(rig, &fault.kind).await,
     }
 }
 
@@ -460,7 +474,8 @@ pub async fn heal(rig: &mut Rig, fault: &PlannedFault) -> Result<String> {
         FaultKind::LeaderKill
         | FaultKind::NodeJoin { .. }
         | FaultKind::NodeDrain { .. }
-        | FaultKind::NodeLoss { .. } => membership::heal(rig, &fault.kind).await,
+        | FaultKind::NodeLoss { .. }
+        | FaultKind::CoordPartition { .. } => membership::heal(rig, &fault.kind).await,
     }
 }
 

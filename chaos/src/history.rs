@@ -225,6 +225,9 @@ pub enum MemberAction {
     Kill,
     /// The coordinator marked it down (missed heartbeats).
     Down,
+    /// The coordinator marked it active again after it was down, the same process
+    /// heartbeating again (`coord-partition` healed).
+    Active,
     /// `ctl remove`: it is forgotten and its unreplicated data given up.
     Remove,
 }

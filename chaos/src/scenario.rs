@@ -206,6 +206,24 @@ fn node_loss_script(rng: &mut ChaCha8Rng, window: Duration) -> Vec<PlannedFault>
     )]
 }
 
+/// How long `coord-partition` cuts node 3 off from the coordinators: twice the down threshold
+/// ([`cluster::HEARTBEAT_MISS_LIMIT`] × [`cluster::HEARTBEAT_MS`] = 2 s).
+const COORD_PARTITION: Duration =
+    Duration::from_millis(2 * cluster::HEARTBEAT_MISS_LIMIT as u64 * cluster::HEARTBEAT_MS);
+
+/// Node 3 is cut off from every coordinator replica (its clients still reach it) a third into
+/// the window for [`COORD_PARTITION`], then the partition heals (namespaces only).
+fn coord_partition_script(rng: &mut ChaCha8Rng, window: Duration) -> Vec<PlannedFault> {
+    vec![scripted(
+        rng,
+        window,
+        1,
+        0.3,
+        COORD_PARTITION,
+        FaultKind::CoordPartition { node: VICTIM_NODE },
+    )]
+}
+
 fn kill_menu() -> Menu {
     vec![
         (|_| FaultKind::KillRestart, (300, 3_000)),
@@ -500,6 +518,21 @@ pub fn catalogue() -> Vec<Scenario> {
             },
             window: s(20),
             schedule: Schedule::Script(node_loss_script),
+        },
+        Scenario {
+            name: "coord-partition",
+            about: "node 3 cut off from all three coordinator replicas for 4 s (iptables, both \
+                    ways; clients still reach it): its lease runs out and it refuses writes \
+                    (WrongOwner, retried) before it is marked down; healed, it heartbeats, is \
+                    re-activated and serves again; nothing acked is lost",
+            needs: Needs {
+                netns: true,
+                iptables: true,
+                cluster: true,
+                ..Needs::default()
+            },
+            window: s(20),
+            schedule: Schedule::Script(coord_partition_script),
         },
     ]
 }
@@ -1003,7 +1036,15 @@ async fn run_inner(scenario: &Scenario, opts: &RunOptions, mode: Mode) -> Result
 fn membership_notes(report: &RunReport) -> Vec<String> {
     let mut notes = Vec::new();
     for f in &report.faults {
-        if !["leader-kill", "node-join", "node-drain", "node-loss"].contains(&f.kind.as_str()) {
+        if ![
+            "leader-kill",
+            "node-join",
+            "node-drain",
+            "node-loss",
+            "coord-partition",
+        ]
+        .contains(&f.kind.as_str())
+        {
             continue;
         }
         let end = f
@@ -1065,6 +1106,7 @@ fn needs_netns(kind: &FaultKind) -> bool {
             | FaultKind::Loss { .. }
             | FaultKind::Bandwidth { .. }
             | FaultKind::DiskFull { .. }
+            | FaultKind::CoordPartition { .. }
     )
 }
 
@@ -1434,6 +1476,7 @@ fn fault_target(kind: &FaultKind) -> String {
         FaultKind::NodeJoin { node }
         | FaultKind::NodeDrain { node }
         | FaultKind::NodeLoss { node, .. } => format!("node{node}"),
+        FaultKind::CoordPartition { node } => format!("node{node}<->coord1,coord2,coord3"),
         _ => "node1".into(),
     }
 }
@@ -1744,7 +1787,7 @@ mod tests {
     #[test]
     fn scripts_are_fixed_by_the_seed_ordered_and_inside_the_window() {
         for window in [Duration::from_secs(10), Duration::from_secs(30)] {
-            for script in [join_drain_script, node_loss_script] {
+            for script in [join_drain_script, node_loss_script, coord_partition_script] {
                 let schedule = Schedule::Script(script);
                 let a = schedule.plan(5, window);
                 assert_eq!(a, schedule.plan(5, window));

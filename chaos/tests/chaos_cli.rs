@@ -88,6 +88,7 @@ fn list_names_every_scenario_and_says_which_need_a_cluster() {
         "leader-kill",
         "join-drain",
         "node-loss",
+        "coord-partition",
     ] {
         assert!(
             text.lines().any(|l| l.starts_with(name)),

@@ -1,5 +1,6 @@
 //! Membership faults, on a run with a cluster ([`crate::cluster`]): the coordinator leader
-//! killed, a node joining, a node draining away, a node lost for good.
+//! killed, a node joining, a node draining away, a node lost for good, a node cut off from
+//! the coordinators (and back).
 //!
 //! Each step is written to the history as it happens ([`Event::Member`] for the nodes,
 //! [`Event::Process`] for every process), and each fault's detail says how long the cluster
@@ -46,6 +47,7 @@ pub(super) async fn apply(rig: &mut Rig, kind: &FaultKind) -> Result<String> {
         FaultKind::NodeLoss { node, offline_ms } => {
             lose(rig, *node, Duration::from_millis(*offline_ms)).await
         }
+        FaultKind::CoordPartition { node } => cut_from_coordinators(rig, *node).await,
         other => bail!("{} is not a membership fault", other.name()),
     }
 }
@@ -57,6 +59,7 @@ pub(super) async fn heal(rig: &mut Rig, kind: &FaultKind) -> Result<String> {
         // A join or a drain is done once applied; a lost node stays lost.
         FaultKind::NodeJoin { .. } | FaultKind::NodeDrain { .. } => Ok(String::new()),
         FaultKind::NodeLoss { node, .. } => Ok(format!("node {node} stays gone")),
+        FaultKind::CoordPartition { node } => reconnect_to_coordinators(rig, *node).await,
         other => bail!("{} is not a membership fault", other.name()),
     }
 }
@@ -258,25 +261,94 @@ async fn lose(rig: &mut Rig, node_id: u64, offline: Duration) -> Result<String> 
 /// coordinators still reach it). The rules stay: the node never comes back, and its namespace
 /// goes with the run. Returns what was done, empty without namespaces.
 async fn cut_off_clients(rig: &mut Rig, index: usize) -> Result<String> {
+    drop_hosts(rig, index, "client", "-I").await
+}
+
+/// Adds (`op` `-I`) or removes (`-D`) iptables DROP rules, both ways, in node `index`'s
+/// namespace, between it and every host whose name starts with `prefix`. Returns what was
+/// done, empty without namespaces.
+async fn drop_hosts(rig: &mut Rig, index: usize, prefix: &str, op: &str) -> Result<String> {
     let host = rig.nodes[index].host.clone();
     if host.netns.is_none() {
         return Ok(String::new());
     }
     crate::sys::ensure_tool("iptables", "iptables").await?;
-    let clients: Vec<String> = rig
+    let peers: Vec<String> = rig
         .net
         .hosts
         .iter()
-        .filter(|h| h.name.starts_with("client"))
+        .filter(|h| h.name.starts_with(prefix))
         .map(|h| h.ip.to_string())
         .collect();
-    for ip in &clients {
-        super::iptables(&host, "-I", "INPUT", &super::source_rule(ip)).await?;
-        super::iptables(&host, "-I", "OUTPUT", &super::dest_rule(ip)).await?;
+    for ip in &peers {
+        super::iptables(&host, op, "INPUT", &super::source_rule(ip)).await?;
+        super::iptables(&host, op, "OUTPUT", &super::dest_rule(ip)).await?;
     }
+    let peers = peers.join(", ");
+    Ok(if op == "-D" {
+        format!("iptables DROP rules for {peers} removed in {}", host.name)
+    } else {
+        format!("iptables DROP {peers} both ways in {}", host.name)
+    })
+}
+
+/// Cuts node `node_id` off from every coordinator replica (both ways; its clients and peers
+/// still reach it) and waits until the coordinator marks it down. The node keeps running: it
+/// must stop acking writes once its lease runs out (it answers `WrongOwner`, retryable).
+async fn cut_from_coordinators(rig: &mut Rig, node_id: u64) -> Result<String> {
+    let index = rig.node_index(node_id)?;
+    let pid = rig.nodes[index].pid().unwrap_or(0);
+    let cut = drop_hosts(rig, index, "coord", "-I").await?;
+    if cut.is_empty() {
+        bail!("coord-partition needs network namespaces (root)");
+    }
+    let cluster = rig
+        .cluster
+        .as_ref()
+        .context("coord-partition needs a cluster")?;
+    let (view, down) = cluster
+        .wait_member(node_id, |s| s == Some("down"), DOWN_TIMEOUT)
+        .await?;
+    rig.member_event(
+        node_id,
+        MemberAction::Down,
+        &format!(
+            "marked down {} ms after it was cut off from the coordinators (still running, pid \
+             {pid})",
+            ms(down)
+        ),
+    );
     Ok(format!(
-        "iptables DROP {} both ways in {}",
-        clients.join(", "),
-        host.name
+        "{cut}; node {node_id} (pid {pid}) marked down after {} ms; view {}",
+        ms(down),
+        view.describe()
+    ))
+}
+
+/// Heals [`cut_from_coordinators`]: removes the rules and waits until the node, heartbeating
+/// again, is an active member (the same process, not restarted).
+async fn reconnect_to_coordinators(rig: &mut Rig, node_id: u64) -> Result<String> {
+    let index = rig.node_index(node_id)?;
+    let pid = rig.nodes[index].pid().unwrap_or(0);
+    let healed = drop_hosts(rig, index, "coord", "-D").await?;
+    let cluster = rig
+        .cluster
+        .as_ref()
+        .context("coord-partition needs a cluster")?;
+    let (view, active) = cluster
+        .wait_member(node_id, |s| s == Some("active"), JOIN_TIMEOUT)
+        .await?;
+    rig.member_event(
+        node_id,
+        MemberAction::Active,
+        &format!(
+            "active again {} ms after the partition healed (pid {pid})",
+            ms(active)
+        ),
+    );
+    Ok(format!(
+        "{healed}; node {node_id} (pid {pid}) active again after {} ms; view {}",
+        ms(active),
+        view.describe()
     ))
 }
