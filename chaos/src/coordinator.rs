@@ -9,12 +9,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use nix::sys::signal::Signal;
-use tokio::process::Child;
 
 use crate::hosts::{Host, Network};
-use crate::node::{log_has, log_tail};
-use crate::sys::ProcId;
+use crate::process::Supervised;
 
 /// Fixed ports (each host has its own address, so they never clash).
 pub const PORT_RAFT: u16 = 7400;
@@ -30,9 +27,6 @@ pub const TERM_TIMEOUT: Duration = Duration::from_secs(10);
 /// (the nodes' heartbeats tolerate 2 s of silence, see [`crate::cluster::HEARTBEAT_MS`]).
 pub const ELECTION_TIMEOUT_MIN_MS: u32 = 300;
 pub const ELECTION_TIMEOUT_MAX_MS: u32 = 600;
-
-/// How often the log is read while waiting for the listening line.
-const READY_POLL: Duration = Duration::from_millis(50);
 
 /// How a replica is run.
 #[derive(Debug, Clone)]
@@ -51,8 +45,7 @@ pub struct CoordinatorSpec {
 pub struct CoordinatorProcess {
     pub spec: CoordinatorSpec,
     pub host: Host,
-    child: Option<Child>,
-    id: Option<ProcId>,
+    process: Supervised,
     pub starts: u32,
 }
 
@@ -61,8 +54,7 @@ impl CoordinatorProcess {
         CoordinatorProcess {
             spec,
             host,
-            child: None,
-            id: None,
+            process: Supervised::default(),
             starts: 0,
         }
     }
@@ -73,20 +65,17 @@ impl CoordinatorProcess {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.id.map(|id| id.pid)
+        self.process.pid()
     }
 
     pub fn is_running(&mut self) -> bool {
-        match &mut self.child {
-            Some(child) => matches!(child.try_wait(), Ok(None)),
-            None => false,
-        }
+        self.process.is_running()
     }
 
     /// The exit status if the process exited without being stopped by us (a crash); `None`
     /// while it runs or once it was stopped on purpose.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut()?.try_wait().ok().flatten()
+        self.process.exited()
     }
 
     /// Starts the replica and waits until it listens for clients. Returns its pid.
@@ -96,12 +85,7 @@ impl CoordinatorProcess {
         }
         std::fs::create_dir_all(&self.spec.data_dir)
             .with_context(|| format!("creating {}", self.spec.data_dir.display()))?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.spec.log)
-            .with_context(|| format!("opening {}", self.spec.log.display()))?;
-        let log_start = log.metadata().map_or(0, |m| m.len());
+        let (log, log_start) = Supervised::open_log(&self.spec.log)?;
         let ip = self.host.ip;
         let argv: Vec<String> = vec![
             self.spec.bin.display().to_string(),
@@ -133,67 +117,27 @@ impl CoordinatorProcess {
             .env("NO_COLOR", "1")
             .spawn()
             .with_context(|| format!("starting {}", self.spec.bin.display()))?;
-        let pid = child.id().context("the coordinator exited at once")?;
-        let id = ProcId::of(pid).context("the coordinator exited at once")?;
-        net.track_process(&self.spec.name, id);
-        self.child = Some(child);
-        self.id = Some(id);
+        let pid = self.process.adopt(net, &self.spec.name, child)?;
         self.starts += 1;
-        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
-        loop {
-            if log_has(&self.spec.log, log_start, "listening client") {
-                return Ok(pid);
-            }
-            if !self.is_running() {
-                bail!(
-                    "{} exited before it listened; see {}:\n{}",
-                    self.spec.name,
-                    self.spec.log.display(),
-                    log_tail(&self.spec.log, log_start)
-                );
-            }
-            if tokio::time::Instant::now() >= deadline {
-                bail!(
-                    "{} not listening after {READY_TIMEOUT:?}; see {}",
-                    self.spec.name,
-                    self.spec.log.display()
-                );
-            }
-            tokio::time::sleep(READY_POLL).await;
-        }
+        self.process
+            .wait_for_line(
+                &self.spec.name,
+                &self.spec.log,
+                log_start,
+                "listening client",
+                READY_TIMEOUT,
+            )
+            .await?;
+        Ok(pid)
     }
 
     /// SIGKILL, and reap it.
     pub async fn kill9(&mut self, net: &Network) {
-        if let Some(id) = self.id {
-            id.signal_group(Signal::SIGCONT);
-            id.signal_group(Signal::SIGKILL);
-        }
-        self.reap(net).await;
+        self.process.kill9(net, TERM_TIMEOUT).await;
     }
 
     /// SIGTERM, SIGKILL after [`TERM_TIMEOUT`].
     pub async fn terminate(&mut self, net: &Network) {
-        if let Some(id) = self.id {
-            id.signal(Signal::SIGTERM);
-            if let Some(child) = &mut self.child {
-                if tokio::time::timeout(TERM_TIMEOUT, child.wait())
-                    .await
-                    .is_err()
-                {
-                    id.signal_group(Signal::SIGKILL);
-                }
-            }
-        }
-        self.reap(net).await;
-    }
-
-    async fn reap(&mut self, net: &Network) {
-        if let Some(mut child) = self.child.take() {
-            let _ = tokio::time::timeout(TERM_TIMEOUT, child.wait()).await;
-        }
-        if let Some(id) = self.id.take() {
-            net.untrack_process(id);
-        }
+        self.process.terminate(net, TERM_TIMEOUT).await;
     }
 }

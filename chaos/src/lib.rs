@@ -33,6 +33,7 @@ pub mod faults;
 pub mod history;
 pub mod hosts;
 pub mod node;
+pub mod process;
 pub mod relay;
 pub mod report;
 pub mod scenario;

@@ -13,19 +13,16 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::Signal;
-use tokio::process::Child;
 
 use crate::hosts::{Host, Network};
-use crate::sys::{self, ProcId};
+use crate::process::Supervised;
+use crate::sys;
 
 /// Time a node may take from start to its ready line.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Time a node may take to exit after SIGTERM before it is killed.
 pub const TERM_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// How often the log is read while waiting for the ready line.
-const READY_POLL: Duration = Duration::from_millis(50);
 
 /// Largest log read while waiting for the ready line, in bytes.
 const LOG_SCAN_BYTES_MAX: u64 = 16 * 1024 * 1024;
@@ -96,8 +93,7 @@ pub struct NodeSpec {
 pub struct NodeProcess {
     pub spec: NodeSpec,
     pub host: Host,
-    child: Option<Child>,
-    id: Option<ProcId>,
+    process: Supervised,
     /// Run under libfaketime, reading the clock offset (`+7200`, `-86400`) from this file, which
     /// libfaketime re-reads every second: the clock moves while the node runs.
     pub faketime_file: Option<PathBuf>,
@@ -109,8 +105,7 @@ impl NodeProcess {
         NodeProcess {
             spec,
             host,
-            child: None,
-            id: None,
+            process: Supervised::default(),
             faketime_file: None,
             starts: 0,
         }
@@ -144,21 +139,18 @@ impl NodeProcess {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.id.map(|id| id.pid)
+        self.process.pid()
     }
 
     pub fn is_running(&mut self) -> bool {
-        match &mut self.child {
-            Some(child) => matches!(child.try_wait(), Ok(None)),
-            None => false,
-        }
+        self.process.is_running()
     }
 
     /// The exit status if the process exited without being stopped by us (a crash, or a
     /// drained node before [`Self::wait_exit`] reaped it); `None` while it runs or once
     /// it was stopped on purpose.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut()?.try_wait().ok().flatten()
+        self.process.exited()
     }
 
     /// Starts the node and waits until it is ready. Returns its pid.
@@ -168,12 +160,7 @@ impl NodeProcess {
         }
         std::fs::create_dir_all(&self.spec.data_dir)
             .with_context(|| format!("creating {}", self.spec.data_dir.display()))?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.spec.log)
-            .with_context(|| format!("opening {}", self.spec.log.display()))?;
-        let log_start = log.metadata().map_or(0, |m| m.len());
+        let (log, log_start) = Supervised::open_log(&self.spec.log)?;
         let argv = self.argv();
         let full = self.host.command(&argv);
         let mut cmd = tokio::process::Command::new(&full[0]);
@@ -202,13 +189,17 @@ impl NodeProcess {
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {}", self.spec.bin.display()))?;
-        let pid = child.id().context("the node exited at once")?;
-        let id = ProcId::of(pid).context("the node exited at once")?;
-        net.track_process(&self.spec.name, id);
-        self.child = Some(child);
-        self.id = Some(id);
+        let pid = self.process.adopt(net, &self.spec.name, child)?;
         self.starts += 1;
-        self.wait_ready(log_start).await?;
+        self.process
+            .wait_for_line(
+                &self.spec.name,
+                &self.spec.log,
+                log_start,
+                self.spec.role.ready_line(),
+                READY_TIMEOUT,
+            )
+            .await?;
         Ok(pid)
     }
 
@@ -268,56 +259,14 @@ impl NodeProcess {
         argv
     }
 
-    async fn wait_ready(&mut self, log_start: u64) -> Result<()> {
-        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
-        let ready_line = self.spec.role.ready_line();
-        loop {
-            if log_has(&self.spec.log, log_start, ready_line) {
-                return Ok(());
-            }
-            if !self.is_running() {
-                bail!(
-                    "{} exited before it was ready; see {}:\n{}",
-                    self.spec.name,
-                    self.spec.log.display(),
-                    log_tail(&self.spec.log, log_start)
-                );
-            }
-            if tokio::time::Instant::now() >= deadline {
-                bail!(
-                    "{} not ready after {READY_TIMEOUT:?}; see {}",
-                    self.spec.name,
-                    self.spec.log.display()
-                );
-            }
-            tokio::time::sleep(READY_POLL).await;
-        }
-    }
-
     /// SIGKILL, and reap it.
     pub async fn kill9(&mut self, net: &Network) {
-        if let Some(id) = self.id {
-            id.signal_group(Signal::SIGCONT);
-            id.signal_group(Signal::SIGKILL);
-        }
-        self.reap(net).await;
+        self.process.kill9(net, TERM_TIMEOUT).await;
     }
 
     /// SIGTERM (graceful), SIGKILL after [`TERM_TIMEOUT`].
     pub async fn terminate(&mut self, net: &Network) {
-        if let Some(id) = self.id {
-            id.signal_group(Signal::SIGCONT);
-            id.signal(Signal::SIGTERM);
-            if let Some(child) = &mut self.child {
-                if tokio::time::timeout(TERM_TIMEOUT, child.wait())
-                    .await
-                    .is_err()
-                {
-                    id.signal_group(Signal::SIGKILL);
-                }
-            }
-        }
-        self.reap(net).await;
+        self.process.terminate(net, TERM_TIMEOUT).await;
     }
 
     /// Waits up to `limit` for the node to exit on its own (a drained member leaves); its exit
@@ -327,30 +276,19 @@ impl NodeProcess {
         net: &Network,
         limit: Duration,
     ) -> Option<std::process::ExitStatus> {
-        let child = self.child.as_mut()?;
-        let status = tokio::time::timeout(limit, child.wait()).await.ok()?.ok()?;
-        self.child = None;
-        if let Some(id) = self.id.take() {
-            net.untrack_process(id);
-        }
-        Some(status)
-    }
-
-    async fn reap(&mut self, net: &Network) {
-        if let Some(mut child) = self.child.take() {
-            let _ = tokio::time::timeout(TERM_TIMEOUT, child.wait()).await;
-        }
-        if let Some(id) = self.id.take() {
-            net.untrack_process(id);
-        }
+        self.process.wait_exit(net, limit).await
     }
 
     pub fn pause(&self) -> bool {
-        self.id.is_some_and(|id| id.signal_group(Signal::SIGSTOP))
+        self.process
+            .id()
+            .is_some_and(|id| id.signal_group(Signal::SIGSTOP))
     }
 
     pub fn resume(&self) -> bool {
-        self.id.is_some_and(|id| id.signal_group(Signal::SIGCONT))
+        self.process
+            .id()
+            .is_some_and(|id| id.signal_group(Signal::SIGCONT))
     }
 
     /// Sends a libfiu control command (`enable_random name=...,probability=...`,
