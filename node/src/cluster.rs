@@ -345,9 +345,7 @@ async fn handoff_loop(server: Arc<Server>, kick: Arc<Notify>) {
         let started = Instant::now();
         match take_over(&server, &ring, &pending).await {
             Ok(pulled) if server.routing.epoch() == ring.epoch => {
-                for &s in &pending {
-                    server.set_shard_ready(s);
-                }
+                server.set_shards_ready(&pending);
                 info!(
                     epoch = ring.epoch,
                     shards = pending.len(),

@@ -592,13 +592,15 @@ impl Server {
         pending
     }
 
-    /// A gained shard's hand-off is done: serve it.
-    pub fn set_shard_ready(&self, shard: ShardId) {
-        if self.owns(shard) {
-            self.inbox.set_writable(shard, true);
-            self.routing.set_ready(shard, true);
-            self.update_shard_gauges();
+    /// The hand-off of these gained shards is done: serve them (those still owned).
+    pub fn set_shards_ready(&self, shards: &[ShardId]) {
+        for &shard in shards {
+            if self.owns(shard) {
+                self.inbox.set_writable(shard, true);
+                self.routing.set_ready(shard, true);
+            }
         }
+        self.update_shard_gauges();
     }
 
     fn update_shard_gauges(&self) {
