@@ -9,10 +9,10 @@
 #[path = "support/harness.rs"]
 mod harness;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use harness::{chaos_bin, coordinator_bin, node_bin, RunGuard};
+use harness::{chaos_bin, coordinator_bin, node_bin, run_with_report};
 
 /// The whole run (about 15 s), bounded generously for a busy machine.
 const RUN_TIMEOUT: Duration = Duration::from_secs(150);
@@ -23,38 +23,26 @@ fn join_drain_in_loopback_mode_loses_nothing() {
     let report_path = dir.path().join("report.json");
     let run_dir = dir.path().join("run");
     let started = Instant::now();
-    let child = Command::new(chaos_bin())
-        .args([
-            "run",
-            "join-drain",
-            "--seed",
-            "20251124",
-            "--duration",
-            "10s",
-            "--loopback",
-            "--json",
-        ])
-        .arg(&report_path)
-        .arg("--run-dir")
-        .arg(&run_dir)
-        .arg("--node-bin")
-        .arg(node_bin())
-        .arg("--coordinator-bin")
-        .arg(coordinator_bin())
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut guard = RunGuard { child };
-    let status = guard
-        .wait(RUN_TIMEOUT)
-        .unwrap_or_else(|| panic!("join-drain took longer than {RUN_TIMEOUT:?}"));
+    let mut cmd = Command::new(chaos_bin());
+    cmd.args([
+        "run",
+        "join-drain",
+        "--seed",
+        "20251124",
+        "--duration",
+        "10s",
+        "--loopback",
+        "--json",
+    ])
+    .arg(&report_path)
+    .arg("--run-dir")
+    .arg(&run_dir)
+    .arg("--node-bin")
+    .arg(node_bin())
+    .arg("--coordinator-bin")
+    .arg(coordinator_bin());
+    let (guard, report, shown) = run_with_report(cmd, "join-drain", &report_path, RUN_TIMEOUT);
     let elapsed = started.elapsed();
-    let report: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(&report_path).unwrap_or_else(|e| panic!("no report ({e}); exit {status}")),
-    )
-    .unwrap();
-    let shown = serde_json::to_string_pretty(&report).unwrap();
-    assert!(status.success(), "exit {status}: {shown}");
     assert_eq!(report["verdict"], "pass", "{shown}");
     assert_eq!(report["mode"], "loopback", "{shown}");
     let counts = &report["counts"];

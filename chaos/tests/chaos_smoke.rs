@@ -9,10 +9,10 @@
 #[path = "support/harness.rs"]
 mod harness;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use harness::{chaos_bin, node_bin, RunGuard};
+use harness::{chaos_bin, node_bin, run_with_report};
 
 /// The whole run, bounded well under the 3 minutes `make test` allows it.
 const RUN_TIMEOUT: Duration = Duration::from_secs(170);
@@ -23,27 +23,15 @@ fn smoke_finds_nothing_and_leaves_nothing_behind() {
     let report_path = dir.path().join("report.json");
     let run_dir = dir.path().join("run");
     let started = Instant::now();
-    let child = Command::new(chaos_bin())
-        .args(["run", "smoke", "--seed", "20251123", "--json"])
+    let mut cmd = Command::new(chaos_bin());
+    cmd.args(["run", "smoke", "--seed", "20251123", "--json"])
         .arg(&report_path)
         .arg("--run-dir")
         .arg(&run_dir)
         .arg("--node-bin")
-        .arg(node_bin())
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut guard = RunGuard { child };
-    let status = guard
-        .wait(RUN_TIMEOUT)
-        .unwrap_or_else(|| panic!("smoke took longer than {RUN_TIMEOUT:?}"));
+        .arg(node_bin());
+    let (guard, report, shown) = run_with_report(cmd, "smoke", &report_path, RUN_TIMEOUT);
     let elapsed = started.elapsed();
-    let report: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(&report_path).unwrap_or_else(|e| panic!("no report ({e}); exit {status}")),
-    )
-    .unwrap();
-    let shown = serde_json::to_string_pretty(&report).unwrap();
-    assert!(status.success(), "exit {status}: {shown}");
     assert_eq!(report["verdict"], "pass", "{shown}");
     let counts = &report["counts"];
     let n = |k: &str| {

@@ -1,7 +1,7 @@
 //! What the end-to-end chaos tests share: the binaries, and a guard that stops a chaos run
 //! (and cleans up after it) however the test ends.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,29 @@ pub fn node_bin() -> PathBuf {
 #[allow(dead_code)] // the cluster test uses it, the smoke test does not
 pub fn coordinator_bin() -> PathBuf {
     workspace_bin("ringpost-coordinator", "RINGPOST_COORDINATOR_BIN")
+}
+
+/// Starts a `ringpost-chaos run ...` command (stdin closed), waits up to `limit` for it, and
+/// reads the JSON report it wrote to `report_path`. Returns the guard (the run's pid names its
+/// state), the report and its pretty text, once the run exited successfully.
+pub fn run_with_report(
+    mut cmd: Command,
+    what: &str,
+    report_path: &Path,
+    limit: Duration,
+) -> (RunGuard, serde_json::Value, String) {
+    let child = cmd.stdin(Stdio::null()).spawn().unwrap();
+    let mut guard = RunGuard { child };
+    let status = guard
+        .wait(limit)
+        .unwrap_or_else(|| panic!("{what} took longer than {limit:?}"));
+    let report: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(report_path).unwrap_or_else(|e| panic!("no report ({e}); exit {status}")),
+    )
+    .unwrap();
+    let shown = serde_json::to_string_pretty(&report).unwrap();
+    assert!(status.success(), "exit {status}: {shown}");
+    (guard, report, shown)
 }
 
 /// Owns the chaos process: whatever happens to the test, the process is stopped (SIGTERM, which
