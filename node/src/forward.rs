@@ -25,6 +25,8 @@ use crate::server::{account_error, error, refused, Server};
 use crate::session::Answer;
 use crate::shard::ShardId;
 
+pub(crate) mod order;
+
 /// Attempts to route one store before the client is told to retry: each attempt waits for the
 /// ring to move (or a hand-off to finish) first, so a few cover any membership change.
 pub const ROUTE_ATTEMPTS_MAX: u32 = 4;
@@ -89,17 +91,26 @@ impl Server {
 
     /// Stores entries for the devices of `store.to_user` on its owner: here if this node owns
     /// it and may write, else over the peer link. Work starts on the first poll of the returned
-    /// future, so stores keep the order they are polled in.
+    /// future, so stores keep the order they are polled in; a conversation with a routed
+    /// store in flight runs its stores one at a time in that order (see [`order`]), so a
+    /// retried store is never overtaken by a later one.
     pub(crate) fn store(self: &Arc<Self>, store: Store) -> BoxFuture<'static, Stored> {
+        let key = (store.from_user, store.from_device, store.to_user);
         match self.routing.route(store.to_user) {
             Route::Local { shard }
-                if self.routing.is_ready(shard) && self.routing.lease_valid() =>
+                if self.routing.is_ready(shard)
+                    && self.routing.lease_valid()
+                    && !self.order.is_busy(&key) =>
             {
                 self.store_local(store)
             }
             _ => {
                 let server = self.clone();
-                Box::pin(async move { server.store_routed(store).await })
+                let ticket = self.order.ticket(key);
+                Box::pin(async move {
+                    let _turn = ticket.wait().await;
+                    server.store_routed(store).await
+                })
             }
         }
     }

@@ -63,6 +63,8 @@ pub struct Server {
     pub routing: Routing,
     /// Links to the other nodes (set once the node has joined a multi-node cluster).
     pub(crate) peers: std::sync::OnceLock<crate::peer::link::PeerNet>,
+    /// Keeps each conversation's stores in order while one is forwarded or retried.
+    pub(crate) order: Arc<crate::forward::order::ConversationOrder>,
     /// The node's database, for shard hand-offs (every service owns its own column families).
     pub(crate) engine: Arc<dyn crate::storage::Engine>,
     pub accounts: Arc<Accounts>,
@@ -94,6 +96,7 @@ impl Server {
             node_id: config.node_id,
             routing: Routing::new(config.node_id, config.shard_count),
             peers: std::sync::OnceLock::new(),
+            order: Default::default(),
             engine,
             accounts: Arc::new(accounts),
             keys: Arc::new(keys),
