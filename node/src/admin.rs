@@ -65,6 +65,13 @@ async fn handle(mut stream: TcpStream, server: Arc<Server>) -> std::io::Result<(
                 server.inbox.entries_total() as i64,
                 std::sync::atomic::Ordering::Relaxed,
             );
+            server.metrics.storage_failing_seconds.store(
+                server
+                    .inbox
+                    .storage_failing()
+                    .map_or(0, |(for_, _)| for_.as_secs().max(1) as i64),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             let body = server.metrics.render();
             respond(&mut stream, 200, "text/plain; version=0.0.4", &body).await
         }

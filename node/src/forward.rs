@@ -629,6 +629,13 @@ impl Server {
     /// Why this node should not get new clients now, if it should not: it is not (or no
     /// longer) an active member, or it has not taken over every shard it owns yet.
     pub fn not_ready_reason(&self) -> Option<String> {
+        if let Some((for_, error)) = self.inbox.storage_failing() {
+            return Some(format!(
+                "storage failing for {} s: {error} (writes are refused; restart the node once \
+                 the disk is fixed)",
+                for_.as_secs()
+            ));
+        }
         let ring = self.routing.ring();
         match ring.state_of(self.node_id) {
             None => return Some("not a member of the cluster yet".into()),

@@ -46,6 +46,7 @@ use crate::storage::{prefix_end, successor, Cf, Engine, StorageError};
 use gate::ShardGate;
 use keys::{device_prefix, inbox_key, parse_inbox_key, parse_meta_key, DEVICE_PREFIX_LEN};
 use records::{DedupRecord, DeviceMeta};
+pub use writer::StorageHealth;
 use writer::{Reply, Request, Writer};
 
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
@@ -243,6 +244,7 @@ struct Inner {
     config: InboxConfig,
     entries_total: Arc<AtomicU64>,
     gate: Arc<ShardGate>,
+    health: Arc<StorageHealth>,
 }
 
 impl Drop for Inner {
@@ -263,6 +265,7 @@ impl Inbox {
         config.validate()?;
         let entries_total = Arc::new(AtomicU64::new(count_entries(&*engine)?));
         let gate = Arc::new(ShardGate::new(config.shard_count));
+        let health = Arc::new(StorageHealth::default());
         let (tx, rx) = mpsc::channel(config.queue_depth);
         let writer = Writer {
             engine: Arc::clone(&engine),
@@ -270,6 +273,7 @@ impl Inbox {
             entries_total: Arc::clone(&entries_total),
             gate: Arc::clone(&gate),
             rx,
+            health: Arc::clone(&health),
         };
         let handle = std::thread::Builder::new()
             .name("inbox-writer".into())
@@ -283,6 +287,7 @@ impl Inbox {
                 config,
                 entries_total,
                 gate,
+                health,
             }),
         })
     }
@@ -549,6 +554,13 @@ impl Inbox {
             from = next;
         }
         Ok(report)
+    }
+
+    /// Since when durable writes fail and the latest error (disk full, fsync failed); `None`
+    /// while they succeed. RocksDB stops taking writes after a failed WAL sync, so a node
+    /// whose storage failed serves no writes until it is restarted (see the operations guide).
+    pub fn storage_failing(&self) -> Option<(std::time::Duration, String)> {
+        self.inner.health.failing()
     }
 
     /// Entries stored on this node (a gauge for metrics).
@@ -1430,6 +1442,7 @@ mod tests {
         let t = now();
         stored_seqs(inbox.append(send(A, 1, B, &[1, 2], 1, t)).await.unwrap());
         stored_seqs(inbox.append(send(A, 1, B, &[1], 2, t)).await.unwrap());
+        assert!(inbox.storage_failing().is_none());
 
         failing.fail.store(true, Ordering::SeqCst);
         let err = inbox
@@ -1457,12 +1470,19 @@ mod tests {
         assert_eq!(seqs_of(&inbox.read(B, 1, 0, 100, t).unwrap()), vec![1, 2]);
         assert_eq!(inbox.entries_total(), 3);
         assert_counts_match_disk(&*engine, &inbox);
+        // `/readyz` reports it, with the error.
+        let (_, why) = inbox.storage_failing().expect("storage is failing");
+        assert!(!why.is_empty());
 
         failing.fail.store(false, Ordering::SeqCst);
         // The failed append left no dedup record and consumed no seq that was handed out.
         assert_eq!(
             stored_seqs(inbox.append(send(A, 1, B, &[1, 2], 3, t)).await.unwrap()),
             vec![(1, 3), (2, 2)]
+        );
+        assert!(
+            inbox.storage_failing().is_none(),
+            "a synced write clears it"
         );
         let acked = inbox.ack(B, 1, vec![1], t).await.unwrap();
         assert!(

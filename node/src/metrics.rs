@@ -92,6 +92,8 @@ pub struct Metrics {
     pub messages_rejected: AtomicU64,
     pub rate_limited: AtomicU64,
     pub inbox_entries: AtomicI64,
+    /// Seconds durable writes have been failing (0 while they succeed).
+    pub storage_failing_seconds: AtomicI64,
     pub wal_sync: Histogram,
     pub commit_group_requests: AtomicU64,
     pub commits: AtomicU64,
@@ -127,6 +129,7 @@ impl Default for Metrics {
             messages_rejected: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             inbox_entries: AtomicI64::new(0),
+            storage_failing_seconds: AtomicI64::new(0),
             wal_sync: Histogram::new(LATENCY_BUCKETS_S),
             commit_group_requests: AtomicU64::new(0),
             commits: AtomicU64::new(0),
@@ -278,6 +281,11 @@ impl Metrics {
             out,
             "# HELP ringpost_inbox_entries Entries stored in device inboxes.\n# TYPE ringpost_inbox_entries gauge\nringpost_inbox_entries {}",
             self.inbox_entries.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ringpost_storage_failing_seconds Seconds durable writes have been failing (0: they succeed); a node whose storage failed refuses writes until restarted.\n# TYPE ringpost_storage_failing_seconds gauge\nringpost_storage_failing_seconds {}",
+            self.storage_failing_seconds.load(Relaxed)
         );
         let gauges: [(&str, &str, &AtomicI64); 3] = [
             (

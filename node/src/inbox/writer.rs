@@ -129,6 +129,38 @@ pub(crate) struct Writer {
     pub(crate) entries_total: Arc<AtomicU64>,
     pub(crate) gate: Arc<ShardGate>,
     pub(crate) rx: mpsc::Receiver<Request>,
+    pub(crate) health: Arc<StorageHealth>,
+}
+
+/// Whether the last durable write succeeded: set by the writer thread, read by `/readyz` and
+/// the metrics. A failed group commit marks storage failing; the next successful synced one
+/// clears it.
+#[derive(Default)]
+pub struct StorageHealth {
+    failing: std::sync::Mutex<Option<(Instant, String)>>,
+}
+
+impl StorageHealth {
+    /// Since when writes fail, and the latest error; `None` while they succeed.
+    pub fn failing(&self) -> Option<(std::time::Duration, String)> {
+        let guard = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        guard
+            .as_ref()
+            .map(|(since, error)| (since.elapsed(), error.clone()))
+    }
+
+    fn record(&self, result: Result<(), &StorageError>) {
+        let mut guard = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(()) => *guard = None,
+            Err(e) => {
+                let since = guard
+                    .as_ref()
+                    .map_or_else(Instant::now, |(since, _)| *since);
+                *guard = Some((since, e.to_string()));
+            }
+        }
+    }
 }
 
 impl Writer {
@@ -169,6 +201,9 @@ impl Writer {
         let mut group = Group::new(&*self.engine, &self.config, &self.gate);
         let mut done: Vec<Done> = requests.into_iter().map(|r| group.handle(r)).collect();
         let (batch, entries_delta, durability) = group.finish();
+        // Only a synced write tells whether storage works (a failing one also marks it).
+        let synced = !(batch.is_empty() && durability != Durability::Barrier)
+            && durability != Durability::Unsynced;
         let result = if batch.is_empty() && durability != Durability::Barrier {
             // Nothing to make durable: duplicates of durable records, acks of unknown seqs.
             Ok(())
@@ -182,6 +217,9 @@ impl Writer {
             }
             result
         };
+        if synced || result.is_err() {
+            self.health.record(result.as_ref().map(|_| ()));
+        }
         match result {
             Ok(()) => {
                 if entries_delta >= 0 {
