@@ -139,6 +139,8 @@ impl Cluster {
             secret_file: self.secret_file.clone(),
             shard_count: SHARD_COUNT,
             codes_file: self.codes_file.clone(),
+            advertise_ws: None,
+            advertise_peer: None,
         }
     }
 

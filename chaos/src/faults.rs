@@ -22,8 +22,13 @@
 //! | `node-drain` | `ctl drain`, wait until the node handed off its shards and exited 0 | — | cluster |
 //! | `node-loss` | cut a node off from the client hosts (netns), SIGKILL it for good, wait until it is marked down, `ctl remove` it | — (it stays gone) | cluster |
 //! | `coord-partition` | iptables DROP both ways between a node and every coordinator replica (its clients still reach it), wait until it is marked down | rules removed, wait until it is active again | cluster, netns, iptables |
+//! | `peer-partition` | iptables in a node's namespace drops its peer-link traffic (UDP on the peer port) in one or both directions: it cannot forward to, or be forwarded to by, the other nodes; clients and coordinators still reach it | rules removed | cluster, netns, iptables |
+//! | `peer-chaos` | the peer relay (every node-to-node QUIC datagram passes it) delays, drops, duplicates and reorders | relay clean | cluster |
 //!
-//! The membership kinds (the last five) live in [`membership`].
+//! The membership kinds (`leader-kill` to `coord-partition`) live in [`membership`].
+//!
+//! In a cluster run the node faults (`kill-restart` to `clock-skew`, and the peer kinds) act on
+//! the node the plan names ([`PlannedFault::node`], drawn by the seed); otherwise on `node1`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -114,6 +119,22 @@ pub enum FaultKind {
     CoordPartition {
         node: u64,
     },
+    /// The node's peer link is cut: `inbound` drops what other nodes send it, `outbound` what
+    /// it sends them (both: a full partition from its peers). Clients and coordinators still
+    /// reach it, so no membership changes: forwarded requests must fail and be retried.
+    PeerPartition {
+        inbound: bool,
+        outbound: bool,
+    },
+    /// Every node-to-node datagram (through the peer relay) is delayed by `delay_ms` plus up
+    /// to `jitter_ms`, and a share dropped, duplicated and reordered.
+    PeerChaos {
+        delay_ms: u32,
+        jitter_ms: u32,
+        loss_percent: u32,
+        duplicate_percent: u32,
+        reorder_percent: u32,
+    },
 }
 
 impl FaultKind {
@@ -138,6 +159,8 @@ impl FaultKind {
             FaultKind::NodeDrain { .. } => "node-drain",
             FaultKind::NodeLoss { .. } => "node-loss",
             FaultKind::CoordPartition { .. } => "coord-partition",
+            FaultKind::PeerPartition { .. } => "peer-partition",
+            FaultKind::PeerChaos { .. } => "peer-chaos",
         }
     }
 
@@ -199,6 +222,21 @@ impl FaultKind {
             FaultKind::CoordPartition { node } => {
                 format!("node {node} <-> every coordinator replica cut, clients still reach it")
             }
+            FaultKind::PeerPartition { inbound, outbound } => match (inbound, outbound) {
+                (true, true) => "peer link cut both ways".into(),
+                (true, false) => "peers -> node dropped".into(),
+                _ => "node -> peers dropped".into(),
+            },
+            FaultKind::PeerChaos {
+                delay_ms,
+                jitter_ms,
+                loss_percent,
+                duplicate_percent,
+                reorder_percent,
+            } => format!(
+                "node-to-node datagrams: {delay_ms} ms + 0..{jitter_ms} ms, {loss_percent}% lost, \
+                 {duplicate_percent}% duplicated, {reorder_percent}% reordered"
+            ),
             _ => String::new(),
         }
     }
@@ -206,6 +244,20 @@ impl FaultKind {
     /// Whether the node's data directory must be a tmpfs of ours.
     pub fn needs_tmpfs(&self) -> bool {
         matches!(self, FaultKind::DiskFull { .. })
+    }
+
+    /// Whether it acts on one node (in a cluster, the one the plan names): the process,
+    /// network, storage, clock and peer-link faults; not the relay's client-side faults (the
+    /// relay fronts every node) nor the membership ones (they name their node themselves).
+    pub fn acts_on_a_node(&self) -> bool {
+        !self.is_membership()
+            && !matches!(
+                self,
+                FaultKind::Delay { .. }
+                    | FaultKind::RelayReset
+                    | FaultKind::UdpChaos { .. }
+                    | FaultKind::PeerChaos { .. }
+            )
     }
 }
 
@@ -218,6 +270,10 @@ pub struct PlannedFault {
     /// How long the fault lasts (for `relay-reset`, nothing: it is instantaneous).
     pub duration: Duration,
     pub kind: FaultKind,
+    /// In a cluster run, the node a node fault acts on ([`FaultKind::acts_on_a_node`]);
+    /// `None`: `node1` (the only node of a single-node run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<u64>,
 }
 
 /// A menu entry: a fault kind maker and its duration range in milliseconds.
@@ -247,14 +303,38 @@ pub fn plan(seed: u64, window: Duration, menu: &Menu) -> Vec<PlannedFault> {
             at: t,
             duration,
             kind,
+            node: None,
         });
         t += duration + Duration::from_millis(rng.gen_range(1_000..3_000));
     }
     out
 }
 
+/// Names, for every node fault of a cluster run's plan, the node it acts on: one of
+/// `1..=nodes`, drawn from the seed.
+pub fn assign_nodes(plan: &mut [PlannedFault], seed: u64, nodes: u64) {
+    let mut rng = crate::seeded(seed, "fault-nodes");
+    for fault in plan.iter_mut().filter(|f| f.kind.acts_on_a_node()) {
+        fault.node = Some(rng.gen_range(1..=nodes));
+    }
+}
+
+/// Time a cluster node may take to be an active member again after a fault on it healed.
+pub const BACK_IN_SERVICE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Applies a fault. Returns what was done (for the history).
 pub async fn apply(rig: &mut Rig, fault: &PlannedFault) -> Result<String> {
+    rig.aim(fault.node)?;
+    // A fault on a cluster node: the epoch before it, to tell afterwards whether the cluster
+    // reacted (marked it down, moved its shards).
+    rig.fault_epoch = match (&rig.cluster, fault.node) {
+        (Some(cluster), Some(_)) => Some(cluster.view().await?.epoch),
+        _ => None,
+    };
+    apply_kind(rig, fault).await
+}
+
+async fn apply_kind(rig: &mut Rig, fault: &PlannedFault) -> Result<String> {
     let node_host = rig.node().host.clone();
     match &fault.kind {
         FaultKind::KillRestart => {
@@ -387,6 +467,35 @@ pub async fn apply(rig: &mut Rig, fault: &PlannedFault) -> Result<String> {
                 "node wall clock {offset_s:+} s, node restarted (SIGTERM)"
             ))
         }
+        FaultKind::PeerPartition { inbound, outbound } => {
+            for (chain, rule) in peer_rules(*inbound, *outbound) {
+                iptables(&node_host, "-I", chain, &rule).await?;
+            }
+            Ok(format!(
+                "iptables DROP udp port {} ({}) in {}",
+                crate::node::PORT_PEER,
+                fault.kind.describe(),
+                node_host.name
+            ))
+        }
+        FaultKind::PeerChaos {
+            delay_ms,
+            jitter_ms,
+            loss_percent,
+            duplicate_percent,
+            reorder_percent,
+        } => {
+            rig.peer_relay_set(Impairment {
+                delay_ms: *delay_ms,
+                jitter_ms: *jitter_ms,
+                loss: f64::from(*loss_percent) / 100.0,
+                duplicate: f64::from(*duplicate_percent) / 100.0,
+                reorder: f64::from(*reorder_percent) / 100.0,
+                reorder_ms: 40,
+                ..Impairment::default()
+            })?;
+            Ok("peer relay chaos".into())
+        }
         FaultKind::LeaderKill
         | FaultKind::NodeJoin { .. }
         | FaultKind::NodeDrain { .. }
@@ -395,12 +504,57 @@ pub async fn apply(rig: &mut Rig, fault: &PlannedFault) -> Result<String> {
     }
 }
 
+/// The iptables rules (chain, match) of a peer partition. The node's peer endpoint sends and
+/// receives every peer datagram on its one port, so matching that port cuts the peer link and
+/// nothing else.
+fn peer_rules(inbound: bool, outbound: bool) -> Vec<(&'static str, Vec<String>)> {
+    let port = crate::node::PORT_PEER.to_string();
+    let mut rules = Vec::new();
+    if inbound {
+        rules.push((
+            "INPUT",
+            ["-p", "udp", "--dport", &port].map(String::from).to_vec(),
+        ));
+    }
+    if outbound {
+        rules.push((
+            "OUTPUT",
+            ["-p", "udp", "--sport", &port].map(String::from).to_vec(),
+        ));
+    }
+    rules
+}
+
 /// libfiu failure points that make syncing fail (RocksDB syncs its WAL with fdatasync and its
 /// manifest and directories with fsync).
 pub const FSYNC_FAILPOINTS: &[&str] = &["posix/io/sync/fsync", "posix/io/sync/fdatasync"];
 
-/// Heals a fault. Returns what was done.
+/// Heals a fault. Returns what was done. A fault on a cluster node is healed once the node is
+/// an active member again (the detail says whether the cluster had marked it down meanwhile).
 pub async fn heal(rig: &mut Rig, fault: &PlannedFault) -> Result<String> {
+    rig.aim(fault.node)?;
+    let mut detail = heal_kind(rig, fault).await?;
+    if let (Some(cluster), Some(node), Some(before)) = (&rig.cluster, fault.node, rig.fault_epoch) {
+        let (view, took) = cluster
+            .wait_member(node, |s| s == Some("active"), BACK_IN_SERVICE_TIMEOUT)
+            .await?;
+        let reacted = if view.epoch == before {
+            "the cluster did not react".to_string()
+        } else {
+            format!(
+                "epoch {before} -> {} (the cluster marked it down and back)",
+                view.epoch
+            )
+        };
+        detail.push_str(&format!(
+            "; node {node} active {} ms after the heal, {reacted}",
+            took.as_millis()
+        ));
+    }
+    Ok(detail)
+}
+
+async fn heal_kind(rig: &mut Rig, fault: &PlannedFault) -> Result<String> {
     let node_host = rig.node().host.clone();
     match &fault.kind {
         FaultKind::KillRestart | FaultKind::RestartLoop { .. } => {
@@ -470,6 +624,16 @@ pub async fn heal(rig: &mut Rig, fault: &PlannedFault) -> Result<String> {
             rig.set_clock(0)?;
             rig.restart_node().await?;
             Ok("node wall clock real again, node restarted".into())
+        }
+        FaultKind::PeerPartition { inbound, outbound } => {
+            for (chain, rule) in peer_rules(*inbound, *outbound) {
+                iptables(&node_host, "-D", chain, &rule).await?;
+            }
+            Ok("rules removed".into())
+        }
+        FaultKind::PeerChaos { .. } => {
+            rig.peer_relay_set(Impairment::default())?;
+            Ok("peer relay clean".into())
         }
         FaultKind::LeaderKill
         | FaultKind::NodeJoin { .. }

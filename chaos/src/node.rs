@@ -55,6 +55,11 @@ pub struct MemberConfig {
     pub shard_count: u16,
     /// One file for every node of the run: registration reads its codes from it.
     pub codes_file: PathBuf,
+    /// What it tells clients to connect to (redirects), when not its own ws address: a relay
+    /// in front of it.
+    pub advertise_ws: Option<String>,
+    /// What it tells other nodes to reach its peer link on, when not its own: a relay.
+    pub advertise_peer: Option<String>,
 }
 
 impl NodeRole {
@@ -117,6 +122,20 @@ impl NodeProcess {
 
     pub fn quic_url(&self) -> String {
         format!("quic://{}:{PORT_QUIC}", self.host.ip)
+    }
+
+    /// A cluster member advertises `url` to clients instead of its own ws address.
+    pub fn advertise_ws(&mut self, url: &str) {
+        if let NodeRole::Member(member) = &mut self.spec.role {
+            member.advertise_ws = Some(url.to_string());
+        }
+    }
+
+    /// A cluster member advertises `addr` to its peers instead of its own peer address.
+    pub fn advertise_peer(&mut self, addr: &str) {
+        if let NodeRole::Member(member) = &mut self.spec.role {
+            member.advertise_peer = Some(addr.to_string());
+        }
     }
 
     pub fn codes_file(&self) -> PathBuf {
@@ -233,13 +252,16 @@ impl NodeProcess {
                 "--listen-ws".into(),
                 format!("{ip}:{PORT_WS}"),
                 "--advertise-ws".into(),
-                self.ws_url(),
+                member.advertise_ws.clone().unwrap_or_else(|| self.ws_url()),
                 "--listen-admin".into(),
                 format!("{ip}:{PORT_ADMIN}"),
                 "--listen-peer".into(),
                 format!("{ip}:{PORT_PEER}"),
                 "--advertise-peer".into(),
-                format!("{ip}:{PORT_PEER}"),
+                member
+                    .advertise_peer
+                    .clone()
+                    .unwrap_or_else(|| format!("{ip}:{PORT_PEER}")),
                 "--coordinator".into(),
                 member.coordinators.clone(),
                 "--cluster-secret-file".into(),

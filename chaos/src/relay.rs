@@ -340,6 +340,8 @@ async fn udp_relay(
                 continue;
             }
             let upstream = Arc::new(upstream);
+            // Evidence of what passes the relay (a flow lives as long as its client's socket).
+            println!("udp flow {client} -> {target}");
             // Answers from upstream go back to this client.
             let task = tokio::spawn(udp_return(
                 upstream.clone(),

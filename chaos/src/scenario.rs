@@ -156,6 +156,7 @@ fn scripted(
         at: window.mul_f64(fraction),
         duration,
         kind,
+        node: None,
     }
 }
 
@@ -361,6 +362,74 @@ fn mixed_menu() -> Menu {
     menu
 }
 
+fn peer_partition_menu() -> Menu {
+    vec![
+        (
+            |_| FaultKind::PeerPartition {
+                inbound: true,
+                outbound: true,
+            },
+            (1_000, 6_000),
+        ),
+        (
+            |rng| {
+                let inbound = rng.gen_bool(0.5);
+                FaultKind::PeerPartition {
+                    inbound,
+                    outbound: !inbound,
+                }
+            },
+            (1_000, 6_000),
+        ),
+    ]
+}
+
+fn cluster_partition_menu() -> Menu {
+    let mut menu = partition_menu();
+    menu.extend(peer_partition_menu());
+    menu
+}
+
+fn peer_chaos_menu() -> Menu {
+    vec![(
+        |rng| FaultKind::PeerChaos {
+            delay_ms: rng.gen_range(0..=150),
+            jitter_ms: rng.gen_range(0..=150),
+            loss_percent: rng.gen_range(0..=20),
+            duplicate_percent: rng.gen_range(0..=20),
+            reorder_percent: rng.gen_range(0..=30),
+        },
+        (2_000, 6_000),
+    )]
+}
+
+fn cluster_slow_net_menu() -> Menu {
+    let mut menu = relay_tcp_menu();
+    menu.extend(peer_chaos_menu());
+    menu
+}
+
+fn cluster_storage_menu() -> Menu {
+    let mut menu = disk_menu();
+    menu.extend(fsync_menu());
+    menu
+}
+
+fn cluster_mixed_menu() -> Menu {
+    let mut menu = mixed_menu();
+    menu.extend(peer_partition_menu());
+    menu.extend(peer_chaos_menu());
+    menu.extend(leader_kill_menu());
+    menu.push((
+        |_| FaultKind::CoordPartition { node: VICTIM_NODE },
+        (
+            COORD_PARTITION.as_millis() as u64,
+            COORD_PARTITION.as_millis() as u64,
+        ),
+    ));
+    menu
+}
+
 /// Every scenario.
 pub fn catalogue() -> Vec<Scenario> {
     let s = |secs| Duration::from_secs(secs);
@@ -487,6 +556,110 @@ pub fn catalogue() -> Vec<Scenario> {
             schedule: Schedule::Menu(mixed_menu),
         },
         Scenario {
+            name: "cluster-kill-restart",
+            about: "cluster: kill -9 a node (drawn by the seed) and restart it on its data dir, \
+                    also in loops; down longer than 2 s it is marked down and re-activated",
+            needs: Needs {
+                cluster: true,
+                ..Needs::default()
+            },
+            window: s(30),
+            schedule: Schedule::Menu(kill_menu),
+        },
+        Scenario {
+            name: "cluster-pause",
+            about: "cluster: SIGSTOP / SIGCONT a node; paused past its lease it must refuse what \
+                    waited in its sockets, and is marked down and re-activated",
+            needs: Needs {
+                cluster: true,
+                ..Needs::default()
+            },
+            window: s(30),
+            schedule: Schedule::Menu(pause_menu),
+        },
+        Scenario {
+            name: "cluster-partition",
+            about: "cluster: a node cut from its clients (link down, one-way, partial) or from \
+                    its peers (peer link cut one or both ways)",
+            needs: Needs {
+                netns: true,
+                iptables: true,
+                cluster: true,
+                ..Needs::default()
+            },
+            window: s(30),
+            schedule: Schedule::Menu(cluster_partition_menu),
+        },
+        Scenario {
+            name: "cluster-loss",
+            about: "cluster: packet loss and a bandwidth limit on a node's link (clients, peers \
+                    and coordinators alike)",
+            needs: Needs {
+                netns: true,
+                iptables: true,
+                tc: true,
+                cluster: true,
+                ..Needs::default()
+            },
+            window: s(30),
+            schedule: Schedule::Menu(network_menu),
+        },
+        Scenario {
+            name: "cluster-slow-net",
+            about: "cluster: clients reach every node through the TCP relay (delay, jitter, \
+                    resets) and nodes reach each other through the UDP relay (delay, loss, \
+                    duplication, reordering)",
+            needs: Needs {
+                relay: true,
+                cluster: true,
+                ..Needs::default()
+            },
+            window: s(30),
+            schedule: Schedule::Menu(cluster_slow_net_menu),
+        },
+        Scenario {
+            name: "cluster-storage",
+            about: "cluster: a node's disk fills up (tmpfs) or its fsyncs fail (libfiu); it must \
+                    refuse, not ack and lose, also what other nodes forward to it",
+            needs: Needs {
+                netns: true,
+                fiu: true,
+                cluster: true,
+                ..Needs::default()
+            },
+            window: s(30),
+            schedule: Schedule::Menu(cluster_storage_menu),
+        },
+        Scenario {
+            name: "cluster-clock-skew",
+            about: "cluster: a node restarts with its wall clock hours to days off (libfaketime), \
+                    then on the real one, while the others keep the real time",
+            needs: Needs {
+                faketime: true,
+                cluster: true,
+                ..Needs::default()
+            },
+            window: s(30),
+            schedule: Schedule::Menu(clock_menu),
+        },
+        Scenario {
+            name: "cluster-mixed",
+            about: "cluster: every node fault above on a node drawn by the seed, peer-link cuts \
+                    and chaos, coordinator leader kills, one after another",
+            needs: Needs {
+                netns: true,
+                iptables: true,
+                tc: true,
+                fiu: true,
+                faketime: true,
+                relay: true,
+                cluster: true,
+                ..Needs::default()
+            },
+            window: s(60),
+            schedule: Schedule::Menu(cluster_mixed_menu),
+        },
+        Scenario {
             name: "leader-kill",
             about: "kill -9 the coordinator leader again and again (restarted after 2-5 s); the \
                     nodes keep serving",
@@ -563,6 +736,10 @@ pub struct Rig {
     /// The nodes: `node1` first (the node the single-node faults act on), then, in a cluster,
     /// the other members, by node id.
     pub nodes: Vec<NodeProcess>,
+    /// The index in [`Rig::nodes`] of the node the current fault acts on ([`Rig::aim`]).
+    target: usize,
+    /// The cluster's epoch when the current fault on a cluster node was applied.
+    pub fault_epoch: Option<u64>,
     /// The coordinator replicas and how to reach them (cluster scenarios).
     pub cluster: Option<Cluster>,
     pub history: Arc<HistoryWriter>,
@@ -571,22 +748,32 @@ pub struct Rig {
     pub run_dir: PathBuf,
     relay_control: Option<PathBuf>,
     relay_reset: u64,
-    relay: Option<(Child, ProcId)>,
+    /// The control file of the peer relay, through which the nodes of a cluster reach each
+    /// other when the plan impairs their links.
+    peer_relay_control: Option<PathBuf>,
+    /// The relay processes (clients' and peers').
+    relays: Vec<(Child, ProcId)>,
     workloads: Vec<(String, Child, ProcId)>,
-    faketime_file: Option<PathBuf>,
-    tmpfs: Option<PathBuf>,
+    /// Our tmpfs data dirs.
+    tmpfs: Vec<PathBuf>,
     /// What the setup observed, for the report (users per node in a cluster).
     notes: Vec<String>,
 }
 
 impl Rig {
-    /// `node1`: the node single-node faults act on.
+    /// The node the current fault acts on: `node1` unless [`Rig::aim`] named another.
     pub fn node(&self) -> &NodeProcess {
-        &self.nodes[0]
+        &self.nodes[self.target]
     }
 
     pub fn node_mut(&mut self) -> &mut NodeProcess {
-        &mut self.nodes[0]
+        &mut self.nodes[self.target]
+    }
+
+    /// Makes node `node_id` (`None`: node 1) the one [`Rig::node`] and the node faults act on.
+    pub fn aim(&mut self, node_id: Option<u64>) -> Result<()> {
+        self.target = self.node_index(node_id.unwrap_or(1))?;
+        Ok(())
     }
 
     /// The index in [`Rig::nodes`] of the node with this cluster node id.
@@ -617,11 +804,18 @@ impl Rig {
 
     pub async fn kill_node(&mut self) {
         self.process_event("kill", "SIGKILL");
-        self.nodes[0].kill9(&self.net).await;
+        let target = self.target;
+        self.nodes[target].kill9(&self.net).await;
     }
 
+    /// Starts the node the current fault acts on (a cluster member: and records it as ready).
     pub async fn start_node(&mut self) -> Result<()> {
-        let pid = self.nodes[0].start(&self.net).await?;
+        if self.cluster.is_some() {
+            self.start_member(self.target).await?;
+            return Ok(());
+        }
+        let target = self.target;
+        let pid = self.nodes[target].start(&self.net).await?;
         self.history.record(Event::Process {
             node: self.node().spec.name.clone(),
             action: "ready".into(),
@@ -649,16 +843,18 @@ impl Rig {
     /// Restarts the node gracefully (SIGTERM, then start on the same data dir).
     pub async fn restart_node(&mut self) -> Result<()> {
         self.process_event("term", "SIGTERM");
-        self.nodes[0].terminate(&self.net).await;
+        let target = self.target;
+        self.nodes[target].terminate(&self.net).await;
         self.start_node().await
     }
 
     /// The hosts whose links a bandwidth limit shapes: the node's, and the clients'.
     pub fn shaped_hosts(&self) -> Vec<Host> {
+        let node = &self.node().spec.name;
         self.net
             .hosts
             .iter()
-            .filter(|h| h.name == "node1" || h.name.starts_with("client"))
+            .filter(|h| &h.name == node || h.name.starts_with("client"))
             .cloned()
             .collect()
     }
@@ -677,10 +873,20 @@ impl Rig {
         self.relay_set(Impairment::default())
     }
 
+    /// What the peer relay does to node-to-node datagrams from now on.
+    pub fn peer_relay_set(&mut self, impairment: Impairment) -> Result<()> {
+        let path = self
+            .peer_relay_control
+            .clone()
+            .context("this run has no peer relay")?;
+        relay::write_control(&path, &impairment)
+    }
+
     /// Moves the node's wall clock `offset_s` seconds from the real time (libfaketime re-reads
     /// its file every second).
     pub fn set_clock(&mut self, offset_s: i64) -> Result<()> {
         let path = self
+            .node()
             .faketime_file
             .clone()
             .context("this node does not run under libfaketime")?;
@@ -699,7 +905,7 @@ impl Rig {
                 let _ = child.wait().await;
             }
         }
-        if let Some((mut child, id)) = self.relay.take() {
+        for (mut child, id) in std::mem::take(&mut self.relays) {
             id.signal_group(nix::sys::signal::Signal::SIGKILL);
             let _ = child.wait().await;
         }
@@ -712,7 +918,7 @@ impl Rig {
         if let Some(cluster) = &mut self.cluster {
             cluster.stop(&self.net).await;
         }
-        if let Some(mount) = self.tmpfs.take() {
+        for mount in std::mem::take(&mut self.tmpfs) {
             crate::hosts::unmount(&mount).await;
             self.net.untrack_mount(&mount);
         }
@@ -848,7 +1054,10 @@ async fn run_inner(scenario: &Scenario, opts: &RunOptions, mode: Mode) -> Result
         .unwrap_or_else(|| default_run_dir(scenario.name, seed));
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let run_dir = run_dir.canonicalize()?;
-    let plan = scenario.schedule.plan(seed, window);
+    let mut plan = scenario.schedule.plan(seed, window);
+    if scenario.needs.cluster {
+        faults::assign_nodes(&mut plan, seed, cluster::NODES);
+    }
     if mode == Mode::Loopback {
         if let Some(f) = plan.iter().find(|f| needs_netns(&f.kind)) {
             bail!("fault {} needs network namespaces (root)", f.kind.name());
@@ -886,7 +1095,11 @@ async fn run_inner(scenario: &Scenario, opts: &RunOptions, mode: Mode) -> Result
     if scenario.needs.cluster {
         names.push("ops".into());
     }
-    if scenario.needs.relay || plan.iter().any(|f| uses_relay(&f.kind)) {
+    if scenario.needs.relay
+        || plan
+            .iter()
+            .any(|f| uses_relay(&f.kind) || matches!(f.kind, FaultKind::PeerChaos { .. }))
+    {
         names.push("relay".into());
     }
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -952,12 +1165,14 @@ async fn run_inner(scenario: &Scenario, opts: &RunOptions, mode: Mode) -> Result
         history: history.clone(),
         rng: crate::seeded(seed, "fault-internals"),
         run_dir: run_dir.clone(),
+        target: 0,
+        fault_epoch: None,
         relay_control: None,
         relay_reset: 0,
-        relay: None,
+        peer_relay_control: None,
+        relays: Vec::new(),
         workloads: Vec::new(),
-        faketime_file: None,
-        tmpfs: None,
+        tmpfs: Vec::new(),
         notes: Vec::new(),
     };
     let result = drive(&mut rig, scenario, opts, window, &plan, clock).await;
@@ -1107,6 +1322,7 @@ fn needs_netns(kind: &FaultKind) -> bool {
             | FaultKind::Bandwidth { .. }
             | FaultKind::DiskFull { .. }
             | FaultKind::CoordPartition { .. }
+            | FaultKind::PeerPartition { .. }
     )
 }
 
@@ -1149,7 +1365,7 @@ async fn drive(
 ) -> Result<u64> {
     let run_dir = rig.run_dir.clone();
     let entry = if rig.cluster.is_some() {
-        start_cluster(rig).await?
+        start_cluster(rig, scenario, opts, plan).await?
     } else {
         start_dev_node(rig, scenario, opts, plan).await?
     };
@@ -1242,7 +1458,7 @@ async fn drive(
     for fault in plan {
         tokio::time::sleep_until(start + fault.at).await;
         check_workloads(rig)?;
-        let target = fault_target(&fault.kind);
+        let target = fault_target(fault);
         // The window opens before the fault is applied and closes after it healed, so it
         // covers every moment the fault could act.
         rig.history.record(Event::Fault {
@@ -1296,36 +1512,8 @@ async fn start_dev_node(
     opts: &RunOptions,
     plan: &[PlannedFault],
 ) -> Result<Entry> {
-    let run_dir = rig.run_dir.clone();
     let data_dir = rig.node().spec.data_dir.clone();
-    std::fs::create_dir_all(&data_dir)?;
-    if plan.iter().any(|f| f.kind.needs_tmpfs()) {
-        rig.net.track_mount(&data_dir)?;
-        let shown = data_dir.display().to_string();
-        sys::run(
-            "mount",
-            &[
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={TMPFS_SIZE}"),
-                "tmpfs",
-                &shown,
-            ],
-        )
-        .await?;
-        rig.tmpfs = Some(data_dir.clone());
-    }
-    if scenario.needs.faketime
-        || plan
-            .iter()
-            .any(|f| matches!(f.kind, FaultKind::ClockSkew { .. }))
-    {
-        let file = run_dir.join("faketime");
-        std::fs::write(&file, "+0\n")?;
-        rig.faketime_file = Some(file.clone());
-        rig.node_mut().faketime_file = Some(file.clone());
-    }
+    prepare_nodes(rig, scenario, plan).await?;
     let relay_ip = rig
         .net
         .hosts
@@ -1347,30 +1535,17 @@ async fn start_dev_node(
     let node_ip = rig.node().host.ip;
     let mut url = rig.node().ws_url();
     if let Some(relay_ip) = relay_ip {
-        let control = run_dir.join("relay.json");
-        relay::write_control(&control, &Impairment::default())?;
-        let argv: Vec<String> = vec![
-            opts.self_bin.display().to_string(),
-            "relay".into(),
-            "--tcp".into(),
-            format!("{relay_ip}:{}={node_ip}:{}", node::PORT_WS, node::PORT_WS),
-            "--udp".into(),
-            format!(
-                "{relay_ip}:{}={node_ip}:{}",
-                node::PORT_QUIC,
-                node::PORT_QUIC
-            ),
-            "--control".into(),
-            control.display().to_string(),
-            "--seed".into(),
-            opts.seed.to_string(),
-        ];
-        let log = run_dir.join("relay.log");
-        let host = rig.net.host("relay").clone();
-        let (child, id) = spawn_on(&rig.net, &host, "relay", &argv, &log)?;
-        rig.relay = Some((child, id));
-        rig.relay_control = Some(control);
-        wait_for_line(&log, "relay ready", Duration::from_secs(15)).await?;
+        let tcp = vec![format!(
+            "{relay_ip}:{}={node_ip}:{}",
+            node::PORT_WS,
+            node::PORT_WS
+        )];
+        let udp = vec![format!(
+            "{relay_ip}:{}={node_ip}:{}",
+            node::PORT_QUIC,
+            node::PORT_QUIC
+        )];
+        rig.relay_control = Some(start_relay(rig, opts, "relay", &tcp, &udp).await?);
         url = if scenario.needs.quic {
             format!("quic://{relay_ip}:{}", node::PORT_QUIC)
         } else {
@@ -1387,10 +1562,129 @@ async fn start_dev_node(
     })
 }
 
+/// Gets the data dirs and clocks of the nodes ready for the plan's faults: a tmpfs of
+/// [`TMPFS_SIZE`] as the data dir for `disk-full`, a libfaketime file of its own for the clock
+/// faults. In a cluster every node gets them (the seed picks which one a fault hits).
+async fn prepare_nodes(rig: &mut Rig, scenario: &Scenario, plan: &[PlannedFault]) -> Result<()> {
+    let tmpfs = plan.iter().any(|f| f.kind.needs_tmpfs());
+    let faketime = scenario.needs.faketime
+        || plan
+            .iter()
+            .any(|f| matches!(f.kind, FaultKind::ClockSkew { .. }));
+    for index in 0..rig.nodes.len() {
+        let data_dir = rig.nodes[index].spec.data_dir.clone();
+        std::fs::create_dir_all(&data_dir)?;
+        if tmpfs {
+            rig.net.track_mount(&data_dir)?;
+            let shown = data_dir.display().to_string();
+            let size = format!("size={TMPFS_SIZE}");
+            sys::run("mount", &["-t", "tmpfs", "-o", &size, "tmpfs", &shown]).await?;
+            rig.tmpfs.push(data_dir);
+        }
+        if faketime {
+            let file = rig
+                .run_dir
+                .join(format!("faketime-{}", rig.nodes[index].spec.name));
+            std::fs::write(&file, "+0\n")?;
+            rig.nodes[index].faketime_file = Some(file);
+        }
+    }
+    Ok(())
+}
+
+/// Starts a relay (`ringpost-chaos relay`) named `name` on the `relay` host with these routes
+/// (`LISTEN=TARGET`) and a clean control file; waits until it listens. Returns the control
+/// file.
+async fn start_relay(
+    rig: &mut Rig,
+    opts: &RunOptions,
+    name: &str,
+    tcp: &[String],
+    udp: &[String],
+) -> Result<PathBuf> {
+    let control = rig.run_dir.join(format!("{name}.json"));
+    relay::write_control(&control, &Impairment::default())?;
+    let mut argv: Vec<String> = vec![opts.self_bin.display().to_string(), "relay".into()];
+    for route in tcp {
+        argv.extend(["--tcp".to_string(), route.clone()]);
+    }
+    for route in udp {
+        argv.extend(["--udp".to_string(), route.clone()]);
+    }
+    argv.extend([
+        "--control".into(),
+        control.display().to_string(),
+        "--seed".into(),
+        // Each relay its own random stream (the clients' relay the run's seed).
+        if name == "relay" {
+            opts.seed
+        } else {
+            opts.seed ^ 0x9e37_79b9_7f4a_7c15
+        }
+        .to_string(),
+    ]);
+    let log = rig.run_dir.join(format!("{name}.log"));
+    let host = rig.net.host("relay").clone();
+    let spawned = spawn_on(&rig.net, &host, name, &argv, &log)?;
+    rig.relays.push(spawned);
+    wait_for_line(&log, "relay ready", Duration::from_secs(15)).await?;
+    Ok(control)
+}
+
 /// The coordinator replicas, `init`, and the first [`cluster::NODES`] nodes: where the
 /// workload connects (`client1` through node 1, `client2` through node 2).
-async fn start_cluster(rig: &mut Rig) -> Result<Entry> {
+///
+/// With a client relay, every node advertises (for redirects) the relay's port that leads to
+/// it, so every client connection passes the relay; with a peer relay, every node advertises
+/// its peer address the same way, so every node-to-node datagram passes it.
+async fn start_cluster(
+    rig: &mut Rig,
+    scenario: &Scenario,
+    opts: &RunOptions,
+    plan: &[PlannedFault],
+) -> Result<Entry> {
     let run_dir = rig.run_dir.clone();
+    prepare_nodes(rig, scenario, plan).await?;
+    let client_relay = scenario.needs.relay || plan.iter().any(|f| uses_relay(&f.kind));
+    let peer_relay = plan
+        .iter()
+        .any(|f| matches!(f.kind, FaultKind::PeerChaos { .. }));
+    let relay_ip = rig
+        .net
+        .hosts
+        .iter()
+        .find(|h| h.name == "relay")
+        .map(|h| h.ip);
+    let mut client_urls = Vec::new();
+    if let (true, Some(relay_ip)) = (client_relay, relay_ip) {
+        let mut tcp = Vec::new();
+        for node in &mut rig.nodes {
+            let id = node.node_id();
+            let port = node::PORT_WS + id as u16;
+            tcp.push(format!(
+                "{relay_ip}:{port}={}:{}",
+                node.host.ip,
+                node::PORT_WS
+            ));
+            let url = format!("ws://{relay_ip}:{port}");
+            node.advertise_ws(&url);
+            client_urls.push((id, url));
+        }
+        rig.relay_control = Some(start_relay(rig, opts, "relay", &tcp, &[]).await?);
+    }
+    if let (true, Some(relay_ip)) = (peer_relay, relay_ip) {
+        let mut udp = Vec::new();
+        for node in &mut rig.nodes {
+            let port = node::PORT_PEER + node.node_id() as u16;
+            udp.push(format!(
+                "{relay_ip}:{port}={}:{}",
+                node.host.ip,
+                node::PORT_PEER
+            ));
+            node.advertise_peer(&format!("{relay_ip}:{port}"));
+        }
+        rig.peer_relay_control = Some(start_relay(rig, opts, "peer-relay", &[], &udp).await?);
+    }
     let cluster = rig.cluster.as_mut().context("not a cluster run")?;
     // The secret is the run's own (the namespaces are the only ones that can reach it anyway).
     let secret = format!(
@@ -1437,7 +1731,12 @@ async fn start_cluster(rig: &mut Rig) -> Result<Entry> {
             view.describe()
         ));
     }
-    let node = |id: u64| -> Result<String> { Ok(rig.nodes[rig.node_index(id)?].ws_url()) };
+    let node = |id: u64| -> Result<String> {
+        if let Some((_, url)) = client_urls.iter().find(|(n, _)| *n == id) {
+            return Ok(url.clone());
+        }
+        Ok(rig.nodes[rig.node_index(id)?].ws_url())
+    };
     Ok(Entry {
         client1: node(1)?,
         client2: node(2)?,
@@ -1465,19 +1764,22 @@ fn users_by_node(credentials: &[crate::workload::Credential]) -> String {
     parts.join("; ")
 }
 
-fn fault_target(kind: &FaultKind) -> String {
-    match kind {
-        FaultKind::PartialPartition { host } => format!("node1<->{host}"),
+fn fault_target(fault: &PlannedFault) -> String {
+    let node = format!("node{}", fault.node.unwrap_or(1));
+    match &fault.kind {
+        FaultKind::PartialPartition { host } => format!("{node}<->{host}"),
         FaultKind::Delay { .. } | FaultKind::RelayReset | FaultKind::UdpChaos { .. } => {
             "relay".into()
         }
-        FaultKind::Bandwidth { .. } => "node1,client1,client2".into(),
+        FaultKind::PeerChaos { .. } => "peer-relay".into(),
+        FaultKind::PeerPartition { .. } => format!("{node}<->peers"),
+        FaultKind::Bandwidth { .. } => format!("{node},client1,client2"),
         FaultKind::LeaderKill => "coordinator leader".into(),
         FaultKind::NodeJoin { node }
         | FaultKind::NodeDrain { node }
         | FaultKind::NodeLoss { node, .. } => format!("node{node}"),
         FaultKind::CoordPartition { node } => format!("node{node}<->coord1,coord2,coord3"),
-        _ => "node1".into(),
+        _ => node,
     }
 }
 
@@ -1780,7 +2082,25 @@ mod tests {
         for s in all.iter().filter(|s| s.needs.cluster) {
             let plan = s.schedule.plan(1, s.window);
             assert!(!plan.is_empty(), "{} plans nothing", s.name);
-            assert!(plan.iter().all(|f| f.kind.is_membership()), "{}", s.name);
+        }
+        // Every single-node fault scenario has a cluster counterpart.
+        for s in all.iter().filter(|s| !s.needs.cluster && s.name != "smoke") {
+            let kinds: std::collections::BTreeSet<&str> = (1..20)
+                .flat_map(|seed| s.schedule.plan(seed, s.window))
+                .map(|f| f.kind.name())
+                .collect();
+            for kind in kinds {
+                // QUIC through the relay: the cluster's nodes speak ws only.
+                if kind == "udp-chaos" {
+                    continue;
+                }
+                let covered = all.iter().filter(|c| c.needs.cluster).any(|c| {
+                    (1..20)
+                        .flat_map(|seed| c.schedule.plan(seed, c.window))
+                        .any(|f| f.kind.name() == kind)
+                });
+                assert!(covered, "{kind} (from {}) never runs in a cluster", s.name);
+            }
         }
     }
 
@@ -1809,6 +2129,24 @@ mod tests {
                 FaultKind::NodeJoin { node: VICTIM_NODE },
             ]
         );
+    }
+
+    #[test]
+    fn cluster_node_faults_name_a_node_and_the_others_do_not() {
+        let mixed = find("cluster-mixed").unwrap();
+        let mut targets = std::collections::BTreeSet::new();
+        for seed in 1..10 {
+            let mut plan = mixed.schedule.plan(seed, mixed.window);
+            faults::assign_nodes(&mut plan, seed, cluster::NODES);
+            let mut again = mixed.schedule.plan(seed, mixed.window);
+            faults::assign_nodes(&mut again, seed, cluster::NODES);
+            assert_eq!(plan, again, "the seed fixes the targets");
+            for f in &plan {
+                assert_eq!(f.node.is_some(), f.kind.acts_on_a_node(), "{f:?}");
+                targets.extend(f.node);
+            }
+        }
+        assert_eq!(targets, (1..=cluster::NODES).collect());
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //!
 //! Needs `ringpost-node` and `ringpost-coordinator` next to `ringpost-chaos` (`make test`
 //! builds every binary first) or `RINGPOST_NODE_BIN` / `RINGPOST_COORDINATOR_BIN`. About 15 s.
+//!
+//! Also `cluster-slow-net` (below): the same cluster with every link through the relays.
 
 #[path = "support/harness.rs"]
 mod harness;
@@ -96,4 +98,60 @@ fn join_drain_in_loopback_mode_loses_nothing() {
     }
     let state = ringpost_chaos::hosts::state_dir().join(format!("rpc-{}.json", guard.pid()));
     assert!(!state.exists(), "state file left: {}", state.display());
+}
+
+/// `cluster-slow-net` in loopback mode: every client connection and every node-to-node datagram
+/// passes a relay (the nodes advertise the relays' addresses), the peer relay delays, drops,
+/// duplicates and reorders the peer link's datagrams, the client relay resets every
+/// connection. Nothing acked may be lost, duplicated, reordered or leaked. About 20 s.
+#[test]
+fn cluster_slow_net_in_loopback_mode_runs_every_link_through_the_relays() {
+    let dir = tempfile::tempdir().unwrap();
+    let report_path = dir.path().join("report.json");
+    let run_dir = dir.path().join("run");
+    let mut cmd = Command::new(chaos_bin());
+    // Seed 1 in 12 s plans peer chaos, then a reset of every client connection.
+    cmd.args([
+        "run",
+        "cluster-slow-net",
+        "--seed",
+        "1",
+        "--duration",
+        "12s",
+        "--loopback",
+        "--json",
+    ])
+    .arg(&report_path)
+    .arg("--run-dir")
+    .arg(&run_dir)
+    .arg("--node-bin")
+    .arg(node_bin())
+    .arg("--coordinator-bin")
+    .arg(coordinator_bin());
+    let (_guard, report, shown) =
+        run_with_report(cmd, "cluster-slow-net", &report_path, RUN_TIMEOUT);
+    assert_eq!(report["verdict"], "pass", "{shown}");
+    let counts = &report["counts"];
+    let n = |k: &str| counts[k].as_u64().unwrap_or_else(|| panic!("{k}: {shown}"));
+    assert!(n("acked") > 100, "{shown}");
+    for k in ["lost", "duplicated", "reordered", "leaked", "phantom"] {
+        assert_eq!(n(k), 0, "{k}: {shown}");
+    }
+    assert_eq!(n("delivered"), n("expected_deliveries"), "{shown}");
+    let kinds: Vec<&str> = report["faults"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["peer-chaos", "relay-reset"], "{shown}");
+
+    // Every node's peer link was reached through the peer relay (a flow per dialing node).
+    let peer_log = std::fs::read_to_string(run_dir.join("peer-relay.log")).unwrap();
+    let targets: std::collections::BTreeSet<&str> = peer_log
+        .lines()
+        .filter_map(|l| l.strip_prefix("udp flow "))
+        .filter_map(|l| l.split(" -> ").nth(1))
+        .collect();
+    assert_eq!(targets.len(), 3, "one target per node: {peer_log}");
 }
