@@ -1,6 +1,6 @@
 //! Admin HTTP on its own port: `/metrics` (Prometheus text format), `/healthz` (the process is
 //! up), `/readyz` (accepting clients: an active member holding a lease that has taken over every
-//! shard it owns, not shutting down). A deliberately tiny
+//! shard it owns, whose storage takes writes, not shutting down). A deliberately tiny
 //! HTTP/1.1 responder: one request per connection, bounded head, bounded time.
 
 use std::sync::Arc;
