@@ -428,15 +428,13 @@ async fn apply_kind(rig: &mut Rig, fault: &PlannedFault) -> Result<String> {
             reorder_percent,
             jitter_ms,
         } => {
-            rig.relay_set(Impairment {
-                delay_ms: 2,
-                jitter_ms: *jitter_ms,
-                loss: f64::from(*loss_percent) / 100.0,
-                duplicate: f64::from(*duplicate_percent) / 100.0,
-                reorder: f64::from(*reorder_percent) / 100.0,
-                reorder_ms: 40,
-                ..Impairment::default()
-            })?;
+            rig.relay_set(datagram_chaos(
+                2,
+                *jitter_ms,
+                *loss_percent,
+                *duplicate_percent,
+                *reorder_percent,
+            ))?;
             Ok("relay udp chaos".into())
         }
         FaultKind::DiskFull { .. } => {
@@ -485,15 +483,13 @@ async fn apply_kind(rig: &mut Rig, fault: &PlannedFault) -> Result<String> {
             duplicate_percent,
             reorder_percent,
         } => {
-            rig.peer_relay_set(Impairment {
-                delay_ms: *delay_ms,
-                jitter_ms: *jitter_ms,
-                loss: f64::from(*loss_percent) / 100.0,
-                duplicate: f64::from(*duplicate_percent) / 100.0,
-                reorder: f64::from(*reorder_percent) / 100.0,
-                reorder_ms: 40,
-                ..Impairment::default()
-            })?;
+            rig.peer_relay_set(datagram_chaos(
+                *delay_ms,
+                *jitter_ms,
+                *loss_percent,
+                *duplicate_percent,
+                *reorder_percent,
+            ))?;
             Ok("peer relay chaos".into())
         }
         FaultKind::LeaderKill
@@ -501,6 +497,27 @@ async fn apply_kind(rig: &mut Rig, fault: &PlannedFault) -> Result<String> {
         | FaultKind::NodeDrain { .. }
         | FaultKind::NodeLoss { .. }
         | FaultKind::CoordPartition { .. } => membership::apply(rig, &fault.kind).await,
+    }
+}
+
+/// What a relay does to datagrams in `udp-chaos` and `peer-chaos`: a delay plus jitter, and
+/// shares (in percent) lost, duplicated and held back 40 ms (reordered).
+fn datagram_chaos(
+    delay_ms: u32,
+    jitter_ms: u32,
+    loss: u32,
+    duplicate: u32,
+    reorder: u32,
+) -> Impairment {
+    let share = |percent: u32| f64::from(percent) / 100.0;
+    Impairment {
+        delay_ms,
+        jitter_ms,
+        loss: share(loss),
+        duplicate: share(duplicate),
+        reorder: share(reorder),
+        reorder_ms: 40,
+        ..Impairment::default()
     }
 }
 

@@ -11,10 +11,9 @@
 #[path = "support/harness.rs"]
 mod harness;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use harness::{chaos_bin, coordinator_bin, node_bin, run_with_report};
+use harness::{loopback_cluster_run, run_with_report};
 
 /// The whole run (about 15 s), bounded generously for a busy machine.
 const RUN_TIMEOUT: Duration = Duration::from_secs(150);
@@ -25,24 +24,7 @@ fn join_drain_in_loopback_mode_loses_nothing() {
     let report_path = dir.path().join("report.json");
     let run_dir = dir.path().join("run");
     let started = Instant::now();
-    let mut cmd = Command::new(chaos_bin());
-    cmd.args([
-        "run",
-        "join-drain",
-        "--seed",
-        "20251124",
-        "--duration",
-        "10s",
-        "--loopback",
-        "--json",
-    ])
-    .arg(&report_path)
-    .arg("--run-dir")
-    .arg(&run_dir)
-    .arg("--node-bin")
-    .arg(node_bin())
-    .arg("--coordinator-bin")
-    .arg(coordinator_bin());
+    let cmd = loopback_cluster_run("join-drain", "20251124", "10s", &report_path, &run_dir);
     let (guard, report, shown) = run_with_report(cmd, "join-drain", &report_path, RUN_TIMEOUT);
     let elapsed = started.elapsed();
     assert_eq!(report["verdict"], "pass", "{shown}");
@@ -109,25 +91,8 @@ fn cluster_slow_net_in_loopback_mode_runs_every_link_through_the_relays() {
     let dir = tempfile::tempdir().unwrap();
     let report_path = dir.path().join("report.json");
     let run_dir = dir.path().join("run");
-    let mut cmd = Command::new(chaos_bin());
     // Seed 1 in 12 s plans peer chaos, then a reset of every client connection.
-    cmd.args([
-        "run",
-        "cluster-slow-net",
-        "--seed",
-        "1",
-        "--duration",
-        "12s",
-        "--loopback",
-        "--json",
-    ])
-    .arg(&report_path)
-    .arg("--run-dir")
-    .arg(&run_dir)
-    .arg("--node-bin")
-    .arg(node_bin())
-    .arg("--coordinator-bin")
-    .arg(coordinator_bin());
+    let cmd = loopback_cluster_run("cluster-slow-net", "1", "12s", &report_path, &run_dir);
     let (_guard, report, shown) =
         run_with_report(cmd, "cluster-slow-net", &report_path, RUN_TIMEOUT);
     assert_eq!(report["verdict"], "pass", "{shown}");

@@ -37,6 +37,30 @@ pub fn coordinator_bin() -> PathBuf {
     workspace_bin("ringpost-coordinator", "RINGPOST_COORDINATOR_BIN")
 }
 
+/// `ringpost-chaos run SCENARIO --seed S --duration D --loopback` with a cluster's binaries,
+/// its JSON report at `report` and its run dir at `run_dir`.
+#[allow(dead_code)] // the cluster tests use it, the smoke test does not
+pub fn loopback_cluster_run(
+    scenario: &str,
+    seed: &str,
+    duration: &str,
+    report: &Path,
+    run_dir: &Path,
+) -> Command {
+    let mut cmd = Command::new(chaos_bin());
+    cmd.args(["run", scenario, "--seed", seed, "--duration", duration])
+        .arg("--loopback")
+        .arg("--json")
+        .arg(report)
+        .arg("--run-dir")
+        .arg(run_dir)
+        .arg("--node-bin")
+        .arg(node_bin())
+        .arg("--coordinator-bin")
+        .arg(coordinator_bin());
+    cmd
+}
+
 /// Starts a `ringpost-chaos run ...` command (stdin closed), waits up to `limit` for it, and
 /// reads the JSON report it wrote to `report_path`. Returns the guard (the run's pid names its
 /// state), the report and its pretty text, once the run exited successfully.
