@@ -1,6 +1,7 @@
 //! The connection driver shared by every transport: it moves frames between a [`Transport`] and
 //! a [`Session`], executes the session's requests on the [`Server`], delivers inbox entries
-//! inside the session's window, and closes when asked (replaced, reaped, shutting down).
+//! inside the session's window (the ones handed to it as they are stored, else read from the
+//! inbox), and closes when asked (replaced, reaped, shutting down).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -8,12 +9,12 @@ use std::task::Poll;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use futures::stream::{FuturesOrdered, StreamExt};
+use futures::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
 use ringpost_wire::{ErrorCode, Frame};
 use tracing::{debug, warn};
 
 use crate::metrics::Transport as TransportKind;
-use crate::registry::{CloseReason, ConnShared};
+use crate::registry::{CloseReason, ConnShared, Handed};
 use crate::server::Server;
 use crate::session::{self, Answer, Peer, Session, Step, REQUESTS_IN_FLIGHT_MAX};
 use crate::transport::{Transport, TransportError};
@@ -23,6 +24,7 @@ use crate::transport::{Transport, TransportError};
 pub const MOVED_RECONNECT_AFTER_MS: u32 = 50;
 
 type Pending = FuturesOrdered<BoxFuture<'static, (u32, Answer)>>;
+type Acks = FuturesUnordered<BoxFuture<'static, (u32, Answer)>>;
 
 /// What the connection loop should do after handling an event.
 enum Flow {
@@ -45,6 +47,7 @@ pub async fn serve<T: Transport>(server: Arc<Server>, mut transport: T, kind: Tr
         shared: shared.clone(),
         out: VecDeque::new(),
         pending: None,
+        acks: None,
         bound: None,
     };
     let flow = conn.run(&mut transport).await;
@@ -69,6 +72,10 @@ struct Conn {
     /// Requests executing, answered in the order they arrived (so `SendAck`s go out in commit
     /// order). Allocated only while there are some.
     pending: Option<Box<Pending>>,
+    /// Acks executing. Nothing waits for them, so they are not in line with `pending` (a
+    /// `SendAck` never queues behind an ack); only a failure is answered. Allocated only while
+    /// there are some.
+    acks: Option<Box<Acks>>,
     /// The device this connection is bound to in the registry.
     bound: Option<(u64, u32)>,
 }
@@ -94,11 +101,16 @@ impl Conn {
             if self.session.is_closed() {
                 return Flow::Close(None);
             }
-            let in_flight = self.pending.as_ref().map_or(0, |p| p.len());
+            let answers = self.pending.as_ref().map_or(0, |p| p.len());
+            let acks = self.acks.as_ref().map_or(0, |a| a.len());
+            let in_flight = answers + acks;
             let flow = tokio::select! {
                 biased;
                 _ = self.shared.notified() => self.handle_notified(),
-                Some((req, answer)) = next_answer(&mut self.pending), if in_flight > 0 => {
+                Some((req, answer)) = next_answer(&mut self.pending), if answers > 0 => {
+                    self.handle_answer(req, answer)
+                }
+                Some((req, answer)) = next_ack(&mut self.acks), if acks > 0 => {
                     self.handle_answer(req, answer)
                 }
                 read = transport.next_frame(), if in_flight < REQUESTS_IN_FLIGHT_MAX => {
@@ -240,6 +252,29 @@ impl Conn {
                         }
                     }
                 }
+                Step::Ack {
+                    req,
+                    user,
+                    device,
+                    seqs,
+                } => {
+                    let fut = self.server.ack(user, device, seqs);
+                    let acks = self
+                        .acks
+                        .get_or_insert_with(|| Box::new(FuturesUnordered::new()));
+                    acks.push(Box::pin(async move { (req, fut.await) }));
+                    // Poll once now so the ack reaches the inbox writer's queue in frame order.
+                    if let Poll::Ready(Some((req, answer))) =
+                        futures::FutureExt::now_or_never(std::future::poll_fn(|cx| {
+                            Poll::Ready(acks.poll_next_unpin(cx))
+                        }))
+                        .unwrap_or(Poll::Pending)
+                    {
+                        if let Flow::Close(e) = self.handle_answer(req, answer) {
+                            return Flow::Close(e);
+                        }
+                    }
+                }
                 Step::Close(frame) => {
                     let message = match &frame.body {
                         ringpost_wire::Body::Error(e) => e.message.clone(),
@@ -259,39 +294,47 @@ impl Conn {
         if self.pending.as_ref().is_some_and(|p| p.is_empty()) {
             self.pending = None;
         }
+        if self.acks.as_ref().is_some_and(|a| a.is_empty()) {
+            self.acks = None;
+        }
         Flow::Continue
     }
 
-    /// Reads and queues inbox entries while the session's window has room.
+    /// Queues inbox entries while the session's window has room: those handed to this
+    /// connection as they were stored when they continue its cursor, else read from the inbox.
     fn deliver(&mut self) -> Flow {
         let Peer::Device { user, device } = self.session.peer() else {
             return Flow::Continue;
         };
         while let Some((after, limit)) = self.session.poll_fetch() {
-            match self.server.read_deliveries(user, device, after, limit) {
-                Ok(frames) => {
-                    let seqs: Vec<u64> = frames
-                        .iter()
-                        .filter_map(|f| match &f.body {
-                            ringpost_wire::Body::Deliver(d) => Some(d.seq),
-                            _ => None,
-                        })
-                        .collect();
-                    self.session.handle_fetched(&seqs, limit);
-                    for f in &frames {
-                        self.push_frame(f);
+            let entries = match self.shared.take_handed(after, limit) {
+                Handed::Next(entries) if !entries.is_empty() => entries,
+                Handed::Next(_) | Handed::Gap => {
+                    match self.server.inbox.read(
+                        user,
+                        device,
+                        after,
+                        limit,
+                        self.server.expiry_now_ms(),
+                    ) {
+                        Ok(entries) => entries,
+                        Err(e) => {
+                            warn!(conn = self.shared.id, error = %e, "inbox read failed");
+                            self.session.handle_fetch_failed();
+                            break;
+                        }
                     }
-                    self.server
-                        .metrics
-                        .messages_delivered
-                        .fetch_add(frames.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 }
-                Err(e) => {
-                    warn!(conn = self.shared.id, error = %e, "inbox read failed");
-                    self.session.handle_fetch_failed();
-                    break;
-                }
+            };
+            let fetched: Vec<_> = entries.iter().map(|(seq, e)| (*seq, e.header())).collect();
+            self.session.handle_fetched(&fetched, limit);
+            for (seq, entry) in &entries {
+                self.push_frame(&crate::server::deliver_frame(*seq, entry));
             }
+            self.server
+                .metrics
+                .messages_delivered
+                .fetch_add(entries.len() as u64, std::sync::atomic::Ordering::Relaxed);
         }
         Flow::Continue
     }
@@ -320,6 +363,13 @@ impl Conn {
 async fn next_answer(pending: &mut Option<Box<Pending>>) -> Option<(u32, Answer)> {
     match pending {
         Some(p) => p.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_ack(acks: &mut Option<Box<Acks>>) -> Option<(u32, Answer)> {
+    match acks {
+        Some(a) => a.next().await,
         None => std::future::pending().await,
     }
 }

@@ -222,6 +222,7 @@ impl Server {
             expires_at_ms: 0, // set by the inbox
             body: body.into(),
             receipt_msg_ids: store.receipt_msg_ids.clone(),
+            sole_copy: false, // set by the inbox
         };
         let entries: Vec<(DeviceId, Entry)> = match store.targets {
             Targets::Exact(ref list) => {
@@ -267,13 +268,8 @@ impl Server {
         let server = self.clone();
         Box::pin(async move {
             match server.inbox.append(append).await {
-                Ok(AppendOutcome::Stored {
-                    server_time_ms,
-                    seqs,
-                }) => {
-                    for (d, _) in seqs {
-                        server.registry.wake(to_user, d);
-                    }
+                // The inbox hands stored entries to their devices' connections.
+                Ok(AppendOutcome::Stored { server_time_ms, .. }) => {
                     Stored::Stored { server_time_ms }
                 }
                 Ok(AppendOutcome::Duplicate { server_time_ms }) => {

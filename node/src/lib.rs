@@ -18,6 +18,7 @@ pub mod handoff;
 pub mod inbox;
 pub mod keys;
 pub mod metrics;
+pub mod outbox;
 pub mod peer;
 pub mod registry;
 pub mod ring;

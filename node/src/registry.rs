@@ -1,6 +1,7 @@
 //! Which devices are connected to this node, and the small shared handle through which other
-//! tasks reach a connection: wake it (new inbox entries), push it an ephemeral frame (typing),
-//! or ask it to close (replaced, reaped, shutting down).
+//! tasks reach a connection: hand it freshly stored inbox entries (so it delivers them without
+//! reading them back), push it an ephemeral frame (typing), or ask it to close (replaced,
+//! reaped, shutting down).
 //!
 //! Keepalive is a sweep, not a timer per connection: each connection stores the time it last
 //! heard from its peer in its handle, and one task ([`Registry::sweep`]) walks every handle once
@@ -14,10 +15,28 @@ use bytes::Bytes;
 use ringpost_wire::{DeviceId, UserId};
 use tokio::sync::Notify;
 
+use crate::inbox::Entry;
+
 /// Ephemeral frames (typing, presence) queued to one connection. When full, new ones are
 /// dropped: they are never stored and a stale typing indicator is worthless. Worst case per
 /// connection: this many encoded frames (each well under 100 bytes).
 pub const PUSH_QUEUE_MAX: usize = 32;
+
+/// Freshly stored entries handed to one connection and not yet taken. Beyond it the queue is
+/// dropped and the connection reads its inbox instead (a device that is not reading). Worst
+/// case per connection: this many entries, each holding its ciphertext (up to 64 KiB), so
+/// 4 MiB; typically a few hundred bytes, and nothing while idle.
+pub const HANDED_ENTRIES_MAX: usize = crate::session::DELIVER_WINDOW as usize;
+
+/// What a connection found handed to it for a fetch: see [`ConnShared::take_handed`].
+#[derive(Debug)]
+pub enum Handed {
+    /// The entries right after the cursor, in order (possibly none: nothing was handed).
+    Next(Vec<(u64, Entry)>),
+    /// What was handed does not continue the cursor (entries were stored before the
+    /// connection was bound, or the queue overflowed): read the inbox.
+    Gap,
+}
 
 /// Registry shards: fewer lock collisions between workers; each shard is a small map.
 const SHARDS: usize = 64;
@@ -49,9 +68,50 @@ pub struct ConnShared {
     close: AtomicU8,
     woken: AtomicU8,
     pushed: Mutex<VecDeque<Bytes>>,
+    handed: Mutex<VecDeque<(u64, Entry)>>,
 }
 
 impl ConnShared {
+    /// Hands a freshly stored entry of this connection's device to it, and wakes it. Entries
+    /// of one device come in seq order (the inbox writer calls this after each commit).
+    pub fn hand(&self, seq: u64, entry: &Entry) {
+        let mut q = self.handed.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() >= HANDED_ENTRIES_MAX {
+            // Not reading: forget them, it will read the inbox when it catches up.
+            *q = VecDeque::new();
+        } else {
+            q.push_back((seq, entry.clone()));
+        }
+        drop(q);
+        self.wake();
+    }
+
+    /// Takes up to `limit` handed entries that continue a cursor at `after`, dropping those at
+    /// or below it (delivered already, by a read).
+    pub fn take_handed(&self, after: u64, limit: usize) -> Handed {
+        let mut q = self.handed.lock().unwrap_or_else(|p| p.into_inner());
+        while q.front().is_some_and(|(seq, _)| *seq <= after) {
+            q.pop_front();
+        }
+        match q.front() {
+            None => {
+                // Free the buffer of a queue that grew: an idle connection holds nothing.
+                if q.capacity() > 0 {
+                    *q = VecDeque::new();
+                }
+                Handed::Next(Vec::new())
+            }
+            Some((seq, _)) if *seq != after + 1 => {
+                *q = VecDeque::new();
+                Handed::Gap
+            }
+            Some(_) => {
+                let n = limit.min(q.len());
+                Handed::Next(q.drain(..n).collect())
+            }
+        }
+    }
+
     /// Wakes the connection task (new inbox entries may exist).
     pub fn wake(&self) {
         self.woken.store(1, Relaxed);
@@ -159,6 +219,7 @@ impl Registry {
             close: AtomicU8::new(0),
             woken: AtomicU8::new(0),
             pushed: Mutex::new(VecDeque::new()),
+            handed: Mutex::new(VecDeque::new()),
         });
         lock(&self.all[id as usize % SHARDS]).insert(id, conn.clone());
         conn
@@ -197,6 +258,14 @@ impl Registry {
     pub fn wake(&self, user: UserId, device: DeviceId) {
         if let Some(c) = self.device(user, device) {
             c.wake();
+        }
+    }
+
+    /// Hands a freshly stored entry to the device's connection, if any (see
+    /// [`ConnShared::hand`]).
+    pub fn hand(&self, user: UserId, device: DeviceId, seq: u64, entry: &Entry) {
+        if let Some(c) = self.device(user, device) {
+            c.hand(seq, entry);
         }
     }
 
@@ -282,6 +351,37 @@ mod tests {
         assert!(!c.push(Bytes::from_static(b"x")));
         assert_eq!(c.take_pushed().len(), PUSH_QUEUE_MAX);
         assert!(c.take_pushed().is_empty());
+    }
+
+    #[test]
+    fn handed_entries_continue_the_cursor_or_report_a_gap() {
+        let r = Registry::default();
+        let c = r.open(1000);
+        let e = |n: u8| Entry::message(1, 1, [n; 16], Bytes::new());
+        assert!(matches!(c.take_handed(0, 10), Handed::Next(v) if v.is_empty()));
+        for seq in 3..=6 {
+            c.hand(seq, &e(seq as u8));
+        }
+        assert!(c.take_woken());
+        // Entries up to the cursor were read already; 5 continues it.
+        let Handed::Next(v) = c.take_handed(4, 1) else {
+            panic!("expected entries")
+        };
+        assert_eq!(v.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![5]);
+        let Handed::Next(v) = c.take_handed(5, 10) else {
+            panic!("expected entries")
+        };
+        assert_eq!(v.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![6]);
+        // Something before 9 was never handed: read the inbox.
+        c.hand(9, &e(9));
+        assert!(matches!(c.take_handed(7, 10), Handed::Gap));
+        assert!(matches!(c.take_handed(7, 10), Handed::Next(v) if v.is_empty()));
+        // A connection that does not take them cannot make the queue grow.
+        for seq in 10..(10 + 3 * HANDED_ENTRIES_MAX as u64) {
+            c.hand(seq, &e(0));
+        }
+        assert!(c.handed.lock().unwrap().len() <= HANDED_ENTRIES_MAX);
+        assert!(matches!(c.take_handed(9, 10), Handed::Gap));
     }
 
     #[test]

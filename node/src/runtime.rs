@@ -30,6 +30,9 @@ use crate::transport::ws::{WsStream, WsTransport};
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// How often expired inbox entries are deleted.
 pub const EXPIRE_INTERVAL: Duration = Duration::from_secs(600);
+/// How often acknowledged entries lingering below their devices' floors are range-deleted (up
+/// to `inbox::TRIM_DEVICES_PER_PASS` devices a pass; most are trimmed by the acks themselves).
+pub const TRIM_INTERVAL: Duration = Duration::from_secs(10);
 /// How long shutdown waits for connections to close after `GoingAway`.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
@@ -136,9 +139,15 @@ impl Node {
                 .with_context(|| format!("opening RocksDB in {}", opts.data_dir.display()))?,
         );
         let metrics = Arc::new(Metrics::default());
+        let registry = Arc::new(crate::registry::Registry::default());
         let inbox_config = {
             let mut c = opts.inbox.clone();
             c.shard_count = opts.server.shard_count;
+            // Stored entries go straight to their devices' connections.
+            let r = registry.clone();
+            c.on_stored = Some(Arc::new(move |user, device, seq, entry| {
+                r.hand(user, device, seq, entry)
+            }));
             let m = metrics.clone();
             c.observer = Some(Arc::new(move |d: Duration, n: usize| {
                 m.wal_sync.observe(d);
@@ -177,6 +186,7 @@ impl Node {
             accounts,
             keys,
             inbox,
+            registry,
             metrics,
             expiry_clock,
         );
@@ -229,6 +239,7 @@ impl Node {
             tasks.spawn(crate::admin::serve(l, server.clone()));
         }
         tasks.spawn(housekeeping(server.clone()));
+        tasks.spawn(crate::outbox::run(server.clone()));
         let cluster = match opts.cluster.clone() {
             Some(options) => {
                 crate::cluster::ClusterLink::start(
@@ -365,6 +376,7 @@ async fn accept_quic(endpoint: quinn::Endpoint, server: Arc<Server>) {
 async fn housekeeping(server: Arc<Server>) {
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     let mut expire = tokio::time::interval(EXPIRE_INTERVAL);
+    let mut trim = tokio::time::interval(TRIM_INTERVAL);
     let mut prune = tokio::time::interval(crate::server::RATE_LIMITER_PRUNE_INTERVAL);
     loop {
         tokio::select! {
@@ -385,6 +397,9 @@ async fn housekeeping(server: Arc<Server>) {
                 Ok(n) if n > 0 => info!(expired = n, "deleted expired inbox entries"),
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "expiring inbox entries failed"),
+            },
+            _ = trim.tick() => if let Err(e) = server.inbox.trim().await {
+                warn!(error = %e, "trimming acknowledged inbox entries failed");
             },
             _ = prune.tick() => server.prune(),
         }

@@ -10,14 +10,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::future::BoxFuture;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use ringpost_wire::{
-    Body, DeliverKind, DeviceCiphertextRef, DeviceId, DeviceList, Done, ErrorCode, Frame, LinkCode,
+    Body, DeviceCiphertextRef, DeviceId, DeviceList, Done, ErrorCode, Frame, LinkCode,
     MismatchedDevices, MsgId, PrekeyCount, RegisterChallenge, Registered, SendAck, SendStatus,
     UserId,
 };
 use tracing::{info, warn};
 
 use crate::accounts::{AccountError, Accounts};
-use crate::inbox::{Acked, Append, AppendOutcome, Entry, EntryKind, Inbox, InboxError};
+use crate::inbox::{
+    AckRequest, Append, AppendOutcome, Entry, EntryHeader, EntryKind, Inbox, InboxError,
+};
 use crate::keys::Keys;
 use crate::metrics::Metrics;
 use crate::peer::{Store, StoreKind, Stored, Targets};
@@ -70,7 +72,7 @@ pub struct Server {
     pub accounts: Arc<Accounts>,
     pub keys: Arc<Keys>,
     pub inbox: Inbox,
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     limiter: DefaultKeyedRateLimiter<(UserId, DeviceId)>,
     shutting_down: AtomicBool,
@@ -87,6 +89,7 @@ impl Server {
         accounts: Accounts,
         keys: Keys,
         inbox: Inbox,
+        registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         expiry_clock: crate::clock::ExpiryClock,
     ) -> Arc<Server> {
@@ -101,7 +104,7 @@ impl Server {
             accounts: Arc::new(accounts),
             keys: Arc::new(keys),
             inbox,
-            registry: Registry::default(),
+            registry,
             metrics,
             limiter: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
             shutting_down: AtomicBool::new(false),
@@ -319,22 +322,6 @@ impl Server {
                     return Box::pin(async move { limited });
                 }
                 self.send(user, device, send)
-            }
-            Body::DeliverAck(ack) => {
-                let now = self.now_ms();
-                Box::pin(async move {
-                    match server.inbox.ack(user, device, ack.seqs, now).await {
-                        Ok(acked) => {
-                            server
-                                .metrics
-                                .messages_acked
-                                .fetch_add(acked.len() as u64, Relaxed);
-                            server.route_delivered_receipts(user, device, acked).await;
-                            Answer::Frames(vec![])
-                        }
-                        Err(e) => inbox_error(e),
-                    }
-                })
             }
             Body::Receipt(r) => {
                 if let Some(limited) = self.rate_limited(user, device) {
@@ -625,11 +612,8 @@ impl Server {
                 None => None,
             };
             match own_result {
-                Some(Ok(AppendOutcome::Stored { seqs, .. })) => {
-                    for (d, _) in seqs {
-                        server.registry.wake(user, d);
-                    }
-                }
+                // The inbox hands stored entries to their devices' connections.
+                Some(Ok(AppendOutcome::Stored { .. })) => {}
                 Some(Ok(AppendOutcome::Full { devices })) => ack.full_devices.extend(
                     devices
                         .into_iter()
@@ -686,36 +670,54 @@ impl Server {
         })
     }
 
-    /// The first device of `user` to ack a message makes the server tell the sender's devices
-    /// that it was delivered. The inbox reports `first_ack` exactly once per message.
-    async fn route_delivered_receipts(
+    /// A device acknowledges inbox entries (`DeliverAck`): the inbox moves its floor and
+    /// writes, in the same batch, the `delivered` receipt of every message this is the first
+    /// ack of. Senders this node serves get theirs stored directly (so the ack passes their
+    /// device lists along); any other sender's receipt goes through the acking user's outbox
+    /// (`crate::outbox`). Answers nothing unless it fails.
+    pub fn ack(
         self: &Arc<Self>,
         user: UserId,
         device: DeviceId,
-        acked: Vec<Acked>,
-    ) {
-        let receipts: Vec<_> = acked
-            .into_iter()
-            .filter(|a| a.first_ack)
-            .map(|a| {
-                self.store(Store {
-                    to_user: a.from_user,
-                    from_user: user,
-                    from_device: device,
-                    msg_id: a.msg_id,
-                    kind: StoreKind::Delivered,
-                    targets: Targets::AllDevices(Vec::new()),
-                    except: None,
-                    receipt_msg_ids: vec![a.msg_id],
-                    dedup: false,
-                })
-            })
-            .collect();
-        for stored in futures::future::join_all(receipts).await {
-            if let Stored::Refused { message, .. } = stored {
-                warn!(error = %message, "storing a delivered receipt failed");
+        seqs: Vec<(u64, Option<EntryHeader>)>,
+    ) -> BoxFuture<'static, Answer> {
+        if let Some(moved) = self.serves_here(user) {
+            return Box::pin(async move { moved });
+        }
+        let mut senders: Vec<(UserId, Vec<DeviceId>)> = Vec::new();
+        for header in seqs.iter().filter_map(|(_, h)| h.as_ref()) {
+            let sender = header.from_user;
+            if header.kind != EntryKind::Message
+                || sender == user
+                || senders.iter().any(|(u, _)| *u == sender)
+                || self.serves_here(sender).is_some()
+            {
+                continue;
+            }
+            if let Ok(devices) = self.accounts.devices(sender) {
+                senders.push((sender, devices));
             }
         }
+        let request = AckRequest {
+            user,
+            device,
+            seqs,
+            senders,
+            now_ms: self.now_ms(),
+        };
+        let server = self.clone();
+        Box::pin(async move {
+            match server.inbox.ack_with(request).await {
+                Ok(acked) => {
+                    server
+                        .metrics
+                        .messages_acked
+                        .fetch_add(acked.len() as u64, Relaxed);
+                    Answer::Frames(vec![])
+                }
+                Err(e) => inbox_error(e),
+            }
+        })
     }
 
     /// Typing indicators go only to the recipient's connected devices (on its owner) and are
@@ -766,41 +768,23 @@ impl Server {
             }
         }
     }
+}
 
-    /// `Deliver` frames for a device's inbox entries after `after_seq`.
-    pub fn read_deliveries(
-        &self,
-        user: UserId,
-        device: DeviceId,
-        after_seq: u64,
-        limit: usize,
-    ) -> Result<Vec<Frame>, InboxError> {
-        let entries = self
-            .inbox
-            .read(user, device, after_seq, limit, self.expiry_now_ms())?;
-        Ok(entries
-            .into_iter()
-            .map(|(seq, e)| {
-                Frame::new(
-                    0,
-                    ringpost_wire::Deliver {
-                        seq,
-                        kind: match e.kind {
-                            EntryKind::Message => DeliverKind::Message,
-                            EntryKind::Delivered => DeliverKind::Delivered,
-                            EntryKind::Read => DeliverKind::Read,
-                        },
-                        from_user: e.from_user,
-                        from_device: e.from_device,
-                        msg_id: e.msg_id,
-                        server_time_ms: e.server_time_ms,
-                        body: e.body,
-                        receipt_msg_ids: e.receipt_msg_ids,
-                    },
-                )
-            })
-            .collect())
-    }
+/// The `Deliver` frame of an inbox entry.
+pub fn deliver_frame(seq: u64, e: &Entry) -> Frame {
+    Frame::new(
+        0,
+        ringpost_wire::Deliver {
+            seq,
+            kind: e.kind.into(),
+            from_user: e.from_user,
+            from_device: e.from_device,
+            msg_id: e.msg_id,
+            server_time_ms: e.server_time_ms,
+            body: e.body.clone(),
+            receipt_msg_ids: e.receipt_msg_ids.clone(),
+        },
+    )
 }
 
 fn mismatch(

@@ -14,9 +14,12 @@ use ringpost_wire::{
     limits, Auth, Body, DeliverAck, DeviceId, Direction, ErrorCode, Frame, Pong, UserId, Welcome,
 };
 
+use crate::inbox::EntryHeader;
+
 /// Deliveries in flight (sent, not yet acked) per device. Each is an inbox entry the device
 /// will ack; the window bounds what a slow device makes the node hold and re-send. Worst case
-/// per connection: this many seq numbers in the in-flight set (8 bytes each).
+/// per connection: this many (seq, entry header) pairs in the in-flight set (48 bytes each,
+/// 3 KiB in all), allocated only while some are in flight.
 pub const DELIVER_WINDOW: u32 = 64;
 
 /// How often a client should ping while idle.
@@ -88,6 +91,15 @@ pub enum Step {
     Execute { req: u32, request: Request },
     /// Write this error frame, then close the transport.
     Close(Frame),
+    /// Acknowledge these inbox entries of the session's device; answered only if it fails
+    /// (an `Error` for `req`), and not in line with other answers: nothing waits for it.
+    Ack {
+        req: u32,
+        user: UserId,
+        device: DeviceId,
+        /// Each seq with the header of its entry when this connection delivered it.
+        seqs: Vec<(u64, Option<EntryHeader>)>,
+    },
 }
 
 /// What the server made of a request, fed back to the session.
@@ -118,8 +130,9 @@ pub enum Answer {
 struct DeliverWindow {
     /// Highest seq handed to the device (every entry up to here was read once).
     cursor: u64,
-    /// Seqs sent but not acked, ascending. Bounded by [`DELIVER_WINDOW`].
-    in_flight: Vec<u64>,
+    /// Seqs sent but not acked, ascending, with what an ack of each needs to know. Bounded by
+    /// [`DELIVER_WINDOW`]; freed when empty.
+    in_flight: Vec<(u64, EntryHeader)>,
     /// A fetch is outstanding at the driver.
     fetching: bool,
     /// New entries may exist past `cursor` (set by a wake-up, cleared when a fetch comes back
@@ -323,25 +336,25 @@ impl Session {
         Some((w.cursor, room))
     }
 
-    /// The driver read these seqs (ascending) from the inbox for the range of the last
-    /// [`Session::poll_fetch`]; it writes their `Deliver` frames.
-    pub fn handle_fetched(&mut self, seqs: &[u64], limit: usize) {
+    /// The driver read these entries (ascending seqs, with their headers) from the inbox for the
+    /// range of the last [`Session::poll_fetch`]; it writes their `Deliver` frames.
+    pub fn handle_fetched(&mut self, fetched: &[(u64, EntryHeader)], limit: usize) {
         let Some(w) = self.window.as_deref_mut() else {
             return;
         };
         w.fetching = false;
         debug_assert!(
-            seqs.windows(2).all(|p| p[0] < p[1]),
+            fetched.windows(2).all(|p| p[0].0 < p[1].0),
             "inbox reads are ordered"
         );
-        for &seq in seqs {
+        for &(seq, header) in fetched {
             if seq > w.cursor {
                 w.cursor = seq;
-                w.in_flight.push(seq);
+                w.in_flight.push((seq, header));
             }
         }
         // A short read means the inbox is drained up to now; a wake-up sets `more` again.
-        if seqs.len() < limit {
+        if fetched.len() < limit {
             w.more = false;
         }
     }
@@ -360,17 +373,31 @@ impl Session {
         device: DeviceId,
         ack: DeliverAck,
     ) -> Vec<Step> {
+        let mut seqs = Vec::with_capacity(ack.seqs.len());
         if let Some(w) = self.window.as_deref_mut() {
-            w.in_flight.retain(|s| !ack.seqs.contains(s));
-            // Freed window room: more can be sent if anything is left.
-            w.more = true;
+            for seq in ack.seqs {
+                // In flight is ascending, and clients ack in order: usually the first one.
+                let header = match w.in_flight.binary_search_by_key(&seq, |(s, _)| *s) {
+                    Ok(at) => Some(w.in_flight.remove(at).1),
+                    Err(_) => None,
+                };
+                seqs.push((seq, header));
+            }
+            if w.in_flight.is_empty() {
+                w.in_flight = Vec::new();
+            }
+            // Freed window room needs no fetch of its own: a fetch cut short by the window left
+            // `more` set, and anything stored since a short one wakes the connection.
+        } else {
+            seqs.extend(ack.seqs.into_iter().map(|s| (s, None)));
         }
-        // Acks for seqs not in flight (e.g. delivered on an earlier connection) still delete:
-        // the inbox only touches this device's own entries.
-        let body = Body::DeliverAck(ack);
-        vec![Step::Execute {
+        // Acks for seqs not in flight (e.g. delivered on an earlier connection) still count:
+        // the inbox only touches this device's own entries, and reads their headers back.
+        vec![Step::Ack {
             req,
-            request: Request::Device { user, device, body },
+            user,
+            device,
+            seqs,
         }]
     }
 
@@ -679,14 +706,26 @@ mod tests {
         assert!(!s.is_closed());
     }
 
+    fn header(seq: u64) -> EntryHeader {
+        EntryHeader {
+            kind: crate::inbox::EntryKind::Message,
+            from_user: 7,
+            from_device: 1,
+            msg_id: [seq as u8; 16],
+            sole_copy: true,
+        }
+    }
+
     #[test]
     fn delivery_window_is_bounded_and_refilled_by_acks() {
         let mut s = authed();
         let (after, limit) = s.poll_fetch().expect("a new device drains its inbox");
         assert_eq!((after, limit), (0, DELIVER_WINDOW as usize));
         assert_eq!(s.poll_fetch(), None, "one fetch at a time");
-        let seqs: Vec<u64> = (1..=DELIVER_WINDOW as u64).collect();
-        s.handle_fetched(&seqs, limit);
+        let fetched: Vec<(u64, EntryHeader)> = (1..=DELIVER_WINDOW as u64)
+            .map(|s| (s, header(s)))
+            .collect();
+        s.handle_fetched(&fetched, limit);
         s.handle_wake();
         assert_eq!(s.poll_fetch(), None, "window full: nothing more until acks");
         let steps = s.handle_frame(
@@ -698,8 +737,24 @@ mod tests {
             ),
             1,
         );
-        assert!(matches!(&steps[..], [Step::Execute { .. }]));
+        let [Step::Ack { seqs, .. }] = &steps[..] else {
+            panic!("{steps:?}")
+        };
+        assert_eq!(
+            seqs,
+            &[
+                (1, Some(header(1))),
+                (2, Some(header(2))),
+                (3, Some(header(3)))
+            ],
+            "acks carry what the connection delivered"
+        );
         assert_eq!(s.poll_fetch(), Some((DELIVER_WINDOW as u64, 3)));
+        // An ack of something this connection did not deliver has no header.
+        let steps = s.handle_frame(Frame::new(0, DeliverAck { seqs: vec![1, 999] }), 2);
+        assert!(
+            matches!(&steps[..], [Step::Ack { seqs, .. }] if seqs == &[(1, None), (999, None)])
+        );
         s.handle_fetched(&[], 3);
         assert_eq!(s.poll_fetch(), None, "a short read means drained");
         s.handle_wake();

@@ -1,8 +1,9 @@
 //! [`Entry`]: what the inbox stores for one device, and its binary encoding.
 //!
-//! Layout (format 1), integers big-endian:
-//! `version u8 | kind u8 | from_user u64 | from_device u32 | msg_id [16] | server_time_ms u64 |
-//!  expires_at_ms u64 | body_len u32 | body | receipts_len u16 | receipt msg_ids [16]*`.
+//! Layout (format 2), integers big-endian:
+//! `version u8 | kind u8 | flags u8 | from_user u64 | from_device u32 | msg_id [16] |
+//!  server_time_ms u64 | expires_at_ms u64 | body_len u32 | body | receipts_len u16 |
+//!  receipt msg_ids [16]*`. Format 1 is the same without `flags` (read as no flags).
 
 use bytes::{BufMut, Bytes};
 use ringpost_wire::{DeliverKind, DeviceId, MsgId, UserId};
@@ -11,9 +12,12 @@ use super::codec::{corrupt, Reader};
 use crate::storage::StorageError;
 
 const FORMAT_V1: u8 = 1;
+const FORMAT_V2: u8 = 2;
 const CF: &str = "inbox";
-/// Bytes of a format-1 entry besides its body and receipts.
-const FIXED_BYTES: usize = 1 + 1 + 8 + 4 + 16 + 8 + 8 + 4 + 2;
+/// Bytes of a format-2 entry besides its body and receipts.
+const FIXED_BYTES: usize = 1 + 1 + 1 + 8 + 4 + 16 + 8 + 8 + 4 + 2;
+/// Flag bit of [`Entry::sole_copy`].
+const FLAG_SOLE_COPY: u8 = 0b1;
 
 /// What an entry is. The stored byte is the discriminant, equal to the wire's
 /// [`DeliverKind`] value (checked by a test), so an entry maps to a `Deliver` one to one.
@@ -64,9 +68,34 @@ pub struct Entry {
     pub body: Bytes,
     /// The messages a `Delivered` or `Read` receipt is about.
     pub receipt_msg_ids: Vec<MsgId>,
+    /// Set by the inbox on a message stored for exactly one device of its recipient: that
+    /// device's ack is the message's first, so its `delivered` receipt needs no bookkeeping.
+    pub sole_copy: bool,
+}
+
+/// What an ack needs to know of the entry it acknowledges. The connection keeps it for every
+/// entry in flight (taken from the entry when it was delivered), so an ack reads nothing back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryHeader {
+    pub kind: EntryKind,
+    pub from_user: UserId,
+    pub from_device: DeviceId,
+    pub msg_id: MsgId,
+    pub sole_copy: bool,
 }
 
 impl Entry {
+    /// What an ack of this entry needs to know.
+    pub fn header(&self) -> EntryHeader {
+        EntryHeader {
+            kind: self.kind,
+            from_user: self.from_user,
+            from_device: self.from_device,
+            msg_id: self.msg_id,
+            sole_copy: self.sole_copy,
+        }
+    }
+
     /// A message entry with a zero `server_time_ms`/`expires_at_ms` (the inbox sets them).
     pub fn message(from_user: UserId, from_device: DeviceId, msg_id: MsgId, body: Bytes) -> Self {
         Self {
@@ -78,6 +107,7 @@ impl Entry {
             expires_at_ms: 0,
             body,
             receipt_msg_ids: Vec::new(),
+            sole_copy: false,
         }
     }
 
@@ -93,8 +123,9 @@ impl Entry {
         debug_assert!(u32::try_from(self.body.len()).is_ok());
         debug_assert!(u16::try_from(self.receipt_msg_ids.len()).is_ok());
         let mut out = Vec::with_capacity(self.encoded_len());
-        out.put_u8(FORMAT_V1);
+        out.put_u8(FORMAT_V2);
         out.put_u8(self.kind as u8);
+        out.put_u8(if self.sole_copy { FLAG_SOLE_COPY } else { 0 });
         out.put_u64(self.from_user);
         out.put_u32(self.from_device);
         out.put_slice(&self.msg_id);
@@ -114,12 +145,20 @@ impl Entry {
         let mut r = Reader::new(&value);
         let short = || corrupt(CF, "entry is truncated");
         let version = r.u8().ok_or_else(short)?;
-        if version != FORMAT_V1 {
+        if version != FORMAT_V1 && version != FORMAT_V2 {
             return Err(corrupt(CF, format!("unknown entry format {version}")));
         }
         let kind_byte = r.u8().ok_or_else(short)?;
         let kind = EntryKind::from_u8(kind_byte)
             .ok_or_else(|| corrupt(CF, format!("unknown entry kind {kind_byte}")))?;
+        let flags = if version == FORMAT_V2 {
+            r.u8().ok_or_else(short)?
+        } else {
+            0
+        };
+        if flags & !FLAG_SOLE_COPY != 0 {
+            return Err(corrupt(CF, format!("unknown entry flags {flags:#04x}")));
+        }
         let from_user = r.u64().ok_or_else(short)?;
         let from_device = r.u32().ok_or_else(short)?;
         let msg_id = r.array::<16>().ok_or_else(short)?;
@@ -147,6 +186,7 @@ impl Entry {
             expires_at_ms,
             body,
             receipt_msg_ids,
+            sole_copy: flags & FLAG_SOLE_COPY != 0,
         })
     }
 }
@@ -165,6 +205,7 @@ mod tests {
             expires_at_ms: 1_702_592_000_000,
             body: Bytes::from_static(b"ciphertext"),
             receipt_msg_ids: vec![[1; 16], [2; 16]],
+            sole_copy: true,
         }
     }
 
@@ -200,14 +241,29 @@ mod tests {
         trailing.push(0);
         assert!(Entry::decode(Bytes::from(trailing)).is_err());
         let mut version = good.clone();
-        version[0] = 2;
+        version[0] = 3;
         assert!(Entry::decode(Bytes::from(version)).is_err());
         let mut kind = good.clone();
         kind[1] = 9;
         assert!(Entry::decode(Bytes::from(kind)).is_err());
+        let mut flags = good.clone();
+        flags[2] = 0x80;
+        assert!(Entry::decode(Bytes::from(flags)).is_err());
         let mut body_len = good;
-        body_len[46..50].copy_from_slice(&u32::MAX.to_be_bytes());
+        body_len[47..51].copy_from_slice(&u32::MAX.to_be_bytes());
         assert!(Entry::decode(Bytes::from(body_len)).is_err());
+    }
+
+    #[test]
+    fn format_1_still_decodes() {
+        let e = Entry {
+            sole_copy: false,
+            ..sample()
+        };
+        let mut v1 = e.encode();
+        v1.remove(2);
+        v1[0] = 1;
+        assert_eq!(Entry::decode(Bytes::from(v1)).unwrap(), e);
     }
 
     proptest::proptest! {
@@ -226,6 +282,7 @@ mod tests {
             expires_at_ms: u64,
             body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
             receipt_msg_ids in proptest::collection::vec(proptest::prelude::any::<[u8; 16]>(), 0..20),
+            sole_copy: bool,
         ) {
             let entry = Entry {
                 kind: EntryKind::from_u8(kind).unwrap(),
@@ -236,6 +293,7 @@ mod tests {
                 expires_at_ms,
                 body: Bytes::from(body),
                 receipt_msg_ids,
+                sole_copy,
             };
             proptest::prop_assert_eq!(Entry::decode(Bytes::from(entry.encode())).unwrap(), entry);
         }

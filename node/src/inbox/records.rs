@@ -1,6 +1,5 @@
-//! The inbox's bookkeeping records and their binary encodings.
+//! The inbox's dedup record and its binary encoding (device counters are in `device.rs`).
 //!
-//! - [`DeviceMeta`] (InboxMeta family), format 1: `version u8 | next_seq u64 | count u64`.
 //! - [`DedupRecord`] (Dedup family), format 1:
 //!   `expires_at_ms u64 | version u8 | server_time_ms u64 | flags u8`. The expiry comes first,
 //!   before the version byte, because the storage contract of the Dedup family (see
@@ -12,57 +11,9 @@ use bytes::BufMut;
 use super::codec::{corrupt, Reader};
 use crate::storage::StorageError;
 
-const META_FORMAT_V1: u8 = 1;
 const DEDUP_FORMAT_V1: u8 = 1;
 /// Flag bit of [`DedupRecord::receipt_sent`].
 const FLAG_RECEIPT_SENT: u8 = 0b1;
-
-/// Per-device counters. `next_seq` only ever grows: it survives acks, expiry, restarts and
-/// [`Inbox::drop_device`](super::Inbox::drop_device), so a seq is never handed out twice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct DeviceMeta {
-    /// The seq the next entry of this device gets. Seqs start at 1.
-    pub next_seq: u64,
-    /// Entries currently stored for this device.
-    pub count: u64,
-}
-
-impl Default for DeviceMeta {
-    fn default() -> Self {
-        Self {
-            next_seq: 1,
-            count: 0,
-        }
-    }
-}
-
-impl DeviceMeta {
-    pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(17);
-        out.put_u8(META_FORMAT_V1);
-        out.put_u64(self.next_seq);
-        out.put_u64(self.count);
-        out
-    }
-
-    pub(crate) fn decode(value: &[u8]) -> Result<Self, StorageError> {
-        const CF: &str = "inbox_meta";
-        let mut r = Reader::new(value);
-        let version = r.u8().ok_or_else(|| corrupt(CF, "empty record"))?;
-        if version != META_FORMAT_V1 {
-            return Err(corrupt(CF, format!("unknown meta format {version}")));
-        }
-        let next_seq = r.u64().ok_or_else(|| corrupt(CF, "truncated"))?;
-        let count = r.u64().ok_or_else(|| corrupt(CF, "truncated"))?;
-        if !r.is_done() {
-            return Err(corrupt(CF, "trailing bytes"));
-        }
-        if next_seq == 0 {
-            return Err(corrupt(CF, "next_seq is 0"));
-        }
-        Ok(Self { next_seq, count })
-    }
-}
 
 /// What the inbox remembers about one (recipient, sender device, msg_id) for the dedup window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,34 +71,6 @@ impl DedupRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn meta_roundtrips_and_rejects_garbage() {
-        let m = DeviceMeta {
-            next_seq: u64::MAX,
-            count: 50_000,
-        };
-        let bytes = m.encode();
-        assert_eq!(DeviceMeta::decode(&bytes).unwrap(), m);
-        for len in 0..bytes.len() {
-            assert!(DeviceMeta::decode(&bytes[..len]).is_err(), "{len}");
-        }
-        let mut long = bytes.clone();
-        long.push(0);
-        assert!(DeviceMeta::decode(&long).is_err());
-        let mut v2 = bytes.clone();
-        v2[0] = 2;
-        assert!(DeviceMeta::decode(&v2).is_err());
-        assert!(DeviceMeta::decode(
-            &DeviceMeta {
-                next_seq: 0,
-                count: 0
-            }
-            .encode()
-        )
-        .is_err());
-        assert_eq!(DeviceMeta::default().next_seq, 1);
-    }
 
     #[test]
     fn dedup_roundtrips_and_keeps_expiry_first() {

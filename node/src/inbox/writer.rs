@@ -3,34 +3,49 @@
 //! The loop blocks for one request, then takes whatever else is already queued (up to
 //! [`InboxConfig::group_requests_max`] requests and [`InboxConfig::group_bytes_max`] bytes),
 //! runs the logic of all of them against one [`Group`] (an overlay of what this group changed,
-//! over the engine), writes the resulting batch with ONE synced write, and only then answers
-//! each request. Because one thread does all of this, the dedup check, seq allocation and quota
-//! check never race.
+//! over the writer's [`DeviceCache`] and the engine), writes the resulting batch with ONE write,
+//! and only then answers each request. Because one thread does all of this, the dedup check,
+//! seq allocation, quota check and floor moves never race.
 //!
-//! Nothing is cached between groups: each group reads the counters it needs from the engine,
-//! so after a failed write (whose batch was never applied) nothing in memory can drift from
-//! disk. The only cross-group state is the `entries_total` gauge, which moves by a group's
-//! delta only once its write succeeded.
+//! A group is synced when any request in it needs durability before its answer (appends,
+//! device drops, shard drops, barriers). Acks, expiry and trims do not: a lost ack only
+//! redelivers, which at-least-once allows, and it is made durable by the next synced group
+//! (the WAL is one log). An ack's `delivered` receipt is written in the same batch as the ack
+//! (in the sender's inboxes, or the acking user's outbox), so both or neither survive a crash.
+//!
+//! The device cache holds only what is on disk: a group's changes enter it after their write
+//! succeeded, and a failed write empties it. The `entries_total` gauge likewise moves by a
+//! group's delta only once its write succeeded.
+//!
+//! Acknowledged entries stay on disk below their device's floor until trimmed in bulk: one
+//! range delete per device once [`TRIM_SEQS_MIN`] of them gathered, and a periodic
+//! [`Request::Trim`] for the rest.
 //!
 //! Hand-off requests (import, shard drop, sync barrier) each form a group of their own: they
 //! touch whole shards, which the overlay of per-device state does not model, and an import's
-//! write is the only one not synced.
+//! write is the only one not synced that must not be made visible as a success before the
+//! barrier that ends it.
 
-use std::collections::btree_map::Entry as MapEntry;
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use ringpost_wire::{DeviceId, UserId};
+use ringpost_wire::{DeviceId, MsgId, UserId};
 use tokio::sync::{mpsc, oneshot};
 
-use super::entry::{Entry, EntryKind};
+use super::cache::{Cached, DeviceCache, DeviceKey};
+use super::device::{AckEffect, DeviceMeta, Stored, ACKED_ABOVE_MAX};
+use super::entry::{Entry, EntryHeader, EntryKind};
 use super::gate::ShardGate;
 use super::keys::{dedup_key, device_prefix, inbox_key, parse_inbox_key, parse_meta_key};
-use super::records::{DedupRecord, DeviceMeta};
-use super::{count_entries_in, Acked, Append, AppendOutcome, InboxConfig, InboxError};
+use super::outbox::{receipt_id, OutboxReceipt, OUTBOX_DEVICE};
+use super::records::DedupRecord;
+use super::{
+    count_entries_in, AckRequest, Acked, Append, AppendOutcome, InboxConfig, InboxError,
+    OutboxQueue, RECEIPT_MSG_IDS_MAX,
+};
 use crate::handoff::{Row, SHARD_CFS};
 use crate::shard::{shard_of, ShardId};
 use crate::storage::{key, prefix_end, Cf, Engine, StorageError, WriteBatch};
@@ -40,6 +55,15 @@ pub(crate) type Reply<T> = oneshot::Sender<Result<T, InboxError>>;
 /// Bytes a request is charged for in a group besides its payload (ids, reply channel).
 const REQUEST_OVERHEAD_BYTES: usize = 64;
 
+/// A device's acknowledged entries are range-deleted in the group that lets this many gather
+/// below its floor; fewer wait for the periodic trim. Disk: up to this many acknowledged
+/// entries per active device linger until then.
+pub const TRIM_SEQS_MIN: u64 = 64;
+
+/// Devices one periodic trim request range-deletes below their floors: bounds that group's
+/// batch (one range tombstone each) and how long it holds the writer.
+pub const TRIM_DEVICES_PER_PASS: usize = 4096;
+
 /// One mutation, queued for the writer.
 pub(crate) enum Request {
     Append {
@@ -47,10 +71,7 @@ pub(crate) enum Request {
         reply: Reply<AppendOutcome>,
     },
     Ack {
-        user: UserId,
-        device: DeviceId,
-        seqs: Vec<u64>,
-        now_ms: u64,
+        ack: AckRequest,
         reply: Reply<Vec<Acked>>,
     },
     DropDevice {
@@ -70,6 +91,8 @@ pub(crate) enum Request {
         now_ms: u64,
         reply: Reply<u64>,
     },
+    /// Range-deletes acknowledged entries of devices the cache knows to have some.
+    Trim { reply: Reply<u64> },
     /// Hand-off rows of a closed shard, already validated; written unsynced.
     Import {
         shard: ShardId,
@@ -92,8 +115,8 @@ impl Request {
                     .iter()
                     .map(|(_, e)| e.encoded_len())
                     .sum::<usize>(),
-                Request::Ack { seqs, .. } => 8 * seqs.len(),
-                Request::DropDevice { .. } => 0,
+                Request::Ack { ack, .. } => 48 * ack.seqs.len(),
+                Request::DropDevice { .. } | Request::Trim { .. } => 0,
                 Request::ExpireEntries { keys, .. } | Request::ExpireDedup { keys, .. } => {
                     keys.iter().map(Vec::len).sum()
                 }
@@ -109,6 +132,21 @@ impl Request {
             Request::Import { .. } | Request::DropShard { .. } | Request::SyncBarrier { .. }
         )
     }
+
+    /// Whether its answer may only be sent once its write is durable.
+    fn needs_sync(&self) -> bool {
+        match self {
+            Request::Append { .. }
+            | Request::DropDevice { .. }
+            | Request::DropShard { .. }
+            | Request::SyncBarrier { .. } => true,
+            Request::Ack { .. }
+            | Request::ExpireEntries { .. }
+            | Request::ExpireDedup { .. }
+            | Request::Trim { .. }
+            | Request::Import { .. } => false,
+        }
+    }
 }
 
 /// How a group's batch is written.
@@ -116,7 +154,8 @@ impl Request {
 enum Durability {
     /// Synced; an empty batch is not written at all.
     Synced,
-    /// Not synced: a hand-off import, made durable by the barrier that ends it.
+    /// Not synced: acks, expiry, trims, a hand-off import (made durable by a later synced
+    /// write, or redone after a crash).
     Unsynced,
     /// Synced even when empty: a sync barrier.
     Barrier,
@@ -130,6 +169,8 @@ pub(crate) struct Writer {
     pub(crate) gate: Arc<ShardGate>,
     pub(crate) rx: mpsc::Receiver<Request>,
     pub(crate) health: Arc<StorageHealth>,
+    pub(crate) outbox: Arc<OutboxQueue>,
+    pub(crate) cache: DeviceCache,
 }
 
 /// Whether the last durable write succeeded: set by the writer thread, read by `/readyz` and
@@ -193,45 +234,73 @@ impl Writer {
         }
     }
 
-    fn commit_group(&self, requests: Vec<Request>) {
+    fn commit_group(&mut self, requests: Vec<Request>) {
         debug_assert!(
             requests.len() == 1 || !requests.iter().any(Request::is_exclusive),
             "a hand-off request shares a group"
         );
-        let mut group = Group::new(&*self.engine, &self.config, &self.gate);
+        let durability = if matches!(requests.as_slice(), [Request::SyncBarrier { .. }]) {
+            Durability::Barrier
+        } else if requests.iter().any(Request::needs_sync) {
+            Durability::Synced
+        } else {
+            Durability::Unsynced
+        };
+        let mut group = Group::new(&*self.engine, &self.config, &self.gate, &self.cache);
         let mut done: Vec<Done> = requests.into_iter().map(|r| group.handle(r)).collect();
-        let (batch, entries_delta, durability) = group.finish();
-        // Only a synced write tells whether storage works (a failing one also marks it).
-        let synced = !(batch.is_empty() && durability != Durability::Barrier)
-            && durability != Durability::Unsynced;
-        let result = if batch.is_empty() && durability != Durability::Barrier {
-            // Nothing to make durable: duplicates of durable records, acks of unknown seqs.
+        let outcome = group.finish();
+        let mut synced = false;
+        let result = if outcome.batch.is_empty() && durability != Durability::Barrier {
+            // Nothing to write: duplicates of durable records, acks of unknown seqs.
             Ok(())
         } else if durability == Durability::Unsynced {
-            self.engine.write(batch, false)
+            self.engine.write(outcome.batch, false)
         } else {
+            synced = true;
             let started = Instant::now();
-            let result = self.engine.write(batch, true);
+            let result = self.engine.write(outcome.batch, true);
             if let Some(observe) = &self.config.observer {
                 observe(started.elapsed(), done.len());
             }
             result
         };
+        // Only a synced write tells whether storage works (a failing one also marks it).
         if synced || result.is_err() {
             self.health.record(result.as_ref().map(|_| ()));
         }
         match result {
             Ok(()) => {
-                if entries_delta >= 0 {
+                if outcome.invalidate_cache {
+                    self.cache.clear();
+                } else {
+                    for (key, cached) in outcome.devices {
+                        self.cache.put(key, cached);
+                    }
+                    self.cache.evict();
+                }
+                let delta = outcome.entries_delta;
+                if delta >= 0 {
                     self.entries_total
-                        .fetch_add(entries_delta.unsigned_abs(), Ordering::Relaxed);
+                        .fetch_add(delta.unsigned_abs(), Ordering::Relaxed);
                 } else {
                     self.entries_total
-                        .fetch_sub(entries_delta.unsigned_abs(), Ordering::Relaxed);
+                        .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+                }
+                if let Some(hook) = &self.config.on_stored {
+                    for (user, device, seq, entry) in &outcome.stored {
+                        if *device != OUTBOX_DEVICE {
+                            hook(*user, *device, *seq, entry);
+                        }
+                    }
+                }
+                if !outcome.outbox_users.is_empty() {
+                    self.outbox.add(outcome.outbox_users);
                 }
             }
             Err(err) => {
                 tracing::error!(error = %err, requests = done.len(), "inbox group commit failed");
+                // The batch may or may not have reached the WAL: read the counters again.
+                self.cache.clear();
                 for d in &mut done {
                     d.fail(&err);
                 }
@@ -278,16 +347,33 @@ impl Done {
     }
 }
 
-/// A device's counters as this group sees them.
-struct MetaSlot {
-    meta: DeviceMeta,
+/// A device as this group sees it.
+struct Slot {
+    cached: Cached,
+    /// The counters changed: write them.
     dirty: bool,
+    /// Range-delete what is acknowledged below the floor in this group.
+    trim: bool,
 }
 
 /// A dedup record as this group sees them (`None`: absent or deleted).
 struct DedupSlot {
     record: Option<DedupRecord>,
     dirty: bool,
+}
+
+/// What a group leaves to write and to do once written.
+struct Outcome {
+    batch: WriteBatch,
+    entries_delta: i64,
+    /// Every device the group loaded, as it is once the batch is written.
+    devices: Vec<(DeviceKey, Cached)>,
+    /// Entries stored, for the stored hook (which hands them to connections).
+    stored: Vec<(UserId, DeviceId, u64, Entry)>,
+    /// Users whose outbox got rows.
+    outbox_users: Vec<UserId>,
+    /// Whole shards were rewritten: forget every cached device.
+    invalidate_cache: bool,
 }
 
 /// The state of one group commit: the batch being built and an overlay of every record this
@@ -299,15 +385,14 @@ pub(crate) struct Group<'a> {
     engine: &'a dyn Engine,
     config: &'a InboxConfig,
     gate: &'a ShardGate,
+    cache: &'a DeviceCache,
     batch: WriteBatch,
-    metas: BTreeMap<(UserId, DeviceId), MetaSlot>,
+    slots: HashMap<DeviceKey, Slot>,
     dedups: BTreeMap<Vec<u8>, DedupSlot>,
-    /// Inbox keys deleted by this group (they are still on disk until the write).
-    deleted: HashSet<Vec<u8>>,
-    /// Devices whose stored entries this group range-deleted.
-    dropped: HashSet<(UserId, DeviceId)>,
+    stored: Vec<(UserId, DeviceId, u64, Entry)>,
+    outbox_users: Vec<UserId>,
     entries_delta: i64,
-    durability: Durability,
+    invalidate_cache: bool,
 }
 
 impl<'a> Group<'a> {
@@ -315,31 +400,27 @@ impl<'a> Group<'a> {
         engine: &'a dyn Engine,
         config: &'a InboxConfig,
         gate: &'a ShardGate,
+        cache: &'a DeviceCache,
     ) -> Self {
         Self {
             engine,
             config,
             gate,
+            cache,
             batch: WriteBatch::new(),
-            metas: BTreeMap::new(),
+            slots: HashMap::new(),
             dedups: BTreeMap::new(),
-            deleted: HashSet::new(),
-            dropped: HashSet::new(),
+            stored: Vec::new(),
+            outbox_users: Vec::new(),
             entries_delta: 0,
-            durability: Durability::Synced,
+            invalidate_cache: false,
         }
     }
 
     fn handle(&mut self, request: Request) -> Done {
         match request {
             Request::Append { append, reply } => Done::Append(reply, self.handle_append(append)),
-            Request::Ack {
-                user,
-                device,
-                seqs,
-                now_ms,
-                reply,
-            } => Done::Ack(reply, self.handle_ack(user, device, &seqs, now_ms)),
+            Request::Ack { ack, reply } => Done::Ack(reply, self.handle_ack(ack)),
             Request::DropDevice {
                 user,
                 device,
@@ -355,30 +436,40 @@ impl<'a> Group<'a> {
                 now_ms,
                 reply,
             } => Done::Count(reply, self.handle_expire_dedup(&keys, now_ms)),
+            Request::Trim { reply } => Done::Count(reply, self.handle_trim()),
             Request::Import { shard, rows, reply } => {
                 Done::Delta(reply, self.handle_import(shard, rows))
             }
             Request::DropShard { shard, reply } => {
                 Done::Count(reply, self.handle_drop_shard(shard))
             }
-            Request::SyncBarrier { reply } => {
-                self.durability = Durability::Barrier;
-                Done::Unit(reply, Ok(()))
-            }
+            Request::SyncBarrier { reply } => Done::Unit(reply, Ok(())),
         }
     }
 
-    /// The batch to write, the change of the stored entry count it makes, and how to write it.
-    fn finish(mut self) -> (WriteBatch, i64, Durability) {
-        for ((user, device), slot) in &self.metas {
+    /// The batch to write and what to do once it is written.
+    fn finish(mut self) -> Outcome {
+        let mut devices = Vec::with_capacity(self.slots.len());
+        for ((user, device), mut slot) in self.slots {
+            let shard = shard_of(user, self.config.shard_count);
             if slot.dirty {
-                let shard = shard_of(*user, self.config.shard_count);
                 self.batch.put(
                     Cf::InboxMeta,
-                    device_prefix(shard, *user, *device),
-                    slot.meta.encode(),
+                    device_prefix(shard, user, device),
+                    slot.cached.meta.encode(),
                 );
             }
+            let untrimmed = slot.cached.untrimmed();
+            if untrimmed > 0 && (slot.trim || untrimmed >= TRIM_SEQS_MIN) {
+                let floor = slot.cached.meta.floor;
+                self.batch.delete_range(
+                    Cf::Inbox,
+                    inbox_key(shard, user, device, slot.cached.trimmed + 1),
+                    inbox_key(shard, user, device, floor + 1),
+                );
+                slot.cached.trimmed = floor;
+            }
+            devices.push(((user, device), slot.cached));
         }
         for (key, slot) in &self.dedups {
             match (slot.dirty, &slot.record) {
@@ -387,36 +478,56 @@ impl<'a> Group<'a> {
                 (true, None) => self.batch.delete(Cf::Dedup, key.clone()),
             }
         }
-        (self.batch, self.entries_delta, self.durability)
+        Outcome {
+            batch: self.batch,
+            entries_delta: self.entries_delta,
+            devices,
+            stored: self.stored,
+            outbox_users: self.outbox_users,
+            invalidate_cache: self.invalidate_cache,
+        }
     }
 
-    /// Loads a device's counters into the overlay (from the engine the first time).
-    fn load_meta(&mut self, user: UserId, device: DeviceId) -> Result<&mut MetaSlot, StorageError> {
-        match self.metas.entry((user, device)) {
-            MapEntry::Occupied(slot) => Ok(slot.into_mut()),
-            MapEntry::Vacant(vacant) => {
-                let shard = shard_of(user, self.config.shard_count);
-                let meta = match self
-                    .engine
-                    .get(Cf::InboxMeta, &device_prefix(shard, user, device))?
-                {
-                    Some(bytes) => DeviceMeta::decode(&bytes)?,
-                    None => DeviceMeta::default(),
+    /// Loads a device into the overlay: from the cache, else from the engine.
+    fn load(&mut self, user: UserId, device: DeviceId) -> Result<&mut Slot, StorageError> {
+        use std::collections::hash_map::Entry as HashEntry;
+        match self.slots.entry((user, device)) {
+            HashEntry::Occupied(slot) => Ok(slot.into_mut()),
+            HashEntry::Vacant(vacant) => {
+                let (cached, dirty) = match self.cache.get(&(user, device)) {
+                    Some(cached) => (cached.clone(), false),
+                    None => {
+                        let shard = shard_of(user, self.config.shard_count);
+                        let prefix = device_prefix(shard, user, device);
+                        match self.engine.get(Cf::InboxMeta, &prefix)? {
+                            None => (Cached::default(), false),
+                            Some(bytes) => match Stored::decode(&bytes)? {
+                                Stored::Current(meta) => (Cached { meta, trimmed: 0 }, false),
+                                Stored::Legacy { next_seq, .. } => {
+                                    let meta = convert_legacy(self.engine, &prefix, next_seq)?;
+                                    (Cached { meta, trimmed: 0 }, true)
+                                }
+                            },
+                        }
+                    }
                 };
-                Ok(vacant.insert(MetaSlot { meta, dirty: false }))
+                Ok(vacant.insert(Slot {
+                    cached,
+                    dirty,
+                    trim: false,
+                }))
             }
         }
     }
 
-    /// A device's counters, already loaded by [`Self::load_meta`] in this request's load phase.
-    fn meta_mut(&mut self, user: UserId, device: DeviceId) -> &mut MetaSlot {
-        // Always occupied by the load phase; the default only keeps this path panic-free.
-        self.metas
-            .entry((user, device))
-            .or_insert_with(|| MetaSlot {
-                meta: DeviceMeta::default(),
-                dirty: false,
-            })
+    /// A device already loaded by [`Self::load`] in this request's load phase.
+    fn slot(&mut self, user: UserId, device: DeviceId) -> &mut Slot {
+        // Always present after the load phase; the default only keeps this path panic-free.
+        self.slots.entry((user, device)).or_insert_with(|| Slot {
+            cached: Cached::default(),
+            dirty: false,
+            trim: false,
+        })
     }
 
     /// Loads a dedup record into the overlay (from the engine the first time).
@@ -446,6 +557,36 @@ impl<'a> Group<'a> {
                 dirty: true,
             },
         );
+    }
+
+    /// Stores one entry for a loaded device (the apply phase of a request): allocates its seq,
+    /// stamps its times. `None` if the device is at its quota or out of seqs.
+    fn put_entry(
+        &mut self,
+        user: UserId,
+        device: DeviceId,
+        mut entry: Entry,
+        now_ms: u64,
+    ) -> Option<u64> {
+        let quota = self.config.device_quota;
+        let retention_ms = self.config.retention_ms;
+        let slot = self.slot(user, device);
+        if slot.cached.meta.pending() >= quota {
+            return None;
+        }
+        let seq = slot.cached.meta.allocate()?;
+        slot.dirty = true;
+        entry.server_time_ms = now_ms;
+        entry.expires_at_ms = now_ms.saturating_add(retention_ms);
+        let shard = shard_of(user, self.config.shard_count);
+        self.batch.put(
+            Cf::Inbox,
+            inbox_key(shard, user, device, seq),
+            entry.encode(),
+        );
+        self.stored.push((user, device, seq, entry));
+        self.entries_delta += 1;
+        Some(seq)
     }
 
     fn handle_append(&mut self, append: Append) -> Result<AppendOutcome, InboxError> {
@@ -478,9 +619,10 @@ impl<'a> Group<'a> {
             *per_device.entry(*device).or_default() += 1;
         }
         let mut full = Vec::new();
+        let quota = self.config.device_quota;
         for (&device, &adding) in &per_device {
-            let meta = self.load_meta(to_user, device)?.meta;
-            if meta.count.saturating_add(adding) > self.config.device_quota {
+            let meta = &self.load(to_user, device)?.cached.meta;
+            if meta.pending().saturating_add(adding) > quota {
                 full.push(device);
             }
             if meta.next_seq.checked_add(adding).is_none() {
@@ -491,110 +633,193 @@ impl<'a> Group<'a> {
             return Ok(AppendOutcome::Full { devices: full });
         }
 
-        // Apply phase: nothing below can fail.
-        let server_time_ms = now_ms;
-        let expires_at_ms = now_ms.saturating_add(self.config.retention_ms);
+        // Apply phase: nothing below can fail (quota and seq space were checked above).
+        let sole_copy = entries.len() == 1;
         let mut seqs = Vec::with_capacity(entries.len());
         for (device, mut entry) in entries {
-            let slot = self.meta_mut(to_user, device);
-            let seq = slot.meta.next_seq;
-            slot.meta.next_seq += 1;
-            slot.meta.count += 1;
-            slot.dirty = true;
-            entry.server_time_ms = server_time_ms;
-            entry.expires_at_ms = expires_at_ms;
-            self.batch.put(
-                Cf::Inbox,
-                inbox_key(shard, to_user, device, seq),
-                entry.encode(),
-            );
-            seqs.push((device, seq));
+            entry.sole_copy = sole_copy && entry.kind == EntryKind::Message;
+            if let Some(seq) = self.put_entry(to_user, device, entry, now_ms) {
+                seqs.push((device, seq));
+            }
         }
-        self.entries_delta += seqs.len() as i64;
         if let Some(key) = dedup_key {
             let record = DedupRecord {
                 expires_at_ms: now_ms.saturating_add(self.config.dedup_window_ms),
-                server_time_ms,
+                server_time_ms: now_ms,
                 receipt_sent: false,
             };
             self.set_dedup(key, Some(record));
         }
         Ok(AppendOutcome::Stored {
-            server_time_ms,
+            server_time_ms: now_ms,
             seqs,
         })
     }
 
-    fn handle_ack(
-        &mut self,
-        user: UserId,
-        device: DeviceId,
-        seqs: &[u64],
-        now_ms: u64,
-    ) -> Result<Vec<Acked>, InboxError> {
-        if self.dropped.contains(&(user, device)) {
-            // Everything this device had on disk is already deleted by this group.
-            return Ok(Vec::new());
-        }
+    fn handle_ack(&mut self, ack: AckRequest) -> Result<Vec<Acked>, InboxError> {
+        let AckRequest {
+            user,
+            device,
+            seqs,
+            senders,
+            now_ms,
+        } = ack;
         let shard = shard_of(user, self.config.shard_count);
 
-        // Load phase.
+        // Load phase: the device, the header of every pending seq (read back only when the
+        // caller did not know it), the dedup records tracking multi-device receipts, and every
+        // device a receipt may be stored for.
+        let meta = self.load(user, device)?.cached.meta.clone();
         let mut seen = BTreeSet::new();
-        let mut found: Vec<(u64, Vec<u8>, Option<Entry>)> = Vec::new();
-        for &seq in seqs {
-            if !seen.insert(seq) {
+        let mut found: Vec<(u64, Option<EntryHeader>)> = Vec::new();
+        for (seq, header) in seqs {
+            if !meta.is_pending(seq) || !seen.insert(seq) {
                 continue;
             }
-            let key = inbox_key(shard, user, device, seq);
-            if self.deleted.contains(&key) {
-                continue;
-            }
-            let Some(value) = self.engine.get(Cf::Inbox, &key)? else {
-                continue;
+            let header = match header {
+                Some(h) => Some(h),
+                None => self.read_header(shard, user, device, seq)?,
             };
-            // A corrupt entry is still deleted when acked (deleting needs no decoding); it just
-            // cannot be reported or receipted.
-            let entry = match Entry::decode(Bytes::from(value)) {
-                Ok(entry) => Some(entry),
-                Err(err) => {
-                    tracing::error!(%err, user, device, seq, "acked inbox entry does not decode");
-                    None
-                }
-            };
-            found.push((seq, key, entry));
+            found.push((seq, header));
         }
         if found.is_empty() {
             return Ok(Vec::new());
         }
-        self.load_meta(user, device)?;
-        for (_, _, entry) in &found {
-            if let Some(key) = entry.as_ref().and_then(|e| receipt_key(shard, user, e)) {
-                self.load_dedup(&key)?;
+        let mut receipt_targets: BTreeSet<UserId> = BTreeSet::new();
+        for (_, header) in &found {
+            let Some(h) = header.filter(|h| receipt_due(user, h)) else {
+                continue;
+            };
+            if !h.sole_copy {
+                self.load_dedup(&receipt_key(shard, user, &h))?;
+            }
+            receipt_targets.insert(h.from_user);
+        }
+        let mut local: HashMap<UserId, &[DeviceId]> = HashMap::new();
+        for to in &receipt_targets {
+            let devices = senders
+                .iter()
+                .find(|(u, _)| u == to)
+                .map(|(_, d)| d.as_slice())
+                .filter(|_| {
+                    self.gate
+                        .is_writable(shard_of(*to, self.config.shard_count))
+                });
+            match devices {
+                Some(devices) => {
+                    for &d in devices {
+                        self.load(*to, d)?;
+                    }
+                    local.insert(*to, devices);
+                }
+                None => {
+                    self.load(user, OUTBOX_DEVICE)?;
+                }
             }
         }
 
         // Apply phase.
         let mut acked = Vec::with_capacity(found.len());
-        let deleted = found.len() as u64;
-        for (seq, key, entry) in found {
-            self.batch.delete(Cf::Inbox, key.clone());
-            self.deleted.insert(key);
-            let Some(entry) = entry else { continue };
-            let first_ack = match receipt_key(shard, user, &entry) {
-                Some(key) => self.mark_receipt_sent(key, &entry, now_ms),
-                None => false,
-            };
+        let mut receipts: BTreeMap<UserId, Vec<MsgId>> = BTreeMap::new();
+        for (seq, header) in found {
+            let slot = self.slot(user, device);
+            match slot.cached.meta.ack(seq) {
+                AckEffect::Acked => slot.dirty = true,
+                AckEffect::NotPending => continue,
+                AckEffect::Overflow => {
+                    tracing::debug!(
+                        user,
+                        device,
+                        seq,
+                        max = ACKED_ABOVE_MAX,
+                        "out-of-order acks over the bound; the entry stays pending"
+                    );
+                    continue;
+                }
+            }
+            self.entries_delta -= 1;
+            let Some(h) = header else { continue };
+            let first_ack = receipt_due(user, &h)
+                && (h.sole_copy || self.mark_receipt_sent(receipt_key(shard, user, &h), now_ms));
+            if first_ack {
+                receipts.entry(h.from_user).or_default().push(h.msg_id);
+            }
             acked.push(Acked {
                 seq,
-                kind: entry.kind,
-                from_user: entry.from_user,
-                from_device: entry.from_device,
-                msg_id: entry.msg_id,
+                kind: h.kind,
+                from_user: h.from_user,
+                from_device: h.from_device,
+                msg_id: h.msg_id,
                 first_ack,
             });
         }
-        self.remove_entries(user, device, deleted);
+        for (to, ids) in receipts {
+            for chunk in ids.chunks(RECEIPT_MSG_IDS_MAX) {
+                let receipt = OutboxReceipt {
+                    to_user: to,
+                    from_user: user,
+                    from_device: device,
+                    msg_id: receipt_id(chunk),
+                    msg_ids: chunk.to_vec(),
+                };
+                match local.get(&to) {
+                    Some(devices) => {
+                        let entry = Entry {
+                            kind: EntryKind::Delivered,
+                            receipt_msg_ids: receipt.msg_ids.clone(),
+                            ..Entry::message(user, device, receipt.msg_id, Bytes::new())
+                        };
+                        for &d in *devices {
+                            if self.put_entry(to, d, entry.clone(), now_ms).is_none() {
+                                tracing::warn!(
+                                    user = to,
+                                    device = d,
+                                    "inbox full: a delivered receipt is dropped"
+                                );
+                            }
+                        }
+                    }
+                    None => {
+                        if self
+                            .put_entry(user, OUTBOX_DEVICE, receipt.to_entry(), now_ms)
+                            .is_some()
+                        {
+                            self.outbox_users.push(user);
+                        } else {
+                            tracing::warn!(
+                                user,
+                                "receipt outbox full: a delivered receipt is dropped"
+                            );
+                        }
+                    }
+                }
+            }
+        }
         Ok(acked)
+    }
+
+    /// The header of a stored entry, read back (an ack of an entry delivered on an earlier
+    /// connection). `None` if it is gone or does not decode: it is acknowledged all the same.
+    fn read_header(
+        &self,
+        shard: ShardId,
+        user: UserId,
+        device: DeviceId,
+        seq: u64,
+    ) -> Result<Option<EntryHeader>, StorageError> {
+        let Some(value) = self
+            .engine
+            .get(Cf::Inbox, &inbox_key(shard, user, device, seq))?
+        else {
+            return Ok(None);
+        };
+        match Entry::decode(Bytes::from(value)) {
+            Ok(entry) => Ok(Some(entry.header())),
+            Err(err) => {
+                tracing::error!(%err, user, device, seq, "acked inbox entry does not decode");
+                Ok(None)
+            }
+        }
     }
 
     /// Records that a `delivered` receipt is being sent for this message; `true` the first time.
@@ -602,7 +827,7 @@ impl<'a> Group<'a> {
     /// A record missing or expired (the dedup window is shorter than retention) is recreated
     /// with the flag set, and a record whose flag is set lives at least one more dedup window,
     /// so devices acking within a window of each other yield one receipt.
-    fn mark_receipt_sent(&mut self, key: Vec<u8>, entry: &Entry, now_ms: u64) -> bool {
+    fn mark_receipt_sent(&mut self, key: Vec<u8>, now_ms: u64) -> bool {
         let renewed_until = now_ms.saturating_add(self.config.dedup_window_ms);
         let current = self.dedups.get(&key).and_then(|slot| slot.record);
         match current {
@@ -619,7 +844,7 @@ impl<'a> Group<'a> {
             _ => {
                 let record = DedupRecord {
                     expires_at_ms: renewed_until,
-                    server_time_ms: entry.server_time_ms,
+                    server_time_ms: now_ms,
                     receipt_sent: true,
                 };
                 self.set_dedup(key, Some(record));
@@ -628,46 +853,26 @@ impl<'a> Group<'a> {
         }
     }
 
-    /// Lowers a device's count (and the group's delta) by `n` deleted entries.
-    fn remove_entries(&mut self, user: UserId, device: DeviceId, n: u64) {
-        let slot = self.meta_mut(user, device);
-        // The count is maintained in the same batches as the entries, so this is a bug.
-        debug_assert!(
-            slot.meta.count >= n,
-            "inbox count {} below {n} deletions",
-            slot.meta.count
-        );
-        if slot.meta.count < n {
-            tracing::error!(
-                user,
-                device,
-                count = slot.meta.count,
-                n,
-                "inbox count below deletions"
-            );
-        }
-        slot.meta.count = slot.meta.count.saturating_sub(n);
-        slot.dirty = true;
-        self.entries_delta -= n as i64;
-    }
-
     fn handle_drop_device(&mut self, user: UserId, device: DeviceId) -> Result<u64, InboxError> {
         let shard = shard_of(user, self.config.shard_count);
-        let removed = self.load_meta(user, device)?.meta.count;
+        let slot = self.load(user, device)?;
+        // The counters stay (everything acknowledged) so next_seq keeps growing if the id
+        // comes back.
+        let removed = slot.cached.meta.ack_all();
+        slot.dirty = true;
+        slot.cached.trimmed = slot.cached.meta.floor;
         let prefix = device_prefix(shard, user, device);
         let end = prefix_end(&prefix);
         self.batch.delete_range(Cf::Inbox, prefix, end);
-        self.dropped.insert((user, device));
-        // The counters stay (with count 0) so next_seq keeps growing if the id comes back.
-        self.remove_entries(user, device, removed);
+        self.entries_delta -= signed(removed);
         Ok(removed)
     }
 
     fn handle_expire_entries(&mut self, keys: &[Vec<u8>], now_ms: u64) -> Result<u64, InboxError> {
-        // Load phase: re-check each candidate; an ack may have deleted it meanwhile.
-        let mut expired: Vec<(Vec<u8>, UserId, DeviceId)> = Vec::new();
+        // Load phase: re-check each candidate; an ack may have acknowledged it meanwhile.
+        let mut candidates: Vec<(Vec<u8>, UserId, DeviceId, u64, bool)> = Vec::new();
         for key in keys {
-            let Some((shard, user, device, _)) = parse_inbox_key(key) else {
+            let Some((shard, user, device, seq)) = parse_inbox_key(key) else {
                 continue;
             };
             if shard != shard_of(user, self.config.shard_count) {
@@ -679,7 +884,10 @@ impl<'a> Group<'a> {
                 );
                 continue;
             }
-            if self.deleted.contains(key) || self.dropped.contains(&(user, device)) {
+            let pending = self.load(user, device)?.cached.meta.is_pending(seq);
+            if !pending {
+                // Acknowledged and not trimmed yet: delete it all the same.
+                candidates.push((key.clone(), user, device, seq, false));
                 continue;
             }
             let Some(value) = self.engine.get(Cf::Inbox, key)? else {
@@ -687,7 +895,7 @@ impl<'a> Group<'a> {
             };
             match Entry::decode(Bytes::from(value)) {
                 Ok(entry) if entry.expires_at_ms <= now_ms => {
-                    expired.push((key.clone(), user, device))
+                    candidates.push((key.clone(), user, device, seq, true))
                 }
                 Ok(_) => {}
                 Err(err) => {
@@ -695,18 +903,22 @@ impl<'a> Group<'a> {
                 }
             }
         }
-        for (_, user, device) in &expired {
-            self.load_meta(*user, *device)?;
-        }
 
         // Apply phase.
-        let n = expired.len() as u64;
-        for (key, user, device) in expired {
-            self.batch.delete(Cf::Inbox, key.clone());
-            self.deleted.insert(key);
-            self.remove_entries(user, device, 1);
+        let mut expired = 0u64;
+        for (key, user, device, seq, pending) in candidates {
+            if pending {
+                let slot = self.slot(user, device);
+                if slot.cached.meta.ack(seq) != AckEffect::Acked {
+                    continue;
+                }
+                slot.dirty = true;
+                expired += 1;
+                self.entries_delta -= 1;
+            }
+            self.batch.delete(Cf::Inbox, key);
         }
-        Ok(n)
+        Ok(expired)
     }
 
     fn handle_expire_dedup(&mut self, keys: &[Vec<u8>], now_ms: u64) -> Result<u64, InboxError> {
@@ -725,29 +937,46 @@ impl<'a> Group<'a> {
         Ok(n)
     }
 
+    /// Marks up to [`TRIM_DEVICES_PER_PASS`] cached devices with acknowledged entries on disk
+    /// for a range delete in this group. Returns how many.
+    fn handle_trim(&mut self) -> Result<u64, InboxError> {
+        let devices = self.cache.untrimmed(TRIM_DEVICES_PER_PASS);
+        for &(user, device) in &devices {
+            self.load(user, device)?.trim = true;
+        }
+        Ok(devices.len() as u64)
+    }
+
     /// Writes hand-off rows (validated by [`super::Inbox::import`]) as they are. The only rows
-    /// that change the gauge are counters: each adds its count minus that of the counter it
-    /// replaces, the gauge being the sum of the stored counts.
+    /// that change the gauge are counters: each adds its pending count minus that of the
+    /// counter it replaces, the gauge being the sum of the stored counts.
     fn handle_import(&mut self, shard: ShardId, rows: Vec<Row>) -> Result<i64, InboxError> {
         // Load phase.
         let mut delta = 0i64;
         let mut puts = Vec::with_capacity(rows.len());
+        let mut outbox_users = Vec::new();
         for row in rows {
             let cf = row
                 .column_family()
                 .ok_or(InboxError::Invalid("hand-off row of an unknown family"))?;
             if cf == Cf::InboxMeta {
-                if parse_meta_key(&row.key).is_none_or(|(s, _, _)| s != shard) {
+                let Some((s, user, device)) = parse_meta_key(&row.key) else {
+                    return Err(InboxError::Invalid("hand-off row is not an inbox counter"));
+                };
+                if s != shard {
                     return Err(InboxError::Invalid("hand-off row is not an inbox counter"));
                 }
-                let imported = DeviceMeta::decode(&row.value)?.count;
+                let imported = Stored::decode(&row.value)?.pending();
                 let replaced = match self.engine.get(Cf::InboxMeta, &row.key)? {
-                    Some(bytes) => DeviceMeta::decode(&bytes)?.count,
+                    Some(bytes) => Stored::decode(&bytes)?.pending(),
                     None => 0,
                 };
                 delta = delta
                     .saturating_add(signed(imported))
                     .saturating_sub(signed(replaced));
+                if device == OUTBOX_DEVICE && imported > 0 {
+                    outbox_users.push(user);
+                }
             }
             puts.push((cf, row.key, row.value));
         }
@@ -757,7 +986,8 @@ impl<'a> Group<'a> {
             self.batch.put(cf, key, value);
         }
         self.entries_delta = self.entries_delta.saturating_add(delta);
-        self.durability = Durability::Unsynced;
+        self.outbox_users.extend(outbox_users);
+        self.invalidate_cache = true;
         Ok(delta)
     }
 
@@ -765,13 +995,71 @@ impl<'a> Group<'a> {
     fn handle_drop_shard(&mut self, shard: ShardId) -> Result<u64, InboxError> {
         let from = key(shard, &[]);
         let end = prefix_end(&from);
-        let removed = count_entries_in(self.engine, &from, &end)?;
+        let removed = count_entries_in(self.engine, &from, &end, &mut Vec::new())?;
         for cf in SHARD_CFS {
             self.batch.delete_range(cf, from.clone(), end.clone());
         }
         self.entries_delta = self.entries_delta.saturating_sub(signed(removed));
+        self.invalidate_cache = true;
         Ok(removed)
     }
+}
+
+/// Rebuilds the floor of a format-1 record, whose acknowledged entries were deleted one by
+/// one: the floor sits below the first entry on disk, and the seqs missing above it (deleted
+/// out of order) are acknowledged ones.
+fn convert_legacy(
+    engine: &dyn Engine,
+    prefix: &[u8],
+    next_seq: u64,
+) -> Result<DeviceMeta, StorageError> {
+    let shard_user_device = parse_meta_key(prefix);
+    let end = prefix_end(prefix);
+    let mut meta = DeviceMeta {
+        next_seq,
+        floor: next_seq - 1,
+        acked_above: Vec::new(),
+    };
+    let mut from = prefix.to_vec();
+    let mut expected: Option<u64> = None;
+    const PAGE: usize = 1024;
+    loop {
+        let page = engine.scan(Cf::Inbox, &from, &end, PAGE)?;
+        for (key, _) in &page {
+            let Some((_, _, _, seq)) = parse_inbox_key(key) else {
+                continue;
+            };
+            match expected {
+                None => meta.floor = seq.saturating_sub(1).min(next_seq - 1),
+                Some(want) => {
+                    for gap in want..seq {
+                        if meta.acked_above.len() < ACKED_ABOVE_MAX {
+                            meta.acked_above.push(gap);
+                        }
+                    }
+                }
+            }
+            expected = Some(seq + 1);
+        }
+        match page.last() {
+            Some((last, _)) if page.len() == PAGE => from = crate::storage::successor(last),
+            _ => break,
+        }
+    }
+    if let Some(want) = expected {
+        for gap in want..next_seq {
+            if meta.acked_above.len() < ACKED_ABOVE_MAX {
+                meta.acked_above.push(gap);
+            }
+        }
+    }
+    if meta.acked_above.len() >= ACKED_ABOVE_MAX {
+        tracing::warn!(
+            device = ?shard_user_device,
+            "format-1 inbox counters with more holes than the bound; some stay pending"
+        );
+    }
+    Ok(meta)
 }
 
 /// A count as a gauge delta (counts never come near `i64::MAX`).
@@ -779,16 +1067,20 @@ fn signed(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// The dedup key under which a `delivered` receipt for this acked entry is tracked, if one is
-/// due: only for messages from another user (a user's own devices get no receipts).
-fn receipt_key(shard: crate::shard::ShardId, user: UserId, entry: &Entry) -> Option<Vec<u8>> {
-    (entry.kind == EntryKind::Message && entry.from_user != user).then(|| {
-        dedup_key(
-            shard,
-            user,
-            entry.from_user,
-            entry.from_device,
-            &entry.msg_id,
-        )
-    })
+/// Whether acknowledging this entry owes its sender a `delivered` receipt: only messages from
+/// another user (a user's own devices get no receipts).
+fn receipt_due(user: UserId, header: &EntryHeader) -> bool {
+    header.kind == EntryKind::Message && header.from_user != user
+}
+
+/// The dedup key under which a `delivered` receipt for a message stored for several devices is
+/// tracked.
+fn receipt_key(shard: ShardId, user: UserId, header: &EntryHeader) -> Vec<u8> {
+    dedup_key(
+        shard,
+        user,
+        header.from_user,
+        header.from_device,
+        &header.msg_id,
+    )
 }

@@ -112,7 +112,8 @@ async fn closed_shard_refuses_appends_while_others_commit(fixture: Fixture) {
     inbox.set_writable(closed, true);
     stored_seqs(inbox.append(send(A, 1, B, &[1], 7, t + 1)).await.unwrap());
     inbox.set_writable(closed, false);
-    assert_eq!(inbox.expire(t + 1 + RETENTION_MS_DEFAULT).await.unwrap(), 8);
+    // Eight entries, and the receipt the ack left in B's outbox.
+    assert_eq!(inbox.expire(t + 1 + RETENTION_MS_DEFAULT).await.unwrap(), 9);
     assert_eq!(inbox.entries_total(), 0);
     assert_counts_match_disk(&*gated, &inbox);
 }
