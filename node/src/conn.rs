@@ -23,6 +23,13 @@ use crate::transport::{Transport, TransportError};
 /// reconnect then follows the `Redirect` of the node it reaches).
 pub const MOVED_RECONNECT_AFTER_MS: u32 = 50;
 
+/// Events handled back to back before the frames they produced are written: bounds how long a
+/// busy connection delays its writes (and its share of a worker) for the sake of batching.
+pub const EVENTS_PER_WRITE_MAX: usize = 32;
+/// Frames queued before they are written even if more events are ready. Memory: this many
+/// encoded frames (plus what one event adds), at most a few MiB for maximal `Deliver`s.
+pub const FRAMES_PER_WRITE_MAX: usize = 64;
+
 type Pending = FuturesOrdered<BoxFuture<'static, (u32, Answer)>>;
 type Acks = FuturesUnordered<BoxFuture<'static, (u32, Answer)>>;
 
@@ -101,24 +108,40 @@ impl Conn {
             if self.session.is_closed() {
                 return Flow::Close(None);
             }
-            let answers = self.pending.as_ref().map_or(0, |p| p.len());
-            let acks = self.acks.as_ref().map_or(0, |a| a.len());
-            let in_flight = answers + acks;
-            let flow = tokio::select! {
-                biased;
-                _ = self.shared.notified() => self.handle_notified(),
-                Some((req, answer)) = next_answer(&mut self.pending), if answers > 0 => {
-                    self.handle_answer(req, answer)
-                }
-                Some((req, answer)) = next_ack(&mut self.acks), if acks > 0 => {
-                    self.handle_answer(req, answer)
-                }
-                read = transport.next_frame(), if in_flight < REQUESTS_IN_FLIGHT_MAX => {
-                    self.handle_read(read)
-                }
-            };
-            if let Flow::Close(e) = flow {
+            if let Flow::Close(e) = self.next_event(transport).await {
                 return Flow::Close(e);
+            }
+            // Handle whatever else is ready before writing, so that the answers and deliveries
+            // of a burst leave in one vectored write instead of one write each.
+            for _ in 1..EVENTS_PER_WRITE_MAX {
+                if self.session.is_closed() || self.out.len() >= FRAMES_PER_WRITE_MAX {
+                    break;
+                }
+                match futures::FutureExt::now_or_never(self.next_event(transport)) {
+                    Some(Flow::Close(e)) => return Flow::Close(e),
+                    Some(Flow::Continue) => {}
+                    None => break,
+                }
+            }
+        }
+    }
+
+    /// Waits for one event and handles it: a wake-up, an answer, an ack done, or a frame read.
+    async fn next_event<T: Transport>(&mut self, transport: &mut T) -> Flow {
+        let answers = self.pending.as_ref().map_or(0, |p| p.len());
+        let acks = self.acks.as_ref().map_or(0, |a| a.len());
+        let in_flight = answers + acks;
+        tokio::select! {
+            biased;
+            _ = self.shared.notified() => self.handle_notified(),
+            Some((req, answer)) = next_answer(&mut self.pending), if answers > 0 => {
+                self.handle_answer(req, answer)
+            }
+            Some((req, answer)) = next_ack(&mut self.acks), if acks > 0 => {
+                self.handle_answer(req, answer)
+            }
+            read = transport.next_frame(), if in_flight < REQUESTS_IN_FLIGHT_MAX => {
+                self.handle_read(read)
             }
         }
     }

@@ -123,6 +123,9 @@ impl RocksEngine {
         db_opts.set_max_log_file_size(config.info_log_file_bytes_max);
         // Spread table-file writeback instead of one large fsync at the end of a flush.
         db_opts.set_bytes_per_sync(MIB as u64);
+        // Needed for in-place memtable updates (see `cf_options`). Concurrent memtable writes
+        // only pay off with many writer threads; the inbox has one.
+        db_opts.set_allow_concurrent_memtable_write(false);
 
         let on_disk = match DB::list_cf(&db_opts, path) {
             Ok(names) => names,
@@ -190,12 +193,25 @@ fn cf_options(cf: Cf, config: &RocksConfig, cache: &Cache) -> Options {
             opts.add_compact_on_deletion_collector_factory(128, 64, 0.5);
         }
         Cf::Dedup => {
+            // Nearly every lookup is of a new msg_id: a bloom filter over the memtable answers
+            // "absent" without walking its skiplist. Memory: 5% of each memtable.
+            opts.set_memtable_prefix_bloom_ratio(0.05);
+            opts.set_memtable_whole_key_filtering(true);
             table.set_bloom_filter(10.0, false);
             opts.set_compression_type(DBCompressionType::Lz4);
             opts.set_compaction_filter("ringpost_dedup_expiry", drop_expired_dedup);
             opts.set_periodic_compaction_seconds(config.dedup_periodic_compaction_secs);
         }
-        Cf::Accounts | Cf::Verify | Cf::InboxMeta | Cf::Prekeys | Cf::Meta => {
+        Cf::InboxMeta => {
+            // One small record per device, rewritten by every group that moves the device's
+            // seq or floor: updated in place in the memtable instead of a new skiplist node per
+            // version. RocksDB keeps the old sequence number on an in-place update, so a range
+            // delete in this family could hide a later update: `write` never issues one here.
+            opts.set_inplace_update_support(true);
+            table.set_bloom_filter(10.0, false);
+            opts.set_compression_type(DBCompressionType::Lz4);
+        }
+        Cf::Accounts | Cf::Verify | Cf::Prekeys | Cf::Meta => {
             // Point lookups, many of them for keys that exist: 10 bits/key ≈ 1% false positives.
             table.set_bloom_filter(10.0, false);
             opts.set_compression_type(DBCompressionType::Lz4);
@@ -254,6 +270,25 @@ impl Engine for RocksEngine {
                 Op::Delete { cf, key } => rb.delete_cf(self.handle(cf)?, key),
                 // RocksDB rejects an inverted range; an empty or inverted range deletes nothing.
                 Op::DeleteRange { from, to, .. } if from >= to => {}
+                // In-place updates and range tombstones do not mix (see `cf_options`): delete
+                // the family's keys one by one (one small record per device, and only when a
+                // whole shard is dropped).
+                Op::DeleteRange {
+                    cf: Cf::InboxMeta,
+                    from,
+                    to,
+                } => {
+                    let handle = self.handle(Cf::InboxMeta)?;
+                    let mut it = self
+                        .db
+                        .raw_iterator_cf_opt(handle, Self::bounded_read(&from, &to));
+                    it.seek(&from);
+                    while let Some(key) = it.key() {
+                        rb.delete_cf(handle, key);
+                        it.next();
+                    }
+                    it.status().map_err(|e| classify(e.into_string()))?;
+                }
                 Op::DeleteRange { cf, from, to } => rb.delete_range_cf(self.handle(cf)?, from, to),
             }
         }
@@ -300,10 +335,22 @@ impl Engine for RocksEngine {
         let mut it = self
             .db
             .raw_iterator_cf_opt(self.handle(cf)?, Self::bounded_read(from, to));
-        it.seek_to_last();
-        let last = match (it.key(), it.value()) {
-            (Some(k), Some(v)) => Some((k.to_vec(), v.to_vec())),
-            _ => None,
+        let last = if cf == Cf::InboxMeta {
+            // Memtables updated in place cannot be iterated backwards: walk the range forward
+            // (nothing on a hot path asks this of that family).
+            it.seek(from);
+            let mut last = None;
+            while let (Some(k), Some(v)) = (it.key(), it.value()) {
+                last = Some((k.to_vec(), v.to_vec()));
+                it.next();
+            }
+            last
+        } else {
+            it.seek_to_last();
+            match (it.key(), it.value()) {
+                (Some(k), Some(v)) => Some((k.to_vec(), v.to_vec())),
+                _ => None,
+            }
         };
         it.status().map_err(|e| classify(e.into_string()))?;
         Ok(last)
@@ -341,6 +388,39 @@ mod tests {
             Some(&b"1"[..])
         );
         assert!(e.get(Cf::Dedup, b"d").unwrap().is_some());
+    }
+
+    /// The inbox counters are updated in place in the memtable, which keeps the old sequence
+    /// number: a range tombstone between the two would hide the update. `write` turns range
+    /// deletes of that family into point deletes, so a counter written after a shard drop
+    /// stays visible, before and after a restart.
+    #[test]
+    fn counters_rewritten_after_a_range_delete_stay_visible() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let e = RocksEngine::open(dir.path(), &RocksConfig::for_tests()).unwrap();
+            put(&e, Cf::InboxMeta, b"\x00\x01m", b"old-value", false);
+            let mut b = WriteBatch::new();
+            b.delete_range(Cf::InboxMeta, &b"\x00\x01"[..], &b"\x00\x02"[..]);
+            e.write(b, true).unwrap();
+            assert_eq!(e.get(Cf::InboxMeta, b"\x00\x01m").unwrap(), None);
+            // Shorter than the old value: RocksDB would update it in place if it found it.
+            put(&e, Cf::InboxMeta, b"\x00\x01m", b"new", true);
+            assert_eq!(
+                e.get(Cf::InboxMeta, b"\x00\x01m").unwrap().as_deref(),
+                Some(&b"new"[..])
+            );
+            put(&e, Cf::InboxMeta, b"\x00\x01m", b"nu", true);
+            assert_eq!(
+                e.get(Cf::InboxMeta, b"\x00\x01m").unwrap().as_deref(),
+                Some(&b"nu"[..])
+            );
+        }
+        let e = RocksEngine::open(dir.path(), &RocksConfig::for_tests()).unwrap();
+        assert_eq!(
+            e.get(Cf::InboxMeta, b"\x00\x01m").unwrap().as_deref(),
+            Some(&b"nu"[..])
+        );
     }
 
     #[test]

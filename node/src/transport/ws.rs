@@ -2,8 +2,8 @@
 //!
 //! Reading: try a non-blocking read into the worker's buffer first, wait for readiness only when
 //! there is nothing to read, and keep only the leftover bytes of a partial message between
-//! reads. TLS is driven the same way: the TLS stream is polled once with a no-op waker while the
-//! worker's buffer is borrowed, and readiness is awaited on the TCP socket underneath.
+//! reads. The stream (TCP, or TLS over it) is polled once with a no-op waker while the worker's
+//! buffer is borrowed, and readiness is awaited on the TCP socket underneath.
 
 use std::collections::VecDeque;
 use std::io;
@@ -37,14 +37,22 @@ impl WsStream {
     /// means nothing is available now.
     fn try_read_into(&mut self, dst: &mut BytesMut) -> io::Result<Option<usize>> {
         with_read_buf(|buf| match self {
-            WsStream::Plain(s) => match s.try_read(buf) {
-                Ok(n) => {
-                    dst.extend_from_slice(&buf[..n]);
-                    Ok(Some(n))
+            // `poll_read` rather than `try_read`: a read that fills less than the buffer tells
+            // tokio the socket is drained, so the next read waits for readiness instead of
+            // paying a system call for EAGAIN (one per frame at low rates).
+            WsStream::Plain(s) => {
+                let mut rb = ReadBuf::new(buf);
+                let mut cx = Context::from_waker(Waker::noop());
+                match Pin::new(s).poll_read(&mut cx, &mut rb) {
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        dst.extend_from_slice(rb.filled());
+                        Ok(Some(n))
+                    }
+                    Poll::Ready(Err(e)) => Err(e),
+                    Poll::Pending => Ok(None),
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-                Err(e) => Err(e),
-            },
+            }
             WsStream::Tls(s) => {
                 let mut rb = ReadBuf::new(buf);
                 let mut cx = Context::from_waker(Waker::noop());
