@@ -36,27 +36,18 @@ pub use digest::{Digest, ShardDigest};
 pub use error::HandoffError;
 
 use crate::accounts::Accounts;
-use crate::inbox::{Inbox, APPEND_BYTES_MAX};
+use crate::inbox::Inbox;
 use crate::shard::ShardId;
-use crate::storage::{key, prefix_end, successor, Cf, Engine};
+use crate::shard_rows::{check_key, check_row};
+pub use crate::shard_rows::{
+    Row, RowsError, CHUNK_BYTES_MAX, CHUNK_ROWS_MAX, ROW_HEADER_BYTES, ROW_KEY_BYTES_MAX,
+    ROW_VALUE_BYTES_MAX, SHARD_CFS,
+};
+use crate::storage::{prefix_end, successor, Engine};
 
 /// Chunk size a puller asks for. Memory: one chunk in flight costs about this on each side,
 /// plus the rows of one scan on the exporting side ([`EXPORT_SCAN_ROWS`]).
 pub const CHUNK_BYTES_DEFAULT: usize = 256 * 1024;
-/// The most [`Row::encoded_len`] bytes one chunk may hold: [`export_chunk`] clamps its budget to
-/// it and [`validate_rows`] refuses more. Memory: an import request holds up to this much while
-/// queued for the inbox writer.
-pub const CHUNK_BYTES_MAX: usize = 4 * 1024 * 1024;
-/// The most rows one chunk may hold. Bounds the per-row overhead (about 56 bytes each in
-/// memory, so under 1 MiB) that [`CHUNK_BYTES_MAX`] does not see for tiny rows.
-pub const CHUNK_ROWS_MAX: usize = 16 * 1024;
-/// Longest key a row may have. The longest any service writes is a dedup key (38 bytes).
-pub const ROW_KEY_BYTES_MAX: usize = 256;
-/// Longest value a row may have: twice the largest any service writes (an inbox entry, at most
-/// [`APPEND_BYTES_MAX`]).
-pub const ROW_VALUE_BYTES_MAX: usize = 2 * APPEND_BYTES_MAX;
-/// Framing bytes of a row besides its key and value: `cf u8 | key len u32 | value len u32`.
-pub const ROW_HEADER_BYTES: usize = 1 + 4 + 4;
 /// Rows one engine scan of [`export_chunk`] reads at a time. Memory: at most this many rows of
 /// up to [`ROW_VALUE_BYTES_MAX`] (32 MiB at the very worst, ~8 MiB of maximal inbox entries).
 pub const EXPORT_SCAN_ROWS: usize = 64;
@@ -67,79 +58,6 @@ const _: () = {
     assert!(CHUNK_BYTES_DEFAULT <= CHUNK_BYTES_MAX);
     assert!(SHARD_CFS.len() <= u8::MAX as usize);
 };
-
-/// Every shard-prefixed column family: all but [`Cf::Meta`]. A row's `cf` is an index into
-/// this array, so the order is part of the peer protocol: append only.
-pub const SHARD_CFS: [Cf; 6] = [
-    Cf::Accounts,
-    Cf::Verify,
-    Cf::Inbox,
-    Cf::InboxMeta,
-    Cf::Dedup,
-    Cf::Prekeys,
-];
-
-/// Whether a family's keys start with the shard id. A `match`, so that a new [`Cf`] does not
-/// compile until it is classified here; the check below then requires it in [`SHARD_CFS`].
-const fn is_shard_prefixed(cf: Cf) -> bool {
-    match cf {
-        Cf::Accounts | Cf::Verify | Cf::Inbox | Cf::InboxMeta | Cf::Dedup | Cf::Prekeys => true,
-        Cf::Meta => false,
-    }
-}
-
-// SHARD_CFS holds exactly the shard-prefixed families of `Cf::ALL`, each once.
-const _: () = {
-    let mut prefixed = 0;
-    let mut i = 0;
-    while i < Cf::ALL.len() {
-        let cf = Cf::ALL[i];
-        let mut found = 0;
-        let mut j = 0;
-        while j < SHARD_CFS.len() {
-            if SHARD_CFS[j] as u8 == cf as u8 {
-                found += 1;
-            }
-            j += 1;
-        }
-        if is_shard_prefixed(cf) {
-            prefixed += 1;
-            assert!(
-                found == 1,
-                "a shard-prefixed family is missing from SHARD_CFS"
-            );
-        } else {
-            assert!(
-                found == 0,
-                "SHARD_CFS holds a family without a shard prefix"
-            );
-        }
-        i += 1;
-    }
-    assert!(prefixed == SHARD_CFS.len());
-};
-
-/// One stored pair of a shard, as it travels between nodes.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Row {
-    /// Index into [`SHARD_CFS`].
-    pub cf: u8,
-    pub key: Vec<u8>,
-    pub value: Vec<u8>,
-}
-
-impl Row {
-    /// The family this row belongs to, if `cf` is a valid index.
-    pub fn column_family(&self) -> Option<Cf> {
-        SHARD_CFS.get(usize::from(self.cf)).copied()
-    }
-
-    /// Bytes the row counts for in a chunk's budget and in a [`ShardDigest`]: its framing as
-    /// hashed.
-    pub fn encoded_len(&self) -> usize {
-        ROW_HEADER_BYTES + self.key.len() + self.value.len()
-    }
-}
 
 /// Where the next chunk of an export starts: after `after` in family `cf`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -227,36 +145,10 @@ pub fn export_chunk(
     Ok(Chunk { rows, next: None })
 }
 
-/// Checks rows received for `shard` before anything is written: within [`CHUNK_ROWS_MAX`] and
-/// [`CHUNK_BYTES_MAX`]; each row of a [`SHARD_CFS`] family, its key inside the shard (longer
-/// than the bare prefix) and within [`ROW_KEY_BYTES_MAX`], its value within
-/// [`ROW_VALUE_BYTES_MAX`]; rows in strictly ascending (family, key) order as exported, so no
-/// key repeats. A peer's bug can therefore never write into another shard.
+/// Checks rows received for `shard` before anything is written: see
+/// [`crate::shard_rows::validate_rows`].
 pub fn validate_rows(shard: ShardId, rows: &[Row]) -> Result<(), HandoffError> {
-    let prefix = shard_prefix(shard)?;
-    let bytes = rows
-        .iter()
-        .fold(0usize, |sum, row| sum.saturating_add(row.encoded_len()));
-    if rows.len() > CHUNK_ROWS_MAX || bytes > CHUNK_BYTES_MAX {
-        return Err(HandoffError::ChunkTooLarge {
-            rows: rows.len(),
-            bytes,
-        });
-    }
-    let mut previous: Option<&Row> = None;
-    for (index, row) in rows.iter().enumerate() {
-        let invalid = |reason| HandoffError::InvalidRow {
-            shard,
-            index,
-            reason,
-        };
-        check_row(&prefix, row).map_err(invalid)?;
-        if previous.is_some_and(|p| (p.cf, &p.key) >= (row.cf, &row.key)) {
-            return Err(invalid("rows are out of order or repeated"));
-        }
-        previous = Some(row);
-    }
-    Ok(())
+    crate::shard_rows::validate_rows(shard, rows).map_err(HandoffError::from)
 }
 
 /// The digest of every row of `shard` in `engine` (see [`Digest`] for `dedup_cutoff_ms`).
@@ -309,35 +201,7 @@ pub async fn drop_shard(
 
 /// `shard`'s key prefix; every row of the shard starts with it.
 fn shard_prefix(shard: ShardId) -> Result<Vec<u8>, HandoffError> {
-    if shard == ShardId::MAX {
-        return Err(HandoffError::InvalidShard(shard));
-    }
-    Ok(key(shard, &[]))
-}
-
-/// Why `row` may not travel in a hand-off of the shard with this prefix, if it may not.
-fn check_row(prefix: &[u8], row: &Row) -> Result<(), &'static str> {
-    if row.column_family().is_none() {
-        return Err("unknown column family");
-    }
-    check_key(prefix, &row.key)?;
-    if row.value.len() > ROW_VALUE_BYTES_MAX {
-        return Err("value is too long");
-    }
-    Ok(())
-}
-
-fn check_key(prefix: &[u8], key: &[u8]) -> Result<(), &'static str> {
-    if !key.starts_with(prefix) {
-        return Err("key is outside the shard");
-    }
-    if key.len() == prefix.len() {
-        return Err("key is the bare shard prefix");
-    }
-    if key.len() > ROW_KEY_BYTES_MAX {
-        return Err("key is too long");
-    }
-    Ok(())
+    crate::shard_rows::shard_prefix(shard).map_err(HandoffError::from)
 }
 
 fn check_cursor(shard: ShardId, prefix: &[u8], cursor: &Cursor) -> Result<(), HandoffError> {

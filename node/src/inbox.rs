@@ -54,8 +54,8 @@ pub use error::InboxError;
 pub use outbox::{receipt_id, OutboxReceipt, OUTBOX_DEVICE};
 pub use writer::{TRIM_DEVICES_PER_PASS, TRIM_SEQS_MIN};
 
-use crate::handoff::{self, Row};
 use crate::shard::{shard_of, ShardId, SHARD_COUNT_DEFAULT};
+use crate::shard_rows::{self, Row};
 use crate::storage::{prefix_end, successor, Cf, Engine, StorageError};
 use cache::DeviceCache;
 use device::Stored;
@@ -95,6 +95,8 @@ const _: () = {
     assert!(ACK_SEQS_MAX >= limits::ACK_SEQS_MAX);
     assert!(APPEND_BYTES_MAX >= ENTRY_BODY_BYTES_MAX + 16 * RECEIPT_MSG_IDS_MAX + 64);
     assert!(ENTRY_BODY_BYTES_MAX <= u32::MAX as usize && RECEIPT_MSG_IDS_MAX <= u16::MAX as usize);
+    // A hand-off carries any entry the inbox stores.
+    assert!(2 * APPEND_BYTES_MAX <= crate::shard_rows::ROW_VALUE_BYTES_MAX);
 };
 
 /// Default of [`InboxConfig::retention_ms`]: unacked entries expire after 30 days.
@@ -502,10 +504,10 @@ impl Inbox {
         self.call(|reply| Request::SyncBarrier { reply }).await
     }
 
-    /// Writes one chunk of hand-off rows of `shard` (of any [`handoff::SHARD_CFS`] family, as
+    /// Writes one chunk of hand-off rows of `shard` (of any [`crate::shard_rows::SHARD_CFS`] family, as
     /// exported by its old owner) in one batch, NOT synced: an import ends with
-    /// [`Inbox::sync_barrier`] ([`handoff::finish_import`]). Rows are checked with
-    /// [`handoff::validate_rows`] first (call it yourself to learn why rows are refused);
+    /// [`Inbox::sync_barrier`] ([`crate::handoff::finish_import`]). Rows are checked with
+    /// [`crate::shard_rows::validate_rows`] first (call it yourself to learn why rows are refused);
     /// refused rows store nothing.
     ///
     /// No append to `shard` may be accepted on this node until the import is complete (the
@@ -520,7 +522,7 @@ impl Inbox {
     /// cleans it up, before or after a restart.
     pub async fn import(&self, shard: ShardId, rows: Vec<Row>) -> Result<i64, InboxError> {
         self.check_shard(shard)?;
-        if let Err(err) = handoff::validate_rows(shard, &rows) {
+        if let Err(err) = shard_rows::validate_rows(shard, &rows) {
             tracing::warn!(%err, shard, "refusing hand-off rows");
             return Err(InboxError::Invalid("hand-off rows failed validation"));
         }
@@ -528,10 +530,10 @@ impl Inbox {
             .await
     }
 
-    /// Deletes every row of `shard` in every [`handoff::SHARD_CFS`] family (range deletes, one
+    /// Deletes every row of `shard` in every [`crate::shard_rows::SHARD_CFS`] family (range deletes, one
     /// synced write) and subtracts what its counters held from [`Inbox::entries_total`], which
     /// it returns. Close the shard first ([`Inbox::set_writable`]): an append committed after
-    /// the drop would stay behind. [`handoff::drop_shard`] also updates the accounts cache.
+    /// the drop would stay behind. [`crate::handoff::drop_shard`] also updates the accounts cache.
     pub async fn drop_shard(&self, shard: ShardId) -> Result<u64, InboxError> {
         self.check_shard(shard)?;
         self.call(|reply| Request::DropShard { shard, reply }).await

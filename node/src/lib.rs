@@ -27,5 +27,6 @@ pub mod runtime;
 pub mod server;
 pub mod session;
 pub mod shard;
+pub mod shard_rows;
 pub mod storage;
 pub mod transport;

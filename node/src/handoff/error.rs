@@ -2,6 +2,7 @@
 
 use crate::inbox::InboxError;
 use crate::shard::ShardId;
+use crate::shard_rows::RowsError;
 use crate::storage::StorageError;
 
 /// Why a hand-off step failed. Nothing of a failed import was counted; rows of a failed import
@@ -37,4 +38,22 @@ pub enum HandoffError {
     /// [`crate::storage::prefix_end`] relies on it).
     #[error("{0} is not a shard id")]
     InvalidShard(ShardId),
+}
+
+impl From<RowsError> for HandoffError {
+    fn from(e: RowsError) -> Self {
+        match e {
+            RowsError::InvalidRow {
+                shard,
+                index,
+                reason,
+            } => HandoffError::InvalidRow {
+                shard,
+                index,
+                reason,
+            },
+            RowsError::ChunkTooLarge { rows, bytes } => HandoffError::ChunkTooLarge { rows, bytes },
+            RowsError::InvalidShard(shard) => HandoffError::InvalidShard(shard),
+        }
+    }
 }

@@ -15,6 +15,7 @@ use crate::keys::Keys;
 use crate::shard::shard_of;
 use crate::storage::suite::{mem_fixture, Fixture};
 use crate::storage::WriteBatch;
+use crate::storage::{key, Cf};
 
 /// Shards populated by the export tests: both ends of the id space and neighbours.
 const POPULATED: [ShardId; 5] = [0, 1, 2, u16::MAX - 2, u16::MAX - 1];
@@ -197,7 +198,7 @@ mod rocks_engine {
 fn shard_cfs_are_the_shard_prefixed_families() {
     let prefixed: Vec<Cf> = Cf::ALL
         .into_iter()
-        .filter(|&cf| is_shard_prefixed(cf))
+        .filter(|&cf| crate::shard_rows::is_shard_prefixed(cf))
         .collect();
     let mut listed = SHARD_CFS.to_vec();
     listed.sort();

@@ -46,8 +46,8 @@ use super::{
     count_entries_in, AckRequest, Acked, Append, AppendOutcome, InboxConfig, InboxError,
     OutboxQueue, RECEIPT_MSG_IDS_MAX,
 };
-use crate::handoff::{Row, SHARD_CFS};
 use crate::shard::{shard_of, ShardId};
+use crate::shard_rows::{Row, SHARD_CFS};
 use crate::storage::{key, prefix_end, Cf, Engine, StorageError, WriteBatch};
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, InboxError>>;
