@@ -221,7 +221,7 @@ impl Metrics {
             ),
             (
                 "ringpost_messages_acked_total",
-                "Inbox entries acknowledged by devices and deleted.",
+                "Inbox entries acknowledged by devices (removed from disk in bulk later).",
                 &self.messages_acked,
             ),
             (
