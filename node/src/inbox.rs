@@ -448,10 +448,15 @@ impl Inbox {
         self.call(|reply| Request::Ack { ack, reply }).await
     }
 
-    /// Range-deletes acknowledged entries that linger below their devices' floors (up to
-    /// [`TRIM_DEVICES_PER_PASS`] devices a call). Returns how many devices it trimmed.
+    /// Range-deletes acknowledged entries that linger below the floors of devices no write
+    /// touched since the previous call (up to [`TRIM_DEVICES_PER_PASS`] devices a call; active
+    /// devices are trimmed by their own acks). Returns how many devices it trimmed.
     pub async fn trim(&self) -> Result<u64, InboxError> {
-        self.call(|reply| Request::Trim { reply }).await
+        self.call(|reply| Request::Trim {
+            reply,
+            devices: Vec::new(),
+        })
+        .await
     }
 
     /// The users whose receipt outbox has rows to send.
@@ -627,6 +632,9 @@ impl Inbox {
         let end = [0xff, 0xff];
         let mut from = Vec::new();
         loop {
+            // A pass reads every stored key: let the runtime's other tasks (connections) run
+            // between pages.
+            tokio::task::yield_now().await;
             let page = self
                 .inner
                 .engine
@@ -670,6 +678,7 @@ impl Inbox {
 
         let mut from = Vec::new();
         loop {
+            tokio::task::yield_now().await;
             let page = self
                 .inner
                 .engine

@@ -30,8 +30,9 @@ use crate::transport::ws::{WsStream, WsTransport};
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// How often expired inbox entries are deleted.
 pub const EXPIRE_INTERVAL: Duration = Duration::from_secs(600);
-/// How often acknowledged entries lingering below their devices' floors are range-deleted (up
-/// to `inbox::TRIM_DEVICES_PER_PASS` devices a pass; most are trimmed by the acks themselves).
+/// How often acknowledged entries lingering below the floors of devices that went quiet are
+/// range-deleted (up to `inbox::TRIM_DEVICES_PER_PASS` devices a pass; active devices are
+/// trimmed by their own acks).
 pub const TRIM_INTERVAL: Duration = Duration::from_secs(10);
 /// How long shutdown waits for connections to close after `GoingAway`.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -375,8 +376,14 @@ async fn accept_quic(endpoint: quinn::Endpoint, server: Arc<Server>) {
 
 async fn housekeeping(server: Arc<Server>) {
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
-    let mut expire = tokio::time::interval(EXPIRE_INTERVAL);
-    let mut trim = tokio::time::interval(TRIM_INTERVAL);
+    // The first expiry pass waits a whole interval: at start the node has connections to
+    // accept, and a pass reads every stored key.
+    let mut expire = tokio::time::interval_at(
+        tokio::time::Instant::now() + EXPIRE_INTERVAL,
+        EXPIRE_INTERVAL,
+    );
+    let mut trim =
+        tokio::time::interval_at(tokio::time::Instant::now() + TRIM_INTERVAL, TRIM_INTERVAL);
     let mut prune = tokio::time::interval(crate::server::RATE_LIMITER_PRUNE_INTERVAL);
     loop {
         tokio::select! {

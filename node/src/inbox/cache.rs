@@ -22,6 +22,13 @@ pub(crate) struct Cached {
     pub trimmed: u64,
 }
 
+/// A cached device and the trim pass during which a group last touched it.
+#[derive(Debug)]
+struct Slot {
+    cached: Cached,
+    pass: u64,
+}
+
 impl Cached {
     /// Acknowledged entries still on disk below the floor.
     pub fn untrimmed(&self) -> u64 {
@@ -31,7 +38,10 @@ impl Cached {
 
 #[derive(Debug)]
 pub(crate) struct DeviceCache {
-    map: HashMap<DeviceKey, Cached>,
+    map: HashMap<DeviceKey, Slot>,
+    /// Periodic trim passes so far: a device touched during the current pass is active, and
+    /// its own acks will trim it.
+    pass: u64,
     /// Devices whose floor is above what was trimmed: the periodic trim's work list.
     untrimmed: HashSet<DeviceKey>,
     capacity: usize,
@@ -41,13 +51,14 @@ impl DeviceCache {
     pub fn new(capacity: usize) -> Self {
         Self {
             map: HashMap::new(),
+            pass: 0,
             untrimmed: HashSet::new(),
             capacity: capacity.max(1),
         }
     }
 
     pub fn get(&self, key: &DeviceKey) -> Option<&Cached> {
-        self.map.get(key)
+        self.map.get(key).map(|slot| &slot.cached)
     }
 
     /// Takes what a committed group knows of a device.
@@ -57,10 +68,27 @@ impl DeviceCache {
         } else {
             self.untrimmed.remove(&key);
         }
-        self.map.insert(key, cached);
+        let pass = self.pass;
+        self.map.insert(key, Slot { cached, pass });
+    }
+
+    /// Up to `n` devices with acknowledged entries left on disk that no group touched since
+    /// the previous call (quiet devices: an active one is trimmed by its own acks, in batches
+    /// of `TRIM_SEQS_MIN`, and trimming every device at once would be one burst of range
+    /// tombstones). Starts a new pass.
+    pub fn quiet_untrimmed(&mut self, n: usize) -> Vec<DeviceKey> {
+        let pass = self.pass;
+        self.pass += 1;
+        self.untrimmed
+            .iter()
+            .filter(|key| self.map.get(*key).is_some_and(|slot| slot.pass < pass))
+            .take(n)
+            .copied()
+            .collect()
     }
 
     /// Up to `n` devices with acknowledged entries left on disk.
+    #[cfg(test)]
     pub fn untrimmed(&self, n: usize) -> Vec<DeviceKey> {
         self.untrimmed.iter().take(n).copied().collect()
     }
@@ -142,6 +170,20 @@ mod tests {
         c.clear();
         assert_eq!(c.len(), 0);
         assert!(c.untrimmed(100).is_empty());
+    }
+
+    #[test]
+    fn quiet_devices_are_those_untouched_for_a_whole_pass() {
+        let mut c = DeviceCache::new(8);
+        c.put((1, 1), cached(10, 0));
+        c.put((2, 1), cached(10, 0));
+        assert!(c.quiet_untrimmed(10).is_empty(), "touched in this pass");
+        c.put((2, 1), cached(11, 0));
+        assert_eq!(c.quiet_untrimmed(10), vec![(1, 1)]);
+        let mut quiet = c.quiet_untrimmed(10);
+        quiet.sort_unstable();
+        assert_eq!(quiet, vec![(1, 1), (2, 1)]);
+        assert_eq!(c.quiet_untrimmed(1).len(), 1, "bounded");
     }
 
     #[test]

@@ -91,8 +91,12 @@ pub(crate) enum Request {
         now_ms: u64,
         reply: Reply<u64>,
     },
-    /// Range-deletes acknowledged entries of devices the cache knows to have some.
-    Trim { reply: Reply<u64> },
+    /// Range-deletes acknowledged entries of quiet devices the cache knows to have some.
+    Trim {
+        reply: Reply<u64>,
+        /// Filled in by the writer when it takes the request.
+        devices: Vec<DeviceKey>,
+    },
     /// Hand-off rows of a closed shard, already validated; written unsynced.
     Import {
         shard: ShardId,
@@ -116,7 +120,8 @@ impl Request {
                     .map(|(_, e)| e.encoded_len())
                     .sum::<usize>(),
                 Request::Ack { ack, .. } => 48 * ack.seqs.len(),
-                Request::DropDevice { .. } | Request::Trim { .. } => 0,
+                Request::DropDevice { .. } => 0,
+                Request::Trim { devices, .. } => 32 * devices.len(),
                 Request::ExpireEntries { keys, .. } | Request::ExpireDedup { keys, .. } => {
                     keys.iter().map(Vec::len).sum()
                 }
@@ -246,6 +251,12 @@ impl Writer {
         } else {
             Durability::Unsynced
         };
+        let mut requests = requests;
+        for r in &mut requests {
+            if let Request::Trim { devices, .. } = r {
+                *devices = self.cache.quiet_untrimmed(TRIM_DEVICES_PER_PASS);
+            }
+        }
         let mut group = Group::new(&*self.engine, &self.config, &self.gate, &self.cache);
         let mut done: Vec<Done> = requests.into_iter().map(|r| group.handle(r)).collect();
         let outcome = group.finish();
@@ -436,7 +447,7 @@ impl<'a> Group<'a> {
                 now_ms,
                 reply,
             } => Done::Count(reply, self.handle_expire_dedup(&keys, now_ms)),
-            Request::Trim { reply } => Done::Count(reply, self.handle_trim()),
+            Request::Trim { reply, devices } => Done::Count(reply, self.handle_trim(devices)),
             Request::Import { shard, rows, reply } => {
                 Done::Delta(reply, self.handle_import(shard, rows))
             }
@@ -937,10 +948,10 @@ impl<'a> Group<'a> {
         Ok(n)
     }
 
-    /// Marks up to [`TRIM_DEVICES_PER_PASS`] cached devices with acknowledged entries on disk
-    /// for a range delete in this group. Returns how many.
-    fn handle_trim(&mut self) -> Result<u64, InboxError> {
-        let devices = self.cache.untrimmed(TRIM_DEVICES_PER_PASS);
+    /// Marks up to [`TRIM_DEVICES_PER_PASS`] quiet devices with acknowledged entries on disk
+    /// (see [`DeviceCache::quiet_untrimmed`]) for a range delete in this group. Returns how
+    /// many.
+    fn handle_trim(&mut self, devices: Vec<DeviceKey>) -> Result<u64, InboxError> {
         for &(user, device) in &devices {
             self.load(user, device)?.trim = true;
         }
