@@ -97,6 +97,7 @@ struct Runs {
 }
 
 pub async fn run(a: &Args) -> Result<()> {
+    let load_before_first = crate::sysmem::loadavg_1m();
     let mut results: Vec<(System, Runs)> = Vec::new();
     let scratch =
         std::env::temp_dir().join(format!("ringpost-bench-compare-{}", std::process::id()));
@@ -135,7 +136,7 @@ pub async fn run(a: &Args) -> Result<()> {
     .await;
     let _ = std::fs::remove_dir_all(&scratch);
     result?;
-    let (table, json) = side_by_side(a, &results);
+    let (table, json) = side_by_side(a, &results, load_before_first);
     print!("{table}");
     if let Some(path) = &a.common.json {
         report::write_json(path, &json)?;
@@ -189,7 +190,19 @@ fn pct(r: &Report, key: &str, q: &str) -> Option<f64> {
     r.get(key)?.get(q)?.as_f64()
 }
 
-fn side_by_side(a: &Args, results: &[(System, Runs)]) -> (String, Value) {
+/// The 1-minute load average a sub-run read right before it started.
+fn load_before(r: &Report) -> Option<f64> {
+    r.get("machine")?.get("loadavg_1m_before_run")?.as_f64()
+}
+
+/// `load_before_first`: the 1-minute load average before the first sub-run.
+fn side_by_side(
+    a: &Args,
+    results: &[(System, Runs)],
+    load_before_first: Option<f64>,
+) -> (String, Value) {
+    let mut machine = crate::sysmem::Machine::read();
+    machine.loadavg_1m_before_run = load_before_first;
     let figures: [Figure; 12] = [
         ("idle: server KiB/conn", |r| {
             r.idle.f64("server_rss_kib_per_conn")
@@ -266,6 +279,28 @@ fn side_by_side(a: &Args, results: &[(System, Runs)]) -> (String, Value) {
         out.push_str(&line);
         out.push('\n');
     }
+    let mut loads = Map::new();
+    let mut load_line = String::from("  1-minute load average before each run:");
+    for (s, r) in results {
+        let mut l = Map::new();
+        for (name, rep) in [
+            ("idle", &r.idle),
+            ("chat_rate", &r.chat_rate),
+            ("chat_saturate", &r.chat_saturate),
+        ] {
+            let v = load_before(rep);
+            load_line.push_str(&format!(
+                " {} {name} {},",
+                s.name(),
+                v.map_or("-".into(), |v| format!("{v:.2}"))
+            ));
+            l.insert(name.into(), json!(v));
+        }
+        loads.insert(s.name().into(), Value::Object(l));
+    }
+    load_line.pop();
+    out.push_str(&load_line);
+    out.push('\n');
     out.push_str(&format!("  ({})\n", report::SHARED_CORES_NOTE));
     let mut runs = Map::new();
     for (s, r) in results {
@@ -291,7 +326,8 @@ fn side_by_side(a: &Args, results: &[(System, Runs)]) -> (String, Value) {
         "config": a,
         "figures": rows,
         "runs": runs,
-        "machine": crate::sysmem::Machine::read(),
+        "loadavg_1m_before_run": loads,
+        "machine": machine,
         "note": report::SHARED_CORES_NOTE,
     });
     (out, json)

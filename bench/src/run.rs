@@ -461,13 +461,15 @@ pub async fn probe_disk(setup: &Setup, r: &mut Report) {
 }
 
 /// Adds the common fields (configuration, machine, date, node), prints the table and writes
-/// the JSON and chart files asked for.
+/// the JSON and chart files asked for. `loadavg_1m_before_run`: [`sysmem::loadavg_1m`] read
+/// right before the run started its load.
 pub fn finish(
     c: &Common,
     setup: &Setup,
     mut report: Report,
     config: Value,
     latency_what: &str,
+    loadavg_1m_before_run: Option<f64>,
 ) -> Result<Report> {
     let bad_credentials = report
         .get("errors_detail")
@@ -484,7 +486,15 @@ pub fn finish(
     }
     report.set("config", json!({ "common": c, "scenario": config }));
     report.set("node", setup.describe());
-    report.set("machine", Machine::read());
+    let mut machine = Machine::read();
+    machine.loadavg_1m_before_run = loadavg_1m_before_run;
+    if let Some(l) = loadavg_1m_before_run {
+        report.row(
+            "load before",
+            format!("1-minute load average {l:.2} right before the run"),
+        );
+    }
+    report.set("machine", machine);
     report.set(
         "date_unix_s",
         std::time::SystemTime::now()

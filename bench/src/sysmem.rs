@@ -202,9 +202,13 @@ pub struct Machine {
     pub cores: usize,
     pub mem_total_gib: f64,
     pub kernel: String,
-    /// `/proc/loadavg` when the report was written: other work on the machine (builds,
-    /// tests) competes with the node and the generator, and shows up here.
+    /// `/proc/loadavg` (1, 5 and 15 minutes) when the report was written, after the run:
+    /// other work on the machine (builds, tests) competes with the node and the generator,
+    /// and shows up here, mixed with the run's own load.
     pub loadavg: String,
+    /// The 1-minute load average read right before the run started its load (after the
+    /// node was up and the devices registered): what else the machine was doing.
+    pub loadavg_1m_before_run: Option<f64>,
 }
 
 impl Machine {
@@ -228,8 +232,19 @@ impl Machine {
             loadavg: std::fs::read_to_string("/proc/loadavg")
                 .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
                 .unwrap_or_default(),
+            loadavg_1m_before_run: None,
         }
     }
+}
+
+/// The 1-minute load average now, from `/proc/loadavg`.
+pub fn loadavg_1m() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The process listening on TCP `port` (on any local address), found through the socket's
@@ -323,5 +338,6 @@ mod tests {
     fn own_rss_and_limit_are_readable() {
         assert!(vm_rss_kib(std::process::id()).unwrap() > 0);
         assert!(open_files_limit().unwrap() > 0);
+        assert!(loadavg_1m().unwrap() >= 0.0);
     }
 }

@@ -248,6 +248,7 @@ pub async fn run_with(c: &Common, setup: &Setup, a: &Args) -> Result<Report> {
         |i| accounts[ranges[i].clone()].to_vec(),
         spec_of,
     );
+    let loadavg_before = crate::sysmem::loadavg_1m();
     let mut fleet = Fleet::start(specs, in_process).await?;
     let bar = run::bar(c, "connecting", devices as u64);
     let b = bar.clone();
@@ -311,7 +312,14 @@ pub async fn run_with(c: &Common, setup: &Setup, a: &Args) -> Result<Report> {
     );
     server_side(&mut report, &before, &after, Some(bench_cpu));
     run::probe_disk(setup, &mut report).await;
-    run::finish(c, setup, report, serde_json::to_value(a)?, "send → deliver")
+    run::finish(
+        c,
+        setup,
+        report,
+        serde_json::to_value(a)?,
+        "send → deliver",
+        loadavg_before,
+    )
 }
 
 /// The report from the merged worker figures.

@@ -198,6 +198,7 @@ pub async fn run(c: &Common, a: &Args) -> Result<Report> {
         |i| accounts[ranges[i].clone()].to_vec(),
         |_| super::Spec::OfflineDrain(spec.clone()),
     );
+    let loadavg_before = crate::sysmem::loadavg_1m();
     let mut fleet = Fleet::start(specs, in_process).await?;
     let bar = run::bar(c, "connecting", a.devices as u64);
     let b = bar.clone();
@@ -292,5 +293,12 @@ pub async fn run(c: &Common, a: &Args) -> Result<Report> {
     }
     super::chat::server_side(&mut r, &before, &after, None);
     run::probe_disk(&setup, &mut r).await;
-    run::finish(c, &setup, r, serde_json::to_value(a)?, "queued → delivered")
+    run::finish(
+        c,
+        &setup,
+        r,
+        serde_json::to_value(a)?,
+        "queued → delivered",
+        loadavg_before,
+    )
 }

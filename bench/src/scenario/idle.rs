@@ -107,6 +107,7 @@ pub async fn run_with(c: &Common, setup: &Setup, a: &Args) -> Result<Report> {
         |i| accounts[ranges[i].clone()].to_vec(),
         |_| super::Spec::Idle(Spec {}),
     );
+    let loadavg_before = crate::sysmem::loadavg_1m();
     let before = setup.snapshot().await;
     let t0 = std::time::Instant::now();
     let mut fleet = Fleet::start(specs, in_process).await?;
@@ -147,6 +148,7 @@ pub async fn run_with(c: &Common, setup: &Setup, a: &Args) -> Result<Report> {
         report,
         serde_json::to_value(a)?,
         "connect → Welcome",
+        loadavg_before,
     )
 }
 

@@ -249,6 +249,7 @@ pub async fn run(c: &Common, a: &Args) -> Result<Report> {
         },
         |_| super::Spec::ReconnectStorm(spec.clone()),
     );
+    let loadavg_before = crate::sysmem::loadavg_1m();
     let mut fleet = Fleet::start(specs, in_process).await?;
     let bar = run::bar(c, "connecting", total_accounts as u64);
     let b = bar.clone();
@@ -344,6 +345,7 @@ pub async fn run(c: &Common, a: &Args) -> Result<Report> {
         r,
         serde_json::to_value(a)?,
         "connect attempt → Welcome",
+        loadavg_before,
     )
 }
 
