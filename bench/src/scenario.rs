@@ -51,6 +51,11 @@ const ACK_REQ_BIT: u32 = 1 << 31;
 /// Shortest ping interval honoured, whatever `Welcome` says.
 const PING_INTERVAL_MIN: Duration = Duration::from_millis(500);
 
+/// A send of an open-loop schedule that leaves more than this after its due time counts as
+/// sent late (held back by a full window, or by a generator behind its schedule). Tokio's
+/// timers fire up to a millisecond late, so the bound sits well above that.
+pub const SENT_LATE_AFTER: Duration = Duration::from_millis(5);
+
 /// What the worker runs, with the scenario's parameters.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
@@ -141,6 +146,14 @@ pub struct Counters {
     pub error_frames: AtomicU64,
     /// Devices that received every message they expected.
     pub complete: AtomicU64,
+    /// Open-loop sends due in the measured window that were sent (before sending stopped).
+    pub due_sent: AtomicU64,
+    /// Of `due_sent`, those that left more than [`SENT_LATE_AFTER`] after their due time.
+    pub due_sent_late: AtomicU64,
+    /// Open-loop sends due in the measured window that were never sent: the window was full
+    /// or the sender behind its schedule when sending stopped. Each counts in the latency
+    /// histogram with the time from its due time to the end of sending.
+    pub due_unsent: AtomicU64,
 }
 
 /// Histograms and the series, behind one lock taken once per read burst.
@@ -194,6 +207,11 @@ impl Recorder {
 
     fn in_window(&self, ns: u64) -> bool {
         ns >= self.window_ns.0 && ns < self.window_ns.1
+    }
+
+    /// The measured window, `[from, to)` in nanoseconds since the worker's epoch.
+    pub fn window_ns(&self) -> (u64, u64) {
+        self.window_ns
     }
 
     fn apply(&mut self, events: &mut Vec<Event>) {
@@ -364,6 +382,9 @@ impl Shared {
             "error_frames": c.error_frames.load(Relaxed),
             "error_codes": codes,
             "complete": c.complete.load(Relaxed),
+            "due_sent": c.due_sent.load(Relaxed),
+            "due_sent_late": c.due_sent_late.load(Relaxed),
+            "due_unsent": c.due_unsent.load(Relaxed),
             "first_error": *self.first_error.lock().unwrap_or_else(|p| p.into_inner()),
             "latency": stats::encode(&r.latency)?,
             "ack_latency": stats::encode(&r.ack_latency)?,
@@ -402,11 +423,74 @@ struct Sender {
     inflight: usize,
     sent: u64,
     req: u32,
+    /// The recorder's measured window when sending started (nanoseconds since the epoch).
+    window_ns: (u64, u64),
+    /// Sending started and has not stopped: [`Sender::stop`] still has to account for it.
+    started: bool,
 }
 
 impl Sender {
+    fn new(plan: SendPlan, index: u32) -> Sender {
+        Sender {
+            plan,
+            index,
+            next_due: never(),
+            next_to: 0,
+            inflight: 0,
+            sent: 0,
+            req: 0,
+            window_ns: (0, u64::MAX),
+            started: false,
+        }
+    }
+
     fn can_send(&self) -> bool {
         self.inflight < self.plan.window && self.plan.limit.is_none_or(|l| self.sent < l)
+    }
+
+    /// Starts the schedule at `start` (plus this sender's offset), measuring in the recorder's
+    /// window as it is now.
+    fn start(&mut self, start: Instant, sh: &Shared) {
+        self.next_due = start + self.plan.offset;
+        self.window_ns = sh
+            .recorder
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .window_ns();
+        self.started = true;
+    }
+
+    /// Books the next send if one may leave at `now` and returns the time it was due (`now`
+    /// for a saturating plan): window, counts, and the open loop's schedule.
+    fn next_send(&mut self, now: Instant, acknowledged: bool, sh: &Shared) -> Option<Instant> {
+        if !self.can_send() || self.next_due > now {
+            return None;
+        }
+        let due = match self.plan.interval {
+            Some(i) => {
+                let due = self.next_due;
+                let due_ns = sh.ns_of(due);
+                if due_ns >= self.window_ns.0 && due_ns < self.window_ns.1 {
+                    sh.counters.due_sent.fetch_add(1, Relaxed);
+                    if now.saturating_duration_since(due) > SENT_LATE_AFTER {
+                        sh.counters.due_sent_late.fetch_add(1, Relaxed);
+                    }
+                }
+                self.next_due = due + i;
+                due
+            }
+            None => {
+                self.next_due = now;
+                now
+            }
+        };
+        self.sent += 1;
+        sh.counters.sent.fetch_add(1, Relaxed);
+        if acknowledged {
+            self.inflight += 1;
+            sh.counters.inflight.fetch_add(1, Relaxed);
+        }
+        Some(due)
     }
 
     /// Queues every send that is due and fits the window (at most a window's worth at once:
@@ -415,12 +499,11 @@ impl Sender {
         let now = Instant::now();
         let acknowledged = link.acknowledges_sends();
         let mut burst = 0;
-        while self.can_send() && self.next_due <= now && burst < self.plan.window {
-            burst += 1;
-            let due = match self.plan.interval {
-                Some(_) => self.next_due,
-                None => now,
+        while burst < self.plan.window {
+            let Some(due) = self.next_send(now, acknowledged, sh) else {
+                break;
             };
+            burst += 1;
             let to = self.plan.to[self.next_to % self.plan.to.len()];
             self.next_to += 1;
             let sent_ns = sh.now_ns();
@@ -430,7 +513,7 @@ impl Sender {
             // from repeating an id and being answered as a duplicate of an old message.
             msg_id[..8].copy_from_slice(&sent_ns.to_le_bytes());
             msg_id[8..12].copy_from_slice(&sh.nonce.to_le_bytes());
-            msg_id[12..].copy_from_slice(&(self.sent as u32).to_le_bytes());
+            msg_id[12..].copy_from_slice(&((self.sent - 1) as u32).to_le_bytes());
             let mut body = BytesMut::with_capacity(self.plan.msg_bytes.max(BODY_HEADER_BYTES));
             body.put_u64_le(sh.ns_of(due));
             body.put_u32_le(sh.nonce);
@@ -442,18 +525,43 @@ impl Sender {
                 self.req + 1
             };
             link.push_send(self.req, to, msg_id, body.freeze(), sent_ns)?;
-            self.sent += 1;
-            sh.counters.sent.fetch_add(1, Relaxed);
-            if acknowledged {
-                self.inflight += 1;
-                sh.counters.inflight.fetch_add(1, Relaxed);
-            }
-            self.next_due = match self.plan.interval {
-                Some(i) => self.next_due + i,
-                None => now,
-            };
         }
         Ok(())
+    }
+
+    /// Ends the schedule at `stop`. Every message of an open-loop schedule that fell due in
+    /// the measured window before `stop` but was never sent (the window was full, or the
+    /// sender behind) counts in the latency histogram as late by `stop` − its due time: it
+    /// had not left when sending ended, so that is a lower bound of its real latency, and
+    /// leaving it out would make the percentiles a lower bound of the sent ones only.
+    fn stop(&mut self, stop: Instant, sh: &Shared) {
+        if !std::mem::replace(&mut self.started, false) {
+            return;
+        }
+        let Some(interval) = self.plan.interval else {
+            return;
+        };
+        let left = self
+            .plan
+            .limit
+            .map_or(u64::MAX, |l| l.saturating_sub(self.sent));
+        let stop_ns = sh.ns_of(stop);
+        let unsent = unsent_latencies_us(
+            sh.ns_of(self.next_due),
+            interval.as_nanos().max(1) as u64,
+            self.window_ns,
+            stop_ns,
+            left,
+        );
+        let mut n = 0;
+        let mut r = sh.recorder.lock().unwrap_or_else(|p| p.into_inner());
+        for us in unsent {
+            stats::record_us(&mut r.latency, us);
+            n += 1;
+        }
+        drop(r);
+        sh.counters.due_unsent.fetch_add(n, Relaxed);
+        self.next_due = never();
     }
 
     fn settle(&mut self, sh: &Shared) {
@@ -462,6 +570,25 @@ impl Sender {
             sh.counters.inflight.fetch_sub(1, Relaxed);
         }
     }
+}
+
+/// The latencies, in µs at `stop_ns`, of the unsent messages of an open-loop schedule whose
+/// next message was due at `next_due_ns` and the rest every `interval_ns` after it: those due
+/// in `[window.0, min(window.1, stop_ns))`, at most `left` of them (what the plan's limit
+/// still allows).
+fn unsent_latencies_us(
+    next_due_ns: u64,
+    interval_ns: u64,
+    window_ns: (u64, u64),
+    stop_ns: u64,
+    left: u64,
+) -> impl Iterator<Item = u64> {
+    let end_ns = window_ns.1.min(stop_ns);
+    (0..left)
+        .map(move |k| next_due_ns.saturating_add(k.saturating_mul(interval_ns)))
+        .take_while(move |&due| due < end_ns)
+        .filter(move |&due| due >= window_ns.0)
+        .map(move |due| (stop_ns - due) / 1000)
 }
 
 /// A far-away instant for a `sleep_until` that must not fire.
@@ -530,15 +657,7 @@ pub async fn device_planned(
     // Peers need no pings: a timer that never fires keeps one select! for both.
     let ping_every = ping_every.map_or(Duration::from_secs(86_400), |p| p.max(PING_INTERVAL_MIN));
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
-    let new_sender = |plan: SendPlan| Sender {
-        plan,
-        index,
-        next_due: never(),
-        next_to: 0,
-        inflight: 0,
-        sent: 0,
-        req: 0,
-    };
+    let new_sender = |plan: SendPlan| Sender::new(plan, index);
     let (mut sender, mut pending_plan) = match plan {
         PlanOf::Start(plan) => (plan.map(new_sender), None),
         PlanOf::AfterConnect {
@@ -553,7 +672,7 @@ pub async fn device_planned(
     let mut ack_req = 0u32;
     let mut current = *mode.borrow_and_update();
     if let (Mode::Send { start }, Some(s)) = (current, sender.as_mut()) {
-        s.next_due = start + s.plan.offset;
+        s.start(start, &sh);
     }
     loop {
         if current == Mode::Close {
@@ -623,7 +742,7 @@ pub async fn device_planned(
                 pending_plan = None;
                 sender = plan.map(new_sender);
                 if let (Mode::Send { start }, Some(s)) = (current, sender.as_mut()) {
-                    s.next_due = start + s.plan.offset;
+                    s.start(start, &sh);
                 }
                 Ok(true)
             }
@@ -632,8 +751,11 @@ pub async fn device_planned(
                     Ok(false)
                 } else {
                     current = *mode.borrow_and_update();
-                    if let (Mode::Send { start }, Some(s)) = (current, sender.as_mut()) {
-                        s.next_due = start + s.plan.offset;
+                    if let Some(s) = sender.as_mut() {
+                        match current {
+                            Mode::Send { start } => s.start(start, &sh),
+                            _ => s.stop(Instant::now(), &sh),
+                        }
                     }
                     Ok(true)
                 }
@@ -649,7 +771,9 @@ pub async fn device_planned(
             }
         }
     }
-    if let Some(s) = &sender {
+    if let Some(s) = sender.as_mut() {
+        // Sending ended with the connection if it had not before.
+        s.stop(Instant::now(), &sh);
         // Sends that will never be answered no longer count as in flight.
         sh.counters.inflight.fetch_sub(s.inflight as u64, Relaxed);
     }
@@ -775,7 +899,7 @@ pub async fn join_all(tasks: Vec<tokio::task::JoinHandle<DeviceOutcome>>) -> Vec
 pub const SERIES_INTERVAL_MS: u64 = 1000;
 
 /// The counter names a worker reports, summed by [`Merged::of`].
-const COUNTERS: [&str; 14] = [
+const COUNTERS: [&str; 17] = [
     "connected",
     "connect_failed",
     "sent",
@@ -790,6 +914,9 @@ const COUNTERS: [&str; 14] = [
     "error_frames",
     "complete",
     "lost",
+    "due_sent",
+    "due_sent_late",
+    "due_unsent",
 ];
 
 /// Every worker's final report, merged exactly.
@@ -873,5 +1000,148 @@ impl Merged {
             "error_codes": self.error_codes,
             "first_error": self.first_error,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loadclient::peer::PeerProtocol;
+
+    fn shared() -> Arc<Shared> {
+        let connector = Connector::Peer {
+            protocol: PeerProtocol::Mqtt,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            source: None,
+        };
+        Shared::new(
+            Arc::new(connector),
+            1,
+            SeriesOf::Deliveries,
+            Duration::from_millis(SERIES_INTERVAL_MS),
+        )
+    }
+
+    fn plan(interval: Option<Duration>, window: usize) -> SendPlan {
+        SendPlan {
+            to: vec![(2, 1)],
+            interval,
+            offset: Duration::ZERO,
+            window,
+            limit: None,
+            msg_bytes: 64,
+        }
+    }
+
+    /// An open-loop sender due every 1 ms over a 100 ms window gets only its window's worth
+    /// (4) out before sending stops; the node answers none of them. Every one of the 100
+    /// messages due must count in the latency histogram, the unsent ones as late by the end
+    /// of sending, or p99 describes only the 4 that left in time.
+    #[test]
+    fn messages_due_but_never_sent_count_as_late() {
+        let sh = shared();
+        let start = Instant::now() + Duration::from_millis(10);
+        let from_ns = sh.ns_of(start);
+        let to_ns = from_ns + 100_000_000;
+        sh.recorder
+            .lock()
+            .unwrap()
+            .set_window(from_ns, from_ns, to_ns);
+        let mut s = Sender::new(plan(Some(Duration::from_millis(1)), 4), 0);
+        s.start(start, &sh);
+        let end = start + Duration::from_millis(100);
+        let mut dues = Vec::new();
+        while let Some(due) = s.next_send(end, true, &sh) {
+            dues.push(due);
+        }
+        assert_eq!(dues.len(), 4, "the window holds 4");
+        // The 4 sent arrive at the end of sending.
+        let mut events: Vec<Event> = dues
+            .iter()
+            .map(|&d| Event::Delivered {
+                due_ns: sh.ns_of(d),
+                at_ns: sh.ns_of(end),
+            })
+            .collect();
+        sh.recorder.lock().unwrap().apply(&mut events);
+        s.stop(end, &sh);
+
+        let c = &sh.counters;
+        assert_eq!(c.due_sent.load(Relaxed), 4);
+        assert_eq!(c.due_sent_late.load(Relaxed), 4, "all left ≥ 96 ms late");
+        assert_eq!(c.due_unsent.load(Relaxed), 96);
+        let r = sh.recorder.lock().unwrap();
+        assert_eq!(
+            r.latency.len(),
+            100,
+            "every message due in the window counts"
+        );
+        // Due at 0..100 ms, all still waiting at 100 ms: latencies 1..=100 ms.
+        let p99_ms = r.latency.value_at_quantile(0.99) as f64 / 1000.0;
+        assert!((98.0..=100.1).contains(&p99_ms), "p99 {p99_ms} ms");
+        let p50_ms = r.latency.value_at_quantile(0.5) as f64 / 1000.0;
+        assert!((49.0..=51.0).contains(&p50_ms), "p50 {p50_ms} ms");
+    }
+
+    #[test]
+    fn a_sender_on_schedule_leaves_nothing_unsent_and_stops_once() {
+        let sh = shared();
+        let start = Instant::now();
+        let from_ns = sh.ns_of(start);
+        sh.recorder
+            .lock()
+            .unwrap()
+            .set_window(from_ns, from_ns, from_ns + 10_000_000);
+        let mut s = Sender::new(plan(Some(Duration::from_millis(1)), 1000), 0);
+        s.start(start, &sh);
+        // Sent exactly on time, each at its due time.
+        for k in 0..10 {
+            let now = start + Duration::from_millis(k);
+            assert!(s.next_send(now, true, &sh).is_some(), "send {k}");
+            assert!(s.next_send(now, true, &sh).is_none(), "one per interval");
+        }
+        s.stop(start + Duration::from_millis(10), &sh);
+        s.stop(start + Duration::from_millis(50), &sh);
+        let c = &sh.counters;
+        assert_eq!(c.due_sent.load(Relaxed), 10);
+        assert_eq!(c.due_sent_late.load(Relaxed), 0);
+        assert_eq!(c.due_unsent.load(Relaxed), 0);
+        assert!(sh.recorder.lock().unwrap().latency.is_empty());
+    }
+
+    #[test]
+    fn saturating_senders_have_no_schedule_to_miss() {
+        let sh = shared();
+        let mut s = Sender::new(plan(None, 2), 0);
+        let start = Instant::now();
+        s.start(start, &sh);
+        let now = start + Duration::from_millis(5);
+        assert_eq!(s.next_send(now, true, &sh), Some(now));
+        assert_eq!(s.next_send(now, true, &sh), Some(now));
+        assert_eq!(s.next_send(now, true, &sh), None, "window full");
+        s.stop(now + Duration::from_secs(1), &sh);
+        assert_eq!(sh.counters.due_unsent.load(Relaxed), 0);
+        assert_eq!(sh.counters.due_sent.load(Relaxed), 0);
+        assert!(sh.recorder.lock().unwrap().latency.is_empty());
+    }
+
+    #[test]
+    fn unsent_are_those_due_in_the_window_before_the_stop_within_the_limit() {
+        let window = (100, 200);
+        let all: Vec<u64> = unsent_latencies_us(50, 10, window, 1_000_150, u64::MAX).collect();
+        // Due at 100, 110, ..., 190: ten of them.
+        assert_eq!(all.len(), 10);
+        assert_eq!(all[0], (1_000_150 - 100) / 1000);
+        // Stopped at 150 (connection lost): only those due before then.
+        assert_eq!(
+            unsent_latencies_us(50, 10, window, 150, u64::MAX).count(),
+            5
+        );
+        // The plan's limit allows 8 more from 50: due 50..=120, of which 100..=120 count.
+        assert_eq!(unsent_latencies_us(50, 10, window, 1_000_150, 8).count(), 3);
+        assert_eq!(
+            unsent_latencies_us(250, 10, window, 1_000_150, 8).count(),
+            0
+        );
     }
 }

@@ -26,7 +26,8 @@ use tokio::time::Instant;
 
 use super::idle::round2;
 use super::{
-    device_planned, join_all, Merged, Mode, PlanOf, SendPlan, SeriesOf, Shared, SERIES_INTERVAL_MS,
+    device_planned, join_all, Merged, Mode, PlanOf, SendPlan, SeriesOf, Shared, SENT_LATE_AFTER,
+    SERIES_INTERVAL_MS,
 };
 use crate::report::Report;
 use crate::run::{self, Common, Setup};
@@ -39,6 +40,10 @@ pub const START_DELAY: Duration = Duration::from_millis(100);
 
 /// Pause after telling devices to stop sending before counting what is still in flight.
 pub const DRAIN_GRACE: Duration = Duration::from_millis(100);
+
+/// Offered messages per second per sending device, at most. Bounds the work of counting a
+/// stalled sender's unsent messages (one histogram record each) at the end of sending.
+pub const RATE_PER_SENDER_MAX: f64 = 100_000.0;
 
 /// `chat` options.
 #[derive(clap::Args, Debug, Clone, Serialize)]
@@ -226,6 +231,13 @@ pub async fn run(c: &Common, a: &Args) -> Result<Report> {
 /// `chat` against a node (or peer) already set up.
 pub async fn run_with(c: &Common, setup: &Setup, a: &Args) -> Result<Report> {
     let devices = a.pairs * 2;
+    if a.rate / devices.max(1) as f64 > RATE_PER_SENDER_MAX {
+        bail!(
+            "--rate {} over {devices} sending devices is more than {RATE_PER_SENDER_MAX} msgs/s \
+             per device; give more --pairs",
+            a.rate
+        );
+    }
     let accounts = setup.accounts(c, devices).await?;
     let (workers, in_process) = run::plan_workers(c, devices);
     let ranges = run::split(devices, workers, 2);
@@ -362,6 +374,30 @@ pub fn assemble(
         ),
     );
     r.set_percentiles("latency_ms", "send→deliver", Percentiles::of(&m.latency));
+    if a.rate > 0.0 {
+        let (sent, late, unsent) = (
+            m.get("due_sent"),
+            m.get("due_sent_late"),
+            m.get("due_unsent"),
+        );
+        r.set_row(
+            "open_loop",
+            json!({
+                "due": sent + unsent,
+                "sent": sent,
+                "sent_late": late,
+                "unsent": unsent,
+                "sent_late_after_ms": SENT_LATE_AFTER.as_secs_f64() * 1000.0,
+            }),
+            "schedule",
+            format!(
+                "{} fell due in the measured window: {sent} sent ({late} more than {} ms late), \
+                 {unsent} never sent (counted in send→deliver as late by the end of sending)",
+                sent + unsent,
+                SENT_LATE_AFTER.as_millis()
+            ),
+        );
+    }
     r.set_percentiles(
         "ack_latency_ms",
         "send→SendAck",
@@ -524,6 +560,38 @@ mod tests {
         assert_eq!(v["latency_ms"]["count"], 400);
         assert_eq!(r.series.len(), 1);
         assert_eq!(r.series[0].delivered_per_s, 400.0);
+    }
+
+    #[test]
+    fn open_loop_runs_say_how_many_fell_due_and_were_sent() {
+        let mut w = worker_report(10);
+        w["due_sent"] = 10.into();
+        w["due_sent_late"] = 4.into();
+        w["due_unsent"] = 6.into();
+        let m = Merged::of(&[w.clone(), w]).unwrap();
+        let mut a = Args {
+            pairs: 4,
+            rate: 100.0,
+            window: 16,
+            msg_bytes: 128,
+            warmup: 1.0,
+            duration: 2.0,
+            drain_timeout: 5.0,
+            pairing: Pairing::Any,
+        };
+        let nodes = vec![Some(1); 8];
+        let pairing = Summary::of(a.pairing, &nodes, &pairing::pair(a.pairing, &nodes));
+        let v = assemble("ws", &a, &m, 2, &pairing).to_json();
+        assert_eq!(v["open_loop"]["due"], 32);
+        assert_eq!(v["open_loop"]["sent"], 20);
+        assert_eq!(v["open_loop"]["sent_late"], 8);
+        assert_eq!(v["open_loop"]["unsent"], 12);
+        a.rate = 0.0;
+        let v = assemble("ws", &a, &m, 2, &pairing).to_json();
+        assert!(
+            v.get("open_loop").is_none(),
+            "saturating runs have no schedule"
+        );
     }
 
     #[test]
