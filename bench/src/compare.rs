@@ -203,7 +203,7 @@ fn side_by_side(
 ) -> (String, Value) {
     let mut machine = crate::sysmem::Machine::read();
     machine.loadavg_1m_before_run = load_before_first;
-    let figures: [Figure; 12] = [
+    let figures: [Figure; 16] = [
         ("idle: server KiB/conn", |r| {
             r.idle.f64("server_rss_kib_per_conn")
         }),
@@ -226,12 +226,24 @@ fn side_by_side(
         ("chat@rate: ack p99 ms", |r| {
             pct(&r.chat_rate, "ack_latency_ms", "p99")
         }),
+        ("chat@rate: node CPU µs/msg", |r| {
+            r.chat_rate.f64("node_cpu_us_per_msg")
+        }),
+        ("chat@rate: gen CPU µs/msg", |r| {
+            r.chat_rate.f64("generator_cpu_us_per_msg")
+        }),
         ("chat@rate: errors", |r| r.chat_rate.f64("errors")),
         ("saturate: delivered/s", |r| {
             r.chat_saturate.f64("delivered_per_s")
         }),
         ("saturate: p99 ms", |r| {
             pct(&r.chat_saturate, "latency_ms", "p99")
+        }),
+        ("saturate: node CPU µs/msg", |r| {
+            r.chat_saturate.f64("node_cpu_us_per_msg")
+        }),
+        ("saturate: gen CPU µs/msg", |r| {
+            r.chat_saturate.f64("generator_cpu_us_per_msg")
         }),
         ("saturate: errors", |r| r.chat_saturate.f64("errors")),
     ];
@@ -279,6 +291,10 @@ fn side_by_side(
         out.push_str(&line);
         out.push('\n');
     }
+    out.push_str(
+        "  (CPU µs/msg: the server's (node's, broker's) or all generator processes' CPU over \
+         the measured window ÷ messages delivered in it)\n",
+    );
     let mut loads = Map::new();
     let mut load_line = String::from("  1-minute load average before each run:");
     for (s, r) in results {
@@ -474,4 +490,63 @@ async fn apt_install(package: &str) -> Result<()> {
         bail!("apt-get install {package} failed");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn runs(node_us: f64, generator_us: f64, load: f64) -> Runs {
+        let chat = |scale: f64| {
+            let mut r = Report::new("chat", "ws", 200, 0);
+            r.set("node_cpu_us_per_msg", node_us * scale);
+            r.set("generator_cpu_us_per_msg", generator_us * scale);
+            r.set("machine", json!({ "loadavg_1m_before_run": load }));
+            r
+        };
+        let mut idle = Report::new("idle", "ws", 100, 0);
+        idle.set("machine", json!({ "loadavg_1m_before_run": load }));
+        Runs {
+            idle,
+            chat_rate: chat(1.0),
+            chat_saturate: chat(2.0),
+        }
+    }
+
+    #[test]
+    fn cpu_per_message_is_side_by_side_with_peer_over_ringpost_ratios() {
+        let a = Cli::parse_from(["compare"]).args;
+        let results = vec![
+            (System::Ringpost, runs(40.0, 10.0, 1.5)),
+            (System::Mosquitto, runs(10.0, 8.0, 2.5)),
+        ];
+        let (table, v) = side_by_side(&a, &results, Some(1.0));
+        let row = |label: &str| {
+            v["figures"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["figure"] == label)
+                .unwrap_or_else(|| panic!("no row {label}"))
+                .clone()
+        };
+        let r = row("chat@rate: node CPU µs/msg");
+        assert_eq!(r["ringpost"], 40.0);
+        assert_eq!(r["mosquitto"], 10.0);
+        assert_eq!(r["mosquitto_ratio"], 0.25);
+        let r = row("saturate: gen CPU µs/msg");
+        assert_eq!(r["ringpost"], 20.0);
+        assert_eq!(r["mosquitto_ratio"], 0.8);
+        assert!(table.contains("saturate: node CPU µs/msg"));
+        assert_eq!(v["loadavg_1m_before_run"]["mosquitto"]["chat_rate"], 2.5);
+        assert_eq!(v["machine"]["loadavg_1m_before_run"], 1.0);
+        assert!(table.contains("ringpost chat_saturate 1.50"));
+    }
 }

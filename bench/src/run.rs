@@ -23,6 +23,9 @@ use crate::worker::{WorkerSpec, CONNECTIONS_PER_PROCESS_MAX};
 /// Clock ticks per second in `/proc/PID/stat` CPU times (`USER_HZ`, 100 on Linux).
 pub const CLOCK_TICKS_PER_S: f64 = 100.0;
 
+/// CPU ticks below which a CPU figure is flagged as imprecise: ±1 tick is ±1 % at 100.
+pub const CPU_TICKS_PRECISE_MIN: u64 = 100;
+
 /// Connection attempts in flight per worker by default.
 pub const CONNECT_CONCURRENCY_DEFAULT: usize = 256;
 
@@ -187,6 +190,20 @@ impl Setup {
 
     /// The server's memory, CPU and counters now.
     pub async fn snapshot(&self) -> Snapshot {
+        self.snapshot_of(None).await
+    }
+
+    /// [`Setup::snapshot`], with the CPU of every generator process (this one and the child
+    /// workers `generator_pids`). Both CPU figures and `at` are read first, together, so
+    /// that the scrape that follows does not move the moment they describe.
+    pub async fn snapshot_with_generator(&self, generator_pids: &[u32]) -> Snapshot {
+        self.snapshot_of(Some(generator_pids)).await
+    }
+
+    async fn snapshot_of(&self, generator_pids: Option<&[u32]>) -> Snapshot {
+        let at = std::time::Instant::now();
+        let server_cpu_ticks = self.server_pid.and_then(cpu_ticks);
+        let generator_cpu_ticks = generator_pids.map(bench_cpu_ticks);
         let metrics = match &self.admin {
             Some(a) => node::scrape(a).await.ok(),
             None => None,
@@ -200,8 +217,9 @@ impl Setup {
             rss_kib: self.server_pid.and_then(|p| sysmem::vm_rss_kib(p).ok()),
             kernel: KernelMem::read().ok(),
             metrics,
-            server_cpu_ticks: self.server_pid.and_then(cpu_ticks),
-            at: std::time::Instant::now(),
+            server_cpu_ticks,
+            generator_cpu_ticks,
+            at,
         }
     }
 
@@ -351,6 +369,8 @@ pub struct Snapshot {
     pub kernel: Option<KernelMem>,
     pub metrics: Option<Samples>,
     pub server_cpu_ticks: Option<u64>,
+    /// CPU of every generator process (the bench and its child workers), when asked for.
+    pub generator_cpu_ticks: Option<u64>,
     pub at: std::time::Instant,
 }
 
@@ -379,13 +399,15 @@ impl Snapshot {
         }
     }
 
-    /// Server CPU between two snapshots, in percent of one core.
-    pub fn server_cpu_percent(&self, later: &Snapshot) -> Option<f64> {
-        let ticks = later
-            .server_cpu_ticks?
-            .checked_sub(self.server_cpu_ticks?)?;
-        let secs = later.at.duration_since(self.at).as_secs_f64();
-        (secs > 0.0).then(|| (ticks as f64 / CLOCK_TICKS_PER_S / secs * 100.0).round())
+    /// CPU used between two snapshots.
+    pub fn cpu_until(&self, later: &Snapshot) -> CpuUse {
+        let secs =
+            |a: Option<u64>, b: Option<u64>| Some(b?.checked_sub(a?)? as f64 / CLOCK_TICKS_PER_S);
+        CpuUse {
+            wall_s: later.at.saturating_duration_since(self.at).as_secs_f64(),
+            node_s: secs(self.server_cpu_ticks, later.server_cpu_ticks),
+            generator_s: secs(self.generator_cpu_ticks, later.generator_cpu_ticks),
+        }
     }
 
     /// A counter's growth between two snapshots.
@@ -400,6 +422,84 @@ impl Snapshot {
     pub fn metric_quantile_ms(&self, later: &Snapshot, name: &str, q: f64) -> Option<f64> {
         let d = node::delta(later.metrics.as_ref()?, self.metrics.as_ref()?);
         node::histogram_quantile(&d, name, q).map(|s| s * 1000.0)
+    }
+}
+
+/// CPU time (utime + stime, all threads, in [`CLOCK_TICKS_PER_S`] ticks: 10 ms steps) used
+/// between two snapshots.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CpuUse {
+    /// Wall-clock time between the snapshots.
+    pub wall_s: f64,
+    /// The node's (or peer broker's) CPU.
+    pub node_s: Option<f64>,
+    /// Every generator process's CPU together.
+    pub generator_s: Option<f64>,
+}
+
+impl CpuUse {
+    /// Percent of one core over the interval.
+    fn percent(&self, cpu_s: Option<f64>) -> Option<f64> {
+        let s = cpu_s?;
+        (self.wall_s > 0.0).then(|| (s / self.wall_s * 100.0).round())
+    }
+
+    /// Microseconds of CPU per message, `messages` counted over the same interval.
+    fn us_per(cpu_s: Option<f64>, messages: u64) -> Option<f64> {
+        let s = cpu_s?;
+        (messages > 0).then(|| (s * 1e6 / messages as f64 * 100.0).round() / 100.0)
+    }
+
+    /// Adds the interval's CPU to `r`: `server_cpu_percent` and `bench_cpu_percent` (% of
+    /// one core), and with `messages` (how many were delivered, or `what` else, over this
+    /// same interval) `node_cpu_us_per_msg` and `generator_cpu_us_per_msg`, each key
+    /// prefixed with `prefix`; `cpu_window_s` and `cpu_window_messages` say what they divide.
+    pub fn report(&self, r: &mut Report, prefix: &str, label: &str, messages: Option<(u64, &str)>) {
+        let node_pct = self.percent(self.node_s);
+        let gen_pct = self.percent(self.generator_s);
+        if let Some(p) = node_pct {
+            r.set(&format!("{prefix}server_cpu_percent"), p);
+        }
+        if let Some(p) = gen_pct {
+            r.set(&format!("{prefix}bench_cpu_percent"), p);
+        }
+        r.set(
+            &format!("{prefix}cpu_window_s"),
+            (self.wall_s * 1000.0).round() / 1000.0,
+        );
+        r.set(&format!("{prefix}node_cpu_s"), self.node_s);
+        r.set(&format!("{prefix}generator_cpu_s"), self.generator_s);
+        let mut text = match (node_pct, gen_pct) {
+            (Some(n), Some(g)) => format!("node {n:.0}%, load generator {g:.0}%"),
+            (Some(n), None) => format!("node {n:.0}%"),
+            (None, Some(g)) => format!("load generator {g:.0}%"),
+            (None, None) => "not measured (no local node pid)".into(),
+        };
+        text.push_str(&format!(
+            " of one core over {:.2} s (the machine has 2, shared)",
+            self.wall_s
+        ));
+        if let Some((m, what)) = messages {
+            let node = Self::us_per(self.node_s, m);
+            let generator = Self::us_per(self.generator_s, m);
+            r.set(&format!("{prefix}cpu_window_messages"), m);
+            r.set(&format!("{prefix}node_cpu_us_per_msg"), node);
+            r.set(&format!("{prefix}generator_cpu_us_per_msg"), generator);
+            let show = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
+            text.push_str(&format!(
+                "; per message {what}: node {} µs, generator {} µs (of {m} messages)",
+                show(node),
+                show(generator)
+            ));
+        }
+        let ticks = |s: Option<f64>| s.map_or(u64::MAX, |s| (s * CLOCK_TICKS_PER_S) as u64);
+        if ticks(self.node_s).min(ticks(self.generator_s)) < CPU_TICKS_PRECISE_MIN {
+            text.push_str(&format!(
+                " [imprecise: CPU is counted in {:.0} ms ticks, and this window holds few]",
+                1000.0 / CLOCK_TICKS_PER_S
+            ));
+        }
+        r.row(label, text);
     }
 }
 
@@ -546,6 +646,45 @@ mod tests {
         let parts = split(7, 2, 1);
         assert_eq!(parts, vec![0..4, 4..7]);
         assert_eq!(split(4, 1, 2), vec![0..4]);
+    }
+
+    fn snapshot_at(at: std::time::Instant, node: u64, generator: u64) -> Snapshot {
+        Snapshot {
+            drops: sysmem::DropCounters::default(),
+            server_udp_drops: None,
+            rss_kib: None,
+            kernel: None,
+            metrics: None,
+            server_cpu_ticks: Some(node),
+            generator_cpu_ticks: Some(generator),
+            at,
+        }
+    }
+
+    #[test]
+    fn cpu_per_message_divides_the_same_interval() {
+        let t = std::time::Instant::now();
+        let before = snapshot_at(t, 1_000, 50);
+        // 2 s later: the node used 150 ticks (1.5 s), the generators 40 (0.4 s).
+        let after = snapshot_at(t + Duration::from_secs(2), 1_150, 90);
+        let cpu = before.cpu_until(&after);
+        assert_eq!(cpu.node_s, Some(1.5));
+        assert_eq!(cpu.generator_s, Some(0.4));
+        let mut r = Report::new("chat", "ws", 2, 0);
+        cpu.report(&mut r, "", "CPU", Some((30_000, "delivered")));
+        let v = r.to_json();
+        assert_eq!(v["server_cpu_percent"], 75.0);
+        assert_eq!(v["bench_cpu_percent"], 20.0);
+        assert_eq!(v["node_cpu_us_per_msg"], 50.0);
+        assert_eq!(v["generator_cpu_us_per_msg"], 13.33);
+        assert_eq!(v["cpu_window_messages"], 30_000);
+        assert!(r.table().contains("node 50.0 µs, generator 13.3 µs"));
+        // Nothing delivered: no per-message figure, still the percentages.
+        let mut r = Report::new("chat", "ws", 2, 0);
+        cpu.report(&mut r, "enqueue_", "CPU", Some((0, "queued")));
+        let v = r.to_json();
+        assert!(v["enqueue_node_cpu_us_per_msg"].is_null());
+        assert_eq!(v["enqueue_server_cpu_percent"], 75.0);
     }
 
     #[test]

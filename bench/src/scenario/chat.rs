@@ -45,6 +45,11 @@ pub const DRAIN_GRACE: Duration = Duration::from_millis(100);
 /// stalled sender's unsent messages (one histogram record each) at the end of sending.
 pub const RATE_PER_SENDER_MAX: f64 = 100_000.0;
 
+/// Generator CPU, in percent of one core per generator process, above which the report says
+/// the generator may be what limits the run (each process's runtime has a thread per core,
+/// so this is a hint, not a ceiling).
+pub const GENERATOR_BUSY_PERCENT_PER_PROCESS: f64 = 80.0;
+
 /// `chat` options.
 #[derive(clap::Args, Debug, Clone, Serialize)]
 pub struct Args {
@@ -288,8 +293,13 @@ pub async fn run_with(c: &Common, setup: &Setup, a: &Args) -> Result<Report> {
             pairing.devices_text()
         );
     }
-    let before = setup.snapshot().await;
-    let bench_before = run::bench_cpu_ticks(&fleet.pids());
+    // CPU is measured over the window the delivered count covers: from the end of the
+    // warm-up to the end of sending, as each worker counts from its go-ahead (which reaches
+    // it within a pipe's latency of this one).
+    let pids = fleet.pids();
+    let go_at = Instant::now();
+    let from = go_at + START_DELAY + Duration::from_secs_f64(a.warmup);
+    let to = from + Duration::from_secs_f64(a.duration);
     fleet.go();
     let bar = run::bar(c, "chatting", 0);
     bar.set_length(if a.rate > 0.0 {
@@ -298,18 +308,19 @@ pub async fn run_with(c: &Common, setup: &Setup, a: &Args) -> Result<Report> {
         0
     });
     let b = bar.clone();
-    let datas = fleet
-        .wait(DONE, &move |done, errors| {
-            b.set_position(done);
-            b.set_message(format!("delivered, {errors} errors"));
-        })
-        .await?;
+    let window = async {
+        tokio::time::sleep_until(from).await;
+        let before = setup.snapshot_with_generator(&pids).await;
+        tokio::time::sleep_until(to).await;
+        let after = setup.snapshot_with_generator(&pids).await;
+        Ok::<_, anyhow::Error>((before, after))
+    };
+    let progress = move |done, errors| {
+        b.set_position(done);
+        b.set_message(format!("delivered, {errors} errors"));
+    };
+    let (datas, (before, after)) = tokio::try_join!(fleet.wait(DONE, &progress), window)?;
     bar.finish_and_clear();
-    let after = setup.snapshot().await;
-    let bench_cpu = run::bench_cpu_ticks(&fleet.pids()).saturating_sub(bench_before) as f64
-        / run::CLOCK_TICKS_PER_S
-        / after.at.duration_since(before.at).as_secs_f64().max(1e-9)
-        * 100.0;
     let merged = Merged::of(&datas)?;
     let drained_s = datas
         .iter()
@@ -322,7 +333,15 @@ pub async fn run_with(c: &Common, setup: &Setup, a: &Args) -> Result<Report> {
         "drain",
         format!("{drained_s:.2} s after sending stopped"),
     );
-    server_side(&mut report, &before, &after, Some(bench_cpu));
+    server_side(&mut report, &before, &after);
+    let cpu = before.cpu_until(&after);
+    cpu.report(
+        &mut report,
+        "",
+        "CPU",
+        Some((merged.get("delivered_in_window"), "delivered")),
+    );
+    generator_hint(&mut report, &cpu, 1 + pids.len());
     run::probe_disk(setup, &mut report).await;
     run::finish(
         c,
@@ -443,28 +462,27 @@ pub fn assemble(
     r
 }
 
-/// Server-side figures between two snapshots: its CPU, and its own view of commit and ack
-/// latency (Prometheus buckets: upper bounds).
-pub fn server_side(
-    r: &mut Report,
-    before: &run::Snapshot,
-    after: &run::Snapshot,
-    bench_cpu: Option<f64>,
-) {
-    before.report_drops(after, r);
-    let cpu = before.server_cpu_percent(after);
-    if let Some(cpu) = cpu {
-        let bench = bench_cpu.map_or(String::new(), |b| format!(", load generator {b:.0}%"));
-        r.set_row(
-            "server_cpu_percent",
-            cpu,
-            "CPU",
-            format!("server {cpu:.0}%{bench} (% of one core; the machine has 2, shared)"),
+/// Says so when the generator's CPU suggests it, rather than the node, may be the limit.
+pub fn generator_hint(r: &mut Report, cpu: &run::CpuUse, processes: usize) {
+    let Some(g) = cpu.generator_s else {
+        return;
+    };
+    let percent = g / cpu.wall_s.max(1e-9) * 100.0;
+    if percent > GENERATOR_BUSY_PERCENT_PER_PROCESS * processes as f64 {
+        r.row(
+            "hint",
+            format!(
+                "the load generator used {percent:.0}% of a core over {processes} process(es): it \
+                 may be the limit; spread it with --workers N (see generator_cpu_us_per_msg)"
+            ),
         );
     }
-    if let Some(b) = bench_cpu {
-        r.set("bench_cpu_percent", b.round());
-    }
+}
+
+/// Server-side figures between two snapshots: drops, and the node's own view of commit and
+/// ack latency (Prometheus buckets: upper bounds). CPU is reported by [`run::CpuUse`].
+pub fn server_side(r: &mut Report, before: &run::Snapshot, after: &run::Snapshot) {
+    before.report_drops(after, r);
     if let Some(acc) = before.metric_delta(after, "ringpost_messages_accepted_total") {
         r.set("server_messages_accepted", acc);
     }

@@ -200,6 +200,7 @@ pub async fn run(c: &Common, a: &Args) -> Result<Report> {
     );
     let loadavg_before = crate::sysmem::loadavg_1m();
     let mut fleet = Fleet::start(specs, in_process).await?;
+    let pids = fleet.pids();
     let bar = run::bar(c, "connecting", a.devices as u64);
     let b = bar.clone();
     fleet
@@ -209,16 +210,17 @@ pub async fn run(c: &Common, a: &Args) -> Result<Report> {
     let total = per_device * a.devices as u64;
     let bar = run::bar(c, "queueing", total);
     let b = bar.clone();
+    let before_queue = setup.snapshot_with_generator(&pids).await;
     fleet.go();
     let queued = fleet.wait("queued", &move |d, _| b.set_position(d)).await?;
     bar.finish_and_clear();
-    let before = setup.snapshot().await;
+    let before = setup.snapshot_with_generator(&pids).await;
     let bar = run::bar(c, "draining", total);
     let b = bar.clone();
     fleet.go();
     let datas = fleet.wait(DONE, &move |d, _| b.set_position(d)).await?;
     bar.finish_and_clear();
-    let after = setup.snapshot().await;
+    let after = setup.snapshot_with_generator(&pids).await;
     let merged = Merged::of(&datas)?;
     let queued_n: u64 = queued
         .iter()
@@ -291,7 +293,16 @@ pub async fn run(c: &Common, a: &Args) -> Result<Report> {
     if let Some(e) = &merged.first_error {
         r.row("first error", e.clone());
     }
-    super::chat::server_side(&mut r, &before, &after, None);
+    super::chat::server_side(&mut r, &before, &after);
+    before_queue.cpu_until(&before).report(
+        &mut r,
+        "enqueue_",
+        "enqueue CPU",
+        Some((queued_n, "queued")),
+    );
+    before
+        .cpu_until(&after)
+        .report(&mut r, "", "drain CPU", Some((drained, "delivered")));
     run::probe_disk(&setup, &mut r).await;
     run::finish(
         c,

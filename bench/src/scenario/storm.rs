@@ -267,11 +267,12 @@ pub async fn run(c: &Common, a: &Args) -> Result<Report> {
     bar.finish_and_clear();
     let bar = run::bar(c, "reconnecting", a.connections as u64);
     let b = bar.clone();
-    let before = setup.snapshot().await;
+    let pids = fleet.pids();
+    let before = setup.snapshot_with_generator(&pids).await;
     fleet.go();
     let datas = fleet.wait(DONE, &move |d, _| b.set_position(d)).await?;
     bar.finish_and_clear();
-    let after = setup.snapshot().await;
+    let after = setup.snapshot_with_generator(&pids).await;
     let m = Merged::of(&datas)?;
     let back = stats::merge_encoded(datas.iter().filter_map(|d| d.get("back_time")?.as_str()))?;
     let draining = stats::merge_encoded(
@@ -337,7 +338,8 @@ pub async fn run(c: &Common, a: &Args) -> Result<Report> {
     if let Some(e) = &m.first_error {
         r.row("first error", e.clone());
     }
-    super::chat::server_side(&mut r, &before, &after, None);
+    super::chat::server_side(&mut r, &before, &after);
+    before.cpu_until(&after).report(&mut r, "", "CPU", None);
     run::probe_disk(&setup, &mut r).await;
     run::finish(
         c,
