@@ -23,6 +23,9 @@ use crate::worker::{WorkerSpec, CONNECTIONS_PER_PROCESS_MAX};
 /// Clock ticks per second in `/proc/PID/stat` CPU times (`USER_HZ`, 100 on Linux).
 pub const CLOCK_TICKS_PER_S: f64 = 100.0;
 
+/// The node's gauge of entries stored in device inboxes (messages and receipts not yet acked).
+pub const INBOX_ENTRIES_GAUGE: &str = "ringpost_inbox_entries";
+
 /// CPU ticks below which a CPU figure is flagged as imprecise: ±1 tick is ±1 % at 100.
 pub const CPU_TICKS_PRECISE_MIN: u64 = 100;
 
@@ -223,6 +226,18 @@ impl Setup {
         }
     }
 
+    /// The node's `ringpost_inbox_entries` gauge now (`None` without an admin port, or for a
+    /// peer broker). The node refreshes the gauge on every `/metrics` request.
+    pub async fn inbox_entries(&self) -> Option<u64> {
+        if self.peer.is_some() {
+            return None;
+        }
+        let samples = node::scrape(self.admin.as_deref()?).await.ok()?;
+        samples
+            .contains_key(INBOX_ENTRIES_GAUGE)
+            .then(|| node::sum_of(&samples, INBOX_ENTRIES_GAUGE).max(0.0) as u64)
+    }
+
     /// A peer broker listening on `addr`, run as process `pid`.
     pub fn peer(protocol: PeerProtocol, addr: std::net::SocketAddr, pid: u32) -> Setup {
         Setup {
@@ -408,6 +423,13 @@ impl Snapshot {
             node_s: secs(self.server_cpu_ticks, later.server_cpu_ticks),
             generator_s: secs(self.generator_cpu_ticks, later.generator_cpu_ticks),
         }
+    }
+
+    /// The node's inbox gauge in this snapshot's scrape.
+    pub fn inbox_entries(&self) -> Option<u64> {
+        let m = self.metrics.as_ref()?;
+        m.contains_key(INBOX_ENTRIES_GAUGE)
+            .then(|| node::sum_of(m, INBOX_ENTRIES_GAUGE).max(0.0) as u64)
     }
 
     /// A counter's growth between two snapshots.

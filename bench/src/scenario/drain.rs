@@ -123,6 +123,7 @@ pub async fn worker(ctx: &mut WorkerCtx, spec: Spec) -> Result<Value> {
         .unwrap_or_else(|p| p.into_inner())
         .set_window(t0_ns, t0_ns, u64::MAX);
     let delivered_before = sh.counters.delivered.load(Relaxed);
+    let stale_before = sh.counters.stale.load(Relaxed);
     let (recv_tx, recv_rx) = watch::channel(Mode::Hold);
     let expect = spec.per_device;
     let receivers: Vec<_> = (0..pairs)
@@ -151,12 +152,24 @@ pub async fn worker(ctx: &mut WorkerCtx, spec: Spec) -> Result<Value> {
         }
         tokio::time::sleep(PROGRESS_INTERVAL.min(Duration::from_millis(20))).await;
     }
+    // Receivers stay connected, and senders keep acknowledging the `delivered` receipts the
+    // receivers' acks make the node store for them, until the parent has seen the node's
+    // inbox back where it was.
+    ctx.phase(
+        "delivered",
+        json!({
+            "drained": sh.counters.delivered.load(Relaxed) - delivered_before,
+            "stale_in_drain": sh.counters.stale.load(Relaxed) - stale_before,
+        }),
+    )
+    .await?;
     let _ = recv_tx.send(Mode::Close);
     let _ = send_tx.send(Mode::Close);
     let outcomes = join_all(receivers).await;
     join_all(senders).await;
     ctx.connector.close_all();
 
+    let drained = sh.counters.delivered.load(Relaxed) - delivered_before;
     let mut drain_time = stats::new_histogram();
     let mut last_ns = 0;
     for o in &outcomes {
@@ -165,7 +178,6 @@ pub async fn worker(ctx: &mut WorkerCtx, spec: Spec) -> Result<Value> {
             last_ns = last_ns.max(done.saturating_sub(t0_ns));
         }
     }
-    let drained = sh.counters.delivered.load(Relaxed) - delivered_before;
     let mut report = sh.report()?;
     report["lost"] = queued.saturating_sub(drained).into();
     report["queued"] = queued.into();
@@ -217,15 +229,39 @@ pub async fn run(c: &Common, a: &Args) -> Result<Report> {
     let before = setup.snapshot_with_generator(&pids).await;
     let bar = run::bar(c, "draining", total);
     let b = bar.clone();
-    fleet.go();
-    let datas = fleet.wait(DONE, &move |d, _| b.set_position(d)).await?;
-    bar.finish_and_clear();
-    let after = setup.snapshot_with_generator(&pids).await;
-    let merged = Merged::of(&datas)?;
     let queued_n: u64 = queued
         .iter()
         .filter_map(|q| q.get("queued")?.as_u64())
         .sum();
+    let after_queue = before.inbox_entries();
+    // The gauge is polled from the go-ahead on; the target is known once the receivers say
+    // how many leftovers of earlier runs they drained.
+    let (target_tx, target_rx) = watch::channel(None);
+    let go_at = Instant::now();
+    let deadline = go_at + Duration::from_secs_f64(a.timeout);
+    fleet.go();
+    let progress = move |d, _| b.set_position(d);
+    let delivered = async {
+        let delivered = fleet.wait("delivered", &progress).await?;
+        let stale: u64 = delivered
+            .iter()
+            .filter_map(|d| d.get("stale_in_drain")?.as_u64())
+            .sum();
+        let _ = target_tx.send(after_queue.map(|n| inbox_target(n, queued_n, stale)));
+        Ok::<_, anyhow::Error>(stale)
+    };
+    let poll = async {
+        Ok(match after_queue {
+            Some(_) => Some(wait_for_inbox(&setup, target_rx, go_at, deadline).await),
+            None => None,
+        })
+    };
+    let (stale, inbox) = tokio::try_join!(delivered, poll)?;
+    bar.finish_and_clear();
+    let after = setup.snapshot_with_generator(&pids).await;
+    fleet.go();
+    let datas = fleet.wait(DONE, &|_, _| {}).await?;
+    let merged = Merged::of(&datas)?;
     let queued_s = queued
         .iter()
         .filter_map(|q| q.get("queued_s")?.as_f64())
@@ -289,7 +325,70 @@ pub async fn run(c: &Common, a: &Args) -> Result<Report> {
         "connect→Welcome",
         Percentiles::of(&merged.connect_latency),
     );
-    r.set("errors_detail", merged.error_detail());
+    let mut errors_detail = merged.error_detail();
+    let mut errors = merged.errors();
+    r.set("inbox_entries_before_queue", before_queue.inbox_entries());
+    r.set("inbox_entries_after_queue", before.inbox_entries());
+    match &inbox {
+        Some(w) => {
+            r.set("inbox_entries_target", w.target);
+            r.set("inbox_entries_at_end", w.last);
+            r.set(
+                "drain_inbox_empty_s",
+                w.reached_s.map(|s| (s * 1000.0).round() / 1000.0),
+            );
+            match w.reached_s {
+                Some(s) => {
+                    let rate = round2(drained as f64 / s.max(1e-9));
+                    r.set("processed_per_s", rate);
+                    r.row(
+                        "inbox back",
+                        format!(
+                            "{s:.3} s after the go-ahead the node's inbox held {} entries (target \
+                             {}): every ack and every delivered receipt processed ({rate:.0} \
+                             msgs/s; polled every {} ms)",
+                            w.last.unwrap_or(0),
+                            w.target,
+                            INBOX_POLL_INTERVAL.as_millis()
+                        ),
+                    );
+                }
+                None => {
+                    r.row(
+                        "inbox back",
+                        format!(
+                            "NOT within {:.0} s: the node's inbox still held {} entries (target {})",
+                            a.timeout,
+                            w.last.map_or("?".into(), |n| n.to_string()),
+                            w.target
+                        ),
+                    );
+                    if stale == 0 {
+                        errors += 1;
+                        errors_detail["inbox_not_back"] = 1.into();
+                    }
+                }
+            }
+            if stale > 0 {
+                r.row(
+                    "caution",
+                    format!(
+                        "{stale} messages of earlier runs were still queued to these devices: \
+                         their receipts may go to devices not in this run, so the inbox target \
+                         is approximate; use a fresh --data-dir for an exact one"
+                    ),
+                );
+            }
+        }
+        None => r.row(
+            "inbox back",
+            "not measured (no --admin: the node's /metrics is needed)".into(),
+        ),
+    }
+    r.set("inbox_leftovers_drained", stale);
+    r.set("receipts", merged.get("receipts"));
+    r.set_row("errors", errors, "errors", errors.to_string());
+    r.set("errors_detail", errors_detail);
     if let Some(e) = &merged.first_error {
         r.row("first error", e.clone());
     }
@@ -312,4 +411,85 @@ pub async fn run(c: &Common, a: &Args) -> Result<Report> {
         "queued → delivered",
         loadavg_before,
     )
+}
+
+/// How often the parent asks the node's `/metrics` for its inbox gauge after the last
+/// `Deliver`: the resolution of `drain_inbox_empty_s`, at the cost of one scrape each.
+pub const INBOX_POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// The inbox gauge value at which the drain is over: what the node held after queueing, less
+/// the messages queued (each deleted when its recipient acks it), less messages of earlier
+/// runs the receivers drained and acked. The `delivered` receipts the receivers' acks make
+/// are inbox entries too (stored for the senders, however the node batches them) until the
+/// senders ack them; the senders stay connected and ack every receipt, so receipts add
+/// nothing once all is done, and the gauge reaching the target means the node processed
+/// every ack: the receivers' and the senders'.
+pub fn inbox_target(after_queue: u64, queued: u64, leftovers_drained: u64) -> u64 {
+    after_queue
+        .saturating_sub(queued)
+        .saturating_sub(leftovers_drained)
+}
+
+/// What [`wait_for_inbox`] saw.
+#[derive(Debug, Clone, Copy)]
+pub struct InboxWait {
+    pub target: u64,
+    /// The gauge value read when the target was reached, or the last one read.
+    pub last: Option<u64>,
+    /// Seconds from `since` to the first answer at or below the target (an upper bound of
+    /// when it got there, by up to [`INBOX_POLL_INTERVAL`] and one scrape).
+    pub reached_s: Option<f64>,
+}
+
+/// Polls the node's inbox gauge every [`INBOX_POLL_INTERVAL`] from `since` until an answer is
+/// at or below the target `target` says once it is known (answers read before then count
+/// too), or `deadline`. Keeps every answer until the target is known: at most `deadline −
+/// since` ÷ [`INBOX_POLL_INTERVAL`] of them.
+pub async fn wait_for_inbox(
+    setup: &Setup,
+    target: watch::Receiver<Option<u64>>,
+    since: Instant,
+    deadline: Instant,
+) -> InboxWait {
+    let mut answers: Vec<(f64, u64)> = Vec::new();
+    loop {
+        if let Some(n) = setup.inbox_entries().await {
+            answers.push((since.elapsed().as_secs_f64(), n));
+        }
+        let known = *target.borrow();
+        if let Some(t) = known {
+            if let Some(&(s, n)) = answers.iter().find(|(_, n)| *n <= t) {
+                return InboxWait {
+                    target: t,
+                    last: Some(n),
+                    reached_s: Some(s),
+                };
+            }
+            // Only the latest matters from now on.
+            answers.drain(..answers.len().saturating_sub(1));
+        }
+        if Instant::now() >= deadline {
+            return InboxWait {
+                target: known.unwrap_or(0),
+                last: answers.last().map(|&(_, n)| n),
+                reached_s: None,
+            };
+        }
+        tokio::time::sleep(INBOX_POLL_INTERVAL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inbox_target_is_the_inbox_without_this_runs_messages_and_leftovers() {
+        // 50 entries of other devices, 1000 queued by this run.
+        assert_eq!(inbox_target(1050, 1000, 0), 50);
+        // 7 of the 50 were leftovers to this run's receivers, drained and acked.
+        assert_eq!(inbox_target(1050, 1000, 7), 43);
+        // Never below empty.
+        assert_eq!(inbox_target(10, 1000, 7), 0);
+    }
 }
