@@ -203,9 +203,12 @@ fn side_by_side(
 ) -> (String, Value) {
     let mut machine = crate::sysmem::Machine::read();
     machine.loadavg_1m_before_run = load_before_first;
-    let figures: [Figure; 16] = [
+    let figures: [Figure; 17] = [
         ("idle: server KiB/conn", |r| {
             r.idle.f64("server_rss_kib_per_conn")
+        }),
+        ("idle: KiB/conn slope N→2N", |r| {
+            r.idle.f64("server_rss_kib_per_conn_slope")
         }),
         ("idle: kernel KiB/socket", |r| {
             r.idle.f64("kernel_kib_per_conn")
