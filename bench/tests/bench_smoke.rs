@@ -1,6 +1,8 @@
 //! Smoke test: the real `ringpost-bench` binary against a real dev node it starts itself
-//! (`--spawn-node`): `idle` with 50 connections and `chat` for 2 seconds over ws. Asserts the
-//! JSON reports have the fixed keys and no errors; never timing.
+//! (`--spawn-node`): `idle` with 50 connections, `chat` for 2 seconds and a small
+//! `offline-drain` over ws. Asserts the JSON reports have the fixed keys, the cost and
+//! honesty figures (CPU per message, messages due vs sent, the inbox back on the node), and
+//! no errors; never timing.
 //!
 //! The node binary belongs to another package, so `env!("CARGO_BIN_EXE_...")` cannot name it.
 //! It is found, in order, at `$RINGPOST_NODE_BIN`; beside the directory of this test's
@@ -79,7 +81,16 @@ fn idle_and_chat_against_a_dev_node() {
         &["idle", "--connections", "50", "--settle", "0.5"],
         &dir.path().join("idle.json"),
     );
-    assert_keys(&idle, &["server_rss_kib_per_conn", "kernel_kib_per_conn"]);
+    assert_keys(
+        &idle,
+        &[
+            "server_rss_kib_per_conn",
+            "server_rss_kib_per_conn_slope",
+            "kernel_kib_per_conn",
+        ],
+    );
+    assert_eq!(idle["connections_at_half"], 25);
+    assert!(idle["machine"]["loadavg_1m_before_run"].is_number());
     assert_eq!(idle["scenario"], "idle");
     assert_eq!(idle["transport"], "ws");
     assert_eq!(idle["connections"], 50);
@@ -105,6 +116,59 @@ fn idle_and_chat_against_a_dev_node() {
     }
     assert_eq!(chat["messages"]["lost"], 0);
     assert!(chat["messages"]["delivered"].as_u64().unwrap() > 0);
+    assert_cpu_per_message(&chat, "");
+    let open_loop = &chat["open_loop"];
+    let due = open_loop["due"].as_u64().unwrap();
+    assert!(due > 0, "{open_loop}");
+    assert_eq!(
+        due,
+        open_loop["sent"].as_u64().unwrap() + open_loop["unsent"].as_u64().unwrap()
+    );
+    assert_eq!(
+        chat["latency_ms"]["count"].as_u64().unwrap(),
+        due,
+        "every message due in the window, delivered or not, is in the latency histogram"
+    );
+    assert!(chat["machine"]["loadavg_1m_before_run"].is_number());
+
+    let drain = run_bench(
+        &[
+            "offline-drain",
+            "--devices",
+            "4",
+            "--messages",
+            "400",
+            "--timeout",
+            "30",
+        ],
+        &dir.path().join("drain.json"),
+    );
+    assert_keys(
+        &drain,
+        &["delivered_per_s", "drain_s", "drain_inbox_empty_s"],
+    );
+    assert_eq!(drain["drained"], 400);
+    // The node's inbox is back to what it held before (a fresh node: empty) only once every
+    // ack and every delivered receipt is processed, which is after the last Deliver.
+    assert_eq!(drain["inbox_entries_target"], 0);
+    assert_eq!(drain["inbox_entries_at_end"], 0);
+    assert_eq!(drain["inbox_entries_after_queue"], 400);
+    assert!(
+        drain["drain_inbox_empty_s"].as_f64().unwrap() >= drain["drain_s"].as_f64().unwrap(),
+        "{drain:#}"
+    );
+    assert_cpu_per_message(&drain, "");
+    assert_cpu_per_message(&drain, "enqueue_");
+}
+
+/// The per-message CPU figures are there, and divide a count over a window that was measured.
+fn assert_cpu_per_message(v: &Value, prefix: &str) {
+    for k in ["node_cpu_us_per_msg", "generator_cpu_us_per_msg"] {
+        let k = format!("{prefix}{k}");
+        assert!(v[&k].as_f64().is_some_and(|x| x >= 0.0), "{k} in {v:#}");
+    }
+    assert!(v[format!("{prefix}cpu_window_messages")].as_u64().unwrap() > 0);
+    assert!(v[format!("{prefix}cpu_window_s")].as_f64().unwrap() > 0.0);
 }
 
 #[test]
