@@ -9,7 +9,10 @@
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rocksdb::compaction_filter::Decision;
+use std::ffi::CStr;
+
+use rocksdb::compaction_filter::{CompactionFilter, Decision};
+use rocksdb::compaction_filter_factory::{CompactionFilterContext, CompactionFilterFactory};
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Options,
     ReadOptions, WriteOptions, DB, DEFAULT_COLUMN_FAMILY_NAME,
@@ -202,8 +205,13 @@ fn cf_options(cf: Cf, config: &RocksConfig, cache: &Cache) -> Options {
             opts.set_memtable_prefix_bloom_ratio(0.05);
             opts.set_memtable_whole_key_filtering(true);
             table.set_bloom_filter(10.0, false);
-            opts.set_compression_type(DBCompressionType::Lz4);
-            opts.set_compaction_filter("ringpost_dedup_expiry", drop_expired_dedup);
+            // Keys end in random msg_ids and values are 18 bytes: compressing the upper levels,
+            // which every record passes through within minutes, cost 15% of compaction CPU at
+            // saturation for little space. Only the last level, where records spend their
+            // window, is compressed.
+            opts.set_compression_type(DBCompressionType::None);
+            opts.set_bottommost_compression_type(DBCompressionType::Lz4);
+            opts.set_compaction_filter_factory(DedupExpiry);
             opts.set_periodic_compaction_seconds(config.dedup_periodic_compaction_secs);
         }
         Cf::InboxMeta => {
@@ -225,16 +233,49 @@ fn cf_options(cf: Cf, config: &RocksConfig, cache: &Cache) -> Options {
     opts
 }
 
-/// Compaction filter of [`Cf::Dedup`]: a record whose expiry (the first 8 bytes of its value,
-/// big-endian ms since the Unix epoch) has passed is dropped. A value too short to hold an
-/// expiry is kept for the service to report as corrupt.
-fn drop_expired_dedup(_level: u32, _key: &[u8], value: &[u8]) -> Decision {
+/// Compaction filter factory of [`Cf::Dedup`]: each compaction gets a [`DedupExpiryFilter`]
+/// holding the time the compaction started, so the clock is read once per compaction, not once
+/// per record (which cost 5% of compaction CPU).
+struct DedupExpiry;
+
+impl CompactionFilterFactory for DedupExpiry {
+    type Filter = DedupExpiryFilter;
+
+    fn create(&mut self, _context: CompactionFilterContext) -> DedupExpiryFilter {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        DedupExpiryFilter { now_ms }
+    }
+
+    fn name(&self) -> &CStr {
+        c"ringpost_dedup_expiry"
+    }
+}
+
+/// Drops [`Cf::Dedup`] records expired when its compaction started (a record that expires
+/// during a long compaction is dropped by a later one).
+struct DedupExpiryFilter {
+    now_ms: u64,
+}
+
+impl CompactionFilter for DedupExpiryFilter {
+    fn filter(&mut self, _level: u32, _key: &[u8], value: &[u8]) -> Decision {
+        drop_expired_dedup(value, self.now_ms)
+    }
+
+    fn name(&self) -> &CStr {
+        c"ringpost_dedup_expiry"
+    }
+}
+
+/// A record whose expiry (the first 8 bytes of its value, big-endian ms since the Unix epoch)
+/// is at or before `now_ms` is dropped. A value too short to hold an expiry is kept for the
+/// service to report as corrupt.
+fn drop_expired_dedup(value: &[u8], now_ms: u64) -> Decision {
     let Some(expiry) = value.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
         return Decision::Keep;
     };
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
     if u64::from_be_bytes(expiry) <= now_ms {
         Decision::Remove
     } else {
@@ -484,20 +525,14 @@ mod tests {
 
     #[test]
     fn dedup_filter_drops_only_expired_records() {
+        let now = 2_000;
         let past = 1_000u64.to_be_bytes();
+        let at_now = 2_000u64.to_be_bytes();
         let future = u64::MAX.to_be_bytes();
-        assert!(matches!(
-            drop_expired_dedup(0, b"k", &past),
-            Decision::Remove
-        ));
-        assert!(matches!(
-            drop_expired_dedup(0, b"k", &future),
-            Decision::Keep
-        ));
-        assert!(matches!(
-            drop_expired_dedup(0, b"k", b"short"),
-            Decision::Keep
-        ));
+        assert!(matches!(drop_expired_dedup(&past, now), Decision::Remove));
+        assert!(matches!(drop_expired_dedup(&at_now, now), Decision::Remove));
+        assert!(matches!(drop_expired_dedup(&future, now), Decision::Keep));
+        assert!(matches!(drop_expired_dedup(b"short", now), Decision::Keep));
     }
 
     #[test]
