@@ -362,24 +362,41 @@ impl Conn {
         Flow::Continue
     }
 
+    /// Queues `frame`. A frame the node cannot encode (a bug: some bound not enforced where
+    /// the frame was made) is logged and answered with an `Internal` error in its place, so
+    /// the client is never left waiting for an answer that will not come.
     fn push_frame(&mut self, frame: &Frame) {
         match frame.encode() {
             Ok(bytes) => self.out.push_back(bytes),
             Err(e) => {
-                warn!(conn = self.shared.id, frame = frame.body.name(), error = %e, "cannot encode frame")
+                warn!(conn = self.shared.id, frame = frame.body.name(), error = %e, "cannot encode frame");
+                let fatal = matches!(&frame.body, ringpost_wire::Body::Error(e) if e.fatal);
+                let stand_in = Frame::new(
+                    frame.req,
+                    ringpost_wire::Error {
+                        code: ErrorCode::Internal.as_u16(),
+                        message: format!("the node could not encode its {}", frame.body.name()),
+                        retry_after_ms: 0,
+                        fatal,
+                    },
+                );
+                if let Ok(bytes) = stand_in.encode() {
+                    self.out.push_back(bytes);
+                }
             }
         }
     }
 
     fn close_with(&mut self, code: ErrorCode, message: &str) -> Flow {
+        let message = ringpost_wire::limits::bounded_text(message.to_string());
         let error = ringpost_wire::Error {
             code: code.as_u16(),
-            message: message.to_string(),
+            message: message.clone(),
             retry_after_ms: 0,
             fatal: true,
         };
         self.push_frame(&Frame::new(0, error));
-        Flow::Close(Some((code, message.to_string())))
+        Flow::Close(Some((code, message)))
     }
 }
 

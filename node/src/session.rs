@@ -452,7 +452,7 @@ impl Session {
             req,
             ringpost_wire::Error {
                 code: code.as_u16(),
-                message,
+                message: ringpost_wire::limits::bounded_text(message),
                 retry_after_ms: 0,
                 fatal: true,
             },
@@ -474,7 +474,7 @@ pub fn error_frame(req: u32, code: ErrorCode, message: String, retry_after_ms: u
         req,
         ringpost_wire::Error {
             code: code.as_u16(),
-            message,
+            message: ringpost_wire::limits::bounded_text(message),
             retry_after_ms,
             fatal: code.is_fatal(),
         },

@@ -83,3 +83,40 @@ pub const VERIFY_TABLES_MAX: usize = 1024;
 pub const VERIFY_APPARENT_BYTES_MAX: usize = 2 * FRAME_BYTES_MAX;
 
 const _: () = assert!(3 + PREKEYS_PER_UPLOAD_MAX < VERIFY_TABLES_MAX);
+
+/// `text` cut to at most [`STRING_BYTES_MAX`] bytes on a character boundary, ending in "…" when
+/// it was cut. For text a server or client makes itself (error messages, close reasons), which
+/// must always fit the frame it goes in: an over-long message would make the frame unencodable
+/// and the answer would never leave.
+pub fn bounded_text(mut text: String) -> String {
+    if text.len() <= STRING_BYTES_MAX {
+        return text;
+    }
+    const ELLIPSIS: &str = "…";
+    let mut end = STRING_BYTES_MAX - ELLIPSIS.len();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(ELLIPSIS);
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_text_keeps_short_text_and_cuts_long_text_on_a_char_boundary() {
+        assert_eq!(bounded_text("short".into()), "short");
+        let exact = "x".repeat(STRING_BYTES_MAX);
+        assert_eq!(bounded_text(exact.clone()), exact);
+        for pad in 0..4 {
+            let long = format!("{}{}", "y".repeat(pad), "é".repeat(STRING_BYTES_MAX));
+            let cut = bounded_text(long.clone());
+            assert!(cut.len() <= STRING_BYTES_MAX, "{}", cut.len());
+            assert!(cut.ends_with('…'));
+            assert!(long.starts_with(cut.trim_end_matches('…')));
+        }
+    }
+}

@@ -92,17 +92,18 @@ impl<'a> FrameView<'a> {
         })
     }
 
-    /// The request id of a frame [`FrameView::parse`] refused, when its structure is sound
-    /// enough to read one (it refused a bound, the frame type or the version, not the bytes):
-    /// the node echoes it in `Error{code}` so the client can tell which request failed. `None`
-    /// for bytes that are not a verifiable frame at all.
+    /// The request id of a frame [`FrameView::parse`] refused, when the root table is sound
+    /// enough to read one (it refused a bound, the frame type, the version or something inside
+    /// the body, such as a string that is not UTF-8): the node echoes it in `Error{code}` so the
+    /// client can tell which request failed. `None` for bytes whose root table cannot be read.
     pub fn req_of(buf: &[u8]) -> Option<u32> {
         if buf.is_empty() || buf.len() > FRAME_BYTES_MAX {
             return None;
         }
-        flatbuffers::root_with_opts::<fb::Frame<'_>>(&VERIFIER_OPTIONS, buf)
-            .ok()
-            .map(|r| r.req())
+        match flatbuffers::root_with_opts::<fb::Frame<'_>>(&VERIFIER_OPTIONS, buf) {
+            Ok(root) => Some(root.req()),
+            Err(_) => root_req_unverified(buf),
+        }
     }
 
     /// The request id: chosen by the client, echoed in the reply; 0 for unprompted frames.
@@ -304,5 +305,75 @@ impl std::fmt::Debug for ReceiptView<'_> {
             .field("kind", &self.kind)
             .field("msg_ids", &self.msg_ids.len())
             .finish()
+    }
+}
+
+/// `Frame.req` read straight from the root table with every offset bounds-checked, without
+/// verifying the rest of the buffer (the body may be what the verifier refused). A scalar read
+/// this way can be wrong for a corrupt buffer, never unsafe: it is only echoed in an error.
+fn root_req_unverified(buf: &[u8]) -> Option<u32> {
+    let u16_at = |at: usize| {
+        Some(u16::from_le_bytes(
+            buf.get(at..at.checked_add(2)?)?.try_into().ok()?,
+        ))
+    };
+    let u32_at = |at: usize| {
+        Some(u32::from_le_bytes(
+            buf.get(at..at.checked_add(4)?)?.try_into().ok()?,
+        ))
+    };
+    let table = u32_at(0)? as usize;
+    // A table starts with the signed distance back to its vtable.
+    let back = u32_at(table)? as i32;
+    let vtable = usize::try_from(i64::try_from(table).ok()? - i64::from(back)).ok()?;
+    let vtable_len = usize::from(u16_at(vtable)?);
+    let slot = usize::from(fb::Frame::VT_REQ);
+    if slot + 2 > vtable_len {
+        return Some(0);
+    }
+    match usize::from(u16_at(vtable + slot)?) {
+        0 => Some(0),
+        field => u32_at(table.checked_add(field)?),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{Frame, Hello};
+
+    #[test]
+    fn req_of_reads_the_request_id_of_a_frame_whose_body_is_refused() {
+        let frame = Frame::new(
+            4242,
+            Hello {
+                protocol_version: crate::PROTOCOL_VERSION,
+                auth: None,
+                user_agent: "MARKER".into(),
+            },
+        );
+        let mut bytes = frame.encode().unwrap().to_vec();
+        assert_eq!(FrameView::req_of(&bytes), Some(4242));
+        let at = bytes.windows(6).position(|w| w == b"MARKER").unwrap();
+        bytes[at] = 0xff;
+        assert!(FrameView::parse(&bytes).is_err());
+        assert_eq!(FrameView::req_of(&bytes), Some(4242));
+    }
+
+    #[test]
+    fn req_of_never_panics_on_truncated_or_mutated_bytes() {
+        let bytes = Frame::new(7, crate::frame::Ping { nonce: 9 })
+            .encode()
+            .unwrap();
+        for len in 0..bytes.len() {
+            let _ = FrameView::req_of(&bytes[..len]);
+        }
+        for at in 0..bytes.len() {
+            for value in [0u8, 1, 0x7f, 0x80, 0xff] {
+                let mut b = bytes.to_vec();
+                b[at] = value;
+                let _ = FrameView::req_of(&b);
+            }
+        }
     }
 }

@@ -295,3 +295,124 @@ async fn admin_endpoints_answer() {
         "{metrics}"
     );
 }
+
+/// `frame` encoded, with the first occurrence of `marker` (a string field's value) made
+/// invalid UTF-8.
+fn with_invalid_utf8(frame: &Frame, marker: &str) -> Vec<u8> {
+    let mut bytes = frame.encode().unwrap().to_vec();
+    let at = bytes
+        .windows(marker.len())
+        .position(|w| w == marker.as_bytes())
+        .expect("marker in the encoded frame");
+    bytes[at] = 0xff;
+    bytes[at + 1] = 0xfe;
+    bytes
+}
+
+#[tokio::test]
+async fn invalid_utf8_in_any_string_field_is_answered_with_an_error() {
+    let node = TestNode::start();
+    let (_alice, alice_reg) = register(&node, "ws", ALICE).await;
+    const BAD: &str = "MARKER-MARKER";
+
+    // Requests an anonymous connection may send: each answered with an error for its own
+    // request id, and the connection stays usable.
+    let anonymous: Vec<Frame> = vec![
+        Frame::new(
+            11,
+            ringpost_wire::RegisterVerify {
+                phone: BOB,
+                code: BAD.into(),
+                pin: String::new(),
+                device_name: "phone".into(),
+            },
+        ),
+        Frame::new(
+            12,
+            ringpost_wire::RegisterVerify {
+                phone: BOB,
+                code: "123456".into(),
+                pin: BAD.into(),
+                device_name: "phone".into(),
+            },
+        ),
+        Frame::new(
+            13,
+            ringpost_wire::RegisterVerify {
+                phone: BOB,
+                code: "123456".into(),
+                pin: String::new(),
+                device_name: BAD.into(),
+            },
+        ),
+        Frame::new(
+            14,
+            ringpost_wire::LinkDevice {
+                user: ALICE,
+                code: BAD.into(),
+                device_name: "laptop".into(),
+            },
+        ),
+        Frame::new(
+            15,
+            ringpost_wire::LinkDevice {
+                user: ALICE,
+                code: "123456".into(),
+                device_name: BAD.into(),
+            },
+        ),
+    ];
+    for transport in ["ws", "quic"] {
+        let mut c = raw(&node, transport).await;
+        assert!(matches!(hello(&mut c, None).await.body, Body::Welcome(_)));
+        for frame in &anonymous {
+            c.send_raw(&with_invalid_utf8(frame, BAD)).await.unwrap();
+            let f = recv(&mut c).await.expect("an answer");
+            assert_eq!(f.req, frame.req, "{transport} {}: {f:?}", frame.body.name());
+            assert_eq!(error_code(&f), Some(ErrorCode::Malformed), "{f:?}");
+            match &f.body {
+                Body::Error(e) => assert!(e.message.len() <= limits::STRING_BYTES_MAX),
+                other => panic!("{other:?}"),
+            }
+        }
+        c.send(&Frame::new(9, ringpost_wire::Ping { nonce: 7 }))
+            .await
+            .unwrap();
+        assert_eq!(
+            recv(&mut c).await.unwrap().body,
+            Body::Pong(ringpost_wire::Pong { nonce: 7 })
+        );
+    }
+
+    // A device's request.
+    let mut c = raw(&node, "ws").await;
+    assert!(matches!(
+        hello(&mut c, Some(auth(&alice_reg))).await.body,
+        Body::Welcome(_)
+    ));
+    let lock = Frame::new(21, ringpost_wire::SetRegistrationLock { pin: BAD.into() });
+    c.send_raw(&with_invalid_utf8(&lock, BAD)).await.unwrap();
+    let f = recv(&mut c).await.expect("an answer");
+    assert_eq!((f.req, error_code(&f)), (21, Some(ErrorCode::Malformed)));
+
+    // A Hello whose user agent is invalid: an error, then the connection closes.
+    for transport in ["ws", "quic"] {
+        let mut c = raw(&node, transport).await;
+        let hello = Frame::new(
+            1,
+            Hello {
+                protocol_version: PROTOCOL_VERSION,
+                auth: None,
+                user_agent: BAD.into(),
+            },
+        );
+        c.send_raw(&with_invalid_utf8(&hello, BAD)).await.unwrap();
+        let f = recv(&mut c).await.expect("an error before the close");
+        assert_eq!(
+            error_code(&f),
+            Some(ErrorCode::Malformed),
+            "{transport}: {f:?}"
+        );
+        assert!(recv(&mut c).await.is_none(), "{transport}: closed after it");
+    }
+}
