@@ -72,6 +72,10 @@ async fn handle(mut stream: TcpStream, server: Arc<Server>) -> std::io::Result<(
                     .map_or(0, |(for_, _)| for_.as_secs().max(1) as i64),
                 std::sync::atomic::Ordering::Relaxed,
             );
+            server.metrics.unauthenticated.store(
+                server.admission.unauthenticated() as i64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             let body = server.metrics.render();
             respond(&mut stream, 200, "text/plain; version=0.0.4", &body).await
         }

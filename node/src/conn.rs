@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 use crate::metrics::Transport as TransportKind;
 use crate::registry::{CloseReason, ConnShared, Handed};
 use crate::server::Server;
-use crate::session::{self, Answer, Peer, Session, Step, REQUESTS_IN_FLIGHT_MAX};
+use crate::session::{Answer, Peer, Session, Step, REQUESTS_IN_FLIGHT_MAX};
 use crate::transport::{Transport, TransportError};
 
 /// How long a client whose user moved to another node waits before reconnecting (its
@@ -39,10 +39,26 @@ enum Flow {
     Close(Option<(ErrorCode, String)>),
 }
 
+/// How a connection was admitted: its place among the unauthenticated ones, and when it was
+/// accepted (registry clock), which starts its handshake deadline.
+pub struct Admitted {
+    pub permit: crate::admission::Permit,
+    pub accepted_ms: u64,
+}
+
 /// Serves one connection until it closes. Never panics on peer input.
-pub async fn serve<T: Transport>(server: Arc<Server>, mut transport: T, kind: TransportKind) {
+pub async fn serve<T: Transport>(
+    server: Arc<Server>,
+    mut transport: T,
+    kind: TransportKind,
+    admitted: Admitted,
+) {
     server.metrics.connection_opened(kind);
-    let shared = server.registry.open(session::HANDSHAKE_TIMEOUT_MS as u32);
+    let limits = server.config.preauth;
+    let shared = server.registry.open(
+        admitted.accepted_ms + u64::from(limits.handshake_timeout_ms),
+        server.config.keepalive.idle_timeout_ms,
+    );
     let mut conn = Conn {
         server: server.clone(),
         session: Session::new(
@@ -56,6 +72,8 @@ pub async fn serve<T: Transport>(server: Arc<Server>, mut transport: T, kind: Tr
         pending: None,
         acks: None,
         bound: None,
+        permit: Some(admitted.permit),
+        anonymous: false,
     };
     let flow = conn.run(&mut transport).await;
     if let Flow::Close(error) = flow {
@@ -85,6 +103,10 @@ struct Conn {
     acks: Option<Box<Acks>>,
     /// The device this connection is bound to in the registry.
     bound: Option<(u64, u32)>,
+    /// Its place among unauthenticated connections, given back once it is a device's.
+    permit: Option<crate::admission::Permit>,
+    /// Whether its anonymous session's deadline is set.
+    anonymous: bool,
 }
 
 impl Conn {
@@ -156,10 +178,11 @@ impl Conn {
                 )
             }
             CloseReason::Expired => {
-                let why = self
-                    .session
-                    .poll_expired(self.server.now_ms())
-                    .unwrap_or("idle timeout");
+                let why = match (self.permit.is_some(), self.anonymous) {
+                    (false, _) => "idle timeout",
+                    (true, false) => "no Hello within the handshake deadline",
+                    (true, true) => "anonymous session deadline",
+                };
                 debug!(conn = self.shared.id, why, "reaping connection");
                 return Flow::Close(None);
             }
@@ -232,28 +255,36 @@ impl Conn {
 
     fn handle_answer(&mut self, req: u32, answer: Answer) -> Flow {
         let steps = self.session.handle_answer(req, answer);
-        if let Peer::Device { user, device } = self.session.peer() {
-            if self.bound.is_none() {
+        self.follow_peer();
+        self.apply(steps)
+    }
+
+    /// Follows the session's peer into the registry and the admission counts: a device's
+    /// connection is bound to it and no longer counts as unauthenticated (no deadline but the
+    /// idle timeout); an anonymous session gets its own deadline, which activity never extends.
+    fn follow_peer(&mut self) {
+        match self.session.peer() {
+            Peer::Device { user, device } if self.bound.is_none() => {
                 self.bound = Some((user, device));
                 self.server.registry.bind(&self.shared, user, device);
-                self.shared
-                    .set_timeout_ms(self.server.config.keepalive.idle_timeout_ms);
+                self.shared.set_deadline_ms(None);
+                self.permit = None;
             }
-        } else if self.session.peer() == Peer::Anonymous {
-            self.shared
-                .set_timeout_ms(self.server.config.keepalive.idle_timeout_ms);
+            Peer::Anonymous if !self.anonymous => {
+                self.anonymous = true;
+                let session_ms = self.server.config.preauth.anonymous_session_ms;
+                self.shared
+                    .set_deadline_ms(Some(self.server.registry.now_ms() + u64::from(session_ms)));
+            }
+            _ => {}
         }
-        self.apply(steps)
     }
 
     fn apply(&mut self, steps: Vec<Step>) -> Flow {
         for step in steps {
             match step {
                 Step::Write(frame) => {
-                    if self.session.peer() == Peer::Anonymous {
-                        self.shared
-                            .set_timeout_ms(self.server.config.keepalive.idle_timeout_ms);
-                    }
+                    self.follow_peer();
                     self.push_frame(&frame)
                 }
                 Step::Execute { req, request } => {

@@ -10,6 +10,7 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod admission;
 pub mod clock;
 pub mod cluster;
 pub mod conn;

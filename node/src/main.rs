@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use ringpost_node::accounts::{HttpCodeSenderConfig, HTTP_TIMEOUT_MS_DEFAULT};
+use ringpost_node::admission::{self, PreAuthLimits};
 use ringpost_node::runtime::{CodeDelivery, Node, NodeOptions};
 use ringpost_node::session::{Keepalive, IDLE_TIMEOUT_MS, PING_INTERVAL_MS};
 use ringpost_node::transport::tls::CertPaths;
@@ -68,6 +69,21 @@ struct Common {
     /// A connection silent for this long is closed (half-open connections are reaped).
     #[arg(long, default_value_t = IDLE_TIMEOUT_MS, env = "RINGPOST_IDLE_TIMEOUT_MS")]
     idle_timeout_ms: u32,
+    /// A new connection must finish its TLS/WebSocket or QUIC handshake and its Hello within
+    /// this time of its accept; pings do not extend it.
+    #[arg(long, default_value_t = admission::HANDSHAKE_TIMEOUT_MS_DEFAULT, env = "RINGPOST_HANDSHAKE_TIMEOUT_MS")]
+    handshake_timeout_ms: u32,
+    /// An anonymous session (Hello without credentials, to register or link a device) is
+    /// closed this long after its Hello, however active.
+    #[arg(long, default_value_t = admission::ANONYMOUS_SESSION_MS_DEFAULT, env = "RINGPOST_ANONYMOUS_SESSION_MS")]
+    anonymous_session_ms: u32,
+    /// Most unauthenticated connections (handshaking, before Hello, or anonymous) from one
+    /// IPv4 address or IPv6 /64; more are refused at accept.
+    #[arg(long, default_value_t = admission::PREAUTH_PER_SOURCE_MAX_DEFAULT, env = "RINGPOST_PREAUTH_PER_SOURCE_MAX")]
+    preauth_per_source_max: u32,
+    /// Most unauthenticated connections in all; more are refused at accept.
+    #[arg(long, default_value_t = admission::PREAUTH_TOTAL_MAX_DEFAULT, env = "RINGPOST_PREAUTH_MAX")]
+    preauth_max: u32,
 }
 
 #[derive(clap::Args, Debug)]
@@ -224,6 +240,12 @@ fn node_options(common: Common) -> NodeOptions {
         keepalive: Keepalive {
             ping_interval_ms: common.ping_interval_ms,
             idle_timeout_ms: common.idle_timeout_ms,
+        },
+        preauth: PreAuthLimits {
+            handshake_timeout_ms: common.handshake_timeout_ms,
+            anonymous_session_ms: common.anonymous_session_ms,
+            per_source_max: common.preauth_per_source_max,
+            total_max: common.preauth_max,
         },
         ..Default::default()
     };

@@ -91,6 +91,10 @@ pub struct Metrics {
     pub messages_acked: AtomicU64,
     pub messages_rejected: AtomicU64,
     pub rate_limited: AtomicU64,
+    /// Connections refused at accept by the bounds on unauthenticated ones.
+    pub preauth_refused: AtomicU64,
+    /// Connections not authenticated yet (handshake, before `Hello`, anonymous sessions).
+    pub unauthenticated: AtomicI64,
     pub inbox_entries: AtomicI64,
     /// Seconds durable writes have been failing (0 while they succeed).
     pub storage_failing_seconds: AtomicI64,
@@ -128,6 +132,8 @@ impl Default for Metrics {
             messages_acked: AtomicU64::new(0),
             messages_rejected: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
+            preauth_refused: AtomicU64::new(0),
+            unauthenticated: AtomicI64::new(0),
             inbox_entries: AtomicI64::new(0),
             storage_failing_seconds: AtomicI64::new(0),
             wal_sync: Histogram::new(LATENCY_BUCKETS_S),
@@ -188,7 +194,7 @@ impl Metrics {
                 self.connections_accepted[t as usize].load(Relaxed)
             );
         }
-        let counters: [(&str, &str, &AtomicU64); 16] = [
+        let counters: [(&str, &str, &AtomicU64); 17] = [
             (
                 "ringpost_frames_in_total",
                 "Frames received from clients.",
@@ -233,6 +239,11 @@ impl Metrics {
                 "ringpost_rate_limited_total",
                 "Requests refused by a rate limit.",
                 &self.rate_limited,
+            ),
+            (
+                "ringpost_preauth_refused_total",
+                "Connections refused at accept: too many unauthenticated ones from their source or in all.",
+                &self.preauth_refused,
             ),
             (
                 "ringpost_peer_requests_sent_total",
@@ -287,7 +298,12 @@ impl Metrics {
             "# HELP ringpost_storage_failing_seconds Seconds durable writes have been failing (0: they succeed); a node whose storage failed refuses writes until restarted.\n# TYPE ringpost_storage_failing_seconds gauge\nringpost_storage_failing_seconds {}",
             self.storage_failing_seconds.load(Relaxed)
         );
-        let gauges: [(&str, &str, &AtomicI64); 3] = [
+        let gauges: [(&str, &str, &AtomicI64); 4] = [
+            (
+                "ringpost_connections_unauthenticated",
+                "Connections in their handshake, before Hello, or in an anonymous session.",
+                &self.unauthenticated,
+            ),
             (
                 "ringpost_ring_epoch",
                 "The ring epoch this node routes at.",

@@ -63,8 +63,11 @@ pub struct ConnShared {
     notify: Notify,
     /// Milliseconds since the registry's start when the peer was last heard from.
     last_rx_ms: AtomicU64,
-    /// The deadline kind: idle timeout for established sessions, handshake timeout before.
+    /// The silence after which the sweep closes the connection (the idle timeout).
     timeout_ms: AtomicU32,
+    /// A deadline no activity extends (registry clock; `u64::MAX`: none): the handshake's,
+    /// then an anonymous session's (see [`crate::admission`]).
+    deadline_ms: AtomicU64,
     close: AtomicU8,
     woken: AtomicU8,
     pushed: Mutex<VecDeque<Bytes>>,
@@ -170,6 +173,13 @@ impl ConnShared {
     pub fn set_timeout_ms(&self, timeout_ms: u32) {
         self.timeout_ms.store(timeout_ms, Relaxed);
     }
+
+    /// Sets (or with `None` lifts) the time, on the registry clock, at which the sweep closes
+    /// this connection however active it is.
+    pub fn set_deadline_ms(&self, deadline_ms: Option<u64>) {
+        self.deadline_ms
+            .store(deadline_ms.unwrap_or(u64::MAX), Relaxed);
+    }
 }
 
 type DeviceKey = (UserId, DeviceId);
@@ -208,14 +218,17 @@ impl Registry {
         self.start.elapsed().as_millis() as u64
     }
 
-    /// Registers a new connection with a handshake deadline.
-    pub fn open(&self, handshake_timeout_ms: u32) -> Arc<ConnShared> {
+    /// Registers a new connection that must authenticate (or start an anonymous session) by
+    /// `deadline_ms` on the registry clock ([`Registry::now_ms`]), and that is closed after
+    /// `idle_timeout_ms` of silence.
+    pub fn open(&self, deadline_ms: u64, idle_timeout_ms: u32) -> Arc<ConnShared> {
         let id = self.next_id.fetch_add(1, Relaxed);
         let conn = Arc::new(ConnShared {
             id,
             notify: Notify::new(),
             last_rx_ms: AtomicU64::new(self.now_ms()),
-            timeout_ms: AtomicU32::new(handshake_timeout_ms),
+            timeout_ms: AtomicU32::new(idle_timeout_ms),
+            deadline_ms: AtomicU64::new(deadline_ms),
             close: AtomicU8::new(0),
             woken: AtomicU8::new(0),
             pushed: Mutex::new(VecDeque::new()),
@@ -269,7 +282,8 @@ impl Registry {
         }
     }
 
-    /// Closes every connection silent past its deadline. Returns how many it closed.
+    /// Closes every connection silent past its idle timeout or past its deadline. Returns how
+    /// many it closed.
     pub fn sweep(&self) -> usize {
         let now = self.now_ms();
         let mut closed = 0;
@@ -277,7 +291,10 @@ impl Registry {
             for conn in lock(shard).values() {
                 let last = conn.last_rx_ms.load(Relaxed);
                 let timeout = u64::from(conn.timeout_ms.load(Relaxed));
-                if now.saturating_sub(last) > timeout && conn.close_reason() == CloseReason::None {
+                let past_deadline = now > conn.deadline_ms.load(Relaxed);
+                if (now.saturating_sub(last) > timeout || past_deadline)
+                    && conn.close_reason() == CloseReason::None
+                {
                     conn.ask_close(CloseReason::Expired);
                     closed += 1;
                 }
@@ -327,8 +344,8 @@ mod tests {
     #[test]
     fn newer_connection_of_a_device_replaces_the_older() {
         let r = Registry::default();
-        let a = r.open(1000);
-        let b = r.open(1000);
+        let a = r.open(u64::MAX, 1000);
+        let b = r.open(u64::MAX, 1000);
         r.bind(&a, 1, 1);
         r.bind(&b, 1, 1);
         assert_eq!(a.close_reason(), CloseReason::Replaced);
@@ -344,7 +361,7 @@ mod tests {
     #[test]
     fn push_queue_is_bounded() {
         let r = Registry::default();
-        let c = r.open(1000);
+        let c = r.open(u64::MAX, 1000);
         for _ in 0..PUSH_QUEUE_MAX {
             assert!(c.push(Bytes::from_static(b"x")));
         }
@@ -356,7 +373,7 @@ mod tests {
     #[test]
     fn handed_entries_continue_the_cursor_or_report_a_gap() {
         let r = Registry::default();
-        let c = r.open(1000);
+        let c = r.open(u64::MAX, 1000);
         let e = |n: u8| Entry::message(1, 1, [n; 16], Bytes::new());
         assert!(matches!(c.take_handed(0, 10), Handed::Next(v) if v.is_empty()));
         for seq in 3..=6 {
@@ -387,8 +404,8 @@ mod tests {
     #[test]
     fn sweep_closes_only_silent_connections() {
         let r = Registry::default();
-        let silent = r.open(0);
-        let fresh = r.open(60_000);
+        let silent = r.open(u64::MAX, 0);
+        let fresh = r.open(u64::MAX, 60_000);
         // `silent` has a zero timeout: any elapsed millisecond expires it.
         silent.touch(0);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
@@ -398,5 +415,23 @@ mod tests {
         assert_eq!(r.sweep(), 1);
         assert_eq!(silent.close_reason(), CloseReason::Expired);
         assert_eq!(fresh.close_reason(), CloseReason::None);
+    }
+
+    #[test]
+    fn sweep_closes_a_connection_past_its_deadline_however_active() {
+        let r = Registry::default();
+        let busy = r.open(0, 60_000);
+        let later = r.open(60_000, 60_000);
+        let lifted = r.open(0, 60_000);
+        lifted.set_deadline_ms(None);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while r.now_ms() == 0 && std::time::Instant::now() < deadline {
+            std::hint::spin_loop();
+        }
+        busy.touch(r.now_ms());
+        assert_eq!(r.sweep(), 1);
+        assert_eq!(busy.close_reason(), CloseReason::Expired);
+        assert_eq!(later.close_reason(), CloseReason::None);
+        assert_eq!(lifted.close_reason(), CloseReason::None);
     }
 }

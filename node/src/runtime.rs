@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,11 +16,11 @@ use tracing::{info, warn};
 use crate::accounts::{
     Accounts, AccountsConfig, CodeSender, HttpCodeSender, HttpCodeSenderConfig, LogCodeSender,
 };
+use crate::conn::Admitted;
 use crate::inbox::{Inbox, InboxConfig};
 use crate::keys::Keys;
 use crate::metrics::{Metrics, Transport as TransportKind};
 use crate::server::{Server, ServerConfig};
-use crate::session;
 use crate::storage::rocks::{RocksConfig, RocksEngine};
 use crate::storage::Engine;
 use crate::transport::quic::{self, QuicTransport};
@@ -327,6 +328,19 @@ async fn accept_ws(
         if server.is_shutting_down() {
             continue;
         }
+        let accepted = server.registry.now_ms();
+        let permit = match server.admission.admit(peer.ip()) {
+            Ok(permit) => permit,
+            Err(bound) => {
+                server.metrics.preauth_refused.fetch_add(1, Relaxed);
+                tracing::debug!(%peer, ?bound, "too many unauthenticated connections; refused");
+                if tls.is_none() {
+                    // Best effort and never blocking: a WebSocket client learns why.
+                    let _ = tcp.try_write(PREAUTH_REFUSED_HTTP);
+                }
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let server = server.clone();
         let tls = tls.clone();
@@ -340,9 +354,15 @@ async fn accept_ws(
                     .await
                     .map_err(std::io::Error::other)
             };
-            let timeout = Duration::from_millis(session::HANDSHAKE_TIMEOUT_MS);
+            let timeout = Duration::from_millis(server.config.preauth.handshake_timeout_ms.into());
             match tokio::time::timeout(timeout, handshake).await {
-                Ok(Ok(transport)) => crate::conn::serve(server, transport, kind).await,
+                Ok(Ok(transport)) => {
+                    let admitted = Admitted {
+                        permit,
+                        accepted_ms: accepted,
+                    };
+                    crate::conn::serve(server, transport, kind, admitted).await
+                }
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "websocket upgrade failed"),
                 Err(_) => tracing::debug!(%peer, "websocket upgrade timed out"),
             }
@@ -356,23 +376,41 @@ async fn accept_quic(endpoint: quinn::Endpoint, server: Arc<Server>) {
             incoming.refuse();
             continue;
         }
+        let accepted = server.registry.now_ms();
+        let peer = incoming.remote_address();
+        let permit = match server.admission.admit(peer.ip()) {
+            Ok(permit) => permit,
+            Err(bound) => {
+                server.metrics.preauth_refused.fetch_add(1, Relaxed);
+                tracing::debug!(%peer, ?bound, "too many unauthenticated connections; refused");
+                incoming.refuse();
+                continue;
+            }
+        };
         let server = server.clone();
         tokio::spawn(async move {
-            let timeout = Duration::from_millis(session::HANDSHAKE_TIMEOUT_MS);
+            let timeout = Duration::from_millis(server.config.preauth.handshake_timeout_ms.into());
             let setup = async {
                 let conn = incoming.await?;
                 QuicTransport::accept(conn).await
             };
             match tokio::time::timeout(timeout, setup).await {
                 Ok(Ok(transport)) => {
-                    crate::conn::serve(server, transport, TransportKind::Quic).await
+                    let admitted = Admitted {
+                        permit,
+                        accepted_ms: accepted,
+                    };
+                    crate::conn::serve(server, transport, TransportKind::Quic, admitted).await
                 }
-                Ok(Err(e)) => tracing::debug!(error = %e, "quic handshake failed"),
-                Err(_) => tracing::debug!("quic handshake timed out"),
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "quic handshake failed"),
+                Err(_) => tracing::debug!(%peer, "quic handshake timed out"),
             }
         });
     }
 }
+
+/// The answer to a WebSocket client refused by the bounds on unauthenticated connections.
+const PREAUTH_REFUSED_HTTP: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
 
 async fn housekeeping(server: Arc<Server>) {
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);

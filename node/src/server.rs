@@ -43,6 +43,8 @@ pub struct ServerConfig {
     pub device_rate_per_s: u32,
     pub device_burst: u32,
     pub keepalive: crate::session::Keepalive,
+    /// Bounds on connections that have not authenticated (see [`crate::admission`]).
+    pub preauth: crate::admission::PreAuthLimits,
 }
 
 impl Default for ServerConfig {
@@ -53,6 +55,7 @@ impl Default for ServerConfig {
             device_rate_per_s: DEVICE_RATE_PER_S,
             device_burst: DEVICE_BURST,
             keepalive: Default::default(),
+            preauth: Default::default(),
         }
     }
 }
@@ -73,6 +76,8 @@ pub struct Server {
     pub keys: Arc<Keys>,
     pub inbox: Inbox,
     pub registry: Arc<Registry>,
+    /// Places of unauthenticated connections (see [`crate::admission`]).
+    pub admission: Arc<crate::admission::Admission>,
     pub metrics: Arc<Metrics>,
     limiter: DefaultKeyedRateLimiter<(UserId, DeviceId)>,
     shutting_down: AtomicBool,
@@ -105,6 +110,7 @@ impl Server {
             keys: Arc::new(keys),
             inbox,
             registry,
+            admission: crate::admission::Admission::new(config.preauth),
             metrics,
             limiter: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
             shutting_down: AtomicBool::new(false),

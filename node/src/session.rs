@@ -28,9 +28,6 @@ pub const PING_INTERVAL_MS: u32 = 30_000;
 /// A connection silent for this long is reaped (half-open TCP, vanished phones).
 pub const IDLE_TIMEOUT_MS: u32 = 90_000;
 
-/// A new connection must complete `Hello` (and its authentication) within this time.
-pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
-
 /// Requests a session may have outstanding at the driver (executing or queued). When reached,
 /// the driver stops reading the connection until one completes: back-pressure, not buffering.
 pub const REQUESTS_IN_FLIGHT_MAX: usize = 64;
@@ -144,7 +141,6 @@ struct DeliverWindow {
 #[derive(Debug)]
 pub struct Session {
     peer: Peer,
-    opened_ms: u64,
     last_rx_ms: u64,
     node_id: u64,
     epoch: u64,
@@ -157,7 +153,6 @@ impl Session {
     pub fn new(now_ms: u64, node_id: u64, epoch: u64, keepalive: Keepalive) -> Self {
         Session {
             peer: Peer::New,
-            opened_ms: now_ms,
             last_rx_ms: now_ms,
             node_id,
             epoch,
@@ -399,23 +394,6 @@ impl Session {
             device,
             seqs,
         }]
-    }
-
-    /// Keepalive and handshake deadlines: `Some(reason)` when the connection must be closed.
-    pub fn poll_expired(&self, now_ms: u64) -> Option<&'static str> {
-        match self.peer {
-            Peer::New | Peer::Authenticating
-                if now_ms.saturating_sub(self.opened_ms) > HANDSHAKE_TIMEOUT_MS =>
-            {
-                Some("handshake timeout")
-            }
-            _ if now_ms.saturating_sub(self.last_rx_ms)
-                > u64::from(self.keepalive.idle_timeout_ms) =>
-            {
-                Some("idle timeout")
-            }
-            _ => None,
-        }
     }
 
     /// The epoch changed; later redirects and forwards use it.
@@ -761,22 +739,6 @@ mod tests {
         assert_eq!(s.poll_fetch(), Some((DELIVER_WINDOW as u64, 3)));
     }
 
-    #[test]
-    fn deadlines() {
-        let s = Session::new(0, 1, 1, Keepalive::default());
-        assert_eq!(s.poll_expired(HANDSHAKE_TIMEOUT_MS), None);
-        assert_eq!(
-            s.poll_expired(HANDSHAKE_TIMEOUT_MS + 1),
-            Some("handshake timeout")
-        );
-        let mut s = authed();
-        s.handle_frame(Frame::new(0, Ping { nonce: 1 }), 1_000);
-        assert_eq!(s.poll_expired(1_000 + u64::from(IDLE_TIMEOUT_MS)), None);
-        assert_eq!(
-            s.poll_expired(1_001 + u64::from(IDLE_TIMEOUT_MS)),
-            Some("idle timeout")
-        );
-    }
 
     #[test]
     fn session_is_small() {

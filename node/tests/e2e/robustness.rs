@@ -416,3 +416,130 @@ async fn invalid_utf8_in_any_string_field_is_answered_with_an_error() {
         assert!(recv(&mut c).await.is_none(), "{transport}: closed after it");
     }
 }
+
+/// Reads frames until the node closes the connection; panics if it stays open for `within`.
+async fn closed_within(conn: &mut Connection, within: Duration, ping: bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut nonce = 0;
+    loop {
+        if ping {
+            nonce += 1;
+            if conn
+                .send(&Frame::new(0, ringpost_wire::Ping { nonce }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        match tokio::time::timeout_at(
+            deadline,
+            tokio::time::timeout(Duration::from_millis(200), conn.recv()),
+        )
+        .await
+        {
+            Err(_) => panic!("still open after {within:?}"),
+            Ok(Ok(Ok(None) | Err(_))) => return,
+            Ok(Ok(Ok(Some(f)))) if matches!(f.body, Body::Error(_)) => {}
+            Ok(_) => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn pings_do_not_keep_an_unauthenticated_connection_open() {
+    let node = TestNode::start_with(&[
+        "--handshake-timeout-ms",
+        "1000",
+        "--anonymous-session-ms",
+        "2000",
+    ]);
+    // Before Hello: pings are answered, but the handshake deadline holds.
+    for transport in ["ws", "quic"] {
+        let mut c = raw(&node, transport).await;
+        c.send(&Frame::new(1, ringpost_wire::Ping { nonce: 1 }))
+            .await
+            .unwrap();
+        assert!(matches!(recv(&mut c).await.unwrap().body, Body::Pong(_)));
+        closed_within(&mut c, Duration::from_secs(6), true).await;
+    }
+    // An anonymous session: closed at its deadline, however busy.
+    let mut c = raw(&node, "ws").await;
+    assert!(matches!(hello(&mut c, None).await.body, Body::Welcome(_)));
+    closed_within(&mut c, Duration::from_secs(8), true).await;
+
+    // A device's connection is not bound by either.
+    let (alice, _) = register(&node, "ws", ALICE).await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    alice
+        .send(
+            ALICE,
+            msg_id(1),
+            vec![to_device(ALICE, 1, "still connected")],
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn unauthenticated_connections_are_bounded_per_source() {
+    let node = TestNode::start_with(&["--preauth-per-source-max", "3"]);
+    let (_, alice_reg) = register(&node, "ws", ALICE).await;
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(raw(&node, "ws").await);
+    }
+    // The fourth from this address is refused, over WebSocket and over QUIC.
+    let endpoint = Endpoint::parse(&node.url("ws")).unwrap();
+    let refused = Connection::open(&endpoint, &TlsOptions::ca_file(node.ca_file())).await;
+    assert!(
+        refused.is_err(),
+        "a fourth unauthenticated connection was accepted"
+    );
+    let endpoint = Endpoint::parse(&node.url("quic")).unwrap();
+    let refused = Connection::open(&endpoint, &TlsOptions::ca_file(node.ca_file())).await;
+    assert!(
+        refused.is_err(),
+        "a fourth unauthenticated QUIC connection was accepted"
+    );
+    let (_, metrics) = node.admin_get("/metrics");
+    assert!(
+        metrics.contains("ringpost_preauth_refused_total 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ringpost_connections_unauthenticated 3"),
+        "{metrics}"
+    );
+
+    // One of them authenticates: it no longer counts, so another may connect.
+    let mut first = idle.remove(0);
+    assert!(matches!(
+        hello(&mut first, Some(auth(&alice_reg))).await.body,
+        Body::Welcome(_)
+    ));
+    let mut fourth = raw(&node, "ws").await;
+    assert!(matches!(
+        hello(&mut fourth, None).await.body,
+        Body::Welcome(_)
+    ));
+
+    // Closing one gives its place back.
+    drop(idle.remove(0));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match Connection::open(
+            &Endpoint::parse(&node.url("ws")).unwrap(),
+            &TlsOptions::ca_file(node.ca_file()),
+        )
+        .await
+        {
+            Ok(_) => break,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("the place of a closed connection was not given back: {e}"),
+        }
+    }
+}
