@@ -29,8 +29,9 @@ pub const ANONYMOUS_SESSION_MS_DEFAULT: u32 = 300_000;
 /// Default of [`PreAuthLimits::per_source_max`]: generous for a carrier-grade NAT, where many
 /// phones share an address, since a healthy client is unauthenticated for one round trip.
 pub const PREAUTH_PER_SOURCE_MAX_DEFAULT: u32 = 256;
-/// Default of [`PreAuthLimits::total_max`]. Memory: a connection in its handshake costs at most
-/// ~40 KiB (TLS buffers), so the bound is ~640 MiB at worst, ~45 MiB for plain WebSocket.
+/// Default of [`PreAuthLimits::total_max`]. Memory: each costs about an idle connection of its
+/// transport (BENCHMARKS.md: 2.7 KiB ws, 10.5 KiB wss, 32 KiB QUIC) plus handshake buffers while
+/// its handshake runs.
 pub const PREAUTH_TOTAL_MAX_DEFAULT: u32 = 16_384;
 
 /// Bounds on unauthenticated connections (see the module docs).
