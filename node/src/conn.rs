@@ -44,6 +44,8 @@ enum Flow {
 pub struct Admitted {
     pub permit: crate::admission::Permit,
     pub accepted_ms: u64,
+    /// The client's address (for budgets charged to it).
+    pub source: std::net::IpAddr,
 }
 
 /// Serves one connection until it closes. Never panics on peer input.
@@ -74,6 +76,7 @@ pub async fn serve<T: Transport>(
         bound: None,
         permit: Some(admitted.permit),
         anonymous: false,
+        source: admitted.source,
     };
     let flow = conn.run(&mut transport).await;
     if let Flow::Close(error) = flow {
@@ -107,6 +110,7 @@ struct Conn {
     permit: Option<crate::admission::Permit>,
     /// Whether its anonymous session's deadline is set.
     anonymous: bool,
+    source: std::net::IpAddr,
 }
 
 impl Conn {
@@ -288,7 +292,7 @@ impl Conn {
                     self.push_frame(&frame)
                 }
                 Step::Execute { req, request } => {
-                    let fut = self.server.execute(request);
+                    let fut = self.server.execute(request, Some(self.source));
                     let pending = self
                         .pending
                         .get_or_insert_with(|| Box::new(FuturesOrdered::new()));

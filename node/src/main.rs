@@ -137,6 +137,14 @@ struct RunArgs {
     /// SMS gateway request timeout.
     #[arg(long, default_value_t = HTTP_TIMEOUT_MS_DEFAULT, env = "RINGPOST_SMS_GATEWAY_TIMEOUT_MS")]
     sms_gateway_timeout_ms: u64,
+    /// Verification codes (SMS or calls) one source address (IPv4, IPv6 /64) may request per
+    /// hour, burst the same; 0: unbounded. Put the node's ws listener behind a proxy only if
+    /// the proxy's address is not every client's (or raise this).
+    #[arg(long, default_value_t = 10, env = "RINGPOST_CODES_PER_SOURCE_PER_HOUR")]
+    codes_per_source_per_hour: u32,
+    /// Verification codes this node may send per second, burst ten times it; 0: unbounded.
+    #[arg(long, default_value_t = 10, env = "RINGPOST_CODES_PER_SECOND")]
+    codes_per_second: u32,
     /// Write verification codes to the log instead of an SMS gateway (testing only).
     #[arg(long, env = "RINGPOST_CODES_TO_LOG")]
     codes_to_log: bool,
@@ -282,6 +290,19 @@ fn dev_options(args: DevArgs) -> NodeOptions {
 
 fn run_options(args: RunArgs) -> Result<NodeOptions> {
     let mut opts = node_options(args.common);
+    use ringpost_node::budgets::Budget;
+    opts.server.budgets.codes_per_source = (args.codes_per_source_per_hour > 0).then(|| {
+        Budget::per_hour(
+            args.codes_per_source_per_hour,
+            args.codes_per_source_per_hour,
+        )
+    });
+    opts.server.budgets.codes_total = (args.codes_per_second > 0).then(|| {
+        Budget::per_second(
+            args.codes_per_second,
+            args.codes_per_second.saturating_mul(10),
+        )
+    });
     let needs_tls = args.listen_wss.is_some() || args.listen_quic.is_some();
     opts.tls = match (args.tls_cert, args.tls_key) {
         (Some(cert), Some(key)) => Some(CertPaths {

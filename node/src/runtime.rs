@@ -182,8 +182,14 @@ impl Node {
             .unwrap_or(0);
         let expiry_clock = crate::clock::ExpiryClock::load(engine.clone(), wall_ms)
             .context("loading the expiry clock")?;
+        let mut server_config = opts.server.clone();
+        if matches!(opts.codes, CodeDelivery::Log { .. }) {
+            // Codes written to a log cost nothing: no SMS budget to protect.
+            server_config.budgets.codes_per_source = None;
+            server_config.budgets.codes_total = None;
+        }
         let server = Server::new(
-            opts.server.clone(),
+            server_config,
             engine.clone(),
             accounts,
             keys,
@@ -360,6 +366,7 @@ async fn accept_ws(
                     let admitted = Admitted {
                         permit,
                         accepted_ms: accepted,
+                        source: peer.ip(),
                     };
                     crate::conn::serve(server, transport, kind, admitted).await
                 }
@@ -399,6 +406,7 @@ async fn accept_quic(endpoint: quinn::Endpoint, server: Arc<Server>) {
                     let admitted = Admitted {
                         permit,
                         accepted_ms: accepted,
+                        source: peer.ip(),
                     };
                     crate::conn::serve(server, transport, TransportKind::Quic, admitted).await
                 }

@@ -45,6 +45,8 @@ pub struct ServerConfig {
     pub keepalive: crate::session::Keepalive,
     /// Bounds on connections that have not authenticated (see [`crate::admission`]).
     pub preauth: crate::admission::PreAuthLimits,
+    /// Budgets of the requests other than sends, receipts and typing (see [`crate::budgets`]).
+    pub budgets: crate::budgets::BudgetConfig,
 }
 
 impl Default for ServerConfig {
@@ -56,6 +58,7 @@ impl Default for ServerConfig {
             device_burst: DEVICE_BURST,
             keepalive: Default::default(),
             preauth: Default::default(),
+            budgets: Default::default(),
         }
     }
 }
@@ -80,6 +83,7 @@ pub struct Server {
     pub admission: Arc<crate::admission::Admission>,
     pub metrics: Arc<Metrics>,
     limiter: DefaultKeyedRateLimiter<(UserId, DeviceId)>,
+    budgets: crate::budgets::Budgets,
     shutting_down: AtomicBool,
     /// Decides what has expired; see [`crate::clock`].
     pub expiry_clock: crate::clock::ExpiryClock,
@@ -113,6 +117,7 @@ impl Server {
             admission: crate::admission::Admission::new(config.preauth),
             metrics,
             limiter: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
+            budgets: crate::budgets::Budgets::new(config.budgets),
             shutting_down: AtomicBool::new(false),
             expiry_clock,
             started: Instant::now(),
@@ -153,11 +158,18 @@ impl Server {
     pub fn prune(&self) {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
+        self.budgets.prune();
     }
 
     /// Executes one session request. Synchronous checks run now; the returned future waits
     /// only for storage.
-    pub fn execute(self: &Arc<Self>, request: Request) -> BoxFuture<'static, Answer> {
+    /// Executes a session's request. `source` is the client's address, for the budgets that
+    /// are charged to it.
+    pub fn execute(
+        self: &Arc<Self>,
+        request: Request,
+        source: Option<std::net::IpAddr>,
+    ) -> BoxFuture<'static, Answer> {
         let server = self.clone();
         if self.is_shutting_down() {
             return Box::pin(async { error(ErrorCode::ShuttingDown, "node is shutting down") });
@@ -179,12 +191,14 @@ impl Server {
                     Err(e) => account_error(e),
                 }
             }),
-            Request::Anonymous(body) => Box::pin(async move { server.anonymous(body).await }),
+            Request::Anonymous(body) => {
+                Box::pin(async move { server.anonymous(body, source).await })
+            }
             Request::Device { user, device, body } => server.device_request(user, device, body),
         }
     }
 
-    async fn anonymous(&self, body: Body) -> Answer {
+    async fn anonymous(&self, body: Body, source: Option<std::net::IpAddr>) -> Answer {
         let now = self.now_ms();
         // Accounts live on their user's owner: register and link there.
         let user = match &body {
@@ -200,6 +214,10 @@ impl Server {
         }
         match body {
             Body::RegisterRequest(r) => {
+                if let Some(refused) = self.budgets.charge_code(source) {
+                    self.metrics.rate_limited.fetch_add(1, Relaxed);
+                    return refused;
+                }
                 match self.accounts.request_code(r.phone, r.channel, now).await {
                     Ok(c) => frames(RegisterChallenge {
                         expires_in_ms: c.expires_in_ms,
@@ -289,6 +307,21 @@ impl Server {
         }
     }
 
+    /// Charges a request to the device's budget (see [`crate::budgets`]): `Some(answer)` when
+    /// it is over budget.
+    pub(crate) fn over_budget(
+        &self,
+        user: UserId,
+        device: DeviceId,
+        charge: crate::budgets::Charge,
+    ) -> Option<Answer> {
+        let refused = self.budgets.charge(user, device, charge);
+        if refused.is_some() {
+            self.metrics.rate_limited.fetch_add(1, Relaxed);
+        }
+        refused
+    }
+
     fn rate_limited(&self, user: UserId, device: DeviceId) -> Option<Answer> {
         match self.limiter.check_key(&(user, device)) {
             Ok(()) => None,
@@ -356,6 +389,19 @@ impl Server {
         // Questions about another user go to its owner; one whose shard is here but not taken
         // over yet (or while this node has no lease) waits for it or gets a retryable error,
         // never a final NotFound.
+        use crate::budgets::Charge;
+        let charge = match &body {
+            Body::DeviceListRequest(_) => Some(Charge::Lookup),
+            Body::PrekeyClaim(c) => Some(Charge::ClaimOf(c.user)),
+            Body::PrekeyUpload(_) => Some(Charge::KeyUpload),
+            Body::LinkCodeRequest(_) | Body::RemoveDevice(_) | Body::SetRegistrationLock(_) => {
+                Some(Charge::AccountChange)
+            }
+            _ => None,
+        };
+        if let Some(refused) = charge.and_then(|c| self.over_budget(user, device, c)) {
+            return refused;
+        }
         let about = match &body {
             Body::DeviceListRequest(r) => Some(r.user),
             Body::PrekeyClaim(c) => Some(c.user),
@@ -689,6 +735,10 @@ impl Server {
     ) -> BoxFuture<'static, Answer> {
         if let Some(moved) = self.serves_here(user) {
             return Box::pin(async move { moved });
+        }
+        let n = u32::try_from(seqs.len()).unwrap_or(u32::MAX);
+        if let Some(refused) = self.over_budget(user, device, crate::budgets::Charge::AckSeqs(n)) {
+            return Box::pin(async move { refused });
         }
         let mut senders: Vec<(UserId, Vec<DeviceId>)> = Vec::new();
         for header in seqs.iter().filter_map(|(_, h)| h.as_ref()) {

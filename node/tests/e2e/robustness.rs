@@ -543,3 +543,36 @@ async fn unauthenticated_connections_are_bounded_per_source() {
         }
     }
 }
+
+#[tokio::test]
+async fn one_user_cannot_drain_another_users_prekeys() {
+    let node = TestNode::start();
+    let (_alice, _) = register(&node, "ws", ALICE).await;
+    let (_bob, bob_reg) = register(&node, "ws", BOB).await;
+    let (_carol, _) = register(&node, "ws", 15_550_000_003).await;
+    let mut c = raw(&node, "ws").await;
+    assert!(matches!(
+        hello(&mut c, Some(auth(&bob_reg))).await.body,
+        Body::Welcome(_)
+    ));
+    let claim = |req, user| Frame::new(req, ringpost_wire::PrekeyClaim { user, device: 0 });
+    for req in 1..=10 {
+        c.send(&claim(req, ALICE)).await.unwrap();
+        // Served (these users uploaded no keys, so the answer says so).
+        let f = recv(&mut c).await.unwrap();
+        assert_eq!(f.req, req);
+        assert_ne!(error_code(&f), Some(ErrorCode::RateLimited), "{req}: {f:?}");
+    }
+    c.send(&claim(11, ALICE)).await.unwrap();
+    let f = recv(&mut c).await.unwrap();
+    assert_eq!((f.req, error_code(&f)), (11, Some(ErrorCode::RateLimited)));
+    match &f.body {
+        Body::Error(e) => assert!(e.retry_after_ms > 0, "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    // Claims of another user are still served.
+    c.send(&claim(12, 15_550_000_003)).await.unwrap();
+    let f = recv(&mut c).await.unwrap();
+    assert_eq!(f.req, 12);
+    assert_ne!(error_code(&f), Some(ErrorCode::RateLimited), "{f:?}");
+}
