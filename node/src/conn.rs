@@ -17,7 +17,7 @@ use crate::metrics::Transport as TransportKind;
 use crate::registry::{CloseReason, ConnShared, Handed};
 use crate::server::Server;
 use crate::session::{Answer, Peer, Session, Step, REQUESTS_IN_FLIGHT_MAX};
-use crate::transport::{Transport, TransportError};
+use crate::transport::{Incoming, Transport, TransportError};
 
 /// How long a client whose user moved to another node waits before reconnecting (its
 /// reconnect then follows the `Redirect` of the node it reaches).
@@ -119,7 +119,7 @@ impl Conn {
             if let Flow::Close(e) = self.deliver() {
                 return Flow::Close(e);
             }
-            if !self.out.is_empty() {
+            if !self.out.is_empty() || transport.has_control_output() {
                 let n = self.out.len() as u64;
                 if let Err(e) = transport.write(&mut self.out).await {
                     debug!(conn = self.shared.id, error = %e, "write failed");
@@ -140,7 +140,10 @@ impl Conn {
             // Handle whatever else is ready before writing, so that the answers and deliveries
             // of a burst leave in one vectored write instead of one write each.
             for _ in 1..EVENTS_PER_WRITE_MAX {
-                if self.session.is_closed() || self.out.len() >= FRAMES_PER_WRITE_MAX {
+                if self.session.is_closed()
+                    || self.out.len() >= FRAMES_PER_WRITE_MAX
+                    || transport.has_control_output()
+                {
                     break;
                 }
                 match futures::FutureExt::now_or_never(self.next_event(transport)) {
@@ -221,10 +224,12 @@ impl Conn {
         Flow::Continue
     }
 
-    fn handle_read(&mut self, read: Result<Option<Bytes>, TransportError>) -> Flow {
+    fn handle_read(&mut self, read: Result<Incoming, TransportError>) -> Flow {
         let bytes = match read {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) => return Flow::Close(None),
+            Ok(Incoming::Frame(bytes)) => bytes,
+            Ok(Incoming::Closed) => return Flow::Close(None),
+            // The run loop writes it.
+            Ok(Incoming::Control) => return Flow::Continue,
             Err(TransportError::Protocol { code, message }) => {
                 self.server
                     .metrics

@@ -739,7 +739,6 @@ mod tests {
         assert_eq!(s.poll_fetch(), Some((DELIVER_WINDOW as u64, 3)));
     }
 
-
     #[test]
     fn session_is_small() {
         // Lives as long as the connection: keep it a handful of words.

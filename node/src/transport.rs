@@ -33,6 +33,18 @@ pub fn with_read_buf<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
 }
 
 /// Why a transport gave up.
+/// What [`Transport::next_frame`] read.
+#[derive(Debug)]
+pub enum Incoming {
+    /// One frame.
+    Frame(Bytes),
+    /// The peer closed the connection.
+    Closed,
+    /// No frame, but the transport queued control output (e.g. a WebSocket `Pong`) for the
+    /// next write: write, then read on.
+    Control,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("io: {0}")]
@@ -46,11 +58,18 @@ pub enum TransportError {
 
 /// What the connection driver needs from a transport.
 pub trait Transport: Send {
-    /// The next complete frame (encoded flatbuffer bytes); `Ok(None)` when the peer closed.
-    /// Cancel-safe: dropping the future loses nothing.
-    fn next_frame(&mut self) -> impl Future<Output = Result<Option<Bytes>, TransportError>> + Send;
+    /// The next complete frame (encoded flatbuffer bytes), the peer's close, or word that
+    /// control output is waiting ([`Transport::has_control_output`]). Cancel-safe: dropping the
+    /// future loses nothing and never leaves a half-written frame (it does not write).
+    fn next_frame(&mut self) -> impl Future<Output = Result<Incoming, TransportError>> + Send;
 
-    /// Writes every queued frame, in order, emptying the queue.
+    /// Whether the transport has control output of its own (e.g. a WebSocket `Pong`) waiting
+    /// for the next [`Transport::write`], which the driver then calls even with no frames.
+    fn has_control_output(&self) -> bool {
+        false
+    }
+
+    /// Writes every queued frame, in order, emptying the queue (and any control output).
     fn write(
         &mut self,
         frames: &mut VecDeque<Bytes>,

@@ -14,7 +14,7 @@ use quinn::VarInt;
 use ringpost_wire::{framing, ErrorCode};
 
 use super::tls::{self, CertPaths};
-use super::{Transport, TransportError, WRITE_TIMEOUT_MS};
+use super::{Incoming, Transport, TransportError, WRITE_TIMEOUT_MS};
 
 /// Flow-control window of the control stream. Must hold one maximal frame (128 KiB) plus its
 /// prefix; worst-case receive memory per connection when a client fills it.
@@ -77,14 +77,14 @@ impl QuicTransport {
 }
 
 impl Transport for QuicTransport {
-    async fn next_frame(&mut self) -> Result<Option<Bytes>, TransportError> {
+    async fn next_frame(&mut self) -> Result<Incoming, TransportError> {
         loop {
             match framing::decode_prefixed(&mut self.partial) {
                 Ok(Some(frame)) => {
                     if self.partial.is_empty() {
                         self.partial = BytesMut::new();
                     }
-                    return Ok(Some(frame));
+                    return Ok(Incoming::Frame(frame));
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -103,9 +103,9 @@ impl Transport for QuicTransport {
                         self.partial.extend_from_slice(&chunk.bytes);
                     }
                 }
-                Ok(None) => return Ok(None),
+                Ok(None) => return Ok(Incoming::Closed),
                 Err(quinn::ReadError::ConnectionLost(_) | quinn::ReadError::ClosedStream) => {
-                    return Ok(None)
+                    return Ok(Incoming::Closed)
                 }
                 Err(e) => return Err(TransportError::Io(std::io::Error::other(e))),
             }

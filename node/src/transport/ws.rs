@@ -17,7 +17,7 @@ use ringpost_wire::{limits, ErrorCode};
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::{with_read_buf, Transport, TransportError, WRITE_TIMEOUT_MS};
+use super::{with_read_buf, Incoming, Transport, TransportError, WRITE_TIMEOUT_MS};
 
 /// The byte stream under the WebSocket.
 pub enum WsStream {
@@ -114,6 +114,11 @@ pub struct WsTransport {
     decoder: Decoder,
     /// Bytes of a partial WebSocket frame; empty and unallocated while idle.
     partial: BytesMut,
+    /// The payload of the latest `Ping` not answered yet. Reads never write (they may be
+    /// cancelled at any await, and a half-written control frame would corrupt the stream):
+    /// the `Pong` leaves with the next [`Transport::write`]. Only the latest ping is answered
+    /// (RFC 6455 §5.5.3), so a ping flood queues one pong at most.
+    pong: Option<Bytes>,
     closed: bool,
 }
 
@@ -136,6 +141,7 @@ impl WsTransport {
                         stream,
                         decoder: Decoder::new(Role::Server, limits::FRAME_BYTES_MAX),
                         partial,
+                        pong: None,
                         closed: false,
                     });
                 }
@@ -161,10 +167,12 @@ impl WsTransport {
 }
 
 impl Transport for WsTransport {
-    async fn next_frame(&mut self) -> Result<Option<Bytes>, TransportError> {
+    /// Cancel-safe: it only reads (into `partial`, which keeps what a dropped call read) and
+    /// decodes; control replies are queued for [`Transport::write`].
+    async fn next_frame(&mut self) -> Result<Incoming, TransportError> {
         loop {
             if self.closed {
-                return Ok(None);
+                return Ok(Incoming::Closed);
             }
             let decoded = self.decoder.decode(&mut self.partial);
             if self.partial.is_empty() && self.partial.capacity() > 0 {
@@ -172,17 +180,15 @@ impl Transport for WsTransport {
                 self.partial = BytesMut::new();
             }
             match decoded {
-                Ok(Some(Message::Binary(frame))) => return Ok(Some(frame)),
+                Ok(Some(Message::Binary(frame))) => return Ok(Incoming::Frame(frame)),
                 Ok(Some(Message::Ping(payload))) => {
-                    self.send_control(OpCode::Pong, &payload).await?;
+                    self.pong = Some(Bytes::copy_from_slice(&payload));
                 }
                 Ok(Some(Message::Pong(_))) => {}
                 Ok(Some(Message::Close { .. })) => {
-                    let _ = self
-                        .send_control(OpCode::Close, &ws::close_payload(1000, ""))
-                        .await;
+                    // The peer closed: the connection ends, and `close` answers with our Close.
                     self.closed = true;
-                    return Ok(None);
+                    return Ok(Incoming::Closed);
                 }
                 Ok(Some(Message::Text(_))) => {
                     return Err(TransportError::Protocol {
@@ -190,9 +196,10 @@ impl Transport for WsTransport {
                         message: "text frames are not part of the protocol: send each frame as one binary message".into(),
                     });
                 }
+                Ok(None) if self.pong.is_some() => return Ok(Incoming::Control),
                 Ok(None) => {
                     if self.stream.read_some(&mut self.partial).await? == 0 {
-                        return Ok(None);
+                        return Ok(Incoming::Closed);
                     }
                 }
                 Err(ws::WsError::TextNotSupported) => {
@@ -216,13 +223,24 @@ impl Transport for WsTransport {
         }
     }
 
+    fn has_control_output(&self) -> bool {
+        self.pong.is_some()
+    }
+
     async fn write(&mut self, frames: &mut VecDeque<Bytes>) -> Result<(), TransportError> {
         // One contiguous write per batch: headers interleaved with payloads, one syscall.
         let total: usize = frames
             .iter()
             .map(|f| f.len() + ws::FRAME_HEADER_BYTES_MAX)
-            .sum();
+            .sum::<usize>()
+            + self
+                .pong
+                .as_ref()
+                .map_or(0, |p| p.len() + ws::FRAME_HEADER_BYTES_MAX);
         let mut out = BytesMut::with_capacity(total);
+        if let Some(payload) = self.pong.take() {
+            ws::encode_frame(OpCode::Pong, &payload, None, &mut out);
+        }
         for f in frames.drain(..) {
             let header = ws::encode_header(OpCode::Binary, true, f.len(), None);
             out.extend_from_slice(header.as_bytes());
@@ -280,3 +298,83 @@ impl Transport for WsTransport {
 const LINGER: Duration = Duration::from_secs(1);
 /// How much it discards at most.
 const LINGER_BYTES_MAX: usize = 1024 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A server transport over loopback TCP, and the client's end of the socket.
+    async fn pair() -> (WsTransport, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let transport = WsTransport {
+            stream: WsStream::Plain(server),
+            decoder: Decoder::new(Role::Server, limits::FRAME_BYTES_MAX),
+            partial: BytesMut::new(),
+            pong: None,
+            closed: false,
+        };
+        (transport, client)
+    }
+
+    async fn client_sends(client: &mut TcpStream, opcode: OpCode, payload: &[u8]) {
+        let mut out = BytesMut::new();
+        ws::encode_frame(opcode, payload, Some([1, 2, 3, 4]), &mut out);
+        client.write_all(&out).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn reads_never_write_and_a_ping_flood_is_answered_by_one_pong_on_the_next_write() {
+        let (mut t, mut client) = pair().await;
+        let mut flood = BytesMut::new();
+        for i in 0..100u8 {
+            ws::encode_frame(OpCode::Ping, &[i], Some([1, 2, 3, 4]), &mut flood);
+        }
+        ws::encode_frame(OpCode::Binary, b"frame", Some([1, 2, 3, 4]), &mut flood);
+        client.write_all(&flood).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Reading handles every ping and returns the frame, without writing anything: a read
+        // cancelled at any point cannot leave half a control frame on the stream.
+        match t.next_frame().await.unwrap() {
+            Incoming::Frame(f) => assert_eq!(&f[..], b"frame"),
+            other => panic!("{other:?}"),
+        }
+        let mut probe = [0u8; 64];
+        assert!(
+            client.try_read(&mut probe).is_err(),
+            "the read path wrote to the socket"
+        );
+        assert!(t.has_control_output());
+        // The next write carries one pong, for the latest ping, ahead of the frames.
+        t.write(&mut VecDeque::new()).await.unwrap();
+        assert!(!t.has_control_output());
+        let mut got = BytesMut::new();
+        let mut decoder = Decoder::new(Role::Client, limits::FRAME_BYTES_MAX);
+        let message = loop {
+            if let Some(m) = decoder.decode(&mut got).unwrap() {
+                break m;
+            }
+            let n = client.read_buf(&mut got).await.unwrap();
+            assert!(n > 0);
+        };
+        assert!(
+            matches!(message, Message::Pong(ref p) if p[..] == [99]),
+            "{message:?}"
+        );
+        assert!(decoder.decode(&mut got).unwrap().is_none(), "one pong only");
+    }
+
+    #[tokio::test]
+    async fn a_lone_ping_is_reported_so_the_driver_writes_the_pong() {
+        let (mut t, mut client) = pair().await;
+        client_sends(&mut client, OpCode::Ping, b"p").await;
+        assert!(matches!(t.next_frame().await.unwrap(), Incoming::Control));
+        // A dropped read loses nothing: the pong is still queued.
+        let _ = futures::FutureExt::now_or_never(t.next_frame());
+        assert!(t.has_control_output());
+    }
+}
