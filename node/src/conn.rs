@@ -29,6 +29,11 @@ pub const EVENTS_PER_WRITE_MAX: usize = 32;
 /// Frames queued before they are written even if more events are ready. Memory: this many
 /// encoded frames (plus what one event adds), at most a few MiB for maximal `Deliver`s.
 pub const FRAMES_PER_WRITE_MAX: usize = 64;
+/// Bytes of encoded frames queued before they are written: inbox deliveries stop at it until
+/// the queue is written (a client that does not read gets nothing more, and a write it does not
+/// take within the transport's write timeout closes it). Worst case per connection: this plus
+/// one frame (128 KiB) queued, and as much again while a WebSocket write concatenates them.
+pub const OUT_BYTES_MAX: usize = 256 * 1024;
 
 type Pending = FuturesOrdered<BoxFuture<'static, (u32, Answer)>>;
 type Acks = FuturesUnordered<BoxFuture<'static, (u32, Answer)>>;
@@ -71,6 +76,7 @@ pub async fn serve<T: Transport>(
         ),
         shared: shared.clone(),
         out: VecDeque::new(),
+        out_bytes: 0,
         pending: None,
         acks: None,
         bound: None,
@@ -97,6 +103,8 @@ struct Conn {
     shared: Arc<ConnShared>,
     /// Encoded frames waiting to be written; empty (and unallocated) when idle.
     out: VecDeque<Bytes>,
+    /// Their bytes (see [`OUT_BYTES_MAX`]).
+    out_bytes: usize,
     /// Requests executing, answered in the order they arrived (so `SendAck`s go out in commit
     /// order). Allocated only while there are some.
     pending: Option<Box<Pending>>,
@@ -130,6 +138,7 @@ impl Conn {
                     .frames_out
                     .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                 self.out = VecDeque::new();
+                self.out_bytes = 0;
             }
             if self.session.is_closed() {
                 return Flow::Close(None);
@@ -220,7 +229,10 @@ impl Conn {
         if self.shared.take_woken() {
             self.session.handle_wake();
         }
-        self.out.extend(self.shared.take_pushed());
+        for frame in self.shared.take_pushed() {
+            self.out_bytes += frame.len();
+            self.out.push_back(frame);
+        }
         Flow::Continue
     }
 
@@ -369,7 +381,10 @@ impl Conn {
         let Peer::Device { user, device } = self.session.peer() else {
             return Flow::Continue;
         };
-        while let Some((after, limit)) = self.session.poll_fetch() {
+        while self.out_bytes < OUT_BYTES_MAX {
+            let Some((after, limit)) = self.session.poll_fetch() else {
+                break;
+            };
             let entries = match self.shared.take_handed(after, limit) {
                 Handed::Next(entries) if !entries.is_empty() => entries,
                 Handed::Next(_) | Handed::Gap => {
@@ -389,15 +404,27 @@ impl Conn {
                     }
                 }
             };
-            let fetched: Vec<_> = entries.iter().map(|(seq, e)| (*seq, e.header())).collect();
-            self.session.handle_fetched(&fetched, limit);
+            // Deliver while the output budget lasts (at least one entry); the rest is read
+            // again once the queue is written. Telling the session the read was exactly as long
+            // as what was delivered keeps it fetching after them.
+            let mut fetched = Vec::with_capacity(entries.len());
             for (seq, entry) in &entries {
+                if !fetched.is_empty() && self.out_bytes >= OUT_BYTES_MAX {
+                    break;
+                }
                 self.push_frame(&crate::server::deliver_frame(*seq, entry));
+                fetched.push((*seq, entry.header()));
             }
+            let limit = if fetched.len() < entries.len() {
+                fetched.len()
+            } else {
+                limit
+            };
+            self.session.handle_fetched(&fetched, limit);
             self.server
                 .metrics
                 .messages_delivered
-                .fetch_add(entries.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                .fetch_add(fetched.len() as u64, std::sync::atomic::Ordering::Relaxed);
         }
         Flow::Continue
     }
@@ -407,7 +434,10 @@ impl Conn {
     /// the client is never left waiting for an answer that will not come.
     fn push_frame(&mut self, frame: &Frame) {
         match frame.encode() {
-            Ok(bytes) => self.out.push_back(bytes),
+            Ok(bytes) => {
+                self.out_bytes += bytes.len();
+                self.out.push_back(bytes)
+            }
             Err(e) => {
                 warn!(conn = self.shared.id, frame = frame.body.name(), error = %e, "cannot encode frame");
                 let fatal = matches!(&frame.body, ringpost_wire::Body::Error(e) if e.fatal);
@@ -421,6 +451,7 @@ impl Conn {
                     },
                 );
                 if let Ok(bytes) = stand_in.encode() {
+                    self.out_bytes += bytes.len();
                     self.out.push_back(bytes);
                 }
             }

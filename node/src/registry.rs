@@ -22,11 +22,28 @@ use crate::inbox::Entry;
 /// connection: this many encoded frames (each well under 100 bytes).
 pub const PUSH_QUEUE_MAX: usize = 32;
 
-/// Freshly stored entries handed to one connection and not yet taken. Beyond it the queue is
-/// dropped and the connection reads its inbox instead (a device that is not reading). Worst
-/// case per connection: this many entries, each holding its ciphertext (up to 64 KiB), so
-/// 4 MiB; typically a few hundred bytes, and nothing while idle.
+/// Freshly stored entries handed to one connection and not yet taken. Beyond it (or beyond
+/// [`HANDED_BYTES_MAX`]) the queue is dropped and the connection reads its inbox instead (a
+/// device that is not reading). Typically a few hundred bytes, and nothing while idle.
 pub const HANDED_ENTRIES_MAX: usize = crate::session::DELIVER_WINDOW as usize;
+/// Ciphertext bytes handed to one connection and not yet taken: the worst case per connection
+/// is this plus one entry (64 KiB).
+pub const HANDED_BYTES_MAX: usize = 256 * 1024;
+
+/// Entries handed to a connection, and their ciphertext bytes.
+#[derive(Debug, Default)]
+struct HandedQueue {
+    entries: VecDeque<(u64, Entry)>,
+    bytes: usize,
+}
+
+impl HandedQueue {
+    fn pop(&mut self) {
+        if let Some((_, e)) = self.entries.pop_front() {
+            self.bytes -= e.body.len();
+        }
+    }
+}
 
 /// What a connection found handed to it for a fetch: see [`ConnShared::take_handed`].
 #[derive(Debug)]
@@ -71,7 +88,7 @@ pub struct ConnShared {
     close: AtomicU8,
     woken: AtomicU8,
     pushed: Mutex<VecDeque<Bytes>>,
-    handed: Mutex<VecDeque<(u64, Entry)>>,
+    handed: Mutex<HandedQueue>,
 }
 
 impl ConnShared {
@@ -79,11 +96,12 @@ impl ConnShared {
     /// of one device come in seq order (the inbox writer calls this after each commit).
     pub fn hand(&self, seq: u64, entry: &Entry) {
         let mut q = self.handed.lock().unwrap_or_else(|p| p.into_inner());
-        if q.len() >= HANDED_ENTRIES_MAX {
+        if q.entries.len() >= HANDED_ENTRIES_MAX || q.bytes >= HANDED_BYTES_MAX {
             // Not reading: forget them, it will read the inbox when it catches up.
-            *q = VecDeque::new();
+            *q = HandedQueue::default();
         } else {
-            q.push_back((seq, entry.clone()));
+            q.bytes += entry.body.len();
+            q.entries.push_back((seq, entry.clone()));
         }
         drop(q);
         self.wake();
@@ -93,24 +111,24 @@ impl ConnShared {
     /// or below it (delivered already, by a read).
     pub fn take_handed(&self, after: u64, limit: usize) -> Handed {
         let mut q = self.handed.lock().unwrap_or_else(|p| p.into_inner());
-        while q.front().is_some_and(|(seq, _)| *seq <= after) {
-            q.pop_front();
+        while q.entries.front().is_some_and(|(seq, _)| *seq <= after) {
+            q.pop();
         }
-        match q.front() {
+        match q.entries.front() {
             None => {
                 // Free the buffer of a queue that grew: an idle connection holds nothing.
-                if q.capacity() > 0 {
-                    *q = VecDeque::new();
-                }
+                *q = HandedQueue::default();
                 Handed::Next(Vec::new())
             }
             Some((seq, _)) if *seq != after + 1 => {
-                *q = VecDeque::new();
+                *q = HandedQueue::default();
                 Handed::Gap
             }
             Some(_) => {
-                let n = limit.min(q.len());
-                Handed::Next(q.drain(..n).collect())
+                let n = limit.min(q.entries.len());
+                let taken: Vec<_> = q.entries.drain(..n).collect();
+                q.bytes -= taken.iter().map(|(_, e)| e.body.len()).sum::<usize>();
+                Handed::Next(taken)
             }
         }
     }
@@ -232,7 +250,7 @@ impl Registry {
             close: AtomicU8::new(0),
             woken: AtomicU8::new(0),
             pushed: Mutex::new(VecDeque::new()),
-            handed: Mutex::new(VecDeque::new()),
+            handed: Mutex::new(HandedQueue::default()),
         });
         lock(&self.all[id as usize % SHARDS]).insert(id, conn.clone());
         conn
@@ -397,8 +415,29 @@ mod tests {
         for seq in 10..(10 + 3 * HANDED_ENTRIES_MAX as u64) {
             c.hand(seq, &e(0));
         }
-        assert!(c.handed.lock().unwrap().len() <= HANDED_ENTRIES_MAX);
+        assert!(c.handed.lock().unwrap().entries.len() <= HANDED_ENTRIES_MAX);
         assert!(matches!(c.take_handed(9, 10), Handed::Gap));
+    }
+
+    #[test]
+    fn handed_ciphertext_is_bounded_in_bytes() {
+        let r = Registry::default();
+        let c = r.open(u64::MAX, 1000);
+        let big = Entry::message(1, 1, [0; 16], Bytes::from(vec![7u8; 64 * 1024]));
+        for seq in 1..=HANDED_ENTRIES_MAX as u64 {
+            c.hand(seq, &big);
+            let bytes = c.handed.lock().unwrap().bytes;
+            assert!(bytes <= HANDED_BYTES_MAX + 64 * 1024, "{bytes}");
+        }
+        // Taking entries gives their bytes back.
+        let c = r.open(u64::MAX, 1000);
+        c.hand(1, &big);
+        c.hand(2, &big);
+        let Handed::Next(v) = c.take_handed(0, 1) else {
+            panic!("expected entries")
+        };
+        assert_eq!(v.len(), 1);
+        assert_eq!(c.handed.lock().unwrap().bytes, 64 * 1024);
     }
 
     #[test]
