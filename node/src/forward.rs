@@ -624,6 +624,14 @@ impl Server {
 
     /// Why this node should not get new clients now, if it should not: it is not (or no
     /// longer) an active member, or it has not taken over every shard it owns yet.
+    /// Resolves once [`Server::not_ready_reason`] is `None` (polled: it is for start-up, when
+    /// the node waits for its membership, lease and shards).
+    pub async fn wait_ready(&self) {
+        while self.not_ready_reason().is_some() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     pub fn not_ready_reason(&self) -> Option<String> {
         if let Some((for_, error)) = self.inbox.storage_failing() {
             return Some(format!(

@@ -379,7 +379,7 @@ async fn serve(opts: NodeOptions, dev: bool) -> Result<()> {
         CodeDelivery::Log { file } => file.clone(),
         CodeDelivery::Http(_) => None,
     };
-    let signals = Signals::register()?;
+    let mut signals = Signals::register()?;
     let node = Node::start(opts).await?;
     // Machine-readable lines (tests and scripts parse them), then a human summary.
     let b = &node.bound;
@@ -397,6 +397,14 @@ async fn serve(opts: NodeOptions, dev: bool) -> Result<()> {
     }
     if let Some(ca) = &node.ca {
         println!("dev CA certificate (trust it in clients): {}", ca.display());
+    }
+    // Clients are accepted once the node has taken over its shards; say ready only then.
+    tokio::select! {
+        _ = node.ready() => {}
+        _ = signals.wait() => {
+            node.shutdown().await;
+            return Ok(());
+        }
     }
     match codes_file {
         Some(f) if dev => println!(
@@ -442,7 +450,7 @@ impl Signals {
         Ok(Signals {})
     }
 
-    async fn wait(mut self) {
+    async fn wait(&mut self) {
         #[cfg(unix)]
         tokio::select! {
             _ = self.term.recv() => {}

@@ -279,6 +279,24 @@ impl Node {
         })
     }
 
+    /// Resolves once the node is ready for clients (what `/readyz` reports): an active member
+    /// with a lease that has taken over its shards. Client listeners accept from then on.
+    pub async fn ready(&self) {
+        let mut waited = 0u32;
+        loop {
+            match self.server.not_ready_reason() {
+                None => return,
+                Some(why) => {
+                    if waited % 500 == 499 {
+                        info!(why, "not ready for clients yet");
+                    }
+                    waited += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+
     /// Resolves when the node has been drained and has left the cluster (it should then stop).
     pub async fn left_cluster(&self) {
         match &self.cluster {
@@ -322,6 +340,9 @@ async fn accept_ws(
     } else {
         TransportKind::Ws
     };
+    // Bound (so the cluster learns the address) but not accepting until ready: a client that
+    // connects early waits in the listen backlog instead of being told `WrongOwner`.
+    server.wait_ready().await;
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -378,6 +399,7 @@ async fn accept_ws(
 }
 
 async fn accept_quic(endpoint: quinn::Endpoint, server: Arc<Server>) {
+    server.wait_ready().await;
     while let Some(incoming) = endpoint.accept().await {
         if server.is_shutting_down() {
             incoming.refuse();

@@ -280,6 +280,8 @@ async fn sigterm_tells_clients_to_go_away_and_exits_cleanly() {
 #[tokio::test]
 async fn admin_endpoints_answer() {
     let node = TestNode::start();
+    // The node says it is ready only once /readyz does (and accepts clients only then).
+    assert_eq!(node.admin_get("/readyz"), (200, "ready\n".to_string()));
     let (_alice, _) = register(&node, "wss", ALICE).await;
     assert_eq!(node.admin_get("/healthz").0, 200);
     assert_eq!(node.admin_get("/readyz").0, 200);
