@@ -15,21 +15,46 @@
 //!   written for another device or message, or a message nobody sent.
 //! - **phantom** (1): a message delivered although every attempt was refused by a definitive
 //!   non-`Ok` `SendAck` (which means "nothing stored").
+//! - **lost**, for a `delivered` receipt (step 5 of DESIGN.md's message flow: the first device
+//!   ack produces it, "neither lost nor sent twice"): a device of the recipient user acked a
+//!   message (an `ack` with `ok` of the seq the message was delivered at), so the node owes the
+//!   sender a `delivered` receipt, and some device of the sender user (the sending device and
+//!   its other devices) never got one from that user naming the message.
+//!
+//! There is no allowance for the end of a run, for messages or receipts: whatever was acked
+//! must have arrived when the history ends. The run's settle loop
+//! ([`crate::scenario::SETTLE_MAX`]) keeps the workloads running until no [`ViolationKind::Lost`]
+//! of any subject is left (and nothing happened for a while), so a delivery or receipt still on
+//! its way is waited for; one missing after that is a loss.
 //!
 //! One kind of loss is expected and not a violation: with replication factor 1 a node holds the
 //! only copy of its users' inboxes, so when a node is killed and then removed (`ctl remove`)
-//! without coming back, what was queued there is given up. A missing delivery is **lost with a
-//! removed node** ([`ViolationKind::LostUnreplicated`], listed apart in
+//! without coming back, what was queued there is given up. A missing message or read receipt
+//! is **lost with a removed node** ([`ViolationKind::LostUnreplicated`], listed apart in
 //! [`CheckReport::unreplicated`]) when all of these hold, and a plain loss otherwise:
-//! - the history has the node's `kill` and then its `remove` ([`crate::history::MemberAction`]),
-//!   with no start of it in between;
-//! - the recipient device's user was last seen on that node (the node that welcomed one of its
-//!   devices most recently) before the kill: its inbox lived there;
-//! - the message was first sent before the kill (so it could have been stored there) and acked
-//!   before the removal (an `Ok` after the removal promises a copy that survived).
+//! - the history has the node's `kill` (recorded once the process is dead) and then its
+//!   `remove` ([`crate::history::MemberAction`]), with no `ready` of it in between;
+//! - its first `Ok` (`send_ack`, `receipt_ack`) was received **before the kill**: a dead node
+//!   acks nothing, so an `Ok` after the kill promises a copy somewhere else (an ack in flight
+//!   while the node died is in doubt, and counts as a loss);
+//! - the missing device's user **lived on that node from the ack until the kill**: the last
+//!   device of that user welcomed at or before the ack was welcomed by that node (so the acked
+//!   copy was stored there), and every later welcome of its devices was by that node and
+//!   before the kill (none elsewhere, none after: a user welcomed by another node may have had
+//!   its inbox moved there).
+//!
+//! A missing `delivered` receipt is lost with a removed node when, by the same test of where a
+//! user lived, taken from the receipt's due time (the first `ok` device ack of the message)
+//! until the kill, either the acking user lived on the node (the receipt is written with the
+//! ack, in that user's receipt outbox, and the ack of a device whose node is dead is never
+//! processed at all) or the sender user did (the receipt waits in its inbox there, or for a
+//! node that no longer exists to take it). There is no "before the kill" test here, because
+//! nobody is promised anything: a receipt due after its node died is explained only if that
+//! user's devices were never welcomed again, so nothing could have reached them.
 //!
 //! Read receipts are inbox entries routed like messages and get the same lost, duplicated and
-//! leaked checks; the node's own `delivered` receipts are checked for leaks only.
+//! leaked checks; `delivered` receipts get the lost and leaked checks (a receipt may arrive
+//! twice: the node resends one whose outbox row it had not yet cleared when it crashed).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -111,6 +136,7 @@ pub struct Violation {
     pub kind: ViolationKind,
     pub subject: Subject,
     pub msg_id: MsgId,
+    /// Who sent it (for a `delivered` receipt: the device whose ack it reports).
     pub from: Dev,
     /// The device it concerns (the one that missed it, got it twice, out of order, or wrongly).
     pub device: Dev,
@@ -171,8 +197,12 @@ pub struct Counts {
     pub receipts_sent: u64,
     pub receipts_acked: u64,
     pub receipts_delivered: u64,
-    /// `delivered` receipts the node sent (checked for leaks only).
+    /// `delivered` receipts the node sent (arrivals, each naming one or more messages).
     pub delivered_receipts: u64,
+    /// (message, sender device) pairs owed a `delivered` receipt: a device of the recipient
+    /// user acked the message.
+    #[serde(default)]
+    pub delivered_receipts_due: u64,
     /// Connection drops seen by the devices.
     pub disconnects: u64,
     pub faults: u64,
@@ -186,6 +216,9 @@ pub struct Counts {
     /// Acked read receipts lost with a removed node (receipt, recipient device pairs).
     #[serde(default)]
     pub lost_unreplicated_receipts: u64,
+    /// Due `delivered` receipts lost with a removed node (message, sender device pairs).
+    #[serde(default)]
+    pub lost_unreplicated_delivered_receipts: u64,
 }
 
 /// The outcome of a check.
@@ -383,6 +416,7 @@ impl Checker<'_> {
         self.check_deliveries(&messages);
         self.check_receipts(&messages, &receipts);
         self.check_losses(&messages);
+        self.check_delivered_receipts(&messages);
         self.report
             .violations
             .sort_by_key(|v| (v.t_us, v.kind, v.device, v.msg_id));
@@ -493,17 +527,50 @@ impl Checker<'_> {
         after.checked_sub(1).map(|i| homes[i].1)
     }
 
-    /// The removed node a missing delivery to `device` is explained by, if any: the device's
-    /// user lived there when it was killed, the message was first sent before that and acked
-    /// before the removal.
-    fn removed_node_for(&self, device: Dev, first_send_us: u64, acked_us: u64) -> Option<u64> {
+    /// Whether `user`'s inbox lived on the removed node `r` from `t_us` until `r` died: the
+    /// last welcome of one of its devices at or before `t_us` was by `r`, and every later one
+    /// was by `r` too and came before the kill (none by another node, none after the kill).
+    fn lived_on_until_killed(&self, user: u64, t_us: u64, r: &RemovedNode) -> bool {
+        let Some(homes) = self.homes.get(&user) else {
+            return false;
+        };
+        let after = homes.partition_point(|&(t, _)| t <= t_us);
+        after > 0
+            && homes[after - 1].1 == r.node_id
+            && homes[after..]
+                .iter()
+                .all(|&(t, node)| node == r.node_id && t <= r.killed_us)
+    }
+
+    /// The removed node a missing copy for `device` of something first acked at `acked_us` (a
+    /// message, a read receipt) is explained by, if any: the ack was received before the node
+    /// was killed (a dead node acks nothing) and the device's user lived on it from the ack
+    /// until the kill.
+    fn removed_node_for_ack(&self, device: Dev, acked_us: u64) -> Option<u64> {
         self.report
             .removed_nodes
             .iter()
             .find(|r| {
-                first_send_us <= r.killed_us
-                    && acked_us <= r.removed_us
-                    && self.home_at(device.user, r.killed_us) == Some(r.node_id)
+                acked_us < r.killed_us && self.lived_on_until_killed(device.user, acked_us, r)
+            })
+            .map(|r| r.node_id)
+    }
+
+    /// The removed node a missing `delivered` receipt, due at `due_us`, is explained by, if
+    /// any: the acking user (whose outbox it is written to with the ack) or the sender user
+    /// (whose inbox it is stored in) lived on it from `due_us` until it was killed.
+    fn removed_node_for_receipt(
+        &self,
+        acking_user: u64,
+        sender_user: u64,
+        due_us: u64,
+    ) -> Option<u64> {
+        self.report
+            .removed_nodes
+            .iter()
+            .find(|r| {
+                self.lived_on_until_killed(acking_user, due_us, r)
+                    || self.lived_on_until_killed(sender_user, due_us, r)
             })
             .map(|r| r.node_id)
     }
@@ -531,9 +598,11 @@ impl Checker<'_> {
             ViolationKind::Leaked => self.report.counts.leaked += 1,
             ViolationKind::Phantom => self.report.counts.phantom += 1,
             ViolationKind::LostUnreplicated => {
+                let counts = &mut self.report.counts;
                 match violation.subject {
-                    Subject::Message => self.report.counts.lost_unreplicated += 1,
-                    _ => self.report.counts.lost_unreplicated_receipts += 1,
+                    Subject::Message => counts.lost_unreplicated += 1,
+                    Subject::ReadReceipt => counts.lost_unreplicated_receipts += 1,
+                    Subject::DeliveredReceipt => counts.lost_unreplicated_delivered_receipts += 1,
                 }
                 if self.report.unreplicated.len() < VIOLATIONS_LISTED_MAX {
                     self.report.unreplicated.push(violation);
@@ -679,7 +748,8 @@ impl Checker<'_> {
         }
     }
 
-    /// Read receipts: leaked and duplicated as they arrive; `delivered` receipts for leaks.
+    /// Read receipts: leaked and duplicated as they arrive, then lost; `delivered` receipts
+    /// for leaks (their losses: [`Self::check_delivered_receipts`]).
     fn check_receipts(
         &mut self,
         messages: &HashMap<(Dev, MsgId), Message>,
@@ -789,7 +859,7 @@ impl Checker<'_> {
         }
         missing.sort();
         for (from, device, msg_id, sent_us, acked_us) in missing {
-            let removed = self.removed_node_for(device, sent_us, acked_us);
+            let removed = self.removed_node_for_ack(device, acked_us);
             let mut detail =
                 format!("read receipt from {from} for {msg_id}, acked, never reached {device}");
             if let Some(node) = removed {
@@ -808,6 +878,113 @@ impl Checker<'_> {
                 detail,
                 acked_us,
                 (sent_us, acked_us),
+            );
+            violation.removed_node = removed;
+            self.push(violation);
+        }
+    }
+
+    /// `delivered` receipts owed and never received: one is due, on every device of the sender
+    /// user, for each message a device of its recipient user acked (the node writes it with
+    /// the first such ack it processes, so the first `ok` ack in the history is when it became
+    /// due).
+    fn check_delivered_receipts(&mut self, messages: &HashMap<(Dev, MsgId), Message>) {
+        // What each device was last handed at each seq: a message (sender, msg_id) or a
+        // receipt, so that an ack's seq names what it acked.
+        let mut at_seq: HashMap<(Dev, u64), Option<(Dev, MsgId)>> = HashMap::new();
+        // Message -> when a device of its recipient user first acked it, and which device.
+        let mut due: HashMap<(Dev, MsgId), (u64, Dev)> = HashMap::new();
+        // (device, user whose ack it reports, msg_id) of every `delivered` receipt that arrived.
+        let mut arrived: HashSet<(Dev, u64, MsgId)> = HashSet::new();
+        for record in self.records {
+            match &record.event {
+                Event::Deliver {
+                    at,
+                    seq,
+                    msg_id,
+                    from,
+                    ..
+                } => {
+                    at_seq.insert((*at, *seq), Some((*from, *msg_id)));
+                }
+                Event::Receipt {
+                    at,
+                    kind,
+                    by,
+                    msg_ids,
+                    seq,
+                } => {
+                    at_seq.insert((*at, *seq), None);
+                    if kind == "delivered" {
+                        arrived.extend(msg_ids.iter().map(|id| (*at, by.user, *id)));
+                    }
+                }
+                Event::Ack { at, seqs, ok: true } => {
+                    for seq in seqs {
+                        let Some(Some((from, msg_id))) = at_seq.get(&(*at, *seq)) else {
+                            continue;
+                        };
+                        let Some(m) = messages.get(&(*from, *msg_id)) else {
+                            continue;
+                        };
+                        // The node owes a receipt for another user's message only.
+                        if at.user == m.to_user && from.user != at.user && m.recipients.contains(at)
+                        {
+                            due.entry((*from, *msg_id)).or_insert((record.t_us, *at));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut missing = Vec::new();
+        for (&(from, msg_id), &(due_us, by)) in &due {
+            let Some(m) = messages.get(&(from, msg_id)) else {
+                continue;
+            };
+            // Every device of the sender user: the sending one and the others it wrote for.
+            let mut senders: Vec<Dev> = m
+                .recipients
+                .iter()
+                .copied()
+                .filter(|d| d.user == from.user)
+                .chain([from])
+                .collect();
+            senders.sort_unstable();
+            senders.dedup();
+            self.report.counts.delivered_receipts_due += senders.len() as u64;
+            for device in senders {
+                if !arrived.contains(&(device, m.to_user, msg_id)) {
+                    missing.push((due_us, device, from, msg_id, by, m.first_send_us));
+                }
+            }
+        }
+        missing.sort();
+        for (due_us, device, from, msg_id, by, sent_us) in missing {
+            let removed = self.removed_node_for_receipt(by.user, from.user, due_us);
+            let mut detail = format!(
+                "{by} acked {msg_id} from {from}, but its delivered receipt never reached {device}"
+            );
+            if let Some(node) = removed {
+                detail.push_str(&format!(
+                    "; it lived only on node {node} (with the ack, or in {device}'s inbox), \
+                     which was killed and removed (replication factor 1): lost with a removed \
+                     node, not a violation"
+                ));
+            }
+            let kind = match removed {
+                Some(_) => ViolationKind::LostUnreplicated,
+                None => ViolationKind::Lost,
+            };
+            let mut violation = self.violation(
+                kind,
+                Subject::DeliveredReceipt,
+                msg_id,
+                by,
+                device,
+                detail,
+                due_us,
+                (sent_us, due_us),
             );
             violation.removed_node = removed;
             self.push(violation);
@@ -860,7 +1037,7 @@ impl Checker<'_> {
         let mut unreplicated_lost: HashSet<(Dev, MsgId)> = HashSet::new();
         for (acked_us, device, from, msg_id, index, sent_us, storage_fault) in lost {
             let mut detail = format!("acked (ack #{index} of {from}), never reached {device}");
-            let removed = self.removed_node_for(device, sent_us, acked_us);
+            let removed = self.removed_node_for_ack(device, acked_us);
             if let Some(node) = removed {
                 detail.push_str(&lived_only_on(node));
                 unreplicated_lost.insert((from, msg_id));

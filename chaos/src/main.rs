@@ -270,12 +270,13 @@ async fn run(cli: Cli) -> Result<i32> {
                     .map(|r| r.node_id.to_string())
                     .collect();
                 println!(
-                    "lost with removed nodes ({}): {} messages ({} deliveries), {} read receipts \
-                     (expected with replication factor 1; not violations)",
+                    "lost with removed nodes ({}): {} messages ({} deliveries), {} read receipts, \
+                     {} delivered receipts (expected with replication factor 1; not violations)",
                     nodes.join(", "),
                     c.lost_unreplicated_messages,
                     c.lost_unreplicated,
-                    c.lost_unreplicated_receipts
+                    c.lost_unreplicated_receipts,
+                    c.lost_unreplicated_delivered_receipts
                 );
             }
             for v in report.violations.iter().take(50) {

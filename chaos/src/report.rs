@@ -157,11 +157,12 @@ impl RunReport {
             .map(|r| format!("node {}", r.node_id))
             .collect();
         Some(format!(
-            "{} acked messages ({} deliveries) and {} read receipts lost with removed {}: they \
-             lived only there (replication factor 1)",
+            "{} acked messages ({} deliveries), {} read receipts and {} delivered receipts lost \
+             with removed {}: they lived only there (replication factor 1)",
             c.lost_unreplicated_messages,
             c.lost_unreplicated,
             c.lost_unreplicated_receipts,
+            c.lost_unreplicated_delivered_receipts,
             nodes.join(", ")
         ))
     }

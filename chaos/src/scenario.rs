@@ -1820,8 +1820,8 @@ fn check_workloads(rig: &mut Rig) -> Result<()> {
     Ok(())
 }
 
-/// Whether every workload finished sending and every acked message and receipt arrived; and
-/// the time of the last event.
+/// Whether every workload finished sending and everything acked or owed arrived (no `Lost` of
+/// any subject: messages, read receipts, `delivered` receipts); and the time of the last event.
 fn settled(run_dir: &Path) -> Result<(bool, u64)> {
     let mut records = Vec::new();
     for entry in std::fs::read_dir(run_dir)?.flatten() {
@@ -1977,12 +1977,13 @@ fn observations(records: &[history::Record], checked: &check::CheckReport) -> Ve
         c.delivered
     )];
     notes.push(format!(
-        "{} read receipts sent, {} acked, {} delivered; {} delivered receipts from the node; {} \
-         connection drops seen by devices",
+        "{} read receipts sent, {} acked, {} delivered; {} delivered receipts from the node ({} \
+         owed to sender devices); {} connection drops seen by devices",
         c.receipts_sent,
         c.receipts_acked,
         c.receipts_delivered,
         c.delivered_receipts,
+        c.delivered_receipts_due,
         c.disconnects
     ));
     if c.storage_refusals > 0 || c.storage_acked > 0 {

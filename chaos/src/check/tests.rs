@@ -467,12 +467,311 @@ fn losses_a_removed_node_cannot_explain_stay_violations() {
     );
 }
 
+#[test]
+fn an_ok_received_after_the_kill_is_not_explained_by_the_removal() {
+    // Sent while node 3 (B's home) was alive, but the `Ok` came after it was dead: node 3
+    // cannot have given it, so whoever did promised a copy that must arrive.
+    let mut h = Builder::default();
+    h.welcomed(A1, 1).welcomed(B1, 3).push(Event::Send {
+        from: A1,
+        to_user: B1.user,
+        msg_id: id(1),
+        attempt: 1,
+        recipients: vec![B1],
+    });
+    h.member(3, MemberAction::Kill)
+        .push(Event::SendAck {
+            from: A1,
+            msg_id: id(1),
+            attempt: 1,
+            status: "Ok".into(),
+            server_time_ms: 0,
+        })
+        .member(3, MemberAction::Remove);
+    let report = h.check();
+    assert_eq!(kinds(&report), vec![(ViolationKind::Lost, id(1))]);
+    assert_eq!(report.violations[0].removed_node, None);
+    assert_eq!(report.counts.lost_unreplicated, 0);
+
+    // The same for a read receipt to A, whose home was the removed node.
+    let mut h = Builder::default();
+    h.welcomed(A1, 3)
+        .welcomed(B1, 1)
+        .send(A1, &[B1], 1, "Ok")
+        .deliver(B1, A1, 1)
+        .push(Event::ReceiptSend {
+            from: B1,
+            to_user: A1.user,
+            receipt_id: id(50),
+            msg_ids: vec![id(1)],
+            recipients: vec![A1],
+        });
+    h.member(3, MemberAction::Kill)
+        .push(Event::ReceiptAck {
+            from: B1,
+            receipt_id: id(50),
+            status: "Ok".into(),
+        })
+        .member(3, MemberAction::Remove);
+    let report = h.check();
+    assert_eq!(kinds(&report), vec![(ViolationKind::Lost, id(1))]);
+    assert_eq!(report.violations[0].subject, Subject::ReadReceipt);
+    assert_eq!(report.counts.lost_unreplicated_receipts, 0);
+}
+
+#[test]
+fn the_recipient_must_have_lived_on_the_removed_node_from_the_ack_to_the_kill() {
+    let check = |steps: &dyn Fn(&mut Builder)| {
+        let mut h = Builder::default();
+        h.welcomed(A1, 1);
+        steps(&mut h);
+        let report = h.check();
+        (kinds(&report), report.counts.lost_unreplicated)
+    };
+    let lost = (vec![(ViolationKind::Lost, id(1))], 0);
+    let explained = (Vec::new(), 1);
+    // Acked while B lived on node 2; B moved to node 3 before node 3 died: the acked copy was
+    // stored on node 2 (or handed over with B), not given up with node 3.
+    assert_eq!(
+        check(&|h| {
+            h.welcomed(B1, 2)
+                .send(A1, &[B1], 1, "Ok")
+                .welcomed(B1, 3)
+                .member(3, MemberAction::Kill)
+                .member(3, MemberAction::Remove);
+        }),
+        lost
+    );
+    // Nobody of B welcomed before the ack: where its inbox was is unknown.
+    assert_eq!(
+        check(&|h| {
+            h.send(A1, &[B1], 1, "Ok")
+                .welcomed(B1, 3)
+                .member(3, MemberAction::Kill)
+                .member(3, MemberAction::Remove);
+        }),
+        lost
+    );
+    // Welcomed by another node after the kill: its inbox may have lived on there.
+    assert_eq!(
+        check(&|h| {
+            h.welcomed(B1, 3)
+                .send(A1, &[B1], 1, "Ok")
+                .member(3, MemberAction::Kill)
+                .welcomed(B1, 2)
+                .member(3, MemberAction::Remove);
+        }),
+        lost
+    );
+    // Acked before the kill while B lived on node 3, B reconnected to node 3 after a restart
+    // and node 3 died for good: lost with the removed node, as expected.
+    assert_eq!(
+        check(&|h| {
+            h.welcomed(B1, 3)
+                .send(A1, &[B1], 1, "Ok")
+                .member(3, MemberAction::Kill)
+                .member(3, MemberAction::Ready)
+                .welcomed(B1, 3)
+                .member(3, MemberAction::Kill)
+                .member(3, MemberAction::Down)
+                .member(3, MemberAction::Remove);
+        }),
+        explained
+    );
+}
+
+/// Builder steps for `delivered` receipts: a device's app acking what it was last handed, and
+/// the node's receipt arriving.
+impl Builder {
+    fn ack_last(&mut self, at: Dev, ok: bool) -> &mut Self {
+        let seq = self.seqs[&at];
+        self.push(Event::Ack {
+            at,
+            seqs: vec![seq],
+            ok,
+        })
+    }
+
+    fn delivered_receipt(&mut self, at: Dev, by: Dev, msg: u8) -> &mut Self {
+        let seq = self.seqs.entry(at).or_insert(0);
+        *seq += 1;
+        let seq = *seq;
+        self.push(Event::Receipt {
+            at,
+            kind: "delivered".into(),
+            by,
+            msg_ids: vec![id(msg)],
+            seq,
+        })
+    }
+}
+
+#[test]
+fn a_missing_delivered_receipt_is_a_loss() {
+    // A1 -> B1 (a copy for A2). B1 acks: every device of A is owed a delivered receipt.
+    let mut h = Builder::default();
+    h.send(A1, &[B1, A2], 1, "Ok")
+        .deliver(B1, A1, 1)
+        .deliver(A2, A1, 1)
+        // A2 acking its own copy owes nobody a receipt.
+        .ack_last(A2, true)
+        .ack_last(B1, true)
+        .delivered_receipt(A1, B1, 1);
+    let report = h.check();
+    assert_eq!(kinds(&report), vec![(ViolationKind::Lost, id(1))]);
+    let v = &report.violations[0];
+    assert_eq!(
+        (v.subject, v.from, v.device),
+        (Subject::DeliveredReceipt, B1, A2)
+    );
+    assert!(v.detail.contains("delivered receipt"), "{}", v.detail);
+    assert_eq!(report.counts.delivered_receipts_due, 2);
+    assert_eq!(report.counts.lost, 1);
+
+    // Once it reached A2 too, nothing is missing; A2 acking the receipt owes nothing.
+    h.delivered_receipt(A2, B1, 1).ack_last(A2, true);
+    let report = h.check();
+    assert!(report.passed(), "{:#?}", report.violations);
+    assert_eq!(report.counts.delivered_receipts, 2);
+
+    // A receipt may arrive before the recipient's ack is in the history.
+    let mut h = Builder::default();
+    h.send(A1, &[B1], 1, "Ok")
+        .deliver(B1, A1, 1)
+        .delivered_receipt(A1, B1, 1)
+        .ack_last(B1, true);
+    assert!(h.check().passed());
+}
+
+#[test]
+fn no_delivered_receipt_is_owed_without_an_ack_that_was_written() {
+    let mut h = Builder::default();
+    h.send(A1, &[B1], 1, "Ok")
+        .send(A1, &[B1], 2, "Ok")
+        .deliver(B1, A1, 1)
+        .deliver(B1, A1, 2)
+        // The ack of message 2 failed; message 1 was never acked.
+        .ack_last(B1, false);
+    let report = h.check();
+    assert!(report.passed(), "{:#?}", report.violations);
+    assert_eq!(report.counts.delivered_receipts_due, 0);
+
+    // Acking a receipt (on A1) owes nothing either.
+    let mut h = Builder::default();
+    h.send(A1, &[B1], 1, "Ok")
+        .deliver(B1, A1, 1)
+        .ack_last(B1, true)
+        .delivered_receipt(A1, B1, 1)
+        .ack_last(A1, true);
+    let report = h.check();
+    assert!(report.passed(), "{:#?}", report.violations);
+    assert_eq!(report.counts.delivered_receipts_due, 1);
+}
+
+#[test]
+fn a_delivered_receipt_lost_with_a_removed_node_is_explained() {
+    let check = |steps: &dyn Fn(&mut Builder)| {
+        let mut h = Builder::default();
+        steps(&mut h);
+        let report = h.check();
+        let subjects: Vec<Subject> = report.unreplicated.iter().map(|v| v.subject).collect();
+        (
+            kinds(&report),
+            report.counts.lost_unreplicated_delivered_receipts,
+            subjects,
+        )
+    };
+    let explained = (Vec::new(), 1, vec![Subject::DeliveredReceipt]);
+    let lost = (vec![(ViolationKind::Lost, id(1))], 0, Vec::new());
+    // B (the acking user) lived on node 3: the receipt was written into its outbox there with
+    // the ack, and node 3 died before sending it.
+    assert_eq!(
+        check(&|h| {
+            h.welcomed(A1, 1)
+                .welcomed(B1, 3)
+                .send(A1, &[B1], 1, "Ok")
+                .deliver(B1, A1, 1)
+                .ack_last(B1, true)
+                .member(3, MemberAction::Kill)
+                .member(3, MemberAction::Remove);
+        }),
+        explained
+    );
+    // A (the sender) lived on node 3: the receipt was stored in A1's inbox there.
+    assert_eq!(
+        check(&|h| {
+            h.welcomed(A1, 3)
+                .welcomed(B1, 1)
+                .send(A1, &[B1], 1, "Ok")
+                .deliver(B1, A1, 1)
+                .ack_last(B1, true)
+                .member(3, MemberAction::Kill)
+                .member(3, MemberAction::Remove);
+        }),
+        explained
+    );
+    // B1 acked only after A's node was dead, and A was never welcomed again: nothing could
+    // have taken the receipt to it.
+    assert_eq!(
+        check(&|h| {
+            h.welcomed(A1, 3)
+                .welcomed(B1, 1)
+                .send(A1, &[B1], 1, "Ok")
+                .deliver(B1, A1, 1)
+                .member(3, MemberAction::Kill)
+                .ack_last(B1, true)
+                .member(3, MemberAction::Remove);
+        }),
+        explained
+    );
+    // ... but if A1 was welcomed again (by node 2), the receipt should have reached it.
+    assert_eq!(
+        check(&|h| {
+            h.welcomed(A1, 3)
+                .welcomed(B1, 1)
+                .send(A1, &[B1], 1, "Ok")
+                .deliver(B1, A1, 1)
+                .member(3, MemberAction::Kill)
+                .ack_last(B1, true)
+                .welcomed(A1, 2)
+                .member(3, MemberAction::Remove);
+        }),
+        lost
+    );
+    // Neither A nor B lived on the removed node: a loss.
+    assert_eq!(
+        check(&|h| {
+            h.welcomed(A1, 1)
+                .welcomed(B1, 2)
+                .welcomed(C1, 3)
+                .send(A1, &[B1], 1, "Ok")
+                .deliver(B1, A1, 1)
+                .ack_last(B1, true)
+                .member(3, MemberAction::Kill)
+                .member(3, MemberAction::Remove);
+        }),
+        lost
+    );
+    // Killed but never removed: it may come back with the receipt; until then, a loss.
+    assert_eq!(
+        check(&|h| {
+            h.welcomed(A1, 1)
+                .welcomed(B1, 3)
+                .send(A1, &[B1], 1, "Ok")
+                .deliver(B1, A1, 1)
+                .ack_last(B1, true)
+                .member(3, MemberAction::Kill);
+        }),
+        lost
+    );
+}
+
 // ---- Property test: generated valid histories, then planted violations. ----
 
 /// A valid history: users with 1 to 3 devices, messages from random devices to random other
 /// users (acked, refused, or of unknown outcome), delivered to every recipient device in ack
-/// order at random later times, interleaved across devices, with read and delivered receipts and
-/// fault windows sprinkled in.
+/// order at random later times, interleaved across devices, and acked, with read receipts, the
+/// delivered receipts the acks owe and fault windows sprinkled in.
 fn valid_history(seed: u64) -> Vec<Record> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let users: Vec<u64> = (0..rng.gen_range(2..5)).map(|u| 15550000 + u).collect();
@@ -557,6 +856,7 @@ fn valid_history(seed: u64) -> Vec<Record> {
                 Vec::new()
             }
         };
+        let mut first_ack = Vec::new();
         for at in delivered_to {
             let clock = device_clock.entry(at).or_insert(0);
             // Deliveries may come before the ack arrives (t - 1000), never before the send.
@@ -573,6 +873,19 @@ fn valid_history(seed: u64) -> Vec<Record> {
                     body: Some(BodyTag { to: at, msg_id }),
                 },
             ));
+            // The app acks what it was handed; one in ten acks fails to be written.
+            let ok = rng.gen_bool(0.9);
+            events.push((
+                *clock + 1,
+                Event::Ack {
+                    at,
+                    seqs: vec![*seq],
+                    ok,
+                },
+            ));
+            if ok && at.user == to_user {
+                first_ack.push((*clock + 1, at));
+            }
             if at.user == to_user && rng.gen_bool(0.2) {
                 receipt_n += 1;
                 let mut rid = [0xEE; 16];
@@ -610,12 +923,18 @@ fn valid_history(seed: u64) -> Vec<Record> {
                         },
                     ));
                 }
+            }
+        }
+        // The node's delivered receipt, owed to every device of the sender once the first
+        // device of the recipient acked (it may arrive before that ack is in the history).
+        if let Some(&(acked, by)) = first_ack.iter().min() {
+            for &at in &devices[&from.user] {
                 events.push((
-                    rt + 7,
+                    acked + rng.gen_range(0..10_000) - 500,
                     Event::Receipt {
-                        at: from,
+                        at,
                         kind: "delivered".into(),
-                        by: at,
+                        by,
                         msg_ids: vec![msg_id],
                         seq: 0,
                     },
@@ -714,6 +1033,24 @@ proptest! {
         let report = check(&records);
         prop_assert!(has(&report, ViolationKind::Lost, msg_id), "{:#?}", report.violations);
         prop_assert!(report.violations.iter().all(|v| v.kind == ViolationKind::Lost));
+    }
+
+    #[test]
+    fn generated_history_with_planted_delivered_receipt_loss_is_found(seed in any::<u64>(), pick in any::<prop::sample::Index>()) {
+        let mut records = valid_history(seed);
+        let candidates: Vec<usize> = records.iter().enumerate()
+            .filter(|(_, r)| matches!(&r.event, Event::Receipt { kind, .. } if kind == "delivered"))
+            .map(|(i, _)| i)
+            .collect();
+        prop_assume!(!candidates.is_empty());
+        let removed = records.remove(candidates[pick.index(candidates.len())]);
+        let Event::Receipt { at, msg_ids, .. } = removed.event else { unreachable!() };
+        let report = check(&records);
+        prop_assert!(report.violations.iter().any(|v| v.kind == ViolationKind::Lost
+            && v.subject == Subject::DeliveredReceipt
+            && v.msg_id == msg_ids[0]
+            && v.device == at), "{:#?}", report.violations);
+        prop_assert_eq!(report.violations.len(), 1);
     }
 
     #[test]
