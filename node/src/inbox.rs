@@ -613,7 +613,8 @@ impl Inbox {
     /// the writer. Scans every stored entry key once per call except that, within a device,
     /// it stops at the first unexpired entry (entries expire in seq order unless the clock went
     /// back, which only delays their deletion; reads skip them anyway), and scans every dedup
-    /// record. The scans run on the caller's thread, [`EXPIRE_CHUNK_KEYS_MAX`] keys at a time.
+    /// record unless the engine drops expired ones itself ([`Engine::drops_expired_dedup`]:
+    /// RocksDB does, in compaction). The scans run on the caller's thread, [`EXPIRE_CHUNK_KEYS_MAX`] keys at a time.
     ///
     /// Returns how many entries were deleted (dedup records are only logged).
     pub async fn expire(&self, now_ms: u64) -> Result<usize, InboxError> {
@@ -676,6 +677,9 @@ impl Inbox {
             from = next;
         }
 
+        if self.inner.engine.drops_expired_dedup() {
+            return Ok(report);
+        }
         let mut from = Vec::new();
         loop {
             tokio::task::yield_now().await;

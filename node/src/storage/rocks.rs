@@ -301,6 +301,11 @@ fn classify(msg: String) -> StorageError {
 }
 
 impl Engine for RocksEngine {
+    fn drops_expired_dedup(&self) -> bool {
+        // The `ringpost_dedup_expiry` compaction filter, with periodic compaction.
+        true
+    }
+
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
         self.db
             .get_cf(self.handle(cf)?, key)
