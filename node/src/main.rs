@@ -41,7 +41,7 @@ enum Command {
     /// One self-contained node for development: an embedded single-member coordinator, data in
     /// ./data, a generated dev CA and certificate, verification codes written to the log and to
     /// DATA_DIR/verification-codes.txt.
-    Dev(DevArgs),
+    Dev(Box<DevArgs>),
     /// A node for real traffic: TLS certificate, SMS gateway and coordinator from configuration.
     /// Options come from flags, RINGPOST_* environment variables and `--config node.toml`.
     /// Without --coordinator the node is a one-node cluster with an embedded coordinator.
@@ -100,6 +100,10 @@ struct DevArgs {
     /// Admin HTTP listener: /metrics, /healthz, /readyz.
     #[arg(long, default_value = "127.0.0.1:7780", env = "RINGPOST_LISTEN_ADMIN")]
     listen_admin: SocketAddr,
+    /// A host name or IP address the dev certificate must also cover, for wss and QUIC from
+    /// other hosts (repeat it; the addresses the node listens on are added by themselves).
+    #[arg(long = "tls-name", env = "RINGPOST_TLS_NAMES", value_delimiter = ',')]
+    tls_names: Vec<String>,
     #[command(flatten)]
     common: Common,
 }
@@ -195,7 +199,7 @@ fn main() -> Result<()> {
     init_logging(cli.log_format);
     let dev = matches!(cli.command, Command::Dev(_));
     let opts = match cli.command {
-        Command::Dev(args) => dev_options(args),
+        Command::Dev(args) => dev_options(*args),
         Command::Run(args) => run_options(*args)?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -270,6 +274,7 @@ fn node_options(common: Common) -> NodeOptions {
         listen_quic: None,
         listen_admin: None,
         tls: None,
+        tls_names: Vec::new(),
         server,
         inbox,
         rocks: Default::default(),
@@ -285,6 +290,7 @@ fn dev_options(args: DevArgs) -> NodeOptions {
     opts.listen_wss = Some(args.listen_wss);
     opts.listen_quic = Some(args.listen_quic);
     opts.listen_admin = Some(args.listen_admin);
+    opts.tls_names = args.tls_names;
     opts
 }
 

@@ -50,6 +50,9 @@ pub struct NodeOptions {
     pub listen_admin: Option<SocketAddr>,
     /// TLS certificate for wss and QUIC; `None` generates a dev certificate in the data dir.
     pub tls: Option<CertPaths>,
+    /// Extra names (host names, IP addresses) a generated dev certificate covers, besides
+    /// localhost and the addresses the node listens on.
+    pub tls_names: Vec<String>,
     pub server: ServerConfig,
     pub inbox: InboxConfig,
     pub rocks: RocksConfig,
@@ -202,7 +205,13 @@ impl Node {
         let (cert, ca) = match &opts.tls {
             Some(c) => (c.clone(), c.ca.clone()),
             None if opts.listen_wss.is_some() || opts.listen_quic.is_some() => {
-                let c = tls::dev_certificate(&opts.data_dir.join("tls"))?;
+                let mut names = opts.tls_names.clone();
+                for addr in [opts.listen_wss, opts.listen_quic].into_iter().flatten() {
+                    if !addr.ip().is_unspecified() {
+                        names.push(addr.ip().to_string());
+                    }
+                }
+                let c = tls::dev_certificate(&opts.data_dir.join("tls"), &names)?;
                 let ca = c.ca.clone();
                 (c, ca)
             }

@@ -26,19 +26,78 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Returns the dev certificate under `dir`, generating a CA and a certificate for localhost,
-/// 127.0.0.1 and ::1 if they do not exist yet.
-pub fn dev_certificate(dir: &Path) -> Result<CertPaths> {
+/// Names every dev certificate covers.
+const DEV_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+
+/// A dev CA and a node certificate signed by it, in `dir` (generated on first use, reused
+/// after). The certificate names localhost, 127.0.0.1, ::1 and `extra_names` (host names or IP
+/// addresses: `dev --tls-name`, and the addresses the node listens on); when a later start asks
+/// for names the certificate lacks, it is issued again, by the same CA when its key is there.
+pub fn dev_certificate(dir: &Path, extra_names: &[String]) -> Result<CertPaths> {
     let paths = CertPaths {
         cert: dir.join("cert.pem"),
         key: dir.join("key.pem"),
         ca: Some(dir.join("ca.pem")),
     };
-    if paths.cert.exists() && paths.key.exists() {
+    let names_file = dir.join("names.txt");
+    let mut names: Vec<String> = DEV_NAMES.iter().map(|n| n.to_string()).collect();
+    for n in extra_names {
+        if !names.contains(n) {
+            names.push(n.clone());
+        }
+    }
+    let issued: Vec<String> = match std::fs::read_to_string(&names_file) {
+        Ok(text) => text.lines().map(str::to_string).collect(),
+        // Written before names were recorded: it covers the defaults.
+        Err(_) => DEV_NAMES.iter().map(|n| n.to_string()).collect(),
+    };
+    let covered = names.iter().all(|n| issued.contains(n));
+    if paths.cert.exists() && paths.key.exists() && covered {
         return Ok(paths);
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let ca_key = rcgen::KeyPair::generate()?;
+    let ca_key_path = dir.join("ca-key.pem");
+    let ca_pem = paths
+        .ca
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok());
+    let ca_key_pem = std::fs::read_to_string(&ca_key_path).ok();
+    let (ca_cert, ca_key) = match (ca_pem, ca_key_pem) {
+        (Some(_), Some(key_pem)) => {
+            // Reissue under the CA clients already trust.
+            let ca_key = rcgen::KeyPair::from_pem(&key_pem)?;
+            let ca_cert = dev_ca_params()?.self_signed(&ca_key)?;
+            (ca_cert, ca_key)
+        }
+        _ => {
+            let ca_key = rcgen::KeyPair::generate()?;
+            let ca_cert = dev_ca_params()?.self_signed(&ca_key)?;
+            write_private(&ca_key_path, ca_key.serialize_pem().as_bytes())?;
+            if let Some(ca) = &paths.ca {
+                std::fs::write(ca, ca_cert.pem())?;
+            }
+            (ca_cert, ca_key)
+        }
+    };
+    let mut all = issued;
+    for n in names {
+        if !all.contains(&n) {
+            all.push(n);
+        }
+    }
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(all.clone())?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Ringpost dev node");
+    let cert = params.signed_by(&key, &ca_cert, &ca_key)?;
+    write_private(&paths.key, key.serialize_pem().as_bytes())?;
+    std::fs::write(&paths.cert, cert.pem())?;
+    std::fs::write(&names_file, all.join("\n"))?;
+    Ok(paths)
+}
+
+fn dev_ca_params() -> Result<rcgen::CertificateParams> {
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     ca_params
@@ -48,25 +107,7 @@ pub fn dev_certificate(dir: &Path) -> Result<CertPaths> {
         rcgen::KeyUsagePurpose::KeyCertSign,
         rcgen::KeyUsagePurpose::CrlSign,
     ];
-    let ca_cert = ca_params.self_signed(&ca_key)?;
-
-    let key = rcgen::KeyPair::generate()?;
-    let mut params = rcgen::CertificateParams::new(vec![
-        "localhost".to_string(),
-        "127.0.0.1".to_string(),
-        "::1".to_string(),
-    ])?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "Ringpost dev node");
-    let cert = params.signed_by(&key, &ca_cert, &ca_key)?;
-
-    write_private(&paths.key, key.serialize_pem().as_bytes())?;
-    std::fs::write(&paths.cert, cert.pem())?;
-    if let Some(ca) = &paths.ca {
-        std::fs::write(ca, ca_cert.pem())?;
-    }
-    Ok(paths)
+    Ok(ca_params)
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -131,9 +172,9 @@ mod tests {
     #[test]
     fn dev_certificate_is_generated_once_and_loads() {
         let dir = tempfile::tempdir().unwrap();
-        let a = dev_certificate(dir.path()).unwrap();
+        let a = dev_certificate(dir.path(), &[]).unwrap();
         let first = std::fs::read(&a.cert).unwrap();
-        let b = dev_certificate(dir.path()).unwrap();
+        let b = dev_certificate(dir.path(), &["127.0.0.1".into()]).unwrap();
         assert_eq!(
             first,
             std::fs::read(&b.cert).unwrap(),
@@ -141,5 +182,48 @@ mod tests {
         );
         server_config(&a, &[ALPN_CLIENT], true).unwrap();
         server_config(&a, &[], false).unwrap();
+    }
+
+    /// Whether `cert` verifies for `name` against `ca`.
+    fn verifies(paths: &CertPaths, name: &str) -> bool {
+        use rustls::client::danger::ServerCertVerifier;
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = std::fs::read(paths.ca.as_ref().unwrap()).unwrap();
+        for c in rustls_pemfile::certs(&mut &ca[..]) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let verifier = rustls::client::WebPkiServerVerifier::builder(std::sync::Arc::new(roots))
+            .build()
+            .unwrap();
+        let pem = std::fs::read(&paths.cert).unwrap();
+        let cert = rustls_pemfile::certs(&mut &pem[..])
+            .next()
+            .unwrap()
+            .unwrap();
+        let name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+        verifier
+            .verify_server_cert(&cert, &[], &name, &[], rustls::pki_types::UnixTime::now())
+            .is_ok()
+    }
+
+    #[test]
+    fn a_dev_certificate_names_what_it_is_asked_to_and_keeps_its_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dev_certificate(dir.path(), &[]).unwrap();
+        let ca = std::fs::read(a.ca.as_ref().unwrap()).unwrap();
+        assert!(verifies(&a, "localhost"));
+        assert!(!verifies(&a, "198.18.0.2"));
+        let b = dev_certificate(dir.path(), &["198.18.0.2".into(), "node-a.test".into()]).unwrap();
+        assert!(verifies(&b, "198.18.0.2"));
+        assert!(verifies(&b, "node-a.test"));
+        assert!(verifies(&b, "127.0.0.1"), "the defaults stay");
+        assert_eq!(
+            ca,
+            std::fs::read(b.ca.as_ref().unwrap()).unwrap(),
+            "same CA"
+        );
+        // Names issued once stay covered.
+        let c = dev_certificate(dir.path(), &["node-b.test".into()]).unwrap();
+        assert!(verifies(&c, "198.18.0.2") && verifies(&c, "node-b.test"));
     }
 }
