@@ -302,7 +302,7 @@ impl Server {
             .call(
                 node,
                 &addr,
-                encode_request(epoch, request),
+                encode_request(epoch, request)?,
                 PEER_CALL_TIMEOUT,
             )
             .await
