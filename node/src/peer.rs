@@ -8,9 +8,12 @@
 //! and routes again. Messages are postcard-encoded serde values; [`PEER_PROTOCOL_VERSION`] is
 //! checked on every request so that a node of another version is refused clearly.
 //!
-//! An answer that cannot be encoded, or would not fit in one link frame, is
+//! The hand-off requests (`Holdings`, `Export`, `Release`) are served only to the node that the
+//! receiver's ring names as the owner of every shard asked ([`handoff_role`]); anyone else gets
+//! `Error{Forbidden}`. An answer that cannot be encoded, or would not fit in one link frame, is
 //! logged and replaced by `Error{Internal}` ([`encode_response`]), never sent empty.
 
+pub mod handoff_role;
 pub mod link;
 
 use std::sync::{Arc, Weak};
@@ -113,10 +116,12 @@ pub enum PeerRequest {
     /// Hand-off, asked by a shard's new owner: which of these shards (none of which the
     /// receiver owns at `epoch`) does the receiver hold rows for? The receiver first closes
     /// them for writes and waits for its writer, so nothing is committed to them afterwards.
+    /// Like `Export` and `Release`, refused with `Error{Forbidden}` unless the sender owns
+    /// every shard asked at the receiver's epoch.
     Holdings {
         shards: Vec<ShardId>,
     },
-    /// Hand-off: the next chunk of a shard's rows.
+    /// Hand-off: the next chunk of a shard's rows (only for the shard's owner).
     Export {
         shard: ShardId,
         from: Option<Cursor>,
@@ -124,7 +129,7 @@ pub enum PeerRequest {
     },
     /// Hand-off: the new owner has stored the shard durably (digest of what it received,
     /// leaving out dedup records expiring by `dedup_cutoff_ms`); the receiver deletes its copy
-    /// if it still matches.
+    /// if it still matches (only for the shard's owner).
     Release {
         shard: ShardId,
         digest: ShardDigest,

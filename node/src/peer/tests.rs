@@ -3,11 +3,21 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt};
-use ringpost_coordinator::NodeId;
+use ringpost_coordinator::{ClusterView, Member, MemberState, NodeId, NodeInfo};
 use ringpost_wire::ErrorCode;
 
 use super::link::{PeerConfig, PeerNet, PeerService, PEER_FRAME_BYTES_MAX};
 use super::*;
+use crate::accounts::{Accounts, AccountsConfig, LogCodeSender};
+use crate::handoff;
+use crate::inbox::{Inbox, InboxConfig};
+use crate::keys::Keys;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::ring::Ring;
+use crate::server::{Server, ServerConfig};
+use crate::storage::mem::MemEngine;
+use crate::storage::{Cf, Engine, WriteBatch};
 
 const SECRET: &[u8] = b"test cluster secret, 32 bytes!!!";
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -121,4 +131,146 @@ async fn an_answer_that_cannot_be_sent_is_an_explicit_error_and_the_link_lives()
     }
     let answer = client.call(2, &to, Bytes::from("ok"), TIMEOUT).await;
     assert_eq!(decode_response(&answer.unwrap()), Ok(PeerResponse::Done));
+}
+
+const SHARDS: u16 = 64;
+
+/// A view where `members` are in the given states.
+fn view(members: &[(NodeId, MemberState)]) -> ClusterView {
+    ClusterView {
+        cluster_id: "c".into(),
+        epoch: 3,
+        revision: 3,
+        shard_count: u32::from(SHARDS),
+        replication_factor: 1,
+        heartbeat_interval_ms: 100,
+        heartbeat_miss_limit: 5,
+        members: (members.iter())
+            .map(|&(id, state)| Member {
+                info: NodeInfo::new(id),
+                state,
+                state_since_ms: 0,
+            })
+            .collect(),
+        in_sync_replicas: Default::default(),
+    }
+}
+
+/// A node's server on an in-memory engine, at the ring of `view`.
+fn server(node_id: NodeId, view: &ClusterView) -> Arc<Server> {
+    let engine: Arc<dyn Engine> = Arc::new(MemEngine::new());
+    let inbox = Inbox::start(
+        engine.clone(),
+        InboxConfig {
+            shard_count: SHARDS,
+            ..InboxConfig::default()
+        },
+    )
+    .unwrap();
+    let accounts = Accounts::new(
+        engine.clone(),
+        Arc::new(LogCodeSender::new(None)),
+        AccountsConfig {
+            shard_count: SHARDS,
+            ..AccountsConfig::default()
+        },
+    );
+    let keys = Keys::new(engine.clone(), SHARDS);
+    let clock = crate::clock::ExpiryClock::load(engine.clone(), 1_700_000_000_000).unwrap();
+    let config = ServerConfig {
+        node_id,
+        shard_count: SHARDS,
+        ..ServerConfig::default()
+    };
+    let server = Server::new(
+        config,
+        engine,
+        accounts,
+        keys,
+        inbox,
+        Arc::new(Registry::default()),
+        Arc::new(Metrics::default()),
+        clock,
+    );
+    server.install_ring(Ring::from_view(view));
+    server
+}
+
+async fn ask(net: &PeerNet, to: &str, epoch: u64, request: PeerRequest) -> PeerResponse {
+    let request = encode_request(epoch, request).unwrap();
+    let answer = net.call(2, to, request, TIMEOUT).await.unwrap();
+    decode_response(&answer).unwrap()
+}
+
+fn forbidden(answer: &PeerResponse, from: NodeId) -> bool {
+    matches!(answer, PeerResponse::Error { code, message }
+        if *code == ErrorCode::Forbidden.as_u16() && message.contains(&format!("node {from} may not")))
+}
+
+/// Node 2 drains and still holds a row of a shard node 1 now owns. Node 3, an active member
+/// too, may neither learn of it, nor read it, nor have it deleted; node 1 may do all three.
+/// Used to be: any authenticated peer could export and release any shard the holder did not
+/// own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_off_requests_are_served_only_to_the_shards_owner() {
+    let view = view(&[
+        (1, MemberState::Active),
+        (2, MemberState::Draining),
+        (3, MemberState::Active),
+    ]);
+    let holder = server(2, &view);
+    let ring = holder.routing.ring();
+    let shard = ring.shards_of(1).next().expect("node 1 owns a shard");
+    let mut batch = WriteBatch::new();
+    let mut key = shard.to_be_bytes().to_vec();
+    key.extend_from_slice(b"user");
+    batch.put(Cf::Prekeys, key, b"prekey".to_vec());
+    holder.engine.write(batch, true).unwrap();
+    let cutoff_ms = 1;
+    let digest = handoff::shard_digest(&*holder.engine, shard, cutoff_ms).unwrap();
+    let holds_row = || {
+        handoff::export_chunk(&*holder.engine, shard, None, 1024)
+            .unwrap()
+            .rows
+            .len()
+            == 1
+    };
+
+    let serving = peer(2, service(&holder)).await;
+    let to = serving.local_addr().to_string();
+    let (owner, other) = (
+        peer(1, Arc::new(Answers)).await,
+        peer(3, Arc::new(Answers)).await,
+    );
+    let release = PeerRequest::Release {
+        shard,
+        digest,
+        dedup_cutoff_ms: cutoff_ms,
+    };
+    let export = PeerRequest::Export {
+        shard,
+        from: None,
+        max_bytes: 1024,
+    };
+    let holdings = PeerRequest::Holdings {
+        shards: vec![shard],
+    };
+    for request in [holdings.clone(), export.clone(), release.clone()] {
+        let answer = ask(&other, &to, view.epoch, request.clone()).await;
+        assert!(forbidden(&answer, 3), "{request:?}: {answer:?}");
+    }
+    assert!(holds_row(), "the refused release deleted nothing");
+
+    let answer = ask(&owner, &to, view.epoch, holdings).await;
+    assert_eq!(answer, PeerResponse::Holdings(vec![shard]));
+    let answer = ask(&owner, &to, view.epoch, export).await;
+    assert!(
+        matches!(&answer, PeerResponse::Chunk(c) if c.rows.len() == 1 && c.next.is_none()),
+        "{answer:?}"
+    );
+    assert_eq!(
+        ask(&owner, &to, view.epoch, release).await,
+        PeerResponse::Done
+    );
+    assert!(!holds_row(), "the owner's release deleted the copy");
 }
