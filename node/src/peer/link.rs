@@ -24,6 +24,12 @@
 //! session) and could try to guess the secret offline: hence a random secret of at least
 //! [`PEER_SECRET_BYTES_MIN`] bytes.
 //!
+//! What the proof does not show: the secret is shared by the whole cluster, so the node id in
+//! a hello is whatever its holder claims. Binding ids to keys needs per-node keys pinned in the
+//! coordinator's membership (whose `join` accepts any secret holder too); until then a peer
+//! request is authorised by what the receiver's ring says about the claimed id (e.g. only a
+//! shard's owner may pull it, see [`super::handoff_role`]).
+//!
 //! # Unauthenticated dials
 //! A node serves at most [`PEER_LINKS_SERVED_MAX`] links. A dial that has not proved itself
 //! holds one of those slots for at most [`PEER_ACCEPT_HANDSHAKE_MS`] from its first packet
