@@ -187,16 +187,18 @@ pub fn decode_response(bytes: &[u8]) -> Result<PeerResponse, String> {
 /// and replaced by an explicit [`PeerResponse::Error`] (`Internal`), never sent as an empty
 /// or truncated body.
 pub fn encode_response(response: &PeerResponse) -> Bytes {
-    encode_or_refuse(response)
+    encode_or_refuse(response, None)
 }
 
-/// [`encode_response`] for any serialisable answer (the error path is testable this way).
-fn encode_or_refuse<T: Serialize>(response: &T) -> Bytes {
+/// [`encode_response`] for any serialisable answer (the error path is testable this way) to
+/// node `to`, if known (for the log).
+fn encode_or_refuse<T: Serialize>(response: &T, to: Option<NodeId>) -> Bytes {
     match encode_bounded(response) {
         Ok(bytes) => bytes,
         Err(e) => {
             let message = format!("the answer could not be encoded: {e}");
-            warn!(error = %e, "peer answer not encoded; answering Error(Internal) instead");
+            warn!(peer = ?to, error = %e,
+                "peer answer not encoded; answering Error(Internal) instead");
             let refusal = PeerResponse::Error {
                 code: ringpost_wire::ErrorCode::Internal as u16,
                 message,
@@ -265,7 +267,7 @@ impl link::PeerService for NodePeerService {
             });
         }
         let answer = Server::serve_peer(&server, from, envelope.epoch, envelope.request);
-        Box::pin(async move { encode_response(&answer.await) })
+        Box::pin(async move { encode_or_refuse(&answer.await, Some(from)) })
     }
 }
 

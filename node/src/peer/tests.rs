@@ -66,7 +66,7 @@ fn is_internal_error(bytes: &[u8], why: &str) -> bool {
 #[test]
 fn answers_that_cannot_be_encoded_become_explicit_errors() {
     assert!(is_internal_error(
-        &encode_or_refuse(&Unencodable),
+        &encode_or_refuse(&Unencodable, None),
         "could not be encoded"
     ));
     assert!(is_internal_error(
@@ -96,7 +96,7 @@ impl PeerService for Answers {
         async move {
             match &request[..] {
                 b"big" => encode_response(&oversize_answer()),
-                b"broken" => encode_or_refuse(&Unencodable),
+                b"broken" => encode_or_refuse(&Unencodable, None),
                 _ => encode_response(&PeerResponse::Done),
             }
         }
