@@ -1229,6 +1229,23 @@ mod tests {
         assert_eq!(served.calls(), 1);
     }
 
+    /// A failed proof frees its place at once: one source may fail any number of times in a
+    /// row and is still heard (and refused for its proof, not for the limit).
+    #[tokio::test]
+    async fn failed_proofs_free_their_places_at_once() {
+        let (a, _) = start(1, "c", b"another secret, also 32 bytes!!!").await;
+        let (b, served) = start(2, "c", SECRET).await;
+        let to_b = b.local_addr().to_string();
+        for _ in 0..2 * PEER_HANDSHAKES_PER_SOURCE_MAX + 1 {
+            let answer = a.call(2, &to_b, Bytes::from("x"), TIMEOUT).await;
+            assert!(
+                matches!(&answer, Err(PeerError::AuthFailed(e)) if e.contains("does not verify")),
+                "{answer:?}"
+            );
+        }
+        assert_eq!(served.calls(), 0);
+    }
+
     #[test]
     fn split_frame_waits_for_whole_frames_and_refuses_bad_lengths() {
         let mut buf = BytesMut::new();
