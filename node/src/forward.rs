@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 use crate::accounts::AccountError;
 use crate::handoff;
 use crate::inbox::{Append, AppendOutcome, Entry, EntryKind};
+use crate::peer::handoff_role::handoff_refusal;
 use crate::peer::{
     decode_response, encode_request, PeerRequest, PeerResponse, Store, StoreKind, Stored, Targets,
     PEER_CALL_TIMEOUT,
@@ -302,7 +303,7 @@ impl Server {
             .call(
                 node,
                 &addr,
-                encode_request(epoch, request),
+                encode_request(epoch, request)?,
                 PEER_CALL_TIMEOUT,
             )
             .await
@@ -438,8 +439,11 @@ impl Server {
                     from: cursor,
                     max_bytes,
                 } => {
-                    if server.owns(shard) {
-                        return wrong_owner(&server);
+                    let ring = server.routing.ring();
+                    if let Some(refusal) =
+                        handoff_refusal(&ring, server.node_id, from, "export", &[shard])
+                    {
+                        return refusal;
                     }
                     let engine = server.engine.clone();
                     let max = max_bytes.clamp(1, EXPORT_CHUNK_BYTES_MAX) as usize;
@@ -458,8 +462,11 @@ impl Server {
                     digest,
                     dedup_cutoff_ms,
                 } => {
-                    if server.owns(shard) {
-                        return wrong_owner(&server);
+                    let ring = server.routing.ring();
+                    if let Some(refusal) =
+                        handoff_refusal(&ring, server.node_id, from, "release", &[shard])
+                    {
+                        return refusal;
                     }
                     let engine = server.engine.clone();
                     let ours = tokio::task::spawn_blocking(move || {
@@ -539,10 +546,9 @@ impl Server {
     /// Hand-off, serving side: close the asked shards for writes, wait until everything
     /// queued before is committed, and say which of them hold rows here.
     async fn serve_holdings(&self, from: NodeId, shards: Vec<ShardId>) -> PeerResponse {
-        if shards.iter().any(|&s| self.owns(s)) {
-            return PeerResponse::WrongOwner {
-                epoch: self.routing.epoch(),
-            };
+        let ring = self.routing.ring();
+        if let Some(refusal) = handoff_refusal(&ring, self.node_id, from, "ask for", &shards) {
+            return refusal;
         }
         for &s in &shards {
             self.inbox.set_writable(s, false);

@@ -7,7 +7,13 @@
 //! [`PeerResponse::WrongOwner`] with its epoch, and the sender waits for its own view to move
 //! and routes again. Messages are postcard-encoded serde values; [`PEER_PROTOCOL_VERSION`] is
 //! checked on every request so that a node of another version is refused clearly.
+//!
+//! The hand-off requests (`Holdings`, `Export`, `Release`) are served only to the node that the
+//! receiver's ring names as the owner of every shard asked ([`handoff_role`]); anyone else gets
+//! `Error{Forbidden}`. An answer that cannot be encoded, or would not fit in one link frame, is
+//! logged and replaced by `Error{Internal}` ([`encode_response`]), never sent empty.
 
+pub mod handoff_role;
 pub mod link;
 
 use std::sync::{Arc, Weak};
@@ -18,6 +24,7 @@ use futures::future::BoxFuture;
 use ringpost_coordinator::NodeId;
 use ringpost_wire::{DeviceId, MsgId, UserId};
 use serde::{Deserialize, Serialize};
+use tracing::warn;
 
 use crate::handoff::{Chunk, Cursor, ShardDigest};
 use crate::server::Server;
@@ -109,10 +116,12 @@ pub enum PeerRequest {
     /// Hand-off, asked by a shard's new owner: which of these shards (none of which the
     /// receiver owns at `epoch`) does the receiver hold rows for? The receiver first closes
     /// them for writes and waits for its writer, so nothing is committed to them afterwards.
+    /// Like `Export` and `Release`, refused with `Error{Forbidden}` unless the sender owns
+    /// every shard asked at the receiver's epoch.
     Holdings {
         shards: Vec<ShardId>,
     },
-    /// Hand-off: the next chunk of a shard's rows.
+    /// Hand-off: the next chunk of a shard's rows (only for the shard's owner).
     Export {
         shard: ShardId,
         from: Option<Cursor>,
@@ -120,7 +129,7 @@ pub enum PeerRequest {
     },
     /// Hand-off: the new owner has stored the shard durably (digest of what it received,
     /// leaving out dedup records expiring by `dedup_cutoff_ms`); the receiver deletes its copy
-    /// if it still matches.
+    /// if it still matches (only for the shard's owner).
     Release {
         shard: ShardId,
         digest: ShardDigest,
@@ -157,15 +166,15 @@ pub enum PeerResponse {
     },
 }
 
-/// Encodes a request for [`link::PeerNet::call`].
-pub fn encode_request(epoch: u64, request: PeerRequest) -> Bytes {
+/// Encodes a request for [`link::PeerNet::call`]. Fails (rather than sending an empty or
+/// truncated body) if the request cannot be serialised or is larger than a link frame.
+pub fn encode_request(epoch: u64, request: PeerRequest) -> Result<Bytes, String> {
     let envelope = Envelope {
         version: PEER_PROTOCOL_VERSION,
         epoch,
         request,
     };
-    // Serialising owned plain data into a Vec cannot fail.
-    Bytes::from(postcard::to_allocvec(&envelope).unwrap_or_default())
+    encode_bounded(&envelope).map_err(|e| format!("cannot encode peer request: {e}"))
 }
 
 /// Decodes a response; a peer's garbage is an error, never a panic.
@@ -173,9 +182,49 @@ pub fn decode_response(bytes: &[u8]) -> Result<PeerResponse, String> {
     postcard::from_bytes(bytes).map_err(|e| format!("undecodable peer response: {e}"))
 }
 
-fn encode_response(response: &PeerResponse) -> Bytes {
-    Bytes::from(postcard::to_allocvec(response).unwrap_or_default())
+/// Encodes a response. One that cannot be serialised, or that would not fit in a link frame
+/// (the link would close rather than send it, failing every call in flight on it), is logged
+/// and replaced by an explicit [`PeerResponse::Error`] (`Internal`), never sent as an empty
+/// or truncated body.
+pub fn encode_response(response: &PeerResponse) -> Bytes {
+    encode_or_refuse(response, None)
 }
+
+/// [`encode_response`] for any serialisable answer (the error path is testable this way) to
+/// node `to`, if known (for the log).
+fn encode_or_refuse<T: Serialize>(response: &T, to: Option<NodeId>) -> Bytes {
+    match encode_bounded(response) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            let message = format!("the answer could not be encoded: {e}");
+            warn!(peer = ?to, error = %e,
+                "peer answer not encoded; answering Error(Internal) instead");
+            let refusal = PeerResponse::Error {
+                code: ringpost_wire::ErrorCode::Internal as u16,
+                message,
+            };
+            // A short error message always encodes and fits.
+            encode_bounded(&refusal).unwrap_or_else(|_| Bytes::from_static(REFUSAL_FALLBACK))
+        }
+    }
+}
+
+/// `value` serialised, if it serialises and fits in one link frame.
+fn encode_bounded<T: Serialize>(value: &T) -> Result<Bytes, String> {
+    let bytes = postcard::to_allocvec(value).map_err(|e| e.to_string())?;
+    if bytes.len() > link::PEER_FRAME_BYTES_MAX {
+        return Err(format!(
+            "{} bytes, over PEER_FRAME_BYTES_MAX ({})",
+            bytes.len(),
+            link::PEER_FRAME_BYTES_MAX
+        ));
+    }
+    Ok(Bytes::from(bytes))
+}
+
+/// `PeerResponse::Error { code: Internal, message: "" }` in postcard, written out by hand for
+/// the case (which cannot happen) where even that fails to encode.
+const REFUSAL_FALLBACK: &[u8] = &[7, 50, 0];
 
 /// Serves other nodes' requests on this node's [`Server`].
 pub struct NodePeerService {
@@ -218,7 +267,7 @@ impl link::PeerService for NodePeerService {
             });
         }
         let answer = Server::serve_peer(&server, from, envelope.epoch, envelope.request);
-        Box::pin(async move { encode_response(&answer.await) })
+        Box::pin(async move { encode_or_refuse(&answer.await, Some(from)) })
     }
 }
 
@@ -230,27 +279,4 @@ pub fn service(server: &Arc<Server>) -> Arc<NodePeerService> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn messages_round_trip_and_garbage_is_an_error() {
-        let req = PeerRequest::Store(Store {
-            to_user: 1,
-            from_user: 2,
-            from_device: 3,
-            msg_id: [7; 16],
-            kind: StoreKind::Message,
-            targets: Targets::Exact(vec![(1, b"ct".to_vec())]),
-            except: None,
-            receipt_msg_ids: vec![],
-            dedup: true,
-        });
-        let bytes = encode_request(4, req.clone());
-        let env: Envelope = postcard::from_bytes(&bytes).unwrap();
-        assert_eq!((env.version, env.epoch, env.request), (1, 4, req));
-        let resp = PeerResponse::WrongOwner { epoch: 5 };
-        assert_eq!(decode_response(&encode_response(&resp)).unwrap(), resp);
-        assert!(decode_response(&[0xff, 0xff, 0xff]).is_err());
-    }
-}
+mod tests;

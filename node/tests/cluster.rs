@@ -438,7 +438,7 @@ async fn peer_call(
         .and_then(|m| m.info.peer_addr.clone())
         .expect("peer address");
     let bytes = net
-        .call(node, &addr, encode_request(epoch, request), WAIT)
+        .call(node, &addr, encode_request(epoch, request).unwrap(), WAIT)
         .await
         .expect("peer call");
     net.shutdown().await;

@@ -24,12 +24,27 @@
 //! session) and could try to guess the secret offline: hence a random secret of at least
 //! [`PEER_SECRET_BYTES_MIN`] bytes.
 //!
+//! What the proof does not show: the secret is shared by the whole cluster, so the node id in
+//! a hello is whatever its holder claims. Binding ids to keys needs per-node keys pinned in the
+//! coordinator's membership (whose `join` accepts any secret holder too); until then a peer
+//! request is authorised by what the receiver's ring says about the claimed id (e.g. only a
+//! shard's owner may pull it, see [`super::handoff_role`]).
+//!
+//! # Unauthenticated dials
+//! A node serves at most [`PEER_LINKS_SERVED_MAX`] links. A dial that has not proved itself
+//! holds one of those slots for at most [`PEER_ACCEPT_HANDSHAKE_MS`] from its first packet
+//! (QUIC handshake and proof exchange together), one source address may have at most
+//! [`PEER_HANDSHAKES_PER_SOURCE_MAX`] such dials at once (more are refused at once), and a
+//! failed proof frees its slot at once.
+//!
 //! # Framing and ordering
 //! Then the stream carries `u32 BE length | u64 BE id | body` both ways (the length covers id
 //! and body). Requests are written in the order their [`PeerNet::call`] futures were first
 //! polled; the server starts them in that order ([`PeerService::call`]) and answers as they
 //! complete, matched by id. A link that breaks fails its pending calls with
 //! [`PeerError::Closed`]; the next call dials again.
+
+mod handshakes;
 
 use std::collections::HashMap;
 use std::fmt::Display;
@@ -52,6 +67,8 @@ use sha2::Sha256;
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
+use handshakes::{Handshake, HandshakesBySource};
+
 /// ALPN of the node-to-node protocol; the only one a peer endpoint speaks.
 pub const PEER_ALPN: &[u8] = b"ringpost-peer/1";
 
@@ -72,9 +89,20 @@ pub const PEER_SECRET_BYTES_MIN: usize = 16;
 /// Longest cluster id (bytes); its length travels as one byte in the hello.
 pub const PEER_CLUSTER_ID_BYTES_MAX: usize = 255;
 
-/// Time for the QUIC handshake and the proof exchange, on each side; an unauthenticated
-/// connection holds a served-link slot at most this long.
+/// Time a dialer gives the QUIC handshake and the proof exchange before it fails its calls.
 pub const PEER_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+
+/// Time the serving side gives a dial, from its first packet, to finish the QUIC handshake and
+/// prove itself; an unauthenticated connection holds a served-link slot at most this long. A
+/// handshake takes two round trips on a quiet network; this leaves room for one lost packet
+/// early on (retransmitted after about 1 s, before the first round trip has been measured).
+pub const PEER_ACCEPT_HANDSHAKE_MS: u64 = 2_000;
+
+/// Unauthenticated handshakes one source address may have running at once; more are refused
+/// at once. So one source holds at most this many served-link slots while it proves nothing.
+/// A node dials each peer once (again after a link breaks), so even every node of a cluster
+/// behind one relay or NAT address stays well under it when dials come in together.
+pub const PEER_HANDSHAKES_PER_SOURCE_MAX: usize = 8;
 
 /// Keep-alive interval: a link is never idle long enough for its idle timeout to fire while the
 /// peer is alive. Costs one small packet per second per link.
@@ -97,6 +125,8 @@ pub const PEER_SEND_WINDOW_BYTES: u64 = 8 << 20;
 
 /// Links (handshaking or authenticated) a node serves at once: a cluster is far smaller, so
 /// this only stops a flood of unauthenticated connections, each costing up to the windows above.
+/// One source address holds at most [`PEER_HANDSHAKES_PER_SOURCE_MAX`] of them unauthenticated,
+/// each for at most [`PEER_ACCEPT_HANDSHAKE_MS`].
 pub const PEER_LINKS_SERVED_MAX: usize = 256;
 
 /// Longest [`PeerNet::shutdown`] waits for its close packets to be acknowledged.
@@ -550,7 +580,16 @@ async fn accept_links(
     service: Arc<dyn PeerService>,
 ) {
     let served = Arc::new(Semaphore::new(PEER_LINKS_SERVED_MAX));
+    let handshakes = HandshakesBySource::default();
     while let Some(incoming) = endpoint.accept().await {
+        let source = incoming.remote_address().ip().to_canonical();
+        let Some(handshake) = handshakes.admit(source, PEER_HANDSHAKES_PER_SOURCE_MAX) else {
+            // Not a warning: whoever floods us would flood the log too.
+            debug!(node = identity.node_id, %source,
+                "refusing peer link: PEER_HANDSHAKES_PER_SOURCE_MAX handshakes from this source");
+            incoming.refuse();
+            continue;
+        };
         match served.clone().try_acquire_owned() {
             Ok(slot) => {
                 tokio::spawn(serve_link(
@@ -558,6 +597,7 @@ async fn accept_links(
                     service.clone(),
                     incoming,
                     slot,
+                    handshake,
                 ));
             }
             Err(_) => {
@@ -569,25 +609,38 @@ async fn accept_links(
     }
 }
 
-/// Serves one incoming link: authenticates the dialer, then answers its requests.
+/// Serves one incoming link: authenticates the dialer within [`PEER_ACCEPT_HANDSHAKE_MS`] (the
+/// QUIC handshake included), then answers its requests. `handshake` counts against the
+/// source's [`PEER_HANDSHAKES_PER_SOURCE_MAX`] until the dialer has proved itself; `_served`
+/// is the slot, held until the link ends (failure included).
 async fn serve_link(
     identity: Arc<Identity>,
     service: Arc<dyn PeerService>,
     incoming: quinn::Incoming,
     _served: OwnedSemaphorePermit,
+    handshake: Handshake,
 ) {
     let remote = incoming.remote_address();
-    let conn = match incoming.await {
-        Ok(conn) => conn,
-        Err(e) => {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(PEER_ACCEPT_HANDSHAKE_MS);
+    let conn = match tokio::time::timeout_at(deadline, incoming).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
             debug!(node = identity.node_id, %remote, error = %e, "peer handshake failed");
             return;
         }
+        // Dropping the handshake abandons the connection.
+        Err(_) => {
+            debug!(node = identity.node_id, %remote, "peer handshake timed out");
+            return;
+        }
     };
-    let handshake = Duration::from_millis(PEER_HANDSHAKE_TIMEOUT_MS);
-    let proved = tokio::time::timeout(handshake, check_dialer(&identity, &conn))
+    let proved = tokio::time::timeout_at(deadline, check_dialer(&identity, &conn))
         .await
-        .unwrap_or_else(|_| Err("authentication timed out".into()));
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "authentication timed out (PEER_ACCEPT_HANDSHAKE_MS = {PEER_ACCEPT_HANDSHAKE_MS})"
+            ))
+        });
     let (from, mut send, recv) = match proved {
         Ok(proved) => proved,
         Err(reason) => {
@@ -596,6 +649,7 @@ async fn serve_link(
             return;
         }
     };
+    drop(handshake);
     debug!(node = identity.node_id, peer = from, %remote, "serving peer link");
     let (answers, mut to_write) = mpsc::channel(PEER_IN_FLIGHT_MAX);
     let end = tokio::select! {
@@ -1107,6 +1161,89 @@ mod tests {
         assert!(!held.is_finished());
         served.gate.notify_one();
         assert_eq!(held.await.unwrap().unwrap(), "1:hold");
+    }
+
+    /// Opens `count` connections from `endpoint` to `to` that finish the QUIC handshake and
+    /// then prove nothing; returns those the server did not refuse.
+    async fn stalled_dials(
+        endpoint: &quinn::Endpoint,
+        to: SocketAddr,
+        count: usize,
+    ) -> Vec<quinn::Connection> {
+        let dials = (0..count).map(|_| async move {
+            let connecting = endpoint.connect(to, SERVER_NAME).ok()?;
+            let handshake = Duration::from_millis(PEER_HANDSHAKE_TIMEOUT_MS);
+            tokio::time::timeout(handshake, connecting).await.ok()?.ok()
+        });
+        futures::future::join_all(dials)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// Used to be: one source could hold every served-link slot (for 5 s each time), and a
+    /// real peer's dial was refused meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_source_cannot_hold_every_slot_and_stalled_dials_are_cut_at_the_deadline() {
+        let (b, served) = start(2, "c", SECRET).await;
+        let to_b = b.local_addr();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut flood = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        flood.set_default_client_config(client_config(provider).unwrap());
+
+        let stalled = stalled_dials(&flood, to_b, PEER_LINKS_SERVED_MAX + 1).await;
+        assert_eq!(stalled.len(), PEER_HANDSHAKES_PER_SOURCE_MAX);
+
+        // A real peer from another address is served meanwhile.
+        let config = PeerConfig {
+            node_id: 1,
+            cluster_id: "c".into(),
+            secret: Arc::new(SECRET.to_vec()),
+            bind: "127.0.0.2:0".parse().unwrap(),
+        };
+        let a = PeerNet::start(config, Arc::new(Recorder::default()))
+            .await
+            .unwrap();
+        let answer = a
+            .call(2, &to_b.to_string(), Bytes::from("hi"), TIMEOUT)
+            .await;
+        assert_eq!(answer.unwrap(), "1:hi");
+
+        // The stalled dials are closed at the server's deadline, well before the dialer's.
+        let cut_by =
+            Duration::from_millis((PEER_ACCEPT_HANDSHAKE_MS + PEER_HANDSHAKE_TIMEOUT_MS) / 2);
+        assert!(PEER_ACCEPT_HANDSHAKE_MS < cut_by.as_millis() as u64);
+        for conn in &stalled {
+            let closed = tokio::time::timeout(cut_by, conn.closed()).await;
+            assert!(
+                matches!(&closed, Ok(quinn::ConnectionError::ApplicationClosed(c))
+                    if c.error_code == VarInt::from_u32(PEER_CLOSE_AUTH)
+                        && String::from_utf8_lossy(&c.reason).contains("timed out")),
+                "{closed:?}"
+            );
+        }
+        // Their places are free again.
+        let again = stalled_dials(&flood, to_b, PEER_HANDSHAKES_PER_SOURCE_MAX).await;
+        assert_eq!(again.len(), PEER_HANDSHAKES_PER_SOURCE_MAX);
+        assert_eq!(served.calls(), 1);
+    }
+
+    /// A failed proof frees its place at once: one source may fail any number of times in a
+    /// row and is still heard (and refused for its proof, not for the limit).
+    #[tokio::test]
+    async fn failed_proofs_free_their_places_at_once() {
+        let (a, _) = start(1, "c", b"another secret, also 32 bytes!!!").await;
+        let (b, served) = start(2, "c", SECRET).await;
+        let to_b = b.local_addr().to_string();
+        for _ in 0..2 * PEER_HANDSHAKES_PER_SOURCE_MAX + 1 {
+            let answer = a.call(2, &to_b, Bytes::from("x"), TIMEOUT).await;
+            assert!(
+                matches!(&answer, Err(PeerError::AuthFailed(e)) if e.contains("does not verify")),
+                "{answer:?}"
+            );
+        }
+        assert_eq!(served.calls(), 0);
     }
 
     #[test]
