@@ -141,6 +141,14 @@ pub struct Challenge {
     pub retry_after_ms: u32,
 }
 
+/// A code stored for a number and not sent yet ([`Accounts::issue_code`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedCode {
+    pub phone: UserId,
+    code: String,
+    code_hash: token::Hash32,
+}
+
 /// A registered device and its token (`Registered`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registration {
@@ -216,6 +224,20 @@ impl Accounts {
         channel: CodeChannel,
         now_ms: u64,
     ) -> Result<Challenge, AccountError> {
+        let issued = self.issue_code(phone, now_ms)?;
+        match self.deliver_code(&issued, channel).await {
+            Err(AccountError::Delivery(e)) => {
+                self.withdraw_code(&issued)?;
+                Err(AccountError::Delivery(e))
+            }
+            other => other,
+        }
+    }
+
+    /// The first half of [`Accounts::request_code`], without any waiting on the network: checks
+    /// the number's limits and stores the new code's hash (a synced write: call it off the async
+    /// workers).
+    pub fn issue_code(&self, phone: UserId, now_ms: u64) -> Result<IssuedCode, AccountError> {
         check_phone(phone)?;
         let code = format!(
             "{:0width$}",
@@ -223,55 +245,72 @@ impl Accounts {
             width = CODE_DIGITS
         );
         let code_hash = code_hash(phone, &code);
-        {
-            let _guard = self.lock(phone);
-            let mut pending = self.load_pending(phone)?.unwrap_or_default();
-            let resend_at = pending
-                .sent_ms
-                .saturating_add(self.config.code_resend_interval_ms);
-            if pending.sent_ms != 0 && now_ms < resend_at {
-                return Err(AccountError::RateLimited {
-                    retry_after_ms: resend_at - now_ms,
-                });
-            }
-            let window_end = pending.window_start_ms.saturating_add(CODE_SEND_WINDOW_MS);
-            if now_ms >= window_end {
-                pending.window_start_ms = now_ms;
-                pending.sends_in_window = 0;
-            } else if pending.sends_in_window >= self.config.code_sends_per_window_max {
-                return Err(AccountError::RateLimited {
-                    retry_after_ms: window_end - now_ms,
-                });
-            }
-            pending.live = true;
-            pending.code_hash = code_hash;
-            pending.sent_ms = now_ms;
-            pending.expires_ms = now_ms.saturating_add(self.config.code_ttl_ms);
-            pending.attempts = 0;
-            pending.sends_in_window = pending.sends_in_window.saturating_add(1);
-            let mut batch = WriteBatch::new();
-            batch.put(Cf::Verify, self.pending_key(phone), pending.encode());
-            self.engine.write(batch, true)?;
+        let _guard = self.lock(phone);
+        let mut pending = self.load_pending(phone)?.unwrap_or_default();
+        let resend_at = pending
+            .sent_ms
+            .saturating_add(self.config.code_resend_interval_ms);
+        if pending.sent_ms != 0 && now_ms < resend_at {
+            return Err(AccountError::RateLimited {
+                retry_after_ms: resend_at - now_ms,
+            });
         }
-        if let Err(e) = self.sender.send(phone, &code, channel).await {
-            // Withdraw this code (unless a newer one replaced it meanwhile) and lift the
-            // resend throttle so the user can try again.
-            let _guard = self.lock(phone);
-            if let Some(mut pending) = self.load_pending(phone)? {
-                if pending.code_hash == code_hash {
-                    pending.live = false;
-                    pending.sent_ms = 0;
-                    let mut batch = WriteBatch::new();
-                    batch.put(Cf::Verify, self.pending_key(phone), pending.encode());
-                    self.engine.write(batch, true)?;
-                }
-            }
-            return Err(AccountError::Delivery(e));
+        let window_end = pending.window_start_ms.saturating_add(CODE_SEND_WINDOW_MS);
+        if now_ms >= window_end {
+            pending.window_start_ms = now_ms;
+            pending.sends_in_window = 0;
+        } else if pending.sends_in_window >= self.config.code_sends_per_window_max {
+            return Err(AccountError::RateLimited {
+                retry_after_ms: window_end - now_ms,
+            });
         }
+        pending.live = true;
+        pending.code_hash = code_hash;
+        pending.sent_ms = now_ms;
+        pending.expires_ms = now_ms.saturating_add(self.config.code_ttl_ms);
+        pending.attempts = 0;
+        pending.sends_in_window = pending.sends_in_window.saturating_add(1);
+        let mut batch = WriteBatch::new();
+        batch.put(Cf::Verify, self.pending_key(phone), pending.encode());
+        self.engine.write(batch, true)?;
+        Ok(IssuedCode {
+            phone,
+            code,
+            code_hash,
+        })
+    }
+
+    /// The second half of [`Accounts::request_code`]: sends the issued code. On
+    /// `Err(Delivery)` the caller withdraws it ([`Accounts::withdraw_code`]).
+    pub async fn deliver_code(
+        &self,
+        issued: &IssuedCode,
+        channel: CodeChannel,
+    ) -> Result<Challenge, AccountError> {
+        self.sender
+            .send(issued.phone, &issued.code, channel)
+            .await
+            .map_err(AccountError::Delivery)?;
         Ok(Challenge {
             expires_in_ms: clamp_u32(self.config.code_ttl_ms),
             retry_after_ms: clamp_u32(self.config.code_resend_interval_ms),
         })
+    }
+
+    /// Withdraws a code whose delivery failed (unless a newer one replaced it meanwhile) and
+    /// lifts the resend throttle so the user can try again at once. A synced write.
+    pub fn withdraw_code(&self, issued: &IssuedCode) -> Result<(), AccountError> {
+        let _guard = self.lock(issued.phone);
+        if let Some(mut pending) = self.load_pending(issued.phone)? {
+            if pending.code_hash == issued.code_hash {
+                pending.live = false;
+                pending.sent_ms = 0;
+                let mut batch = WriteBatch::new();
+                batch.put(Cf::Verify, self.pending_key(issued.phone), pending.encode());
+                self.engine.write(batch, true)?;
+            }
+        }
+        Ok(())
     }
 
     /// Proves `phone` with `code` and registers a new primary device named `device_name`.

@@ -218,7 +218,26 @@ impl Server {
                     self.metrics.rate_limited.fetch_add(1, Relaxed);
                     return refused;
                 }
-                match self.accounts.request_code(r.phone, r.channel, now).await {
+                // The code's synced write off the async workers; the gateway call on them.
+                let phone = r.phone;
+                let issued = match blocking(&self.accounts, move |a| a.issue_code(phone, now)).await
+                {
+                    Ok(issued) => issued,
+                    Err(e) => return account_error(e),
+                };
+                let sent = match self.accounts.deliver_code(&issued, r.channel).await {
+                    Err(crate::accounts::AccountError::Delivery(e)) => {
+                        let withdrawn = issued.clone();
+                        if let Err(w) =
+                            blocking(&self.accounts, move |a| a.withdraw_code(&withdrawn)).await
+                        {
+                            warn!(phone, error = %w, "withdrawing an undelivered code failed");
+                        }
+                        Err(crate::accounts::AccountError::Delivery(e))
+                    }
+                    other => other,
+                };
+                match sent {
                     Ok(c) => frames(RegisterChallenge {
                         expires_in_ms: c.expires_in_ms,
                         retry_after_ms: c.retry_after_ms,
