@@ -187,6 +187,12 @@ impl Conn {
     fn handle_notified(&mut self) -> Flow {
         match self.shared.close_reason() {
             CloseReason::None => {}
+            CloseReason::Removed => {
+                return self.close_with(
+                    ErrorCode::BadCredentials,
+                    "this device was removed from its account",
+                )
+            }
             CloseReason::Replaced => {
                 return self.close_with(
                     ErrorCode::Forbidden,

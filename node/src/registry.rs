@@ -71,6 +71,9 @@ pub enum CloseReason {
     ShuttingDown = 3,
     /// The device's user now belongs to another node (new ring epoch): reconnect.
     Moved = 4,
+    /// The device was removed from its account (`RemoveDevice`, or a re-registration of the
+    /// number): its token no longer works.
+    Removed = 5,
 }
 
 /// The part of a connection other tasks can reach.
@@ -178,6 +181,7 @@ impl ConnShared {
             2 => CloseReason::Expired,
             3 => CloseReason::ShuttingDown,
             4 => CloseReason::Moved,
+            5 => CloseReason::Removed,
             _ => CloseReason::None,
         }
     }

@@ -322,7 +322,7 @@ impl Server {
             warn!(user, device, error = %e, "dropping a removed device's keys failed");
         }
         if let Some(conn) = self.registry.device(user, device) {
-            conn.ask_close(CloseReason::Replaced);
+            conn.ask_close(CloseReason::Removed);
         }
     }
 

@@ -578,3 +578,29 @@ async fn one_user_cannot_drain_another_users_prekeys() {
     assert_eq!(f.req, 12);
     assert_ne!(error_code(&f), Some(ErrorCode::RateLimited), "{f:?}");
 }
+
+#[tokio::test]
+async fn a_removed_device_is_told_so() {
+    let node = TestNode::start();
+    let (alice, _) = register(&node, "ws", ALICE).await;
+    let (_laptop, laptop_reg) = ringpost_client::dev::link_device(config(&node, "ws"), &alice)
+        .await
+        .unwrap();
+    let mut old = raw(&node, "ws").await;
+    assert!(matches!(
+        hello(&mut old, Some(auth(&laptop_reg))).await.body,
+        Body::Welcome(_)
+    ));
+    // The primary removes the laptop: its connection learns why it is closed.
+    alice.remove_device(laptop_reg.device).await.unwrap();
+    let mut told = None;
+    while let Some(f) = recv(&mut old).await {
+        if let Body::Error(e) = &f.body {
+            told = Some((error_code(&f), e.message.clone(), e.fatal));
+        }
+    }
+    let (code, message, fatal) = told.expect("an error before the close");
+    assert_eq!(code, Some(ErrorCode::BadCredentials));
+    assert!(message.contains("removed"), "{message}");
+    assert!(fatal);
+}
