@@ -641,8 +641,8 @@ impl Server {
     pub fn not_ready_reason(&self) -> Option<String> {
         if let Some((for_, error)) = self.inbox.storage_failing() {
             return Some(format!(
-                "storage failing for {} s: {error} (writes are refused; restart the node once \
-                 the disk is fixed)",
+                "storage failing for {} s: {error} (writes are refused; the node reopens its \
+                 database every second until that works)",
                 for_.as_secs()
             ));
         }

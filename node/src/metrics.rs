@@ -295,7 +295,7 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP ringpost_storage_failing_seconds Seconds durable writes have been failing (0: they succeed); a node whose storage failed refuses writes until restarted.\n# TYPE ringpost_storage_failing_seconds gauge\nringpost_storage_failing_seconds {}",
+            "# HELP ringpost_storage_failing_seconds Seconds durable writes have been failing (0: they succeed); a node whose storage failed refuses writes until it has reopened its database (it tries every second).\n# TYPE ringpost_storage_failing_seconds gauge\nringpost_storage_failing_seconds {}",
             self.storage_failing_seconds.load(Relaxed)
         );
         let gauges: [(&str, &str, &AtomicI64); 4] = [

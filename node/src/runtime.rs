@@ -451,6 +451,40 @@ async fn accept_quic(endpoint: quinn::Endpoint, server: Arc<Server>) {
 /// The answer to a WebSocket client refused by the bounds on unauthenticated connections.
 const PREAUTH_REFUSED_HTTP: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
 
+/// Storage that failed for [`STORAGE_RECOVERY_AFTER`] is reopened (every
+/// [`STORAGE_RECOVERY_INTERVAL`] until it works), then a synced barrier through the inbox
+/// writer proves it and clears the failure: a node whose disk filled up or whose fsync failed
+/// takes writes again once the fault is gone, without a restart.
+pub const STORAGE_RECOVERY_AFTER: Duration = Duration::from_secs(1);
+/// A failed attempt costs little (opening fails at its first sync), so a node comes back
+/// within about a second of its disk.
+pub const STORAGE_RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
+
+async fn recover_storage(server: &Arc<Server>, last: &mut Option<tokio::time::Instant>) {
+    let Some((failing_for, error)) = server.inbox.storage_failing() else {
+        return;
+    };
+    if failing_for < STORAGE_RECOVERY_AFTER
+        || last.is_some_and(|t| t.elapsed() < STORAGE_RECOVERY_INTERVAL)
+    {
+        return;
+    }
+    *last = Some(tokio::time::Instant::now());
+    let engine = server.engine.clone();
+    match tokio::task::spawn_blocking(move || engine.recover()).await {
+        Ok(Ok(())) => match server.inbox.sync_barrier().await {
+            Ok(()) => info!(
+                failed_for_s = failing_for.as_secs(),
+                %error,
+                "storage reopened after a failure; taking writes again"
+            ),
+            Err(e) => warn!(error = %e, "storage reopened but a synced write still fails"),
+        },
+        Ok(Err(e)) => warn!(error = %e, "storage still failing: reopening the database failed"),
+        Err(e) => warn!(error = %e, "storage recovery task failed"),
+    }
+}
+
 async fn housekeeping(server: Arc<Server>) {
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     // The first expiry pass waits a whole interval: at start the node has connections to
@@ -462,9 +496,11 @@ async fn housekeeping(server: Arc<Server>) {
     let mut trim =
         tokio::time::interval_at(tokio::time::Instant::now() + TRIM_INTERVAL, TRIM_INTERVAL);
     let mut prune = tokio::time::interval(crate::server::RATE_LIMITER_PRUNE_INTERVAL);
+    let mut last_recovery: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = sweep.tick() => {
+                recover_storage(&server, &mut last_recovery).await;
                 if let Err(e) = server.expiry_clock.persist(server.now_ms()) {
                     warn!(error = %e, "persisting the expiry clock failed");
                 }

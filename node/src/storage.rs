@@ -166,6 +166,13 @@ pub trait Engine: Send + Sync + 'static {
     fn drops_expired_dedup(&self) -> bool {
         false
     }
+
+    /// After a failed durable write, makes the engine take writes again if it can (RocksDB:
+    /// reopen the database); an error if it cannot yet (e.g. the disk is still full). Engines
+    /// that never refuse writes after a failure do nothing.
+    fn recover(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The exclusive upper bound of all keys starting with `prefix`: the prefix with its last

@@ -6,7 +6,8 @@
 //! fatal background error (e.g. a failed fsync); that is surfaced, not hidden: every later write
 //! fails with the same error until the process reopens the database.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{RwLock, RwLockReadGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use std::ffi::CStr;
@@ -98,18 +99,24 @@ impl RocksConfig {
 /// The RocksDB engine. Cheap to share behind an `Arc`; every method may be called from any
 /// thread.
 pub struct RocksEngine {
-    db: DB,
+    /// `None` only between closing a failed database and opening it again ([`Engine::recover`]
+    /// when the open failed): every call then fails with an I/O error.
+    db: RwLock<Option<DB>>,
+    path: PathBuf,
+    config: RocksConfig,
     // Kept so the cache outlives every table reader (RocksDB holds its own reference too).
-    _block_cache: Cache,
+    block_cache: Cache,
 }
 
 impl std::fmt::Debug for RocksEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RocksEngine")
-            .field("path", &self.db.path())
+            .field("path", &self.path)
             .finish()
     }
 }
+
+type DbGuard<'a> = RwLockReadGuard<'a, Option<DB>>;
 
 impl RocksEngine {
     /// Opens (creating if missing) the database at `path` with every family of [`Cf::ALL`].
@@ -117,7 +124,29 @@ impl RocksEngine {
     pub fn open(path: impl AsRef<Path>, config: &RocksConfig) -> Result<Self> {
         let path = path.as_ref();
         let block_cache = Cache::new_lru_cache(config.block_cache_bytes);
+        let db = Self::open_db(path, config, &block_cache)?;
+        Ok(Self {
+            db: RwLock::new(Some(db)),
+            path: path.to_path_buf(),
+            config: config.clone(),
+            block_cache,
+        })
+    }
 
+    /// The database, for one call (a read lock: [`Engine::recover`] waits for it).
+    fn db(&self) -> Result<DbGuard<'_>> {
+        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            return Err(StorageError::Io(format!(
+                "the database at {} is closed after a storage failure and could not be opened \
+                 again yet",
+                self.path.display()
+            )));
+        }
+        Ok(guard)
+    }
+
+    fn open_db(path: &Path, config: &RocksConfig, block_cache: &Cache) -> Result<DB> {
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
@@ -150,22 +179,10 @@ impl RocksEngine {
             )));
         }
 
-        let descriptors = Cf::ALL.iter().map(|cf| {
-            ColumnFamilyDescriptor::new(cf.name(), cf_options(*cf, config, &block_cache))
-        });
-        let db = DB::open_cf_descriptors(&db_opts, path, descriptors)
-            .map_err(|e| classify(e.into_string()))?;
-        Ok(Self {
-            db,
-            _block_cache: block_cache,
-        })
-    }
-
-    fn handle(&self, cf: Cf) -> Result<&ColumnFamily> {
-        // Every family is created at open, so this only fails if the database is broken.
-        self.db
-            .cf_handle(cf.name())
-            .ok_or_else(|| StorageError::Other(format!("column family {} is missing", cf.name())))
+        let descriptors = Cf::ALL
+            .iter()
+            .map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(*cf, config, block_cache)));
+        DB::open_cf_descriptors(&db_opts, path, descriptors).map_err(|e| classify(e.into_string()))
     }
 
     fn bounded_read(from: &[u8], to: &[u8]) -> ReadOptions {
@@ -174,6 +191,12 @@ impl RocksEngine {
         ro.set_iterate_upper_bound(to);
         ro
     }
+}
+
+fn handle(db: &DB, cf: Cf) -> Result<&ColumnFamily> {
+    // Every family is created at open, so this only fails if the database is broken.
+    db.cf_handle(cf.name())
+        .ok_or_else(|| StorageError::Other(format!("column family {} is missing", cf.name())))
 }
 
 /// Options of one column family, chosen for its access pattern.
@@ -306,18 +329,35 @@ impl Engine for RocksEngine {
         true
     }
 
+    /// Closes the database and opens it again: RocksDB refuses every write after a failed
+    /// sync or a full disk until it is reopened, and its C API has no `Resume`. Opening replays
+    /// the WAL, so the database holds every write that was synced before the failure (and
+    /// possibly some that were refused: they were never acknowledged as durable, and a client's
+    /// retry is a duplicate). Callers drop what they cached of the database's state first.
+    fn recover(&self) -> Result<()> {
+        let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
+        // The old instance must be gone first: it holds the directory's lock.
+        drop(guard.take());
+        let db = Self::open_db(&self.path, &self.config, &self.block_cache)?;
+        *guard = Some(db);
+        Ok(())
+    }
+
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.db
-            .get_cf(self.handle(cf)?, key)
+        let guard = self.db()?;
+        let db = guard.as_ref().expect("checked by db()");
+        db.get_cf(handle(db, cf)?, key)
             .map_err(|e| classify(e.into_string()))
     }
 
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
+        let guard = self.db()?;
+        let db = guard.as_ref().expect("checked by db()");
         let mut rb = rocksdb::WriteBatch::default();
         for op in batch.ops {
             match op {
-                Op::Put { cf, key, value } => rb.put_cf(self.handle(cf)?, key, value),
-                Op::Delete { cf, key } => rb.delete_cf(self.handle(cf)?, key),
+                Op::Put { cf, key, value } => rb.put_cf(handle(db, cf)?, key, value),
+                Op::Delete { cf, key } => rb.delete_cf(handle(db, cf)?, key),
                 // RocksDB rejects an inverted range; an empty or inverted range deletes nothing.
                 Op::DeleteRange { from, to, .. } if from >= to => {}
                 // In-place updates and range tombstones do not mix (see `cf_options`): delete
@@ -328,10 +368,8 @@ impl Engine for RocksEngine {
                     from,
                     to,
                 } => {
-                    let handle = self.handle(Cf::InboxMeta)?;
-                    let mut it = self
-                        .db
-                        .raw_iterator_cf_opt(handle, Self::bounded_read(&from, &to));
+                    let handle = handle(db, Cf::InboxMeta)?;
+                    let mut it = db.raw_iterator_cf_opt(handle, Self::bounded_read(&from, &to));
                     it.seek(&from);
                     while let Some(key) = it.key() {
                         rb.delete_cf(handle, key);
@@ -339,16 +377,14 @@ impl Engine for RocksEngine {
                     }
                     it.status().map_err(|e| classify(e.into_string()))?;
                 }
-                Op::DeleteRange { cf, from, to } => rb.delete_range_cf(self.handle(cf)?, from, to),
+                Op::DeleteRange { cf, from, to } => rb.delete_range_cf(handle(db, cf)?, from, to),
             }
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
         // The WAL is what makes a batch atomic across families and durable: never off.
         wo.disable_wal(false);
-        self.db
-            .write_opt(rb, &wo)
-            .map_err(|e| classify(e.into_string()))
+        db.write_opt(rb, &wo).map_err(|e| classify(e.into_string()))
     }
 
     fn scan(
@@ -361,9 +397,9 @@ impl Engine for RocksEngine {
         if from >= to || limit == 0 {
             return Ok(Vec::new());
         }
-        let mut it = self
-            .db
-            .raw_iterator_cf_opt(self.handle(cf)?, Self::bounded_read(from, to));
+        let guard = self.db()?;
+        let db = guard.as_ref().expect("checked by db()");
+        let mut it = db.raw_iterator_cf_opt(handle(db, cf)?, Self::bounded_read(from, to));
         it.seek(from);
         let mut out = Vec::new();
         while out.len() < limit {
@@ -382,9 +418,9 @@ impl Engine for RocksEngine {
         if from >= to {
             return Ok(None);
         }
-        let mut it = self
-            .db
-            .raw_iterator_cf_opt(self.handle(cf)?, Self::bounded_read(from, to));
+        let guard = self.db()?;
+        let db = guard.as_ref().expect("checked by db()");
+        let mut it = db.raw_iterator_cf_opt(handle(db, cf)?, Self::bounded_read(from, to));
         let last = if cf == Cf::InboxMeta {
             // Memtables updated in place cannot be iterated backwards: walk the range forward
             // (nothing on a hot path asks this of that family).
@@ -548,10 +584,27 @@ mod tests {
         b.put(Cf::Dedup, &b"expired"[..], &1_000u64.to_be_bytes()[..]);
         b.put(Cf::Dedup, &b"live"[..], &u64::MAX.to_be_bytes()[..]);
         e.write(b, true).unwrap();
-        let cf = e.handle(Cf::Dedup).unwrap();
-        e.db.flush_cf(cf).unwrap();
-        e.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        let guard = e.db().unwrap();
+        let db = guard.as_ref().unwrap();
+        db.flush_cf(handle(db, Cf::Dedup).unwrap()).unwrap();
+        db.compact_range_cf(handle(db, Cf::Dedup).unwrap(), None::<&[u8]>, None::<&[u8]>);
+        drop(guard);
         assert_eq!(e.get(Cf::Dedup, b"expired").unwrap(), None);
         assert!(e.get(Cf::Dedup, b"live").unwrap().is_some());
+    }
+
+    #[test]
+    fn recover_reopens_with_every_synced_write_and_takes_writes_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = RocksEngine::open(dir.path(), &RocksConfig::for_tests()).unwrap();
+        let mut b = WriteBatch::new();
+        b.put(Cf::Inbox, &b"synced"[..], &b"1"[..]);
+        e.write(b, true).unwrap();
+        e.recover().unwrap();
+        assert_eq!(e.get(Cf::Inbox, b"synced").unwrap(), Some(b"1".to_vec()));
+        let mut b = WriteBatch::new();
+        b.put(Cf::Inbox, &b"after"[..], &b"2"[..]);
+        e.write(b, true).unwrap();
+        assert_eq!(e.scan(Cf::Inbox, b"a", b"z", 10).unwrap().len(), 2);
     }
 }
