@@ -669,6 +669,90 @@ async fn deliveries_are_handed_out_once_and_acked() {
     assert_eq!(acked, [1, 2, 3, 4]);
 }
 
+/// A receipt as the node sends it: a `Deliver` of kind `kind` from the device that acked (or
+/// read) our messages `about`, under the receipt's own `msg_id`.
+fn receipt_frame(seq: u64, kind: DeliverKind, msg_id: [u8; 16], about: Vec<[u8; 16]>) -> Frame {
+    Frame::new(
+        0,
+        Deliver {
+            seq,
+            kind,
+            from_user: 15550002,
+            from_device: 3,
+            msg_id,
+            server_time_ms: 42,
+            body: Bytes::new(),
+            receipt_msg_ids: about,
+        },
+    )
+}
+
+#[tokio::test]
+async fn receipt_events_carry_their_own_msg_id() {
+    let mut server = TestServer::ws().await;
+    let cfg = config(&server.url).with_auth(auth());
+    let (client, mut conn, _) = connected(&mut server, cfg).await;
+    // About one message: the receipt's id is that message's id.
+    conn.send(receipt_frame(
+        1,
+        DeliverKind::Delivered,
+        [0xa1; 16],
+        vec![[0xa1; 16]],
+    ))
+    .await;
+    // Coalesced: the node's id for the list (the first 16 bytes of SHA-256 over the ids; the
+    // SDK hands on whatever is on the wire, so any value shows it).
+    let coalesced = [0xc0; 16];
+    conn.send(receipt_frame(
+        2,
+        DeliverKind::Delivered,
+        coalesced,
+        vec![[0xa2; 16], [0xa3; 16]],
+    ))
+    .await;
+    // A read receipt: the id the reader's client chose.
+    conn.send(receipt_frame(
+        3,
+        DeliverKind::Read,
+        [0x7e; 16],
+        vec![[0xa1; 16]],
+    ))
+    .await;
+    assert_eq!(
+        next_event(&client).await,
+        Event::Delivered {
+            seq: 1,
+            by_user: 15550002,
+            by_device: 3,
+            msg_id: [0xa1; 16],
+            msg_ids: vec![[0xa1; 16]],
+            server_time_ms: 42,
+        }
+    );
+    assert_eq!(
+        next_event(&client).await,
+        Event::Delivered {
+            seq: 2,
+            by_user: 15550002,
+            by_device: 3,
+            msg_id: coalesced,
+            msg_ids: vec![[0xa2; 16], [0xa3; 16]],
+            server_time_ms: 42,
+        }
+    );
+    assert_eq!(
+        next_event(&client).await,
+        Event::Read {
+            seq: 3,
+            by_user: 15550002,
+            by_device: 3,
+            msg_id: [0x7e; 16],
+            msg_ids: vec![[0xa1; 16]],
+            server_time_ms: 42,
+        }
+    );
+}
+
 #[tokio::test]
 async fn manual_acks_when_auto_ack_is_off() {
     let mut server = TestServer::ws().await;
