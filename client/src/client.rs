@@ -10,7 +10,9 @@
 //! - the connection's writer, behind an async lock that request callers take directly (no send
 //!   queue, no second task);
 //! - a bounded event queue ([`EVENT_QUEUE_MAX`]) read by [`Client::next_event`], which drops
-//!   deliveries it already handed out ([`crate::DedupSet`]) and acknowledges in batches.
+//!   deliveries it already handed out ([`crate::DedupSet`]) and acknowledges in batches, written
+//!   by a short task of their own so that `next_event` never waits on a write (it is
+//!   cancel-safe: see its doc).
 //!
 //! Dropping the last handle closes the connection and stops the driver.
 //!
@@ -27,7 +29,7 @@ pub(crate) mod driver;
 mod event;
 mod link;
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -118,6 +120,14 @@ pub(crate) struct Shared {
     events: tokio::sync::Mutex<mpsc::Receiver<Queued>>,
     dedup: Mutex<DedupSet>,
     acks: Mutex<Vec<u64>>,
+    /// Held while acks are written, so flushes go out one at a time and in order, and
+    /// [`Client::close`] waits for one under way.
+    ack_writer: tokio::sync::Mutex<()>,
+    /// Set while a task spawned by [`Shared::flush_acks_soon`] runs (at most one at a time).
+    ack_task_running: AtomicBool,
+    /// The runtime the client was connected on: ack tasks are spawned there, so
+    /// `next_event` may be polled from anywhere.
+    runtime: tokio::runtime::Handle,
     request_slots: Semaphore,
     shutdown: watch::Sender<bool>,
 }
@@ -125,6 +135,99 @@ pub(crate) struct Shared {
 impl Shared {
     pub(crate) fn auth(&self) -> Option<Auth> {
         lock(&self.auth).clone()
+    }
+
+    fn queue_ack(&self, seq: u64) {
+        let mut acks = lock(&self.acks);
+        acks.push(seq);
+        if acks.len() > ACKS_PENDING_MAX {
+            let excess = acks.len() - ACKS_PENDING_MAX;
+            acks.drain(..excess);
+        }
+    }
+
+    /// Writes the queued acks on a task of its own (unless one is already at it), so the caller
+    /// never waits on a write and cannot tear one by being cancelled.
+    fn flush_acks_soon(self: &Arc<Self>) {
+        if lock(&self.acks).is_empty() || self.ack_task_running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let shared = self.clone();
+        self.runtime.spawn(async move {
+            loop {
+                let all_written = shared.flush_acks().await;
+                shared.ack_task_running.store(false, Ordering::Release);
+                // Acks queued after the flush took its batch but before the flag dropped found
+                // this task running and left them to it. Without a connection they wait for
+                // the next `Reconnected`.
+                if !all_written
+                    || lock(&shared.acks).is_empty()
+                    || shared.ack_task_running.swap(true, Ordering::AcqRel)
+                {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Writes the queued acks on the current connection, if one is up; keeps them otherwise
+    /// (and keeps whatever a cancelled or failed write did not get out). `true` if everything
+    /// it took was written.
+    async fn flush_acks(&self) -> bool {
+        let _writing = self.ack_writer.lock().await;
+        let mut batch = Unwritten {
+            shared: self,
+            seqs: std::mem::take(&mut *lock(&self.acks)),
+            written: 0,
+        };
+        if batch.seqs.is_empty() {
+            return true;
+        }
+        let link = match &*self.state.borrow() {
+            LinkState::Up(link) if !link.is_dead() => Some(link.clone()),
+            _ => None,
+        };
+        let Some(link) = link else {
+            return false;
+        };
+        while batch.written < batch.seqs.len() {
+            let end = batch.seqs.len().min(batch.written + ACK_SEQS_MAX);
+            let ack = Frame::new(
+                0,
+                DeliverAck {
+                    seqs: batch.seqs[batch.written..end].to_vec(),
+                },
+            );
+            if link.write(&ack).await.is_err() {
+                return false;
+            }
+            batch.written = end;
+        }
+        true
+    }
+}
+
+/// Acks taken off the queue for writing: whatever was not written goes back to the front of
+/// the queue when this is dropped (written, failed or cancelled).
+struct Unwritten<'a> {
+    shared: &'a Shared,
+    seqs: Vec<u64>,
+    written: usize,
+}
+
+impl Drop for Unwritten<'_> {
+    fn drop(&mut self) {
+        if self.written >= self.seqs.len() {
+            return;
+        }
+        let mut acks = lock(&self.shared.acks);
+        let mut kept = self.seqs.split_off(self.written);
+        kept.append(&mut acks);
+        *acks = kept;
+        if acks.len() > ACKS_PENDING_MAX {
+            let excess = acks.len() - ACKS_PENDING_MAX;
+            acks.drain(..excess);
+        }
     }
 }
 
@@ -183,6 +286,9 @@ impl Client {
             next_req: AtomicU32::new(2),
             events: tokio::sync::Mutex::new(events_rx),
             acks: Mutex::new(Vec::new()),
+            ack_writer: tokio::sync::Mutex::new(()),
+            ack_task_running: AtomicBool::new(false),
+            runtime: tokio::runtime::Handle::current(),
             request_slots: Semaphore::new(REQUESTS_IN_FLIGHT_MAX),
             shutdown,
         });
@@ -503,26 +609,35 @@ impl Client {
 
     /// The next event; `None` once the client is closed or gave up reconnecting (after the last
     /// [`Event::Disconnected`]). Deliveries already handed out are dropped (and acked) here;
-    /// with `auto_ack` the rest are acked in batches of up to `ACK_SEQS_MAX`, written when the
-    /// queue runs empty or a batch is full. Call it from one task at a time (concurrent callers
-    /// take turns).
+    /// with `auto_ack` the rest are acked in batches of up to `ACK_SEQS_MAX`, written (by a task
+    /// of their own) when the queue runs empty or a batch is full, and after a reconnect. Call
+    /// it from one task at a time (concurrent callers take turns).
+    ///
+    /// # Cancel safety
+    /// This method is cancel-safe: it may be a branch of `tokio::select!`, run under
+    /// `tokio::time::timeout`, or be dropped at any other await point, and no event is lost or
+    /// handed out twice. Its only await points are taking the turn and waiting on the event
+    /// queue, and neither has taken anything when it is dropped; an event taken off the queue
+    /// is returned without another await (acks are written by a spawned task, never here).
     pub async fn next_event(&self) -> Option<Event> {
-        let shared = self.shared();
+        let shared = &self.handle.shared;
         let mut events = shared.events.lock().await;
         loop {
             let item = match events.try_recv() {
                 Ok(item) => item,
                 Err(mpsc::error::TryRecvError::Empty) => {
-                    self.flush_acks().await;
+                    shared.flush_acks_soon();
+                    // Cancel-safe: `recv` takes nothing out of the queue unless it completes.
                     events.recv().await?
                 }
                 Err(mpsc::error::TryRecvError::Disconnected) => return None,
             };
+            // From here to the return there is no await: whatever was taken is handed out.
             let deliver = match item {
                 Queued::Event(event) => {
                     if matches!(*event, Event::Reconnected { .. }) {
                         // Acks that missed the old connection go out on the new one.
-                        self.flush_acks().await;
+                        shared.flush_acks_soon();
                     }
                     return Some(*event);
                 }
@@ -530,62 +645,16 @@ impl Client {
             };
             let fresh = lock(&shared.dedup).insert(&DedupKey::of(&deliver));
             if !fresh || shared.config.auto_ack {
-                self.queue_ack(deliver.seq);
+                shared.queue_ack(deliver.seq);
             }
             if !fresh {
                 tracing::debug!(seq = deliver.seq, "dropping a delivery already handed out");
                 continue;
             }
             if events.is_empty() || lock(&shared.acks).len() >= ACK_SEQS_MAX {
-                self.flush_acks().await;
+                shared.flush_acks_soon();
             }
             return Some(Event::from_deliver(*deliver));
-        }
-    }
-
-    fn queue_ack(&self, seq: u64) {
-        let mut acks = lock(&self.shared().acks);
-        acks.push(seq);
-        if acks.len() > ACKS_PENDING_MAX {
-            let excess = acks.len() - ACKS_PENDING_MAX;
-            acks.drain(..excess);
-        }
-    }
-
-    /// Writes the queued acks on the current connection, if one is up; keeps them otherwise.
-    async fn flush_acks(&self) {
-        let seqs = std::mem::take(&mut *lock(&self.shared().acks));
-        if seqs.is_empty() {
-            return;
-        }
-        let link = match &*self.shared().state.borrow() {
-            LinkState::Up(link) if !link.is_dead() => Some(link.clone()),
-            _ => None,
-        };
-        let mut written = 0;
-        if let Some(link) = link {
-            for chunk in seqs.chunks(ACK_SEQS_MAX) {
-                let ack = Frame::new(
-                    0,
-                    DeliverAck {
-                        seqs: chunk.to_vec(),
-                    },
-                );
-                if link.write(&ack).await.is_err() {
-                    break;
-                }
-                written += chunk.len();
-            }
-        }
-        if written < seqs.len() {
-            let mut acks = lock(&self.shared().acks);
-            let mut kept = seqs[written..].to_vec();
-            kept.append(&mut acks);
-            *acks = kept;
-            if acks.len() > ACKS_PENDING_MAX {
-                let excess = acks.len() - ACKS_PENDING_MAX;
-                acks.drain(..excess);
-            }
         }
     }
 
@@ -604,7 +673,8 @@ impl Client {
     /// [`Client::next_event`] returns what is queued, then `None`. Other handles see the client
     /// closed.
     pub async fn close(&self) {
-        self.flush_acks().await;
+        // After any flush under way on its own task (`ack_writer` orders them).
+        self.shared().flush_acks().await;
         let shared = self.shared();
         shared.shutdown.send_replace(true);
         let mut state = shared.state.subscribe();
@@ -690,6 +760,9 @@ mod tests {
             next_req: AtomicU32::new(2),
             events: tokio::sync::Mutex::new(events_rx),
             acks: Mutex::new(Vec::new()),
+            ack_writer: tokio::sync::Mutex::new(()),
+            ack_task_running: AtomicBool::new(false),
+            runtime: tokio::runtime::Handle::current(),
             request_slots: Semaphore::new(1),
             shutdown,
         });

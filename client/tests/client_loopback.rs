@@ -669,6 +669,90 @@ async fn deliveries_are_handed_out_once_and_acked() {
     assert_eq!(acked, [1, 2, 3, 4]);
 }
 
+/// A receipt as the node sends it: a `Deliver` of kind `kind` from the device that acked (or
+/// read) our messages `about`, under the receipt's own `msg_id`.
+fn receipt_frame(seq: u64, kind: DeliverKind, msg_id: [u8; 16], about: Vec<[u8; 16]>) -> Frame {
+    Frame::new(
+        0,
+        Deliver {
+            seq,
+            kind,
+            from_user: 15550002,
+            from_device: 3,
+            msg_id,
+            server_time_ms: 42,
+            body: Bytes::new(),
+            receipt_msg_ids: about,
+        },
+    )
+}
+
+#[tokio::test]
+async fn receipt_events_carry_their_own_msg_id() {
+    let mut server = TestServer::ws().await;
+    let cfg = config(&server.url).with_auth(auth());
+    let (client, mut conn, _) = connected(&mut server, cfg).await;
+    // About one message: the receipt's id is that message's id.
+    conn.send(receipt_frame(
+        1,
+        DeliverKind::Delivered,
+        [0xa1; 16],
+        vec![[0xa1; 16]],
+    ))
+    .await;
+    // Coalesced: the node's id for the list (the first 16 bytes of SHA-256 over the ids; the
+    // SDK hands on whatever is on the wire, so any value shows it).
+    let coalesced = [0xc0; 16];
+    conn.send(receipt_frame(
+        2,
+        DeliverKind::Delivered,
+        coalesced,
+        vec![[0xa2; 16], [0xa3; 16]],
+    ))
+    .await;
+    // A read receipt: the id the reader's client chose.
+    conn.send(receipt_frame(
+        3,
+        DeliverKind::Read,
+        [0x7e; 16],
+        vec![[0xa1; 16]],
+    ))
+    .await;
+    assert_eq!(
+        next_event(&client).await,
+        Event::Delivered {
+            seq: 1,
+            by_user: 15550002,
+            by_device: 3,
+            msg_id: [0xa1; 16],
+            msg_ids: vec![[0xa1; 16]],
+            server_time_ms: 42,
+        }
+    );
+    assert_eq!(
+        next_event(&client).await,
+        Event::Delivered {
+            seq: 2,
+            by_user: 15550002,
+            by_device: 3,
+            msg_id: coalesced,
+            msg_ids: vec![[0xa2; 16], [0xa3; 16]],
+            server_time_ms: 42,
+        }
+    );
+    assert_eq!(
+        next_event(&client).await,
+        Event::Read {
+            seq: 3,
+            by_user: 15550002,
+            by_device: 3,
+            msg_id: [0x7e; 16],
+            msg_ids: vec![[0xa1; 16]],
+            server_time_ms: 42,
+        }
+    );
+}
+
 #[tokio::test]
 async fn manual_acks_when_auto_ack_is_off() {
     let mut server = TestServer::ws().await;
@@ -1371,4 +1455,196 @@ async fn closing_while_reconnecting_is_prompt() {
     let err = within("request", waiting).await.unwrap().unwrap_err();
     assert!(matches!(err, ClientError::Closed), "{err}");
     assert!(within("end", client.next_event()).await.is_none());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cancel safety of `next_event`
+// ---------------------------------------------------------------------------------------------
+
+/// A message `seq` whose msg_id is its seq, so thousands are distinct.
+fn numbered(seq: u64) -> Frame {
+    let mut msg_id = [0u8; 16];
+    msg_id[..8].copy_from_slice(&seq.to_be_bytes());
+    Frame::new(
+        0,
+        Deliver {
+            seq,
+            kind: DeliverKind::Message,
+            from_user: 15550002,
+            from_device: 1,
+            msg_id,
+            server_time_ms: 1,
+            body: Bytes::from_static(b"cancel-safe"),
+            receipt_msg_ids: vec![],
+        },
+    )
+}
+
+/// The tiny node playing one device's inbox the way the real node does: every connection gets
+/// the entries not acked yet, in seq order (so an ack lost with a connection means a
+/// redelivery), at most the `Welcome`'s window unacked at a time, and a `DeliverAck` removes
+/// entries. Serves `conn`, then every reconnect, and
+/// publishes how many entries are left on `left`.
+async fn serve_inbox(
+    mut server: TestServer,
+    mut conn: ServerConn,
+    count: u64,
+    left: tokio::sync::watch::Sender<usize>,
+) {
+    let mut inbox: std::collections::BTreeSet<u64> = (1..=count).collect();
+    loop {
+        // Entries up to `sent` went out on this connection.
+        let mut sent = 0;
+        loop {
+            let window_full = inbox.range(..=sent).count() >= welcome().deliver_window as usize;
+            let next = inbox
+                .range(sent + 1..)
+                .next()
+                .copied()
+                .filter(|_| !window_full);
+            tokio::select! {
+                biased;
+                frame = conn.recv() => match frame {
+                    None => break,
+                    Some(Frame { body: Body::DeliverAck(ack), .. }) => {
+                        for seq in ack.seqs {
+                            inbox.remove(&seq);
+                        }
+                        left.send_replace(inbox.len());
+                    }
+                    Some(_) => {}
+                },
+                _ = std::future::ready(()), if next.is_some() => {
+                    let seq = next.unwrap_or_default();
+                    conn.send(numbered(seq)).await;
+                    sent = seq;
+                }
+            }
+        }
+        let Some(mut next) = server.conns.recv().await else {
+            return;
+        };
+        next.welcome().await;
+        conn = next;
+    }
+}
+
+/// Polls `fut` once: its output if it is ready, `None` (and `fut` dropped) if it is pending.
+async fn poll_once<F: std::future::Future>(fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| match fut.as_mut().poll(cx) {
+        std::task::Poll::Ready(output) => std::task::Poll::Ready(Some(output)),
+        std::task::Poll::Pending => std::task::Poll::Ready(None),
+    })
+    .await
+}
+
+/// `next_event` may be dropped at any await point (by `select!` or `timeout`) and no event is
+/// lost or handed out twice. Another task writes at the same time (typing indicators), as an
+/// application sending while it receives does, so the client's writes have to wait now and then.
+async fn next_event_is_cancel_safe(mut server: TestServer, tls: TlsOptions) {
+    const COUNT: u64 = 10_000;
+    let cfg = ClientConfig {
+        tls,
+        ..config(&server.url).with_auth(auth())
+    };
+    let (client, conn, _) = connected(&mut server, cfg).await;
+    let (left, mut inbox_left) = tokio::sync::watch::channel(COUNT as usize);
+    let node = tokio::spawn(serve_inbox(server, conn, COUNT, left));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let typist = tokio::spawn({
+        let (client, stop) = (client.clone(), stop.clone());
+        async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = client.typing(15550002, true).await;
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+
+    let mut seen = std::collections::HashMap::<u64, u32>::new();
+    let (mut cancelled, mut reconnects) = (0u64, 0u64);
+    let mut on_event =
+        |event: Option<Event>, seen: &mut std::collections::HashMap<u64, u32>| match event
+            .expect("events ended")
+        {
+            Event::Message(d) => {
+                let seq = u64::from_be_bytes(d.msg_id[..8].try_into().unwrap());
+                *seen.entry(seq).or_default() += 1;
+            }
+            Event::Reconnected { .. } => reconnects += 1,
+            Event::Disconnected { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        };
+    // No progress for this long means an event was lost (a lost ack would only delay it until
+    // a reconnect, and nothing here drops the connection).
+    let stalled_after = Duration::from_secs(5);
+    let mut progress = std::time::Instant::now();
+    let mut round: u64 = 0;
+    while (seen.len() as u64) < COUNT {
+        let before = seen.len();
+        assert!(
+            progress.elapsed() < stalled_after,
+            "stuck at {before} of {COUNT} messages, {} not acked on the node \
+             ({cancelled} calls cancelled, {reconnects} reconnects)",
+            *inbox_left.borrow()
+        );
+        round += 1;
+        let tiny = Duration::from_micros(round % 40);
+        match round % 3 {
+            // Dropped the first time it is pending, wherever that is.
+            0 => match poll_once(client.next_event()).await {
+                Some(event) => on_event(event, &mut seen),
+                None => {
+                    cancelled += 1;
+                    tokio::task::yield_now().await;
+                }
+            },
+            1 => tokio::select! {
+                event = client.next_event() => on_event(event, &mut seen),
+                _ = tokio::time::sleep(tiny) => cancelled += 1,
+            },
+            _ => match tokio::time::timeout(tiny, client.next_event()).await {
+                Ok(event) => on_event(event, &mut seen),
+                Err(_) => cancelled += 1,
+            },
+        }
+        if seen.len() > before {
+            progress = std::time::Instant::now();
+        }
+    }
+    // Anything handed out twice would arrive right after the last first copy.
+    while let Ok(event) =
+        tokio::time::timeout(Duration::from_millis(300), client.next_event()).await
+    {
+        on_event(event, &mut seen);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    within("typist", typist).await.unwrap();
+    let twice: Vec<u64> = seen
+        .iter()
+        .filter(|(_, &n)| n > 1)
+        .map(|(&s, _)| s)
+        .collect();
+    assert!(twice.is_empty(), "handed out more than once: {twice:?}");
+    assert_eq!(seen.len() as u64, COUNT);
+    assert!(cancelled > 0, "the test cancelled no call");
+    // And every delivery was acked: no ack was lost with a cancelled call either.
+    within("all acked", inbox_left.wait_for(|&n| n == 0))
+        .await
+        .unwrap();
+    eprintln!("{cancelled} calls cancelled, {reconnects} reconnects");
+    node.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_event_is_cancel_safe_over_ws() {
+    next_event_is_cancel_safe(TestServer::ws().await, TlsOptions::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_event_is_cancel_safe_over_quic() {
+    let ca = TestCa::new();
+    let server = TestServer::quic(&ca).await;
+    next_event_is_cancel_safe(server, ca.options()).await;
 }

@@ -14,6 +14,12 @@ pub enum Event {
         seq: u64,
         by_user: UserId,
         by_device: DeviceId,
+        /// The receipt's own id, as on the wire (`Deliver.msg_id`): the message's id when the
+        /// receipt is about one message, else the first 16 bytes of SHA-256 over `msg_ids` in
+        /// order (docs/protocol.md). With (`by_user`, `by_device`) it identifies the receipt,
+        /// so a redelivered one can be recognised.
+        msg_id: MsgId,
+        /// The messages this receipt is about (`Deliver.receipt_msg_ids`).
         msg_ids: Vec<MsgId>,
         server_time_ms: u64,
     },
@@ -22,6 +28,10 @@ pub enum Event {
         seq: u64,
         by_user: UserId,
         by_device: DeviceId,
+        /// The receipt's own id, as on the wire: the idempotency key the reader's client chose
+        /// for its `Receipt` ([`crate::Client::receipt`]'s `msg_id`).
+        msg_id: MsgId,
+        /// The messages this receipt is about.
         msg_ids: Vec<MsgId>,
         server_time_ms: u64,
     },
@@ -53,6 +63,7 @@ impl Event {
                 seq: d.seq,
                 by_user: d.from_user,
                 by_device: d.from_device,
+                msg_id: d.msg_id,
                 msg_ids: d.receipt_msg_ids,
                 server_time_ms: d.server_time_ms,
             },
@@ -60,6 +71,7 @@ impl Event {
                 seq: d.seq,
                 by_user: d.from_user,
                 by_device: d.from_device,
+                msg_id: d.msg_id,
                 msg_ids: d.receipt_msg_ids,
                 server_time_ms: d.server_time_ms,
             },

@@ -83,13 +83,20 @@ async fn exchange_over(transport: &str) {
             .expect("receipt in time")
         {
             Some(Event::Delivered {
-                by_user, msg_ids, ..
-            }) => break (by_user, msg_ids),
+                by_user,
+                msg_id: receipt_id,
+                msg_ids,
+                ..
+            }) => break (by_user, receipt_id, msg_ids),
             Some(_) => continue,
             None => panic!("alice's events ended"),
         }
     };
-    assert_eq!(receipt, (BOB, vec![msg_id(1)]));
+    assert_eq!(
+        receipt,
+        (BOB, msg_id(1), vec![msg_id(1)]),
+        "a receipt about one message has that message's id"
+    );
 
     let ack = bob
         .send(ALICE, msg_id(1), vec![to_device(ALICE, 1, "hi alice")])
@@ -311,6 +318,62 @@ async fn a_repeated_msg_id_is_stored_once() {
     );
 }
 
+/// One ack of several messages makes one `delivered` receipt whose own id is the first 16
+/// bytes of SHA-256 over the ids (docs/protocol.md), and the SDK hands that id out.
+#[tokio::test]
+async fn a_coalesced_delivered_receipt_carries_its_own_msg_id() {
+    use sha2::{Digest, Sha256};
+
+    let node = TestNode::start();
+    let (alice, _) = register(&node, "ws", ALICE).await;
+    let (bob, bob_reg) = register(&node, "ws", BOB).await;
+    bob.close().await;
+    drop(bob);
+    let ids = [msg_id(1), msg_id(2), msg_id(3)];
+    for id in ids {
+        let ack = alice
+            .send(BOB, id, vec![to_device(BOB, 1, "coalesce me")])
+            .await
+            .unwrap();
+        assert_eq!(ack.status, SendStatus::Ok);
+    }
+    let bob = Client::connect(ClientConfig {
+        auto_ack: false,
+        ..config(&node, "ws").with_auth(auth(&bob_reg))
+    })
+    .await
+    .unwrap();
+    let mut seqs = Vec::new();
+    for id in ids {
+        let d = next_message(&bob).await;
+        assert_eq!(d.msg_id, id);
+        seqs.push(d.seq);
+    }
+    bob.ack(&seqs).await.unwrap(); // one DeliverAck
+
+    let (receipt_id, msg_ids) = loop {
+        match tokio::time::timeout(WAIT, alice.next_event())
+            .await
+            .expect("receipt in time")
+        {
+            Some(Event::Delivered {
+                by_user,
+                msg_id,
+                msg_ids,
+                ..
+            }) => {
+                assert_eq!(by_user, BOB);
+                break (msg_id, msg_ids);
+            }
+            Some(_) => continue,
+            None => panic!("alice's events ended"),
+        }
+    };
+    assert_eq!(msg_ids, ids, "one receipt about all three");
+    let digest = Sha256::digest(ids.concat());
+    assert_eq!(receipt_id[..], digest[..16]);
+}
+
 #[tokio::test]
 async fn read_receipts_reach_an_offline_sender_and_typing_only_online_devices() {
     let node = TestNode::start();
@@ -353,9 +416,16 @@ async fn read_receipts_reach_an_offline_sender_and_typing_only_online_devices() 
     {
         match ev {
             Event::Read {
-                by_user, msg_ids, ..
+                by_user,
+                msg_id: receipt_id,
+                msg_ids,
+                ..
             } => {
-                assert_eq!((by_user, msg_ids), (BOB, vec![msg_id(1)]));
+                assert_eq!(
+                    (by_user, receipt_id, msg_ids),
+                    (BOB, msg_id(100), vec![msg_id(1)]),
+                    "a read receipt carries the id its sender chose"
+                );
                 saw_read = true;
             }
             Event::Typing(t) => panic!("typing is never stored, got {t:?}"),
