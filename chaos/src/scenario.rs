@@ -2051,7 +2051,7 @@ fn observations(records: &[history::Record], checked: &check::CheckReport) -> Ve
             notes.push(format!(
                 "availability: after {} #{} healed ({}), the node kept refusing: {refused} sends \
                  answered StorageUnavailable from 2 s after the heal until the next fault or the \
-                 end, {acked} acked (it recovers only by a restart)",
+                 end, {acked} acked (it should have reopened its database within a second)",
                 fault.kind, fault.id, fault.detail
             ));
         }
