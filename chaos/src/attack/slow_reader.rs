@@ -97,22 +97,28 @@ pub(super) async fn run(spec: Arc<AttackSpec>, tally: Tally) -> Result<()> {
     // Did the node close them meanwhile? Reading now drains what the kernel holds first.
     // What was waiting for each (the node's queue and the kernel's buffers): at most the
     // delivery window, and the node stops queueing at its output budget.
-    let mut closed = 0;
+    // All at once: the fault heals when the attacker is done.
+    let mut drains = tokio::task::JoinSet::new();
     for (_, mut conn) in slow {
-        let frames = std::sync::atomic::AtomicU64::new(0);
-        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-            while let Ok(Some(_)) = conn.recv_raw().await {
-                frames.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tally = tally.clone();
+        drains.spawn(async move {
+            let frames = std::sync::atomic::AtomicU64::new(0);
+            let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+                while let Ok(Some(_)) = conn.recv_raw().await {
+                    frames.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+            .await;
+            tally.max(
+                "most frames waiting for one slow connection",
+                frames.into_inner(),
+            );
+            match drained {
+                Ok(()) => tally.add("slow connections the node had closed", 1),
+                Err(_) => tally.add("slow connections still open at the end", 1),
             }
-        })
-        .await;
-        let frames = frames.into_inner();
-        tally.max("most frames waiting for one slow connection", frames);
-        match drained {
-            Ok(()) => closed += 1,
-            Err(_) => tally.add("slow connections still open at the end", 1),
-        }
+        });
     }
-    tally.add("slow connections the node had closed", closed);
+    while drains.join_next().await.is_some() {}
     Ok(())
 }
