@@ -23,6 +23,7 @@
 //! | `node-loss` | cut a node off from the client hosts (netns), SIGKILL it for good, wait until it is marked down, `ctl remove` it | — (it stays gone) | cluster |
 //! | `coord-partition` | iptables DROP both ways between a node and every coordinator replica (its clients still reach it), wait until it is marked down | rules removed, wait until it is active again | cluster, netns, iptables |
 //! | `peer-partition` | iptables in a node's namespace drops its peer-link traffic (UDP on the peer port) in one or both directions: it cannot forward to, or be forwarded to by, the other nodes; clients and coordinators still reach it | rules removed | cluster, netns, iptables |
+//! | `abuse-<attack>` | start an attacker ([`crate::attack`]) on the `attacker` host: connections that never say Hello, slow readers, floods, malformed frames, peer-port junk | the attacker stops and reports what it saw | — (`abuse-peer`: cluster) |
 //! | `peer-chaos` | the peer relay (every node-to-node QUIC datagram passes it) delays, drops, duplicates and reorders | relay clean | cluster |
 //!
 //! The membership kinds (`leader-kill` to `coord-partition`) live in [`membership`].
@@ -38,6 +39,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::attack::Attack;
 use crate::relay::Impairment;
 use crate::scenario::Rig;
 
@@ -135,6 +137,11 @@ pub enum FaultKind {
         duplicate_percent: u32,
         reorder_percent: u32,
     },
+    /// An attacker abuses the node (or, for [`Attack::Peer`], a cluster node's peer port) for
+    /// the fault's length while the honest workload runs.
+    Abuse {
+        attack: Attack,
+    },
 }
 
 impl FaultKind {
@@ -161,6 +168,7 @@ impl FaultKind {
             FaultKind::CoordPartition { .. } => "coord-partition",
             FaultKind::PeerPartition { .. } => "peer-partition",
             FaultKind::PeerChaos { .. } => "peer-chaos",
+            FaultKind::Abuse { attack } => attack.name(),
         }
     }
 
@@ -237,6 +245,7 @@ impl FaultKind {
                 "node-to-node datagrams: {delay_ms} ms + 0..{jitter_ms} ms, {loss_percent}% lost, \
                  {duplicate_percent}% duplicated, {reorder_percent}% reordered"
             ),
+            FaultKind::Abuse { attack } => attack.describe(),
             _ => String::new(),
         }
     }
@@ -257,6 +266,7 @@ impl FaultKind {
                     | FaultKind::RelayReset
                     | FaultKind::UdpChaos { .. }
                     | FaultKind::PeerChaos { .. }
+                    | FaultKind::Abuse { .. }
             )
     }
 }
@@ -492,6 +502,7 @@ async fn apply_kind(rig: &mut Rig, fault: &PlannedFault) -> Result<String> {
             ))?;
             Ok("peer relay chaos".into())
         }
+        FaultKind::Abuse { attack } => rig.start_attacker(*attack).await,
         FaultKind::LeaderKill
         | FaultKind::NodeJoin { .. }
         | FaultKind::NodeDrain { .. }
@@ -652,6 +663,7 @@ async fn heal_kind(rig: &mut Rig, fault: &PlannedFault) -> Result<String> {
             rig.peer_relay_set(Impairment::default())?;
             Ok("peer relay clean".into())
         }
+        FaultKind::Abuse { .. } => rig.stop_attacker().await,
         FaultKind::LeaderKill
         | FaultKind::NodeJoin { .. }
         | FaultKind::NodeDrain { .. }

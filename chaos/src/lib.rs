@@ -14,6 +14,8 @@
 //!   leads, member states, drain, remove).
 //! - [`faults`]: the fault kinds and what applying and healing each one does (membership
 //!   changes of a cluster in [`faults::membership`]).
+//! - [`attack`]: the attackers of the `abuse-*` scenarios (a process on the `attacker` host),
+//!   and [`probe`]: the node's RSS and `/readyz` sampled during those runs.
 //! - [`relay`]: a TCP and UDP relay placed between hosts for delay, jitter, reordering,
 //!   duplication and loss (this kernel has no netem).
 //! - [`workload`]: SDK devices sending 1:1 messages and read receipts on a seeded schedule,
@@ -26,6 +28,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod attack;
 pub mod check;
 pub mod cluster;
 pub mod coordinator;
@@ -33,6 +36,7 @@ pub mod faults;
 pub mod history;
 pub mod hosts;
 pub mod node;
+pub mod probe;
 pub mod process;
 pub mod relay;
 pub mod report;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ringpost_chaos::report::{self, RunReport, Verdict};
-use ringpost_chaos::{check, history, hosts, node, relay, scenario, workload};
+use ringpost_chaos::{attack, check, history, hosts, node, probe, relay, scenario, workload};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -76,6 +76,24 @@ enum Command {
         spec: PathBuf,
         #[arg(long)]
         register: bool,
+    },
+    /// (internal) The attacker of an abuse scenario.
+    #[command(hide = true)]
+    Attack {
+        #[arg(long)]
+        spec: PathBuf,
+    },
+    /// (internal) Samples a node's RSS and /readyz until the stop file appears.
+    #[command(hide = true)]
+    Probe {
+        #[arg(long)]
+        pid: u32,
+        #[arg(long)]
+        admin: std::net::SocketAddr,
+        #[arg(long)]
+        stop_file: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// (internal) The relay between hosts.
     #[command(hide = true)]
@@ -162,7 +180,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 } else {
                     format!(" [needs {}]", needs.join(", "))
                 };
-                println!("{:<14} {}{needs}", s.name, s.about);
+                println!("{:<20} {}{needs}", s.name, s.about);
             }
             Ok(0)
         }
@@ -329,6 +347,21 @@ async fn run(cli: Cli) -> Result<i32> {
             } else {
                 workload::run(spec).await?;
             }
+            Ok(0)
+        }
+        Command::Attack { spec } => {
+            let bytes =
+                std::fs::read(&spec).with_context(|| format!("reading {}", spec.display()))?;
+            attack::run(serde_json::from_slice(&bytes)?).await?;
+            Ok(0)
+        }
+        Command::Probe {
+            pid,
+            admin,
+            stop_file,
+            out,
+        } => {
+            probe::run(pid, admin, stop_file, out).await?;
             Ok(0)
         }
         Command::Relay {

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::attack::AttackSummary;
 use crate::check::{CheckReport, Counts, FaultWindow, RemovedNode, Violation};
 
 /// How a run ended.
@@ -81,8 +82,66 @@ pub struct RunReport {
     pub removed_nodes: Vec<RemovedNodeReport>,
     /// What the run observed besides violations (refusals, reconnects, clock skew seen).
     pub notes: Vec<String>,
+    /// An `abuse-*` scenario: the attack's effect on honest clients and on the node, against a
+    /// baseline run of the same seed without the attack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abuse: Option<AbuseReport>,
     pub run_dir: String,
     pub history: String,
+}
+
+/// What an attack did to the honest clients and the node (an `abuse-*` scenario).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AbuseReport {
+    pub attack: String,
+    /// The attack's window, in milliseconds from the start of sending (the same in the
+    /// baseline run).
+    pub window_start_ms: u64,
+    pub window_end_ms: u64,
+    /// Honest send -> `SendAck{Ok}` latency, p99, of the sends started in the window: with the
+    /// attack, and in the baseline run without it.
+    pub honest_p99_ms: f64,
+    pub honest_sends: u64,
+    pub baseline_p99_ms: Option<f64>,
+    pub baseline_sends: Option<u64>,
+    /// The most `honest_p99_ms` may be: twice the baseline (a baseline under
+    /// [`crate::scenario::ABUSE_P99_FLOOR_MS`] counts as that).
+    pub p99_limit_ms: Option<f64>,
+    /// The node's resident memory (VmRSS): at the first sample, the peak, the bound; and the
+    /// baseline run's peak.
+    pub rss_first_kib: u64,
+    pub rss_peak_kib: u64,
+    pub rss_bound_kib: u64,
+    pub baseline_rss_peak_kib: Option<u64>,
+    /// `/readyz` asked once a second during the run.
+    pub readyz_ok: u64,
+    pub readyz_failed: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readyz_first_failure: Option<String>,
+    /// What the attacker saw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attacker: Option<AttackSummary>,
+}
+
+impl AbuseReport {
+    /// One line for the table and the notes.
+    pub fn describe(&self) -> String {
+        let baseline = match (self.baseline_p99_ms, self.p99_limit_ms) {
+            (Some(b), Some(limit)) => format!("baseline {b:.0} ms, limit {limit:.0} ms"),
+            _ => "no baseline".to_string(),
+        };
+        let rss_baseline = self
+            .baseline_rss_peak_kib
+            .map_or_else(String::new, |k| format!(", baseline {} MiB", k / 1024));
+        format!(
+            "honest SendAck p99 {:.0} ms ({baseline}); node RSS peak {} MiB (bound {} MiB{rss_baseline}); /readyz {} ok, {} failed",
+            self.honest_p99_ms,
+            self.rss_peak_kib / 1024,
+            self.rss_bound_kib / 1024,
+            self.readyz_ok,
+            self.readyz_failed
+        )
+    }
 }
 
 impl RunReport {
@@ -109,6 +168,7 @@ impl RunReport {
             unreplicated: Vec::new(),
             removed_nodes: Vec::new(),
             notes: Vec::new(),
+            abuse: None,
             run_dir: String::new(),
             history: String::new(),
         }
@@ -171,7 +231,7 @@ impl RunReport {
 /// The table header.
 pub fn table_header() -> String {
     format!(
-        "{:<14} {:>20} {:<11} {:>6} {:>9} {:>5} {:>4} {:>6} {:>6} {:>6} {:>7}  {}",
+        "{:<20} {:>20} {:<11} {:>6} {:>9} {:>5} {:>4} {:>6} {:>6} {:>6} {:>7}  {}",
         "scenario",
         "seed",
         "verdict",
@@ -201,7 +261,7 @@ pub fn table_row(r: &RunReport) -> String {
         r.reason.clone()
     };
     format!(
-        "{:<14} {:>20} {:<11} {:>6} {:>9} {:>5} {:>4} {:>6} {:>6} {:>6} {:>7}  {}",
+        "{:<20} {:>20} {:<11} {:>6} {:>9} {:>5} {:>4} {:>6} {:>6} {:>6} {:>7}  {}",
         r.scenario,
         r.seed,
         r.verdict.as_str(),

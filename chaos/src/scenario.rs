@@ -27,6 +27,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use tokio::process::Child;
 
+use crate::attack::{Attack, AttackSpec, AttackSummary};
 use crate::check;
 use crate::cluster::{self, Cluster};
 use crate::coordinator::{CoordinatorProcess, CoordinatorSpec};
@@ -34,8 +35,9 @@ use crate::faults::{self, FaultKind, Menu, PlannedFault};
 use crate::history::{self, Clock, Event, HistoryWriter, MemberAction, Phase};
 use crate::hosts::{Host, Mode, Network};
 use crate::node::{self, NodeProcess, NodeRole, NodeSpec};
+use crate::probe::ProbeSummary;
 use crate::relay::{self, Impairment};
-use crate::report::{RunReport, Verdict};
+use crate::report::{AbuseReport, RunReport, Verdict};
 use crate::sys::{self, ProcId};
 use crate::workload::{UserPlan, WorkloadSpec};
 
@@ -76,6 +78,29 @@ pub const RECEIPT_FRACTION: f64 = 0.3;
 
 /// Size of the tmpfs data dir of `disk-full` runs.
 pub const TMPFS_SIZE: &str = "64m";
+
+/// An abuse scenario's honest SendAck p99 may be at most this many times the baseline's.
+pub const ABUSE_P99_FACTOR: f64 = 2.0;
+
+/// A baseline p99 under this counts as this (milliseconds): below it, scheduling noise on a
+/// shared machine, not the node, decides the comparison.
+pub const ABUSE_P99_FLOOR_MS: f64 = 10.0;
+
+/// The node's resident memory may not exceed this during an abuse run (MiB): a dev node under
+/// the workload uses about 40-60 MiB, and every attack is bounded so that a node whose bounds
+/// hold stays far below (a 128 KiB buffer for each of the preauth attack's 2000 connections
+/// alone would pass it).
+pub const ABUSE_RSS_BOUND_MIB: u64 = 256;
+
+/// Source addresses the attacker host uses (its own and more on the same subnet): enough for
+/// the preauth attack to be over the per-source cap on each and past it in total.
+pub const ATTACK_SOURCES: u8 = 6;
+
+/// First last octet of the attacker's extra source addresses.
+const ATTACK_SOURCE_FIRST_OCTET: u8 = 200;
+
+/// Time an attacker or the probe gets to stop and write its summary.
+const ATTACKER_EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What a scenario needs from the machine.
 #[derive(Debug, Clone, Copy, Default)]
@@ -223,6 +248,47 @@ fn coord_partition_script(rng: &mut ChaCha8Rng, window: Duration) -> Vec<Planned
         COORD_PARTITION,
         FaultKind::CoordPartition { node: VICTIM_NODE },
     )]
+}
+
+/// The attack of an abuse scenario: one fault from about 15 % to 85 % of the window.
+fn abuse_script(rng: &mut ChaCha8Rng, window: Duration, attack: Attack) -> Vec<PlannedFault> {
+    let at = window.mul_f64(0.15 + rng.gen_range(0.0..0.02));
+    let end = window.mul_f64(0.85);
+    vec![PlannedFault {
+        id: 1,
+        at,
+        duration: end.saturating_sub(at),
+        kind: FaultKind::Abuse { attack },
+        node: None,
+    }]
+}
+
+fn abuse_preauth(rng: &mut ChaCha8Rng, window: Duration) -> Vec<PlannedFault> {
+    abuse_script(rng, window, Attack::Preauth)
+}
+
+fn abuse_slow_reader(rng: &mut ChaCha8Rng, window: Duration) -> Vec<PlannedFault> {
+    abuse_script(rng, window, Attack::SlowReader)
+}
+
+fn abuse_ack_flood(rng: &mut ChaCha8Rng, window: Duration) -> Vec<PlannedFault> {
+    abuse_script(rng, window, Attack::AckFlood)
+}
+
+fn abuse_prekey_drain(rng: &mut ChaCha8Rng, window: Duration) -> Vec<PlannedFault> {
+    abuse_script(rng, window, Attack::PrekeyDrain)
+}
+
+fn abuse_register_flood(rng: &mut ChaCha8Rng, window: Duration) -> Vec<PlannedFault> {
+    abuse_script(rng, window, Attack::RegisterFlood)
+}
+
+fn abuse_malformed(rng: &mut ChaCha8Rng, window: Duration) -> Vec<PlannedFault> {
+    abuse_script(rng, window, Attack::Malformed)
+}
+
+fn abuse_peer(rng: &mut ChaCha8Rng, window: Duration) -> Vec<PlannedFault> {
+    abuse_script(rng, window, Attack::Peer)
 }
 
 fn kill_menu() -> Menu {
@@ -707,6 +773,64 @@ pub fn catalogue() -> Vec<Scenario> {
             window: s(20),
             schedule: Schedule::Script(coord_partition_script),
         },
+        Scenario {
+            name: "abuse-preauth",
+            about: "thousands of TCP and WebSocket connections that never say Hello, from six \
+                    source addresses (past the per-source cap), reopened as the node closes them",
+            needs: Needs::default(),
+            window: s(20),
+            schedule: Schedule::Script(abuse_preauth),
+        },
+        Scenario {
+            name: "abuse-slow-reader",
+            about: "devices that are sent 60 KiB messages and never read their socket",
+            needs: Needs::default(),
+            window: s(20),
+            schedule: Schedule::Script(abuse_slow_reader),
+        },
+        Scenario {
+            name: "abuse-ack-flood",
+            about: "devices sending DeliverAcks of 256 random seqs as fast as the node takes them \
+                    (bounded at 3000 frames/s)",
+            needs: Needs::default(),
+            window: s(20),
+            schedule: Schedule::Script(abuse_ack_flood),
+        },
+        Scenario {
+            name: "abuse-prekey-drain",
+            about: "three users claim one user's prekeys in a loop; no more may be handed out \
+                    than the claim budget allows",
+            needs: Needs::default(),
+            window: s(20),
+            schedule: Schedule::Script(abuse_prekey_drain),
+        },
+        Scenario {
+            name: "abuse-register-flood",
+            about: "RegisterRequest floods for honest and random numbers, each followed by \
+                    RegisterVerify with wrong codes; no wrong code may register",
+            needs: Needs::default(),
+            window: s(20),
+            schedule: Schedule::Script(abuse_register_flood),
+        },
+        Scenario {
+            name: "abuse-malformed",
+            about: "random and mutated frames, text messages, oversized frames and broken \
+                    framing over ws and QUIC, before and after Hello",
+            needs: Needs::default(),
+            window: s(20),
+            schedule: Schedule::Script(abuse_malformed),
+        },
+        Scenario {
+            name: "abuse-peer",
+            about: "cluster: junk datagrams (random, and QUIC-Initial-looking) at node 1's peer \
+                    port while the cluster serves",
+            needs: Needs {
+                cluster: true,
+                ..Needs::default()
+            },
+            window: s(20),
+            schedule: Schedule::Script(abuse_peer),
+        },
     ]
 }
 
@@ -756,8 +880,45 @@ pub struct Rig {
     workloads: Vec<(String, Child, ProcId)>,
     /// Our tmpfs data dirs.
     tmpfs: Vec<PathBuf>,
+    /// Attackers started so far (each gets its own files).
+    attacks_started: u32,
     /// What the setup observed, for the report (users per node in a cluster).
     notes: Vec<String>,
+    /// The attacker of an abuse fault while it runs: its process and files.
+    attacker: Option<Spawned>,
+    /// What the last attacker reported.
+    attack_summary: Option<AttackSummary>,
+    /// The probe of an abuse scenario's runs (the node's RSS and /readyz).
+    probe: Option<Spawned>,
+    probe_summary: Option<ProbeSummary>,
+    /// The population's numbers (an attack may target them).
+    victims: Vec<u64>,
+    opts: Option<RunOptions>,
+}
+
+/// A helper process of the run (attacker, probe): its process, stop file and summary file.
+struct Spawned {
+    child: Child,
+    id: ProcId,
+    stop_file: PathBuf,
+    summary: PathBuf,
+}
+
+impl Spawned {
+    /// Tells it to stop, waits (killing it after [`ATTACKER_EXIT_TIMEOUT`]); whether it exited
+    /// on its own.
+    async fn stop(mut self, net: &Network) -> bool {
+        let _ = std::fs::write(&self.stop_file, b"");
+        let exited = tokio::time::timeout(ATTACKER_EXIT_TIMEOUT, self.child.wait())
+            .await
+            .is_ok();
+        if !exited {
+            self.id.signal_group(nix::sys::signal::Signal::SIGKILL);
+            let _ = self.child.wait().await;
+        }
+        net.untrack_process(self.id);
+        exited
+    }
 }
 
 impl Rig {
@@ -894,8 +1055,127 @@ impl Rig {
             .with_context(|| format!("writing {}", path.display()))
     }
 
+    /// Starts an attacker on the `attacker` host against the node the fault acts on.
+    pub async fn start_attacker(&mut self, attack: Attack) -> Result<String> {
+        let opts = self.opts.clone().context("the run's options are not set")?;
+        let host = self.net.host("attacker").clone();
+        let mut sources = vec![host.ip];
+        let [a, b, c, _] = host.ip.octets();
+        for k in 1..ATTACK_SOURCES {
+            let ip = std::net::Ipv4Addr::new(a, b, c, ATTACK_SOURCE_FIRST_OCTET + k);
+            // In loopback mode every 127.x address is already local.
+            if let Some(ifname) = &host.ifname {
+                let cidr = format!("{ip}/24");
+                host.exec("ip", &["addr", "add", &cidr, "dev", ifname])
+                    .await?;
+            }
+            sources.push(ip);
+        }
+        let node = self.node();
+        let dev = matches!(node.spec.role, node::NodeRole::Dev);
+        let n = self.attacks_started;
+        let spec = AttackSpec {
+            attack,
+            seed: opts.seed ^ u64::from(n),
+            ws_url: node.ws_url(),
+            quic_url: dev.then(|| node.quic_url()),
+            peer_addr: (!dev).then(|| std::net::SocketAddr::from((node.host.ip, node::PORT_PEER))),
+            ca_file: dev.then(|| node.ca_file()),
+            codes_file: node.codes_file(),
+            sources: sources.clone(),
+            victims: self.victims.clone(),
+            stop_file: self.run_dir.join(format!("attack-{n}-stop")),
+            summary: self.run_dir.join(format!("attack-{n}-summary.json")),
+        };
+        self.attacks_started += 1;
+        let spec_path = self.run_dir.join(format!("attack-{n}.json"));
+        std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec)?)?;
+        let argv = vec![
+            opts.self_bin.display().to_string(),
+            "attack".into(),
+            "--spec".into(),
+            spec_path.display().to_string(),
+        ];
+        let log = self.run_dir.join(format!("attacker-{n}.log"));
+        let (child, id) = spawn_on(&self.net, &host, "attacker", &argv, &log)?;
+        self.attacker = Some(Spawned {
+            child,
+            id,
+            stop_file: spec.stop_file,
+            summary: spec.summary,
+        });
+        Ok(format!(
+            "attacker on {} ({} source addresses)",
+            host.name,
+            sources.len()
+        ))
+    }
+
+    /// Stops the attacker and reads what it saw.
+    pub async fn stop_attacker(&mut self) -> Result<String> {
+        let spawned = self.attacker.take().context("no attacker is running")?;
+        let summary_path = spawned.summary.clone();
+        let exited = spawned.stop(&self.net).await;
+        let summary = AttackSummary::read(&summary_path).with_context(|| {
+            format!(
+                "the attacker left no summary (exited on its own: {exited}); see its log in {}",
+                self.run_dir.display()
+            )
+        })?;
+        let detail = format!("attacker stopped; it saw: {}", summary.describe());
+        self.attack_summary = Some(summary);
+        Ok(detail)
+    }
+
+    /// Starts the probe (node RSS and /readyz) on `client1`.
+    async fn start_probe(&mut self) -> Result<()> {
+        let opts = self.opts.clone().context("the run's options are not set")?;
+        let node = &self.nodes[0];
+        let pid = node.pid().context("the node is not running")?;
+        let admin = format!("{}:{}", node.host.ip, node::PORT_ADMIN);
+        let stop_file = self.run_dir.join("probe-stop");
+        let summary = self.run_dir.join("probe-summary.json");
+        let argv = vec![
+            opts.self_bin.display().to_string(),
+            "probe".into(),
+            "--pid".into(),
+            pid.to_string(),
+            "--admin".into(),
+            admin,
+            "--stop-file".into(),
+            stop_file.display().to_string(),
+            "--out".into(),
+            summary.display().to_string(),
+        ];
+        let host = self.net.host("client1").clone();
+        let log = self.run_dir.join("probe.log");
+        let (child, id) = spawn_on(&self.net, &host, "probe", &argv, &log)?;
+        self.probe = Some(Spawned {
+            child,
+            id,
+            stop_file,
+            summary,
+        });
+        Ok(())
+    }
+
+    async fn stop_probe(&mut self) -> Result<()> {
+        if let Some(spawned) = self.probe.take() {
+            let path = spawned.summary.clone();
+            spawned.stop(&self.net).await;
+            self.probe_summary = Some(ProbeSummary::read(&path)?);
+        }
+        Ok(())
+    }
+
     /// Stops everything gracefully (workloads, relay, node), then removes the hosts.
     async fn shutdown(&mut self) {
+        if let Some(spawned) = self.attacker.take() {
+            spawned.stop(&self.net).await;
+        }
+        if let Some(spawned) = self.probe.take() {
+            spawned.stop(&self.net).await;
+        }
         for (_, child, id) in &mut self.workloads {
             if tokio::time::timeout(WORKLOAD_EXIT_TIMEOUT, child.wait())
                 .await
@@ -954,7 +1234,27 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> RunReport {
         eprintln!("ringpost-chaos: {note}");
     }
     let started = std::time::Instant::now();
-    let mut report = match run_inner(scenario, opts, mode).await {
+    let window = opts.duration.unwrap_or(scenario.window);
+    // An abuse scenario first runs the same seed without the attack: the baseline.
+    let baseline = if has_abuse(&scenario.schedule.plan(opts.seed, window)) {
+        match run_inner(scenario, opts, mode, true).await {
+            Ok(report) => Some(report),
+            Err(e) => {
+                let mut report = RunReport::not_run(
+                    scenario.name,
+                    opts.seed,
+                    mode.as_str(),
+                    Verdict::Error,
+                    format!("the baseline run (without the attack) failed: {e:#}"),
+                );
+                report.wall_ms = started.elapsed().as_millis() as u64;
+                return report;
+            }
+        }
+    } else {
+        None
+    };
+    let mut report = match run_inner(scenario, opts, mode, false).await {
         Ok(report) => report,
         Err(e) => RunReport::not_run(
             scenario.name,
@@ -964,6 +1264,9 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> RunReport {
             format!("{e:#}"),
         ),
     };
+    if let Some(baseline) = baseline {
+        judge_abuse(&mut report, &baseline);
+    }
     report.wall_ms = started.elapsed().as_millis() as u64;
     if let Some(note) = mode_note {
         report.notes.push(note);
@@ -1044,7 +1347,125 @@ fn spawn_on(
     Ok((child, id))
 }
 
-async fn run_inner(scenario: &Scenario, opts: &RunOptions, mode: Mode) -> Result<RunReport> {
+/// Whether a plan has an attack (an abuse scenario's).
+fn has_abuse(plan: &[PlannedFault]) -> bool {
+    plan.iter()
+        .any(|f| matches!(f.kind, FaultKind::Abuse { .. }))
+}
+
+/// Judges an abuse run against its baseline: the baseline must pass, and with the attack the
+/// node must have stayed ready, under [`ABUSE_RSS_BOUND_MIB`], and the honest clients' SendAck
+/// p99 within [`ABUSE_P99_FACTOR`] of the baseline's.
+fn judge_abuse(report: &mut RunReport, baseline: &RunReport) {
+    let Some(abuse) = report.abuse.as_mut() else {
+        return;
+    };
+    if let Some(b) = &baseline.abuse {
+        abuse.baseline_p99_ms = Some(b.honest_p99_ms);
+        abuse.baseline_sends = Some(b.honest_sends);
+        abuse.baseline_rss_peak_kib = Some(b.rss_peak_kib);
+        abuse.p99_limit_ms = Some(ABUSE_P99_FACTOR * b.honest_p99_ms.max(ABUSE_P99_FLOOR_MS));
+    }
+    let line = abuse.describe();
+    report.notes.push(format!(
+        "abuse: {line}; baseline run (same seed, no attack) in {}",
+        baseline.run_dir
+    ));
+    if report.verdict != Verdict::Pass {
+        return;
+    }
+    let mut failures = Vec::new();
+    if baseline.verdict != Verdict::Pass {
+        report.verdict = Verdict::Error;
+        report.reason = format!(
+            "the baseline run (without the attack) did not pass: {} {}",
+            baseline.verdict.as_str(),
+            baseline.reason
+        );
+        return;
+    }
+    if let Some(attacker) = &abuse.attacker {
+        failures.extend(attacker.violations.iter().cloned());
+    }
+    if abuse.readyz_failed > 0 || abuse.readyz_ok == 0 {
+        failures.push(format!(
+            "/readyz failed {} times ({} ok){}",
+            abuse.readyz_failed,
+            abuse.readyz_ok,
+            abuse
+                .readyz_first_failure
+                .as_ref()
+                .map_or_else(String::new, |f| format!(": first {f}"))
+        ));
+    }
+    if abuse.rss_peak_kib > abuse.rss_bound_kib || abuse.rss_peak_kib == 0 {
+        failures.push(format!(
+            "node RSS peak {} MiB over the bound of {} MiB (or never sampled)",
+            abuse.rss_peak_kib / 1024,
+            abuse.rss_bound_kib / 1024
+        ));
+    }
+    if let Some(limit) = abuse.p99_limit_ms {
+        if abuse.honest_p99_ms > limit {
+            failures.push(format!(
+                "honest SendAck p99 {:.0} ms over {limit:.0} ms ({ABUSE_P99_FACTOR}x the \
+                 baseline's {:.0} ms)",
+                abuse.honest_p99_ms,
+                abuse.baseline_p99_ms.unwrap_or_default()
+            ));
+        }
+    }
+    if abuse.honest_sends == 0 {
+        failures.push("no honest send was acked during the attack".into());
+    }
+    if failures.is_empty() {
+        report.reason = format!("no violation; {line}");
+    } else {
+        report.verdict = Verdict::Fail;
+        report.reason = format!("abuse: {}", failures.join("; "));
+    }
+}
+
+/// Honest send -> `SendAck{Ok}` latency p99 (ms) of the sends first made in
+/// `[from_us, to_us]`, and how many there were.
+fn honest_p99(records: &[history::Record], from_us: u64, to_us: u64) -> (f64, u64) {
+    use std::collections::HashMap;
+    let mut first_send: HashMap<(history::Dev, history::MsgId), u64> = HashMap::new();
+    let mut latencies = Vec::new();
+    for r in records {
+        match &r.event {
+            Event::Send { from, msg_id, .. } => {
+                first_send.entry((*from, *msg_id)).or_insert(r.t_us);
+            }
+            Event::SendAck {
+                from,
+                msg_id,
+                status,
+                ..
+            } if status == check::STATUS_OK => {
+                if let Some(&sent) = first_send.get(&(*from, *msg_id)) {
+                    if (from_us..=to_us).contains(&sent) {
+                        latencies.push(r.t_us.saturating_sub(sent));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if latencies.is_empty() {
+        return (0.0, 0);
+    }
+    latencies.sort_unstable();
+    let at = ((latencies.len() - 1) as f64 * 0.99).round() as usize;
+    (latencies[at] as f64 / 1000.0, latencies.len() as u64)
+}
+
+async fn run_inner(
+    scenario: &Scenario,
+    opts: &RunOptions,
+    mode: Mode,
+    baseline: bool,
+) -> Result<RunReport> {
     ensure_tools(&scenario.needs).await?;
     let seed = opts.seed;
     let window = opts.duration.unwrap_or(scenario.window);
@@ -1052,9 +1473,21 @@ async fn run_inner(scenario: &Scenario, opts: &RunOptions, mode: Mode) -> Result
         .run_dir
         .clone()
         .unwrap_or_else(|| default_run_dir(scenario.name, seed));
+    // The baseline of an abuse scenario: the same run without the attack, beside it.
+    let run_dir = if baseline {
+        let mut name = run_dir.file_name().unwrap_or_default().to_os_string();
+        name.push("-baseline");
+        run_dir.with_file_name(name)
+    } else {
+        run_dir
+    };
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let run_dir = run_dir.canonicalize()?;
-    let mut plan = scenario.schedule.plan(seed, window);
+    let full_plan = scenario.schedule.plan(seed, window);
+    let mut plan = full_plan.clone();
+    if baseline {
+        plan.retain(|f| !matches!(f.kind, FaultKind::Abuse { .. }));
+    }
     if scenario.needs.cluster {
         faults::assign_nodes(&mut plan, seed, cluster::NODES);
     }
@@ -1094,6 +1527,9 @@ async fn run_inner(scenario: &Scenario, opts: &RunOptions, mode: Mode) -> Result
     names.extend(["client1".to_string(), "client2".to_string()]);
     if scenario.needs.cluster {
         names.push("ops".into());
+    }
+    if has_abuse(&plan) {
+        names.push("attacker".into());
     }
     if scenario.needs.relay
         || plan
@@ -1174,6 +1610,13 @@ async fn run_inner(scenario: &Scenario, opts: &RunOptions, mode: Mode) -> Result
         workloads: Vec::new(),
         tmpfs: Vec::new(),
         notes: Vec::new(),
+        attacks_started: 0,
+        attacker: None,
+        attack_summary: None,
+        probe: None,
+        probe_summary: None,
+        victims: Vec::new(),
+        opts: Some(opts.clone()),
     };
     let result = drive(&mut rig, scenario, opts, window, &plan, clock).await;
     // Stop the workloads first (the stop file), then everything else, whatever happened.
@@ -1208,6 +1651,30 @@ async fn run_inner(scenario: &Scenario, opts: &RunOptions, mode: Mode) -> Result
     report.notes = std::mem::take(&mut rig.notes);
     report.notes.extend(observations(&records, &checked));
     let passed = checked.passed();
+    if let Some(attack) = full_plan
+        .iter()
+        .find(|f| matches!(f.kind, FaultKind::Abuse { .. }))
+    {
+        let from_us = origin_us + attack.at.as_micros() as u64;
+        let to_us = from_us + attack.duration.as_micros() as u64;
+        let (p99, sends) = honest_p99(&records, from_us, to_us);
+        let probe = rig.probe_summary.take().unwrap_or_default();
+        report.abuse = Some(AbuseReport {
+            attack: attack.kind.name().into(),
+            window_start_ms: attack.at.as_millis() as u64,
+            window_end_ms: (attack.at + attack.duration).as_millis() as u64,
+            honest_p99_ms: p99,
+            honest_sends: sends,
+            rss_first_kib: probe.rss_first_kib,
+            rss_peak_kib: probe.rss_peak_kib,
+            rss_bound_kib: ABUSE_RSS_BOUND_MIB * 1024,
+            readyz_ok: probe.readyz_ok,
+            readyz_failed: probe.readyz_failed,
+            readyz_first_failure: probe.readyz_first_failure,
+            attacker: rig.attack_summary.take(),
+            ..AbuseReport::default()
+        });
+    }
     report.absorb(checked, origin_us);
     report.notes.extend(membership_notes(&report));
     if !passed {
@@ -1377,6 +1844,11 @@ async fn drive(
         USERS
     };
     let population = population(opts.seed, users);
+    rig.victims = population.iter().map(|u| u.user).collect();
+    // An abuse scenario's runs (with the attack and the baseline) watch the node.
+    if has_abuse(&scenario.schedule.plan(opts.seed, window)) {
+        rig.start_probe().await?;
+    }
     let spec_for = |host: &str, start_at_us: u64| WorkloadSpec {
         host: host.into(),
         url: entry.url(host),
@@ -1502,6 +1974,7 @@ async fn drive(
         }
         check_workloads(rig)?;
     }
+    rig.stop_probe().await?;
     Ok(start_at_us)
 }
 
@@ -2091,8 +2564,9 @@ mod tests {
                 .map(|f| f.kind.name())
                 .collect();
             for kind in kinds {
-                // QUIC through the relay: the cluster's nodes speak ws only.
-                if kind == "udp-chaos" {
+                // QUIC through the relay: the cluster's nodes speak ws only. The attacks
+                // target the dev node's client listeners; one cluster node is like it.
+                if kind == "udp-chaos" || kind.starts_with("abuse-") {
                     continue;
                 }
                 let covered = all.iter().filter(|c| c.needs.cluster).any(|c| {
@@ -2130,6 +2604,144 @@ mod tests {
                 FaultKind::NodeJoin { node: VICTIM_NODE },
             ]
         );
+    }
+
+    #[test]
+    fn abuse_scenarios_plan_one_attack_inside_the_window() {
+        let abuse: Vec<Scenario> = catalogue()
+            .into_iter()
+            .filter(|s| s.name.starts_with("abuse-"))
+            .collect();
+        assert_eq!(abuse.len(), 7);
+        for s in &abuse {
+            for window in [Duration::from_secs(10), s.window] {
+                let plan = s.schedule.plan(3, window);
+                assert_eq!(plan, s.schedule.plan(3, window), "fixed by the seed");
+                assert_eq!(plan.len(), 1, "{}", s.name);
+                let f = &plan[0];
+                assert_eq!(f.kind.name(), s.name);
+                assert!(!f.kind.acts_on_a_node(), "the attacker aims at node 1");
+                assert!(
+                    f.at >= window.mul_f64(0.1) && f.at + f.duration < window,
+                    "{f:?}"
+                );
+            }
+        }
+    }
+
+    fn record(t_us: u64, event: Event) -> history::Record {
+        history::Record {
+            t_us,
+            src: "t".into(),
+            n: 0,
+            event,
+        }
+    }
+
+    #[test]
+    fn honest_p99_counts_the_sends_started_in_the_window() {
+        let from = history::Dev { user: 1, device: 1 };
+        let mut records = Vec::new();
+        // 100 sends at 1 ms, 2 ms, ... 100 ms of latency, started at 1_000_000 + i; one more,
+        // started before the window, with a huge latency.
+        for i in 0..=100u64 {
+            let msg_id = history::MsgId([i as u8; 16]);
+            let start = if i == 0 { 10 } else { 1_000_000 + i };
+            let latency = if i == 0 { 9_000_000 } else { i * 1_000 };
+            records.push(record(
+                start,
+                Event::Send {
+                    from,
+                    to_user: 2,
+                    msg_id,
+                    attempt: 1,
+                    recipients: vec![],
+                },
+            ));
+            records.push(record(
+                start + latency,
+                Event::SendAck {
+                    from,
+                    msg_id,
+                    attempt: 1,
+                    status: "Ok".into(),
+                    server_time_ms: 0,
+                },
+            ));
+        }
+        let (p99, n) = honest_p99(&records, 1_000_000, 2_000_000);
+        assert_eq!(n, 100);
+        assert_eq!(p99, 99.0);
+        assert_eq!(honest_p99(&records, 3_000_000, 4_000_000), (0.0, 0));
+    }
+
+    fn abuse_run(p99_ms: f64, rss_mib: u64) -> RunReport {
+        let mut r = RunReport::not_run("abuse-x", 1, "loopback", Verdict::Pass, String::new());
+        r.abuse = Some(AbuseReport {
+            attack: "abuse-x".into(),
+            honest_p99_ms: p99_ms,
+            honest_sends: 100,
+            rss_first_kib: 1024,
+            rss_peak_kib: rss_mib * 1024,
+            rss_bound_kib: ABUSE_RSS_BOUND_MIB * 1024,
+            readyz_ok: 10,
+            ..AbuseReport::default()
+        });
+        r
+    }
+
+    #[test]
+    fn an_abuse_run_passes_only_within_its_bounds() {
+        let baseline = abuse_run(20.0, 40);
+        let judged = |mut r: RunReport| {
+            judge_abuse(&mut r, &baseline);
+            r
+        };
+        let ok = judged(abuse_run(39.0, 60));
+        assert_eq!(ok.verdict, Verdict::Pass, "{}", ok.reason);
+        let abuse = ok.abuse.unwrap();
+        assert_eq!(abuse.baseline_p99_ms, Some(20.0));
+        assert_eq!(abuse.p99_limit_ms, Some(40.0));
+        assert_eq!(abuse.baseline_rss_peak_kib, Some(40 * 1024));
+
+        let slow = judged(abuse_run(41.0, 60));
+        assert_eq!(slow.verdict, Verdict::Fail);
+        assert!(slow.reason.contains("p99"), "{}", slow.reason);
+
+        let fat = judged(abuse_run(10.0, ABUSE_RSS_BOUND_MIB + 1));
+        assert_eq!(fat.verdict, Verdict::Fail);
+        assert!(fat.reason.contains("RSS"), "{}", fat.reason);
+
+        let mut down = abuse_run(10.0, 60);
+        down.abuse.as_mut().unwrap().readyz_failed = 1;
+        let down = judged(down);
+        assert_eq!(down.verdict, Verdict::Fail);
+        assert!(down.reason.contains("/readyz"), "{}", down.reason);
+
+        let mut caught = abuse_run(10.0, 60);
+        caught.abuse.as_mut().unwrap().attacker = Some(AttackSummary {
+            violations: vec!["a wrong code registered".into()],
+            ..AttackSummary::default()
+        });
+        let caught = judged(caught);
+        assert_eq!(caught.verdict, Verdict::Fail);
+        assert!(caught.reason.contains("wrong code"), "{}", caught.reason);
+
+        // A tiny baseline counts as the floor.
+        let mut quick = abuse_run(19.0, 60);
+        judge_abuse(&mut quick, &abuse_run(1.0, 40));
+        assert_eq!(quick.verdict, Verdict::Pass, "{}", quick.reason);
+        assert_eq!(
+            quick.abuse.unwrap().p99_limit_ms,
+            Some(ABUSE_P99_FACTOR * ABUSE_P99_FLOOR_MS)
+        );
+
+        // A failed baseline proves nothing.
+        let mut broken = baseline.clone();
+        broken.verdict = Verdict::Fail;
+        let mut r = abuse_run(10.0, 60);
+        judge_abuse(&mut r, &broken);
+        assert_eq!(r.verdict, Verdict::Error);
     }
 
     #[test]

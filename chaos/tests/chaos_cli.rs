@@ -89,6 +89,13 @@ fn list_names_every_scenario_and_says_which_need_a_cluster() {
         "join-drain",
         "node-loss",
         "coord-partition",
+        "abuse-preauth",
+        "abuse-slow-reader",
+        "abuse-ack-flood",
+        "abuse-prekey-drain",
+        "abuse-register-flood",
+        "abuse-malformed",
+        "abuse-peer",
     ] {
         assert!(
             text.lines().any(|l| l.starts_with(name)),
@@ -97,6 +104,8 @@ fn list_names_every_scenario_and_says_which_need_a_cluster() {
     }
     let leader = text.lines().find(|l| l.starts_with("leader-kill")).unwrap();
     assert!(leader.contains("multi-node cluster"), "{leader}");
+    let peer = text.lines().find(|l| l.starts_with("abuse-peer")).unwrap();
+    assert!(peer.contains("multi-node cluster"), "{peer}");
 }
 
 /// Without a `ringpost-coordinator` binary anywhere it looks, a cluster scenario says so and
