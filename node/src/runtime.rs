@@ -497,12 +497,24 @@ async fn housekeeping(server: Arc<Server>) {
         tokio::time::interval_at(tokio::time::Instant::now() + TRIM_INTERVAL, TRIM_INTERVAL);
     let mut prune = tokio::time::interval(crate::server::RATE_LIMITER_PRUNE_INTERVAL);
     let mut last_recovery: Option<tokio::time::Instant> = None;
+    let mut clock_failing = false;
     loop {
         tokio::select! {
             _ = sweep.tick() => {
                 recover_storage(&server, &mut last_recovery).await;
-                if let Err(e) = server.expiry_clock.persist(server.now_ms()) {
-                    warn!(error = %e, "persisting the expiry clock failed");
+                // Unsynced, but RocksDB may queue it behind the inbox writer's fsync: not on
+                // an async worker. Logged once per failure, not every second.
+                let s = server.clone();
+                let persisted =
+                    tokio::task::spawn_blocking(move || s.expiry_clock.persist(s.now_ms())).await;
+                match persisted {
+                    Ok(Ok(())) => clock_failing = false,
+                    Ok(Err(e)) if !clock_failing => {
+                        clock_failing = true;
+                        warn!(error = %e, "persisting the expiry clock failed");
+                    }
+                    Ok(Err(_)) => {}
+                    Err(e) => warn!(error = %e, "persisting the expiry clock: task failed"),
                 }
                 let reaped = server.registry.sweep();
                 if reaped > 0 {
