@@ -5,7 +5,7 @@
 //! | budget | requests | charged to | default |
 //! |---|---|---|---|
 //! | messaging | `Send`, `Receipt`, `Typing` | the device | 200/s, burst 400 ([`crate::server::ServerConfig`]) |
-//! | acks | `DeliverAck`, per seq it names | the device | 20 000 seqs/s, burst 20 000 |
+//! | acks | `DeliverAck`, per seq it names | the device | 50 000 seqs/s, burst 100 000 (a device draining a full inbox, 50 000 entries, acks it all within the burst) |
 //! | lookups | `DeviceListRequest`, `PrekeyClaim` | the device | 50/s, burst 1 000 |
 //! | claims of one user | `PrekeyClaim` | (claiming user, claimed user) | 10/min, burst 10 |
 //! | key uploads | `PrekeyUpload` | the device | 10/min, burst 10 |
@@ -98,7 +98,7 @@ pub struct BudgetConfig {
 impl Default for BudgetConfig {
     fn default() -> Self {
         BudgetConfig {
-            ack_seqs: Budget::per_second(20_000, 20_000),
+            ack_seqs: Budget::per_second(50_000, 2 * crate::inbox::DEVICE_QUOTA_DEFAULT as u32),
             lookups: Budget::per_second(50, 1_000),
             claims_per_target: Budget::per_minute(10, 10),
             key_uploads: Budget::per_minute(10, 10),
