@@ -291,18 +291,19 @@ impl Node {
     /// Resolves once the node is ready for clients (what `/readyz` reports): an active member
     /// with a lease that has taken over its shards. Client listeners accept from then on.
     pub async fn ready(&self) {
-        let mut waited = 0u32;
-        loop {
-            match self.server.not_ready_reason() {
-                None => return,
-                Some(why) => {
-                    if waited % 500 == 499 {
-                        info!(why, "not ready for clients yet");
-                    }
-                    waited += 1;
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+        let log_why = async {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            every.tick().await;
+            loop {
+                every.tick().await;
+                if let Some(why) = self.server.not_ready_reason() {
+                    info!(why, "not ready for clients yet");
                 }
             }
+        };
+        tokio::select! {
+            _ = self.server.wait_ready() => {}
+            _ = log_why => {}
         }
     }
 
