@@ -33,7 +33,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use rand::Rng;
-use ringpost_client::{dev, Auth, Client, ClientConfig, ClientError};
+use ringpost_client::{dev, Auth, Client, ClientConfig, ClientError, TlsOptions};
 use serde::{Deserialize, Serialize};
 
 pub use flood::{ACK_FRAMES_PER_S_MAX, CLAIMS_PER_S_MAX, REGISTER_STEPS_PER_S_MAX};
@@ -141,6 +141,14 @@ impl AttackSpec {
         config.request_timeout = Duration::from_secs(10);
         config.connect_timeout = Duration::from_secs(5);
         config
+    }
+
+    /// TLS options for raw connections (trusting the run's dev CA when there is one).
+    fn tls(&self) -> TlsOptions {
+        self.ca_file
+            .as_ref()
+            .map(TlsOptions::ca_file)
+            .unwrap_or_default()
     }
 
     fn stopped(&self) -> bool {

@@ -9,7 +9,7 @@ use anyhow::Result;
 use bytes::Bytes;
 use rand::Rng;
 use ringpost_client::wire::{Body, DeliverAck, Hello, OneTimePrekey, SignedPrekey};
-use ringpost_client::{dev, Client, ClientError, Connection, Endpoint, Frame, TlsOptions};
+use ringpost_client::{dev, Client, ClientError, Connection, Endpoint, Frame};
 
 use super::{
     client_of, error_name, is_rate_limited, register, until_stopped, AttackSpec, Pace, Tally,
@@ -52,11 +52,7 @@ const DRAIN_EVERY: u32 = 32;
 async fn raw_device(spec: &AttackSpec, phone: u64) -> Result<Connection> {
     let auth = register(spec, phone).await?;
     let endpoint = Endpoint::parse(&spec.ws_url)?;
-    let tls = spec
-        .ca_file
-        .as_ref()
-        .map(TlsOptions::ca_file)
-        .unwrap_or_default();
+    let tls = spec.tls();
     let mut conn = Connection::open(&endpoint, &tls).await?;
     conn.send(&Frame::new(
         1,

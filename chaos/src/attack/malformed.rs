@@ -17,9 +17,7 @@ use ringpost_client::wire::limits::FRAME_BYTES_MAX;
 use ringpost_client::wire::{
     Body, CodeChannel, DeliverAck, Hello, Ping, PrekeyClaim, RegisterRequest, Send,
 };
-use ringpost_client::{
-    Auth, ClientError, Connection, DeviceCiphertext, Endpoint, Frame, TlsOptions,
-};
+use ringpost_client::{Auth, ClientError, Connection, DeviceCiphertext, Endpoint, Frame};
 
 use super::{junk, register, AttackSpec, Pace, Tally, FIRST_ATTACKER_USER};
 
@@ -76,11 +74,7 @@ async fn one_connection(
     let Ok(endpoint) = Endpoint::parse(url) else {
         return;
     };
-    let tls = spec
-        .ca_file
-        .as_ref()
-        .map(TlsOptions::ca_file)
-        .unwrap_or_default();
+    let tls = spec.tls();
     let mut conn = match tokio::time::timeout(OPEN_TIMEOUT, Connection::open(&endpoint, &tls)).await
     {
         Ok(Ok(c)) => c,

@@ -11,7 +11,7 @@ use anyhow::Result;
 use bytes::Bytes;
 use rand::Rng;
 use ringpost_client::wire::{Body, Hello};
-use ringpost_client::{Connection, DeviceCiphertext, Endpoint, Frame, TlsOptions};
+use ringpost_client::{Connection, DeviceCiphertext, Endpoint, Frame};
 
 use super::{client_of, register, until_stopped, AttackSpec, Pace, Tally, FIRST_ATTACKER_USER};
 
@@ -33,11 +33,7 @@ pub(super) async fn run(spec: Arc<AttackSpec>, tally: Tally) -> Result<()> {
     let sender = register(&spec, sender_phone).await?;
     let mut slow = Vec::new();
     let endpoint = Endpoint::parse(&spec.ws_url)?;
-    let tls = spec
-        .ca_file
-        .as_ref()
-        .map(TlsOptions::ca_file)
-        .unwrap_or_default();
+    let tls = spec.tls();
     for i in 0..SLOW_READERS {
         let auth = register(&spec, FIRST_ATTACKER_USER + 110 + i).await?;
         let mut conn = Connection::open(&endpoint, &tls).await?;
