@@ -10,7 +10,7 @@
 //! | `prekey-drain` | users claiming one user's prekeys in a loop, ignoring `retry_after_ms` | [`CLAIMS_PER_S_MAX`] |
 //! | `register-flood` | anonymous `RegisterRequest`s for honest and random numbers, each followed by `RegisterVerify`s with wrong codes | [`REGISTER_STEPS_PER_S_MAX`] |
 //! | `malformed` | random and mutated frames, text messages and broken framing over ws and QUIC, before and after `Hello` | [`MALFORMED_FRAMES_PER_S_MAX`] |
-//! | `peer` | junk datagrams at a cluster node's peer port, and QUIC dials (ALPN `ringpost-peer/1`) that never prove themselves or prove wrongly | [`PEER_DATAGRAMS_PER_S_MAX`], [`PEER_DIALERS_PER_SOURCE`] |
+//! | `peer` | junk datagrams at a cluster node's peer port, and QUIC dials (ALPN `ringpost-peer/2`) that never prove themselves or prove wrongly | [`PEER_DATAGRAMS_PER_S_MAX`], [`PEER_DIALERS_PER_SOURCE`] |
 //!
 //! Every attack is paced: the point is to show the node's bounds hold while honest clients are
 //! served, not to saturate the machine the run shares (the run's processes share its cores).

@@ -129,6 +129,8 @@ pub enum ErrorCode {
     ShuttingDown,
     /// Anything else: a storage or internal failure.
     Internal,
+    /// A join of a node id bound to another node key.
+    NodeKeyMismatch,
 }
 
 impl ErrorCode {
@@ -145,6 +147,7 @@ impl ErrorCode {
             ErrorCode::NoLeader => 8,
             ErrorCode::ShuttingDown => 9,
             ErrorCode::Internal => 10,
+            ErrorCode::NodeKeyMismatch => 11,
         }
     }
 
@@ -209,6 +212,7 @@ impl From<crate::state::StateError> for WireError {
             S::InvalidTransition { .. } => ErrorCode::InvalidTransition,
             S::TooManyMembers => ErrorCode::TooManyMembers,
             S::Invalid(_) => ErrorCode::InvalidRequest,
+            S::NodeKeyMismatch { .. } => ErrorCode::NodeKeyMismatch,
         };
         WireError::new(code, e.to_string())
     }
@@ -231,6 +235,7 @@ mod tests {
             ErrorCode::NoLeader,
             ErrorCode::ShuttingDown,
             ErrorCode::Internal,
+            ErrorCode::NodeKeyMismatch,
         ];
         let codes: std::collections::BTreeSet<u16> = all.iter().map(|c| c.code()).collect();
         assert_eq!(codes.len(), all.len());

@@ -166,6 +166,16 @@ pub enum StateError {
         /// The refused command.
         command: String,
     },
+    /// A join of a node id whose member is bound to another node key.
+    #[error(
+        "node {node_id} is bound to another node key: the node that joined with this id first \
+         holds it (if its data directory was lost for good, `ctl remove {node_id}` first, or \
+         give the new node another id)"
+    )]
+    NodeKeyMismatch {
+        /// The node.
+        node_id: NodeId,
+    },
     /// The cluster already holds [`MAX_MEMBERS`] members.
     #[error("cluster is full ({MAX_MEMBERS} members)")]
     TooManyMembers,
@@ -335,6 +345,13 @@ impl ClusterState {
         info.validate().map_err(StateError::Invalid)?;
         match self.members.get_mut(&info.node_id) {
             Some(m) => {
+                // The first key a member announced is its identity on peer links: another key
+                // would let whoever holds the cluster secret take over this node's id.
+                if m.info.node_key.is_some() && m.info.node_key != info.node_key {
+                    return Err(StateError::NodeKeyMismatch {
+                        node_id: info.node_id,
+                    });
+                }
                 let mut changed = m.info != *info;
                 m.info = info.clone();
                 if m.state == MemberState::Down {
@@ -411,6 +428,49 @@ mod tests {
             info: NodeInfo::new(id),
             at_ms: 0,
         }
+    }
+
+    fn join_with_key(id: NodeId, key: Option<&str>) -> Command {
+        let mut info = NodeInfo::new(id);
+        info.node_key = key.map(str::to_owned);
+        Command::Join { info, at_ms: 0 }
+    }
+
+    #[test]
+    fn the_first_node_key_binds_the_id_until_removed() {
+        let (a, b) = ("a".repeat(64), "b".repeat(64));
+        let mut s = init();
+        // A member from before node keys takes the first key it announces.
+        s.apply(2, &join_with_key(1, None)).unwrap();
+        s.apply(3, &join_with_key(1, Some(&a))).unwrap();
+        // The same key re-joins (a restart); another key or none is refused, state unchanged.
+        s.apply(4, &join_with_key(1, Some(&a))).unwrap();
+        let before = s.clone();
+        for other in [Some(b.as_str()), None] {
+            assert_eq!(
+                s.apply(5, &join_with_key(1, other)),
+                Err(StateError::NodeKeyMismatch { node_id: 1 })
+            );
+            assert_eq!(s, before);
+        }
+        let view = s.view().unwrap();
+        assert_eq!(
+            view.member(1).unwrap().info.node_key.as_deref(),
+            Some(a.as_str())
+        );
+        // Removing the member frees the id for a new key.
+        s.apply(6, &Command::Remove { node_id: 1 }).unwrap();
+        s.apply(7, &join_with_key(1, Some(&b))).unwrap();
+        assert_eq!(
+            s.view()
+                .unwrap()
+                .member(1)
+                .unwrap()
+                .info
+                .node_key
+                .as_deref(),
+            Some(b.as_str())
+        );
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub const DEFAULT_SHARD_COUNT: u32 = 4096;
 pub const MAX_REPLICATION_FACTOR: u32 = 16;
 /// Most node ids one `MarkDown` command may carry (one per member at worst).
 pub const MAX_NODES_PER_COMMAND: usize = MAX_MEMBERS;
+/// Length of a node key as announced: an Ed25519 public key (32 bytes) in lower-case hex.
+pub const NODE_KEY_HEX_BYTES: usize = 64;
 
 /// What a node announces when it joins: its id and the addresses others reach it on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +48,12 @@ pub struct NodeInfo {
     pub peer_addr: Option<String>,
     /// Failure domain (availability zone, rack); empty if unknown.
     pub zone: String,
+    /// The node's own Ed25519 public key (lower-case hex, [`NODE_KEY_HEX_BYTES`] long), with
+    /// which it proves its id on peer links. The first join that carries one binds the id to
+    /// it: a later join of the same id with another key (or none) is refused until the member
+    /// is removed. `None` only in state written before nodes had keys.
+    #[serde(default)]
+    pub node_key: Option<String>,
 }
 
 impl NodeInfo {
@@ -58,7 +66,26 @@ impl NodeInfo {
             quic_addr: None,
             peer_addr: None,
             zone: String::new(),
+            node_key: None,
         }
+    }
+
+    /// The node key's 32 bytes, if it announced a well-formed one.
+    pub fn node_key_bytes(&self) -> Option<[u8; 32]> {
+        let hex = self.node_key.as_deref()?;
+        if hex.len() != NODE_KEY_HEX_BYTES {
+            return None;
+        }
+        let mut key = [0u8; 32];
+        for (i, pair) in hex.as_bytes().chunks(2).enumerate() {
+            let digit = |c: u8| match c {
+                b'0'..=b'9' => Some(c - b'0'),
+                b'a'..=b'f' => Some(c - b'a' + 10),
+                _ => None,
+            };
+            key[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+        }
+        Some(key)
     }
 
     /// Checks every bound; the coordinator refuses a join that fails it.
@@ -86,6 +113,11 @@ impl NodeInfo {
         }
         if self.zone.chars().any(char::is_control) {
             return Err("zone contains control characters".into());
+        }
+        if self.node_key.is_some() && self.node_key_bytes().is_none() {
+            return Err(format!(
+                "node_key must be {NODE_KEY_HEX_BYTES} lower-case hex digits (an Ed25519 public key)"
+            ));
         }
         Ok(())
     }
@@ -245,7 +277,16 @@ mod tests {
         n.ws_url = None;
         n.zone = "z".repeat(MAX_ZONE_BYTES + 1);
         assert!(n.validate().is_err());
+        n.zone.clear();
         assert!(NodeInfo::new(0).validate().is_err());
+        for bad in ["ab", &"A".repeat(64), &"g".repeat(64), &"0".repeat(66)] {
+            n.node_key = Some(bad.to_string());
+            assert!(n.validate().is_err(), "{bad}");
+        }
+        n.node_key = Some(format!("{}ff", "0a".repeat(31)));
+        assert!(n.validate().is_ok());
+        let key = n.node_key_bytes().unwrap();
+        assert_eq!((key[0], key[30], key[31]), (0x0a, 0x0a, 0xff));
     }
 
     #[test]

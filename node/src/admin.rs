@@ -76,6 +76,12 @@ async fn handle(mut stream: TcpStream, server: Arc<Server>) -> std::io::Result<(
                 server.admission.unauthenticated() as i64,
                 std::sync::atomic::Ordering::Relaxed,
             );
+            if let Some(peers) = server.peers.get() {
+                server
+                    .metrics
+                    .peer_dials_refused
+                    .store(peers.refused_dials(), std::sync::atomic::Ordering::Relaxed);
+            }
             let body = server.metrics.render();
             respond(&mut stream, 200, "text/plain; version=0.0.4", &body).await
         }

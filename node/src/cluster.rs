@@ -33,6 +33,7 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use crate::handoff::{self, Digest};
+use crate::node_key::NodeKey;
 use crate::peer::{link, PeerRequest, PeerResponse};
 use crate::ring::Ring;
 use crate::server::Server;
@@ -95,7 +96,9 @@ impl ClusterLink {
         let (coordinator, client) = Coordinator::start_embedded(config)
             .await
             .context("starting the embedded coordinator")?;
+        let key = NodeKey::load_or_create(data_dir).context("loading the node key")?;
         let mut info = NodeInfo::new(node_id);
+        info.node_key = Some(key.public_hex());
         info.ws_url = bound.ws.map(|a| format!("ws://{a}"));
         info.wss_url = bound.wss.map(|a| format!("wss://{a}"));
         info.quic_addr = bound.quic.map(|a| a.to_string());
@@ -108,10 +111,12 @@ impl ClusterLink {
     /// active and holds a write lease renewed by its heartbeats.
     pub async fn start(
         options: ClusterOptions,
+        data_dir: &std::path::Path,
         node_id: NodeId,
         bound: &crate::runtime::Bound,
         server: Arc<Server>,
     ) -> Result<ClusterLink> {
+        let key = Arc::new(NodeKey::load_or_create(data_dir).context("loading the node key")?);
         let client =
             CoordinatorClient::connect(options.coordinators.clone(), options.secret.clone())
                 .await
@@ -139,6 +144,8 @@ impl ClusterLink {
                 node_id,
                 cluster_id: view.cluster_id.clone(),
                 secret: Arc::new(options.secret.expose().to_vec()),
+                key: key.clone(),
+                directory: Arc::new(crate::peer::MembershipKeys(Arc::downgrade(&server))),
                 bind: options.listen_peer,
             },
             crate::peer::service(&server),
@@ -151,6 +158,7 @@ impl ClusterLink {
         server.routing.require_lease();
 
         let mut info = NodeInfo::new(node_id);
+        info.node_key = Some(key.public_hex());
         info.ws_url = options
             .advertise_ws
             .or_else(|| bound.ws.map(|a| format!("ws://{a}")));

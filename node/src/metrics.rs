@@ -93,6 +93,8 @@ pub struct Metrics {
     pub rate_limited: AtomicU64,
     /// Connections refused at accept by the bounds on unauthenticated ones.
     pub preauth_refused: AtomicU64,
+    /// Copied from the peer network at each scrape.
+    pub peer_dials_refused: AtomicU64,
     /// Connections not authenticated yet (handshake, before `Hello`, anonymous sessions).
     pub unauthenticated: AtomicI64,
     pub inbox_entries: AtomicI64,
@@ -133,6 +135,7 @@ impl Default for Metrics {
             messages_rejected: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             preauth_refused: AtomicU64::new(0),
+            peer_dials_refused: AtomicU64::new(0),
             unauthenticated: AtomicI64::new(0),
             inbox_entries: AtomicI64::new(0),
             storage_failing_seconds: AtomicI64::new(0),
@@ -194,7 +197,7 @@ impl Metrics {
                 self.connections_accepted[t as usize].load(Relaxed)
             );
         }
-        let counters: [(&str, &str, &AtomicU64); 17] = [
+        let counters: [(&str, &str, &AtomicU64); 18] = [
             (
                 "ringpost_frames_in_total",
                 "Frames received from clients.",
@@ -244,6 +247,11 @@ impl Metrics {
                 "ringpost_preauth_refused_total",
                 "Connections refused at accept: too many unauthenticated ones from their source or in all.",
                 &self.preauth_refused,
+            ),
+            (
+                "ringpost_peer_dials_refused_total",
+                "Peer-port dials refused: bad or late proofs (wrong secret, wrong node key, not a member) and dials over the per-source or total bound.",
+                &self.peer_dials_refused,
             ),
             (
                 "ringpost_peer_requests_sent_total",

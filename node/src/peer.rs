@@ -280,3 +280,20 @@ pub fn service(server: &Arc<Server>) -> Arc<NodePeerService> {
 
 #[cfg(test)]
 mod tests;
+
+/// Peer links look other nodes' keys up in this node's view of the membership. Holds the
+/// server weakly: the server holds the peer network, which holds this.
+pub struct MembershipKeys(pub Weak<Server>);
+
+impl link::PeerDirectory for MembershipKeys {
+    fn node_key(
+        &self,
+        node: NodeId,
+        wait: Duration,
+    ) -> BoxFuture<'_, Option<[u8; crate::node_key::PUBLIC_KEY_BYTES]>> {
+        Box::pin(async move {
+            let server = self.0.upgrade()?;
+            server.routing.node_key(node, wait).await
+        })
+    }
+}

@@ -132,6 +132,28 @@ impl Routing {
         }
     }
 
+    /// The node key the current view binds `node` to, waiting up to `wait` for a view that
+    /// has one (a node that joined a moment ago may not be in this node's view yet).
+    pub async fn node_key(&self, node: NodeId, wait: Duration) -> Option<[u8; 32]> {
+        let mut rx = self.changed.subscribe();
+        let key = || {
+            self.ring()
+                .member(node)
+                .and_then(|m| m.info.node_key_bytes())
+        };
+        let find = async {
+            loop {
+                if let Some(key) = key() {
+                    return Some(key);
+                }
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+            }
+        };
+        tokio::time::timeout(wait, find).await.ok().flatten()
+    }
+
     /// Waits until the epoch is at least `epoch`; false on timeout.
     pub async fn wait_epoch(&self, epoch: u64, timeout: Duration) -> bool {
         let mut rx = self.changed.subscribe();
@@ -211,6 +233,25 @@ mod tests {
                 .collect(),
             in_sync_replicas: Default::default(),
         }
+    }
+
+    #[tokio::test]
+    async fn a_node_key_is_waited_for_until_a_view_has_it() {
+        let r = Arc::new(Routing::new(1, 64));
+        let wait = Duration::from_secs(5);
+        assert_eq!(r.node_key(2, Duration::from_millis(20)).await, None);
+        let asked = tokio::spawn({
+            let r = r.clone();
+            async move { r.node_key(2, wait).await }
+        });
+        // A view without node 2's key first, then one with it.
+        r.install(Ring::from_view(&view(1, &[1, 2])));
+        tokio::task::yield_now().await;
+        let mut with_key = view(1, &[1, 2]);
+        with_key.members[1].info.node_key = Some("ab".repeat(32));
+        r.install(Ring::from_view(&with_key));
+        assert_eq!(asked.await.unwrap(), Some([0xab; 32]));
+        assert_eq!(r.node_key(3, Duration::from_millis(20)).await, None);
     }
 
     #[tokio::test]

@@ -261,6 +261,7 @@ impl Node {
             Some(options) => {
                 crate::cluster::ClusterLink::start(
                     options,
+                    &opts.data_dir,
                     opts.server.node_id,
                     &bound,
                     server.clone(),

@@ -15,7 +15,8 @@ use bytes::Bytes;
 use harness::TestCluster;
 use ringpost_client::{Client, ClientConfig, ClientError, Event};
 use ringpost_coordinator::{ClusterView, Member, MemberState, NodeInfo};
-use ringpost_node::peer::link::{PeerConfig, PeerNet, PeerService};
+use ringpost_node::node_key::NodeKey;
+use ringpost_node::peer::link::{PeerConfig, PeerError, PeerNet, PeerService, StaticDirectory};
 use ringpost_node::peer::{
     decode_response, encode_request, PeerRequest, PeerResponse, Store, StoreKind, Stored, Targets,
 };
@@ -397,52 +398,108 @@ fn adding_a_node_under_traffic_moves_users_without_losing_messages() {
             receipt_msg_ids: vec![],
             dedup: true,
         };
+        // The test's peer is a member of the cluster (node 99, joined with its own key; never
+        // active, so it owns nothing).
+        let key = Arc::new(NodeKey::ephemeral().unwrap());
+        let mut info = NodeInfo::new(99);
+        info.node_key = Some(key.public_hex());
+        let coordinator = cluster.coordinator().await;
+        coordinator.join(info.clone()).await.expect("join node 99");
         let view = cluster.view().await;
+        let net = peer_endpoint(&view, 99, key).await;
         let refused = peer_call(
+            &net,
             &view,
             old_owner,
             epoch_before,
             PeerRequest::Store(store.clone()),
         )
-        .await;
+        .await
+        .expect("peer call");
         assert_eq!(refused, PeerResponse::WrongOwner { epoch: view.epoch });
-        let taken = peer_call(&view, 4, epoch_before, PeerRequest::Store(store)).await;
+        let taken = peer_call(
+            &net,
+            &view,
+            4,
+            epoch_before,
+            PeerRequest::Store(store.clone()),
+        )
+        .await
+        .expect("peer call");
         assert!(
             matches!(taken, PeerResponse::Stored(Stored::Stored { .. })),
             "{taken:?}"
         );
         assert!(inboxes[0].wait_all(&[id]).await.is_empty());
+        net.shutdown().await;
+
+        // Node ids are bound to node keys: the secret alone no longer makes a node. Another
+        // key cannot join as node 99, nor act as node 4 (the new owner) on a peer link.
+        let other = Arc::new(NodeKey::ephemeral().unwrap());
+        info.node_key = Some(other.public_hex());
+        let rejoin = coordinator.join(info).await;
+        assert!(
+            matches!(&rejoin, Err(e) if e.to_string().contains("bound to another node key")),
+            "{rejoin:?}"
+        );
+        let impostor = peer_endpoint(&view, 4, other).await;
+        let refused = peer_call(
+            &impostor,
+            &view,
+            old_owner,
+            view.epoch,
+            PeerRequest::Store(store),
+        )
+        .await;
+        assert!(
+            matches!(&refused, Err(PeerError::AuthFailed(e))
+                if e.contains("node 4's signature does not verify")),
+            "{refused:?}"
+        );
+        impostor.shutdown().await;
     });
 }
 
-/// One peer request to `node`, from a client holding the cluster secret (node id 99).
-async fn peer_call(
-    view: &ClusterView,
-    node: u64,
-    epoch: u64,
-    request: PeerRequest,
-) -> PeerResponse {
-    let net = PeerNet::start(
+/// A peer endpoint of the cluster's, as node `id` holding `key`; it trusts the keys the
+/// coordinator's membership binds the nodes to.
+async fn peer_endpoint(view: &ClusterView, id: u64, key: Arc<NodeKey>) -> PeerNet {
+    let directory = StaticDirectory::default();
+    for m in &view.members {
+        if let Some(k) = m.info.node_key_bytes() {
+            directory.insert(m.node_id(), k);
+        }
+    }
+    PeerNet::start(
         PeerConfig {
-            node_id: 99,
+            node_id: id,
             cluster_id: view.cluster_id.clone(),
             secret: Arc::new(harness::SECRET.as_bytes().to_vec()),
+            key,
+            directory: Arc::new(directory),
             bind: "127.0.0.1:0".parse().unwrap(),
         },
         Arc::new(NoService),
     )
     .await
-    .expect("peer endpoint");
+    .expect("peer endpoint")
+}
+
+/// One peer request to `node` from `net`.
+async fn peer_call(
+    net: &PeerNet,
+    view: &ClusterView,
+    node: u64,
+    epoch: u64,
+    request: PeerRequest,
+) -> Result<PeerResponse, PeerError> {
     let addr = view
         .member(node)
         .and_then(|m| m.info.peer_addr.clone())
         .expect("peer address");
     let bytes = net
         .call(node, &addr, encode_request(epoch, request).unwrap(), WAIT)
-        .await
-        .expect("peer call");
-    net.shutdown().await;
-    decode_response(&bytes).expect("peer response")
+        .await?;
+    Ok(decode_response(&bytes).expect("peer response"))
 }
 
 /// A peer endpoint that serves nothing (the test only calls).

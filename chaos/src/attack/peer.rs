@@ -1,4 +1,4 @@
-//! `peer`: a cluster node's peer port (UDP, QUIC with ALPN `ringpost-peer/1`) abused from
+//! `peer`: a cluster node's peer port (UDP, QUIC with ALPN `ringpost-peer/2`) abused from
 //! outside the cluster: junk datagrams (random bytes, and long-header packets that look like
 //! QUIC Initials), and QUIC dials that finish the handshake and then either say nothing or send
 //! a hello with a wrong proof. The node must drop the junk, close silent dials at its handshake
@@ -28,7 +28,10 @@ pub const PEER_DIALERS_PER_SOURCE: usize = 12;
 const DIAL_SOURCES: usize = 2;
 
 /// ALPN of the peer protocol.
-const PEER_ALPN: &[u8] = b"ringpost-peer/1";
+const PEER_ALPN: &[u8] = b"ringpost-peer/2";
+
+/// Bytes of a hello's proof: an HMAC (32) and an Ed25519 signature (64).
+const PROOF_BYTES: usize = 96;
 
 /// Longest a dial is held before it is dropped by us.
 const DIAL_HOLD_MAX: Duration = Duration::from_secs(20);
@@ -92,13 +95,13 @@ async fn dial_loop(
         };
         let wrong_proof = rng.gen_bool(0.5);
         if wrong_proof {
-            // node_id | cluster_id len | cluster_id | proof, the proof random.
+            // node_id | cluster_id len | cluster_id | mac | signature, both random.
             let mut hello = rng.gen_range(1u64..4).to_be_bytes().to_vec();
             let cluster = b"chaos";
             hello.push(cluster.len() as u8);
             hello.extend_from_slice(cluster);
-            hello.extend_from_slice(&junk(rng, 32)[..]);
-            hello.resize(8 + 1 + cluster.len() + 32, 0);
+            hello.extend_from_slice(&junk(rng, PROOF_BYTES)[..]);
+            hello.resize(8 + 1 + cluster.len() + PROOF_BYTES, 0);
             if let Ok((mut send, _recv)) = conn.open_bi().await {
                 let _ = send.write_all(&hello).await;
             }

@@ -1,4 +1,4 @@
-//! The node-to-node link, ALPN `ringpost-peer/1`: nodes of a cluster forward requests to each
+//! The node-to-node link, ALPN `ringpost-peer/2`: nodes of a cluster forward requests to each
 //! other over QUIC, one link (connection) per peer in each direction.
 //!
 //! # Authentication by channel binding
@@ -7,28 +7,32 @@
 //! so the server holds the key of the certificate it showed). Authentication rides on the TLS
 //! session instead: after the QUIC handshake the dialer opens one bidirectional stream (used for
 //! the whole link) and both sides export 32 bytes of keying material (`ekm`, label
-//! `ringpost-peer/1 auth`) unique to this TLS session. Each proves it knows the cluster secret
-//! with `HMAC-SHA256(secret, "ringpost-peer/1" | role | node_id | cluster_id | ekm)`, role `c`
-//! for the dialer and `s` for the server:
+//! `ringpost-peer/2 auth`) unique to this TLS session. Each side signs the transcript
+//! `t = "ringpost-peer/2" | role | node_id | cluster_id len u8 | cluster_id | ekm` (role `c` for
+//! the dialer, `s` for the server) twice: `HMAC-SHA256(cluster secret, t)`, which shows it is
+//! of this cluster, and an Ed25519 signature of `t` with its own node key
+//! ([`crate::node_key`]), which shows it is the node `node_id` names:
 //!
 //! ```text
-//! dialer → server   node_id u64 | cluster_id len u8 | cluster_id | proof [32]
-//! server → dialer   node_id u64 | proof [32]          (only after the dialer's proof verified)
+//! dialer → server   node_id u64 | cluster_id len u8 | cluster_id | mac [32] | signature [64]
+//! server → dialer   node_id u64 | mac [32] | signature [64]   (only after the dialer verified)
 //! ```
 //!
-//! An attacker in the middle runs two TLS sessions with two different `ekm`s, so a proof it
-//! relays fails, and it cannot forge one without the secret; the role byte stops a proof being
-//! reflected back. The server answers only a verified dialer, the dialer sends no request before
-//! it has verified the server's proof and node id, and the service never sees an
-//! unauthenticated peer. Whoever answers a dial does see the dialer's proof (bound to its own
-//! session) and could try to guess the secret offline: hence a random secret of at least
-//! [`PEER_SECRET_BYTES_MIN`] bytes.
+//! Each side checks the other's signature against the key the coordinator's membership binds
+//! that node id to ([`PeerDirectory`]; the coordinator binds an id to the first key it joined
+//! with and refuses another until the member is removed). So holding the cluster secret is not
+//! enough to act as another node: a peer request is from the node it says it is, and is
+//! authorised by what the receiver's ring says about that node (e.g. only a shard's owner may
+//! pull it, see [`super::handoff_role`]). A node the receiver's view does not know yet (it
+//! joined a moment ago) is waited for up to [`PEER_KEY_WAIT_MS`].
 //!
-//! What the proof does not show: the secret is shared by the whole cluster, so the node id in
-//! a hello is whatever its holder claims. Binding ids to keys needs per-node keys pinned in the
-//! coordinator's membership (whose `join` accepts any secret holder too); until then a peer
-//! request is authorised by what the receiver's ring says about the claimed id (e.g. only a
-//! shard's owner may pull it, see [`super::handoff_role`]).
+//! An attacker in the middle runs two TLS sessions with two different `ekm`s, so a proof it
+//! relays fails; the role byte stops a proof being reflected back. The server answers only a
+//! verified dialer, the dialer sends no request before it has verified the server's proof and
+//! node id, and the service never sees an unauthenticated peer. The MAC is checked first and is
+//! cheap, so a dial without the secret costs no signature check and no wait for a key. Whoever
+//! answers a dial does see the dialer's MAC (bound to its own session) and could try to guess
+//! the secret offline: hence a random secret of at least [`PEER_SECRET_BYTES_MIN`] bytes.
 //!
 //! # Unauthenticated dials
 //! A node serves at most [`PEER_LINKS_SERVED_MAX`] links. A dial that has not proved itself
@@ -67,10 +71,11 @@ use sha2::Sha256;
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
+use crate::node_key::{self, NodeKey, PUBLIC_KEY_BYTES, SIGNATURE_BYTES};
 use handshakes::{Handshake, HandshakesBySource};
 
 /// ALPN of the node-to-node protocol; the only one a peer endpoint speaks.
-pub const PEER_ALPN: &[u8] = b"ringpost-peer/1";
+pub const PEER_ALPN: &[u8] = b"ringpost-peer/2";
 
 /// Largest request or response body (bytes): a receiver buffers a whole frame before handing
 /// it on, so this bounds the memory one frame can make a node hold; larger payloads (shard
@@ -103,6 +108,10 @@ pub const PEER_ACCEPT_HANDSHAKE_MS: u64 = 2_000;
 /// A node dials each peer once (again after a link breaks), so even every node of a cluster
 /// behind one relay or NAT address stays well under it when dials come in together.
 pub const PEER_HANDSHAKES_PER_SOURCE_MAX: usize = 8;
+
+/// Longest a handshake waits for this node's view of the membership to show the other node's
+/// key (a node that joined a moment ago is not in every view yet).
+pub const PEER_KEY_WAIT_MS: u64 = 1_000;
 
 /// Keep-alive interval: a link is never idle long enough for its idle timeout to fire while the
 /// peer is alive. Costs one small packet per second per link.
@@ -144,11 +153,13 @@ pub const PEER_CLOSE_SHUTDOWN: u32 = 3;
 /// Server name in the certificate and in dials; never verified (see the module doc).
 const SERVER_NAME: &str = "ringpost-peer";
 /// Exporter label of the channel binding.
-const AUTH_LABEL: &[u8] = b"ringpost-peer/1 auth";
+const AUTH_LABEL: &[u8] = b"ringpost-peer/2 auth";
 const ROLE_DIALER: u8 = b'c';
 const ROLE_SERVER: u8 = b's';
 const EKM_BYTES: usize = 32;
-const PROOF_BYTES: usize = 32;
+const MAC_BYTES: usize = 32;
+/// A proof: the MAC, then the node key's signature.
+const PROOF_BYTES: usize = MAC_BYTES + SIGNATURE_BYTES;
 /// Bytes of the request id, counted in a frame's length.
 const ID_BYTES: usize = 8;
 
@@ -164,6 +175,38 @@ pub trait PeerService: Send + Sync + 'static {
     fn call(&self, from: NodeId, request: Bytes) -> BoxFuture<'static, Bytes>;
 }
 
+/// Where a node looks up the key another node's id is bound to: its view of the coordinator's
+/// membership.
+pub trait PeerDirectory: Send + Sync + 'static {
+    /// The key `node` is bound to, waiting up to `wait` for a view that has it; `None` if the
+    /// node is not a member (or has no key) by then.
+    fn node_key(
+        &self,
+        node: NodeId,
+        wait: Duration,
+    ) -> BoxFuture<'_, Option<[u8; PUBLIC_KEY_BYTES]>>;
+}
+
+/// A fixed table of node keys, for tests and tools that know their peers' keys up front.
+#[derive(Default)]
+pub struct StaticDirectory {
+    keys: Mutex<HashMap<NodeId, [u8; PUBLIC_KEY_BYTES]>>,
+}
+
+impl StaticDirectory {
+    /// Binds `node` to `key` (replacing any earlier key).
+    pub fn insert(&self, node: NodeId, key: [u8; PUBLIC_KEY_BYTES]) {
+        lock(&self.keys).insert(node, key);
+    }
+}
+
+impl PeerDirectory for StaticDirectory {
+    fn node_key(&self, node: NodeId, _: Duration) -> BoxFuture<'_, Option<[u8; PUBLIC_KEY_BYTES]>> {
+        let key = lock(&self.keys).get(&node).copied();
+        futures::future::ready(key).boxed()
+    }
+}
+
 /// How a node joins the peer network.
 pub struct PeerConfig {
     pub node_id: NodeId,
@@ -171,6 +214,10 @@ pub struct PeerConfig {
     pub cluster_id: String,
     /// Shared cluster secret, random, at least [`PEER_SECRET_BYTES_MIN`] bytes.
     pub secret: Arc<Vec<u8>>,
+    /// This node's own key; its public half is what the membership binds `node_id` to.
+    pub key: Arc<NodeKey>,
+    /// Other nodes' keys.
+    pub directory: Arc<dyn PeerDirectory>,
     /// UDP address to serve on and dial from.
     pub bind: SocketAddr,
 }
@@ -237,6 +284,9 @@ impl PeerNet {
             node_id: config.node_id,
             cluster_id: config.cluster_id,
             keyed,
+            key: config.key,
+            directory: config.directory,
+            refused: AtomicU64::new(0),
         });
         tokio::spawn(accept_links(endpoint.clone(), identity.clone(), service));
         Ok(PeerNet {
@@ -252,6 +302,12 @@ impl PeerNet {
     /// The bound address (the port chosen when `bind` asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.shared.local_addr
+    }
+
+    /// Dials served so far that were refused: failed or late proofs, and dials refused at once
+    /// for [`PEER_HANDSHAKES_PER_SOURCE_MAX`] or [`PEER_LINKS_SERVED_MAX`].
+    pub fn refused_dials(&self) -> u64 {
+        self.shared.identity.refused.load(Ordering::Relaxed)
     }
 
     /// Sends `request` to `peer` (at `addr`, "host:port") over the single link to it — dialed
@@ -354,37 +410,75 @@ impl PeerNet {
     }
 }
 
-/// What a node proves about itself on every link.
+/// What a node proves about itself on every link, and how it checks others.
 struct Identity {
     node_id: NodeId,
     cluster_id: String,
     /// HMAC keyed with the cluster secret, cloned for each proof.
     keyed: Hmac<Sha256>,
+    key: Arc<NodeKey>,
+    directory: Arc<dyn PeerDirectory>,
+    /// Served dials refused (see [`PeerNet::refused_dials`]).
+    refused: AtomicU64,
 }
 
 impl Identity {
-    /// The proof of `node_id` acting as `role` on the TLS session that exported `ekm`.
-    fn mac(&self, role: u8, node_id: NodeId, ekm: &[u8; EKM_BYTES]) -> Hmac<Sha256> {
-        let mut mac = self.keyed.clone();
-        mac.update(PEER_ALPN);
-        mac.update(&[role]);
-        mac.update(&node_id.to_be_bytes());
-        mac.update(&[self.cluster_id.len() as u8]);
-        mac.update(self.cluster_id.as_bytes());
-        mac.update(ekm);
-        mac
+    /// What `node_id` acting as `role` signs on the TLS session that exported `ekm`.
+    fn transcript(&self, role: u8, node_id: NodeId, ekm: &[u8; EKM_BYTES]) -> Vec<u8> {
+        let cluster_id = self.cluster_id.as_bytes();
+        let mut t = Vec::with_capacity(PEER_ALPN.len() + 1 + 8 + 1 + cluster_id.len() + EKM_BYTES);
+        t.put_slice(PEER_ALPN);
+        t.put_u8(role);
+        t.put_u64(node_id);
+        t.put_u8(cluster_id.len() as u8);
+        t.put_slice(cluster_id);
+        t.put_slice(ekm);
+        t
     }
 
     fn proof(&self, role: u8, ekm: &[u8; EKM_BYTES]) -> [u8; PROOF_BYTES] {
-        self.mac(role, self.node_id, ekm)
-            .finalize()
-            .into_bytes()
-            .into()
+        let t = self.transcript(role, self.node_id, ekm);
+        let mut mac = self.keyed.clone();
+        mac.update(&t);
+        let mut proof = [0u8; PROOF_BYTES];
+        proof[..MAC_BYTES].copy_from_slice(&mac.finalize().into_bytes());
+        proof[MAC_BYTES..].copy_from_slice(&self.key.sign(&t));
+        proof
     }
 
-    /// Whether `proof` shows that `node_id` (in `role`) knows the secret; constant time.
-    fn verify(&self, role: u8, node_id: NodeId, ekm: &[u8; EKM_BYTES], proof: &[u8]) -> bool {
-        self.mac(role, node_id, ekm).verify_slice(proof).is_ok()
+    /// Checks that `proof` shows `node_id` (in `role`) knows the cluster secret (constant
+    /// time, checked first) and holds the key the membership binds `node_id` to.
+    async fn verify(
+        &self,
+        role: u8,
+        node_id: NodeId,
+        ekm: &[u8; EKM_BYTES],
+        proof: &[u8],
+    ) -> Result<(), String> {
+        let t = self.transcript(role, node_id, ekm);
+        let (mac, signature) = proof.split_at(MAC_BYTES.min(proof.len()));
+        let mut keyed = self.keyed.clone();
+        keyed.update(&t);
+        if keyed.verify_slice(mac).is_err() {
+            return Err(format!(
+                "node {node_id}'s proof does not verify (wrong cluster secret?)"
+            ));
+        }
+        let wait = Duration::from_millis(PEER_KEY_WAIT_MS);
+        let Some(key) = self.directory.node_key(node_id, wait).await else {
+            return Err(format!(
+                "node {node_id} has no node key in node {}'s view of the membership \
+                 (not a member, or joined without a key)",
+                self.node_id
+            ));
+        };
+        if !node_key::verify(&key, &t, signature) {
+            return Err(format!(
+                "node {node_id}'s signature does not verify with the key its id is bound to \
+                 (another node claiming its id?)"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -544,12 +638,10 @@ async fn prove_to_server(
     let mut answer = [0u8; 8 + PROOF_BYTES];
     recv.read_exact(&mut answer).await.map_err(text)?;
     let (server, proof) = ((&answer[..8]).get_u64(), &answer[8..]);
-    if !identity.verify(ROLE_SERVER, server, &ekm, proof) {
-        return Err("server's proof does not verify (wrong cluster secret?)".into());
-    }
     if server != peer {
         return Err(format!("expected node {peer}, node {server} answered"));
     }
+    identity.verify(ROLE_SERVER, server, &ekm, proof).await?;
     Ok((send, recv))
 }
 
@@ -587,6 +679,7 @@ async fn accept_links(
             // Not a warning: whoever floods us would flood the log too.
             debug!(node = identity.node_id, %source,
                 "refusing peer link: PEER_HANDSHAKES_PER_SOURCE_MAX handshakes from this source");
+            identity.refused.fetch_add(1, Ordering::Relaxed);
             incoming.refuse();
             continue;
         };
@@ -603,6 +696,7 @@ async fn accept_links(
             Err(_) => {
                 warn!(node = identity.node_id, remote = %incoming.remote_address(),
                     "refusing peer link: PEER_LINKS_SERVED_MAX links served");
+                identity.refused.fetch_add(1, Ordering::Relaxed);
                 incoming.refuse();
             }
         }
@@ -626,11 +720,13 @@ async fn serve_link(
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
             debug!(node = identity.node_id, %remote, error = %e, "peer handshake failed");
+            identity.refused.fetch_add(1, Ordering::Relaxed);
             return;
         }
         // Dropping the handshake abandons the connection.
         Err(_) => {
             debug!(node = identity.node_id, %remote, "peer handshake timed out");
+            identity.refused.fetch_add(1, Ordering::Relaxed);
             return;
         }
     };
@@ -645,6 +741,7 @@ async fn serve_link(
         Ok(proved) => proved,
         Err(reason) => {
             warn!(node = identity.node_id, %remote, %reason, "refused peer link");
+            identity.refused.fetch_add(1, Ordering::Relaxed);
             conn.close(VarInt::from_u32(PEER_CLOSE_AUTH), reason.as_bytes());
             return;
         }
@@ -671,16 +768,14 @@ async fn check_dialer(
     recv.read_exact(&mut head).await.map_err(text)?;
     let [from @ .., cluster_id_len] = head;
     let (from, cluster_id_len) = (u64::from_be_bytes(from), usize::from(cluster_id_len));
-    // At most 255 + 32 bytes, whatever the dialer claims.
     let mut rest = vec![0u8; cluster_id_len + PROOF_BYTES];
+    // At most 255 + 96 bytes, whatever the dialer claims.
     recv.read_exact(&mut rest).await.map_err(text)?;
     let (cluster_id, proof) = rest.split_at(cluster_id_len);
     if cluster_id != identity.cluster_id.as_bytes() {
         return Err("wrong cluster id".into());
     }
-    if !identity.verify(ROLE_DIALER, from, &ekm, proof) {
-        return Err("dialer's proof does not verify (wrong cluster secret?)".into());
-    }
+    identity.verify(ROLE_DIALER, from, &ekm, proof).await?;
     let mut answer = Vec::with_capacity(8 + PROOF_BYTES);
     answer.put_u64(identity.node_id);
     answer.put_slice(&identity.proof(ROLE_SERVER, &ekm));
@@ -955,7 +1050,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const SECRET: &[u8] = b"test cluster secret, 32 bytes!!!";
@@ -998,14 +1093,38 @@ mod tests {
         }
     }
 
-    async fn start(node_id: NodeId, cluster_id: &str, secret: &[u8]) -> (PeerNet, Arc<Recorder>) {
-        let service = Arc::new(Recorder::default());
-        let config = PeerConfig {
+    /// The key node `id` holds in these tests.
+    pub(crate) fn test_key(id: NodeId) -> Arc<NodeKey> {
+        Arc::new(NodeKey::from_seed(&[id as u8; 32]).unwrap())
+    }
+
+    /// The membership of these tests: nodes 1 to 9, each bound to its [`test_key`].
+    pub(crate) fn test_directory() -> Arc<StaticDirectory> {
+        let directory = StaticDirectory::default();
+        for id in 1..=9 {
+            directory.insert(id, test_key(id).public());
+        }
+        Arc::new(directory)
+    }
+
+    /// A peer endpoint on 127.0.0.1 whose node holds `key`.
+    pub(crate) fn test_config(node_id: NodeId, cluster_id: &str, secret: &[u8]) -> PeerConfig {
+        PeerConfig {
             node_id,
             cluster_id: cluster_id.into(),
             secret: Arc::new(secret.to_vec()),
+            key: test_key(node_id),
+            directory: test_directory(),
             bind: "127.0.0.1:0".parse().unwrap(),
-        };
+        }
+    }
+
+    async fn start(node_id: NodeId, cluster_id: &str, secret: &[u8]) -> (PeerNet, Arc<Recorder>) {
+        start_with(test_config(node_id, cluster_id, secret)).await
+    }
+
+    async fn start_with(config: PeerConfig) -> (PeerNet, Arc<Recorder>) {
+        let service = Arc::new(Recorder::default());
         let net = PeerNet::start(config, service.clone()).await.unwrap();
         (net, service)
     }
@@ -1068,7 +1187,7 @@ mod tests {
                 "c",
                 other_secret,
                 2,
-                "refused this node: dialer's proof does not verify",
+                "refused this node: node 1's proof does not verify (wrong cluster secret?)",
             ),
             ("other", SECRET, 2, "refused this node: wrong cluster id"),
             ("c", SECRET, 3, "expected node 3, node 2 answered"),
@@ -1083,7 +1202,59 @@ mod tests {
                 "{answer:?}"
             );
             assert_eq!(served.calls(), 0);
+            assert_eq!(b.refused_dials(), u64::from(why.starts_with("refused")));
         }
+    }
+
+    /// Used to be: anyone holding the cluster secret could act as any node id on a link.
+    #[tokio::test]
+    async fn a_node_id_is_only_accepted_with_the_key_it_is_bound_to() {
+        let (b, served) = start(2, "c", SECRET).await;
+        let to_b = b.local_addr().to_string();
+        // The secret, but node 3's key while claiming to be node 1.
+        let impostor = PeerConfig {
+            key: test_key(3),
+            ..test_config(1, "c", SECRET)
+        };
+        // A node id the membership does not know (no key bound to it).
+        let stranger = test_config(42, "c", SECRET);
+        let cases = [
+            (
+                impostor,
+                "node 1's signature does not verify with the key its id is bound to",
+            ),
+            (
+                stranger,
+                "node 42 has no node key in node 2's view of the membership",
+            ),
+        ];
+        for (config, why) in cases {
+            let (a, _) = start_with(config).await;
+            let answer = a.call(2, &to_b, Bytes::from("x"), TIMEOUT).await;
+            assert!(
+                matches!(&answer, Err(PeerError::AuthFailed(e)) if e.contains(why)),
+                "{answer:?}"
+            );
+        }
+        assert_eq!(served.calls(), 0);
+        assert_eq!(b.refused_dials(), 2);
+
+        // And the other way: a server answering as node 2 with another key is not trusted.
+        let (fake, fake_served) = start_with(PeerConfig {
+            key: test_key(4),
+            ..test_config(2, "c", SECRET)
+        })
+        .await;
+        let (a, _) = start(1, "c", SECRET).await;
+        let to_fake = fake.local_addr().to_string();
+        let answer = a.call(2, &to_fake, Bytes::from("x"), TIMEOUT).await;
+        assert!(
+            matches!(&answer, Err(PeerError::AuthFailed(e))
+                if e.contains("node 2's signature does not verify")),
+            "{answer:?}"
+        );
+        // The fake saw a genuine node 1 and served the link, but was never sent a request.
+        assert_eq!(fake_served.calls(), 0);
     }
 
     #[tokio::test]
@@ -1197,10 +1368,8 @@ mod tests {
 
         // A real peer from another address is served meanwhile.
         let config = PeerConfig {
-            node_id: 1,
-            cluster_id: "c".into(),
-            secret: Arc::new(SECRET.to_vec()),
             bind: "127.0.0.2:0".parse().unwrap(),
+            ..test_config(1, "c", SECRET)
         };
         let a = PeerNet::start(config, Arc::new(Recorder::default()))
             .await

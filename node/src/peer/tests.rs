@@ -6,7 +6,7 @@ use futures::future::{BoxFuture, FutureExt};
 use ringpost_coordinator::{ClusterView, Member, MemberState, NodeId, NodeInfo};
 use ringpost_wire::ErrorCode;
 
-use super::link::{PeerConfig, PeerNet, PeerService, PEER_FRAME_BYTES_MAX};
+use super::link::{PeerNet, PeerService, PEER_FRAME_BYTES_MAX};
 use super::*;
 use crate::accounts::{Accounts, AccountsConfig, LogCodeSender};
 use crate::handoff;
@@ -105,12 +105,7 @@ impl PeerService for Answers {
 }
 
 async fn peer(node_id: NodeId, service: Arc<dyn PeerService>) -> PeerNet {
-    let config = PeerConfig {
-        node_id,
-        cluster_id: "c".into(),
-        secret: Arc::new(SECRET.to_vec()),
-        bind: "127.0.0.1:0".parse().unwrap(),
-    };
+    let config = super::link::tests::test_config(node_id, "c", SECRET);
     PeerNet::start(config, service).await.unwrap()
 }
 
