@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod peer;
 pub mod registry;
+pub mod replication;
 pub mod ring;
 pub mod routing;
 pub mod runtime;
