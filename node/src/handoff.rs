@@ -26,6 +26,10 @@
 //! 5. Old owner: [`drop_shard`]; an abandoned import is cleaned up the same way on the new
 //!    owner.
 //!
+//! A shard's replication log position ([`Cf::ShardLog`](crate::storage::Cf::ShardLog)) is one
+//! of its rows and moves like the others: the new owner's log continues where the old owner's
+//! stopped, and the digests cover it.
+//!
 //! Export reads without a snapshot: a row changed between two chunks may be exported in either
 //! state. The digest comparison is what catches it.
 

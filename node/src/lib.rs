@@ -24,6 +24,7 @@ pub mod node_key;
 pub mod outbox;
 pub mod peer;
 pub mod registry;
+pub mod replication;
 pub mod ring;
 pub mod routing;
 pub mod runtime;

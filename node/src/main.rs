@@ -278,6 +278,8 @@ fn node_options(common: Common) -> NodeOptions {
         server,
         inbox,
         rocks: Default::default(),
+        // Replication is not wired to the network yet (issue 19).
+        replication: None,
     }
 }
 

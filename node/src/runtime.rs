@@ -20,6 +20,7 @@ use crate::conn::Admitted;
 use crate::inbox::{Inbox, InboxConfig};
 use crate::keys::Keys;
 use crate::metrics::{Metrics, Transport as TransportKind};
+use crate::replication::{ReplicatingEngine, ShardLogSink};
 use crate::server::{Server, ServerConfig};
 use crate::storage::rocks::{RocksConfig, RocksEngine};
 use crate::storage::Engine;
@@ -61,6 +62,43 @@ pub struct NodeOptions {
     /// Join a standalone coordinator; `None` runs a single-replica coordinator in this
     /// process and joins it (dev, or a one-node deployment).
     pub cluster: Option<crate::cluster::ClusterOptions>,
+    /// Ship every shard write to replicas ([`crate::replication`], in progress). `None` (the
+    /// only setting the binary has yet): the services write RocksDB directly, as before.
+    pub replication: Option<ReplicationOptions>,
+}
+
+/// How a node replicates its shards' writes.
+#[derive(Clone)]
+pub struct ReplicationOptions {
+    /// Where the records of every committed batch go before the write returns.
+    pub sink: Arc<dyn ShardLogSink>,
+    /// The epoch records are written at.
+    pub epoch: u64,
+}
+
+impl std::fmt::Debug for ReplicationOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicationOptions")
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens the node's database, wrapped in a [`ReplicatingEngine`] only when `replication` is
+/// given: without it, writes cost exactly what they did before replication existed.
+pub fn open_engine(
+    path: &std::path::Path,
+    rocks: &RocksConfig,
+    replication: Option<&ReplicationOptions>,
+) -> Result<Arc<dyn Engine>> {
+    let db: Arc<dyn Engine> = Arc::new(
+        RocksEngine::open(path, rocks)
+            .with_context(|| format!("opening RocksDB in {}", path.display()))?,
+    );
+    Ok(match replication {
+        Some(r) => Arc::new(ReplicatingEngine::new(db, r.sink.clone(), r.epoch)),
+        None => db,
+    })
 }
 
 /// Accept queue of each TCP listener (the kernel caps it at `net.core.somaxconn`). A reconnect
@@ -139,10 +177,11 @@ impl Node {
     pub async fn start(opts: NodeOptions) -> Result<Node> {
         std::fs::create_dir_all(&opts.data_dir)
             .with_context(|| format!("creating data dir {}", opts.data_dir.display()))?;
-        let engine: Arc<dyn Engine> = Arc::new(
-            RocksEngine::open(opts.data_dir.join("db"), &opts.rocks)
-                .with_context(|| format!("opening RocksDB in {}", opts.data_dir.display()))?,
-        );
+        let engine = open_engine(
+            &opts.data_dir.join("db"),
+            &opts.rocks,
+            opts.replication.as_ref(),
+        )?;
         let metrics = Arc::new(Metrics::default());
         let registry = Arc::new(crate::registry::Registry::default());
         let inbox_config = {
@@ -537,5 +576,49 @@ async fn housekeeping(server: Arc<Server>) {
             },
             _ = prune.tick() => server.prune(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::replication::{read_position, ShardLogRecord, ShipError};
+    use crate::storage::{key, Cf, WriteBatch};
+
+    #[derive(Default)]
+    struct Count(Mutex<usize>);
+
+    impl ShardLogSink for Count {
+        fn ship(&self, records: Vec<ShardLogRecord>, _sync: bool) -> Result<(), ShipError> {
+            *self.0.lock().unwrap() += records.len();
+            Ok(())
+        }
+    }
+
+    fn write_to_shard_3(engine: &dyn Engine) {
+        let mut b = WriteBatch::new();
+        b.put(Cf::Accounts, key(3, &[b"user"]), b"v".to_vec());
+        engine.write(b, true).unwrap();
+    }
+
+    #[test]
+    fn the_engine_replicates_only_when_given_a_sink() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = open_engine(&dir.path().join("a"), &RocksConfig::for_tests(), None).unwrap();
+        write_to_shard_3(&*plain);
+        assert_eq!(read_position(&*plain, 3).unwrap().lsn, 0, "no log kept");
+
+        let sink = Arc::new(Count::default());
+        let replication = ReplicationOptions {
+            sink: sink.clone(),
+            epoch: 1,
+        };
+        let path = dir.path().join("b");
+        let replicated = open_engine(&path, &RocksConfig::for_tests(), Some(&replication)).unwrap();
+        write_to_shard_3(&*replicated);
+        assert_eq!(read_position(&*replicated, 3).unwrap().lsn, 1);
+        assert_eq!(*sink.0.lock().unwrap(), 1);
     }
 }

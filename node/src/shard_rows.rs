@@ -22,20 +22,27 @@ pub const ROW_VALUE_BYTES_MAX: usize = 512 * 1024;
 pub const ROW_HEADER_BYTES: usize = 1 + 4 + 4;
 /// Every shard-prefixed column family: all but [`Cf::Meta`]. A row's `cf` is an index into
 /// this array, so the order is part of the peer protocol: append only.
-pub const SHARD_CFS: [Cf; 6] = [
+pub const SHARD_CFS: [Cf; 7] = [
     Cf::Accounts,
     Cf::Verify,
     Cf::Inbox,
     Cf::InboxMeta,
     Cf::Dedup,
     Cf::Prekeys,
+    Cf::ShardLog,
 ];
 
 /// Whether a family's keys start with the shard id. A `match`, so that a new [`Cf`] does not
 /// compile until it is classified here; the check below then requires it in [`SHARD_CFS`].
 pub(crate) const fn is_shard_prefixed(cf: Cf) -> bool {
     match cf {
-        Cf::Accounts | Cf::Verify | Cf::Inbox | Cf::InboxMeta | Cf::Dedup | Cf::Prekeys => true,
+        Cf::Accounts
+        | Cf::Verify
+        | Cf::Inbox
+        | Cf::InboxMeta
+        | Cf::Dedup
+        | Cf::Prekeys
+        | Cf::ShardLog => true,
         Cf::Meta => false,
     }
 }

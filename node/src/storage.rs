@@ -35,18 +35,24 @@ pub enum Cf {
     Dedup,
     /// `shard | user | device | kind | id` → prekeys.
     Prekeys,
+    /// `shard | 0x00` → the shard's log position: the last LSN of the shard's replication log
+    /// this node's copy includes, and its epoch ([`crate::replication::Position`]). Written
+    /// only by the replication layer (the primary's [`crate::replication::ReplicatingEngine`],
+    /// a replica's [`crate::replication::apply`]); moves with the shard in a hand-off.
+    ShardLog,
     /// Node-local metadata (`shard` prefix unused): schema version, node id.
     Meta,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 7] = [
+    pub const ALL: [Cf; 8] = [
         Cf::Accounts,
         Cf::Verify,
         Cf::Inbox,
         Cf::InboxMeta,
         Cf::Dedup,
         Cf::Prekeys,
+        Cf::ShardLog,
         Cf::Meta,
     ];
 
@@ -59,6 +65,7 @@ impl Cf {
             Cf::InboxMeta => "inbox_meta",
             Cf::Dedup => "dedup",
             Cf::Prekeys => "prekeys",
+            Cf::ShardLog => "shard_log",
             Cf::Meta => "meta",
         }
     }
@@ -122,7 +129,8 @@ impl WriteBatch {
     }
 }
 
-/// Why storage failed. Every variant means "nothing was made durable by this call".
+/// Why storage failed. Every variant but [`StorageError::Replication`] means "nothing was made
+/// durable by this call".
 ///
 /// `Clone` so that one failed group commit can report the same error to every request in it.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -139,6 +147,12 @@ pub enum StorageError {
     /// Anything else the engine reports.
     #[error("storage error: {0}")]
     Other(String),
+    /// The write is durable on this node, but it was not confirmed to have reached the shard's
+    /// replicas ([`crate::replication::ReplicatingEngine`]). The caller must treat it as a
+    /// failure and acknowledge nothing: a client's retry is then a duplicate (at-least-once),
+    /// and the replicas detect the missing record as a gap and catch up.
+    #[error("not replicated: {0}")]
+    Replication(String),
 }
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;

@@ -1,0 +1,38 @@
+//! Replication of shards at the storage layer (issue 19, in progress): physical, below every
+//! service, so the inbox, accounts, keys and hand-off are replicated without knowing it.
+//!
+//! How the parts fit:
+//! - [`split`] cuts a [`WriteBatch`](crate::storage::WriteBatch) into one op list per shard
+//!   it touches, in the batch's order; node-local ops ([`Cf::Meta`](crate::storage::Cf::Meta))
+//!   are not replicated.
+//! - [`ShardLogRecord`] is one entry of a shard's log: `(shard, lsn, epoch, ops)`, with a
+//!   versioned binary encoding whose decoder checks every bound ([`record`]'s constants) and
+//!   that every op stays inside its shard.
+//! - [`Position`] is a shard's log position in this node's copy: the last LSN it includes and
+//!   its epoch, stored in [`Cf::ShardLog`](crate::storage::Cf::ShardLog) under the shard's
+//!   prefix, in the same atomic batch as the data it covers. It moves with the shard in a
+//!   hand-off (the family is in [`SHARD_CFS`](crate::shard_rows::SHARD_CFS)).
+//! - [`ReplicatingEngine`] (the primary) wraps an [`Engine`](crate::storage::Engine): every
+//!   committed batch becomes one record per shard it touches (a group commit of many messages
+//!   costs one record per shard), written locally together with each shard's new position,
+//!   then handed to a [`ShardLogSink`] before `write` returns.
+//! - [`apply`] (a replica) writes records in LSN order, each atomically and durably with the
+//!   shard's new position; a re-sent record is skipped, a gap refused with the LSN it needs.
+//!
+//! Not here yet: the network sink, in-sync sets, catch-up by snapshot, failover. The node uses
+//! the wrapper only when given a sink (`NodeOptions::replication`), which nothing gives yet.
+
+mod apply;
+mod engine;
+mod position;
+pub mod record;
+mod split;
+
+pub use apply::{apply, Applied, ApplyError};
+pub use engine::{ReplicatingEngine, ShardLogSink, ShipError};
+pub use position::{position_key, read_position, Position};
+pub use record::{RecordError, ShardLogRecord};
+pub use split::{split, SplitError};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,229 @@
+//! [`ReplicatingEngine`]: the primary's side of shard replication, as an [`Engine`] wrapper.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use super::position::{position_key, read_position, Position};
+use super::record::ShardLogRecord;
+use super::split::{split, touches_shards};
+use crate::shard::ShardId;
+use crate::storage::{Cf, Engine, Op, Result, StorageError, WriteBatch};
+
+/// Why records were not shipped. The sink's own words, for the log and the caller's error.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct ShipError(pub String);
+
+/// Where the primary's records go: to the shard's in-sync replicas (the network part is not
+/// written yet; tests apply them to a second engine in-process).
+pub trait ShardLogSink: Send + Sync + 'static {
+    /// Takes the records of one committed batch, one per shard it touched, in shard order.
+    /// Called in LSN order for each shard, one call at a time, after the batch is written
+    /// locally; the primary's `write` returns only once this does, so an implementation
+    /// returns `Ok` only once the replicas have the records (durably if `sync`: a synced write
+    /// with no shard ops still calls `ship` with no records, so that replicas make the records
+    /// they applied unsynced durable too, as a local synced write does).
+    ///
+    /// On `Err` the records may have reached some replicas, or none: a replica that misses one
+    /// refuses the next as a gap ([`super::apply`]) and catches up.
+    fn ship(&self, records: Vec<ShardLogRecord>, sync: bool) -> Result<(), ShipError>;
+}
+
+/// An [`Engine`] that turns every committed batch into per-shard log records.
+///
+/// `write(batch, sync)`:
+/// 1. [`split`] the batch; node-local batches (only [`Cf::Meta`]) pass straight through.
+/// 2. Build one [`ShardLogRecord`] per shard touched, at the shard's next LSN and the current
+///    epoch, and [`ShardLogRecord::check`] it: a batch that breaks a rule or bound is refused
+///    before anything is written (no service writes such a batch; see [`super::SplitError`]).
+///    A batch that writes a position itself (a hand-off import) is refused too: positions move
+///    only with records here; a shard arrives on a replicating node by catch-up instead.
+/// 3. Append each shard's new [`Position`] to the batch and write it with `sync`: the data and
+///    the positions are one atomic batch, so after a crash the stored position is exactly the
+///    last record whose data is stored, and the LSNs continue from it.
+/// 4. Ship the records to the sink and return its error, if any, as
+///    [`StorageError::Replication`].
+///
+/// Why the local write stays when the sink fails: the caller gets an error and acknowledges
+/// nothing, so the write is one the protocol already allows to be lost or kept (at-least-once:
+/// a client's retry is deduplicated on this node). The shard's LSN has advanced, so the next
+/// record shipped is one past the missing one and a replica that lacks it refuses it as a gap
+/// rather than diverging silently.
+///
+/// Steps 2 to 4 run under one lock, so records of a shard are allocated, written and shipped
+/// in LSN order with no holes: a failed local write allocates nothing (and, since RocksDB may
+/// have written a batch it reported as failed, the cached positions are dropped and read back
+/// from disk). The price is that writes of different services no longer share an fsync while a
+/// sink is set; the inbox writer, which carries nearly all the load, is one thread anyway.
+///
+/// Exactly one wrapper may write a database: each caches the positions it wrote.
+///
+/// Memory: one cached [`Position`] (24 bytes with its key) per shard written, at most 65535.
+pub struct ReplicatingEngine {
+    inner: Arc<dyn Engine>,
+    sink: Arc<dyn ShardLogSink>,
+    epoch: AtomicU64,
+    /// Positions read or written so far; held across allocate, write and ship.
+    positions: Mutex<HashMap<ShardId, Position>>,
+}
+
+impl std::fmt::Debug for ReplicatingEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicatingEngine")
+            .field("epoch", &self.epoch.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReplicatingEngine {
+    /// Wraps `inner`; records are written at `epoch` (see [`ReplicatingEngine::set_epoch`]).
+    pub fn new(inner: Arc<dyn Engine>, sink: Arc<dyn ShardLogSink>, epoch: u64) -> Self {
+        Self {
+            inner,
+            sink,
+            epoch: AtomicU64::new(epoch),
+            positions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The epoch of the records written from now on. A shard whose stored position is at a
+    /// later epoch is refused: a newer primary wrote it, this node is behind.
+    pub fn set_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::Relaxed);
+    }
+
+    /// The engine this one writes into.
+    pub fn inner(&self) -> &Arc<dyn Engine> {
+        &self.inner
+    }
+
+    fn write_replicated(&self, mut batch: WriteBatch, sync: bool) -> Result<()> {
+        let per_shard = split(&batch).map_err(|e| StorageError::Other(e.to_string()))?;
+        if let Some(index) = batch.ops.iter().position(writes_a_position) {
+            return Err(StorageError::Other(format!(
+                "op {index} of the batch writes a shard log position: a shard comes to a \
+                 replicating node by catch-up, not by a hand-off import"
+            )));
+        }
+        let epoch = self.epoch.load(Ordering::Relaxed);
+        let mut positions = self
+            .positions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut records = Vec::with_capacity(per_shard.len());
+        for (shard, ops) in per_shard {
+            let current = match positions.get(&shard) {
+                Some(p) => *p,
+                None => read_position(&*self.inner, shard)?,
+            };
+            if current.epoch > epoch {
+                return Err(StorageError::Other(format!(
+                    "shard {shard} was written at epoch {}, after this node's epoch {epoch}",
+                    current.epoch
+                )));
+            }
+            let record = ShardLogRecord {
+                shard,
+                lsn: current.lsn + 1,
+                epoch,
+                ops,
+            };
+            record
+                .check()
+                .map_err(|e| StorageError::Other(e.to_string()))?;
+            records.push(record);
+        }
+        for r in &records {
+            let position = Position {
+                lsn: r.lsn,
+                epoch: r.epoch,
+            };
+            batch.put(Cf::ShardLog, position_key(r.shard), position.encode());
+        }
+        if let Err(e) = self.inner.write(batch, sync) {
+            // The batch may be on disk all the same: read the positions back next time.
+            positions.clear();
+            return Err(e);
+        }
+        for r in &records {
+            positions.insert(
+                r.shard,
+                Position {
+                    lsn: r.lsn,
+                    epoch: r.epoch,
+                },
+            );
+        }
+        self.sink
+            .ship(records, sync)
+            .map_err(|e| StorageError::Replication(e.0))
+    }
+}
+
+/// A put or delete of a position; a range delete of a whole shard (dropping it) may cover one.
+fn writes_a_position(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Put {
+            cf: Cf::ShardLog,
+            ..
+        } | Op::Delete {
+            cf: Cf::ShardLog,
+            ..
+        }
+    )
+}
+
+impl Engine for ReplicatingEngine {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.inner.get(cf, key)
+    }
+
+    fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
+        if touches_shards(&batch) {
+            return self.write_replicated(batch, sync);
+        }
+        if !sync {
+            return self.inner.write(batch, false);
+        }
+        // A synced write of node-local data, or of nothing (a barrier): the replicas sync too.
+        let _order = self
+            .positions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.inner.write(batch, true)?;
+        self.sink
+            .ship(Vec::new(), true)
+            .map_err(|e| StorageError::Replication(e.0))
+    }
+
+    fn scan(
+        &self,
+        cf: Cf,
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.inner.scan(cf, from, to, limit)
+    }
+
+    fn last_in(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        self.inner.last_in(cf, from, to)
+    }
+
+    fn drops_expired_dedup(&self) -> bool {
+        self.inner.drops_expired_dedup()
+    }
+
+    /// Reopens the inner engine and forgets the cached positions: a write that failed may be
+    /// on disk after all, and its position with it.
+    fn recover(&self) -> Result<()> {
+        let mut positions = self
+            .positions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        positions.clear();
+        self.inner.recover()
+    }
+}

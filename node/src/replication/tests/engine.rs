@@ -1,0 +1,307 @@
+//! The primary's wrapper: records per shard, LSNs persisted with the data, failures.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::*;
+use crate::replication::{read_position, Position, ReplicatingEngine};
+use crate::storage::{key, prefix_end, Cf, Op, Result, StorageError, WriteBatch};
+
+fn put(b: &mut WriteBatch, shard: ShardId, tail: &[u8]) {
+    b.put(Cf::Inbox, key(shard, &[tail]), tail.to_vec());
+}
+
+#[test]
+fn a_batch_is_one_record_per_shard_in_order_and_local_ops_stay_local() {
+    let (primary, _d1) = rocks();
+    let (replica, _d2) = rocks();
+    let sink = ApplySink::new(replica.clone());
+    let engine = ReplicatingEngine::new(primary.clone(), sink.clone(), 1);
+
+    // A group commit of 100 messages to two shards, with a node-local write in it.
+    let mut b = WriteBatch::new();
+    for n in 0..100u8 {
+        put(&mut b, [3, 9][usize::from(n % 2)], &[n]);
+    }
+    b.put(Cf::Meta, b"local".to_vec(), b"x".to_vec());
+    b.delete(Cf::Inbox, key(9, &[&[1]]));
+    engine.write(b.clone(), true).unwrap();
+
+    let records = sink.records();
+    assert_eq!(records.len(), 2);
+    assert_eq!((records[0].shard, records[0].lsn), (3, 1));
+    assert_eq!((records[1].shard, records[1].lsn), (9, 1));
+    let of = |shard: ShardId| -> Vec<Op> {
+        b.ops
+            .iter()
+            .filter(|op| match op {
+                Op::Put { key, .. } | Op::Delete { key, .. } => {
+                    key.starts_with(&shard.to_be_bytes())
+                }
+                Op::DeleteRange { .. } => false,
+            })
+            .filter(|op| !matches!(op, Op::Put { cf: Cf::Meta, .. }))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(records[0].ops, of(3));
+    assert_eq!(records[1].ops, of(9));
+    assert_eq!(replica.get(Cf::Inbox, &key(9, &[&[1]])).unwrap(), None);
+    assert_eq!(rows_of(&*primary, 9), rows_of(&*replica, 9));
+    assert_eq!(
+        primary.get(Cf::Meta, b"local").unwrap(),
+        Some(b"x".to_vec())
+    );
+    assert_eq!(replica.get(Cf::Meta, b"local").unwrap(), None);
+
+    // Node-local only: not shipped at all when unsynced; a synced one ships no records.
+    let mut local = WriteBatch::new();
+    local.put(Cf::Meta, b"clock".to_vec(), b"1".to_vec());
+    engine.write(local.clone(), false).unwrap();
+    assert_eq!(sink.shipped.lock().unwrap().len(), 1);
+    engine.write(WriteBatch::new(), true).unwrap();
+    assert_eq!(
+        sink.shipped.lock().unwrap().last(),
+        Some(&(Vec::new(), true))
+    );
+}
+
+#[test]
+fn lsns_continue_from_the_persisted_position_after_a_restart() {
+    let primary_dir = tempfile::tempdir().unwrap();
+    let (replica, _d2) = rocks();
+    let sink = ApplySink::new(replica.clone());
+    for round in 0..3u8 {
+        let inner =
+            Arc::new(RocksEngine::open(primary_dir.path(), &RocksConfig::for_tests()).unwrap());
+        let engine = ReplicatingEngine::new(inner.clone(), sink.clone(), 1);
+        for n in 0..4u8 {
+            let mut b = WriteBatch::new();
+            put(&mut b, 5, &[round, n]);
+            engine.write(b, n % 2 == 0).unwrap();
+        }
+        // A clean close has every write durable.
+        engine.write(WriteBatch::new(), true).unwrap();
+        assert_eq!(
+            read_position(&*inner, 5).unwrap(),
+            Position {
+                lsn: u64::from(round + 1) * 4,
+                epoch: 1
+            }
+        );
+    }
+    let lsns: Vec<u64> = sink.records().iter().map(|r| r.lsn).collect();
+    assert_eq!(lsns, (1..=12).collect::<Vec<_>>());
+    assert_eq!(read_position(&*replica, 5).unwrap().lsn, 12);
+}
+
+#[test]
+fn a_failed_ship_keeps_the_local_write_and_the_replica_sees_a_gap() {
+    let (primary, _d1) = rocks();
+    let (replica, _d2) = rocks();
+    let sink = ApplySink::new(replica.clone());
+    let engine = ReplicatingEngine::new(primary.clone(), sink.clone(), 1);
+    let mut b = WriteBatch::new();
+    put(&mut b, 5, b"one");
+    engine.write(b, true).unwrap();
+
+    sink.lose_next.store(true, Ordering::Relaxed);
+    let mut b = WriteBatch::new();
+    put(&mut b, 5, b"two");
+    let err = engine.write(b, true).unwrap_err();
+    assert!(matches!(err, StorageError::Replication(_)), "{err}");
+    assert!(primary
+        .get(Cf::Inbox, &key(5, &[b"two"]))
+        .unwrap()
+        .is_some());
+
+    // The next record is LSN 3: the replica, at 1, refuses it and names LSN 2.
+    let mut b = WriteBatch::new();
+    put(&mut b, 5, b"three");
+    let err = engine.write(b, true).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("record 3 does not follow 1; LSN 2 is needed next"),
+        "{err}"
+    );
+    assert_eq!(read_position(&*replica, 5).unwrap().lsn, 1);
+    assert_eq!(read_position(&*primary, 5).unwrap().lsn, 3);
+}
+
+/// Writes the batch, then reports a failure (RocksDB may do this: a batch in the WAL whose
+/// sync failed), or fails before writing.
+struct Flaky {
+    inner: Arc<dyn Engine>,
+    fail_after_writing: AtomicBool,
+}
+
+impl Engine for Flaky {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.inner.get(cf, key)
+    }
+    fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
+        self.inner.write(batch, sync)?;
+        if self.fail_after_writing.swap(false, Ordering::Relaxed) {
+            return Err(StorageError::Io("injected: fsync failed".into()));
+        }
+        Ok(())
+    }
+    fn scan(
+        &self,
+        cf: Cf,
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.inner.scan(cf, from, to, limit)
+    }
+    fn last_in(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        self.inner.last_in(cf, from, to)
+    }
+}
+
+#[test]
+fn a_write_reported_failed_but_stored_does_not_reuse_its_lsn() {
+    let (primary, _d1) = rocks();
+    let (replica, _d2) = rocks();
+    let sink = ApplySink::new(replica.clone());
+    let flaky = Arc::new(Flaky {
+        inner: primary.clone(),
+        fail_after_writing: AtomicBool::new(false),
+    });
+    let engine = ReplicatingEngine::new(flaky.clone(), sink.clone(), 1);
+    let mut b = WriteBatch::new();
+    put(&mut b, 5, b"one");
+    engine.write(b, true).unwrap();
+    flaky.fail_after_writing.store(true, Ordering::Relaxed);
+    let mut b = WriteBatch::new();
+    put(&mut b, 5, b"two");
+    assert!(matches!(engine.write(b, true), Err(StorageError::Io(_))));
+    assert_eq!(read_position(&*primary, 5).unwrap().lsn, 2);
+    assert_eq!(sink.records().len(), 1, "a failed write ships nothing");
+    // LSN 2 is taken by the stored batch: the next is 3, a gap for the replica (which needs a
+    // snapshot), never a second, different LSN 2.
+    let mut b = WriteBatch::new();
+    put(&mut b, 5, b"three");
+    let err = engine.write(b, true).unwrap_err();
+    assert!(err.to_string().contains("LSN 2 is needed"), "{err}");
+}
+
+#[test]
+fn refused_batches_write_nothing_and_take_no_lsn() {
+    let (primary, _d1) = rocks();
+    let (replica, _d2) = rocks();
+    let sink = ApplySink::new(replica.clone());
+    let engine = ReplicatingEngine::new(primary.clone(), sink.clone(), 4);
+
+    let mut across = WriteBatch::new();
+    put(&mut across, 1, b"a");
+    across.delete_range(Cf::Inbox, key(1, &[b"a"]), key(2, &[b"a"]));
+    let err = engine.write(across, true).unwrap_err();
+    assert!(
+        err.to_string().contains("spans more than one shard"),
+        "{err}"
+    );
+
+    // A hand-off import brings a position: refused on a replicating node.
+    let mut import = WriteBatch::new();
+    put(&mut import, 1, b"a");
+    import.put(
+        Cf::ShardLog,
+        crate::replication::position_key(1),
+        Position { lsn: 9, epoch: 1 }.encode(),
+    );
+    let err = engine.write(import, true).unwrap_err();
+    assert!(err.to_string().contains("position"), "{err}");
+
+    let mut too_big = WriteBatch::new();
+    too_big.put(
+        Cf::Inbox,
+        key(1, &[b"a"]),
+        vec![0; crate::replication::record::RECORD_VALUE_BYTES_MAX + 1],
+    );
+    assert!(engine.write(too_big, true).is_err());
+
+    assert!(rows_of(&*primary, 1).is_empty());
+    assert!(sink.records().is_empty());
+
+    // A shard last written at a later epoch: this node is a stale primary.
+    let mut b = WriteBatch::new();
+    put(&mut b, 2, b"a");
+    ReplicatingEngine::new(primary.clone(), sink.clone(), 6)
+        .write(b, true)
+        .unwrap();
+    let mut b = WriteBatch::new();
+    put(&mut b, 2, b"b");
+    let err = engine.write(b, true).unwrap_err();
+    assert!(err.to_string().contains("epoch 6"), "{err}");
+    engine.set_epoch(6);
+    let mut b = WriteBatch::new();
+    put(&mut b, 2, b"b");
+    engine.write(b, true).unwrap();
+    assert_eq!(
+        read_position(&*replica, 2).unwrap(),
+        Position { lsn: 2, epoch: 6 }
+    );
+    assert_eq!(rows_of(&*primary, 2), rows_of(&*replica, 2));
+}
+
+#[test]
+fn dropping_a_shard_keeps_its_position_moving_forward() {
+    let (primary, _d1) = rocks();
+    let (replica, _d2) = rocks();
+    let sink = ApplySink::new(replica.clone());
+    let engine = ReplicatingEngine::new(primary.clone(), sink.clone(), 1);
+    let mut b = WriteBatch::new();
+    put(&mut b, 0x00ff, b"a");
+    b.put(Cf::InboxMeta, key(0x00ff, &[b"m"]), b"1".to_vec());
+    engine.write(b, true).unwrap();
+    let from = key(0x00ff, &[]);
+    let mut drop = WriteBatch::new();
+    for cf in crate::shard_rows::SHARD_CFS {
+        drop.delete_range(cf, from.clone(), prefix_end(&from));
+    }
+    engine.write(drop, true).unwrap();
+    let rows = rows_of(&*primary, 0x00ff);
+    assert_eq!(rows.len(), 1, "only the position is left: {rows:?}");
+    assert_eq!(rows, rows_of(&*replica, 0x00ff));
+    assert_eq!(read_position(&*primary, 0x00ff).unwrap().lsn, 2);
+}
+
+#[test]
+fn a_hand_off_moves_the_position_and_the_new_owner_continues_the_log() {
+    let (old_owner, _d1) = rocks();
+    let (new_owner, _d2) = rocks();
+    let (replica, _d3) = rocks();
+    let sink = ApplySink::new(replica.clone());
+    let engine = ReplicatingEngine::new(old_owner.clone(), sink.clone(), 1);
+    for n in 0..3u8 {
+        let mut b = WriteBatch::new();
+        put(&mut b, 5, &[n]);
+        engine.write(b, true).unwrap();
+    }
+    // Today's hand-off: rows copied raw onto a node that does not replicate yet.
+    let rows = rows_of(&*old_owner, 5);
+    let mut import = WriteBatch::new();
+    for row in &rows {
+        import.put(
+            row.column_family().unwrap(),
+            row.key.clone(),
+            row.value.clone(),
+        );
+    }
+    new_owner.write(import, true).unwrap();
+    assert_eq!(
+        crate::handoff::shard_digest(&*old_owner, 5, 0).unwrap(),
+        crate::handoff::shard_digest(&*new_owner, 5, 0).unwrap()
+    );
+    // The new owner's first record is LSN 4: the replica takes it with no gap.
+    let engine = ReplicatingEngine::new(new_owner.clone(), sink.clone(), 2);
+    let mut b = WriteBatch::new();
+    put(&mut b, 5, b"moved");
+    engine.write(b, true).unwrap();
+    assert_eq!(
+        read_position(&*replica, 5).unwrap(),
+        Position { lsn: 4, epoch: 2 }
+    );
+    assert_eq!(rows_of(&*new_owner, 5), rows_of(&*replica, 5));
+}
