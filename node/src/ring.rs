@@ -103,7 +103,9 @@ impl Ring {
         let mut ids = owners.to_vec();
         ids.sort_unstable();
         ids.dedup();
-        let copies = (effective_copies(replication_factor, ids.len()) as usize).min(COPIES_MAX);
+        // A view always carries 1..=COPIES_MAX; anything else is clamped, never a panic.
+        let factor = replication_factor.max(1);
+        let copies = (effective_copies(factor, ids.len()) as usize).min(COPIES_MAX);
         let mut ring = HashRing::new();
         ring.batch_add(
             ids.iter()

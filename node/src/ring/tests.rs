@@ -285,6 +285,12 @@ fn a_factor_above_the_member_count_places_every_member_once() {
     }
     let single = zoned(512, 3, &[(7, "a")]);
     assert!((0..512).all(|s| single.replicas(s) == [7]));
+    // Out-of-range factors (a view never carries them) are clamped, not a panic.
+    assert_eq!(zoned(64, 0, &[(7, ""), (8, "")]).copies(), 1);
+    assert_eq!(
+        zoned(64, 99, &[(7, ""), (8, ""), (9, ""), (10, "")]).copies(),
+        3
+    );
     let empty = Ring::empty(512);
     assert_eq!((empty.copies(), empty.replicas(0)), (0, &[][..]));
 }
