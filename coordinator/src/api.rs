@@ -112,6 +112,9 @@ async fn handle_client(
                 svc.write(crate::state::Command::Remove { node_id }).await,
                 view,
             ),
+            ClientRequest::SetReplication { factor } => {
+                reply(svc.set_replication(factor).await, view)
+            }
             ClientRequest::Init(spec) => reply(svc.init(spec).await, view),
         };
         ch.send(&resp).await?;

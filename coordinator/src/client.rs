@@ -227,6 +227,15 @@ impl CoordinatorClient {
         self.expect_view(ClientRequest::Remove { node_id }).await
     }
 
+    /// Sets the replication factor (copies of each shard, the primary included,
+    /// 1..=[`crate::types::MAX_REPLICATION_FACTOR`]). Bumps the epoch iff the copies per shard
+    /// change (`min(factor, active members)`); primaries never move. Placement only: the data
+    /// path that fills the replicas is not there yet.
+    pub async fn set_replication(&self, factor: u32) -> Result<ClusterView, ClientError> {
+        self.expect_view(ClientRequest::SetReplication { factor })
+            .await
+    }
+
     /// Linearizable read of the whole view (served by the leader).
     pub async fn view(&self) -> Result<ClusterView, ClientError> {
         self.expect_view(ClientRequest::View).await
@@ -496,7 +505,7 @@ pub struct InitParams {
     pub cluster_id: Option<String>,
     /// Shard count (default [`crate::types::DEFAULT_SHARD_COUNT`]).
     pub shard_count: u32,
-    /// Replication factor (default 1).
+    /// Replication factor (default [`crate::types::DEFAULT_REPLICATION_FACTOR`]).
     pub replication_factor: u32,
     /// Node heartbeat interval (default 1000 ms).
     pub heartbeat_interval_ms: u64,
@@ -509,7 +518,7 @@ impl Default for InitParams {
         InitParams {
             cluster_id: None,
             shard_count: crate::types::DEFAULT_SHARD_COUNT,
-            replication_factor: 1,
+            replication_factor: crate::types::DEFAULT_REPLICATION_FACTOR,
             heartbeat_interval_ms: 1000,
             heartbeat_miss_limit: 5,
         }

@@ -125,7 +125,9 @@ pub enum CoordinatorError {
     Client(#[from] ClientError),
 }
 
-/// Parameters of an embedded single-replica coordinator.
+/// Parameters of an embedded single-replica coordinator. The cluster it creates has the default
+/// replication factor ([`crate::types::DEFAULT_REPLICATION_FACTOR`]); with its one node that is
+/// one copy per shard.
 #[derive(Debug, Clone)]
 pub struct EmbeddedConfig {
     /// Data directory (a `raft/` directory is created inside).
@@ -297,7 +299,7 @@ impl Coordinator {
                 config: ClusterConfig {
                     cluster_id: crate::client::random_cluster_id(),
                     shard_count: config.shard_count,
-                    replication_factor: 1,
+                    replication_factor: crate::types::DEFAULT_REPLICATION_FACTOR,
                     heartbeat_interval_ms: config.heartbeat_interval_ms,
                     heartbeat_miss_limit: config.heartbeat_miss_limit,
                 },

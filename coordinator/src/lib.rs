@@ -1,7 +1,7 @@
 //! Ringpost coordinator: the Raft-replicated membership service.
 //!
-//! It keeps, replicated with openraft on 1, 3 or 5 replicas: the cluster id, shard count and
-//! replication factor (fixed at `init`), the members (nodes) with their addresses, zone and
+//! It keeps, replicated with openraft on 1, 3 or 5 replicas: the cluster id and shard count
+//! (fixed at `init`), the replication factor (`set_replication`), the members (nodes) with their addresses, zone and
 //! state, the ring epoch, and room for per-shard in-sync replica sets. Nodes talk to it only
 //! through [`client`]; see `coordinator/README.md` for the state machine, the protocol and the
 //! failure detector in one page.

@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{ArgAction, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use ringpost_coordinator::client::{ClientOptions, CoordinatorClient, InitParams};
+use ringpost_coordinator::types::DEFAULT_REPLICATION_FACTOR;
 use ringpost_coordinator::{
     ClusterSecret, ClusterView, Coordinator, CoordinatorConfig, RaftTimings, StatusReport,
 };
@@ -113,8 +114,13 @@ struct InitArgs {
     /// Number of shards, fixed for the life of the cluster.
     #[arg(long, env = "RINGPOST_COORD_SHARD_COUNT", default_value_t = 4096)]
     shard_count: u32,
-    /// Copies of each shard.
-    #[arg(long, env = "RINGPOST_COORD_REPLICATION_FACTOR", default_value_t = 1)]
+    /// Copies of each shard, the primary included (1 to 3); fewer while fewer nodes are active.
+    /// Change it later with `ctl set-replication`. Placement only: data is not replicated yet.
+    #[arg(
+        long,
+        env = "RINGPOST_COORD_REPLICATION_FACTOR",
+        default_value_t = DEFAULT_REPLICATION_FACTOR
+    )]
     replication_factor: u32,
     /// How often nodes heartbeat the leader.
     #[arg(
@@ -236,6 +242,13 @@ enum CtlOp {
     Activate {
         /// Node id.
         node: u64,
+    },
+    /// Set the replication factor: copies of each shard, the primary included (1 to 3). A new
+    /// epoch iff the copies per shard (at most the active nodes) change; primaries never move.
+    /// Placement only: data is not replicated yet.
+    SetReplication {
+        /// The new factor.
+        factor: u32,
     },
 }
 
@@ -431,6 +444,7 @@ async fn ctl(a: CtlArgs) -> anyhow::Result<()> {
         CtlOp::Drain { node } => client.drain(node).await?,
         CtlOp::Remove { node } => client.remove(node).await?,
         CtlOp::Activate { node } => client.activate(node).await?,
+        CtlOp::SetReplication { factor } => client.set_replication(factor).await?,
         CtlOp::Status | CtlOp::Members | CtlOp::View => client.view().await?,
     };
     if a.json || matches!(a.op, CtlOp::View) {
@@ -483,12 +497,13 @@ async fn ctl_status(addrs: &[SocketAddr], secret: ClusterSecret, json: bool) -> 
         }
         match reports.iter().find_map(|(_, r)| r.as_ref().ok()?.view.as_ref()) {
             Some(v) => println!(
-                "cluster {}: epoch {}, revision {}, shards {}, replication factor {}, {} members ({} active)",
+                "cluster {}: epoch {}, revision {}, shards {}, replication factor {} (copies per shard: {}), {} members ({} active)",
                 v.cluster_id,
                 v.epoch,
                 v.revision,
                 v.shard_count,
                 v.replication_factor,
+                v.copies(),
                 v.members.len(),
                 v.owners().count()
             ),
@@ -503,8 +518,12 @@ async fn ctl_status(addrs: &[SocketAddr], secret: ClusterSecret, json: bool) -> 
 
 fn print_members(view: &ClusterView) {
     println!(
-        "cluster {} epoch {} revision {}",
-        view.cluster_id, view.epoch, view.revision
+        "cluster {} epoch {} revision {} replication factor {} (copies per shard: {})",
+        view.cluster_id,
+        view.epoch,
+        view.revision,
+        view.replication_factor,
+        view.copies()
     );
     println!(
         "{:>8}  {:<9} {:<10} {:<28} {:<28} {:<22} {:<22}",

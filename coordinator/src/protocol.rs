@@ -88,6 +88,10 @@ pub(crate) enum ClientRequest {
     Remove {
         node_id: NodeId,
     },
+    /// Change the replication factor (checked here and again when applied).
+    SetReplication {
+        factor: u32,
+    },
     Init(InitSpec),
     /// Turn this connection into a push stream of views. Any replica.
     Watch,

@@ -121,6 +121,12 @@ impl Service {
         Ok(view)
     }
 
+    /// Changes the replication factor; a factor out of bounds is refused before it is proposed.
+    pub(crate) async fn set_replication(&self, factor: u32) -> Result<Arc<ClusterView>, WireError> {
+        crate::state::validate_replication_factor(factor)?;
+        self.write(Command::SetReplication { factor }).await
+    }
+
     fn record_heartbeat(&self, node_id: NodeId) {
         if let Ok(mut d) = self.detector.lock() {
             d.handle_heartbeat(node_id, Instant::now());

@@ -13,17 +13,23 @@
 //! | remove   | any                          | absent   | if it was active      |
 //! | mark_down| joining, active, draining    | down     | if it was active      |
 //! | revive   | down                         | joining  | no                    |
+//! | set_replication | (cluster-wide: factor 1..=3) | —   | if the copies change  |
 //!
-//! The epoch is computed, not hand-maintained: after each command the set of shard-owning members
-//! is compared with the set before it, and the epoch increments iff they differ.
+//! The epoch is computed, not hand-maintained: after each command the placement key (the
+//! shard-owning members with their zones, and the copies per shard, `min(replication factor,
+//! active members)`) is compared with the key before it, and the epoch increments iff they
+//! differ. So the table every node computes (primaries and replicas) changes only with the
+//! epoch: raising the factor from 2 to 3 on a three-node cluster bumps it, on a two-node cluster
+//! it does not (still two copies), and neither moves a primary. A join that changes an active
+//! member's zone bumps it too (replica placement follows zones).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use crate::types::{
-    ClusterView, Member, MemberState, NodeId, NodeInfo, MAX_CLUSTER_ID_BYTES, MAX_MEMBERS,
-    MAX_NODES_PER_COMMAND, MAX_REPLICATION_FACTOR, MAX_SHARD_COUNT,
+    effective_copies, ClusterView, Member, MemberState, NodeId, NodeInfo, MAX_CLUSTER_ID_BYTES,
+    MAX_MEMBERS, MAX_NODES_PER_COMMAND, MAX_REPLICATION_FACTOR, MAX_SHARD_COUNT,
 };
 
 /// Shortest node heartbeat interval accepted at `init`.
@@ -32,15 +38,20 @@ pub const MIN_HEARTBEAT_INTERVAL_MS: u64 = 10;
 pub const MAX_HEARTBEAT_INTERVAL_MS: u64 = 60_000;
 /// Largest missed-heartbeat limit accepted at `init`.
 pub const MAX_HEARTBEAT_MISS_LIMIT: u32 = 100;
+/// Largest replication factor versions before `set_replication` accepted at `init`. An `init`
+/// already committed with such a factor still applies (its log and snapshots stay readable),
+/// and the view reports it capped at [`MAX_REPLICATION_FACTOR`]; new requests are held to that.
+pub const LEGACY_MAX_REPLICATION_FACTOR: u32 = 16;
 
-/// Parameters fixed when the cluster is created.
+/// Parameters set when the cluster is created. All are fixed for its life except the
+/// replication factor (`set_replication`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterConfig {
     /// Cluster id.
     pub cluster_id: String,
     /// Shard count.
     pub shard_count: u32,
-    /// Replication factor.
+    /// Replication factor: copies wanted of each shard, the primary included.
     pub replication_factor: u32,
     /// How often nodes heartbeat.
     pub heartbeat_interval_ms: u64,
@@ -49,8 +60,18 @@ pub struct ClusterConfig {
 }
 
 impl ClusterConfig {
-    /// Checks every bound.
+    /// Checks every bound: what a new `init` request must satisfy.
     pub fn validate(&self) -> Result<(), StateError> {
+        self.validate_with(MAX_REPLICATION_FACTOR)
+    }
+
+    /// Checks every bound as a committed `init` (or a snapshot) must satisfy it: an older
+    /// version may have committed a replication factor up to [`LEGACY_MAX_REPLICATION_FACTOR`].
+    fn validate_committed(&self) -> Result<(), StateError> {
+        self.validate_with(LEGACY_MAX_REPLICATION_FACTOR)
+    }
+
+    fn validate_with(&self, max_replication_factor: u32) -> Result<(), StateError> {
         let bad = |m: String| Err(StateError::Invalid(m));
         if self.cluster_id.is_empty() || self.cluster_id.len() > MAX_CLUSTER_ID_BYTES {
             return bad(format!(
@@ -67,7 +88,7 @@ impl ClusterConfig {
         if !(1..=MAX_SHARD_COUNT).contains(&self.shard_count) {
             return bad(format!("shard_count must be 1..={MAX_SHARD_COUNT}"));
         }
-        if !(1..=MAX_REPLICATION_FACTOR).contains(&self.replication_factor) {
+        if !(1..=max_replication_factor).contains(&self.replication_factor) {
             return bad(format!(
                 "replication_factor must be 1..={MAX_REPLICATION_FACTOR}"
             ));
@@ -137,6 +158,31 @@ pub enum Command {
         /// Leader wall clock.
         at_ms: u64,
     },
+    /// The operator changes the replication factor (`ctl set-replication`).
+    SetReplication {
+        /// Copies wanted of each shard, 1..=[`MAX_REPLICATION_FACTOR`].
+        factor: u32,
+    },
+}
+
+/// Checks a replication factor asked for by `set_replication`; the service checks it before
+/// proposing and `apply` again, so a bad entry can never change the state.
+pub fn validate_replication_factor(factor: u32) -> Result<(), StateError> {
+    if (1..=MAX_REPLICATION_FACTOR).contains(&factor) {
+        Ok(())
+    } else {
+        Err(StateError::Invalid(format!(
+            "replication factor must be 1..={MAX_REPLICATION_FACTOR}, not {factor}"
+        )))
+    }
+}
+
+/// What the ring nodes compute depends on, and nothing else: the shard-owning members with
+/// their zones, and the copies per shard. The epoch changes iff this does.
+#[derive(Debug, PartialEq, Eq)]
+struct PlacementKey {
+    owners: Vec<(NodeId, String)>,
+    copies: u32,
 }
 
 /// Why a command was refused. Refusals are deterministic, so every replica refuses the same
@@ -233,7 +279,7 @@ impl ClusterState {
             epoch: self.epoch,
             revision: self.revision,
             shard_count: c.shard_count,
-            replication_factor: c.replication_factor,
+            replication_factor: c.replication_factor.min(MAX_REPLICATION_FACTOR),
             heartbeat_interval_ms: c.heartbeat_interval_ms,
             heartbeat_miss_limit: c.heartbeat_miss_limit,
             members: self.members.values().cloned().collect(),
@@ -244,7 +290,7 @@ impl ClusterState {
     /// Checks the bounds a deserialized state (a snapshot from a peer) must satisfy.
     pub fn validate(&self) -> Result<(), StateError> {
         if let Some(c) = &self.config {
-            c.validate()?;
+            c.validate_committed()?;
         }
         if self.members.len() > MAX_MEMBERS {
             return Err(StateError::TooManyMembers);
@@ -258,22 +304,31 @@ impl ClusterState {
         Ok(())
     }
 
-    fn owners(&self) -> BTreeSet<NodeId> {
-        self.members
+    fn placement_key(&self) -> PlacementKey {
+        let owners: Vec<(NodeId, String)> = self
+            .members
             .values()
             .filter(|m| m.state.owns_shards())
-            .map(Member::node_id)
-            .collect()
+            .map(|m| (m.node_id(), m.info.zone.clone()))
+            .collect();
+        let factor = self
+            .config
+            .as_ref()
+            .map_or(1, |c| c.replication_factor.min(MAX_REPLICATION_FACTOR));
+        PlacementKey {
+            copies: effective_copies(factor, owners.len()),
+            owners,
+        }
     }
 
     /// Applies a committed command at log `index`. On `Ok` the state may have changed (and then
     /// `revision == index`); on `Err` it has not changed at all.
     pub fn apply(&mut self, index: u64, command: &Command) -> Result<u64, StateError> {
-        let owners_before = self.owners();
+        let placement_before = self.placement_key();
         let changed = self.apply_inner(command)?;
         if changed {
             self.revision = index;
-            if self.owners() != owners_before {
+            if self.placement_key() != placement_before {
                 self.epoch += 1;
             }
         }
@@ -282,7 +337,7 @@ impl ClusterState {
 
     fn apply_inner(&mut self, command: &Command) -> Result<bool, StateError> {
         if let Command::Init(config) = command {
-            config.validate()?;
+            config.validate_committed()?;
             return match &self.config {
                 Some(c) if c.cluster_id == config.cluster_id => Ok(false),
                 Some(c) => Err(StateError::AlreadyInitialized {
@@ -316,6 +371,17 @@ impl ClusterState {
                     MemberState::Down => Some(MemberState::Joining),
                     _ => None,
                 })
+            }
+            Command::SetReplication { factor } => {
+                validate_replication_factor(*factor)?;
+                let Some(c) = self.config.as_mut() else {
+                    return Err(StateError::NotInitialized);
+                };
+                if c.replication_factor == *factor {
+                    return Ok(false);
+                }
+                c.replication_factor = *factor;
+                Ok(true)
             }
             Command::Remove { node_id } => match self.members.remove(node_id) {
                 Some(_) => Ok(true),
@@ -617,6 +683,145 @@ mod tests {
         assert_eq!(s, before);
     }
 
+    fn activate(id: NodeId) -> Command {
+        Command::Activate {
+            node_id: id,
+            at_ms: 0,
+        }
+    }
+
+    fn set_replication(factor: u32) -> Command {
+        Command::SetReplication { factor }
+    }
+
+    #[test]
+    fn set_replication_bumps_the_epoch_only_when_the_copies_change() {
+        let mut s = init(); // factor 1
+        let mut index = 1;
+        let mut step = |s: &mut ClusterState, c: Command| {
+            index += 1;
+            s.apply(index, &c)
+        };
+        step(&mut s, join(1)).unwrap();
+        step(&mut s, activate(1)).unwrap();
+        let e = s.epoch();
+        // One active member: one copy whatever the factor, so no new epoch, but a new revision
+        // (nodes and `ctl status` see the factor).
+        let r = s.revision();
+        step(&mut s, set_replication(2)).unwrap();
+        assert_eq!(s.epoch(), e);
+        assert!(s.revision() > r);
+        assert_eq!(s.view().unwrap().replication_factor, 2);
+        assert_eq!(s.view().unwrap().copies(), 1);
+        // The second member changes the owners and the copies: one bump, not two.
+        step(&mut s, join(2)).unwrap();
+        step(&mut s, activate(2)).unwrap();
+        assert_eq!(s.epoch(), e + 1);
+        assert_eq!(s.view().unwrap().copies(), 2);
+        // 2 → 3 with two members: still two copies.
+        step(&mut s, set_replication(3)).unwrap();
+        assert_eq!(s.epoch(), e + 1);
+        step(&mut s, join(3)).unwrap();
+        step(&mut s, activate(3)).unwrap();
+        assert_eq!((s.epoch(), s.view().unwrap().copies()), (e + 2, 3));
+        // 3 → 1 with three members: placement changes.
+        step(&mut s, set_replication(1)).unwrap();
+        assert_eq!((s.epoch(), s.view().unwrap().copies()), (e + 3, 1));
+        // The same factor again changes nothing at all.
+        let before = s.clone();
+        assert_eq!(step(&mut s, set_replication(1)), Ok(before.revision()));
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn set_replication_is_bounded_and_needs_a_cluster() {
+        assert_eq!(
+            ClusterState::default().apply(1, &set_replication(2)),
+            Err(StateError::NotInitialized)
+        );
+        let mut s = init();
+        let before = s.clone();
+        for bad in [0, MAX_REPLICATION_FACTOR + 1, u32::MAX] {
+            assert!(matches!(
+                s.apply(2, &set_replication(bad)),
+                Err(StateError::Invalid(_))
+            ));
+        }
+        assert_eq!(s, before);
+        assert!(validate_replication_factor(MAX_REPLICATION_FACTOR).is_ok());
+        let mut over = config();
+        over.replication_factor = MAX_REPLICATION_FACTOR + 1;
+        assert!(
+            over.validate().is_err(),
+            "a new init is held to the new bound"
+        );
+    }
+
+    #[test]
+    fn a_legacy_init_with_a_large_factor_still_applies() {
+        // Versions before set_replication accepted up to 16 at init; their logs replay, and
+        // the view reports the factor capped.
+        let mut legacy = config();
+        legacy.replication_factor = 5;
+        let mut s = ClusterState::default();
+        s.apply(1, &Command::Init(legacy)).unwrap();
+        assert!(s.validate().is_ok());
+        assert_eq!(s.view().unwrap().replication_factor, MAX_REPLICATION_FACTOR);
+        let snapshot: ClusterState =
+            serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
+        assert!(snapshot.validate().is_ok());
+        // A snapshot written before this command existed reads as before.
+        let old = r#"{"config":{"cluster_id":"c1","shard_count":64,"replication_factor":1,
+            "heartbeat_interval_ms":1000,"heartbeat_miss_limit":5},"epoch":3,"revision":9,
+            "members":{},"in_sync_replicas":{}}"#;
+        let old: ClusterState = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            (old.epoch(), old.view().unwrap().replication_factor),
+            (3, 1)
+        );
+    }
+
+    #[test]
+    fn a_zone_change_of_an_active_member_is_a_new_epoch() {
+        let mut s = init();
+        s.apply(2, &join(1)).unwrap();
+        let mut zoned = NodeInfo::new(1);
+        zoned.zone = "a".into();
+        s.apply(
+            3,
+            &Command::Join {
+                info: zoned.clone(),
+                at_ms: 0,
+            },
+        )
+        .unwrap();
+        let e = s.epoch();
+        assert_eq!(e, 0, "a joining member places nothing");
+        s.apply(4, &activate(1)).unwrap();
+        zoned.zone = "b".into();
+        s.apply(
+            5,
+            &Command::Join {
+                info: zoned,
+                at_ms: 0,
+            },
+        )
+        .unwrap();
+        assert_eq!(s.epoch(), e + 2);
+        // A new address alone moves nothing.
+        let mut moved = s.view().unwrap().member(1).unwrap().info.clone();
+        moved.ws_url = Some("ws://elsewhere/ws".into());
+        s.apply(
+            6,
+            &Command::Join {
+                info: moved,
+                at_ms: 0,
+            },
+        )
+        .unwrap();
+        assert_eq!((s.epoch(), s.revision()), (e + 2, 6));
+    }
+
     #[test]
     fn member_limit() {
         let mut s = init();
@@ -647,6 +852,7 @@ mod tests {
                 node_ids: vec![3],
                 at_ms: 3,
             },
+            set_replication(3),
             Command::Remove { node_id: 1 },
         ];
         let run = || {

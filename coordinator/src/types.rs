@@ -26,8 +26,12 @@ pub const MAX_MEMBERS: usize = 1024;
 pub const MAX_SHARD_COUNT: u32 = 65_536;
 /// Default shard count for `init`.
 pub const DEFAULT_SHARD_COUNT: u32 = 4096;
-/// Largest replication factor accepted at `init`.
-pub const MAX_REPLICATION_FACTOR: u32 = 16;
+/// Largest replication factor (copies of a shard, the primary included) accepted at `init` and
+/// by `set_replication`. Nodes precompute at most this many nodes per shard each epoch.
+pub const MAX_REPLICATION_FACTOR: u32 = 3;
+/// Replication factor of a new cluster: two copies once two nodes are active (a one-node
+/// cluster has one, see [`ClusterView::copies`]).
+pub const DEFAULT_REPLICATION_FACTOR: u32 = 2;
 /// Most node ids one `MarkDown` command may carry (one per member at worst).
 pub const MAX_NODES_PER_COMMAND: usize = MAX_MEMBERS;
 /// Length of a node key as announced: an Ed25519 public key (32 bytes) in lower-case hex.
@@ -182,19 +186,21 @@ impl Member {
 /// The replicated cluster state as nodes see it; nodes compute the ring from it.
 ///
 /// Views are totally ordered by `revision` (the Raft log index of the last change): a client that
-/// sees a view never sees an older one afterwards. `epoch` changes only when the set of members
-/// that own shards (the `active` ones) changes.
+/// sees a view never sees an older one afterwards. `epoch` changes exactly when the placement
+/// nodes compute from the view can change: the set of members that own shards (the `active`
+/// ones), the zone of one of them, or the number of copies per shard ([`ClusterView::copies`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterView {
     /// Random id fixed at `init`.
     pub cluster_id: String,
-    /// Ring epoch: incremented whenever the set of shard-owning members changes.
+    /// Ring epoch: incremented whenever the placement changes (see the type's documentation).
     pub epoch: u64,
     /// Raft log index of the last change to this view.
     pub revision: u64,
     /// Number of shards, fixed at `init`.
     pub shard_count: u32,
-    /// Copies of each shard, fixed at `init`.
+    /// Copies wanted of each shard, the primary included (1..=[`MAX_REPLICATION_FACTOR`]); set
+    /// at `init`, changed by `set_replication`. A shard has [`ClusterView::copies`] of them.
     pub replication_factor: u32,
     /// How often nodes should heartbeat, fixed at `init`.
     pub heartbeat_interval_ms: u64,
@@ -219,6 +225,19 @@ impl ClusterView {
     pub fn owners(&self) -> impl Iterator<Item = &Member> {
         self.members.iter().filter(|m| m.state.owns_shards())
     }
+
+    /// Nodes each shard is placed on (its primary and its replicas): the replication factor,
+    /// or fewer while fewer members are active; 0 when none is.
+    pub fn copies(&self) -> u32 {
+        effective_copies(self.replication_factor, self.owners().count())
+    }
+}
+
+/// Copies of each shard with replication factor `factor` and `active` shard-owning members:
+/// `min(factor, active)`. One definition, used by the coordinator (to decide when the epoch
+/// changes) and by nodes (to compute placement).
+pub fn effective_copies(factor: u32, active: usize) -> u32 {
+    factor.min(u32::try_from(active).unwrap_or(u32::MAX))
 }
 
 /// One coordinator replica as `status` reports it.
@@ -287,6 +306,14 @@ mod tests {
         assert!(n.validate().is_ok());
         let key = n.node_key_bytes().unwrap();
         assert_eq!((key[0], key[30], key[31]), (0x0a, 0x0a, 0xff));
+    }
+
+    #[test]
+    fn copies_are_capped_by_active_members() {
+        assert_eq!(effective_copies(2, 0), 0);
+        assert_eq!(effective_copies(2, 1), 1);
+        assert_eq!(effective_copies(2, 5), 2);
+        assert_eq!(effective_copies(3, 3), 3);
     }
 
     #[test]

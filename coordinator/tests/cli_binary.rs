@@ -140,6 +140,10 @@ fn init_run_and_ctl_with_three_processes() {
     );
     assert!(out.contains("cluster cli-test: epoch 0"), "{out}");
     assert!(out.contains("shards 64"), "{out}");
+    assert!(
+        out.contains("replication factor 2 (copies per shard: 0)"),
+        "the default factor; no node yet:\n{out}"
+    );
 
     // A node joins through the library client; ctl sees it and drains it.
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -156,10 +160,31 @@ fn init_run_and_ctl_with_three_processes() {
     let out = run_ok(bin().args(["ctl", "--config"]).arg(&config).arg("members"));
     assert!(out.contains("epoch 1"), "{out}");
     assert!(
+        out.contains("replication factor 2 (copies per shard: 1)"),
+        "{out}"
+    );
+    assert!(
         out.lines()
             .any(|l| l.contains(" 7 ") && l.contains("active")),
         "{out}"
     );
+
+    // The replication factor is cluster state: one active node holds one copy whatever the
+    // factor, so no new epoch; out of bounds is a clear refusal.
+    let ctl = |args: &[&str]| {
+        let mut c = bin();
+        c.args(["ctl", "--config"]).arg(&config).args(args);
+        c
+    };
+    let out = run_ok(&mut ctl(&["set-replication", "3"]));
+    assert!(
+        out.contains("epoch 1 ") && out.contains("replication factor 3 (copies per shard: 1)"),
+        "{out}"
+    );
+    let out = ctl(&["set-replication", "4"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("replication factor must be 1..=3"), "{err}");
 
     // Secret from the environment, one replica only (a follower, most likely: hints are followed).
     let out = run_ok(bin().env("RINGPOST_COORD_SECRET", SECRET).args([

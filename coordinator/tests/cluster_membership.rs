@@ -192,6 +192,44 @@ async fn membership_changes_give_every_replica_the_same_epochs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_factor_is_replicated_cluster_state() {
+    let cluster = Cluster::start(3, quiet()).await;
+    let client = cluster.client().await;
+    let v = client.view().await.unwrap();
+    assert_eq!((v.replication_factor, v.copies()), (2, 0), "the default");
+    for id in [10, 11, 12] {
+        client.join(node(id)).await.unwrap();
+        client.activate(id).await.unwrap();
+    }
+    let before = client.view().await.unwrap();
+    assert_eq!(before.copies(), 2);
+
+    // 2 -> 3 with three active nodes: the copies change, so does the epoch, on every replica.
+    let raised = client.set_replication(3).await.unwrap();
+    assert_eq!((raised.replication_factor, raised.copies()), (3, 3));
+    assert_eq!(raised.epoch, before.epoch + 1);
+    let agreed = cluster.converged(raised.revision).await;
+    assert_eq!((agreed.epoch, agreed.replication_factor), (raised.epoch, 3));
+
+    // Refused before it is proposed, with a stable code; nothing changes.
+    for bad in [0, 4] {
+        assert_eq!(
+            client.set_replication(bad).await.unwrap_err().code(),
+            Some(ErrorCode::InvalidRequest)
+        );
+    }
+    let after = client.view().await.unwrap();
+    assert_eq!(after.revision, raised.revision);
+
+    // Draining one node leaves two copies: one bump for both changes.
+    let drained = client.drain(12).await.unwrap();
+    assert_eq!((drained.epoch, drained.copies()), (raised.epoch + 1, 2));
+    for r in cluster.replicas.into_iter().flatten() {
+        r.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_node_is_marked_down_through_raft_and_comes_back() {
     let params = InitParams {
         shard_count: 64,

@@ -15,7 +15,7 @@ async fn embedded_coordinator_serves_the_client_api_and_survives_restart() {
     let mut watch = client.watch().await.unwrap();
     let first = watch.current();
     assert_eq!(first.shard_count, 128);
-    assert_eq!(first.replication_factor, 1);
+    assert_eq!(first.replication_factor, 2);
 
     let mut info = NodeInfo::new(1);
     info.ws_url = Some("ws://127.0.0.1:8080/ws".into());

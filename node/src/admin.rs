@@ -1,15 +1,20 @@
 //! Admin HTTP on its own port: `/metrics` (Prometheus text format), `/healthz` (the process is
 //! up), `/readyz` (accepting clients: an active member holding a lease that has taken over every
-//! shard it owns, whose storage takes writes, not shutting down). A deliberately tiny
-//! HTTP/1.1 responder: one request per connection, bounded head, bounded time.
+//! shard it owns, whose storage takes writes, not shutting down), `/placement` (the shard
+//! placement of the current epoch, summarised per member; `/placement?shard=N` for one shard's
+//! nodes). A deliberately tiny HTTP/1.1 responder: one request per connection, bounded head,
+//! bounded time, bounded answers.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ringpost_coordinator::NodeId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
 
+use crate::ring::Ring;
 use crate::server::Server;
 
 /// Largest request head the admin port reads.
@@ -58,7 +63,8 @@ async fn handle(mut stream: TcpStream, server: Arc<Server>) -> std::io::Result<(
     let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);
     let mut parts = line.split(' ');
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     match (method, path) {
         ("GET", "/metrics") => {
             server.metrics.inbox_entries.store(
@@ -95,7 +101,14 @@ async fn handle(mut stream: TcpStream, server: Arc<Server>) -> std::io::Result<(
                 respond(&mut stream, 200, "text/plain", "ready\n").await
             }
         }
-        (_, "/metrics" | "/healthz" | "/readyz") => {
+        ("GET", "/placement") => {
+            let ring = server.routing.ring();
+            match placement(&ring, server.node_id, query) {
+                Ok(body) => respond(&mut stream, 200, "text/plain", &body).await,
+                Err(why) => respond(&mut stream, 400, "text/plain", &why).await,
+            }
+        }
+        (_, "/metrics" | "/healthz" | "/readyz" | "/placement") => {
             respond(&mut stream, 405, "text/plain", "method not allowed\n").await
         }
         _ => {
@@ -103,11 +116,82 @@ async fn handle(mut stream: TcpStream, server: Arc<Server>) -> std::io::Result<(
                 &mut stream,
                 404,
                 "text/plain",
-                "not found: try /metrics, /healthz or /readyz\n",
+                "not found: try /metrics, /healthz, /readyz or /placement\n",
             )
             .await
         }
     }
+}
+
+/// The `/placement` answer: with no query, the epoch's factor and copies, this node's counts,
+/// and one line per member (at most `ringpost_coordinator::types::MAX_MEMBERS`, about 60 bytes
+/// each); with `shard=N`, that shard's nodes.
+fn placement(ring: &Ring, me: NodeId, query: &str) -> Result<String, String> {
+    let mut out = String::new();
+    if let Some(shard) = query.strip_prefix("shard=") {
+        let shard = shard
+            .parse::<u16>()
+            .ok()
+            .filter(|&s| s < ring.shard_count)
+            .ok_or_else(|| format!("shard must be 0..{}\n", ring.shard_count))?;
+        let nodes = ring.replicas(shard);
+        let _ = write!(out, "shard {shard} at epoch {}: ", ring.epoch);
+        match nodes.split_first() {
+            None => out.push_str("no active member\n"),
+            Some((primary, replicas)) => {
+                let _ = write!(out, "primary {primary}, replicas");
+                if replicas.is_empty() {
+                    out.push_str(" none");
+                }
+                for r in replicas {
+                    let _ = write!(out, " {r}");
+                }
+                out.push('\n');
+            }
+        }
+        return Ok(out);
+    }
+    if !query.is_empty() {
+        return Err("the only query is shard=N\n".into());
+    }
+    let counts = ring.placement_counts();
+    let _ = writeln!(
+        out,
+        "epoch {}: replication factor {}, copies per shard {}, shards {}",
+        ring.epoch,
+        ring.replication_factor(),
+        ring.copies(),
+        ring.shard_count
+    );
+    out.push_str("placement only: replicas are assigned but shard data is not replicated yet\n");
+    let mine = counts.get(&me).copied().unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "this node {me}: primary for {} shards, replica for {}",
+        mine.primary, mine.replica
+    );
+    let _ = writeln!(
+        out,
+        "{:>8}  {:<9} {:<16} {:>8} {:>8}",
+        "NODE", "STATE", "ZONE", "PRIMARY", "REPLICA"
+    );
+    for m in ring.members() {
+        let c = counts.get(&m.node_id()).copied().unwrap_or_default();
+        let zone = match m.info.zone.as_str() {
+            "" => "-",
+            z => z,
+        };
+        let _ = writeln!(
+            out,
+            "{:>8}  {:<9} {:<16} {:>8} {:>8}",
+            m.node_id(),
+            m.state.as_str(),
+            zone,
+            c.primary,
+            c.replica
+        );
+    }
+    Ok(out)
 }
 
 async fn respond(
@@ -118,6 +202,7 @@ async fn respond(
 ) -> std::io::Result<()> {
     let reason = match status {
         200 => "OK",
+        400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
         431 => "Request Header Fields Too Large",
@@ -131,4 +216,78 @@ async fn respond(
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use ringpost_coordinator::{ClusterView, Member, MemberState, NodeInfo};
+
+    use super::*;
+
+    fn ring() -> Ring {
+        let member = |id, zone: &str, state| Member {
+            info: NodeInfo {
+                zone: zone.into(),
+                ..NodeInfo::new(id)
+            },
+            state,
+            state_since_ms: 0,
+        };
+        Ring::from_view(&ClusterView {
+            cluster_id: "c".into(),
+            epoch: 4,
+            revision: 9,
+            shard_count: 64,
+            replication_factor: 3,
+            heartbeat_interval_ms: 100,
+            heartbeat_miss_limit: 5,
+            members: vec![
+                member(1, "a", MemberState::Active),
+                member(2, "b", MemberState::Active),
+                member(3, "", MemberState::Joining),
+            ],
+            in_sync_replicas: Default::default(),
+        })
+    }
+
+    #[test]
+    fn summary_counts_every_copy() {
+        let r = ring();
+        let out = placement(&r, 1, "").unwrap();
+        assert!(
+            out.starts_with("epoch 4: replication factor 3, copies per shard 2, shards 64\n"),
+            "{out}"
+        );
+        assert!(out.contains("not replicated yet"), "{out}");
+        let p1 = r.shards_of(1).count();
+        assert!(
+            out.contains(&format!(
+                "this node 1: primary for {p1} shards, replica for {}",
+                64 - p1
+            )),
+            "{out}"
+        );
+        let joining = out.lines().find(|l| l.contains("joining")).unwrap();
+        assert!(joining.ends_with("0        0"), "{joining}");
+        assert_eq!(out.lines().count(), 4 + 3, "{out}");
+    }
+
+    #[test]
+    fn one_shard_and_bad_queries() {
+        let r = ring();
+        let out = placement(&r, 1, "shard=7").unwrap();
+        let (p, o) = (r.replicas(7)[0], r.replicas(7)[1]);
+        assert_eq!(
+            out,
+            format!("shard 7 at epoch 4: primary {p}, replicas {o}\n")
+        );
+        for bad in ["shard=64", "shard=-1", "shard=x", "verbose=1"] {
+            assert!(placement(&r, 1, bad).is_err(), "{bad}");
+        }
+        let empty = Ring::empty(8);
+        assert_eq!(
+            placement(&empty, 1, "shard=0").unwrap(),
+            "shard 0 at epoch 0: no active member\n"
+        );
+    }
 }

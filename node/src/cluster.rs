@@ -286,12 +286,16 @@ fn lease_duration(view: &ClusterView) -> Duration {
     Duration::from_millis(interval * u64::from(view.heartbeat_miss_limit.max(2) - 1))
 }
 
-/// Installs the ring of a view if its epoch (or a member's addresses) changed.
+/// Installs the ring of a view if its epoch, a member's addresses or the replication factor
+/// changed. (The coordinator bumps the epoch whenever the placement changes; a new factor that
+/// leaves the copies as they were is installed too, so the node reports it.)
 fn apply_view(server: &Server, view: &ClusterView, kick: &Notify) {
     let current = server.routing.ring();
     let ring = Ring::from_view(view);
     let same_members = current.members().eq(ring.members());
-    if ring.epoch == current.epoch && same_members {
+    let same_factor = current.replication_factor() == ring.replication_factor()
+        && current.copies() == ring.copies();
+    if ring.epoch == current.epoch && same_members && same_factor {
         return;
     }
     if ring.epoch < current.epoch {

@@ -6,15 +6,28 @@
 //! or after the shard's point. Adding or removing a member therefore moves only the shards
 //! next to its virtual nodes (about `1/n` of them), which keeps hand-offs small.
 //!
+//! Each shard is placed on `copies = min(replication factor, active members)` nodes: its owner
+//! (the primary, as above) first, then replicas chosen walking clockwise on the same ring,
+//! preferring zones that hold no copy yet (see [`replicas`] for the rule). The table is
+//! computed once per epoch, so [`Ring::replicas`] is a slice lookup. Placement only: the data
+//! path that fills the replicas does not exist yet.
+//!
 //! A [`Ring`] is immutable; the node swaps the whole snapshot (an `Arc`) when the epoch changes.
 
-use std::collections::BTreeMap;
+mod replicas;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 
 use hashring::HashRing;
+use ringpost_coordinator::types::effective_copies;
 use ringpost_coordinator::{ClusterView, Member, MemberState, NodeId};
 use ringpost_wire::UserId;
 
+use self::replicas::RingOrder;
+pub use self::replicas::COPIES_MAX;
 use crate::shard::{shard_of, ShardId};
 
 /// Virtual nodes per member. More spread the shards more evenly (the spread of one member's
@@ -53,8 +66,13 @@ impl Hash for ShardPoint {
 pub struct Ring {
     pub epoch: u64,
     pub shard_count: u16,
-    /// Owner of each shard; empty when no member is active.
-    owners: Box<[NodeId]>,
+    /// The replication factor of the view (copies wanted per shard).
+    replication_factor: u32,
+    /// Copies each shard has: `min(replication_factor, active members)`; 0 when none is active.
+    copies: usize,
+    /// The nodes of each shard, primary first: shard `s` is `placement[s * copies..][..copies]`.
+    /// Empty when no member is active.
+    placement: Box<[NodeId]>,
     /// Every member of the view (any state), by id.
     members: BTreeMap<NodeId, Member>,
 }
@@ -69,6 +87,7 @@ impl Ring {
             view.epoch,
             shard_count,
             &owners,
+            view.replication_factor,
             view.members.iter().cloned(),
         )
     }
@@ -77,33 +96,40 @@ impl Ring {
         epoch: u64,
         shard_count: u16,
         owners: &[NodeId],
+        replication_factor: u32,
         members: impl Iterator<Item = Member>,
     ) -> Ring {
+        let members: BTreeMap<NodeId, Member> = members.map(|m| (m.node_id(), m)).collect();
+        let mut ids = owners.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        // A view always carries 1..=COPIES_MAX; anything else is clamped, never a panic.
+        let factor = replication_factor.max(1);
+        let copies = (effective_copies(factor, ids.len()) as usize).min(COPIES_MAX);
         let mut ring = HashRing::new();
         ring.batch_add(
-            owners
-                .iter()
+            ids.iter()
                 .flat_map(|&node| (0..VNODES_PER_NODE).map(move |index| VNode { node, index }))
                 .collect(),
         );
-        let owners = if ring.is_empty() {
+        let placement = if ring.is_empty() {
             Box::default()
         } else {
-            (0..shard_count)
-                .map(|s| ring.get(&ShardPoint(s)).map_or(0, |v| v.node))
-                .collect()
+            place(&ring, &ids, &members, shard_count, copies)
         };
         Ring {
             epoch,
             shard_count,
-            owners,
-            members: members.map(|m| (m.node_id(), m)).collect(),
+            replication_factor,
+            copies,
+            placement,
+            members,
         }
     }
 
     /// A ring with no members (before the node has joined).
     pub fn empty(shard_count: u16) -> Ring {
-        Ring::build(0, shard_count, &[], std::iter::empty())
+        Ring::build(0, shard_count, &[], 1, std::iter::empty())
     }
 
     /// The ring as it would be if every `down` (or `joining`) member were active: a shard
@@ -120,13 +146,33 @@ impl Ring {
             self.epoch,
             self.shard_count,
             &owners,
+            self.replication_factor,
             self.members.values().cloned(),
         )
     }
 
-    /// The owner of a shard, if any member is active.
+    /// The owner (primary) of a shard, if any member is active.
     pub fn owner(&self, shard: ShardId) -> Option<NodeId> {
-        self.owners.get(usize::from(shard)).copied()
+        self.replicas(shard).first().copied()
+    }
+
+    /// The nodes a shard is placed on, primary first, then its replicas; [`Ring::copies`] of
+    /// them, distinct. Empty when no member is active (or the shard is out of range).
+    pub fn replicas(&self, shard: ShardId) -> &[NodeId] {
+        let start = usize::from(shard) * self.copies;
+        self.placement
+            .get(start..start + self.copies)
+            .unwrap_or_default()
+    }
+
+    /// Copies each shard has at this epoch: `min(replication factor, active members)`.
+    pub fn copies(&self) -> usize {
+        self.copies
+    }
+
+    /// The replication factor of the view this ring was computed from.
+    pub fn replication_factor(&self) -> u32 {
+        self.replication_factor
     }
 
     /// The shard of a user under this cluster's shard count.
@@ -154,121 +200,95 @@ impl Ring {
         self.member(node).map(|m| m.state)
     }
 
-    /// The shards a node owns, ascending.
+    /// The shards a node owns (is primary for), ascending.
     pub fn shards_of(&self, node: NodeId) -> impl Iterator<Item = ShardId> + '_ {
-        self.owners
-            .iter()
-            .enumerate()
-            .filter(move |(_, &o)| o == node)
-            .map(|(s, _)| s as ShardId)
+        (0..self.shard_count).filter(move |&s| self.owner(s) == Some(node))
+    }
+
+    /// The shards a node holds a replica of (not the primary), ascending.
+    pub fn replica_shards_of(&self, node: NodeId) -> impl Iterator<Item = ShardId> + '_ {
+        (0..self.shard_count).filter(move |&s| self.replicas(s).iter().skip(1).any(|&n| n == node))
+    }
+
+    /// For every node that holds a copy of some shard: how many shards it is the primary for
+    /// and how many it holds a replica of. One pass over the table; at most one entry per
+    /// active member.
+    pub fn placement_counts(&self) -> BTreeMap<NodeId, PlacementCount> {
+        let mut counts: BTreeMap<NodeId, PlacementCount> = BTreeMap::new();
+        for s in 0..self.shard_count {
+            for (i, &node) in self.replicas(s).iter().enumerate() {
+                let c = counts.entry(node).or_default();
+                if i == 0 {
+                    c.primary += 1;
+                } else {
+                    c.replica += 1;
+                }
+            }
+        }
+        counts
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-    use ringpost_coordinator::NodeInfo;
+/// How many shards one node holds, as primary and as replica.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlacementCount {
+    /// Shards it owns (serves and accepts writes for).
+    pub primary: u32,
+    /// Shards it is placed as a replica of.
+    pub replica: u32,
+}
 
-    fn member(id: NodeId, state: MemberState) -> Member {
-        Member {
-            info: NodeInfo::new(id),
-            state,
-            state_since_ms: 0,
-        }
-    }
-
-    fn ring(epoch: u64, shards: u16, active: &[NodeId]) -> Ring {
-        Ring::build(
-            epoch,
-            shards,
-            active,
-            active.iter().map(|&id| member(id, MemberState::Active)),
-        )
-    }
-
-    #[test]
-    fn placement_is_pinned() {
-        // Every node must compute the same table, in every version: a change here moves data.
-        let r = ring(1, 4096, &[1, 2, 3]);
-        let first: Vec<NodeId> = (0..8).map(|s| r.owner(s).unwrap()).collect();
-        assert_eq!(first, PINNED_FIRST_OWNERS);
-    }
-
-    const PINNED_FIRST_OWNERS: [NodeId; 8] = [2, 3, 2, 3, 1, 1, 3, 2];
-
-    #[test]
-    fn shares_are_balanced() {
-        let r = ring(1, 4096, &[1, 2, 3, 4, 5]);
-        for n in 1..=5 {
-            let share = r.shards_of(n).count();
-            // 819 each if perfect; 128 virtual nodes keep every share within ±25%.
-            assert!((614..=1024).contains(&share), "node {n} owns {share}");
-        }
-    }
-
-    #[test]
-    fn only_active_members_own_shards() {
-        let view = ClusterView {
-            cluster_id: "c".into(),
-            epoch: 7,
-            revision: 9,
-            shard_count: 64,
-            replication_factor: 1,
-            heartbeat_interval_ms: 100,
-            heartbeat_miss_limit: 5,
-            members: vec![
-                member(1, MemberState::Active),
-                member(2, MemberState::Draining),
-                member(3, MemberState::Down),
-                member(4, MemberState::Joining),
-            ],
-            in_sync_replicas: Default::default(),
+/// The placement table: each shard's primary from `ring`, then its replicas (see [`replicas`]).
+/// `ids` are the ring's members, sorted and distinct; `copies` is `1..=min(COPIES_MAX, ids.len())`.
+fn place(
+    ring: &HashRing<VNode>,
+    ids: &[NodeId],
+    members: &BTreeMap<NodeId, Member>,
+    shard_count: u16,
+    copies: usize,
+) -> Box<[NodeId]> {
+    let slot = |node: NodeId| ids.binary_search(&node).map_or(0, |i| i as u32);
+    // Failure domains: one per known zone, one per member with no zone.
+    let mut zones: HashMap<&str, u32> = HashMap::new();
+    let mut domain_of_slot = Vec::with_capacity(ids.len());
+    let mut domains = 0u32;
+    for id in ids {
+        let zone = members.get(id).map_or("", |m| m.info.zone.as_str());
+        let d = if zone.is_empty() {
+            domains += 1;
+            domains - 1
+        } else {
+            *zones.entry(zone).or_insert_with(|| {
+                domains += 1;
+                domains - 1
+            })
         };
-        let r = Ring::from_view(&view);
-        assert_eq!(r.epoch, 7);
-        assert!((0..64).all(|s| r.owner(s) == Some(1)));
-        assert_eq!(r.state_of(2), Some(MemberState::Draining));
-        assert_eq!(r.members().count(), 4);
-        assert_eq!(Ring::empty(64).owner(0), None);
+        domain_of_slot.push(d);
     }
-
-    proptest! {
-        /// Adding a member moves shards only to it; removing one moves only its shards.
-        #[test]
-        fn membership_changes_move_the_minimum(
-            ids in proptest::collection::btree_set(1u64..1000, 2..8),
-            extra in 1000u64..2000,
-        ) {
-            let ids: Vec<NodeId> = ids.into_iter().collect();
-            let before = ring(1, 1024, &ids);
-            let mut more = ids.clone();
-            more.push(extra);
-            let after = ring(2, 1024, &more);
-            for s in 0..1024 {
-                let (a, b) = (before.owner(s).unwrap(), after.owner(s).unwrap());
-                prop_assert!(a == b || b == extra);
-            }
-            let gone = ids[0];
-            let fewer: Vec<NodeId> = ids[1..].to_vec();
-            let after = ring(3, 1024, &fewer);
-            for s in 0..1024 {
-                let (a, b) = (before.owner(s).unwrap(), after.owner(s).unwrap());
-                prop_assert!(a == b || a == gone);
-                prop_assert!(b != gone);
-            }
-        }
-
-        /// The order members are listed in does not matter.
-        #[test]
-        fn table_is_independent_of_member_order(
-            ids in proptest::collection::btree_set(1u64..1000, 1..6),
-        ) {
-            let ids: Vec<NodeId> = ids.into_iter().collect();
-            let mut reversed = ids.clone();
-            reversed.reverse();
-            let (a, b) = (ring(1, 512, &ids), ring(1, 512, &reversed));
-            prop_assert!((0..512).all(|s| a.owner(s) == b.owner(s)));
-        }
+    // The virtual nodes clockwise, and where each one sits.
+    let clockwise: Vec<VNode> = ring.clone().into_iter().collect();
+    let mut position_of = vec![0u32; ids.len() * VNODES_PER_NODE as usize];
+    let mut member = Vec::with_capacity(clockwise.len());
+    for (p, v) in clockwise.iter().enumerate() {
+        let m = slot(v.node);
+        position_of[m as usize * VNODES_PER_NODE as usize + v.index as usize] = p as u32;
+        member.push(m);
     }
+    let domain = member.iter().map(|&m| domain_of_slot[m as usize]).collect();
+    let order = RingOrder {
+        member,
+        domain,
+        members: ids.len(),
+        domains: domains as usize,
+    };
+    let primaries: Vec<u32> = (0..shard_count)
+        .map(|s| {
+            ring.get(&ShardPoint(s)).map_or(0, |v| {
+                position_of[slot(v.node) as usize * VNODES_PER_NODE as usize + v.index as usize]
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    order.place(&primaries, copies, &mut out);
+    out.into_iter().map(|m| ids[m as usize]).collect()
 }

@@ -662,3 +662,59 @@ fn a_node_cut_off_from_the_coordinator_stops_writing_for_shards_it_lost() {
         assert!(missing.is_empty(), "{missing:?}");
     });
 }
+
+/// `(primary, replica)` from a node's `/placement` line "this node N: primary for P shards,
+/// replica for R", if the body says `copies per shard {copies}`.
+fn placement_counts(body: &str, copies: usize) -> Option<(usize, usize)> {
+    if !body.contains(&format!("copies per shard {copies},")) {
+        return None;
+    }
+    let line = body.lines().find(|l| l.starts_with("this node "))?;
+    let (_, rest) = line.split_once("primary for ")?;
+    let (primary, rest) = rest.split_once(" shards, replica for ")?;
+    Some((primary.parse().ok()?, rest.trim().parse().ok()?))
+}
+
+/// Waits until every node's `/placement` shows `copies` per shard at one epoch, and checks
+/// that the copies add up: each shard has one primary and `copies - 1` replicas in all.
+#[allow(clippy::disallowed_methods)] // a plain test thread polling a child process
+fn placement_agrees(cluster: &TestCluster, copies: usize) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let bodies: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| n.admin_get("/placement").1)
+            .collect();
+        let counts: Option<Vec<(usize, usize)>> =
+            bodies.iter().map(|b| placement_counts(b, copies)).collect();
+        let epochs: BTreeSet<&str> = bodies.iter().filter_map(|b| b.lines().next()).collect();
+        if let (Some(counts), 1) = (counts, epochs.len()) {
+            let shards = usize::from(harness::SHARDS);
+            assert_eq!(counts.iter().map(|c| c.0).sum::<usize>(), shards);
+            assert_eq!(
+                counts.iter().map(|c| c.1).sum::<usize>(),
+                shards * (copies - 1),
+                "{bodies:#?}"
+            );
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nodes never agreed on {copies} copies: {bodies:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn every_node_places_the_replicas_the_coordinator_asks_for() {
+    let cluster = TestCluster::start(1, 3);
+    // The default factor, 2, once all three nodes are active.
+    placement_agrees(&cluster, 2);
+    let out = cluster.ctl(&["set-replication", "3"]);
+    assert!(out.contains("replication factor 3"), "{out}");
+    placement_agrees(&cluster, 3);
+    cluster.ctl(&["set-replication", "1"]);
+    placement_agrees(&cluster, 1);
+}

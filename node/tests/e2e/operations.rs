@@ -172,3 +172,40 @@ async fn silent_connections_are_reaped_and_pinging_ones_kept() {
         "{metrics}"
     );
 }
+
+/// GETs `path` on the node's admin port until the body contains `want`; returns the body.
+#[allow(clippy::disallowed_methods)] // a plain test thread polling a child process
+fn admin_until(node: &TestNode, path: &str, want: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = node.admin_get(path);
+        if status == 200 && body.contains(want) {
+            return body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{path} never showed {want:?}: {status} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_admin_port_shows_the_shard_placement() {
+    let node = TestNode::start();
+    // A dev cluster has the default factor, 2, and one node: one copy per shard, all its own.
+    let body = admin_until(&node, "/placement", "copies per shard 1,");
+    assert!(body.contains("replication factor 2,"), "{body}");
+    assert!(
+        body.contains("primary for 4096 shards, replica for 0"),
+        "{body}"
+    );
+    assert!(body.contains("not replicated yet"), "{body}");
+    let (status, body) = node.admin_get("/placement?shard=4095");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("replicas none"), "{body}");
+    let (status, body) = node.admin_get("/placement?shard=4096");
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = node.admin_get("/nowhere");
+    assert_eq!(status, 404);
+}
