@@ -115,6 +115,9 @@ async fn handle_client(
             ClientRequest::SetReplication { factor } => {
                 reply(svc.set_replication(factor).await, view)
             }
+            ClientRequest::ChangeIsr(change) => {
+                reply(svc.write(crate::state::Command::Isr(change)).await, view)
+            }
             ClientRequest::Init(spec) => reply(svc.init(spec).await, view),
         };
         ch.send(&resp).await?;

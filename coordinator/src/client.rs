@@ -236,6 +236,16 @@ impl CoordinatorClient {
             .await
     }
 
+    /// As the primary of `change.shards` at `change.epoch`, changes their in-sync replica sets
+    /// (see [`crate::state`]); refused with `NotPrimary` if this node is not (or no longer)
+    /// their primary at the current epoch. Returns the view with the change.
+    pub async fn change_isr(
+        &self,
+        change: crate::state::IsrChange,
+    ) -> Result<ClusterView, ClientError> {
+        self.expect_view(ClientRequest::ChangeIsr(change)).await
+    }
+
     /// Linearizable read of the whole view (served by the leader).
     pub async fn view(&self) -> Result<ClusterView, ClientError> {
         self.expect_view(ClientRequest::View).await

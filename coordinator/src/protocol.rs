@@ -20,13 +20,16 @@ use crate::raft_types::TypeConfig;
 use crate::state::ClusterConfig;
 use crate::types::{ClusterView, HeartbeatAck, NodeId, NodeInfo, ReplicaInfo, StatusReport};
 
-/// Largest Raft RPC frame. Sized for [`MAX_APPEND_ENTRIES`] of the largest command (a
-/// `mark_down` of every member, about 20 KiB of JSON) and for a [`SNAPSHOT_CHUNK_BYTES`] chunk
+/// Largest Raft RPC frame. Sized for [`MAX_APPEND_ENTRIES`] of the largest command (an ISR
+/// change naming [`crate::state::MAX_SHARDS_PER_COMMAND`] shards, about 30 KiB of JSON; a
+/// `mark_down` of every member is about 20 KiB) and for a [`SNAPSHOT_CHUNK_BYTES`] chunk
 /// (JSON spells a byte as up to 4 characters). Worst case one such buffer per peer connection.
 pub const MAX_PEER_FRAME_BYTES: usize = 16 << 20;
 /// Largest client frame: a full [`ClusterView`] at [`crate::types::MAX_MEMBERS`] is about
-/// 1.5 MiB. Worst case one such buffer per client connection.
-pub const MAX_CLIENT_FRAME_BYTES: usize = 4 << 20;
+/// 1.5 MiB, plus in-sync sets for every shard: at most 65,536 shards of
+/// [`crate::state::MAX_ISR_NODES`] ids (20 digits at worst), about 6 MiB. Worst case one such
+/// buffer per client connection (about 100 KiB for a 4096-shard cluster of small ids).
+pub const MAX_CLIENT_FRAME_BYTES: usize = 16 << 20;
 /// Most log entries per AppendEntries RPC (openraft `max_payload_entries`).
 pub const MAX_APPEND_ENTRIES: u64 = 256;
 /// Snapshot chunk size on the wire (openraft `snapshot_max_chunk_size`).
@@ -92,6 +95,8 @@ pub(crate) enum ClientRequest {
     SetReplication {
         factor: u32,
     },
+    /// A primary changes its shards' in-sync sets (checked when applied).
+    ChangeIsr(crate::state::IsrChange),
     Init(InitSpec),
     /// Turn this connection into a push stream of views. Any replica.
     Watch,
@@ -135,6 +140,8 @@ pub enum ErrorCode {
     Internal,
     /// A join of a node id bound to another node key.
     NodeKeyMismatch,
+    /// An ISR change from a node that is not the shard's primary at the current epoch.
+    NotPrimary,
 }
 
 impl ErrorCode {
@@ -152,6 +159,7 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => 9,
             ErrorCode::Internal => 10,
             ErrorCode::NodeKeyMismatch => 11,
+            ErrorCode::NotPrimary => 12,
         }
     }
 
@@ -217,6 +225,7 @@ impl From<crate::state::StateError> for WireError {
             S::TooManyMembers => ErrorCode::TooManyMembers,
             S::Invalid(_) => ErrorCode::InvalidRequest,
             S::NodeKeyMismatch { .. } => ErrorCode::NodeKeyMismatch,
+            S::NotPrimary { .. } => ErrorCode::NotPrimary,
         };
         WireError::new(code, e.to_string())
     }
@@ -240,6 +249,7 @@ mod tests {
             ErrorCode::ShuttingDown,
             ErrorCode::Internal,
             ErrorCode::NodeKeyMismatch,
+            ErrorCode::NotPrimary,
         ];
         let codes: std::collections::BTreeSet<u16> = all.iter().map(|c| c.code()).collect();
         assert_eq!(codes.len(), all.len());

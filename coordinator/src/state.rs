@@ -15,6 +15,26 @@
 //! | revive   | down                         | joining  | no                    |
 //! | set_replication | (cluster-wide: factor 1..=3) | —   | if the copies change  |
 //!
+//! In-sync replica sets (ISRs, issue 19; `in_sync_replicas`): a shard has an entry once its
+//! primary has brought a replica in sync (`expand_isr`). The entry lists the shard's in-sync
+//! copies, **its primary first**: from then on the shard's primary is the entry's first node,
+//! not the ring's hash owner, so a primary only ever changes to a node that holds every
+//! acknowledged write. Entries change by
+//!
+//! | command | by | effect | epoch bump |
+//! |---------|----|--------|------------|
+//! | expand_isr | the shard's primary, at the current epoch | adds an active node (creates the entry `[primary, node]`) | no |
+//! | shrink_isr | the shard's primary, at the current epoch | removes a non-primary node | no |
+//! | transfer_primary | the shard's primary, at the current epoch | moves an active in-sync node to the front | yes |
+//! | mark_down N | the failure detector | where N was first, the first active other node takes its place (none: the entry stays, and the first of its nodes active again takes it); elsewhere N leaves entries whose primary is active | if a primary moved |
+//! | activate N | the node | N becomes the primary of entries it is in whose primary is not active | if a primary moved |
+//! | remove N | the operator | N leaves every entry; an entry left empty is dropped (its shard's data is given up) | if a primary moved |
+//!
+//! Commands "by the shard's primary" name the proposer and its epoch: a proposal from a node
+//! that is not (or no longer) the primary at the current epoch is refused, so a deposed primary
+//! can never shrink or grow a set. Each names many shards at once (a replica failing affects
+//! every shard it replicates), bounded by [`MAX_SHARDS_PER_COMMAND`].
+//!
 //! The epoch is computed, not hand-maintained: after each command the placement key (the
 //! shard-owning members with their zones, and the copies per shard, `min(replication factor,
 //! active members)`) is compared with the key before it, and the epoch increments iff they
@@ -163,7 +183,42 @@ pub enum Command {
         /// Copies wanted of each shard, 1..=[`MAX_REPLICATION_FACTOR`].
         factor: u32,
     },
+    /// A change to in-sync replica sets, proposed by the primary of every shard it names.
+    Isr(IsrChange),
 }
+
+/// What a shard's primary asks of its shards' in-sync sets (see the module doc).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IsrChange {
+    /// The proposing node: the primary of every shard in `shards`.
+    pub primary: NodeId,
+    /// The epoch the proposer computed that from; must be the current one.
+    pub epoch: u64,
+    /// The shards (at most [`MAX_SHARDS_PER_COMMAND`], each below the shard count).
+    pub shards: Vec<u32>,
+    /// The node added, removed or promoted, and how.
+    pub op: IsrOp,
+}
+
+/// The change an [`IsrChange`] makes to each of its shards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IsrOp {
+    /// This active node has every write of the shards (caught up, and the primary waits for
+    /// it from now on).
+    Expand(NodeId),
+    /// This node is no longer waited for: the primary acknowledges without it from now on.
+    Shrink(NodeId),
+    /// This active in-sync node becomes the primary (a live move): the proposer stays in sync.
+    Transfer(NodeId),
+}
+
+/// Most shards one ISR command may name (a default cluster's every shard; a primary of more
+/// sends several). Bounds a command at about 30 KiB of JSON.
+pub const MAX_SHARDS_PER_COMMAND: usize = 4096;
+/// Most nodes an ISR entry may hold: the copies of the largest factor, plus an old primary
+/// that stays in sync while its shard moves away.
+pub const MAX_ISR_NODES: usize = MAX_REPLICATION_FACTOR as usize + 1;
 
 /// Checks a replication factor asked for by `set_replication`; the service checks it before
 /// proposing and `apply` again, so a bad entry can never change the state.
@@ -225,6 +280,17 @@ pub enum StateError {
     /// The cluster already holds [`MAX_MEMBERS`] members.
     #[error("cluster is full ({MAX_MEMBERS} members)")]
     TooManyMembers,
+    /// An ISR change from a node that is not the primary of a shard it names, or not at the
+    /// current epoch (a deposed or lagging primary).
+    #[error("node {node_id} is not the primary of shard {shard} at epoch {epoch}")]
+    NotPrimary {
+        /// The proposer.
+        node_id: NodeId,
+        /// The first shard it is not the primary of (or every shard, at a stale epoch).
+        shard: u32,
+        /// The current epoch.
+        epoch: u64,
+    },
     /// A bound or format check failed.
     #[error("invalid request: {0}")]
     Invalid(String),
@@ -301,7 +367,30 @@ impl ClusterState {
             }
             m.info.validate().map_err(StateError::Invalid)?;
         }
+        let shard_count = self.config.as_ref().map_or(0, |c| c.shard_count);
+        for (shard, entry) in &self.in_sync_replicas {
+            let mut distinct = entry.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            if *shard >= shard_count
+                || entry.is_empty()
+                || entry.len() > MAX_ISR_NODES
+                || distinct.len() != entry.len()
+            {
+                return Err(StateError::Invalid(format!(
+                    "in-sync set of shard {shard} is malformed: {entry:?}"
+                )));
+            }
+        }
         Ok(())
+    }
+
+    /// The primary of `shard` by its ISR entry, if it has one (else the ring's hash owner).
+    pub fn isr_primary(&self, shard: u32) -> Option<NodeId> {
+        self.in_sync_replicas
+            .get(&shard)
+            .and_then(|e| e.first())
+            .copied()
     }
 
     fn placement_key(&self) -> PlacementKey {
@@ -325,10 +414,20 @@ impl ClusterState {
     /// `revision == index`); on `Err` it has not changed at all.
     pub fn apply(&mut self, index: u64, command: &Command) -> Result<u64, StateError> {
         let placement_before = self.placement_key();
+        let primaries_before: Vec<(u32, NodeId)> = self
+            .in_sync_replicas
+            .iter()
+            .map(|(&shard, entry)| (shard, entry[0]))
+            .collect();
         let changed = self.apply_inner(command)?;
         if changed {
             self.revision = index;
-            if self.placement_key() != placement_before {
+            // An entry made by a first expand names the hash owner, which proposed it: no
+            // primary moves. One that changes its first node, or is dropped, moves one.
+            let primary_moved = primaries_before
+                .iter()
+                .any(|&(shard, p)| self.isr_primary(shard) != Some(p));
+            if primary_moved || self.placement_key() != placement_before {
                 self.epoch += 1;
             }
         }
@@ -356,12 +455,13 @@ impl ClusterState {
             Command::Init(_) => Ok(false),
             Command::Join { info, at_ms } => self.join(info, *at_ms),
             Command::Activate { node_id, at_ms } => {
-                self.transition(*node_id, "activate", *at_ms, |s| match s {
+                let changed = self.transition(*node_id, "activate", *at_ms, |s| match s {
                     MemberState::Joining | MemberState::Draining | MemberState::Active => {
                         Some(MemberState::Active)
                     }
                     MemberState::Down => None,
-                })
+                })?;
+                Ok(self.take_waiting_isrs(*node_id) || changed)
             }
             Command::Drain { node_id, at_ms } => {
                 self.transition(*node_id, "drain", *at_ms, |_| Some(MemberState::Draining))
@@ -384,9 +484,13 @@ impl ClusterState {
                 Ok(true)
             }
             Command::Remove { node_id } => match self.members.remove(node_id) {
-                Some(_) => Ok(true),
+                Some(_) => {
+                    self.leave_isrs(*node_id, true);
+                    Ok(true)
+                }
                 None => Err(StateError::UnknownNode(*node_id)),
             },
+            Command::Isr(change) => self.change_isr(change),
             Command::MarkDown { node_ids, at_ms } => {
                 if node_ids.len() > MAX_NODES_PER_COMMAND {
                     return Err(StateError::Invalid("too many node ids".into()));
@@ -402,9 +506,173 @@ impl ClusterState {
                         }
                     }
                 }
+                for id in node_ids {
+                    changed |= self.leave_isrs(*id, false);
+                }
                 Ok(changed)
             }
         }
+    }
+
+    /// Makes `node`, just activated, the primary of every ISR entry it is in whose primary is
+    /// not active (it had no active node to fail over to).
+    fn take_waiting_isrs(&mut self, node: NodeId) -> bool {
+        let mut changed = false;
+        let members = &self.members;
+        let active = |n: &NodeId| {
+            members
+                .get(n)
+                .is_some_and(|m| m.state == MemberState::Active)
+        };
+        for entry in self.in_sync_replicas.values_mut() {
+            if active(&entry[0]) {
+                continue;
+            }
+            if let Some(at) = entry.iter().position(|&n| n == node) {
+                if at > 0 {
+                    entry[..=at].rotate_right(1);
+                    changed = true;
+                }
+            }
+        }
+        changed
+    }
+
+    /// Takes `node` (down, or `removed`) out of ISR entries. Where it was the primary, the first
+    /// active other node of the entry takes its place; if there is none, a down node stays (the
+    /// shard waits for the first of its in-sync nodes to be back) and a removed one drops the
+    /// entry (its data is given up). Where it was not, it leaves the entry if the primary is
+    /// active (which then no longer waits for it), or if it is removed.
+    fn leave_isrs(&mut self, node: NodeId, removed: bool) -> bool {
+        let mut changed = false;
+        let members = &self.members;
+        let active = |n: &NodeId| {
+            members
+                .get(n)
+                .is_some_and(|m| m.state == MemberState::Active)
+        };
+        self.in_sync_replicas.retain(|_, entry| {
+            let Some(at) = entry.iter().position(|&n| n == node) else {
+                return true;
+            };
+            if at > 0 {
+                // An active primary stops waiting for it; behind a primary that is not active
+                // it stays, as it may be the first one back (see `take_waiting_isrs`).
+                if removed || active(&entry[0]) {
+                    entry.remove(at);
+                    changed = true;
+                }
+                return true;
+            }
+            match entry.iter().skip(1).position(active) {
+                Some(i) => {
+                    entry.remove(0);
+                    entry[..=i].rotate_right(1);
+                    changed = true;
+                    true
+                }
+                None if removed => {
+                    changed = true;
+                    false
+                }
+                // The others are not active: the entry stays as it is, and the first of its
+                // nodes to be active again takes the shard (see `activate`).
+                None => true,
+            }
+        });
+        changed
+    }
+
+    fn change_isr(&mut self, change: &IsrChange) -> Result<bool, StateError> {
+        let shard_count = self.config.as_ref().map_or(0, |c| c.shard_count);
+        if change.shards.len() > MAX_SHARDS_PER_COMMAND {
+            return Err(StateError::Invalid(format!(
+                "an ISR change names at most {MAX_SHARDS_PER_COMMAND} shards"
+            )));
+        }
+        if let Some(&bad) = change.shards.iter().find(|&&s| s >= shard_count) {
+            return Err(StateError::Invalid(format!(
+                "shard {bad} is not below the shard count {shard_count}"
+            )));
+        }
+        let not_primary = |shard| StateError::NotPrimary {
+            node_id: change.primary,
+            shard,
+            epoch: self.epoch,
+        };
+        if change.epoch != self.epoch {
+            return Err(not_primary(change.shards.first().copied().unwrap_or(0)));
+        }
+        let state = |n: NodeId| self.members.get(&n).map(|m| m.state);
+        let (IsrOp::Expand(node) | IsrOp::Shrink(node) | IsrOp::Transfer(node)) = change.op;
+        if node == change.primary {
+            return Err(StateError::Invalid(
+                "an ISR change names the proposing primary itself".into(),
+            ));
+        }
+        if matches!(change.op, IsrOp::Expand(_) | IsrOp::Transfer(_))
+            && state(node) != Some(MemberState::Active)
+        {
+            return Err(StateError::Invalid(format!(
+                "node {node} is not active: it cannot join an in-sync set or become a primary"
+            )));
+        }
+        // Check every shard first: a refused command changes nothing.
+        for &shard in &change.shards {
+            match self.in_sync_replicas.get(&shard) {
+                Some(entry) if entry[0] != change.primary => return Err(not_primary(shard)),
+                Some(entry) => {
+                    if let IsrOp::Expand(_) = change.op {
+                        if entry.len() >= MAX_ISR_NODES && !entry.contains(&node) {
+                            return Err(StateError::Invalid(format!(
+                                "shard {shard} has {MAX_ISR_NODES} in-sync nodes already"
+                            )));
+                        }
+                    }
+                    if let IsrOp::Transfer(_) = change.op {
+                        if !entry.contains(&node) {
+                            return Err(StateError::Invalid(format!(
+                                "node {node} is not in sync for shard {shard}"
+                            )));
+                        }
+                    }
+                }
+                // No entry: the primary is the ring's hash owner, which only the nodes
+                // compute; the proposer computed it at this very epoch, so it is believed.
+                // Only a first expand creates an entry.
+                None if !matches!(change.op, IsrOp::Expand(_)) => {
+                    return Err(StateError::Invalid(format!(
+                        "shard {shard} has no in-sync set to change"
+                    )))
+                }
+                None => {}
+            }
+        }
+        let mut changed = false;
+        for &shard in &change.shards {
+            let entry = self
+                .in_sync_replicas
+                .entry(shard)
+                .or_insert_with(|| vec![change.primary]);
+            match change.op {
+                IsrOp::Expand(n) if !entry.contains(&n) => {
+                    entry.push(n);
+                    changed = true;
+                }
+                IsrOp::Shrink(n) => {
+                    let before = entry.len();
+                    entry.retain(|&m| m != n);
+                    changed |= entry.len() != before;
+                }
+                IsrOp::Transfer(n) => {
+                    let at = entry.iter().position(|&m| m == n).unwrap_or(0);
+                    entry[..=at].rotate_right(1);
+                    changed = true;
+                }
+                IsrOp::Expand(_) => {}
+            }
+        }
+        Ok(changed)
     }
 
     fn join(&mut self, info: &NodeInfo, at_ms: u64) -> Result<bool, StateError> {
@@ -562,6 +830,220 @@ mod tests {
             ClusterState::default().apply(1, &Command::Init(bad)),
             Err(StateError::Invalid(_))
         ));
+    }
+
+    /// Nodes 1, 2, 3 joined and active (epoch 3), at log index 10.
+    fn three_active() -> ClusterState {
+        let mut s = init();
+        let mut index = 1;
+        for id in 1..=3 {
+            index += 1;
+            s.apply(index, &join(id)).unwrap();
+            index += 1;
+            s.apply(
+                index,
+                &Command::Activate {
+                    node_id: id,
+                    at_ms: 0,
+                },
+            )
+            .unwrap();
+        }
+        s
+    }
+
+    fn isr(primary: NodeId, epoch: u64, shards: &[u32], op: IsrOp) -> Command {
+        Command::Isr(IsrChange {
+            primary,
+            epoch,
+            shards: shards.to_vec(),
+            op,
+        })
+    }
+
+    fn entry(s: &ClusterState, shard: u32) -> Option<Vec<NodeId>> {
+        s.view().unwrap().in_sync_replicas.get(&shard).cloned()
+    }
+
+    #[test]
+    fn only_the_current_primary_changes_an_in_sync_set() {
+        let mut s = three_active();
+        let e = s.epoch();
+        s.apply(20, &isr(1, e, &[0, 1], IsrOp::Expand(2))).unwrap();
+        assert_eq!(entry(&s, 0), Some(vec![1, 2]));
+        assert_eq!(entry(&s, 1), Some(vec![1, 2]));
+        assert_eq!(s.epoch(), e, "an expand moves no primary");
+        assert_eq!(s.isr_primary(0), Some(1));
+
+        let before = s.clone();
+        let refused = [
+            // Another node, a stale epoch, the primary itself, a non-member, an unknown shard.
+            (isr(2, e, &[0], IsrOp::Expand(3)), "not the primary"),
+            (isr(1, e - 1, &[0], IsrOp::Expand(3)), "not the primary"),
+            (isr(1, e, &[0], IsrOp::Shrink(1)), "itself"),
+            (isr(1, e, &[0], IsrOp::Expand(9)), "not active"),
+            (isr(1, e, &[4096], IsrOp::Expand(3)), "shard count"),
+            // One bad shard refuses the whole command: shard 2 has no set to shrink.
+            (isr(1, e, &[0, 2], IsrOp::Shrink(2)), "no in-sync set"),
+            (isr(1, e, &[0], IsrOp::Transfer(3)), "not in sync"),
+        ];
+        for (command, why) in refused {
+            let err = s.apply(21, &command).unwrap_err();
+            assert!(err.to_string().contains(why), "{err} / {why}");
+            assert_eq!(s, before);
+        }
+        let too_many = isr(1, e, &vec![0; MAX_SHARDS_PER_COMMAND + 1], IsrOp::Expand(3));
+        assert!(s.apply(21, &too_many).is_err());
+
+        s.apply(22, &isr(1, e, &[0], IsrOp::Expand(3))).unwrap();
+        s.apply(23, &isr(1, e, &[0], IsrOp::Shrink(2))).unwrap();
+        assert_eq!(entry(&s, 0), Some(vec![1, 3]));
+        // A transfer (live move) makes an in-sync node the primary, at a new epoch.
+        s.apply(24, &isr(1, e, &[0], IsrOp::Transfer(3))).unwrap();
+        assert_eq!(entry(&s, 0), Some(vec![3, 1]));
+        assert_eq!(s.epoch(), e + 1);
+        // The old primary can no longer change it.
+        assert!(matches!(
+            s.apply(25, &isr(1, e + 1, &[0], IsrOp::Shrink(3))),
+            Err(StateError::NotPrimary {
+                node_id: 1,
+                shard: 0,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_down_primary_fails_over_to_an_active_in_sync_node_only() {
+        let mut s = three_active();
+        let e = s.epoch();
+        s.apply(20, &isr(1, e, &[0], IsrOp::Expand(2))).unwrap();
+        s.apply(21, &isr(1, e, &[0], IsrOp::Expand(3))).unwrap();
+        s.apply(22, &isr(2, e, &[5], IsrOp::Expand(1))).unwrap();
+        // Node 3 is only a replica somewhere: it leaves shard 0's set.
+        // Node 1 goes down: shard 0 fails over to 2, the first active other node; shard 5
+        // (primary 2) just drops it.
+        s.apply(
+            23,
+            &Command::MarkDown {
+                node_ids: vec![1],
+                at_ms: 0,
+            },
+        )
+        .unwrap();
+        assert_eq!(entry(&s, 0), Some(vec![2, 3]));
+        assert_eq!(entry(&s, 5), Some(vec![2]));
+        assert!(s.epoch() > e);
+        // Node 2 and then node 3 go down: shard 0 moves to 3, then has nobody active left and
+        // keeps its last primary; the shard waits for it.
+        s.apply(
+            24,
+            &Command::MarkDown {
+                node_ids: vec![2],
+                at_ms: 0,
+            },
+        )
+        .unwrap();
+        assert_eq!(entry(&s, 0), Some(vec![3]));
+        assert_eq!(entry(&s, 5), Some(vec![2]));
+        let e = s.epoch();
+        s.apply(
+            25,
+            &Command::MarkDown {
+                node_ids: vec![3],
+                at_ms: 0,
+            },
+        )
+        .unwrap();
+        assert_eq!(entry(&s, 0), Some(vec![3]));
+        // A down node that comes back is active again only through revive + activate; shard
+        // 0's set holds only 3, so node 1 coming back does not take it.
+        s.apply(
+            26,
+            &Command::Revive {
+                node_id: 1,
+                at_ms: 0,
+            },
+        )
+        .unwrap();
+        s.apply(
+            27,
+            &Command::Activate {
+                node_id: 1,
+                at_ms: 0,
+            },
+        )
+        .unwrap();
+        assert_eq!(entry(&s, 0), Some(vec![3]));
+        assert_eq!(s.isr_primary(0), Some(3));
+        assert!(s.epoch() > e, "node 1 owns shards again");
+    }
+
+    #[test]
+    fn a_waiting_shard_goes_to_the_first_in_sync_node_that_is_active_again() {
+        let mut s = three_active();
+        let e = s.epoch();
+        s.apply(20, &isr(1, e, &[0], IsrOp::Expand(2))).unwrap();
+        // Both down at once: nobody active to fail over to, the set stays as it was.
+        s.apply(
+            21,
+            &Command::MarkDown {
+                node_ids: vec![1, 2],
+                at_ms: 0,
+            },
+        )
+        .unwrap();
+        assert_eq!(entry(&s, 0), Some(vec![1, 2]));
+        // Node 2 is back first and takes the shard (it has every acknowledged write).
+        s.apply(
+            22,
+            &Command::Revive {
+                node_id: 2,
+                at_ms: 0,
+            },
+        )
+        .unwrap();
+        let e = s.epoch();
+        s.apply(
+            23,
+            &Command::Activate {
+                node_id: 2,
+                at_ms: 0,
+            },
+        )
+        .unwrap();
+        assert_eq!(entry(&s, 0), Some(vec![2, 1]));
+        assert!(s.epoch() > e);
+    }
+
+    #[test]
+    fn removing_a_node_gives_up_only_sets_it_held_alone() {
+        let mut s = three_active();
+        let e = s.epoch();
+        s.apply(20, &isr(1, e, &[0], IsrOp::Expand(2))).unwrap();
+        s.apply(21, &isr(3, e, &[7], IsrOp::Expand(1))).unwrap();
+        s.apply(22, &isr(3, e, &[7], IsrOp::Shrink(1))).unwrap();
+        s.apply(23, &Command::Remove { node_id: 1 }).unwrap();
+        assert_eq!(entry(&s, 0), Some(vec![2]));
+        assert_eq!(entry(&s, 7), Some(vec![3]));
+        s.apply(24, &Command::Remove { node_id: 3 }).unwrap();
+        assert_eq!(entry(&s, 7), None, "its only copy is given up");
+    }
+
+    #[test]
+    fn malformed_in_sync_sets_in_a_snapshot_are_refused() {
+        let mut s = three_active();
+        let e = s.epoch();
+        s.apply(20, &isr(1, e, &[0], IsrOp::Expand(2))).unwrap();
+        assert!(s.validate().is_ok());
+        for bad in [vec![], vec![1, 1], vec![1, 2, 3, 4, 5]] {
+            let mut t = s.clone();
+            t.in_sync_replicas.insert(0, bad);
+            assert!(t.validate().is_err());
+        }
+        let mut t = s.clone();
+        t.in_sync_replicas.insert(4096, vec![1]);
+        assert!(t.validate().is_err());
     }
 
     #[test]

@@ -208,7 +208,9 @@ pub struct ClusterView {
     pub heartbeat_miss_limit: u32,
     /// Every member, sorted by node id.
     pub members: Vec<Member>,
-    /// Per-shard in-sync replica sets for replication (empty until replication exists).
+    /// In-sync replica sets of the shards that have one, each **primary first**: such a
+    /// shard's primary is its entry's first node, not the hash owner (see
+    /// [`crate::state`] for how entries change).
     pub in_sync_replicas: BTreeMap<u32, Vec<NodeId>>,
 }
 

@@ -12,6 +12,11 @@
 //! computed once per epoch, so [`Ring::replicas`] is a slice lookup. Placement only: the data
 //! path that fills the replicas does not exist yet.
 //!
+//! A shard with an in-sync replica set in the view (`ClusterView::in_sync_replicas`, primary
+//! first) is the exception: its primary is the set's first node, wherever the hash puts it
+//! (after a failover, or while a live move has not flipped yet), and its nodes are the set's
+//! nodes followed by the placed ones not in it ([`Ring::in_sync`] gives the set itself).
+//!
 //! A [`Ring`] is immutable; the node swaps the whole snapshot (an `Arc`) when the epoch changes.
 
 mod replicas;
@@ -75,6 +80,16 @@ pub struct Ring {
     placement: Box<[NodeId]>,
     /// Every member of the view (any state), by id.
     members: BTreeMap<NodeId, Member>,
+    /// Per shard, its in-sync set if the view gives it one; empty when the view has none.
+    isr: Box<[Option<InSync>]>,
+}
+
+/// A shard's nodes when it has an in-sync set: the set first (`nodes[..in_sync]`, primary
+/// first), then the placed nodes not in it.
+#[derive(Debug, Clone)]
+struct InSync {
+    nodes: Box<[NodeId]>,
+    in_sync: usize,
 }
 
 impl Ring {
@@ -83,13 +98,40 @@ impl Ring {
     pub fn from_view(view: &ClusterView) -> Ring {
         let shard_count = u16::try_from(view.shard_count.max(1)).unwrap_or(u16::MAX);
         let owners: Vec<NodeId> = view.owners().map(Member::node_id).collect();
-        Ring::build(
+        let mut ring = Ring::build(
             view.epoch,
             shard_count,
             &owners,
             view.replication_factor,
             view.members.iter().cloned(),
-        )
+        );
+        ring.set_in_sync(&view.in_sync_replicas);
+        ring
+    }
+
+    /// Applies the view's in-sync sets (see the module doc). Entries for shards out of range
+    /// or empty are ignored (the coordinator never makes them).
+    fn set_in_sync(&mut self, sets: &BTreeMap<u32, Vec<NodeId>>) {
+        if sets.is_empty() {
+            return;
+        }
+        let mut isr = vec![None; usize::from(self.shard_count)];
+        for (&shard, set) in sets {
+            let Some(slot) = isr.get_mut(shard as usize) else {
+                continue;
+            };
+            if set.is_empty() {
+                continue;
+            }
+            let placed = self.placed(shard as ShardId);
+            let mut nodes = set.clone();
+            nodes.extend(placed.iter().filter(|n| !set.contains(n)));
+            *slot = Some(InSync {
+                nodes: nodes.into_boxed_slice(),
+                in_sync: set.len(),
+            });
+        }
+        self.isr = isr.into_boxed_slice();
     }
 
     fn build(
@@ -124,6 +166,7 @@ impl Ring {
             copies,
             placement,
             members,
+            isr: Box::default(),
         }
     }
 
@@ -142,13 +185,15 @@ impl Ring {
             .filter(|m| m.state != MemberState::Draining)
             .map(Member::node_id)
             .collect();
-        Ring::build(
+        let mut ring = Ring::build(
             self.epoch,
             self.shard_count,
             &owners,
             self.replication_factor,
             self.members.values().cloned(),
-        )
+        );
+        ring.isr = self.isr.clone();
+        ring
     }
 
     /// The owner (primary) of a shard, if any member is active.
@@ -157,8 +202,26 @@ impl Ring {
     }
 
     /// The nodes a shard is placed on, primary first, then its replicas; [`Ring::copies`] of
-    /// them, distinct. Empty when no member is active (or the shard is out of range).
+    /// them, distinct. Empty when no member is active (or the shard is out of range). For a
+    /// shard with an in-sync set: the set (its primary first), then the placed nodes not in it.
     pub fn replicas(&self, shard: ShardId) -> &[NodeId] {
+        if let Some(Some(set)) = self.isr.get(usize::from(shard)) {
+            return &set.nodes;
+        }
+        self.placed(shard)
+    }
+
+    /// The shard's in-sync set, primary first, if the view gives it one. Its primary waits for
+    /// every node of it before it acknowledges a write.
+    pub fn in_sync(&self, shard: ShardId) -> Option<&[NodeId]> {
+        match self.isr.get(usize::from(shard)) {
+            Some(Some(set)) => Some(&set.nodes[..set.in_sync]),
+            _ => None,
+        }
+    }
+
+    /// Where the hash ring places a shard, whatever its in-sync set says.
+    fn placed(&self, shard: ShardId) -> &[NodeId] {
         let start = usize::from(shard) * self.copies;
         self.placement
             .get(start..start + self.copies)

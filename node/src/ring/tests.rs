@@ -443,3 +443,42 @@ proptest! {
         prop_assert!(all_admit_new);
     }
 }
+
+#[test]
+fn an_in_sync_set_fixes_the_primary_and_leads_the_shards_nodes() {
+    let mut view = ClusterView {
+        cluster_id: "c".into(),
+        epoch: 3,
+        revision: 3,
+        shard_count: 64,
+        replication_factor: 2,
+        heartbeat_interval_ms: 100,
+        heartbeat_miss_limit: 5,
+        members: vec![
+            member(1, MemberState::Down),
+            member(2, MemberState::Active),
+            member(3, MemberState::Active),
+        ],
+        in_sync_replicas: Default::default(),
+    };
+    let plain = Ring::from_view(&view);
+    // Shard 5 failed over to node 3 (its set: 3 then the down node 1): whatever the hash says,
+    // 3 is its primary, then 1, then the placed nodes not in the set.
+    view.in_sync_replicas.insert(5, vec![3, 1]);
+    // Out of range and empty entries are ignored.
+    view.in_sync_replicas.insert(64, vec![2]);
+    view.in_sync_replicas.insert(6, vec![]);
+    let r = Ring::from_view(&view);
+    assert_eq!(r.owner(5), Some(3));
+    assert_eq!(r.in_sync(5), Some(&[3, 1][..]));
+    let mut expected = vec![3, 1];
+    expected.extend(plain.replicas(5).iter().filter(|n| ![3, 1].contains(n)));
+    assert_eq!(r.replicas(5), &expected[..]);
+    // Every other shard is placed as before and has no set.
+    for s in (0..64).filter(|&s| s != 5) {
+        assert_eq!(r.replicas(s), plain.replicas(s), "shard {s}");
+        assert_eq!(r.in_sync(s), None);
+    }
+    assert!(r.shards_of(3).any(|s| s == 5));
+    assert_eq!(r.with_down_members().owner(5), Some(3));
+}
