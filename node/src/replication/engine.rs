@@ -98,6 +98,16 @@ impl ReplicatingEngine {
         &self.inner
     }
 
+    /// Forgets the cached position of `shard`, so the next write reads it from disk: call it
+    /// when the shard's rows (and position) were written by another primary's records, as a
+    /// replica, and this node is about to write it as the primary.
+    pub fn forget_position(&self, shard: ShardId) {
+        self.positions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&shard);
+    }
+
     fn write_replicated(&self, mut batch: WriteBatch, sync: bool) -> Result<()> {
         let per_shard = split(&batch).map_err(|e| StorageError::Other(e.to_string()))?;
         if let Some(index) = batch.ops.iter().position(writes_a_position) {

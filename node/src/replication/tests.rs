@@ -1,6 +1,7 @@
 //! Tests of the replication layer on real RocksDB: the record codec, the primary's wrapper,
 //! a replica's apply, and the services writing through a primary into an in-process replica.
 
+mod adopting;
 mod applying;
 mod codec;
 mod engine;
