@@ -27,7 +27,7 @@
 //! of any subject is left (and nothing happened for a while), so a delivery or receipt still on
 //! its way is waited for; one missing after that is a loss.
 //!
-//! One kind of loss is expected and not a violation: with replication factor 1 a node holds the
+//! One kind of loss is expected and not a violation: with one copy per shard a node holds the
 //! only copy of its users' inboxes, so when a node is killed and then removed (`ctl remove`)
 //! without coming back, what was queued there is given up. A missing message or read receipt
 //! is **lost with a removed node** ([`ViolationKind::LostUnreplicated`], listed apart in
@@ -83,7 +83,7 @@ pub enum ViolationKind {
     Leaked,
     Phantom,
     /// Not a violation: an acked message whose only copy lived on a node that was killed and
-    /// removed (replication factor 1). Listed in [`CheckReport::unreplicated`].
+    /// removed (a single copy). Listed in [`CheckReport::unreplicated`].
     LostUnreplicated,
 }
 
@@ -968,7 +968,7 @@ impl Checker<'_> {
             if let Some(node) = removed {
                 detail.push_str(&format!(
                     "; it lived only on node {node} (with the ack, or in {device}'s inbox), \
-                     which was killed and removed (replication factor 1): lost with a removed \
+                     which was killed and removed (a single copy): lost with a removed \
                      node, not a violation"
                 ));
             }
@@ -1072,8 +1072,8 @@ impl Checker<'_> {
 
 fn lived_only_on(node: u64) -> String {
     format!(
-        "; its only copy lived on node {node}, which was killed and removed (replication \
-         factor 1): lost with a removed node, not a violation"
+        "; its only copy lived on node {node}, which was killed and removed (no other \
+         copy): lost with a removed node, not a violation"
     )
 }
 

@@ -289,7 +289,7 @@ async fn run(cli: Cli) -> Result<i32> {
                     .collect();
                 println!(
                     "lost with removed nodes ({}): {} messages ({} deliveries), {} read receipts, \
-                     {} delivered receipts (expected with replication factor 1; not violations)",
+                     {} delivered receipts (expected while shards have one copy; not violations)",
                     nodes.join(", "),
                     c.lost_unreplicated_messages,
                     c.lost_unreplicated,

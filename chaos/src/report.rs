@@ -73,7 +73,7 @@ pub struct RunReport {
     pub faults: Vec<AppliedFault>,
     pub violations: Vec<Violation>,
     pub violations_unlisted: u64,
-    /// Losses explained by a node killed and removed (replication factor 1): expected, not
+    /// Losses explained by a node killed and removed (a single copy): expected, not
     /// violations.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unreplicated: Vec<Violation>,
@@ -218,7 +218,7 @@ impl RunReport {
             .collect();
         Some(format!(
             "{} acked messages ({} deliveries), {} read receipts and {} delivered receipts lost \
-             with removed {}: they lived only there (replication factor 1)",
+             with removed {}: they lived only there (a single copy)",
             c.lost_unreplicated_messages,
             c.lost_unreplicated,
             c.lost_unreplicated_receipts,

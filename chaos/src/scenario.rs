@@ -750,7 +750,7 @@ pub fn catalogue() -> Vec<Scenario> {
         Scenario {
             name: "node-loss",
             about: "kill -9 node 3 for good, ctl remove it once it is down: only what lived \
-                    there alone (replication factor 1) may be lost, and the report counts it",
+                    there alone (one copy: the chaos cluster does not replicate yet) may be lost, and the report counts it",
             needs: Needs {
                 cluster: true,
                 ..Needs::default()
