@@ -830,6 +830,27 @@ fn with_replicate_every_replica_holds_what_its_primary_acknowledged() {
             written.insert(ring.shard_of(u));
         }
     });
+    // Reported, not asserted: what a replica round trip costs a batch here.
+    for (id, node) in cluster.node_ids.iter().zip(&cluster.nodes) {
+        let metrics = node.admin_get("/metrics").1;
+        let mean_ms = |name: &str| {
+            let value = |suffix: &str| {
+                metrics
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&format!("{name}_{suffix} ")))
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            let count = value("count");
+            (count, 1000.0 * value("sum") / count.max(1.0))
+        };
+        let (trips, trip_ms) = mean_ms("ringpost_replicate_round_trip_seconds");
+        let (syncs, sync_ms) = mean_ms("ringpost_inbox_wal_sync_seconds");
+        eprintln!(
+            "node {id}: {trips} replicate round trips, mean {trip_ms:.2} ms; {syncs} local \
+             inbox syncs, mean {sync_ms:.2} ms"
+        );
+    }
     for node in &mut cluster.nodes {
         assert!(node.terminate(), "the node stopped cleanly");
     }
