@@ -104,7 +104,7 @@ pub struct Metrics {
     pub commit_group_requests: AtomicU64,
     pub commits: AtomicU64,
     pub send_ack: Histogram,
-    /// Requests this node sent to other nodes (forwards, queries, hand-off steps).
+    /// Requests this node sent to other nodes (forwards, queries, hand-off steps, replication).
     pub peer_requests_sent: AtomicU64,
     /// Requests other nodes sent to this one.
     pub peer_requests_served: AtomicU64,
@@ -264,7 +264,7 @@ impl Metrics {
             ),
             (
                 "ringpost_peer_requests_sent_total",
-                "Requests sent to other nodes (forwards, queries, hand-off steps).",
+                "Requests sent to other nodes (forwards, queries, hand-off steps, replication).",
                 &self.peer_requests_sent,
             ),
             (
