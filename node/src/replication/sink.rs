@@ -69,7 +69,8 @@ pub struct NetworkSink {
 }
 
 struct Stream {
-    tx: tokio_mpsc::UnboundedSender<Item>,
+    /// One message per ship call, so that a call's records for the node go in one request.
+    tx: tokio_mpsc::UnboundedSender<Vec<Item>>,
     queued_bytes: Arc<AtomicUsize>,
 }
 
@@ -150,7 +151,7 @@ impl ShardLogSink for NetworkSink {
         let mut over_bound = false;
         {
             let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
-            let mut shipped_to: Vec<NodeId> = Vec::new();
+            let mut batches: Vec<(NodeId, Vec<Item>)> = Vec::new();
             for record in records {
                 let nodes = links.must_have(record.shard);
                 if nodes.is_empty() {
@@ -175,29 +176,30 @@ impl ShardLogSink for NetworkSink {
                             bytes,
                         },
                     };
-                    if stream.tx.send(item).is_err() {
-                        return Err(ShipError(format!("the stream to node {node} has stopped")));
+                    match batches.iter_mut().find(|(n, _)| *n == node) {
+                        Some((_, items)) => items.push(item),
+                        None => batches.push((node, vec![item])),
                     }
                     expected += 1;
-                    if !shipped_to.contains(&node) {
-                        shipped_to.push(node);
-                    }
                 }
             }
             if sync {
                 // Records shipped unsynced earlier to other nodes become durable with this
                 // write, as they do locally.
-                for (&node, stream) in streams.iter() {
-                    if shipped_to.contains(&node) {
-                        continue;
+                for &node in streams.keys() {
+                    if batches.iter().all(|(n, _)| *n != node) {
+                        let item = Item::Flush {
+                            reply: reply.clone(),
+                        };
+                        batches.push((node, vec![item]));
+                        expected += 1;
                     }
-                    let item = Item::Flush {
-                        reply: reply.clone(),
-                    };
-                    if stream.tx.send(item).is_err() {
-                        return Err(ShipError(format!("the stream to node {node} has stopped")));
-                    }
-                    expected += 1;
+                }
+            }
+            for (node, items) in batches {
+                let sent = streams.get(&node).map(|s| s.tx.send(items).is_ok());
+                if sent != Some(true) {
+                    return Err(ShipError(format!("the stream to node {node} has stopped")));
                 }
             }
         }
@@ -228,7 +230,7 @@ impl ShardLogSink for NetworkSink {
 /// One replica node's stream: sends what is queued, a frame at a time, and answers each item.
 async fn run_stream(
     node: NodeId,
-    mut rx: tokio_mpsc::UnboundedReceiver<Item>,
+    mut rx: tokio_mpsc::UnboundedReceiver<Vec<Item>>,
     links: Arc<dyn ReplicaLinks>,
 ) {
     let timeout = Duration::from_millis(REPLICA_ACK_TIMEOUT_MS);
@@ -240,12 +242,12 @@ async fn run_stream(
     loop {
         if queue.is_empty() {
             match rx.recv().await {
-                Some(item) => queue.push_back(item),
+                Some(items) => queue.extend(items),
                 None => return,
             }
         }
-        while let Ok(item) = rx.try_recv() {
-            queue.push_back(item);
+        while let Ok(items) = rx.try_recv() {
+            queue.extend(items);
         }
         let (parts, finished) = pack(&mut queue, &mut sent);
         if parts.is_empty() {
