@@ -27,8 +27,10 @@ use tokio::sync::mpsc as tokio_mpsc;
 use tracing::warn;
 
 use super::engine::{ShardLogSink, ShipError};
-use super::part::REPLICATE_PARTS_MAX;
-use super::part::{RecordPart, PART_BYTES_MIN, PART_HEADER_BYTES_MAX, REPLICATE_FRAME_BYTES_MAX};
+use super::part::{
+    RecordPart, PART_BYTES_MIN, PART_HEADER_BYTES_MAX, REPLICATE_FRAME_BYTES_MAX,
+    REPLICATE_PARTS_MAX,
+};
 use super::record::ShardLogRecord;
 use super::serve::{ReplicaOutcome, ShardAnswer};
 use crate::shard::ShardId;
