@@ -400,9 +400,12 @@ async fn handoff_loop(server: Arc<Server>, kick: Arc<Notify>) {
 
 /// Makes shards whose rows came by replication this node's to serve (see
 /// [`crate::inbox::Inbox::adopt_shard`]): the writer's and the accounts cache's state of them
-/// is dropped.
+/// is dropped, and the replicating engine's cached position.
 async fn adopt(server: &Arc<Server>, shards: &[ShardId]) -> Result<(), String> {
     for &shard in shards {
+        if let Some(engine) = server.replicating.get() {
+            engine.forget_position(shard);
+        }
         server
             .inbox
             .adopt_shard(shard)

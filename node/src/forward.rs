@@ -434,6 +434,9 @@ impl Server {
                     frame,
                 } => server.serve_query(from_user, from_device, &frame).await,
                 PeerRequest::Holdings { shards } => server.serve_holdings(from, shards).await,
+                PeerRequest::Replicate { parts } => {
+                    crate::peer::replicate::serve(&server, from, epoch, parts).await
+                }
                 PeerRequest::Export {
                     shard,
                     from: cursor,
@@ -585,6 +588,9 @@ impl Server {
     pub fn install_ring(&self, ring: Ring) -> Vec<ShardId> {
         let epoch = ring.epoch;
         let pending = self.routing.install(ring);
+        if let Some(replicating) = self.replicating.get() {
+            replicating.set_epoch(self.routing.epoch());
+        }
         let ring = self.routing.ring();
         for s in 0..ring.shard_count {
             if ring.owner(s) != Some(self.node_id) {

@@ -189,6 +189,11 @@ struct RunArgs {
     /// Shards of the cluster (must equal the coordinator's, fixed at `init`).
     #[arg(long, default_value_t = ringpost_node::shard::SHARD_COUNT_DEFAULT, env = "RINGPOST_SHARD_COUNT")]
     shard_count: u16,
+    /// EXPERIMENTAL: ship every shard write to the shard's replicas and acknowledge it only
+    /// once they have it (with --coordinator). Until in-sync sets and catch-up are built, a
+    /// replica that is down or behind makes writes to its shards fail; see docs/replication.md.
+    #[arg(long, env = "RINGPOST_REPLICATE")]
+    replicate: bool,
     #[command(flatten)]
     common: Common,
 }
@@ -278,7 +283,7 @@ fn node_options(common: Common) -> NodeOptions {
         server,
         inbox,
         rocks: Default::default(),
-        // Replication is not wired to the network yet (issue 19).
+        replicate: false,
         replication: None,
     }
 }
@@ -342,6 +347,7 @@ fn run_options(args: RunArgs) -> Result<NodeOptions> {
     };
     opts.server.node_id = args.node_id;
     opts.server.shard_count = args.shard_count;
+    opts.replicate = args.replicate;
     if !args.coordinator.is_empty() {
         let secret = match (args.cluster_secret, args.cluster_secret_file) {
             (Some(s), None) => s.into_bytes(),

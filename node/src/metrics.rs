@@ -104,7 +104,7 @@ pub struct Metrics {
     pub commit_group_requests: AtomicU64,
     pub commits: AtomicU64,
     pub send_ack: Histogram,
-    /// Requests this node sent to other nodes (forwards, queries, hand-off steps).
+    /// Requests this node sent to other nodes (forwards, queries, hand-off steps, replication).
     pub peer_requests_sent: AtomicU64,
     /// Requests other nodes sent to this one.
     pub peer_requests_served: AtomicU64,
@@ -113,6 +113,12 @@ pub struct Metrics {
     /// Shards pulled from another node by a hand-off, and their rows.
     pub handoff_shards: AtomicU64,
     pub handoff_rows: AtomicU64,
+    /// Shard log records (and their encoded bytes) applied here as a replica; re-sends skipped
+    /// are not counted.
+    pub replicate_records_applied: AtomicU64,
+    pub replicate_bytes_applied: AtomicU64,
+    /// Round trips of `Replicate` requests to replicas, answered or refused.
+    pub replicate_round_trip: Histogram,
     /// The ring epoch this node routes at, the shards it owns, and how many of them it has
     /// taken over (serves).
     pub ring_epoch: AtomicI64,
@@ -148,6 +154,9 @@ impl Default for Metrics {
             peer_wrong_owner: AtomicU64::new(0),
             handoff_shards: AtomicU64::new(0),
             handoff_rows: AtomicU64::new(0),
+            replicate_records_applied: AtomicU64::new(0),
+            replicate_bytes_applied: AtomicU64::new(0),
+            replicate_round_trip: Histogram::new(LATENCY_BUCKETS_S),
             ring_epoch: AtomicI64::new(0),
             shards_owned: AtomicI64::new(0),
             shards_ready: AtomicI64::new(0),
@@ -197,7 +206,7 @@ impl Metrics {
                 self.connections_accepted[t as usize].load(Relaxed)
             );
         }
-        let counters: [(&str, &str, &AtomicU64); 18] = [
+        let counters: [(&str, &str, &AtomicU64); 20] = [
             (
                 "ringpost_frames_in_total",
                 "Frames received from clients.",
@@ -255,7 +264,7 @@ impl Metrics {
             ),
             (
                 "ringpost_peer_requests_sent_total",
-                "Requests sent to other nodes (forwards, queries, hand-off steps).",
+                "Requests sent to other nodes (forwards, queries, hand-off steps, replication).",
                 &self.peer_requests_sent,
             ),
             (
@@ -277,6 +286,16 @@ impl Metrics {
                 "ringpost_handoff_rows_total",
                 "Rows copied by those hand-offs.",
                 &self.handoff_rows,
+            ),
+            (
+                "ringpost_replicate_records_applied_total",
+                "Shard log records applied on this node as a replica (re-sends not counted).",
+                &self.replicate_records_applied,
+            ),
+            (
+                "ringpost_replicate_applied_bytes_total",
+                "Encoded bytes of those records.",
+                &self.replicate_bytes_applied,
             ),
             (
                 "ringpost_inbox_commits_total",
@@ -344,6 +363,11 @@ impl Metrics {
             &mut out,
             "ringpost_send_ack_seconds",
             "Time from a Send frame's arrival to its SendAck.",
+        );
+        self.replicate_round_trip.render(
+            &mut out,
+            "ringpost_replicate_round_trip_seconds",
+            "Round trip of one Replicate request to a replica (the batch's send, apply and fsync there).",
         );
         out
     }

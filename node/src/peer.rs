@@ -10,11 +10,14 @@
 //!
 //! The hand-off requests (`Holdings`, `Export`, `Release`) are served only to the node that the
 //! receiver's ring names as the owner of every shard asked ([`handoff_role`]); anyone else gets
-//! `Error{Forbidden}`. An answer that cannot be encoded, or would not fit in one link frame, is
+//! `Error{Forbidden}`; so is `Replicate` to anyone but the shards' primary ([`replica_role`]).
+//! An answer that cannot be encoded, or would not fit in one link frame, is
 //! logged and replaced by `Error{Internal}` ([`encode_response`]), never sent empty.
 
 pub mod handoff_role;
 pub mod link;
+pub mod replica_role;
+pub mod replicate;
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -27,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use crate::handoff::{Chunk, Cursor, ShardDigest};
+use crate::replication::{RecordPart, ShardAnswer};
 use crate::server::Server;
 use crate::shard::ShardId;
 
@@ -135,6 +139,15 @@ pub enum PeerRequest {
         digest: ShardDigest,
         dedup_cutoff_ms: u64,
     },
+    /// Replication, from a shard's primary to its replicas: records of the shards' logs, in
+    /// LSN order per shard, several shards per frame; a record larger than a frame comes in
+    /// consecutive parts over consecutive requests ([`crate::replication::part`]). Served only
+    /// if the receiver's ring (at the sender's epoch or later) names the sender as the primary
+    /// of every shard named and the receiver as one of its replicas ([`replica_role`]).
+    /// Answered with [`PeerResponse::Replicated`].
+    Replicate {
+        parts: Vec<RecordPart>,
+    },
 }
 
 /// A request and the epoch it was routed at.
@@ -164,6 +177,9 @@ pub enum PeerResponse {
         code: u16,
         message: String,
     },
+    /// The answer to `Replicate`: per shard named, how far the copy is (applied LSN) or why it
+    /// refused the records.
+    Replicated(Vec<ShardAnswer>),
 }
 
 /// Encodes a request for [`link::PeerNet::call`]. Fails (rather than sending an empty or

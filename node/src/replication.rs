@@ -19,19 +19,31 @@
 //! - [`apply`] (a replica) writes records in LSN order, each atomically and durably with the
 //!   shard's new position; a re-sent record is skipped, a gap refused with the LSN it needs.
 //!
-//! Not here yet: the network sink, in-sync sets, catch-up by snapshot, failover. The node uses
-//! the wrapper only when given a sink (`NodeOptions::replication`), which nothing gives yet.
+//! - [`NetworkSink`] (the primary) ships records to the replica nodes over peer links, one
+//!   stream per node batching whatever is queued into one `Replicate` request, and makes a
+//!   synced write wait until every replica has applied its records; [`RecordPart`] carries a
+//!   record larger than a frame in several. [`serve_parts`] is the replica's side: it puts
+//!   parts back together ([`Reassembly`]) and applies the records, answering per shard.
+//!
+//! Not here yet: in-sync sets, catch-up by snapshot, failover. The node uses the wrapper only
+//! with `--replicate` (`NodeOptions::replicate`), experimental until those land.
 
 mod apply;
 mod engine;
+pub mod part;
 mod position;
 pub mod record;
+mod serve;
+pub mod sink;
 mod split;
 
 pub use apply::{apply, Applied, ApplyError};
 pub use engine::{ReplicatingEngine, ShardLogSink, ShipError};
+pub use part::{Reassembly, RecordPart};
 pub use position::{position_key, read_position, Position};
 pub use record::{RecordError, ShardLogRecord};
+pub use serve::{serve_parts, serve_parts_with, ReplicaOutcome, Served, ShardAnswer};
+pub use sink::{NetworkSink, ReplicaLinks};
 pub use split::{split, SplitError};
 
 #[cfg(test)]

@@ -20,7 +20,8 @@ use crate::conn::Admitted;
 use crate::inbox::{Inbox, InboxConfig};
 use crate::keys::Keys;
 use crate::metrics::{Metrics, Transport as TransportKind};
-use crate::replication::{ReplicatingEngine, ShardLogSink};
+use crate::peer::replicate::ServerLinks;
+use crate::replication::{NetworkSink, ReplicatingEngine, ShardLogSink};
 use crate::server::{Server, ServerConfig};
 use crate::storage::rocks::{RocksConfig, RocksEngine};
 use crate::storage::Engine;
@@ -62,8 +63,11 @@ pub struct NodeOptions {
     /// Join a standalone coordinator; `None` runs a single-replica coordinator in this
     /// process and joins it (dev, or a one-node deployment).
     pub cluster: Option<crate::cluster::ClusterOptions>,
-    /// Ship every shard write to replicas ([`crate::replication`], in progress). `None` (the
-    /// only setting the binary has yet): the services write RocksDB directly, as before.
+    /// Ship every shard write to the shard's replicas over peer links (`--replicate`,
+    /// experimental: see docs/replication.md). Only for a node in a cluster (`cluster` set);
+    /// off, the services write RocksDB directly, as before replication existed.
+    pub replicate: bool,
+    /// Ship every shard write to this sink instead (tests); takes precedence over `replicate`.
     pub replication: Option<ReplicationOptions>,
 }
 
@@ -84,20 +88,36 @@ impl std::fmt::Debug for ReplicationOptions {
     }
 }
 
+/// The node's database as the services see it.
+pub struct OpenedEngine {
+    pub engine: Arc<dyn Engine>,
+    /// The wrapper `engine` is, when the node replicates.
+    pub replicating: Option<Arc<ReplicatingEngine>>,
+}
+
 /// Opens the node's database, wrapped in a [`ReplicatingEngine`] only when `replication` is
 /// given: without it, writes cost exactly what they did before replication existed.
 pub fn open_engine(
     path: &std::path::Path,
     rocks: &RocksConfig,
     replication: Option<&ReplicationOptions>,
-) -> Result<Arc<dyn Engine>> {
+) -> Result<OpenedEngine> {
     let db: Arc<dyn Engine> = Arc::new(
         RocksEngine::open(path, rocks)
             .with_context(|| format!("opening RocksDB in {}", path.display()))?,
     );
     Ok(match replication {
-        Some(r) => Arc::new(ReplicatingEngine::new(db, r.sink.clone(), r.epoch)),
-        None => db,
+        Some(r) => {
+            let wrapper = Arc::new(ReplicatingEngine::new(db, r.sink.clone(), r.epoch));
+            OpenedEngine {
+                engine: wrapper.clone(),
+                replicating: Some(wrapper),
+            }
+        }
+        None => OpenedEngine {
+            engine: db,
+            replicating: None,
+        },
     })
 }
 
@@ -177,11 +197,25 @@ impl Node {
     pub async fn start(opts: NodeOptions) -> Result<Node> {
         std::fs::create_dir_all(&opts.data_dir)
             .with_context(|| format!("creating data dir {}", opts.data_dir.display()))?;
-        let engine = open_engine(
-            &opts.data_dir.join("db"),
-            &opts.rocks,
-            opts.replication.as_ref(),
-        )?;
+        let mut replication = opts.replication.clone();
+        let mut network_sink = None;
+        if opts.replicate && replication.is_none() {
+            if opts.cluster.is_some() {
+                let sink = NetworkSink::new(tokio::runtime::Handle::current());
+                replication = Some(ReplicationOptions {
+                    sink: sink.clone(),
+                    epoch: 0, // the ring's, once the node has one
+                });
+                network_sink = Some(sink);
+                info!("replicating shard writes to their replicas (experimental)");
+            } else {
+                warn!("--replicate ignored: a node without a coordinator has no replicas");
+            }
+        }
+        let OpenedEngine {
+            engine,
+            replicating,
+        } = open_engine(&opts.data_dir.join("db"), &opts.rocks, replication.as_ref())?;
         let metrics = Arc::new(Metrics::default());
         let registry = Arc::new(crate::registry::Registry::default());
         let inbox_config = {
@@ -240,6 +274,12 @@ impl Node {
             metrics,
             expiry_clock,
         );
+        if let Some(replicating) = replicating {
+            server.set_replicating(replicating);
+        }
+        if let Some(sink) = network_sink {
+            sink.bind(Arc::new(ServerLinks(Arc::downgrade(&server))));
+        }
 
         let (cert, ca) = match &opts.tls {
             Some(c) => (c.clone(), c.ca.clone()),
@@ -606,7 +646,9 @@ mod tests {
     #[test]
     fn the_engine_replicates_only_when_given_a_sink() {
         let dir = tempfile::tempdir().unwrap();
-        let plain = open_engine(&dir.path().join("a"), &RocksConfig::for_tests(), None).unwrap();
+        let plain = open_engine(&dir.path().join("a"), &RocksConfig::for_tests(), None)
+            .unwrap()
+            .engine;
         write_to_shard_3(&*plain);
         assert_eq!(read_position(&*plain, 3).unwrap().lsn, 0, "no log kept");
 
@@ -616,7 +658,9 @@ mod tests {
             epoch: 1,
         };
         let path = dir.path().join("b");
-        let replicated = open_engine(&path, &RocksConfig::for_tests(), Some(&replication)).unwrap();
+        let replicated = open_engine(&path, &RocksConfig::for_tests(), Some(&replication))
+            .unwrap()
+            .engine;
         write_to_shard_3(&*replicated);
         assert_eq!(read_position(&*replicated, 3).unwrap().lsn, 1);
         assert_eq!(*sink.0.lock().unwrap(), 1);

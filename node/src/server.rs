@@ -75,6 +75,14 @@ pub struct Server {
     pub(crate) order: Arc<crate::forward::order::ConversationOrder>,
     /// The node's database, for shard hand-offs (every service owns its own column families).
     pub(crate) engine: Arc<dyn crate::storage::Engine>,
+    /// The replicating wrapper `engine` is, when the node replicates (`--replicate`): its epoch
+    /// follows the ring, and records received as a replica go below it.
+    pub(crate) replicating: std::sync::OnceLock<Arc<crate::replication::ReplicatingEngine>>,
+    /// Records other nodes are sending in parts, one in assembly per primary (see
+    /// [`crate::replication::part`]).
+    pub(crate) replica_parts: std::sync::Mutex<
+        std::collections::HashMap<ringpost_coordinator::NodeId, crate::replication::Reassembly>,
+    >,
     pub accounts: Arc<Accounts>,
     pub keys: Arc<Keys>,
     pub inbox: Inbox,
@@ -110,6 +118,8 @@ impl Server {
             peers: std::sync::OnceLock::new(),
             order: Default::default(),
             engine,
+            replicating: std::sync::OnceLock::new(),
+            replica_parts: Default::default(),
             accounts: Arc::new(accounts),
             keys: Arc::new(keys),
             inbox,
@@ -137,6 +147,21 @@ impl Server {
     /// The time expiry decisions use: never ahead of monotonic time since the last run.
     pub fn expiry_now_ms(&self) -> u64 {
         self.expiry_clock.now_ms(self.now_ms())
+    }
+
+    /// The database without the replicating wrapper: where records received as a replica are
+    /// applied (through the wrapper they would be shipped on).
+    pub(crate) fn replica_engine(&self) -> Arc<dyn crate::storage::Engine> {
+        match self.replicating.get() {
+            Some(r) => r.inner().clone(),
+            None => self.engine.clone(),
+        }
+    }
+
+    /// Makes `engine`, the wrapper this server's engine is, follow the ring's epoch.
+    pub fn set_replicating(&self, engine: Arc<crate::replication::ReplicatingEngine>) {
+        engine.set_epoch(self.routing.epoch());
+        let _ = self.replicating.set(engine);
     }
 
     /// The ring epoch this node routes at.
@@ -318,8 +343,18 @@ impl Server {
         if let Err(e) = self.inbox.drop_device(user, device).await {
             warn!(user, device, error = %e, "dropping a removed device's inbox failed");
         }
-        if let Err(e) = self.keys.drop_device(user, device) {
-            warn!(user, device, error = %e, "dropping a removed device's keys failed");
+        // A synced write (and, on a replicating node, a wait for the replicas): not on an
+        // async worker.
+        let keys = self.keys.clone();
+        let dropped = tokio::task::spawn_blocking(move || keys.drop_device(user, device)).await;
+        match dropped {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(user, device, error = %e, "dropping a removed device's keys failed")
+            }
+            Err(e) => {
+                warn!(user, device, error = %e, "dropping a removed device's keys: task failed")
+            }
         }
         if let Some(conn) = self.registry.device(user, device) {
             conn.ask_close(CloseReason::Removed);

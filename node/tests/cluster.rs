@@ -35,12 +35,17 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// The ring a cluster of these active node ids computes.
 fn ring_of(nodes: &[u64]) -> Ring {
+    ring_with(nodes, 1)
+}
+
+/// The ring a cluster of these active node ids computes at replication `factor`.
+fn ring_with(nodes: &[u64], factor: u32) -> Ring {
     Ring::from_view(&ClusterView {
         cluster_id: String::new(),
         epoch: 1,
         revision: 1,
         shard_count: u32::from(harness::SHARDS),
-        replication_factor: 1,
+        replication_factor: factor,
         heartbeat_interval_ms: harness::HEARTBEAT_MS,
         heartbeat_miss_limit: harness::MISS_LIMIT,
         members: nodes
@@ -717,4 +722,172 @@ fn every_node_places_the_replicas_the_coordinator_asks_for() {
     placement_agrees(&cluster, 3);
     cluster.ctl(&["set-replication", "1"]);
     placement_agrees(&cluster, 1);
+}
+
+/// With `--replicate`, every write a primary acknowledges is on the shard's replica: after
+/// traffic among users of all three nodes, each shard's rows (and log position) on its
+/// replica equal its primary's, read from the stopped nodes' databases. A node that is not a
+/// shard's primary cannot write into a replica's copy.
+#[test]
+fn with_replicate_every_replica_holds_what_its_primary_acknowledged() {
+    use ringpost_node::handoff::shard_digest;
+    use ringpost_node::replication::{read_position, RecordPart, ShardLogRecord};
+    use ringpost_node::storage::rocks::{RocksConfig, RocksEngine};
+    use ringpost_node::storage::{Cf, Op};
+
+    let mut cluster = TestCluster::start_with(1, 3, &["--replicate"]);
+    placement_agrees(&cluster, 2);
+    let ring = ring_with(&[1, 2, 3], 2);
+    let mut written: BTreeSet<u16> = BTreeSet::new();
+    runtime().block_on(async {
+        let users: Vec<UserId> = (1..=3)
+            .flat_map(|n| users_where(&ring, 15_556_000_000, 2, move |o| o == n))
+            .collect();
+        let mut clients = Vec::new();
+        for &u in &users {
+            clients.push(cluster.register(0, u).await);
+            written.insert(ring.shard_of(u));
+        }
+        let inboxes: Vec<Inbox> = clients.iter().map(|c| Inbox::collect(c.clone())).collect();
+        let mut expected: BTreeMap<usize, Vec<MsgId>> = BTreeMap::new();
+        let mut n = 0;
+        let started = Instant::now();
+        for (i, c) in clients.iter().enumerate() {
+            for (j, &to) in users.iter().enumerate() {
+                if i != j {
+                    n += 1;
+                    let id = msg_id(users[i], n);
+                    send_acked(c, to, id, "replicated").await.expect("send");
+                    expected.entry(j).or_default().push(id);
+                }
+            }
+        }
+        eprintln!(
+            "{n} sends acked one at a time in {} ms ({} ms each, replica round trip included)",
+            started.elapsed().as_millis(),
+            started.elapsed().as_millis() / u128::from(n)
+        );
+        for (j, ids) in &expected {
+            assert!(inboxes[*j].wait_all(ids).await.is_empty(), "user {j}");
+        }
+
+        // A member that is no shard's primary (node 99, never active) sends a replica a
+        // record of a shard nobody wrote: refused, and nothing of it is applied (checked
+        // below with the rest).
+        let key = Arc::new(NodeKey::ephemeral().unwrap());
+        let mut info = NodeInfo::new(99);
+        info.node_key = Some(key.public_hex());
+        cluster
+            .coordinator()
+            .await
+            .join(info)
+            .await
+            .expect("join node 99");
+        let view = cluster.view().await;
+        let net = peer_endpoint(&view, 99, key).await;
+        let shard = ring
+            .replica_shards_of(2)
+            .find(|s| !written.contains(s))
+            .expect("a shard node 2 replicates and nobody wrote");
+        let record = ShardLogRecord {
+            shard,
+            lsn: 1,
+            epoch: view.epoch,
+            ops: vec![Op::Put {
+                cf: Cf::Inbox,
+                key: [&shard.to_be_bytes()[..], b"forged"].concat(),
+                value: b"x".to_vec(),
+            }],
+        };
+        let bytes = record.encode();
+        let parts = vec![RecordPart {
+            shard,
+            lsn: 1,
+            total_bytes: bytes.len() as u32,
+            offset: 0,
+            bytes,
+        }];
+        let refused = peer_call(&net, &view, 2, view.epoch, PeerRequest::Replicate { parts })
+            .await
+            .expect("peer call");
+        assert!(
+            matches!(&refused, PeerResponse::Error { code, message }
+                if *code == ErrorCode::Forbidden.as_u16()
+                    && message.contains("only the primary sends records")),
+            "{refused:?}"
+        );
+        net.shutdown().await;
+
+        // Quiet the cluster: no device is left to ack, then one synced write on every node
+        // (a registration) so that records shipped unsynced (ack floors) are flushed too.
+        for c in clients {
+            c.close().await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for node in 1..=3 {
+            let u = users_where(&ring, 15_556_500_000, 1, |o| o == node)[0];
+            cluster.register(0, u).await.close().await;
+            written.insert(ring.shard_of(u));
+        }
+    });
+    // Reported, not asserted: what a replica round trip costs a batch here.
+    for (id, node) in cluster.node_ids.iter().zip(&cluster.nodes) {
+        let metrics = node.admin_get("/metrics").1;
+        let mean_ms = |name: &str| {
+            let value = |suffix: &str| {
+                metrics
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&format!("{name}_{suffix} ")))
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            let count = value("count");
+            (count, 1000.0 * value("sum") / count.max(1.0))
+        };
+        let (trips, trip_ms) = mean_ms("ringpost_replicate_round_trip_seconds");
+        let (syncs, sync_ms) = mean_ms("ringpost_inbox_wal_sync_seconds");
+        eprintln!(
+            "node {id}: {trips} replicate round trips, mean {trip_ms:.2} ms; {syncs} local \
+             inbox syncs, mean {sync_ms:.2} ms"
+        );
+    }
+    for node in &mut cluster.nodes {
+        assert!(node.terminate(), "the node stopped cleanly");
+    }
+
+    let dbs: BTreeMap<u64, RocksEngine> = (cluster.node_ids.iter().zip(&cluster.nodes))
+        .map(|(&id, node)| {
+            let path = node.dir.path().join("db");
+            (
+                id,
+                RocksEngine::open(path, &RocksConfig::for_tests()).expect("open"),
+            )
+        })
+        .collect();
+    let mut compared = 0;
+    for shard in 0..harness::SHARDS {
+        let placement = ring.replicas(shard);
+        assert_eq!(placement.len(), 2);
+        let primary = &dbs[&placement[0]];
+        let replica = &dbs[&placement[1]];
+        let position = read_position(primary, shard).expect("position");
+        assert_eq!(
+            position,
+            read_position(replica, shard).expect("position"),
+            "shard {shard}: the replica's log position is the primary's"
+        );
+        assert_eq!(
+            shard_digest(primary, shard, 0).expect("digest"),
+            shard_digest(replica, shard, 0).expect("digest"),
+            "shard {shard}: the replica's rows are the primary's"
+        );
+        if written.contains(&shard) {
+            assert!(
+                position.lsn > 0,
+                "shard {shard} was written through the log"
+            );
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, written.len());
 }

@@ -208,6 +208,8 @@ impl StorageHealth {
         let mut guard = self.failing.lock().unwrap_or_else(|p| p.into_inner());
         match result {
             Ok(()) => *guard = None,
+            // Written here, not confirmed by the replicas: the disk is not what failed.
+            Err(StorageError::Replication(_)) => {}
             Err(e) => {
                 let since = guard
                     .as_ref()

@@ -15,8 +15,8 @@ use crate::storage::{Cf, Engine, Op, Result, StorageError, WriteBatch};
 #[error("{0}")]
 pub struct ShipError(pub String);
 
-/// Where the primary's records go: to the shard's in-sync replicas (the network part is not
-/// written yet; tests apply them to a second engine in-process).
+/// Where the primary's records go: to the shard's replicas ([`super::NetworkSink`]; tests
+/// also apply them to a second engine in-process).
 pub trait ShardLogSink: Send + Sync + 'static {
     /// Takes the records of one committed batch, one per shard it touched, in shard order.
     /// Called in LSN order for each shard, one call at a time, after the batch is written
@@ -57,7 +57,10 @@ pub trait ShardLogSink: Send + Sync + 'static {
 /// from disk). The price is that writes of different services no longer share an fsync while a
 /// sink is set; the inbox writer, which carries nearly all the load, is one thread anyway.
 ///
-/// Exactly one wrapper may write a database: each caches the positions it wrote.
+/// Exactly one wrapper may write a database: each caches the positions it wrote. Records this
+/// node applies as a replica go to [`ReplicatingEngine::inner`], below the wrapper (never
+/// through it, which would ship them on); the cache is dropped at every new epoch, when roles
+/// may change (see [`ReplicatingEngine::set_epoch`]).
 ///
 /// Memory: one cached [`Position`] (24 bytes with its key) per shard written, at most 65535.
 pub struct ReplicatingEngine {
@@ -65,7 +68,27 @@ pub struct ReplicatingEngine {
     sink: Arc<dyn ShardLogSink>,
     epoch: AtomicU64,
     /// Positions read or written so far; held across allocate, write and ship.
-    positions: Mutex<HashMap<ShardId, Position>>,
+    positions: Mutex<Positions>,
+}
+
+/// The cached positions and the epoch they were cached at. A shard's role on this node (its
+/// primary, or a replica applying records below this wrapper) changes only with the epoch, so
+/// the cache is dropped when the epoch moves: a shard this node was a replica of is read back
+/// from disk when it becomes the primary.
+#[derive(Default)]
+struct Positions {
+    epoch: u64,
+    shards: HashMap<ShardId, Position>,
+}
+
+impl Positions {
+    fn at_epoch(&mut self, epoch: u64) -> &mut HashMap<ShardId, Position> {
+        if self.epoch != epoch {
+            self.shards.clear();
+            self.epoch = epoch;
+        }
+        &mut self.shards
+    }
 }
 
 impl std::fmt::Debug for ReplicatingEngine {
@@ -83,7 +106,10 @@ impl ReplicatingEngine {
             inner,
             sink,
             epoch: AtomicU64::new(epoch),
-            positions: Mutex::new(HashMap::new()),
+            positions: Mutex::new(Positions {
+                epoch,
+                shards: HashMap::new(),
+            }),
         }
     }
 
@@ -105,6 +131,7 @@ impl ReplicatingEngine {
         self.positions
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .shards
             .remove(&shard);
     }
 
@@ -117,10 +144,11 @@ impl ReplicatingEngine {
             )));
         }
         let epoch = self.epoch.load(Ordering::Relaxed);
-        let mut positions = self
+        let mut cache = self
             .positions
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        let positions = cache.at_epoch(epoch);
         let mut records = Vec::with_capacity(per_shard.len());
         for (shard, ops) in per_shard {
             let current = match positions.get(&shard) {
@@ -229,11 +257,11 @@ impl Engine for ReplicatingEngine {
     /// Reopens the inner engine and forgets the cached positions: a write that failed may be
     /// on disk after all, and its position with it.
     fn recover(&self) -> Result<()> {
-        let mut positions = self
+        let mut cache = self
             .positions
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        positions.clear();
+        cache.shards.clear();
         self.inner.recover()
     }
 }

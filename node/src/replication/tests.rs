@@ -6,6 +6,7 @@ mod applying;
 mod codec;
 mod engine;
 mod services;
+mod shipping;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

@@ -130,11 +130,18 @@ pub struct TestCluster {
     pub replicas: Vec<Replica>,
     pub nodes: Vec<TestNode>,
     pub node_ids: Vec<u64>,
+    /// Extra arguments of every node started (e.g. `--replicate`).
+    pub node_args: Vec<String>,
 }
 
 impl TestCluster {
     /// `replicas` coordinators (initialised as one cluster) and `nodes` nodes joined to it.
     pub fn start(replicas: u64, nodes: u64) -> TestCluster {
+        Self::start_with(replicas, nodes, &[])
+    }
+
+    /// [`TestCluster::start`] with `node_args` added to every node's arguments.
+    pub fn start_with(replicas: u64, nodes: u64, node_args: &[&str]) -> TestCluster {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("secret"), SECRET).expect("secret file");
         let replicas: Vec<Replica> = (1..=replicas)
@@ -159,6 +166,7 @@ impl TestCluster {
             replicas,
             nodes: Vec::new(),
             node_ids: Vec::new(),
+            node_args: node_args.iter().map(|a| a.to_string()).collect(),
         };
         for _ in 0..nodes {
             cluster.add_node();
@@ -179,7 +187,7 @@ impl TestCluster {
     pub fn add_node(&mut self) -> usize {
         let id = self.node_ids.len() as u64 + 1;
         let codes = self.codes_file();
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "run",
             "--data-dir",
             "{dir}",
@@ -203,6 +211,7 @@ impl TestCluster {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.extend(self.node_args.iter().cloned());
         self.nodes.push(TestNode::start_args(args));
         self.node_ids.push(id);
         self.nodes.len() - 1

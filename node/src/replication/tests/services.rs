@@ -274,3 +274,35 @@ async fn every_service_write_reaches_the_replica_exactly() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_the_replicas_did_not_confirm_fails_without_marking_storage_failing() {
+    let (inner, _d1) = rocks();
+    let (replica, _d2) = rocks();
+    let sink = ApplySink::new(replica.clone());
+    let primary = Primary::start(inner, sink.clone());
+    let to = phones_in(1).next().unwrap();
+    let entry = Entry::message(7, 1, [1; 16], Bytes::from_static(b"ciphertext"));
+    sink.lose_next
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let refused = primary
+        .inbox
+        .append(Append {
+            to_user: to,
+            dedup: Some((7, 1, [1; 16])),
+            entries: vec![(1, entry)],
+            now_ms: now(),
+        })
+        .await;
+    assert!(
+        matches!(&refused, Err(e) if e.to_string().contains("replica unreachable")),
+        "{refused:?}"
+    );
+    // The disk is fine: the node stays ready, and other shards take writes (this one's
+    // replica lacks a record now: it refuses the next as a gap until catch-up exists).
+    assert!(primary.inbox.storage_failing().is_none());
+    primary
+        .send_all(7, &[phones_in(2).next().unwrap()], 2..3, now())
+        .await;
+    assert!(primary.inbox.storage_failing().is_none());
+}
