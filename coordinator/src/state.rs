@@ -24,7 +24,7 @@
 //! | command | by | effect | epoch bump |
 //! |---------|----|--------|------------|
 //! | expand_isr | the shard's primary, at the current epoch | adds an active node (creates the entry `[primary, node]`) | no |
-//! | shrink_isr | the shard's primary, at the current epoch | removes a non-primary node | no |
+//! | shrink_isr | the shard's primary, at the current epoch | removes a non-primary node (creates the entry `[primary]`) | no |
 //! | transfer_primary | the shard's primary, at the current epoch | moves an active in-sync node to the front | yes |
 //! | mark_down N | the failure detector | where N was first, the first active other node takes its place (none: the entry stays, and the first of its nodes active again takes it); elsewhere N leaves entries whose primary is active | if a primary moved |
 //! | activate N | the node | N becomes the primary of entries it is in whose primary is not active | if a primary moved |
@@ -639,8 +639,9 @@ impl ClusterState {
                 }
                 // No entry: the primary is the ring's hash owner, which only the nodes
                 // compute; the proposer computed it at this very epoch, so it is believed.
-                // Only a first expand creates an entry.
-                None if !matches!(change.op, IsrOp::Expand(_)) => {
+                // A first expand creates the entry, and so does a first shrink (the entry
+                // `[primary]`: no replica is in sync, so none may be promoted).
+                None if matches!(change.op, IsrOp::Transfer(_)) => {
                     return Err(StateError::Invalid(format!(
                         "shard {shard} has no in-sync set to change"
                     )))
@@ -650,10 +651,10 @@ impl ClusterState {
         }
         let mut changed = false;
         for &shard in &change.shards {
-            let entry = self
-                .in_sync_replicas
-                .entry(shard)
-                .or_insert_with(|| vec![change.primary]);
+            let entry = self.in_sync_replicas.entry(shard).or_insert_with(|| {
+                changed = true;
+                vec![change.primary]
+            });
             match change.op {
                 IsrOp::Expand(n) if !entry.contains(&n) => {
                     entry.push(n);
@@ -883,8 +884,8 @@ mod tests {
             (isr(1, e, &[0], IsrOp::Shrink(1)), "itself"),
             (isr(1, e, &[0], IsrOp::Expand(9)), "not active"),
             (isr(1, e, &[4096], IsrOp::Expand(3)), "shard count"),
-            // One bad shard refuses the whole command: shard 2 has no set to shrink.
-            (isr(1, e, &[0, 2], IsrOp::Shrink(2)), "no in-sync set"),
+            // One bad shard refuses the whole command: shard 2 has no set to transfer in.
+            (isr(1, e, &[0, 2], IsrOp::Transfer(2)), "no in-sync set"),
             (isr(1, e, &[0], IsrOp::Transfer(3)), "not in sync"),
         ];
         for (command, why) in refused {
@@ -895,6 +896,10 @@ mod tests {
         let too_many = isr(1, e, &vec![0; MAX_SHARDS_PER_COMMAND + 1], IsrOp::Expand(3));
         assert!(s.apply(21, &too_many).is_err());
 
+        // A first shrink records that no replica is in sync: the primary alone, pinned.
+        s.apply(21, &isr(1, e, &[9], IsrOp::Shrink(2))).unwrap();
+        assert_eq!(entry(&s, 9), Some(vec![1]));
+        assert_eq!(s.epoch(), e);
         s.apply(22, &isr(1, e, &[0], IsrOp::Expand(3))).unwrap();
         s.apply(23, &isr(1, e, &[0], IsrOp::Shrink(2))).unwrap();
         assert_eq!(entry(&s, 0), Some(vec![1, 3]));

@@ -187,6 +187,7 @@ impl ClusterLink {
     ) -> Result<ClusterLink> {
         let node_id = info.node_id;
         client.join(info).await.context("joining the cluster")?;
+        let _ = server.coordinator.set(client.clone());
         let sent = Instant::now();
         let view = client.activate(node_id).await.context("activating")?;
         let lease_for = lease_duration(&view);
@@ -295,7 +296,7 @@ fn apply_view(server: &Server, view: &ClusterView, kick: &Notify) {
     let same_members = current.members().eq(ring.members());
     let same_factor = current.replication_factor() == ring.replication_factor()
         && current.copies() == ring.copies();
-    if ring.epoch == current.epoch && same_members && same_factor {
+    if ring.epoch == current.epoch && same_members && same_factor && ring.same_in_sync(&current) {
         return;
     }
     if ring.epoch < current.epoch {

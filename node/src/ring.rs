@@ -86,7 +86,7 @@ pub struct Ring {
 
 /// A shard's nodes when it has an in-sync set: the set first (`nodes[..in_sync]`, primary
 /// first), then the placed nodes not in it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct InSync {
     nodes: Box<[NodeId]>,
     in_sync: usize,
@@ -218,6 +218,12 @@ impl Ring {
             Some(Some(set)) => Some(&set.nodes[..set.in_sync]),
             _ => None,
         }
+    }
+
+    /// Whether both rings give every shard the same in-sync set (a view can change them
+    /// without changing the epoch or the members).
+    pub fn same_in_sync(&self, other: &Ring) -> bool {
+        self.isr == other.isr
     }
 
     /// Where the hash ring places a shard, whatever its in-sync set says.

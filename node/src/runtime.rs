@@ -278,7 +278,10 @@ impl Node {
             server.set_replicating(replicating);
         }
         if let Some(sink) = network_sink {
-            sink.bind(Arc::new(ServerLinks(Arc::downgrade(&server))));
+            sink.bind(Arc::new(ServerLinks::new(
+                Arc::downgrade(&server),
+                tokio::runtime::Handle::current(),
+            )));
         }
 
         let (cert, ca) = match &opts.tls {

@@ -78,6 +78,9 @@ pub struct Server {
     /// The replicating wrapper `engine` is, when the node replicates (`--replicate`): its epoch
     /// follows the ring, and records received as a replica go below it.
     pub(crate) replicating: std::sync::OnceLock<Arc<crate::replication::ReplicatingEngine>>,
+    /// The coordinator this node joined (a standalone one): a primary proposes its shards'
+    /// in-sync set changes through it.
+    pub(crate) coordinator: std::sync::OnceLock<ringpost_coordinator::CoordinatorClient>,
     /// Records other nodes are sending in parts, one in assembly per primary (see
     /// [`crate::replication::part`]).
     pub(crate) replica_parts: std::sync::Mutex<
@@ -119,6 +122,7 @@ impl Server {
             order: Default::default(),
             engine,
             replicating: std::sync::OnceLock::new(),
+            coordinator: std::sync::OnceLock::new(),
             replica_parts: Default::default(),
             accounts: Arc::new(accounts),
             keys: Arc::new(keys),

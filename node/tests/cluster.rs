@@ -891,3 +891,141 @@ fn with_replicate_every_replica_holds_what_its_primary_acknowledged() {
     }
     assert_eq!(compared, written.len());
 }
+
+/// Issue 19's promise, end to end: with `--replicate` and factor 2, a primary killed for good
+/// loses nothing it acknowledged. Its shards fail over to their in-sync replica (the
+/// coordinator moves them at mark-down), which adopts them without a hand-off, and the dead
+/// node's device drains every acknowledged message there. Reports kill → drained.
+#[test]
+fn with_replicate_a_killed_primary_fails_over_to_its_in_sync_replica_losing_nothing() {
+    let mut cluster = TestCluster::start_with(1, 3, &["--replicate"]);
+    placement_agrees(&cluster, 2);
+    let ring = ring_with(&[1, 2, 3], 2);
+    let dead = 3u64;
+    let dead_index = cluster.index_of(dead);
+    let via = (0..cluster.nodes.len()).find(|&i| i != dead_index).unwrap();
+    let user = users_where(&ring, 15_557_000_000, 1, |o| o == dead)[0];
+    let shard = ring.shard_of(user);
+    let replica = ring.replicas(shard)[1];
+    let sender = users_where(&ring, 15_557_100_000, 1, |o| o != dead)[0];
+    runtime().block_on(async {
+        let device = cluster.register(via, user).await;
+        let auth = auth_of(&device);
+        device.close().await;
+        let from = cluster.register(via, sender).await;
+        let mut ids = Vec::new();
+        for n in 0..20 {
+            let id = msg_id(sender, n);
+            send_acked(&from, user, id, "survives its primary")
+                .await
+                .expect("send");
+            ids.push(id);
+        }
+        // The primary has proposed its replica into the shard's in-sync set.
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let view = cluster.view().await;
+            if view.in_sync_replicas.get(&u32::from(shard)) == Some(&vec![dead, replica]) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "shard {shard} has in-sync set {:?}",
+                view.in_sync_replicas.get(&u32::from(shard))
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        let killed = Instant::now();
+        cluster.nodes[dead_index].kill9();
+        // The device comes back through a live node, is sent to the new primary and drains.
+        let deadline = killed + WAIT;
+        let client = loop {
+            // Until the failover, the redirect names the dead node: connecting fails.
+            let config = ClientConfig {
+                auth: Some(auth.clone()),
+                ..cluster.config(via)
+            };
+            match Client::connect(config).await {
+                Ok(c) if c.welcome().node_id == replica => break c,
+                Ok(c) => c.close().await,
+                Err(_) => {}
+            }
+            assert!(
+                Instant::now() < deadline,
+                "shard {shard} never moved to node {replica}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let inbox = Inbox::collect(client);
+        let missing = inbox.wait_all(&ids).await;
+        assert!(
+            missing.is_empty(),
+            "{} acknowledged messages lost",
+            missing.len()
+        );
+        eprintln!(
+            "kill -9 of node {dead} to its user draining {} messages on node {replica}: {} ms",
+            ids.len(),
+            killed.elapsed().as_millis()
+        );
+        let view = cluster.view().await;
+        assert_eq!(
+            view.in_sync_replicas.get(&u32::from(shard)),
+            Some(&vec![replica])
+        );
+    });
+}
+
+/// The other half of in-sync sets: a replica that dies does not stop its shards. The primary's
+/// write to it fails, the primary has the coordinator take it out of the shard's in-sync set,
+/// and acknowledges without it; nothing acknowledged is lost.
+#[test]
+fn with_replicate_a_dead_replica_is_dropped_from_the_in_sync_set_and_writes_go_on() {
+    let mut cluster = TestCluster::start_with(1, 3, &["--replicate"]);
+    placement_agrees(&cluster, 2);
+    let ring = ring_with(&[1, 2, 3], 2);
+    // A user on node 1 whose shard node 3 replicates; everyone connects through node 1.
+    let user = users_where(&ring, 15_558_000_000, 1000, |o| o == 1)
+        .into_iter()
+        .find(|&u| ring.replicas(ring.shard_of(u))[1] == 3)
+        .expect("a shard of node 1 replicated on node 3");
+    let shard = u32::from(ring.shard_of(user));
+    let sender = users_where(&ring, 15_558_100_000, 1, |o| o == 1)[0];
+    let via = cluster.index_of(1);
+    runtime().block_on(async {
+        let device = cluster.register(via, user).await;
+        let inbox = Inbox::collect(device);
+        let from = cluster.register(via, sender).await;
+        let mut ids = vec![msg_id(sender, 0)];
+        send_acked(&from, user, ids[0], "before")
+            .await
+            .expect("send");
+        let deadline = Instant::now() + WAIT;
+        while cluster.view().await.in_sync_replicas.get(&shard) != Some(&vec![1, 3]) {
+            assert!(
+                Instant::now() < deadline,
+                "node 3 never in sync for shard {shard}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        let replica_index = cluster.index_of(3);
+        cluster.nodes[replica_index].kill9();
+        let killed = Instant::now();
+        for n in 1..=10 {
+            let id = msg_id(sender, n);
+            send_acked(&from, user, id, "after").await.expect("send");
+            ids.push(id);
+        }
+        eprintln!(
+            "10 sends acknowledged {} ms after node 3 (a replica) was killed",
+            killed.elapsed().as_millis()
+        );
+        assert_eq!(
+            cluster.view().await.in_sync_replicas.get(&shard),
+            Some(&vec![1])
+        );
+        assert!(inbox.wait_all(&ids).await.is_empty());
+    });
+}

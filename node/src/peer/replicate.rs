@@ -1,12 +1,15 @@
 //! Shard replication over peer links: the node's [`ReplicaLinks`] (the primary's side, used
 //! by [`crate::replication::NetworkSink`]) and the serving of `Replicate` (the replica's side).
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
+use ringpost_coordinator::state::{IsrChange, IsrOp, MAX_SHARDS_PER_COMMAND};
 use ringpost_coordinator::NodeId;
+use tracing::{debug, warn};
 
 use super::replica_role::replicate_refusal;
 use super::{decode_response, encode_request, PeerRequest, PeerResponse};
@@ -17,19 +20,148 @@ use crate::shard::ShardId;
 /// The node's network for its replication sink: the ring says who must have a shard, the peer
 /// links carry the records. Holds the server weakly (the server holds the engine, which holds
 /// the sink, which holds this).
-pub struct ServerLinks(pub Weak<Server>);
+pub struct ServerLinks {
+    server: Weak<Server>,
+    runtime: tokio::runtime::Handle,
+    /// `(node, shard)` pairs this node has proposed into an in-sync set and not yet seen there:
+    /// each is proposed once at a time. Bounded by replicas × shards.
+    proposing: Arc<Mutex<HashSet<(NodeId, ShardId)>>>,
+}
+
+/// Longest a primary waits for the coordinator to take a failed replica out of its shards'
+/// in-sync sets (and for its own view to show it) before the write fails instead.
+pub const IN_SYNC_CHANGE_TIMEOUT_MS: u64 = 2_000;
+
+impl ServerLinks {
+    pub fn new(server: Weak<Server>, runtime: tokio::runtime::Handle) -> ServerLinks {
+        ServerLinks {
+            server,
+            runtime,
+            proposing: Arc::default(),
+        }
+    }
+}
 
 impl ReplicaLinks for ServerLinks {
-    /// Every replica the ring places, besides this node (the in-sync set replaces this).
+    /// The shard's in-sync set if it has one, else every replica the ring places, besides
+    /// this node.
     fn must_have(&self, shard: ShardId) -> Vec<NodeId> {
-        let Some(server) = self.0.upgrade() else {
+        let Some(server) = self.server.upgrade() else {
             return Vec::new();
         };
         let ring = server.routing.ring();
-        (ring.replicas(shard).iter())
-            .copied()
-            .filter(|&n| n != server.node_id)
-            .collect()
+        (ring
+            .in_sync(shard)
+            .unwrap_or_else(|| ring.replicas(shard))
+            .iter())
+        .copied()
+        .filter(|&n| n != server.node_id)
+        .collect()
+    }
+
+    fn drop_from_in_sync(&self, node: NodeId, shards: Vec<ShardId>) -> Result<(), String> {
+        let server = self.server.upgrade().ok_or("the node is stopping")?;
+        let client = (server.coordinator.get().cloned())
+            .ok_or("no coordinator to change in-sync sets with")?;
+        let timeout = Duration::from_millis(IN_SYNC_CHANGE_TIMEOUT_MS);
+        let me = server.node_id;
+        let change = async {
+            let out = |ring: &crate::ring::Ring| -> Vec<ShardId> {
+                (shards.iter().copied())
+                    .filter(|&s| ring.in_sync(s).is_none_or(|set| set.contains(&node)))
+                    .collect()
+            };
+            let ring = server.routing.ring();
+            let left = out(&ring);
+            if left.iter().any(|&s| ring.owner(s) != Some(me)) {
+                return Err("this node is no longer the primary of every shard".to_owned());
+            }
+            for chunk in left.chunks(MAX_SHARDS_PER_COMMAND) {
+                client
+                    .change_isr(IsrChange {
+                        primary: me,
+                        epoch: ring.epoch,
+                        shards: chunk.iter().map(|&s| u32::from(s)).collect(),
+                        op: IsrOp::Shrink(node),
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            // Committed; acknowledge once this node's own view has it (the watch brings it).
+            while !out(&server.routing.ring()).is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Ok(())
+        };
+        // On a blocking thread (the sink's contract), so blocking on the runtime is allowed.
+        let done = self
+            .runtime
+            .block_on(async { tokio::time::timeout(timeout, change).await });
+        let result = done.unwrap_or_else(|_| {
+            Err(format!(
+                "the coordinator did not take node {node} out within {IN_SYNC_CHANGE_TIMEOUT_MS} ms"
+            ))
+        });
+        if result.is_ok() {
+            warn!(
+                replica = node,
+                shards = shards.len(),
+                "dropped a replica that failed to apply records from its shards' in-sync sets"
+            );
+        }
+        result
+    }
+
+    fn confirm_in_sync(&self, node: NodeId, shards: Vec<ShardId>) {
+        let Some(server) = self.server.upgrade() else {
+            return;
+        };
+        let Some(client) = server.coordinator.get().cloned() else {
+            return;
+        };
+        let ring = server.routing.ring();
+        let me = server.node_id;
+        let mut wanted: Vec<ShardId> = {
+            let mut proposing = self
+                .proposing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            proposing.retain(|&(n, s)| !ring.in_sync(s).is_some_and(|set| set.contains(&n)));
+            (shards.into_iter())
+                .filter(|&s| ring.owner(s) == Some(me))
+                .filter(|&s| !ring.in_sync(s).is_some_and(|set| set.contains(&node)))
+                .filter(|&s| proposing.insert((node, s)))
+                .collect()
+        };
+        if wanted.is_empty() {
+            return;
+        }
+        wanted.sort_unstable();
+        let proposing = self.proposing.clone();
+        let epoch = ring.epoch;
+        self.runtime.spawn(async move {
+            for chunk in wanted.chunks(MAX_SHARDS_PER_COMMAND) {
+                let change = IsrChange {
+                    primary: me,
+                    epoch,
+                    shards: chunk.iter().map(|&s| u32::from(s)).collect(),
+                    op: IsrOp::Expand(node),
+                };
+                match client.change_isr(change).await {
+                    Ok(_) => {}
+                    Err(e) => {
+                        // The epoch moved, or the coordinator is away: the next synced write
+                        // that reaches the replica proposes again.
+                        debug!(replica = node, error = %e, "proposing a replica in sync failed");
+                        let mut proposing =
+                            proposing.lock().unwrap_or_else(PoisonError::into_inner);
+                        for &s in chunk {
+                            proposing.remove(&(node, s));
+                        }
+                    }
+                }
+            }
+        });
     }
 
     fn replicate(
@@ -38,7 +170,7 @@ impl ReplicaLinks for ServerLinks {
         parts: Vec<RecordPart>,
         timeout: Duration,
     ) -> BoxFuture<'static, Result<Vec<ShardAnswer>, String>> {
-        let server = self.0.clone();
+        let server = self.server.clone();
         Box::pin(async move {
             let server = server.upgrade().ok_or("the node is stopping")?;
             let peers = server.peers.get().ok_or("this node has no peer links")?;

@@ -47,8 +47,25 @@ pub const REPLICA_QUEUE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// over an in-process replica.
 pub trait ReplicaLinks: Send + Sync + 'static {
     /// The nodes, besides this one, that must hold `shard`'s records before a write returns:
-    /// today every replica the ring places (the in-sync set will take its place).
+    /// its in-sync set if it has one, else every replica the ring places.
     fn must_have(&self, shard: ShardId) -> Vec<NodeId>;
+
+    /// `node` failed to apply records of `shards`: take it out of their in-sync sets (a
+    /// coordinator proposal as their primary) and return once this node's view shows it out,
+    /// so the write may be acknowledged without it. `Err` if that cannot be done (the write
+    /// fails). Called on a blocking thread. Without in-sync sets, always `Err`.
+    fn drop_from_in_sync(&self, node: NodeId, shards: Vec<ShardId>) -> Result<(), String> {
+        let _ = shards;
+        Err(format!(
+            "node {node} cannot be dropped: no in-sync sets here"
+        ))
+    }
+
+    /// `node` applied a synced write's records of `shards` (so it holds every record of them up
+    /// to those): propose it into their in-sync sets where it is not yet. Must not block.
+    fn confirm_in_sync(&self, node: NodeId, shards: Vec<ShardId>) {
+        let _ = (node, shards);
+    }
 
     /// Sends one `Replicate` request to `node`; its answer, or why there is none within
     /// `timeout`.
@@ -76,8 +93,9 @@ struct Stream {
     queued_bytes: Arc<AtomicUsize>,
 }
 
-/// What a ship call learns of one of its items: the node, and whether it has it.
-type Reply = mpsc::Sender<(NodeId, Result<(), String>)>;
+/// What a ship call learns of one of its items: the node, the record's shard (none for a
+/// flush), and whether the node has it.
+type Reply = mpsc::Sender<(NodeId, Option<ShardId>, Result<(), String>)>;
 
 enum Item {
     /// A record for the node; `reply` once it is applied or failed. `synced`: its ship call
@@ -212,10 +230,17 @@ impl ShardLogSink for NetworkSink {
         // Every answer, not just up to the first failure: when `ship` returns, no record of
         // this call is still on its way.
         let mut first_error = None;
+        let mut applied: HashMap<NodeId, Vec<ShardId>> = HashMap::new();
+        let mut missing: HashMap<NodeId, (Vec<ShardId>, String)> = HashMap::new();
         for _ in 0..expected {
             match replies.recv() {
-                Ok((_, Ok(()))) => {}
-                Ok((node, Err(e))) => {
+                Ok((node, Some(shard), Ok(()))) => applied.entry(node).or_default().push(shard),
+                Ok((_, None, Ok(()))) => {}
+                Ok((node, Some(shard), Err(e))) => {
+                    let (shards, _) = missing.entry(node).or_insert_with(|| (Vec::new(), e));
+                    shards.push(shard);
+                }
+                Ok((node, None, Err(e))) => {
                     first_error.get_or_insert(format!("replica node {node}: {e}"));
                 }
                 // Every reply sender is gone: nothing more will come.
@@ -223,6 +248,21 @@ impl ShardLogSink for NetworkSink {
                     first_error.get_or_insert("a replica stream stopped".to_owned());
                     break;
                 }
+            }
+        }
+        if sync {
+            for (node, shards) in applied {
+                links.confirm_in_sync(node, shards);
+            }
+        }
+        // A replica that lacks records is dropped from the shards' in-sync sets; only if that
+        // fails does the write fail (the rest of the set has the records).
+        for (node, (mut shards, e)) in missing {
+            shards.sort_unstable();
+            shards.dedup();
+            if let Err(why) = links.drop_from_in_sync(node, shards) {
+                warn!(replica = node, error = %why, "cannot drop a failed replica from the in-sync sets");
+                first_error.get_or_insert(format!("replica node {node}: {e}"));
             }
         }
         first_error.map_or(Ok(()), |e| Err(ShipError(e)))
@@ -386,9 +426,10 @@ fn describe(record: &Encoded, outcome: &ReplicaOutcome) -> String {
 }
 
 fn reply_to(node: NodeId, item: Item, result: Result<(), String>) {
-    let reply = match item {
-        Item::Record { reply, .. } | Item::Flush { reply } => reply,
+    let (reply, shard) = match item {
+        Item::Record { reply, record, .. } => (reply, Some(record.shard)),
+        Item::Flush { reply } => (reply, None),
     };
     // The ship call may have returned already (an unsynced write, or an earlier failure).
-    let _ = reply.send((node, result));
+    let _ = reply.send((node, shard, result));
 }
