@@ -141,6 +141,7 @@ impl Cluster {
             codes_file: self.codes_file.clone(),
             advertise_ws: None,
             advertise_peer: None,
+            replicate: false,
         }
     }
 

@@ -60,6 +60,8 @@ pub struct MemberConfig {
     pub advertise_ws: Option<String>,
     /// What it tells other nodes to reach its peer link on, when not its own: a relay.
     pub advertise_peer: Option<String>,
+    /// Run with `--replicate`.
+    pub replicate: bool,
 }
 
 impl NodeRole {
@@ -271,6 +273,12 @@ impl NodeProcess {
                 "--codes-file".into(),
                 member.codes_file.display().to_string(),
             ]),
+        }
+        if let NodeRole::Member(MemberConfig {
+            replicate: true, ..
+        }) = &self.spec.role
+        {
+            argv.push("--replicate".into());
         }
         argv.extend([
             "--device-rate".into(),

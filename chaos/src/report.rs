@@ -80,6 +80,10 @@ pub struct RunReport {
     /// Nodes killed and removed, times in milliseconds from the start of sending.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub removed_nodes: Vec<RemovedNodeReport>,
+    /// The nodes ran with `--replicate`: a removed node's shards had in-sync replicas, and any
+    /// loss with it is a violation.
+    #[serde(default)]
+    pub replicated: bool,
     /// What the run observed besides violations (refusals, reconnects, clock skew seen).
     pub notes: Vec<String>,
     /// An `abuse-*` scenario: the attack's effect on honest clients and on the node, against a
@@ -167,6 +171,7 @@ impl RunReport {
             violations_unlisted: 0,
             unreplicated: Vec::new(),
             removed_nodes: Vec::new(),
+            replicated: false,
             notes: Vec::new(),
             abuse: None,
             run_dir: String::new(),
@@ -216,9 +221,14 @@ impl RunReport {
             .iter()
             .map(|r| format!("node {}", r.node_id))
             .collect();
+        let why = if self.replicated {
+            "their shards had in-sync replicas on other nodes"
+        } else {
+            "they lived only there (a single copy)"
+        };
         Some(format!(
             "{} acked messages ({} deliveries), {} read receipts and {} delivered receipts lost \
-             with removed {}: they lived only there (a single copy)",
+             with removed {}: {why}",
             c.lost_unreplicated_messages,
             c.lost_unreplicated,
             c.lost_unreplicated_receipts,

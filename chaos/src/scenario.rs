@@ -118,6 +118,9 @@ pub struct Needs {
     pub cluster: bool,
     /// The clients speak QUIC (through the relay's UDP side).
     pub quic: bool,
+    /// Cluster nodes run with `--replicate` (issue 19): every shard has an in-sync replica, so
+    /// no loss is excused by a removed node.
+    pub replicate: bool,
 }
 
 /// One scenario.
@@ -753,6 +756,19 @@ pub fn catalogue() -> Vec<Scenario> {
                     there alone (one copy: the chaos cluster does not replicate yet) may be lost, and the report counts it",
             needs: Needs {
                 cluster: true,
+                ..Needs::default()
+            },
+            window: s(20),
+            schedule: Schedule::Script(node_loss_script),
+        },
+        Scenario {
+            name: "node-loss-replicated",
+            about: "node-loss with every node running --replicate (factor 2): node 3 is killed \
+                    for good and removed; its shards fail over to their in-sync replicas, and \
+                    nothing acked may be lost",
+            needs: Needs {
+                cluster: true,
+                replicate: true,
                 ..Needs::default()
             },
             window: s(20),
@@ -1580,7 +1596,10 @@ async fn run_inner(
             let name = format!("node{i}");
             let spec = NodeSpec {
                 role: match &cluster {
-                    Some(cluster) => NodeRole::Member(cluster.member_config(i)),
+                    Some(cluster) => NodeRole::Member(crate::node::MemberConfig {
+                        replicate: scenario.needs.replicate,
+                        ..cluster.member_config(i)
+                    }),
                     None => NodeRole::Dev,
                 },
                 bin: opts.node_bin.clone(),
@@ -1650,7 +1669,8 @@ async fn run_inner(
     report.history = history_path.display().to_string();
     report.notes = std::mem::take(&mut rig.notes);
     report.notes.extend(observations(&records, &checked));
-    let passed = checked.passed();
+    let replicated_loss = lost_despite_replicas(&scenario.needs, &checked.counts);
+    let passed = checked.passed() && !replicated_loss;
     if let Some(attack) = full_plan
         .iter()
         .find(|f| matches!(f.kind, FaultKind::Abuse { .. }))
@@ -1675,6 +1695,7 @@ async fn run_inner(
             ..AbuseReport::default()
         });
     }
+    report.replicated = scenario.needs.replicate;
     report.absorb(checked, origin_us);
     report.notes.extend(membership_notes(&report));
     if !passed {
@@ -1689,9 +1710,16 @@ async fn run_inner(
         .collect();
         report.reason = format!("invariant violations: {}", kinds.join(", "));
         if let Some(summary) = report.unreplicated_summary() {
-            report
-                .reason
-                .push_str(&format!("; besides, {summary} (expected)"));
+            if replicated_loss {
+                report.reason = format!(
+                    "{}; and, although every node replicated, {summary}",
+                    report.reason
+                );
+            } else {
+                report
+                    .reason
+                    .push_str(&format!("; besides, {summary} (expected)"));
+            }
         }
     } else if report.counts.acked == 0 {
         report.verdict = Verdict::Fail;
@@ -1737,7 +1765,18 @@ fn membership_notes(report: &RunReport) -> Vec<String> {
             f.id, f.kind, f.start_ms, f.detail
         ));
     }
-    if let Some(summary) = report.unreplicated_summary() {
+    if let Some(summary) = report.unreplicated_summary().filter(|_| report.replicated) {
+        for r in &report.removed_nodes {
+            notes.push(format!(
+                "node {} was killed at {} ms and removed at {} ms; its shards failed over to \
+                 their in-sync replicas",
+                r.node_id, r.killed_ms, r.removed_ms
+            ));
+        }
+        notes.push(format!(
+            "with a removed node: {summary}; any loss is a violation"
+        ));
+    } else if let Some(summary) = report.unreplicated_summary() {
         for r in &report.removed_nodes {
             let users: Vec<String> = r.users.iter().map(u64::to_string).collect();
             notes.push(format!(
@@ -1760,6 +1799,16 @@ fn membership_notes(report: &RunReport) -> Vec<String> {
         ));
     }
     notes
+}
+
+/// With replicas a removed node takes nothing with it: any loss the checker would put down to
+/// a removed node's single copy fails the run.
+fn lost_despite_replicas(needs: &Needs, counts: &crate::check::Counts) -> bool {
+    needs.replicate
+        && (counts.lost_unreplicated
+            + counts.lost_unreplicated_receipts
+            + counts.lost_unreplicated_delivered_receipts)
+            > 0
 }
 
 /// Copies a binary into the run dir and returns the new path (a copy, not a hard link: a
@@ -2673,6 +2722,26 @@ mod tests {
         assert_eq!(n, 100);
         assert_eq!(p99, 99.0);
         assert_eq!(honest_p99(&records, 3_000_000, 4_000_000), (0.0, 0));
+    }
+
+    #[test]
+    fn a_replicated_run_excuses_no_loss_with_a_removed_node() {
+        let mut counts = crate::check::Counts::default();
+        let replicated = Needs {
+            cluster: true,
+            replicate: true,
+            ..Needs::default()
+        };
+        let single = Needs {
+            replicate: false,
+            ..replicated
+        };
+        assert!(!lost_despite_replicas(&replicated, &counts));
+        counts.lost_unreplicated_delivered_receipts = 1;
+        assert!(lost_despite_replicas(&replicated, &counts));
+        assert!(!lost_despite_replicas(&single, &counts));
+        let scenario = find("node-loss-replicated").expect("scenario");
+        assert!(scenario.needs.replicate && scenario.needs.cluster);
     }
 
     fn abuse_run(p99_ms: f64, rss_mib: u64) -> RunReport {
