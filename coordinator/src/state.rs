@@ -866,6 +866,13 @@ mod tests {
         s.view().unwrap().in_sync_replicas.get(&shard).cloned()
     }
 
+    fn mark_down(node_ids: &[NodeId]) -> Command {
+        Command::MarkDown {
+            node_ids: node_ids.to_vec(),
+            at_ms: 0,
+        }
+    }
+
     #[test]
     fn only_the_current_primary_changes_an_in_sync_set() {
         let mut s = three_active();
@@ -928,38 +935,17 @@ mod tests {
         // Node 3 is only a replica somewhere: it leaves shard 0's set.
         // Node 1 goes down: shard 0 fails over to 2, the first active other node; shard 5
         // (primary 2) just drops it.
-        s.apply(
-            23,
-            &Command::MarkDown {
-                node_ids: vec![1],
-                at_ms: 0,
-            },
-        )
-        .unwrap();
+        s.apply(23, &mark_down(&[1])).unwrap();
         assert_eq!(entry(&s, 0), Some(vec![2, 3]));
         assert_eq!(entry(&s, 5), Some(vec![2]));
         assert!(s.epoch() > e);
         // Node 2 and then node 3 go down: shard 0 moves to 3, then has nobody active left and
         // keeps its last primary; the shard waits for it.
-        s.apply(
-            24,
-            &Command::MarkDown {
-                node_ids: vec![2],
-                at_ms: 0,
-            },
-        )
-        .unwrap();
+        s.apply(24, &mark_down(&[2])).unwrap();
         assert_eq!(entry(&s, 0), Some(vec![3]));
         assert_eq!(entry(&s, 5), Some(vec![2]));
         let e = s.epoch();
-        s.apply(
-            25,
-            &Command::MarkDown {
-                node_ids: vec![3],
-                at_ms: 0,
-            },
-        )
-        .unwrap();
+        s.apply(25, &mark_down(&[3])).unwrap();
         assert_eq!(entry(&s, 0), Some(vec![3]));
         // A down node that comes back is active again only through revive + activate; shard
         // 0's set holds only 3, so node 1 coming back does not take it.
@@ -990,14 +976,7 @@ mod tests {
         let e = s.epoch();
         s.apply(20, &isr(1, e, &[0], IsrOp::Expand(2))).unwrap();
         // Both down at once: nobody active to fail over to, the set stays as it was.
-        s.apply(
-            21,
-            &Command::MarkDown {
-                node_ids: vec![1, 2],
-                at_ms: 0,
-            },
-        )
-        .unwrap();
+        s.apply(21, &mark_down(&[1, 2])).unwrap();
         assert_eq!(entry(&s, 0), Some(vec![1, 2]));
         // Node 2 is back first and takes the shard (it has every acknowledged write).
         s.apply(
