@@ -112,15 +112,20 @@ impl ReplicaLinks for ServerLinks {
         result
     }
 
-    fn confirm_in_sync(&self, node: NodeId, shards: Vec<ShardId>) {
+    fn confirm_in_sync(&self, node: NodeId, shards: Vec<ShardId>) -> Result<(), String> {
         let Some(server) = self.server.upgrade() else {
-            return;
+            return Ok(());
         };
         let Some(client) = server.coordinator.get().cloned() else {
-            return;
+            return Ok(());
         };
         let ring = server.routing.ring();
         let me = server.node_id;
+        // Shards with no set yet: their write is acknowledged only once one is recorded, so
+        // that a replica holding it can be promoted.
+        let first: Vec<ShardId> = (shards.iter().copied())
+            .filter(|&s| ring.owner(s) == Some(me) && ring.in_sync(s).is_none())
+            .collect();
         let mut wanted: Vec<ShardId> = {
             let mut proposing = self
                 .proposing
@@ -133,13 +138,10 @@ impl ReplicaLinks for ServerLinks {
                 .filter(|&s| proposing.insert((node, s)))
                 .collect()
         };
-        if wanted.is_empty() {
-            return;
-        }
         wanted.sort_unstable();
         let proposing = self.proposing.clone();
         let epoch = ring.epoch;
-        self.runtime.spawn(async move {
+        let propose = (!wanted.is_empty()).then_some(async move {
             for chunk in wanted.chunks(MAX_SHARDS_PER_COMMAND) {
                 let change = IsrChange {
                     primary: me,
@@ -162,6 +164,31 @@ impl ReplicaLinks for ServerLinks {
                 }
             }
         });
+        if let Some(propose) = propose {
+            self.runtime.spawn(propose);
+        }
+        if first.is_empty() {
+            return Ok(());
+        }
+        let recorded = async {
+            while first
+                .iter()
+                .any(|&s| server.routing.ring().in_sync(s).is_none())
+            {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        };
+        let timeout = Duration::from_millis(IN_SYNC_CHANGE_TIMEOUT_MS);
+        // On a blocking thread (the sink's contract), so blocking on the runtime is allowed.
+        self.runtime
+            .block_on(async { tokio::time::timeout(timeout, recorded).await })
+            .map_err(|_| {
+                format!(
+                    "the coordinator recorded no in-sync set for {} shard(s) within \
+                     {IN_SYNC_CHANGE_TIMEOUT_MS} ms",
+                    first.len()
+                )
+            })
     }
 
     fn replicate(

@@ -62,9 +62,13 @@ pub trait ReplicaLinks: Send + Sync + 'static {
     }
 
     /// `node` applied a synced write's records of `shards` (so it holds every record of them up
-    /// to those): propose it into their in-sync sets where it is not yet. Must not block.
-    fn confirm_in_sync(&self, node: NodeId, shards: Vec<ShardId>) {
+    /// to those): propose it into their in-sync sets where it is not yet. Returns at once,
+    /// except for shards that have no in-sync set yet: their first write is acknowledged only
+    /// once the coordinator has recorded one (else a primary dying right after it would leave
+    /// no replica to promote); `Err` if that does not happen, and the write fails.
+    fn confirm_in_sync(&self, node: NodeId, shards: Vec<ShardId>) -> Result<(), String> {
         let _ = (node, shards);
+        Ok(())
     }
 
     /// Sends one `Replicate` request to `node`; its answer, or why there is none within
@@ -93,9 +97,10 @@ struct Stream {
     queued_bytes: Arc<AtomicUsize>,
 }
 
-/// What a ship call learns of one of its items: the node, the record's shard (none for a
-/// flush), and whether the node has it.
-type Reply = mpsc::Sender<(NodeId, Option<ShardId>, Result<(), String>)>;
+/// What a ship call learns of one of its items: the node, the shards it is about (a record's
+/// own; for a flush, those of the unsynced records that failed since the last one), and
+/// whether the node has them.
+type Reply = mpsc::Sender<(NodeId, Vec<ShardId>, Result<(), String>)>;
 
 enum Item {
     /// A record for the node; `reply` once it is applied or failed. `synced`: its ship call
@@ -234,14 +239,13 @@ impl ShardLogSink for NetworkSink {
         let mut missing: HashMap<NodeId, (Vec<ShardId>, String)> = HashMap::new();
         for _ in 0..expected {
             match replies.recv() {
-                Ok((node, Some(shard), Ok(()))) => applied.entry(node).or_default().push(shard),
-                Ok((_, None, Ok(()))) => {}
-                Ok((node, Some(shard), Err(e))) => {
-                    let (shards, _) = missing.entry(node).or_insert_with(|| (Vec::new(), e));
-                    shards.push(shard);
-                }
-                Ok((node, None, Err(e))) => {
+                Ok((node, shards, Ok(()))) => applied.entry(node).or_default().extend(shards),
+                Ok((node, shards, Err(e))) if shards.is_empty() => {
                     first_error.get_or_insert(format!("replica node {node}: {e}"));
+                }
+                Ok((node, shards, Err(e))) => {
+                    let (missed, _) = missing.entry(node).or_insert_with(|| (Vec::new(), e));
+                    missed.extend(shards);
                 }
                 // Every reply sender is gone: nothing more will come.
                 Err(_) => {
@@ -252,7 +256,9 @@ impl ShardLogSink for NetworkSink {
         }
         if sync {
             for (node, shards) in applied {
-                links.confirm_in_sync(node, shards);
+                if let Err(e) = links.confirm_in_sync(node, shards) {
+                    first_error.get_or_insert(format!("replica node {node}: {e}"));
+                }
             }
         }
         // A replica that lacks records is dropped from the shards' in-sync sets; only if that
@@ -279,8 +285,8 @@ async fn run_stream(
     let mut queue: VecDeque<Item> = VecDeque::new();
     // Bytes of the front record already sent in earlier frames.
     let mut sent = 0usize;
-    // Why something failed since the last flush, if it did.
-    let mut failed: Option<String> = None;
+    // Why something unsynced failed since the last flush, if it did, and the shards it was of.
+    let mut failed: Option<(String, Vec<ShardId>)> = None;
     loop {
         if queue.is_empty() {
             match rx.recv().await {
@@ -313,8 +319,13 @@ async fn run_stream(
                     lost.extend(queue.pop_front());
                 }
                 for item in lost {
-                    if matches!(item, Item::Record { synced: false, .. }) {
-                        failed = Some(e.clone());
+                    if let Item::Record {
+                        synced: false,
+                        ref record,
+                        ..
+                    } = item
+                    {
+                        note_failed(&mut failed, &e, record.shard);
                     }
                     reply_to(node, item, Err(e.clone()));
                 }
@@ -369,7 +380,7 @@ fn answer(
     node: NodeId,
     finished: Vec<Item>,
     answers: Option<&[ShardAnswer]>,
-    failed: &mut Option<String>,
+    failed: &mut Option<(String, Vec<ShardId>)>,
 ) {
     for item in finished {
         match item {
@@ -388,14 +399,17 @@ fn answer(
                     warn!(replica = node, shard = record.shard, lsn = record.lsn, error = %e,
                         "a replica did not apply a record");
                     if !synced {
-                        *failed = Some(e.clone());
+                        note_failed(failed, e, record.shard);
                     }
                 }
                 reply_to(node, item, result);
             }
             Item::Flush { .. } => {
-                let result = failed.take().map_or(Ok(()), Err);
-                reply_to(node, item, result);
+                let (result, shards) = match failed.take() {
+                    Some((e, shards)) => (Err(e), shards),
+                    None => (Ok(()), Vec::new()),
+                };
+                reply_flush(node, item, shards, result);
             }
         }
     }
@@ -426,10 +440,23 @@ fn describe(record: &Encoded, outcome: &ReplicaOutcome) -> String {
 }
 
 fn reply_to(node: NodeId, item: Item, result: Result<(), String>) {
-    let (reply, shard) = match item {
-        Item::Record { reply, record, .. } => (reply, Some(record.shard)),
-        Item::Flush { reply } => (reply, None),
+    reply_flush(node, item, Vec::new(), result);
+}
+
+/// Answers an item; a record answers for its own shard, a flush for `shards`.
+fn reply_flush(node: NodeId, item: Item, shards: Vec<ShardId>, result: Result<(), String>) {
+    let (reply, shards) = match item {
+        Item::Record { reply, record, .. } => (reply, vec![record.shard]),
+        Item::Flush { reply } => (reply, shards),
     };
     // The ship call may have returned already (an unsynced write, or an earlier failure).
-    let _ = reply.send((node, shard, result));
+    let _ = reply.send((node, shards, result));
+}
+
+/// Remembers that an unsynced record of `shard` failed, for the next flush to report.
+fn note_failed(failed: &mut Option<(String, Vec<ShardId>)>, e: &str, shard: ShardId) {
+    let (_, shards) = failed.get_or_insert_with(|| (e.to_owned(), Vec::new()));
+    if !shards.contains(&shard) {
+        shards.push(shard);
+    }
 }
