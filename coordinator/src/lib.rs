@@ -53,6 +53,35 @@ pub mod testing {
     use crate::auth::{ChannelKind, ClusterSecret};
     use crate::channel::{Channel, ChannelError};
 
+    /// A view for tests: cluster `c`, revision = `epoch`, heartbeats every 100 ms (down after
+    /// 5 missed), `members` in the given states with no addresses, no in-sync sets.
+    pub fn view(
+        epoch: u64,
+        shard_count: u32,
+        replication_factor: u32,
+        members: &[(crate::NodeId, crate::MemberState)],
+    ) -> crate::ClusterView {
+        let mut members: Vec<crate::Member> = (members.iter())
+            .map(|&(id, state)| crate::Member {
+                info: crate::NodeInfo::new(id),
+                state,
+                state_since_ms: 0,
+            })
+            .collect();
+        members.sort_by_key(crate::Member::node_id);
+        crate::ClusterView {
+            cluster_id: "c".into(),
+            epoch,
+            revision: epoch,
+            shard_count,
+            replication_factor,
+            heartbeat_interval_ms: 100,
+            heartbeat_miss_limit: 5,
+            members,
+            in_sync_replicas: Default::default(),
+        }
+    }
+
     /// Connects to a replica's Raft port and runs the handshake; `Ok` iff authenticated.
     pub async fn handshake_raft_port(
         addr: SocketAddr,

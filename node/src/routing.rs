@@ -212,27 +212,11 @@ impl Routing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ringpost_coordinator::{ClusterView, Member, MemberState, NodeInfo};
+    use ringpost_coordinator::{testing, ClusterView, MemberState};
 
     fn view(epoch: u64, active: &[NodeId]) -> ClusterView {
-        ClusterView {
-            cluster_id: "c".into(),
-            epoch,
-            revision: epoch,
-            shard_count: 64,
-            replication_factor: 1,
-            heartbeat_interval_ms: 100,
-            heartbeat_miss_limit: 5,
-            members: active
-                .iter()
-                .map(|&id| Member {
-                    info: NodeInfo::new(id),
-                    state: MemberState::Active,
-                    state_since_ms: 0,
-                })
-                .collect(),
-            in_sync_replicas: Default::default(),
-        }
+        let active: Vec<_> = active.iter().map(|&id| (id, MemberState::Active)).collect();
+        testing::view(epoch, 64, 1, &active)
     }
 
     #[tokio::test]

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use harness::TestCluster;
 use ringpost_client::{Client, ClientConfig, ClientError, Event};
-use ringpost_coordinator::{ClusterView, Member, MemberState, NodeInfo};
+use ringpost_coordinator::{testing, ClusterView, MemberState, NodeInfo};
 use ringpost_node::node_key::NodeKey;
 use ringpost_node::peer::link::{PeerConfig, PeerError, PeerNet, PeerService, StaticDirectory};
 use ringpost_node::peer::{
@@ -40,24 +40,13 @@ fn ring_of(nodes: &[u64]) -> Ring {
 
 /// The ring a cluster of these active node ids computes at replication `factor`.
 fn ring_with(nodes: &[u64], factor: u32) -> Ring {
-    Ring::from_view(&ClusterView {
-        cluster_id: String::new(),
-        epoch: 1,
-        revision: 1,
-        shard_count: u32::from(harness::SHARDS),
-        replication_factor: factor,
-        heartbeat_interval_ms: harness::HEARTBEAT_MS,
-        heartbeat_miss_limit: harness::MISS_LIMIT,
-        members: nodes
-            .iter()
-            .map(|&id| Member {
-                info: NodeInfo::new(id),
-                state: MemberState::Active,
-                state_since_ms: 0,
-            })
-            .collect(),
-        in_sync_replicas: Default::default(),
-    })
+    let active: Vec<_> = nodes.iter().map(|&id| (id, MemberState::Active)).collect();
+    Ring::from_view(&testing::view(
+        1,
+        u32::from(harness::SHARDS),
+        factor,
+        &active,
+    ))
 }
 
 /// `n` phone numbers (from `base` up) whose owner in `ring` satisfies `want`.

@@ -54,26 +54,10 @@ pub fn handoff_refusal(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ringpost_coordinator::{ClusterView, Member, MemberState, NodeInfo};
+    use ringpost_coordinator::{testing, MemberState};
 
     fn ring(states: &[(NodeId, MemberState)]) -> Ring {
-        Ring::from_view(&ClusterView {
-            cluster_id: "c".into(),
-            epoch: 4,
-            revision: 4,
-            shard_count: 64,
-            replication_factor: 1,
-            heartbeat_interval_ms: 100,
-            heartbeat_miss_limit: 5,
-            members: (states.iter())
-                .map(|&(id, state)| Member {
-                    info: NodeInfo::new(id),
-                    state,
-                    state_since_ms: 0,
-                })
-                .collect(),
-            in_sync_replicas: Default::default(),
-        })
+        Ring::from_view(&testing::view(4, 64, 1, states))
     }
 
     #[test]

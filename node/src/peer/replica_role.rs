@@ -54,26 +54,11 @@ pub fn replicate_refusal(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ringpost_coordinator::{ClusterView, Member, MemberState, NodeInfo};
+    use ringpost_coordinator::{testing, MemberState};
 
     fn ring(nodes: &[NodeId], factor: u32) -> Ring {
-        Ring::from_view(&ClusterView {
-            cluster_id: "c".into(),
-            epoch: 4,
-            revision: 4,
-            shard_count: 64,
-            replication_factor: factor,
-            heartbeat_interval_ms: 100,
-            heartbeat_miss_limit: 5,
-            members: (nodes.iter())
-                .map(|&id| Member {
-                    info: NodeInfo::new(id),
-                    state: MemberState::Active,
-                    state_since_ms: 0,
-                })
-                .collect(),
-            in_sync_replicas: Default::default(),
-        })
+        let active: Vec<_> = nodes.iter().map(|&id| (id, MemberState::Active)).collect();
+        Ring::from_view(&testing::view(4, 64, factor, &active))
     }
 
     #[test]

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt};
-use ringpost_coordinator::{ClusterView, Member, MemberState, NodeId, NodeInfo};
+use ringpost_coordinator::{ClusterView, MemberState, NodeId};
 use ringpost_wire::ErrorCode;
 
 use super::link::{PeerNet, PeerService, PEER_FRAME_BYTES_MAX};
@@ -132,23 +132,7 @@ const SHARDS: u16 = 64;
 
 /// A view where `members` are in the given states.
 fn view(members: &[(NodeId, MemberState)]) -> ClusterView {
-    ClusterView {
-        cluster_id: "c".into(),
-        epoch: 3,
-        revision: 3,
-        shard_count: u32::from(SHARDS),
-        replication_factor: 1,
-        heartbeat_interval_ms: 100,
-        heartbeat_miss_limit: 5,
-        members: (members.iter())
-            .map(|&(id, state)| Member {
-                info: NodeInfo::new(id),
-                state,
-                state_since_ms: 0,
-            })
-            .collect(),
-        in_sync_replicas: Default::default(),
-    }
+    ringpost_coordinator::testing::view(3, u32::from(SHARDS), 1, members)
 }
 
 /// A node's server on an in-memory engine, at the ring of `view`.

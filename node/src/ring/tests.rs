@@ -3,7 +3,7 @@
 
 use super::*;
 use proptest::prelude::*;
-use ringpost_coordinator::NodeInfo;
+use ringpost_coordinator::{testing, NodeInfo};
 
 fn member(id: NodeId, state: MemberState) -> Member {
     Member {
@@ -45,22 +45,17 @@ fn shares_are_balanced() {
 
 #[test]
 fn only_active_members_own_shards() {
-    let view = ClusterView {
-        cluster_id: "c".into(),
-        epoch: 7,
-        revision: 9,
-        shard_count: 64,
-        replication_factor: 1,
-        heartbeat_interval_ms: 100,
-        heartbeat_miss_limit: 5,
-        members: vec![
-            member(1, MemberState::Active),
-            member(2, MemberState::Draining),
-            member(3, MemberState::Down),
-            member(4, MemberState::Joining),
+    let view = testing::view(
+        7,
+        64,
+        1,
+        &[
+            (1, MemberState::Active),
+            (2, MemberState::Draining),
+            (3, MemberState::Down),
+            (4, MemberState::Joining),
         ],
-        in_sync_replicas: Default::default(),
-    };
+    );
     let r = Ring::from_view(&view);
     assert_eq!(r.epoch, 7);
     assert!((0..64).all(|s| r.owner(s) == Some(1)));
@@ -297,21 +292,16 @@ fn a_factor_above_the_member_count_places_every_member_once() {
 
 #[test]
 fn a_view_carries_the_replication_factor() {
-    let view = ClusterView {
-        cluster_id: "c".into(),
-        epoch: 3,
-        revision: 4,
-        shard_count: 64,
-        replication_factor: 2,
-        heartbeat_interval_ms: 100,
-        heartbeat_miss_limit: 5,
-        members: vec![
-            member(1, MemberState::Active),
-            member(2, MemberState::Active),
-            member(3, MemberState::Draining),
+    let view = testing::view(
+        3,
+        64,
+        2,
+        &[
+            (1, MemberState::Active),
+            (2, MemberState::Active),
+            (3, MemberState::Draining),
         ],
-        in_sync_replicas: Default::default(),
-    };
+    );
     let r = Ring::from_view(&view);
     assert_eq!(r.copies(), 2);
     for s in 0..64 {
@@ -446,21 +436,16 @@ proptest! {
 
 #[test]
 fn an_in_sync_set_fixes_the_primary_and_leads_the_shards_nodes() {
-    let mut view = ClusterView {
-        cluster_id: "c".into(),
-        epoch: 3,
-        revision: 3,
-        shard_count: 64,
-        replication_factor: 2,
-        heartbeat_interval_ms: 100,
-        heartbeat_miss_limit: 5,
-        members: vec![
-            member(1, MemberState::Down),
-            member(2, MemberState::Active),
-            member(3, MemberState::Active),
+    let mut view = testing::view(
+        3,
+        64,
+        2,
+        &[
+            (1, MemberState::Down),
+            (2, MemberState::Active),
+            (3, MemberState::Active),
         ],
-        in_sync_replicas: Default::default(),
-    };
+    );
     let plain = Ring::from_view(&view);
     // Shard 5 failed over to node 3 (its set: 3 then the down node 1): whatever the hash says,
     // 3 is its primary, then 1, then the placed nodes not in the set.
