@@ -119,6 +119,11 @@ pub struct Metrics {
     pub replicate_bytes_applied: AtomicU64,
     /// Round trips of `Replicate` requests to replicas, answered or refused.
     pub replicate_round_trip: Histogram,
+    /// Catch-ups (a shard's snapshot to a replica) this node finished as the primary, their
+    /// chunks' bytes, and those it abandoned (each starts over).
+    pub catch_ups_done: AtomicU64,
+    pub catch_up_bytes: AtomicU64,
+    pub catch_ups_failed: AtomicU64,
     /// The ring epoch this node routes at, the shards it owns, and how many of them it has
     /// taken over (serves).
     pub ring_epoch: AtomicI64,
@@ -157,6 +162,9 @@ impl Default for Metrics {
             replicate_records_applied: AtomicU64::new(0),
             replicate_bytes_applied: AtomicU64::new(0),
             replicate_round_trip: Histogram::new(LATENCY_BUCKETS_S),
+            catch_ups_done: AtomicU64::new(0),
+            catch_up_bytes: AtomicU64::new(0),
+            catch_ups_failed: AtomicU64::new(0),
             ring_epoch: AtomicI64::new(0),
             shards_owned: AtomicI64::new(0),
             shards_ready: AtomicI64::new(0),
@@ -206,7 +214,7 @@ impl Metrics {
                 self.connections_accepted[t as usize].load(Relaxed)
             );
         }
-        let counters: [(&str, &str, &AtomicU64); 20] = [
+        let counters: [(&str, &str, &AtomicU64); 23] = [
             (
                 "ringpost_frames_in_total",
                 "Frames received from clients.",
@@ -296,6 +304,21 @@ impl Metrics {
                 "ringpost_replicate_applied_bytes_total",
                 "Encoded bytes of those records.",
                 &self.replicate_bytes_applied,
+            ),
+            (
+                "ringpost_catch_ups_total",
+                "Shard catch-ups (snapshot to a replica) this node finished as the primary.",
+                &self.catch_ups_done,
+            ),
+            (
+                "ringpost_catch_up_bytes_total",
+                "Encoded bytes of the snapshot chunks of those catch-ups.",
+                &self.catch_up_bytes,
+            ),
+            (
+                "ringpost_catch_ups_failed_total",
+                "Catch-ups abandoned (a chunk or record refused, the link down); each starts over.",
+                &self.catch_ups_failed,
             ),
             (
                 "ringpost_inbox_commits_total",

@@ -282,6 +282,9 @@ impl Node {
                 Arc::downgrade(&server),
                 tokio::runtime::Handle::current(),
             )));
+            if let Some(engine) = server.replicating.get() {
+                sink.start_catch_up(Arc::downgrade(engine));
+            }
         }
 
         let (cert, ca) = match &opts.tls {

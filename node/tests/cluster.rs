@@ -720,7 +720,7 @@ fn every_node_places_the_replicas_the_coordinator_asks_for() {
 #[test]
 fn with_replicate_every_replica_holds_what_its_primary_acknowledged() {
     use ringpost_node::handoff::shard_digest;
-    use ringpost_node::replication::{read_position, RecordPart, ShardLogRecord};
+    use ringpost_node::replication::{read_position, RecordKind, RecordPart, ShardLogRecord};
     use ringpost_node::storage::rocks::{RocksConfig, RocksEngine};
     use ringpost_node::storage::{Cf, Op};
 
@@ -787,6 +787,7 @@ fn with_replicate_every_replica_holds_what_its_primary_acknowledged() {
                 key: [&shard.to_be_bytes()[..], b"forged"].concat(),
                 value: b"x".to_vec(),
             }],
+            kind: RecordKind::Log,
         };
         let bytes = record.encode();
         let parts = vec![RecordPart {
@@ -1004,10 +1005,124 @@ fn with_replicate_a_dead_replica_is_dropped_from_the_in_sync_set_and_writes_go_o
             "10 sends acknowledged {} ms after node 3 (a replica) was killed",
             killed.elapsed().as_millis()
         );
-        assert_eq!(
-            cluster.view().await.in_sync_replicas.get(&shard),
-            Some(&vec![1])
+        let set = cluster.view().await.in_sync_replicas.get(&shard).cloned();
+        assert!(
+            set.as_ref().is_some_and(|s| s[0] == 1 && !s.contains(&3)),
+            "{set:?}"
         );
         assert!(inbox.wait_all(&ids).await.is_empty());
+        // Once node 3 is marked down, node 2 is placed in its stead: caught up, it joins.
+        let joined = wait_in_sync(&cluster, shard, &[1, 2]).await;
+        eprintln!(
+            "node 2 in sync for shard {shard} {} ms after node 3 was killed",
+            (killed.elapsed()).as_millis()
+        );
+        let _ = joined;
+    });
+}
+
+/// Waits until the coordinator records `set` (primary first) as `shard`'s in-sync set.
+async fn wait_in_sync(cluster: &TestCluster, shard: u32, set: &[u64]) -> Duration {
+    let started = Instant::now();
+    loop {
+        let view = cluster.view().await;
+        if view.in_sync_replicas.get(&shard).map(Vec::as_slice) == Some(set) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "shard {shard}'s in-sync set is {:?}, never {set:?}",
+            view.in_sync_replicas.get(&shard)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Catch-up, end to end, and the fence on a returning primary: node 2, the primary of a shard,
+/// is killed and its shard fails over to node 1, which then acknowledges writes alone. Node 2
+/// comes back on its old data (behind, and at an old epoch): it is not the primary any more,
+/// it is caught up by a snapshot while writes go on, and enters the in-sync set. Then node 1
+/// is killed, node 2 is promoted back, and the user drains every acknowledged message, from
+/// before the first failover, from while node 1 was alone, and from after the catch-up.
+#[test]
+fn with_replicate_a_returning_primary_is_caught_up_and_can_be_promoted_again() {
+    let mut cluster = TestCluster::start_with(1, 2, &["--replicate"]);
+    placement_agrees(&cluster, 2);
+    let ring = ring_with(&[1, 2], 2);
+    let user = users_where(&ring, 15_559_000_000, 1, |o| o == 2)[0];
+    let shard = u32::from(ring.shard_of(user));
+    let sender = users_where(&ring, 15_559_100_000, 1, |o| o == 1)[0];
+    let (one, two) = (cluster.index_of(1), cluster.index_of(2));
+    runtime().block_on(async {
+        let device = cluster.register(one, user).await;
+        let auth = auth_of(&device);
+        device.close().await;
+        let from = cluster.register(one, sender).await;
+        let mut ids = Vec::new();
+        let mut send = |n: u32, body: &'static str| {
+            let id = msg_id(sender, n);
+            ids.push(id);
+            let from = &from;
+            async move { send_acked(from, user, id, body).await.expect("send") }
+        };
+        for n in 0..10 {
+            send(n, "before the failover").await;
+        }
+        wait_in_sync(&cluster, shard, &[2, 1]).await;
+
+        cluster.nodes[two].kill9();
+        wait_in_sync(&cluster, shard, &[1]).await;
+        for n in 10..30 {
+            send(n, "while node 1 is alone").await;
+        }
+
+        cluster.nodes[two].restart();
+        let rejoined = wait_in_sync(&cluster, shard, &[1, 2]).await;
+        eprintln!(
+            "node 2 restarted to in sync again for shard {shard}: {} ms",
+            rejoined.as_millis()
+        );
+        for n in 30..40 {
+            send(n, "after the catch-up").await;
+        }
+        let (_, metrics) = cluster.nodes[one].admin_get("/metrics");
+        let catch_ups = (metrics.lines())
+            .find_map(|l| l.strip_prefix("ringpost_catch_ups_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        assert!(
+            catch_ups >= Some(1),
+            "node 1 caught nobody up: {catch_ups:?}"
+        );
+
+        cluster.nodes[one].kill9();
+        let killed = Instant::now();
+        let client = loop {
+            let config = ClientConfig {
+                auth: Some(auth.clone()),
+                ..cluster.config(two)
+            };
+            match Client::connect(config).await {
+                Ok(c) if c.welcome().node_id == 2 => break c,
+                Ok(c) => c.close().await,
+                Err(_) => {}
+            }
+            assert!(
+                killed.elapsed() < WAIT,
+                "shard {shard} never moved back to node 2"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let missing = Inbox::collect(client).wait_all(&ids).await;
+        assert!(
+            missing.is_empty(),
+            "{} of {} acknowledged messages lost",
+            missing.len(),
+            ids.len()
+        );
+        eprintln!(
+            "kill -9 of node 1 to {} messages drained on node 2: {} ms",
+            ids.len(),
+            killed.elapsed().as_millis()
+        );
     });
 }

@@ -12,7 +12,7 @@ use super::device::Stored;
 use super::keys::parse_meta_key;
 use super::writer::Request;
 use super::{count_entries_in, Inbox, InboxError};
-use crate::replication::{self, read_position, Applied, ApplyError, ShardLogRecord};
+use crate::replication::{self, read_position, Applied, ApplyError, RecordKind, ShardLogRecord};
 use crate::shard::ShardId;
 use crate::storage::{Cf, Engine, Op, StorageError};
 
@@ -26,41 +26,40 @@ impl Inbox {
         engine: &dyn Engine,
         records: &[ShardLogRecord],
     ) -> Result<Applied, ApplyError> {
-        let mut before = HashMap::new();
-        for r in records {
-            if let std::collections::hash_map::Entry::Vacant(e) = before.entry(r.shard) {
-                e.insert(read_position(engine, r.shard)?.lsn);
-            }
-        }
-        // The change each record makes, against the stored counts as the records before it in
-        // this call leave them; records already applied are left out.
+        // The change each record would make if written, against the stored counts as the
+        // records before it in this call leave them, following `apply`'s rules for which are
+        // written (a re-sent log record is not; a snapshot chunk is, and a first one clears
+        // the shard).
+        let mut at: HashMap<ShardId, u64> = HashMap::new();
         let mut overlay = Overlay::default();
         let mut deltas = Vec::with_capacity(records.len());
         for r in records {
-            let fresh = r.lsn > before[&r.shard];
-            deltas.push(if fresh {
-                pending_delta(engine, &r.ops, &mut overlay)?
-            } else {
-                0
-            });
-        }
-        let result = replication::apply(engine, records);
-        // Whatever was written (all of it, or a prefix before a refusal) moves the gauge.
-        let mut after = HashMap::new();
-        let mut delta = 0i64;
-        for (r, d) in records.iter().zip(deltas) {
-            let applied_to = match after.get(&r.shard) {
+            let lsn = match at.get(&r.shard) {
                 Some(&lsn) => lsn,
-                None => {
-                    let lsn = read_position(engine, r.shard)?.lsn;
-                    after.insert(r.shard, lsn);
-                    lsn
-                }
+                None => read_position(engine, r.shard)?.lsn,
             };
-            if r.lsn > before[&r.shard] && r.lsn <= applied_to {
-                delta = delta.saturating_add(d);
-            }
+            let delta = match r.kind {
+                RecordKind::Log if r.lsn <= lsn => 0,
+                RecordKind::Log => pending_delta(engine, &r.ops, &mut overlay)?,
+                RecordKind::Snapshot { first: true, .. } => {
+                    let mut ops = replication::snapshot_clears(r.shard);
+                    ops.extend(r.ops.iter().cloned());
+                    pending_delta(engine, &ops, &mut overlay)?
+                }
+                RecordKind::Snapshot { .. } => pending_delta(engine, &r.ops, &mut overlay)?,
+            };
+            let next = match r.kind {
+                RecordKind::Log => lsn.max(r.lsn),
+                RecordKind::Snapshot { .. } => r.lsn,
+            };
+            at.insert(r.shard, next);
+            deltas.push(delta);
         }
+        let (written, result) = replication::apply_each(engine, records);
+        // Whatever was written (all of it, or a prefix before a refusal) moves the gauge.
+        let delta = (deltas.iter().zip(&written))
+            .filter(|(_, &w)| w)
+            .fold(0i64, |sum, (d, _)| sum.saturating_add(*d));
         self.move_entries_total(delta);
         result
     }

@@ -9,11 +9,13 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use ringpost_coordinator::state::{IsrChange, IsrOp, MAX_SHARDS_PER_COMMAND};
 use ringpost_coordinator::NodeId;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::replica_role::replicate_refusal;
 use super::{decode_response, encode_request, PeerRequest, PeerResponse};
+use crate::replication::sink::CatchUpStats;
 use crate::replication::{serve_parts_with, RecordPart, ReplicaLinks, ShardAnswer};
+use crate::ring::Ring;
 use crate::server::Server;
 use crate::shard::ShardId;
 
@@ -26,6 +28,10 @@ pub struct ServerLinks {
     /// `(node, shard)` pairs this node has proposed into an in-sync set and not yet seen there:
     /// each is proposed once at a time. Bounded by replicas × shards.
     proposing: Arc<Mutex<HashSet<(NodeId, ShardId)>>>,
+    /// `(node, shard)` pairs an expand was sent for (answered or not: a proposal that timed out
+    /// may commit later) and not yet seen in the view or shrunk since: a replica that fails is
+    /// shrunk out of these shards too. Bounded by replicas × shards.
+    expand_sent: Arc<Mutex<HashSet<(NodeId, ShardId)>>>,
 }
 
 /// Longest a primary waits for the coordinator to take a failed replica out of its shards'
@@ -38,6 +44,7 @@ impl ServerLinks {
             server,
             runtime,
             proposing: Arc::default(),
+            expand_sent: Arc::default(),
         }
     }
 }
@@ -59,12 +66,71 @@ impl ReplicaLinks for ServerLinks {
         .collect()
     }
 
+    /// The first [`Ring::copies`](crate::ring::Ring::copies) nodes of the shard (its set, then
+    /// placed nodes) that are not in the set: of a shard this node is the primary of by its
+    /// in-sync set. A shard without a set waits for every placed replica (no followers).
+    fn followers(&self, shard: ShardId) -> Vec<NodeId> {
+        let Some(server) = self.server.upgrade() else {
+            return Vec::new();
+        };
+        followers_in(&server.routing.ring(), server.node_id, shard)
+    }
+
+    fn catch_up_candidates(&self) -> Vec<(NodeId, ShardId)> {
+        let Some(server) = self.server.upgrade() else {
+            return Vec::new();
+        };
+        let ring = server.routing.ring();
+        let me = server.node_id;
+        (0..ring.shard_count)
+            .filter(|&s| ring.owner(s) == Some(me))
+            .flat_map(|s| followers_in(&ring, me, s).into_iter().map(move |n| (n, s)))
+            .collect()
+    }
+
+    fn may_catch_up(&self, node: NodeId, shard: ShardId) -> bool {
+        let Some(server) = self.server.upgrade() else {
+            return false;
+        };
+        let proposed = (self.expand_sent.lock())
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&(node, shard));
+        !proposed && followers_in(&server.routing.ring(), server.node_id, shard).contains(&node)
+    }
+
+    fn caught_up(&self, node: NodeId, shard: ShardId, stats: CatchUpStats) {
+        if let Some(server) = self.server.upgrade() {
+            server.metrics.catch_ups_done.fetch_add(1, Relaxed);
+            server
+                .metrics
+                .catch_up_bytes
+                .fetch_add(stats.bytes, Relaxed);
+        }
+        info!(
+            replica = node,
+            shard,
+            chunks = stats.chunks,
+            bytes = stats.bytes,
+            ms = stats.elapsed.as_millis() as u64,
+            "caught a replica up; proposing it in sync"
+        );
+        let _ = self.confirm_in_sync(node, vec![shard]);
+    }
+
+    fn catch_up_failed(&self, node: NodeId, shard: ShardId, why: &str) {
+        if let Some(server) = self.server.upgrade() {
+            server.metrics.catch_ups_failed.fetch_add(1, Relaxed);
+        }
+        warn!(replica = node, shard, error = %why, "catching a replica up failed; it starts over");
+    }
+
     fn drop_from_in_sync(&self, node: NodeId, shards: Vec<ShardId>) -> Result<(), String> {
         let server = self.server.upgrade().ok_or("the node is stopping")?;
         let client = (server.coordinator.get().cloned())
             .ok_or("no coordinator to change in-sync sets with")?;
         let timeout = Duration::from_millis(IN_SYNC_CHANGE_TIMEOUT_MS);
         let me = server.node_id;
+        let sent = self.expand_sent.clone();
         let change = async {
             let out = |ring: &crate::ring::Ring| -> Vec<ShardId> {
                 (shards.iter().copied())
@@ -72,7 +138,15 @@ impl ReplicaLinks for ServerLinks {
                     .collect()
             };
             let ring = server.routing.ring();
-            let left = out(&ring);
+            // Also where an expand of the node was sent and is not in the view: it may still
+            // commit, and a shrink proposed after it is ordered after it.
+            let mut left = out(&ring);
+            {
+                let sent = sent.lock().unwrap_or_else(PoisonError::into_inner);
+                left.extend((shards.iter().copied()).filter(|&s| sent.contains(&(node, s))));
+            }
+            left.sort_unstable();
+            left.dedup();
             if left.iter().any(|&s| ring.owner(s) != Some(me)) {
                 return Err("this node is no longer the primary of every shard".to_owned());
             }
@@ -86,6 +160,12 @@ impl ReplicaLinks for ServerLinks {
                     })
                     .await
                     .map_err(|e| e.to_string())?;
+            }
+            {
+                let mut sent = sent.lock().unwrap_or_else(PoisonError::into_inner);
+                for s in &left {
+                    sent.remove(&(node, *s));
+                }
             }
             // Committed; acknowledge once this node's own view has it (the watch brings it).
             while !out(&server.routing.ring()).is_empty() {
@@ -131,12 +211,21 @@ impl ReplicaLinks for ServerLinks {
                 .proposing
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            proposing.retain(|&(n, s)| !ring.in_sync(s).is_some_and(|set| set.contains(&n)));
-            (shards.into_iter())
+            let seen =
+                |&(n, s): &(NodeId, ShardId)| ring.in_sync(s).is_some_and(|set| set.contains(&n));
+            proposing.retain(|p| !seen(p));
+            let mut sent = self
+                .expand_sent
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            sent.retain(|p| !seen(p));
+            let wanted: Vec<ShardId> = (shards.into_iter())
                 .filter(|&s| ring.owner(s) == Some(me))
                 .filter(|&s| !ring.in_sync(s).is_some_and(|set| set.contains(&node)))
                 .filter(|&s| proposing.insert((node, s)))
-                .collect()
+                .collect();
+            sent.extend(wanted.iter().map(|&s| (node, s)));
+            wanted
         };
         wanted.sort_unstable();
         let proposing = self.proposing.clone();
@@ -232,6 +321,22 @@ impl ReplicaLinks for ServerLinks {
             }
         })
     }
+}
+
+/// The followers of `shard` on `ring` seen from `me`: if `me` is its primary by its in-sync
+/// set, the first [`Ring::copies`] of its nodes (the set, then the placed nodes) not in the set.
+fn followers_in(ring: &Ring, me: NodeId, shard: ShardId) -> Vec<NodeId> {
+    let Some(set) = ring.in_sync(shard) else {
+        return Vec::new();
+    };
+    if set.first() != Some(&me) {
+        return Vec::new();
+    }
+    let nodes = ring.replicas(shard);
+    (nodes.iter().take(ring.copies().max(set.len())))
+        .copied()
+        .filter(|n| !set.contains(n))
+        .collect()
 }
 
 /// Serves `Replicate` from node `from`, sent at its `epoch` (the caller has caught up to it if

@@ -2,10 +2,13 @@
 
 use std::collections::HashMap;
 
-use super::position::{position_key, read_position, Position};
-use super::record::{RecordError, ShardLogRecord};
+use super::position::{
+    catch_up_key, encode_catch_up, position_key, read_catch_up, read_position, Position,
+};
+use super::record::{RecordError, RecordKind, ShardLogRecord};
 use crate::shard::ShardId;
-use crate::storage::{Cf, Engine, StorageError, WriteBatch};
+use crate::shard_rows::SHARD_CFS;
+use crate::storage::{key, prefix_end, Cf, Engine, Op, StorageError, WriteBatch};
 
 /// What [`apply`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -51,6 +54,14 @@ pub enum ApplyError {
         epoch: u64,
         applied: Position,
     },
+    /// A snapshot chunk that does not continue the catch-up this copy is in (another session,
+    /// or the copy moved since the previous chunk): the primary starts the catch-up over.
+    #[error("shard {shard}: snapshot chunk at {lsn} refused: {reason}")]
+    CatchUp {
+        shard: ShardId,
+        lsn: u64,
+        reason: &'static str,
+    },
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -59,92 +70,185 @@ pub enum ApplyError {
 /// record's ops and then its shard's new [`Position`] (LSN and epoch), so a crash keeps a prefix
 /// of the records with positions that match their data.
 ///
-/// For each record, against its shard's position `p` in this copy:
+/// For each log record, against its shard's position `p` in this copy:
 /// - `lsn <= p.lsn`: already applied (a re-send), skipped; unless its epoch is later than
 ///   `p.epoch` ([`ApplyError::Diverged`]).
 /// - `lsn == p.lsn + 1`: applied, unless its epoch is earlier than `p.epoch`
 ///   ([`ApplyError::StaleEpoch`]).
 /// - `lsn > p.lsn + 1`: refused ([`ApplyError::Gap`], naming the LSN needed).
 ///
+/// A snapshot chunk ([`RecordKind::Snapshot`]) from an epoch earlier than `p.epoch` is refused
+/// as stale. The first chunk of a session deletes every row of the shard in this copy, then
+/// writes its rows, sets the position to the chunk's LSN and epoch and marks the copy as
+/// catching up in `session` ([`read_catch_up`]). A later chunk must continue that session at
+/// exactly the position the copy has (the log records the primary wrote between the two chunks
+/// come between them, so the copy is where the primary was when it read the chunk), else
+/// [`ApplyError::CatchUp`]. The last chunk removes the mark: from then on the copy equals the
+/// primary's at that position, and the log records after it keep it so.
+///
+/// Why this is exact: the rows up to the previous chunk's last key equal the primary's at that
+/// chunk's LSN; the records applied since move both copies alike; the new chunk carries the
+/// primary's rows for the next keys at the current LSN, and every row past them in this copy
+/// was written by those records, which the primary holds too. So when the last chunk lands,
+/// every key matches.
+///
 /// On a refusal, the records before it are written (synced) and the error returned.
 pub fn apply(engine: &dyn Engine, records: &[ShardLogRecord]) -> Result<Applied, ApplyError> {
-    let mut positions: HashMap<ShardId, Position> = HashMap::new();
+    apply_each(engine, records).1
+}
+
+/// [`apply`], also saying for each record whether it was written (a re-send skipped, a refused
+/// record and those after it are not; the vector is as long as `records`).
+pub fn apply_each(
+    engine: &dyn Engine,
+    records: &[ShardLogRecord],
+) -> (Vec<bool>, Result<Applied, ApplyError>) {
+    let mut copies: HashMap<ShardId, Copy> = HashMap::new();
     let mut batch = WriteBatch::new();
     let mut applied = Applied::default();
+    let mut written = vec![false; records.len()];
     let mut refused = None;
-    for record in records {
-        let current = match check(engine, &mut positions, record) {
-            Ok(current) => current,
+    for (i, record) in records.iter().enumerate() {
+        match step(engine, &mut copies, record, &mut batch) {
+            Ok(true) => {
+                applied.written += 1;
+                written[i] = true;
+            }
+            Ok(false) => applied.skipped += 1,
             Err(e) => {
                 refused = Some(e);
                 break;
             }
-        };
-        if record.lsn <= current.lsn {
-            applied.skipped += 1;
-            continue;
         }
-        let position = Position {
-            lsn: record.lsn,
-            epoch: record.epoch,
-        };
-        positions.insert(record.shard, position);
-        batch.ops.extend(record.ops.iter().cloned());
-        batch.put(Cf::ShardLog, position_key(record.shard), position.encode());
-        applied.written += 1;
     }
     if !batch.is_empty() {
-        engine.write(batch, true)?;
+        if let Err(e) = engine.write(batch, true) {
+            return (vec![false; records.len()], Err(e.into()));
+        }
     }
     match refused {
-        Some(e) => Err(e),
-        None => Ok(applied),
+        Some(e) => (written, Err(e)),
+        None => (written, Ok(applied)),
     }
 }
 
-/// Whether `record` may be applied or skipped after the records before it; returns its shard's
-/// position before it (read from `engine` the first time, then from `positions`).
-fn check(
+/// A shard's copy as the records before the current one in the call leave it.
+#[derive(Debug, Clone, Copy)]
+struct Copy {
+    position: Position,
+    /// The session of the catch-up in progress, if one is.
+    catch_up: Option<u64>,
+}
+
+/// The ops a first snapshot chunk starts with: every row of the shard in this copy goes,
+/// except its position and catch-up mark ([`Cf::ShardLog`]), which the chunk sets.
+pub fn snapshot_clears(shard: ShardId) -> Vec<Op> {
+    let prefix = key(shard, &[]);
+    let end = prefix_end(&prefix);
+    (SHARD_CFS.iter().copied())
+        .filter(|&cf| cf != Cf::ShardLog)
+        .map(|cf| Op::DeleteRange {
+            cf,
+            from: prefix.clone(),
+            to: end.clone(),
+        })
+        .collect()
+}
+
+/// Checks `record` against its shard's copy and adds what it writes to `batch`; `Ok(false)` if
+/// it is already applied (a re-send).
+fn step(
     engine: &dyn Engine,
-    positions: &mut HashMap<ShardId, Position>,
+    copies: &mut HashMap<ShardId, Copy>,
     record: &ShardLogRecord,
-) -> Result<Position, ApplyError> {
+    batch: &mut WriteBatch,
+) -> Result<bool, ApplyError> {
     record.check()?;
     let shard = record.shard;
-    let position = match positions.get(&shard) {
-        Some(p) => *p,
+    let copy = match copies.get(&shard) {
+        Some(c) => *c,
         None => {
-            let p = read_position(engine, shard)?;
-            positions.insert(shard, p);
-            p
+            let c = Copy {
+                position: read_position(engine, shard)?,
+                catch_up: read_catch_up(engine, shard)?,
+            };
+            copies.insert(shard, c);
+            c
         }
     };
-    if record.lsn <= position.lsn {
-        if record.epoch > position.epoch {
-            return Err(ApplyError::Diverged {
+    let position = copy.position;
+    let mut catch_up = copy.catch_up;
+    match record.kind {
+        RecordKind::Log => {
+            if record.lsn <= position.lsn {
+                if record.epoch > position.epoch {
+                    return Err(ApplyError::Diverged {
+                        shard,
+                        lsn: record.lsn,
+                        epoch: record.epoch,
+                        applied: position,
+                    });
+                }
+                return Ok(false);
+            }
+            if record.lsn > position.lsn + 1 {
+                return Err(ApplyError::Gap {
+                    shard,
+                    applied: position.lsn,
+                    got: record.lsn,
+                    needs: position.lsn + 1,
+                });
+            }
+            if record.epoch < position.epoch {
+                return Err(ApplyError::StaleEpoch {
+                    shard,
+                    lsn: record.lsn,
+                    epoch: record.epoch,
+                    applied_epoch: position.epoch,
+                });
+            }
+            batch.ops.extend(record.ops.iter().cloned());
+        }
+        RecordKind::Snapshot {
+            session,
+            first,
+            last,
+        } => {
+            if record.epoch < position.epoch {
+                return Err(ApplyError::StaleEpoch {
+                    shard,
+                    lsn: record.lsn,
+                    epoch: record.epoch,
+                    applied_epoch: position.epoch,
+                });
+            }
+            let refuse = |reason| ApplyError::CatchUp {
                 shard,
                 lsn: record.lsn,
-                epoch: record.epoch,
-                applied: position,
-            });
+                reason,
+            };
+            if first {
+                batch.ops.extend(snapshot_clears(shard));
+            } else if catch_up != Some(session) {
+                return Err(refuse("this copy is not in that catch-up session"));
+            } else if position.lsn != record.lsn {
+                return Err(refuse("this copy is not at the chunk's position"));
+            }
+            batch.ops.extend(record.ops.iter().cloned());
+            if last {
+                batch.delete(Cf::ShardLog, catch_up_key(shard));
+                catch_up = None;
+            } else {
+                batch.put(Cf::ShardLog, catch_up_key(shard), encode_catch_up(session));
+                catch_up = Some(session);
+            }
         }
-        return Ok(position);
     }
-    if record.lsn > position.lsn + 1 {
-        return Err(ApplyError::Gap {
-            shard,
-            applied: position.lsn,
-            got: record.lsn,
-            needs: position.lsn + 1,
-        });
-    }
-    if record.epoch < position.epoch {
-        return Err(ApplyError::StaleEpoch {
-            shard,
-            lsn: record.lsn,
-            epoch: record.epoch,
-            applied_epoch: position.epoch,
-        });
-    }
-    Ok(position)
+    let position = Position {
+        lsn: record.lsn,
+        epoch: record.epoch,
+    };
+    batch.put(Cf::ShardLog, position_key(shard), position.encode());
+    copies.insert(shard, Copy { position, catch_up });
+    Ok(true)
 }

@@ -4,10 +4,12 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::position::{position_key, read_position, Position};
-use super::record::ShardLogRecord;
+use super::position::{position_key, read_catch_up, read_position, Position};
+use super::record::{RecordKind, ShardLogRecord};
 use super::split::{split, touches_shards};
+use crate::handoff::{export_chunk, Chunk, Cursor};
 use crate::shard::ShardId;
+use crate::shard_rows::SHARD_CFS;
 use crate::storage::{Cf, Engine, Op, Result, StorageError, WriteBatch};
 
 /// Why records were not shipped. The sink's own words, for the log and the caller's error.
@@ -135,6 +137,50 @@ impl ReplicatingEngine {
             .remove(&shard);
     }
 
+    /// One chunk of a consistent snapshot of `shard` for a catch-up (see
+    /// [`super::apply`]): under the lock that orders this wrapper's writes and shipping, reads
+    /// the shard's position and its next rows after `from` (at most `max_bytes`, every
+    /// [`SHARD_CFS`](crate::shard_rows::SHARD_CFS) family but the positions'), and calls `emit`
+    /// with them while still holding it. So whatever `emit` queues to a replica comes after
+    /// every record at or below the position and before every record after it. The chunk's
+    /// `next` is `None` when the shard is finished.
+    ///
+    /// Holds up this node's writes for one chunk's read (a few scans of at most `max_bytes`).
+    /// Refused if this node's own copy is incomplete (it is catching up itself).
+    pub fn cut(
+        &self,
+        shard: ShardId,
+        from: Option<&Cursor>,
+        max_bytes: usize,
+        emit: &mut dyn FnMut(Position, u64, Chunk),
+    ) -> Result<()> {
+        let epoch = self.epoch.load(Ordering::Relaxed);
+        let mut cache = self
+            .positions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let positions = cache.at_epoch(epoch);
+        if read_catch_up(&*self.inner, shard)?.is_some() {
+            return Err(StorageError::Other(format!(
+                "shard {shard}: this node's own copy is catching up"
+            )));
+        }
+        let position = match positions.get(&shard) {
+            Some(p) => *p,
+            None => read_position(&*self.inner, shard)?,
+        };
+        let mut chunk = export_chunk(&*self.inner, shard, from, max_bytes)
+            .map_err(|e| StorageError::Other(e.to_string()))?;
+        let positions_cf = SHARD_CFS.iter().position(|&cf| cf == Cf::ShardLog);
+        let positions_cf = positions_cf.map(|i| i as u8);
+        chunk.rows.retain(|row| Some(row.cf) != positions_cf);
+        if chunk.next.as_ref().map(|c| c.cf) == positions_cf {
+            chunk.next = None; // the positions' family is last: nothing else is left
+        }
+        emit(position, epoch, chunk);
+        Ok(())
+    }
+
     fn write_replicated(&self, mut batch: WriteBatch, sync: bool) -> Result<()> {
         let per_shard = split(&batch).map_err(|e| StorageError::Other(e.to_string()))?;
         if let Some(index) = batch.ops.iter().position(writes_a_position) {
@@ -166,6 +212,7 @@ impl ReplicatingEngine {
                 lsn: current.lsn + 1,
                 epoch,
                 ops,
+                kind: RecordKind::Log,
             };
             record
                 .check()

@@ -161,6 +161,7 @@ mod tests {
                 key: key(shard, &[b"k"]),
                 value: vec![7; value_bytes],
             }],
+            kind: super::super::record::RecordKind::Log,
         }
     }
 

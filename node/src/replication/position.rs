@@ -63,6 +63,44 @@ pub fn read_position(engine: &dyn Engine, shard: ShardId) -> Result<Position, St
     }
 }
 
+/// The byte after the shard prefix in the key of a catch-up in progress.
+const CATCH_UP_TAG: u8 = 1;
+/// Version byte of a catch-up marker: `version u8 | session u64`.
+const CATCH_UP_VERSION: u8 = 1;
+
+/// The key that marks `shard`'s copy on this node as incomplete: a catch-up (snapshot) has
+/// begun and its last chunk has not been applied. Stored in [`Cf::ShardLog`] beside the
+/// position, so it never travels in a snapshot (the family is not exported).
+pub fn catch_up_key(shard: ShardId) -> Vec<u8> {
+    key(shard, &[&[CATCH_UP_TAG]])
+}
+
+/// The value of a catch-up marker for `session`.
+pub fn encode_catch_up(session: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(9);
+    v.push(CATCH_UP_VERSION);
+    v.extend_from_slice(&session.to_be_bytes());
+    v
+}
+
+/// The session of the catch-up `shard`'s copy is in the middle of, if it is.
+pub fn read_catch_up(engine: &dyn Engine, shard: ShardId) -> Result<Option<u64>, StorageError> {
+    let Some(bytes) = engine.get(Cf::ShardLog, &catch_up_key(shard))? else {
+        return Ok(None);
+    };
+    match bytes.as_slice() {
+        [CATCH_UP_VERSION, session @ ..] if session.len() == 8 => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(session);
+            Ok(Some(u64::from_be_bytes(b)))
+        }
+        _ => Err(StorageError::Corrupt {
+            cf: "shard_log",
+            detail: "a catch-up marker is not 9 bytes of version 1".to_owned(),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

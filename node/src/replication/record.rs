@@ -2,6 +2,8 @@
 //!
 //! ```text
 //! record:       version u8 (= 1) | shard u16 | lsn u64 | epoch u64 | op count u32 | op*
+//! snapshot:     version u8 (= 2) | shard u16 | lsn u64 | epoch u64 | flags u8 | session u64
+//!               | op count u32 | put*                  (flags: 1 = first chunk, 2 = last)
 //! put:          0 u8 | cf u8 | key len u16 | key | value len u32 | value
 //! delete:       1 u8 | cf u8 | key len u16 | key
 //! delete_range: 2 u8 | cf u8 | from len u16 | from | to len u16 | to
@@ -18,8 +20,12 @@ use crate::storage::{key, prefix_end, Cf, Op};
 
 use super::split::op_cf;
 
-/// The encoding's version byte.
+/// The encoding's version byte of a log record.
 pub const RECORD_VERSION: u8 = 1;
+/// The version byte of a snapshot chunk ([`RecordKind::Snapshot`]).
+pub const SNAPSHOT_VERSION: u8 = 2;
+const FLAG_FIRST: u8 = 1;
+const FLAG_LAST: u8 = 2;
 /// Most ops in one record. An inbox group commit writes a few ops per request (an entry per
 /// device, its counters, a dedup record) for at most a few hundred requests; this is far above
 /// that. Memory: about 56 bytes per op besides its keys and values.
@@ -34,6 +40,8 @@ pub const RECORD_VALUE_BYTES_MAX: usize = ROW_VALUE_BYTES_MAX;
 pub const RECORD_BYTES_MAX: usize = 32 * 1024 * 1024;
 /// `version | shard | lsn | epoch | op count`.
 pub const RECORD_HEADER_BYTES: usize = 1 + 2 + 8 + 8 + 4;
+/// What a snapshot chunk's header adds: `flags | session`.
+pub const SNAPSHOT_HEADER_EXTRA_BYTES: usize = 1 + 8;
 /// The smallest op: a delete of a 3-byte key.
 const OP_BYTES_MIN: usize = 1 + 1 + 2 + 3;
 
@@ -51,15 +59,48 @@ const TAG_DELETE: u8 = 1;
 const TAG_DELETE_RANGE: u8 = 2;
 
 /// The ops one committed batch made to one shard, at its place `lsn` in the shard's log,
-/// written by the primary of `epoch`.
+/// written by the primary of `epoch`; or, of kind [`RecordKind::Snapshot`], a chunk of the
+/// shard's rows as the primary holds them at `lsn` (catch-up, see [`crate::replication::apply`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardLogRecord {
     pub shard: ShardId,
-    /// Position in the shard's log: 1 for its first record, then +1 for each.
+    /// Position in the shard's log: 1 for its first record, then +1 for each. For a snapshot
+    /// chunk, the primary's position when it read the chunk's rows.
     pub lsn: u64,
     pub epoch: u64,
     /// In the order the batch applied them; each inside `shard` (see [`ShardLogRecord::check`]).
     pub ops: Vec<Op>,
+    pub kind: RecordKind,
+}
+
+/// What a [`ShardLogRecord`] is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RecordKind {
+    /// One committed batch's ops: an entry of the shard's log.
+    #[default]
+    Log,
+    /// Rows of the shard read by its primary at the record's LSN, in key order from where the
+    /// previous chunk of the same catch-up `session` stopped; only puts. The `first` chunk
+    /// replaces the replica's copy of the shard (everything else in it is deleted first); until
+    /// the `last` has been applied the copy is incomplete and is never promoted.
+    Snapshot {
+        session: u64,
+        first: bool,
+        last: bool,
+    },
+}
+
+impl ShardLogRecord {
+    /// A log record (the common kind).
+    pub fn log(shard: ShardId, lsn: u64, epoch: u64, ops: Vec<Op>) -> ShardLogRecord {
+        ShardLogRecord {
+            shard,
+            lsn,
+            epoch,
+            ops,
+            kind: RecordKind::Log,
+        }
+    }
 }
 
 /// Why a record is refused: its bytes do not decode, or it breaks a bound or a rule.
@@ -104,11 +145,21 @@ impl ShardLogRecord {
         if shard == ShardId::MAX {
             return Err(invalid(None, "not a shard id"));
         }
-        if self.lsn == 0 {
+        let snapshot = matches!(self.kind, RecordKind::Snapshot { .. });
+        // A snapshot of a shard never written is at LSN 0, and a chunk may be empty (an empty
+        // shard, or a last chunk with nothing left).
+        if self.lsn == 0 && !snapshot {
             return Err(invalid(None, "LSN 0 (logs start at 1)"));
         }
-        if self.ops.is_empty() {
+        if self.ops.is_empty() && !snapshot {
             return Err(invalid(None, "no ops"));
+        }
+        if let Some(index) = self
+            .ops
+            .iter()
+            .position(|op| snapshot && !matches!(op, Op::Put { .. }))
+        {
+            return Err(invalid(Some(index), "a snapshot chunk holds only puts"));
         }
         too_large("op count", self.ops.len(), RECORD_OPS_MAX)?;
         let prefix = key(shard, &[]);
@@ -148,7 +199,12 @@ impl ShardLogRecord {
 
     /// Bytes of [`ShardLogRecord::encode`].
     pub fn encoded_len(&self) -> usize {
+        let extra = match self.kind {
+            RecordKind::Log => 0,
+            RecordKind::Snapshot { .. } => SNAPSHOT_HEADER_EXTRA_BYTES,
+        };
         RECORD_HEADER_BYTES
+            + extra
             + self
                 .ops
                 .iter()
@@ -164,10 +220,23 @@ impl ShardLogRecord {
     /// not fit their fields (they are cut, and the decoder refuses the result).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.encoded_len());
-        out.push(RECORD_VERSION);
+        out.push(match self.kind {
+            RecordKind::Log => RECORD_VERSION,
+            RecordKind::Snapshot { .. } => SNAPSHOT_VERSION,
+        });
         out.extend_from_slice(&self.shard.to_be_bytes());
         out.extend_from_slice(&self.lsn.to_be_bytes());
         out.extend_from_slice(&self.epoch.to_be_bytes());
+        if let RecordKind::Snapshot {
+            session,
+            first,
+            last,
+        } = self.kind
+        {
+            let flags = if first { FLAG_FIRST } else { 0 } | if last { FLAG_LAST } else { 0 };
+            out.push(flags);
+            out.extend_from_slice(&session.to_be_bytes());
+        }
         out.extend_from_slice(&len_u32(self.ops.len()).to_be_bytes());
         for op in &self.ops {
             let cf_index = SHARD_CFS
@@ -200,12 +269,29 @@ impl ShardLogRecord {
         too_large("encoded length", bytes.len(), RECORD_BYTES_MAX)?;
         let mut r = Reader { bytes };
         let version = r.u8()?;
-        if version != RECORD_VERSION {
+        if version != RECORD_VERSION && version != SNAPSHOT_VERSION {
             return Err(RecordError::Version(version));
         }
         let shard = r.u16()?;
         let lsn = r.u64()?;
         let epoch = r.u64()?;
+        let kind = if version == SNAPSHOT_VERSION {
+            let flags = r.u8()?;
+            if flags & !(FLAG_FIRST | FLAG_LAST) != 0 {
+                return Err(RecordError::Invalid {
+                    shard,
+                    index: None,
+                    reason: "unknown snapshot flags",
+                });
+            }
+            RecordKind::Snapshot {
+                session: r.u64()?,
+                first: flags & FLAG_FIRST != 0,
+                last: flags & FLAG_LAST != 0,
+            }
+        } else {
+            RecordKind::Log
+        };
         let count = r.u32()? as usize;
         too_large("op count", count, RECORD_OPS_MAX)?;
         // Allocate for what the remaining bytes can hold, not for what the count claims.
@@ -254,6 +340,7 @@ impl ShardLogRecord {
             lsn,
             epoch,
             ops,
+            kind,
         };
         record.check()?;
         Ok(record)

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use super::apply::{apply, Applied, ApplyError};
 use super::part::{Reassembly, RecordPart};
-use super::position::read_position;
-use super::record::ShardLogRecord;
+use super::position::{read_catch_up, read_position};
+use super::record::{RecordKind, ShardLogRecord};
 use crate::shard::ShardId;
 use crate::storage::Engine;
 
@@ -25,6 +25,9 @@ pub enum ReplicaOutcome {
     /// The copy includes every record up to `lsn`, durably (a record still in assembly is not
     /// in it yet).
     Applied { lsn: u64 },
+    /// The copy is at `lsn`, durably, but is in the middle of a catch-up: it lacks rows the
+    /// snapshot's remaining chunks bring. It may not enter the in-sync set yet.
+    Catching { lsn: u64 },
     /// Records are missing: the copy is at `applied`, the primary must send `needs` next (or a
     /// snapshot).
     Gap { applied: u64, needs: u64 },
@@ -53,9 +56,11 @@ impl ReplicaOutcome {
                 applied_lsn: applied.lsn,
                 applied_epoch: applied.epoch,
             },
-            ApplyError::Record(_) | ApplyError::Storage(_) => ReplicaOutcome::Failed {
-                reason: e.to_string(),
-            },
+            ApplyError::CatchUp { .. } | ApplyError::Record(_) | ApplyError::Storage(_) => {
+                ReplicaOutcome::Failed {
+                    reason: e.to_string(),
+                }
+            }
         }
     }
 }
@@ -151,7 +156,8 @@ pub fn serve_parts_with(
                 let shard = match &e {
                     ApplyError::Gap { shard, .. }
                     | ApplyError::StaleEpoch { shard, .. }
-                    | ApplyError::Diverged { shard, .. } => Some(*shard),
+                    | ApplyError::Diverged { shard, .. }
+                    | ApplyError::CatchUp { shard, .. } => Some(*shard),
                     ApplyError::Record(_) | ApplyError::Storage(_) => None,
                 };
                 let outcome = ReplicaOutcome::of(&e);
@@ -173,14 +179,20 @@ pub fn serve_parts_with(
 
     let mut served = Served::default();
     let mut after: HashMap<ShardId, u64> = HashMap::new();
+    let mut refused: Vec<ShardId> = Vec::new();
     for shard in order {
-        let position = read_position(engine, shard);
-        if let Ok(p) = &position {
+        let position = read_position(engine, shard)
+            .and_then(|p| Ok((p, read_catch_up(engine, shard)?.is_some())));
+        if let Ok((p, _)) = &position {
             after.insert(shard, p.lsn);
         }
         let outcome = match (failed.remove(&shard), position) {
-            (Some(outcome), _) => outcome,
-            (None, Ok(p)) => ReplicaOutcome::Applied { lsn: p.lsn },
+            (Some(outcome), _) => {
+                refused.push(shard);
+                outcome
+            }
+            (None, Ok((p, false))) => ReplicaOutcome::Applied { lsn: p.lsn },
+            (None, Ok((p, true))) => ReplicaOutcome::Catching { lsn: p.lsn },
             (None, Err(e)) => ReplicaOutcome::Failed {
                 reason: e.to_string(),
             },
@@ -188,9 +200,16 @@ pub fn serve_parts_with(
         served.answers.push(ShardAnswer { shard, outcome });
     }
     for (r, bytes) in &records {
-        let was = before.get(&r.shard).copied().unwrap_or(u64::MAX);
-        let now = after.get(&r.shard).copied().unwrap_or(0);
-        if r.lsn > was && r.lsn <= now {
+        let written = match r.kind {
+            RecordKind::Log => {
+                let was = before.get(&r.shard).copied().unwrap_or(u64::MAX);
+                let now = after.get(&r.shard).copied().unwrap_or(0);
+                r.lsn > was && r.lsn <= now
+            }
+            // A chunk of a shard that was not refused was written.
+            RecordKind::Snapshot { .. } => !refused.contains(&r.shard),
+        };
+        if written {
             served.records_applied += 1;
             served.bytes_applied += *bytes as u64;
         }

@@ -15,24 +15,41 @@
 //! retries, and its retry is deduplicated). An unsynced write (acknowledged floors) does not
 //! wait: its records ride with the next batch, unless a queue holds more than
 //! [`REPLICA_QUEUE_BYTES_MAX`], when it waits too (back-pressure).
+//!
+//! Catch-up. A placed replica outside a shard's in-sync set (newly placed, dropped after a
+//! failure, or an old primary back after a failover) is a *follower*: it gets the shard's
+//! records too, but nobody waits for them. Its stream catches it up: it asks the
+//! [`ReplicatingEngine`] for a consistent cut of the shard ([`ReplicatingEngine::cut`]: the
+//! shard's position and its next rows, read under the lock that orders writes and shipping)
+//! and queues it as a snapshot chunk ([`RecordKind::Snapshot`]) right there, between the
+//! records it covers and those it does not; records of the shard queued before the first
+//! chunk are dropped (the snapshot holds them). One chunk per shard is in flight at a time, at
+//! most [`CATCH_UPS_PER_REPLICA`] shards per replica node. When the last chunk is cut, the node
+//! becomes *joining* for the shard: every later record of it is waited for, as for an in-sync
+//! replica, so once the last chunk is applied the node holds every acknowledged write and is
+//! proposed into the in-sync set ([`ReplicaLinks::caught_up`]). A failure on the way (a chunk
+//! refused, a record missed, the link down) abandons the catch-up and the node leaves
+//! *joining*; the next scan (every [`CATCH_UP_SCAN_MS`], [`ReplicaLinks::catch_up_candidates`])
+//! starts it over after [`CATCH_UP_RETRY_MS`].
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, OnceLock, PoisonError};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use ringpost_coordinator::NodeId;
 use tokio::sync::mpsc as tokio_mpsc;
-use tracing::warn;
+use tracing::{debug, warn};
 
-use super::engine::{ShardLogSink, ShipError};
+use super::engine::{ReplicatingEngine, ShardLogSink, ShipError};
 use super::part::{
     RecordPart, PART_BYTES_MIN, PART_HEADER_BYTES_MAX, REPLICATE_FRAME_BYTES_MAX,
     REPLICATE_PARTS_MAX,
 };
-use super::record::ShardLogRecord;
+use super::record::{RecordKind, ShardLogRecord};
 use super::serve::{ReplicaOutcome, ShardAnswer};
+use crate::handoff::{Chunk, Cursor};
 use crate::shard::ShardId;
 
 /// How long a replica has to answer one `Replicate` request before the records in it are
@@ -42,6 +59,30 @@ pub const REPLICA_ACK_TIMEOUT_MS: u64 = 2_000;
 /// Encoded record bytes queued for one replica node beyond which even an unsynced write waits
 /// for its records. Memory: this much per replica node, plus one ship call's records.
 pub const REPLICA_QUEUE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// After a request to a replica node fails (no answer in time, or the link is down), what is
+/// queued for it within this long fails at once instead of waiting out another timeout: the
+/// primary drops the node from the shards' in-sync sets and goes on. The first request after
+/// it probes the node again.
+pub const REPLICA_DOWN_MS: u64 = 500;
+/// Shards one replica node is caught up on at a time. Memory: one chunk each in flight
+/// ([`CATCH_UP_CHUNK_BYTES`]).
+pub const CATCH_UPS_PER_REPLICA: usize = 8;
+/// Rows' bytes per snapshot chunk. Each chunk holds up the primary's writes for one read of
+/// this much (the cut), so it is kept small; a replica applies it in one synced batch.
+pub const CATCH_UP_CHUNK_BYTES: usize = 256 * 1024;
+/// How often the primary looks for followers to catch up.
+pub const CATCH_UP_SCAN_MS: u64 = 500;
+/// How long a shard's catch-up to a node waits after one failed before it starts over.
+pub const CATCH_UP_RETRY_MS: u64 = 1_000;
+
+/// What one finished catch-up moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CatchUpStats {
+    pub chunks: u64,
+    /// Encoded bytes of the chunks.
+    pub bytes: u64,
+    pub elapsed: Duration,
+}
 
 /// The network as the sink sees it; the node implements it over its ring and peer links, tests
 /// over an in-process replica.
@@ -71,6 +112,40 @@ pub trait ReplicaLinks: Send + Sync + 'static {
         Ok(())
     }
 
+    /// The placed replicas of `shard` that are not in [`ReplicaLinks::must_have`]: they get its
+    /// records, nobody waits for them, and they are caught up. Empty by default.
+    fn followers(&self, shard: ShardId) -> Vec<NodeId> {
+        let _ = shard;
+        Vec::new()
+    }
+
+    /// `(node, shard)` pairs to catch up now: this node's shards' followers. Called every
+    /// [`CATCH_UP_SCAN_MS`]; pairs already being caught up are skipped by the sink.
+    fn catch_up_candidates(&self) -> Vec<(NodeId, ShardId)> {
+        Vec::new()
+    }
+
+    /// Whether a catch-up of `shard` to `node` may start: the first chunk replaces `node`'s
+    /// copy, so never while the coordinator may count it in the shard's in-sync set (in it, or
+    /// proposed into it).
+    fn may_catch_up(&self, node: NodeId, shard: ShardId) -> bool {
+        let _ = (node, shard);
+        false
+    }
+
+    /// A catch-up of `shard` to `node` finished: its copy equals this node's and every later
+    /// record reaches it and is waited for. Propose it into the shard's in-sync set. Called on
+    /// a blocking thread.
+    fn caught_up(&self, node: NodeId, shard: ShardId, stats: CatchUpStats) {
+        let _ = stats;
+        let _ = self.confirm_in_sync(node, vec![shard]);
+    }
+
+    /// A catch-up of `shard` to `node` was abandoned (it starts over later).
+    fn catch_up_failed(&self, node: NodeId, shard: ShardId, why: &str) {
+        let _ = (node, shard, why);
+    }
+
     /// Sends one `Replicate` request to `node`; its answer, or why there is none within
     /// `timeout`.
     fn replicate(
@@ -85,16 +160,49 @@ pub trait ReplicaLinks: Send + Sync + 'static {
 /// gives it the links, it ships nothing: a node writes no shard data before it has a ring.
 pub struct NetworkSink {
     runtime: tokio::runtime::Handle,
-    links: OnceLock<Arc<dyn ReplicaLinks>>,
+    shared: Arc<Shared>,
     /// One per replica node ever shipped to (a stream of a node that left idles, costing a
     /// parked task).
     streams: Mutex<HashMap<NodeId, Stream>>,
+}
+
+/// What the sink's streams share with it.
+struct Shared {
+    links: OnceLock<Arc<dyn ReplicaLinks>>,
+    /// The engine cuts come from ([`NetworkSink::start_catch_up`]); none: no catch-up.
+    source: OnceLock<Weak<ReplicatingEngine>>,
+    /// Per shard, the nodes whose catch-up has cut its last chunk: they get every record of
+    /// the shard and are waited for, until they fail or are in its in-sync set.
+    joining: Mutex<HashMap<ShardId, Vec<NodeId>>>,
+    /// The next catch-up session id (started from the clock, so a restarted primary does not
+    /// reuse one a replica still holds).
+    sessions: AtomicU64,
+}
+
+impl Shared {
+    fn leave_joining(&self, node: NodeId, shard: ShardId) {
+        let mut joining = self.joining.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(nodes) = joining.get_mut(&shard) {
+            nodes.retain(|&n| n != node);
+            if nodes.is_empty() {
+                joining.remove(&shard);
+            }
+        }
+    }
+
+    fn is_joining(&self, node: NodeId, shard: ShardId) -> bool {
+        let joining = self.joining.lock().unwrap_or_else(PoisonError::into_inner);
+        joining.get(&shard).is_some_and(|n| n.contains(&node))
+    }
 }
 
 struct Stream {
     /// One message per ship call, so that a call's records for the node go in one request.
     tx: tokio_mpsc::UnboundedSender<Vec<Item>>,
     queued_bytes: Arc<AtomicUsize>,
+    /// A record this stream's node must have was queued unsynced since the last flush: the
+    /// next synced write waits for the stream to answer it.
+    unflushed: AtomicBool,
 }
 
 /// What a ship call learns of one of its items: the node, the shards it is about (a record's
@@ -104,16 +212,32 @@ type Reply = mpsc::Sender<(NodeId, Vec<ShardId>, Result<(), String>)>;
 
 enum Item {
     /// A record for the node; `reply` once it is applied or failed. `synced`: its ship call
-    /// waits for the reply (else a failure is kept for the next flush to report).
+    /// waits for the reply (else a failure is kept for the next flush to report). No `reply`:
+    /// the node is a follower of the shard, nobody waits.
     Record {
         record: Arc<Encoded>,
-        reply: Reply,
+        reply: Option<Reply>,
         synced: bool,
         _queued: Queued,
     },
     /// `reply` once everything queued before has been answered (`Err` if an unsynced record
     /// failed since the last flush): a synced write with no records of this node's.
     Flush { reply: Reply },
+    /// Catch the node up on `shard`, unless that is under way already.
+    Want { shard: ShardId },
+    /// A snapshot chunk of a catch-up session, cut where it stands in the queue.
+    Chunk {
+        record: Arc<Encoded>,
+        session: u64,
+        next: Option<Cursor>,
+        _queued: Queued,
+    },
+    /// Cutting the next chunk of `shard`'s catch-up `session` failed.
+    CutFailed {
+        shard: ShardId,
+        session: u64,
+        error: String,
+    },
 }
 
 struct Encoded {
@@ -137,16 +261,69 @@ impl Drop for Queued {
 impl NetworkSink {
     /// A sink whose streams run on `runtime`.
     pub fn new(runtime: tokio::runtime::Handle) -> Arc<NetworkSink> {
+        let clock = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
         Arc::new(NetworkSink {
             runtime,
-            links: OnceLock::new(),
+            shared: Arc::new(Shared {
+                links: OnceLock::new(),
+                source: OnceLock::new(),
+                joining: Mutex::new(HashMap::new()),
+                sessions: AtomicU64::new(clock),
+            }),
             streams: Mutex::new(HashMap::new()),
         })
     }
 
     /// Gives the sink its network (once; later calls are ignored).
     pub fn bind(&self, links: Arc<dyn ReplicaLinks>) {
-        let _ = self.links.set(links);
+        let _ = self.shared.links.set(links);
+    }
+
+    /// Starts catching followers up (see the module documentation), cutting snapshots from
+    /// `source`, the engine this sink ships for: a task asks the links for candidates every
+    /// [`CATCH_UP_SCAN_MS`] while the sink lives.
+    pub fn start_catch_up(self: &Arc<Self>, source: Weak<ReplicatingEngine>) {
+        if self.shared.source.set(source).is_err() {
+            return;
+        }
+        let sink = Arc::downgrade(self);
+        self.runtime.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(CATCH_UP_SCAN_MS));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(sink) = sink.upgrade() else {
+                    return;
+                };
+                let Some(links) = sink.shared.links.get().cloned() else {
+                    continue;
+                };
+                let candidates =
+                    match tokio::task::spawn_blocking(move || links.catch_up_candidates()).await {
+                        Ok(c) => c,
+                        Err(_) => continue,
+                    };
+                for (node, shard) in candidates {
+                    sink.want(node, shard);
+                }
+            }
+        });
+    }
+
+    /// Asks `node`'s stream to catch it up on `shard` (it ignores the request if it is doing
+    /// so already).
+    pub fn want(&self, node: NodeId, shard: ShardId) {
+        let Some(links) = self.shared.links.get() else {
+            return;
+        };
+        if self.shared.is_joining(node, shard) {
+            return;
+        }
+        let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        let stream = self.stream(&mut streams, node, links);
+        let _ = stream.tx.send(vec![Item::Want { shard }]);
     }
 
     fn stream<'a>(
@@ -157,10 +334,19 @@ impl NetworkSink {
     ) -> &'a Stream {
         streams.entry(node).or_insert_with(|| {
             let (tx, rx) = tokio_mpsc::unbounded_channel();
-            self.runtime.spawn(run_stream(node, rx, links.clone()));
+            let queued_bytes = Arc::new(AtomicUsize::new(0));
+            self.runtime.spawn(run_stream(
+                node,
+                rx,
+                tx.downgrade(),
+                links.clone(),
+                self.shared.clone(),
+                queued_bytes.clone(),
+            ));
             Stream {
                 tx,
-                queued_bytes: Arc::new(AtomicUsize::new(0)),
+                queued_bytes,
+                unflushed: AtomicBool::new(false),
             }
         })
     }
@@ -168,7 +354,7 @@ impl NetworkSink {
 
 impl ShardLogSink for NetworkSink {
     fn ship(&self, records: Vec<ShardLogRecord>, sync: bool) -> Result<(), ShipError> {
-        let Some(links) = self.links.get() else {
+        let Some(links) = self.shared.links.get() else {
             return Ok(());
         };
         let (reply, replies) = mpsc::channel();
@@ -176,9 +362,26 @@ impl ShardLogSink for NetworkSink {
         let mut over_bound = false;
         {
             let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
-            let mut batches: Vec<(NodeId, Vec<Item>)> = Vec::new();
+            let joining = self
+                .shared
+                .joining
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            // Per node, its items, and whether it must have one of them.
+            let mut batches: Vec<(NodeId, Vec<Item>, bool)> = Vec::new();
             for record in records {
-                let nodes = links.must_have(record.shard);
+                let mut nodes = links.must_have(record.shard);
+                for &n in joining.get(&record.shard).into_iter().flatten() {
+                    if !nodes.contains(&n) {
+                        nodes.push(n);
+                    }
+                }
+                let must = nodes.len();
+                for n in links.followers(record.shard) {
+                    if !nodes.contains(&n) {
+                        nodes.push(n);
+                    }
+                }
                 if nodes.is_empty() {
                     continue;
                 }
@@ -187,41 +390,61 @@ impl ShardLogSink for NetworkSink {
                     lsn: record.lsn,
                     bytes: record.encode(),
                 });
-                for node in nodes {
+                for (i, node) in nodes.into_iter().enumerate() {
+                    let must_have = i < must;
                     let stream = self.stream(&mut streams, node, links);
                     let bytes = encoded.bytes.len();
                     let queued = stream.queued_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
-                    over_bound |= queued > REPLICA_QUEUE_BYTES_MAX;
+                    if !must_have && queued > REPLICA_QUEUE_BYTES_MAX {
+                        // A follower that does not keep up misses the record, and is caught up
+                        // again; its queue stays bounded.
+                        stream.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                        continue;
+                    }
+                    over_bound |= must_have && queued > REPLICA_QUEUE_BYTES_MAX;
+                    if must_have && !sync {
+                        stream.unflushed.store(true, Ordering::Relaxed);
+                    }
                     let item = Item::Record {
                         record: encoded.clone(),
-                        reply: reply.clone(),
+                        reply: must_have.then(|| reply.clone()),
                         synced: sync,
                         _queued: Queued {
                             counter: stream.queued_bytes.clone(),
                             bytes,
                         },
                     };
-                    match batches.iter_mut().find(|(n, _)| *n == node) {
-                        Some((_, items)) => items.push(item),
-                        None => batches.push((node, vec![item])),
+                    match batches.iter_mut().find(|(n, _, _)| *n == node) {
+                        Some((_, items, any_must)) => {
+                            items.push(item);
+                            *any_must |= must_have;
+                        }
+                        None => batches.push((node, vec![item], must_have)),
                     }
-                    expected += 1;
-                }
-            }
-            if sync {
-                // Records shipped unsynced earlier to other nodes become durable with this
-                // write, as they do locally.
-                for &node in streams.keys() {
-                    if batches.iter().all(|(n, _)| *n != node) {
-                        let item = Item::Flush {
-                            reply: reply.clone(),
-                        };
-                        batches.push((node, vec![item]));
+                    if must_have {
                         expected += 1;
                     }
                 }
             }
-            for (node, items) in batches {
+            drop(joining);
+            if sync {
+                // Records shipped unsynced earlier to nodes that must have them are waited for
+                // with this write, as they are made durable with it locally.
+                for (&node, stream) in streams.iter() {
+                    let covered = batches.iter().any(|(n, _, must)| *n == node && *must);
+                    if !covered && stream.unflushed.swap(false, Ordering::Relaxed) {
+                        let item = Item::Flush {
+                            reply: reply.clone(),
+                        };
+                        match batches.iter_mut().find(|(n, _, _)| *n == node) {
+                            Some((_, items, _)) => items.push(item),
+                            None => batches.push((node, vec![item], true)),
+                        }
+                        expected += 1;
+                    }
+                }
+            }
+            for (node, items, _) in batches {
                 let sent = streams.get(&node).map(|s| s.tx.send(items).is_ok());
                 if sent != Some(true) {
                     return Err(ShipError(format!("the stream to node {node} has stopped")));
@@ -262,10 +485,14 @@ impl ShardLogSink for NetworkSink {
             }
         }
         // A replica that lacks records is dropped from the shards' in-sync sets; only if that
-        // fails does the write fail (the rest of the set has the records).
+        // fails does the write fail (the rest of the set has the records). A joining node
+        // stops joining: its catch-up starts over.
         for (node, (mut shards, e)) in missing {
             shards.sort_unstable();
             shards.dedup();
+            for &shard in &shards {
+                self.shared.leave_joining(node, shard);
+            }
             if let Err(why) = links.drop_from_in_sync(node, shards) {
                 warn!(replica = node, error = %why, "cannot drop a failed replica from the in-sync sets");
                 first_error.get_or_insert(format!("replica node {node}: {e}"));
@@ -275,11 +502,15 @@ impl ShardLogSink for NetworkSink {
     }
 }
 
-/// One replica node's stream: sends what is queued, a frame at a time, and answers each item.
+/// One replica node's stream: sends what is queued, a frame at a time, answers each item, and
+/// runs the node's catch-ups.
 async fn run_stream(
     node: NodeId,
     mut rx: tokio_mpsc::UnboundedReceiver<Vec<Item>>,
+    tx: tokio_mpsc::WeakUnboundedSender<Vec<Item>>,
     links: Arc<dyn ReplicaLinks>,
+    shared: Arc<Shared>,
+    queued_bytes: Arc<AtomicUsize>,
 ) {
     let timeout = Duration::from_millis(REPLICA_ACK_TIMEOUT_MS);
     let mut queue: VecDeque<Item> = VecDeque::new();
@@ -287,31 +518,53 @@ async fn run_stream(
     let mut sent = 0usize;
     // Why something unsynced failed since the last flush, if it did, and the shards it was of.
     let mut failed: Option<(String, Vec<ShardId>)> = None;
+    let mut catch_ups = CatchUps {
+        node,
+        links: links.clone(),
+        shared,
+        tx,
+        queued_bytes,
+        active: HashMap::new(),
+        waiting: VecDeque::new(),
+        retry_after: HashMap::new(),
+    };
+    // Until when the node counts as down, and why (see REPLICA_DOWN_MS).
+    let mut down: Option<(Instant, String)> = None;
     loop {
         if queue.is_empty() {
             match rx.recv().await {
-                Some(items) => queue.extend(items),
+                Some(items) => catch_ups.intake(items, &mut queue),
                 None => return,
             }
         }
         while let Ok(items) = rx.try_recv() {
-            queue.extend(items);
+            catch_ups.intake(items, &mut queue);
         }
+        catch_ups.start();
         let (parts, finished) = pack(&mut queue, &mut sent);
         if parts.is_empty() {
-            answer(node, finished, None, &mut failed);
+            answer(node, finished, None, &mut failed, &mut catch_ups);
             continue;
         }
-        let result =
-            match tokio::time::timeout(timeout, links.replicate(node, parts, timeout)).await {
-                Ok(Ok(answers)) => Ok(answers),
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(format!("no answer within {REPLICA_ACK_TIMEOUT_MS} ms")),
-            };
+        down = down.filter(|(until, _)| Instant::now() < *until);
+        let result = match &down {
+            Some((_, why)) => Err(format!("the node is unreachable ({why})")),
+            None => {
+                match tokio::time::timeout(timeout, links.replicate(node, parts, timeout)).await {
+                    Ok(Ok(answers)) => Ok(answers),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(format!("no answer within {REPLICA_ACK_TIMEOUT_MS} ms")),
+                }
+            }
+        };
         match result {
-            Ok(answers) => answer(node, finished, Some(&answers), &mut failed),
+            Ok(answers) => answer(node, finished, Some(&answers), &mut failed, &mut catch_ups),
             Err(e) => {
-                warn!(replica = node, error = %e, "replicating to a node failed");
+                if down.is_none() {
+                    warn!(replica = node, error = %e, "replicating to a node failed");
+                    let until = Instant::now() + Duration::from_millis(REPLICA_DOWN_MS);
+                    down = Some((until, e.clone()));
+                }
                 let mut lost = finished;
                 if sent > 0 {
                     // The front record's parts so far are lost with this frame: fail it too.
@@ -319,19 +572,308 @@ async fn run_stream(
                     lost.extend(queue.pop_front());
                 }
                 for item in lost {
-                    if let Item::Record {
-                        synced: false,
-                        ref record,
-                        ..
-                    } = item
-                    {
-                        note_failed(&mut failed, &e, record.shard);
+                    match item {
+                        Item::Record {
+                            synced: false,
+                            reply: Some(_),
+                            ref record,
+                            ..
+                        } => note_failed(&mut failed, &e, record.shard),
+                        Item::Chunk { ref record, .. } => {
+                            catch_ups.abandon(record.shard, &e);
+                        }
+                        _ => {}
                     }
                     reply_to(node, item, Err(e.clone()));
                 }
             }
         }
+        catch_ups.cut_next();
     }
+}
+
+/// The catch-ups of one replica node (see the module documentation), run by its stream.
+struct CatchUps {
+    node: NodeId,
+    links: Arc<dyn ReplicaLinks>,
+    shared: Arc<Shared>,
+    /// The stream's own queue, for the cuts (weak: the stream ends when the sink drops it).
+    tx: tokio_mpsc::WeakUnboundedSender<Vec<Item>>,
+    queued_bytes: Arc<AtomicUsize>,
+    /// At most [`CATCH_UPS_PER_REPLICA`].
+    active: HashMap<ShardId, Active>,
+    /// Wanted, in order; each shard once.
+    waiting: VecDeque<ShardId>,
+    /// Shards whose catch-up failed, and when they may start over.
+    retry_after: HashMap<ShardId, Instant>,
+}
+
+/// One shard's catch-up in progress.
+struct Active {
+    session: u64,
+    /// Where the next chunk starts (`None` before the first).
+    cursor: Option<Cursor>,
+    /// A cut is under way or its chunk is queued or in flight.
+    busy: bool,
+    /// The first chunk is queued: the shard's records go to the node from here on.
+    started: bool,
+    chunks: u64,
+    bytes: u64,
+    since: Instant,
+}
+
+impl CatchUps {
+    /// Takes a message from the sink (or from a cut) into the stream.
+    fn intake(&mut self, items: Vec<Item>, queue: &mut VecDeque<Item>) {
+        for item in items {
+            match item {
+                Item::Want { shard } => {
+                    let later = self
+                        .retry_after
+                        .get(&shard)
+                        .is_some_and(|&t| t > Instant::now());
+                    if !later && !self.active.contains_key(&shard) && !self.waiting.contains(&shard)
+                    {
+                        self.waiting.push_back(shard);
+                    }
+                }
+                Item::CutFailed {
+                    shard,
+                    session,
+                    error,
+                } => {
+                    if self
+                        .active
+                        .get(&shard)
+                        .is_some_and(|a| a.session == session)
+                    {
+                        self.abandon(shard, &error);
+                    }
+                }
+                // A follower's record of a shard whose snapshot is not cut yet: the snapshot
+                // holds it.
+                Item::Record {
+                    reply: None,
+                    ref record,
+                    ..
+                } if self.active.get(&record.shard).is_some_and(|a| !a.started) => {}
+                Item::Chunk {
+                    ref record,
+                    session,
+                    ref next,
+                    ..
+                } => {
+                    let shard = record.shard;
+                    match self.active.get_mut(&shard) {
+                        Some(a) if a.session == session => {
+                            a.started = true;
+                            a.cursor = next.clone();
+                            a.chunks += 1;
+                            a.bytes += record.bytes.len() as u64;
+                            queue.push_back(item);
+                        }
+                        // A session abandoned meanwhile: its last cut made the node joining.
+                        _ if next.is_none() => self.shared.leave_joining(self.node, shard),
+                        _ => {}
+                    }
+                }
+                other => queue.push_back(other),
+            }
+        }
+    }
+
+    /// Starts waiting catch-ups while fewer than [`CATCH_UPS_PER_REPLICA`] run.
+    fn start(&mut self) {
+        while self.active.len() < CATCH_UPS_PER_REPLICA {
+            let Some(shard) = self.waiting.pop_front() else {
+                break;
+            };
+            if self.shared.is_joining(self.node, shard)
+                || !self.links.may_catch_up(self.node, shard)
+            {
+                continue;
+            }
+            let session = self.shared.sessions.fetch_add(1, Ordering::Relaxed);
+            debug!(replica = self.node, shard, session, "catching a replica up");
+            self.active.insert(
+                shard,
+                Active {
+                    session,
+                    cursor: None,
+                    busy: false,
+                    started: false,
+                    chunks: 0,
+                    bytes: 0,
+                    since: Instant::now(),
+                },
+            );
+        }
+        self.cut_next();
+    }
+
+    /// Asks for the next chunk of every catch-up that has none under way.
+    fn cut_next(&mut self) {
+        for (&shard, a) in self.active.iter_mut().filter(|(_, a)| !a.busy) {
+            a.busy = true;
+            let cut = Cut {
+                node: self.node,
+                shard,
+                session: a.session,
+                cursor: a.cursor.clone(),
+                shared: self.shared.clone(),
+                tx: self.tx.clone(),
+                queued_bytes: self.queued_bytes.clone(),
+            };
+            tokio::task::spawn_blocking(move || cut.run());
+        }
+    }
+
+    /// The chunk of `shard` was answered with `outcome`.
+    fn answered(
+        &mut self,
+        shard: ShardId,
+        chunk_lsn: u64,
+        last: bool,
+        outcome: Option<&ReplicaOutcome>,
+    ) {
+        let ok = match outcome {
+            Some(ReplicaOutcome::Applied { lsn }) => last && *lsn >= chunk_lsn,
+            Some(ReplicaOutcome::Catching { lsn }) => !last && *lsn >= chunk_lsn,
+            _ => false,
+        };
+        if !ok {
+            let why = match outcome {
+                Some(o) => format!("the snapshot chunk was answered with {o:?}"),
+                None => "no answer for the snapshot chunk".to_owned(),
+            };
+            self.abandon(shard, &why);
+            return;
+        }
+        if !last {
+            if let Some(a) = self.active.get_mut(&shard) {
+                a.busy = false;
+            }
+            return;
+        }
+        let Some(a) = self.active.remove(&shard) else {
+            return;
+        };
+        let stats = CatchUpStats {
+            chunks: a.chunks,
+            bytes: a.bytes,
+            elapsed: a.since.elapsed(),
+        };
+        let (links, node) = (self.links.clone(), self.node);
+        tokio::task::spawn_blocking(move || links.caught_up(node, shard, stats));
+    }
+
+    /// Gives up `shard`'s catch-up; it may start over after [`CATCH_UP_RETRY_MS`].
+    fn abandon(&mut self, shard: ShardId, why: &str) {
+        if self.active.remove(&shard).is_none() {
+            return;
+        }
+        self.shared.leave_joining(self.node, shard);
+        self.retry_after.insert(
+            shard,
+            Instant::now() + Duration::from_millis(CATCH_UP_RETRY_MS),
+        );
+        self.retry_after.retain(|_, t| *t > Instant::now());
+        self.links.catch_up_failed(self.node, shard, why);
+    }
+}
+
+/// Cutting one snapshot chunk, on a blocking thread.
+struct Cut {
+    node: NodeId,
+    shard: ShardId,
+    session: u64,
+    cursor: Option<Cursor>,
+    shared: Arc<Shared>,
+    tx: tokio_mpsc::WeakUnboundedSender<Vec<Item>>,
+    queued_bytes: Arc<AtomicUsize>,
+}
+
+impl Cut {
+    fn run(self) {
+        let send = |items: Vec<Item>| {
+            if let Some(tx) = self.tx.upgrade() {
+                let _ = tx.send(items);
+            }
+        };
+        let failed = |error: String| {
+            vec![Item::CutFailed {
+                shard: self.shard,
+                session: self.session,
+                error,
+            }]
+        };
+        let Some(engine) = self.shared.source.get().and_then(Weak::upgrade) else {
+            send(failed("the node is stopping".to_owned()));
+            return;
+        };
+        let first = self.cursor.is_none();
+        let mut emit = |position: super::Position, epoch: u64, chunk: Chunk| {
+            let last = chunk.next.is_none();
+            let record = ShardLogRecord {
+                shard: self.shard,
+                lsn: position.lsn,
+                epoch,
+                ops: chunk.rows.into_iter().filter_map(row_op).collect(),
+                kind: RecordKind::Snapshot {
+                    session: self.session,
+                    first,
+                    last,
+                },
+            };
+            if let Err(e) = record.check() {
+                send(failed(e.to_string()));
+                return;
+            }
+            let bytes = record.encode();
+            if last {
+                // From here on every record of the shard goes to the node and is waited for.
+                let mut joining =
+                    (self.shared.joining.lock()).unwrap_or_else(PoisonError::into_inner);
+                let nodes = joining.entry(self.shard).or_default();
+                if !nodes.contains(&self.node) {
+                    nodes.push(self.node);
+                }
+            }
+            self.queued_bytes.fetch_add(bytes.len(), Ordering::Relaxed);
+            let queued = Queued {
+                counter: self.queued_bytes.clone(),
+                bytes: bytes.len(),
+            };
+            send(vec![Item::Chunk {
+                record: Arc::new(Encoded {
+                    shard: self.shard,
+                    lsn: position.lsn,
+                    bytes,
+                }),
+                session: self.session,
+                next: chunk.next,
+                _queued: queued,
+            }]);
+        };
+        if let Err(e) = engine.cut(
+            self.shard,
+            self.cursor.as_ref(),
+            CATCH_UP_CHUNK_BYTES,
+            &mut emit,
+        ) {
+            send(failed(e.to_string()));
+        }
+    }
+}
+
+/// A snapshot row as the put that writes it.
+fn row_op(row: crate::handoff::Row) -> Option<crate::storage::Op> {
+    let cf = row.column_family()?;
+    Some(crate::storage::Op::Put {
+        cf,
+        key: row.key,
+        value: row.value,
+    })
 }
 
 /// Takes from the front of `queue` what fits in one request: the parts, and the items finished
@@ -342,11 +884,11 @@ fn pack(queue: &mut VecDeque<Item>, sent: &mut usize) -> (Vec<RecordPart>, Vec<I
     let mut bytes = 0usize;
     while let Some(front) = queue.front() {
         let record = match front {
-            Item::Flush { .. } => {
+            Item::Record { record, .. } | Item::Chunk { record, .. } => record.clone(),
+            Item::Flush { .. } | Item::Want { .. } | Item::CutFailed { .. } => {
                 finished.extend(queue.pop_front());
                 continue;
             }
-            Item::Record { record, .. } => record.clone(),
         };
         let room = REPLICATE_FRAME_BYTES_MAX.saturating_sub(bytes + PART_HEADER_BYTES_MAX);
         let left = record.bytes.len() - *sent;
@@ -381,16 +923,21 @@ fn answer(
     finished: Vec<Item>,
     answers: Option<&[ShardAnswer]>,
     failed: &mut Option<(String, Vec<ShardId>)>,
+    catch_ups: &mut CatchUps,
 ) {
+    let outcome_of = |shard: ShardId| {
+        answers
+            .and_then(|a| a.iter().find(|a| a.shard == shard))
+            .map(|a| &a.outcome)
+    };
     for item in finished {
         match item {
+            // A follower's record: nobody waits, and a follower that misses one is caught up.
+            Item::Record { reply: None, .. } => {}
             Item::Record {
                 ref record, synced, ..
             } => {
-                let outcome = answers
-                    .and_then(|a| a.iter().find(|a| a.shard == record.shard))
-                    .map(|a| &a.outcome);
-                let result = match outcome {
+                let result = match outcome_of(record.shard) {
                     Some(ReplicaOutcome::Applied { lsn }) if *lsn >= record.lsn => Ok(()),
                     Some(other) => Err(describe(record, other)),
                     None => Err(format!("no answer for shard {}", record.shard)),
@@ -404,6 +951,14 @@ fn answer(
                 }
                 reply_to(node, item, result);
             }
+            Item::Chunk {
+                ref record,
+                ref next,
+                ..
+            } => {
+                let last = next.is_none();
+                catch_ups.answered(record.shard, record.lsn, last, outcome_of(record.shard));
+            }
             Item::Flush { .. } => {
                 let (result, shards) = match failed.take() {
                     Some((e, shards)) => (Err(e), shards),
@@ -411,6 +966,7 @@ fn answer(
                 };
                 reply_flush(node, item, shards, result);
             }
+            Item::Want { .. } | Item::CutFailed { .. } => {}
         }
     }
 }
@@ -421,10 +977,12 @@ fn describe(record: &Encoded, outcome: &ReplicaOutcome) -> String {
         ReplicaOutcome::Applied { lsn: applied } => {
             format!("shard {shard}: record {lsn} not applied (the copy is at {applied})")
         }
-        ReplicaOutcome::Gap { applied, needs } => format!(
-            "shard {shard}: the copy is at {applied} and needs record {needs} (catch-up is \
-             not built yet)"
-        ),
+        ReplicaOutcome::Catching { lsn: applied } => {
+            format!("shard {shard}: record {lsn} reached a copy that is catching up (at {applied})")
+        }
+        ReplicaOutcome::Gap { applied, needs } => {
+            format!("shard {shard}: the copy is at {applied} and needs record {needs}")
+        }
         ReplicaOutcome::StaleEpoch { applied_epoch } => {
             format!("shard {shard}: the copy is at epoch {applied_epoch}, after this primary's")
         }
@@ -446,8 +1004,13 @@ fn reply_to(node: NodeId, item: Item, result: Result<(), String>) {
 /// Answers an item; a record answers for its own shard, a flush for `shards`.
 fn reply_flush(node: NodeId, item: Item, shards: Vec<ShardId>, result: Result<(), String>) {
     let (reply, shards) = match item {
-        Item::Record { reply, record, .. } => (reply, vec![record.shard]),
+        Item::Record {
+            reply: Some(reply),
+            record,
+            ..
+        } => (reply, vec![record.shard]),
         Item::Flush { reply } => (reply, shards),
+        _ => return,
     };
     // The ship call may have returned already (an unsynced write, or an earlier failure).
     let _ = reply.send((node, shards, result));

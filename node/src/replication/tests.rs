@@ -3,6 +3,7 @@
 
 mod adopting;
 mod applying;
+mod catching_up;
 mod codec;
 mod engine;
 mod services;
@@ -11,7 +12,7 @@ mod shipping;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::{apply, ShardLogRecord, ShardLogSink, ShipError};
+use super::{apply, RecordKind, ShardLogRecord, ShardLogSink, ShipError};
 use crate::handoff::{export_chunk, Row, CHUNK_BYTES_DEFAULT};
 use crate::shard::ShardId;
 use crate::storage::rocks::{RocksConfig, RocksEngine};

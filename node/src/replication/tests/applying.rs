@@ -14,6 +14,7 @@ fn rec(shard: ShardId, lsn: u64, epoch: u64) -> ShardLogRecord {
             key: key(shard, &[&lsn.to_be_bytes()]),
             value: epoch.to_be_bytes().to_vec(),
         }],
+        kind: RecordKind::Log,
     }
 }
 

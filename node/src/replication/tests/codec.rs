@@ -12,6 +12,7 @@ fn record(ops: Vec<Op>) -> ShardLogRecord {
         lsn: 42,
         epoch: 3,
         ops,
+        kind: RecordKind::Log,
     }
 }
 
@@ -68,6 +69,7 @@ fn any_record() -> impl Strategy<Value = ShardLogRecord> {
             lsn,
             epoch,
             ops,
+            kind: RecordKind::Log,
         })
     })
 }
@@ -127,11 +129,63 @@ fn every_truncation_is_refused() {
         Err(RecordError::TrailingBytes(1))
     );
     let mut version = bytes;
-    version[0] = 2;
+    version[0] = 3;
     assert_eq!(
         ShardLogRecord::decode(&version),
-        Err(RecordError::Version(2))
+        Err(RecordError::Version(3))
     );
+}
+
+#[test]
+fn snapshot_chunks_roundtrip_and_hold_only_puts() {
+    let chunk = |ops: Vec<Op>, first: bool, last: bool| ShardLogRecord {
+        kind: RecordKind::Snapshot {
+            session: 0x0102_0304_0506_0708,
+            first,
+            last,
+        },
+        ..record(ops)
+    };
+    let put = Op::Put {
+        cf: Cf::Inbox,
+        key: key(7, &[b"a"]),
+        value: vec![1; 10],
+    };
+    for (first, last) in [(true, false), (false, false), (false, true), (true, true)] {
+        let c = chunk(vec![put.clone()], first, last);
+        c.check().unwrap();
+        let bytes = c.encode();
+        assert_eq!(bytes.len(), c.encoded_len());
+        assert_eq!(ShardLogRecord::decode(&bytes).unwrap(), c);
+        for len in 0..bytes.len() {
+            assert!(ShardLogRecord::decode(&bytes[..len]).is_err());
+        }
+    }
+    // An empty shard's snapshot: no rows, at LSN 0.
+    let empty = ShardLogRecord {
+        lsn: 0,
+        ..chunk(Vec::new(), true, true)
+    };
+    assert_eq!(ShardLogRecord::decode(&empty.encode()).unwrap(), empty);
+    // A log record may have neither.
+    assert!(ShardLogRecord { lsn: 0, ..sample() }.check().is_err());
+    assert!(record(Vec::new()).check().is_err());
+    // Deletes and range deletes are not rows.
+    let delete = Op::Delete {
+        cf: Cf::Inbox,
+        key: key(7, &[b"a"]),
+    };
+    let err = chunk(vec![put.clone(), delete], true, false)
+        .check()
+        .unwrap_err();
+    assert!(err.to_string().contains("only puts"), "{err}");
+    // Flags other than first and last are refused.
+    let mut bytes = chunk(vec![put], false, false).encode();
+    bytes[RECORD_HEADER_BYTES - 4] = 4;
+    assert!(ShardLogRecord::decode(&bytes)
+        .unwrap_err()
+        .to_string()
+        .contains("flags"));
 }
 
 #[test]

@@ -12,6 +12,7 @@ use ringpost_coordinator::NodeId;
 use super::*;
 use crate::peer::link::PEER_FRAME_BYTES_MAX;
 use crate::peer::{encode_request, Envelope, PeerRequest};
+use crate::replication::sink::REPLICA_DOWN_MS;
 use crate::replication::{
     read_position, serve_parts, NetworkSink, Reassembly, RecordPart, ReplicaLinks,
     ReplicatingEngine, ShardAnswer,
@@ -198,8 +199,18 @@ async fn a_silent_replica_fails_the_write_and_a_gap_is_reported_after() {
     // Written here and on node 2 all the same (at-least-once: nothing was acknowledged).
     rig.assert_same(1, 2);
 
-    // Node 3 answers again but lacks record 1: the next write is refused with the gap.
+    // Node 3 answers again, but for a while it counts as down: a write fails at once rather
+    // than waiting out another timeout.
     rig.links.silent.lock().unwrap().clear();
+    let mut b = WriteBatch::new();
+    put(&mut b, 1, b"b", vec![2]);
+    let err = rig.write(b, true).await.unwrap_err();
+    assert!(
+        matches!(&err, StorageError::Replication(m) if m.contains("unreachable")),
+        "{err}"
+    );
+    tokio::time::sleep(Duration::from_millis(REPLICA_DOWN_MS)).await;
+    // Then it is tried again, and lacks record 1: the next write is refused with the gap.
     let mut b = WriteBatch::new();
     put(&mut b, 1, b"b", vec![2]);
     let err = rig.write(b, true).await.unwrap_err();
@@ -228,6 +239,7 @@ fn the_replica_applies_good_shards_and_answers_each_refusal() {
             key: key(shard, &[&lsn.to_be_bytes()]),
             value: vec![1],
         }],
+        kind: RecordKind::Log,
     };
     let whole = |r: ShardLogRecord| {
         let bytes = r.encode();
