@@ -40,7 +40,9 @@ mod split;
 pub use apply::{apply, apply_each, snapshot_clears, Applied, ApplyError};
 pub use engine::{ReplicatingEngine, ShardLogSink, ShipError};
 pub use part::{Reassembly, RecordPart};
-pub use position::{catch_up_key, position_key, read_catch_up, read_position, Position};
+pub use position::{
+    catch_up_key, position_key, read_catch_up, read_position, CatchUpMark, Position,
+};
 pub use record::{RecordError, RecordKind, ShardLogRecord};
 pub use serve::{serve_parts, serve_parts_with, ReplicaOutcome, Served, ShardAnswer};
 pub use sink::{NetworkSink, ReplicaLinks};

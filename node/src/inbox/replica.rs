@@ -41,7 +41,7 @@ impl Inbox {
             let delta = match r.kind {
                 RecordKind::Log if r.lsn <= lsn => 0,
                 RecordKind::Log => pending_delta(engine, &r.ops, &mut overlay)?,
-                RecordKind::Snapshot { first: true, .. } => {
+                RecordKind::Snapshot { index: 0, .. } => {
                     let mut ops = replication::snapshot_clears(r.shard);
                     ops.extend(r.ops.iter().cloned());
                     pending_delta(engine, &ops, &mut overlay)?

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use super::position::{
-    catch_up_key, encode_catch_up, position_key, read_catch_up, read_position, Position,
+    catch_up_key, position_key, read_catch_up, read_position, CatchUpMark, Position,
 };
 use super::record::{RecordError, RecordKind, ShardLogRecord};
 use crate::shard::ShardId;
@@ -78,10 +78,10 @@ pub enum ApplyError {
 /// - `lsn > p.lsn + 1`: refused ([`ApplyError::Gap`], naming the LSN needed).
 ///
 /// A snapshot chunk ([`RecordKind::Snapshot`]) from an epoch earlier than `p.epoch` is refused
-/// as stale. The first chunk of a session deletes every row of the shard in this copy, then
-/// writes its rows, sets the position to the chunk's LSN and epoch and marks the copy as
-/// catching up in `session` ([`read_catch_up`]). A later chunk must continue that session at
-/// exactly the position the copy has (the log records the primary wrote between the two chunks
+/// as stale. The first chunk of a session (index 0) deletes every row of the shard in this
+/// copy, then writes its rows, sets the position to the chunk's LSN and epoch and marks the
+/// copy as catching up in `session` ([`read_catch_up`]). A later chunk must be the next index
+/// of that session, at exactly the position the copy has (the log records the primary wrote between the two chunks
 /// come between them, so the copy is where the primary was when it read the chunk), else
 /// [`ApplyError::CatchUp`]. The last chunk removes the mark: from then on the copy equals the
 /// primary's at that position, and the log records after it keep it so.
@@ -136,8 +136,8 @@ pub fn apply_each(
 #[derive(Debug, Clone, Copy)]
 struct Copy {
     position: Position,
-    /// The session of the catch-up in progress, if one is.
-    catch_up: Option<u64>,
+    /// The catch-up in progress, if one is.
+    catch_up: Option<CatchUpMark>,
 }
 
 /// The ops a first snapshot chunk starts with: every row of the shard in this copy goes,
@@ -211,7 +211,7 @@ fn step(
         }
         RecordKind::Snapshot {
             session,
-            first,
+            index,
             last,
         } => {
             if record.epoch < position.epoch {
@@ -227,10 +227,12 @@ fn step(
                 lsn: record.lsn,
                 reason,
             };
-            if first {
+            if index == 0 {
                 batch.ops.extend(snapshot_clears(shard));
-            } else if catch_up != Some(session) {
+            } else if catch_up.map(|m| m.session) != Some(session) {
                 return Err(refuse("this copy is not in that catch-up session"));
+            } else if catch_up.map(|m| m.next) != Some(index) {
+                return Err(refuse("the chunk does not follow the last one applied"));
             } else if position.lsn != record.lsn {
                 return Err(refuse("this copy is not at the chunk's position"));
             }
@@ -239,8 +241,12 @@ fn step(
                 batch.delete(Cf::ShardLog, catch_up_key(shard));
                 catch_up = None;
             } else {
-                batch.put(Cf::ShardLog, catch_up_key(shard), encode_catch_up(session));
-                catch_up = Some(session);
+                let mark = CatchUpMark {
+                    session,
+                    next: index.saturating_add(1),
+                };
+                batch.put(Cf::ShardLog, catch_up_key(shard), mark.encode());
+                catch_up = Some(mark);
             }
         }
     }

@@ -65,7 +65,7 @@ pub fn read_position(engine: &dyn Engine, shard: ShardId) -> Result<Position, St
 
 /// The byte after the shard prefix in the key of a catch-up in progress.
 const CATCH_UP_TAG: u8 = 1;
-/// Version byte of a catch-up marker: `version u8 | session u64`.
+/// Version byte of a catch-up marker: `version u8 | session u64 | next chunk index u32`.
 const CATCH_UP_VERSION: u8 = 1;
 
 /// The key that marks `shard`'s copy on this node as incomplete: a catch-up (snapshot) has
@@ -75,28 +75,45 @@ pub fn catch_up_key(shard: ShardId) -> Vec<u8> {
     key(shard, &[&[CATCH_UP_TAG]])
 }
 
-/// The value of a catch-up marker for `session`.
-pub fn encode_catch_up(session: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(9);
-    v.push(CATCH_UP_VERSION);
-    v.extend_from_slice(&session.to_be_bytes());
-    v
+/// Where a copy is in a catch-up: its session and the index of the chunk it takes next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CatchUpMark {
+    pub session: u64,
+    pub next: u32,
 }
 
-/// The session of the catch-up `shard`'s copy is in the middle of, if it is.
-pub fn read_catch_up(engine: &dyn Engine, shard: ShardId) -> Result<Option<u64>, StorageError> {
+impl CatchUpMark {
+    pub fn encode(self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(13);
+        v.push(CATCH_UP_VERSION);
+        v.extend_from_slice(&self.session.to_be_bytes());
+        v.extend_from_slice(&self.next.to_be_bytes());
+        v
+    }
+}
+
+/// The catch-up `shard`'s copy is in the middle of, if it is.
+pub fn read_catch_up(
+    engine: &dyn Engine,
+    shard: ShardId,
+) -> Result<Option<CatchUpMark>, StorageError> {
     let Some(bytes) = engine.get(Cf::ShardLog, &catch_up_key(shard))? else {
         return Ok(None);
     };
     match bytes.as_slice() {
-        [CATCH_UP_VERSION, session @ ..] if session.len() == 8 => {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(session);
-            Ok(Some(u64::from_be_bytes(b)))
+        [CATCH_UP_VERSION, rest @ ..] if rest.len() == 12 => {
+            let mut session = [0u8; 8];
+            session.copy_from_slice(&rest[..8]);
+            let mut next = [0u8; 4];
+            next.copy_from_slice(&rest[8..]);
+            Ok(Some(CatchUpMark {
+                session: u64::from_be_bytes(session),
+                next: u32::from_be_bytes(next),
+            }))
         }
         _ => Err(StorageError::Corrupt {
             cf: "shard_log",
-            detail: "a catch-up marker is not 9 bytes of version 1".to_owned(),
+            detail: "a catch-up marker is not 13 bytes of version 1".to_owned(),
         }),
     }
 }

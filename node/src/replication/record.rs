@@ -3,7 +3,7 @@
 //! ```text
 //! record:       version u8 (= 1) | shard u16 | lsn u64 | epoch u64 | op count u32 | op*
 //! snapshot:     version u8 (= 2) | shard u16 | lsn u64 | epoch u64 | flags u8 | session u64
-//!               | op count u32 | put*                  (flags: 1 = first chunk, 2 = last)
+//!               | index u32 | op count u32 | put*      (flags: 1 = last chunk)
 //! put:          0 u8 | cf u8 | key len u16 | key | value len u32 | value
 //! delete:       1 u8 | cf u8 | key len u16 | key
 //! delete_range: 2 u8 | cf u8 | from len u16 | from | to len u16 | to
@@ -24,8 +24,7 @@ use super::split::op_cf;
 pub const RECORD_VERSION: u8 = 1;
 /// The version byte of a snapshot chunk ([`RecordKind::Snapshot`]).
 pub const SNAPSHOT_VERSION: u8 = 2;
-const FLAG_FIRST: u8 = 1;
-const FLAG_LAST: u8 = 2;
+const FLAG_LAST: u8 = 1;
 /// Most ops in one record. An inbox group commit writes a few ops per request (an entry per
 /// device, its counters, a dedup record) for at most a few hundred requests; this is far above
 /// that. Memory: about 56 bytes per op besides its keys and values.
@@ -40,8 +39,8 @@ pub const RECORD_VALUE_BYTES_MAX: usize = ROW_VALUE_BYTES_MAX;
 pub const RECORD_BYTES_MAX: usize = 32 * 1024 * 1024;
 /// `version | shard | lsn | epoch | op count`.
 pub const RECORD_HEADER_BYTES: usize = 1 + 2 + 8 + 8 + 4;
-/// What a snapshot chunk's header adds: `flags | session`.
-pub const SNAPSHOT_HEADER_EXTRA_BYTES: usize = 1 + 8;
+/// What a snapshot chunk's header adds: `flags | session | index`.
+pub const SNAPSHOT_HEADER_EXTRA_BYTES: usize = 1 + 8 + 4;
 /// The smallest op: a delete of a 3-byte key.
 const OP_BYTES_MIN: usize = 1 + 1 + 2 + 3;
 
@@ -79,13 +78,13 @@ pub enum RecordKind {
     /// One committed batch's ops: an entry of the shard's log.
     #[default]
     Log,
-    /// Rows of the shard read by its primary at the record's LSN, in key order from where the
-    /// previous chunk of the same catch-up `session` stopped; only puts. The `first` chunk
-    /// replaces the replica's copy of the shard (everything else in it is deleted first); until
-    /// the `last` has been applied the copy is incomplete and is never promoted.
+    /// Rows of the shard read by its primary at the record's LSN, in key order from where
+    /// chunk `index - 1` of the same catch-up `session` stopped; only puts. The first chunk
+    /// (`index` 0) replaces the replica's copy of the shard (everything else in it is deleted
+    /// first); until the `last` has been applied the copy is incomplete and is never promoted.
     Snapshot {
         session: u64,
-        first: bool,
+        index: u32,
         last: bool,
     },
 }
@@ -229,13 +228,13 @@ impl ShardLogRecord {
         out.extend_from_slice(&self.epoch.to_be_bytes());
         if let RecordKind::Snapshot {
             session,
-            first,
+            index,
             last,
         } = self.kind
         {
-            let flags = if first { FLAG_FIRST } else { 0 } | if last { FLAG_LAST } else { 0 };
-            out.push(flags);
+            out.push(if last { FLAG_LAST } else { 0 });
             out.extend_from_slice(&session.to_be_bytes());
+            out.extend_from_slice(&index.to_be_bytes());
         }
         out.extend_from_slice(&len_u32(self.ops.len()).to_be_bytes());
         for op in &self.ops {
@@ -277,7 +276,7 @@ impl ShardLogRecord {
         let epoch = r.u64()?;
         let kind = if version == SNAPSHOT_VERSION {
             let flags = r.u8()?;
-            if flags & !(FLAG_FIRST | FLAG_LAST) != 0 {
+            if flags & !FLAG_LAST != 0 {
                 return Err(RecordError::Invalid {
                     shard,
                     index: None,
@@ -286,7 +285,7 @@ impl ShardLogRecord {
             }
             RecordKind::Snapshot {
                 session: r.u64()?,
-                first: flags & FLAG_FIRST != 0,
+                index: r.u32()?,
                 last: flags & FLAG_LAST != 0,
             }
         } else {

@@ -67,6 +67,11 @@ pub const REPLICA_DOWN_MS: u64 = 500;
 /// Shards one replica node is caught up on at a time. Memory: one chunk each in flight
 /// ([`CATCH_UP_CHUNK_BYTES`]).
 pub const CATCH_UPS_PER_REPLICA: usize = 8;
+/// Snapshot chunks of one shard's catch-up queued or in flight at a time: a large shard moves
+/// in requests of up to a frame, not one chunk per round trip. Memory: this many chunks per
+/// catch-up, so `CATCH_UPS_PER_REPLICA × CATCH_UP_CHUNKS_IN_FLIGHT × CATCH_UP_CHUNK_BYTES`
+/// (16 MiB) per replica node at most.
+pub const CATCH_UP_CHUNKS_IN_FLIGHT: usize = 8;
 /// Rows' bytes per snapshot chunk. Each chunk holds up the primary's writes for one read of
 /// this much (the cut), so it is kept small; a replica applies it in one synced batch.
 pub const CATCH_UP_CHUNK_BYTES: usize = 256 * 1024;
@@ -308,7 +313,22 @@ impl NetworkSink {
                 for (node, shard) in candidates {
                     sink.want(node, shard);
                 }
+                sink.prune_joining();
             }
+        });
+    }
+
+    /// Forgets joining nodes that are no longer followers of the shard: in its in-sync set now
+    /// (which makes them waited for), or no longer placed on it.
+    fn prune_joining(&self) {
+        let Some(links) = self.shared.links.get() else {
+            return;
+        };
+        let mut joining = (self.shared.joining.lock()).unwrap_or_else(PoisonError::into_inner);
+        joining.retain(|&shard, nodes| {
+            let followers = links.followers(shard);
+            nodes.retain(|n| followers.contains(n));
+            !nodes.is_empty()
         });
     }
 
@@ -579,7 +599,11 @@ async fn run_stream(
                             ref record,
                             ..
                         } => note_failed(&mut failed, &e, record.shard),
-                        Item::Chunk { ref record, .. } => {
+                        Item::Chunk {
+                            ref record,
+                            session,
+                            ..
+                        } if catch_ups.in_session(record.shard, session) => {
                             catch_ups.abandon(record.shard, &e);
                         }
                         _ => {}
@@ -613,10 +637,14 @@ struct Active {
     session: u64,
     /// Where the next chunk starts (`None` before the first).
     cursor: Option<Cursor>,
-    /// A cut is under way or its chunk is queued or in flight.
-    busy: bool,
-    /// The first chunk is queued: the shard's records go to the node from here on.
-    started: bool,
+    /// The index of the next chunk to cut.
+    next_index: u32,
+    /// A cut is under way (cuts are one at a time: each starts where the last stopped).
+    cutting: bool,
+    /// Chunks queued or in flight, not answered yet.
+    in_flight: usize,
+    /// The last chunk has been cut.
+    cut_all: bool,
     chunks: u64,
     bytes: u64,
     since: Instant,
@@ -656,7 +684,7 @@ impl CatchUps {
                     reply: None,
                     ref record,
                     ..
-                } if self.active.get(&record.shard).is_some_and(|a| !a.started) => {}
+                } if (self.active.get(&record.shard)).is_some_and(|a| a.next_index == 0) => {}
                 Item::Chunk {
                     ref record,
                     session,
@@ -666,7 +694,10 @@ impl CatchUps {
                     let shard = record.shard;
                     match self.active.get_mut(&shard) {
                         Some(a) if a.session == session => {
-                            a.started = true;
+                            a.cutting = false;
+                            a.next_index += 1;
+                            a.in_flight += 1;
+                            a.cut_all = next.is_none();
                             a.cursor = next.clone();
                             a.chunks += 1;
                             a.bytes += record.bytes.len() as u64;
@@ -680,6 +711,13 @@ impl CatchUps {
                 other => queue.push_back(other),
             }
         }
+    }
+
+    /// Whether `shard`'s catch-up under way is `session`.
+    fn in_session(&self, shard: ShardId, session: u64) -> bool {
+        self.active
+            .get(&shard)
+            .is_some_and(|a| a.session == session)
     }
 
     /// Starts waiting catch-ups while fewer than [`CATCH_UPS_PER_REPLICA`] run.
@@ -700,8 +738,10 @@ impl CatchUps {
                 Active {
                     session,
                     cursor: None,
-                    busy: false,
-                    started: false,
+                    next_index: 0,
+                    cutting: false,
+                    in_flight: 0,
+                    cut_all: false,
                     chunks: 0,
                     bytes: 0,
                     since: Instant::now(),
@@ -711,14 +751,17 @@ impl CatchUps {
         self.cut_next();
     }
 
-    /// Asks for the next chunk of every catch-up that has none under way.
+    /// Asks for the next chunk of every catch-up that has room for one in flight.
     fn cut_next(&mut self) {
-        for (&shard, a) in self.active.iter_mut().filter(|(_, a)| !a.busy) {
-            a.busy = true;
+        let ready =
+            |a: &Active| !a.cutting && !a.cut_all && a.in_flight < CATCH_UP_CHUNKS_IN_FLIGHT;
+        for (&shard, a) in self.active.iter_mut().filter(|(_, a)| ready(a)) {
+            a.cutting = true;
             let cut = Cut {
                 node: self.node,
                 shard,
                 session: a.session,
+                index: a.next_index,
                 cursor: a.cursor.clone(),
                 shared: self.shared.clone(),
                 tx: self.tx.clone(),
@@ -728,16 +771,21 @@ impl CatchUps {
         }
     }
 
-    /// The chunk of `shard` was answered with `outcome`.
+    /// A chunk of `shard`'s catch-up `session` was answered with `outcome` (the shard's state
+    /// after the whole request, which may hold later chunks too).
     fn answered(
         &mut self,
         shard: ShardId,
+        session: u64,
         chunk_lsn: u64,
         last: bool,
         outcome: Option<&ReplicaOutcome>,
     ) {
+        if !self.in_session(shard, session) {
+            return; // abandoned: its chunks' answers no longer matter
+        }
         let ok = match outcome {
-            Some(ReplicaOutcome::Applied { lsn }) => last && *lsn >= chunk_lsn,
+            Some(ReplicaOutcome::Applied { lsn }) => *lsn >= chunk_lsn,
             Some(ReplicaOutcome::Catching { lsn }) => !last && *lsn >= chunk_lsn,
             _ => false,
         };
@@ -751,7 +799,7 @@ impl CatchUps {
         }
         if !last {
             if let Some(a) = self.active.get_mut(&shard) {
-                a.busy = false;
+                a.in_flight = a.in_flight.saturating_sub(1);
             }
             return;
         }
@@ -787,6 +835,7 @@ struct Cut {
     node: NodeId,
     shard: ShardId,
     session: u64,
+    index: u32,
     cursor: Option<Cursor>,
     shared: Arc<Shared>,
     tx: tokio_mpsc::WeakUnboundedSender<Vec<Item>>,
@@ -811,7 +860,6 @@ impl Cut {
             send(failed("the node is stopping".to_owned()));
             return;
         };
-        let first = self.cursor.is_none();
         let mut emit = |position: super::Position, epoch: u64, chunk: Chunk| {
             let last = chunk.next.is_none();
             let record = ShardLogRecord {
@@ -821,7 +869,7 @@ impl Cut {
                 ops: chunk.rows.into_iter().filter_map(row_op).collect(),
                 kind: RecordKind::Snapshot {
                     session: self.session,
-                    first,
+                    index: self.index,
                     last,
                 },
             };
@@ -953,11 +1001,13 @@ fn answer(
             }
             Item::Chunk {
                 ref record,
+                session,
                 ref next,
                 ..
             } => {
                 let last = next.is_none();
-                catch_ups.answered(record.shard, record.lsn, last, outcome_of(record.shard));
+                let outcome = outcome_of(record.shard);
+                catch_ups.answered(record.shard, session, record.lsn, last, outcome);
             }
             Item::Flush { .. } => {
                 let (result, shards) = match failed.take() {

@@ -3,7 +3,7 @@
 //! is proposed in sync; real RocksDB on both sides, requests encoded as peer frames.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -14,8 +14,9 @@ use super::*;
 use crate::peer::{encode_request, Envelope, PeerRequest};
 use crate::replication::sink::CatchUpStats;
 use crate::replication::{
-    apply, read_catch_up, read_position, serve_parts, snapshot_clears, ApplyError, NetworkSink,
-    Reassembly, RecordPart, ReplicaLinks, ReplicaOutcome, ReplicatingEngine, ShardAnswer,
+    apply, read_catch_up, read_position, serve_parts, snapshot_clears, ApplyError, CatchUpMark,
+    NetworkSink, Reassembly, RecordPart, ReplicaLinks, ReplicaOutcome, ReplicatingEngine,
+    ShardAnswer,
 };
 use crate::storage::{key, Cf, Op, WriteBatch};
 
@@ -32,6 +33,12 @@ struct Links {
     failed: Mutex<Vec<(NodeId, ShardId, String)>>,
     /// Requests whose snapshot chunks are refused (to test a failed catch-up).
     refuse_chunks: AtomicU64,
+    /// Hold the next request carrying a last chunk for a while, then refuse it.
+    hold_last: AtomicBool,
+    /// A request with a last chunk is being held.
+    holding: AtomicBool,
+    /// `drop_from_in_sync` calls.
+    dropped: Mutex<Vec<(NodeId, ShardId)>>,
 }
 
 impl ReplicaLinks for Links {
@@ -67,6 +74,7 @@ impl ReplicaLinks for Links {
     fn drop_from_in_sync(&self, node: NodeId, shards: Vec<ShardId>) -> Result<(), String> {
         let mut must = self.must.lock().unwrap();
         for s in shards {
+            self.dropped.lock().unwrap().push((node, s));
             must.entry(s).or_default().retain(|&n| n != node);
         }
         Ok(())
@@ -95,29 +103,47 @@ impl ReplicaLinks for Links {
         parts: Vec<RecordPart>,
         _timeout: Duration,
     ) -> BoxFuture<'static, Result<Vec<ShardAnswer>, String>> {
+        let has_last = parts.iter().any(|p| {
+            p.offset == 0
+                && ShardLogRecord::decode(&p.bytes)
+                    .is_ok_and(|r| matches!(r.kind, RecordKind::Snapshot { last: true, .. }))
+        });
+        let hold = has_last && self.hold_last.swap(false, Ordering::Relaxed);
         let frame = encode_request(7, PeerRequest::Replicate { parts }).expect("fits a frame");
         let engine = self.replica.lock().unwrap().clone().expect("a replica");
         let assembly = self.assembly.clone();
-        let refuse = self.refuse_chunks.load(Ordering::Relaxed) > 0;
+        let mut refuse = self.refuse_chunks.load(Ordering::Relaxed) > 0;
         if refuse {
             self.refuse_chunks.fetch_sub(1, Ordering::Relaxed);
         }
+        refuse |= hold;
+        if hold {
+            self.holding.store(true, Ordering::Relaxed);
+        }
         Box::pin(async move {
+            if hold {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
             let envelope: Envelope = postcard::from_bytes(&frame).unwrap();
             let PeerRequest::Replicate { parts } = envelope.request else {
                 unreachable!()
             };
             let answers = tokio::task::spawn_blocking(move || {
-                let mut a = assembly.lock().unwrap();
-                let mut served = serve_parts(&*engine, &mut a, parts).answers;
                 if refuse {
-                    for answer in &mut served {
-                        answer.outcome = ReplicaOutcome::Failed {
-                            reason: "refused for the test".into(),
-                        };
-                    }
+                    // Nothing applied: every shard named is refused.
+                    let mut shards: Vec<ShardId> = parts.iter().map(|p| p.shard).collect();
+                    shards.dedup();
+                    return (shards.into_iter())
+                        .map(|shard| ShardAnswer {
+                            shard,
+                            outcome: ReplicaOutcome::Failed {
+                                reason: "refused for the test".into(),
+                            },
+                        })
+                        .collect();
                 }
-                served
+                let mut a = assembly.lock().unwrap();
+                serve_parts(&*engine, &mut a, parts).answers
             })
             .await
             .unwrap();
@@ -275,6 +301,33 @@ async fn a_refused_chunk_abandons_the_catch_up_and_it_starts_over() {
     rig.assert_same(3);
 }
 
+/// Between its last chunk's cut and its answer, a follower is *joining*: writes wait for it
+/// as for an in-sync replica. Here that last chunk is refused, so the write that was waiting
+/// drops the node (it never enters the set without that write) and the catch-up starts over.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_joining_follower_is_waited_for_and_dropped_if_it_fails() {
+    let rig = rig();
+    for n in 0..5 {
+        rig.write(churn(6, n)).await;
+    }
+    rig.links.hold_last.store(true, Ordering::Relaxed);
+    rig.follow(6);
+    rig.start();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !rig.links.holding.load(Ordering::Relaxed) {
+        assert!(Instant::now() < deadline, "the last chunk was never sent");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    rig.write(churn(6, 100)).await;
+    assert_eq!(rig.links.dropped.lock().unwrap().clone(), vec![(2, 6)]);
+    assert!(rig.links.caught_up.lock().unwrap().is_empty());
+    // The catch-up starts over and the node joins.
+    rig.caught_up(&[6]).await;
+    assert_eq!(rig.links.failed.lock().unwrap().len(), 1);
+    rig.write(churn(6, 101)).await;
+    rig.assert_same(6);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_empty_shard_is_caught_up_in_one_chunk() {
     let rig = rig();
@@ -290,7 +343,7 @@ fn chunk(
     lsn: u64,
     epoch: u64,
     session: u64,
-    first: bool,
+    index: u32,
     last: bool,
 ) -> ShardLogRecord {
     ShardLogRecord {
@@ -299,12 +352,12 @@ fn chunk(
         epoch,
         ops: vec![Op::Put {
             cf: Cf::Inbox,
-            key: key(shard, &[&lsn.to_be_bytes(), &[u8::from(first)]]),
+            key: key(shard, &[&lsn.to_be_bytes(), &index.to_be_bytes()]),
             value: vec![1],
         }],
         kind: RecordKind::Snapshot {
             session,
-            first,
+            index,
             last,
         },
     }
@@ -327,16 +380,19 @@ fn a_replica_takes_chunks_only_in_their_session_and_position() {
     };
     apply(&*replica, &[log(1, 2), log(2, 2)]).unwrap();
     // The first chunk replaces the copy and marks it.
-    apply(&*replica, &[chunk(5, 10, 3, 77, true, false)]).unwrap();
-    assert_eq!(read_catch_up(&*replica, 5).unwrap(), Some(77));
+    apply(&*replica, &[chunk(5, 10, 3, 77, 0, false)]).unwrap();
+    let mark = |next| Some(CatchUpMark { session: 77, next });
+    assert_eq!(read_catch_up(&*replica, 5).unwrap(), mark(1));
     assert_eq!(
         rows_of(&*replica, 5).iter().filter(|r| r.cf == 2).count(),
         1
     );
-    // Another session, or the same one at another position, is refused.
+    // Another session, a chunk out of order (one before it was lost), or the same session at
+    // another position, is refused.
     for bad in [
-        chunk(5, 10, 3, 78, false, false),
-        chunk(5, 11, 3, 77, false, true),
+        chunk(5, 10, 3, 78, 1, false),
+        chunk(5, 10, 3, 77, 2, false),
+        chunk(5, 11, 3, 77, 1, true),
     ] {
         assert!(matches!(
             apply(&*replica, &[bad]),
@@ -345,7 +401,7 @@ fn a_replica_takes_chunks_only_in_their_session_and_position() {
     }
     // An older primary's chunk is stale.
     assert!(matches!(
-        apply(&*replica, &[chunk(5, 10, 2, 77, false, true)]),
+        apply(&*replica, &[chunk(5, 10, 2, 77, 1, true)]),
         Err(ApplyError::StaleEpoch { .. })
     ));
     // Records after the cut (not older than the chunk's epoch), then the last chunk at their
@@ -354,7 +410,9 @@ fn a_replica_takes_chunks_only_in_their_session_and_position() {
         apply(&*replica, &[log(11, 2)]),
         Err(ApplyError::StaleEpoch { .. })
     ));
-    apply(&*replica, &[log(11, 3), chunk(5, 11, 3, 77, false, true)]).unwrap();
+    apply(&*replica, &[chunk(5, 10, 3, 77, 1, false)]).unwrap();
+    assert_eq!(read_catch_up(&*replica, 5).unwrap(), mark(2));
+    apply(&*replica, &[log(11, 3), chunk(5, 11, 3, 77, 2, true)]).unwrap();
     assert_eq!(read_catch_up(&*replica, 5).unwrap(), None);
     assert_eq!(read_position(&*replica, 5).unwrap().lsn, 11);
     // What a replica says of it: catching up until the last chunk.
@@ -372,17 +430,13 @@ fn a_replica_takes_chunks_only_in_their_session_and_position() {
     let served = serve_parts(
         &*replica,
         &mut a,
-        vec![whole(chunk(5, 11, 3, 80, true, false))],
+        vec![whole(chunk(5, 11, 3, 80, 0, false))],
     );
     assert_eq!(
         served.answers[0].outcome,
         ReplicaOutcome::Catching { lsn: 11 }
     );
-    let served = serve_parts(
-        &*replica,
-        &mut a,
-        vec![whole(chunk(5, 11, 3, 80, false, true))],
-    );
+    let served = serve_parts(&*replica, &mut a, vec![whole(chunk(5, 11, 3, 80, 1, true))]);
     assert_eq!(
         served.answers[0].outcome,
         ReplicaOutcome::Applied { lsn: 11 }

@@ -141,7 +141,7 @@ fn snapshot_chunks_roundtrip_and_hold_only_puts() {
     let chunk = |ops: Vec<Op>, first: bool, last: bool| ShardLogRecord {
         kind: RecordKind::Snapshot {
             session: 0x0102_0304_0506_0708,
-            first,
+            index: if first { 0 } else { 0x0a0b_0c0d },
             last,
         },
         ..record(ops)
@@ -181,7 +181,7 @@ fn snapshot_chunks_roundtrip_and_hold_only_puts() {
     assert!(err.to_string().contains("only puts"), "{err}");
     // Flags other than first and last are refused.
     let mut bytes = chunk(vec![put], false, false).encode();
-    bytes[RECORD_HEADER_BYTES - 4] = 4;
+    bytes[RECORD_HEADER_BYTES - 4] = 2;
     assert!(ShardLogRecord::decode(&bytes)
         .unwrap_err()
         .to_string()
