@@ -20,6 +20,7 @@ pub mod handoff;
 pub mod inbox;
 pub mod keys;
 pub mod metrics;
+pub mod moves;
 pub mod node_key;
 pub mod outbox;
 pub mod peer;

@@ -226,8 +226,9 @@ impl Ring {
         self.isr == other.isr
     }
 
-    /// Where the hash ring places a shard, whatever its in-sync set says.
-    fn placed(&self, shard: ShardId) -> &[NodeId] {
+    /// Where the hash ring places a shard, whatever its in-sync set says: its hash owner
+    /// first, then its replicas ([`Ring::copies`] of them).
+    pub fn placed(&self, shard: ShardId) -> &[NodeId] {
         let start = usize::from(shard) * self.copies;
         self.placement
             .get(start..start + self.copies)

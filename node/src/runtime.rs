@@ -285,6 +285,7 @@ impl Node {
             if let Some(engine) = server.replicating.get() {
                 sink.start_catch_up(Arc::downgrade(engine));
             }
+            tokio::spawn(crate::moves::run(Arc::downgrade(&server)));
         }
 
         let (cert, ca) = match &opts.tls {

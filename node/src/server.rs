@@ -86,6 +86,10 @@ pub struct Server {
     pub(crate) replica_parts: std::sync::Mutex<
         std::collections::HashMap<ringpost_coordinator::NodeId, crate::replication::Reassembly>,
     >,
+    /// Held shared while records received as a replica are applied, and exclusively while
+    /// [`crate::moves`] checks that a copy is no longer this node's and drops it: a catch-up
+    /// can never land between the check and the drop.
+    pub(crate) replica_apply: tokio::sync::RwLock<()>,
     pub accounts: Arc<Accounts>,
     pub keys: Arc<Keys>,
     pub inbox: Inbox,
@@ -124,6 +128,7 @@ impl Server {
             replicating: std::sync::OnceLock::new(),
             coordinator: std::sync::OnceLock::new(),
             replica_parts: Default::default(),
+            replica_apply: tokio::sync::RwLock::new(()),
             accounts: Arc::new(accounts),
             keys: Arc::new(keys),
             inbox,

@@ -95,6 +95,11 @@ pub enum Op {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WriteBatch {
     pub ops: Vec<Op>,
+    /// The node managing its own copy of shards it does not serve: a hand-off import into a
+    /// shard not served yet, or the drop of a copy it no longer holds. A replicating engine
+    /// writes such a batch as it is, with no log record: nothing is shipped, no LSN moves
+    /// (the positions it carries or deletes are written as they are).
+    pub local: bool,
 }
 
 impl WriteBatch {

@@ -633,6 +633,15 @@ impl<'a> Group<'a> {
         if let Some(key) = &dedup_key {
             if let Some(record) = self.load_dedup(key)? {
                 if record.is_live(now_ms) {
+                    // Written again, unchanged: the duplicate is answered only once this
+                    // group's synced write is durable, and on a replicating node once the
+                    // shard's in-sync replicas have applied it. Replicas take a shard's records
+                    // in order and refuse gaps, so that proves they hold the original too:
+                    // the original's own write may have failed to replicate (its local write
+                    // stays), and a retry answered from the local record alone would
+                    // acknowledge a message only this node has (issue 19's chaos
+                    // `primary-partition` lost such messages).
+                    self.set_dedup(key.clone(), Some(record));
                     return Ok(AppendOutcome::Duplicate {
                         server_time_ms: record.server_time_ms,
                     });
@@ -1010,6 +1019,8 @@ impl<'a> Group<'a> {
         for (cf, key, value) in puts {
             self.batch.put(cf, key, value);
         }
+        // The shard is not served yet: its rows (and log position) arrive as they were.
+        self.batch.local = true;
         self.entries_delta = self.entries_delta.saturating_add(delta);
         self.outbox_users.extend(outbox_users);
         self.invalidate_cache = true;
@@ -1036,6 +1047,8 @@ impl<'a> Group<'a> {
         for cf in SHARD_CFS {
             self.batch.delete_range(cf, from.clone(), end.clone());
         }
+        // This node's own copy of a shard it does not serve: nothing to replicate.
+        self.batch.local = true;
         self.entries_delta = self.entries_delta.saturating_sub(signed(removed));
         self.invalidate_cache = true;
         Ok(removed)

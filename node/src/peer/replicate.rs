@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use ringpost_coordinator::state::{IsrChange, IsrOp, MAX_SHARDS_PER_COMMAND};
+use ringpost_coordinator::state::{IsrChange, IsrOp, MAX_ISR_NODES, MAX_SHARDS_PER_COMMAND};
 use ringpost_coordinator::NodeId;
 use tracing::{debug, info, warn};
 
@@ -66,9 +66,9 @@ impl ReplicaLinks for ServerLinks {
         .collect()
     }
 
-    /// The first [`Ring::copies`](crate::ring::Ring::copies) nodes of the shard (its set, then
-    /// placed nodes) that are not in the set: of a shard this node is the primary of by its
-    /// in-sync set. A shard without a set waits for every placed replica (no followers).
+    /// The placed nodes of a shard this node is the primary of by its in-sync set that are not
+    /// in the set ([`followers_in`]). A shard without a set waits for every placed replica (no
+    /// followers).
     fn followers(&self, shard: ShardId) -> Vec<NodeId> {
         let Some(server) = self.server.upgrade() else {
             return Vec::new();
@@ -324,18 +324,19 @@ impl ReplicaLinks for ServerLinks {
 }
 
 /// The followers of `shard` on `ring` seen from `me`: if `me` is its primary by its in-sync
-/// set, the first [`Ring::copies`] of its nodes (the set, then the placed nodes) not in the set.
-fn followers_in(ring: &Ring, me: NodeId, shard: ShardId) -> Vec<NodeId> {
+/// set, its placed nodes that are not in the set, as many as the set has room for
+/// ([`MAX_ISR_NODES`]).
+pub(crate) fn followers_in(ring: &Ring, me: NodeId, shard: ShardId) -> Vec<NodeId> {
     let Some(set) = ring.in_sync(shard) else {
         return Vec::new();
     };
     if set.first() != Some(&me) {
         return Vec::new();
     }
-    let nodes = ring.replicas(shard);
-    (nodes.iter().take(ring.copies().max(set.len())))
+    (ring.placed(shard).iter())
         .copied()
         .filter(|n| !set.contains(n))
+        .take(MAX_ISR_NODES.saturating_sub(set.len()))
         .collect()
 }
 
@@ -351,6 +352,7 @@ pub(crate) async fn serve(
     let mut shards: Vec<ShardId> = parts.iter().map(|p| p.shard).collect();
     shards.sort_unstable();
     shards.dedup();
+    let _applying = server.replica_apply.read().await;
     let ring = server.routing.ring();
     if let Some(refusal) = replicate_refusal(&ring, server.node_id, from, epoch, &shards) {
         return refusal;

@@ -39,8 +39,9 @@ pub trait ShardLogSink: Send + Sync + 'static {
 /// 2. Build one [`ShardLogRecord`] per shard touched, at the shard's next LSN and the current
 ///    epoch, and [`ShardLogRecord::check`] it: a batch that breaks a rule or bound is refused
 ///    before anything is written (no service writes such a batch; see [`super::SplitError`]).
-///    A batch that writes a position itself (a hand-off import) is refused too: positions move
-///    only with records here; a shard arrives on a replicating node by catch-up instead.
+///    A batch that writes a position itself is refused too: positions move only with records
+///    here, or in a [`WriteBatch::local`] batch (a hand-off import, a dropped copy), which is
+///    written as it is with no record at all.
 /// 3. Append each shard's new [`Position`] to the batch and write it with `sync`: the data and
 ///    the positions are one atomic batch, so after a crash the stored position is exactly the
 ///    last record whose data is stored, and the LSNs continue from it.
@@ -71,6 +72,10 @@ pub struct ReplicatingEngine {
     epoch: AtomicU64,
     /// Positions read or written so far; held across allocate, write and ship.
     positions: Mutex<Positions>,
+    /// Shards whose cached position is to be forgotten at the next write
+    /// ([`ReplicatingEngine::forget_position`]): held only for a push or a drain, so an async
+    /// task may take it (never `positions`, which a write holds while it waits for replicas).
+    forgotten: Mutex<Vec<ShardId>>,
 }
 
 /// The cached positions and the epoch they were cached at. A shard's role on this node (its
@@ -112,6 +117,7 @@ impl ReplicatingEngine {
                 epoch,
                 shards: HashMap::new(),
             }),
+            forgotten: Mutex::new(Vec::new()),
         }
     }
 
@@ -129,12 +135,36 @@ impl ReplicatingEngine {
     /// Forgets the cached position of `shard`, so the next write reads it from disk: call it
     /// when the shard's rows (and position) were written by another primary's records, as a
     /// replica, and this node is about to write it as the primary.
+    ///
+    /// Never blocks on a write in progress (a write holds the positions while it waits for the
+    /// replicas, which may take a timeout and a coordinator round trip): the shard is noted and
+    /// forgotten by the next write, cut or local write, before it reads any position.
     pub fn forget_position(&self, shard: ShardId) {
-        self.positions
+        self.forgotten
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .shards
-            .remove(&shard);
+            .push(shard);
+    }
+
+    /// The positions cache at the current epoch, with the shards noted by
+    /// [`ReplicatingEngine::forget_position`] forgotten.
+    fn positions(&self) -> std::sync::MutexGuard<'_, Positions> {
+        let epoch = self.epoch.load(Ordering::Relaxed);
+        let mut cache = self
+            .positions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let forgotten = std::mem::take(
+            &mut *self
+                .forgotten
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        let shards = cache.at_epoch(epoch);
+        for shard in forgotten {
+            shards.remove(&shard);
+        }
+        cache
     }
 
     /// One chunk of a consistent snapshot of `shard` for a catch-up (see
@@ -155,10 +185,7 @@ impl ReplicatingEngine {
         emit: &mut dyn FnMut(Position, u64, Chunk),
     ) -> Result<()> {
         let epoch = self.epoch.load(Ordering::Relaxed);
-        let mut cache = self
-            .positions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut cache = self.positions();
         let positions = cache.at_epoch(epoch);
         if read_catch_up(&*self.inner, shard)?.is_some() {
             return Err(StorageError::Other(format!(
@@ -181,19 +208,27 @@ impl ReplicatingEngine {
         Ok(())
     }
 
+    /// A [`WriteBatch::local`] batch: written as it is, under the lock (it may carry
+    /// positions), and the cached positions of the shards it touches are forgotten.
+    fn write_local(&self, batch: WriteBatch, sync: bool) -> Result<()> {
+        let per_shard = split(&batch).map_err(|e| StorageError::Other(e.to_string()))?;
+        let mut cache = self.positions();
+        for (shard, _) in &per_shard {
+            cache.shards.remove(shard);
+        }
+        self.inner.write(batch, sync)
+    }
+
     fn write_replicated(&self, mut batch: WriteBatch, sync: bool) -> Result<()> {
         let per_shard = split(&batch).map_err(|e| StorageError::Other(e.to_string()))?;
         if let Some(index) = batch.ops.iter().position(writes_a_position) {
             return Err(StorageError::Other(format!(
-                "op {index} of the batch writes a shard log position: a shard comes to a \
-                 replicating node by catch-up, not by a hand-off import"
+                "op {index} of the batch writes a shard log position: only a local batch \
+                 (a hand-off import) may"
             )));
         }
         let epoch = self.epoch.load(Ordering::Relaxed);
-        let mut cache = self
-            .positions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut cache = self.positions();
         let positions = cache.at_epoch(epoch);
         let mut records = Vec::with_capacity(per_shard.len());
         for (shard, ops) in per_shard {
@@ -266,6 +301,9 @@ impl Engine for ReplicatingEngine {
     }
 
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
+        if batch.local {
+            return self.write_local(batch, sync);
+        }
         if touches_shards(&batch) {
             return self.write_replicated(batch, sync);
         }

@@ -219,12 +219,31 @@ async fn every_service_write_reaches_the_replica_exactly() {
         .unwrap();
     assert!(expired > 0);
     assert_replicated(&*inner, &*replica, "after expiry");
+    // A dropped copy is this node's own business (a local batch): nothing is shipped, the
+    // replica keeps its copy.
     let dropped = shard_of(users[4], SHARD_COUNT);
     node.inbox.set_writable(dropped, false);
+    let shipped = sink.shipped.lock().unwrap().len();
+    let kept = rows_of(&*replica, dropped);
     crate::handoff::drop_shard(&node.inbox, &node.accounts, dropped)
         .await
         .unwrap();
-    assert_eq!(rows_of(&*inner, dropped).len(), 1, "only its position");
+    assert!(
+        rows_of(&*inner, dropped).is_empty(),
+        "nothing left, position included"
+    );
+    assert_eq!(sink.shipped.lock().unwrap().len(), shipped);
+    assert_eq!(rows_of(&*replica, dropped), kept);
+    // The shard left both (the replica drops its copy too), so the copies agree again; the
+    // shard's log starts over at LSN 1 if this node writes it again.
+    let mut gone = crate::storage::WriteBatch::new();
+    gone.ops = crate::replication::snapshot_clears(dropped);
+    gone.delete_range(
+        Cf::ShardLog,
+        crate::storage::key(dropped, &[]),
+        crate::storage::prefix_end(&crate::storage::key(dropped, &[])),
+    );
+    replica.write(gone, true).unwrap();
     assert_replicated(&*inner, &*replica, "after a shard drop");
 
     // The expiry clock is node-local: not replicated.
@@ -255,7 +274,7 @@ async fn every_service_write_reaches_the_replica_exactly() {
     node.inbox.ack(users[0], 1, vec![6], t).await.unwrap();
     node.register(phones_in(dropped).nth(3).unwrap(), t).await;
     assert_replicated(&*inner, &*replica, "after a restart");
-    for s in 0..SHARD_COUNT {
+    for s in (0..SHARD_COUNT).filter(|&s| s != dropped) {
         assert!(read_position(&*inner, s).unwrap().lsn >= positions[usize::from(s)]);
     }
     let lsns_per_shard = |shard| -> Vec<u64> {
@@ -265,7 +284,7 @@ async fn every_service_write_reaches_the_replica_exactly() {
             .map(|r| r.lsn)
             .collect()
     };
-    for s in 0..SHARD_COUNT {
+    for s in (0..SHARD_COUNT).filter(|&s| s != dropped) {
         let lsns = lsns_per_shard(s);
         assert_eq!(
             lsns,
@@ -297,6 +316,25 @@ async fn a_write_the_replicas_did_not_confirm_fails_without_marking_storage_fail
     assert!(
         matches!(&refused, Err(e) if e.to_string().contains("replica unreachable")),
         "{refused:?}"
+    );
+    // The client retries. The message is stored here (the local write stays), but a duplicate
+    // is acknowledged only through a write the replica takes, and it lacks the original: the
+    // retry is refused too, never answered from this node's copy alone.
+    let retry = primary
+        .inbox
+        .append(Append {
+            to_user: to,
+            dedup: Some((7, 1, [1; 16])),
+            entries: vec![(
+                1,
+                Entry::message(7, 1, [1; 16], Bytes::from_static(b"ciphertext")),
+            )],
+            now_ms: now(),
+        })
+        .await;
+    assert!(
+        matches!(&retry, Err(e) if e.to_string().contains("does not follow")),
+        "{retry:?}"
     );
     // The disk is fine: the node stays ready, and other shards take writes (this one's
     // replica lacks a record now: it refuses the next as a gap until catch-up exists).
