@@ -1874,19 +1874,12 @@ async fn run_inner(
         .iter()
         .map(|(k, n)| format!("{n} {k:?}").to_lowercase())
         .collect();
-        report.reason = format!("invariant violations: {}", kinds.join(", "));
-        if let Some(summary) = report.unreplicated_summary() {
-            if replicated_loss {
-                report.reason = format!(
-                    "{}; and, although every node replicated, {summary}",
-                    report.reason
-                );
-            } else {
-                report
-                    .reason
-                    .push_str(&format!("; besides, {summary} (expected)"));
-            }
-        }
+        report.reason = failure_reason(
+            &kinds,
+            report.unreplicated_summary(),
+            replicated_loss,
+            &rig.findings,
+        );
     } else if !rig.findings.is_empty() {
         report.verdict = Verdict::Fail;
         report.reason = format!("no invariant violation, but: {}", rig.findings.join("; "));
@@ -1908,6 +1901,30 @@ async fn run_inner(
         report.reason = format!("no violation; {summary}");
     }
     Ok(report)
+}
+
+/// Why a run whose history failed the checks fails: the violations by kind, the losses with a
+/// removed node (a failure of their own when every node replicated, else expected), and what
+/// the faults found.
+fn failure_reason(
+    kinds: &[String],
+    unreplicated: Option<String>,
+    replicated_loss: bool,
+    findings: &[String],
+) -> String {
+    let mut parts = Vec::new();
+    if !kinds.is_empty() {
+        parts.push(format!("invariant violations: {}", kinds.join(", ")));
+    }
+    match unreplicated {
+        Some(summary) if replicated_loss => {
+            parts.push(format!("although every node replicated, {summary}"));
+        }
+        Some(summary) => parts.push(format!("besides, {summary} (expected)")),
+        None => {}
+    }
+    parts.extend(findings.iter().cloned());
+    parts.join("; ")
 }
 
 /// What each membership fault did and how long the cluster took (from the faults' details),
@@ -2987,6 +3004,26 @@ mod tests {
         assert!(!lost_despite_replicas(&single, &counts));
         let scenario = find("node-loss-replicated").expect("scenario");
         assert!(scenario.needs.replicate && scenario.needs.cluster);
+    }
+
+    #[test]
+    fn failure_reasons_name_only_what_failed() {
+        let kinds = vec!["2 lost".to_string()];
+        let summary = || Some("3 acked messages lost with removed node 3".to_string());
+        // A replicated run that lost only with a removed node: no empty violation list.
+        assert_eq!(
+            failure_reason(&[], summary(), true, &[]),
+            "although every node replicated, 3 acked messages lost with removed node 3"
+        );
+        assert_eq!(
+            failure_reason(&kinds, summary(), false, &[]),
+            "invariant violations: 2 lost; besides, 3 acked messages lost with removed node 3 \
+             (expected)"
+        );
+        assert_eq!(
+            failure_reason(&kinds, None, false, &["node 3 did not rejoin".to_string()]),
+            "invariant violations: 2 lost; node 3 did not rejoin"
+        );
     }
 
     fn abuse_run(p99_ms: f64, rss_mib: u64) -> RunReport {
