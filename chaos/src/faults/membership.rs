@@ -260,7 +260,16 @@ async fn lose_all(rig: &mut Rig, node_ids: &[u64], offline: Duration) -> Result<
     // What the in-sync sets were just before the kill: a set held only by the lost nodes has no
     // copy left to fail over to.
     let cluster = rig.cluster.as_ref().context("node-loss needs a cluster")?;
-    let sets = in_sync_summary(&cluster.view().await?, node_ids);
+    let view = cluster.view().await?;
+    let sets = in_sync_summary(&view, node_ids);
+    let stranded = only_on(&view, node_ids);
+    if node_ids.len() > 1 && stranded > 0 {
+        // Zone-aware placement puts a copy in every zone: no set may be held by one zone alone.
+        rig.findings.push(format!(
+            "{stranded} in-sync sets were held only by the lost zone's nodes {node_ids:?} at \
+             the kill: placement did not spread them over the zones"
+        ));
+    }
     let started = tokio::time::Instant::now();
     for &(node_id, index, pid) in &indexes {
         rig.nodes[index].kill9(&rig.net).await;
@@ -318,6 +327,14 @@ async fn lose_all(rig: &mut Rig, node_ids: &[u64], offline: Duration) -> Result<
         ms(removed),
         view.map_or_else(String::new, |v| v.describe())
     ))
+}
+
+/// How many in-sync sets are held only by nodes of `lost`.
+fn only_on(view: &crate::cluster::View, lost: &[u64]) -> usize {
+    view.in_sync_replicas
+        .values()
+        .filter(|set| set.iter().all(|n| lost.contains(n)))
+        .count()
 }
 
 /// `N shards have a set (sizes: 1 x A, 2 x B), C held only by nodes [3, 4]: [12: [3, 4], ...]`.
@@ -616,6 +633,9 @@ mod tests {
             "4 shards have one (sizes: 1 x 1, 2 x 3), 2 held only by nodes [3, 4] (2: [3, 4], \
              3: [4])"
         );
+        assert_eq!(only_on(&view, &[3, 4]), 2);
+        assert_eq!(only_on(&view, &[4]), 1);
+        assert_eq!(only_on(&view, &[1, 2]), 1);
         assert_eq!(
             in_sync_summary(&view, &[2]),
             "4 shards have one (sizes: 1 x 1, 2 x 3), 0 held only by nodes [2]"
