@@ -8,7 +8,8 @@
 //!
 //! A cluster scenario ([`Needs::cluster`]) runs a real cluster instead of the dev node: three
 //! coordinator replicas (`coord1`..`coord3`), three nodes (`node1`..`node3`, and `node4` when the
-//! scenario adds one), each on its own host, and an `ops` host for `ringpost-coordinator ctl`.
+//! scenario adds one; four in two zones from the start for [`Needs::zones`]), each on its own
+//! host, and an `ops` host for `ringpost-coordinator ctl`.
 //! The population is registered through `node1` and spread over the nodes by the ring; the
 //! devices of `client1` enter through `node1` and those of `client2` through `node2`, nodes that
 //! stay (the SDK reconnects alternately to its last node and its entry point, so the entry
