@@ -25,6 +25,31 @@ pub const REPLICAS: u64 = 3;
 /// Nodes a cluster run starts with (scenarios may add one).
 pub const NODES: u64 = 3;
 
+/// Nodes a zoned cluster run ([`crate::scenario::Needs::zones`]) starts with: [`ZONES`], two
+/// nodes each.
+pub const ZONED_NODES: u64 = 4;
+
+/// The zones of a zoned run and their nodes. Zone `a` holds the clients' entry points (nodes 1
+/// and 2, which must outlive the faults), so `zone-loss` takes zone `b`. With two zones and
+/// factor 2, zone-aware placement puts every shard's two copies in different zones.
+pub const ZONES: [(&str, [u64; 2]); 2] = [("a", [1, 2]), ("b", [3, 4])];
+
+/// The zone of node `node_id` in a zoned run (`None`: not one of [`ZONES`]' nodes).
+pub fn zone_of(node_id: u64) -> Option<&'static str> {
+    ZONES
+        .iter()
+        .find(|(_, nodes)| nodes.contains(&node_id))
+        .map(|(zone, _)| *zone)
+}
+
+/// The nodes of zone `zone` in a zoned run (empty: no such zone).
+pub fn zone_nodes(zone: &str) -> Vec<u64> {
+    ZONES
+        .iter()
+        .find(|(z, _)| *z == zone)
+        .map_or_else(Vec::new, |(_, nodes)| nodes.to_vec())
+}
+
 /// Shards of the run's cluster: enough to spread users over the nodes, few enough that a
 /// hand-off takes milliseconds.
 pub const SHARD_COUNT: u16 = 256;
@@ -69,11 +94,15 @@ pub struct ReplicaInfo {
     pub replica_id: u64,
 }
 
-/// The cluster view: its epoch and members.
+/// The cluster view: its epoch, members and in-sync sets.
 #[derive(Debug, Clone, Deserialize)]
 pub struct View {
     pub epoch: u64,
     pub members: Vec<Member>,
+    /// Each shard's in-sync set, primary first (only shards that have one: a shard gets its
+    /// first when a replicating primary first writes it).
+    #[serde(default)]
+    pub in_sync_replicas: std::collections::BTreeMap<u32, Vec<u64>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -97,6 +126,19 @@ impl View {
             .map(|m| m.state.as_str())
     }
 
+    /// In how many in-sync sets node `node_id` is, as the primary and as a replica.
+    pub fn in_sync_of(&self, node_id: u64) -> InSync {
+        let mut count = InSync::default();
+        for set in self.in_sync_replicas.values() {
+            match set.iter().position(|&n| n == node_id) {
+                Some(0) => count.primary += 1,
+                Some(_) => count.replica += 1,
+                None => {}
+            }
+        }
+        count
+    }
+
     /// `1 active, 2 down`, for details.
     pub fn describe(&self) -> String {
         let members: Vec<String> = self
@@ -105,6 +147,31 @@ impl View {
             .map(|m| format!("{} {}", m.info.node_id, m.state))
             .collect();
         format!("epoch {}: {}", self.epoch, members.join(", "))
+    }
+}
+
+/// A node's share of the in-sync sets ([`View::in_sync_of`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InSync {
+    /// Sets it leads.
+    pub primary: usize,
+    /// Sets it is a follower in.
+    pub replica: usize,
+}
+
+impl InSync {
+    pub fn total(&self) -> usize {
+        self.primary + self.replica
+    }
+}
+
+impl std::fmt::Display for InSync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} as primary, {} as replica",
+            self.primary, self.replica
+        )
     }
 }
 
@@ -142,6 +209,7 @@ impl Cluster {
             advertise_ws: None,
             advertise_peer: None,
             replicate: false,
+            zone: None,
         }
     }
 
@@ -336,5 +404,38 @@ mod tests {
         assert_eq!(s.view.state_of(1), Some("active"));
         assert_eq!(s.view.state_of(2), None);
         assert_eq!(s.view.describe(), "epoch 3: 1 active");
+        assert!(s.view.in_sync_replicas.is_empty(), "absent: none");
+    }
+
+    #[test]
+    fn in_sync_sets_read_from_ctl_json_and_count_per_node() {
+        let members = r#"{"epoch":9,"members":[],"replication_factor":2,
+          "in_sync_replicas":{"3":[1,3],"7":[3],"12":[2,1],"40":[3,2]}}"#;
+        let view: View = serde_json::from_str(members).unwrap();
+        assert_eq!(view.in_sync_replicas.get(&12), Some(&vec![2, 1]));
+        assert_eq!(
+            view.in_sync_of(3),
+            InSync {
+                primary: 2,
+                replica: 1
+            }
+        );
+        assert_eq!(view.in_sync_of(1).to_string(), "1 as primary, 1 as replica");
+        assert_eq!(view.in_sync_of(4).total(), 0);
+    }
+
+    #[test]
+    fn zones_split_the_zoned_nodes_in_two_and_spare_the_entry_points() {
+        let all: Vec<u64> = ZONES.iter().flat_map(|(_, nodes)| *nodes).collect();
+        assert_eq!(all, (1..=ZONED_NODES).collect::<Vec<_>>());
+        for node in 1..=ZONED_NODES {
+            let zone = zone_of(node).expect("every zoned node has a zone");
+            assert!(zone_nodes(zone).contains(&node));
+        }
+        assert_eq!(zone_of(ZONED_NODES + 1), None);
+        assert!(zone_nodes("nowhere").is_empty());
+        // The entry points (nodes 1 and 2) share a zone, so losing the other zone spares them.
+        assert_eq!(zone_of(1), zone_of(2));
+        assert_eq!(zone_nodes("b"), vec![3, 4]);
     }
 }

@@ -22,11 +22,15 @@
 //! | `node-drain` | `ctl drain`, wait until the node handed off its shards and exited 0 | — | cluster |
 //! | `node-loss` | cut a node off from the client hosts (netns), SIGKILL it for good, wait until it is marked down, `ctl remove` it | — (it stays gone) | cluster |
 //! | `coord-partition` | iptables DROP both ways between a node and every coordinator replica (its clients still reach it), wait until it is marked down | rules removed, wait until it is active again | cluster, netns, iptables |
+//! | `primary-partition` | `coord-partition` plus iptables DROP of the node's peer port both ways (the other nodes cannot reach it nor it them; its clients still can), wait until it is marked down | rules removed, wait until it is active again | cluster, netns, iptables |
+//! | `zone-loss` | `node-loss` for every node of a zone at once (a zoned run): cut off from the clients together, killed together, each marked down and removed | — (they stay gone) | cluster |
+//! | `node-restart` | SIGTERM a node, wait until it is marked down (its shards fail over) | start it on its data dir, wait until it is active and back in as many in-sync sets as before | cluster |
+//! | `replica-lag` | the peer relay (only this node's peer address leads through it) delays every datagram of the links to it, wait until a primary drops it from an in-sync set | relay clean, wait until it is back in as many in-sync sets as before | cluster |
 //! | `peer-partition` | iptables in a node's namespace drops its peer-link traffic (UDP on the peer port) in one or both directions: it cannot forward to, or be forwarded to by, the other nodes; clients and coordinators still reach it | rules removed | cluster, netns, iptables |
 //! | `abuse-<attack>` | start an attacker ([`crate::attack`]) on the `attacker` host: connections that never say Hello, slow readers, floods, malformed frames, peer-port junk | the attacker stops and reports what it saw | — (`abuse-peer`: cluster) |
 //! | `peer-chaos` | the peer relay (every node-to-node QUIC datagram passes it) delays, drops, duplicates and reorders | relay clean | cluster |
 //!
-//! The membership kinds (`leader-kill` to `coord-partition`) live in [`membership`].
+//! The membership kinds (`leader-kill` to `replica-lag`) live in [`membership`].
 //!
 //! In a cluster run the node faults (`kill-restart` to `clock-skew`, and the peer kinds) act on
 //! the node the plan names ([`PlannedFault::node`], drawn by the seed); otherwise on `node1`.
@@ -121,6 +125,31 @@ pub enum FaultKind {
     CoordPartition {
         node: u64,
     },
+    /// Node `node` is cut off from every coordinator replica and from the other nodes' peer
+    /// links (both ways); its clients still reach it. A replicating primary must stop acking
+    /// (its replica writes time out and it cannot drop the replica without the coordinator,
+    /// then its lease ends), its shards fail over to their in-sync replicas, and it is
+    /// re-activated when the partition heals.
+    PrimaryPartition {
+        node: u64,
+    },
+    /// Every node of zone `zone` ([`crate::cluster::ZONES`]) is cut off from the client hosts
+    /// for `offline_ms` (namespaces only), then killed at once for good and removed.
+    ZoneLoss {
+        zone: String,
+        offline_ms: u64,
+    },
+    /// A rolling restart's step: node `node` is stopped (SIGTERM) until it is marked down, then
+    /// restarted on its data dir; healed once it is back in its in-sync sets.
+    NodeRestart {
+        node: u64,
+    },
+    /// Node `node`'s peer links pass the peer relay, which delays them `delay_ms` each way until
+    /// a primary drops the node from an in-sync set; healed once it is back in its sets.
+    ReplicaLag {
+        node: u64,
+        delay_ms: u32,
+    },
     /// The node's peer link is cut: `inbound` drops what other nodes send it, `outbound` what
     /// it sends them (both: a full partition from its peers). Clients and coordinators still
     /// reach it, so no membership changes: forwarded requests must fail and be retried.
@@ -167,6 +196,10 @@ impl FaultKind {
             FaultKind::NodeLoss { .. } => "node-loss",
             FaultKind::CoordPartition { .. } => "coord-partition",
             FaultKind::PeerPartition { .. } => "peer-partition",
+            FaultKind::PrimaryPartition { .. } => "primary-partition",
+            FaultKind::ZoneLoss { .. } => "zone-loss",
+            FaultKind::NodeRestart { .. } => "node-restart",
+            FaultKind::ReplicaLag { .. } => "replica-lag",
             FaultKind::PeerChaos { .. } => "peer-chaos",
             FaultKind::Abuse { attack } => attack.name(),
         }
@@ -181,6 +214,10 @@ impl FaultKind {
                 | FaultKind::NodeDrain { .. }
                 | FaultKind::NodeLoss { .. }
                 | FaultKind::CoordPartition { .. }
+                | FaultKind::PrimaryPartition { .. }
+                | FaultKind::ZoneLoss { .. }
+                | FaultKind::NodeRestart { .. }
+                | FaultKind::ReplicaLag { .. }
         )
     }
 
@@ -190,7 +227,10 @@ impl FaultKind {
             FaultKind::NodeJoin { node }
             | FaultKind::NodeDrain { node }
             | FaultKind::NodeLoss { node, .. }
-            | FaultKind::CoordPartition { node } => Some(*node),
+            | FaultKind::CoordPartition { node }
+            | FaultKind::PrimaryPartition { node }
+            | FaultKind::NodeRestart { node }
+            | FaultKind::ReplicaLag { node, .. } => Some(*node),
             _ => None,
         }
     }
@@ -229,6 +269,22 @@ impl FaultKind {
             ),
             FaultKind::CoordPartition { node } => {
                 format!("node {node} <-> every coordinator replica cut, clients still reach it")
+            }
+            FaultKind::PrimaryPartition { node } => format!(
+                "node {node} <-> every coordinator replica and every peer cut, clients still \
+                 reach it"
+            ),
+            FaultKind::ZoneLoss { zone, offline_ms } => format!(
+                "zone {zone} (nodes {:?}) cut off from the clients for {offline_ms} ms \
+                 (namespaces only), then every node of it kill -9 at once for good and ctl \
+                 remove",
+                crate::cluster::zone_nodes(zone)
+            ),
+            FaultKind::NodeRestart { node } => {
+                format!("node {node} SIGTERM until marked down, then restarted on its data dir")
+            }
+            FaultKind::ReplicaLag { node, delay_ms } => {
+                format!("node {node}'s peer links delayed {delay_ms} ms each way")
             }
             FaultKind::PeerPartition { inbound, outbound } => match (inbound, outbound) {
                 (true, true) => "peer link cut both ways".into(),
@@ -507,7 +563,11 @@ async fn apply_kind(rig: &mut Rig, fault: &PlannedFault) -> Result<String> {
         | FaultKind::NodeJoin { .. }
         | FaultKind::NodeDrain { .. }
         | FaultKind::NodeLoss { .. }
-        | FaultKind::CoordPartition { .. } => membership::apply(rig, &fault.kind).await,
+        | FaultKind::CoordPartition { .. }
+        | FaultKind::PrimaryPartition { .. }
+        | FaultKind::ZoneLoss { .. }
+        | FaultKind::NodeRestart { .. }
+        | FaultKind::ReplicaLag { .. } => membership::apply(rig, &fault.kind).await,
     }
 }
 
@@ -551,6 +611,24 @@ fn peer_rules(inbound: bool, outbound: bool) -> Vec<(&'static str, Vec<String>)>
         ));
     }
     rules
+}
+
+/// Adds (`op` `-I`) or removes (`-D`) the rules of a peer partition both ways in node
+/// `index`'s namespace. Returns what was done.
+async fn cut_peer_link(rig: &Rig, index: usize, op: &str) -> Result<String> {
+    let host = rig.nodes[index].host.clone();
+    for (chain, rule) in peer_rules(true, true) {
+        iptables(&host, op, chain, &rule).await?;
+    }
+    Ok(if op == "-D" {
+        format!("peer-port DROP rules removed in {}", host.name)
+    } else {
+        format!(
+            "iptables DROP udp port {} both ways in {}",
+            crate::node::PORT_PEER,
+            host.name
+        )
+    })
 }
 
 /// libfiu failure points that make syncing fail (RocksDB syncs its WAL with fdatasync and its
@@ -668,7 +746,11 @@ async fn heal_kind(rig: &mut Rig, fault: &PlannedFault) -> Result<String> {
         | FaultKind::NodeJoin { .. }
         | FaultKind::NodeDrain { .. }
         | FaultKind::NodeLoss { .. }
-        | FaultKind::CoordPartition { .. } => membership::heal(rig, &fault.kind).await,
+        | FaultKind::CoordPartition { .. }
+        | FaultKind::PrimaryPartition { .. }
+        | FaultKind::ZoneLoss { .. }
+        | FaultKind::NodeRestart { .. }
+        | FaultKind::ReplicaLag { .. } => membership::heal(rig, &fault.kind).await,
     }
 }
 

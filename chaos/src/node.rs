@@ -62,6 +62,8 @@ pub struct MemberConfig {
     pub advertise_peer: Option<String>,
     /// Run with `--replicate`.
     pub replicate: bool,
+    /// Its failure zone (`--zone`), when the run gives its nodes zones.
+    pub zone: Option<String>,
 }
 
 impl NodeRole {
@@ -279,6 +281,12 @@ impl NodeProcess {
         }) = &self.spec.role
         {
             argv.push("--replicate".into());
+        }
+        if let NodeRole::Member(MemberConfig {
+            zone: Some(zone), ..
+        }) = &self.spec.role
+        {
+            argv.extend(["--zone".into(), zone.clone()]);
         }
         argv.extend([
             "--device-rate".into(),

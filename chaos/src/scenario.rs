@@ -8,7 +8,8 @@
 //!
 //! A cluster scenario ([`Needs::cluster`]) runs a real cluster instead of the dev node: three
 //! coordinator replicas (`coord1`..`coord3`), three nodes (`node1`..`node3`, and `node4` when the
-//! scenario adds one), each on its own host, and an `ops` host for `ringpost-coordinator ctl`.
+//! scenario adds one; four in two zones from the start for [`Needs::zones`]), each on its own
+//! host, and an `ops` host for `ringpost-coordinator ctl`.
 //! The population is registered through `node1` and spread over the nodes by the ring; the
 //! devices of `client1` enter through `node1` and those of `client2` through `node2`, nodes that
 //! stay (the SDK reconnects alternately to its last node and its entry point, so the entry
@@ -121,6 +122,20 @@ pub struct Needs {
     /// Cluster nodes run with `--replicate` (issue 19): every shard has an in-sync replica, so
     /// no loss is excused by a removed node.
     pub replicate: bool,
+    /// The cluster starts with [`cluster::ZONED_NODES`] nodes in two zones
+    /// ([`cluster::ZONES`], node flag `--zone`) instead of [`cluster::NODES`] without zones.
+    pub zones: bool,
+}
+
+impl Needs {
+    /// The nodes a cluster run starts with (the plan may add one).
+    pub fn cluster_nodes(&self) -> u64 {
+        if self.zones {
+            cluster::ZONED_NODES
+        } else {
+            cluster::NODES
+        }
+    }
 }
 
 /// One scenario.
@@ -250,6 +265,86 @@ fn coord_partition_script(rng: &mut ChaCha8Rng, window: Duration) -> Vec<Planned
         0.3,
         COORD_PARTITION,
         FaultKind::CoordPartition { node: VICTIM_NODE },
+    )]
+}
+
+/// Node 3 is cut off from the coordinators and its peers this long: three times the down
+/// threshold, so its shards have failed over and its devices retried there for a while.
+const PRIMARY_PARTITION: Duration =
+    Duration::from_millis(3 * cluster::HEARTBEAT_MISS_LIMIT as u64 * cluster::HEARTBEAT_MS);
+
+/// Node 3 is cut off from every coordinator replica and from its peers (its clients still
+/// reach it) a third into the window for [`PRIMARY_PARTITION`], then the partition heals
+/// (namespaces only).
+fn primary_partition_script(rng: &mut ChaCha8Rng, window: Duration) -> Vec<PlannedFault> {
+    vec![scripted(
+        rng,
+        window,
+        1,
+        0.3,
+        PRIMARY_PARTITION,
+        FaultKind::PrimaryPartition { node: VICTIM_NODE },
+    )]
+}
+
+/// The zone `zone-loss` takes away: the one without the entry points.
+pub const LOST_ZONE: &str = "b";
+
+/// Zone [`LOST_ZONE`] is cut off from its users a quarter into the window (namespaces only),
+/// every node of it killed 3 s later and removed once marked down.
+fn zone_loss_script(rng: &mut ChaCha8Rng, window: Duration) -> Vec<PlannedFault> {
+    vec![scripted(
+        rng,
+        window,
+        1,
+        0.25,
+        Duration::from_secs(1),
+        FaultKind::ZoneLoss {
+            zone: LOST_ZONE.into(),
+            offline_ms: 3_000,
+        },
+    )]
+}
+
+/// How long a rolling restart leaves each node stopped (it is marked down after 2 s, so its
+/// shards fail over before it is back).
+const RESTART_DOWN: Duration = Duration::from_secs(4);
+
+/// Every node restarted in turn, node 1 first, at 10 %, 40 % and 70 % of the window.
+fn rolling_restart_script(rng: &mut ChaCha8Rng, window: Duration) -> Vec<PlannedFault> {
+    (1..=cluster::NODES)
+        .map(|node| {
+            let id = node as u32;
+            let at = 0.1 + 0.3 * f64::from(id - 1);
+            scripted(
+                rng,
+                window,
+                id,
+                at,
+                RESTART_DOWN,
+                FaultKind::NodeRestart { node },
+            )
+        })
+        .collect()
+}
+
+/// Delay the peer relay adds to each datagram of the slowed replica's links, each way: a replica
+/// write's round trip (two of them) is over `REPLICA_ACK_TIMEOUT_MS` (2 s).
+const REPLICA_LAG_MS: u32 = 1_500;
+
+/// Node 3's peer links are slowed a quarter into the window until a primary drops it from an
+/// in-sync set, for at least 8 s, then healed.
+fn replica_lag_script(rng: &mut ChaCha8Rng, window: Duration) -> Vec<PlannedFault> {
+    vec![scripted(
+        rng,
+        window,
+        1,
+        0.25,
+        Duration::from_secs(8),
+        FaultKind::ReplicaLag {
+            node: VICTIM_NODE,
+            delay_ms: REPLICA_LAG_MS,
+        },
     )]
 }
 
@@ -790,6 +885,62 @@ pub fn catalogue() -> Vec<Scenario> {
             schedule: Schedule::Script(coord_partition_script),
         },
         Scenario {
+            name: "primary-partition",
+            about: "replicated (--replicate, factor 2): node 3 cut off from the coordinators \
+                    and from its peers for 6 s (iptables, both ways; clients still reach it): \
+                    it must stop acking, its shards fail over to their in-sync replicas, and \
+                    nothing it acked is lost; healed, it is re-activated",
+            needs: Needs {
+                netns: true,
+                iptables: true,
+                cluster: true,
+                replicate: true,
+                ..Needs::default()
+            },
+            window: s(20),
+            schedule: Schedule::Script(primary_partition_script),
+        },
+        Scenario {
+            name: "zone-loss",
+            about: "replicated (--replicate, factor 2), four nodes in two zones (every shard \
+                    has a copy in each): both nodes of zone b killed -9 at once for good and \
+                    removed; nothing acked may be lost",
+            needs: Needs {
+                cluster: true,
+                replicate: true,
+                zones: true,
+                ..Needs::default()
+            },
+            window: s(20),
+            schedule: Schedule::Script(zone_loss_script),
+        },
+        Scenario {
+            name: "replica-lag",
+            about: "replicated (--replicate): node 3's peer links slowed 1.5 s each way (peer \
+                    relay) until a primary drops it from an in-sync set, then healed: it must \
+                    rejoin its sets (catch-up); nothing acked may be lost",
+            needs: Needs {
+                cluster: true,
+                replicate: true,
+                ..Needs::default()
+            },
+            window: s(30),
+            schedule: Schedule::Script(replica_lag_script),
+        },
+        Scenario {
+            name: "rolling-restart",
+            about: "replicated (--replicate): every node in turn stopped (SIGTERM) until marked \
+                    down, then restarted on its data dir; each must rejoin its in-sync sets \
+                    (catch-up) before the next; nothing acked may be lost",
+            needs: Needs {
+                cluster: true,
+                replicate: true,
+                ..Needs::default()
+            },
+            window: s(40),
+            schedule: Schedule::Script(rolling_restart_script),
+        },
+        Scenario {
             name: "abuse-preauth",
             about: "thousands of TCP and WebSocket connections that never say Hello, from six \
                     source addresses (past the per-source cap), reopened as the node closes them",
@@ -910,6 +1061,11 @@ pub struct Rig {
     /// The population's numbers (an attack may target them).
     victims: Vec<u64>,
     opts: Option<RunOptions>,
+    /// What faults found wrong that the history cannot show (a node that never rejoined its
+    /// in-sync sets): each fails the run, which still goes on to be checked.
+    pub findings: Vec<String>,
+    /// A node's in-sync sets before a fault that takes it out of them, to compare at the heal.
+    pub rejoin_before: std::collections::HashMap<u64, cluster::InSync>,
 }
 
 /// A helper process of the run (attacker, probe): its process, stop file and summary file.
@@ -1505,7 +1661,7 @@ async fn run_inner(
         plan.retain(|f| !matches!(f.kind, FaultKind::Abuse { .. }));
     }
     if scenario.needs.cluster {
-        faults::assign_nodes(&mut plan, seed, cluster::NODES);
+        faults::assign_nodes(&mut plan, seed, scenario.needs.cluster_nodes());
     }
     if mode == Mode::Loopback {
         if let Some(f) = plan.iter().find(|f| needs_netns(&f.kind)) {
@@ -1531,7 +1687,7 @@ async fn run_inner(
             .filter_map(|f| f.kind.member_node())
             .max()
             .unwrap_or(0)
-            .max(cluster::NODES)
+            .max(scenario.needs.cluster_nodes())
     } else {
         1
     };
@@ -1548,9 +1704,13 @@ async fn run_inner(
         names.push("attacker".into());
     }
     if scenario.needs.relay
-        || plan
-            .iter()
-            .any(|f| uses_relay(&f.kind) || matches!(f.kind, FaultKind::PeerChaos { .. }))
+        || plan.iter().any(|f| {
+            uses_relay(&f.kind)
+                || matches!(
+                    f.kind,
+                    FaultKind::PeerChaos { .. } | FaultKind::ReplicaLag { .. }
+                )
+        })
     {
         names.push("relay".into());
     }
@@ -1598,6 +1758,11 @@ async fn run_inner(
                 role: match &cluster {
                     Some(cluster) => NodeRole::Member(crate::node::MemberConfig {
                         replicate: scenario.needs.replicate,
+                        zone: scenario
+                            .needs
+                            .zones
+                            .then(|| cluster::zone_of(i).map(String::from))
+                            .flatten(),
                         ..cluster.member_config(i)
                     }),
                     None => NodeRole::Dev,
@@ -1636,6 +1801,8 @@ async fn run_inner(
         probe_summary: None,
         victims: Vec::new(),
         opts: Some(opts.clone()),
+        findings: Vec::new(),
+        rejoin_before: Default::default(),
     };
     let result = drive(&mut rig, scenario, opts, window, &plan, clock).await;
     // Stop the workloads first (the stop file), then everything else, whatever happened.
@@ -1708,19 +1875,15 @@ async fn run_inner(
         .iter()
         .map(|(k, n)| format!("{n} {k:?}").to_lowercase())
         .collect();
-        report.reason = format!("invariant violations: {}", kinds.join(", "));
-        if let Some(summary) = report.unreplicated_summary() {
-            if replicated_loss {
-                report.reason = format!(
-                    "{}; and, although every node replicated, {summary}",
-                    report.reason
-                );
-            } else {
-                report
-                    .reason
-                    .push_str(&format!("; besides, {summary} (expected)"));
-            }
-        }
+        report.reason = failure_reason(
+            &kinds,
+            report.unreplicated_summary(),
+            replicated_loss,
+            &rig.findings,
+        );
+    } else if !rig.findings.is_empty() {
+        report.verdict = Verdict::Fail;
+        report.reason = format!("no invariant violation, but: {}", rig.findings.join("; "));
     } else if report.counts.acked == 0 {
         report.verdict = Verdict::Fail;
         report.reason = "no message was acked: the run proves nothing".into();
@@ -1741,6 +1904,30 @@ async fn run_inner(
     Ok(report)
 }
 
+/// Why a run whose history failed the checks fails: the violations by kind, the losses with a
+/// removed node (a failure of their own when every node replicated, else expected), and what
+/// the faults found.
+fn failure_reason(
+    kinds: &[String],
+    unreplicated: Option<String>,
+    replicated_loss: bool,
+    findings: &[String],
+) -> String {
+    let mut parts = Vec::new();
+    if !kinds.is_empty() {
+        parts.push(format!("invariant violations: {}", kinds.join(", ")));
+    }
+    match unreplicated {
+        Some(summary) if replicated_loss => {
+            parts.push(format!("although every node replicated, {summary}"));
+        }
+        Some(summary) => parts.push(format!("besides, {summary} (expected)")),
+        None => {}
+    }
+    parts.extend(findings.iter().cloned());
+    parts.join("; ")
+}
+
 /// What each membership fault did and how long the cluster took (from the faults' details),
 /// and what a removed node took with it.
 fn membership_notes(report: &RunReport) -> Vec<String> {
@@ -1752,6 +1939,10 @@ fn membership_notes(report: &RunReport) -> Vec<String> {
             "node-drain",
             "node-loss",
             "coord-partition",
+            "primary-partition",
+            "zone-loss",
+            "node-restart",
+            "replica-lag",
         ]
         .contains(&f.kind.as_str())
         {
@@ -1838,6 +2029,7 @@ fn needs_netns(kind: &FaultKind) -> bool {
             | FaultKind::Bandwidth { .. }
             | FaultKind::DiskFull { .. }
             | FaultKind::CoordPartition { .. }
+            | FaultKind::PrimaryPartition { .. }
             | FaultKind::PeerPartition { .. }
     )
 }
@@ -2168,9 +2360,18 @@ async fn start_cluster(
     let run_dir = rig.run_dir.clone();
     prepare_nodes(rig, scenario, plan).await?;
     let client_relay = scenario.needs.relay || plan.iter().any(|f| uses_relay(&f.kind));
-    let peer_relay = plan
+    // Peer chaos impairs every node's links; replica lag only the slowed node's.
+    let peer_chaos = plan
         .iter()
         .any(|f| matches!(f.kind, FaultKind::PeerChaos { .. }));
+    let lagging: Vec<u64> = plan
+        .iter()
+        .filter_map(|f| match f.kind {
+            FaultKind::ReplicaLag { node, .. } => Some(node),
+            _ => None,
+        })
+        .collect();
+    let peer_relay = peer_chaos || !lagging.is_empty();
     let relay_ip = rig
         .net
         .hosts
@@ -2197,6 +2398,9 @@ async fn start_cluster(
     if let (true, Some(relay_ip)) = (peer_relay, relay_ip) {
         let mut udp = Vec::new();
         for node in &mut rig.nodes {
+            if !peer_chaos && !lagging.contains(&node.node_id()) {
+                continue;
+            }
             let port = node::PORT_PEER + node.node_id() as u16;
             udp.push(format!(
                 "{relay_ip}:{port}={}:{}",
@@ -2226,13 +2430,14 @@ async fn start_cluster(
             detail: "start #1".into(),
         });
     }
-    for node_id in 1..=cluster::NODES {
+    let first_nodes = scenario.needs.cluster_nodes();
+    for node_id in 1..=first_nodes {
         let index = rig.node_index(node_id)?;
         rig.start_member(index).await?;
     }
     let cluster = rig.cluster.as_ref().context("not a cluster run")?;
     let mut view = None;
-    for node_id in 1..=cluster::NODES {
+    for node_id in 1..=first_nodes {
         let (v, _) = cluster
             .wait_member(
                 node_id,
@@ -2242,10 +2447,19 @@ async fn start_cluster(
             .await?;
         view = Some(v);
     }
+    let zones = if scenario.needs.zones {
+        let zones: Vec<String> = cluster::ZONES
+            .iter()
+            .map(|(zone, nodes)| format!("zone {zone}: nodes {nodes:?}"))
+            .collect();
+        format!("; {}", zones.join(", "))
+    } else {
+        String::new()
+    };
     if let Some(view) = view {
         rig.notes.push(format!(
             "cluster: {} coordinator replicas, {} shards, heartbeats every {} ms (down after {} \
-             missed); view {}",
+             missed); view {}{zones}",
             cluster::REPLICAS,
             cluster::SHARD_COUNT,
             cluster::HEARTBEAT_MS,
@@ -2301,6 +2515,18 @@ fn fault_target(fault: &PlannedFault) -> String {
         | FaultKind::NodeDrain { node }
         | FaultKind::NodeLoss { node, .. } => format!("node{node}"),
         FaultKind::CoordPartition { node } => format!("node{node}<->coord1,coord2,coord3"),
+        FaultKind::PrimaryPartition { node } => {
+            format!("node{node}<->coord1,coord2,coord3,peers")
+        }
+        FaultKind::NodeRestart { node } => format!("node{node}"),
+        FaultKind::ReplicaLag { node, .. } => format!("peer-relay->node{node}"),
+        FaultKind::ZoneLoss { zone, .. } => {
+            let nodes: Vec<String> = cluster::zone_nodes(zone)
+                .iter()
+                .map(|n| format!("node{n}"))
+                .collect();
+            format!("zone {zone}: {}", nodes.join(","))
+        }
         _ => node,
     }
 }
@@ -2643,6 +2869,43 @@ mod tests {
                 }
             }
         }
+        // The replicated scripts, in their scenarios' windows (a rolling restart needs its 40 s).
+        for name in [
+            "primary-partition",
+            "zone-loss",
+            "replica-lag",
+            "rolling-restart",
+        ] {
+            let scenario = find(name).expect("scenario");
+            assert!(scenario.needs.replicate && scenario.needs.cluster, "{name}");
+            for seed in 1..20 {
+                let plan = scenario.schedule.plan(seed, scenario.window);
+                assert_eq!(plan, scenario.schedule.plan(seed, scenario.window));
+                for pair in plan.windows(2) {
+                    assert!(pair[0].at + pair[0].duration <= pair[1].at, "{plan:?}");
+                }
+                for f in &plan {
+                    assert!(f.at + f.duration < scenario.window, "{f:?}");
+                    assert!(!f.kind.acts_on_a_node(), "{name} names its nodes: {f:?}");
+                    // A node the run starts.
+                    if let Some(node) = f.kind.member_node() {
+                        assert!(node <= scenario.needs.cluster_nodes(), "{f:?}");
+                    }
+                }
+            }
+        }
+        let restarts: Vec<FaultKind> = Schedule::Script(rolling_restart_script)
+            .plan(1, Duration::from_secs(40))
+            .into_iter()
+            .map(|f| f.kind)
+            .collect();
+        assert_eq!(
+            restarts,
+            (1..=cluster::NODES)
+                .map(|node| FaultKind::NodeRestart { node })
+                .collect::<Vec<_>>(),
+            "every node restarted once, in turn"
+        );
         let plan = Schedule::Script(join_drain_script).plan(1, Duration::from_secs(30));
         let kinds: Vec<FaultKind> = plan.into_iter().map(|f| f.kind).collect();
         assert_eq!(
@@ -2744,6 +3007,26 @@ mod tests {
         assert!(scenario.needs.replicate && scenario.needs.cluster);
     }
 
+    #[test]
+    fn failure_reasons_name_only_what_failed() {
+        let kinds = vec!["2 lost".to_string()];
+        let summary = || Some("3 acked messages lost with removed node 3".to_string());
+        // A replicated run that lost only with a removed node: no empty violation list.
+        assert_eq!(
+            failure_reason(&[], summary(), true, &[]),
+            "although every node replicated, 3 acked messages lost with removed node 3"
+        );
+        assert_eq!(
+            failure_reason(&kinds, summary(), false, &[]),
+            "invariant violations: 2 lost; besides, 3 acked messages lost with removed node 3 \
+             (expected)"
+        );
+        assert_eq!(
+            failure_reason(&kinds, None, false, &["node 3 did not rejoin".to_string()]),
+            "invariant violations: 2 lost; node 3 did not rejoin"
+        );
+    }
+
     fn abuse_run(p99_ms: f64, rss_mib: u64) -> RunReport {
         let mut r = RunReport::not_run("abuse-x", 1, "loopback", Verdict::Pass, String::new());
         r.abuse = Some(AbuseReport {
@@ -2829,6 +3112,28 @@ mod tests {
             }
         }
         assert_eq!(targets, (1..=cluster::NODES).collect());
+    }
+
+    #[test]
+    fn zone_loss_takes_a_whole_zone_of_a_zoned_cluster_and_spares_the_entry_points() {
+        let scenario = find("zone-loss").expect("scenario");
+        assert!(scenario.needs.zones);
+        assert_eq!(scenario.needs.cluster_nodes(), cluster::ZONED_NODES);
+        assert_eq!(Needs::default().cluster_nodes(), cluster::NODES);
+        let plan = scenario.schedule.plan(1, scenario.window);
+        let [fault] = plan.as_slice() else {
+            panic!("one fault: {plan:?}")
+        };
+        let FaultKind::ZoneLoss { zone, .. } = &fault.kind else {
+            panic!("{fault:?}")
+        };
+        let lost = cluster::zone_nodes(zone);
+        assert_eq!(lost.len(), 2, "every node of the zone");
+        assert!(
+            !lost.contains(&1) && !lost.contains(&2),
+            "entry points stay"
+        );
+        assert_eq!(fault_target(fault), "zone b: node3,node4");
     }
 
     #[test]
