@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 use super::replica_role::replicate_refusal;
 use super::{decode_response, encode_request, PeerRequest, PeerResponse};
 use crate::replication::sink::CatchUpStats;
-use crate::replication::{serve_parts_with, RecordPart, ReplicaLinks, ShardAnswer};
+use crate::replication::{serve_parts_with, RecordPart, ReplicaLinks, ReplicaOutcome, ShardAnswer};
 use crate::ring::Ring;
 use crate::server::Server;
 use crate::shard::ShardId;
@@ -293,6 +293,8 @@ impl ReplicaLinks for ServerLinks {
             let ring = server.routing.ring();
             let addr = (ring.member(node).and_then(|m| m.info.peer_addr.clone()))
                 .ok_or_else(|| format!("node {node} advertises no peer address"))?;
+            let mut shards: Vec<ShardId> = parts.iter().map(|p| p.shard).collect();
+            shards.dedup();
             let request = encode_request(ring.epoch, PeerRequest::Replicate { parts })?;
             server.metrics.peer_requests_sent.fetch_add(1, Relaxed);
             let started = Instant::now();
@@ -304,19 +306,37 @@ impl ReplicaLinks for ServerLinks {
                 .metrics
                 .replicate_round_trip
                 .observe(started.elapsed());
+            // A refusal of the whole request is an answer, not an unreachable node: every shard
+            // in it failed (so its writes fail, or it is dropped), and the stream goes on.
+            let refused = |reason: String| {
+                let mut seen = Vec::new();
+                (shards.iter().copied())
+                    .filter(|s| {
+                        let new = !seen.contains(s);
+                        seen.push(*s);
+                        new
+                    })
+                    .map(|shard| ShardAnswer {
+                        shard,
+                        outcome: ReplicaOutcome::Failed {
+                            reason: reason.clone(),
+                        },
+                    })
+                    .collect::<Vec<_>>()
+            };
             match decode_response(&bytes)? {
                 PeerResponse::Replicated(answers) => Ok(answers),
                 PeerResponse::WrongOwner { epoch } => {
                     server.metrics.peer_wrong_owner.fetch_add(1, Relaxed);
-                    Err(format!(
+                    Ok(refused(format!(
                         "node {node} at epoch {epoch} does not take these shards' records from \
                          this node at epoch {}",
                         ring.epoch
-                    ))
+                    )))
                 }
-                PeerResponse::Error { code, message } => {
-                    Err(format!("node {node} refused (code {code}): {message}"))
-                }
+                PeerResponse::Error { code, message } => Ok(refused(format!(
+                    "node {node} refused (code {code}): {message}"
+                ))),
                 other => Err(format!("node {node} answered Replicate with {other:?}")),
             }
         })
@@ -354,9 +374,35 @@ pub(crate) async fn serve(
     shards.dedup();
     let _applying = server.replica_apply.read().await;
     let ring = server.routing.ring();
-    if let Some(refusal) = replicate_refusal(&ring, server.node_id, from, epoch, &shards) {
-        return refusal;
+    // Roles are checked per shard: a request that mixes a shard whose primary just moved
+    // (records queued before the sender learned it) with others is served for the others.
+    let mut refused: Vec<ShardAnswer> = Vec::new();
+    let mut whole = None;
+    for &shard in &shards {
+        if let Some(refusal) = replicate_refusal(&ring, server.node_id, from, epoch, &[shard]) {
+            let reason = match &refusal {
+                PeerResponse::Error { message, .. } => message.clone(),
+                PeerResponse::WrongOwner { epoch: at } => format!(
+                    "this node is at epoch {at}, the sender at {epoch}, and shard {shard}'s \
+                     roles differ"
+                ),
+                other => format!("{other:?}"),
+            };
+            refused.push(ShardAnswer {
+                shard,
+                outcome: ReplicaOutcome::Failed { reason },
+            });
+            whole.get_or_insert(refusal);
+        }
     }
+    if refused.len() == shards.len() {
+        if let Some(refusal) = whole {
+            return refusal;
+        }
+    }
+    let parts: Vec<RecordPart> = (parts.into_iter())
+        .filter(|p| !refused.iter().any(|r| r.shard == p.shard))
+        .collect();
     let engine = server.replica_engine();
     let inbox = server.inbox.clone();
     let mut assembly = {
@@ -388,5 +434,7 @@ pub(crate) async fn serve(
         .fetch_add(served.records_applied, Relaxed);
     m.replicate_bytes_applied
         .fetch_add(served.bytes_applied, Relaxed);
-    PeerResponse::Replicated(served.answers)
+    let mut answers = served.answers;
+    answers.extend(refused);
+    PeerResponse::Replicated(answers)
 }

@@ -253,3 +253,64 @@ async fn hand_off_requests_are_served_only_to_the_shards_owner() {
     );
     assert!(!holds_row(), "the owner's release deleted the copy");
 }
+
+/// A `Replicate` that mixes a shard the sender is the primary of with one it no longer is
+/// (records queued before it learned that its primary moved) is served for the first and
+/// refused for the second only. Used to be: the whole request was refused, failing every
+/// record and catch-up in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicate_is_refused_only_for_the_shards_whose_roles_do_not_hold() {
+    use crate::replication::{RecordPart, ReplicaOutcome, ShardLogRecord};
+    use crate::storage::{key, Op};
+    let active = [(1, MemberState::Active), (2, MemberState::Active)];
+    let view = ringpost_coordinator::testing::view(3, u32::from(SHARDS), 2, &active);
+    let replica = server(2, &view);
+    let ring = replica.routing.ring();
+    let ours = ring.shards_of(1).next().expect("node 1 is a primary");
+    let theirs = ring.shards_of(2).next().expect("node 2 is a primary");
+    let part = |shard| {
+        let record = ShardLogRecord::log(
+            shard,
+            1,
+            view.epoch,
+            vec![Op::Put {
+                cf: Cf::Inbox,
+                key: key(shard, &[b"k"]),
+                value: vec![1],
+            }],
+        );
+        let bytes = record.encode();
+        RecordPart {
+            shard,
+            lsn: 1,
+            total_bytes: bytes.len() as u32,
+            offset: 0,
+            bytes,
+        }
+    };
+    let serving = peer(2, service(&replica)).await;
+    let to = serving.local_addr().to_string();
+    let primary = peer(1, Arc::new(Answers)).await;
+    let mixed = PeerRequest::Replicate {
+        parts: vec![part(ours), part(theirs)],
+    };
+    let PeerResponse::Replicated(answers) = ask(&primary, &to, view.epoch, mixed).await else {
+        panic!("not served");
+    };
+    let outcome = |shard| {
+        (answers.iter())
+            .find(|a| a.shard == shard)
+            .map(|a| a.outcome.clone())
+    };
+    assert_eq!(outcome(ours), Some(ReplicaOutcome::Applied { lsn: 1 }));
+    assert!(
+        matches!(outcome(theirs), Some(ReplicaOutcome::Failed { reason })
+            if reason.contains("node 1 may not replicate")),
+        "{answers:?}"
+    );
+    // Only shards it may not send: the whole request is refused, as before.
+    let alone = PeerRequest::Replicate {
+        parts: vec![part(theirs)],
+    };
+    assert!(forbidden(&ask(&primary, &to, view.epoch, alone).await, 1));
+}
