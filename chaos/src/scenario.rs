@@ -795,6 +795,22 @@ pub fn catalogue() -> Vec<Scenario> {
             schedule: Schedule::Menu(cluster_storage_menu),
         },
         Scenario {
+            name: "cluster-storage-replicated",
+            about: "cluster-storage with every node on --replicate (factor 2): a node whose \
+                    storage fails stops heartbeating, its shards fail over to their in-sync \
+                    replicas, and it is caught up and given them back once its disk works; \
+                    nothing acked may be lost",
+            needs: Needs {
+                netns: true,
+                fiu: true,
+                cluster: true,
+                replicate: true,
+                ..Needs::default()
+            },
+            window: s(30),
+            schedule: Schedule::Menu(cluster_storage_menu),
+        },
+        Scenario {
             name: "cluster-clock-skew",
             about: "cluster: a node restarts with its wall clock hours to days off (libfaketime), \
                     then on the real one, while the others keep the real time",

@@ -205,8 +205,29 @@ impl ClusterLink {
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(interval);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut giving_up = false;
                 loop {
                     tick.tick().await;
+                    // A replicating node whose storage fails gives its shards up: without
+                    // heartbeats it is marked down, its shards fail over to their in-sync
+                    // replicas and it is placed nowhere, instead of refusing writes until its
+                    // disk works again. Then it heartbeats, is re-activated, caught up, and
+                    // given its shards back. A blip shorter than the miss limit changes nothing.
+                    if server.replicating.get().is_some() {
+                        match server.inbox.storage_failing() {
+                            Some((_, error)) if !giving_up => {
+                                warn!(error = %error, "storage failing: heartbeats stop, so that this node's shards fail over to their in-sync replicas");
+                                giving_up = true;
+                                continue;
+                            }
+                            Some(_) => continue,
+                            None if giving_up => {
+                                info!("storage works again: heartbeating");
+                                giving_up = false;
+                            }
+                            None => {}
+                        }
+                    }
                     let sent = Instant::now();
                     match tokio::time::timeout(lease_for, client.heartbeat(node_id)).await {
                         Ok(Ok(ack)) => {
