@@ -189,10 +189,18 @@ struct RunArgs {
     /// Shards of the cluster (must equal the coordinator's, fixed at `init`).
     #[arg(long, default_value_t = ringpost_node::shard::SHARD_COUNT_DEFAULT, env = "RINGPOST_SHARD_COUNT")]
     shard_count: u16,
-    /// EXPERIMENTAL: ship every shard write to the shard's replicas and acknowledge it only
-    /// once they have it (with --coordinator). Until in-sync sets and catch-up are built, a
-    /// replica that is down or behind makes writes to its shards fail; see docs/replication.md.
-    #[arg(long, env = "RINGPOST_REPLICATE")]
+    /// Ship every shard write to the shard's in-sync replicas and acknowledge it only once
+    /// they have it, fail shards over to them, catch replicas up and move shards live (with
+    /// --coordinator; docs/replication.md). On by default; `--replicate false` (or
+    /// RINGPOST_REPLICATE=false) keeps one copy per shard, as before replication existed.
+    #[arg(
+        long,
+        env = "RINGPOST_REPLICATE",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
     replicate: bool,
     #[command(flatten)]
     common: Common,
