@@ -116,6 +116,10 @@ pub(crate) struct Shared {
     pub(crate) state: watch::Sender<LinkState>,
     pub(crate) welcome: Mutex<Welcome>,
     pub(crate) reconnects: AtomicU64,
+    /// `Redirect`s followed by every connect and reconnect.
+    pub(crate) redirects_followed: AtomicU64,
+    /// Reconnects that went straight to the node a `Migrate` named and were welcomed there.
+    pub(crate) migrations: AtomicU64,
     next_req: AtomicU32,
     events: tokio::sync::Mutex<mpsc::Receiver<Queued>>,
     dedup: Mutex<DedupSet>,
@@ -283,6 +287,8 @@ impl Client {
             state,
             welcome: Mutex::new(established.welcome.clone()),
             reconnects: AtomicU64::new(0),
+            redirects_followed: AtomicU64::new(u64::from(established.redirects)),
+            migrations: AtomicU64::new(0),
             next_req: AtomicU32::new(2),
             events: tokio::sync::Mutex::new(events_rx),
             acks: Mutex::new(Vec::new()),
@@ -333,6 +339,18 @@ impl Client {
     /// Successful reconnects since [`Client::connect`].
     pub fn reconnects(&self) -> u64 {
         self.shared().reconnects.load(Ordering::Acquire)
+    }
+
+    /// `Redirect`s followed since connect, by the first connection and every reconnect. A
+    /// device that follows a `Migrate` to its user's new node follows none.
+    pub fn redirects_followed(&self) -> u64 {
+        self.shared().redirects_followed.load(Ordering::Acquire)
+    }
+
+    /// Reconnects since connect that went straight to the node a `Migrate` named and were
+    /// welcomed there (see [`Event::Migrate`]).
+    pub fn migrations(&self) -> u64 {
+        self.shared().migrations.load(Ordering::Acquire)
     }
 
     /// The current connection, waiting (until `deadline`) while the client reconnects.
@@ -757,6 +775,8 @@ mod tests {
             state,
             welcome: Mutex::new(welcome),
             reconnects: AtomicU64::new(0),
+            redirects_followed: AtomicU64::new(0),
+            migrations: AtomicU64::new(0),
             next_req: AtomicU32::new(2),
             events: tokio::sync::Mutex::new(events_rx),
             acks: Mutex::new(Vec::new()),

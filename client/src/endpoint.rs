@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use ringpost_wire::Redirect;
+use ringpost_wire::{Migrate, Redirect};
 
 use crate::error::{ClientError, Result};
 
@@ -116,17 +116,25 @@ impl Endpoint {
     /// Where a `Redirect` sends a client that reached us over this endpoint's transport:
     /// `ws_url` for WebSocket (plain or TLS), `quic_addr` for QUIC.
     pub fn redirect_target(&self, redirect: &Redirect) -> Result<Endpoint> {
+        self.target(&redirect.ws_url, &redirect.quic_addr, "redirected")
+    }
+
+    /// Where a `Migrate` sends a client that reached us over this endpoint's transport: chosen
+    /// exactly as for a `Redirect` ([`Endpoint::redirect_target`]).
+    pub fn migrate_target(&self, migrate: &Migrate) -> Result<Endpoint> {
+        self.target(&migrate.ws_url, &migrate.quic_addr, "migrated")
+    }
+
+    fn target(&self, ws_url: &str, quic_addr: &str, how: &str) -> Result<Endpoint> {
         let url = match self.scheme {
-            Scheme::Ws | Scheme::Wss => redirect.ws_url.clone(),
-            Scheme::Quic if redirect.quic_addr.contains("://") => redirect.quic_addr.clone(),
-            Scheme::Quic if !redirect.quic_addr.is_empty() => {
-                format!("quic://{}", redirect.quic_addr)
-            }
+            Scheme::Ws | Scheme::Wss => ws_url.to_string(),
+            Scheme::Quic if quic_addr.contains("://") => quic_addr.to_string(),
+            Scheme::Quic if !quic_addr.is_empty() => format!("quic://{quic_addr}"),
             Scheme::Quic => String::new(),
         };
         if url.is_empty() {
             return Err(ClientError::Protocol(format!(
-                "redirected to a node without a {} address",
+                "{how} to a node without a {} address",
                 self.scheme.as_str()
             )));
         }
@@ -301,6 +309,42 @@ mod tests {
         assert!(matches!(
             ep("quic://a:1").redirect_target(&none),
             Err(ClientError::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn migrate_targets_follow_the_transport_like_redirects() {
+        let migrate = Migrate {
+            user: 1,
+            epoch: 3,
+            ws_url: "ws://b:7700".into(),
+            quic_addr: "b:4433".into(),
+            reconnect_after_ms: 10,
+        };
+        for from in ["ws://a:1", "wss://a:2", "quic://a:3"] {
+            let redirect = Redirect {
+                user: migrate.user,
+                epoch: migrate.epoch,
+                ws_url: migrate.ws_url.clone(),
+                quic_addr: migrate.quic_addr.clone(),
+            };
+            assert_eq!(
+                ep(from).migrate_target(&migrate).unwrap(),
+                ep(from).redirect_target(&redirect).unwrap(),
+                "from {from}"
+            );
+        }
+        assert_eq!(
+            ep("quic://a:1").migrate_target(&migrate).unwrap(),
+            ep("quic://b:4433")
+        );
+        let no_ws = Migrate {
+            ws_url: String::new(),
+            ..migrate
+        };
+        assert!(matches!(
+            ep("ws://a:1").migrate_target(&no_ws),
+            Err(ClientError::Protocol(m)) if m.contains("migrated to a node without a ws address")
         ));
     }
 }

@@ -5,7 +5,8 @@
 //! - [`Connection`] ([`connection`]): one transport connection (`ws://`, `wss://`, `quic://`)
 //!   moving whole frames, plus raw writes for tests of the node's input handling. No protocol
 //!   logic beyond framing.
-//! - [`Client`] ([`client`]): a device's session. It says `Hello`, follows `Redirect`s, correlates
+//! - [`Client`] ([`client`]): a device's session. It says `Hello`, follows `Redirect`s (and a
+//!   `Migrate` straight to its user's new node), correlates
 //!   requests and answers (pipelined from any number of tasks), pings, reconnects with
 //!   exponential backoff and full jitter ([`backoff`]) and re-authenticates, and hands out
 //!   [`Event`]s: deliveries exactly once ([`dedup`]) with batched acks, receipts, typing,

@@ -9,8 +9,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use ringpost_client::wire::ws::{self, Decoder, Message, OpCode, Role};
 use ringpost_client::wire::{
-    framing, Body, Deliver, DeliverKind, Done, Error as ErrorFrame, GoingAway, Hello, Pong,
-    Redirect, Registered, SendStatus, Typing, Welcome,
+    framing, Body, Deliver, DeliverKind, Done, Error as ErrorFrame, GoingAway, Hello, Migrate,
+    Pong, Redirect, Registered, SendStatus, Typing, Welcome,
 };
 use ringpost_client::{
     Auth, Client, ClientConfig, ClientError, Connection, Endpoint, ErrorCode, Event, Frame,
@@ -1001,6 +1001,144 @@ async fn going_away_reconnects_after_the_delay() {
         next_event(&client).await,
         Event::Reconnected { reconnects: 1, .. }
     ));
+}
+
+fn migrate_to(ws_url: &str) -> Frame {
+    Frame::new(
+        0,
+        Migrate {
+            user: 15550001,
+            epoch: 3,
+            ws_url: ws_url.to_string(),
+            quic_addr: String::new(),
+            reconnect_after_ms: 20,
+        },
+    )
+}
+
+/// Reads the `Migrate` event and the `Disconnected` that follows it.
+async fn migrate_events(client: &Client) -> Migrate {
+    let Event::Migrate(m) = next_event(client).await else {
+        panic!("expected Migrate")
+    };
+    let Event::Disconnected {
+        will_reconnect: true,
+        reason,
+    } = next_event(client).await
+    else {
+        panic!("expected Disconnected")
+    };
+    assert!(reason.contains("moved"), "{reason}");
+    m
+}
+
+#[tokio::test]
+async fn migrate_reconnects_straight_to_the_named_node() {
+    let mut entry = TestServer::ws().await;
+    let mut owner = TestServer::ws().await;
+    let cfg = config(&entry.url).with_auth(auth());
+    let (client, mut conn, _) = connected(&mut entry, cfg).await;
+    conn.send(migrate_to(&owner.url)).await;
+    let m = migrate_events(&client).await;
+    assert_eq!((m.epoch, m.reconnect_after_ms), (3, 20));
+
+    // The new owner gets the same credentials; the entry point is not asked again.
+    let mut moved = owner.accept().await;
+    assert_eq!(moved.welcome().await.auth, Some(auth()));
+    assert!(matches!(
+        next_event(&client).await,
+        Event::Reconnected { reconnects: 1, .. }
+    ));
+    assert_eq!(
+        client.endpoint().unwrap(),
+        Endpoint::parse(&owner.url).unwrap()
+    );
+    assert_eq!(client.migrations(), 1);
+    assert_eq!(client.redirects_followed(), 0);
+    assert!(
+        entry.conns.try_recv().is_err(),
+        "the entry point was dialled"
+    );
+    // The same event stream goes on over the new connection.
+    moved.send(deliver(8, 15550002, 4)).await;
+    let Event::Message(d) = next_event(&client).await else {
+        panic!()
+    };
+    assert_eq!(d.seq, 8);
+}
+
+#[tokio::test]
+async fn migrate_to_a_node_that_redirects_falls_back_to_the_usual_reconnect() {
+    let mut entry = TestServer::ws().await;
+    let mut owner = TestServer::ws().await;
+    let cfg = config(&entry.url).with_auth(auth());
+    let (client, mut conn, _) = connected(&mut entry, cfg).await;
+    conn.send(migrate_to(&owner.url)).await;
+    migrate_events(&client).await;
+
+    // The ring moved again: the named node redirects. The client does not follow it from
+    // there, but reconnects as usual (the last node first, here the entry point).
+    let mut stale = owner.accept().await;
+    redirect_to(&mut stale, &owner.url).await;
+    let mut back = entry.accept().await;
+    back.welcome().await;
+    assert!(matches!(
+        next_event(&client).await,
+        Event::Reconnected { reconnects: 1, .. }
+    ));
+    assert_eq!(
+        client.endpoint().unwrap(),
+        Endpoint::parse(&entry.url).unwrap()
+    );
+    assert_eq!(client.migrations(), 0);
+}
+
+#[tokio::test]
+async fn migrate_to_an_unreachable_node_falls_back_to_the_usual_reconnect() {
+    let mut entry = TestServer::ws().await;
+    // A port nothing listens on any more.
+    let gone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gone_url = format!("ws://127.0.0.1:{}", gone.local_addr().unwrap().port());
+    drop(gone);
+    let cfg = config(&entry.url).with_auth(auth());
+    let (client, mut conn, _) = connected(&mut entry, cfg).await;
+    conn.send(migrate_to(&gone_url)).await;
+    migrate_events(&client).await;
+    let mut back = entry.accept().await;
+    back.welcome().await;
+    assert!(matches!(
+        next_event(&client).await,
+        Event::Reconnected { reconnects: 1, .. }
+    ));
+    assert_eq!(client.migrations(), 0);
+}
+
+#[tokio::test]
+async fn redirects_followed_are_counted() {
+    let mut a = TestServer::ws().await;
+    let mut b = TestServer::ws().await;
+    let connecting = tokio::spawn(Client::connect(config(&a.url).with_auth(auth())));
+    let mut first = a.accept().await;
+    redirect_to(&mut first, &b.url).await;
+    let mut second = b.accept().await;
+    second.welcome().await;
+    let client = within("connect", connecting).await.unwrap().unwrap();
+    assert_eq!(client.redirects_followed(), 1);
+    // A reconnect through the entry point that is redirected again counts too.
+    second.drop_connection().await;
+    assert!(matches!(
+        next_event(&client).await,
+        Event::Disconnected { .. }
+    ));
+    let mut third = b.accept().await;
+    redirect_to(&mut third, &a.url).await;
+    let mut fourth = a.accept().await;
+    fourth.welcome().await;
+    assert!(matches!(
+        next_event(&client).await,
+        Event::Reconnected { .. }
+    ));
+    assert_eq!(client.redirects_followed(), 2);
 }
 
 #[tokio::test]

@@ -1,7 +1,8 @@
 //! The connection driver shared by every transport: it moves frames between a [`Transport`] and
 //! a [`Session`], executes the session's requests on the [`Server`], delivers inbox entries
 //! inside the session's window (the ones handed to it as they are stored, else read from the
-//! inbox), and closes when asked (replaced, reaped, shutting down).
+//! inbox), and closes when asked (replaced, reaped, shutting down, or its user moved to another
+//! node: then it tells the device `Migrate` to the new owner).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -10,18 +11,31 @@ use std::task::Poll;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
-use ringpost_wire::{ErrorCode, Frame};
+use rand::Rng;
+use ringpost_wire::limits::MIGRATE_RECONNECT_AFTER_MS_MAX;
+use ringpost_wire::{ErrorCode, Frame, Migrate, Redirect, UserId};
 use tracing::{debug, warn};
 
 use crate::metrics::Transport as TransportKind;
 use crate::registry::{CloseReason, ConnShared, Handed};
+use crate::routing::Route;
 use crate::server::Server;
 use crate::session::{Answer, Peer, Session, Step, REQUESTS_IN_FLIGHT_MAX};
 use crate::transport::{Incoming, Transport, TransportError};
 
-/// How long a client whose user moved to another node waits before reconnecting (its
-/// reconnect then follows the `Redirect` of the node it reaches).
+/// How long a client whose user moved to a node without a client address this node knows waits
+/// before reconnecting (`GoingAway`: its reconnect then follows the `Redirect` of the node it
+/// reaches). Devices the node can tell where to go get a `Migrate` instead.
 pub const MOVED_RECONNECT_AFTER_MS: u32 = 50;
+
+/// Default interval over which the reconnects of devices whose user moved are spread: each
+/// gets a `Migrate` whose `reconnect_after_ms` is drawn uniformly from `[0, this]`, so N moved
+/// devices reconnect at about N / 2 s each second, and a device is away at most 2 s plus its
+/// reconnect.
+pub const MIGRATE_SPREAD_MS_DEFAULT: u32 = 2_000;
+/// Largest migrate interval (`--migrate-spread-ms`): the wire's bound on
+/// `Migrate.reconnect_after_ms`, one minute, the longest a move may keep a device offline.
+pub const MIGRATE_SPREAD_MS_MAX: u32 = MIGRATE_RECONNECT_AFTER_MS_MAX;
 
 /// Events handled back to back before the frames they produced are written: bounds how long a
 /// busy connection delays its writes (and its share of a worker) for the sake of batching.
@@ -209,13 +223,24 @@ impl Conn {
                 return Flow::Close(None);
             }
             CloseReason::Moved => {
-                self.push_frame(&Frame::new(
-                    0,
-                    ringpost_wire::GoingAway {
-                        reconnect_after_ms: MOVED_RECONNECT_AFTER_MS,
-                        reason: "this user now belongs to another node; reconnect".into(),
-                    },
-                ));
+                match self.bound.and_then(|(user, _)| self.migrate(user)) {
+                    Some(migrate) => {
+                        debug!(
+                            conn = self.shared.id,
+                            epoch = migrate.epoch,
+                            after_ms = migrate.reconnect_after_ms,
+                            "user moved: migrating the device to its new node"
+                        );
+                        self.push_frame(&Frame::new(0, migrate));
+                    }
+                    None => self.push_frame(&Frame::new(
+                        0,
+                        ringpost_wire::GoingAway {
+                            reconnect_after_ms: MOVED_RECONNECT_AFTER_MS,
+                            reason: "this user now belongs to another node; reconnect".into(),
+                        },
+                    )),
+                }
                 return Flow::Close(Some((
                     ErrorCode::WrongOwner,
                     "this user now belongs to another node".into(),
@@ -240,6 +265,23 @@ impl Conn {
             self.out.push_back(frame);
         }
         Flow::Continue
+    }
+
+    /// The `Migrate` for this connection's device, whose `user` moved: to the owner the
+    /// current ring names, with the addresses a `Redirect` would carry. `None` when no other
+    /// node owns the user (or the user is back here), or the owner has no client address.
+    fn migrate(&self, user: UserId) -> Option<Migrate> {
+        let Route::Remote { node, epoch, .. } = self.server.routing.route(user) else {
+            return None;
+        };
+        let Answer::Redirect(redirect) = self.server.redirect(user, node, epoch) else {
+            return None;
+        };
+        migrate_for(
+            redirect,
+            self.server.config.migrate_spread_ms,
+            &mut rand::thread_rng(),
+        )
     }
 
     fn handle_read(&mut self, read: Result<Incoming, TransportError>) -> Flow {
@@ -488,5 +530,86 @@ async fn next_ack(acks: &mut Option<Box<Acks>>) -> Option<(u32, Answer)> {
     match acks {
         Some(a) => a.next().await,
         None => std::future::pending().await,
+    }
+}
+
+/// The `Migrate` that sends a moved device where `redirect` sends it, after a delay drawn
+/// uniformly from `[0, spread_ms]` (`spread_ms` capped at [`MIGRATE_SPREAD_MS_MAX`]). `None` if
+/// the new owner has no client address: the device is told `GoingAway` instead.
+pub fn migrate_for(redirect: Redirect, spread_ms: u32, rng: &mut impl Rng) -> Option<Migrate> {
+    if redirect.ws_url.is_empty() && redirect.quic_addr.is_empty() {
+        return None;
+    }
+    Some(Migrate {
+        user: redirect.user,
+        epoch: redirect.epoch,
+        ws_url: redirect.ws_url,
+        quic_addr: redirect.quic_addr,
+        reconnect_after_ms: rng.gen_range(0..=spread_ms.min(MIGRATE_SPREAD_MS_MAX)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+
+    use super::*;
+
+    fn redirect(ws_url: &str, quic_addr: &str) -> Redirect {
+        Redirect {
+            user: 15550001,
+            epoch: 9,
+            ws_url: ws_url.into(),
+            quic_addr: quic_addr.into(),
+        }
+    }
+
+    #[test]
+    fn a_migrate_carries_what_a_redirect_would() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let m = migrate_for(redirect("wss://b:443", "b:443"), 0, &mut rng).unwrap();
+        assert_eq!(
+            m,
+            Migrate {
+                user: 15550001,
+                epoch: 9,
+                ws_url: "wss://b:443".into(),
+                quic_addr: "b:443".into(),
+                reconnect_after_ms: 0,
+            }
+        );
+        // One address is enough; the client picks the one its transport speaks.
+        assert!(migrate_for(redirect("", "b:443"), 10, &mut rng).is_some());
+        assert!(migrate_for(redirect("ws://b:80", ""), 10, &mut rng).is_some());
+        assert_eq!(migrate_for(redirect("", ""), 10, &mut rng), None);
+    }
+
+    #[test]
+    fn migrate_delays_are_spread_over_the_interval_and_bounded() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let spread = 1_000;
+        let delays: Vec<u32> = (0..2_000)
+            .map(|_| {
+                migrate_for(redirect("ws://b:80", ""), spread, &mut rng)
+                    .unwrap()
+                    .reconnect_after_ms
+            })
+            .collect();
+        assert!(delays.iter().all(|&d| d <= spread));
+        // Uniform over [0, spread]: every tenth of the interval gets some (2,000 draws, ~200
+        // expected per tenth; a seeded run, so this cannot flake).
+        for tenth in 0..10 {
+            let (lo, hi) = (tenth * 100, tenth * 100 + 100);
+            assert!(
+                delays.iter().any(|&d| d >= lo && d < hi),
+                "no delay in [{lo}, {hi})"
+            );
+        }
+        // An interval over the wire's bound is cut to it, so the frame always encodes.
+        for _ in 0..100 {
+            let m = migrate_for(redirect("ws://b:80", ""), u32::MAX, &mut rng).unwrap();
+            assert!(m.reconnect_after_ms <= MIGRATE_RECONNECT_AFTER_MS_MAX);
+            Frame::new(0, m).encode().unwrap();
+        }
     }
 }

@@ -583,8 +583,9 @@ impl Server {
     }
 
     /// Installs a new ring: shards this node lost stop taking writes and the devices of their
-    /// users are asked to reconnect (they will be redirected). Returns the shards it gained,
-    /// which need a hand-off before they are served.
+    /// users are asked to move (each connection is told `Migrate` to the new owner, or
+    /// `GoingAway` if it has no client address: see [`crate::conn`]). Returns the shards it
+    /// gained, which need a hand-off before they are served.
     pub fn install_ring(&self, ring: Ring) -> Vec<ShardId> {
         let epoch = ring.epoch;
         let pending = self.routing.install(ring);
@@ -605,7 +606,7 @@ impl Server {
             info!(
                 epoch,
                 devices = moved,
-                "devices of users now owned elsewhere asked to reconnect"
+                "devices of users now owned elsewhere asked to move"
             );
         }
         pending

@@ -202,6 +202,13 @@ struct RunArgs {
         default_missing_value = "true"
     )]
     replicate: bool,
+    /// When a user's shard moves to another node (a join, a drain, a failover), its connected
+    /// devices are told to reconnect there after a delay drawn from [0, this] milliseconds:
+    /// N moved devices reconnect at about N / this per millisecond, and each is offline at
+    /// most this long plus its reconnect.
+    #[arg(long, default_value_t = ringpost_node::conn::MIGRATE_SPREAD_MS_DEFAULT, env = "RINGPOST_MIGRATE_SPREAD_MS",
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(ringpost_node::conn::MIGRATE_SPREAD_MS_MAX)))]
+    migrate_spread_ms: u32,
     #[command(flatten)]
     common: Common,
 }
@@ -356,6 +363,7 @@ fn run_options(args: RunArgs) -> Result<NodeOptions> {
     opts.server.node_id = args.node_id;
     opts.server.shard_count = args.shard_count;
     opts.replicate = args.replicate;
+    opts.server.migrate_spread_ms = args.migrate_spread_ms;
     if !args.coordinator.is_empty() {
         let secret = match (args.cluster_secret, args.cluster_secret_file) {
             (Some(s), None) => s.into_bytes(),

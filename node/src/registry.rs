@@ -69,7 +69,8 @@ pub enum CloseReason {
     Expired = 2,
     /// The node is shutting down.
     ShuttingDown = 3,
-    /// The device's user now belongs to another node (new ring epoch): reconnect.
+    /// The device's user now belongs to another node (new ring epoch): the connection tells it
+    /// `Migrate` to the new owner (or `GoingAway`, if that has no client address) and closes.
     Moved = 4,
     /// The device was removed from its account (`RemoveDevice`, or a re-registration of the
     /// number): its token no longer works.

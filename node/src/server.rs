@@ -47,6 +47,10 @@ pub struct ServerConfig {
     pub preauth: crate::admission::PreAuthLimits,
     /// Budgets of the requests other than sends, receipts and typing (see [`crate::budgets`]).
     pub budgets: crate::budgets::BudgetConfig,
+    /// Reconnects of devices whose user moved to another node are spread over this many
+    /// milliseconds (`Migrate.reconnect_after_ms` is drawn from `[0, this]`); at most
+    /// [`crate::conn::MIGRATE_SPREAD_MS_MAX`].
+    pub migrate_spread_ms: u32,
 }
 
 impl Default for ServerConfig {
@@ -59,6 +63,7 @@ impl Default for ServerConfig {
             keepalive: Default::default(),
             preauth: Default::default(),
             budgets: Default::default(),
+            migrate_spread_ms: crate::conn::MIGRATE_SPREAD_MS_DEFAULT,
         }
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use harness::TestCluster;
-use ringpost_client::{Client, ClientConfig, ClientError, Event};
+use ringpost_client::{Client, ClientConfig, ClientError, Endpoint, Event};
 use ringpost_coordinator::{testing, ClusterView, MemberState, NodeInfo};
 use ringpost_node::node_key::NodeKey;
 use ringpost_node::peer::link::{PeerConfig, PeerError, PeerNet, PeerService, StaticDirectory};
@@ -21,7 +21,7 @@ use ringpost_node::peer::{
     decode_response, encode_request, PeerRequest, PeerResponse, Store, StoreKind, Stored, Targets,
 };
 use ringpost_node::ring::Ring;
-use ringpost_wire::{Auth, DeviceCiphertext, ErrorCode, MsgId, SendStatus, UserId};
+use ringpost_wire::{Auth, DeviceCiphertext, ErrorCode, Migrate, MsgId, SendStatus, UserId};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -451,6 +451,108 @@ fn adding_a_node_under_traffic_moves_users_without_losing_messages() {
             "{refused:?}"
         );
         impostor.shutdown().await;
+    });
+}
+
+/// What a device's client saw of a move: the `Migrate` it was told (if any) and the `Welcome` of
+/// the connection it came back on.
+async fn follow_move(c: Client) -> (Option<Migrate>, ringpost_wire::Welcome) {
+    let mut migrate = None;
+    loop {
+        let event = tokio::time::timeout(WAIT, c.next_event())
+            .await
+            .expect("the device came back within WAIT")
+            .expect("event stream ended");
+        match event {
+            Event::Migrate(m) => migrate = Some(m),
+            Event::Reconnected { welcome, .. } => return (migrate, welcome),
+            Event::Disconnected {
+                will_reconnect: false,
+                reason,
+            } => panic!("the device gave up: {reason}"),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn devices_of_users_moved_to_a_joining_node_are_migrated_straight_to_it() {
+    const SPREAD_MS: u32 = 500;
+    let mut cluster = TestCluster::start_with(1, 2, &["--migrate-spread-ms", "500"]);
+    let rt = runtime();
+    let before = ring_of(&[1, 2]);
+    let after = ring_of(&[1, 2, 3]);
+    let moving = users_where(&after, 15_554_000_000, 6, |o| o == 3);
+    let staying = users_where(&after, 15_554_000_000, 2, |o| o != 3);
+    let (moved, stayed, redirects_before, collectors) = rt.block_on(async {
+        let mut moved = Vec::new();
+        for (i, &u) in moving.iter().enumerate() {
+            moved.push(cluster.register(i % 2, u).await);
+        }
+        let mut stayed = Vec::new();
+        for &u in &staying {
+            stayed.push(cluster.register(0, u).await);
+        }
+        for (c, &u) in moved.iter().zip(&moving) {
+            assert_eq!(Some(c.welcome().node_id), before.owner_of(u));
+        }
+        let redirects_before: Vec<u64> = moved.iter().map(Client::redirects_followed).collect();
+        let collectors: Vec<_> = moved
+            .iter()
+            .map(|c| tokio::spawn(follow_move(c.clone())))
+            .collect();
+        (moved, stayed, redirects_before, collectors)
+    });
+
+    let node3 = cluster.add_node();
+    let node3_ws = Endpoint::parse(&cluster.nodes[node3].url("ws")).expect("node 3's url");
+    rt.block_on(async {
+        for (i, collector) in collectors.into_iter().enumerate() {
+            let (migrate, welcome) = collector.await.expect("collector");
+            let c = &moved[i];
+            let m = migrate.unwrap_or_else(|| panic!("user {} got no Migrate", moving[i]));
+            assert_eq!(m.user, moving[i]);
+            assert!(m.reconnect_after_ms <= SPREAD_MS, "{m:?}");
+            assert_eq!(Endpoint::parse(&m.ws_url).expect("ws_url"), node3_ws);
+            // Straight to the new owner: no entry point, no redirect.
+            assert_eq!(welcome.node_id, 3, "user {} landed elsewhere", moving[i]);
+            assert_eq!(c.migrations(), 1, "user {}", moving[i]);
+            assert_eq!(
+                c.redirects_followed(),
+                redirects_before[i],
+                "user {}",
+                moving[i]
+            );
+            assert_eq!(c.endpoint(), Some(node3_ws.clone()));
+        }
+        // The move is epoch-fenced and complete: the view has node 3 owning what the ring says.
+        let view = cluster.view().await;
+        assert_eq!(
+            Ring::from_view(&view).shards_of(3).count(),
+            after.shards_of(3).count()
+        );
+        // Devices of users that stayed were left alone.
+        for c in &stayed {
+            assert_ne!(c.welcome().node_id, 3);
+            assert_eq!((c.reconnects(), c.migrations()), (0, 0));
+        }
+        // The migrated devices are served on their new node.
+        let id = msg_id(staying[0], 1);
+        send_acked(&stayed[0], moving[0], id, "after the move")
+            .await
+            .expect("send to a migrated user");
+        let delivered = tokio::time::timeout(WAIT, async {
+            loop {
+                match moved[0].next_event().await {
+                    Some(Event::Message(d)) => return d,
+                    Some(_) => {}
+                    None => panic!("event stream ended"),
+                }
+            }
+        })
+        .await
+        .expect("delivered within WAIT");
+        assert_eq!(delivered.msg_id, id);
     });
 }
 

@@ -72,6 +72,7 @@ pub enum Body {
     Done(Done),
     Error(Error),
     GoingAway(GoingAway),
+    Migrate(Migrate),
 }
 
 /// Which side may send a frame type.
@@ -187,6 +188,7 @@ frame_types!(
     Done = 37 ToClient,
     Error = 38 ToClient,
     GoingAway = 39 ToClient,
+    Migrate = 40 ToClient,
 );
 
 impl std::fmt::Display for FrameKind {
@@ -599,4 +601,21 @@ pub struct Error {
 pub struct GoingAway {
     pub reconnect_after_ms: u32,
     pub reason: String,
+}
+
+/// s→c: a ring change moved the user's shard to another node at `epoch`. Reconnect straight to
+/// that node (chosen from `ws_url` and `quic_addr` as for a [`Redirect`]) after
+/// `reconnect_after_ms`, at most [`crate::limits::MIGRATE_RECONNECT_AFTER_MS_MAX`]. The node
+/// closes the connection after this frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migrate {
+    pub user: UserId,
+    pub epoch: u64,
+    /// `ws://host:port` or `wss://host:port` of the new owner; empty if it has none.
+    pub ws_url: String,
+    /// `host:port` of the new owner's QUIC listener; empty if it has none.
+    pub quic_addr: String,
+    /// Wait this long before reconnecting: the node draws it per connection from its migrate
+    /// interval, so the devices of a moved shard do not all reconnect at once.
+    pub reconnect_after_ms: u32,
 }

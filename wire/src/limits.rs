@@ -60,6 +60,11 @@ pub const GROUP_ID_BYTES: usize = 16;
 /// Largest media object a grant may be asked for (100 MiB).
 pub const MEDIA_BYTES_MAX: u64 = 100 * 1024 * 1024;
 
+/// Largest `Migrate.reconnect_after_ms` (one minute): how long a node may keep a moved device
+/// away from its new owner. A node spreads the reconnects of a moved shard's devices over at most
+/// this long; a client waits at most this long, whatever a frame says.
+pub const MIGRATE_RECONNECT_AFTER_MS_MAX: u32 = 60_000;
+
 /// Contacts in one `SetPrivacy` (the whole list is replaced each time): 32 KiB of ids, a quarter
 /// of a frame. Held per user by the presence service, so this is also its per-user worst case.
 pub const PRIVACY_CONTACTS_MAX: usize = 4096;

@@ -267,6 +267,15 @@ fn frame_with(field: &str, len: usize) -> Frame {
             quic_addr,
         })
     };
+    let migrate = |ws_url: String, quic_addr: String, reconnect_after_ms: u32| {
+        Body::Migrate(Migrate {
+            user: 1,
+            epoch: 1,
+            ws_url,
+            quic_addr,
+            reconnect_after_ms,
+        })
+    };
     let register_verify = |code: String, pin: String, device_name: String| {
         Body::RegisterVerify(RegisterVerify {
             phone: 1,
@@ -466,6 +475,13 @@ fn frame_with(field: &str, len: usize) -> Frame {
             reconnect_after_ms: 1,
             reason: text(len),
         }),
+        "Migrate.ws_url" => migrate(text(len), String::new(), 0),
+        "Migrate.quic_addr" => migrate(String::new(), text(len), 0),
+        "Migrate.reconnect_after_ms" => migrate(
+            String::new(),
+            String::new(),
+            u32::try_from(len).expect("the bound fits a u32"),
+        ),
         other => panic!("no test frame for bounded field {other}: add one"),
     };
     Frame::new(5, body)

@@ -7,15 +7,17 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ringpost_wire::limits::MIGRATE_RECONNECT_AFTER_MS_MAX;
 use ringpost_wire::{Body, DecodeError, Frame, Ping};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::event::Event;
-use super::link::{establish, Established, Link};
+use super::link::{establish, establish_at, Established, Link};
 use super::{LinkState, Queued, Shared};
 use crate::backoff::Backoff;
 use crate::connection::{Inbound, PeerClose, Reader};
+use crate::endpoint::Endpoint;
 use crate::error::ClientError;
 
 /// A connection that hears nothing (not even a `Pong`) for this many ping intervals is dead:
@@ -42,8 +44,10 @@ enum LinkEnd {
     Dropped {
         reason: String,
         error: Option<ClientError>,
-        /// Wait at least this long before reconnecting (`GoingAway`).
+        /// Wait at least this long before reconnecting (`GoingAway`, `Migrate`).
         reconnect_after: Duration,
+        /// Reconnect straight to this node first (`Migrate`).
+        migrate_to: Option<Endpoint>,
     },
 }
 
@@ -53,6 +57,7 @@ impl LinkEnd {
             reason: reason.into(),
             error: None,
             reconnect_after: Duration::ZERO,
+            migrate_to: None,
         }
     }
 }
@@ -90,13 +95,14 @@ impl Driver {
                 self.shared.state.send_replace(LinkState::Closed);
             }
 
-            let (reason, reconnect_after) = match end {
+            let (reason, reconnect_after, migrate_to) = match end {
                 LinkEnd::Shutdown => return,
                 LinkEnd::Dropped {
                     reason,
                     reconnect_after,
+                    migrate_to,
                     ..
-                } => (reason, reconnect_after),
+                } => (reason, reconnect_after, migrate_to),
             };
             tracing::debug!(endpoint = %link.endpoint, %reason, will_reconnect, "connection dropped");
             self.emit(Queued::Event(Box::new(Event::Disconnected {
@@ -110,8 +116,14 @@ impl Driver {
             if lived >= RECONNECT_STABLE_AFTER {
                 attempt = 0;
             }
-            match self.reconnect(&link, &mut attempt, reconnect_after).await {
+            let reconnected = self
+                .reconnect(&link, &mut attempt, reconnect_after, migrate_to)
+                .await;
+            match reconnected {
                 Some(established) => {
+                    self.shared
+                        .redirects_followed
+                        .fetch_add(u64::from(established.redirects), Ordering::AcqRel);
                     let new_link = Arc::new(Link::new(
                         established.writer,
                         established.endpoint,
@@ -147,13 +159,41 @@ impl Driver {
     /// Tries to connect again until it works, the error is terminal, the attempts run out or the
     /// client is closed. `None` in all but the first case (the state is then `Closed` and the
     /// last event was emitted).
+    ///
+    /// With `migrate_to` (a `Migrate`), the first attempt goes straight there after `floor`,
+    /// following no redirect; if it fails or is redirected, the usual attempts follow.
     async fn reconnect(
         &mut self,
         last: &Link,
         attempt: &mut u32,
         mut floor: Duration,
+        migrate_to: Option<Endpoint>,
     ) -> Option<Established> {
         let config = &self.shared.config;
+        if let Some(target) = migrate_to {
+            tokio::select! {
+                _ = tokio::time::sleep(floor) => {}
+                _ = self.shutdown.wait_for(|closed| *closed) => return None,
+            }
+            let auth = self.shared.auth();
+            let result = tokio::select! {
+                r = Box::pin(establish_at(config, target.clone(), auth.as_ref(), 0)) => r,
+                _ = self.shutdown.wait_for(|closed| *closed) => return None,
+            };
+            match result {
+                Ok(established) => {
+                    self.shared.migrations.fetch_add(1, Ordering::AcqRel);
+                    return Some(established);
+                }
+                // Whatever it was (refused, timed out, redirected because the ring moved
+                // again, or a terminal error the usual path will report), the usual path takes
+                // over.
+                Err(e) => {
+                    tracing::debug!(error = %e, %target, "migrating failed; reconnecting as usual");
+                    floor = e.retry_after().unwrap_or(Duration::ZERO);
+                }
+            }
+        }
         let backoff = Backoff::new(config.backoff_base, config.backoff_cap);
         let last_url = last.endpoint.to_string();
         let mut tries: u32 = 0;
@@ -270,6 +310,7 @@ impl Driver {
                                 reason: format!("the node sent an undecodable frame: {e}"),
                                 error: None,
                                 reconnect_after: Duration::ZERO,
+                                migrate_to: None,
                             }
                         }
                     }
@@ -285,6 +326,7 @@ impl Driver {
                         reason: closed_reason(close.as_ref(), error.as_ref()),
                         error,
                         reconnect_after: Duration::ZERO,
+                        migrate_to: None,
                     };
                 }
                 Err(e) => {
@@ -296,6 +338,7 @@ impl Driver {
                         },
                         error,
                         reconnect_after: Duration::ZERO,
+                        migrate_to: None,
                     };
                 }
             }
@@ -340,6 +383,23 @@ impl Driver {
                     reason,
                     error: None,
                     reconnect_after: after,
+                    migrate_to: None,
+                });
+            }
+            Body::Migrate(migrate) => {
+                let reconnect_after = migrate_delay(migrate.reconnect_after_ms);
+                let target = link.endpoint.migrate_target(&migrate);
+                let reason = match &target {
+                    Ok(to) => format!("user moved to {to} at epoch {}", migrate.epoch),
+                    Err(e) => format!("user moved to another node: {e}"),
+                };
+                self.emit(Queued::Event(Box::new(Event::Migrate(migrate))))
+                    .await;
+                return Some(LinkEnd::Dropped {
+                    reason,
+                    error: None,
+                    reconnect_after,
+                    migrate_to: target.ok(),
                 });
             }
             Body::Error(error) if !error.fatal => {
@@ -374,6 +434,15 @@ impl Driver {
     }
 }
 
+/// How long to wait before following a `Migrate`: what it asks, never more than
+/// [`MIGRATE_RECONNECT_AFTER_MS_MAX`] (the decoder refuses a frame asking for more; this holds
+/// whatever the frame said).
+pub(crate) fn migrate_delay(reconnect_after_ms: u32) -> Duration {
+    Duration::from_millis(u64::from(
+        reconnect_after_ms.min(MIGRATE_RECONNECT_AFTER_MS_MAX),
+    ))
+}
+
 /// What the node said last before a connection ended: why it ended, and whether reconnecting
 /// can help ([`ClientError::is_terminal`]).
 #[derive(Default)]
@@ -399,5 +468,20 @@ fn closed_reason(close: Option<&PeerClose>, fatal: Option<&ClientError>) -> Stri
             format!("node closed the connection (code {code:?}: {reason})")
         }
         (None, None) => "node closed the connection".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_migrate_delay_is_what_the_node_asks_up_to_the_bound() {
+        assert_eq!(migrate_delay(0), Duration::ZERO);
+        assert_eq!(migrate_delay(1_500), Duration::from_millis(1_500));
+        let max = Duration::from_millis(u64::from(MIGRATE_RECONNECT_AFTER_MS_MAX));
+        assert_eq!(migrate_delay(MIGRATE_RECONNECT_AFTER_MS_MAX), max);
+        assert_eq!(migrate_delay(MIGRATE_RECONNECT_AFTER_MS_MAX + 1), max);
+        assert_eq!(migrate_delay(u32::MAX), max);
     }
 }

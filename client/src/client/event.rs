@@ -1,7 +1,8 @@
 //! [`Event`]: what a [`crate::Client`] hands the application besides answers to its requests.
 
 use ringpost_wire::{
-    Deliver, DeliverKind, DeviceId, GoingAway, MsgId, PresenceUpdate, Typing, UserId, Welcome,
+    Deliver, DeliverKind, DeviceId, GoingAway, Migrate, MsgId, PresenceUpdate, Typing, UserId,
+    Welcome,
 };
 
 /// Something that happened on the client's connection.
@@ -42,6 +43,11 @@ pub enum Event {
     /// The node is going away; the client reconnects after `reconnect_after_ms` (if it
     /// reconnects at all).
     GoingAway(GoingAway),
+    /// The cluster moved this device's user to another node: the client reconnects straight
+    /// there after `reconnect_after_ms` (at most
+    /// [`ringpost_wire::limits::MIGRATE_RECONNECT_AFTER_MS_MAX`]), if it reconnects at all, and
+    /// falls back to its usual reconnects (entry point, backoff, redirects) if that fails.
+    Migrate(Migrate),
     /// The connection dropped. Requests in flight failed with
     /// [`crate::ClientError::Disconnected`]. With `will_reconnect`, a
     /// [`Event::Reconnected`] follows once a new connection is up; without, this is the last

@@ -181,6 +181,8 @@ pub(crate) struct Established {
     pub(crate) endpoint: Endpoint,
     /// Unprompted frames that arrived before `Welcome` (see [`EARLY_FRAMES_MAX`]).
     pub(crate) early: Vec<Frame>,
+    /// `Redirect`s followed to get here.
+    pub(crate) redirects: u32,
 }
 
 enum Greeting {
@@ -195,20 +197,34 @@ pub(crate) async fn establish(
     url: &str,
     auth: Option<&Auth>,
 ) -> Result<Established> {
-    let mut endpoint = Endpoint::parse(url)?;
+    establish_at(config, Endpoint::parse(url)?, auth, config.max_redirects).await
+}
+
+/// Connects to `endpoint` and says `Hello` with `auth`, following up to `max_redirects`
+/// redirects (0: a `Redirect` is [`ClientError::TooManyRedirects`]). Each hop is bounded by
+/// `config.connect_timeout`.
+pub(crate) async fn establish_at(
+    config: &ClientConfig,
+    mut endpoint: Endpoint,
+    auth: Option<&Auth>,
+    max_redirects: u32,
+) -> Result<Established> {
     let mut redirects = 0;
     loop {
         let greeting = tokio::time::timeout(config.connect_timeout, hello(&endpoint, config, auth))
             .await
             .map_err(|_| ClientError::Timeout("connect"))??;
         match greeting {
-            Greeting::Welcome(established) => return Ok(*established),
+            Greeting::Welcome(mut established) => {
+                established.redirects = redirects;
+                return Ok(*established);
+            }
             Greeting::Redirect(redirect) => {
                 let target = endpoint.redirect_target(&redirect)?;
                 tracing::debug!(from = %endpoint, to = %target, epoch = redirect.epoch, "redirected");
-                if redirects >= config.max_redirects {
+                if redirects >= max_redirects {
                     return Err(ClientError::TooManyRedirects {
-                        max: config.max_redirects,
+                        max: max_redirects,
                         last: target.to_string(),
                     });
                 }
@@ -263,6 +279,7 @@ async fn hello(
                     welcome,
                     endpoint: endpoint.clone(),
                     early,
+                    redirects: 0,
                 })))
             }
             Body::Redirect(redirect) => {

@@ -398,5 +398,15 @@ fn body(fbb: &mut Fbb<'_>, body: &Body) -> Off<UnionWIPOffset> {
             };
             fb::GoingAway::create(fbb, &args).as_union_value()
         }
+        Body::Migrate(b) => {
+            let args = fb::MigrateArgs {
+                user: b.user,
+                epoch: b.epoch,
+                ws_url: string(fbb, &b.ws_url),
+                quic_addr: string(fbb, &b.quic_addr),
+                reconnect_after_ms: b.reconnect_after_ms,
+            };
+            fb::Migrate::create(fbb, &args).as_union_value()
+        }
     }
 }

@@ -130,6 +130,12 @@ const MEDIA_UPLOAD_GRANT_DOWNLOAD_URL: Max =
     Max::new("MediaUploadGrant.download_url", STRING_BYTES_MAX);
 const ERROR_MESSAGE: Max = Max::new("Error.message", STRING_BYTES_MAX);
 const GOING_AWAY_REASON: Max = Max::new("GoingAway.reason", STRING_BYTES_MAX);
+const MIGRATE_WS_URL: Max = Max::new("Migrate.ws_url", STRING_BYTES_MAX);
+const MIGRATE_QUIC_ADDR: Max = Max::new("Migrate.quic_addr", STRING_BYTES_MAX);
+const MIGRATE_RECONNECT_AFTER_MS: Max = Max::new(
+    "Migrate.reconnect_after_ms",
+    MIGRATE_RECONNECT_AFTER_MS_MAX as usize,
+);
 
 /// One bounded field of the protocol, as enforced on both sides of the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,7 +143,7 @@ pub struct FieldBound {
     /// `Table.field`, as in the schema and in errors.
     pub field: &'static str,
     /// Elements (lists) or bytes (strings, byte strings); for `MediaUploadRequest.size`, bytes
-    /// of the media object.
+    /// of the media object; for `Migrate.reconnect_after_ms`, milliseconds.
     pub limit: usize,
     /// The length must be exactly `limit` (tokens), rather than at most.
     pub exact: bool,
@@ -213,9 +219,12 @@ pub const BOUNDS: &[FieldBound] = &[
     MEDIA_UPLOAD_GRANT_DOWNLOAD_URL.bound(),
     ERROR_MESSAGE.bound(),
     GOING_AWAY_REASON.bound(),
+    MIGRATE_WS_URL.bound(),
+    MIGRATE_QUIC_ADDR.bound(),
+    MIGRATE_RECONNECT_AFTER_MS.bound(),
 ];
 
-/// `MediaUploadRequest.size` as a length (saturating where `usize` is narrower than 64 bits).
+/// `MediaUploadRequest.size` (or another scalar bound) as a length (saturating where `usize` is narrower than 64 bits).
 fn size_len(size: u64) -> usize {
     usize::try_from(size).unwrap_or(usize::MAX)
 }
@@ -326,6 +335,11 @@ pub(crate) fn sent(body: &Body) -> Result<(), Violation> {
         }
         Body::Error(b) => ERROR_MESSAGE.check(b.message.len()),
         Body::GoingAway(b) => GOING_AWAY_REASON.check(b.reason.len()),
+        Body::Migrate(b) => {
+            MIGRATE_WS_URL.check(b.ws_url.len())?;
+            MIGRATE_QUIC_ADDR.check(b.quic_addr.len())?;
+            MIGRATE_RECONNECT_AFTER_MS.check(size_len(u64::from(b.reconnect_after_ms)))
+        }
         // Only scalars and fixed-size ids: nothing to bound.
         Body::Welcome(_)
         | Body::RegisterRequest(_)
@@ -564,6 +578,12 @@ pub(crate) fn received<'a>(root: fb::Frame<'a>, kind: FrameKind) -> Result<Hot<'
         K::GoingAway => {
             let t = table(root.body_as_going_away())?;
             GOING_AWAY_REASON.check(str_len(t.reason()))?;
+        }
+        K::Migrate => {
+            let t = table(root.body_as_migrate())?;
+            MIGRATE_WS_URL.check(str_len(t.ws_url()))?;
+            MIGRATE_QUIC_ADDR.check(str_len(t.quic_addr()))?;
+            MIGRATE_RECONNECT_AFTER_MS.check(size_len(u64::from(t.reconnect_after_ms())))?;
         }
         // Only scalars: the verifier has checked everything there is to check.
         K::Welcome

@@ -451,5 +451,15 @@ pub(crate) fn body(
                 reason: string(t.reason()),
             })
         }
+        K::Migrate => {
+            let t = table(root.body_as_migrate())?;
+            Body::Migrate(Migrate {
+                user: t.user(),
+                epoch: t.epoch(),
+                ws_url: string(t.ws_url()),
+                quic_addr: string(t.quic_addr()),
+                reconnect_after_ms: t.reconnect_after_ms(),
+            })
+        }
     })
 }

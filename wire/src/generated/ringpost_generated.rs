@@ -458,10 +458,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for Visibility {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_BODY: u8 = 39;
+pub const ENUM_MAX_BODY: u8 = 40;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_BODY: [Body; 40] = [
+pub const ENUM_VALUES_BODY: [Body; 41] = [
   Body::NONE,
   Body::Hello,
   Body::Welcome,
@@ -502,10 +502,11 @@ pub const ENUM_VALUES_BODY: [Body; 40] = [
   Body::Done,
   Body::Error,
   Body::GoingAway,
+  Body::Migrate,
 ];
 
 /// Every frame type. The union tag is the frame type on the wire: NONE = 0, Hello = 1, ...,
-/// GoingAway = 39, in this order. Append only.
+/// GoingAway = 39, Migrate = 40, in this order. Append only.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 #[repr(transparent)]
 pub struct Body(pub u8);
@@ -551,9 +552,10 @@ impl Body {
   pub const Done: Self = Self(37);
   pub const Error: Self = Self(38);
   pub const GoingAway: Self = Self(39);
+  pub const Migrate: Self = Self(40);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 39;
+  pub const ENUM_MAX: u8 = 40;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Hello,
@@ -595,6 +597,7 @@ impl Body {
     Self::Done,
     Self::Error,
     Self::GoingAway,
+    Self::Migrate,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -639,6 +642,7 @@ impl Body {
       Self::Done => Some("Done"),
       Self::Error => Some("Error"),
       Self::GoingAway => Some("GoingAway"),
+      Self::Migrate => Some("Migrate"),
       _ => None,
     }
   }
@@ -6654,6 +6658,177 @@ impl ::core::fmt::Debug for GoingAway<'_> {
       ds.finish()
   }
 }
+pub enum MigrateOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// s→c: a ring change moved the user's shard to another node at `epoch`; reconnect straight to
+/// that node after `reconnect_after_ms` (the node spreads it over its migrate interval so a move
+/// is not a reconnect storm). The node closes the connection after this frame.
+pub struct Migrate<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Migrate<'a> {
+  type Inner = Migrate<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Migrate<'a> {
+  pub const VT_USER: ::flatbuffers::VOffsetT = 4;
+  pub const VT_EPOCH: ::flatbuffers::VOffsetT = 6;
+  pub const VT_WS_URL: ::flatbuffers::VOffsetT = 8;
+  pub const VT_QUIC_ADDR: ::flatbuffers::VOffsetT = 10;
+  pub const VT_RECONNECT_AFTER_MS: ::flatbuffers::VOffsetT = 12;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Migrate { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args MigrateArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Migrate<'bldr>> {
+    let mut builder = MigrateBuilder::new(_fbb);
+    builder.add_epoch(args.epoch);
+    builder.add_user(args.user);
+    builder.add_reconnect_after_ms(args.reconnect_after_ms);
+    if let Some(x) = args.quic_addr { builder.add_quic_addr(x); }
+    if let Some(x) = args.ws_url { builder.add_ws_url(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn user(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Migrate::VT_USER, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn epoch(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Migrate::VT_EPOCH, Some(0)).unwrap()}
+  }
+  /// `ws://host:port` or `wss://host:port` of the new owner; empty if it has none. At most 256
+  /// bytes.
+  #[inline]
+  pub fn ws_url(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Migrate::VT_WS_URL, None)}
+  }
+  /// `host:port` of the new owner's QUIC listener; empty if it has none. At most 256 bytes.
+  #[inline]
+  pub fn quic_addr(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Migrate::VT_QUIC_ADDR, None)}
+  }
+  /// At most 60000 (MIGRATE_RECONNECT_AFTER_MS_MAX); a larger value is LimitExceeded.
+  #[inline]
+  pub fn reconnect_after_ms(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Migrate::VT_RECONNECT_AFTER_MS, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Migrate<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("user", Self::VT_USER, false)?
+     .visit_field::<u64>("epoch", Self::VT_EPOCH, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("ws_url", Self::VT_WS_URL, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("quic_addr", Self::VT_QUIC_ADDR, false)?
+     .visit_field::<u32>("reconnect_after_ms", Self::VT_RECONNECT_AFTER_MS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct MigrateArgs<'a> {
+    pub user: u64,
+    pub epoch: u64,
+    pub ws_url: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub quic_addr: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub reconnect_after_ms: u32,
+}
+impl<'a> Default for MigrateArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    MigrateArgs {
+      user: 0,
+      epoch: 0,
+      ws_url: None,
+      quic_addr: None,
+      reconnect_after_ms: 0,
+    }
+  }
+}
+
+pub struct MigrateBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> MigrateBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_user(&mut self, user: u64) {
+    self.fbb_.push_slot::<u64>(Migrate::VT_USER, user, 0);
+  }
+  #[inline]
+  pub fn add_epoch(&mut self, epoch: u64) {
+    self.fbb_.push_slot::<u64>(Migrate::VT_EPOCH, epoch, 0);
+  }
+  #[inline]
+  pub fn add_ws_url(&mut self, ws_url: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Migrate::VT_WS_URL, ws_url);
+  }
+  #[inline]
+  pub fn add_quic_addr(&mut self, quic_addr: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Migrate::VT_QUIC_ADDR, quic_addr);
+  }
+  #[inline]
+  pub fn add_reconnect_after_ms(&mut self, reconnect_after_ms: u32) {
+    self.fbb_.push_slot::<u32>(Migrate::VT_RECONNECT_AFTER_MS, reconnect_after_ms, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> MigrateBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    MigrateBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Migrate<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Migrate<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Migrate");
+      ds.field("user", &self.user());
+      ds.field("epoch", &self.epoch());
+      ds.field("ws_url", &self.ws_url());
+      ds.field("quic_addr", &self.quic_addr());
+      ds.field("reconnect_after_ms", &self.reconnect_after_ms());
+      ds.finish()
+  }
+}
 pub enum FrameOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -7312,6 +7487,21 @@ impl<'a> Frame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_migrate(&self) -> Option<Migrate<'a>> {
+    if self.body_type() == Body::Migrate {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Migrate::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Frame<'_> {
@@ -7363,6 +7553,7 @@ impl ::flatbuffers::Verifiable for Frame<'_> {
           Body::Done => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Done>>("Body::Done", pos),
           Body::Error => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Error>>("Body::Error", pos),
           Body::GoingAway => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GoingAway>>("Body::GoingAway", pos),
+          Body::Migrate => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Migrate>>("Body::Migrate", pos),
           _ => Ok(()),
         }
      })?
@@ -7699,6 +7890,13 @@ impl ::core::fmt::Debug for Frame<'_> {
         },
         Body::GoingAway => {
           if let Some(x) = self.body_as_going_away() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::Migrate => {
+          if let Some(x) = self.body_as_migrate() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")

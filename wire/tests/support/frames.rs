@@ -422,6 +422,23 @@ pub fn body(kind: FrameKind) -> BoxedStrategy<Body> {
                 })
             })
             .boxed(),
+        K::Migrate => (
+            any::<u64>(),
+            any::<u64>(),
+            text(),
+            text(),
+            0..=MIGRATE_RECONNECT_AFTER_MS_MAX,
+        )
+            .prop_map(|(user, epoch, ws_url, quic_addr, reconnect_after_ms)| {
+                Body::Migrate(Migrate {
+                    user,
+                    epoch,
+                    ws_url,
+                    quic_addr,
+                    reconnect_after_ms,
+                })
+            })
+            .boxed(),
     }
 }
 
