@@ -685,7 +685,9 @@ fn draining_a_node_rehomes_its_users_and_delivers_their_queued_messages() {
 
 #[test]
 fn a_node_cut_off_from_the_coordinator_stops_writing_for_shards_it_lost() {
-    let cluster = TestCluster::start(1, 2);
+    // One copy per shard, so that node 1 holds none of node 2's data: the fence alone keeps
+    // the frozen node from writing (with replication node 1 would serve Bob by failover).
+    let cluster = TestCluster::start_with(1, 2, &["--replicate", "false"]);
     let rt = runtime();
     let ring = ring_of(&[1, 2]);
     let on2 = users_where(&ring, 15_554_000_000, 2, |o| o == 2);
