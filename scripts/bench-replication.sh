@@ -1,6 +1,6 @@
 #!/bin/bash
 # Replication cost on a 3-node release cluster on loopback (issue 19): starts 3 coordinators and
-# 3 nodes (with --replicate when asked, the factor set by ctl set-replication), registers the
+# 3 nodes (--replicate true or false as asked, the factor set by ctl set-replication), registers the
 # bench devices, waits for a quiet machine, then runs `ringpost-bench chat` over the 3 nodes and
 # prints the nodes' CPU per delivered message (all 3 together). Needs the release binaries:
 # cargo build --release -p ringpost-node -p ringpost-coordinator -p ringpost-bench
@@ -23,7 +23,7 @@ for a in $(seq 50); do $T/ringpost-coordinator init --coordinator $coords --secr
 $T/ringpost-coordinator ctl --coordinator $coords --secret-file $D/secret set-replication $RF > $D/ctl.log 2>&1 || cat $D/ctl.log
 npids=()
 for n in 1 2 3; do
-  extra=""; [[ $REPL == 1 ]] && extra="--replicate"
+  extra="--replicate false"; [[ $REPL == 1 ]] && extra="--replicate true"
   $T/ringpost-node run --data-dir $D/node$n --node-id $n --listen-ws 127.0.0.1:88${n}1 --listen-admin 127.0.0.1:88${n}8 --listen-peer 127.0.0.1:88${n}9 --coordinator $coords --cluster-secret-file $D/secret --shard-count 256 --codes-file $D/codes --device-rate 1000000 --device-burst 1000000 $extra > $D/node$n.out 2> $D/node$n.log &
   pids+=($!); npids+=($!)
   for a in $(seq 100); do grep -q "ringpost node ready" $D/node$n.out && break; sleep 0.2; done

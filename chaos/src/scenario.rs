@@ -863,8 +863,10 @@ pub fn catalogue() -> Vec<Scenario> {
         },
         Scenario {
             name: "node-loss",
-            about: "kill -9 node 3 for good, ctl remove it once it is down: only what lived \
-                    there alone (one copy: the chaos cluster does not replicate yet) may be lost, and the report counts it",
+            about: "kill -9 node 3 for good, ctl remove it once it is down: with replication \
+                    (the default) its shards fail over and nothing is lost; with \
+                    RINGPOST_REPLICATE=false only what lived there alone may be lost, and the \
+                    report counts it apart",
             needs: Needs {
                 cluster: true,
                 ..Needs::default()
