@@ -312,6 +312,28 @@ async fn traffic(
     out
 }
 
+/// Registers `users` through the first `via` nodes in turn; their clients, and inboxes
+/// collecting what each receives.
+async fn register_all(
+    cluster: &TestCluster,
+    users: &[UserId],
+    via: usize,
+) -> (Vec<Client>, Vec<Inbox>) {
+    let mut clients = Vec::new();
+    for (i, &u) in users.iter().enumerate() {
+        clients.push(cluster.register(i % via, u).await);
+    }
+    let inboxes = clients.iter().map(|c| Inbox::collect(c.clone())).collect();
+    (clients, inboxes)
+}
+
+/// Each user's client sending to the next user, the last to the first.
+fn in_a_ring(clients: &[Client], users: &[UserId]) -> Vec<(Client, UserId)> {
+    (clients.iter().enumerate())
+        .map(|(i, c)| (c.clone(), users[(i + 1) % users.len()]))
+        .collect()
+}
+
 #[test]
 fn adding_a_node_under_traffic_moves_users_without_losing_messages() {
     let mut cluster = TestCluster::start(3, 3);
@@ -321,22 +343,10 @@ fn adding_a_node_under_traffic_moves_users_without_losing_messages() {
     // Users who move to node 4, and users who stay.
     let mut users = users_where(&after, 15_552_000_000, 4, |o| o == 4);
     users.extend(users_where(&after, 15_552_000_000, 4, |o| o != 4));
-    let (clients, inboxes) = rt.block_on(async {
-        let mut clients = Vec::new();
-        for (i, &u) in users.iter().enumerate() {
-            clients.push(cluster.register(i % 3, u).await);
-        }
-        let inboxes: Vec<Inbox> = clients.iter().map(|c| Inbox::collect(c.clone())).collect();
-        (clients, inboxes)
-    });
+    let (clients, inboxes) = rt.block_on(register_all(&cluster, &users, 3));
     let stop = Arc::new(AtomicBool::new(false));
     // Each user sends to the next one, so moved and staying users talk both ways.
-    let pairs: Vec<(Client, UserId)> = clients
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.clone(), users[(i + 1) % users.len()]))
-        .collect();
-    let load = rt.spawn(traffic(pairs, stop.clone()));
+    let load = rt.spawn(traffic(in_a_ring(&clients, &users), stop.clone()));
     rt.block_on(async { tokio::time::sleep(Duration::from_secs(1)).await });
 
     let epoch_before = rt.block_on(cluster.view()).epoch;
@@ -1274,21 +1284,9 @@ fn with_replicate_a_join_and_a_drain_under_traffic_move_shards_live() {
     let after = ring_with(&[1, 2, 3], 2);
     let mut users = users_where(&after, 15_560_000_000, 3, |o| o == 3);
     users.extend(users_where(&after, 15_560_000_000, 3, |o| o != 3));
-    let (clients, inboxes) = rt.block_on(async {
-        let mut clients = Vec::new();
-        for (i, &u) in users.iter().enumerate() {
-            clients.push(cluster.register(i % 2, u).await);
-        }
-        let inboxes: Vec<Inbox> = clients.iter().map(|c| Inbox::collect(c.clone())).collect();
-        (clients, inboxes)
-    });
+    let (clients, inboxes) = rt.block_on(register_all(&cluster, &users, 2));
     let stop = Arc::new(AtomicBool::new(false));
-    let pairs: Vec<(Client, UserId)> = clients
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.clone(), users[(i + 1) % users.len()]))
-        .collect();
-    let load = rt.spawn(traffic(pairs, stop.clone()));
+    let load = rt.spawn(traffic(in_a_ring(&clients, &users), stop.clone()));
     rt.block_on(async {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let written = cluster.view().await.in_sync_replicas.len();

@@ -178,6 +178,13 @@ fn step(
     };
     let position = copy.position;
     let mut catch_up = copy.catch_up;
+    // Its writer was deposed: this copy holds records of a later epoch.
+    let stale = ApplyError::StaleEpoch {
+        shard,
+        lsn: record.lsn,
+        epoch: record.epoch,
+        applied_epoch: position.epoch,
+    };
     match record.kind {
         RecordKind::Log => {
             if record.lsn <= position.lsn {
@@ -200,12 +207,7 @@ fn step(
                 });
             }
             if record.epoch < position.epoch {
-                return Err(ApplyError::StaleEpoch {
-                    shard,
-                    lsn: record.lsn,
-                    epoch: record.epoch,
-                    applied_epoch: position.epoch,
-                });
+                return Err(stale);
             }
             batch.ops.extend(record.ops.iter().cloned());
         }
@@ -215,12 +217,7 @@ fn step(
             last,
         } => {
             if record.epoch < position.epoch {
-                return Err(ApplyError::StaleEpoch {
-                    shard,
-                    lsn: record.lsn,
-                    epoch: record.epoch,
-                    applied_epoch: position.epoch,
-                });
+                return Err(stale);
             }
             let refuse = |reason| ApplyError::CatchUp {
                 shard,
