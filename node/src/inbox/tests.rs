@@ -118,10 +118,13 @@ fn reopen(fixture: Fixture) -> Fixture {
     }
 }
 
-/// Wraps an engine; writes fail with an I/O error while `fail` is set.
+/// Wraps an engine; writes fail with an I/O error while `fail` is set. With `written` set too,
+/// the batch is written first: an fsync that fails after the WAL append, whose batch is found
+/// on disk after all (RocksDB replays it at the next open).
 struct FailingEngine {
     inner: Arc<dyn Engine>,
     fail: AtomicBool,
+    written: AtomicBool,
 }
 
 impl Engine for FailingEngine {
@@ -130,6 +133,9 @@ impl Engine for FailingEngine {
     }
     fn write(&self, batch: WriteBatch, sync: bool) -> StorageResult<()> {
         if self.fail.load(Ordering::SeqCst) {
+            if self.written.load(Ordering::SeqCst) {
+                self.inner.write(batch, sync)?;
+            }
             return Err(StorageError::Io("injected: fsync failed".into()));
         }
         self.inner.write(batch, sync)
@@ -808,6 +814,7 @@ async fn failed_writes_fail_every_request_and_leave_no_drift(fixture: Fixture) {
     let failing = Arc::new(FailingEngine {
         inner,
         fail: AtomicBool::new(false),
+        written: AtomicBool::new(false),
     });
     let engine = Arc::clone(&failing) as Arc<dyn Engine>;
     let inbox = Inbox::start(Arc::clone(&engine), config()).unwrap();
@@ -869,6 +876,34 @@ async fn failed_writes_fail_every_request_and_leave_no_drift(fixture: Fixture) {
     assert_counts_match_disk(&*engine, &inbox);
 }
 
+/// An ack whose group commit is reported failed but whose batch is on disk all the same (a
+/// failed fsync after the WAL append): its delivered receipt sits in the acking user's outbox,
+/// and the retried ack is no first ack, so nothing else would ever send it. The outbox is told
+/// about the user anyway. Used to be: the receipt waited there until the node restarted
+/// (chaos `cluster-storage` lost such receipts).
+async fn an_ack_reported_failed_but_written_still_sends_its_receipt(fixture: Fixture) {
+    let (inner, _dir) = fixture;
+    let failing = Arc::new(FailingEngine {
+        inner,
+        fail: AtomicBool::new(false),
+        written: AtomicBool::new(true),
+    });
+    let engine = Arc::clone(&failing) as Arc<dyn Engine>;
+    let inbox = Inbox::start(Arc::clone(&engine), config()).unwrap();
+    let t = now();
+    stored_seqs(inbox.append(send(A, 1, B, &[1], 5, t)).await.unwrap());
+    failing.fail.store(true, Ordering::SeqCst);
+    assert!(inbox.ack(B, 1, vec![1], t).await.is_err());
+    failing.fail.store(false, Ordering::SeqCst);
+    // The ack's batch is on disk: the receipt for A is in B's outbox...
+    assert_eq!(outbox_of(&inbox, B, t), vec![(A, vec![[5; 16]])]);
+    // ...the retried ack is no first ack...
+    assert!(inbox.ack(B, 1, vec![1], t).await.unwrap().is_empty());
+    // ...and the outbox sender learns of B all the same.
+    let next = tokio::time::timeout(Duration::from_secs(10), inbox.outbox().next()).await;
+    assert_eq!(next.ok(), Some(BTreeSet::from([B])));
+}
+
 async fn shutdown_answers_queued_requests_and_joins(fixture: Fixture) {
     let (engine, _dir) = fixture;
     let inbox = Inbox::start(Arc::clone(&engine), config()).unwrap();
@@ -915,6 +950,7 @@ macro_rules! inbox_cases {
             group_limits_split_groups,
             concurrent_appends_get_unique_ordered_seqs,
             failed_writes_fail_every_request_and_leave_no_drift,
+            an_ack_reported_failed_but_written_still_sends_its_receipt,
             shutdown_answers_queued_requests_and_joins,
         );
     };

@@ -323,6 +323,11 @@ impl Writer {
                 tracing::error!(error = %err, requests = done.len(), "inbox group commit failed");
                 // The batch may or may not have reached the WAL: read the counters again.
                 self.cache.clear();
+                // If it did, receipts it put in outboxes wait there, and the retried ack is no
+                // first ack: have the outboxes looked at (an empty one costs a scan).
+                if !outcome.outbox_users.is_empty() {
+                    self.outbox.add(outcome.outbox_users);
+                }
                 for d in &mut done {
                     d.fail(&err);
                 }

@@ -395,6 +395,7 @@ async fn sync_barrier_reports_a_failed_sync() {
     let failing = Arc::new(FailingEngine {
         inner: mem_fixture().0,
         fail: AtomicBool::new(true),
+        written: AtomicBool::new(false),
     });
     let inbox = Inbox::start(failing as Arc<dyn Engine>, config()).unwrap();
     assert!(matches!(
