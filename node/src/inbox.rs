@@ -133,6 +133,12 @@ pub type CommitObserver = Arc<dyn Fn(Duration, usize) + Send + Sync>;
 /// never block.
 pub type StoredHook = Arc<dyn Fn(UserId, DeviceId, u64, &Entry) + Send + Sync>;
 
+/// Called for every device a group commit reported failed had entries for: the batch may be on
+/// disk all the same (an fsync that failed after the WAL append), so the device's connection
+/// should read its inbox again rather than wait for the next entry handed to it. The node wakes
+/// the connection ([`crate::registry::Registry::wake`]).
+pub type UnsureHook = Arc<dyn Fn(UserId, DeviceId) + Send + Sync>;
+
 /// Inbox settings.
 #[derive(Clone)]
 pub struct InboxConfig {
@@ -158,6 +164,8 @@ pub struct InboxConfig {
     pub observer: Option<CommitObserver>,
     /// Delivery hook, see [`StoredHook`].
     pub on_stored: Option<StoredHook>,
+    /// See [`UnsureHook`].
+    pub on_unsure: Option<UnsureHook>,
 }
 
 impl Default for InboxConfig {
@@ -173,6 +181,7 @@ impl Default for InboxConfig {
             device_cache_max: DEVICE_CACHE_MAX_DEFAULT,
             observer: None,
             on_stored: None,
+            on_unsure: None,
         }
     }
 }
@@ -190,6 +199,7 @@ impl std::fmt::Debug for InboxConfig {
             .field("device_cache_max", &self.device_cache_max)
             .field("observer", &self.observer.is_some())
             .field("on_stored", &self.on_stored.is_some())
+            .field("on_unsure", &self.on_unsure.is_some())
             .finish()
     }
 }

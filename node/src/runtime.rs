@@ -226,6 +226,8 @@ impl Node {
             c.on_stored = Some(Arc::new(move |user, device, seq, entry| {
                 r.hand(user, device, seq, entry)
             }));
+            let r = registry.clone();
+            c.on_unsure = Some(Arc::new(move |user, device| r.wake(user, device)));
             let m = metrics.clone();
             c.observer = Some(Arc::new(move |d: Duration, n: usize| {
                 m.wal_sync.observe(d);

@@ -889,16 +889,29 @@ async fn an_ack_reported_failed_but_written_still_sends_its_receipt(fixture: Fix
         written: AtomicBool::new(true),
     });
     let engine = Arc::clone(&failing) as Arc<dyn Engine>;
-    let inbox = Inbox::start(Arc::clone(&engine), config()).unwrap();
+    let unsure = Arc::new(Mutex::new(Vec::new()));
+    let seen = unsure.clone();
+    let config = InboxConfig {
+        on_unsure: Some(Arc::new(move |user, device| {
+            seen.lock().unwrap().push((user, device))
+        })),
+        ..config()
+    };
+    let inbox = Inbox::start(Arc::clone(&engine), config).unwrap();
     let t = now();
     stored_seqs(inbox.append(send(A, 1, B, &[1], 5, t)).await.unwrap());
     failing.fail.store(true, Ordering::SeqCst);
-    assert!(inbox.ack(B, 1, vec![1], t).await.is_err());
+    // A message whose append is reported failed but is on disk: its device is named, so that
+    // its connection reads the inbox again (the entry was handed to none).
+    assert!(inbox.append(send(A, 1, B, &[1], 6, t)).await.is_err());
+    assert_eq!(unsure.lock().unwrap().clone(), vec![(B, 1)]);
+    assert_eq!(seqs_of(&inbox.read(B, 1, 0, 100, t).unwrap()), vec![1, 2]);
+    assert!(inbox.ack(B, 1, vec![1, 2], t).await.is_err());
     failing.fail.store(false, Ordering::SeqCst);
     // The ack's batch is on disk: the receipt for A is in B's outbox...
-    assert_eq!(outbox_of(&inbox, B, t), vec![(A, vec![[5; 16]])]);
+    assert_eq!(outbox_of(&inbox, B, t), vec![(A, vec![[5; 16], [6; 16]])]);
     // ...the retried ack is no first ack...
-    assert!(inbox.ack(B, 1, vec![1], t).await.unwrap().is_empty());
+    assert!(inbox.ack(B, 1, vec![1, 2], t).await.unwrap().is_empty());
     // ...and the outbox sender learns of B all the same.
     let next = tokio::time::timeout(Duration::from_secs(10), inbox.outbox().next()).await;
     assert_eq!(next.ok(), Some(BTreeSet::from([B])));

@@ -328,6 +328,19 @@ impl Writer {
                 if !outcome.outbox_users.is_empty() {
                     self.outbox.add(outcome.outbox_users);
                 }
+                // Entries it stored may be there too, handed to no connection: their devices'
+                // connections read their inboxes again.
+                if let Some(hook) = &self.config.on_unsure {
+                    let mut devices: Vec<(UserId, DeviceId)> = (outcome.stored.iter())
+                        .filter(|(_, device, _, _)| *device != OUTBOX_DEVICE)
+                        .map(|(user, device, _, _)| (*user, *device))
+                        .collect();
+                    devices.sort_unstable();
+                    devices.dedup();
+                    for (user, device) in devices {
+                        hook(user, device);
+                    }
+                }
                 for d in &mut done {
                     d.fail(&err);
                 }
