@@ -327,6 +327,28 @@ async fn register_all(
     (clients, inboxes)
 }
 
+/// Every user sent something, and received every message acknowledged to it (`acked`, by
+/// recipient, as [`traffic`] returns it).
+async fn every_acked_message_arrived(
+    acked: &BTreeMap<UserId, Vec<MsgId>>,
+    users: &[UserId],
+    inboxes: &[Inbox],
+    when: &str,
+) {
+    let total: usize = acked.values().map(Vec::len).sum();
+    eprintln!("{total} messages acked {when}");
+    for (i, &u) in users.iter().enumerate() {
+        let ids = acked.get(&u).cloned().unwrap_or_default();
+        assert!(!ids.is_empty());
+        let missing = inboxes[i].wait_all(&ids).await;
+        assert!(
+            missing.is_empty(),
+            "user {u} lost {} acked messages",
+            missing.len()
+        );
+    }
+}
+
 /// Each user's client sending to the next user, the last to the first.
 fn in_a_ring(clients: &[Client], users: &[UserId]) -> Vec<(Client, UserId)> {
     (clients.iter().enumerate())
@@ -373,18 +395,7 @@ fn adding_a_node_under_traffic_moves_users_without_losing_messages() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         stop.store(true, Ordering::Relaxed);
         let acked = load.await.expect("traffic");
-        let total: usize = acked.values().map(Vec::len).sum();
-        eprintln!("{total} messages acked while node 4 joined");
-        for (i, &u) in users.iter().enumerate() {
-            let ids = acked.get(&u).cloned().unwrap_or_default();
-            assert!(!ids.is_empty());
-            let missing = inboxes[i].wait_all(&ids).await;
-            assert!(
-                missing.is_empty(),
-                "user {u} lost {} acked messages",
-                missing.len()
-            );
-        }
+        every_acked_message_arrived(&acked, &users, &inboxes, "while node 4 joined").await;
 
         // Fencing, at the peer protocol: a write routed at the old epoch to the node that lost
         // the user's shard is refused with the new epoch; the new owner takes it.
@@ -1346,17 +1357,7 @@ fn with_replicate_a_join_and_a_drain_under_traffic_move_shards_live() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         stop.store(true, Ordering::Relaxed);
         let acked = load.await.expect("traffic");
-        let total: usize = acked.values().map(Vec::len).sum();
-        eprintln!("{total} messages acked through the join and the drain");
-        for (i, &u) in users.iter().enumerate() {
-            let ids = acked.get(&u).cloned().unwrap_or_default();
-            assert!(!ids.is_empty());
-            let missing = inboxes[i].wait_all(&ids).await;
-            assert!(
-                missing.is_empty(),
-                "user {u} lost {} acked messages",
-                missing.len()
-            );
-        }
+        every_acked_message_arrived(&acked, &users, &inboxes, "through the join and the drain")
+            .await;
     });
 }
