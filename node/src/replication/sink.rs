@@ -32,7 +32,7 @@
 //! *joining*; the next scan (every [`CATCH_UP_SCAN_MS`], [`ReplicaLinks::catch_up_candidates`])
 //! starts it over after [`CATCH_UP_RETRY_MS`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
@@ -546,6 +546,7 @@ async fn run_stream(
         queued_bytes,
         active: HashMap::new(),
         waiting: VecDeque::new(),
+        queued: HashSet::new(),
         retry_after: HashMap::new(),
     };
     // Until when the node counts as down, and why (see REPLICA_DOWN_MS).
@@ -628,6 +629,9 @@ struct CatchUps {
     active: HashMap<ShardId, Active>,
     /// Wanted, in order; each shard once.
     waiting: VecDeque<ShardId>,
+    /// The shards in `waiting`: every scan wants every follower again, so finding one must not
+    /// cost a pass over the queue.
+    queued: HashSet<ShardId>,
     /// Shards whose catch-up failed, and when they may start over.
     retry_after: HashMap<ShardId, Instant>,
 }
@@ -660,9 +664,10 @@ impl CatchUps {
                         .retry_after
                         .get(&shard)
                         .is_some_and(|&t| t > Instant::now());
-                    if !later && !self.active.contains_key(&shard) && !self.waiting.contains(&shard)
+                    if !later && !self.active.contains_key(&shard) && !self.queued.contains(&shard)
                     {
                         self.waiting.push_back(shard);
+                        self.queued.insert(shard);
                     }
                 }
                 Item::CutFailed {
@@ -726,6 +731,7 @@ impl CatchUps {
             let Some(shard) = self.waiting.pop_front() else {
                 break;
             };
+            self.queued.remove(&shard);
             if self.shared.is_joining(self.node, shard)
                 || !self.links.may_catch_up(self.node, shard)
             {
