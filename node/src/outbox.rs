@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use tracing::{debug, warn};
 
 use crate::inbox::{AckRequest, OutboxReceipt, OUTBOX_DEVICE};
@@ -23,18 +24,29 @@ pub const OUTBOX_BATCH_ROWS: usize = 64;
 /// is unreachable or moving).
 pub const OUTBOX_RETRY_PAUSE: Duration = Duration::from_millis(500);
 
+/// Users whose outboxes are sent at the same time.
+pub const OUTBOX_USERS_IN_FLIGHT: usize = 16;
+
 /// Runs until the node stops.
 pub async fn run(server: Arc<Server>) {
     loop {
         let users = server.inbox.outbox().next().await;
+        // Users at once, and each user's rows at once: a receipt's store waits for its
+        // sender's owner (a group commit, replicas, a peer round trip), so one at a time
+        // would cap the node's receipts at one store's latency.
+        let outcomes: Vec<(u64, Result<(), String>)> = futures::stream::iter(users)
+            .map(|user| {
+                let server = server.clone();
+                async move { (user, send_outbox(&server, user).await) }
+            })
+            .buffer_unordered(OUTBOX_USERS_IN_FLIGHT)
+            .collect()
+            .await;
         let mut retry = Vec::new();
-        for user in users {
-            match send_outbox(&server, user).await {
-                Ok(()) => {}
-                Err(why) => {
-                    debug!(user, why, "receipt outbox: will retry");
-                    retry.push(user);
-                }
+        for (user, outcome) in outcomes {
+            if let Err(why) = outcome {
+                debug!(user, why, "receipt outbox: will retry");
+                retry.push(user);
             }
         }
         if !retry.is_empty() {
@@ -68,32 +80,33 @@ async fn send_outbox(server: &Arc<Server>, user: u64) -> Result<(), String> {
         }
         let mut sent = Vec::with_capacity(rows.len());
         let mut failed = None;
+        let mut stores = Vec::with_capacity(rows.len());
         for (seq, entry) in rows {
             let Some(receipt) = OutboxReceipt::from_entry(&entry) else {
                 warn!(user, seq, "receipt outbox row does not decode; dropping it");
                 sent.push((seq, Some(entry.header())));
                 continue;
             };
-            let stored = server
-                .store(Store {
-                    to_user: receipt.to_user,
-                    from_user: receipt.from_user,
-                    from_device: receipt.from_device,
-                    msg_id: receipt.msg_id,
-                    kind: StoreKind::Delivered,
-                    targets: Targets::AllDevices(Vec::new()),
-                    except: None,
-                    receipt_msg_ids: receipt.msg_ids,
-                    dedup: false,
-                })
-                .await;
+            // Polled in row order by `join_all`: stores of one conversation keep that order.
+            let stored = server.store(Store {
+                to_user: receipt.to_user,
+                from_user: receipt.from_user,
+                from_device: receipt.from_device,
+                msg_id: receipt.msg_id,
+                kind: StoreKind::Delivered,
+                targets: Targets::AllDevices(Vec::new()),
+                except: None,
+                receipt_msg_ids: receipt.msg_ids,
+                dedup: false,
+            });
+            stores.push(async move { (seq, entry.header(), stored.await) });
+        }
+        for (seq, header, stored) in futures::future::join_all(stores).await {
             match stored {
-                Stored::Refused { message, .. } => {
-                    failed = Some(message);
-                    break;
-                }
+                // Left in the outbox for the next round.
+                Stored::Refused { message, .. } => failed = Some(message),
                 // Stored, or never storable (the sender is gone, its inbox is full).
-                _ => sent.push((seq, Some(entry.header()))),
+                _ => sent.push((seq, Some(header))),
             }
         }
         if !sent.is_empty() {

@@ -793,7 +793,8 @@ impl Server {
     /// A device acknowledges inbox entries (`DeliverAck`): the inbox moves its floor and
     /// writes, in the same batch, the `delivered` receipt of every message this is the first
     /// ack of. Senders this node serves get theirs stored directly (so the ack passes their
-    /// device lists along); any other sender's receipt goes through the acking user's outbox
+    /// device lists along), when the node does not replicate or the sender shares the acking
+    /// user's shard; any other sender's receipt goes through the acking user's outbox
     /// (`crate::outbox`). Answers nothing unless it fails.
     pub fn ack(
         self: &Arc<Self>,
@@ -808,6 +809,15 @@ impl Server {
         if let Some(refused) = self.over_budget(user, device, crate::budgets::Charge::AckSeqs(n)) {
             return Box::pin(async move { refused });
         }
+        // A replicated batch is atomic per shard only: the receipt must not be written in
+        // another shard than the ack's `delivered` mark, or a failure that lands one shard's
+        // record and not the other's (a replica lost between the two) leaves the mark without
+        // the receipt. Such receipts go through the outbox, which lives in the acker's shard.
+        let own_shard = match self.routing.route(user) {
+            Route::Local { shard } => Some(shard),
+            _ => None,
+        };
+        let replicating = self.replicating.get().is_some();
         let mut senders: Vec<(UserId, Vec<DeviceId>)> = Vec::new();
         for header in seqs.iter().filter_map(|(_, h)| h.as_ref()) {
             let sender = header.from_user;
@@ -815,6 +825,11 @@ impl Server {
                 || sender == user
                 || senders.iter().any(|(u, _)| *u == sender)
                 || self.serves_here(sender).is_some()
+            {
+                continue;
+            }
+            if replicating
+                && !matches!(self.routing.route(sender), Route::Local { shard } if Some(shard) == own_shard)
             {
                 continue;
             }

@@ -6,6 +6,7 @@ mod applying;
 mod catching_up;
 mod codec;
 mod engine;
+mod receipts;
 mod services;
 mod shipping;
 
