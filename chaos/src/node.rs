@@ -95,6 +95,9 @@ pub struct NodeSpec {
     pub device_burst: u32,
     /// Under libfiu with its control FIFO at this prefix (`<prefix>-<pid>.in`).
     pub fiu_ctrl: Option<PathBuf>,
+    /// Extra names for a dev node's certificate (`dev --tls-name`): a relay's address, which
+    /// clients connect to over TLS. The node adds its own listen addresses itself.
+    pub tls_names: Vec<String>,
 }
 
 /// A running (or stopped) node.
@@ -288,6 +291,11 @@ impl NodeProcess {
         {
             argv.extend(["--zone".into(), zone.clone()]);
         }
+        if matches!(self.spec.role, NodeRole::Dev) {
+            for name in &self.spec.tls_names {
+                argv.extend(["--tls-name".into(), name.clone()]);
+            }
+        }
         argv.extend([
             "--device-rate".into(),
             self.spec.device_rate.to_string(),
@@ -365,37 +373,6 @@ pub fn log_tail(path: &Path, start: u64) -> String {
     let text = read_from(path, start);
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
-}
-
-/// Writes a dev CA and a node certificate valid for `ip` into `data_dir/tls/` (where
-/// `ringpost-node dev` looks first), because the node's own dev certificate names only
-/// localhost, 127.0.0.1 and ::1, and QUIC needs TLS to the host's address (and the relay's).
-pub fn write_dev_certificate(data_dir: &Path, ips: &[std::net::Ipv4Addr]) -> Result<()> {
-    let dir = data_dir.join("tls");
-    std::fs::create_dir_all(&dir)?;
-    let ca_key = rcgen::KeyPair::generate()?;
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "Ringpost chaos CA");
-    ca_params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-    ];
-    let ca_cert = ca_params.self_signed(&ca_key)?;
-    let key = rcgen::KeyPair::generate()?;
-    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-    names.extend(ips.iter().map(|ip| ip.to_string()));
-    let mut params = rcgen::CertificateParams::new(names)?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "Ringpost chaos node");
-    let cert = params.signed_by(&key, &ca_cert, &ca_key)?;
-    std::fs::write(dir.join("key.pem"), key.serialize_pem())?;
-    std::fs::write(dir.join("cert.pem"), cert.pem())?;
-    std::fs::write(dir.join("ca.pem"), ca_cert.pem())?;
-    Ok(())
 }
 
 /// Where the node binary is: `--node-bin`, `RINGPOST_NODE_BIN`, else next to this executable

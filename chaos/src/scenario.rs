@@ -1791,6 +1791,7 @@ async fn run_inner(
                 device_rate: 200,
                 device_burst: 400,
                 fiu_ctrl: uses_fiu.then(|| run_dir.join("fiu-ctrl")),
+                tls_names: Vec::new(),
                 name: name.clone(),
             };
             NodeProcess::new(spec, net.host(&name).clone())
@@ -2244,7 +2245,6 @@ async fn start_dev_node(
     opts: &RunOptions,
     plan: &[PlannedFault],
 ) -> Result<Entry> {
-    let data_dir = rig.node().spec.data_dir.clone();
     prepare_nodes(rig, scenario, plan).await?;
     let relay_ip = rig
         .net
@@ -2252,9 +2252,9 @@ async fn start_dev_node(
         .iter()
         .find(|h| h.name == "relay")
         .map(|h| h.ip);
-    let mut cert_ips = vec![rig.node().host.ip];
-    cert_ips.extend(relay_ip);
-    node::write_dev_certificate(&data_dir, &cert_ips)?;
+    // The node's dev certificate names its own listen addresses; clients behind the relay
+    // connect to the relay's.
+    rig.node_mut().spec.tls_names = relay_ip.iter().map(|ip| ip.to_string()).collect();
     rig.history.record(Event::Process {
         node: "node1".into(),
         action: "start".into(),
