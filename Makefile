@@ -6,8 +6,11 @@ DATA_DIR ?= ./data
 .PHONY: run cluster test deps gen check-gen fmt lint fuzz chaos clean
 
 ## make run: build, then start a dev node (embedded coordinator, local data dir) in the foreground.
+## Builds the workspace's binaries as `make test` does (same features), so after a `make test`
+## nothing is compiled again, then runs the built binary.
 run: deps
-	$(CARGO) run -p ringpost-node --bin ringpost-node -- dev --data-dir $(DATA_DIR)
+	$(CARGO) build --workspace --bins
+	$${CARGO_TARGET_DIR:-target}/debug/ringpost-node dev --data-dir $(DATA_DIR)
 
 ## make cluster: 3 coordinators and 3 nodes on loopback (data in ./data/cluster); prints addresses, Ctrl-C stops it.
 cluster: deps

@@ -38,12 +38,13 @@ struct Cli {
         default_value = "human"
     )]
     log_format: LogFormat,
-    /// Log filter (tracing `EnvFilter` syntax).
+    /// Log filter (tracing `EnvFilter` syntax). By default ours at info, libraries (openraft
+    /// and the like) at warn.
     #[arg(
         long,
         global = true,
         env = "RINGPOST_COORD_LOG",
-        default_value = "info"
+        default_value = "warn,ringpost_coordinator=info"
     )]
     log: String,
     #[command(subcommand)]

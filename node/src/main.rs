@@ -491,9 +491,13 @@ impl Signals {
     }
 }
 
+/// The log filter without `RUST_LOG`: ours at info (one line per event), libraries (openraft,
+/// quinn, rustls, RocksDB's bindings) at warn, so their internals stay out of an operator's way.
+const DEFAULT_LOG_FILTER: &str = "warn,ringpost_node=info,ringpost_coordinator=info";
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
