@@ -315,3 +315,53 @@ fn presence_privacy_blocking_and_typing_across_nodes() {
         wait_metric(&cluster, 1, "ringpost_presence_interest_entries", 0).await;
     });
 }
+
+#[test]
+fn subscribers_follow_a_user_moved_to_a_joining_node() {
+    let mut cluster = TestCluster::start_with(1, 2, &["--migrate-spread-ms", "200"]);
+    let rt = runtime();
+    let before = ring_of(&[1, 2]);
+    let after = ring_of(&[1, 2, 3]);
+    let target = users_where(&after, 15_553_000_000, 1, |o| o == 3)[0];
+    let old_owner = before.owner_of(target).unwrap();
+    // A viewer that stays where it is, on the other node.
+    let viewer = users_where(&after, 15_553_000_000, 1, |o| o != 3 && o != old_owner)[0];
+    let (t, t_events, v_events) = rt.block_on(async {
+        let t = cluster.register(0, target).await;
+        let v = cluster.register(0, viewer).await;
+        let t_events = Events::collect(t.clone());
+        let v_events = Events::collect(v.clone());
+        v.presence_subscribe(vec![target]).await.expect("subscribe");
+        v_events.wait_presence(target, "online", |p| p.online).await;
+        assert_eq!(
+            metric(&cluster, old_owner, "ringpost_presence_interest_entries"),
+            1
+        );
+        (t, t_events, v_events)
+    });
+
+    cluster.add_node();
+    rt.block_on(async {
+        // The target's device follows its user to node 3; the viewer's node registers its
+        // interest there, and the old owner forgets it.
+        t_events
+            .wait_until("the target on node 3", |e| {
+                (e.0.lock().unwrap().iter()).any(
+                    |e| matches!(e, Event::Reconnected { welcome, .. } if welcome.node_id == 3),
+                )
+            })
+            .await;
+        wait_metric(&cluster, 3, "ringpost_presence_interest_entries", 1).await;
+        wait_metric(&cluster, old_owner, "ringpost_presence_interest_entries", 0).await;
+        v_events
+            .wait_presence(target, "online on node 3", |p| p.online)
+            .await;
+        // A change on the new owner reaches the viewer.
+        t.close().await;
+        v_events
+            .wait_presence(target, "offline on node 3", |p| {
+                !p.online && p.last_seen_ms > 0
+            })
+            .await;
+    });
+}

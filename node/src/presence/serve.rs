@@ -12,6 +12,10 @@ use ringpost_wire::{ContactsUpdate, DeviceId, Done, ErrorCode, Frame, UserId, Vi
 use tracing::{debug, warn};
 
 use super::{PresenceView, Push, RawPresence, PRESENCE_VIEWERS_PER_CALL_MAX};
+
+/// Attempts to register a node's interest with a user's new owner after a ring change (each
+/// waits for the owner's hand-off, up to `SHARD_READY_WAIT`, then pauses a little longer).
+pub const PRESENCE_REGISTER_ATTEMPTS_MAX: u32 = 4;
 use crate::peer::{PeerRequest, PeerResponse};
 use crate::routing::Route;
 use crate::server::{error, frames, Server};
@@ -238,28 +242,39 @@ impl Server {
     }
 
     /// Asks `target`'s owner for every local viewer's grant again (registering with it if
-    /// `register`), and pushes what changed.
+    /// `register`), and pushes what changed. A registration the owner could not take (not
+    /// reachable, or not serving the user yet) is tried again, [`PRESENCE_REGISTER_ATTEMPTS_MAX`]
+    /// times in all, then left to the next ring change.
     async fn presence_refresh(self: &Arc<Self>, target: UserId, register: bool) {
-        let Some(node) = owner(self, target) else {
-            return;
-        };
-        let viewers = self.presence.viewers(target);
-        for (i, chunk) in viewers.chunks(PRESENCE_VIEWERS_PER_CALL_MAX).enumerate() {
-            let register = register && i == 0;
-            match self
-                .presence_ask(node, register, vec![target], chunk.to_vec())
-                .await
-            {
-                Ok(views) => {
-                    for view in views.iter().filter(|v| v.owned) {
-                        if register {
-                            self.presence.set_registered(target, Some(node));
+        for attempt in 1..=PRESENCE_REGISTER_ATTEMPTS_MAX {
+            let Some(node) = owner(self, target) else {
+                return;
+            };
+            let viewers = self.presence.viewers(target);
+            let mut taken = !register;
+            for (i, chunk) in viewers.chunks(PRESENCE_VIEWERS_PER_CALL_MAX).enumerate() {
+                let register = register && i == 0;
+                match self
+                    .presence_ask(node, register, vec![target], chunk.to_vec())
+                    .await
+                {
+                    Ok(views) => {
+                        for view in views.iter().filter(|v| v.owned) {
+                            if register {
+                                self.presence.set_registered(target, Some(node));
+                                taken = true;
+                            }
+                            push_all(self, self.presence.apply_view(view, chunk));
                         }
-                        push_all(self, self.presence.apply_view(view, chunk));
                     }
+                    Err(e) => debug!(node, target, error = %e, "presence refresh failed"),
                 }
-                Err(e) => debug!(node, target, error = %e, "presence refresh failed"),
             }
+            if taken || !self.presence.is_watched(target) {
+                return;
+            }
+            debug!(target, attempt, "presence registration not taken; retrying");
+            tokio::time::sleep(crate::forward::ROUTE_RETRY_PAUSE * attempt).await;
         }
     }
 
@@ -295,19 +310,19 @@ impl Server {
         {
             return;
         }
-        if !self.presence.went_offline(user) {
+        // A user moved to another node is not offline: its devices are on their way there,
+        // and its new owner speaks for it now.
+        if !self.presence.went_offline(user) || self.serves_here(user).is_some() {
             return;
         }
         let server = self.clone();
         let now = self.now_ms();
         tokio::spawn(async move {
-            if server.serves_here(user).is_none() {
-                let contacts = server.contacts.clone();
-                let written =
-                    tokio::task::spawn_blocking(move || contacts.set_last_seen(user, now)).await;
-                if let Ok(Err(e)) = written {
-                    warn!(user, error = %e, "persisting last seen failed");
-                }
+            let contacts = server.contacts.clone();
+            let written =
+                tokio::task::spawn_blocking(move || contacts.set_last_seen(user, now)).await;
+            if let Ok(Err(e)) = written {
+                warn!(user, error = %e, "persisting last seen failed");
             }
             server.presence_notify(user, false);
         });

@@ -41,7 +41,10 @@ fn sample() -> ShardLogRecord {
 }
 
 fn any_op(shard: u16) -> impl Strategy<Value = Op> {
-    let logged: Vec<Cf> = SHARD_CFS.into_iter().filter(|&c| c != Cf::ShardLog).collect();
+    let logged: Vec<Cf> = SHARD_CFS
+        .into_iter()
+        .filter(|&c| c != Cf::ShardLog)
+        .collect();
     let cf = proptest::sample::select(logged); // all but ShardLog
     let tail = proptest::collection::vec(any::<u8>(), 1..40);
     let value = proptest::collection::vec(any::<u8>(), 0..600);
