@@ -35,7 +35,9 @@ use crate::server::Server;
 use crate::shard::ShardId;
 
 /// Version of the messages below; bumped on any incompatible change.
-pub const PEER_PROTOCOL_VERSION: u16 = 1;
+/// 2: `Typing` carries `recording`; the presence requests (`PresenceWatch`, `PresenceUnwatch`,
+/// `PresenceChanged`) and `PeerResponse::PresenceViews`.
+pub const PEER_PROTOCOL_VERSION: u16 = 2;
 /// How long a forwarded request may take before the sender gives up on that attempt.
 pub const PEER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
