@@ -295,16 +295,20 @@ impl Presence {
     }
 
     /// Drops the interest in targets this node no longer owns (their subscribers register with
-    /// the new owner) and forgets those users' online state.
-    pub fn retain_owned(&self, owned: impl Fn(UserId) -> bool) {
+    /// the new owner) and of nodes no longer members (their changes could never be sent), and
+    /// forgets the online state of users it no longer owns.
+    pub fn retain_owned(&self, owned: impl Fn(UserId) -> bool, member: impl Fn(NodeId) -> bool) {
         let mut map = lock(&self.interest);
         let mut removed = 0;
         map.retain(|t, nodes| {
-            let keep = owned(*t);
-            if !keep {
+            if !owned(*t) {
                 removed += nodes.len() as i64;
+                return false;
             }
-            keep
+            let before = nodes.len();
+            nodes.retain(|&n| member(n));
+            removed += (before - nodes.len()) as i64;
+            !nodes.is_empty()
         });
         self.metrics.interest_entries.fetch_sub(removed, Relaxed);
         lock(&self.online).retain(|u| owned(*u));

@@ -333,8 +333,10 @@ impl Server {
     /// are registered with the new owner.
     pub(crate) fn presence_ring_changed(self: &Arc<Self>) {
         let ring = self.routing.ring();
-        self.presence
-            .retain_owned(|u| ring.owner_of(u) == Some(self.node_id));
+        self.presence.retain_owned(
+            |u| ring.owner_of(u) == Some(self.node_id),
+            |n| ring.member(n).is_some(),
+        );
         let moved: Vec<UserId> = self
             .presence
             .watched()

@@ -168,11 +168,15 @@ fn interest_is_one_entry_per_node_and_moves_with_ownership() {
     assert!(p.came_online(T));
     assert!(!p.came_online(T));
     // T moved to another node: its interest and online state go.
-    p.retain_owned(|u| u != T);
+    p.retain_owned(|u| u != T, |_| true);
     assert!(p.interested(T).is_empty());
     assert!(!p.is_online(T));
     assert_eq!(p.metrics.interest_entries.load(Relaxed), 1);
     assert!(!p.went_offline(T));
+    // Node 2 left the cluster: its interest goes too.
+    p.retain_owned(|_| true, |n| n != 2);
+    assert!(p.interested(101).is_empty());
+    assert_eq!(p.metrics.interest_entries.load(Relaxed), 0);
 }
 
 #[test]
