@@ -35,11 +35,12 @@ use std::time::Duration;
 
 use ringpost_wire::limits::ACK_SEQS_MAX;
 use ringpost_wire::{
-    Auth, Body, CodeChannel, Deliver, DeliverAck, DeviceCiphertext, DeviceId, DeviceListRequest,
-    Frame, LinkCode, LinkCodeRequest, LinkDevice, MsgId, OneTimePrekey, Ping, PrekeyBundle,
-    PrekeyClaim, PrekeyCountRequest, PrekeyUpload, PresenceSubscribe, Receipt, ReceiptKind,
-    RegisterChallenge, RegisterRequest, RegisterVerify, Registered, RemoveDevice, Send, SendAck,
-    SetPrivacy, SetRegistrationLock, SignedPrekey, Typing, UserId, Visibility, Welcome,
+    Auth, Body, CodeChannel, ContactsUpdate, Deliver, DeliverAck, DeviceCiphertext, DeviceId,
+    DeviceListRequest, Frame, LinkCode, LinkCodeRequest, LinkDevice, MsgId, OneTimePrekey, Ping,
+    PrekeyBundle, PrekeyClaim, PrekeyCountRequest, PrekeyUpload, PresenceSubscribe, Receipt,
+    ReceiptKind, RegisterChallenge, RegisterRequest, RegisterVerify, Registered, RemoveDevice,
+    Send, SendAck, SetPrivacy, SetRegistrationLock, SignedPrekey, Typing, UserId, Visibility,
+    Welcome,
 };
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
@@ -559,12 +560,25 @@ impl Client {
         Ok(ack)
     }
 
-    /// Tells `to`'s connected devices that we are (not) typing. Not stored, not answered.
+    /// Tells `to`'s connected devices that we are (not) typing. Not stored, not answered; the
+    /// node drops more than `TYPING_PER_S_MAX` (2) a second from one device.
     pub async fn typing(&self, to: UserId, typing: bool) -> Result<()> {
         self.fire(Typing {
             user: to,
             device: 0,
             typing,
+            recording: false,
+        })
+        .await
+    }
+
+    /// Like [`Client::typing`], for recording a voice note.
+    pub async fn recording(&self, to: UserId, recording: bool) -> Result<()> {
+        self.fire(Typing {
+            user: to,
+            device: 0,
+            typing: recording,
+            recording,
         })
         .await
     }
@@ -598,16 +612,54 @@ impl Client {
         Ok(expect!(answer, PrekeyCount)?.count)
     }
 
-    /// Subscribes to these users' presence.
+    /// Makes `users` this connection's whole presence subscription set (empty: none). Their
+    /// current states arrive as [`Event::Presence`], before this returns, and later changes
+    /// the same way, as far as their privacy settings let us see them. A reconnect starts
+    /// with no subscription: subscribe again.
     pub async fn presence_subscribe(&self, users: Vec<UserId>) -> Result<()> {
         let answer = self.request(PresenceSubscribe { users }).await?;
         expect!(answer, Done).map(drop)
     }
 
-    /// Sets who may see our presence.
-    pub async fn set_privacy(&self, presence: Visibility, contacts: Vec<UserId>) -> Result<()> {
-        let answer = self.request(SetPrivacy { presence, contacts }).await?;
+    /// Sets who may see our last-seen time and that we are online.
+    pub async fn set_privacy(&self, last_seen: Visibility, online: Visibility) -> Result<()> {
+        let answer = self.request(SetPrivacy { last_seen, online }).await?;
         expect!(answer, Done).map(drop)
+    }
+
+    /// Changes our contact list and block list in one step (see [`ContactsUpdate`]).
+    pub async fn contacts_update(&self, update: ContactsUpdate) -> Result<()> {
+        let answer = self.request(update).await?;
+        expect!(answer, Done).map(drop)
+    }
+
+    /// Replaces our whole contact list.
+    pub async fn set_contacts(&self, contacts: Vec<UserId>) -> Result<()> {
+        self.contacts_update(ContactsUpdate {
+            replace: true,
+            add: contacts,
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Blocks `user`: its messages to us are answered `Ok` and dropped, its typing indicators
+    /// are dropped, and it sees none of our presence.
+    pub async fn block(&self, user: UserId) -> Result<()> {
+        self.contacts_update(ContactsUpdate {
+            block: vec![user],
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Unblocks `user`.
+    pub async fn unblock(&self, user: UserId) -> Result<()> {
+        self.contacts_update(ContactsUpdate {
+            unblock: vec![user],
+            ..Default::default()
+        })
+        .await
     }
 
     /// Pings the node; returns the round-trip time.

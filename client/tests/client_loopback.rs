@@ -632,6 +632,7 @@ async fn deliveries_are_handed_out_once_and_acked() {
             user: 15550002,
             device: 1,
             typing: true,
+            recording: false,
         },
     ))
     .await;

@@ -88,7 +88,8 @@ async fn handle(mut stream: TcpStream, server: Arc<Server>) -> std::io::Result<(
                     .peer_dials_refused
                     .store(peers.refused_dials(), std::sync::atomic::Ordering::Relaxed);
             }
-            let body = server.metrics.render();
+            let mut body = server.metrics.render();
+            server.presence.metrics.render(&mut body);
             respond(&mut stream, 200, "text/plain; version=0.0.4", &body).await
         }
         ("GET", "/healthz") => respond(&mut stream, 200, "text/plain", "ok\n").await,

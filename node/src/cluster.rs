@@ -311,7 +311,7 @@ fn lease_duration(view: &ClusterView) -> Duration {
 /// Installs the ring of a view if its epoch, a member's addresses or the replication factor
 /// changed. (The coordinator bumps the epoch whenever the placement changes; a new factor that
 /// leaves the copies as they were is installed too, so the node reports it.)
-fn apply_view(server: &Server, view: &ClusterView, kick: &Notify) {
+fn apply_view(server: &Arc<Server>, view: &ClusterView, kick: &Notify) {
     let current = server.routing.ring();
     let ring = Ring::from_view(view);
     let same_members = current.members().eq(ring.members());
@@ -338,6 +338,7 @@ fn apply_view(server: &Server, view: &ClusterView, kick: &Notify) {
         }
     }
     let pending = server.install_ring(ring);
+    server.presence_ring_changed();
     if !pending.is_empty() {
         kick.notify_one();
     }

@@ -108,6 +108,7 @@ pub async fn serve<T: Transport>(
             .await;
     }
     server.registry.close(&shared, conn.bound);
+    server.presence_connection_closed(shared.id, conn.bound);
     server.metrics.connection_closed(kind);
 }
 
@@ -336,6 +337,7 @@ impl Conn {
             Peer::Device { user, device } if self.bound.is_none() => {
                 self.bound = Some((user, device));
                 self.server.registry.bind(&self.shared, user, device);
+                self.server.presence_device_bound(user);
                 self.shared.set_deadline_ms(None);
                 self.permit = None;
             }

@@ -207,6 +207,17 @@ impl Server {
             .filter(|&d| Some(d) != store.except)
             .collect();
         let now_ms = self.now_ms();
+        // A message from a user the recipient blocks: answered like a stored one (after the
+        // device check, so the answer is the same as for anyone else) and dropped.
+        let blocked = store.kind == StoreKind::Message
+            && store.from_user != store.to_user
+            && match self.contacts.is_blocked(store.to_user, store.from_user) {
+                Ok(b) => b,
+                Err(e) => {
+                    let answer = error(ErrorCode::Internal, &e.to_string());
+                    return Box::pin(async move { stored_refusal(answer) });
+                }
+            };
         let kind = match store.kind {
             StoreKind::Message => EntryKind::Message,
             StoreKind::Delivered => EntryKind::Delivered,
@@ -250,6 +261,14 @@ impl Server {
                     .collect();
                 if !missing.is_empty() || !extra.is_empty() {
                     return Box::pin(async { Stored::Mismatched { missing, extra } });
+                }
+                if blocked {
+                    self.presence.metrics.blocked_sends.fetch_add(1, Relaxed);
+                    return Box::pin(async move {
+                        Stored::Stored {
+                            server_time_ms: now_ms,
+                        }
+                    });
                 }
                 list.iter().map(|(d, b)| (*d, entry(b.clone()))).collect()
             }
@@ -422,11 +441,51 @@ impl Server {
                     from_user,
                     from_device,
                     typing,
+                    recording,
                 } => {
                     if server.serves_here(to).is_none() {
-                        server.push_typing(to, from_user, from_device, typing);
+                        server.push_typing(to, from_user, from_device, typing, recording);
                     }
                     PeerResponse::Done
+                }
+                PeerRequest::PresenceWatch {
+                    register,
+                    targets,
+                    viewers,
+                } => {
+                    if targets.len() > ringpost_wire::limits::PRESENCE_USERS_MAX
+                        || viewers.len() > crate::presence::PRESENCE_VIEWERS_PER_CALL_MAX
+                    {
+                        return PeerResponse::Error {
+                            code: ErrorCode::LimitExceeded.as_u16(),
+                            message: "too many targets or viewers in one presence watch".into(),
+                        };
+                    }
+                    PeerResponse::PresenceViews(
+                        server
+                            .serve_presence_watch(from, register, targets, viewers)
+                            .await,
+                    )
+                }
+                PeerRequest::PresenceUnwatch { targets } => {
+                    for t in targets {
+                        server.presence.set_interest(t, from, false);
+                    }
+                    PeerResponse::Done
+                }
+                PeerRequest::PresenceChanged {
+                    target,
+                    raw,
+                    policy_changed,
+                } => {
+                    if server.presence_changed(target, raw, policy_changed) {
+                        PeerResponse::Done
+                    } else {
+                        PeerResponse::Error {
+                            code: ErrorCode::NotFound.as_u16(),
+                            message: "no viewer here watches this user".into(),
+                        }
+                    }
                 }
                 PeerRequest::Query {
                     from_user,

@@ -35,7 +35,9 @@ use crate::server::Server;
 use crate::shard::ShardId;
 
 /// Version of the messages below; bumped on any incompatible change.
-pub const PEER_PROTOCOL_VERSION: u16 = 1;
+/// 2: `Typing` carries `recording`; the presence requests (`PresenceWatch`, `PresenceUnwatch`,
+/// `PresenceChanged`) and `PeerResponse::PresenceViews`.
+pub const PEER_PROTOCOL_VERSION: u16 = 2;
 /// How long a forwarded request may take before the sender gives up on that attempt.
 pub const PEER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -109,6 +111,7 @@ pub enum PeerRequest {
         from_user: UserId,
         from_device: DeviceId,
         typing: bool,
+        recording: bool,
     },
     /// A client request about another user answered by that user's owner: an encoded
     /// `DeviceListRequest` or `PrekeyClaim` frame. The answer is [`PeerResponse::Frames`].
@@ -148,6 +151,27 @@ pub enum PeerRequest {
     Replicate {
         parts: Vec<RecordPart>,
     },
+    // ---- presence ([`crate::presence`]) -------------------------------------------------
+    /// To the owner of `targets` (at most PRESENCE_USERS_MAX): their states and the grants of
+    /// `viewers` (at most PRESENCE_VIEWERS_PER_CALL_MAX); with `register`, the sender is
+    /// interested in their changes from now on. Answered with [`PeerResponse::PresenceViews`].
+    PresenceWatch {
+        register: bool,
+        targets: Vec<UserId>,
+        viewers: Vec<UserId>,
+    },
+    /// To the owner: the sender no longer watches `targets`. Answered with `Done`.
+    PresenceUnwatch {
+        targets: Vec<UserId>,
+    },
+    /// From the owner to an interested node: `target` changed (its raw state; with
+    /// `policy_changed`, its privacy, contacts or blocks, so grants must be asked again).
+    /// Answered with `Done`, or `Error{NotFound}` if no viewer there watches it any more.
+    PresenceChanged {
+        target: UserId,
+        raw: crate::presence::RawPresence,
+        policy_changed: bool,
+    },
 }
 
 /// A request and the epoch it was routed at.
@@ -180,6 +204,8 @@ pub enum PeerResponse {
     /// The answer to `Replicate`: per shard named, how far the copy is (applied LSN) or why it
     /// refused the records.
     Replicated(Vec<ShardAnswer>),
+    /// The answer to `PresenceWatch`, one per target asked.
+    PresenceViews(Vec<crate::presence::PresenceView>),
 }
 
 /// Encodes a request for [`link::PeerNet::call`]. Fails (rather than sending an empty or

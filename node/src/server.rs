@@ -98,6 +98,9 @@ pub struct Server {
     pub accounts: Arc<Accounts>,
     pub keys: Arc<Keys>,
     pub inbox: Inbox,
+    /// Contacts, blocks and privacy ([`crate::contacts`]), and presence ([`crate::presence`]).
+    pub contacts: Arc<crate::contacts::Contacts>,
+    pub presence: crate::presence::Presence,
     pub registry: Arc<Registry>,
     /// Places of unauthenticated connections (see [`crate::admission`]).
     pub admission: Arc<crate::admission::Admission>,
@@ -129,6 +132,10 @@ impl Server {
             routing: Routing::new(config.node_id, config.shard_count),
             peers: std::sync::OnceLock::new(),
             order: Default::default(),
+            contacts: Arc::new(crate::contacts::Contacts::new(
+                engine.clone(),
+                config.shard_count,
+            )),
             engine,
             replicating: std::sync::OnceLock::new(),
             coordinator: std::sync::OnceLock::new(),
@@ -137,6 +144,8 @@ impl Server {
             accounts: Arc::new(accounts),
             keys: Arc::new(keys),
             inbox,
+
+            presence: Default::default(),
             registry,
             admission: crate::admission::Admission::new(config.preauth),
             metrics,
@@ -198,6 +207,7 @@ impl Server {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
         self.budgets.prune();
+        self.presence.prune();
     }
 
     /// Executes one session request. Synchronous checks run now; the returned future waits
@@ -440,8 +450,33 @@ impl Server {
                 if let Some(limited) = self.rate_limited(user, device) {
                     return Box::pin(async move { limited });
                 }
-                self.typing(user, device, t);
+                // Over TYPING_PER_S_MAX: dropped without an answer, like the indicator itself.
+                if self.presence.typing_allowed(user, device) {
+                    self.typing(user, device, t);
+                }
                 Box::pin(async { Answer::Frames(vec![]) })
+            }
+            // Contacts and presence (crate::presence::serve).
+            Body::PresenceSubscribe(_) | Body::SetPrivacy(_) | Body::ContactsUpdate(_) => {
+                let charge = match &body {
+                    Body::PresenceSubscribe(_) => crate::budgets::Charge::Lookup,
+                    _ => crate::budgets::Charge::AccountChange,
+                };
+                if let Some(refused) = self.over_budget(user, device, charge) {
+                    return Box::pin(async move { refused });
+                }
+                Box::pin(async move {
+                    match body {
+                        Body::PresenceSubscribe(s) => {
+                            server.presence_subscribe(user, device, s.users).await
+                        }
+                        Body::SetPrivacy(p) => {
+                            server.set_privacy(user, p.last_seen, p.online).await
+                        }
+                        Body::ContactsUpdate(u) => server.contacts_update(user, u).await,
+                        _ => error(ErrorCode::Internal, "unreachable"),
+                    }
+                })
             }
             other => Box::pin(async move { server.device_control(user, device, other).await }),
         }
@@ -561,9 +596,10 @@ impl Server {
                 Ok(count) => frames(PrekeyCount { count }),
                 Err(e) => keys_error(e),
             },
-            Body::PresenceSubscribe(_) | Body::SetPrivacy(_) => error(
-                ErrorCode::NotImplemented,
-                "presence is not served by this node version yet",
+            // Served by `device_request` (see `crate::presence::serve`).
+            Body::PresenceSubscribe(_) | Body::SetPrivacy(_) | Body::ContactsUpdate(_) => error(
+                ErrorCode::Internal,
+                "contacts and presence requests are not control requests",
             ),
             Body::GroupCreate(_) | Body::GroupUpdate(_) | Body::GroupInfoRequest(_) => error(
                 ErrorCode::NotImplemented,
@@ -863,7 +899,7 @@ impl Server {
     /// never stored.
     fn typing(self: &Arc<Self>, user: UserId, device: DeviceId, t: ringpost_wire::Typing) {
         match self.routing.route(t.user) {
-            Route::Local { .. } => self.push_typing(t.user, user, device, t.typing),
+            Route::Local { .. } => self.push_typing(t.user, user, device, t.typing, t.recording),
             Route::Remote { node, epoch, .. } => {
                 let server = self.clone();
                 tokio::spawn(async move {
@@ -872,6 +908,7 @@ impl Server {
                         from_user: user,
                         from_device: device,
                         typing: t.typing,
+                        recording: t.recording,
                     };
                     // Best effort, like the indicator itself.
                     let _ = server.call_peer(node, epoch, request).await;
@@ -881,14 +918,20 @@ impl Server {
         }
     }
 
-    /// Shows `from`'s typing state on the connected devices of `to` (a local user).
+    /// Shows `from`'s typing state on the connected devices of `to` (a local user), unless
+    /// `to` blocks `from` (then it is dropped silently).
     pub(crate) fn push_typing(
         &self,
         to: UserId,
         from_user: UserId,
         from_device: DeviceId,
         typing: bool,
+        recording: bool,
     ) {
+        if to != from_user && self.contacts.is_blocked(to, from_user).unwrap_or(true) {
+            self.presence.metrics.typing_dropped.fetch_add(1, Relaxed);
+            return;
+        }
         let Ok(devices) = self.accounts.devices(to) else {
             return;
         };
@@ -898,6 +941,7 @@ impl Server {
                 user: from_user,
                 device: from_device,
                 typing,
+                recording,
             },
         );
         let Ok(bytes) = frame.encode() else { return };

@@ -42,10 +42,13 @@ pub enum Cf {
     ShardLog,
     /// Node-local metadata (`shard` prefix unused): schema version, node id.
     Meta,
+    /// `shard | user | kind | ...` → contacts, blocks, privacy and last seen
+    /// ([`crate::contacts`]).
+    Contacts,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 8] = [
+    pub const ALL: [Cf; 9] = [
         Cf::Accounts,
         Cf::Verify,
         Cf::Inbox,
@@ -54,6 +57,7 @@ impl Cf {
         Cf::Prekeys,
         Cf::ShardLog,
         Cf::Meta,
+        Cf::Contacts,
     ];
 
     /// The column family's name in RocksDB.
@@ -67,6 +71,7 @@ impl Cf {
             Cf::Prekeys => "prekeys",
             Cf::ShardLog => "shard_log",
             Cf::Meta => "meta",
+            Cf::Contacts => "contacts",
         }
     }
 }

@@ -73,6 +73,7 @@ pub enum Body {
     Error(Error),
     GoingAway(GoingAway),
     Migrate(Migrate),
+    ContactsUpdate(ContactsUpdate),
 }
 
 /// Which side may send a frame type.
@@ -189,6 +190,7 @@ frame_types!(
     Error = 38 ToClient,
     GoingAway = 39 ToClient,
     Migrate = 40 ToClient,
+    ContactsUpdate = 41 ToServer,
 );
 
 impl std::fmt::Display for FrameKind {
@@ -430,13 +432,14 @@ pub struct Receipt {
     pub msg_ids: Vec<MsgId>,
 }
 
-/// c→s: tell me when these users come and go (subject to their privacy settings).
+/// c→s: tell me when these users come and go (subject to their privacy settings); replaces
+/// the connection's subscription set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PresenceSubscribe {
     pub users: Vec<UserId>,
 }
 
-/// s→c: `user` is online, or was last seen at `last_seen_ms` (0: hidden).
+/// s→c: `user` is online, or was last seen at `last_seen_ms` (0: hidden or unknown).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PresenceUpdate {
     pub user: UserId,
@@ -452,11 +455,11 @@ pub enum Visibility {
     Nobody = 2,
 }
 
-/// c→s: who may see my presence and last-seen time, and my typing.
+/// c→s: who may see my last-seen time and that I am online.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SetPrivacy {
-    pub presence: Visibility,
-    pub contacts: Vec<UserId>,
+    pub last_seen: Visibility,
+    pub online: Visibility,
 }
 
 /// c→s with `user` = recipient; s→c with `user` = sender. Never stored.
@@ -465,6 +468,18 @@ pub struct Typing {
     pub user: UserId,
     pub device: DeviceId,
     pub typing: bool,
+    /// Recording a voice note rather than typing.
+    pub recording: bool,
+}
+
+/// c→s: change my contact list (`add` replaces it when `replace`) and my block list.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ContactsUpdate {
+    pub replace: bool,
+    pub add: Vec<UserId>,
+    pub remove: Vec<UserId>,
+    pub block: Vec<UserId>,
+    pub unblock: Vec<UserId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -65,9 +65,18 @@ pub const MEDIA_BYTES_MAX: u64 = 100 * 1024 * 1024;
 /// this long; a client waits at most this long, whatever a frame says.
 pub const MIGRATE_RECONNECT_AFTER_MS_MAX: u32 = 60_000;
 
-/// Contacts in one `SetPrivacy` (the whole list is replaced each time): 32 KiB of ids, a quarter
-/// of a frame. Held per user by the presence service, so this is also its per-user worst case.
+/// Users in each list of one `ContactsUpdate` (`add`, `remove`, `block`, `unblock`): 32 KiB of
+/// ids, a quarter of a frame.
 pub const PRIVACY_CONTACTS_MAX: usize = 4096;
+
+/// Contacts one user keeps (on its owner's shard): at worst 4096 rows of 12 bytes of key.
+pub const CONTACTS_MAX: usize = 4096;
+
+/// Users one user blocks (on its owner's shard): at worst 4096 rows of 12 bytes of key.
+pub const BLOCKED_MAX: usize = 4096;
+
+/// Typing indicators a device may send per second; the node drops (silently) what is over it.
+pub const TYPING_PER_S_MAX: u32 = 2;
 
 // Bounds on the flatbuffers verifier's work per frame. A frame is verified before any field is
 // read, and verification must cost no more than a small multiple of the frame's size even for a

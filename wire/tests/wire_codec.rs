@@ -210,9 +210,9 @@ fn maximal_legal_frames_decode() {
                 SEND_CIPHERTEXTS_MAX
             ],
         }),
-        Body::SetPrivacy(SetPrivacy {
-            presence: Visibility::Contacts,
-            contacts: users(PRIVACY_CONTACTS_MAX),
+        Body::ContactsUpdate(ContactsUpdate {
+            add: users(PRIVACY_CONTACTS_MAX),
+            ..Default::default()
         }),
     ];
     for body in bodies {
@@ -432,9 +432,21 @@ fn frame_with(field: &str, len: usize) -> Frame {
             msg_ids: vec![[3; 16]; len],
         }),
         "PresenceSubscribe.users" => Body::PresenceSubscribe(PresenceSubscribe { users: ids(len) }),
-        "SetPrivacy.contacts" => Body::SetPrivacy(SetPrivacy {
-            presence: Visibility::Contacts,
-            contacts: ids(len),
+        "ContactsUpdate.add" => Body::ContactsUpdate(ContactsUpdate {
+            add: ids(len),
+            ..Default::default()
+        }),
+        "ContactsUpdate.remove" => Body::ContactsUpdate(ContactsUpdate {
+            remove: ids(len),
+            ..Default::default()
+        }),
+        "ContactsUpdate.block" => Body::ContactsUpdate(ContactsUpdate {
+            block: ids(len),
+            ..Default::default()
+        }),
+        "ContactsUpdate.unblock" => Body::ContactsUpdate(ContactsUpdate {
+            unblock: ids(len),
+            ..Default::default()
         }),
         "SignedPrekey.key" => upload(1, signed(len, 1), vec![]),
         "SignedPrekey.signature" => upload(1, signed(1, len), vec![]),
@@ -761,11 +773,11 @@ fn unknown_enum_values_are_refused() {
             }),
         ),
         (
-            "SetPrivacy.presence",
+            "SetPrivacy.last_seen",
             raw_frame(PROTOCOL_VERSION, fb::Body::SetPrivacy.0, |f| {
                 let args = fb::SetPrivacyArgs {
-                    presence: fb::Visibility(9),
-                    contacts: None,
+                    last_seen: fb::Visibility(9),
+                    ..Default::default()
                 };
                 Some(fb::SetPrivacy::create(f, &args).as_union_value())
             }),

@@ -95,7 +95,7 @@ fn limit_table_matches_the_code() {
         .filter(|r| r.len() == 3 && r[0].starts_with('`'))
         .map(|r| (r[0].trim_matches('`').to_owned(), r[1].clone()))
         .collect();
-    let limits: [(&str, u64); 19] = [
+    let limits: [(&str, u64); 22] = [
         ("FRAME_BYTES_MAX", FRAME_BYTES_MAX as u64),
         ("CIPHERTEXT_BYTES_MAX", CIPHERTEXT_BYTES_MAX as u64),
         ("DEVICES_PER_USER_MAX", DEVICES_PER_USER_MAX as u64),
@@ -104,6 +104,9 @@ fn limit_table_matches_the_code() {
         ("RECEIPT_MSG_IDS_MAX", RECEIPT_MSG_IDS_MAX as u64),
         ("PRESENCE_USERS_MAX", PRESENCE_USERS_MAX as u64),
         ("PRIVACY_CONTACTS_MAX", PRIVACY_CONTACTS_MAX as u64),
+        ("CONTACTS_MAX", CONTACTS_MAX as u64),
+        ("BLOCKED_MAX", BLOCKED_MAX as u64),
+        ("TYPING_PER_S_MAX", u64::from(TYPING_PER_S_MAX)),
         ("PREKEYS_PER_UPLOAD_MAX", PREKEYS_PER_UPLOAD_MAX as u64),
         ("KEY_BYTES_MAX", KEY_BYTES_MAX as u64),
         ("SIGNATURE_BYTES_MAX", SIGNATURE_BYTES_MAX as u64),

@@ -37,7 +37,19 @@ fn messages_round_trip_and_garbage_is_an_error() {
     });
     let bytes = encode_request(4, req.clone()).unwrap();
     let env: Envelope = postcard::from_bytes(&bytes).unwrap();
-    assert_eq!((env.version, env.epoch, env.request), (1, 4, req));
+    assert_eq!((env.version, env.epoch, env.request), (2, 4, req));
+    let presence = PeerRequest::PresenceChanged {
+        target: 9,
+        raw: crate::presence::RawPresence {
+            online: true,
+            last_seen_ms: 5,
+            seq: 6,
+        },
+        policy_changed: true,
+    };
+    let bytes = encode_request(4, presence.clone()).unwrap();
+    let env: Envelope = postcard::from_bytes(&bytes).unwrap();
+    assert_eq!(env.request, presence);
     let resp = PeerResponse::WrongOwner { epoch: 5 };
     assert_eq!(decode_response(&encode_response(&resp)).unwrap(), resp);
     assert!(decode_response(&[0xff, 0xff, 0xff]).is_err());

@@ -275,8 +275,8 @@ fn body(fbb: &mut Fbb<'_>, body: &Body) -> Off<UnionWIPOffset> {
         }
         Body::SetPrivacy(b) => {
             let args = fb::SetPrivacyArgs {
-                presence: b.presence.to_fb(),
-                contacts: scalars(fbb, &b.contacts),
+                last_seen: b.last_seen.to_fb(),
+                online: b.online.to_fb(),
             };
             fb::SetPrivacy::create(fbb, &args).as_union_value()
         }
@@ -285,6 +285,7 @@ fn body(fbb: &mut Fbb<'_>, body: &Body) -> Off<UnionWIPOffset> {
                 user: b.user,
                 device: b.device,
                 typing: b.typing,
+                recording: b.recording,
             };
             fb::Typing::create(fbb, &args).as_union_value()
         }
@@ -407,6 +408,16 @@ fn body(fbb: &mut Fbb<'_>, body: &Body) -> Off<UnionWIPOffset> {
                 reconnect_after_ms: b.reconnect_after_ms,
             };
             fb::Migrate::create(fbb, &args).as_union_value()
+        }
+        Body::ContactsUpdate(b) => {
+            let args = fb::ContactsUpdateArgs {
+                replace: b.replace,
+                add: scalars(fbb, &b.add),
+                remove: scalars(fbb, &b.remove),
+                block: scalars(fbb, &b.block),
+                unblock: scalars(fbb, &b.unblock),
+            };
+            fb::ContactsUpdate::create(fbb, &args).as_union_value()
         }
     }
 }

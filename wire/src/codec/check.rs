@@ -103,7 +103,10 @@ const DELIVER_RECEIPT_MSG_IDS: Max = Max::new("Deliver.receipt_msg_ids", RECEIPT
 const DELIVER_ACK_SEQS: Max = Max::new("DeliverAck.seqs", ACK_SEQS_MAX);
 const RECEIPT_MSG_IDS: Max = Max::new("Receipt.msg_ids", RECEIPT_MSG_IDS_MAX);
 const PRESENCE_SUBSCRIBE_USERS: Max = Max::new("PresenceSubscribe.users", PRESENCE_USERS_MAX);
-const SET_PRIVACY_CONTACTS: Max = Max::new("SetPrivacy.contacts", PRIVACY_CONTACTS_MAX);
+const CONTACTS_UPDATE_ADD: Max = Max::new("ContactsUpdate.add", PRIVACY_CONTACTS_MAX);
+const CONTACTS_UPDATE_REMOVE: Max = Max::new("ContactsUpdate.remove", PRIVACY_CONTACTS_MAX);
+const CONTACTS_UPDATE_BLOCK: Max = Max::new("ContactsUpdate.block", PRIVACY_CONTACTS_MAX);
+const CONTACTS_UPDATE_UNBLOCK: Max = Max::new("ContactsUpdate.unblock", PRIVACY_CONTACTS_MAX);
 const SIGNED_PREKEY_KEY: Max = Max::new("SignedPrekey.key", KEY_BYTES_MAX);
 const SIGNED_PREKEY_SIGNATURE: Max = Max::new("SignedPrekey.signature", SIGNATURE_BYTES_MAX);
 const ONE_TIME_PREKEY_KEY: Max = Max::new("OneTimePrekey.key", KEY_BYTES_MAX);
@@ -195,7 +198,10 @@ pub const BOUNDS: &[FieldBound] = &[
     DELIVER_ACK_SEQS.bound(),
     RECEIPT_MSG_IDS.bound(),
     PRESENCE_SUBSCRIBE_USERS.bound(),
-    SET_PRIVACY_CONTACTS.bound(),
+    CONTACTS_UPDATE_ADD.bound(),
+    CONTACTS_UPDATE_REMOVE.bound(),
+    CONTACTS_UPDATE_BLOCK.bound(),
+    CONTACTS_UPDATE_UNBLOCK.bound(),
     SIGNED_PREKEY_KEY.bound(),
     SIGNED_PREKEY_SIGNATURE.bound(),
     ONE_TIME_PREKEY_KEY.bound(),
@@ -289,7 +295,12 @@ pub(crate) fn sent(body: &Body) -> Result<(), Violation> {
         Body::DeliverAck(b) => DELIVER_ACK_SEQS.check(b.seqs.len()),
         Body::Receipt(b) => RECEIPT_MSG_IDS.check(b.msg_ids.len()),
         Body::PresenceSubscribe(b) => PRESENCE_SUBSCRIBE_USERS.check(b.users.len()),
-        Body::SetPrivacy(b) => SET_PRIVACY_CONTACTS.check(b.contacts.len()),
+        Body::ContactsUpdate(b) => {
+            CONTACTS_UPDATE_ADD.check(b.add.len())?;
+            CONTACTS_UPDATE_REMOVE.check(b.remove.len())?;
+            CONTACTS_UPDATE_BLOCK.check(b.block.len())?;
+            CONTACTS_UPDATE_UNBLOCK.check(b.unblock.len())
+        }
         Body::PrekeyUpload(b) => {
             PREKEY_UPLOAD_IDENTITY_KEY.check(b.identity_key.len())?;
             if let Some(k) = &b.signed_prekey {
@@ -348,6 +359,7 @@ pub(crate) fn sent(body: &Body) -> Result<(), Violation> {
         | Body::RemoveDevice(_)
         | Body::DeviceListRequest(_)
         | Body::PresenceUpdate(_)
+        | Body::SetPrivacy(_)
         | Body::Typing(_)
         | Body::PrekeyClaim(_)
         | Body::PrekeyCountRequest(_)
@@ -497,8 +509,15 @@ pub(crate) fn received<'a>(root: fb::Frame<'a>, kind: FrameKind) -> Result<Hot<'
         }
         K::SetPrivacy => {
             let t = table(root.body_as_set_privacy())?;
-            Visibility::received("SetPrivacy.presence", t.presence())?;
-            SET_PRIVACY_CONTACTS.check(vec_len(t.contacts()))?;
+            Visibility::received("SetPrivacy.last_seen", t.last_seen())?;
+            Visibility::received("SetPrivacy.online", t.online())?;
+        }
+        K::ContactsUpdate => {
+            let t = table(root.body_as_contacts_update())?;
+            CONTACTS_UPDATE_ADD.check(vec_len(t.add()))?;
+            CONTACTS_UPDATE_REMOVE.check(vec_len(t.remove()))?;
+            CONTACTS_UPDATE_BLOCK.check(vec_len(t.block()))?;
+            CONTACTS_UPDATE_UNBLOCK.check(vec_len(t.unblock()))?;
         }
         K::Typing => {
             let t = table(root.body_as_typing())?;
@@ -506,6 +525,7 @@ pub(crate) fn received<'a>(root: fb::Frame<'a>, kind: FrameKind) -> Result<Hot<'
                 user: t.user(),
                 device: t.device(),
                 typing: t.typing(),
+                recording: t.recording(),
             }));
         }
         K::PrekeyUpload => {

@@ -321,8 +321,8 @@ pub(crate) fn body(
         K::SetPrivacy => {
             let t = table(root.body_as_set_privacy())?;
             Body::SetPrivacy(SetPrivacy {
-                presence: Visibility::received("SetPrivacy.presence", t.presence())?,
-                contacts: scalars(t.contacts()),
+                last_seen: Visibility::received("SetPrivacy.last_seen", t.last_seen())?,
+                online: Visibility::received("SetPrivacy.online", t.online())?,
             })
         }
         K::Typing => {
@@ -331,6 +331,7 @@ pub(crate) fn body(
                 user: t.user(),
                 device: t.device(),
                 typing: t.typing(),
+                recording: t.recording(),
             })
         }
         K::PrekeyUpload => {
@@ -459,6 +460,16 @@ pub(crate) fn body(
                 ws_url: string(t.ws_url()),
                 quic_addr: string(t.quic_addr()),
                 reconnect_after_ms: t.reconnect_after_ms(),
+            })
+        }
+        K::ContactsUpdate => {
+            let t = table(root.body_as_contacts_update())?;
+            Body::ContactsUpdate(ContactsUpdate {
+                replace: t.replace(),
+                add: scalars(t.add()),
+                remove: scalars(t.remove()),
+                block: scalars(t.block()),
+                unblock: scalars(t.unblock()),
             })
         }
     })

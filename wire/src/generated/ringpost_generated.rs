@@ -458,10 +458,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for Visibility {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_BODY: u8 = 40;
+pub const ENUM_MAX_BODY: u8 = 41;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_BODY: [Body; 41] = [
+pub const ENUM_VALUES_BODY: [Body; 42] = [
   Body::NONE,
   Body::Hello,
   Body::Welcome,
@@ -503,10 +503,11 @@ pub const ENUM_VALUES_BODY: [Body; 41] = [
   Body::Error,
   Body::GoingAway,
   Body::Migrate,
+  Body::ContactsUpdate,
 ];
 
 /// Every frame type. The union tag is the frame type on the wire: NONE = 0, Hello = 1, ...,
-/// GoingAway = 39, Migrate = 40, in this order. Append only.
+/// GoingAway = 39, Migrate = 40, ContactsUpdate = 41, in this order. Append only.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 #[repr(transparent)]
 pub struct Body(pub u8);
@@ -553,9 +554,10 @@ impl Body {
   pub const Error: Self = Self(38);
   pub const GoingAway: Self = Self(39);
   pub const Migrate: Self = Self(40);
+  pub const ContactsUpdate: Self = Self(41);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 40;
+  pub const ENUM_MAX: u8 = 41;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Hello,
@@ -598,6 +600,7 @@ impl Body {
     Self::Error,
     Self::GoingAway,
     Self::Migrate,
+    Self::ContactsUpdate,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -643,6 +646,7 @@ impl Body {
       Self::Error => Some("Error"),
       Self::GoingAway => Some("GoingAway"),
       Self::Migrate => Some("Migrate"),
+      Self::ContactsUpdate => Some("ContactsUpdate"),
       _ => None,
     }
   }
@@ -3901,7 +3905,9 @@ impl ::core::fmt::Debug for Receipt<'_> {
 pub enum PresenceSubscribeOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
-/// c→s: tell me when these users come and go (subject to their privacy settings).
+/// c→s: tell me when these users come and go (subject to their privacy settings). Replaces
+/// the connection's whole subscription set (empty: none). Answered by one PresenceUpdate per
+/// user with its current state, then Done; later changes come as PresenceUpdate with req 0.
 pub struct PresenceSubscribe<'a> {
   pub _tab: ::flatbuffers::Table<'a>,
 }
@@ -3999,7 +4005,8 @@ impl ::core::fmt::Debug for PresenceSubscribe<'_> {
 pub enum PresenceUpdateOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
-/// s→c: `user` is online, or was last seen at `last_seen_ms` (0: hidden).
+/// s→c: `user` is online, or was last seen at `last_seen_ms` (0: hidden or unknown). What the
+/// viewer may not see (privacy, a block) reads as offline with last seen 0.
 pub struct PresenceUpdate<'a> {
   pub _tab: ::flatbuffers::Table<'a>,
 }
@@ -4130,7 +4137,7 @@ impl ::core::fmt::Debug for PresenceUpdate<'_> {
 pub enum SetPrivacyOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
-/// c→s: who may see my presence and last-seen time, and my typing.
+/// c→s: who may see my last-seen time and that I am online. Answered by Done.
 pub struct SetPrivacy<'a> {
   pub _tab: ::flatbuffers::Table<'a>,
 }
@@ -4144,8 +4151,8 @@ impl<'a> ::flatbuffers::Follow<'a> for SetPrivacy<'a> {
 }
 
 impl<'a> SetPrivacy<'a> {
-  pub const VT_PRESENCE: ::flatbuffers::VOffsetT = 4;
-  pub const VT_CONTACTS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_LAST_SEEN: ::flatbuffers::VOffsetT = 4;
+  pub const VT_ONLINE: ::flatbuffers::VOffsetT = 8;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -4154,29 +4161,28 @@ impl<'a> SetPrivacy<'a> {
   #[allow(unused_mut)]
   pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
     _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args SetPrivacyArgs<'args>
+    args: &'args SetPrivacyArgs
   ) -> ::flatbuffers::WIPOffset<SetPrivacy<'bldr>> {
     let mut builder = SetPrivacyBuilder::new(_fbb);
-    if let Some(x) = args.contacts { builder.add_contacts(x); }
-    builder.add_presence(args.presence);
+    builder.add_online(args.online);
+    builder.add_last_seen(args.last_seen);
     builder.finish()
   }
 
 
   #[inline]
-  pub fn presence(&self) -> Visibility {
+  pub fn last_seen(&self) -> Visibility {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<Visibility>(SetPrivacy::VT_PRESENCE, Some(Visibility::Everyone)).unwrap()}
+    unsafe { self._tab.get::<Visibility>(SetPrivacy::VT_LAST_SEEN, Some(Visibility::Everyone)).unwrap()}
   }
-  /// My contacts, for `Contacts`. At most PRIVACY_CONTACTS_MAX (4096).
   #[inline]
-  pub fn contacts(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+  pub fn online(&self) -> Visibility {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(SetPrivacy::VT_CONTACTS, None)}
+    unsafe { self._tab.get::<Visibility>(SetPrivacy::VT_ONLINE, Some(Visibility::Everyone)).unwrap()}
   }
 }
 
@@ -4186,22 +4192,22 @@ impl ::flatbuffers::Verifiable for SetPrivacy<'_> {
     v: &mut ::flatbuffers::Verifier, pos: usize
   ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
     v.visit_table(pos)?
-     .visit_field::<Visibility>("presence", Self::VT_PRESENCE, false)?
-     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("contacts", Self::VT_CONTACTS, false)?
+     .visit_field::<Visibility>("last_seen", Self::VT_LAST_SEEN, false)?
+     .visit_field::<Visibility>("online", Self::VT_ONLINE, false)?
      .finish();
     Ok(())
   }
 }
-pub struct SetPrivacyArgs<'a> {
-    pub presence: Visibility,
-    pub contacts: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+pub struct SetPrivacyArgs {
+    pub last_seen: Visibility,
+    pub online: Visibility,
 }
-impl<'a> Default for SetPrivacyArgs<'a> {
+impl<'a> Default for SetPrivacyArgs {
   #[inline]
   fn default() -> Self {
     SetPrivacyArgs {
-      presence: Visibility::Everyone,
-      contacts: None,
+      last_seen: Visibility::Everyone,
+      online: Visibility::Everyone,
     }
   }
 }
@@ -4212,12 +4218,12 @@ pub struct SetPrivacyBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
 }
 impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SetPrivacyBuilder<'a, 'b, A> {
   #[inline]
-  pub fn add_presence(&mut self, presence: Visibility) {
-    self.fbb_.push_slot::<Visibility>(SetPrivacy::VT_PRESENCE, presence, Visibility::Everyone);
+  pub fn add_last_seen(&mut self, last_seen: Visibility) {
+    self.fbb_.push_slot::<Visibility>(SetPrivacy::VT_LAST_SEEN, last_seen, Visibility::Everyone);
   }
   #[inline]
-  pub fn add_contacts(&mut self, contacts: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
-    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SetPrivacy::VT_CONTACTS, contacts);
+  pub fn add_online(&mut self, online: Visibility) {
+    self.fbb_.push_slot::<Visibility>(SetPrivacy::VT_ONLINE, online, Visibility::Everyone);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SetPrivacyBuilder<'a, 'b, A> {
@@ -4237,15 +4243,16 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SetPrivacyBuilder<'a, 'b, A> 
 impl ::core::fmt::Debug for SetPrivacy<'_> {
   fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
     let mut ds = f.debug_struct("SetPrivacy");
-      ds.field("presence", &self.presence());
-      ds.field("contacts", &self.contacts());
+      ds.field("last_seen", &self.last_seen());
+      ds.field("online", &self.online());
       ds.finish()
   }
 }
 pub enum TypingOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
-/// c→s with `user` = recipient; s→c with `user` = sender. Never stored.
+/// c→s with `user` = recipient; s→c with `user` = sender. Never stored; sent only to the
+/// recipient's connected devices, at most TYPING_PER_S_MAX (2) per sending device per second.
 pub struct Typing<'a> {
   pub _tab: ::flatbuffers::Table<'a>,
 }
@@ -4262,6 +4269,7 @@ impl<'a> Typing<'a> {
   pub const VT_USER: ::flatbuffers::VOffsetT = 4;
   pub const VT_DEVICE: ::flatbuffers::VOffsetT = 6;
   pub const VT_TYPING: ::flatbuffers::VOffsetT = 8;
+  pub const VT_RECORDING: ::flatbuffers::VOffsetT = 10;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -4275,6 +4283,7 @@ impl<'a> Typing<'a> {
     let mut builder = TypingBuilder::new(_fbb);
     builder.add_user(args.user);
     builder.add_device(args.device);
+    builder.add_recording(args.recording);
     builder.add_typing(args.typing);
     builder.finish()
   }
@@ -4301,6 +4310,14 @@ impl<'a> Typing<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<bool>(Typing::VT_TYPING, Some(false)).unwrap()}
   }
+  /// Recording a voice note rather than typing.
+  #[inline]
+  pub fn recording(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(Typing::VT_RECORDING, Some(false)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Typing<'_> {
@@ -4312,6 +4329,7 @@ impl ::flatbuffers::Verifiable for Typing<'_> {
      .visit_field::<u64>("user", Self::VT_USER, false)?
      .visit_field::<u32>("device", Self::VT_DEVICE, false)?
      .visit_field::<bool>("typing", Self::VT_TYPING, false)?
+     .visit_field::<bool>("recording", Self::VT_RECORDING, false)?
      .finish();
     Ok(())
   }
@@ -4320,6 +4338,7 @@ pub struct TypingArgs {
     pub user: u64,
     pub device: u32,
     pub typing: bool,
+    pub recording: bool,
 }
 impl<'a> Default for TypingArgs {
   #[inline]
@@ -4328,6 +4347,7 @@ impl<'a> Default for TypingArgs {
       user: 0,
       device: 0,
       typing: false,
+      recording: false,
     }
   }
 }
@@ -4350,6 +4370,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> TypingBuilder<'a, 'b, A> {
     self.fbb_.push_slot::<bool>(Typing::VT_TYPING, typing, false);
   }
   #[inline]
+  pub fn add_recording(&mut self, recording: bool) {
+    self.fbb_.push_slot::<bool>(Typing::VT_RECORDING, recording, false);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> TypingBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     TypingBuilder {
@@ -4370,6 +4394,176 @@ impl ::core::fmt::Debug for Typing<'_> {
       ds.field("user", &self.user());
       ds.field("device", &self.device());
       ds.field("typing", &self.typing());
+      ds.field("recording", &self.recording());
+      ds.finish()
+  }
+}
+pub enum ContactsUpdateOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// c→s: change my contact list and my block list. Answered by Done. Applied in this order:
+/// replace or add, remove, block, unblock.
+pub struct ContactsUpdate<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ContactsUpdate<'a> {
+  type Inner = ContactsUpdate<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ContactsUpdate<'a> {
+  pub const VT_REPLACE: ::flatbuffers::VOffsetT = 4;
+  pub const VT_ADD: ::flatbuffers::VOffsetT = 6;
+  pub const VT_REMOVE: ::flatbuffers::VOffsetT = 8;
+  pub const VT_BLOCK: ::flatbuffers::VOffsetT = 10;
+  pub const VT_UNBLOCK: ::flatbuffers::VOffsetT = 12;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ContactsUpdate { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ContactsUpdateArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ContactsUpdate<'bldr>> {
+    let mut builder = ContactsUpdateBuilder::new(_fbb);
+    if let Some(x) = args.unblock { builder.add_unblock(x); }
+    if let Some(x) = args.block { builder.add_block(x); }
+    if let Some(x) = args.remove { builder.add_remove(x); }
+    if let Some(x) = args.add { builder.add_add(x); }
+    builder.add_replace(args.replace);
+    builder.finish()
+  }
+
+
+  /// `add` replaces the whole contact list (true) or is added to it (false).
+  #[inline]
+  pub fn replace(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(ContactsUpdate::VT_REPLACE, Some(false)).unwrap()}
+  }
+  /// At most PRIVACY_CONTACTS_MAX (4096) each; the list holds at most CONTACTS_MAX (4096).
+  #[inline]
+  pub fn add(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(ContactsUpdate::VT_ADD, None)}
+  }
+  #[inline]
+  pub fn remove(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(ContactsUpdate::VT_REMOVE, None)}
+  }
+  /// At most BLOCKED_MAX (4096) each; the list holds at most BLOCKED_MAX.
+  #[inline]
+  pub fn block(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(ContactsUpdate::VT_BLOCK, None)}
+  }
+  #[inline]
+  pub fn unblock(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(ContactsUpdate::VT_UNBLOCK, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ContactsUpdate<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<bool>("replace", Self::VT_REPLACE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("add", Self::VT_ADD, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("remove", Self::VT_REMOVE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("block", Self::VT_BLOCK, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("unblock", Self::VT_UNBLOCK, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ContactsUpdateArgs<'a> {
+    pub replace: bool,
+    pub add: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub remove: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub block: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub unblock: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+}
+impl<'a> Default for ContactsUpdateArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ContactsUpdateArgs {
+      replace: false,
+      add: None,
+      remove: None,
+      block: None,
+      unblock: None,
+    }
+  }
+}
+
+pub struct ContactsUpdateBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ContactsUpdateBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_replace(&mut self, replace: bool) {
+    self.fbb_.push_slot::<bool>(ContactsUpdate::VT_REPLACE, replace, false);
+  }
+  #[inline]
+  pub fn add_add(&mut self, add: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ContactsUpdate::VT_ADD, add);
+  }
+  #[inline]
+  pub fn add_remove(&mut self, remove: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ContactsUpdate::VT_REMOVE, remove);
+  }
+  #[inline]
+  pub fn add_block(&mut self, block: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ContactsUpdate::VT_BLOCK, block);
+  }
+  #[inline]
+  pub fn add_unblock(&mut self, unblock: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ContactsUpdate::VT_UNBLOCK, unblock);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ContactsUpdateBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ContactsUpdateBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ContactsUpdate<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ContactsUpdate<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ContactsUpdate");
+      ds.field("replace", &self.replace());
+      ds.field("add", &self.add());
+      ds.field("remove", &self.remove());
+      ds.field("block", &self.block());
+      ds.field("unblock", &self.unblock());
       ds.finish()
   }
 }
@@ -7502,6 +7696,21 @@ impl<'a> Frame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_contacts_update(&self) -> Option<ContactsUpdate<'a>> {
+    if self.body_type() == Body::ContactsUpdate {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { ContactsUpdate::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Frame<'_> {
@@ -7554,6 +7763,7 @@ impl ::flatbuffers::Verifiable for Frame<'_> {
           Body::Error => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Error>>("Body::Error", pos),
           Body::GoingAway => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GoingAway>>("Body::GoingAway", pos),
           Body::Migrate => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Migrate>>("Body::Migrate", pos),
+          Body::ContactsUpdate => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ContactsUpdate>>("Body::ContactsUpdate", pos),
           _ => Ok(()),
         }
      })?
@@ -7897,6 +8107,13 @@ impl ::core::fmt::Debug for Frame<'_> {
         },
         Body::Migrate => {
           if let Some(x) = self.body_as_migrate() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::ContactsUpdate => {
+          if let Some(x) = self.body_as_contacts_update() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")

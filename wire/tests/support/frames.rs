@@ -287,16 +287,21 @@ pub fn body(kind: FrameKind) -> BoxedStrategy<Body> {
                 Just(Visibility::Contacts),
                 Just(Visibility::Nobody),
             ],
-            users(PRIVACY_CONTACTS_MAX),
+            prop_oneof![
+                Just(Visibility::Everyone),
+                Just(Visibility::Contacts),
+                Just(Visibility::Nobody),
+            ],
         )
-            .prop_map(|(presence, contacts)| Body::SetPrivacy(SetPrivacy { presence, contacts }))
+            .prop_map(|(last_seen, online)| Body::SetPrivacy(SetPrivacy { last_seen, online }))
             .boxed(),
-        K::Typing => (any::<u64>(), any::<u32>(), any::<bool>())
-            .prop_map(|(user, device, typing)| {
+        K::Typing => (any::<u64>(), any::<u32>(), any::<bool>(), any::<bool>())
+            .prop_map(|(user, device, typing, recording)| {
                 Body::Typing(Typing {
                     user,
                     device,
                     typing,
+                    recording,
                 })
             })
             .boxed(),
@@ -436,6 +441,23 @@ pub fn body(kind: FrameKind) -> BoxedStrategy<Body> {
                     ws_url,
                     quic_addr,
                     reconnect_after_ms,
+                })
+            })
+            .boxed(),
+        K::ContactsUpdate => (
+            any::<bool>(),
+            users(PRIVACY_CONTACTS_MAX / 4),
+            users(PRIVACY_CONTACTS_MAX / 4),
+            users(PRIVACY_CONTACTS_MAX / 4),
+            users(PRIVACY_CONTACTS_MAX / 4),
+        )
+            .prop_map(|(replace, add, remove, block, unblock)| {
+                Body::ContactsUpdate(ContactsUpdate {
+                    replace,
+                    add,
+                    remove,
+                    block,
+                    unblock,
                 })
             })
             .boxed(),
