@@ -88,7 +88,7 @@ async fn handle(mut stream: TcpStream, server: Arc<Server>) -> std::io::Result<(
                     .peer_dials_refused
                     .store(peers.refused_dials(), std::sync::atomic::Ordering::Relaxed);
             }
-            let body = server.metrics.render();
+            let body = server.metrics.render_with(&server.groups.metrics);
             respond(&mut stream, 200, "text/plain; version=0.0.4", &body).await
         }
         ("GET", "/healthz") => respond(&mut stream, 200, "text/plain", "ok\n").await,

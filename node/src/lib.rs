@@ -16,6 +16,7 @@ pub mod clock;
 pub mod cluster;
 pub mod conn;
 pub mod forward;
+pub mod groups;
 pub mod handoff;
 pub mod inbox;
 pub mod keys;

@@ -45,6 +45,8 @@ pub enum StoreKind {
     Message,
     Delivered,
     Read,
+    GroupMessage,
+    GroupEvent,
 }
 
 /// Who gets an entry.
@@ -148,6 +150,19 @@ pub enum PeerRequest {
     Replicate {
         parts: Vec<RecordPart>,
     },
+    // --- groups (crate::groups) ---
+    /// A device's group request (`GroupCreate`, `GroupUpdate`, `GroupInfoRequest`,
+    /// `GroupSend`, encoded) for the owner of `group`'s shard; a create's id is `group`.
+    /// Answered with [`PeerResponse::Frames`].
+    Group {
+        from_user: UserId,
+        from_device: DeviceId,
+        group: ringpost_wire::GroupId,
+        frame: Vec<u8>,
+    },
+    /// A group's fan-out: one log record for the members the receiver owns. Answered with
+    /// [`PeerResponse::GroupStored`], one result per member in order.
+    GroupFanout(crate::groups::fanout::GroupBatch),
 }
 
 /// A request and the epoch it was routed at.
@@ -180,6 +195,8 @@ pub enum PeerResponse {
     /// The answer to `Replicate`: per shard named, how far the copy is (applied LSN) or why it
     /// refused the records.
     Replicated(Vec<ShardAnswer>),
+    /// The answer to `GroupFanout`.
+    GroupStored(Vec<Stored>),
 }
 
 /// Encodes a request for [`link::PeerNet::call`]. Fails (rather than sending an empty or

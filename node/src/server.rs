@@ -98,6 +98,9 @@ pub struct Server {
     pub accounts: Arc<Accounts>,
     pub keys: Arc<Keys>,
     pub inbox: Inbox,
+    /// Group states and fan-out logs of the groups this node owns ([`crate::groups`]).
+    pub groups: Arc<crate::groups::Groups>,
+    pub(crate) fanout: crate::groups::fanout::Fanout,
     pub registry: Arc<Registry>,
     /// Places of unauthenticated connections (see [`crate::admission`]).
     pub admission: Arc<crate::admission::Admission>,
@@ -124,6 +127,7 @@ impl Server {
     ) -> Arc<Server> {
         let rate = NonZeroU32::new(config.device_rate_per_s.max(1)).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(config.device_burst.max(1)).unwrap_or(NonZeroU32::MIN);
+        let engine_for_groups = engine.clone();
         Arc::new(Server {
             node_id: config.node_id,
             routing: Routing::new(config.node_id, config.shard_count),
@@ -137,6 +141,11 @@ impl Server {
             accounts: Arc::new(accounts),
             keys: Arc::new(keys),
             inbox,
+            groups: Arc::new(crate::groups::Groups::new(
+                engine_for_groups,
+                config.shard_count,
+            )),
+            fanout: Default::default(),
             registry,
             admission: crate::admission::Admission::new(config.preauth),
             metrics,
@@ -443,6 +452,16 @@ impl Server {
                 self.typing(user, device, t);
                 Box::pin(async { Answer::Frames(vec![]) })
             }
+            // Groups (crate::groups): executed on the group's owner.
+            Body::GroupSend(_) => {
+                if let Some(limited) = self.rate_limited(user, device) {
+                    return Box::pin(async move { limited });
+                }
+                crate::groups::serve::request(self, user, device, body)
+            }
+            Body::GroupCreate(_) | Body::GroupUpdate(_) | Body::GroupInfoRequest(_) => {
+                crate::groups::serve::request(self, user, device, body)
+            }
             other => Box::pin(async move { server.device_control(user, device, other).await }),
         }
     }
@@ -565,8 +584,11 @@ impl Server {
                 ErrorCode::NotImplemented,
                 "presence is not served by this node version yet",
             ),
-            Body::GroupCreate(_) | Body::GroupUpdate(_) | Body::GroupInfoRequest(_) => error(
-                ErrorCode::NotImplemented,
+            Body::GroupCreate(_)
+            | Body::GroupUpdate(_)
+            | Body::GroupInfoRequest(_)
+            | Body::GroupSend(_) => error(
+                ErrorCode::UnexpectedFrame,
                 "groups are not served by this node version yet",
             ),
             Body::MediaUploadRequest(_) => error(
@@ -896,6 +918,26 @@ impl Server {
 
 /// The `Deliver` frame of an inbox entry.
 pub fn deliver_frame(seq: u64, e: &Entry) -> Frame {
+    if matches!(e.kind, EntryKind::GroupMessage | EntryKind::GroupEvent) {
+        if let Some((group, group_seq, payload)) = crate::groups::fanout::split_entry_body(&e.body)
+        {
+            return Frame::new(
+                0,
+                ringpost_wire::Deliver {
+                    seq,
+                    kind: e.kind.into(),
+                    from_user: e.from_user,
+                    from_device: e.from_device,
+                    msg_id: e.msg_id,
+                    server_time_ms: e.server_time_ms,
+                    body: e.body.slice(24..24 + payload.len()),
+                    receipt_msg_ids: vec![],
+                    group: Some(group),
+                    group_seq,
+                },
+            );
+        }
+    }
     Frame::new(
         0,
         ringpost_wire::Deliver {
@@ -907,6 +949,8 @@ pub fn deliver_frame(seq: u64, e: &Entry) -> Frame {
             server_time_ms: e.server_time_ms,
             body: e.body.clone(),
             receipt_msg_ids: e.receipt_msg_ids.clone(),
+            group: None,
+            group_seq: 0,
         },
     )
 }

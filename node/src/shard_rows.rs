@@ -22,13 +22,15 @@ pub const ROW_VALUE_BYTES_MAX: usize = 512 * 1024;
 pub const ROW_HEADER_BYTES: usize = 1 + 4 + 4;
 /// Every shard-prefixed column family: all but [`Cf::Meta`]. A row's `cf` is an index into
 /// this array, so the order is part of the peer protocol: append only.
-pub const SHARD_CFS: [Cf; 7] = [
+pub const SHARD_CFS: [Cf; 9] = [
     Cf::Accounts,
     Cf::Verify,
     Cf::Inbox,
     Cf::InboxMeta,
     Cf::Dedup,
     Cf::Prekeys,
+    Cf::Groups,
+    Cf::GroupLog,
     Cf::ShardLog,
 ];
 
@@ -42,6 +44,8 @@ pub(crate) const fn is_shard_prefixed(cf: Cf) -> bool {
         | Cf::InboxMeta
         | Cf::Dedup
         | Cf::Prekeys
+        | Cf::Groups
+        | Cf::GroupLog
         | Cf::ShardLog => true,
         Cf::Meta => false,
     }

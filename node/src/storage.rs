@@ -42,10 +42,17 @@ pub enum Cf {
     ShardLog,
     /// Node-local metadata (`shard` prefix unused): schema version, node id.
     Meta,
+    /// `shard | group | 0x00` → the group's state (members, admins, meta, settings, sequence,
+    /// invite code); `shard | group | 0x01 | sender user | sender device | msg_id` → the group
+    /// sequence a `GroupSend` got (send dedup). See [`crate::groups`].
+    Groups,
+    /// `shard | group | seq` → a group change or message not yet fanned out to every member
+    /// (the durable fan-out log); deleted once every member's owner stored it.
+    GroupLog,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 8] = [
+    pub const ALL: [Cf; 10] = [
         Cf::Accounts,
         Cf::Verify,
         Cf::Inbox,
@@ -54,6 +61,8 @@ impl Cf {
         Cf::Prekeys,
         Cf::ShardLog,
         Cf::Meta,
+        Cf::Groups,
+        Cf::GroupLog,
     ];
 
     /// The column family's name in RocksDB.
@@ -67,6 +76,8 @@ impl Cf {
             Cf::Prekeys => "prekeys",
             Cf::ShardLog => "shard_log",
             Cf::Meta => "meta",
+            Cf::Groups => "groups",
+            Cf::GroupLog => "group_log",
         }
     }
 }

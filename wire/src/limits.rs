@@ -56,6 +56,8 @@ pub const MSG_ID_BYTES: usize = 16;
 
 /// Group id length (server-assigned, random).
 pub const GROUP_ID_BYTES: usize = 16;
+/// Length of a group invite code (server-chosen random bytes).
+pub const GROUP_INVITE_CODE_BYTES: usize = 16;
 
 /// Largest media object a grant may be asked for (100 MiB).
 pub const MEDIA_BYTES_MAX: u64 = 100 * 1024 * 1024;

@@ -121,7 +121,7 @@ fn decode_and_encode_errors_map_to_pinned_codes() {
 
 #[test]
 fn frame_type_tags_are_pinned() {
-    let pinned: [(FrameKind, u8); 40] = [
+    let pinned: [(FrameKind, u8); 42] = [
         (FrameKind::Hello, 1),
         (FrameKind::Welcome, 2),
         (FrameKind::Redirect, 3),
@@ -162,6 +162,8 @@ fn frame_type_tags_are_pinned() {
         (FrameKind::Error, 38),
         (FrameKind::GoingAway, 39),
         (FrameKind::Migrate, 40),
+        (FrameKind::GroupSend, 41),
+        (FrameKind::GroupEvent, 42),
     ];
     assert_eq!(
         FrameKind::ALL.len(),
