@@ -184,10 +184,21 @@ async fn run(server: Weak<Server>, group: GroupId) {
             server.fanout.running().remove(&group);
         };
         // Only the group's owner fans out; a new owner resumes from the (replicated or
-        // handed-off) log.
-        if server.serves_here(route_id(&group)).is_some() {
-            stop(&server);
-            return;
+        // handed-off) log. While the shard is still this node's but not writable (no lease,
+        // a hand-off under way) the task waits rather than stops: nothing else would restart
+        // it when the shard becomes writable again.
+        match server.routing.route(route_id(&group)) {
+            Route::Local { .. } => {
+                if server.serves_here(route_id(&group)).is_some() {
+                    drop(server);
+                    tokio::time::sleep(FANOUT_RETRY_PAUSE_MAX).await;
+                    continue;
+                }
+            }
+            Route::Remote { .. } | Route::Unowned => {
+                stop(&server);
+                return;
+            }
         }
         let groups = server.groups.clone();
         let next = tokio::task::spawn_blocking(move || groups.next_record(&group)).await;

@@ -177,6 +177,15 @@ fn the_add_policy_hook_is_asked_for_every_added_user() {
 }
 
 #[test]
+fn the_largest_group_message_fits_one_append_for_a_member_with_every_device() {
+    use crate::inbox::{Entry, APPEND_BYTES_MAX};
+    use ringpost_wire::limits::{DEVICES_PER_USER_MAX, GROUP_CIPHERTEXT_BYTES_MAX};
+    let body = fanout::entry_body(&G, u64::MAX, &vec![0; GROUP_CIPHERTEXT_BYTES_MAX]);
+    let entry = Entry::message(u64::MAX, u32::MAX, [0; 16], body.into());
+    assert!(DEVICES_PER_USER_MAX * entry.encoded_len() <= APPEND_BYTES_MAX);
+}
+
+#[test]
 fn pending_groups_lists_each_group_with_records_once() {
     let (g, _dir) = service();
     let other: GroupId = {

@@ -5986,7 +5986,7 @@ impl<'a> GroupSend<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<MsgId>(GroupSend::VT_MSG_ID, None)}
   }
-  /// At most CIPHERTEXT_BYTES_MAX (64 KiB).
+  /// At most GROUP_CIPHERTEXT_BYTES_MAX (48 KiB).
   #[inline]
   pub fn body(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
     // Safety:

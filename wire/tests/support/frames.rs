@@ -449,7 +449,11 @@ pub fn body(kind: FrameKind) -> BoxedStrategy<Body> {
                 })
             })
             .boxed(),
-        K::GroupSend => (any::<GroupId>(), any::<MsgId>(), blob(CIPHERTEXT_BYTES_MAX))
+        K::GroupSend => (
+            any::<GroupId>(),
+            any::<MsgId>(),
+            blob(GROUP_CIPHERTEXT_BYTES_MAX),
+        )
             .prop_map(|(group, msg_id, body)| {
                 Body::GroupSend(GroupSend {
                     group,
