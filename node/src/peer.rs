@@ -34,8 +34,10 @@ use crate::replication::{RecordPart, ShardAnswer};
 use crate::server::Server;
 use crate::shard::ShardId;
 
-/// Version of the messages below; bumped on any incompatible change.
-pub const PEER_PROTOCOL_VERSION: u16 = 1;
+/// Version of the messages below; bumped on any incompatible change. 2: the group families
+/// joined `SHARD_CFS` (shifting the index replication records and hand-off cursors carry for
+/// `ShardLog`), and the group requests were added.
+pub const PEER_PROTOCOL_VERSION: u16 = 2;
 /// How long a forwarded request may take before the sender gives up on that attempt.
 pub const PEER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
