@@ -585,11 +585,14 @@ impl Link {
         let frame = Frame::decode(bytes)?;
         Ok(match frame.body {
             Body::Deliver(d) => match d.kind {
-                DeliverKind::Message => Incoming::Message {
+                DeliverKind::Message | DeliverKind::GroupMessage => Incoming::Message {
                     body: d.body,
                     ack: Some(d.seq),
                 },
-                DeliverKind::Delivered | DeliverKind::Read => Incoming::Receipt { ack: d.seq },
+                // Not a message the bench counts; acked like a receipt.
+                DeliverKind::Delivered | DeliverKind::Read | DeliverKind::GroupEvent => {
+                    Incoming::Receipt { ack: d.seq }
+                }
             },
             Body::SendAck(a) => {
                 let mut sent = [0u8; 8];

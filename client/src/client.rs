@@ -538,6 +538,60 @@ impl Client {
         Ok(ack)
     }
 
+    /// Creates a group with these members (we are its first admin); the node picks its id.
+    pub async fn group_create(
+        &self,
+        members: Vec<UserId>,
+        meta: bytes::Bytes,
+    ) -> Result<ringpost_wire::GroupInfo> {
+        let answer = self
+            .request(ringpost_wire::GroupCreate { members, meta })
+            .await?;
+        expect!(answer, GroupInfo)
+    }
+
+    /// Changes a group (members, admins, meta, settings, invite code), leaves it, or joins it
+    /// with an invite code; answered with the group as we now see it.
+    pub async fn group_update(
+        &self,
+        update: ringpost_wire::GroupUpdate,
+    ) -> Result<ringpost_wire::GroupInfo> {
+        let answer = self.request(update).await?;
+        expect!(answer, GroupInfo)
+    }
+
+    /// A group's current state (members only).
+    pub async fn group_info(
+        &self,
+        group: ringpost_wire::GroupId,
+    ) -> Result<ringpost_wire::GroupInfo> {
+        let answer = self
+            .request(ringpost_wire::GroupInfoRequest { group })
+            .await?;
+        expect!(answer, GroupInfo)
+    }
+
+    /// Sends one sender-key ciphertext to every member of `group`. `SendAck{Ok}` means the
+    /// message is sequenced and durable in the group's fan-out log; `Err(Disconnected)` means
+    /// retry with the same `msg_id` (a repeat from this device is answered, not resent).
+    pub async fn group_send(
+        &self,
+        group: ringpost_wire::GroupId,
+        msg_id: MsgId,
+        body: bytes::Bytes,
+    ) -> Result<SendAck> {
+        let answer = self
+            .request(ringpost_wire::GroupSend {
+                group,
+                msg_id,
+                body,
+            })
+            .await?;
+        let ack = expect!(answer, SendAck)?;
+        check_msg_id(&ack, msg_id)?;
+        Ok(ack)
+    }
+
     /// Tells every device of `to` that these of its messages were delivered or read. `msg_id` is
     /// the receipt's own idempotency key.
     pub async fn receipt(

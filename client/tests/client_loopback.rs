@@ -365,6 +365,8 @@ fn deliver(seq: u64, from_user: u64, msg: u8) -> Frame {
             server_time_ms: 1,
             body: Bytes::from(vec![msg; 10]),
             receipt_msg_ids: vec![],
+            group: None,
+            group_seq: 0,
         },
     )
 }
@@ -470,6 +472,8 @@ async fn ws_connection_handshake_masking_and_framing() {
                 server_time_ms: 4,
                 body: Bytes::from(vec![0xab; 60_000]),
                 receipt_msg_ids: vec![],
+                group: None,
+                group_seq: 0,
             },
         );
         let mut out = BytesMut::new();
@@ -684,6 +688,8 @@ fn receipt_frame(seq: u64, kind: DeliverKind, msg_id: [u8; 16], about: Vec<[u8; 
             server_time_ms: 42,
             body: Bytes::new(),
             receipt_msg_ids: about,
+            group: None,
+            group_seq: 0,
         },
     )
 }
@@ -1615,6 +1621,8 @@ fn numbered(seq: u64) -> Frame {
             server_time_ms: 1,
             body: Bytes::from_static(b"cancel-safe"),
             receipt_msg_ids: vec![],
+            group: None,
+            group_seq: 0,
         },
     )
 }

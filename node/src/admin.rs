@@ -88,7 +88,7 @@ async fn handle(mut stream: TcpStream, server: Arc<Server>) -> std::io::Result<(
                     .peer_dials_refused
                     .store(peers.refused_dials(), std::sync::atomic::Ordering::Relaxed);
             }
-            let mut body = server.metrics.render();
+            let mut body = server.metrics.render_with(&server.groups.metrics);
             server.presence.metrics.render(&mut body);
             respond(&mut stream, 200, "text/plain; version=0.0.4", &body).await
         }

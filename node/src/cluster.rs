@@ -379,6 +379,7 @@ async fn handoff_loop(server: Arc<Server>, kick: Arc<Notify>) {
             match adopt(&server, &adopted).await {
                 Ok(()) if server.routing.epoch() == ring.epoch => {
                     server.set_shards_ready(&adopted);
+                    crate::groups::fanout::resume(&server, &adopted);
                     info!(
                         epoch = ring.epoch,
                         shards = adopted.len(),
@@ -404,6 +405,7 @@ async fn handoff_loop(server: Arc<Server>, kick: Arc<Notify>) {
         match take_over(&server, &ring, &pending).await {
             Ok(pulled) if server.routing.epoch() == ring.epoch => {
                 server.set_shards_ready(&pending);
+                crate::groups::fanout::resume(&server, &pending);
                 info!(
                     epoch = ring.epoch,
                     shards = pending.len(),

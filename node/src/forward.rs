@@ -222,6 +222,8 @@ impl Server {
             StoreKind::Message => EntryKind::Message,
             StoreKind::Delivered => EntryKind::Delivered,
             StoreKind::Read => EntryKind::Read,
+            StoreKind::GroupMessage => EntryKind::GroupMessage,
+            StoreKind::GroupEvent => EntryKind::GroupEvent,
         };
         let entry = |body: Vec<u8>| Entry {
             kind,
@@ -493,6 +495,21 @@ impl Server {
                     frame,
                 } => server.serve_query(from_user, from_device, &frame).await,
                 PeerRequest::Holdings { shards } => server.serve_holdings(from, shards).await,
+                PeerRequest::Group {
+                    from_user,
+                    from_device,
+                    group,
+                    frame,
+                } => {
+                    crate::groups::serve::peer(&server, from_user, from_device, group, &frame).await
+                }
+                PeerRequest::GroupFanout(batch) => PeerResponse::GroupStored(
+                    crate::groups::fanout::store_batch(&server, &batch)
+                        .await
+                        .into_iter()
+                        .map(|(_, stored)| stored)
+                        .collect(),
+                ),
                 PeerRequest::Replicate { parts } => {
                     crate::peer::replicate::serve(&server, from, epoch, parts).await
                 }

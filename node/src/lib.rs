@@ -17,6 +17,7 @@ pub mod cluster;
 pub mod conn;
 pub mod contacts;
 pub mod forward;
+pub mod groups;
 pub mod handoff;
 pub mod inbox;
 pub mod keys;

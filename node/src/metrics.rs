@@ -394,6 +394,13 @@ impl Metrics {
         );
         out
     }
+
+    /// [`Metrics::render`] with the group service's counters (`ringpost_group_*`) appended.
+    pub fn render_with(&self, groups: &crate::groups::GroupMetrics) -> String {
+        let mut out = self.render();
+        groups.render(&mut out);
+        out
+    }
 }
 
 #[cfg(test)]

@@ -36,7 +36,8 @@ use crate::shard::ShardId;
 
 /// Version of the messages below; bumped on any incompatible change.
 /// 2: `Typing` carries `recording`; the presence requests (`PresenceWatch`, `PresenceUnwatch`,
-/// `PresenceChanged`) and `PeerResponse::PresenceViews`.
+/// `PresenceChanged`) and `PeerResponse::PresenceViews`; the group families joined `SHARD_CFS`
+/// and the group requests were added.
 pub const PEER_PROTOCOL_VERSION: u16 = 2;
 /// How long a forwarded request may take before the sender gives up on that attempt.
 pub const PEER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -47,6 +48,8 @@ pub enum StoreKind {
     Message,
     Delivered,
     Read,
+    GroupMessage,
+    GroupEvent,
 }
 
 /// Who gets an entry.
@@ -172,6 +175,19 @@ pub enum PeerRequest {
         raw: crate::presence::RawPresence,
         policy_changed: bool,
     },
+    // --- groups (crate::groups) ---
+    /// A device's group request (`GroupCreate`, `GroupUpdate`, `GroupInfoRequest`,
+    /// `GroupSend`, encoded) for the owner of `group`'s shard; a create's id is `group`.
+    /// Answered with [`PeerResponse::Frames`].
+    Group {
+        from_user: UserId,
+        from_device: DeviceId,
+        group: ringpost_wire::GroupId,
+        frame: Vec<u8>,
+    },
+    /// A group's fan-out: one log record for the members the receiver owns. Answered with
+    /// [`PeerResponse::GroupStored`], one result per member in order.
+    GroupFanout(crate::groups::fanout::GroupBatch),
 }
 
 /// A request and the epoch it was routed at.
@@ -206,6 +222,8 @@ pub enum PeerResponse {
     Replicated(Vec<ShardAnswer>),
     /// The answer to `PresenceWatch`, one per target asked.
     PresenceViews(Vec<crate::presence::PresenceView>),
+    /// The answer to `GroupFanout`.
+    GroupStored(Vec<Stored>),
 }
 
 /// Encodes a request for [`link::PeerNet::call`]. Fails (rather than sending an empty or

@@ -101,6 +101,9 @@ pub struct Server {
     /// Contacts, blocks and privacy ([`crate::contacts`]), and presence ([`crate::presence`]).
     pub contacts: Arc<crate::contacts::Contacts>,
     pub presence: crate::presence::Presence,
+    /// Group states and fan-out logs of the groups this node owns ([`crate::groups`]).
+    pub groups: Arc<crate::groups::Groups>,
+    pub(crate) fanout: crate::groups::fanout::Fanout,
     pub registry: Arc<Registry>,
     /// Places of unauthenticated connections (see [`crate::admission`]).
     pub admission: Arc<crate::admission::Admission>,
@@ -127,6 +130,7 @@ impl Server {
     ) -> Arc<Server> {
         let rate = NonZeroU32::new(config.device_rate_per_s.max(1)).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(config.device_burst.max(1)).unwrap_or(NonZeroU32::MIN);
+        let engine_for_groups = engine.clone();
         Arc::new(Server {
             node_id: config.node_id,
             routing: Routing::new(config.node_id, config.shard_count),
@@ -144,8 +148,12 @@ impl Server {
             accounts: Arc::new(accounts),
             keys: Arc::new(keys),
             inbox,
-
             presence: Default::default(),
+            groups: Arc::new(crate::groups::Groups::new(
+                engine_for_groups,
+                config.shard_count,
+            )),
+            fanout: Default::default(),
             registry,
             admission: crate::admission::Admission::new(config.preauth),
             metrics,
@@ -478,6 +486,23 @@ impl Server {
                     }
                 })
             }
+            // Groups (crate::groups): executed on the group's owner.
+            Body::GroupSend(_) => {
+                if let Some(limited) = self.rate_limited(user, device) {
+                    return Box::pin(async move { limited });
+                }
+                crate::groups::serve::request(self, user, device, body)
+            }
+            Body::GroupCreate(_) | Body::GroupUpdate(_) | Body::GroupInfoRequest(_) => {
+                let charge = match &body {
+                    Body::GroupInfoRequest(_) => crate::budgets::Charge::Lookup,
+                    _ => crate::budgets::Charge::AccountChange,
+                };
+                if let Some(refused) = self.over_budget(user, device, charge) {
+                    return Box::pin(async move { refused });
+                }
+                crate::groups::serve::request(self, user, device, body)
+            }
             other => Box::pin(async move { server.device_control(user, device, other).await }),
         }
     }
@@ -601,8 +626,11 @@ impl Server {
                 ErrorCode::Internal,
                 "contacts and presence requests are not control requests",
             ),
-            Body::GroupCreate(_) | Body::GroupUpdate(_) | Body::GroupInfoRequest(_) => error(
-                ErrorCode::NotImplemented,
+            Body::GroupCreate(_)
+            | Body::GroupUpdate(_)
+            | Body::GroupInfoRequest(_)
+            | Body::GroupSend(_) => error(
+                ErrorCode::UnexpectedFrame,
                 "groups are not served by this node version yet",
             ),
             Body::MediaUploadRequest(_) => error(
@@ -955,6 +983,26 @@ impl Server {
 
 /// The `Deliver` frame of an inbox entry.
 pub fn deliver_frame(seq: u64, e: &Entry) -> Frame {
+    if matches!(e.kind, EntryKind::GroupMessage | EntryKind::GroupEvent) {
+        if let Some((group, group_seq, payload)) = crate::groups::fanout::split_entry_body(&e.body)
+        {
+            return Frame::new(
+                0,
+                ringpost_wire::Deliver {
+                    seq,
+                    kind: e.kind.into(),
+                    from_user: e.from_user,
+                    from_device: e.from_device,
+                    msg_id: e.msg_id,
+                    server_time_ms: e.server_time_ms,
+                    body: e.body.slice(24..24 + payload.len()),
+                    receipt_msg_ids: vec![],
+                    group: Some(group),
+                    group_seq,
+                },
+            );
+        }
+    }
     Frame::new(
         0,
         ringpost_wire::Deliver {
@@ -966,6 +1014,8 @@ pub fn deliver_frame(seq: u64, e: &Entry) -> Frame {
             server_time_ms: e.server_time_ms,
             body: e.body.clone(),
             receipt_msg_ids: e.receipt_msg_ids.clone(),
+            group: None,
+            group_seq: 0,
         },
     )
 }

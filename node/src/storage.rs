@@ -45,10 +45,17 @@ pub enum Cf {
     /// `shard | user | kind | ...` → contacts, blocks, privacy and last seen
     /// ([`crate::contacts`]).
     Contacts,
+    /// `shard | group | 0x00` → the group's state (members, admins, meta, settings, sequence,
+    /// invite code); `shard | group | 0x01 | sender user | sender device | msg_id` → the group
+    /// sequence a `GroupSend` got (send dedup). See [`crate::groups`].
+    Groups,
+    /// `shard | group | seq` → a group change or message not yet fanned out to every member
+    /// (the durable fan-out log); deleted once every member's owner stored it.
+    GroupLog,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 9] = [
+    pub const ALL: [Cf; 11] = [
         Cf::Accounts,
         Cf::Verify,
         Cf::Inbox,
@@ -58,6 +65,8 @@ impl Cf {
         Cf::ShardLog,
         Cf::Meta,
         Cf::Contacts,
+        Cf::Groups,
+        Cf::GroupLog,
     ];
 
     /// The column family's name in RocksDB.
@@ -72,6 +81,8 @@ impl Cf {
             Cf::ShardLog => "shard_log",
             Cf::Meta => "meta",
             Cf::Contacts => "contacts",
+            Cf::Groups => "groups",
+            Cf::GroupLog => "group_log",
         }
     }
 }

@@ -2,6 +2,8 @@
 //! RocksDB, driven through the client SDK (and raw connections where a test needs to send
 //! what the SDK never would).
 
+#[path = "e2e/groups.rs"]
+mod groups;
 #[path = "e2e/harness.rs"]
 mod harness;
 #[path = "e2e/messaging.rs"]

@@ -74,6 +74,8 @@ pub enum Body {
     GoingAway(GoingAway),
     Migrate(Migrate),
     ContactsUpdate(ContactsUpdate),
+    GroupSend(GroupSend),
+    GroupEvent(GroupEvent),
 }
 
 /// Which side may send a frame type.
@@ -191,6 +193,8 @@ frame_types!(
     GoingAway = 39 ToClient,
     Migrate = 40 ToClient,
     ContactsUpdate = 41 ToServer,
+    GroupSend = 42 ToServer,
+    GroupEvent = 43 ToClient,
 );
 
 impl std::fmt::Display for FrameKind {
@@ -395,6 +399,11 @@ pub enum DeliverKind {
     Delivered = 1,
     /// `from_user` read `receipt_msg_ids`.
     Read = 2,
+    /// `body` is a group message (one sender-key ciphertext for the whole group `group`);
+    /// `group_seq` is its place in the group's order.
+    GroupMessage = 3,
+    /// `body` is an encoded [`Frame`] holding a [`GroupEvent`]: the group changed.
+    GroupEvent = 4,
 }
 
 /// s→c: one inbox entry for this device. Ack it by `seq`.
@@ -408,6 +417,9 @@ pub struct Deliver {
     pub server_time_ms: u64,
     pub body: Bytes,
     pub receipt_msg_ids: Vec<MsgId>,
+    /// `GroupMessage` and `GroupEvent` only: the group and its sequence number.
+    pub group: Option<GroupId>,
+    pub group_seq: u64,
 }
 
 /// c→s: these entries are safely stored by the client; the server deletes them.
@@ -553,6 +565,80 @@ pub struct GroupUpdate {
     pub demote: Vec<UserId>,
     /// Replaces the metadata when non-empty.
     pub meta: Bytes,
+    /// The sender leaves (nothing else may be asked with it).
+    pub leave: bool,
+    /// Who may send (admins only).
+    pub send: GroupPermission,
+    /// Who may change `meta` (admins only).
+    pub edit: GroupPermission,
+    pub invite: GroupInvite,
+    /// A non-member joins with the invite code (nothing else may be asked with it).
+    pub join_code: Bytes,
+}
+
+impl GroupUpdate {
+    /// An update of `group` that changes nothing yet.
+    pub fn new(group: GroupId) -> Self {
+        GroupUpdate {
+            group,
+            add: vec![],
+            remove: vec![],
+            promote: vec![],
+            demote: vec![],
+            meta: Bytes::new(),
+            leave: false,
+            send: GroupPermission::Unchanged,
+            edit: GroupPermission::Unchanged,
+            invite: GroupInvite::Keep,
+            join_code: Bytes::new(),
+        }
+    }
+}
+
+/// Who may do something in a group; `Unchanged` only in a [`GroupUpdate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum GroupPermission {
+    #[default]
+    Unchanged = 0,
+    Members = 1,
+    Admins = 2,
+}
+
+/// What a [`GroupUpdate`] does to the invite code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum GroupInvite {
+    #[default]
+    Keep = 0,
+    Create = 1,
+    Revoke = 2,
+}
+
+/// c→s: one message to every member of `group`, encrypted once with the sender's sender key.
+/// Answered by `SendAck`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSend {
+    pub group: GroupId,
+    /// Scoped to the sending device.
+    pub msg_id: MsgId,
+    pub body: Bytes,
+}
+
+/// s→c, only inside the body of a `Deliver` of kind `GroupEvent`: what changed in a group.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GroupEvent {
+    pub group: GroupId,
+    pub seq: u64,
+    pub actor: UserId,
+    pub added: Vec<UserId>,
+    pub removed: Vec<UserId>,
+    pub promoted: Vec<UserId>,
+    pub demoted: Vec<UserId>,
+    pub meta_changed: bool,
+    pub settings_changed: bool,
+    /// Membership changed: every member makes a new sender key before its next send.
+    pub rotate_sender_keys: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -568,6 +654,10 @@ pub struct GroupInfo {
     pub members: Vec<UserId>,
     pub admins: Vec<UserId>,
     pub meta: Bytes,
+    pub send: GroupPermission,
+    pub edit: GroupPermission,
+    /// The invite code; empty for non-admins or when there is none.
+    pub invite_code: Bytes,
 }
 
 /// c→s: I want to upload an encrypted blob of `size` bytes.

@@ -17,6 +17,10 @@ pub const CIPHERTEXT_BYTES_MAX: usize = 64 * 1024;
 /// Devices per user: one primary and up to four linked devices.
 pub const DEVICES_PER_USER_MAX: usize = 5;
 
+/// Largest ciphertext of a `GroupSend`: a member's node stores one copy per device of the
+/// member in one commit, and five copies of this (with their headers) fit its 256 KiB bound.
+pub const GROUP_CIPHERTEXT_BYTES_MAX: usize = 48 * 1024;
+
 /// Ciphertexts in one `Send`: every device of the recipient plus every other device of the
 /// sender.
 pub const SEND_CIPHERTEXTS_MAX: usize = 2 * DEVICES_PER_USER_MAX;
@@ -56,6 +60,8 @@ pub const MSG_ID_BYTES: usize = 16;
 
 /// Group id length (server-assigned, random).
 pub const GROUP_ID_BYTES: usize = 16;
+/// Length of a group invite code (server-chosen random bytes).
+pub const GROUP_INVITE_CODE_BYTES: usize = 16;
 
 /// Largest media object a grant may be asked for (100 MiB).
 pub const MEDIA_BYTES_MAX: u64 = 100 * 1024 * 1024;

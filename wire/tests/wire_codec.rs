@@ -179,6 +179,9 @@ fn maximal_legal_frames_decode() {
             members: users(GROUP_MEMBERS_MAX),
             admins: users(GROUP_MEMBERS_MAX),
             meta: Bytes::from(vec![5; GROUP_META_BYTES_MAX]),
+            send: GroupPermission::Admins,
+            edit: GroupPermission::Members,
+            invite_code: Bytes::from(vec![9; 16]),
         }),
         Body::GroupUpdate(GroupUpdate {
             group: [4; 16],
@@ -187,6 +190,11 @@ fn maximal_legal_frames_decode() {
             promote: users(GROUP_MEMBERS_MAX),
             demote: users(GROUP_MEMBERS_MAX),
             meta: Bytes::from(vec![5; GROUP_META_BYTES_MAX]),
+            leave: false,
+            send: GroupPermission::Admins,
+            edit: GroupPermission::Members,
+            invite: GroupInvite::Create,
+            join_code: Bytes::new(),
         }),
         Body::Deliver(Deliver {
             seq: 1,
@@ -197,6 +205,8 @@ fn maximal_legal_frames_decode() {
             server_time_ms: 1,
             body: Bytes::from(vec![7; CIPHERTEXT_BYTES_MAX]),
             receipt_msg_ids: vec![[8; 16]; RECEIPT_MSG_IDS_MAX],
+            group: None,
+            group_seq: 0,
         }),
         Body::Send(Send {
             msg_id: [9; 16],
@@ -331,6 +341,8 @@ fn frame_with(field: &str, len: usize) -> Frame {
             server_time_ms: 1,
             body: blob(body_len),
             receipt_msg_ids: vec![[2; 16]; receipts],
+            group: None,
+            group_seq: 0,
         })
     };
     let signed = |key: usize, signature: usize| SignedPrekey {
@@ -371,6 +383,11 @@ fn frame_with(field: &str, len: usize) -> Frame {
             promote: ids(lists[2]),
             demote: ids(lists[3]),
             meta: blob(meta),
+            leave: false,
+            send: GroupPermission::Admins,
+            edit: GroupPermission::Members,
+            invite: GroupInvite::Create,
+            join_code: Bytes::new(),
         })
     };
     let info = |members: usize, admins: usize, meta: usize| {
@@ -380,6 +397,9 @@ fn frame_with(field: &str, len: usize) -> Frame {
             members: ids(members),
             admins: ids(admins),
             meta: blob(meta),
+            send: GroupPermission::Admins,
+            edit: GroupPermission::Members,
+            invite_code: Bytes::from(vec![9; 16]),
         })
     };
     let grant = |media_id: String, upload_url: String, download_url: String| {
@@ -471,6 +491,35 @@ fn frame_with(field: &str, len: usize) -> Frame {
         "GroupInfo.members" => info(len, 0, 0),
         "GroupInfo.admins" => info(0, len, 0),
         "GroupInfo.meta" => info(0, 0, len),
+        "GroupInfo.invite_code" => Body::GroupInfo(GroupInfo {
+            invite_code: blob(len),
+            ..group_info()
+        }),
+        "GroupUpdate.join_code" => Body::GroupUpdate(GroupUpdate {
+            join_code: blob(len),
+            ..GroupUpdate::new([1; 16])
+        }),
+        "GroupSend.body" => Body::GroupSend(GroupSend {
+            group: [1; 16],
+            msg_id: [2; 16],
+            body: blob(len),
+        }),
+        "GroupEvent.added" => Body::GroupEvent(GroupEvent {
+            added: ids(len),
+            ..Default::default()
+        }),
+        "GroupEvent.removed" => Body::GroupEvent(GroupEvent {
+            removed: ids(len),
+            ..Default::default()
+        }),
+        "GroupEvent.promoted" => Body::GroupEvent(GroupEvent {
+            promoted: ids(len),
+            ..Default::default()
+        }),
+        "GroupEvent.demoted" => Body::GroupEvent(GroupEvent {
+            demoted: ids(len),
+            ..Default::default()
+        }),
         "MediaUploadRequest.size" => {
             Body::MediaUploadRequest(MediaUploadRequest { size: len as u64 })
         }
@@ -497,6 +546,19 @@ fn frame_with(field: &str, len: usize) -> Frame {
         other => panic!("no test frame for bounded field {other}: add one"),
     };
     Frame::new(5, body)
+}
+
+fn group_info() -> GroupInfo {
+    GroupInfo {
+        group: [1; 16],
+        version: 1,
+        members: vec![],
+        admins: vec![],
+        meta: Bytes::new(),
+        send: GroupPermission::Members,
+        edit: GroupPermission::Members,
+        invite_code: Bytes::new(),
+    }
 }
 
 /// For every bound: a frame at the bound passes both sides; one past it (and, for exact

@@ -95,7 +95,7 @@ fn limit_table_matches_the_code() {
         .filter(|r| r.len() == 3 && r[0].starts_with('`'))
         .map(|r| (r[0].trim_matches('`').to_owned(), r[1].clone()))
         .collect();
-    let limits: [(&str, u64); 22] = [
+    let limits: [(&str, u64); 24] = [
         ("FRAME_BYTES_MAX", FRAME_BYTES_MAX as u64),
         ("CIPHERTEXT_BYTES_MAX", CIPHERTEXT_BYTES_MAX as u64),
         ("DEVICES_PER_USER_MAX", DEVICES_PER_USER_MAX as u64),
@@ -116,6 +116,11 @@ fn limit_table_matches_the_code() {
         ("TOKEN_BYTES", TOKEN_BYTES as u64),
         ("MSG_ID_BYTES", MSG_ID_BYTES as u64),
         ("GROUP_ID_BYTES", GROUP_ID_BYTES as u64),
+        ("GROUP_INVITE_CODE_BYTES", GROUP_INVITE_CODE_BYTES as u64),
+        (
+            "GROUP_CIPHERTEXT_BYTES_MAX",
+            GROUP_CIPHERTEXT_BYTES_MAX as u64,
+        ),
         ("MEDIA_BYTES_MAX", MEDIA_BYTES_MAX),
         (
             "MIGRATE_RECONNECT_AFTER_MS_MAX",

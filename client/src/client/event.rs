@@ -1,8 +1,8 @@
 //! [`Event`]: what a [`crate::Client`] hands the application besides answers to its requests.
 
 use ringpost_wire::{
-    Deliver, DeliverKind, DeviceId, GoingAway, Migrate, MsgId, PresenceUpdate, Typing, UserId,
-    Welcome,
+    Body, Deliver, DeliverKind, DeviceId, Frame, GoingAway, GroupEvent, GroupId, Migrate, MsgId,
+    PresenceUpdate, Typing, UserId, Welcome,
 };
 
 /// Something that happened on the client's connection.
@@ -10,6 +10,18 @@ use ringpost_wire::{
 pub enum Event {
     /// A message for this device (an inbox entry of kind `Message`).
     Message(Deliver),
+    /// A group message (kind `GroupMessage`): `group`, `group_seq`, sender and the one
+    /// sender-key ciphertext are in the `Deliver`.
+    GroupMessage(Deliver),
+    /// A group changed (kind `GroupEvent`). `event` is `None` only if the node sent a body
+    /// that does not decode as a `GroupEvent` frame. On `rotate_sender_keys`, make a new
+    /// sender key and hand it to the members pairwise before the next group send.
+    GroupChanged {
+        seq: u64,
+        group: GroupId,
+        group_seq: u64,
+        event: Option<GroupEvent>,
+    },
     /// A device of `by_user` received these of our messages (sent by the node).
     Delivered {
         seq: u64,
@@ -65,6 +77,19 @@ impl Event {
     pub(crate) fn from_deliver(d: Deliver) -> Event {
         match d.kind {
             DeliverKind::Message => Event::Message(d),
+            DeliverKind::GroupMessage => Event::GroupMessage(d),
+            DeliverKind::GroupEvent => Event::GroupChanged {
+                seq: d.seq,
+                group: d.group.unwrap_or_default(),
+                group_seq: d.group_seq,
+                event: match Frame::decode(&d.body) {
+                    Ok(Frame {
+                        body: Body::GroupEvent(e),
+                        ..
+                    }) => Some(e),
+                    _ => None,
+                },
+            },
             DeliverKind::Delivered => Event::Delivered {
                 seq: d.seq,
                 by_user: d.from_user,
@@ -87,7 +112,8 @@ impl Event {
     /// The inbox seq to acknowledge, for deliveries.
     pub fn seq(&self) -> Option<u64> {
         match self {
-            Event::Message(d) => Some(d.seq),
+            Event::Message(d) | Event::GroupMessage(d) => Some(d.seq),
+            Event::GroupChanged { seq, .. } => Some(*seq),
             Event::Delivered { seq, .. } | Event::Read { seq, .. } => Some(*seq),
             _ => None,
         }

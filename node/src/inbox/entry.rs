@@ -30,6 +30,10 @@ pub enum EntryKind {
     Delivered = 1,
     /// `from_user` read `receipt_msg_ids`.
     Read = 2,
+    /// A group message; the body is `group | group_seq | ciphertext` ([`crate::groups`]).
+    GroupMessage = 3,
+    /// A group change; the body is `group | group_seq | GroupEvent frame`.
+    GroupEvent = 4,
 }
 
 impl EntryKind {
@@ -38,6 +42,8 @@ impl EntryKind {
             0 => Some(EntryKind::Message),
             1 => Some(EntryKind::Delivered),
             2 => Some(EntryKind::Read),
+            3 => Some(EntryKind::GroupMessage),
+            4 => Some(EntryKind::GroupEvent),
             _ => None,
         }
     }
@@ -49,6 +55,8 @@ impl From<EntryKind> for DeliverKind {
             EntryKind::Message => DeliverKind::Message,
             EntryKind::Delivered => DeliverKind::Delivered,
             EntryKind::Read => DeliverKind::Read,
+            EntryKind::GroupMessage => DeliverKind::GroupMessage,
+            EntryKind::GroupEvent => DeliverKind::GroupEvent,
         }
     }
 }
@@ -220,11 +228,17 @@ mod tests {
 
     #[test]
     fn kinds_match_the_wire_values() {
-        for kind in [EntryKind::Message, EntryKind::Delivered, EntryKind::Read] {
+        for kind in [
+            EntryKind::Message,
+            EntryKind::Delivered,
+            EntryKind::Read,
+            EntryKind::GroupMessage,
+            EntryKind::GroupEvent,
+        ] {
             assert_eq!(kind as u8, DeliverKind::from(kind) as u8);
             assert_eq!(EntryKind::from_u8(kind as u8), Some(kind));
         }
-        assert_eq!(EntryKind::from_u8(3), None);
+        assert_eq!(EntryKind::from_u8(5), None);
     }
 
     #[test]

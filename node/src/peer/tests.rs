@@ -37,7 +37,10 @@ fn messages_round_trip_and_garbage_is_an_error() {
     });
     let bytes = encode_request(4, req.clone()).unwrap();
     let env: Envelope = postcard::from_bytes(&bytes).unwrap();
-    assert_eq!((env.version, env.epoch, env.request), (2, 4, req));
+    assert_eq!(
+        (env.version, env.epoch, env.request),
+        (PEER_PROTOCOL_VERSION, 4, req)
+    );
     let presence = PeerRequest::PresenceChanged {
         target: 9,
         raw: crate::presence::RawPresence {

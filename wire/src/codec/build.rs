@@ -231,6 +231,7 @@ fn body(fbb: &mut Fbb<'_>, body: &Body) -> Off<UnionWIPOffset> {
         }
         Body::Deliver(b) => {
             let msg_id = fb::MsgId(b.msg_id);
+            let group = b.group.map(fb::GroupId);
             let args = fb::DeliverArgs {
                 seq: b.seq,
                 kind: b.kind.to_fb(),
@@ -240,6 +241,8 @@ fn body(fbb: &mut Fbb<'_>, body: &Body) -> Off<UnionWIPOffset> {
                 server_time_ms: b.server_time_ms,
                 body: bytes(fbb, &b.body),
                 receipt_msg_ids: msg_ids(fbb, &b.receipt_msg_ids),
+                group: group.as_ref(),
+                group_seq: b.group_seq,
             };
             fb::Deliver::create(fbb, &args).as_union_value()
         }
@@ -346,6 +349,11 @@ fn body(fbb: &mut Fbb<'_>, body: &Body) -> Off<UnionWIPOffset> {
                 promote: scalars(fbb, &b.promote),
                 demote: scalars(fbb, &b.demote),
                 meta: bytes(fbb, &b.meta),
+                leave: b.leave,
+                send: b.send.to_fb(),
+                edit: b.edit.to_fb(),
+                invite: b.invite.to_fb(),
+                join_code: bytes(fbb, &b.join_code),
             };
             fb::GroupUpdate::create(fbb, &args).as_union_value()
         }
@@ -364,8 +372,37 @@ fn body(fbb: &mut Fbb<'_>, body: &Body) -> Off<UnionWIPOffset> {
                 members: scalars(fbb, &b.members),
                 admins: scalars(fbb, &b.admins),
                 meta: bytes(fbb, &b.meta),
+                send: b.send.to_fb(),
+                edit: b.edit.to_fb(),
+                invite_code: bytes(fbb, &b.invite_code),
             };
             fb::GroupInfo::create(fbb, &args).as_union_value()
+        }
+        Body::GroupSend(b) => {
+            let group = fb::GroupId(b.group);
+            let msg_id = fb::MsgId(b.msg_id);
+            let args = fb::GroupSendArgs {
+                group: Some(&group),
+                msg_id: Some(&msg_id),
+                body: bytes(fbb, &b.body),
+            };
+            fb::GroupSend::create(fbb, &args).as_union_value()
+        }
+        Body::GroupEvent(b) => {
+            let group = fb::GroupId(b.group);
+            let args = fb::GroupEventArgs {
+                group: Some(&group),
+                seq: b.seq,
+                actor: b.actor,
+                added: scalars(fbb, &b.added),
+                removed: scalars(fbb, &b.removed),
+                promoted: scalars(fbb, &b.promoted),
+                demoted: scalars(fbb, &b.demoted),
+                meta_changed: b.meta_changed,
+                settings_changed: b.settings_changed,
+                rotate_sender_keys: b.rotate_sender_keys,
+            };
+            fb::GroupEvent::create(fbb, &args).as_union_value()
         }
         Body::MediaUploadRequest(b) => {
             let args = fb::MediaUploadRequestArgs { size: b.size };

@@ -124,6 +124,13 @@ const GROUP_UPDATE_META: Max = Max::new("GroupUpdate.meta", GROUP_META_BYTES_MAX
 const GROUP_INFO_MEMBERS: Max = Max::new("GroupInfo.members", GROUP_MEMBERS_MAX);
 const GROUP_INFO_ADMINS: Max = Max::new("GroupInfo.admins", GROUP_MEMBERS_MAX);
 const GROUP_INFO_META: Max = Max::new("GroupInfo.meta", GROUP_META_BYTES_MAX);
+const GROUP_INFO_INVITE_CODE: Max = Max::new("GroupInfo.invite_code", GROUP_INVITE_CODE_BYTES);
+const GROUP_UPDATE_JOIN_CODE: Max = Max::new("GroupUpdate.join_code", GROUP_INVITE_CODE_BYTES);
+const GROUP_SEND_BODY: Max = Max::new("GroupSend.body", GROUP_CIPHERTEXT_BYTES_MAX);
+const GROUP_EVENT_ADDED: Max = Max::new("GroupEvent.added", GROUP_MEMBERS_MAX);
+const GROUP_EVENT_REMOVED: Max = Max::new("GroupEvent.removed", GROUP_MEMBERS_MAX);
+const GROUP_EVENT_PROMOTED: Max = Max::new("GroupEvent.promoted", GROUP_MEMBERS_MAX);
+const GROUP_EVENT_DEMOTED: Max = Max::new("GroupEvent.demoted", GROUP_MEMBERS_MAX);
 const MEDIA_UPLOAD_REQUEST_SIZE: Max =
     Max::new("MediaUploadRequest.size", MEDIA_BYTES_MAX as usize);
 const MEDIA_UPLOAD_GRANT_MEDIA_ID: Max = Max::new("MediaUploadGrant.media_id", STRING_BYTES_MAX);
@@ -219,6 +226,13 @@ pub const BOUNDS: &[FieldBound] = &[
     GROUP_INFO_MEMBERS.bound(),
     GROUP_INFO_ADMINS.bound(),
     GROUP_INFO_META.bound(),
+    GROUP_INFO_INVITE_CODE.bound(),
+    GROUP_UPDATE_JOIN_CODE.bound(),
+    GROUP_SEND_BODY.bound(),
+    GROUP_EVENT_ADDED.bound(),
+    GROUP_EVENT_REMOVED.bound(),
+    GROUP_EVENT_PROMOTED.bound(),
+    GROUP_EVENT_DEMOTED.bound(),
     MEDIA_UPLOAD_REQUEST_SIZE.bound(),
     MEDIA_UPLOAD_GRANT_MEDIA_ID.bound(),
     MEDIA_UPLOAD_GRANT_UPLOAD_URL.bound(),
@@ -331,12 +345,21 @@ pub(crate) fn sent(body: &Body) -> Result<(), Violation> {
             GROUP_UPDATE_REMOVE.check(b.remove.len())?;
             GROUP_UPDATE_PROMOTE.check(b.promote.len())?;
             GROUP_UPDATE_DEMOTE.check(b.demote.len())?;
-            GROUP_UPDATE_META.check(b.meta.len())
+            GROUP_UPDATE_META.check(b.meta.len())?;
+            GROUP_UPDATE_JOIN_CODE.check(b.join_code.len())
         }
         Body::GroupInfo(b) => {
             GROUP_INFO_MEMBERS.check(b.members.len())?;
             GROUP_INFO_ADMINS.check(b.admins.len())?;
-            GROUP_INFO_META.check(b.meta.len())
+            GROUP_INFO_META.check(b.meta.len())?;
+            GROUP_INFO_INVITE_CODE.check(b.invite_code.len())
+        }
+        Body::GroupSend(b) => GROUP_SEND_BODY.check(b.body.len()),
+        Body::GroupEvent(b) => {
+            GROUP_EVENT_ADDED.check(b.added.len())?;
+            GROUP_EVENT_REMOVED.check(b.removed.len())?;
+            GROUP_EVENT_PROMOTED.check(b.promoted.len())?;
+            GROUP_EVENT_DEMOTED.check(b.demoted.len())
         }
         Body::MediaUploadRequest(b) => MEDIA_UPLOAD_REQUEST_SIZE.check(size_len(b.size)),
         Body::MediaUploadGrant(b) => {
@@ -565,6 +588,10 @@ pub(crate) fn received<'a>(root: fb::Frame<'a>, kind: FrameKind) -> Result<Hot<'
             GROUP_UPDATE_PROMOTE.check(vec_len(t.promote()))?;
             GROUP_UPDATE_DEMOTE.check(vec_len(t.demote()))?;
             GROUP_UPDATE_META.check(vec_len(t.meta()))?;
+            GROUP_UPDATE_JOIN_CODE.check(vec_len(t.join_code()))?;
+            GroupPermission::received("GroupUpdate.send", t.send())?;
+            GroupPermission::received("GroupUpdate.edit", t.edit())?;
+            GroupInvite::received("GroupUpdate.invite", t.invite())?;
         }
         K::GroupInfoRequest => {
             let t = table(root.body_as_group_info_request())?;
@@ -576,6 +603,23 @@ pub(crate) fn received<'a>(root: fb::Frame<'a>, kind: FrameKind) -> Result<Hot<'
             GROUP_INFO_MEMBERS.check(vec_len(t.members()))?;
             GROUP_INFO_ADMINS.check(vec_len(t.admins()))?;
             GROUP_INFO_META.check(vec_len(t.meta()))?;
+            GROUP_INFO_INVITE_CODE.check(vec_len(t.invite_code()))?;
+            GroupPermission::received("GroupInfo.send", t.send())?;
+            GroupPermission::received("GroupInfo.edit", t.edit())?;
+        }
+        K::GroupSend => {
+            let t = table(root.body_as_group_send())?;
+            required("GroupSend.group", t.group())?;
+            required("GroupSend.msg_id", t.msg_id())?;
+            GROUP_SEND_BODY.check(vec_len(t.body()))?;
+        }
+        K::GroupEvent => {
+            let t = table(root.body_as_group_event())?;
+            required("GroupEvent.group", t.group())?;
+            GROUP_EVENT_ADDED.check(vec_len(t.added()))?;
+            GROUP_EVENT_REMOVED.check(vec_len(t.removed()))?;
+            GROUP_EVENT_PROMOTED.check(vec_len(t.promoted()))?;
+            GROUP_EVENT_DEMOTED.check(vec_len(t.demoted()))?;
         }
         K::MediaUploadRequest => {
             let t = table(root.body_as_media_upload_request())?;

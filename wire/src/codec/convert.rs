@@ -90,7 +90,19 @@ enum_mapping!(SendStatus {
 enum_mapping!(DeliverKind {
     Message,
     Delivered,
-    Read
+    Read,
+    GroupMessage,
+    GroupEvent
+});
+enum_mapping!(GroupPermission {
+    Unchanged,
+    Members,
+    Admins
+});
+enum_mapping!(GroupInvite {
+    Keep,
+    Create,
+    Revoke
 });
 enum_mapping!(ReceiptKind { Delivered, Read });
 enum_mapping!(Visibility {
@@ -287,6 +299,8 @@ pub(crate) fn body(
                 server_time_ms: t.server_time_ms(),
                 body: src.vec(t.body()),
                 receipt_msg_ids: msg_ids(t.receipt_msg_ids()),
+                group: t.group().map(|g| g.0),
+                group_seq: t.group_seq(),
             })
         }
         K::DeliverAck => {
@@ -395,6 +409,11 @@ pub(crate) fn body(
                 promote: scalars(t.promote()),
                 demote: scalars(t.demote()),
                 meta: src.vec(t.meta()),
+                leave: t.leave(),
+                send: GroupPermission::received("GroupUpdate.send", t.send())?,
+                edit: GroupPermission::received("GroupUpdate.edit", t.edit())?,
+                invite: GroupInvite::received("GroupUpdate.invite", t.invite())?,
+                join_code: src.vec(t.join_code()),
             })
         }
         K::GroupInfoRequest => {
@@ -411,6 +430,32 @@ pub(crate) fn body(
                 members: scalars(t.members()),
                 admins: scalars(t.admins()),
                 meta: src.vec(t.meta()),
+                send: GroupPermission::received("GroupInfo.send", t.send())?,
+                edit: GroupPermission::received("GroupInfo.edit", t.edit())?,
+                invite_code: src.vec(t.invite_code()),
+            })
+        }
+        K::GroupSend => {
+            let t = table(root.body_as_group_send())?;
+            Body::GroupSend(GroupSend {
+                group: required("GroupSend.group", t.group())?.0,
+                msg_id: required("GroupSend.msg_id", t.msg_id())?.0,
+                body: src.vec(t.body()),
+            })
+        }
+        K::GroupEvent => {
+            let t = table(root.body_as_group_event())?;
+            Body::GroupEvent(GroupEvent {
+                group: required("GroupEvent.group", t.group())?.0,
+                seq: t.seq(),
+                actor: t.actor(),
+                added: scalars(t.added()),
+                removed: scalars(t.removed()),
+                promoted: scalars(t.promoted()),
+                demoted: scalars(t.demoted()),
+                meta_changed: t.meta_changed(),
+                settings_changed: t.settings_changed(),
+                rotate_sender_keys: t.rotate_sender_keys(),
             })
         }
         K::MediaUploadRequest => {

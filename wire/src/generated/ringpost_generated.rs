@@ -192,13 +192,15 @@ impl ::flatbuffers::SimpleToVerifyInSlice for SendStatus {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_DELIVER_KIND: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_DELIVER_KIND: u8 = 2;
+pub const ENUM_MAX_DELIVER_KIND: u8 = 4;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_DELIVER_KIND: [DeliverKind; 3] = [
+pub const ENUM_VALUES_DELIVER_KIND: [DeliverKind; 5] = [
   DeliverKind::Message,
   DeliverKind::Delivered,
   DeliverKind::Read,
+  DeliverKind::GroupMessage,
+  DeliverKind::GroupEvent,
 ];
 
 /// What a Deliver carries. Unknown values are rejected (Malformed).
@@ -213,13 +215,21 @@ impl DeliverKind {
   pub const Delivered: Self = Self(1);
   /// `from_user` read `receipt_msg_ids`.
   pub const Read: Self = Self(2);
+  /// `body` is a group message (one sender-key ciphertext for the whole group `group`), sent
+  /// by `from_user`/`from_device`; `group_seq` is its place in the group's order.
+  pub const GroupMessage: Self = Self(3);
+  /// `body` is an encoded Frame holding a GroupEvent: the group `group` changed at
+  /// `group_seq`.
+  pub const GroupEvent: Self = Self(4);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 2;
+  pub const ENUM_MAX: u8 = 4;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::Message,
     Self::Delivered,
     Self::Read,
+    Self::GroupMessage,
+    Self::GroupEvent,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -227,6 +237,8 @@ impl DeliverKind {
       Self::Message => Some("Message"),
       Self::Delivered => Some("Delivered"),
       Self::Read => Some("Read"),
+      Self::GroupMessage => Some("GroupMessage"),
+      Self::GroupEvent => Some("GroupEvent"),
       _ => None,
     }
   }
@@ -456,12 +468,190 @@ impl<'a> ::flatbuffers::Verifiable for Visibility {
 
 impl ::flatbuffers::SimpleToVerifyInSlice for Visibility {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MIN_BODY: u8 = 0;
+pub const ENUM_MIN_GROUP_PERMISSION: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_BODY: u8 = 41;
+pub const ENUM_MAX_GROUP_PERMISSION: u8 = 2;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_BODY: [Body; 42] = [
+pub const ENUM_VALUES_GROUP_PERMISSION: [GroupPermission; 3] = [
+  GroupPermission::Unchanged,
+  GroupPermission::Members,
+  GroupPermission::Admins,
+];
+
+/// Who may do something in a group. `Unchanged` only in a GroupUpdate.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct GroupPermission(pub u8);
+#[allow(non_upper_case_globals)]
+impl GroupPermission {
+  pub const Unchanged: Self = Self(0);
+  pub const Members: Self = Self(1);
+  pub const Admins: Self = Self(2);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 2;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::Unchanged,
+    Self::Members,
+    Self::Admins,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::Unchanged => Some("Unchanged"),
+      Self::Members => Some("Members"),
+      Self::Admins => Some("Admins"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for GroupPermission {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for GroupPermission {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for GroupPermission {
+    type Output = GroupPermission;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for GroupPermission {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for GroupPermission {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for GroupPermission {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_GROUP_INVITE: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_GROUP_INVITE: u8 = 2;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_GROUP_INVITE: [GroupInvite; 3] = [
+  GroupInvite::Keep,
+  GroupInvite::Create,
+  GroupInvite::Revoke,
+];
+
+/// What a GroupUpdate does to the invite code.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct GroupInvite(pub u8);
+#[allow(non_upper_case_globals)]
+impl GroupInvite {
+  pub const Keep: Self = Self(0);
+  pub const Create: Self = Self(1);
+  pub const Revoke: Self = Self(2);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 2;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::Keep,
+    Self::Create,
+    Self::Revoke,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::Keep => Some("Keep"),
+      Self::Create => Some("Create"),
+      Self::Revoke => Some("Revoke"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for GroupInvite {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for GroupInvite {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for GroupInvite {
+    type Output = GroupInvite;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for GroupInvite {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for GroupInvite {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for GroupInvite {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_BODY: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_BODY: u8 = 43;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_BODY: [Body; 44] = [
   Body::NONE,
   Body::Hello,
   Body::Welcome,
@@ -504,10 +694,13 @@ pub const ENUM_VALUES_BODY: [Body; 42] = [
   Body::GoingAway,
   Body::Migrate,
   Body::ContactsUpdate,
+  Body::GroupSend,
+  Body::GroupEvent,
 ];
 
 /// Every frame type. The union tag is the frame type on the wire: NONE = 0, Hello = 1, ...,
-/// GoingAway = 39, Migrate = 40, ContactsUpdate = 41, in this order. Append only.
+/// GoingAway = 39, Migrate = 40, ContactsUpdate = 41, GroupSend = 42, GroupEvent = 43, in this
+/// order. Append only.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 #[repr(transparent)]
 pub struct Body(pub u8);
@@ -555,9 +748,11 @@ impl Body {
   pub const GoingAway: Self = Self(39);
   pub const Migrate: Self = Self(40);
   pub const ContactsUpdate: Self = Self(41);
+  pub const GroupSend: Self = Self(42);
+  pub const GroupEvent: Self = Self(43);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 41;
+  pub const ENUM_MAX: u8 = 43;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Hello,
@@ -601,6 +796,8 @@ impl Body {
     Self::GoingAway,
     Self::Migrate,
     Self::ContactsUpdate,
+    Self::GroupSend,
+    Self::GroupEvent,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -647,6 +844,8 @@ impl Body {
       Self::GoingAway => Some("GoingAway"),
       Self::Migrate => Some("Migrate"),
       Self::ContactsUpdate => Some("ContactsUpdate"),
+      Self::GroupSend => Some("GroupSend"),
+      Self::GroupEvent => Some("GroupEvent"),
       _ => None,
     }
   }
@@ -3459,6 +3658,8 @@ impl<'a> Deliver<'a> {
   pub const VT_SERVER_TIME_MS: ::flatbuffers::VOffsetT = 14;
   pub const VT_BODY: ::flatbuffers::VOffsetT = 16;
   pub const VT_RECEIPT_MSG_IDS: ::flatbuffers::VOffsetT = 18;
+  pub const VT_GROUP: ::flatbuffers::VOffsetT = 20;
+  pub const VT_GROUP_SEQ: ::flatbuffers::VOffsetT = 22;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3470,9 +3671,11 @@ impl<'a> Deliver<'a> {
     args: &'args DeliverArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Deliver<'bldr>> {
     let mut builder = DeliverBuilder::new(_fbb);
+    builder.add_group_seq(args.group_seq);
     builder.add_server_time_ms(args.server_time_ms);
     builder.add_from_user(args.from_user);
     builder.add_seq(args.seq);
+    if let Some(x) = args.group { builder.add_group(x); }
     if let Some(x) = args.receipt_msg_ids { builder.add_receipt_msg_ids(x); }
     if let Some(x) = args.body { builder.add_body(x); }
     if let Some(x) = args.msg_id { builder.add_msg_id(x); }
@@ -3541,6 +3744,21 @@ impl<'a> Deliver<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, MsgId>>>(Deliver::VT_RECEIPT_MSG_IDS, None)}
   }
+  /// GroupMessage and GroupEvent only: the group and its sequence number.
+  #[inline]
+  pub fn group(&self) -> Option<&'a GroupId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<GroupId>(Deliver::VT_GROUP, None)}
+  }
+  #[inline]
+  pub fn group_seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Deliver::VT_GROUP_SEQ, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Deliver<'_> {
@@ -3557,6 +3775,8 @@ impl ::flatbuffers::Verifiable for Deliver<'_> {
      .visit_field::<u64>("server_time_ms", Self::VT_SERVER_TIME_MS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("body", Self::VT_BODY, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, MsgId>>>("receipt_msg_ids", Self::VT_RECEIPT_MSG_IDS, false)?
+     .visit_field::<GroupId>("group", Self::VT_GROUP, false)?
+     .visit_field::<u64>("group_seq", Self::VT_GROUP_SEQ, false)?
      .finish();
     Ok(())
   }
@@ -3570,6 +3790,8 @@ pub struct DeliverArgs<'a> {
     pub server_time_ms: u64,
     pub body: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
     pub receipt_msg_ids: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, MsgId>>>,
+    pub group: Option<&'a GroupId>,
+    pub group_seq: u64,
 }
 impl<'a> Default for DeliverArgs<'a> {
   #[inline]
@@ -3583,6 +3805,8 @@ impl<'a> Default for DeliverArgs<'a> {
       server_time_ms: 0,
       body: None,
       receipt_msg_ids: None,
+      group: None,
+      group_seq: 0,
     }
   }
 }
@@ -3625,6 +3849,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> DeliverBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Deliver::VT_RECEIPT_MSG_IDS, receipt_msg_ids);
   }
   #[inline]
+  pub fn add_group(&mut self, group: &GroupId) {
+    self.fbb_.push_slot_always::<&GroupId>(Deliver::VT_GROUP, group);
+  }
+  #[inline]
+  pub fn add_group_seq(&mut self, group_seq: u64) {
+    self.fbb_.push_slot::<u64>(Deliver::VT_GROUP_SEQ, group_seq, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> DeliverBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     DeliverBuilder {
@@ -3650,6 +3882,8 @@ impl ::core::fmt::Debug for Deliver<'_> {
       ds.field("server_time_ms", &self.server_time_ms());
       ds.field("body", &self.body());
       ds.field("receipt_msg_ids", &self.receipt_msg_ids());
+      ds.field("group", &self.group());
+      ds.field("group_seq", &self.group_seq());
       ds.finish()
   }
 }
@@ -5639,6 +5873,11 @@ impl<'a> GroupUpdate<'a> {
   pub const VT_PROMOTE: ::flatbuffers::VOffsetT = 10;
   pub const VT_DEMOTE: ::flatbuffers::VOffsetT = 12;
   pub const VT_META: ::flatbuffers::VOffsetT = 14;
+  pub const VT_LEAVE: ::flatbuffers::VOffsetT = 16;
+  pub const VT_SEND: ::flatbuffers::VOffsetT = 18;
+  pub const VT_EDIT: ::flatbuffers::VOffsetT = 20;
+  pub const VT_INVITE: ::flatbuffers::VOffsetT = 22;
+  pub const VT_JOIN_CODE: ::flatbuffers::VOffsetT = 24;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -5650,12 +5889,17 @@ impl<'a> GroupUpdate<'a> {
     args: &'args GroupUpdateArgs<'args>
   ) -> ::flatbuffers::WIPOffset<GroupUpdate<'bldr>> {
     let mut builder = GroupUpdateBuilder::new(_fbb);
+    if let Some(x) = args.join_code { builder.add_join_code(x); }
     if let Some(x) = args.meta { builder.add_meta(x); }
     if let Some(x) = args.demote { builder.add_demote(x); }
     if let Some(x) = args.promote { builder.add_promote(x); }
     if let Some(x) = args.remove { builder.add_remove(x); }
     if let Some(x) = args.add { builder.add_add(x); }
     if let Some(x) = args.group { builder.add_group(x); }
+    builder.add_invite(args.invite);
+    builder.add_edit(args.edit);
+    builder.add_send(args.send);
+    builder.add_leave(args.leave);
     builder.finish()
   }
 
@@ -5705,6 +5949,47 @@ impl<'a> GroupUpdate<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(GroupUpdate::VT_META, None)}
   }
+  /// The sender leaves the group (any member may; nothing else may be asked with it).
+  #[inline]
+  pub fn leave(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(GroupUpdate::VT_LEAVE, Some(false)).unwrap()}
+  }
+  /// Who may send (admin only). Unknown values are rejected (Malformed).
+  #[inline]
+  pub fn send(&self) -> GroupPermission {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<GroupPermission>(GroupUpdate::VT_SEND, Some(GroupPermission::Unchanged)).unwrap()}
+  }
+  /// Who may change `meta` (admin only).
+  #[inline]
+  pub fn edit(&self) -> GroupPermission {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<GroupPermission>(GroupUpdate::VT_EDIT, Some(GroupPermission::Unchanged)).unwrap()}
+  }
+  /// Create (replacing any) or revoke the invite code (admin only).
+  #[inline]
+  pub fn invite(&self) -> GroupInvite {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<GroupInvite>(GroupUpdate::VT_INVITE, Some(GroupInvite::Keep)).unwrap()}
+  }
+  /// A non-member joins with the group's invite code (nothing else may be asked with it).
+  /// At most GROUP_INVITE_CODE_BYTES (16).
+  #[inline]
+  pub fn join_code(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(GroupUpdate::VT_JOIN_CODE, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for GroupUpdate<'_> {
@@ -5719,6 +6004,11 @@ impl ::flatbuffers::Verifiable for GroupUpdate<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("promote", Self::VT_PROMOTE, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("demote", Self::VT_DEMOTE, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("meta", Self::VT_META, false)?
+     .visit_field::<bool>("leave", Self::VT_LEAVE, false)?
+     .visit_field::<GroupPermission>("send", Self::VT_SEND, false)?
+     .visit_field::<GroupPermission>("edit", Self::VT_EDIT, false)?
+     .visit_field::<GroupInvite>("invite", Self::VT_INVITE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("join_code", Self::VT_JOIN_CODE, false)?
      .finish();
     Ok(())
   }
@@ -5730,6 +6020,11 @@ pub struct GroupUpdateArgs<'a> {
     pub promote: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
     pub demote: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
     pub meta: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub leave: bool,
+    pub send: GroupPermission,
+    pub edit: GroupPermission,
+    pub invite: GroupInvite,
+    pub join_code: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
 }
 impl<'a> Default for GroupUpdateArgs<'a> {
   #[inline]
@@ -5741,6 +6036,11 @@ impl<'a> Default for GroupUpdateArgs<'a> {
       promote: None,
       demote: None,
       meta: None,
+      leave: false,
+      send: GroupPermission::Unchanged,
+      edit: GroupPermission::Unchanged,
+      invite: GroupInvite::Keep,
+      join_code: None,
     }
   }
 }
@@ -5775,6 +6075,26 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GroupUpdateBuilder<'a, 'b, A>
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GroupUpdate::VT_META, meta);
   }
   #[inline]
+  pub fn add_leave(&mut self, leave: bool) {
+    self.fbb_.push_slot::<bool>(GroupUpdate::VT_LEAVE, leave, false);
+  }
+  #[inline]
+  pub fn add_send(&mut self, send: GroupPermission) {
+    self.fbb_.push_slot::<GroupPermission>(GroupUpdate::VT_SEND, send, GroupPermission::Unchanged);
+  }
+  #[inline]
+  pub fn add_edit(&mut self, edit: GroupPermission) {
+    self.fbb_.push_slot::<GroupPermission>(GroupUpdate::VT_EDIT, edit, GroupPermission::Unchanged);
+  }
+  #[inline]
+  pub fn add_invite(&mut self, invite: GroupInvite) {
+    self.fbb_.push_slot::<GroupInvite>(GroupUpdate::VT_INVITE, invite, GroupInvite::Keep);
+  }
+  #[inline]
+  pub fn add_join_code(&mut self, join_code: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GroupUpdate::VT_JOIN_CODE, join_code);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GroupUpdateBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     GroupUpdateBuilder {
@@ -5798,6 +6118,403 @@ impl ::core::fmt::Debug for GroupUpdate<'_> {
       ds.field("promote", &self.promote());
       ds.field("demote", &self.demote());
       ds.field("meta", &self.meta());
+      ds.field("leave", &self.leave());
+      ds.field("send", &self.send());
+      ds.field("edit", &self.edit());
+      ds.field("invite", &self.invite());
+      ds.field("join_code", &self.join_code());
+      ds.finish()
+  }
+}
+pub enum GroupSendOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// c→s: one message to every member of `group`, encrypted once with the sender's sender key.
+/// Answered by SendAck (Ok: durable in the group's fan-out log).
+pub struct GroupSend<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for GroupSend<'a> {
+  type Inner = GroupSend<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> GroupSend<'a> {
+  pub const VT_GROUP: ::flatbuffers::VOffsetT = 4;
+  pub const VT_MSG_ID: ::flatbuffers::VOffsetT = 6;
+  pub const VT_BODY: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    GroupSend { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args GroupSendArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<GroupSend<'bldr>> {
+    let mut builder = GroupSendBuilder::new(_fbb);
+    if let Some(x) = args.body { builder.add_body(x); }
+    if let Some(x) = args.msg_id { builder.add_msg_id(x); }
+    if let Some(x) = args.group { builder.add_group(x); }
+    builder.finish()
+  }
+
+
+  /// Required.
+  #[inline]
+  pub fn group(&self) -> Option<&'a GroupId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<GroupId>(GroupSend::VT_GROUP, None)}
+  }
+  /// Required. Scoped to the sending device.
+  #[inline]
+  pub fn msg_id(&self) -> Option<&'a MsgId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<MsgId>(GroupSend::VT_MSG_ID, None)}
+  }
+  /// At most GROUP_CIPHERTEXT_BYTES_MAX (48 KiB).
+  #[inline]
+  pub fn body(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(GroupSend::VT_BODY, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for GroupSend<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<GroupId>("group", Self::VT_GROUP, false)?
+     .visit_field::<MsgId>("msg_id", Self::VT_MSG_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("body", Self::VT_BODY, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct GroupSendArgs<'a> {
+    pub group: Option<&'a GroupId>,
+    pub msg_id: Option<&'a MsgId>,
+    pub body: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+}
+impl<'a> Default for GroupSendArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    GroupSendArgs {
+      group: None,
+      msg_id: None,
+      body: None,
+    }
+  }
+}
+
+pub struct GroupSendBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GroupSendBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_group(&mut self, group: &GroupId) {
+    self.fbb_.push_slot_always::<&GroupId>(GroupSend::VT_GROUP, group);
+  }
+  #[inline]
+  pub fn add_msg_id(&mut self, msg_id: &MsgId) {
+    self.fbb_.push_slot_always::<&MsgId>(GroupSend::VT_MSG_ID, msg_id);
+  }
+  #[inline]
+  pub fn add_body(&mut self, body: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GroupSend::VT_BODY, body);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GroupSendBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    GroupSendBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<GroupSend<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for GroupSend<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("GroupSend");
+      ds.field("group", &self.group());
+      ds.field("msg_id", &self.msg_id());
+      ds.field("body", &self.body());
+      ds.finish()
+  }
+}
+pub enum GroupEventOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// s→c, only inside the body of a Deliver of kind GroupEvent: what changed in a group.
+pub struct GroupEvent<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for GroupEvent<'a> {
+  type Inner = GroupEvent<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> GroupEvent<'a> {
+  pub const VT_GROUP: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SEQ: ::flatbuffers::VOffsetT = 6;
+  pub const VT_ACTOR: ::flatbuffers::VOffsetT = 8;
+  pub const VT_ADDED: ::flatbuffers::VOffsetT = 10;
+  pub const VT_REMOVED: ::flatbuffers::VOffsetT = 12;
+  pub const VT_PROMOTED: ::flatbuffers::VOffsetT = 14;
+  pub const VT_DEMOTED: ::flatbuffers::VOffsetT = 16;
+  pub const VT_META_CHANGED: ::flatbuffers::VOffsetT = 18;
+  pub const VT_SETTINGS_CHANGED: ::flatbuffers::VOffsetT = 20;
+  pub const VT_ROTATE_SENDER_KEYS: ::flatbuffers::VOffsetT = 22;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    GroupEvent { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args GroupEventArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<GroupEvent<'bldr>> {
+    let mut builder = GroupEventBuilder::new(_fbb);
+    builder.add_actor(args.actor);
+    builder.add_seq(args.seq);
+    if let Some(x) = args.demoted { builder.add_demoted(x); }
+    if let Some(x) = args.promoted { builder.add_promoted(x); }
+    if let Some(x) = args.removed { builder.add_removed(x); }
+    if let Some(x) = args.added { builder.add_added(x); }
+    if let Some(x) = args.group { builder.add_group(x); }
+    builder.add_rotate_sender_keys(args.rotate_sender_keys);
+    builder.add_settings_changed(args.settings_changed);
+    builder.add_meta_changed(args.meta_changed);
+    builder.finish()
+  }
+
+
+  /// Required.
+  #[inline]
+  pub fn group(&self) -> Option<&'a GroupId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<GroupId>(GroupEvent::VT_GROUP, None)}
+  }
+  /// The group sequence number of this change.
+  #[inline]
+  pub fn seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(GroupEvent::VT_SEQ, Some(0)).unwrap()}
+  }
+  /// Who made the change.
+  #[inline]
+  pub fn actor(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(GroupEvent::VT_ACTOR, Some(0)).unwrap()}
+  }
+  /// Each at most GROUP_MEMBERS_MAX (1024). A creation lists every first member in `added`;
+  /// a member that left is the actor and in `removed`.
+  #[inline]
+  pub fn added(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(GroupEvent::VT_ADDED, None)}
+  }
+  #[inline]
+  pub fn removed(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(GroupEvent::VT_REMOVED, None)}
+  }
+  #[inline]
+  pub fn promoted(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(GroupEvent::VT_PROMOTED, None)}
+  }
+  #[inline]
+  pub fn demoted(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(GroupEvent::VT_DEMOTED, None)}
+  }
+  #[inline]
+  pub fn meta_changed(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(GroupEvent::VT_META_CHANGED, Some(false)).unwrap()}
+  }
+  #[inline]
+  pub fn settings_changed(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(GroupEvent::VT_SETTINGS_CHANGED, Some(false)).unwrap()}
+  }
+  /// Membership shrank or grew: every member makes a new sender key and hands it out
+  /// pairwise before its next GroupSend. The server never holds sender keys.
+  #[inline]
+  pub fn rotate_sender_keys(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(GroupEvent::VT_ROTATE_SENDER_KEYS, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for GroupEvent<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<GroupId>("group", Self::VT_GROUP, false)?
+     .visit_field::<u64>("seq", Self::VT_SEQ, false)?
+     .visit_field::<u64>("actor", Self::VT_ACTOR, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("added", Self::VT_ADDED, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("removed", Self::VT_REMOVED, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("promoted", Self::VT_PROMOTED, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("demoted", Self::VT_DEMOTED, false)?
+     .visit_field::<bool>("meta_changed", Self::VT_META_CHANGED, false)?
+     .visit_field::<bool>("settings_changed", Self::VT_SETTINGS_CHANGED, false)?
+     .visit_field::<bool>("rotate_sender_keys", Self::VT_ROTATE_SENDER_KEYS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct GroupEventArgs<'a> {
+    pub group: Option<&'a GroupId>,
+    pub seq: u64,
+    pub actor: u64,
+    pub added: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub removed: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub promoted: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub demoted: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub meta_changed: bool,
+    pub settings_changed: bool,
+    pub rotate_sender_keys: bool,
+}
+impl<'a> Default for GroupEventArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    GroupEventArgs {
+      group: None,
+      seq: 0,
+      actor: 0,
+      added: None,
+      removed: None,
+      promoted: None,
+      demoted: None,
+      meta_changed: false,
+      settings_changed: false,
+      rotate_sender_keys: false,
+    }
+  }
+}
+
+pub struct GroupEventBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GroupEventBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_group(&mut self, group: &GroupId) {
+    self.fbb_.push_slot_always::<&GroupId>(GroupEvent::VT_GROUP, group);
+  }
+  #[inline]
+  pub fn add_seq(&mut self, seq: u64) {
+    self.fbb_.push_slot::<u64>(GroupEvent::VT_SEQ, seq, 0);
+  }
+  #[inline]
+  pub fn add_actor(&mut self, actor: u64) {
+    self.fbb_.push_slot::<u64>(GroupEvent::VT_ACTOR, actor, 0);
+  }
+  #[inline]
+  pub fn add_added(&mut self, added: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GroupEvent::VT_ADDED, added);
+  }
+  #[inline]
+  pub fn add_removed(&mut self, removed: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GroupEvent::VT_REMOVED, removed);
+  }
+  #[inline]
+  pub fn add_promoted(&mut self, promoted: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GroupEvent::VT_PROMOTED, promoted);
+  }
+  #[inline]
+  pub fn add_demoted(&mut self, demoted: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GroupEvent::VT_DEMOTED, demoted);
+  }
+  #[inline]
+  pub fn add_meta_changed(&mut self, meta_changed: bool) {
+    self.fbb_.push_slot::<bool>(GroupEvent::VT_META_CHANGED, meta_changed, false);
+  }
+  #[inline]
+  pub fn add_settings_changed(&mut self, settings_changed: bool) {
+    self.fbb_.push_slot::<bool>(GroupEvent::VT_SETTINGS_CHANGED, settings_changed, false);
+  }
+  #[inline]
+  pub fn add_rotate_sender_keys(&mut self, rotate_sender_keys: bool) {
+    self.fbb_.push_slot::<bool>(GroupEvent::VT_ROTATE_SENDER_KEYS, rotate_sender_keys, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GroupEventBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    GroupEventBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<GroupEvent<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for GroupEvent<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("GroupEvent");
+      ds.field("group", &self.group());
+      ds.field("seq", &self.seq());
+      ds.field("actor", &self.actor());
+      ds.field("added", &self.added());
+      ds.field("removed", &self.removed());
+      ds.field("promoted", &self.promoted());
+      ds.field("demoted", &self.demoted());
+      ds.field("meta_changed", &self.meta_changed());
+      ds.field("settings_changed", &self.settings_changed());
+      ds.field("rotate_sender_keys", &self.rotate_sender_keys());
       ds.finish()
   }
 }
@@ -5921,6 +6638,9 @@ impl<'a> GroupInfo<'a> {
   pub const VT_MEMBERS: ::flatbuffers::VOffsetT = 8;
   pub const VT_ADMINS: ::flatbuffers::VOffsetT = 10;
   pub const VT_META: ::flatbuffers::VOffsetT = 12;
+  pub const VT_SEND: ::flatbuffers::VOffsetT = 14;
+  pub const VT_EDIT: ::flatbuffers::VOffsetT = 16;
+  pub const VT_INVITE_CODE: ::flatbuffers::VOffsetT = 18;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -5933,10 +6653,13 @@ impl<'a> GroupInfo<'a> {
   ) -> ::flatbuffers::WIPOffset<GroupInfo<'bldr>> {
     let mut builder = GroupInfoBuilder::new(_fbb);
     builder.add_version(args.version);
+    if let Some(x) = args.invite_code { builder.add_invite_code(x); }
     if let Some(x) = args.meta { builder.add_meta(x); }
     if let Some(x) = args.admins { builder.add_admins(x); }
     if let Some(x) = args.members { builder.add_members(x); }
     if let Some(x) = args.group { builder.add_group(x); }
+    builder.add_edit(args.edit);
+    builder.add_send(args.send);
     builder.finish()
   }
 
@@ -5979,6 +6702,28 @@ impl<'a> GroupInfo<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(GroupInfo::VT_META, None)}
   }
+  #[inline]
+  pub fn send(&self) -> GroupPermission {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<GroupPermission>(GroupInfo::VT_SEND, Some(GroupPermission::Unchanged)).unwrap()}
+  }
+  #[inline]
+  pub fn edit(&self) -> GroupPermission {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<GroupPermission>(GroupInfo::VT_EDIT, Some(GroupPermission::Unchanged)).unwrap()}
+  }
+  /// The invite code (admins only; empty for other members or when there is none).
+  #[inline]
+  pub fn invite_code(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(GroupInfo::VT_INVITE_CODE, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for GroupInfo<'_> {
@@ -5992,6 +6737,9 @@ impl ::flatbuffers::Verifiable for GroupInfo<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("members", Self::VT_MEMBERS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("admins", Self::VT_ADMINS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("meta", Self::VT_META, false)?
+     .visit_field::<GroupPermission>("send", Self::VT_SEND, false)?
+     .visit_field::<GroupPermission>("edit", Self::VT_EDIT, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("invite_code", Self::VT_INVITE_CODE, false)?
      .finish();
     Ok(())
   }
@@ -6002,6 +6750,9 @@ pub struct GroupInfoArgs<'a> {
     pub members: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
     pub admins: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
     pub meta: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub send: GroupPermission,
+    pub edit: GroupPermission,
+    pub invite_code: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
 }
 impl<'a> Default for GroupInfoArgs<'a> {
   #[inline]
@@ -6012,6 +6763,9 @@ impl<'a> Default for GroupInfoArgs<'a> {
       members: None,
       admins: None,
       meta: None,
+      send: GroupPermission::Unchanged,
+      edit: GroupPermission::Unchanged,
+      invite_code: None,
     }
   }
 }
@@ -6042,6 +6796,18 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GroupInfoBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GroupInfo::VT_META, meta);
   }
   #[inline]
+  pub fn add_send(&mut self, send: GroupPermission) {
+    self.fbb_.push_slot::<GroupPermission>(GroupInfo::VT_SEND, send, GroupPermission::Unchanged);
+  }
+  #[inline]
+  pub fn add_edit(&mut self, edit: GroupPermission) {
+    self.fbb_.push_slot::<GroupPermission>(GroupInfo::VT_EDIT, edit, GroupPermission::Unchanged);
+  }
+  #[inline]
+  pub fn add_invite_code(&mut self, invite_code: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GroupInfo::VT_INVITE_CODE, invite_code);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GroupInfoBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     GroupInfoBuilder {
@@ -6064,6 +6830,9 @@ impl ::core::fmt::Debug for GroupInfo<'_> {
       ds.field("members", &self.members());
       ds.field("admins", &self.admins());
       ds.field("meta", &self.meta());
+      ds.field("send", &self.send());
+      ds.field("edit", &self.edit());
+      ds.field("invite_code", &self.invite_code());
       ds.finish()
   }
 }
@@ -7711,6 +8480,36 @@ impl<'a> Frame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_group_send(&self) -> Option<GroupSend<'a>> {
+    if self.body_type() == Body::GroupSend {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { GroupSend::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_group_event(&self) -> Option<GroupEvent<'a>> {
+    if self.body_type() == Body::GroupEvent {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { GroupEvent::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Frame<'_> {
@@ -7764,6 +8563,8 @@ impl ::flatbuffers::Verifiable for Frame<'_> {
           Body::GoingAway => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GoingAway>>("Body::GoingAway", pos),
           Body::Migrate => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Migrate>>("Body::Migrate", pos),
           Body::ContactsUpdate => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ContactsUpdate>>("Body::ContactsUpdate", pos),
+          Body::GroupSend => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GroupSend>>("Body::GroupSend", pos),
+          Body::GroupEvent => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GroupEvent>>("Body::GroupEvent", pos),
           _ => Ok(()),
         }
      })?
@@ -8114,6 +8915,20 @@ impl ::core::fmt::Debug for Frame<'_> {
         },
         Body::ContactsUpdate => {
           if let Some(x) = self.body_as_contacts_update() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::GroupSend => {
+          if let Some(x) = self.body_as_group_send() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::GroupEvent => {
+          if let Some(x) = self.body_as_group_event() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")

@@ -247,6 +247,8 @@ pub fn body(kind: FrameKind) -> BoxedStrategy<Body> {
                         server_time_ms,
                         body,
                         receipt_msg_ids: ids,
+                        group: None,
+                        group_seq: 0,
                     })
                 },
             )
@@ -366,6 +368,11 @@ pub fn body(kind: FrameKind) -> BoxedStrategy<Body> {
                     promote,
                     demote,
                     meta,
+                    leave: false,
+                    send: GroupPermission::Admins,
+                    edit: GroupPermission::Members,
+                    invite: GroupInvite::Create,
+                    join_code: Bytes::new(),
                 })
             })
             .boxed(),
@@ -386,6 +393,9 @@ pub fn body(kind: FrameKind) -> BoxedStrategy<Body> {
                     members,
                     admins,
                     meta,
+                    send: GroupPermission::Admins,
+                    edit: GroupPermission::Members,
+                    invite_code: Bytes::from(vec![9; 16]),
                 })
             })
             .boxed(),
@@ -458,6 +468,40 @@ pub fn body(kind: FrameKind) -> BoxedStrategy<Body> {
                     remove,
                     block,
                     unblock,
+                })
+            })
+            .boxed(),
+        K::GroupSend => (
+            any::<GroupId>(),
+            any::<MsgId>(),
+            blob(GROUP_CIPHERTEXT_BYTES_MAX),
+        )
+            .prop_map(|(group, msg_id, body)| {
+                Body::GroupSend(GroupSend {
+                    group,
+                    msg_id,
+                    body,
+                })
+            })
+            .boxed(),
+        K::GroupEvent => (
+            (any::<GroupId>(), any::<u64>(), any::<u64>()),
+            users(GROUP_MEMBERS_MAX),
+            users(GROUP_MEMBERS_MAX),
+            any::<(bool, bool, bool)>(),
+        )
+            .prop_map(|((group, seq, actor), added, removed, flags)| {
+                Body::GroupEvent(GroupEvent {
+                    group,
+                    seq,
+                    actor,
+                    added,
+                    removed,
+                    promoted: vec![],
+                    demoted: vec![],
+                    meta_changed: flags.0,
+                    settings_changed: flags.1,
+                    rotate_sender_keys: flags.2,
                 })
             })
             .boxed(),

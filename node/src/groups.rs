@@ -1,0 +1,524 @@
+//! Groups: a group lives on its own shard (the shard of its id's first 8 bytes, hashed like a
+//! user id), and that shard's owner keeps its state and its durable fan-out log.
+//!
+//! - [`state`]: one group's state and the rules that change it, sans-IO.
+//! - [`Groups`] (here): the storage of states, send dedup and the fan-out log, one synced
+//!   write per operation, serialised per group.
+//! - [`serve`]: the requests of devices (`GroupCreate`, `GroupUpdate`, `GroupInfoRequest`,
+//!   `GroupSend`), executed here when this node owns the group, else forwarded to its owner
+//!   over the peer link ([`crate::peer::PeerRequest::Group`]).
+//! - [`fanout`]: drains each group's log in sequence order, one peer batch per destination
+//!   node, until every member's owner stored the record; resumes from the log after a
+//!   restart or when the shard comes to this node.
+//!
+//! Every change and every message takes the next group sequence number and is one record in
+//! the log; a record is acknowledged (the creator's `GroupInfo`, the sender's `SendAck`) once
+//! it is durable (synced, and replicated when the node replicates), and delivered to members'
+//! inboxes afterwards, in order.
+
+pub mod fanout;
+pub mod serve;
+pub mod state;
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use ringpost_wire::limits::GROUP_INVITE_CODE_BYTES;
+use ringpost_wire::{
+    DeviceId, ErrorCode, Frame, GroupEvent, GroupId, GroupInfo, GroupUpdate, MsgId, UserId,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::shard::{shard_of, ShardId};
+use crate::storage::{key, prefix_end, Cf, Engine, StorageError, WriteBatch};
+use state::GroupState;
+
+/// How long a `GroupSend`'s (sender device, msg_id) is remembered: a resend within this
+/// window gets the same `SendAck` and is not sequenced again (the 1:1 retry horizon).
+pub const GROUP_SEND_DEDUP_MS: u64 = 24 * 60 * 60 * 1000;
+/// Expired send-dedup rows one send prunes (with their index rows). Each send adds one, so
+/// a group's dedup rows stay bounded by its sends in one window plus this slack.
+pub const GROUP_DEDUP_PRUNE_MAX: usize = 16;
+/// Per-group locks are striped over this many mutexes (a read-modify-write of one group's
+/// row holds one; unrelated groups rarely share one).
+const LOCK_STRIPES: usize = 64;
+
+/// Row tags inside a group's key range in [`Cf::Groups`].
+const TAG_STATE: u8 = 0;
+const TAG_DEDUP: u8 = 1;
+const TAG_DEDUP_BY_EXPIRY: u8 = 2;
+
+/// Why a group operation failed. Each maps to a stable wire code.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GroupError {
+    #[error("no such group")]
+    NotFound,
+    /// The asker is not a member (answered like `NotFound` would leak nothing more: the
+    /// group id is a random secret shared by its members).
+    #[error("not a member of this group")]
+    NotMember,
+    #[error("forbidden: {0}")]
+    Forbidden(&'static str),
+    #[error("limit exceeded: {0}")]
+    LimitExceeded(&'static str),
+    #[error("malformed: {0}")]
+    Malformed(&'static str),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl GroupError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            GroupError::NotFound => ErrorCode::NotFound,
+            GroupError::NotMember | GroupError::Forbidden(_) => ErrorCode::Forbidden,
+            GroupError::LimitExceeded(_) => ErrorCode::LimitExceeded,
+            GroupError::Malformed(_) => ErrorCode::Malformed,
+            GroupError::Storage(_) => ErrorCode::StorageUnavailable,
+        }
+    }
+}
+
+/// The id groups are routed by: the first 8 bytes of the group id, as a user id is.
+pub fn route_id(group: &GroupId) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&group[..8]);
+    u64::from_be_bytes(b)
+}
+
+/// The hook a group add asks: may `adder` add `added` to a group? The blocking feature
+/// installs it ([`Groups::set_add_policy`]); until then every add is allowed. It is called
+/// on the group's owner, with the group's lock held, so it must answer from local state
+/// without waiting.
+pub type AddPolicy = Arc<dyn Fn(UserId, UserId) -> bool + Send + Sync>;
+
+/// What a group message or change carries through the log to members' inboxes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogBody {
+    /// A `GroupSend`: one sender-key ciphertext for all.
+    Message {
+        from_user: UserId,
+        from_device: DeviceId,
+        msg_id: MsgId,
+        body: Vec<u8>,
+    },
+    /// A change: an encoded `GroupEvent` frame, sent by `actor`.
+    Event { actor: UserId, frame: Vec<u8> },
+}
+
+/// One record of a group's fan-out log (`Cf::GroupLog`, `shard | group | seq`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRecord {
+    pub group: GroupId,
+    pub seq: u64,
+    pub server_time_ms: u64,
+    pub body: LogBody,
+    /// Users whose owner has not stored it yet (the members when it was sequenced, plus the
+    /// removed ones for a change that removed them). Shrinks as the fan-out progresses.
+    pub pending: Vec<UserId>,
+}
+
+impl LogRecord {
+    fn encode(&self) -> Result<Vec<u8>, StorageError> {
+        postcard::to_allocvec(self).map_err(|e| StorageError::Other(e.to_string()))
+    }
+    pub fn decode(bytes: &[u8]) -> Result<LogRecord, StorageError> {
+        postcard::from_bytes(bytes).map_err(|e| StorageError::Corrupt {
+            cf: "group_log",
+            detail: e.to_string(),
+        })
+    }
+}
+
+/// What a `GroupSend` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// Sequenced at `seq` and durable in the log.
+    New { seq: u64, server_time_ms: u64 },
+    /// The same (sender device, msg_id) was sequenced before, at `seq`.
+    Duplicate { seq: u64, server_time_ms: u64 },
+}
+
+/// Counters of the group service, rendered as `ringpost_group_*`.
+#[derive(Debug, Default)]
+pub struct GroupMetrics {
+    pub created: AtomicU64,
+    pub updates: AtomicU64,
+    pub sends: AtomicU64,
+    pub sends_duplicate: AtomicU64,
+    pub refused: AtomicU64,
+    pub forwarded: AtomicU64,
+    pub log_records_done: AtomicU64,
+    pub fanout_batches: AtomicU64,
+    pub fanout_member_stores: AtomicU64,
+    pub fanout_retries: AtomicU64,
+}
+
+impl GroupMetrics {
+    /// Appends the counters in the Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let counters: [(&str, &str, &AtomicU64); 10] = [
+            ("created", "Groups created.", &self.created),
+            ("updates", "Group changes applied.", &self.updates),
+            ("sends", "Group messages sequenced.", &self.sends),
+            (
+                "sends_duplicate",
+                "Group sends answered from the dedup record.",
+                &self.sends_duplicate,
+            ),
+            ("refused", "Group requests refused.", &self.refused),
+            (
+                "forwarded",
+                "Group requests forwarded to the group's owner.",
+                &self.forwarded,
+            ),
+            (
+                "log_records_done",
+                "Fan-out log records stored for every member and deleted.",
+                &self.log_records_done,
+            ),
+            (
+                "fanout_batches",
+                "Fan-out batches sent to another node (one per destination node per record).",
+                &self.fanout_batches,
+            ),
+            (
+                "fanout_member_stores",
+                "Member inbox stores made by fan-outs (one per member per record).",
+                &self.fanout_member_stores,
+            ),
+            (
+                "fanout_retries",
+                "Fan-out passes that left members pending and were retried.",
+                &self.fanout_retries,
+            ),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP ringpost_group_{name}_total {help}\n# TYPE ringpost_group_{name}_total counter\nringpost_group_{name}_total {}",
+                v.load(Relaxed)
+            );
+        }
+    }
+}
+
+/// The group service: states, send dedup and the fan-out log of the groups this node owns.
+pub struct Groups {
+    engine: Arc<dyn Engine>,
+    shard_count: u16,
+    locks: Vec<Mutex<()>>,
+    add_policy: OnceLock<AddPolicy>,
+    pub metrics: GroupMetrics,
+}
+
+impl Groups {
+    pub fn new(engine: Arc<dyn Engine>, shard_count: u16) -> Groups {
+        Groups {
+            engine,
+            shard_count,
+            locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            add_policy: OnceLock::new(),
+            metrics: GroupMetrics::default(),
+        }
+    }
+
+    /// Installs the blocking check group adds ask (see [`AddPolicy`]); once.
+    pub fn set_add_policy(&self, policy: AddPolicy) -> bool {
+        self.add_policy.set(policy).is_ok()
+    }
+
+    pub fn shard(&self, group: &GroupId) -> ShardId {
+        shard_of(route_id(group), self.shard_count)
+    }
+
+    fn lock(&self, group: &GroupId) -> std::sync::MutexGuard<'_, ()> {
+        let stripe = (route_id(group) ^ u64::from(group[15])) as usize % LOCK_STRIPES;
+        // A panic while holding it leaves nothing half-written (one batch per operation).
+        self.locks[stripe]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn row(&self, group: &GroupId, tag: u8, rest: &[&[u8]]) -> Vec<u8> {
+        let mut parts: Vec<&[u8]> = vec![&group[..], std::slice::from_ref(&tag)];
+        parts.extend_from_slice(rest);
+        key(self.shard(group), &parts)
+    }
+
+    pub fn log_key(&self, group: &GroupId, seq: u64) -> Vec<u8> {
+        key(self.shard(group), &[&group[..], &seq.to_be_bytes()])
+    }
+
+    /// The group's state, if it exists here.
+    pub fn load(&self, group: &GroupId) -> Result<Option<GroupState>, GroupError> {
+        match self
+            .engine
+            .get(Cf::Groups, &self.row(group, TAG_STATE, &[]))?
+        {
+            None => Ok(None),
+            Some(bytes) => Ok(Some(postcard::from_bytes(&bytes).map_err(|e| {
+                StorageError::Corrupt {
+                    cf: "groups",
+                    detail: e.to_string(),
+                }
+            })?)),
+        }
+    }
+
+    fn put_state(&self, batch: &mut WriteBatch, state: &GroupState) -> Result<(), GroupError> {
+        let bytes = postcard::to_allocvec(state).map_err(|e| StorageError::Other(e.to_string()))?;
+        batch.put(Cf::Groups, self.row(&state.group, TAG_STATE, &[]), bytes);
+        Ok(())
+    }
+
+    fn put_event(
+        &self,
+        batch: &mut WriteBatch,
+        state: &GroupState,
+        event: &GroupEvent,
+        now_ms: u64,
+    ) -> Result<LogRecord, GroupError> {
+        let frame = Frame::new(0, event.clone())
+            .encode()
+            .map_err(|_| GroupError::LimitExceeded("the group event does not fit a frame"))?;
+        let mut pending = state.members.clone();
+        pending.extend(event.removed.iter().copied());
+        pending.sort_unstable();
+        pending.dedup();
+        let record = LogRecord {
+            group: state.group,
+            seq: event.seq,
+            server_time_ms: now_ms,
+            body: LogBody::Event {
+                actor: event.actor,
+                frame: frame.to_vec(),
+            },
+            pending,
+        };
+        batch.put(
+            Cf::GroupLog,
+            self.log_key(&state.group, record.seq),
+            record.encode()?,
+        );
+        Ok(record)
+    }
+
+    /// Creates group `group` (an id the caller drew at random) with `creator` as its admin.
+    pub fn create(
+        &self,
+        group: GroupId,
+        creator: UserId,
+        members: &[UserId],
+        meta: &[u8],
+        now_ms: u64,
+    ) -> Result<GroupInfo, GroupError> {
+        let _held = self.lock(&group);
+        if self.load(&group)?.is_some() {
+            // 128 random bits collide only if the caller reused an id: refuse, never merge.
+            return Err(GroupError::Malformed("the group id is taken"));
+        }
+        if let Some(policy) = self.add_policy.get() {
+            if members.iter().any(|&m| m != creator && !policy(creator, m)) {
+                return Err(GroupError::Forbidden(
+                    "a user cannot be added to this group",
+                ));
+            }
+        }
+        let (state, event) = GroupState::create(group, creator, members, meta)?;
+        let mut batch = WriteBatch::new();
+        self.put_state(&mut batch, &state)?;
+        self.put_event(&mut batch, &state, &event, now_ms)?;
+        self.engine.write(batch, true)?;
+        self.metrics.created.fetch_add(1, Relaxed);
+        state.info_for(creator)
+    }
+
+    /// Applies a `GroupUpdate` by `actor` and logs its event; the new state as `actor` sees it
+    /// (or, after a leave, with no members listed: `actor` no longer sees the group).
+    pub fn update(
+        &self,
+        actor: UserId,
+        update: &GroupUpdate,
+        invite_code: [u8; GROUP_INVITE_CODE_BYTES],
+        now_ms: u64,
+    ) -> Result<GroupInfo, GroupError> {
+        let _held = self.lock(&update.group);
+        let mut state = self.load(&update.group)?.ok_or(GroupError::NotFound)?;
+        let allow_all = |_: UserId, _: UserId| true;
+        let event = match self.add_policy.get() {
+            // HOOK(blocking): every user an update adds is checked here.
+            Some(policy) => state.apply(actor, update, invite_code, &|a, b| policy(a, b))?,
+            None => state.apply(actor, update, invite_code, &allow_all)?,
+        };
+        let mut batch = WriteBatch::new();
+        self.put_state(&mut batch, &state)?;
+        self.put_event(&mut batch, &state, &event, now_ms)?;
+        self.engine.write(batch, true)?;
+        self.metrics.updates.fetch_add(1, Relaxed);
+        match state.info_for(actor) {
+            Ok(info) => Ok(info),
+            Err(_) => Ok(GroupInfo {
+                group: state.group,
+                version: state.seq,
+                members: vec![],
+                admins: vec![],
+                meta: Default::default(),
+                send: Default::default(),
+                edit: Default::default(),
+                invite_code: Default::default(),
+            }),
+        }
+    }
+
+    /// The group as `asker` sees it (members only).
+    pub fn info(&self, asker: UserId, group: &GroupId) -> Result<GroupInfo, GroupError> {
+        let state = self.load(group)?.ok_or(GroupError::NotFound)?;
+        state.info_for(asker)
+    }
+
+    /// Sequences a `GroupSend` and makes it durable in the log (or finds it was before).
+    pub fn send(
+        &self,
+        from_user: UserId,
+        from_device: DeviceId,
+        group: &GroupId,
+        msg_id: MsgId,
+        body: &[u8],
+        now_ms: u64,
+    ) -> Result<Sent, GroupError> {
+        let _held = self.lock(group);
+        let mut state = self.load(group)?.ok_or(GroupError::NotFound)?;
+        state.may_send(from_user)?;
+        let dedup_key = self.row(
+            group,
+            TAG_DEDUP,
+            &[
+                &from_user.to_be_bytes(),
+                &from_device.to_be_bytes(),
+                &msg_id,
+            ],
+        );
+        if let Some(v) = self.engine.get(Cf::Groups, &dedup_key)? {
+            if let Some((expires, seq, at)) = decode_dedup(&v) {
+                if expires > now_ms {
+                    return Ok(Sent::Duplicate {
+                        seq,
+                        server_time_ms: at,
+                    });
+                }
+            }
+        }
+        state.seq += 1;
+        let seq = state.seq;
+        let mut batch = WriteBatch::new();
+        // Pruning first: an expired row may have this send's key, which is put below.
+        self.prune_dedup(&mut batch, group, now_ms)?;
+        self.put_state(&mut batch, &state)?;
+        let record = LogRecord {
+            group: *group,
+            seq,
+            server_time_ms: now_ms,
+            body: LogBody::Message {
+                from_user,
+                from_device,
+                msg_id,
+                body: body.to_vec(),
+            },
+            pending: state.members.clone(),
+        };
+        batch.put(Cf::GroupLog, self.log_key(group, seq), record.encode()?);
+        let expires = now_ms.saturating_add(GROUP_SEND_DEDUP_MS);
+        let mut value = Vec::with_capacity(24);
+        value.extend_from_slice(&expires.to_be_bytes());
+        value.extend_from_slice(&seq.to_be_bytes());
+        value.extend_from_slice(&now_ms.to_be_bytes());
+        batch.put(Cf::Groups, dedup_key.clone(), value);
+        let by_expiry = self.row(group, TAG_DEDUP_BY_EXPIRY, &[&expires.to_be_bytes()]);
+        let mut index_key = by_expiry;
+        index_key.extend_from_slice(&dedup_key);
+        batch.put(Cf::Groups, index_key, Vec::new());
+        self.engine.write(batch, true)?;
+        self.metrics.sends.fetch_add(1, Relaxed);
+        Ok(Sent::New {
+            seq,
+            server_time_ms: now_ms,
+        })
+    }
+
+    /// Deletes up to [`GROUP_DEDUP_PRUNE_MAX`] expired dedup rows of `group`.
+    fn prune_dedup(
+        &self,
+        batch: &mut WriteBatch,
+        group: &GroupId,
+        now_ms: u64,
+    ) -> Result<(), GroupError> {
+        let from = self.row(group, TAG_DEDUP_BY_EXPIRY, &[]);
+        let to = self.row(group, TAG_DEDUP_BY_EXPIRY, &[&now_ms.to_be_bytes()]);
+        for (index_key, _) in self
+            .engine
+            .scan(Cf::Groups, &from, &to, GROUP_DEDUP_PRUNE_MAX)?
+        {
+            let dedup_key = index_key[from.len() + 8..].to_vec();
+            batch.delete(Cf::Groups, dedup_key);
+            batch.delete(Cf::Groups, index_key);
+        }
+        Ok(())
+    }
+
+    /// The first log record of `group` still to fan out.
+    pub fn next_record(&self, group: &GroupId) -> Result<Option<LogRecord>, GroupError> {
+        let from = key(self.shard(group), &[&group[..]]);
+        let to = prefix_end(&from);
+        match self.engine.scan(Cf::GroupLog, &from, &to, 1)?.pop() {
+            Some((_, v)) => Ok(Some(LogRecord::decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Records the fan-out's progress: the record is done (deleted) when nobody is pending,
+    /// else rewritten with who still is. Not synced: a lost progress write only repeats
+    /// stores that the destinations deduplicate.
+    pub fn progress(&self, record: &LogRecord) -> Result<(), GroupError> {
+        let mut batch = WriteBatch::new();
+        let k = self.log_key(&record.group, record.seq);
+        if record.pending.is_empty() {
+            batch.delete(Cf::GroupLog, k);
+            self.metrics.log_records_done.fetch_add(1, Relaxed);
+        } else {
+            batch.put(Cf::GroupLog, k, record.encode()?);
+        }
+        self.engine.write(batch, false)?;
+        Ok(())
+    }
+
+    /// Groups of `shard` with log records pending (each once).
+    pub fn pending_groups(&self, shard: ShardId) -> Result<Vec<GroupId>, GroupError> {
+        let mut groups: Vec<GroupId> = Vec::new();
+        let mut from = key(shard, &[]);
+        let to = prefix_end(&from);
+        loop {
+            let rows = self.engine.scan(Cf::GroupLog, &from, &to, 1)?;
+            let Some((k, _)) = rows.into_iter().next() else {
+                break;
+            };
+            let Some(g) = k.get(2..18).and_then(|g| GroupId::try_from(g).ok()) else {
+                break;
+            };
+            groups.push(g);
+            // Skip the rest of this group's records.
+            from = prefix_end(&key(shard, &[&g[..]]));
+        }
+        Ok(groups)
+    }
+}
+
+fn decode_dedup(v: &[u8]) -> Option<(u64, u64, u64)> {
+    let n =
+        |i: usize| -> Option<u64> { Some(u64::from_be_bytes(v.get(i..i + 8)?.try_into().ok()?)) };
+    Some((n(0)?, n(8)?, n(16)?))
+}
+
+#[cfg(test)]
+mod tests;
