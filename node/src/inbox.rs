@@ -1,11 +1,13 @@
 //! The offline inbox: per-device queues of entries (message ciphertexts and receipts) waiting
 //! to be delivered and acked, with sender dedup and a per-device quota.
 //!
-//! - Storage: three column families (key layouts in `inbox/keys.rs`): [`Cf::Inbox`] holds the
+//! - Storage: four column families (key layouts in `inbox/keys.rs`): [`Cf::Inbox`] holds the
 //!   entries, `shard | user | device | seq`, so a device's drain is one ordered prefix scan;
 //!   [`Cf::InboxMeta`] holds each device's position (`inbox/device.rs`: next seq and the
 //!   acknowledged floor); [`Cf::Dedup`] remembers each (recipient, sender device, msg_id) for
-//!   the dedup window. The shard is the recipient's.
+//!   the dedup window; [`Cf::GroupBodies`] holds a group message's body once per shard, with
+//!   the count of that shard's entries referring to it (`inbox/bodies.rs`). The shard is the
+//!   recipient's.
 //! - Writes: one writer thread (`inbox/writer.rs`) owns every mutation and commits them in
 //!   groups, one write per group, synced when any request in it needs durability; callers
 //!   `await` their answer, which comes only after the write. The queue in front of it is
@@ -27,6 +29,7 @@
 //! whole shards ([`Inbox::import`], [`Inbox::drop_shard`]), and it fences appends per shard
 //! ([`Inbox::set_writable`], [`Inbox::sync_barrier`]).
 
+mod bodies;
 mod cache;
 mod codec;
 mod device;
@@ -49,6 +52,7 @@ use bytes::Bytes;
 use ringpost_wire::{DeviceId, MsgId, UserId};
 use tokio::sync::{mpsc, oneshot, Notify};
 
+pub use bodies::GroupBodyCounters;
 pub use device::ACKED_ABOVE_MAX;
 pub use entry::{Entry, EntryHeader, EntryKind};
 pub use error::InboxError;
@@ -333,6 +337,7 @@ impl OutboxQueue {
 struct ExpireReport {
     entries: u64,
     dedup_records: u64,
+    bodies: u64,
 }
 
 /// A handle to the inbox service. Cheap to clone; the writer thread stops (after answering
@@ -352,6 +357,7 @@ struct Inner {
     gate: Arc<ShardGate>,
     health: Arc<StorageHealth>,
     outbox: Arc<OutboxQueue>,
+    bodies: Arc<GroupBodyCounters>,
 }
 
 impl Drop for Inner {
@@ -378,6 +384,7 @@ impl Inbox {
         let health = Arc::new(StorageHealth::default());
         let outbox = Arc::new(OutboxQueue::default());
         outbox.add(outbox_users);
+        let bodies = Arc::new(GroupBodyCounters::default());
         let (tx, rx) = mpsc::channel(config.queue_depth);
         let writer = Writer {
             engine: Arc::clone(&engine),
@@ -388,6 +395,7 @@ impl Inbox {
             health: Arc::clone(&health),
             outbox: Arc::clone(&outbox),
             cache: DeviceCache::new(config.device_cache_max),
+            bodies: Arc::clone(&bodies),
         };
         let handle = std::thread::Builder::new()
             .name("inbox-writer".into())
@@ -403,8 +411,14 @@ impl Inbox {
                 gate,
                 health,
                 outbox,
+                bodies,
             }),
         })
+    }
+
+    /// Counters of group message bodies stored once per shard (for metrics).
+    pub fn group_bodies(&self) -> &GroupBodyCounters {
+        &self.inner.bodies
     }
 
     /// Stores entries for devices of one user, all or nothing; returns once they are durable.
@@ -604,8 +618,20 @@ impl Inbox {
                     // Acknowledged out of order, not yet below the floor.
                     continue;
                 }
-                let entry = Entry::decode(Bytes::from(value))?;
+                let (mut entry, by_ref) = Entry::decode_stored(Bytes::from(value))?;
                 if entry.expires_at_ms > now_ms {
+                    if by_ref {
+                        let body_key = bodies::count_key(shard, &entry.body)
+                            .map(|count| bodies::body_row_key(&count))
+                            .unwrap_or_default();
+                        let Some(body) = self.inner.engine.get(Cf::GroupBodies, &body_key)? else {
+                            // Only a bug or a partial hand-off import leaves this: the entry
+                            // cannot be delivered, and waits for its expiry.
+                            tracing::error!(user, device, seq, "a group message's body is gone");
+                            continue;
+                        };
+                        entry.body = Bytes::from(body);
+                    }
                     out.push((seq, entry));
                     if out.len() == limit {
                         break;
@@ -633,6 +659,7 @@ impl Inbox {
         tracing::debug!(
             entries = report.entries,
             dedup_records = report.dedup_records,
+            group_bodies = report.bodies,
             "inbox expiry"
         );
         Ok(usize::try_from(report.entries).unwrap_or(usize::MAX))
@@ -686,6 +713,42 @@ impl Inbox {
                 break;
             }
             from = next;
+        }
+
+        // Shared bodies past their expiry (a backstop: their entries released them). Only the
+        // count rows are scanned, shard by shard.
+        for shard in 0..self.inner.config.shard_count {
+            let (mut from, to) = bodies::count_range(shard);
+            loop {
+                tokio::task::yield_now().await;
+                let page =
+                    self.inner
+                        .engine
+                        .scan(Cf::GroupBodies, &from, &to, EXPIRE_CHUNK_KEYS_MAX)?;
+                let Some((last, _)) = page.last() else { break };
+                let next = successor(last);
+                let done = page.len() < EXPIRE_CHUNK_KEYS_MAX;
+                let keys: Vec<Vec<u8>> = page
+                    .into_iter()
+                    .filter(|(_, value)| {
+                        bodies::BodyCount::decode(value).is_ok_and(|c| c.expires_at_ms <= now_ms)
+                    })
+                    .map(|(key, _)| key)
+                    .collect();
+                if !keys.is_empty() {
+                    report.bodies += self
+                        .call(|reply| Request::ExpireBodies {
+                            keys,
+                            now_ms,
+                            reply,
+                        })
+                        .await?;
+                }
+                if done {
+                    break;
+                }
+                from = next;
+            }
         }
 
         if self.inner.engine.drops_expired_dedup() {

@@ -52,10 +52,14 @@ pub enum Cf {
     /// `shard | group | seq` → a group change or message not yet fanned out to every member
     /// (the durable fan-out log); deleted once every member's owner stored it.
     GroupLog,
+    /// `shard | 0x00 | group | group_seq` → how many inbox entries of the shard refer to a
+    /// group message's body; `shard | 0x01 | group | group_seq` → that body, stored once. Both
+    /// are deleted when the count drops to zero (`inbox/bodies.rs`).
+    GroupBodies,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 11] = [
+    pub const ALL: [Cf; 12] = [
         Cf::Accounts,
         Cf::Verify,
         Cf::Inbox,
@@ -67,6 +71,7 @@ impl Cf {
         Cf::Contacts,
         Cf::Groups,
         Cf::GroupLog,
+        Cf::GroupBodies,
     ];
 
     /// The column family's name in RocksDB.
@@ -83,6 +88,7 @@ impl Cf {
             Cf::Contacts => "contacts",
             Cf::Groups => "groups",
             Cf::GroupLog => "group_log",
+            Cf::GroupBodies => "group_bodies",
         }
     }
 }

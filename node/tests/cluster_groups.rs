@@ -15,6 +15,7 @@ use ringpost_client::{Client, ClientError, Event};
 use ringpost_coordinator::{testing, MemberState};
 use ringpost_node::groups::route_id;
 use ringpost_node::ring::Ring;
+use ringpost_node::shard::shard_of;
 use ringpost_wire::{ErrorCode, GroupEvent, GroupId, GroupUpdate, MsgId, SendStatus, UserId};
 
 const WAIT: Duration = Duration::from_secs(40);
@@ -423,5 +424,56 @@ fn a_group_spread_over_three_nodes_orders_changes_and_messages_and_survives_its_
             resumed >= 1,
             "the restarted owner resumed the burst from its log"
         );
+    });
+}
+
+/// A group message fanned out to several members in one shard of a node is stored there once:
+/// one shared body per destination shard, an entry (a reference) per member device.
+#[test]
+fn a_group_message_body_is_stored_once_per_destination_shard() {
+    let cluster = TestCluster::start(1, 3);
+    runtime().block_on(async {
+        let ring = ring_of(&[1, 2, 3]);
+        let (sender_node, dest_node) = (1, 2);
+        let sender = users_on(&ring, 15_553_000_000, 1, sender_node)[0];
+        // Four members in one shard of the destination node, one in another shard there.
+        let first = users_on(&ring, 15_553_000_000, 1, dest_node)[0];
+        let shard = shard_of(first, harness::SHARDS);
+        let same: Vec<UserId> = (first..)
+            .filter(|&u| shard_of(u, harness::SHARDS) == shard)
+            .take(4)
+            .collect();
+        let other = users_on(&ring, 15_553_000_000, 8, dest_node)
+            .into_iter()
+            .find(|&u| shard_of(u, harness::SHARDS) != shard)
+            .expect("a member in another shard");
+        let mut members = same.clone();
+        members.push(other);
+        let creator = cluster.register(0, sender).await;
+        let mut logs = Vec::new();
+        let interest: Arc<Mutex<Option<GroupId>>> = Default::default();
+        for &m in &members {
+            logs.push(Log::collect(cluster.register(0, m).await, interest.clone()));
+        }
+        let dest = cluster.index_of(dest_node);
+        let before = (
+            metric(&cluster, dest, "ringpost_group_bodies_stored_total"),
+            metric(&cluster, dest, "ringpost_group_body_refs_total"),
+        );
+        let info = retrying(|| creator.group_create(members.clone(), Bytes::new())).await;
+        *interest.lock().unwrap() = Some(info.group);
+        let ack =
+            retrying(|| creator.group_send(info.group, msg_id(1), Bytes::from(vec![0x5a; 4096])))
+                .await;
+        assert_eq!(ack.status, SendStatus::Ok);
+        for log in &logs {
+            assert!(log.wait_seq(2).await, "every member got the message");
+        }
+        let after = (
+            metric(&cluster, dest, "ringpost_group_bodies_stored_total"),
+            metric(&cluster, dest, "ringpost_group_body_refs_total"),
+        );
+        // Two bodies (one per destination shard) for five entries (one device each).
+        assert_eq!((after.0 - before.0, after.1 - before.1), (2, 5));
     });
 }

@@ -4,6 +4,13 @@
 //! `version u8 | kind u8 | flags u8 | from_user u64 | from_device u32 | msg_id [16] |
 //!  server_time_ms u64 | expires_at_ms u64 | body_len u32 | body | receipts_len u16 |
 //!  receipt msg_ids [16]*`. Format 1 is the same without `flags` (read as no flags).
+//!
+//! A group message stored by reference (flag [`FLAG_BODY_REF`], see `inbox/bodies.rs`) keeps
+//! only `group | group_seq` as its body; the body itself is stored once per shard in
+//! [`Cf::GroupBodies`]. [`Entry::decode`] returns such an entry as stored; `Inbox::read`
+//! resolves it.
+//!
+//! [`Cf::GroupBodies`]: crate::storage::Cf::GroupBodies
 
 use bytes::{BufMut, Bytes};
 use ringpost_wire::{DeliverKind, DeviceId, MsgId, UserId};
@@ -18,6 +25,8 @@ const CF: &str = "inbox";
 const FIXED_BYTES: usize = 1 + 1 + 1 + 8 + 4 + 16 + 8 + 8 + 4 + 2;
 /// Flag bit of [`Entry::sole_copy`].
 const FLAG_SOLE_COPY: u8 = 0b1;
+/// Flag bit of an entry whose body is a reference to a shared group message body.
+const FLAG_BODY_REF: u8 = 0b10;
 
 /// What an entry is. The stored byte is the discriminant, equal to the wire's
 /// [`DeliverKind`] value (checked by a test), so an entry maps to a `Deliver` one to one.
@@ -128,19 +137,31 @@ impl Entry {
     /// [`super::ENTRY_BODY_BYTES_MAX`], [`super::RECEIPT_MSG_IDS_MAX`]); lengths beyond the
     /// format's fields would not fit and are rejected there, never truncated here.
     pub(crate) fn encode(&self) -> Vec<u8> {
-        debug_assert!(u32::try_from(self.body.len()).is_ok());
+        self.encode_with(0, &self.body)
+    }
+
+    /// Encodes the entry with `body_ref` (a shared body's `group | group_seq`) in place of its
+    /// body, flagged as a reference.
+    pub(crate) fn encode_body_ref(&self, body_ref: &[u8]) -> Vec<u8> {
+        self.encode_with(FLAG_BODY_REF, body_ref)
+    }
+
+    fn encode_with(&self, flags: u8, body: &[u8]) -> Vec<u8> {
+        debug_assert!(u32::try_from(body.len()).is_ok());
         debug_assert!(u16::try_from(self.receipt_msg_ids.len()).is_ok());
-        let mut out = Vec::with_capacity(self.encoded_len());
+        let mut out =
+            Vec::with_capacity(FIXED_BYTES + body.len() + 16 * self.receipt_msg_ids.len());
+        let sole_copy = if self.sole_copy { FLAG_SOLE_COPY } else { 0 };
         out.put_u8(FORMAT_V2);
         out.put_u8(self.kind as u8);
-        out.put_u8(if self.sole_copy { FLAG_SOLE_COPY } else { 0 });
+        out.put_u8(flags | sole_copy);
         out.put_u64(self.from_user);
         out.put_u32(self.from_device);
         out.put_slice(&self.msg_id);
         out.put_u64(self.server_time_ms);
         out.put_u64(self.expires_at_ms);
-        out.put_u32(self.body.len() as u32);
-        out.put_slice(&self.body);
+        out.put_u32(body.len() as u32);
+        out.put_slice(body);
         out.put_u16(self.receipt_msg_ids.len() as u16);
         for id in &self.receipt_msg_ids {
             out.put_slice(id);
@@ -148,8 +169,15 @@ impl Entry {
         out
     }
 
-    /// Decodes an entry; the body is a zero-copy slice of `value`.
+    /// Decodes an entry; the body is a zero-copy slice of `value`. An entry stored by reference
+    /// comes back with the reference as its body: see [`Entry::decode_stored`].
     pub(crate) fn decode(value: Bytes) -> Result<Self, StorageError> {
+        Self::decode_stored(value).map(|(entry, _)| entry)
+    }
+
+    /// Decodes an entry, and whether its body is a reference to a shared group message body
+    /// (then the body is that reference, `group | group_seq`).
+    pub(crate) fn decode_stored(value: Bytes) -> Result<(Self, bool), StorageError> {
         let mut r = Reader::new(&value);
         let short = || corrupt(CF, "entry is truncated");
         let version = r.u8().ok_or_else(short)?;
@@ -164,7 +192,7 @@ impl Entry {
         } else {
             0
         };
-        if flags & !FLAG_SOLE_COPY != 0 {
+        if flags & !(FLAG_SOLE_COPY | FLAG_BODY_REF) != 0 {
             return Err(corrupt(CF, format!("unknown entry flags {flags:#04x}")));
         }
         let from_user = r.u64().ok_or_else(short)?;
@@ -185,7 +213,12 @@ impl Entry {
         }
         debug_assert!(r.is_done());
         let body = value.slice(body_start..body_start + body_len);
-        Ok(Self {
+        let body_ref = flags & FLAG_BODY_REF != 0;
+        if body_ref && (kind != EntryKind::GroupMessage || body_len != super::bodies::BODY_REF_LEN)
+        {
+            return Err(corrupt(CF, "a body reference of the wrong kind or length"));
+        }
+        let entry = Self {
             kind,
             from_user,
             from_device,
@@ -195,7 +228,8 @@ impl Entry {
             body,
             receipt_msg_ids,
             sole_copy: flags & FLAG_SOLE_COPY != 0,
-        })
+        };
+        Ok((entry, body_ref))
     }
 }
 

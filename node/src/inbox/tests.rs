@@ -479,7 +479,8 @@ async fn receipt_is_tracked_past_the_dedup_window(fixture: Fixture) {
         inbox.expire_report(late).await.unwrap(),
         ExpireReport {
             entries: 0,
-            dedup_records: if engine.drops_expired_dedup() { 0 } else { 1 }
+            dedup_records: if engine.drops_expired_dedup() { 0 } else { 1 },
+            ..ExpireReport::default()
         }
     );
     let first = inbox.ack(B, 1, vec![1], late).await.unwrap();
@@ -587,7 +588,8 @@ async fn expiry_deletes_old_entries_and_dedup_records(fixture: Fixture) {
         inbox.expire_report(t + retention_ms).await.unwrap(),
         ExpireReport {
             entries: 2,
-            dedup_records: dedup(2)
+            dedup_records: dedup(2),
+            ..ExpireReport::default()
         }
     );
     assert_eq!(inbox.entries_total(), 2);
@@ -601,7 +603,8 @@ async fn expiry_deletes_old_entries_and_dedup_records(fixture: Fixture) {
         inbox.expire_report(t + 1_600 * S).await.unwrap(),
         ExpireReport {
             entries: 2,
-            dedup_records: dedup(1)
+            dedup_records: dedup(1),
+            ..ExpireReport::default()
         }
     );
     assert_eq!(inbox.entries_total(), 0);
@@ -982,6 +985,9 @@ mod handoff;
 
 /// Acks as a floor: crashes, receipts with their acks, bulk removal, old counters.
 mod floor;
+
+/// Group message bodies stored once per shard and reference-counted.
+mod bodies;
 
 // ---- Engine-independent checks. ----
 

@@ -35,6 +35,7 @@ use bytes::Bytes;
 use ringpost_wire::{DeviceId, MsgId, UserId};
 use tokio::sync::{mpsc, oneshot};
 
+use super::bodies::{body_row_key, count_key, BodyCount, GroupBodyCounters, BODY_REF_LEN};
 use super::cache::{Cached, DeviceCache, DeviceKey};
 use super::device::{AckEffect, DeviceMeta, Stored, ACKED_ABOVE_MAX};
 use super::entry::{Entry, EntryHeader, EntryKind};
@@ -91,6 +92,12 @@ pub(crate) enum Request {
         now_ms: u64,
         reply: Reply<u64>,
     },
+    /// Shared body keys found expired by a scan; the writer checks each again.
+    ExpireBodies {
+        keys: Vec<Vec<u8>>,
+        now_ms: u64,
+        reply: Reply<u64>,
+    },
     /// Range-deletes acknowledged entries of quiet devices the cache knows to have some.
     Trim {
         reply: Reply<u64>,
@@ -125,9 +132,9 @@ impl Request {
                 Request::Ack { ack, .. } => 48 * ack.seqs.len(),
                 Request::DropDevice { .. } => 0,
                 Request::Trim { devices, .. } => 32 * devices.len(),
-                Request::ExpireEntries { keys, .. } | Request::ExpireDedup { keys, .. } => {
-                    keys.iter().map(Vec::len).sum()
-                }
+                Request::ExpireEntries { keys, .. }
+                | Request::ExpireDedup { keys, .. }
+                | Request::ExpireBodies { keys, .. } => keys.iter().map(Vec::len).sum(),
                 Request::Import { rows, .. } => rows.iter().map(Row::encoded_len).sum(),
                 Request::DropShard { .. }
                 | Request::AdoptShard { .. }
@@ -157,6 +164,7 @@ impl Request {
             Request::Ack { .. }
             | Request::ExpireEntries { .. }
             | Request::ExpireDedup { .. }
+            | Request::ExpireBodies { .. }
             | Request::Trim { .. }
             | Request::Import { .. } => false,
         }
@@ -185,6 +193,7 @@ pub(crate) struct Writer {
     pub(crate) health: Arc<StorageHealth>,
     pub(crate) outbox: Arc<OutboxQueue>,
     pub(crate) cache: DeviceCache,
+    pub(crate) bodies: Arc<GroupBodyCounters>,
 }
 
 /// Whether the last durable write succeeded: set by the writer thread, read by `/readyz` and
@@ -318,6 +327,9 @@ impl Writer {
                 if !outcome.outbox_users.is_empty() {
                     self.outbox.add(outcome.outbox_users);
                 }
+                let (stored, refs) = outcome.bodies_stored;
+                self.bodies.stored.fetch_add(stored, Ordering::Relaxed);
+                self.bodies.refs.fetch_add(refs, Ordering::Relaxed);
             }
             Err(err) => {
                 tracing::error!(error = %err, requests = done.len(), "inbox group commit failed");
@@ -402,6 +414,17 @@ struct DedupSlot {
     dirty: bool,
 }
 
+/// A shared group message body as this group sees it, by its count row's key.
+struct BodySlot {
+    /// `None`: absent or deleted.
+    count: Option<BodyCount>,
+    /// The body, when loaded for an append or created by this group.
+    body: Option<Bytes>,
+    /// Created by this group: write the body row.
+    body_new: bool,
+    dirty: bool,
+}
+
 /// What a group leaves to write and to do once written.
 struct Outcome {
     batch: WriteBatch,
@@ -414,6 +437,8 @@ struct Outcome {
     outbox_users: Vec<UserId>,
     /// Whole shards were rewritten: forget every cached device.
     invalidate_cache: bool,
+    /// Shared bodies created and entries stored by reference.
+    bodies_stored: (u64, u64),
 }
 
 /// The state of one group commit: the batch being built and an overlay of every record this
@@ -429,6 +454,11 @@ pub(crate) struct Group<'a> {
     batch: WriteBatch,
     slots: HashMap<DeviceKey, Slot>,
     dedups: BTreeMap<Vec<u8>, DedupSlot>,
+    /// Shared bodies this group read or changed, by key.
+    bodies: BTreeMap<Vec<u8>, BodySlot>,
+    /// Entries this group stored by reference (not on disk yet): inbox key → body key.
+    new_refs: BTreeMap<Vec<u8>, Vec<u8>>,
+    bodies_stored: (u64, u64),
     stored: Vec<(UserId, DeviceId, u64, Entry)>,
     outbox_users: Vec<UserId>,
     entries_delta: i64,
@@ -450,6 +480,9 @@ impl<'a> Group<'a> {
             batch: WriteBatch::new(),
             slots: HashMap::new(),
             dedups: BTreeMap::new(),
+            bodies: BTreeMap::new(),
+            new_refs: BTreeMap::new(),
+            bodies_stored: (0, 0),
             stored: Vec::new(),
             outbox_users: Vec::new(),
             entries_delta: 0,
@@ -476,6 +509,11 @@ impl<'a> Group<'a> {
                 now_ms,
                 reply,
             } => Done::Count(reply, self.handle_expire_dedup(&keys, now_ms)),
+            Request::ExpireBodies {
+                keys,
+                now_ms,
+                reply,
+            } => Done::Count(reply, self.handle_expire_bodies(&keys, now_ms)),
             Request::Trim { reply, devices } => Done::Count(reply, self.handle_trim(devices)),
             Request::Import { shard, rows, reply } => {
                 Done::Delta(reply, self.handle_import(shard, rows))
@@ -521,6 +559,22 @@ impl<'a> Group<'a> {
                 (true, None) => self.batch.delete(Cf::Dedup, key.clone()),
             }
         }
+        for (key, slot) in &self.bodies {
+            match (slot.dirty, &slot.count, &slot.body) {
+                (false, _, _) => {}
+                (true, Some(count), body) => {
+                    self.batch.put(Cf::GroupBodies, key.clone(), count.encode());
+                    if let (true, Some(body)) = (slot.body_new, body) {
+                        self.batch
+                            .put(Cf::GroupBodies, body_row_key(key), body.to_vec());
+                    }
+                }
+                (true, None, _) => {
+                    self.batch.delete(Cf::GroupBodies, key.clone());
+                    self.batch.delete(Cf::GroupBodies, body_row_key(key));
+                }
+            }
+        }
         Outcome {
             batch: self.batch,
             entries_delta: self.entries_delta,
@@ -528,6 +582,7 @@ impl<'a> Group<'a> {
             stored: self.stored,
             outbox_users: self.outbox_users,
             invalidate_cache: self.invalidate_cache,
+            bodies_stored: self.bodies_stored,
         }
     }
 
@@ -622,14 +677,128 @@ impl<'a> Group<'a> {
         entry.server_time_ms = now_ms;
         entry.expires_at_ms = now_ms.saturating_add(retention_ms);
         let shard = shard_of(user, self.config.shard_count);
-        self.batch.put(
-            Cf::Inbox,
-            inbox_key(shard, user, device, seq),
-            entry.encode(),
-        );
+        let key = inbox_key(shard, user, device, seq);
+        let value = match self.share_body(shard, &entry) {
+            Some(body) => {
+                self.new_refs.insert(key.clone(), body);
+                entry.encode_body_ref(&entry.body[..BODY_REF_LEN])
+            }
+            None => entry.encode(),
+        };
+        self.batch.put(Cf::Inbox, key, value);
         self.stored.push((user, device, seq, entry));
         self.entries_delta += 1;
         Some(seq)
+    }
+
+    /// Loads a shared body's count into the overlay (from the engine the first time), and
+    /// with `with_body` its body too (an append compares it).
+    fn load_body(&mut self, key: &[u8], with_body: bool) -> Result<(), StorageError> {
+        if !self.bodies.contains_key(key) {
+            let count = match self.engine.get(Cf::GroupBodies, key)? {
+                Some(bytes) => Some(BodyCount::decode(&bytes)?),
+                None => None,
+            };
+            let slot = BodySlot {
+                count,
+                body: None,
+                body_new: false,
+                dirty: false,
+            };
+            self.bodies.insert(key.to_vec(), slot);
+        }
+        let Some(slot) = self.bodies.get_mut(key) else {
+            return Ok(());
+        };
+        if with_body && slot.count.is_some() && slot.body.is_none() {
+            slot.body = self
+                .engine
+                .get(Cf::GroupBodies, &body_row_key(key))?
+                .map(Bytes::from);
+        }
+        Ok(())
+    }
+
+    /// The apply phase of storing a group message (its body loaded by [`Self::load_body`]):
+    /// takes a reference to the shard's shared body, creating it, and returns its key. `None`
+    /// stores the entry whole: not a group message, or a different body under the same group
+    /// seq (a sender's bug; it must not overwrite what other entries refer to).
+    fn share_body(&mut self, shard: ShardId, entry: &Entry) -> Option<Vec<u8>> {
+        if entry.kind != EntryKind::GroupMessage {
+            return None;
+        }
+        let key = count_key(shard, &entry.body)?;
+        let slot = self.bodies.get_mut(&key)?;
+        match (&mut slot.count, &slot.body) {
+            (Some(count), Some(body)) if *body == entry.body => {
+                count.refs = count.refs.checked_add(1)?;
+                count.expires_at_ms = count.expires_at_ms.max(entry.expires_at_ms);
+            }
+            (Some(_), _) => {
+                tracing::warn!("a group message body differs from the one shared; stored whole");
+                return None;
+            }
+            (None, _) => {
+                slot.count = Some(BodyCount {
+                    refs: 1,
+                    expires_at_ms: entry.expires_at_ms,
+                });
+                slot.body = Some(entry.body.clone());
+                slot.body_new = true;
+                self.bodies_stored.0 += 1;
+            }
+        }
+        slot.dirty = true;
+        self.bodies_stored.1 += 1;
+        Some(key)
+    }
+
+    /// Drops one reference to a shared body (loaded by [`Self::load_body`]); the last one
+    /// deletes it.
+    fn release_body(&mut self, key: &[u8]) {
+        let Some(slot) = self.bodies.get_mut(key) else {
+            tracing::error!("releasing a group message body that was not loaded");
+            return;
+        };
+        match &mut slot.count {
+            Some(count) if count.refs > 1 => count.refs -= 1,
+            Some(_) => {
+                slot.count = None;
+                slot.body = None;
+                slot.body_new = false;
+            }
+            // Deleted by the expiry backstop, or a partial hand-off import.
+            None => return,
+        }
+        slot.dirty = true;
+    }
+
+    /// The key of the shared body a stored entry refers to, if it is stored by reference, and
+    /// its header (read back from disk unless this group stored it). Part of a load phase.
+    fn read_stored(
+        &self,
+        shard: ShardId,
+        user: UserId,
+        device: DeviceId,
+        seq: u64,
+    ) -> Result<(Option<EntryHeader>, Option<Vec<u8>>), StorageError> {
+        let key = inbox_key(shard, user, device, seq);
+        if let Some(body) = self.new_refs.get(&key) {
+            return Ok((None, Some(body.clone())));
+        }
+        let Some(value) = self.engine.get(Cf::Inbox, &key)? else {
+            return Ok((None, None));
+        };
+        match Entry::decode_stored(Bytes::from(value)) {
+            Ok((entry, by_ref)) => {
+                let body = by_ref.then(|| count_key(shard, &entry.body)).flatten();
+                Ok((Some(entry.header()), body))
+            }
+            Err(err) => {
+                tracing::error!(%err, user, device, seq, "inbox entry does not decode");
+                Ok((None, None))
+            }
+        }
     }
 
     fn handle_append(&mut self, append: Append) -> Result<AppendOutcome, InboxError> {
@@ -684,6 +853,13 @@ impl<'a> Group<'a> {
         if !full.is_empty() {
             return Ok(AppendOutcome::Full { devices: full });
         }
+        for (_, entry) in &entries {
+            if entry.kind == EntryKind::GroupMessage {
+                if let Some(key) = count_key(shard, &entry.body) {
+                    self.load_body(&key, true)?;
+                }
+            }
+        }
 
         // Apply phase: nothing below can fail (quota and seq space were checked above).
         let sole_copy = entries.len() == 1;
@@ -723,22 +899,29 @@ impl<'a> Group<'a> {
         // device a receipt may be stored for.
         let meta = self.load(user, device)?.cached.meta.clone();
         let mut seen = BTreeSet::new();
-        let mut found: Vec<(u64, Option<EntryHeader>)> = Vec::new();
+        let mut found: Vec<(u64, Option<EntryHeader>, Option<Vec<u8>>)> = Vec::new();
         for (seq, header) in seqs {
             if !meta.is_pending(seq) || !seen.insert(seq) {
                 continue;
             }
-            let header = match header {
-                Some(h) => Some(h),
-                None => self.read_header(shard, user, device, seq)?,
+            // A group message may hold a reference to a shared body: read it back for that.
+            let (header, body) = match header {
+                Some(h) if h.kind != EntryKind::GroupMessage => (Some(h), None),
+                known => {
+                    let (read, body) = self.read_stored(shard, user, device, seq)?;
+                    (known.or(read), body)
+                }
             };
-            found.push((seq, header));
+            if let Some(key) = &body {
+                self.load_body(key, false)?;
+            }
+            found.push((seq, header, body));
         }
         if found.is_empty() {
             return Ok(Vec::new());
         }
         let mut receipt_targets: BTreeSet<UserId> = BTreeSet::new();
-        for (_, header) in &found {
+        for (_, header, _) in &found {
             let Some(h) = header.filter(|h| receipt_due(user, h)) else {
                 continue;
             };
@@ -773,7 +956,7 @@ impl<'a> Group<'a> {
         // Apply phase.
         let mut acked = Vec::with_capacity(found.len());
         let mut receipts: BTreeMap<UserId, Vec<MsgId>> = BTreeMap::new();
-        for (seq, header) in found {
+        for (seq, header, body) in found {
             let slot = self.slot(user, device);
             match slot.cached.meta.ack(seq) {
                 AckEffect::Acked => slot.dirty = true,
@@ -790,6 +973,9 @@ impl<'a> Group<'a> {
                 }
             }
             self.entries_delta -= 1;
+            if let Some(key) = body {
+                self.release_body(&key);
+            }
             let Some(h) = header else { continue };
             let first_ack = receipt_due(user, &h)
                 && (h.sole_copy || self.mark_receipt_sent(receipt_key(shard, user, &h), now_ms));
@@ -850,30 +1036,6 @@ impl<'a> Group<'a> {
         Ok(acked)
     }
 
-    /// The header of a stored entry, read back (an ack of an entry delivered on an earlier
-    /// connection). `None` if it is gone or does not decode: it is acknowledged all the same.
-    fn read_header(
-        &self,
-        shard: ShardId,
-        user: UserId,
-        device: DeviceId,
-        seq: u64,
-    ) -> Result<Option<EntryHeader>, StorageError> {
-        let Some(value) = self
-            .engine
-            .get(Cf::Inbox, &inbox_key(shard, user, device, seq))?
-        else {
-            return Ok(None);
-        };
-        match Entry::decode(Bytes::from(value)) {
-            Ok(entry) => Ok(Some(entry.header())),
-            Err(err) => {
-                tracing::error!(%err, user, device, seq, "acked inbox entry does not decode");
-                Ok(None)
-            }
-        }
-    }
-
     /// Records that a `delivered` receipt is being sent for this message; `true` the first time.
     ///
     /// A record missing or expired (the dedup window is shorter than retention) is recreated
@@ -907,7 +1069,18 @@ impl<'a> Group<'a> {
 
     fn handle_drop_device(&mut self, user: UserId, device: DeviceId) -> Result<u64, InboxError> {
         let shard = shard_of(user, self.config.shard_count);
-        let slot = self.load(user, device)?;
+        // Load phase: the shared bodies its pending entries refer to (at most its quota).
+        let meta = self.load(user, device)?.cached.meta.clone();
+        let bodies = self.pending_body_refs(shard, user, device, &meta)?;
+        for key in &bodies {
+            self.load_body(key, false)?;
+        }
+
+        // Apply phase.
+        for key in &bodies {
+            self.release_body(key);
+        }
+        let slot = self.slot(user, device);
         // The counters stay (everything acknowledged) so next_seq keeps growing if the id
         // comes back.
         let removed = slot.cached.meta.ack_all();
@@ -920,9 +1093,56 @@ impl<'a> Group<'a> {
         Ok(removed)
     }
 
+    /// The body key of every pending entry of a device stored by reference, once per entry:
+    /// on disk from the floor up, and stored by this group.
+    fn pending_body_refs(
+        &self,
+        shard: ShardId,
+        user: UserId,
+        device: DeviceId,
+        meta: &DeviceMeta,
+    ) -> Result<Vec<Vec<u8>>, StorageError> {
+        const PAGE: usize = 1024;
+        let prefix = device_prefix(shard, user, device);
+        let end = prefix_end(&prefix);
+        let mut refs = Vec::new();
+        let mut from = inbox_key(shard, user, device, meta.floor.saturating_add(1));
+        loop {
+            let page = self.engine.scan(Cf::Inbox, &from, &end, PAGE)?;
+            for (key, value) in &page {
+                let Some((_, _, _, seq)) = parse_inbox_key(key) else {
+                    continue;
+                };
+                if !meta.is_pending(seq) || self.new_refs.contains_key(key) {
+                    continue;
+                }
+                match Entry::decode_stored(Bytes::copy_from_slice(value)) {
+                    Ok((entry, true)) => refs.extend(count_key(shard, &entry.body)),
+                    Ok(_) => {}
+                    Err(err) => {
+                        tracing::error!(%err, user, device, seq, "inbox entry does not decode")
+                    }
+                }
+            }
+            match page.last() {
+                Some((last, _)) if page.len() == PAGE => from = crate::storage::successor(last),
+                _ => break,
+            }
+        }
+        for (key, body) in self.new_refs.range(prefix.clone()..end) {
+            let pending = parse_inbox_key(key).is_some_and(|(_, _, _, seq)| meta.is_pending(seq));
+            if pending {
+                refs.push(body.clone());
+            }
+        }
+        Ok(refs)
+    }
+
     fn handle_expire_entries(&mut self, keys: &[Vec<u8>], now_ms: u64) -> Result<u64, InboxError> {
         // Load phase: re-check each candidate; an ack may have acknowledged it meanwhile.
-        let mut candidates: Vec<(Vec<u8>, UserId, DeviceId, u64, bool)> = Vec::new();
+        // (key, user, device, seq, pending, shared body it refers to)
+        type Candidate = (Vec<u8>, UserId, DeviceId, u64, bool, Option<Vec<u8>>);
+        let mut candidates: Vec<Candidate> = Vec::new();
         for key in keys {
             let Some((shard, user, device, seq)) = parse_inbox_key(key) else {
                 continue;
@@ -939,15 +1159,19 @@ impl<'a> Group<'a> {
             let pending = self.load(user, device)?.cached.meta.is_pending(seq);
             if !pending {
                 // Acknowledged and not trimmed yet: delete it all the same.
-                candidates.push((key.clone(), user, device, seq, false));
+                candidates.push((key.clone(), user, device, seq, false, None));
                 continue;
             }
             let Some(value) = self.engine.get(Cf::Inbox, key)? else {
                 continue;
             };
-            match Entry::decode(Bytes::from(value)) {
-                Ok(entry) if entry.expires_at_ms <= now_ms => {
-                    candidates.push((key.clone(), user, device, seq, true))
+            match Entry::decode_stored(Bytes::from(value)) {
+                Ok((entry, by_ref)) if entry.expires_at_ms <= now_ms => {
+                    let body = by_ref.then(|| count_key(shard, &entry.body)).flatten();
+                    if let Some(body) = &body {
+                        self.load_body(body, false)?;
+                    }
+                    candidates.push((key.clone(), user, device, seq, true, body))
                 }
                 Ok(_) => {}
                 Err(err) => {
@@ -958,7 +1182,7 @@ impl<'a> Group<'a> {
 
         // Apply phase.
         let mut expired = 0u64;
-        for (key, user, device, seq, pending) in candidates {
+        for (key, user, device, seq, pending, body) in candidates {
             if pending {
                 let slot = self.slot(user, device);
                 if slot.cached.meta.ack(seq) != AckEffect::Acked {
@@ -967,6 +1191,9 @@ impl<'a> Group<'a> {
                 slot.dirty = true;
                 expired += 1;
                 self.entries_delta -= 1;
+                if let Some(body) = body {
+                    self.release_body(&body);
+                }
             }
             self.batch.delete(Cf::Inbox, key);
         }
@@ -987,6 +1214,33 @@ impl<'a> Group<'a> {
             self.set_dedup(key, None);
         }
         Ok(n)
+    }
+
+    /// Deletes shared bodies past their expiry: every entry referring to one has expired by
+    /// then, so this only catches a count that never reached zero.
+    fn handle_expire_bodies(&mut self, keys: &[Vec<u8>], now_ms: u64) -> Result<u64, InboxError> {
+        for key in keys {
+            self.load_body(key, false)?;
+        }
+        let mut expired = 0;
+        for key in keys {
+            let Some(slot) = self.bodies.get_mut(key) else {
+                continue;
+            };
+            let Some(count) = slot.count.filter(|c| c.expires_at_ms <= now_ms) else {
+                continue;
+            };
+            tracing::warn!(
+                refs = count.refs,
+                "an expired group message body still had references; deleted"
+            );
+            slot.count = None;
+            slot.body = None;
+            slot.body_new = false;
+            slot.dirty = true;
+            expired += 1;
+        }
+        Ok(expired)
     }
 
     /// Marks up to [`TRIM_DEVICES_PER_PASS`] quiet devices with acknowledged entries on disk

@@ -251,9 +251,10 @@ fn cf_options(cf: Cf, config: &RocksConfig, cache: &Cache) -> Options {
             table.set_bloom_filter(10.0, false);
             opts.set_compression_type(DBCompressionType::Lz4);
         }
-        Cf::Groups | Cf::GroupLog => {
-            // A group's state row, its send dedup rows, and its log (ciphertext, written
-            // once and deleted after the fan-out): point lookups and short prefix scans.
+        Cf::Groups | Cf::GroupLog | Cf::GroupBodies => {
+            // A group's state row, its send dedup rows, its log and its messages' stored bodies
+            // (ciphertext, written once and deleted once fanned out or acknowledged): point
+            // lookups and short prefix scans.
             table.set_bloom_filter(10.0, false);
             opts.set_compression_type(DBCompressionType::None);
         }
