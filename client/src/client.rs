@@ -592,6 +592,27 @@ impl Client {
         Ok(ack)
     }
 
+    /// Reports that this user received (`Delivered`) or read (`Read`) every message of
+    /// `group` up to group seq `up_to_seq` (a watermark: a lower one than before changes
+    /// nothing; `Read` implies `Delivered`). Each sender gets one aggregated
+    /// [`Event::GroupReceipt`] once every member passed its message. `Ok` once the group's
+    /// owner recorded it.
+    pub async fn group_receipt(
+        &self,
+        group: ringpost_wire::GroupId,
+        kind: ReceiptKind,
+        up_to_seq: u64,
+    ) -> Result<()> {
+        let answer = self
+            .request(ringpost_wire::GroupReceipt {
+                group,
+                kind,
+                up_to_seq,
+            })
+            .await?;
+        expect!(answer, Done).map(drop)
+    }
+
     /// Tells every device of `to` that these of its messages were delivered or read. `msg_id` is
     /// the receipt's own idempotency key.
     pub async fn receipt(

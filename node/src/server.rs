@@ -493,6 +493,12 @@ impl Server {
                 }
                 crate::groups::serve::request(self, user, device, body)
             }
+            Body::GroupReceipt(_) => {
+                if let Some(limited) = self.rate_limited(user, device) {
+                    return Box::pin(async move { limited });
+                }
+                crate::groups::serve::request(self, user, device, body)
+            }
             Body::GroupCreate(_) | Body::GroupUpdate(_) | Body::GroupInfoRequest(_) => {
                 let charge = match &body {
                     Body::GroupInfoRequest(_) => crate::budgets::Charge::Lookup,
@@ -629,7 +635,8 @@ impl Server {
             Body::GroupCreate(_)
             | Body::GroupUpdate(_)
             | Body::GroupInfoRequest(_)
-            | Body::GroupSend(_) => error(
+            | Body::GroupSend(_)
+            | Body::GroupReceipt(_) => error(
                 ErrorCode::UnexpectedFrame,
                 "groups are not served by this node version yet",
             ),
@@ -983,7 +990,10 @@ impl Server {
 
 /// The `Deliver` frame of an inbox entry.
 pub fn deliver_frame(seq: u64, e: &Entry) -> Frame {
-    if matches!(e.kind, EntryKind::GroupMessage | EntryKind::GroupEvent) {
+    // A group's aggregated receipt has `group | up_to_seq` as its body (`groups::receipts`).
+    let group_receipt =
+        matches!(e.kind, EntryKind::Delivered | EntryKind::Read) && e.body.len() == 24;
+    if group_receipt || matches!(e.kind, EntryKind::GroupMessage | EntryKind::GroupEvent) {
         if let Some((group, group_seq, payload)) = crate::groups::fanout::split_entry_body(&e.body)
         {
             return Frame::new(
@@ -996,7 +1006,7 @@ pub fn deliver_frame(seq: u64, e: &Entry) -> Frame {
                     msg_id: e.msg_id,
                     server_time_ms: e.server_time_ms,
                     body: e.body.slice(24..24 + payload.len()),
-                    receipt_msg_ids: vec![],
+                    receipt_msg_ids: e.receipt_msg_ids.clone(),
                     group: Some(group),
                     group_seq,
                 },

@@ -76,6 +76,7 @@ pub enum Body {
     ContactsUpdate(ContactsUpdate),
     GroupSend(GroupSend),
     GroupEvent(GroupEvent),
+    GroupReceipt(GroupReceipt),
 }
 
 /// Which side may send a frame type.
@@ -195,6 +196,7 @@ frame_types!(
     ContactsUpdate = 41 ToServer,
     GroupSend = 42 ToServer,
     GroupEvent = 43 ToClient,
+    GroupReceipt = 44 ToServer,
 );
 
 impl std::fmt::Display for FrameKind {
@@ -639,6 +641,16 @@ pub struct GroupEvent {
     pub settings_changed: bool,
     /// Membership changed: every member makes a new sender key before its next send.
     pub rotate_sender_keys: bool,
+}
+
+/// c→s: this user received (`Delivered`) or read (`Read`) every message of `group` up to
+/// and including group sequence `up_to_seq` (a watermark; a lower one changes nothing).
+/// Answered by `Done`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupReceipt {
+    pub group: GroupId,
+    pub kind: ReceiptKind,
+    pub up_to_seq: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

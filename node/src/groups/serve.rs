@@ -27,6 +27,7 @@ fn group_of(body: &Body) -> Option<GroupId> {
         Body::GroupUpdate(u) => Some(u.group),
         Body::GroupInfoRequest(r) => Some(r.group),
         Body::GroupSend(s) => Some(s.group),
+        Body::GroupReceipt(r) => Some(r.group),
         _ => None,
     }
 }
@@ -230,6 +231,10 @@ async fn local(
                     full_devices: vec![],
                 };
                 Ok((Frame::new(0, ack), new))
+            }
+            Body::GroupReceipt(r) => {
+                let logged = groups.receipt(user, &r.group, r.kind, r.up_to_seq, now)?;
+                Ok((Frame::new(0, ringpost_wire::Done {}), logged > 0))
             }
             _ => Err(GroupError::Malformed("not a group request")),
         }

@@ -357,6 +357,15 @@ fn body(fbb: &mut Fbb<'_>, body: &Body) -> Off<UnionWIPOffset> {
             };
             fb::GroupUpdate::create(fbb, &args).as_union_value()
         }
+        Body::GroupReceipt(b) => {
+            let group = fb::GroupId(b.group);
+            let args = fb::GroupReceiptArgs {
+                group: Some(&group),
+                kind: b.kind.to_fb(),
+                up_to_seq: b.up_to_seq,
+            };
+            fb::GroupReceipt::create(fbb, &args).as_union_value()
+        }
         Body::GroupInfoRequest(b) => {
             let group = fb::GroupId(b.group);
             let args = fb::GroupInfoRequestArgs {

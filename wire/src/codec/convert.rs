@@ -416,6 +416,14 @@ pub(crate) fn body(
                 join_code: src.vec(t.join_code()),
             })
         }
+        K::GroupReceipt => {
+            let t = table(root.body_as_group_receipt())?;
+            Body::GroupReceipt(GroupReceipt {
+                group: required("GroupReceipt.group", t.group())?.0,
+                kind: ReceiptKind::received("GroupReceipt.kind", t.kind())?,
+                up_to_seq: t.up_to_seq(),
+            })
+        }
         K::GroupInfoRequest => {
             let t = table(root.body_as_group_info_request())?;
             Body::GroupInfoRequest(GroupInfoRequest {

@@ -376,6 +376,19 @@ pub fn body(kind: FrameKind) -> BoxedStrategy<Body> {
                 })
             })
             .boxed(),
+        K::GroupReceipt => (
+            any::<GroupId>(),
+            prop_oneof![Just(ReceiptKind::Delivered), Just(ReceiptKind::Read)],
+            any::<u64>(),
+        )
+            .prop_map(|(group, kind, up_to_seq)| {
+                Body::GroupReceipt(GroupReceipt {
+                    group,
+                    kind,
+                    up_to_seq,
+                })
+            })
+            .boxed(),
         K::GroupInfoRequest => any::<GroupId>()
             .prop_map(|group| Body::GroupInfoRequest(GroupInfoRequest { group }))
             .boxed(),
