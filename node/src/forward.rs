@@ -503,6 +503,20 @@ impl Server {
                 } => {
                     crate::groups::serve::peer(&server, from_user, from_device, group, &frame).await
                 }
+                PeerRequest::Blockers { actor, users } => {
+                    match crate::groups::blocks::blockers(&server, actor, &users) {
+                        Ok(b) => PeerResponse::Users(b),
+                        Err(crate::session::Answer::Error { code, message, .. })
+                            if code != ErrorCode::WrongOwner =>
+                        {
+                            PeerResponse::Error {
+                                code: code.as_u16(),
+                                message,
+                            }
+                        }
+                        Err(_) => wrong_owner(&server),
+                    }
+                }
                 PeerRequest::GroupFanout(batch) => PeerResponse::GroupStored(
                     crate::groups::fanout::store_batch(&server, &batch)
                         .await

@@ -7,6 +7,8 @@
 //! - [`serve`]: the requests of devices (`GroupCreate`, `GroupUpdate`, `GroupInfoRequest`,
 //!   `GroupSend`), executed here when this node owns the group, else forwarded to its owner
 //!   over the peer link ([`crate::peer::PeerRequest::Group`]).
+//! - [`blocks`]: a create or an add asks the added users' owners whether they block the
+//!   actor, before the group's lock is taken.
 //! - [`receipts`]: members' delivered and read watermarks, aggregated into one receipt per
 //!   sender once every member passed its messages.
 //! - [`fanout`]: drains each group's log in sequence order, one peer batch per destination
@@ -18,6 +20,7 @@
 //! it is durable (synced, and replicated when the node replicates), and delivered to members'
 //! inboxes afterwards, in order.
 
+pub mod blocks;
 pub mod fanout;
 pub mod receipts;
 pub mod serve;
@@ -89,10 +92,10 @@ pub fn route_id(group: &GroupId) -> u64 {
     u64::from_be_bytes(b)
 }
 
-/// The hook a group add asks: may `adder` add `added` to a group? The blocking feature
-/// installs it ([`Groups::set_add_policy`]); until then every add is allowed. It is called
-/// on the group's owner, with the group's lock held, so it must answer from local state
-/// without waiting.
+/// The hook a group add asks: may `adder` add `added` to a group? Called on the group's
+/// owner, with the group's lock held, so it must answer from local state without waiting;
+/// none is installed by default. Blocking is not checked here (block lists live on the added
+/// users' owners): [`blocks::check_adds`] asks them before the request takes the lock.
 pub type AddPolicy = Arc<dyn Fn(UserId, UserId) -> bool + Send + Sync>;
 
 /// What a group message or change carries through the log to members' inboxes.
@@ -167,13 +170,14 @@ pub struct GroupMetrics {
     pub fanout_retries: AtomicU64,
     pub receipts: AtomicU64,
     pub receipts_aggregated: AtomicU64,
+    pub adds_blocked: AtomicU64,
 }
 
 impl GroupMetrics {
     /// Appends the counters in the Prometheus text format.
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write as _;
-        let counters: [(&str, &str, &AtomicU64); 12] = [
+        let counters: [(&str, &str, &AtomicU64); 13] = [
             ("created", "Groups created.", &self.created),
             ("updates", "Group changes applied.", &self.updates),
             ("sends", "Group messages sequenced.", &self.sends),
@@ -217,6 +221,11 @@ impl GroupMetrics {
                 "receipts_aggregated",
                 "Aggregated receipts logged for senders (one per sender, kind and batch of ids).",
                 &self.receipts_aggregated,
+            ),
+            (
+                "adds_blocked",
+                "Group creates and adds refused because an added user blocks the actor.",
+                &self.adds_blocked,
             ),
         ];
         for (name, help, v) in counters {
@@ -382,7 +391,7 @@ impl Groups {
         let mut state = self.load(&update.group)?.ok_or(GroupError::NotFound)?;
         let allow_all = |_: UserId, _: UserId| true;
         let event = match self.add_policy.get() {
-            // HOOK(blocking): every user an update adds is checked here.
+            // Every user an update adds is checked here (blocks: `blocks::check_adds`).
             Some(policy) => state.apply(actor, update, invite_code, &|a, b| policy(a, b))?,
             None => state.apply(actor, update, invite_code, &allow_all)?,
         };

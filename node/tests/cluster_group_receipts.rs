@@ -211,3 +211,51 @@ fn a_sender_gets_one_delivered_to_all_and_one_read_by_all_across_three_nodes() {
         );
     });
 }
+
+#[test]
+fn a_user_who_blocks_the_actor_cannot_be_added_by_it_from_another_node() {
+    let cluster = TestCluster::start(1, 3);
+    runtime().block_on(async {
+        let ring = ring_of(&[1, 2, 3]);
+        // The actor on node 1; the blocker on node 2; a bystander on node 3.
+        let actor_user = users_on(&ring, 17_000_000_000, 1, 1)[0];
+        let blocker_user = users_on(&ring, 17_000_000_000, 1, 2)[0];
+        let other_user = users_on(&ring, 17_000_000_000, 1, 3)[0];
+        let actor = cluster.register(0, actor_user).await;
+        let blocker = cluster.register(0, blocker_user).await;
+        let _other = cluster.register(0, other_user).await;
+        retrying(|| blocker.block(actor_user)).await;
+
+        // A create naming the blocker is refused whole, with the documented answer.
+        match actor
+            .group_create(vec![blocker_user, other_user], Bytes::new())
+            .await
+        {
+            Err(e) => {
+                assert_eq!(e.code(), Some(ErrorCode::Forbidden), "{e}");
+                assert!(
+                    e.to_string()
+                        .contains(ringpost_node::groups::blocks::BLOCKED_ADD_MESSAGE),
+                    "{e}"
+                );
+            }
+            Ok(info) => panic!("a blocked add was accepted: {info:?}"),
+        }
+        // Without the blocker it works; adding the blocker later is refused the same way and
+        // changes nothing.
+        let info = retrying(|| actor.group_create(vec![other_user], Bytes::new())).await;
+        let mut add = ringpost_wire::GroupUpdate::new(info.group);
+        add.add = vec![blocker_user];
+        match actor.group_update(add.clone()).await {
+            Err(e) => assert_eq!(e.code(), Some(ErrorCode::Forbidden), "{e}"),
+            Ok(info) => panic!("a blocked add was accepted: {info:?}"),
+        }
+        let now = retrying(|| actor.group_info(info.group)).await;
+        assert_eq!(now.version, 1);
+        assert!(!now.members.contains(&blocker_user));
+        // After an unblock the add goes through.
+        retrying(|| blocker.unblock(actor_user)).await;
+        let after = retrying(|| actor.group_update(add.clone())).await;
+        assert!(after.members.contains(&blocker_user));
+    });
+}

@@ -197,6 +197,22 @@ async fn local(
     group: GroupId,
     body: Body,
 ) -> Answer {
+    // Blocks: nobody is added by a user it blocks (asked on the added users' owners).
+    let added: &[UserId] = match &body {
+        Body::GroupCreate(c) => &c.members,
+        Body::GroupUpdate(u) => &u.add,
+        _ => &[],
+    };
+    if !added.is_empty() {
+        if let Err(refused) = super::blocks::check_adds(server, user, added).await {
+            server
+                .groups
+                .metrics
+                .refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return refused;
+        }
+    }
     let groups = server.groups.clone();
     let now = server.now_ms();
     let result = tokio::task::spawn_blocking(move || -> Result<(Frame, bool), GroupError> {
