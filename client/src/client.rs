@@ -643,6 +643,7 @@ impl Client {
             device: 0,
             typing,
             recording: false,
+            group: None,
         })
         .await
     }
@@ -654,6 +655,26 @@ impl Client {
             device: 0,
             typing: recording,
             recording,
+            group: None,
+        })
+        .await
+    }
+
+    /// Tells the other members of `group` that this user is typing (or, with `recording`,
+    /// recording a voice note): their connected devices only, never stored, rate-limited
+    /// like 1:1 typing. Members that block this user do not get it. No answer.
+    pub async fn group_typing(
+        &self,
+        group: ringpost_wire::GroupId,
+        typing: bool,
+        recording: bool,
+    ) -> Result<()> {
+        self.fire(Typing {
+            user: 0,
+            device: 0,
+            typing,
+            recording,
+            group: Some(group),
         })
         .await
     }

@@ -11,6 +11,7 @@
 //!   actor, before the group's lock is taken.
 //! - [`receipts`]: members' delivered and read watermarks, aggregated into one receipt per
 //!   sender once every member passed its messages.
+//! - [`typing`]: a member's typing indicator, sent on to the other members' nodes.
 //! - [`fanout`]: drains each group's log in sequence order, one peer batch per destination
 //!   node, until every member's owner stored the record; resumes from the log after a
 //!   restart or when the shard comes to this node.
@@ -25,6 +26,7 @@ pub mod fanout;
 pub mod receipts;
 pub mod serve;
 pub mod state;
+pub mod typing;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -171,13 +173,14 @@ pub struct GroupMetrics {
     pub receipts: AtomicU64,
     pub receipts_aggregated: AtomicU64,
     pub adds_blocked: AtomicU64,
+    pub typing: AtomicU64,
 }
 
 impl GroupMetrics {
     /// Appends the counters in the Prometheus text format.
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write as _;
-        let counters: [(&str, &str, &AtomicU64); 13] = [
+        let counters: [(&str, &str, &AtomicU64); 14] = [
             ("created", "Groups created.", &self.created),
             ("updates", "Group changes applied.", &self.updates),
             ("sends", "Group messages sequenced.", &self.sends),
@@ -226,6 +229,11 @@ impl GroupMetrics {
                 "adds_blocked",
                 "Group creates and adds refused because an added user blocks the actor.",
                 &self.adds_blocked,
+            ),
+            (
+                "typing",
+                "Group typing indicators sent on by the group's owner.",
+                &self.typing,
             ),
         ];
         for (name, help, v) in counters {

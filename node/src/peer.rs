@@ -38,7 +38,7 @@ use crate::shard::ShardId;
 /// 2: `Typing` carries `recording`; the presence requests (`PresenceWatch`, `PresenceUnwatch`,
 /// `PresenceChanged`) and `PeerResponse::PresenceViews`; the group families joined `SHARD_CFS`
 /// and the group requests were added.
-/// 3: `Blockers` and `PeerResponse::Users`; group logs may hold receipt records.
+/// 3: `Blockers`, `GroupTyping` and `PeerResponse::Users`; group logs may hold receipt records.
 pub const PEER_PROTOCOL_VERSION: u16 = 3;
 /// How long a forwarded request may take before the sender gives up on that attempt.
 pub const PEER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -194,6 +194,16 @@ pub enum PeerRequest {
     Blockers {
         actor: UserId,
         users: Vec<UserId>,
+    },
+    /// A group's typing indicator for the connected devices of `to` (members of `group` the
+    /// receiver owns, at most `GROUP_MEMBERS_MAX`), from the group's owner. Answered `Done`.
+    GroupTyping {
+        group: ringpost_wire::GroupId,
+        to: Vec<UserId>,
+        from_user: UserId,
+        from_device: DeviceId,
+        typing: bool,
+        recording: bool,
     },
 }
 

@@ -933,8 +933,16 @@ impl Server {
     /// Typing indicators go only to the recipient's connected devices (on its owner) and are
     /// never stored.
     fn typing(self: &Arc<Self>, user: UserId, device: DeviceId, t: ringpost_wire::Typing) {
+        if t.group.is_some() {
+            // To a group: its owner sends it on to the members (crate::groups::typing).
+            let request = crate::groups::serve::request(self, user, device, Body::Typing(t));
+            tokio::spawn(request);
+            return;
+        }
         match self.routing.route(t.user) {
-            Route::Local { .. } => self.push_typing(t.user, user, device, t.typing, t.recording),
+            Route::Local { .. } => {
+                self.push_typing(t.user, user, device, t.typing, t.recording, None)
+            }
             Route::Remote { node, epoch, .. } => {
                 let server = self.clone();
                 tokio::spawn(async move {
@@ -962,6 +970,7 @@ impl Server {
         from_device: DeviceId,
         typing: bool,
         recording: bool,
+        group: Option<ringpost_wire::GroupId>,
     ) {
         if to != from_user && self.contacts.is_blocked(to, from_user).unwrap_or(true) {
             self.presence.metrics.typing_dropped.fetch_add(1, Relaxed);
@@ -977,6 +986,7 @@ impl Server {
                 device: from_device,
                 typing,
                 recording,
+                group,
             },
         );
         let Ok(bytes) = frame.encode() else { return };

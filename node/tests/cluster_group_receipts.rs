@@ -259,3 +259,89 @@ fn a_user_who_blocks_the_actor_cannot_be_added_by_it_from_another_node() {
         assert!(after.members.contains(&blocker_user));
     });
 }
+
+#[test]
+fn group_typing_reaches_online_members_only_and_not_those_who_block_the_typer() {
+    let cluster = TestCluster::start(1, 3);
+    runtime().block_on(async {
+        let ring = ring_of(&[1, 2, 3]);
+        let typer_user = users_on(&ring, 18_000_000_000, 1, 1)[0];
+        // On nodes 2 and 3: an online member, a member who blocks the typer, an offline
+        // member; and an online non-member.
+        let on2 = users_on(&ring, 18_000_000_000, 2, 2);
+        let on3 = users_on(&ring, 18_000_000_000, 2, 3);
+        let (online, blocker, offline, outsider) = (on2[0], on3[0], on2[1], on3[1]);
+        let typer = cluster.register(0, typer_user).await;
+        let c_online = cluster.register(0, online).await;
+        let c_blocker = cluster.register(0, blocker).await;
+        let c_offline = cluster.register(0, offline).await;
+        let c_outsider = cluster.register(0, outsider).await;
+        let info =
+            retrying(|| typer.group_create(vec![online, blocker, offline], Bytes::new())).await;
+        let group = info.group;
+        // Blocking after the group exists: the member stays, its indicators are dropped.
+        retrying(|| c_blocker.block(typer_user)).await;
+        let offline_auth = c_offline.auth().expect("auth");
+        c_offline.close().await;
+        let e_online = Events::collect(c_online.clone());
+        let e_blocker = Events::collect(c_blocker.clone());
+        let e_outsider = Events::collect(c_outsider.clone());
+
+        let typing_in = |e: &Events| -> Vec<(UserId, bool)> {
+            e.all()
+                .into_iter()
+                .filter_map(|e| match e {
+                    Event::Typing(t) if t.group == Some(group) => Some((t.user, t.typing)),
+                    _ => None,
+                })
+                .collect()
+        };
+        // Retried until the first arrives (the group's owner may still be settling).
+        let deadline = Instant::now() + WAIT;
+        while typing_in(&e_online).is_empty() {
+            assert!(Instant::now() < deadline, "no group typing arrived");
+            typer
+                .group_typing(group, true, false)
+                .await
+                .expect("typing");
+            tokio::time::sleep(Duration::from_millis(600)).await;
+        }
+        tokio::time::sleep(QUIET).await;
+        assert!(typing_in(&e_online)
+            .iter()
+            .all(|&t| t == (typer_user, true)));
+        assert_eq!(typing_in(&e_blocker), vec![], "the blocker gets nothing");
+        assert!(
+            !e_outsider
+                .all()
+                .iter()
+                .any(|e| matches!(e, Event::Typing(_))),
+            "a non-member gets nothing"
+        );
+        // Never stored: the offline member, back online, sees no indicator.
+        let back = retrying(|| {
+            Client::connect(ringpost_client::ClientConfig {
+                auth: Some(offline_auth.clone()),
+                ..cluster.config(0)
+            })
+        })
+        .await;
+        let e_back = Events::collect(back.clone());
+        e_back
+            .wait_for("the group's creation", |e| {
+                e.all()
+                    .iter()
+                    .any(|e| matches!(e, Event::GroupChanged { .. }))
+            })
+            .await;
+        tokio::time::sleep(QUIET).await;
+        assert!(!e_back.all().iter().any(|e| matches!(e, Event::Typing(_))));
+        // A non-member's indicator to the group is dropped.
+        c_outsider
+            .group_typing(group, true, false)
+            .await
+            .expect("typing");
+        tokio::time::sleep(QUIET).await;
+        assert!(typing_in(&e_online).iter().all(|&(u, _)| u == typer_user));
+    });
+}

@@ -476,7 +476,7 @@ pub struct SetPrivacy {
     pub online: Visibility,
 }
 
-/// c→s with `user` = recipient; s→c with `user` = sender. Never stored.
+/// c→s with `user` = recipient (or `group`); s→c with `user` = sender. Never stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Typing {
     pub user: UserId,
@@ -484,6 +484,8 @@ pub struct Typing {
     pub typing: bool,
     /// Recording a voice note rather than typing.
     pub recording: bool,
+    /// Typing in this group (c→s: `user` is ignored; s→c: `user` is the member typing).
+    pub group: Option<GroupId>,
 }
 
 /// c→s: change my contact list (`add` replaces it when `replace`) and my block list.

@@ -28,6 +28,7 @@ fn group_of(body: &Body) -> Option<GroupId> {
         Body::GroupInfoRequest(r) => Some(r.group),
         Body::GroupSend(s) => Some(s.group),
         Body::GroupReceipt(r) => Some(r.group),
+        Body::Typing(t) => t.group,
         _ => None,
     }
 }
@@ -197,6 +198,17 @@ async fn local(
     group: GroupId,
     body: Body,
 ) -> Answer {
+    if let Body::Typing(t) = &body {
+        // Answered with nothing either way, like the indicator itself.
+        if super::typing::fan_out(server, user, device, group, t).is_err() {
+            server
+                .groups
+                .metrics
+                .refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        return Answer::Frames(vec![]);
+    }
     // Blocks: nobody is added by a user it blocks (asked on the added users' owners).
     let added: &[UserId] = match &body {
         Body::GroupCreate(c) => &c.members,

@@ -284,11 +284,13 @@ fn body(fbb: &mut Fbb<'_>, body: &Body) -> Off<UnionWIPOffset> {
             fb::SetPrivacy::create(fbb, &args).as_union_value()
         }
         Body::Typing(b) => {
+            let group = b.group.map(fb::GroupId);
             let args = fb::TypingArgs {
                 user: b.user,
                 device: b.device,
                 typing: b.typing,
                 recording: b.recording,
+                group: group.as_ref(),
             };
             fb::Typing::create(fbb, &args).as_union_value()
         }

@@ -550,6 +550,7 @@ pub(crate) fn received<'a>(root: fb::Frame<'a>, kind: FrameKind) -> Result<Hot<'
                 device: t.device(),
                 typing: t.typing(),
                 recording: t.recording(),
+                group: t.group().map(|g| g.0),
             }));
         }
         K::PrekeyUpload => {

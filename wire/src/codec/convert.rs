@@ -346,6 +346,7 @@ pub(crate) fn body(
                 device: t.device(),
                 typing: t.typing(),
                 recording: t.recording(),
+                group: t.group().map(|g| g.0),
             })
         }
         K::PrekeyUpload => {

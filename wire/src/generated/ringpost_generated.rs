@@ -4509,6 +4509,7 @@ impl<'a> Typing<'a> {
   pub const VT_DEVICE: ::flatbuffers::VOffsetT = 6;
   pub const VT_TYPING: ::flatbuffers::VOffsetT = 8;
   pub const VT_RECORDING: ::flatbuffers::VOffsetT = 10;
+  pub const VT_GROUP: ::flatbuffers::VOffsetT = 12;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -4517,10 +4518,11 @@ impl<'a> Typing<'a> {
   #[allow(unused_mut)]
   pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
     _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args TypingArgs
+    args: &'args TypingArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Typing<'bldr>> {
     let mut builder = TypingBuilder::new(_fbb);
     builder.add_user(args.user);
+    if let Some(x) = args.group { builder.add_group(x); }
     builder.add_device(args.device);
     builder.add_recording(args.recording);
     builder.add_typing(args.typing);
@@ -4557,6 +4559,15 @@ impl<'a> Typing<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<bool>(Typing::VT_RECORDING, Some(false)).unwrap()}
   }
+  /// Set: typing in this group (c→s: `user` is ignored and every member's connected devices
+  /// get it; s→c: `user` is the member typing). Unset: 1:1.
+  #[inline]
+  pub fn group(&self) -> Option<&'a GroupId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<GroupId>(Typing::VT_GROUP, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Typing<'_> {
@@ -4569,17 +4580,19 @@ impl ::flatbuffers::Verifiable for Typing<'_> {
      .visit_field::<u32>("device", Self::VT_DEVICE, false)?
      .visit_field::<bool>("typing", Self::VT_TYPING, false)?
      .visit_field::<bool>("recording", Self::VT_RECORDING, false)?
+     .visit_field::<GroupId>("group", Self::VT_GROUP, false)?
      .finish();
     Ok(())
   }
 }
-pub struct TypingArgs {
+pub struct TypingArgs<'a> {
     pub user: u64,
     pub device: u32,
     pub typing: bool,
     pub recording: bool,
+    pub group: Option<&'a GroupId>,
 }
-impl<'a> Default for TypingArgs {
+impl<'a> Default for TypingArgs<'a> {
   #[inline]
   fn default() -> Self {
     TypingArgs {
@@ -4587,6 +4600,7 @@ impl<'a> Default for TypingArgs {
       device: 0,
       typing: false,
       recording: false,
+      group: None,
     }
   }
 }
@@ -4613,6 +4627,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> TypingBuilder<'a, 'b, A> {
     self.fbb_.push_slot::<bool>(Typing::VT_RECORDING, recording, false);
   }
   #[inline]
+  pub fn add_group(&mut self, group: &GroupId) {
+    self.fbb_.push_slot_always::<&GroupId>(Typing::VT_GROUP, group);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> TypingBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     TypingBuilder {
@@ -4634,6 +4652,7 @@ impl ::core::fmt::Debug for Typing<'_> {
       ds.field("device", &self.device());
       ds.field("typing", &self.typing());
       ds.field("recording", &self.recording());
+      ds.field("group", &self.group());
       ds.finish()
   }
 }

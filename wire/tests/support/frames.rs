@@ -297,13 +297,20 @@ pub fn body(kind: FrameKind) -> BoxedStrategy<Body> {
         )
             .prop_map(|(last_seen, online)| Body::SetPrivacy(SetPrivacy { last_seen, online }))
             .boxed(),
-        K::Typing => (any::<u64>(), any::<u32>(), any::<bool>(), any::<bool>())
-            .prop_map(|(user, device, typing, recording)| {
+        K::Typing => (
+            any::<u64>(),
+            any::<u32>(),
+            any::<bool>(),
+            any::<bool>(),
+            proptest::option::of(any::<GroupId>()),
+        )
+            .prop_map(|(user, device, typing, recording, group)| {
                 Body::Typing(Typing {
                     user,
                     device,
                     typing,
                     recording,
+                    group,
                 })
             })
             .boxed(),
