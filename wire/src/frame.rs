@@ -419,7 +419,9 @@ pub struct Deliver {
     pub server_time_ms: u64,
     pub body: Bytes,
     pub receipt_msg_ids: Vec<MsgId>,
-    /// `GroupMessage` and `GroupEvent` only: the group and its sequence number.
+    /// `GroupMessage` and `GroupEvent`: the group and its sequence number. `Delivered` and
+    /// `Read` with `group` set: a group's aggregated receipt, `group_seq` the highest seq
+    /// among `receipt_msg_ids` (see [`GroupReceipt`]).
     pub group: Option<GroupId>,
     pub group_seq: u64,
 }

@@ -3749,7 +3749,9 @@ impl<'a> Deliver<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, MsgId>>>(Deliver::VT_RECEIPT_MSG_IDS, None)}
   }
-  /// GroupMessage and GroupEvent only: the group and its sequence number.
+  /// GroupMessage and GroupEvent: the group and its sequence number. Delivered and Read with
+  /// `group` set: a group's aggregated receipt, `group_seq` the highest seq among
+  /// `receipt_msg_ids` (see GroupReceipt).
   #[inline]
   pub fn group(&self) -> Option<&'a GroupId> {
     // Safety:
