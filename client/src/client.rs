@@ -592,6 +592,27 @@ impl Client {
         Ok(ack)
     }
 
+    /// Reports that this user received (`Delivered`) or read (`Read`) every message of
+    /// `group` up to group seq `up_to_seq` (a watermark: a lower one than before changes
+    /// nothing; `Read` implies `Delivered`). Each sender gets one aggregated
+    /// [`Event::GroupReceipt`] once every member passed its message. `Ok` once the group's
+    /// owner recorded it.
+    pub async fn group_receipt(
+        &self,
+        group: ringpost_wire::GroupId,
+        kind: ReceiptKind,
+        up_to_seq: u64,
+    ) -> Result<()> {
+        let answer = self
+            .request(ringpost_wire::GroupReceipt {
+                group,
+                kind,
+                up_to_seq,
+            })
+            .await?;
+        expect!(answer, Done).map(drop)
+    }
+
     /// Tells every device of `to` that these of its messages were delivered or read. `msg_id` is
     /// the receipt's own idempotency key.
     pub async fn receipt(
@@ -622,6 +643,7 @@ impl Client {
             device: 0,
             typing,
             recording: false,
+            group: None,
         })
         .await
     }
@@ -633,6 +655,26 @@ impl Client {
             device: 0,
             typing: recording,
             recording,
+            group: None,
+        })
+        .await
+    }
+
+    /// Tells the other members of `group` that this user is typing (or, with `recording`,
+    /// recording a voice note): their connected devices only, never stored, rate-limited
+    /// like 1:1 typing. Members that block this user do not get it. No answer.
+    pub async fn group_typing(
+        &self,
+        group: ringpost_wire::GroupId,
+        typing: bool,
+        recording: bool,
+    ) -> Result<()> {
+        self.fire(Typing {
+            user: 0,
+            device: 0,
+            typing,
+            recording,
+            group: Some(group),
         })
         .await
     }

@@ -637,6 +637,7 @@ async fn deliveries_are_handed_out_once_and_acked() {
             device: 1,
             typing: true,
             recording: false,
+            group: None,
         },
     ))
     .await;

@@ -446,7 +446,23 @@ impl Server {
                     recording,
                 } => {
                     if server.serves_here(to).is_none() {
-                        server.push_typing(to, from_user, from_device, typing, recording);
+                        server.push_typing(to, from_user, from_device, typing, recording, None);
+                    }
+                    PeerResponse::Done
+                }
+                PeerRequest::GroupTyping {
+                    group,
+                    to,
+                    from_user,
+                    from_device,
+                    typing,
+                    recording,
+                } => {
+                    for &u in to.iter().take(ringpost_wire::limits::GROUP_MEMBERS_MAX) {
+                        if server.serves_here(u).is_none() {
+                            let g = Some(group);
+                            server.push_typing(u, from_user, from_device, typing, recording, g);
+                        }
                     }
                     PeerResponse::Done
                 }
@@ -502,6 +518,20 @@ impl Server {
                     frame,
                 } => {
                     crate::groups::serve::peer(&server, from_user, from_device, group, &frame).await
+                }
+                PeerRequest::Blockers { actor, users } => {
+                    match crate::groups::blocks::blockers(&server, actor, &users) {
+                        Ok(b) => PeerResponse::Users(b),
+                        Err(crate::session::Answer::Error { code, message, .. })
+                            if code != ErrorCode::WrongOwner =>
+                        {
+                            PeerResponse::Error {
+                                code: code.as_u16(),
+                                message,
+                            }
+                        }
+                        Err(_) => wrong_owner(&server),
+                    }
                 }
                 PeerRequest::GroupFanout(batch) => PeerResponse::GroupStored(
                     crate::groups::fanout::store_batch(&server, &batch)

@@ -7,6 +7,11 @@
 //! - [`serve`]: the requests of devices (`GroupCreate`, `GroupUpdate`, `GroupInfoRequest`,
 //!   `GroupSend`), executed here when this node owns the group, else forwarded to its owner
 //!   over the peer link ([`crate::peer::PeerRequest::Group`]).
+//! - [`blocks`]: a create or an add asks the added users' owners whether they block the
+//!   actor, before the group's lock is taken.
+//! - [`receipts`]: members' delivered and read watermarks, aggregated into one receipt per
+//!   sender once every member passed its messages.
+//! - [`typing`]: a member's typing indicator, sent on to the other members' nodes.
 //! - [`fanout`]: drains each group's log in sequence order, one peer batch per destination
 //!   node, until every member's owner stored the record; resumes from the log after a
 //!   restart or when the shard comes to this node.
@@ -16,9 +21,12 @@
 //! it is durable (synced, and replicated when the node replicates), and delivered to members'
 //! inboxes afterwards, in order.
 
+pub mod blocks;
 pub mod fanout;
+pub mod receipts;
 pub mod serve;
 pub mod state;
+pub mod typing;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -86,10 +94,10 @@ pub fn route_id(group: &GroupId) -> u64 {
     u64::from_be_bytes(b)
 }
 
-/// The hook a group add asks: may `adder` add `added` to a group? The blocking feature
-/// installs it ([`Groups::set_add_policy`]); until then every add is allowed. It is called
-/// on the group's owner, with the group's lock held, so it must answer from local state
-/// without waiting.
+/// The hook a group add asks: may `adder` add `added` to a group? Called on the group's
+/// owner, with the group's lock held, so it must answer from local state without waiting;
+/// none is installed by default. Blocking is not checked here (block lists live on the added
+/// users' owners): [`blocks::check_adds`] asks them before the request takes the lock.
 pub type AddPolicy = Arc<dyn Fn(UserId, UserId) -> bool + Send + Sync>;
 
 /// What a group message or change carries through the log to members' inboxes.
@@ -104,6 +112,16 @@ pub enum LogBody {
     },
     /// A change: an encoded `GroupEvent` frame, sent by `actor`.
     Event { actor: UserId, frame: Vec<u8> },
+    /// An aggregated receipt for one sender (its only pending user): every member passed
+    /// these messages ([`receipts`]). Logged after the record at `seq`, numbered `number`.
+    Receipt {
+        kind: receipts::Kind,
+        number: u64,
+        /// The highest group seq among `msg_ids`.
+        up_to_seq: u64,
+        /// At most `RECEIPT_MSG_IDS_MAX`.
+        msg_ids: Vec<MsgId>,
+    },
 }
 
 /// One record of a group's fan-out log (`Cf::GroupLog`, `shard | group | seq`).
@@ -152,13 +170,17 @@ pub struct GroupMetrics {
     pub fanout_batches: AtomicU64,
     pub fanout_member_stores: AtomicU64,
     pub fanout_retries: AtomicU64,
+    pub receipts: AtomicU64,
+    pub receipts_aggregated: AtomicU64,
+    pub adds_blocked: AtomicU64,
+    pub typing: AtomicU64,
 }
 
 impl GroupMetrics {
     /// Appends the counters in the Prometheus text format.
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write as _;
-        let counters: [(&str, &str, &AtomicU64); 10] = [
+        let counters: [(&str, &str, &AtomicU64); 14] = [
             ("created", "Groups created.", &self.created),
             ("updates", "Group changes applied.", &self.updates),
             ("sends", "Group messages sequenced.", &self.sends),
@@ -192,6 +214,26 @@ impl GroupMetrics {
                 "fanout_retries",
                 "Fan-out passes that left members pending and were retried.",
                 &self.fanout_retries,
+            ),
+            (
+                "receipts",
+                "GroupReceipt watermarks recorded by the group's owner.",
+                &self.receipts,
+            ),
+            (
+                "receipts_aggregated",
+                "Aggregated receipts logged for senders (one per sender, kind and batch of ids).",
+                &self.receipts_aggregated,
+            ),
+            (
+                "adds_blocked",
+                "Group creates and adds refused because an added user blocks the actor.",
+                &self.adds_blocked,
+            ),
+            (
+                "typing",
+                "Group typing indicators sent on by the group's owner.",
+                &self.typing,
             ),
         ];
         for (name, help, v) in counters {
@@ -249,6 +291,15 @@ impl Groups {
 
     pub fn log_key(&self, group: &GroupId, seq: u64) -> Vec<u8> {
         key(self.shard(group), &[&group[..], &seq.to_be_bytes()])
+    }
+
+    /// A record's key in the log: a receipt sorts right after the record at its seq.
+    pub fn record_key(&self, record: &LogRecord) -> Vec<u8> {
+        let mut k = self.log_key(&record.group, record.seq);
+        if let LogBody::Receipt { number, .. } = record.body {
+            k.extend_from_slice(&number.to_be_bytes());
+        }
+        k
     }
 
     /// The group's state, if it exists here.
@@ -348,13 +399,14 @@ impl Groups {
         let mut state = self.load(&update.group)?.ok_or(GroupError::NotFound)?;
         let allow_all = |_: UserId, _: UserId| true;
         let event = match self.add_policy.get() {
-            // HOOK(blocking): every user an update adds is checked here.
+            // Every user an update adds is checked here (blocks: `blocks::check_adds`).
             Some(policy) => state.apply(actor, update, invite_code, &|a, b| policy(a, b))?,
             None => state.apply(actor, update, invite_code, &allow_all)?,
         };
         let mut batch = WriteBatch::new();
         self.put_state(&mut batch, &state)?;
         self.put_event(&mut batch, &state, &event, now_ms)?;
+        self.membership_changed(&mut batch, &state, &event.added, &event.removed, now_ms)?;
         self.engine.write(batch, true)?;
         self.metrics.updates.fetch_add(1, Relaxed);
         match state.info_for(actor) {
@@ -429,6 +481,7 @@ impl Groups {
             pending: state.members.clone(),
         };
         batch.put(Cf::GroupLog, self.log_key(group, seq), record.encode()?);
+        self.index_message(&mut batch, group, seq, from_user, from_device, msg_id);
         let expires = now_ms.saturating_add(GROUP_SEND_DEDUP_MS);
         let mut value = Vec::with_capacity(24);
         value.extend_from_slice(&expires.to_be_bytes());
@@ -482,7 +535,7 @@ impl Groups {
     /// stores that the destinations deduplicate.
     pub fn progress(&self, record: &LogRecord) -> Result<(), GroupError> {
         let mut batch = WriteBatch::new();
-        let k = self.log_key(&record.group, record.seq);
+        let k = self.record_key(record);
         if record.pending.is_empty() {
             batch.delete(Cf::GroupLog, k);
             self.metrics.log_records_done.fetch_add(1, Relaxed);

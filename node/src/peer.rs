@@ -38,7 +38,8 @@ use crate::shard::ShardId;
 /// 2: `Typing` carries `recording`; the presence requests (`PresenceWatch`, `PresenceUnwatch`,
 /// `PresenceChanged`) and `PeerResponse::PresenceViews`; the group families joined `SHARD_CFS`
 /// and the group requests were added.
-pub const PEER_PROTOCOL_VERSION: u16 = 2;
+/// 3: `Blockers`, `GroupTyping` and `PeerResponse::Users`; group logs may hold receipt records.
+pub const PEER_PROTOCOL_VERSION: u16 = 3;
 /// How long a forwarded request may take before the sender gives up on that attempt.
 pub const PEER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -188,6 +189,22 @@ pub enum PeerRequest {
     /// A group's fan-out: one log record for the members the receiver owns. Answered with
     /// [`PeerResponse::GroupStored`], one result per member in order.
     GroupFanout(crate::groups::fanout::GroupBatch),
+    /// Which of `users` (the receiver's, at most `GROUP_MEMBERS_MAX`) block `actor`? Asked by
+    /// a group's owner before a create or an add. Answered with [`PeerResponse::Users`].
+    Blockers {
+        actor: UserId,
+        users: Vec<UserId>,
+    },
+    /// A group's typing indicator for the connected devices of `to` (members of `group` the
+    /// receiver owns, at most `GROUP_MEMBERS_MAX`), from the group's owner. Answered `Done`.
+    GroupTyping {
+        group: ringpost_wire::GroupId,
+        to: Vec<UserId>,
+        from_user: UserId,
+        from_device: DeviceId,
+        typing: bool,
+        recording: bool,
+    },
 }
 
 /// A request and the epoch it was routed at.
@@ -224,6 +241,8 @@ pub enum PeerResponse {
     PresenceViews(Vec<crate::presence::PresenceView>),
     /// The answer to `GroupFanout`.
     GroupStored(Vec<Stored>),
+    /// The answer to `Blockers`.
+    Users(Vec<UserId>),
 }
 
 /// Encodes a request for [`link::PeerNet::call`]. Fails (rather than sending an empty or

@@ -493,6 +493,12 @@ impl Server {
                 }
                 crate::groups::serve::request(self, user, device, body)
             }
+            Body::GroupReceipt(_) => {
+                if let Some(limited) = self.rate_limited(user, device) {
+                    return Box::pin(async move { limited });
+                }
+                crate::groups::serve::request(self, user, device, body)
+            }
             Body::GroupCreate(_) | Body::GroupUpdate(_) | Body::GroupInfoRequest(_) => {
                 let charge = match &body {
                     Body::GroupInfoRequest(_) => crate::budgets::Charge::Lookup,
@@ -629,7 +635,8 @@ impl Server {
             Body::GroupCreate(_)
             | Body::GroupUpdate(_)
             | Body::GroupInfoRequest(_)
-            | Body::GroupSend(_) => error(
+            | Body::GroupSend(_)
+            | Body::GroupReceipt(_) => error(
                 ErrorCode::UnexpectedFrame,
                 "groups are not served by this node version yet",
             ),
@@ -926,8 +933,16 @@ impl Server {
     /// Typing indicators go only to the recipient's connected devices (on its owner) and are
     /// never stored.
     fn typing(self: &Arc<Self>, user: UserId, device: DeviceId, t: ringpost_wire::Typing) {
+        if t.group.is_some() {
+            // To a group: its owner sends it on to the members (crate::groups::typing).
+            let request = crate::groups::serve::request(self, user, device, Body::Typing(t));
+            tokio::spawn(request);
+            return;
+        }
         match self.routing.route(t.user) {
-            Route::Local { .. } => self.push_typing(t.user, user, device, t.typing, t.recording),
+            Route::Local { .. } => {
+                self.push_typing(t.user, user, device, t.typing, t.recording, None)
+            }
             Route::Remote { node, epoch, .. } => {
                 let server = self.clone();
                 tokio::spawn(async move {
@@ -955,6 +970,7 @@ impl Server {
         from_device: DeviceId,
         typing: bool,
         recording: bool,
+        group: Option<ringpost_wire::GroupId>,
     ) {
         if to != from_user && self.contacts.is_blocked(to, from_user).unwrap_or(true) {
             self.presence.metrics.typing_dropped.fetch_add(1, Relaxed);
@@ -970,6 +986,7 @@ impl Server {
                 device: from_device,
                 typing,
                 recording,
+                group,
             },
         );
         let Ok(bytes) = frame.encode() else { return };
@@ -983,7 +1000,10 @@ impl Server {
 
 /// The `Deliver` frame of an inbox entry.
 pub fn deliver_frame(seq: u64, e: &Entry) -> Frame {
-    if matches!(e.kind, EntryKind::GroupMessage | EntryKind::GroupEvent) {
+    // A group's aggregated receipt has `group | up_to_seq` as its body (`groups::receipts`).
+    let group_receipt =
+        matches!(e.kind, EntryKind::Delivered | EntryKind::Read) && e.body.len() == 24;
+    if group_receipt || matches!(e.kind, EntryKind::GroupMessage | EntryKind::GroupEvent) {
         if let Some((group, group_seq, payload)) = crate::groups::fanout::split_entry_body(&e.body)
         {
             return Frame::new(
@@ -996,7 +1016,7 @@ pub fn deliver_frame(seq: u64, e: &Entry) -> Frame {
                     msg_id: e.msg_id,
                     server_time_ms: e.server_time_ms,
                     body: e.body.slice(24..24 + payload.len()),
-                    receipt_msg_ids: vec![],
+                    receipt_msg_ids: e.receipt_msg_ids.clone(),
                     group: Some(group),
                     group_seq,
                 },

@@ -76,6 +76,7 @@ pub enum Body {
     ContactsUpdate(ContactsUpdate),
     GroupSend(GroupSend),
     GroupEvent(GroupEvent),
+    GroupReceipt(GroupReceipt),
 }
 
 /// Which side may send a frame type.
@@ -195,6 +196,7 @@ frame_types!(
     ContactsUpdate = 41 ToServer,
     GroupSend = 42 ToServer,
     GroupEvent = 43 ToClient,
+    GroupReceipt = 44 ToServer,
 );
 
 impl std::fmt::Display for FrameKind {
@@ -417,7 +419,9 @@ pub struct Deliver {
     pub server_time_ms: u64,
     pub body: Bytes,
     pub receipt_msg_ids: Vec<MsgId>,
-    /// `GroupMessage` and `GroupEvent` only: the group and its sequence number.
+    /// `GroupMessage` and `GroupEvent`: the group and its sequence number. `Delivered` and
+    /// `Read` with `group` set: a group's aggregated receipt, `group_seq` the highest seq
+    /// among `receipt_msg_ids` (see [`GroupReceipt`]).
     pub group: Option<GroupId>,
     pub group_seq: u64,
 }
@@ -474,7 +478,7 @@ pub struct SetPrivacy {
     pub online: Visibility,
 }
 
-/// c→s with `user` = recipient; s→c with `user` = sender. Never stored.
+/// c→s with `user` = recipient (or `group`); s→c with `user` = sender. Never stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Typing {
     pub user: UserId,
@@ -482,6 +486,8 @@ pub struct Typing {
     pub typing: bool,
     /// Recording a voice note rather than typing.
     pub recording: bool,
+    /// Typing in this group (c→s: `user` is ignored; s→c: `user` is the member typing).
+    pub group: Option<GroupId>,
 }
 
 /// c→s: change my contact list (`add` replaces it when `replace`) and my block list.
@@ -639,6 +645,16 @@ pub struct GroupEvent {
     pub settings_changed: bool,
     /// Membership changed: every member makes a new sender key before its next send.
     pub rotate_sender_keys: bool,
+}
+
+/// c→s: this user received (`Delivered`) or read (`Read`) every message of `group` up to
+/// and including group sequence `up_to_seq` (a watermark; a lower one changes nothing).
+/// Answered by `Done`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupReceipt {
+    pub group: GroupId,
+    pub kind: ReceiptKind,
+    pub up_to_seq: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

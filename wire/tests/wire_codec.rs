@@ -755,7 +755,7 @@ fn missing_or_inconsistent_body_is_refused() {
 fn missing_ids_are_missing_fields() {
     type Build =
         fn(&mut FlatBufferBuilder<'static>) -> flatbuffers::WIPOffset<flatbuffers::UnionWIPOffset>;
-    let cases: [(fb::Body, &str, Build); 7] = [
+    let cases: [(fb::Body, &str, Build); 8] = [
         (fb::Body::Send, "Send.msg_id", |f| {
             fb::Send::create(f, &fb::SendArgs::default()).as_union_value()
         }),
@@ -776,6 +776,9 @@ fn missing_ids_are_missing_fields() {
         }),
         (fb::Body::GroupInfo, "GroupInfo.group", |f| {
             fb::GroupInfo::create(f, &fb::GroupInfoArgs::default()).as_union_value()
+        }),
+        (fb::Body::GroupReceipt, "GroupReceipt.group", |f| {
+            fb::GroupReceipt::create(f, &fb::GroupReceiptArgs::default()).as_union_value()
         }),
     ];
     for (tag, field, build) in cases {

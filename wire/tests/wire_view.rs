@@ -143,5 +143,5 @@ fn frame_kind_names_and_directions() {
         assert_eq!(FrameKind::from_tag(kind.tag()), Some(kind));
     }
     assert_eq!(FrameKind::from_tag(0), None);
-    assert_eq!(FrameKind::from_tag(44), None);
+    assert_eq!(FrameKind::from_tag(45), None);
 }

@@ -2,7 +2,7 @@
 
 use ringpost_wire::{
     Body, Deliver, DeliverKind, DeviceId, Frame, GoingAway, GroupEvent, GroupId, Migrate, MsgId,
-    PresenceUpdate, Typing, UserId, Welcome,
+    PresenceUpdate, ReceiptKind, Typing, UserId, Welcome,
 };
 
 /// Something that happened on the client's connection.
@@ -48,6 +48,18 @@ pub enum Event {
         msg_ids: Vec<MsgId>,
         server_time_ms: u64,
     },
+    /// Every member of `group` (other than us) received (`Delivered`) or read (`Read`) these
+    /// of our group messages: the group's owner aggregated the members' `GroupReceipt`s
+    /// (docs/protocol.md, "Group receipts"). `up_to_seq` is the highest group seq among them.
+    /// May repeat after a reconnect (an entry redelivered): treat a repeat as a no-op.
+    GroupReceipt {
+        seq: u64,
+        group: GroupId,
+        kind: ReceiptKind,
+        up_to_seq: u64,
+        msg_ids: Vec<MsgId>,
+        server_time_ms: u64,
+    },
     /// A contact started or stopped typing to us.
     Typing(Typing),
     /// A subscribed user came online or went away.
@@ -75,6 +87,19 @@ pub enum Event {
 impl Event {
     /// The event for a delivery.
     pub(crate) fn from_deliver(d: Deliver) -> Event {
+        if let (DeliverKind::Delivered | DeliverKind::Read, Some(group)) = (d.kind, d.group) {
+            return Event::GroupReceipt {
+                seq: d.seq,
+                group,
+                kind: match d.kind {
+                    DeliverKind::Read => ReceiptKind::Read,
+                    _ => ReceiptKind::Delivered,
+                },
+                up_to_seq: d.group_seq,
+                msg_ids: d.receipt_msg_ids,
+                server_time_ms: d.server_time_ms,
+            };
+        }
         match d.kind {
             DeliverKind::Message => Event::Message(d),
             DeliverKind::GroupMessage => Event::GroupMessage(d),
@@ -114,7 +139,9 @@ impl Event {
         match self {
             Event::Message(d) | Event::GroupMessage(d) => Some(d.seq),
             Event::GroupChanged { seq, .. } => Some(*seq),
-            Event::Delivered { seq, .. } | Event::Read { seq, .. } => Some(*seq),
+            Event::Delivered { seq, .. }
+            | Event::Read { seq, .. }
+            | Event::GroupReceipt { seq, .. } => Some(*seq),
             _ => None,
         }
     }

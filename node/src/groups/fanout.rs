@@ -65,6 +65,28 @@ impl GroupBatch {
                 event_msg_id(&record.group, record.seq),
                 &frame[..],
             ),
+            LogBody::Receipt {
+                kind,
+                number,
+                up_to_seq,
+                msg_ids,
+            } => {
+                // From nobody (user 0): the group's owner speaks for all members. The ids
+                // travel as the payload; `store_for` makes them the entry's receipt ids.
+                return GroupBatch {
+                    group: record.group,
+                    group_seq: *up_to_seq,
+                    kind: match kind {
+                        super::receipts::Kind::Delivered => StoreKind::Delivered,
+                        super::receipts::Kind::Read => StoreKind::Read,
+                    },
+                    from_user: 0,
+                    from_device: 0,
+                    msg_id: super::receipts::receipt_msg_id(&record.group, *number),
+                    body: entry_body(&record.group, *up_to_seq, &msg_ids.concat()),
+                    members,
+                };
+            }
         };
         GroupBatch {
             group: record.group,
@@ -80,6 +102,25 @@ impl GroupBatch {
 
     /// The store of this batch for one member.
     pub fn store_for(&self, member: UserId) -> Store {
+        if matches!(self.kind, StoreKind::Delivered | StoreKind::Read) {
+            // An aggregated receipt: `group | up_to_seq` is the body (so `Deliver` names the
+            // group), the payload's ids are the receipt's.
+            let ids = self.body.get(24..).unwrap_or_default();
+            return Store {
+                to_user: member,
+                from_user: self.from_user,
+                from_device: self.from_device,
+                msg_id: self.msg_id,
+                kind: self.kind,
+                targets: Targets::AllDevices(self.body[..24.min(self.body.len())].to_vec()),
+                except: None,
+                receipt_msg_ids: ids
+                    .chunks_exact(16)
+                    .filter_map(|c| MsgId::try_from(c).ok())
+                    .collect(),
+                dedup: true,
+            };
+        }
         Store {
             to_user: member,
             from_user: self.from_user,

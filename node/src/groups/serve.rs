@@ -27,6 +27,8 @@ fn group_of(body: &Body) -> Option<GroupId> {
         Body::GroupUpdate(u) => Some(u.group),
         Body::GroupInfoRequest(r) => Some(r.group),
         Body::GroupSend(s) => Some(s.group),
+        Body::GroupReceipt(r) => Some(r.group),
+        Body::Typing(t) => t.group,
         _ => None,
     }
 }
@@ -196,6 +198,33 @@ async fn local(
     group: GroupId,
     body: Body,
 ) -> Answer {
+    if let Body::Typing(t) = &body {
+        // Answered with nothing either way, like the indicator itself.
+        if super::typing::fan_out(server, user, device, group, t).is_err() {
+            server
+                .groups
+                .metrics
+                .refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        return Answer::Frames(vec![]);
+    }
+    // Blocks: nobody is added by a user it blocks (asked on the added users' owners).
+    let added: &[UserId] = match &body {
+        Body::GroupCreate(c) => &c.members,
+        Body::GroupUpdate(u) => &u.add,
+        _ => &[],
+    };
+    if !added.is_empty() {
+        if let Err(refused) = super::blocks::check_adds(server, user, added).await {
+            server
+                .groups
+                .metrics
+                .refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return refused;
+        }
+    }
     let groups = server.groups.clone();
     let now = server.now_ms();
     let result = tokio::task::spawn_blocking(move || -> Result<(Frame, bool), GroupError> {
@@ -230,6 +259,10 @@ async fn local(
                     full_devices: vec![],
                 };
                 Ok((Frame::new(0, ack), new))
+            }
+            Body::GroupReceipt(r) => {
+                let logged = groups.receipt(user, &r.group, r.kind, r.up_to_seq, now)?;
+                Ok((Frame::new(0, ringpost_wire::Done {}), logged > 0))
             }
             _ => Err(GroupError::Malformed("not a group request")),
         }

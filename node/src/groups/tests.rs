@@ -209,3 +209,5 @@ fn pending_groups_lists_each_group_with_records_once() {
     want.sort();
     assert_eq!(found, want);
 }
+
+mod receipts;

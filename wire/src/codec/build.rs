@@ -284,11 +284,13 @@ fn body(fbb: &mut Fbb<'_>, body: &Body) -> Off<UnionWIPOffset> {
             fb::SetPrivacy::create(fbb, &args).as_union_value()
         }
         Body::Typing(b) => {
+            let group = b.group.map(fb::GroupId);
             let args = fb::TypingArgs {
                 user: b.user,
                 device: b.device,
                 typing: b.typing,
                 recording: b.recording,
+                group: group.as_ref(),
             };
             fb::Typing::create(fbb, &args).as_union_value()
         }
@@ -356,6 +358,15 @@ fn body(fbb: &mut Fbb<'_>, body: &Body) -> Off<UnionWIPOffset> {
                 join_code: bytes(fbb, &b.join_code),
             };
             fb::GroupUpdate::create(fbb, &args).as_union_value()
+        }
+        Body::GroupReceipt(b) => {
+            let group = fb::GroupId(b.group);
+            let args = fb::GroupReceiptArgs {
+                group: Some(&group),
+                kind: b.kind.to_fb(),
+                up_to_seq: b.up_to_seq,
+            };
+            fb::GroupReceipt::create(fbb, &args).as_union_value()
         }
         Body::GroupInfoRequest(b) => {
             let group = fb::GroupId(b.group);

@@ -388,6 +388,7 @@ pub(crate) fn sent(body: &Body) -> Result<(), Violation> {
         | Body::PrekeyCountRequest(_)
         | Body::PrekeyCount(_)
         | Body::GroupInfoRequest(_)
+        | Body::GroupReceipt(_)
         | Body::Ping(_)
         | Body::Pong(_)
         | Body::Done(_) => Ok(()),
@@ -549,6 +550,7 @@ pub(crate) fn received<'a>(root: fb::Frame<'a>, kind: FrameKind) -> Result<Hot<'
                 device: t.device(),
                 typing: t.typing(),
                 recording: t.recording(),
+                group: t.group().map(|g| g.0),
             }));
         }
         K::PrekeyUpload => {
@@ -592,6 +594,11 @@ pub(crate) fn received<'a>(root: fb::Frame<'a>, kind: FrameKind) -> Result<Hot<'
             GroupPermission::received("GroupUpdate.send", t.send())?;
             GroupPermission::received("GroupUpdate.edit", t.edit())?;
             GroupInvite::received("GroupUpdate.invite", t.invite())?;
+        }
+        K::GroupReceipt => {
+            let t = table(root.body_as_group_receipt())?;
+            required("GroupReceipt.group", t.group())?;
+            ReceiptKind::received("GroupReceipt.kind", t.kind())?;
         }
         K::GroupInfoRequest => {
             let t = table(root.body_as_group_info_request())?;

@@ -346,6 +346,7 @@ pub(crate) fn body(
                 device: t.device(),
                 typing: t.typing(),
                 recording: t.recording(),
+                group: t.group().map(|g| g.0),
             })
         }
         K::PrekeyUpload => {
@@ -414,6 +415,14 @@ pub(crate) fn body(
                 edit: GroupPermission::received("GroupUpdate.edit", t.edit())?,
                 invite: GroupInvite::received("GroupUpdate.invite", t.invite())?,
                 join_code: src.vec(t.join_code()),
+            })
+        }
+        K::GroupReceipt => {
+            let t = table(root.body_as_group_receipt())?;
+            Body::GroupReceipt(GroupReceipt {
+                group: required("GroupReceipt.group", t.group())?.0,
+                kind: ReceiptKind::received("GroupReceipt.kind", t.kind())?,
+                up_to_seq: t.up_to_seq(),
             })
         }
         K::GroupInfoRequest => {

@@ -648,10 +648,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for GroupInvite {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_BODY: u8 = 43;
+pub const ENUM_MAX_BODY: u8 = 44;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_BODY: [Body; 44] = [
+pub const ENUM_VALUES_BODY: [Body; 45] = [
   Body::NONE,
   Body::Hello,
   Body::Welcome,
@@ -696,10 +696,12 @@ pub const ENUM_VALUES_BODY: [Body; 44] = [
   Body::ContactsUpdate,
   Body::GroupSend,
   Body::GroupEvent,
+  Body::GroupReceipt,
 ];
 
 /// Every frame type. The union tag is the frame type on the wire: NONE = 0, Hello = 1, ...,
-/// GoingAway = 39, Migrate = 40, ContactsUpdate = 41, GroupSend = 42, GroupEvent = 43, in this
+/// GoingAway = 39, Migrate = 40, ContactsUpdate = 41, GroupSend = 42, GroupEvent = 43,
+/// GroupReceipt = 44, in this
 /// order. Append only.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 #[repr(transparent)]
@@ -750,9 +752,10 @@ impl Body {
   pub const ContactsUpdate: Self = Self(41);
   pub const GroupSend: Self = Self(42);
   pub const GroupEvent: Self = Self(43);
+  pub const GroupReceipt: Self = Self(44);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 43;
+  pub const ENUM_MAX: u8 = 44;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Hello,
@@ -798,6 +801,7 @@ impl Body {
     Self::ContactsUpdate,
     Self::GroupSend,
     Self::GroupEvent,
+    Self::GroupReceipt,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -846,6 +850,7 @@ impl Body {
       Self::ContactsUpdate => Some("ContactsUpdate"),
       Self::GroupSend => Some("GroupSend"),
       Self::GroupEvent => Some("GroupEvent"),
+      Self::GroupReceipt => Some("GroupReceipt"),
       _ => None,
     }
   }
@@ -3744,7 +3749,9 @@ impl<'a> Deliver<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, MsgId>>>(Deliver::VT_RECEIPT_MSG_IDS, None)}
   }
-  /// GroupMessage and GroupEvent only: the group and its sequence number.
+  /// GroupMessage and GroupEvent: the group and its sequence number. Delivered and Read with
+  /// `group` set: a group's aggregated receipt, `group_seq` the highest seq among
+  /// `receipt_msg_ids` (see GroupReceipt).
   #[inline]
   pub fn group(&self) -> Option<&'a GroupId> {
     // Safety:
@@ -4504,6 +4511,7 @@ impl<'a> Typing<'a> {
   pub const VT_DEVICE: ::flatbuffers::VOffsetT = 6;
   pub const VT_TYPING: ::flatbuffers::VOffsetT = 8;
   pub const VT_RECORDING: ::flatbuffers::VOffsetT = 10;
+  pub const VT_GROUP: ::flatbuffers::VOffsetT = 12;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -4512,10 +4520,11 @@ impl<'a> Typing<'a> {
   #[allow(unused_mut)]
   pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
     _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args TypingArgs
+    args: &'args TypingArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Typing<'bldr>> {
     let mut builder = TypingBuilder::new(_fbb);
     builder.add_user(args.user);
+    if let Some(x) = args.group { builder.add_group(x); }
     builder.add_device(args.device);
     builder.add_recording(args.recording);
     builder.add_typing(args.typing);
@@ -4552,6 +4561,15 @@ impl<'a> Typing<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<bool>(Typing::VT_RECORDING, Some(false)).unwrap()}
   }
+  /// Set: typing in this group (c→s: `user` is ignored and every member's connected devices
+  /// get it; s→c: `user` is the member typing). Unset: 1:1.
+  #[inline]
+  pub fn group(&self) -> Option<&'a GroupId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<GroupId>(Typing::VT_GROUP, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Typing<'_> {
@@ -4564,17 +4582,19 @@ impl ::flatbuffers::Verifiable for Typing<'_> {
      .visit_field::<u32>("device", Self::VT_DEVICE, false)?
      .visit_field::<bool>("typing", Self::VT_TYPING, false)?
      .visit_field::<bool>("recording", Self::VT_RECORDING, false)?
+     .visit_field::<GroupId>("group", Self::VT_GROUP, false)?
      .finish();
     Ok(())
   }
 }
-pub struct TypingArgs {
+pub struct TypingArgs<'a> {
     pub user: u64,
     pub device: u32,
     pub typing: bool,
     pub recording: bool,
+    pub group: Option<&'a GroupId>,
 }
-impl<'a> Default for TypingArgs {
+impl<'a> Default for TypingArgs<'a> {
   #[inline]
   fn default() -> Self {
     TypingArgs {
@@ -4582,6 +4602,7 @@ impl<'a> Default for TypingArgs {
       device: 0,
       typing: false,
       recording: false,
+      group: None,
     }
   }
 }
@@ -4608,6 +4629,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> TypingBuilder<'a, 'b, A> {
     self.fbb_.push_slot::<bool>(Typing::VT_RECORDING, recording, false);
   }
   #[inline]
+  pub fn add_group(&mut self, group: &GroupId) {
+    self.fbb_.push_slot_always::<&GroupId>(Typing::VT_GROUP, group);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> TypingBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     TypingBuilder {
@@ -4629,6 +4654,7 @@ impl ::core::fmt::Debug for Typing<'_> {
       ds.field("device", &self.device());
       ds.field("typing", &self.typing());
       ds.field("recording", &self.recording());
+      ds.field("group", &self.group());
       ds.finish()
   }
 }
@@ -6515,6 +6541,141 @@ impl ::core::fmt::Debug for GroupEvent<'_> {
       ds.field("meta_changed", &self.meta_changed());
       ds.field("settings_changed", &self.settings_changed());
       ds.field("rotate_sender_keys", &self.rotate_sender_keys());
+      ds.finish()
+  }
+}
+pub enum GroupReceiptOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// c→s: this user has received (Delivered) or read (Read) every message of `group` up to
+/// and including group sequence `up_to_seq`: a per-member watermark, never lowered. The
+/// group's owner tells each sender once when all members passed its message (a Deliver of
+/// kind Delivered or Read with `group`). Answered by Done once the owner recorded it.
+pub struct GroupReceipt<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for GroupReceipt<'a> {
+  type Inner = GroupReceipt<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> GroupReceipt<'a> {
+  pub const VT_GROUP: ::flatbuffers::VOffsetT = 4;
+  pub const VT_KIND: ::flatbuffers::VOffsetT = 6;
+  pub const VT_UP_TO_SEQ: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    GroupReceipt { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args GroupReceiptArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<GroupReceipt<'bldr>> {
+    let mut builder = GroupReceiptBuilder::new(_fbb);
+    builder.add_up_to_seq(args.up_to_seq);
+    if let Some(x) = args.group { builder.add_group(x); }
+    builder.add_kind(args.kind);
+    builder.finish()
+  }
+
+
+  /// Required.
+  #[inline]
+  pub fn group(&self) -> Option<&'a GroupId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<GroupId>(GroupReceipt::VT_GROUP, None)}
+  }
+  #[inline]
+  pub fn kind(&self) -> ReceiptKind {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<ReceiptKind>(GroupReceipt::VT_KIND, Some(ReceiptKind::Delivered)).unwrap()}
+  }
+  #[inline]
+  pub fn up_to_seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(GroupReceipt::VT_UP_TO_SEQ, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for GroupReceipt<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<GroupId>("group", Self::VT_GROUP, false)?
+     .visit_field::<ReceiptKind>("kind", Self::VT_KIND, false)?
+     .visit_field::<u64>("up_to_seq", Self::VT_UP_TO_SEQ, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct GroupReceiptArgs<'a> {
+    pub group: Option<&'a GroupId>,
+    pub kind: ReceiptKind,
+    pub up_to_seq: u64,
+}
+impl<'a> Default for GroupReceiptArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    GroupReceiptArgs {
+      group: None,
+      kind: ReceiptKind::Delivered,
+      up_to_seq: 0,
+    }
+  }
+}
+
+pub struct GroupReceiptBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GroupReceiptBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_group(&mut self, group: &GroupId) {
+    self.fbb_.push_slot_always::<&GroupId>(GroupReceipt::VT_GROUP, group);
+  }
+  #[inline]
+  pub fn add_kind(&mut self, kind: ReceiptKind) {
+    self.fbb_.push_slot::<ReceiptKind>(GroupReceipt::VT_KIND, kind, ReceiptKind::Delivered);
+  }
+  #[inline]
+  pub fn add_up_to_seq(&mut self, up_to_seq: u64) {
+    self.fbb_.push_slot::<u64>(GroupReceipt::VT_UP_TO_SEQ, up_to_seq, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GroupReceiptBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    GroupReceiptBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<GroupReceipt<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for GroupReceipt<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("GroupReceipt");
+      ds.field("group", &self.group());
+      ds.field("kind", &self.kind());
+      ds.field("up_to_seq", &self.up_to_seq());
       ds.finish()
   }
 }
@@ -8510,6 +8671,21 @@ impl<'a> Frame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_group_receipt(&self) -> Option<GroupReceipt<'a>> {
+    if self.body_type() == Body::GroupReceipt {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { GroupReceipt::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Frame<'_> {
@@ -8565,6 +8741,7 @@ impl ::flatbuffers::Verifiable for Frame<'_> {
           Body::ContactsUpdate => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ContactsUpdate>>("Body::ContactsUpdate", pos),
           Body::GroupSend => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GroupSend>>("Body::GroupSend", pos),
           Body::GroupEvent => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GroupEvent>>("Body::GroupEvent", pos),
+          Body::GroupReceipt => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GroupReceipt>>("Body::GroupReceipt", pos),
           _ => Ok(()),
         }
      })?
@@ -8929,6 +9106,13 @@ impl ::core::fmt::Debug for Frame<'_> {
         },
         Body::GroupEvent => {
           if let Some(x) = self.body_as_group_event() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::GroupReceipt => {
+          if let Some(x) = self.body_as_group_receipt() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")

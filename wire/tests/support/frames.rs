@@ -297,13 +297,20 @@ pub fn body(kind: FrameKind) -> BoxedStrategy<Body> {
         )
             .prop_map(|(last_seen, online)| Body::SetPrivacy(SetPrivacy { last_seen, online }))
             .boxed(),
-        K::Typing => (any::<u64>(), any::<u32>(), any::<bool>(), any::<bool>())
-            .prop_map(|(user, device, typing, recording)| {
+        K::Typing => (
+            any::<u64>(),
+            any::<u32>(),
+            any::<bool>(),
+            any::<bool>(),
+            proptest::option::of(any::<GroupId>()),
+        )
+            .prop_map(|(user, device, typing, recording, group)| {
                 Body::Typing(Typing {
                     user,
                     device,
                     typing,
                     recording,
+                    group,
                 })
             })
             .boxed(),
@@ -373,6 +380,19 @@ pub fn body(kind: FrameKind) -> BoxedStrategy<Body> {
                     edit: GroupPermission::Members,
                     invite: GroupInvite::Create,
                     join_code: Bytes::new(),
+                })
+            })
+            .boxed(),
+        K::GroupReceipt => (
+            any::<GroupId>(),
+            prop_oneof![Just(ReceiptKind::Delivered), Just(ReceiptKind::Read)],
+            any::<u64>(),
+        )
+            .prop_map(|(group, kind, up_to_seq)| {
+                Body::GroupReceipt(GroupReceipt {
+                    group,
+                    kind,
+                    up_to_seq,
                 })
             })
             .boxed(),
