@@ -538,6 +538,30 @@ impl Client {
         Ok(ack)
     }
 
+    /// Sends one message to a broadcast list: one ciphertext per device of each recipient
+    /// (at most 256 users, never ourselves). Each recipient gets it as a 1:1 message, if it has
+    /// us in its contacts. Returns one result per recipient; re-encrypt and resend (same
+    /// `msg_id`) to those answered `MismatchedDevices` or with an `error`.
+    pub async fn broadcast_send(
+        &self,
+        msg_id: MsgId,
+        ciphertexts: Vec<DeviceCiphertext>,
+    ) -> Result<ringpost_wire::BroadcastAck> {
+        let answer = self
+            .request(ringpost_wire::BroadcastSend {
+                msg_id,
+                ciphertexts,
+            })
+            .await?;
+        let ack = expect!(answer, BroadcastAck)?;
+        if ack.msg_id != msg_id {
+            return Err(ClientError::Protocol(
+                "BroadcastAck for another msg_id".into(),
+            ));
+        }
+        Ok(ack)
+    }
+
     /// Creates a group with these members (we are its first admin); the node picks its id.
     pub async fn group_create(
         &self,

@@ -218,6 +218,17 @@ impl Server {
                     return Box::pin(async move { stored_refusal(answer) });
                 }
             };
+        // A broadcast to a user that does not have the sender as a contact: the same (see
+        // `crate::broadcast`).
+        let not_contact = store.require_contact
+            && !blocked
+            && match self.contacts.is_contact(store.to_user, store.from_user) {
+                Ok(c) => !c,
+                Err(e) => {
+                    let answer = error(ErrorCode::Internal, &e.to_string());
+                    return Box::pin(async move { stored_refusal(answer) });
+                }
+            };
         let kind = match store.kind {
             StoreKind::Message => EntryKind::Message,
             StoreKind::Delivered => EntryKind::Delivered,
@@ -264,8 +275,12 @@ impl Server {
                 if !missing.is_empty() || !extra.is_empty() {
                     return Box::pin(async { Stored::Mismatched { missing, extra } });
                 }
-                if blocked {
-                    self.presence.metrics.blocked_sends.fetch_add(1, Relaxed);
+                if blocked || not_contact {
+                    if blocked {
+                        self.presence.metrics.blocked_sends.fetch_add(1, Relaxed);
+                    } else {
+                        self.broadcast.recipients_not_contact.fetch_add(1, Relaxed);
+                    }
                     return Box::pin(async move {
                         Stored::Stored {
                             server_time_ms: now_ms,

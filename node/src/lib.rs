@@ -11,6 +11,7 @@
 pub mod accounts;
 pub mod admin;
 pub mod admission;
+pub mod broadcast;
 pub mod budgets;
 pub mod clock;
 pub mod cluster;

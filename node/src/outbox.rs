@@ -98,6 +98,7 @@ async fn send_outbox(server: &Arc<Server>, user: u64) -> Result<(), String> {
                 except: None,
                 receipt_msg_ids: receipt.msg_ids,
                 dedup: false,
+                require_contact: false,
             });
             stores.push(async move { (seq, entry.header(), stored.await) });
         }

@@ -104,6 +104,7 @@ pub struct Server {
     /// Group states and fan-out logs of the groups this node owns ([`crate::groups`]).
     pub groups: Arc<crate::groups::Groups>,
     pub(crate) fanout: crate::groups::fanout::Fanout,
+    pub broadcast: crate::broadcast::BroadcastMetrics,
     pub registry: Arc<Registry>,
     /// Places of unauthenticated connections (see [`crate::admission`]).
     pub admission: Arc<crate::admission::Admission>,
@@ -154,6 +155,7 @@ impl Server {
                 config.shard_count,
             )),
             fanout: Default::default(),
+            broadcast: Default::default(),
             registry,
             admission: crate::admission::Admission::new(config.preauth),
             metrics,
@@ -409,7 +411,26 @@ impl Server {
     }
 
     fn rate_limited(&self, user: UserId, device: DeviceId) -> Option<Answer> {
-        match self.limiter.check_key(&(user, device)) {
+        self.rate_limited_n(user, device, NonZeroU32::MIN)
+    }
+
+    /// [`Server::rate_limited`] charged `n` times at once (a broadcast, once per recipient).
+    fn rate_limited_n(&self, user: UserId, device: DeviceId, n: NonZeroU32) -> Option<Answer> {
+        let checked = match self.limiter.check_key_n(&(user, device), n) {
+            Ok(checked) => checked,
+            // More than the burst: can never pass.
+            Err(_) => {
+                self.metrics.rate_limited.fetch_add(1, Relaxed);
+                return Some(error(
+                    ErrorCode::LimitExceeded,
+                    &format!(
+                        "{n} sends at once exceed the burst of {}",
+                        self.config.device_burst
+                    ),
+                ));
+            }
+        };
+        match checked {
             Ok(()) => None,
             Err(not_until) => {
                 self.metrics.rate_limited.fetch_add(1, Relaxed);
@@ -463,6 +484,18 @@ impl Server {
                     self.typing(user, device, t);
                 }
                 Box::pin(async { Answer::Frames(vec![]) })
+            }
+            // Broadcast lists (crate::broadcast), charged once per recipient.
+            Body::BroadcastSend(b) => {
+                let recipients = match crate::broadcast::recipients(user, &b) {
+                    Ok(r) => r,
+                    Err(refused) => return Box::pin(async move { refused }),
+                };
+                let n = NonZeroU32::new(recipients.len() as u32).unwrap_or(NonZeroU32::MIN);
+                if let Some(limited) = self.rate_limited_n(user, device, n) {
+                    return Box::pin(async move { limited });
+                }
+                crate::broadcast::send(self, user, device, b.msg_id, recipients)
             }
             // Contacts and presence (crate::presence::serve).
             Body::PresenceSubscribe(_) | Body::SetPrivacy(_) | Body::ContactsUpdate(_) => {
@@ -733,6 +766,7 @@ impl Server {
             except: (to_user == user).then_some(device),
             receipt_msg_ids: Vec::new(),
             dedup: true,
+            require_contact: false,
         });
         let own_append = (!own_entries.is_empty()).then_some(Append {
             to_user: user,
@@ -835,6 +869,7 @@ impl Server {
             except: (r.to == user).then_some(device),
             receipt_msg_ids: r.msg_ids,
             dedup: true,
+            require_contact: false,
         });
         Box::pin(async move {
             match stored.await {

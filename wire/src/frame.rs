@@ -76,6 +76,8 @@ pub enum Body {
     ContactsUpdate(ContactsUpdate),
     GroupSend(GroupSend),
     GroupEvent(GroupEvent),
+    BroadcastSend(BroadcastSend),
+    BroadcastAck(BroadcastAck),
 }
 
 /// Which side may send a frame type.
@@ -195,6 +197,8 @@ frame_types!(
     ContactsUpdate = 41 ToServer,
     GroupSend = 42 ToServer,
     GroupEvent = 43 ToClient,
+    BroadcastSend = 44 ToServer,
+    BroadcastAck = 45 ToClient,
 );
 
 impl std::fmt::Display for FrameKind {
@@ -723,4 +727,35 @@ pub struct Migrate {
     /// Wait this long before reconnecting: the node draws it per connection from its migrate
     /// interval, so the devices of a moved shard do not all reconnect at once.
     pub reconnect_after_ms: u32,
+}
+
+/// c→s: one message to several users (a broadcast list), one ciphertext per device of each
+/// recipient (grouped by `DeviceCiphertext::user`). Answered by `BroadcastAck`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BroadcastSend {
+    /// (sender device, recipient, msg_id) is the idempotency key, as for `Send`.
+    pub msg_id: MsgId,
+    pub ciphertexts: Vec<DeviceCiphertext>,
+}
+
+/// The outcome of a `BroadcastSend` for one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BroadcastResult {
+    pub user: UserId,
+    /// As in `SendAck`, for this recipient alone; meaningless when `error` is set.
+    pub status: SendStatus,
+    pub missing: Vec<DeviceId>,
+    pub extra: Vec<DeviceId>,
+    pub full_devices: Vec<DeviceId>,
+    /// Non-zero: nothing was stored for this recipient; an error code to retry it on.
+    pub error: u16,
+    pub retry_after_ms: u32,
+}
+
+/// s→c: one result per recipient of a `BroadcastSend`, in the order they first appear in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BroadcastAck {
+    pub msg_id: MsgId,
+    pub server_time_ms: u64,
+    pub results: Vec<BroadcastResult>,
 }

@@ -121,7 +121,7 @@ fn decode_and_encode_errors_map_to_pinned_codes() {
 
 #[test]
 fn frame_type_tags_are_pinned() {
-    let pinned: [(FrameKind, u8); 43] = [
+    let pinned: [(FrameKind, u8); 45] = [
         (FrameKind::Hello, 1),
         (FrameKind::Welcome, 2),
         (FrameKind::Redirect, 3),
@@ -165,6 +165,8 @@ fn frame_type_tags_are_pinned() {
         (FrameKind::ContactsUpdate, 41),
         (FrameKind::GroupSend, 42),
         (FrameKind::GroupEvent, 43),
+        (FrameKind::BroadcastSend, 44),
+        (FrameKind::BroadcastAck, 45),
     ];
     assert_eq!(
         FrameKind::ALL.len(),

@@ -92,6 +92,7 @@ impl GroupBatch {
                 .then_some(self.from_device),
             receipt_msg_ids: Vec::new(),
             dedup: true,
+            require_contact: false,
         }
     }
 }

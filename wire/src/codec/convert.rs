@@ -435,6 +435,42 @@ pub(crate) fn body(
                 invite_code: src.vec(t.invite_code()),
             })
         }
+        K::BroadcastSend => {
+            let t = table(root.body_as_broadcast_send())?;
+            Body::BroadcastSend(BroadcastSend {
+                msg_id: required("BroadcastSend.msg_id", t.msg_id())?.0,
+                ciphertexts: t
+                    .ciphertexts()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|c| DeviceCiphertext {
+                        user: c.user(),
+                        device: c.device(),
+                        body: src.vec(c.body()),
+                    })
+                    .collect(),
+            })
+        }
+        K::BroadcastAck => {
+            let t = table(root.body_as_broadcast_ack())?;
+            let mut results = Vec::new();
+            for r in t.results().unwrap_or_default() {
+                results.push(BroadcastResult {
+                    user: r.user(),
+                    status: SendStatus::received("BroadcastResult.status", r.status())?,
+                    missing: scalars(r.missing()),
+                    extra: scalars(r.extra()),
+                    full_devices: scalars(r.full_devices()),
+                    error: r.error(),
+                    retry_after_ms: r.retry_after_ms(),
+                });
+            }
+            Body::BroadcastAck(BroadcastAck {
+                msg_id: required("BroadcastAck.msg_id", t.msg_id())?.0,
+                server_time_ms: t.server_time_ms(),
+                results,
+            })
+        }
         K::GroupSend => {
             let t = table(root.body_as_group_send())?;
             Body::GroupSend(GroupSend {

@@ -648,10 +648,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for GroupInvite {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_BODY: u8 = 43;
+pub const ENUM_MAX_BODY: u8 = 45;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_BODY: [Body; 44] = [
+pub const ENUM_VALUES_BODY: [Body; 46] = [
   Body::NONE,
   Body::Hello,
   Body::Welcome,
@@ -696,11 +696,13 @@ pub const ENUM_VALUES_BODY: [Body; 44] = [
   Body::ContactsUpdate,
   Body::GroupSend,
   Body::GroupEvent,
+  Body::BroadcastSend,
+  Body::BroadcastAck,
 ];
 
 /// Every frame type. The union tag is the frame type on the wire: NONE = 0, Hello = 1, ...,
-/// GoingAway = 39, Migrate = 40, ContactsUpdate = 41, GroupSend = 42, GroupEvent = 43, in this
-/// order. Append only.
+/// GoingAway = 39, Migrate = 40, ContactsUpdate = 41, GroupSend = 42, GroupEvent = 43,
+/// BroadcastSend = 44, BroadcastAck = 45, in this order. Append only.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 #[repr(transparent)]
 pub struct Body(pub u8);
@@ -750,9 +752,11 @@ impl Body {
   pub const ContactsUpdate: Self = Self(41);
   pub const GroupSend: Self = Self(42);
   pub const GroupEvent: Self = Self(43);
+  pub const BroadcastSend: Self = Self(44);
+  pub const BroadcastAck: Self = Self(45);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 43;
+  pub const ENUM_MAX: u8 = 45;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Hello,
@@ -798,6 +802,8 @@ impl Body {
     Self::ContactsUpdate,
     Self::GroupSend,
     Self::GroupEvent,
+    Self::BroadcastSend,
+    Self::BroadcastAck,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -846,6 +852,8 @@ impl Body {
       Self::ContactsUpdate => Some("ContactsUpdate"),
       Self::GroupSend => Some("GroupSend"),
       Self::GroupEvent => Some("GroupEvent"),
+      Self::BroadcastSend => Some("BroadcastSend"),
+      Self::BroadcastAck => Some("BroadcastAck"),
       _ => None,
     }
   }
@@ -6836,6 +6844,465 @@ impl ::core::fmt::Debug for GroupInfo<'_> {
       ds.finish()
   }
 }
+pub enum BroadcastSendOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// c→s: one message to several users (a broadcast list), each getting it as a 1:1 message:
+/// one ciphertext per device of each recipient, grouped by `user`. At most
+/// BROADCAST_RECIPIENTS_MAX (256) distinct users, none of them the sender; the whole frame is
+/// bounded by FRAME_BYTES_MAX. Only recipients who have the sender in their contacts get it;
+/// the others are answered like the rest and skipped. Answered by BroadcastAck.
+pub struct BroadcastSend<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for BroadcastSend<'a> {
+  type Inner = BroadcastSend<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> BroadcastSend<'a> {
+  pub const VT_MSG_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CIPHERTEXTS: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    BroadcastSend { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args BroadcastSendArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<BroadcastSend<'bldr>> {
+    let mut builder = BroadcastSendBuilder::new(_fbb);
+    if let Some(x) = args.ciphertexts { builder.add_ciphertexts(x); }
+    if let Some(x) = args.msg_id { builder.add_msg_id(x); }
+    builder.finish()
+  }
+
+
+  /// Required. (sender device, recipient, msg_id) is the idempotency key, as for Send.
+  #[inline]
+  pub fn msg_id(&self) -> Option<&'a MsgId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<MsgId>(BroadcastSend::VT_MSG_ID, None)}
+  }
+  /// At most BROADCAST_CIPHERTEXTS_MAX (1280); each body at most CIPHERTEXT_BYTES_MAX.
+  #[inline]
+  pub fn ciphertexts(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<DeviceCiphertext<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<DeviceCiphertext>>>>(BroadcastSend::VT_CIPHERTEXTS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for BroadcastSend<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<MsgId>("msg_id", Self::VT_MSG_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<DeviceCiphertext>>>>("ciphertexts", Self::VT_CIPHERTEXTS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct BroadcastSendArgs<'a> {
+    pub msg_id: Option<&'a MsgId>,
+    pub ciphertexts: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<DeviceCiphertext<'a>>>>>,
+}
+impl<'a> Default for BroadcastSendArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    BroadcastSendArgs {
+      msg_id: None,
+      ciphertexts: None,
+    }
+  }
+}
+
+pub struct BroadcastSendBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> BroadcastSendBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_msg_id(&mut self, msg_id: &MsgId) {
+    self.fbb_.push_slot_always::<&MsgId>(BroadcastSend::VT_MSG_ID, msg_id);
+  }
+  #[inline]
+  pub fn add_ciphertexts(&mut self, ciphertexts: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<DeviceCiphertext<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(BroadcastSend::VT_CIPHERTEXTS, ciphertexts);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> BroadcastSendBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    BroadcastSendBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<BroadcastSend<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for BroadcastSend<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("BroadcastSend");
+      ds.field("msg_id", &self.msg_id());
+      ds.field("ciphertexts", &self.ciphertexts());
+      ds.finish()
+  }
+}
+pub enum BroadcastResultOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// The outcome of a BroadcastSend for one recipient.
+pub struct BroadcastResult<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for BroadcastResult<'a> {
+  type Inner = BroadcastResult<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> BroadcastResult<'a> {
+  pub const VT_USER: ::flatbuffers::VOffsetT = 4;
+  pub const VT_STATUS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_MISSING: ::flatbuffers::VOffsetT = 8;
+  pub const VT_EXTRA: ::flatbuffers::VOffsetT = 10;
+  pub const VT_FULL_DEVICES: ::flatbuffers::VOffsetT = 12;
+  pub const VT_ERROR: ::flatbuffers::VOffsetT = 14;
+  pub const VT_RETRY_AFTER_MS: ::flatbuffers::VOffsetT = 16;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    BroadcastResult { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args BroadcastResultArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<BroadcastResult<'bldr>> {
+    let mut builder = BroadcastResultBuilder::new(_fbb);
+    builder.add_user(args.user);
+    builder.add_retry_after_ms(args.retry_after_ms);
+    if let Some(x) = args.full_devices { builder.add_full_devices(x); }
+    if let Some(x) = args.extra { builder.add_extra(x); }
+    if let Some(x) = args.missing { builder.add_missing(x); }
+    builder.add_error(args.error);
+    builder.add_status(args.status);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn user(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(BroadcastResult::VT_USER, Some(0)).unwrap()}
+  }
+  /// As in SendAck, for this recipient alone; meaningless when `error` is set.
+  #[inline]
+  pub fn status(&self) -> SendStatus {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<SendStatus>(BroadcastResult::VT_STATUS, Some(SendStatus::Ok)).unwrap()}
+  }
+  /// With MismatchedDevices: this user's devices the frame lacked / addressed wrongly. Each at
+  /// most BROADCAST_RESULT_DEVICES_MAX (10).
+  #[inline]
+  pub fn missing(&self) -> Option<::flatbuffers::Vector<'a, u32>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u32>>>(BroadcastResult::VT_MISSING, None)}
+  }
+  #[inline]
+  pub fn extra(&self) -> Option<::flatbuffers::Vector<'a, u32>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u32>>>(BroadcastResult::VT_EXTRA, None)}
+  }
+  /// With InboxFull: the devices whose inbox is full. At most BROADCAST_RESULT_DEVICES_MAX.
+  #[inline]
+  pub fn full_devices(&self) -> Option<::flatbuffers::Vector<'a, u32>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u32>>>(BroadcastResult::VT_FULL_DEVICES, None)}
+  }
+  /// Non-zero: nothing was stored for this recipient and this is the error code (e.g.
+  /// WrongOwner while its shard moves); retry it after `retry_after_ms`.
+  #[inline]
+  pub fn error(&self) -> u16 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u16>(BroadcastResult::VT_ERROR, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn retry_after_ms(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(BroadcastResult::VT_RETRY_AFTER_MS, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for BroadcastResult<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("user", Self::VT_USER, false)?
+     .visit_field::<SendStatus>("status", Self::VT_STATUS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u32>>>("missing", Self::VT_MISSING, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u32>>>("extra", Self::VT_EXTRA, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u32>>>("full_devices", Self::VT_FULL_DEVICES, false)?
+     .visit_field::<u16>("error", Self::VT_ERROR, false)?
+     .visit_field::<u32>("retry_after_ms", Self::VT_RETRY_AFTER_MS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct BroadcastResultArgs<'a> {
+    pub user: u64,
+    pub status: SendStatus,
+    pub missing: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u32>>>,
+    pub extra: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u32>>>,
+    pub full_devices: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u32>>>,
+    pub error: u16,
+    pub retry_after_ms: u32,
+}
+impl<'a> Default for BroadcastResultArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    BroadcastResultArgs {
+      user: 0,
+      status: SendStatus::Ok,
+      missing: None,
+      extra: None,
+      full_devices: None,
+      error: 0,
+      retry_after_ms: 0,
+    }
+  }
+}
+
+pub struct BroadcastResultBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> BroadcastResultBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_user(&mut self, user: u64) {
+    self.fbb_.push_slot::<u64>(BroadcastResult::VT_USER, user, 0);
+  }
+  #[inline]
+  pub fn add_status(&mut self, status: SendStatus) {
+    self.fbb_.push_slot::<SendStatus>(BroadcastResult::VT_STATUS, status, SendStatus::Ok);
+  }
+  #[inline]
+  pub fn add_missing(&mut self, missing: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u32>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(BroadcastResult::VT_MISSING, missing);
+  }
+  #[inline]
+  pub fn add_extra(&mut self, extra: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u32>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(BroadcastResult::VT_EXTRA, extra);
+  }
+  #[inline]
+  pub fn add_full_devices(&mut self, full_devices: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u32>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(BroadcastResult::VT_FULL_DEVICES, full_devices);
+  }
+  #[inline]
+  pub fn add_error(&mut self, error: u16) {
+    self.fbb_.push_slot::<u16>(BroadcastResult::VT_ERROR, error, 0);
+  }
+  #[inline]
+  pub fn add_retry_after_ms(&mut self, retry_after_ms: u32) {
+    self.fbb_.push_slot::<u32>(BroadcastResult::VT_RETRY_AFTER_MS, retry_after_ms, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> BroadcastResultBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    BroadcastResultBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<BroadcastResult<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for BroadcastResult<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("BroadcastResult");
+      ds.field("user", &self.user());
+      ds.field("status", &self.status());
+      ds.field("missing", &self.missing());
+      ds.field("extra", &self.extra());
+      ds.field("full_devices", &self.full_devices());
+      ds.field("error", &self.error());
+      ds.field("retry_after_ms", &self.retry_after_ms());
+      ds.finish()
+  }
+}
+pub enum BroadcastAckOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// s→c: the outcome of a BroadcastSend, one result per recipient in the order they first
+/// appear in the frame. A repeated (device, msg_id) gets the same results.
+pub struct BroadcastAck<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for BroadcastAck<'a> {
+  type Inner = BroadcastAck<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> BroadcastAck<'a> {
+  pub const VT_MSG_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SERVER_TIME_MS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_RESULTS: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    BroadcastAck { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args BroadcastAckArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<BroadcastAck<'bldr>> {
+    let mut builder = BroadcastAckBuilder::new(_fbb);
+    builder.add_server_time_ms(args.server_time_ms);
+    if let Some(x) = args.results { builder.add_results(x); }
+    if let Some(x) = args.msg_id { builder.add_msg_id(x); }
+    builder.finish()
+  }
+
+
+  /// Required.
+  #[inline]
+  pub fn msg_id(&self) -> Option<&'a MsgId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<MsgId>(BroadcastAck::VT_MSG_ID, None)}
+  }
+  #[inline]
+  pub fn server_time_ms(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(BroadcastAck::VT_SERVER_TIME_MS, Some(0)).unwrap()}
+  }
+  /// At most BROADCAST_RECIPIENTS_MAX (256).
+  #[inline]
+  pub fn results(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<BroadcastResult<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<BroadcastResult>>>>(BroadcastAck::VT_RESULTS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for BroadcastAck<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<MsgId>("msg_id", Self::VT_MSG_ID, false)?
+     .visit_field::<u64>("server_time_ms", Self::VT_SERVER_TIME_MS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<BroadcastResult>>>>("results", Self::VT_RESULTS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct BroadcastAckArgs<'a> {
+    pub msg_id: Option<&'a MsgId>,
+    pub server_time_ms: u64,
+    pub results: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<BroadcastResult<'a>>>>>,
+}
+impl<'a> Default for BroadcastAckArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    BroadcastAckArgs {
+      msg_id: None,
+      server_time_ms: 0,
+      results: None,
+    }
+  }
+}
+
+pub struct BroadcastAckBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> BroadcastAckBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_msg_id(&mut self, msg_id: &MsgId) {
+    self.fbb_.push_slot_always::<&MsgId>(BroadcastAck::VT_MSG_ID, msg_id);
+  }
+  #[inline]
+  pub fn add_server_time_ms(&mut self, server_time_ms: u64) {
+    self.fbb_.push_slot::<u64>(BroadcastAck::VT_SERVER_TIME_MS, server_time_ms, 0);
+  }
+  #[inline]
+  pub fn add_results(&mut self, results: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<BroadcastResult<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(BroadcastAck::VT_RESULTS, results);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> BroadcastAckBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    BroadcastAckBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<BroadcastAck<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for BroadcastAck<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("BroadcastAck");
+      ds.field("msg_id", &self.msg_id());
+      ds.field("server_time_ms", &self.server_time_ms());
+      ds.field("results", &self.results());
+      ds.finish()
+  }
+}
 pub enum MediaUploadRequestOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -8510,6 +8977,36 @@ impl<'a> Frame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_broadcast_send(&self) -> Option<BroadcastSend<'a>> {
+    if self.body_type() == Body::BroadcastSend {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { BroadcastSend::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_broadcast_ack(&self) -> Option<BroadcastAck<'a>> {
+    if self.body_type() == Body::BroadcastAck {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { BroadcastAck::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Frame<'_> {
@@ -8565,6 +9062,8 @@ impl ::flatbuffers::Verifiable for Frame<'_> {
           Body::ContactsUpdate => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ContactsUpdate>>("Body::ContactsUpdate", pos),
           Body::GroupSend => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GroupSend>>("Body::GroupSend", pos),
           Body::GroupEvent => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GroupEvent>>("Body::GroupEvent", pos),
+          Body::BroadcastSend => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<BroadcastSend>>("Body::BroadcastSend", pos),
+          Body::BroadcastAck => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<BroadcastAck>>("Body::BroadcastAck", pos),
           _ => Ok(()),
         }
      })?
@@ -8929,6 +9428,20 @@ impl ::core::fmt::Debug for Frame<'_> {
         },
         Body::GroupEvent => {
           if let Some(x) = self.body_as_group_event() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::BroadcastSend => {
+          if let Some(x) = self.body_as_broadcast_send() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::BroadcastAck => {
+          if let Some(x) = self.body_as_broadcast_ack() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")

@@ -471,6 +471,59 @@ pub fn body(kind: FrameKind) -> BoxedStrategy<Body> {
                 })
             })
             .boxed(),
+        K::BroadcastSend => (
+            any::<MsgId>(),
+            vec(
+                (any::<u64>(), any::<u32>(), blob(64))
+                    .prop_map(|(user, device, body)| DeviceCiphertext { user, device, body }),
+                0..=BROADCAST_CIPHERTEXTS_MAX,
+            ),
+        )
+            .prop_map(|(msg_id, ciphertexts)| {
+                Body::BroadcastSend(BroadcastSend {
+                    msg_id,
+                    ciphertexts,
+                })
+            })
+            .boxed(),
+        K::BroadcastAck => (
+            any::<MsgId>(),
+            any::<u64>(),
+            vec(
+                (
+                    any::<u64>(),
+                    prop_oneof![
+                        Just(SendStatus::Ok),
+                        Just(SendStatus::MismatchedDevices),
+                        Just(SendStatus::InboxFull),
+                        Just(SendStatus::UnknownUser),
+                    ],
+                    devices(BROADCAST_RESULT_DEVICES_MAX),
+                    devices(BROADCAST_RESULT_DEVICES_MAX),
+                    any::<(u16, u32)>(),
+                )
+                    .prop_map(
+                        |(user, status, missing, extra, (error, retry_after_ms))| BroadcastResult {
+                            user,
+                            status,
+                            full_devices: extra.clone(),
+                            missing,
+                            extra,
+                            error,
+                            retry_after_ms,
+                        },
+                    ),
+                0..=64,
+            ),
+        )
+            .prop_map(|(msg_id, server_time_ms, results)| {
+                Body::BroadcastAck(BroadcastAck {
+                    msg_id,
+                    server_time_ms,
+                    results,
+                })
+            })
+            .boxed(),
         K::GroupSend => (
             any::<GroupId>(),
             any::<MsgId>(),
