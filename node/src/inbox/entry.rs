@@ -70,7 +70,10 @@ pub struct Entry {
     pub msg_id: MsgId,
     /// Set by [`Inbox::append`](super::Inbox::append) to its `now_ms`.
     pub server_time_ms: u64,
-    /// Set by [`Inbox::append`](super::Inbox::append) to `now_ms + retention`.
+    /// Set by [`Inbox::append`](super::Inbox::append) to `now_ms + retention`, or kept if it is
+    /// non-zero and sooner than that (an entry that must expire early, like a status). Reads
+    /// skip an expired entry at once; the expiry sweep deletes it once it is the oldest entry
+    /// of its device on disk (entries of one retention expire in seq order).
     pub expires_at_ms: u64,
     /// Opaque ciphertext (empty for receipts).
     pub body: Bytes,
