@@ -141,6 +141,7 @@ pub fn send(
                 receipt_msg_ids: Vec::new(),
                 dedup: true,
                 require_contact: true,
+                expires_at_ms: 0,
             });
             async move { (to_user, stored.await) }
         })

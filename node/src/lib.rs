@@ -37,5 +37,6 @@ pub mod server;
 pub mod session;
 pub mod shard;
 pub mod shard_rows;
+pub mod status;
 pub mod storage;
 pub mod transport;

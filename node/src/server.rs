@@ -51,6 +51,9 @@ pub struct ServerConfig {
     /// milliseconds (`Migrate.reconnect_after_ms` is drawn from `[0, this]`); at most
     /// [`crate::conn::MIGRATE_SPREAD_MS_MAX`].
     pub migrate_spread_ms: u32,
+    /// How long a status lives after it is posted ([`crate::status::STATUS_TTL_MS`]; tests
+    /// shorten it).
+    pub status_ttl_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -64,6 +67,7 @@ impl Default for ServerConfig {
             preauth: Default::default(),
             budgets: Default::default(),
             migrate_spread_ms: crate::conn::MIGRATE_SPREAD_MS_DEFAULT,
+            status_ttl_ms: crate::status::STATUS_TTL_MS,
         }
     }
 }
@@ -105,6 +109,8 @@ pub struct Server {
     pub groups: Arc<crate::groups::Groups>,
     pub(crate) fanout: crate::groups::fanout::Fanout,
     pub broadcast: crate::broadcast::BroadcastMetrics,
+    /// Statuses' posting limits and counters ([`crate::status`]).
+    pub status: crate::status::Status,
     pub registry: Arc<Registry>,
     /// Places of unauthenticated connections (see [`crate::admission`]).
     pub admission: Arc<crate::admission::Admission>,
@@ -156,6 +162,7 @@ impl Server {
             )),
             fanout: Default::default(),
             broadcast: Default::default(),
+            status: crate::status::Status::new(config.status_ttl_ms),
             registry,
             admission: crate::admission::Admission::new(config.preauth),
             metrics,
@@ -218,6 +225,7 @@ impl Server {
         self.limiter.shrink_to_fit();
         self.budgets.prune();
         self.presence.prune();
+        self.status.prune();
     }
 
     /// Executes one session request. Synchronous checks run now; the returned future waits
@@ -497,6 +505,13 @@ impl Server {
                 }
                 crate::broadcast::send(self, user, device, b.msg_id, recipients)
             }
+            // Statuses (crate::status), charged to the messaging limit and the posting limit.
+            Body::StatusPost(p) => {
+                if let Some(limited) = self.rate_limited(user, device) {
+                    return Box::pin(async move { limited });
+                }
+                crate::status::post(self, user, device, p)
+            }
             // Contacts and presence (crate::presence::serve).
             Body::PresenceSubscribe(_) | Body::SetPrivacy(_) | Body::ContactsUpdate(_) => {
                 let charge = match &body {
@@ -767,6 +782,7 @@ impl Server {
             receipt_msg_ids: Vec::new(),
             dedup: true,
             require_contact: false,
+            expires_at_ms: 0,
         });
         let own_append = (!own_entries.is_empty()).then_some(Append {
             to_user: user,
@@ -857,6 +873,7 @@ impl Server {
         let kind = match r.kind {
             ringpost_wire::ReceiptKind::Read => StoreKind::Read,
             ringpost_wire::ReceiptKind::Delivered => StoreKind::Delivered,
+            ringpost_wire::ReceiptKind::StatusViewed => StoreKind::StatusViewed,
         };
         let msg_id = r.msg_id;
         let stored = self.store(Store {
@@ -870,6 +887,7 @@ impl Server {
             receipt_msg_ids: r.msg_ids,
             dedup: true,
             require_contact: false,
+            expires_at_ms: 0,
         });
         Box::pin(async move {
             match stored.await {

@@ -1,5 +1,5 @@
-//! Broadcast lists across real nodes: a real coordinator and two real `ringpost-node run`
-//! processes on loopback, driven through the client SDK.
+//! Broadcast lists and statuses across real nodes: a real coordinator and two real
+//! `ringpost-node run` processes on loopback, driven through the client SDK.
 
 #[allow(dead_code)] // the cluster tests use the rest of it
 #[path = "cluster/harness.rs"]
@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use harness::TestCluster;
-use ringpost_client::{Client, Event};
+use ringpost_client::{Client, ClientConfig, Event};
 use ringpost_coordinator::{testing, MemberState};
 use ringpost_node::ring::Ring;
-use ringpost_wire::{DeviceCiphertext, MsgId, SendStatus, UserId};
+use ringpost_wire::{DeviceCiphertext, MsgId, SendStatus, StatusAudience, UserId};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -37,9 +37,13 @@ fn users_where(ring: &Ring, base: u64, n: usize, want: impl Fn(u64) -> bool) -> 
         .collect()
 }
 
-/// The 1:1 messages a client receives (msg_id, from, body), kept by a task reading its events.
+/// The 1:1 messages a client receives (msg_id, from, body), kept by a task reading its events,
+/// and its other events.
 #[derive(Clone, Default)]
-struct Inbox(Arc<Mutex<Vec<(MsgId, UserId, Bytes)>>>);
+struct Inbox(
+    Arc<Mutex<Vec<(MsgId, UserId, Bytes)>>>,
+    Arc<Mutex<Vec<Event>>>,
+);
 
 impl Inbox {
     fn collect(c: Client) -> Inbox {
@@ -47,12 +51,45 @@ impl Inbox {
         let seen = inbox.clone();
         tokio::spawn(async move {
             while let Some(e) = c.next_event().await {
-                if let Event::Message(d) = e {
-                    seen.0.lock().unwrap().push((d.msg_id, d.from_user, d.body));
+                match e {
+                    Event::Message(d) => {
+                        seen.0.lock().unwrap().push((d.msg_id, d.from_user, d.body))
+                    }
+                    other => seen.1.lock().unwrap().push(other),
                 }
             }
         });
         inbox
+    }
+
+    /// Statuses received: (msg_id, poster, body).
+    fn statuses(&self) -> Vec<(MsgId, UserId, Bytes)> {
+        (self.1.lock().unwrap().iter())
+            .filter_map(|e| match e {
+                Event::Status(d) => Some((d.msg_id, d.from_user, d.body.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// View receipts received: (viewer, statuses).
+    fn views(&self) -> Vec<(UserId, Vec<MsgId>)> {
+        (self.1.lock().unwrap().iter())
+            .filter_map(|e| match e {
+                Event::StatusViewed {
+                    by_user, msg_ids, ..
+                } => Some((*by_user, msg_ids.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    async fn wait_until(&self, what: &str, done: impl Fn(&Inbox) -> bool) {
+        let deadline = Instant::now() + WAIT;
+        while !done(self) {
+            assert!(Instant::now() < deadline, "waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     fn ids(&self) -> Vec<MsgId> {
@@ -206,5 +243,113 @@ fn a_broadcast_reaches_only_recipients_who_have_the_sender_as_a_contact() {
             .broadcast_send([3; 16], vec![ciphertext(sender, 2, "me".into())])
             .await;
         assert!(me.is_err(), "the sender is no recipient: {me:?}");
+    });
+}
+
+/// How long statuses live in the status test's nodes (`--status-ttl-ms`).
+const STATUS_TTL: Duration = Duration::from_secs(4);
+
+#[test]
+fn a_status_reaches_exactly_its_audience_expires_undrained_and_views_reach_the_poster() {
+    let ttl_ms = STATUS_TTL.as_millis().to_string();
+    let cluster = TestCluster::start_with(1, 2, &["--status-ttl-ms", &ttl_ms]);
+    runtime().block_on(async {
+        let ring = ring_of(&[1, 2]);
+        let poster = users_where(&ring, 15_555_000_000, 1, |o| o == 1)[0];
+        let excluded = users_where(&ring, 15_555_100_000, 1, |o| o == 1)[0];
+        let on_2 = users_where(&ring, 15_555_100_000, 4, |o| o == 2);
+        // `viewer` and `offline` have the poster as a contact and are its contacts;
+        // `one_way` is the poster's contact but has not saved the poster; `not_saved` saved
+        // the poster, who has not saved it; `excluded` is a mutual contact left out.
+        let (viewer, one_way, not_saved, offline) = (on_2[0], on_2[1], on_2[2], on_2[3]);
+        let p = cluster.register(0, poster).await;
+        assert_eq!(p.welcome().node_id, 1);
+        p.set_contacts(vec![viewer, one_way, offline, excluded])
+            .await
+            .expect("contacts");
+        let (mut inboxes, mut clients) = (Vec::new(), Vec::new());
+        for u in [viewer, one_way, not_saved, excluded] {
+            let c = cluster.register(0, u).await;
+            if u != one_way {
+                c.set_contacts(vec![poster]).await.expect("contacts");
+            }
+            inboxes.push(Inbox::collect(c.clone()));
+            clients.push(c);
+        }
+        let o = cluster.register(0, offline).await;
+        o.set_contacts(vec![poster]).await.expect("contacts");
+        let o_auth = o.auth().expect("registered");
+        o.close().await;
+        let p_inbox = Inbox::collect(p.clone());
+
+        let id: MsgId = [5; 16];
+        let ack = p
+            .status_post(
+                id,
+                StatusAudience::ContactsExcept,
+                vec![excluded],
+                Bytes::from_static(b"story"),
+            )
+            .await
+            .expect("post");
+        assert_eq!(ack.status, SendStatus::Ok);
+        let posted = Instant::now();
+
+        // The mutual contact in the audience gets it.
+        inboxes[0]
+            .wait_until("the status", |i| !i.statuses().is_empty())
+            .await;
+        assert_eq!(
+            inboxes[0].statuses(),
+            vec![(id, poster, Bytes::from_static(b"story"))]
+        );
+        // Nobody else does: a 1:1 message sent after the post arrives alone.
+        let after: MsgId = [6; 16];
+        for (i, u) in [(1, one_way), (2, not_saved), (3, excluded)] {
+            let ack = p
+                .send(u, after, vec![ciphertext(u, 1, "1:1".into())])
+                .await
+                .expect("send");
+            assert_eq!(ack.status, SendStatus::Ok);
+            inboxes[i].wait_for(after).await;
+            assert!(inboxes[i].statuses().is_empty(), "user {u} got the status");
+        }
+        // Stored for the poster's own user (no other device) and the three audience members;
+        // the one-way contact's owner dropped it.
+        assert_eq!(metric(&cluster, 1, "ringpost_status_recipients_total"), 4);
+        assert_eq!(metric(&cluster, 2, "ringpost_status_not_contact_total"), 1);
+
+        // The viewer's view receipt reaches the poster.
+        clients[0]
+            .status_viewed(poster, [7; 16], vec![id])
+            .await
+            .expect("viewed");
+        p_inbox
+            .wait_until("the view receipt", |i| !i.views().is_empty())
+            .await;
+        assert_eq!(p_inbox.views(), vec![(viewer, vec![id])]);
+
+        // The offline member's inbox had it, undrained; once the status has expired, its
+        // device never sees it, and a message sent after it arrives alone.
+        let wait = (posted + STATUS_TTL + Duration::from_secs(1))
+            .saturating_duration_since(Instant::now());
+        tokio::time::sleep(wait).await;
+        let o = Client::connect(ClientConfig {
+            auth: Some(o_auth),
+            ..cluster.config(0)
+        })
+        .await
+        .expect("connect");
+        let o_inbox = Inbox::collect(o);
+        let ack = p
+            .send(offline, after, vec![ciphertext(offline, 1, "1:1".into())])
+            .await
+            .expect("send");
+        assert_eq!(ack.status, SendStatus::Ok);
+        o_inbox.wait_for(after).await;
+        assert!(
+            o_inbox.statuses().is_empty(),
+            "an expired status was delivered"
+        );
     });
 }

@@ -78,6 +78,7 @@ pub enum Body {
     GroupEvent(GroupEvent),
     BroadcastSend(BroadcastSend),
     BroadcastAck(BroadcastAck),
+    StatusPost(StatusPost),
 }
 
 /// Which side may send a frame type.
@@ -199,6 +200,7 @@ frame_types!(
     GroupEvent = 43 ToClient,
     BroadcastSend = 44 ToServer,
     BroadcastAck = 45 ToClient,
+    StatusPost = 46 ToServer,
 );
 
 impl std::fmt::Display for FrameKind {
@@ -408,6 +410,10 @@ pub enum DeliverKind {
     GroupMessage = 3,
     /// `body` is an encoded [`Frame`] holding a [`GroupEvent`]: the group changed.
     GroupEvent = 4,
+    /// `body` is a status item `from_user` posted; it expires 24 hours after `server_time_ms`.
+    Status = 5,
+    /// `from_user` viewed the statuses `receipt_msg_ids` this user posted.
+    StatusViewed = 6,
 }
 
 /// s→c: one inbox entry for this device. Ack it by `seq`.
@@ -437,6 +443,8 @@ pub struct DeliverAck {
 pub enum ReceiptKind {
     Delivered = 0,
     Read = 1,
+    /// `msg_ids` are statuses of `to` this user viewed.
+    StatusViewed = 2,
 }
 
 /// c→s: tell `to` (every device) that these of its messages were read. Routed like a message.
@@ -758,4 +766,26 @@ pub struct BroadcastAck {
     pub msg_id: MsgId,
     pub server_time_ms: u64,
     pub results: Vec<BroadcastResult>,
+}
+
+/// Who a status item is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum StatusAudience {
+    /// Every user in the poster's contact list.
+    #[default]
+    Contacts = 0,
+    /// The poster's contacts except `users`.
+    ContactsExcept = 1,
+    /// Only those of `users` in the poster's contact list.
+    OnlyShareWith = 2,
+}
+
+/// c→s: post a status item (one ciphertext for the whole audience). Answered by `SendAck`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusPost {
+    pub msg_id: MsgId,
+    pub audience: StatusAudience,
+    pub users: Vec<UserId>,
+    pub body: Bytes,
 }

@@ -509,6 +509,18 @@ fn frame_with(field: &str, len: usize) -> Frame {
                 })
                 .collect(),
         }),
+        "StatusPost.users" => Body::StatusPost(StatusPost {
+            msg_id: [1; 16],
+            audience: StatusAudience::OnlyShareWith,
+            users: ids(len),
+            body: Bytes::new(),
+        }),
+        "StatusPost.body" => Body::StatusPost(StatusPost {
+            msg_id: [1; 16],
+            audience: StatusAudience::Contacts,
+            users: vec![],
+            body: blob(len),
+        }),
         "BroadcastAck.results" => broadcast_ack(len, 0),
         "BroadcastResult.missing" => broadcast_ack(1, len),
         "BroadcastResult.extra" => Body::BroadcastAck(BroadcastAck {

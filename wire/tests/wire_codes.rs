@@ -121,7 +121,7 @@ fn decode_and_encode_errors_map_to_pinned_codes() {
 
 #[test]
 fn frame_type_tags_are_pinned() {
-    let pinned: [(FrameKind, u8); 45] = [
+    let pinned: [(FrameKind, u8); 46] = [
         (FrameKind::Hello, 1),
         (FrameKind::Welcome, 2),
         (FrameKind::Redirect, 3),
@@ -167,6 +167,7 @@ fn frame_type_tags_are_pinned() {
         (FrameKind::GroupEvent, 43),
         (FrameKind::BroadcastSend, 44),
         (FrameKind::BroadcastAck, 45),
+        (FrameKind::StatusPost, 46),
     ];
     assert_eq!(
         FrameKind::ALL.len(),

@@ -93,6 +93,7 @@ impl GroupBatch {
             receipt_msg_ids: Vec::new(),
             dedup: true,
             require_contact: false,
+            expires_at_ms: 0,
         }
     }
 }

@@ -34,6 +34,10 @@ pub enum EntryKind {
     GroupMessage = 3,
     /// A group change; the body is `group | group_seq | GroupEvent frame`.
     GroupEvent = 4,
+    /// A status item ([`crate::status`]); expires 24 hours after it was posted.
+    Status = 5,
+    /// `from_user` viewed the statuses `receipt_msg_ids`.
+    StatusViewed = 6,
 }
 
 impl EntryKind {
@@ -44,6 +48,8 @@ impl EntryKind {
             2 => Some(EntryKind::Read),
             3 => Some(EntryKind::GroupMessage),
             4 => Some(EntryKind::GroupEvent),
+            5 => Some(EntryKind::Status),
+            6 => Some(EntryKind::StatusViewed),
             _ => None,
         }
     }
@@ -57,6 +63,8 @@ impl From<EntryKind> for DeliverKind {
             EntryKind::Read => DeliverKind::Read,
             EntryKind::GroupMessage => DeliverKind::GroupMessage,
             EntryKind::GroupEvent => DeliverKind::GroupEvent,
+            EntryKind::Status => DeliverKind::Status,
+            EntryKind::StatusViewed => DeliverKind::StatusViewed,
         }
     }
 }
@@ -237,11 +245,13 @@ mod tests {
             EntryKind::Read,
             EntryKind::GroupMessage,
             EntryKind::GroupEvent,
+            EntryKind::Status,
+            EntryKind::StatusViewed,
         ] {
             assert_eq!(kind as u8, DeliverKind::from(kind) as u8);
             assert_eq!(EntryKind::from_u8(kind as u8), Some(kind));
         }
-        assert_eq!(EntryKind::from_u8(5), None);
+        assert_eq!(EntryKind::from_u8(7), None);
     }
 
     #[test]

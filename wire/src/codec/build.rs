@@ -404,6 +404,16 @@ fn body(fbb: &mut Fbb<'_>, body: &Body) -> Off<UnionWIPOffset> {
             };
             fb::GroupEvent::create(fbb, &args).as_union_value()
         }
+        Body::StatusPost(b) => {
+            let msg_id = fb::MsgId(b.msg_id);
+            let args = fb::StatusPostArgs {
+                msg_id: Some(&msg_id),
+                audience: b.audience.to_fb(),
+                users: scalars(fbb, &b.users),
+                body: bytes(fbb, &b.body),
+            };
+            fb::StatusPost::create(fbb, &args).as_union_value()
+        }
         Body::BroadcastSend(b) => {
             let ciphertexts = tables(fbb, &b.ciphertexts, |fbb, c| {
                 let args = fb::DeviceCiphertextArgs {

@@ -134,6 +134,8 @@ const BROADCAST_RESULT_MISSING: Max =
 const BROADCAST_RESULT_EXTRA: Max = Max::new("BroadcastResult.extra", BROADCAST_RESULT_DEVICES_MAX);
 const BROADCAST_RESULT_FULL_DEVICES: Max =
     Max::new("BroadcastResult.full_devices", BROADCAST_RESULT_DEVICES_MAX);
+const STATUS_POST_USERS: Max = Max::new("StatusPost.users", PRIVACY_CONTACTS_MAX);
+const STATUS_POST_BODY: Max = Max::new("StatusPost.body", CIPHERTEXT_BYTES_MAX);
 const GROUP_SEND_BODY: Max = Max::new("GroupSend.body", GROUP_CIPHERTEXT_BYTES_MAX);
 const GROUP_EVENT_ADDED: Max = Max::new("GroupEvent.added", GROUP_MEMBERS_MAX);
 const GROUP_EVENT_REMOVED: Max = Max::new("GroupEvent.removed", GROUP_MEMBERS_MAX);
@@ -238,6 +240,8 @@ pub const BOUNDS: &[FieldBound] = &[
     GROUP_UPDATE_JOIN_CODE.bound(),
     GROUP_SEND_BODY.bound(),
     BROADCAST_SEND_CIPHERTEXTS.bound(),
+    STATUS_POST_USERS.bound(),
+    STATUS_POST_BODY.bound(),
     BROADCAST_ACK_RESULTS.bound(),
     BROADCAST_RESULT_MISSING.bound(),
     BROADCAST_RESULT_EXTRA.bound(),
@@ -368,6 +372,10 @@ pub(crate) fn sent(body: &Body) -> Result<(), Violation> {
             GROUP_INFO_INVITE_CODE.check(b.invite_code.len())
         }
         Body::GroupSend(b) => GROUP_SEND_BODY.check(b.body.len()),
+        Body::StatusPost(b) => {
+            STATUS_POST_USERS.check(b.users.len())?;
+            STATUS_POST_BODY.check(b.body.len())
+        }
         Body::BroadcastSend(b) => {
             BROADCAST_SEND_CIPHERTEXTS.check(b.ciphertexts.len())?;
             for c in &b.ciphertexts {
@@ -635,6 +643,13 @@ pub(crate) fn received<'a>(root: fb::Frame<'a>, kind: FrameKind) -> Result<Hot<'
             GROUP_INFO_INVITE_CODE.check(vec_len(t.invite_code()))?;
             GroupPermission::received("GroupInfo.send", t.send())?;
             GroupPermission::received("GroupInfo.edit", t.edit())?;
+        }
+        K::StatusPost => {
+            let t = table(root.body_as_status_post())?;
+            required("StatusPost.msg_id", t.msg_id())?;
+            StatusAudience::received("StatusPost.audience", t.audience())?;
+            STATUS_POST_USERS.check(vec_len(t.users()))?;
+            STATUS_POST_BODY.check(vec_len(t.body()))?;
         }
         K::BroadcastSend => {
             let t = table(root.body_as_broadcast_send())?;

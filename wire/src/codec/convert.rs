@@ -92,7 +92,14 @@ enum_mapping!(DeliverKind {
     Delivered,
     Read,
     GroupMessage,
-    GroupEvent
+    GroupEvent,
+    Status,
+    StatusViewed
+});
+enum_mapping!(StatusAudience {
+    Contacts,
+    ContactsExcept,
+    OnlyShareWith
 });
 enum_mapping!(GroupPermission {
     Unchanged,
@@ -104,7 +111,11 @@ enum_mapping!(GroupInvite {
     Create,
     Revoke
 });
-enum_mapping!(ReceiptKind { Delivered, Read });
+enum_mapping!(ReceiptKind {
+    Delivered,
+    Read,
+    StatusViewed
+});
 enum_mapping!(Visibility {
     Everyone,
     Contacts,
@@ -433,6 +444,15 @@ pub(crate) fn body(
                 send: GroupPermission::received("GroupInfo.send", t.send())?,
                 edit: GroupPermission::received("GroupInfo.edit", t.edit())?,
                 invite_code: src.vec(t.invite_code()),
+            })
+        }
+        K::StatusPost => {
+            let t = table(root.body_as_status_post())?;
+            Body::StatusPost(StatusPost {
+                msg_id: required("StatusPost.msg_id", t.msg_id())?.0,
+                audience: StatusAudience::received("StatusPost.audience", t.audience())?,
+                users: scalars(t.users()),
+                body: src.vec(t.body()),
             })
         }
         K::BroadcastSend => {

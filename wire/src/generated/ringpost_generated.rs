@@ -192,15 +192,17 @@ impl ::flatbuffers::SimpleToVerifyInSlice for SendStatus {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_DELIVER_KIND: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_DELIVER_KIND: u8 = 4;
+pub const ENUM_MAX_DELIVER_KIND: u8 = 6;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_DELIVER_KIND: [DeliverKind; 5] = [
+pub const ENUM_VALUES_DELIVER_KIND: [DeliverKind; 7] = [
   DeliverKind::Message,
   DeliverKind::Delivered,
   DeliverKind::Read,
   DeliverKind::GroupMessage,
   DeliverKind::GroupEvent,
+  DeliverKind::Status,
+  DeliverKind::StatusViewed,
 ];
 
 /// What a Deliver carries. Unknown values are rejected (Malformed).
@@ -221,15 +223,22 @@ impl DeliverKind {
   /// `body` is an encoded Frame holding a GroupEvent: the group `group` changed at
   /// `group_seq`.
   pub const GroupEvent: Self = Self(4);
+  /// `body` is a status item `from_user` posted (see StatusPost); it expires 24 hours after
+  /// `server_time_ms`.
+  pub const Status: Self = Self(5);
+  /// `from_user` viewed the statuses `receipt_msg_ids` you posted.
+  pub const StatusViewed: Self = Self(6);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 4;
+  pub const ENUM_MAX: u8 = 6;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::Message,
     Self::Delivered,
     Self::Read,
     Self::GroupMessage,
     Self::GroupEvent,
+    Self::Status,
+    Self::StatusViewed,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -239,6 +248,8 @@ impl DeliverKind {
       Self::Read => Some("Read"),
       Self::GroupMessage => Some("GroupMessage"),
       Self::GroupEvent => Some("GroupEvent"),
+      Self::Status => Some("Status"),
+      Self::StatusViewed => Some("StatusViewed"),
       _ => None,
     }
   }
@@ -296,12 +307,13 @@ impl ::flatbuffers::SimpleToVerifyInSlice for DeliverKind {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_RECEIPT_KIND: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_RECEIPT_KIND: u8 = 1;
+pub const ENUM_MAX_RECEIPT_KIND: u8 = 2;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_RECEIPT_KIND: [ReceiptKind; 2] = [
+pub const ENUM_VALUES_RECEIPT_KIND: [ReceiptKind; 3] = [
   ReceiptKind::Delivered,
   ReceiptKind::Read,
+  ReceiptKind::StatusViewed,
 ];
 
 /// Which receipt. Unknown values are rejected (Malformed).
@@ -312,18 +324,22 @@ pub struct ReceiptKind(pub u8);
 impl ReceiptKind {
   pub const Delivered: Self = Self(0);
   pub const Read: Self = Self(1);
+  /// `msg_ids` are statuses of `to` that this user viewed (see StatusPost).
+  pub const StatusViewed: Self = Self(2);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 1;
+  pub const ENUM_MAX: u8 = 2;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::Delivered,
     Self::Read,
+    Self::StatusViewed,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
     match self {
       Self::Delivered => Some("Delivered"),
       Self::Read => Some("Read"),
+      Self::StatusViewed => Some("StatusViewed"),
       _ => None,
     }
   }
@@ -646,12 +662,104 @@ impl<'a> ::flatbuffers::Verifiable for GroupInvite {
 
 impl ::flatbuffers::SimpleToVerifyInSlice for GroupInvite {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MIN_BODY: u8 = 0;
+pub const ENUM_MIN_STATUS_AUDIENCE: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_BODY: u8 = 45;
+pub const ENUM_MAX_STATUS_AUDIENCE: u8 = 2;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_BODY: [Body; 46] = [
+pub const ENUM_VALUES_STATUS_AUDIENCE: [StatusAudience; 3] = [
+  StatusAudience::Contacts,
+  StatusAudience::ContactsExcept,
+  StatusAudience::OnlyShareWith,
+];
+
+/// Who a status item is for. Unknown values are rejected (Malformed).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct StatusAudience(pub u8);
+#[allow(non_upper_case_globals)]
+impl StatusAudience {
+  /// Every user in the poster's contact list.
+  pub const Contacts: Self = Self(0);
+  /// The poster's contacts except `users`.
+  pub const ContactsExcept: Self = Self(1);
+  /// Only those of `users` that are in the poster's contact list.
+  pub const OnlyShareWith: Self = Self(2);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 2;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::Contacts,
+    Self::ContactsExcept,
+    Self::OnlyShareWith,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::Contacts => Some("Contacts"),
+      Self::ContactsExcept => Some("ContactsExcept"),
+      Self::OnlyShareWith => Some("OnlyShareWith"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for StatusAudience {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for StatusAudience {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for StatusAudience {
+    type Output = StatusAudience;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for StatusAudience {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for StatusAudience {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for StatusAudience {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_BODY: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_BODY: u8 = 46;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_BODY: [Body; 47] = [
   Body::NONE,
   Body::Hello,
   Body::Welcome,
@@ -698,11 +806,12 @@ pub const ENUM_VALUES_BODY: [Body; 46] = [
   Body::GroupEvent,
   Body::BroadcastSend,
   Body::BroadcastAck,
+  Body::StatusPost,
 ];
 
 /// Every frame type. The union tag is the frame type on the wire: NONE = 0, Hello = 1, ...,
 /// GoingAway = 39, Migrate = 40, ContactsUpdate = 41, GroupSend = 42, GroupEvent = 43,
-/// BroadcastSend = 44, BroadcastAck = 45, in this order. Append only.
+/// BroadcastSend = 44, BroadcastAck = 45, StatusPost = 46, in this order. Append only.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 #[repr(transparent)]
 pub struct Body(pub u8);
@@ -754,9 +863,10 @@ impl Body {
   pub const GroupEvent: Self = Self(43);
   pub const BroadcastSend: Self = Self(44);
   pub const BroadcastAck: Self = Self(45);
+  pub const StatusPost: Self = Self(46);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 45;
+  pub const ENUM_MAX: u8 = 46;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Hello,
@@ -804,6 +914,7 @@ impl Body {
     Self::GroupEvent,
     Self::BroadcastSend,
     Self::BroadcastAck,
+    Self::StatusPost,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -854,6 +965,7 @@ impl Body {
       Self::GroupEvent => Some("GroupEvent"),
       Self::BroadcastSend => Some("BroadcastSend"),
       Self::BroadcastAck => Some("BroadcastAck"),
+      Self::StatusPost => Some("StatusPost"),
       _ => None,
     }
   }
@@ -7303,6 +7415,160 @@ impl ::core::fmt::Debug for BroadcastAck<'_> {
       ds.finish()
   }
 }
+pub enum StatusPostOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// c→s: post a status item. `body` is one ciphertext for the whole audience (encrypted with the
+/// poster's status sender key, handed out pairwise by the client, as for groups). Only audience
+/// members who have the poster in their own contacts get it, as a Deliver of kind Status; it
+/// expires 24 hours after posting everywhere. Answered by SendAck.
+pub struct StatusPost<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for StatusPost<'a> {
+  type Inner = StatusPost<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> StatusPost<'a> {
+  pub const VT_MSG_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_AUDIENCE: ::flatbuffers::VOffsetT = 6;
+  pub const VT_USERS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_BODY: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    StatusPost { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args StatusPostArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<StatusPost<'bldr>> {
+    let mut builder = StatusPostBuilder::new(_fbb);
+    if let Some(x) = args.body { builder.add_body(x); }
+    if let Some(x) = args.users { builder.add_users(x); }
+    if let Some(x) = args.msg_id { builder.add_msg_id(x); }
+    builder.add_audience(args.audience);
+    builder.finish()
+  }
+
+
+  /// Required. (device, recipient, msg_id) is the idempotency key, as for Send.
+  #[inline]
+  pub fn msg_id(&self) -> Option<&'a MsgId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<MsgId>(StatusPost::VT_MSG_ID, None)}
+  }
+  #[inline]
+  pub fn audience(&self) -> StatusAudience {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<StatusAudience>(StatusPost::VT_AUDIENCE, Some(StatusAudience::Contacts)).unwrap()}
+  }
+  /// At most PRIVACY_CONTACTS_MAX (4096).
+  #[inline]
+  pub fn users(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(StatusPost::VT_USERS, None)}
+  }
+  /// At most CIPHERTEXT_BYTES_MAX (64 KiB).
+  #[inline]
+  pub fn body(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(StatusPost::VT_BODY, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for StatusPost<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<MsgId>("msg_id", Self::VT_MSG_ID, false)?
+     .visit_field::<StatusAudience>("audience", Self::VT_AUDIENCE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("users", Self::VT_USERS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("body", Self::VT_BODY, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct StatusPostArgs<'a> {
+    pub msg_id: Option<&'a MsgId>,
+    pub audience: StatusAudience,
+    pub users: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub body: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+}
+impl<'a> Default for StatusPostArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    StatusPostArgs {
+      msg_id: None,
+      audience: StatusAudience::Contacts,
+      users: None,
+      body: None,
+    }
+  }
+}
+
+pub struct StatusPostBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> StatusPostBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_msg_id(&mut self, msg_id: &MsgId) {
+    self.fbb_.push_slot_always::<&MsgId>(StatusPost::VT_MSG_ID, msg_id);
+  }
+  #[inline]
+  pub fn add_audience(&mut self, audience: StatusAudience) {
+    self.fbb_.push_slot::<StatusAudience>(StatusPost::VT_AUDIENCE, audience, StatusAudience::Contacts);
+  }
+  #[inline]
+  pub fn add_users(&mut self, users: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(StatusPost::VT_USERS, users);
+  }
+  #[inline]
+  pub fn add_body(&mut self, body: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(StatusPost::VT_BODY, body);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> StatusPostBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    StatusPostBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<StatusPost<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for StatusPost<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("StatusPost");
+      ds.field("msg_id", &self.msg_id());
+      ds.field("audience", &self.audience());
+      ds.field("users", &self.users());
+      ds.field("body", &self.body());
+      ds.finish()
+  }
+}
 pub enum MediaUploadRequestOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -9007,6 +9273,21 @@ impl<'a> Frame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_status_post(&self) -> Option<StatusPost<'a>> {
+    if self.body_type() == Body::StatusPost {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { StatusPost::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Frame<'_> {
@@ -9064,6 +9345,7 @@ impl ::flatbuffers::Verifiable for Frame<'_> {
           Body::GroupEvent => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GroupEvent>>("Body::GroupEvent", pos),
           Body::BroadcastSend => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<BroadcastSend>>("Body::BroadcastSend", pos),
           Body::BroadcastAck => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<BroadcastAck>>("Body::BroadcastAck", pos),
+          Body::StatusPost => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<StatusPost>>("Body::StatusPost", pos),
           _ => Ok(()),
         }
      })?
@@ -9442,6 +9724,13 @@ impl ::core::fmt::Debug for Frame<'_> {
         },
         Body::BroadcastAck => {
           if let Some(x) = self.body_as_broadcast_ack() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::StatusPost => {
+          if let Some(x) = self.body_as_status_post() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")

@@ -231,6 +231,8 @@ pub fn body(kind: FrameKind) -> BoxedStrategy<Body> {
                 Just(DeliverKind::Message),
                 Just(DeliverKind::Delivered),
                 Just(DeliverKind::Read),
+                Just(DeliverKind::Status),
+                Just(DeliverKind::StatusViewed),
             ],
             any::<MsgId>(),
             blob(CIPHERTEXT_BYTES_MAX),
@@ -259,7 +261,11 @@ pub fn body(kind: FrameKind) -> BoxedStrategy<Body> {
         K::Receipt => (
             any::<MsgId>(),
             any::<u64>(),
-            prop_oneof![Just(ReceiptKind::Delivered), Just(ReceiptKind::Read)],
+            prop_oneof![
+                Just(ReceiptKind::Delivered),
+                Just(ReceiptKind::Read),
+                Just(ReceiptKind::StatusViewed)
+            ],
             msg_ids(RECEIPT_MSG_IDS_MAX),
         )
             .prop_map(|(msg_id, to, kind, msg_ids)| {
@@ -483,6 +489,25 @@ pub fn body(kind: FrameKind) -> BoxedStrategy<Body> {
                 Body::BroadcastSend(BroadcastSend {
                     msg_id,
                     ciphertexts,
+                })
+            })
+            .boxed(),
+        K::StatusPost => (
+            any::<MsgId>(),
+            prop_oneof![
+                Just(StatusAudience::Contacts),
+                Just(StatusAudience::ContactsExcept),
+                Just(StatusAudience::OnlyShareWith),
+            ],
+            users(PRIVACY_CONTACTS_MAX),
+            blob(1024),
+        )
+            .prop_map(|(msg_id, audience, users, body)| {
+                Body::StatusPost(StatusPost {
+                    msg_id,
+                    audience,
+                    users,
+                    body,
                 })
             })
             .boxed(),
