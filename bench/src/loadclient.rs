@@ -590,9 +590,11 @@ impl Link {
                     ack: Some(d.seq),
                 },
                 // Not a message the bench counts; acked like a receipt.
-                DeliverKind::Delivered | DeliverKind::Read | DeliverKind::GroupEvent => {
-                    Incoming::Receipt { ack: d.seq }
-                }
+                DeliverKind::Delivered
+                | DeliverKind::Read
+                | DeliverKind::GroupEvent
+                | DeliverKind::Status
+                | DeliverKind::StatusViewed => Incoming::Receipt { ack: d.seq },
             },
             Body::SendAck(a) => {
                 let mut sent = [0u8; 8];

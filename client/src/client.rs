@@ -538,6 +538,64 @@ impl Client {
         Ok(ack)
     }
 
+    /// Sends one message to a broadcast list: one ciphertext per device of each recipient
+    /// (at most 256 users, never ourselves). Each recipient gets it as a 1:1 message, if it has
+    /// us in its contacts. Returns one result per recipient; re-encrypt and resend (same
+    /// `msg_id`) to those answered `MismatchedDevices` or with an `error`.
+    pub async fn broadcast_send(
+        &self,
+        msg_id: MsgId,
+        ciphertexts: Vec<DeviceCiphertext>,
+    ) -> Result<ringpost_wire::BroadcastAck> {
+        let answer = self
+            .request(ringpost_wire::BroadcastSend {
+                msg_id,
+                ciphertexts,
+            })
+            .await?;
+        let ack = expect!(answer, BroadcastAck)?;
+        if ack.msg_id != msg_id {
+            return Err(ClientError::Protocol(
+                "BroadcastAck for another msg_id".into(),
+            ));
+        }
+        Ok(ack)
+    }
+
+    /// Posts a status item (a 24-hour story) for `audience` (narrowed by `users`, at most
+    /// 4096): `body` is one ciphertext, encrypted with our status sender key, which we hand to
+    /// the audience pairwise ourselves. `SendAck{Ok}` once stored for the whole audience.
+    pub async fn status_post(
+        &self,
+        msg_id: MsgId,
+        audience: ringpost_wire::StatusAudience,
+        users: Vec<UserId>,
+        body: bytes::Bytes,
+    ) -> Result<SendAck> {
+        let answer = self
+            .request(ringpost_wire::StatusPost {
+                msg_id,
+                audience,
+                users,
+                body,
+            })
+            .await?;
+        let ack = expect!(answer, SendAck)?;
+        check_msg_id(&ack, msg_id)?;
+        Ok(ack)
+    }
+
+    /// Tells `poster` we viewed these of its statuses (several at once: coalesce them).
+    pub async fn status_viewed(
+        &self,
+        poster: UserId,
+        msg_id: MsgId,
+        statuses: Vec<MsgId>,
+    ) -> Result<SendAck> {
+        self.receipt(poster, msg_id, ReceiptKind::StatusViewed, statuses)
+            .await
+    }
+
     /// Creates a group with these members (we are its first admin); the node picks its id.
     pub async fn group_create(
         &self,

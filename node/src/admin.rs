@@ -91,6 +91,8 @@ async fn handle(mut stream: TcpStream, server: Arc<Server>) -> std::io::Result<(
             let mut body = server.metrics.render_with(&server.groups.metrics);
             server.presence.metrics.render(&mut body);
             server.inbox.group_bodies().render(&mut body);
+            server.broadcast.render(&mut body);
+            server.status.metrics.render(&mut body);
             respond(&mut stream, 200, "text/plain; version=0.0.4", &body).await
         }
         ("GET", "/healthz") => respond(&mut stream, 200, "text/plain", "ok\n").await,

@@ -209,10 +209,21 @@ impl Server {
         let now_ms = self.now_ms();
         // A message from a user the recipient blocks: answered like a stored one (after the
         // device check, so the answer is the same as for anyone else) and dropped.
-        let blocked = store.kind == StoreKind::Message
+        let blocked = matches!(store.kind, StoreKind::Message | StoreKind::Status)
             && store.from_user != store.to_user
             && match self.contacts.is_blocked(store.to_user, store.from_user) {
                 Ok(b) => b,
+                Err(e) => {
+                    let answer = error(ErrorCode::Internal, &e.to_string());
+                    return Box::pin(async move { stored_refusal(answer) });
+                }
+            };
+        // A broadcast to a user that does not have the sender as a contact: the same (see
+        // `crate::broadcast`).
+        let not_contact = store.require_contact
+            && !blocked
+            && match self.contacts.is_contact(store.to_user, store.from_user) {
+                Ok(c) => !c,
                 Err(e) => {
                     let answer = error(ErrorCode::Internal, &e.to_string());
                     return Box::pin(async move { stored_refusal(answer) });
@@ -224,6 +235,8 @@ impl Server {
             StoreKind::Read => EntryKind::Read,
             StoreKind::GroupMessage => EntryKind::GroupMessage,
             StoreKind::GroupEvent => EntryKind::GroupEvent,
+            StoreKind::Status => EntryKind::Status,
+            StoreKind::StatusViewed => EntryKind::StatusViewed,
         };
         let entry = |body: Vec<u8>| Entry {
             kind,
@@ -233,7 +246,8 @@ impl Server {
             // The owner's clock stamps and expires entries (see `crate::clock`), not the
             // sender's.
             server_time_ms: now_ms,
-            expires_at_ms: 0, // set by the inbox
+            // The inbox sets it to its retention, or keeps this if sooner.
+            expires_at_ms: store.expires_at_ms,
             body: body.into(),
             receipt_msg_ids: store.receipt_msg_ids.clone(),
             sole_copy: false, // set by the inbox
@@ -264,8 +278,12 @@ impl Server {
                 if !missing.is_empty() || !extra.is_empty() {
                     return Box::pin(async { Stored::Mismatched { missing, extra } });
                 }
-                if blocked {
-                    self.presence.metrics.blocked_sends.fetch_add(1, Relaxed);
+                if blocked || not_contact {
+                    if blocked {
+                        self.presence.metrics.blocked_sends.fetch_add(1, Relaxed);
+                    } else {
+                        self.broadcast.recipients_not_contact.fetch_add(1, Relaxed);
+                    }
                     return Box::pin(async move {
                         Stored::Stored {
                             server_time_ms: now_ms,
@@ -275,6 +293,16 @@ impl Server {
                 list.iter().map(|(d, b)| (*d, entry(b.clone()))).collect()
             }
             Targets::AllDevices(ref body) => {
+                if blocked || not_contact {
+                    if not_contact {
+                        self.status.metrics.not_contact.fetch_add(1, Relaxed);
+                    }
+                    return Box::pin(async move {
+                        Stored::Stored {
+                            server_time_ms: now_ms,
+                        }
+                    });
+                }
                 expected.iter().map(|&d| (d, entry(body.clone()))).collect()
             }
         };

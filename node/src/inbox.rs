@@ -245,8 +245,9 @@ pub struct Append {
     /// `msg_id` (it is also the key its `delivered` receipt is tracked under).
     pub dedup: Option<DedupKey>,
     /// `(device, entry)` pairs; `server_time_ms` and `expires_at_ms` of the entries are set by
-    /// the inbox (to `now_ms` and `now_ms + retention`). May be empty: a deduped append then
-    /// only records its key.
+    /// the inbox (to `now_ms` and `now_ms + retention`, or the entry's own non-zero
+    /// `expires_at_ms` if that is sooner: a status's). May be empty: a deduped append then only
+    /// records its key.
     pub entries: Vec<(DeviceId, Entry)>,
     pub now_ms: u64,
 }

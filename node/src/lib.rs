@@ -11,6 +11,7 @@
 pub mod accounts;
 pub mod admin;
 pub mod admission;
+pub mod broadcast;
 pub mod budgets;
 pub mod clock;
 pub mod cluster;
@@ -36,5 +37,6 @@ pub mod server;
 pub mod session;
 pub mod shard;
 pub mod shard_rows;
+pub mod status;
 pub mod storage;
 pub mod transport;

@@ -209,6 +209,11 @@ struct RunArgs {
     #[arg(long, default_value_t = ringpost_node::conn::MIGRATE_SPREAD_MS_DEFAULT, env = "RINGPOST_MIGRATE_SPREAD_MS",
           value_parser = clap::value_parser!(u32).range(0..=i64::from(ringpost_node::conn::MIGRATE_SPREAD_MS_MAX)))]
     migrate_spread_ms: u32,
+    /// How long a status item lives after it is posted, in milliseconds (24 hours; shorter
+    /// only for tests).
+    #[arg(long, default_value_t = ringpost_node::status::STATUS_TTL_MS, env = "RINGPOST_STATUS_TTL_MS",
+          value_parser = clap::value_parser!(u64).range(1..=ringpost_node::status::STATUS_TTL_MS))]
+    status_ttl_ms: u64,
     #[command(flatten)]
     common: Common,
 }
@@ -364,6 +369,7 @@ fn run_options(args: RunArgs) -> Result<NodeOptions> {
     opts.server.shard_count = args.shard_count;
     opts.replicate = args.replicate;
     opts.server.migrate_spread_ms = args.migrate_spread_ms;
+    opts.server.status_ttl_ms = args.status_ttl_ms;
     if !args.coordinator.is_empty() {
         let secret = match (args.cluster_secret, args.cluster_secret_file) {
             (Some(s), None) => s.into_bytes(),

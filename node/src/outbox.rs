@@ -98,6 +98,8 @@ async fn send_outbox(server: &Arc<Server>, user: u64) -> Result<(), String> {
                 except: None,
                 receipt_msg_ids: receipt.msg_ids,
                 dedup: false,
+                require_contact: false,
+                expires_at_ms: 0,
             });
             stores.push(async move { (seq, entry.header(), stored.await) });
         }

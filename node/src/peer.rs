@@ -38,7 +38,8 @@ use crate::shard::ShardId;
 /// 2: `Typing` carries `recording`; the presence requests (`PresenceWatch`, `PresenceUnwatch`,
 /// `PresenceChanged`) and `PeerResponse::PresenceViews`; the group families joined `SHARD_CFS`
 /// and the group requests were added.
-/// 3: `Blockers`, `GroupTyping` and `PeerResponse::Users`; group logs may hold receipt records.
+/// 3: `Blockers`, `GroupTyping` and `PeerResponse::Users`; group logs may hold receipt records;
+/// `Store` carries `require_contact` (broadcast lists) and `expires_at_ms` (statuses).
 pub const PEER_PROTOCOL_VERSION: u16 = 3;
 /// How long a forwarded request may take before the sender gives up on that attempt.
 pub const PEER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -51,6 +52,9 @@ pub enum StoreKind {
     Read,
     GroupMessage,
     GroupEvent,
+    /// A status item ([`crate::status`]).
+    Status,
+    StatusViewed,
 }
 
 /// Who gets an entry.
@@ -77,6 +81,11 @@ pub struct Store {
     pub receipt_msg_ids: Vec<MsgId>,
     /// Deduplicate by (from_user, from_device, msg_id).
     pub dedup: bool,
+    /// Store only if `to_user` has `from_user` in its contacts (a broadcast list, see
+    /// [`crate::broadcast`]); otherwise answer as if stored and drop it, like a block.
+    pub require_contact: bool,
+    /// When the entries expire, if sooner than the inbox's retention (a status); 0: retention.
+    pub expires_at_ms: u64,
 }
 
 /// What a [`Store`] did.

@@ -51,6 +51,9 @@ pub struct ServerConfig {
     /// milliseconds (`Migrate.reconnect_after_ms` is drawn from `[0, this]`); at most
     /// [`crate::conn::MIGRATE_SPREAD_MS_MAX`].
     pub migrate_spread_ms: u32,
+    /// How long a status lives after it is posted ([`crate::status::STATUS_TTL_MS`]; tests
+    /// shorten it).
+    pub status_ttl_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -64,6 +67,7 @@ impl Default for ServerConfig {
             preauth: Default::default(),
             budgets: Default::default(),
             migrate_spread_ms: crate::conn::MIGRATE_SPREAD_MS_DEFAULT,
+            status_ttl_ms: crate::status::STATUS_TTL_MS,
         }
     }
 }
@@ -104,6 +108,9 @@ pub struct Server {
     /// Group states and fan-out logs of the groups this node owns ([`crate::groups`]).
     pub groups: Arc<crate::groups::Groups>,
     pub(crate) fanout: crate::groups::fanout::Fanout,
+    pub broadcast: crate::broadcast::BroadcastMetrics,
+    /// Statuses' posting limits and counters ([`crate::status`]).
+    pub status: crate::status::Status,
     pub registry: Arc<Registry>,
     /// Places of unauthenticated connections (see [`crate::admission`]).
     pub admission: Arc<crate::admission::Admission>,
@@ -154,6 +161,8 @@ impl Server {
                 config.shard_count,
             )),
             fanout: Default::default(),
+            broadcast: Default::default(),
+            status: crate::status::Status::new(config.status_ttl_ms),
             registry,
             admission: crate::admission::Admission::new(config.preauth),
             metrics,
@@ -216,6 +225,7 @@ impl Server {
         self.limiter.shrink_to_fit();
         self.budgets.prune();
         self.presence.prune();
+        self.status.prune();
     }
 
     /// Executes one session request. Synchronous checks run now; the returned future waits
@@ -409,7 +419,26 @@ impl Server {
     }
 
     fn rate_limited(&self, user: UserId, device: DeviceId) -> Option<Answer> {
-        match self.limiter.check_key(&(user, device)) {
+        self.rate_limited_n(user, device, NonZeroU32::MIN)
+    }
+
+    /// [`Server::rate_limited`] charged `n` times at once (a broadcast, once per recipient).
+    fn rate_limited_n(&self, user: UserId, device: DeviceId, n: NonZeroU32) -> Option<Answer> {
+        let checked = match self.limiter.check_key_n(&(user, device), n) {
+            Ok(checked) => checked,
+            // More than the burst: can never pass.
+            Err(_) => {
+                self.metrics.rate_limited.fetch_add(1, Relaxed);
+                return Some(error(
+                    ErrorCode::LimitExceeded,
+                    &format!(
+                        "{n} sends at once exceed the burst of {}",
+                        self.config.device_burst
+                    ),
+                ));
+            }
+        };
+        match checked {
             Ok(()) => None,
             Err(not_until) => {
                 self.metrics.rate_limited.fetch_add(1, Relaxed);
@@ -463,6 +492,25 @@ impl Server {
                     self.typing(user, device, t);
                 }
                 Box::pin(async { Answer::Frames(vec![]) })
+            }
+            // Broadcast lists (crate::broadcast), charged once per recipient.
+            Body::BroadcastSend(b) => {
+                let recipients = match crate::broadcast::recipients(user, &b) {
+                    Ok(r) => r,
+                    Err(refused) => return Box::pin(async move { refused }),
+                };
+                let n = NonZeroU32::new(recipients.len() as u32).unwrap_or(NonZeroU32::MIN);
+                if let Some(limited) = self.rate_limited_n(user, device, n) {
+                    return Box::pin(async move { limited });
+                }
+                crate::broadcast::send(self, user, device, b.msg_id, recipients)
+            }
+            // Statuses (crate::status), charged to the messaging limit and the posting limit.
+            Body::StatusPost(p) => {
+                if let Some(limited) = self.rate_limited(user, device) {
+                    return Box::pin(async move { limited });
+                }
+                crate::status::post(self, user, device, p)
             }
             // Contacts and presence (crate::presence::serve).
             Body::PresenceSubscribe(_) | Body::SetPrivacy(_) | Body::ContactsUpdate(_) => {
@@ -740,6 +788,8 @@ impl Server {
             except: (to_user == user).then_some(device),
             receipt_msg_ids: Vec::new(),
             dedup: true,
+            require_contact: false,
+            expires_at_ms: 0,
         });
         let own_append = (!own_entries.is_empty()).then_some(Append {
             to_user: user,
@@ -830,6 +880,7 @@ impl Server {
         let kind = match r.kind {
             ringpost_wire::ReceiptKind::Read => StoreKind::Read,
             ringpost_wire::ReceiptKind::Delivered => StoreKind::Delivered,
+            ringpost_wire::ReceiptKind::StatusViewed => StoreKind::StatusViewed,
         };
         let msg_id = r.msg_id;
         let stored = self.store(Store {
@@ -842,6 +893,8 @@ impl Server {
             except: (r.to == user).then_some(device),
             receipt_msg_ids: r.msg_ids,
             dedup: true,
+            require_contact: false,
+            expires_at_ms: 0,
         });
         Box::pin(async move {
             match stored.await {

@@ -412,6 +412,8 @@ fn adding_a_node_under_traffic_moves_users_without_losing_messages() {
             except: None,
             receipt_msg_ids: vec![],
             dedup: true,
+            require_contact: false,
+            expires_at_ms: 0,
         };
         // The test's peer is a member of the cluster (node 99, joined with its own key; never
         // active, so it owns nothing).

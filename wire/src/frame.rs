@@ -77,6 +77,9 @@ pub enum Body {
     GroupSend(GroupSend),
     GroupEvent(GroupEvent),
     GroupReceipt(GroupReceipt),
+    BroadcastSend(BroadcastSend),
+    BroadcastAck(BroadcastAck),
+    StatusPost(StatusPost),
 }
 
 /// Which side may send a frame type.
@@ -197,6 +200,9 @@ frame_types!(
     GroupSend = 42 ToServer,
     GroupEvent = 43 ToClient,
     GroupReceipt = 44 ToServer,
+    BroadcastSend = 45 ToServer,
+    BroadcastAck = 46 ToClient,
+    StatusPost = 47 ToServer,
 );
 
 impl std::fmt::Display for FrameKind {
@@ -406,6 +412,10 @@ pub enum DeliverKind {
     GroupMessage = 3,
     /// `body` is an encoded [`Frame`] holding a [`GroupEvent`]: the group changed.
     GroupEvent = 4,
+    /// `body` is a status item `from_user` posted; it expires 24 hours after `server_time_ms`.
+    Status = 5,
+    /// `from_user` viewed the statuses `receipt_msg_ids` this user posted.
+    StatusViewed = 6,
 }
 
 /// s→c: one inbox entry for this device. Ack it by `seq`.
@@ -437,6 +447,8 @@ pub struct DeliverAck {
 pub enum ReceiptKind {
     Delivered = 0,
     Read = 1,
+    /// `msg_ids` are statuses of `to` this user viewed.
+    StatusViewed = 2,
 }
 
 /// c→s: tell `to` (every device) that these of its messages were read. Routed like a message.
@@ -739,4 +751,57 @@ pub struct Migrate {
     /// Wait this long before reconnecting: the node draws it per connection from its migrate
     /// interval, so the devices of a moved shard do not all reconnect at once.
     pub reconnect_after_ms: u32,
+}
+
+/// c→s: one message to several users (a broadcast list), one ciphertext per device of each
+/// recipient (grouped by `DeviceCiphertext::user`). Answered by `BroadcastAck`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BroadcastSend {
+    /// (sender device, recipient, msg_id) is the idempotency key, as for `Send`.
+    pub msg_id: MsgId,
+    pub ciphertexts: Vec<DeviceCiphertext>,
+}
+
+/// The outcome of a `BroadcastSend` for one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BroadcastResult {
+    pub user: UserId,
+    /// As in `SendAck`, for this recipient alone; meaningless when `error` is set.
+    pub status: SendStatus,
+    pub missing: Vec<DeviceId>,
+    pub extra: Vec<DeviceId>,
+    pub full_devices: Vec<DeviceId>,
+    /// Non-zero: nothing was stored for this recipient; an error code to retry it on.
+    pub error: u16,
+    pub retry_after_ms: u32,
+}
+
+/// s→c: one result per recipient of a `BroadcastSend`, in the order they first appear in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BroadcastAck {
+    pub msg_id: MsgId,
+    pub server_time_ms: u64,
+    pub results: Vec<BroadcastResult>,
+}
+
+/// Who a status item is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum StatusAudience {
+    /// Every user in the poster's contact list.
+    #[default]
+    Contacts = 0,
+    /// The poster's contacts except `users`.
+    ContactsExcept = 1,
+    /// Only those of `users` in the poster's contact list.
+    OnlyShareWith = 2,
+}
+
+/// c→s: post a status item (one ciphertext for the whole audience). Answered by `SendAck`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusPost {
+    pub msg_id: MsgId,
+    pub audience: StatusAudience,
+    pub users: Vec<UserId>,
+    pub body: Bytes,
 }

@@ -25,6 +25,16 @@ pub const GROUP_CIPHERTEXT_BYTES_MAX: usize = 48 * 1024;
 /// sender.
 pub const SEND_CIPHERTEXTS_MAX: usize = 2 * DEVICES_PER_USER_MAX;
 
+/// Distinct recipients of one `BroadcastSend` (a broadcast list's size).
+pub const BROADCAST_RECIPIENTS_MAX: usize = 256;
+
+/// Ciphertexts in one `BroadcastSend`: every device of every recipient. The frame itself is
+/// still bounded by [`FRAME_BYTES_MAX`], which is what bounds the bytes a node holds for one.
+pub const BROADCAST_CIPHERTEXTS_MAX: usize = BROADCAST_RECIPIENTS_MAX * DEVICES_PER_USER_MAX;
+
+/// Devices named in one field of a `BroadcastResult` (as in `MismatchedDevices`).
+pub const BROADCAST_RESULT_DEVICES_MAX: usize = SEND_CIPHERTEXTS_MAX;
+
 /// Sequence numbers acknowledged by one `DeliverAck`, and message ids in one receipt.
 pub const ACK_SEQS_MAX: usize = 256;
 
@@ -93,16 +103,18 @@ pub const TYPING_PER_S_MAX: u32 = 2;
 /// without a lockstep change here. Bounds the verifier's recursion.
 pub const VERIFY_DEPTH_MAX: usize = 8;
 
-/// Tables the verifier visits in one frame. The largest legal frame has 104 (a `PrekeyUpload`
-/// with a signed prekey and 100 one-time prekeys); a frame over this is malformed whatever its
-/// list lengths say.
-pub const VERIFY_TABLES_MAX: usize = 1024;
+/// Tables the verifier visits in one frame. The largest legal frame has 1282 (a
+/// `BroadcastSend` with [`BROADCAST_CIPHERTEXTS_MAX`] ciphertexts); a frame over this is
+/// malformed whatever its list lengths say. Verification stays linear in the frame size
+/// ([`VERIFY_APPARENT_BYTES_MAX`]).
+pub const VERIFY_TABLES_MAX: usize = 2048;
 
 /// Bytes the verifier may read in one frame, counting bytes reached twice (through shared
 /// offsets) twice: twice the frame bound, so verification is linear in the frame size.
 pub const VERIFY_APPARENT_BYTES_MAX: usize = 2 * FRAME_BYTES_MAX;
 
 const _: () = assert!(3 + PREKEYS_PER_UPLOAD_MAX < VERIFY_TABLES_MAX);
+const _: () = assert!(2 + BROADCAST_CIPHERTEXTS_MAX < VERIFY_TABLES_MAX);
 
 /// `text` cut to at most [`STRING_BYTES_MAX`] bytes on a character boundary, ending in "…" when
 /// it was cut. For text a server or client makes itself (error messages, close reasons), which

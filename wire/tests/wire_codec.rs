@@ -499,6 +499,44 @@ fn frame_with(field: &str, len: usize) -> Frame {
             join_code: blob(len),
             ..GroupUpdate::new([1; 16])
         }),
+        "BroadcastSend.ciphertexts" => Body::BroadcastSend(BroadcastSend {
+            msg_id: [1; 16],
+            ciphertexts: (0..len)
+                .map(|i| DeviceCiphertext {
+                    user: i as u64,
+                    device: 1,
+                    body: Bytes::new(),
+                })
+                .collect(),
+        }),
+        "StatusPost.users" => Body::StatusPost(StatusPost {
+            msg_id: [1; 16],
+            audience: StatusAudience::OnlyShareWith,
+            users: ids(len),
+            body: Bytes::new(),
+        }),
+        "StatusPost.body" => Body::StatusPost(StatusPost {
+            msg_id: [1; 16],
+            audience: StatusAudience::Contacts,
+            users: vec![],
+            body: blob(len),
+        }),
+        "BroadcastAck.results" => broadcast_ack(len, 0),
+        "BroadcastResult.missing" => broadcast_ack(1, len),
+        "BroadcastResult.extra" => Body::BroadcastAck(BroadcastAck {
+            results: vec![BroadcastResult {
+                extra: vec![2; len],
+                ..broadcast_result()
+            }],
+            ..ack_of(vec![])
+        }),
+        "BroadcastResult.full_devices" => Body::BroadcastAck(BroadcastAck {
+            results: vec![BroadcastResult {
+                full_devices: vec![2; len],
+                ..broadcast_result()
+            }],
+            ..ack_of(vec![])
+        }),
         "GroupSend.body" => Body::GroupSend(GroupSend {
             group: [1; 16],
             msg_id: [2; 16],
@@ -1001,4 +1039,32 @@ proptest! {
             );
         }
     }
+}
+
+fn broadcast_result() -> BroadcastResult {
+    BroadcastResult {
+        user: 1,
+        status: SendStatus::MismatchedDevices,
+        missing: vec![],
+        extra: vec![],
+        full_devices: vec![],
+        error: 0,
+        retry_after_ms: 0,
+    }
+}
+
+fn ack_of(results: Vec<BroadcastResult>) -> BroadcastAck {
+    BroadcastAck {
+        msg_id: [1; 16],
+        server_time_ms: 1,
+        results,
+    }
+}
+
+fn broadcast_ack(results: usize, missing: usize) -> Body {
+    let result = BroadcastResult {
+        missing: vec![2; missing],
+        ..broadcast_result()
+    };
+    Body::BroadcastAck(ack_of(vec![result; results]))
 }

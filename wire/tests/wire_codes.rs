@@ -121,7 +121,7 @@ fn decode_and_encode_errors_map_to_pinned_codes() {
 
 #[test]
 fn frame_type_tags_are_pinned() {
-    let pinned: [(FrameKind, u8); 44] = [
+    let pinned: [(FrameKind, u8); 47] = [
         (FrameKind::Hello, 1),
         (FrameKind::Welcome, 2),
         (FrameKind::Redirect, 3),
@@ -166,6 +166,9 @@ fn frame_type_tags_are_pinned() {
         (FrameKind::GroupSend, 42),
         (FrameKind::GroupEvent, 43),
         (FrameKind::GroupReceipt, 44),
+        (FrameKind::BroadcastSend, 45),
+        (FrameKind::BroadcastAck, 46),
+        (FrameKind::StatusPost, 47),
     ];
     assert_eq!(
         FrameKind::ALL.len(),

@@ -95,13 +95,18 @@ fn limit_table_matches_the_code() {
         .filter(|r| r.len() == 3 && r[0].starts_with('`'))
         .map(|r| (r[0].trim_matches('`').to_owned(), r[1].clone()))
         .collect();
-    let limits: [(&str, u64); 24] = [
+    let limits: [(&str, u64); 26] = [
         ("FRAME_BYTES_MAX", FRAME_BYTES_MAX as u64),
         ("CIPHERTEXT_BYTES_MAX", CIPHERTEXT_BYTES_MAX as u64),
         ("DEVICES_PER_USER_MAX", DEVICES_PER_USER_MAX as u64),
         ("SEND_CIPHERTEXTS_MAX", SEND_CIPHERTEXTS_MAX as u64),
         ("ACK_SEQS_MAX", ACK_SEQS_MAX as u64),
         ("RECEIPT_MSG_IDS_MAX", RECEIPT_MSG_IDS_MAX as u64),
+        ("BROADCAST_RECIPIENTS_MAX", BROADCAST_RECIPIENTS_MAX as u64),
+        (
+            "BROADCAST_CIPHERTEXTS_MAX",
+            BROADCAST_CIPHERTEXTS_MAX as u64,
+        ),
         ("PRESENCE_USERS_MAX", PRESENCE_USERS_MAX as u64),
         ("PRIVACY_CONTACTS_MAX", PRIVACY_CONTACTS_MAX as u64),
         ("CONTACTS_MAX", CONTACTS_MAX as u64),

@@ -143,5 +143,6 @@ fn frame_kind_names_and_directions() {
         assert_eq!(FrameKind::from_tag(kind.tag()), Some(kind));
     }
     assert_eq!(FrameKind::from_tag(0), None);
-    assert_eq!(FrameKind::from_tag(45), None);
+    let past_the_last = u8::try_from(FrameKind::ALL.len() + 1).unwrap();
+    assert_eq!(FrameKind::from_tag(past_the_last), None);
 }

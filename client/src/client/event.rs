@@ -60,6 +60,20 @@ pub enum Event {
         msg_ids: Vec<MsgId>,
         server_time_ms: u64,
     },
+    /// A status item a contact posted (kind `Status`): the one ciphertext, encrypted with the
+    /// poster's status sender key, is in `body`. It expires 24 hours after `server_time_ms`.
+    Status(Deliver),
+    /// `by_user` viewed these statuses of ours (kind `StatusViewed`).
+    StatusViewed {
+        seq: u64,
+        by_user: UserId,
+        by_device: DeviceId,
+        /// The receipt's own id (the viewer's `Receipt.msg_id`).
+        msg_id: MsgId,
+        /// The statuses viewed.
+        msg_ids: Vec<MsgId>,
+        server_time_ms: u64,
+    },
     /// A contact started or stopped typing to us.
     Typing(Typing),
     /// A subscribed user came online or went away.
@@ -123,6 +137,15 @@ impl Event {
                 msg_ids: d.receipt_msg_ids,
                 server_time_ms: d.server_time_ms,
             },
+            DeliverKind::Status => Event::Status(d),
+            DeliverKind::StatusViewed => Event::StatusViewed {
+                seq: d.seq,
+                by_user: d.from_user,
+                by_device: d.from_device,
+                msg_id: d.msg_id,
+                msg_ids: d.receipt_msg_ids,
+                server_time_ms: d.server_time_ms,
+            },
             DeliverKind::Read => Event::Read {
                 seq: d.seq,
                 by_user: d.from_user,
@@ -137,7 +160,8 @@ impl Event {
     /// The inbox seq to acknowledge, for deliveries.
     pub fn seq(&self) -> Option<u64> {
         match self {
-            Event::Message(d) | Event::GroupMessage(d) => Some(d.seq),
+            Event::Message(d) | Event::GroupMessage(d) | Event::Status(d) => Some(d.seq),
+            Event::StatusViewed { seq, .. } => Some(*seq),
             Event::GroupChanged { seq, .. } => Some(*seq),
             Event::Delivered { seq, .. }
             | Event::Read { seq, .. }

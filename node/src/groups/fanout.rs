@@ -119,6 +119,8 @@ impl GroupBatch {
                     .filter_map(|c| MsgId::try_from(c).ok())
                     .collect(),
                 dedup: true,
+                require_contact: false,
+                expires_at_ms: 0,
             };
         }
         Store {
@@ -133,6 +135,8 @@ impl GroupBatch {
                 .then_some(self.from_device),
             receipt_msg_ids: Vec::new(),
             dedup: true,
+            require_contact: false,
+            expires_at_ms: 0,
         }
     }
 }

@@ -234,6 +234,11 @@ impl Groups {
         let kinds: &[Kind] = match kind {
             ReceiptKind::Delivered => &[Kind::Delivered],
             ReceiptKind::Read => &[Kind::Delivered, Kind::Read],
+            ReceiptKind::StatusViewed => {
+                return Err(GroupError::Malformed(
+                    "a group receipt's kind is Delivered or Read",
+                ))
+            }
         };
         let mut batch = WriteBatch::new();
         let mut overrides = Vec::new();

@@ -43,6 +43,10 @@ pub enum EntryKind {
     GroupMessage = 3,
     /// A group change; the body is `group | group_seq | GroupEvent frame`.
     GroupEvent = 4,
+    /// A status item ([`crate::status`]); expires 24 hours after it was posted.
+    Status = 5,
+    /// `from_user` viewed the statuses `receipt_msg_ids`.
+    StatusViewed = 6,
 }
 
 impl EntryKind {
@@ -53,6 +57,8 @@ impl EntryKind {
             2 => Some(EntryKind::Read),
             3 => Some(EntryKind::GroupMessage),
             4 => Some(EntryKind::GroupEvent),
+            5 => Some(EntryKind::Status),
+            6 => Some(EntryKind::StatusViewed),
             _ => None,
         }
     }
@@ -66,6 +72,8 @@ impl From<EntryKind> for DeliverKind {
             EntryKind::Read => DeliverKind::Read,
             EntryKind::GroupMessage => DeliverKind::GroupMessage,
             EntryKind::GroupEvent => DeliverKind::GroupEvent,
+            EntryKind::Status => DeliverKind::Status,
+            EntryKind::StatusViewed => DeliverKind::StatusViewed,
         }
     }
 }
@@ -79,7 +87,10 @@ pub struct Entry {
     pub msg_id: MsgId,
     /// Set by [`Inbox::append`](super::Inbox::append) to its `now_ms`.
     pub server_time_ms: u64,
-    /// Set by [`Inbox::append`](super::Inbox::append) to `now_ms + retention`.
+    /// Set by [`Inbox::append`](super::Inbox::append) to `now_ms + retention`, or kept if it is
+    /// non-zero and sooner than that (an entry that must expire early, like a status). Reads
+    /// skip an expired entry at once; the expiry sweep deletes it once it is the oldest entry
+    /// of its device on disk (entries of one retention expire in seq order).
     pub expires_at_ms: u64,
     /// Opaque ciphertext (empty for receipts).
     pub body: Bytes,
@@ -268,11 +279,13 @@ mod tests {
             EntryKind::Read,
             EntryKind::GroupMessage,
             EntryKind::GroupEvent,
+            EntryKind::Status,
+            EntryKind::StatusViewed,
         ] {
             assert_eq!(kind as u8, DeliverKind::from(kind) as u8);
             assert_eq!(EntryKind::from_u8(kind as u8), Some(kind));
         }
-        assert_eq!(EntryKind::from_u8(5), None);
+        assert_eq!(EntryKind::from_u8(7), None);
     }
 
     #[test]

@@ -628,6 +628,55 @@ async fn expiry_deletes_old_entries_and_dedup_records(fixture: Fixture) {
     );
 }
 
+/// An entry stored with its own, earlier expiry (a status) between two ordinary messages: reads
+/// skip it once it has expired, while the device has not drained; the sweep deletes it (and
+/// counts it acknowledged) once it is the oldest entry of its device on disk.
+async fn an_entry_may_expire_before_the_retention(fixture: Fixture) {
+    let (engine, _dir) = fixture;
+    const S: u64 = 1_000;
+    let inbox = Inbox::start(Arc::clone(&engine), config()).unwrap();
+    let t = now();
+    stored_seqs(inbox.append(send(A, 1, B, &[1], 1, t)).await.unwrap());
+    let mut short = send(A, 1, B, &[1], 2, t);
+    short.entries[0].1.expires_at_ms = t + 10 * S;
+    stored_seqs(inbox.append(short).await.unwrap());
+    // An expiry past the retention is cut to it.
+    let mut long = send(A, 1, B, &[1], 3, t);
+    long.entries[0].1.expires_at_ms = u64::MAX;
+    stored_seqs(inbox.append(long).await.unwrap());
+
+    let all = inbox.read(B, 1, 0, 100, t).unwrap();
+    let expiries: Vec<_> = all.iter().map(|(_, e)| e.expires_at_ms).collect();
+    assert_eq!(
+        expiries,
+        vec![
+            t + RETENTION_MS_DEFAULT,
+            t + 10 * S,
+            t + RETENTION_MS_DEFAULT
+        ]
+    );
+    let later = t + 20 * S;
+    assert_eq!(
+        seqs_of(&inbox.read(B, 1, 0, 100, later).unwrap()),
+        vec![1, 3]
+    );
+    // The older message is still on disk in front of it: the sweep stops there (readers skip
+    // it all the same, and the sweep deletes it once it is the oldest entry on disk).
+    assert_eq!(inbox.expire(later).await.unwrap(), 0);
+    assert_counts_match_disk(&*engine, &inbox);
+
+    // In front of the inbox (device 2 got only the short one and then a message), the sweep
+    // deletes it, counted as acknowledged.
+    let mut short = send(A, 1, B, &[2], 4, t);
+    short.entries[0].1.expires_at_ms = t + 10 * S;
+    stored_seqs(inbox.append(short).await.unwrap());
+    stored_seqs(inbox.append(send(A, 1, B, &[2], 5, t)).await.unwrap());
+    assert_eq!(inbox.expire(later).await.unwrap(), 1);
+    assert_eq!(seqs_of(&inbox.read(B, 2, 0, 100, t).unwrap()), vec![2]);
+    assert_eq!(inbox.entries_total(), 4);
+    assert_counts_match_disk(&*engine, &inbox);
+}
+
 async fn expiry_pages_through_many_devices(fixture: Fixture) {
     let (engine, _dir) = fixture;
     let inbox = Inbox::start(
@@ -961,6 +1010,7 @@ macro_rules! inbox_cases {
             seqs_are_never_reused_across_restarts,
             expiry_deletes_old_entries_and_dedup_records,
             expiry_pages_through_many_devices,
+            an_entry_may_expire_before_the_retention,
             drop_device_removes_its_entries_only,
             group_commit_groups_queued_requests,
             group_limits_split_groups,

@@ -675,7 +675,13 @@ impl<'a> Group<'a> {
         let seq = slot.cached.meta.allocate()?;
         slot.dirty = true;
         entry.server_time_ms = now_ms;
-        entry.expires_at_ms = now_ms.saturating_add(retention_ms);
+        // An entry may ask to expire sooner than the retention (a status, 24 hours after it
+        // was posted); never later.
+        let retained_until = now_ms.saturating_add(retention_ms);
+        entry.expires_at_ms = match entry.expires_at_ms {
+            0 => retained_until,
+            asked => asked.min(retained_until),
+        };
         let shard = shard_of(user, self.config.shard_count);
         let key = inbox_key(shard, user, device, seq);
         let value = match self.share_body(shard, &entry) {

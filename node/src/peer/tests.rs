@@ -34,6 +34,8 @@ fn messages_round_trip_and_garbage_is_an_error() {
         except: None,
         receipt_msg_ids: vec![],
         dedup: true,
+        require_contact: false,
+        expires_at_ms: 0,
     });
     let bytes = encode_request(4, req.clone()).unwrap();
     let env: Envelope = postcard::from_bytes(&bytes).unwrap();

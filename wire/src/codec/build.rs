@@ -415,6 +415,53 @@ fn body(fbb: &mut Fbb<'_>, body: &Body) -> Off<UnionWIPOffset> {
             };
             fb::GroupEvent::create(fbb, &args).as_union_value()
         }
+        Body::StatusPost(b) => {
+            let msg_id = fb::MsgId(b.msg_id);
+            let args = fb::StatusPostArgs {
+                msg_id: Some(&msg_id),
+                audience: b.audience.to_fb(),
+                users: scalars(fbb, &b.users),
+                body: bytes(fbb, &b.body),
+            };
+            fb::StatusPost::create(fbb, &args).as_union_value()
+        }
+        Body::BroadcastSend(b) => {
+            let ciphertexts = tables(fbb, &b.ciphertexts, |fbb, c| {
+                let args = fb::DeviceCiphertextArgs {
+                    user: c.user,
+                    device: c.device,
+                    body: bytes(fbb, &c.body),
+                };
+                fb::DeviceCiphertext::create(fbb, &args)
+            });
+            let msg_id = fb::MsgId(b.msg_id);
+            let args = fb::BroadcastSendArgs {
+                msg_id: Some(&msg_id),
+                ciphertexts,
+            };
+            fb::BroadcastSend::create(fbb, &args).as_union_value()
+        }
+        Body::BroadcastAck(b) => {
+            let results = tables(fbb, &b.results, |fbb, r| {
+                let args = fb::BroadcastResultArgs {
+                    user: r.user,
+                    status: r.status.to_fb(),
+                    missing: scalars(fbb, &r.missing),
+                    extra: scalars(fbb, &r.extra),
+                    full_devices: scalars(fbb, &r.full_devices),
+                    error: r.error,
+                    retry_after_ms: r.retry_after_ms,
+                };
+                fb::BroadcastResult::create(fbb, &args)
+            });
+            let msg_id = fb::MsgId(b.msg_id);
+            let args = fb::BroadcastAckArgs {
+                msg_id: Some(&msg_id),
+                server_time_ms: b.server_time_ms,
+                results,
+            };
+            fb::BroadcastAck::create(fbb, &args).as_union_value()
+        }
         Body::MediaUploadRequest(b) => {
             let args = fb::MediaUploadRequestArgs { size: b.size };
             fb::MediaUploadRequest::create(fbb, &args).as_union_value()

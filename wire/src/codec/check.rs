@@ -126,6 +126,16 @@ const GROUP_INFO_ADMINS: Max = Max::new("GroupInfo.admins", GROUP_MEMBERS_MAX);
 const GROUP_INFO_META: Max = Max::new("GroupInfo.meta", GROUP_META_BYTES_MAX);
 const GROUP_INFO_INVITE_CODE: Max = Max::new("GroupInfo.invite_code", GROUP_INVITE_CODE_BYTES);
 const GROUP_UPDATE_JOIN_CODE: Max = Max::new("GroupUpdate.join_code", GROUP_INVITE_CODE_BYTES);
+const BROADCAST_SEND_CIPHERTEXTS: Max =
+    Max::new("BroadcastSend.ciphertexts", BROADCAST_CIPHERTEXTS_MAX);
+const BROADCAST_ACK_RESULTS: Max = Max::new("BroadcastAck.results", BROADCAST_RECIPIENTS_MAX);
+const BROADCAST_RESULT_MISSING: Max =
+    Max::new("BroadcastResult.missing", BROADCAST_RESULT_DEVICES_MAX);
+const BROADCAST_RESULT_EXTRA: Max = Max::new("BroadcastResult.extra", BROADCAST_RESULT_DEVICES_MAX);
+const BROADCAST_RESULT_FULL_DEVICES: Max =
+    Max::new("BroadcastResult.full_devices", BROADCAST_RESULT_DEVICES_MAX);
+const STATUS_POST_USERS: Max = Max::new("StatusPost.users", PRIVACY_CONTACTS_MAX);
+const STATUS_POST_BODY: Max = Max::new("StatusPost.body", CIPHERTEXT_BYTES_MAX);
 const GROUP_SEND_BODY: Max = Max::new("GroupSend.body", GROUP_CIPHERTEXT_BYTES_MAX);
 const GROUP_EVENT_ADDED: Max = Max::new("GroupEvent.added", GROUP_MEMBERS_MAX);
 const GROUP_EVENT_REMOVED: Max = Max::new("GroupEvent.removed", GROUP_MEMBERS_MAX);
@@ -229,6 +239,13 @@ pub const BOUNDS: &[FieldBound] = &[
     GROUP_INFO_INVITE_CODE.bound(),
     GROUP_UPDATE_JOIN_CODE.bound(),
     GROUP_SEND_BODY.bound(),
+    BROADCAST_SEND_CIPHERTEXTS.bound(),
+    STATUS_POST_USERS.bound(),
+    STATUS_POST_BODY.bound(),
+    BROADCAST_ACK_RESULTS.bound(),
+    BROADCAST_RESULT_MISSING.bound(),
+    BROADCAST_RESULT_EXTRA.bound(),
+    BROADCAST_RESULT_FULL_DEVICES.bound(),
     GROUP_EVENT_ADDED.bound(),
     GROUP_EVENT_REMOVED.bound(),
     GROUP_EVENT_PROMOTED.bound(),
@@ -355,6 +372,26 @@ pub(crate) fn sent(body: &Body) -> Result<(), Violation> {
             GROUP_INFO_INVITE_CODE.check(b.invite_code.len())
         }
         Body::GroupSend(b) => GROUP_SEND_BODY.check(b.body.len()),
+        Body::StatusPost(b) => {
+            STATUS_POST_USERS.check(b.users.len())?;
+            STATUS_POST_BODY.check(b.body.len())
+        }
+        Body::BroadcastSend(b) => {
+            BROADCAST_SEND_CIPHERTEXTS.check(b.ciphertexts.len())?;
+            for c in &b.ciphertexts {
+                DEVICE_CIPHERTEXT_BODY.check(c.body.len())?;
+            }
+            Ok(())
+        }
+        Body::BroadcastAck(b) => {
+            BROADCAST_ACK_RESULTS.check(b.results.len())?;
+            for r in &b.results {
+                BROADCAST_RESULT_MISSING.check(r.missing.len())?;
+                BROADCAST_RESULT_EXTRA.check(r.extra.len())?;
+                BROADCAST_RESULT_FULL_DEVICES.check(r.full_devices.len())?;
+            }
+            Ok(())
+        }
         Body::GroupEvent(b) => {
             GROUP_EVENT_ADDED.check(b.added.len())?;
             GROUP_EVENT_REMOVED.check(b.removed.len())?;
@@ -613,6 +650,34 @@ pub(crate) fn received<'a>(root: fb::Frame<'a>, kind: FrameKind) -> Result<Hot<'
             GROUP_INFO_INVITE_CODE.check(vec_len(t.invite_code()))?;
             GroupPermission::received("GroupInfo.send", t.send())?;
             GroupPermission::received("GroupInfo.edit", t.edit())?;
+        }
+        K::StatusPost => {
+            let t = table(root.body_as_status_post())?;
+            required("StatusPost.msg_id", t.msg_id())?;
+            StatusAudience::received("StatusPost.audience", t.audience())?;
+            STATUS_POST_USERS.check(vec_len(t.users()))?;
+            STATUS_POST_BODY.check(vec_len(t.body()))?;
+        }
+        K::BroadcastSend => {
+            let t = table(root.body_as_broadcast_send())?;
+            required("BroadcastSend.msg_id", t.msg_id())?;
+            let ciphertexts = t.ciphertexts().unwrap_or_default();
+            BROADCAST_SEND_CIPHERTEXTS.check(ciphertexts.len())?;
+            for c in ciphertexts {
+                DEVICE_CIPHERTEXT_BODY.check(vec_len(c.body()))?;
+            }
+        }
+        K::BroadcastAck => {
+            let t = table(root.body_as_broadcast_ack())?;
+            required("BroadcastAck.msg_id", t.msg_id())?;
+            let results = t.results().unwrap_or_default();
+            BROADCAST_ACK_RESULTS.check(results.len())?;
+            for r in results {
+                SendStatus::received("BroadcastResult.status", r.status())?;
+                BROADCAST_RESULT_MISSING.check(vec_len(r.missing()))?;
+                BROADCAST_RESULT_EXTRA.check(vec_len(r.extra()))?;
+                BROADCAST_RESULT_FULL_DEVICES.check(vec_len(r.full_devices()))?;
+            }
         }
         K::GroupSend => {
             let t = table(root.body_as_group_send())?;

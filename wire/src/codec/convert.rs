@@ -92,7 +92,14 @@ enum_mapping!(DeliverKind {
     Delivered,
     Read,
     GroupMessage,
-    GroupEvent
+    GroupEvent,
+    Status,
+    StatusViewed
+});
+enum_mapping!(StatusAudience {
+    Contacts,
+    ContactsExcept,
+    OnlyShareWith
 });
 enum_mapping!(GroupPermission {
     Unchanged,
@@ -104,7 +111,11 @@ enum_mapping!(GroupInvite {
     Create,
     Revoke
 });
-enum_mapping!(ReceiptKind { Delivered, Read });
+enum_mapping!(ReceiptKind {
+    Delivered,
+    Read,
+    StatusViewed
+});
 enum_mapping!(Visibility {
     Everyone,
     Contacts,
@@ -442,6 +453,51 @@ pub(crate) fn body(
                 send: GroupPermission::received("GroupInfo.send", t.send())?,
                 edit: GroupPermission::received("GroupInfo.edit", t.edit())?,
                 invite_code: src.vec(t.invite_code()),
+            })
+        }
+        K::StatusPost => {
+            let t = table(root.body_as_status_post())?;
+            Body::StatusPost(StatusPost {
+                msg_id: required("StatusPost.msg_id", t.msg_id())?.0,
+                audience: StatusAudience::received("StatusPost.audience", t.audience())?,
+                users: scalars(t.users()),
+                body: src.vec(t.body()),
+            })
+        }
+        K::BroadcastSend => {
+            let t = table(root.body_as_broadcast_send())?;
+            Body::BroadcastSend(BroadcastSend {
+                msg_id: required("BroadcastSend.msg_id", t.msg_id())?.0,
+                ciphertexts: t
+                    .ciphertexts()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|c| DeviceCiphertext {
+                        user: c.user(),
+                        device: c.device(),
+                        body: src.vec(c.body()),
+                    })
+                    .collect(),
+            })
+        }
+        K::BroadcastAck => {
+            let t = table(root.body_as_broadcast_ack())?;
+            let mut results = Vec::new();
+            for r in t.results().unwrap_or_default() {
+                results.push(BroadcastResult {
+                    user: r.user(),
+                    status: SendStatus::received("BroadcastResult.status", r.status())?,
+                    missing: scalars(r.missing()),
+                    extra: scalars(r.extra()),
+                    full_devices: scalars(r.full_devices()),
+                    error: r.error(),
+                    retry_after_ms: r.retry_after_ms(),
+                });
+            }
+            Body::BroadcastAck(BroadcastAck {
+                msg_id: required("BroadcastAck.msg_id", t.msg_id())?.0,
+                server_time_ms: t.server_time_ms(),
+                results,
             })
         }
         K::GroupSend => {

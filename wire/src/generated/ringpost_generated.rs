@@ -192,15 +192,17 @@ impl ::flatbuffers::SimpleToVerifyInSlice for SendStatus {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_DELIVER_KIND: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_DELIVER_KIND: u8 = 4;
+pub const ENUM_MAX_DELIVER_KIND: u8 = 6;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_DELIVER_KIND: [DeliverKind; 5] = [
+pub const ENUM_VALUES_DELIVER_KIND: [DeliverKind; 7] = [
   DeliverKind::Message,
   DeliverKind::Delivered,
   DeliverKind::Read,
   DeliverKind::GroupMessage,
   DeliverKind::GroupEvent,
+  DeliverKind::Status,
+  DeliverKind::StatusViewed,
 ];
 
 /// What a Deliver carries. Unknown values are rejected (Malformed).
@@ -221,15 +223,22 @@ impl DeliverKind {
   /// `body` is an encoded Frame holding a GroupEvent: the group `group` changed at
   /// `group_seq`.
   pub const GroupEvent: Self = Self(4);
+  /// `body` is a status item `from_user` posted (see StatusPost); it expires 24 hours after
+  /// `server_time_ms`.
+  pub const Status: Self = Self(5);
+  /// `from_user` viewed the statuses `receipt_msg_ids` you posted.
+  pub const StatusViewed: Self = Self(6);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 4;
+  pub const ENUM_MAX: u8 = 6;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::Message,
     Self::Delivered,
     Self::Read,
     Self::GroupMessage,
     Self::GroupEvent,
+    Self::Status,
+    Self::StatusViewed,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -239,6 +248,8 @@ impl DeliverKind {
       Self::Read => Some("Read"),
       Self::GroupMessage => Some("GroupMessage"),
       Self::GroupEvent => Some("GroupEvent"),
+      Self::Status => Some("Status"),
+      Self::StatusViewed => Some("StatusViewed"),
       _ => None,
     }
   }
@@ -296,12 +307,13 @@ impl ::flatbuffers::SimpleToVerifyInSlice for DeliverKind {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_RECEIPT_KIND: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_RECEIPT_KIND: u8 = 1;
+pub const ENUM_MAX_RECEIPT_KIND: u8 = 2;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_RECEIPT_KIND: [ReceiptKind; 2] = [
+pub const ENUM_VALUES_RECEIPT_KIND: [ReceiptKind; 3] = [
   ReceiptKind::Delivered,
   ReceiptKind::Read,
+  ReceiptKind::StatusViewed,
 ];
 
 /// Which receipt. Unknown values are rejected (Malformed).
@@ -312,18 +324,22 @@ pub struct ReceiptKind(pub u8);
 impl ReceiptKind {
   pub const Delivered: Self = Self(0);
   pub const Read: Self = Self(1);
+  /// `msg_ids` are statuses of `to` that this user viewed (see StatusPost).
+  pub const StatusViewed: Self = Self(2);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 1;
+  pub const ENUM_MAX: u8 = 2;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::Delivered,
     Self::Read,
+    Self::StatusViewed,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
     match self {
       Self::Delivered => Some("Delivered"),
       Self::Read => Some("Read"),
+      Self::StatusViewed => Some("StatusViewed"),
       _ => None,
     }
   }
@@ -646,12 +662,104 @@ impl<'a> ::flatbuffers::Verifiable for GroupInvite {
 
 impl ::flatbuffers::SimpleToVerifyInSlice for GroupInvite {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MIN_BODY: u8 = 0;
+pub const ENUM_MIN_STATUS_AUDIENCE: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_BODY: u8 = 44;
+pub const ENUM_MAX_STATUS_AUDIENCE: u8 = 2;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_BODY: [Body; 45] = [
+pub const ENUM_VALUES_STATUS_AUDIENCE: [StatusAudience; 3] = [
+  StatusAudience::Contacts,
+  StatusAudience::ContactsExcept,
+  StatusAudience::OnlyShareWith,
+];
+
+/// Who a status item is for. Unknown values are rejected (Malformed).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct StatusAudience(pub u8);
+#[allow(non_upper_case_globals)]
+impl StatusAudience {
+  /// Every user in the poster's contact list.
+  pub const Contacts: Self = Self(0);
+  /// The poster's contacts except `users`.
+  pub const ContactsExcept: Self = Self(1);
+  /// Only those of `users` that are in the poster's contact list.
+  pub const OnlyShareWith: Self = Self(2);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 2;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::Contacts,
+    Self::ContactsExcept,
+    Self::OnlyShareWith,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::Contacts => Some("Contacts"),
+      Self::ContactsExcept => Some("ContactsExcept"),
+      Self::OnlyShareWith => Some("OnlyShareWith"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for StatusAudience {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for StatusAudience {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for StatusAudience {
+    type Output = StatusAudience;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for StatusAudience {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for StatusAudience {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for StatusAudience {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_BODY: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_BODY: u8 = 47;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_BODY: [Body; 48] = [
   Body::NONE,
   Body::Hello,
   Body::Welcome,
@@ -697,11 +805,14 @@ pub const ENUM_VALUES_BODY: [Body; 45] = [
   Body::GroupSend,
   Body::GroupEvent,
   Body::GroupReceipt,
+  Body::BroadcastSend,
+  Body::BroadcastAck,
+  Body::StatusPost,
 ];
 
 /// Every frame type. The union tag is the frame type on the wire: NONE = 0, Hello = 1, ...,
 /// GoingAway = 39, Migrate = 40, ContactsUpdate = 41, GroupSend = 42, GroupEvent = 43,
-/// GroupReceipt = 44, in this
+/// GroupReceipt = 44, BroadcastSend = 45, BroadcastAck = 46, StatusPost = 47, in this
 /// order. Append only.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 #[repr(transparent)]
@@ -753,9 +864,12 @@ impl Body {
   pub const GroupSend: Self = Self(42);
   pub const GroupEvent: Self = Self(43);
   pub const GroupReceipt: Self = Self(44);
+  pub const BroadcastSend: Self = Self(45);
+  pub const BroadcastAck: Self = Self(46);
+  pub const StatusPost: Self = Self(47);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 44;
+  pub const ENUM_MAX: u8 = 47;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Hello,
@@ -802,6 +916,9 @@ impl Body {
     Self::GroupSend,
     Self::GroupEvent,
     Self::GroupReceipt,
+    Self::BroadcastSend,
+    Self::BroadcastAck,
+    Self::StatusPost,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -851,6 +968,9 @@ impl Body {
       Self::GroupSend => Some("GroupSend"),
       Self::GroupEvent => Some("GroupEvent"),
       Self::GroupReceipt => Some("GroupReceipt"),
+      Self::BroadcastSend => Some("BroadcastSend"),
+      Self::BroadcastAck => Some("BroadcastAck"),
+      Self::StatusPost => Some("StatusPost"),
       _ => None,
     }
   }
@@ -6997,6 +7117,619 @@ impl ::core::fmt::Debug for GroupInfo<'_> {
       ds.finish()
   }
 }
+pub enum BroadcastSendOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// c→s: one message to several users (a broadcast list), each getting it as a 1:1 message:
+/// one ciphertext per device of each recipient, grouped by `user`. At most
+/// BROADCAST_RECIPIENTS_MAX (256) distinct users, none of them the sender; the whole frame is
+/// bounded by FRAME_BYTES_MAX. Only recipients who have the sender in their contacts get it;
+/// the others are answered like the rest and skipped. Answered by BroadcastAck.
+pub struct BroadcastSend<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for BroadcastSend<'a> {
+  type Inner = BroadcastSend<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> BroadcastSend<'a> {
+  pub const VT_MSG_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CIPHERTEXTS: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    BroadcastSend { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args BroadcastSendArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<BroadcastSend<'bldr>> {
+    let mut builder = BroadcastSendBuilder::new(_fbb);
+    if let Some(x) = args.ciphertexts { builder.add_ciphertexts(x); }
+    if let Some(x) = args.msg_id { builder.add_msg_id(x); }
+    builder.finish()
+  }
+
+
+  /// Required. (sender device, recipient, msg_id) is the idempotency key, as for Send.
+  #[inline]
+  pub fn msg_id(&self) -> Option<&'a MsgId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<MsgId>(BroadcastSend::VT_MSG_ID, None)}
+  }
+  /// At most BROADCAST_CIPHERTEXTS_MAX (1280); each body at most CIPHERTEXT_BYTES_MAX.
+  #[inline]
+  pub fn ciphertexts(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<DeviceCiphertext<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<DeviceCiphertext>>>>(BroadcastSend::VT_CIPHERTEXTS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for BroadcastSend<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<MsgId>("msg_id", Self::VT_MSG_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<DeviceCiphertext>>>>("ciphertexts", Self::VT_CIPHERTEXTS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct BroadcastSendArgs<'a> {
+    pub msg_id: Option<&'a MsgId>,
+    pub ciphertexts: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<DeviceCiphertext<'a>>>>>,
+}
+impl<'a> Default for BroadcastSendArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    BroadcastSendArgs {
+      msg_id: None,
+      ciphertexts: None,
+    }
+  }
+}
+
+pub struct BroadcastSendBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> BroadcastSendBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_msg_id(&mut self, msg_id: &MsgId) {
+    self.fbb_.push_slot_always::<&MsgId>(BroadcastSend::VT_MSG_ID, msg_id);
+  }
+  #[inline]
+  pub fn add_ciphertexts(&mut self, ciphertexts: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<DeviceCiphertext<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(BroadcastSend::VT_CIPHERTEXTS, ciphertexts);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> BroadcastSendBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    BroadcastSendBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<BroadcastSend<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for BroadcastSend<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("BroadcastSend");
+      ds.field("msg_id", &self.msg_id());
+      ds.field("ciphertexts", &self.ciphertexts());
+      ds.finish()
+  }
+}
+pub enum BroadcastResultOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// The outcome of a BroadcastSend for one recipient.
+pub struct BroadcastResult<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for BroadcastResult<'a> {
+  type Inner = BroadcastResult<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> BroadcastResult<'a> {
+  pub const VT_USER: ::flatbuffers::VOffsetT = 4;
+  pub const VT_STATUS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_MISSING: ::flatbuffers::VOffsetT = 8;
+  pub const VT_EXTRA: ::flatbuffers::VOffsetT = 10;
+  pub const VT_FULL_DEVICES: ::flatbuffers::VOffsetT = 12;
+  pub const VT_ERROR: ::flatbuffers::VOffsetT = 14;
+  pub const VT_RETRY_AFTER_MS: ::flatbuffers::VOffsetT = 16;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    BroadcastResult { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args BroadcastResultArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<BroadcastResult<'bldr>> {
+    let mut builder = BroadcastResultBuilder::new(_fbb);
+    builder.add_user(args.user);
+    builder.add_retry_after_ms(args.retry_after_ms);
+    if let Some(x) = args.full_devices { builder.add_full_devices(x); }
+    if let Some(x) = args.extra { builder.add_extra(x); }
+    if let Some(x) = args.missing { builder.add_missing(x); }
+    builder.add_error(args.error);
+    builder.add_status(args.status);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn user(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(BroadcastResult::VT_USER, Some(0)).unwrap()}
+  }
+  /// As in SendAck, for this recipient alone; meaningless when `error` is set.
+  #[inline]
+  pub fn status(&self) -> SendStatus {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<SendStatus>(BroadcastResult::VT_STATUS, Some(SendStatus::Ok)).unwrap()}
+  }
+  /// With MismatchedDevices: this user's devices the frame lacked / addressed wrongly. Each at
+  /// most BROADCAST_RESULT_DEVICES_MAX (10).
+  #[inline]
+  pub fn missing(&self) -> Option<::flatbuffers::Vector<'a, u32>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u32>>>(BroadcastResult::VT_MISSING, None)}
+  }
+  #[inline]
+  pub fn extra(&self) -> Option<::flatbuffers::Vector<'a, u32>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u32>>>(BroadcastResult::VT_EXTRA, None)}
+  }
+  /// With InboxFull: the devices whose inbox is full. At most BROADCAST_RESULT_DEVICES_MAX.
+  #[inline]
+  pub fn full_devices(&self) -> Option<::flatbuffers::Vector<'a, u32>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u32>>>(BroadcastResult::VT_FULL_DEVICES, None)}
+  }
+  /// Non-zero: nothing was stored for this recipient and this is the error code (e.g.
+  /// WrongOwner while its shard moves); retry it after `retry_after_ms`.
+  #[inline]
+  pub fn error(&self) -> u16 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u16>(BroadcastResult::VT_ERROR, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn retry_after_ms(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(BroadcastResult::VT_RETRY_AFTER_MS, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for BroadcastResult<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("user", Self::VT_USER, false)?
+     .visit_field::<SendStatus>("status", Self::VT_STATUS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u32>>>("missing", Self::VT_MISSING, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u32>>>("extra", Self::VT_EXTRA, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u32>>>("full_devices", Self::VT_FULL_DEVICES, false)?
+     .visit_field::<u16>("error", Self::VT_ERROR, false)?
+     .visit_field::<u32>("retry_after_ms", Self::VT_RETRY_AFTER_MS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct BroadcastResultArgs<'a> {
+    pub user: u64,
+    pub status: SendStatus,
+    pub missing: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u32>>>,
+    pub extra: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u32>>>,
+    pub full_devices: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u32>>>,
+    pub error: u16,
+    pub retry_after_ms: u32,
+}
+impl<'a> Default for BroadcastResultArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    BroadcastResultArgs {
+      user: 0,
+      status: SendStatus::Ok,
+      missing: None,
+      extra: None,
+      full_devices: None,
+      error: 0,
+      retry_after_ms: 0,
+    }
+  }
+}
+
+pub struct BroadcastResultBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> BroadcastResultBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_user(&mut self, user: u64) {
+    self.fbb_.push_slot::<u64>(BroadcastResult::VT_USER, user, 0);
+  }
+  #[inline]
+  pub fn add_status(&mut self, status: SendStatus) {
+    self.fbb_.push_slot::<SendStatus>(BroadcastResult::VT_STATUS, status, SendStatus::Ok);
+  }
+  #[inline]
+  pub fn add_missing(&mut self, missing: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u32>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(BroadcastResult::VT_MISSING, missing);
+  }
+  #[inline]
+  pub fn add_extra(&mut self, extra: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u32>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(BroadcastResult::VT_EXTRA, extra);
+  }
+  #[inline]
+  pub fn add_full_devices(&mut self, full_devices: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u32>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(BroadcastResult::VT_FULL_DEVICES, full_devices);
+  }
+  #[inline]
+  pub fn add_error(&mut self, error: u16) {
+    self.fbb_.push_slot::<u16>(BroadcastResult::VT_ERROR, error, 0);
+  }
+  #[inline]
+  pub fn add_retry_after_ms(&mut self, retry_after_ms: u32) {
+    self.fbb_.push_slot::<u32>(BroadcastResult::VT_RETRY_AFTER_MS, retry_after_ms, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> BroadcastResultBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    BroadcastResultBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<BroadcastResult<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for BroadcastResult<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("BroadcastResult");
+      ds.field("user", &self.user());
+      ds.field("status", &self.status());
+      ds.field("missing", &self.missing());
+      ds.field("extra", &self.extra());
+      ds.field("full_devices", &self.full_devices());
+      ds.field("error", &self.error());
+      ds.field("retry_after_ms", &self.retry_after_ms());
+      ds.finish()
+  }
+}
+pub enum BroadcastAckOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// s→c: the outcome of a BroadcastSend, one result per recipient in the order they first
+/// appear in the frame. A repeated (device, msg_id) gets the same results.
+pub struct BroadcastAck<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for BroadcastAck<'a> {
+  type Inner = BroadcastAck<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> BroadcastAck<'a> {
+  pub const VT_MSG_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SERVER_TIME_MS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_RESULTS: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    BroadcastAck { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args BroadcastAckArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<BroadcastAck<'bldr>> {
+    let mut builder = BroadcastAckBuilder::new(_fbb);
+    builder.add_server_time_ms(args.server_time_ms);
+    if let Some(x) = args.results { builder.add_results(x); }
+    if let Some(x) = args.msg_id { builder.add_msg_id(x); }
+    builder.finish()
+  }
+
+
+  /// Required.
+  #[inline]
+  pub fn msg_id(&self) -> Option<&'a MsgId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<MsgId>(BroadcastAck::VT_MSG_ID, None)}
+  }
+  #[inline]
+  pub fn server_time_ms(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(BroadcastAck::VT_SERVER_TIME_MS, Some(0)).unwrap()}
+  }
+  /// At most BROADCAST_RECIPIENTS_MAX (256).
+  #[inline]
+  pub fn results(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<BroadcastResult<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<BroadcastResult>>>>(BroadcastAck::VT_RESULTS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for BroadcastAck<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<MsgId>("msg_id", Self::VT_MSG_ID, false)?
+     .visit_field::<u64>("server_time_ms", Self::VT_SERVER_TIME_MS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<BroadcastResult>>>>("results", Self::VT_RESULTS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct BroadcastAckArgs<'a> {
+    pub msg_id: Option<&'a MsgId>,
+    pub server_time_ms: u64,
+    pub results: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<BroadcastResult<'a>>>>>,
+}
+impl<'a> Default for BroadcastAckArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    BroadcastAckArgs {
+      msg_id: None,
+      server_time_ms: 0,
+      results: None,
+    }
+  }
+}
+
+pub struct BroadcastAckBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> BroadcastAckBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_msg_id(&mut self, msg_id: &MsgId) {
+    self.fbb_.push_slot_always::<&MsgId>(BroadcastAck::VT_MSG_ID, msg_id);
+  }
+  #[inline]
+  pub fn add_server_time_ms(&mut self, server_time_ms: u64) {
+    self.fbb_.push_slot::<u64>(BroadcastAck::VT_SERVER_TIME_MS, server_time_ms, 0);
+  }
+  #[inline]
+  pub fn add_results(&mut self, results: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<BroadcastResult<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(BroadcastAck::VT_RESULTS, results);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> BroadcastAckBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    BroadcastAckBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<BroadcastAck<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for BroadcastAck<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("BroadcastAck");
+      ds.field("msg_id", &self.msg_id());
+      ds.field("server_time_ms", &self.server_time_ms());
+      ds.field("results", &self.results());
+      ds.finish()
+  }
+}
+pub enum StatusPostOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// c→s: post a status item. `body` is one ciphertext for the whole audience (encrypted with the
+/// poster's status sender key, handed out pairwise by the client, as for groups). Only audience
+/// members who have the poster in their own contacts get it, as a Deliver of kind Status; it
+/// expires 24 hours after posting everywhere. Answered by SendAck.
+pub struct StatusPost<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for StatusPost<'a> {
+  type Inner = StatusPost<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> StatusPost<'a> {
+  pub const VT_MSG_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_AUDIENCE: ::flatbuffers::VOffsetT = 6;
+  pub const VT_USERS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_BODY: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    StatusPost { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args StatusPostArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<StatusPost<'bldr>> {
+    let mut builder = StatusPostBuilder::new(_fbb);
+    if let Some(x) = args.body { builder.add_body(x); }
+    if let Some(x) = args.users { builder.add_users(x); }
+    if let Some(x) = args.msg_id { builder.add_msg_id(x); }
+    builder.add_audience(args.audience);
+    builder.finish()
+  }
+
+
+  /// Required. (device, recipient, msg_id) is the idempotency key, as for Send.
+  #[inline]
+  pub fn msg_id(&self) -> Option<&'a MsgId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<MsgId>(StatusPost::VT_MSG_ID, None)}
+  }
+  #[inline]
+  pub fn audience(&self) -> StatusAudience {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<StatusAudience>(StatusPost::VT_AUDIENCE, Some(StatusAudience::Contacts)).unwrap()}
+  }
+  /// At most PRIVACY_CONTACTS_MAX (4096).
+  #[inline]
+  pub fn users(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(StatusPost::VT_USERS, None)}
+  }
+  /// At most CIPHERTEXT_BYTES_MAX (64 KiB).
+  #[inline]
+  pub fn body(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(StatusPost::VT_BODY, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for StatusPost<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<MsgId>("msg_id", Self::VT_MSG_ID, false)?
+     .visit_field::<StatusAudience>("audience", Self::VT_AUDIENCE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("users", Self::VT_USERS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("body", Self::VT_BODY, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct StatusPostArgs<'a> {
+    pub msg_id: Option<&'a MsgId>,
+    pub audience: StatusAudience,
+    pub users: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub body: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+}
+impl<'a> Default for StatusPostArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    StatusPostArgs {
+      msg_id: None,
+      audience: StatusAudience::Contacts,
+      users: None,
+      body: None,
+    }
+  }
+}
+
+pub struct StatusPostBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> StatusPostBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_msg_id(&mut self, msg_id: &MsgId) {
+    self.fbb_.push_slot_always::<&MsgId>(StatusPost::VT_MSG_ID, msg_id);
+  }
+  #[inline]
+  pub fn add_audience(&mut self, audience: StatusAudience) {
+    self.fbb_.push_slot::<StatusAudience>(StatusPost::VT_AUDIENCE, audience, StatusAudience::Contacts);
+  }
+  #[inline]
+  pub fn add_users(&mut self, users: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(StatusPost::VT_USERS, users);
+  }
+  #[inline]
+  pub fn add_body(&mut self, body: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(StatusPost::VT_BODY, body);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> StatusPostBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    StatusPostBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<StatusPost<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for StatusPost<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("StatusPost");
+      ds.field("msg_id", &self.msg_id());
+      ds.field("audience", &self.audience());
+      ds.field("users", &self.users());
+      ds.field("body", &self.body());
+      ds.finish()
+  }
+}
 pub enum MediaUploadRequestOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -8686,6 +9419,51 @@ impl<'a> Frame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_broadcast_send(&self) -> Option<BroadcastSend<'a>> {
+    if self.body_type() == Body::BroadcastSend {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { BroadcastSend::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_broadcast_ack(&self) -> Option<BroadcastAck<'a>> {
+    if self.body_type() == Body::BroadcastAck {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { BroadcastAck::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_status_post(&self) -> Option<StatusPost<'a>> {
+    if self.body_type() == Body::StatusPost {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { StatusPost::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Frame<'_> {
@@ -8742,6 +9520,9 @@ impl ::flatbuffers::Verifiable for Frame<'_> {
           Body::GroupSend => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GroupSend>>("Body::GroupSend", pos),
           Body::GroupEvent => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GroupEvent>>("Body::GroupEvent", pos),
           Body::GroupReceipt => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GroupReceipt>>("Body::GroupReceipt", pos),
+          Body::BroadcastSend => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<BroadcastSend>>("Body::BroadcastSend", pos),
+          Body::BroadcastAck => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<BroadcastAck>>("Body::BroadcastAck", pos),
+          Body::StatusPost => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<StatusPost>>("Body::StatusPost", pos),
           _ => Ok(()),
         }
      })?
@@ -9113,6 +9894,27 @@ impl ::core::fmt::Debug for Frame<'_> {
         },
         Body::GroupReceipt => {
           if let Some(x) = self.body_as_group_receipt() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::BroadcastSend => {
+          if let Some(x) = self.body_as_broadcast_send() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::BroadcastAck => {
+          if let Some(x) = self.body_as_broadcast_ack() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::StatusPost => {
+          if let Some(x) = self.body_as_status_post() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")

@@ -231,6 +231,8 @@ pub fn body(kind: FrameKind) -> BoxedStrategy<Body> {
                 Just(DeliverKind::Message),
                 Just(DeliverKind::Delivered),
                 Just(DeliverKind::Read),
+                Just(DeliverKind::Status),
+                Just(DeliverKind::StatusViewed),
             ],
             any::<MsgId>(),
             blob(CIPHERTEXT_BYTES_MAX),
@@ -259,7 +261,11 @@ pub fn body(kind: FrameKind) -> BoxedStrategy<Body> {
         K::Receipt => (
             any::<MsgId>(),
             any::<u64>(),
-            prop_oneof![Just(ReceiptKind::Delivered), Just(ReceiptKind::Read)],
+            prop_oneof![
+                Just(ReceiptKind::Delivered),
+                Just(ReceiptKind::Read),
+                Just(ReceiptKind::StatusViewed)
+            ],
             msg_ids(RECEIPT_MSG_IDS_MAX),
         )
             .prop_map(|(msg_id, to, kind, msg_ids)| {
@@ -488,6 +494,78 @@ pub fn body(kind: FrameKind) -> BoxedStrategy<Body> {
                     remove,
                     block,
                     unblock,
+                })
+            })
+            .boxed(),
+        K::BroadcastSend => (
+            any::<MsgId>(),
+            vec(
+                (any::<u64>(), any::<u32>(), blob(64))
+                    .prop_map(|(user, device, body)| DeviceCiphertext { user, device, body }),
+                0..=BROADCAST_CIPHERTEXTS_MAX,
+            ),
+        )
+            .prop_map(|(msg_id, ciphertexts)| {
+                Body::BroadcastSend(BroadcastSend {
+                    msg_id,
+                    ciphertexts,
+                })
+            })
+            .boxed(),
+        K::StatusPost => (
+            any::<MsgId>(),
+            prop_oneof![
+                Just(StatusAudience::Contacts),
+                Just(StatusAudience::ContactsExcept),
+                Just(StatusAudience::OnlyShareWith),
+            ],
+            users(PRIVACY_CONTACTS_MAX),
+            blob(1024),
+        )
+            .prop_map(|(msg_id, audience, users, body)| {
+                Body::StatusPost(StatusPost {
+                    msg_id,
+                    audience,
+                    users,
+                    body,
+                })
+            })
+            .boxed(),
+        K::BroadcastAck => (
+            any::<MsgId>(),
+            any::<u64>(),
+            vec(
+                (
+                    any::<u64>(),
+                    prop_oneof![
+                        Just(SendStatus::Ok),
+                        Just(SendStatus::MismatchedDevices),
+                        Just(SendStatus::InboxFull),
+                        Just(SendStatus::UnknownUser),
+                    ],
+                    devices(BROADCAST_RESULT_DEVICES_MAX),
+                    devices(BROADCAST_RESULT_DEVICES_MAX),
+                    any::<(u16, u32)>(),
+                )
+                    .prop_map(
+                        |(user, status, missing, extra, (error, retry_after_ms))| BroadcastResult {
+                            user,
+                            status,
+                            full_devices: extra.clone(),
+                            missing,
+                            extra,
+                            error,
+                            retry_after_ms,
+                        },
+                    ),
+                0..=64,
+            ),
+        )
+            .prop_map(|(msg_id, server_time_ms, results)| {
+                Body::BroadcastAck(BroadcastAck {
+                    msg_id,
+                    server_time_ms,
+                    results,
                 })
             })
             .boxed(),
