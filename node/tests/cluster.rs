@@ -3,6 +3,7 @@
 //! forwarding between nodes, a coordinator leader killed, a node added and a node drained under
 //! traffic, and the fence that keeps a node with a stale view from writing.
 
+#[allow(dead_code)] // the group, presence and broadcast tests use the rest of it
 #[path = "cluster/harness.rs"]
 mod harness;
 
@@ -12,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use harness::TestCluster;
+use harness::{runtime, users_where, TestCluster};
 use ringpost_client::{Client, ClientConfig, ClientError, Endpoint, Event};
 use ringpost_coordinator::{testing, ClusterView, MemberState, NodeInfo};
 use ringpost_node::node_key::NodeKey;
@@ -24,14 +25,6 @@ use ringpost_node::ring::Ring;
 use ringpost_wire::{Auth, DeviceCiphertext, ErrorCode, Migrate, MsgId, SendStatus, UserId};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 /// The ring a cluster of these active node ids computes.
 fn ring_of(nodes: &[u64]) -> Ring {
@@ -47,14 +40,6 @@ fn ring_with(nodes: &[u64], factor: u32) -> Ring {
         factor,
         &active,
     ))
-}
-
-/// `n` phone numbers (from `base` up) whose owner in `ring` satisfies `want`.
-fn users_where(ring: &Ring, base: u64, n: usize, want: impl Fn(u64) -> bool) -> Vec<UserId> {
-    (base..)
-        .filter(|&u| ring.owner_of(u).is_some_and(&want))
-        .take(n)
-        .collect()
 }
 
 fn msg_id(sender: UserId, n: u32) -> MsgId {

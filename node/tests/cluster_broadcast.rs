@@ -9,33 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use harness::TestCluster;
+use harness::{ring_of, runtime, users_where, TestCluster};
 use ringpost_client::{Client, ClientConfig, Event};
-use ringpost_coordinator::{testing, MemberState};
-use ringpost_node::ring::Ring;
 use ringpost_wire::{DeviceCiphertext, MsgId, SendStatus, StatusAudience, UserId};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-fn ring_of(nodes: &[u64]) -> Ring {
-    let active: Vec<_> = nodes.iter().map(|&id| (id, MemberState::Active)).collect();
-    Ring::from_view(&testing::view(1, u32::from(harness::SHARDS), 1, &active))
-}
-
-fn users_where(ring: &Ring, base: u64, n: usize, want: impl Fn(u64) -> bool) -> Vec<UserId> {
-    (base..)
-        .filter(|&u| ring.owner_of(u).is_some_and(&want))
-        .take(n)
-        .collect()
-}
 
 /// The 1:1 messages a client receives (msg_id, from, body), kept by a task reading its events,
 /// and its other events.
@@ -109,19 +87,16 @@ impl Inbox {
     }
 }
 
-fn metric(cluster: &TestCluster, node: u64, name: &str) -> i64 {
-    let (_, body) = cluster.nodes[cluster.index_of(node)].admin_get("/metrics");
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
-}
-
 fn ciphertext(user: UserId, device: u32, body: String) -> DeviceCiphertext {
     DeviceCiphertext {
         user,
         device,
         body: Bytes::from(body),
     }
+}
+
+fn metric(cluster: &TestCluster, node: u64, name: &str) -> i64 {
+    cluster.metric(node, name)
 }
 
 #[test]

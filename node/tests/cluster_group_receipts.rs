@@ -10,36 +10,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use harness::TestCluster;
-use ringpost_client::{Client, ClientError, Event};
-use ringpost_coordinator::{testing, MemberState};
+use harness::{retrying, ring_of, runtime, users_on, TestCluster};
+use ringpost_client::{Client, Event};
 use ringpost_node::groups::route_id;
-use ringpost_node::ring::Ring;
 use ringpost_wire::{ErrorCode, GroupId, MsgId, ReceiptKind, SendStatus, UserId};
 
 const WAIT: Duration = Duration::from_secs(40);
 /// Room for something that should not arrive (never a pass/fail timing of speed).
 const QUIET: Duration = Duration::from_millis(500);
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-fn ring_of(nodes: &[u64]) -> Ring {
-    let active: Vec<_> = nodes.iter().map(|&id| (id, MemberState::Active)).collect();
-    Ring::from_view(&testing::view(1, u32::from(harness::SHARDS), 1, &active))
-}
-
-fn users_on(ring: &Ring, base: u64, n: usize, node: u64) -> Vec<UserId> {
-    (base..)
-        .filter(|&u| ring.owner_of(u) == Some(node))
-        .take(n)
-        .collect()
-}
 
 fn msg_id(n: u32) -> MsgId {
     let mut id = [9u8; 16];
@@ -98,30 +76,8 @@ impl Events {
     }
 }
 
-/// Retries a request the cluster may answer with a retryable error while it settles.
-async fn retrying<T, F, Fut>(mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, ClientError>>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match f().await {
-            Ok(v) => return v,
-            Err(e) if Instant::now() < deadline && e.code() != Some(ErrorCode::Forbidden) => {
-                tokio::time::sleep(e.retry_after().unwrap_or(Duration::from_millis(200))).await;
-            }
-            Err(e) => panic!("request failed: {e}"),
-        }
-    }
-}
-
 fn metric(cluster: &TestCluster, node: usize, name: &str) -> u64 {
-    let (status, body) = cluster.nodes[node].admin_get("/metrics");
-    assert_eq!(status, 200);
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0)
+    cluster.metric_at(node, name).max(0) as u64
 }
 
 #[test]

@@ -9,33 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use harness::TestCluster;
+use harness::{ring_of, runtime, users_where, TestCluster};
 use ringpost_client::{Client, ClientConfig, Event};
-use ringpost_coordinator::{testing, MemberState};
-use ringpost_node::ring::Ring;
 use ringpost_wire::{DeviceCiphertext, MsgId, PresenceUpdate, SendStatus, UserId, Visibility};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-fn ring_of(nodes: &[u64]) -> Ring {
-    let active: Vec<_> = nodes.iter().map(|&id| (id, MemberState::Active)).collect();
-    Ring::from_view(&testing::view(1, u32::from(harness::SHARDS), 1, &active))
-}
-
-fn users_where(ring: &Ring, base: u64, n: usize, want: impl Fn(u64) -> bool) -> Vec<UserId> {
-    (base..)
-        .filter(|&u| ring.owner_of(u).is_some_and(&want))
-        .take(n)
-        .collect()
-}
 
 /// Everything a client receives, kept by a task that reads its events.
 #[derive(Clone, Default)]
@@ -116,14 +94,6 @@ fn hidden(user: UserId) -> PresenceUpdate {
     }
 }
 
-/// A metric's value on a node (0 if absent).
-fn metric(cluster: &TestCluster, node: u64, name: &str) -> i64 {
-    let (_, body) = cluster.nodes[cluster.index_of(node)].admin_get("/metrics");
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
-}
-
 async fn wait_metric(cluster: &TestCluster, node: u64, name: &str, want: i64) {
     let deadline = Instant::now() + WAIT;
     loop {
@@ -160,6 +130,10 @@ async fn reconnect(cluster: &TestCluster, c: &Client) -> Client {
     })
     .await
     .expect("connect")
+}
+
+fn metric(cluster: &TestCluster, node: u64, name: &str) -> i64 {
+    cluster.metric(node, name)
 }
 
 #[test]

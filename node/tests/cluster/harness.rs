@@ -287,3 +287,92 @@ impl TestCluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
+
+/// A two-thread runtime, as the cluster tests run their clients.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// The ring test clusters of these active nodes place users on (factor 1).
+pub fn ring_of(nodes: &[u64]) -> ringpost_node::ring::Ring {
+    let active: Vec<_> = (nodes.iter())
+        .map(|&id| (id, ringpost_coordinator::MemberState::Active))
+        .collect();
+    ringpost_node::ring::Ring::from_view(&ringpost_coordinator::testing::view(
+        1,
+        u32::from(SHARDS),
+        1,
+        &active,
+    ))
+}
+
+/// The first `n` user ids from `base` whose owner `want` accepts.
+pub fn users_where(
+    ring: &ringpost_node::ring::Ring,
+    base: u64,
+    n: usize,
+    want: impl Fn(u64) -> bool,
+) -> Vec<ringpost_wire::UserId> {
+    (base..)
+        .filter(|&u| ring.owner_of(u).is_some_and(&want))
+        .take(n)
+        .collect()
+}
+
+/// The first `n` user ids from `base` that `node` owns.
+pub fn users_on(
+    ring: &ringpost_node::ring::Ring,
+    base: u64,
+    n: usize,
+    node: u64,
+) -> Vec<ringpost_wire::UserId> {
+    users_where(ring, base, n, |owner| owner == node)
+}
+
+/// Runs a client request until it succeeds, sleeping out retryable refusals for up to 40 s;
+/// panics on `Forbidden` or once the time is up.
+pub async fn retrying<T, F, Fut>(mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ringpost_client::ClientError>>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e)
+                if std::time::Instant::now() < deadline
+                    && e.code() != Some(ringpost_wire::ErrorCode::Forbidden) =>
+            {
+                tokio::time::sleep(e.retry_after().unwrap_or(Duration::from_millis(200))).await;
+            }
+            Err(e) => panic!("request failed: {e}"),
+        }
+    }
+}
+
+impl TestCluster {
+    /// A metric of the node at `index` in `nodes` (0 when it is not exported).
+    pub fn metric_at(&self, index: usize, name: &str) -> i64 {
+        let (status, body) = self.nodes[index].admin_get("/metrics");
+        assert_eq!(status, 200);
+        body.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .map_or(0, |v| v as i64)
+    }
+
+    /// A metric of node `node_id` (0 when it is not exported).
+    pub fn metric(&self, node_id: u64, name: &str) -> i64 {
+        self.metric_at(self.index_of(node_id), name)
+    }
+}
