@@ -388,21 +388,7 @@ impl Server {
                 frame: frame.to_vec(),
             };
             match self.call_peer(node, epoch, request).await {
-                Ok(PeerResponse::Frames(frames)) => {
-                    let mut out = Vec::with_capacity(frames.len());
-                    for f in frames {
-                        match Frame::decode(&f) {
-                            Ok(f) => out.push(f),
-                            Err(e) => {
-                                return error(
-                                    ErrorCode::Internal,
-                                    &format!("node {node} answered with a bad frame: {e}"),
-                                )
-                            }
-                        }
-                    }
-                    return Answer::Frames(out);
-                }
+                Ok(PeerResponse::Frames(frames)) => return relayed_frames(node, &frames),
                 Ok(PeerResponse::Error { code, message }) => return refused(code, message, 0),
                 Ok(PeerResponse::WrongOwner { epoch: theirs }) => {
                     self.routing
@@ -863,4 +849,21 @@ fn unowned() -> Answer {
         message: "no node serves this user yet (the cluster has no active member); retry".into(),
         retry_after_ms: ROUTE_RETRY_AFTER_MS,
     }
+}
+
+/// The frames a peer answered a relayed request with, as this node's answer to the device.
+pub(crate) fn relayed_frames(node: NodeId, frames: &[Vec<u8>]) -> Answer {
+    let mut out = Vec::with_capacity(frames.len());
+    for f in frames {
+        match Frame::decode(f) {
+            Ok(f) => out.push(f),
+            Err(e) => {
+                return error(
+                    ErrorCode::Internal,
+                    &format!("node {node} answered with a bad frame: {e}"),
+                )
+            }
+        }
+    }
+    Answer::Frames(out)
 }

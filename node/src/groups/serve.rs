@@ -78,19 +78,7 @@ pub fn request(
                     };
                     match server.call_peer(node, epoch, request).await {
                         Ok(PeerResponse::Frames(frames)) => {
-                            let mut out = Vec::with_capacity(frames.len());
-                            for f in frames {
-                                match Frame::decode(&f) {
-                                    Ok(f) => out.push(f),
-                                    Err(e) => {
-                                        return error(
-                                            ErrorCode::Internal,
-                                            &format!("node {node} answered a bad frame: {e}"),
-                                        )
-                                    }
-                                }
-                            }
-                            return Answer::Frames(out);
+                            return crate::forward::relayed_frames(node, &frames)
                         }
                         Ok(PeerResponse::Error { code, message }) => {
                             return refused(code, message, 0)
