@@ -1,7 +1,7 @@
 //! `ringpost-bench`: Ringpost's load generator and comparison runs.
 //!
-//! - Scenarios ([`scenario`]): `idle`, `chat`, `offline-drain`, `reconnect-storm` (and `group`,
-//!   which says it is not available until the node serves groups). Each has a parent side that
+//! - Scenarios ([`scenario`]): `idle`, `chat`, `offline-drain`, `reconnect-storm`, and `group`
+//!   (in this process on the client SDK, without workers). Each of the others has a parent side that
 //!   finds or starts the node ([`run`]), gets registered devices ([`accounts`]), starts
 //!   [`worker`]s, steps them through the scenario's phases and merges their figures exactly
 //!   ([`stats`]), and a worker side built from one per-device task
@@ -62,11 +62,13 @@ enum Command {
         #[command(flatten)]
         args: scenario::chat::Args,
     },
-    /// Fan-out to groups of a given size (not available yet: the node has no groups).
+    /// Groups of --members devices spread over the nodes, --senders per group sending at a
+    /// fixed rate; member deliveries/s, latency to the first and last member, CPU per delivery.
     Group {
-        /// Members per group.
-        #[arg(long, default_value_t = 100)]
-        size: usize,
+        #[command(flatten)]
+        common: run::Common,
+        #[command(flatten)]
+        args: scenario::group::Args,
     },
     /// Queue messages to offline devices, reconnect them, measure the drain rate.
     OfflineDrain {
@@ -142,10 +144,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::ReconnectStorm { common, args } => {
             scenario::storm::run(&common, &args).await.map(drop)
         }
-        Command::Group { size } => anyhow::bail!(
-            "group fan-out (size {size}) is not available yet: the node does not serve groups \
-             (GroupCreate answers NotImplemented). This scenario will send to groups once it does."
-        ),
+        Command::Group { common, args } => scenario::group::run(&common, &args).await.map(drop),
         Command::Compare(args) => compare::run(&args).await,
         Command::Register { common, count } => {
             if common.accounts.is_none() {

@@ -16,6 +16,7 @@
 
 pub mod chat;
 pub mod drain;
+pub mod group;
 pub mod idle;
 pub mod storm;
 

@@ -1,8 +1,8 @@
 //! Smoke test: the real `ringpost-bench` binary against a real dev node it starts itself
-//! (`--spawn-node`): `idle` with 50 connections, `chat` for 2 seconds and a small
-//! `offline-drain` over ws. Asserts the JSON reports have the fixed keys, the cost and
-//! honesty figures (CPU per message, messages due vs sent, the inbox back on the node), and
-//! no errors; never timing.
+//! (`--spawn-node`): `idle` with 50 connections, `chat` for 2 seconds, a small
+//! `offline-drain`, and a `group` of 8 members, over ws. Asserts the JSON reports have the
+//! fixed keys, the cost and honesty figures (CPU per message, messages due vs sent, the inbox
+//! back on the node, every member delivery), and no errors; never timing.
 //!
 //! The node binary belongs to another package, so `env!("CARGO_BIN_EXE_...")` cannot name it.
 //! It is found, in order, at `$RINGPOST_NODE_BIN`; beside the directory of this test's
@@ -171,12 +171,46 @@ fn assert_cpu_per_message(v: &Value, prefix: &str) {
     assert!(v[format!("{prefix}cpu_window_s")].as_f64().unwrap() > 0.0);
 }
 
+/// `group`: one group of 8 members on a dev node, one sender, a few messages; every member but
+/// the sender gets every acknowledged message exactly once.
 #[test]
-fn group_says_it_is_not_available() {
-    let out = Command::new(env!("CARGO_BIN_EXE_ringpost-bench"))
-        .arg("group")
-        .output()
-        .expect("run ringpost-bench");
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not available"));
+fn group_reaches_every_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = run_bench(
+        &[
+            "group",
+            "--members",
+            "8",
+            "--rate",
+            "20",
+            "--warmup",
+            "0.2",
+            "--duration",
+            "1",
+        ],
+        &dir.path().join("group.json"),
+    );
+    assert_keys(
+        &v,
+        &[
+            "group_messages_per_s",
+            "delivered_per_s",
+            "latency_ms",
+            "first_latency_ms",
+            "ack_latency_ms",
+            "node_cpu_us_per_member_delivery",
+            "machine",
+        ],
+    );
+    assert_eq!(v["scenario"], "group");
+    assert_eq!(v["connections"], 8);
+    let m = &v["messages"];
+    let acked = m["acked_ok"].as_u64().unwrap();
+    assert!(acked > 0, "nothing acknowledged: {v:#}");
+    assert_eq!(m["sent"], acked);
+    assert_eq!(m["member_deliveries"].as_u64().unwrap(), acked * 7, "{v:#}");
+    assert_eq!(m["lost"], 0);
+    assert_eq!(m["duplicates"], 0);
+    assert_eq!(v["lost"], 0);
+    assert!(v["machine"].get("loadavg_1m_before_run").is_some());
 }
