@@ -290,6 +290,17 @@ async fn run(cli: Cli) -> Result<i32> {
                 c.phantom,
                 c.faults
             );
+            if c.groups > 0 || c.group_sent > 0 {
+                println!(
+                    "groups {} group messages sent {} acked {} member-device deliveries {} of \
+                     {} due",
+                    c.groups,
+                    c.group_sent,
+                    c.group_acked,
+                    c.group_delivered,
+                    c.group_expected_deliveries
+                );
+            }
             if !report.removed_nodes.is_empty() {
                 let nodes: Vec<String> = report
                     .removed_nodes
@@ -298,12 +309,14 @@ async fn run(cli: Cli) -> Result<i32> {
                     .collect();
                 println!(
                     "lost with removed nodes ({}): {} messages ({} deliveries), {} read receipts, \
-                     {} delivered receipts (expected while shards have one copy; not violations)",
+                     {} delivered receipts, {} group message deliveries (expected while shards \
+                     have one copy; not violations)",
                     nodes.join(", "),
                     c.lost_unreplicated_messages,
                     c.lost_unreplicated,
                     c.lost_unreplicated_receipts,
-                    c.lost_unreplicated_delivered_receipts
+                    c.lost_unreplicated_delivered_receipts,
+                    c.group_lost_unreplicated
                 );
             }
             for v in report.violations.iter().take(50) {
