@@ -21,6 +21,12 @@
 //!   sender a `delivered` receipt, and some device of the sender user (the sending device and
 //!   its other devices) never got one from that user naming the message.
 //!
+//! - **group messages** ([`Subject::GroupMessage`]): an acked `GroupSend` is owed to every
+//!   device of every member but the sending device (lost if one never got it), handed over at
+//!   most once per device (duplicated), with `group_seq` strictly increasing per group on each
+//!   device (reordered), only to those devices and under its own group (leaked), and never
+//!   after only refusals (phantom). Counted apart (`group_*` in [`Counts`]).
+//!
 //! There is no allowance for the end of a run, for messages or receipts: whatever was acked
 //! must have arrived when the history ends. The run's settle loop
 //! ([`crate::scenario::SETTLE_MAX`]) keeps the workloads running until no [`ViolationKind::Lost`]
@@ -94,6 +100,8 @@ pub enum Subject {
     Message,
     ReadReceipt,
     DeliveredReceipt,
+    /// A group message (`GroupSend`); `device` is the member device concerned.
+    GroupMessage,
 }
 
 /// A fault window as the history tells it.
@@ -219,6 +227,24 @@ pub struct Counts {
     /// Due `delivered` receipts lost with a removed node (message, sender device pairs).
     #[serde(default)]
     pub lost_unreplicated_delivered_receipts: u64,
+    /// Groups the workload created (the other counts above are 1:1 messages only; the
+    /// violation counts cover both).
+    #[serde(default)]
+    pub groups: u64,
+    /// Distinct group messages the workload tried to send, and those with `SendAck{Ok}`.
+    #[serde(default)]
+    pub group_sent: u64,
+    #[serde(default)]
+    pub group_acked: u64,
+    /// (acked group message, member device) pairs the invariants require delivered.
+    #[serde(default)]
+    pub group_expected_deliveries: u64,
+    /// Distinct (group message, device) pairs handed to the application.
+    #[serde(default)]
+    pub group_delivered: u64,
+    /// Group (message, member device) pairs lost with a removed node (not violations).
+    #[serde(default)]
+    pub group_lost_unreplicated: u64,
 }
 
 /// The outcome of a check.
@@ -417,6 +443,7 @@ impl Checker<'_> {
         self.check_receipts(&messages, &receipts);
         self.check_losses(&messages);
         self.check_delivered_receipts(&messages);
+        self.check_groups();
         self.report
             .violations
             .sort_by_key(|v| (v.t_us, v.kind, v.device, v.msg_id));
@@ -603,6 +630,7 @@ impl Checker<'_> {
                     Subject::Message => counts.lost_unreplicated += 1,
                     Subject::ReadReceipt => counts.lost_unreplicated_receipts += 1,
                     Subject::DeliveredReceipt => counts.lost_unreplicated_delivered_receipts += 1,
+                    Subject::GroupMessage => counts.group_lost_unreplicated += 1,
                 }
                 if self.report.unreplicated.len() < VIOLATIONS_LISTED_MAX {
                     self.report.unreplicated.push(violation);
@@ -1067,6 +1095,257 @@ impl Checker<'_> {
         }
         self.report.counts.storage_acked_lost = storage_lost.len() as u64;
         self.report.counts.lost_unreplicated_messages = unreplicated_lost.len() as u64;
+    }
+}
+
+/// What the history says about one group message.
+#[derive(Debug)]
+struct GroupMessage {
+    group: MsgId,
+    recipients: Vec<Dev>,
+    first_send_us: u64,
+    ok_us: Option<u64>,
+    refusals: u32,
+    refused_as: Option<String>,
+    errors: u32,
+}
+
+impl Checker<'_> {
+    /// Group messages: leaked, phantom, duplicated and reordered as they arrive (reordered:
+    /// a member device handed a group's messages out of `group_seq` order), then lost (an acked
+    /// one some member device, other than the sending one, never got).
+    fn check_groups(&mut self) {
+        let records = self.records;
+        let mut messages: HashMap<(Dev, MsgId), GroupMessage> = HashMap::new();
+        for record in records {
+            match &record.event {
+                Event::Group { .. } => self.report.counts.groups += 1,
+                Event::GroupSend {
+                    from,
+                    group,
+                    msg_id,
+                    recipients,
+                    ..
+                } => {
+                    let m = messages.entry((*from, *msg_id)).or_insert(GroupMessage {
+                        group: *group,
+                        recipients: recipients.clone(),
+                        first_send_us: record.t_us,
+                        ok_us: None,
+                        refusals: 0,
+                        refused_as: None,
+                        errors: 0,
+                    });
+                    if m.ok_us.is_none() {
+                        m.recipients = recipients.clone();
+                    }
+                }
+                Event::SendAck {
+                    from,
+                    msg_id,
+                    status,
+                    ..
+                } => {
+                    if let Some(m) = messages.get_mut(&(*from, *msg_id)) {
+                        if status == STATUS_OK {
+                            m.ok_us.get_or_insert(record.t_us);
+                        } else {
+                            m.refusals += 1;
+                            m.refused_as = Some(status.clone());
+                        }
+                    }
+                }
+                Event::SendError { from, msg_id, .. } => {
+                    if let Some(m) = messages.get_mut(&(*from, *msg_id)) {
+                        m.errors += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let counts = &mut self.report.counts;
+        counts.group_sent = messages.len() as u64;
+        for m in messages.values() {
+            if m.ok_us.is_some() {
+                counts.group_acked += 1;
+                counts.group_expected_deliveries += m.recipients.len() as u64;
+            }
+        }
+
+        // Arrivals, in history order.
+        let mut seen: HashSet<(Dev, Dev, MsgId)> = HashSet::new();
+        // (member device, group) -> highest group_seq handed over so far, and its message.
+        let mut highest: HashMap<(Dev, MsgId), (u64, MsgId)> = HashMap::new();
+        for record in records {
+            let Event::GroupDeliver {
+                at,
+                group,
+                group_seq,
+                msg_id,
+                from,
+                body,
+                ..
+            } = &record.event
+            else {
+                continue;
+            };
+            let (at, msg_id, from, t_us) = (*at, *msg_id, *from, record.t_us);
+            let message = messages.get(&(from, msg_id));
+            let life = message.map_or((t_us, t_us), |m| (m.first_send_us, t_us));
+            let mut found = Vec::new();
+            match message {
+                None => found.push((
+                    ViolationKind::Leaked,
+                    format!("group message delivered to {at} but {from} never sent {msg_id}"),
+                )),
+                Some(m) => {
+                    if m.group != *group {
+                        found.push((
+                            ViolationKind::Leaked,
+                            format!(
+                                "delivered to {at} as one of group {group}, sent to {}",
+                                m.group
+                            ),
+                        ));
+                    }
+                    if !m.recipients.contains(&at) {
+                        found.push((
+                            ViolationKind::Leaked,
+                            format!(
+                                "group message delivered to {at}, which is not one of its \
+                                 recipients {}",
+                                list(&m.recipients)
+                            ),
+                        ));
+                    }
+                    if m.ok_us.is_none() && m.errors == 0 && m.refusals > 0 {
+                        found.push((
+                            ViolationKind::Phantom,
+                            format!(
+                                "group message delivered to {at} although all {} attempts were \
+                                 refused (last: {})",
+                                m.refusals,
+                                m.refused_as.as_deref().unwrap_or("?")
+                            ),
+                        ));
+                    }
+                }
+            }
+            match body {
+                Some(tag) if tag.group == *group && tag.msg_id == msg_id => {}
+                Some(tag) => found.push((
+                    ViolationKind::Leaked,
+                    format!(
+                        "{at} got the ciphertext of group {} message {} as {msg_id} of group \
+                         {group}",
+                        tag.group, tag.msg_id
+                    ),
+                )),
+                None => found.push((
+                    ViolationKind::Leaked,
+                    format!("{at} got a group ciphertext the workload did not write"),
+                )),
+            }
+            if seen.insert((at, from, msg_id)) {
+                self.report.counts.group_delivered += 1;
+                match highest.get(&(at, *group)) {
+                    Some(&(top, top_msg)) if top >= *group_seq => found.push((
+                        ViolationKind::Reordered,
+                        format!(
+                            "group {group} seq {group_seq} delivered to {at} after seq {top} \
+                             ({top_msg})"
+                        ),
+                    )),
+                    _ => {
+                        highest.insert((at, *group), (*group_seq, msg_id));
+                    }
+                }
+            } else {
+                found.push((
+                    ViolationKind::Duplicated,
+                    format!("group message handed to the application on {at} again"),
+                ));
+            }
+            for (kind, detail) in found {
+                let v = self.violation(
+                    kind,
+                    Subject::GroupMessage,
+                    msg_id,
+                    from,
+                    at,
+                    detail,
+                    t_us,
+                    life,
+                );
+                self.push(v);
+            }
+        }
+
+        // Losses.
+        let mut lost = Vec::new();
+        for ((from, msg_id), m) in &messages {
+            let Some(acked_us) = m.ok_us else {
+                continue;
+            };
+            for device in &m.recipients {
+                if !seen.contains(&(*device, *from, *msg_id)) {
+                    lost.push((acked_us, *device, *from, *msg_id, m.group, m.first_send_us));
+                }
+            }
+        }
+        lost.sort();
+        for (acked_us, device, from, msg_id, group, sent_us) in lost {
+            let mut detail = format!("group {group} message acked, never reached {device}");
+            // The member's inbox lived only on a removed node, or the group's fan-out log may
+            // have (the history does not say which node owns a group): any node killed after
+            // the ack and removed may have held the only copy.
+            // Or the member's account went with a removed node (it lived there at the kill and
+            // none of its devices was welcomed again): nothing can reach it any more.
+            let removed = self
+                .removed_node_for_ack(device, acked_us)
+                .or_else(|| {
+                    self.report
+                        .removed_nodes
+                        .iter()
+                        .find(|r| acked_us < r.killed_us)
+                        .map(|r| r.node_id)
+                })
+                .or_else(|| {
+                    self.report
+                        .removed_nodes
+                        .iter()
+                        .find(|r| {
+                            r.users.contains(&device.user)
+                                && self.homes.get(&device.user).is_none_or(|homes| {
+                                    homes.iter().all(|&(t, _)| t <= r.killed_us)
+                                })
+                        })
+                        .map(|r| r.node_id)
+                });
+            if let Some(node) = removed {
+                detail.push_str(&format!(
+                    "; node {node}, killed after the ack and removed, may have held its only \
+                     copy (the member's inbox or the group's fan-out log): lost with a removed \
+                     node, not a violation"
+                ));
+            }
+            let kind = match removed {
+                Some(_) => ViolationKind::LostUnreplicated,
+                None => ViolationKind::Lost,
+            };
+            let mut v = self.violation(
+                kind,
+                Subject::GroupMessage,
+                msg_id,
+                from,
+                device,
+                detail,
+                acked_us,
+                (sent_us, acked_us),
+            );
+            v.removed_node = removed;
+            self.push(v);
+        }
     }
 }
 

@@ -91,6 +91,14 @@ pub struct BodyTag {
     pub msg_id: MsgId,
 }
 
+/// What a group ciphertext says about itself: the workload writes the group and the message id
+/// into every group message (one ciphertext serves every member, so it names no device).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupBodyTag {
+    pub group: MsgId,
+    pub msg_id: MsgId,
+}
+
 /// One thing that happened.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -112,7 +120,24 @@ pub enum Event {
         attempt: u32,
         recipients: Vec<Dev>,
     },
-    /// The node's `SendAck` for an attempt: `status` is `Ok` (durable) or the refusal
+    /// A group the workload created before the run (`--register`): its id (16 bytes, hex like a
+    /// msg_id), its members (the creator first), and the device that created it.
+    Group {
+        group: MsgId,
+        members: Vec<u64>,
+        creator: Dev,
+    },
+    /// One attempt to send a group message (`GroupSend`). `recipients` are every device of
+    /// every member but the sending device. Its answer is a `send_ack` or `send_error` (and
+    /// perhaps a `send_abandoned`) with the same `from` and `msg_id`, as for a 1:1 send.
+    GroupSend {
+        from: Dev,
+        group: MsgId,
+        msg_id: MsgId,
+        attempt: u32,
+        recipients: Vec<Dev>,
+    },
+    /// The node's `SendAck` for an attempt (1:1 or group): `status` is `Ok` (durable) or the refusal
     /// (`MismatchedDevices`, `InboxFull`, `UnknownUser`: nothing stored).
     SendAck {
         from: Dev,
@@ -146,6 +171,17 @@ pub enum Event {
         from: Dev,
         /// What the ciphertext says; `None` if it is not one the workload wrote.
         body: Option<BodyTag>,
+    },
+    /// A group message handed to the application on device `at` (after the SDK's dedup).
+    GroupDeliver {
+        at: Dev,
+        seq: u64,
+        group: MsgId,
+        group_seq: u64,
+        msg_id: MsgId,
+        from: Dev,
+        /// What the ciphertext says; `None` if it is not one the workload wrote.
+        body: Option<GroupBodyTag>,
     },
     /// The application acknowledged these deliveries (`ok`: the ack was written).
     Ack { at: Dev, seqs: Vec<u64>, ok: bool },

@@ -55,6 +55,10 @@ enum Command {
         /// Longest wait after the sending window for acked messages to arrive, e.g. `120s`.
         #[arg(long, value_parser = parse_duration, default_value = "120s")]
         settle_max: Duration,
+        /// Groups in the workload (4-6 members each, created before sending starts; their
+        /// messages are counted apart from the 1:1 ones). 0: the 1:1 workload alone.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=workload::GROUPS_MAX as i64))]
+        groups: u32,
     },
     /// Check a recorded history file.
     Check {
@@ -194,6 +198,7 @@ async fn run(cli: Cli) -> Result<i32> {
             coordinator_bin,
             loopback,
             settle_max,
+            groups,
         } => {
             let scenarios: Vec<scenario::Scenario> = if name == "all" {
                 scenario::catalogue()
@@ -227,9 +232,13 @@ async fn run(cli: Cli) -> Result<i32> {
                     self_bin: self_bin.clone(),
                     force_loopback: loopback,
                     settle_max,
+                    groups,
                 };
                 let r = scenario::run(s, &opts).await;
                 println!("{}", report::table_row(&r));
+                if let Some(line) = report::group_line(&r) {
+                    println!("{line}");
+                }
                 for line in report::violation_lines(&r, 20) {
                     println!("{line}");
                 }
@@ -281,6 +290,17 @@ async fn run(cli: Cli) -> Result<i32> {
                 c.phantom,
                 c.faults
             );
+            if c.groups > 0 || c.group_sent > 0 {
+                println!(
+                    "groups {} group messages sent {} acked {} member-device deliveries {} of \
+                     {} due",
+                    c.groups,
+                    c.group_sent,
+                    c.group_acked,
+                    c.group_delivered,
+                    c.group_expected_deliveries
+                );
+            }
             if !report.removed_nodes.is_empty() {
                 let nodes: Vec<String> = report
                     .removed_nodes
@@ -289,12 +309,14 @@ async fn run(cli: Cli) -> Result<i32> {
                     .collect();
                 println!(
                     "lost with removed nodes ({}): {} messages ({} deliveries), {} read receipts, \
-                     {} delivered receipts (expected while shards have one copy; not violations)",
+                     {} delivered receipts, {} group message deliveries (expected while shards \
+                     have one copy; not violations)",
                     nodes.join(", "),
                     c.lost_unreplicated_messages,
                     c.lost_unreplicated,
                     c.lost_unreplicated_receipts,
-                    c.lost_unreplicated_delivered_receipts
+                    c.lost_unreplicated_delivered_receipts,
+                    c.group_lost_unreplicated
                 );
             }
             for v in report.violations.iter().take(50) {

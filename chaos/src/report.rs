@@ -227,12 +227,13 @@ impl RunReport {
             "they lived only there (a single copy)"
         };
         Some(format!(
-            "{} acked messages ({} deliveries), {} read receipts and {} delivered receipts lost \
-             with removed {}: {why}",
+            "{} acked messages ({} deliveries), {} read receipts, {} delivered receipts and {} \
+             group message deliveries lost with removed {}: {why}",
             c.lost_unreplicated_messages,
             c.lost_unreplicated,
             c.lost_unreplicated_receipts,
             c.lost_unreplicated_delivered_receipts,
+            c.group_lost_unreplicated,
             nodes.join(", ")
         ))
     }
@@ -285,6 +286,26 @@ pub fn table_row(r: &RunReport) -> String {
         time,
         note
     )
+}
+
+/// The group line of a report, for people: `None` when the run had no group traffic. The
+/// table's `acked` and `delivered` columns count 1:1 messages only; `lost`, `dup`, `reord` and
+/// `leaked` count group violations too.
+pub fn group_line(r: &RunReport) -> Option<String> {
+    let c = &r.counts;
+    if c.groups == 0 && c.group_sent == 0 {
+        return None;
+    }
+    Some(format!(
+        "  groups: {} groups, {} group messages sent, {} acked, {} of {} member-device \
+         deliveries due, {} lost with a removed node",
+        c.groups,
+        c.group_sent,
+        c.group_acked,
+        c.group_delivered,
+        c.group_expected_deliveries,
+        c.group_lost_unreplicated
+    ))
 }
 
 /// The violations of a report, one per line, for people.

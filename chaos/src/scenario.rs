@@ -1037,6 +1037,8 @@ pub struct RunOptions {
     pub self_bin: PathBuf,
     pub force_loopback: bool,
     pub settle_max: Duration,
+    /// Groups in the workload (`--groups`; 0: the 1:1 workload alone).
+    pub groups: u32,
 }
 
 /// The parts of a run that faults act on.
@@ -2017,7 +2019,8 @@ fn lost_despite_replicas(needs: &Needs, counts: &crate::check::Counts) -> bool {
     needs.replicate
         && (counts.lost_unreplicated
             + counts.lost_unreplicated_receipts
-            + counts.lost_unreplicated_delivered_receipts)
+            + counts.lost_unreplicated_delivered_receipts
+            + counts.group_lost_unreplicated)
             > 0
 }
 
@@ -2123,6 +2126,7 @@ async fn drive(
         rate_per_device: RATE_PER_DEVICE,
         receipt_fraction: RECEIPT_FRACTION,
         stop_file: run_dir.join("stop"),
+        groups: opts.groups,
         deadline_us: start_at_us
             + (window + crate::workload::RETRY_GRACE + opts.settle_max + WORKLOAD_EXIT_TIMEOUT)
                 .as_micros() as u64,

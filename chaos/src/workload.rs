@@ -29,7 +29,7 @@ use ringpost_client::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::history::{BodyTag, Clock, Dev, Event, HistoryWriter, MsgId};
+use crate::history::{BodyTag, Clock, Dev, Event, GroupBodyTag, HistoryWriter, MsgId};
 
 /// Messages one device sends in a run, at most.
 pub const MESSAGES_PER_DEVICE_MAX: usize = 20_000;
@@ -54,6 +54,18 @@ pub const PADDING_BYTES_MAX: usize = 512;
 /// Read receipts queued per device for sending; more are not sent (the history says so only by
 /// their absence, and a receipt not sent is not checked).
 pub const RECEIPT_QUEUE_MAX: usize = 1024;
+
+/// Groups one run may create, at most (`--groups`).
+pub const GROUPS_MAX: u32 = 16;
+
+/// Members of a workload group (the creator included), drawn from the seed between these
+/// (fewer when the population is smaller).
+pub const GROUP_MEMBERS_MIN: usize = 4;
+pub const GROUP_MEMBERS_MAX: usize = 6;
+
+/// Group messages a device sends per second, as a share of its 1:1 rate (on a schedule of its
+/// own, so the 1:1 schedule is the same with and without groups).
+pub const GROUP_RATE_FRACTION: f64 = 0.25;
 
 /// How often the stop file is looked at.
 const STOP_POLL: Duration = Duration::from_millis(100);
@@ -114,9 +126,18 @@ pub struct WorkloadSpec {
     pub stop_file: PathBuf,
     /// Hard end (Unix microseconds), whatever the stop file says.
     pub deadline_us: u64,
+    /// Groups to create at registration and send to during the run (0: none, the 1:1 workload
+    /// alone; at most [`GROUPS_MAX`]).
+    #[serde(default)]
+    pub groups: u32,
 }
 
 impl WorkloadSpec {
+    /// Where `--register` writes the groups it created (beside the credentials).
+    pub fn groups_file(&self) -> PathBuf {
+        self.credentials.with_file_name("groups.json")
+    }
+
     fn config(&self) -> ClientConfig {
         let mut config = ClientConfig::new(self.url.clone());
         if let Some(ca) = &self.ca_file {
@@ -152,6 +173,115 @@ pub fn parse_body(body: &[u8]) -> Option<BodyTag> {
     let to = parse_dev(parts.next()?)?;
     let msg_id = parts.next()?.parse().ok()?;
     Some(BodyTag { to, msg_id })
+}
+
+/// The one ciphertext the workload writes for a group message: it names the group and message.
+pub fn group_body(group: MsgId, msg_id: MsgId, from: Dev, padding: usize) -> Bytes {
+    let mut text = format!("rpg1 {group} {msg_id} {}.{} ", from.user, from.device);
+    text.extend(std::iter::repeat_n('x', padding.min(PADDING_BYTES_MAX)));
+    Bytes::from(text)
+}
+
+/// Reads what a group ciphertext says about itself; `None` if the workload did not write it.
+pub fn parse_group_body(body: &[u8]) -> Option<GroupBodyTag> {
+    let text = std::str::from_utf8(body).ok()?;
+    let mut parts = text.split_whitespace();
+    if parts.next()? != "rpg1" {
+        return None;
+    }
+    let group = parts.next()?.parse().ok()?;
+    let msg_id = parts.next()?.parse().ok()?;
+    Some(GroupBodyTag { group, msg_id })
+}
+
+/// A group the workload created: its id and members (the creator first).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    pub group: MsgId,
+    pub members: Vec<u64>,
+    pub creator: Dev,
+}
+
+/// The members of each of `groups` groups (the creator first), drawn from the seed: between
+/// [`GROUP_MEMBERS_MIN`] and [`GROUP_MEMBERS_MAX`] distinct users each (all of them when there
+/// are fewer). Empty with fewer than two users.
+pub fn group_plan(seed: u64, users: &[u64], groups: u32) -> Vec<Vec<u64>> {
+    let mut rng = crate::seeded(seed, "groups");
+    if users.len() < 2 {
+        return Vec::new();
+    }
+    (0..groups.min(GROUPS_MAX))
+        .map(|_| {
+            let want = rng
+                .gen_range(GROUP_MEMBERS_MIN..=GROUP_MEMBERS_MAX)
+                .min(users.len());
+            let mut pool = users.to_vec();
+            let mut members = Vec::with_capacity(want);
+            while members.len() < want {
+                members.push(pool.swap_remove(rng.gen_range(0..pool.len())));
+            }
+            members
+        })
+        .collect()
+}
+
+/// One planned group message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedGroup {
+    pub at: Duration,
+    /// Index into the groups `from` is a member of.
+    pub group: usize,
+    pub msg_id: MsgId,
+    pub padding: usize,
+}
+
+/// The group send schedule of one device: Poisson arrivals at `rate` per second over
+/// `window`, each to one of the `groups` it is a member of, all drawn from the seed.
+pub fn group_schedule(
+    seed: u64,
+    from: Dev,
+    groups: usize,
+    rate: f64,
+    window: Duration,
+) -> Vec<PlannedGroup> {
+    let mut rng = crate::seeded(seed, &format!("group-send-{from}"));
+    let mut plan = Vec::new();
+    if groups == 0 || rate <= 0.0 {
+        return plan;
+    }
+    let mut t = 0.0f64;
+    while plan.len() < MESSAGES_PER_DEVICE_MAX {
+        let u: f64 = rng.gen_range(f64::MIN_POSITIVE..1.0);
+        t += -u.ln() / rate;
+        if t >= window.as_secs_f64() {
+            break;
+        }
+        plan.push(PlannedGroup {
+            at: Duration::from_secs_f64(t),
+            group: rng.gen_range(0..groups),
+            msg_id: MsgId(rng.gen()),
+            padding: rng.gen_range(0..=PADDING_BYTES_MAX),
+        });
+    }
+    plan
+}
+
+/// Every device of every member of `members` but `from` itself.
+fn group_recipients(devices: &BTreeMap<u64, Vec<u32>>, from: Dev, members: &[u64]) -> Vec<Dev> {
+    let mut out: Vec<Dev> = members
+        .iter()
+        .flat_map(|&user| {
+            devices
+                .get(&user)
+                .into_iter()
+                .flatten()
+                .map(move |&device| Dev { user, device })
+        })
+        .filter(|d| *d != from)
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 fn parse_dev(s: &str) -> Option<Dev> {
@@ -203,6 +333,8 @@ pub fn schedule(seed: u64, from: Dev, users: &[u64], rate: f64, window: Duration
 pub async fn register(spec: &WorkloadSpec) -> Result<()> {
     let config = spec.config();
     let mut credentials = Vec::new();
+    // The primaries stay connected until the groups are made (their creators among them).
+    let mut primaries = BTreeMap::new();
     for plan in &spec.population {
         let (primary, registered) =
             retry_register(|| dev::register_device(config.clone(), plan.user, &spec.codes_file))
@@ -229,8 +361,35 @@ pub async fn register(spec: &WorkloadSpec) -> Result<()> {
             });
             linked.close().await;
         }
-        primary.close().await;
+        primaries.insert(plan.user, (primary, registered.device));
     }
+    let users: Vec<u64> = spec.population.iter().map(|p| p.user).collect();
+    let mut groups = Vec::new();
+    for members in group_plan(spec.seed, &users, spec.groups) {
+        let creator = members[0];
+        let Some((client, device)) = primaries.get(&creator) else {
+            continue;
+        };
+        let others: Vec<u64> = members[1..].to_vec();
+        let info =
+            retry_register(|| client.group_create(others.clone(), Bytes::from_static(b"chaos")))
+                .await
+                .with_context(|| format!("creating a group of {members:?}"))?;
+        groups.push(GroupRecord {
+            group: MsgId(info.group),
+            members,
+            creator: Dev {
+                user: creator,
+                device: *device,
+            },
+        });
+    }
+    for (client, _) in primaries.into_values() {
+        client.close().await;
+    }
+    let tmp = spec.groups_file().with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&groups)?)?;
+    std::fs::rename(&tmp, spec.groups_file())?;
     let tmp = spec.credentials.with_extension("tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(&credentials)?)?;
     std::fs::rename(&tmp, &spec.credentials)?;
@@ -252,6 +411,15 @@ where
         tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
     }
     bail!("{}", last.unwrap_or_default())
+}
+
+/// Reads the groups file `--register` wrote (none if it wrote none).
+pub fn read_groups(path: &Path) -> Result<Vec<GroupRecord>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(serde_json::from_slice(&bytes)?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
 }
 
 /// Reads a credentials file.
@@ -285,6 +453,16 @@ pub async fn run(spec: WorkloadSpec) -> Result<()> {
         list.sort_unstable();
     }
     let users: Vec<u64> = devices.keys().copied().collect();
+    let groups = Arc::new(read_groups(&spec.groups_file())?);
+    if spec.host == "client1" {
+        for g in groups.iter() {
+            history.record(Event::Group {
+                group: g.group,
+                members: g.members.clone(),
+                creator: g.creator,
+            });
+        }
+    }
     let mine: Vec<&Credential> = credentials.iter().filter(|c| c.host == spec.host).collect();
     let spec = Arc::new(spec);
     let devices = Arc::new(devices);
@@ -336,6 +514,27 @@ pub async fn run(spec: WorkloadSpec) -> Result<()> {
             spec.rate_per_device,
             Duration::from_millis(spec.send_ms),
         );
+        let my_groups: Vec<GroupRecord> = groups
+            .iter()
+            .filter(|g| g.members.contains(&dev.user))
+            .cloned()
+            .collect();
+        let group_plan = group_schedule(
+            spec.seed,
+            dev,
+            my_groups.len(),
+            spec.rate_per_device * GROUP_RATE_FRACTION,
+            Duration::from_millis(spec.send_ms),
+        );
+        senders.spawn(send_groups(
+            client.clone(),
+            dev,
+            my_groups,
+            group_plan,
+            spec.clone(),
+            history.clone(),
+            devices.clone(),
+        ));
         senders.spawn(send(
             client,
             dev,
@@ -520,6 +719,110 @@ async fn send(
     }
 }
 
+/// Sends one device's group schedule, in order, each message until it is answered (retried
+/// with the same msg_id, like [`send`]; on its own task, so the 1:1 sends keep their order).
+async fn send_groups(
+    client: Client,
+    from: Dev,
+    groups: Vec<GroupRecord>,
+    plan: Vec<PlannedGroup>,
+    spec: Arc<WorkloadSpec>,
+    history: Arc<HistoryWriter>,
+    devices: Arc<BTreeMap<u64, Vec<u32>>>,
+) {
+    let clock = history.clock();
+    let start_us = spec.start_at_us;
+    let window_end_us = start_us + spec.send_ms * 1_000;
+    let retry_until_us = window_end_us + RETRY_GRACE.as_micros() as u64;
+    for planned in plan {
+        let Some(group) = groups.get(planned.group) else {
+            continue;
+        };
+        let due_us = start_us + planned.at.as_micros() as u64;
+        let now = clock.now_us();
+        if due_us > now {
+            tokio::time::sleep(Duration::from_micros(due_us - now)).await;
+        }
+        if clock.now_us() >= window_end_us || should_stop(&spec, &clock) {
+            break;
+        }
+        let recipients = group_recipients(&devices, from, &group.members);
+        let body = group_body(group.group, planned.msg_id, from, planned.padding);
+        let mut pause = RETRY_PAUSE;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            history.record(Event::GroupSend {
+                from,
+                group: group.group,
+                msg_id: planned.msg_id,
+                attempt,
+                recipients: recipients.clone(),
+            });
+            let answer = tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                client.group_send(group.group.0, planned.msg_id.0, body.clone()),
+            )
+            .await;
+            let mut wait = pause;
+            match answer {
+                Ok(Ok(ack)) => {
+                    history.record(Event::SendAck {
+                        from,
+                        msg_id: planned.msg_id,
+                        attempt,
+                        status: status_name(ack.status),
+                        server_time_ms: ack.server_time_ms,
+                    });
+                    break;
+                }
+                Ok(Err(e)) => {
+                    if let Some(after) = e.retry_after() {
+                        wait = wait.max(after);
+                    }
+                    history.record(Event::SendError {
+                        from,
+                        msg_id: planned.msg_id,
+                        attempt,
+                        error: e.to_string(),
+                        code: code_of(&e),
+                    });
+                    if e.is_terminal() {
+                        history.record(Event::SendAbandoned {
+                            from,
+                            msg_id: planned.msg_id,
+                            attempts: attempt,
+                        });
+                        return;
+                    }
+                }
+                Err(_) => {
+                    history.record(Event::SendError {
+                        from,
+                        msg_id: planned.msg_id,
+                        attempt,
+                        error: "timed out".into(),
+                        code: None,
+                    });
+                }
+            }
+            if attempt >= SEND_ATTEMPTS_MAX
+                || clock.now_us() >= retry_until_us
+                || should_stop(&spec, &clock)
+            {
+                history.record(Event::SendAbandoned {
+                    from,
+                    msg_id: planned.msg_id,
+                    attempts: attempt,
+                });
+                break;
+            }
+            tokio::time::sleep(wait).await;
+            pause = (pause * 2).min(RETRY_PAUSE_MAX);
+        }
+    }
+}
+
 /// A read receipt to send: for which message, to which user.
 struct ReceiptJob {
     to_user: u64,
@@ -571,6 +874,25 @@ async fn receive(
                         msg_id,
                     });
                 }
+            }
+            SdkEvent::GroupMessage(d) => {
+                history.record(Event::GroupDeliver {
+                    at,
+                    seq: d.seq,
+                    group: MsgId(d.group.unwrap_or_default()),
+                    group_seq: d.group_seq,
+                    msg_id: MsgId(d.msg_id),
+                    from: Dev {
+                        user: d.from_user,
+                        device: d.from_device,
+                    },
+                    body: parse_group_body(&d.body),
+                });
+                ack = Some(d.seq);
+            }
+            // Group changes and aggregated group receipts: acked, not checked.
+            SdkEvent::GroupChanged { seq, .. } | SdkEvent::GroupReceipt { seq, .. } => {
+                ack = Some(seq);
             }
             SdkEvent::Delivered {
                 seq,
@@ -796,6 +1118,57 @@ mod tests {
         devices.insert(2, vec![1, 2, 3]);
         let got = recipients_of(&devices, Dev { user: 1, device: 2 }, 2);
         let want: Vec<Dev> = [(2, 1), (2, 2), (2, 3), (1, 1)]
+            .iter()
+            .map(|&(user, device)| Dev { user, device })
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn group_bodies_name_their_group_and_message() {
+        let from = Dev { user: 1, device: 2 };
+        let body = group_body(MsgId([3; 16]), MsgId([4; 16]), from, 10);
+        let tag = parse_group_body(&body).unwrap();
+        assert_eq!((tag.group, tag.msg_id), (MsgId([3; 16]), MsgId([4; 16])));
+        assert_eq!(parse_group_body(b"rp1 1.1 x"), None);
+        assert_eq!(parse_group_body(b"rpg1 zz"), None);
+        // A 1:1 body is not a group body, nor the other way round.
+        assert_eq!(parse_body(&body), None);
+    }
+
+    #[test]
+    fn group_plans_are_fixed_by_the_seed_and_bounded() {
+        let users: Vec<u64> = (1..=12).collect();
+        let a = group_plan(7, &users, 3);
+        assert_eq!(a, group_plan(7, &users, 3));
+        assert_eq!(a.len(), 3);
+        for members in &a {
+            assert!((GROUP_MEMBERS_MIN..=GROUP_MEMBERS_MAX).contains(&members.len()));
+            let mut sorted = members.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            assert_eq!(sorted.len(), members.len(), "distinct members: {members:?}");
+        }
+        assert_eq!(group_plan(7, &[1, 2, 3], 2)[0].len(), 3);
+        assert!(group_plan(7, &[1], 2).is_empty());
+        assert_eq!(group_plan(7, &users, 1000).len(), GROUPS_MAX as usize);
+        assert!(group_plan(7, &users, 0).is_empty());
+
+        let from = Dev { user: 1, device: 1 };
+        let s = group_schedule(7, from, 2, 1.0, Duration::from_secs(20));
+        assert_eq!(s, group_schedule(7, from, 2, 1.0, Duration::from_secs(20)));
+        assert!(s.iter().all(|p| p.group < 2));
+        assert!(group_schedule(7, from, 0, 1.0, Duration::from_secs(20)).is_empty());
+    }
+
+    #[test]
+    fn group_recipients_are_every_member_device_but_the_sender() {
+        let mut devices = BTreeMap::new();
+        devices.insert(1, vec![1, 2]);
+        devices.insert(2, vec![1]);
+        devices.insert(3, vec![1]);
+        let got = group_recipients(&devices, Dev { user: 1, device: 2 }, &[2, 1]);
+        let want: Vec<Dev> = [(1, 1), (2, 1)]
             .iter()
             .map(|&(user, device)| Dev { user, device })
             .collect();

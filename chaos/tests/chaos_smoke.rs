@@ -48,6 +48,14 @@ fn smoke_finds_nothing_and_leaves_nothing_behind() {
     }
     assert_eq!(n("delivered"), n("expected_deliveries"), "{shown}");
     assert!(n("receipts_delivered") > 0, "{shown}");
+    // Groups are in the workload by default, counted apart.
+    assert_eq!(n("groups"), 3, "{shown}");
+    assert!(n("group_acked") > 10, "{shown}");
+    assert_eq!(
+        n("group_delivered"),
+        n("group_expected_deliveries"),
+        "{shown}"
+    );
     assert_eq!(report["faults"].as_array().unwrap().len(), 0);
     eprintln!("smoke: {} acked in {elapsed:?}", n("acked"));
 

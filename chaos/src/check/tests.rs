@@ -1134,3 +1134,147 @@ proptest! {
         prop_assert!(has(&report, ViolationKind::Leaked, msg_id), "{:#?}", report.violations);
     }
 }
+
+/// Builder steps for groups.
+impl Builder {
+    fn group_send(&mut self, from: Dev, group: u8, to: &[Dev], msg: u8, status: &str) -> &mut Self {
+        self.push(Event::GroupSend {
+            from,
+            group: id(group),
+            msg_id: id(msg),
+            attempt: 1,
+            recipients: to.to_vec(),
+        });
+        self.push(Event::SendAck {
+            from,
+            msg_id: id(msg),
+            attempt: 1,
+            status: status.into(),
+            server_time_ms: 0,
+        })
+    }
+
+    fn group_deliver(
+        &mut self,
+        at: Dev,
+        from: Dev,
+        group: u8,
+        group_seq: u64,
+        msg: u8,
+    ) -> &mut Self {
+        let seq = self.seqs.entry(at).or_insert(0);
+        *seq += 1;
+        let seq = *seq;
+        self.push(Event::GroupDeliver {
+            at,
+            seq,
+            group: id(group),
+            group_seq,
+            msg_id: id(msg),
+            from,
+            body: Some(crate::history::GroupBodyTag {
+                group: id(group),
+                msg_id: id(msg),
+            }),
+        })
+    }
+}
+
+#[test]
+fn a_clean_group_history_passes_and_is_counted_apart() {
+    let mut h = Builder::default();
+    h.push(Event::Group {
+        group: id(100),
+        members: vec![A1.user, B1.user, C1.user],
+        creator: A1,
+    });
+    h.group_send(A1, 100, &[A2, B1, C1], 1, "Ok")
+        .group_send(B1, 100, &[A1, A2, C1], 2, "Ok")
+        .group_deliver(A2, A1, 100, 1, 1)
+        .group_deliver(B1, A1, 100, 1, 1)
+        .group_deliver(C1, A1, 100, 1, 1)
+        .group_deliver(A1, B1, 100, 2, 2)
+        .group_deliver(A2, B1, 100, 2, 2)
+        .group_deliver(C1, B1, 100, 2, 2);
+    let report = h.check();
+    assert!(report.passed(), "{:#?}", report.violations);
+    let c = &report.counts;
+    assert_eq!(
+        (
+            c.groups,
+            c.group_sent,
+            c.group_acked,
+            c.group_expected_deliveries,
+            c.group_delivered
+        ),
+        (1, 2, 2, 6, 6)
+    );
+    // The 1:1 counts do not include them.
+    assert_eq!((c.sent, c.acked, c.delivered), (0, 0, 0));
+}
+
+#[test]
+fn planted_group_violations_are_found() {
+    // Lost: acked, C1 never gets it.
+    let mut h = Builder::default();
+    h.group_send(A1, 100, &[B1, C1], 1, "Ok")
+        .group_deliver(B1, A1, 100, 1, 1);
+    let report = h.check();
+    assert_eq!(kinds(&report), vec![(ViolationKind::Lost, id(1))]);
+    assert_eq!(report.violations[0].subject, Subject::GroupMessage);
+    assert_eq!(report.violations[0].device, C1);
+
+    // Duplicated: handed over twice on one device.
+    let mut h = Builder::default();
+    h.group_send(A1, 100, &[B1], 1, "Ok")
+        .group_deliver(B1, A1, 100, 1, 1)
+        .group_deliver(B1, A1, 100, 1, 1);
+    assert_eq!(kinds(&h.check()), vec![(ViolationKind::Duplicated, id(1))]);
+
+    // Reordered: seq 3 then seq 2 of one group on one device (another group's seqs are apart).
+    let mut h = Builder::default();
+    h.group_send(A1, 100, &[B1], 1, "Ok")
+        .group_send(C1, 100, &[B1], 2, "Ok")
+        .group_send(A1, 101, &[B1], 3, "Ok")
+        .group_deliver(B1, A1, 100, 3, 1)
+        .group_deliver(B1, A1, 101, 1, 3)
+        .group_deliver(B1, C1, 100, 2, 2);
+    assert_eq!(kinds(&h.check()), vec![(ViolationKind::Reordered, id(2))]);
+
+    // Leaked: to a device that is not a member, and under another group's id.
+    let mut h = Builder::default();
+    h.group_send(A1, 100, &[B1], 1, "Ok")
+        .group_deliver(B1, A1, 100, 1, 1)
+        .group_deliver(C1, A1, 100, 1, 1);
+    assert_eq!(kinds(&h.check()), vec![(ViolationKind::Leaked, id(1))]);
+    let mut h = Builder::default();
+    h.group_send(A1, 100, &[B1], 1, "Ok")
+        .group_deliver(B1, A1, 101, 1, 1);
+    assert_eq!(kinds(&h.check()), vec![(ViolationKind::Leaked, id(1))]);
+
+    // Phantom: every attempt refused, yet delivered.
+    let mut h = Builder::default();
+    h.group_send(A1, 100, &[B1], 1, "Forbidden")
+        .group_deliver(B1, A1, 100, 1, 1);
+    assert_eq!(kinds(&h.check()), vec![(ViolationKind::Phantom, id(1))]);
+}
+
+#[test]
+fn a_group_loss_with_a_removed_node_is_explained_only_when_the_node_may_have_held_it() {
+    // Acked before node 3 (which C lived on) was killed and removed: explained.
+    let mut h = Builder::default();
+    h.welcomed(A1, 1)
+        .welcomed(B1, 1)
+        .welcomed(C1, 3)
+        .group_send(A1, 100, &[B1, C1], 1, "Ok")
+        .group_deliver(B1, A1, 100, 1, 1)
+        .member(3, MemberAction::Kill)
+        .member(3, MemberAction::Remove);
+    let report = h.check();
+    assert!(report.passed(), "{:#?}", report.violations);
+    assert_eq!(report.counts.group_lost_unreplicated, 1);
+
+    // Acked after the removal, for B on a live node: a violation.
+    h.group_send(A1, 100, &[B1], 2, "Ok");
+    assert_eq!(kinds(&h.check()), vec![(ViolationKind::Lost, id(2))]);
+}
