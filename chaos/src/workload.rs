@@ -610,6 +610,91 @@ fn recipients_of(devices: &BTreeMap<u64, Vec<u32>>, from: Dev, to_user: u64) -> 
     out
 }
 
+/// Sends one message until it is answered: each attempt (recorded by `attempt` itself) gets
+/// [`REQUEST_TIMEOUT`]; errors are recorded and retried with the same msg_id after a doubling
+/// pause (at least the server's `retry_after`), until [`SEND_ATTEMPTS_MAX`] attempts, the retry
+/// deadline or the run's stop, when the message is recorded as abandoned.
+struct Retry<'a> {
+    history: &'a HistoryWriter,
+    spec: &'a WorkloadSpec,
+    clock: &'a Clock,
+    from: Dev,
+    msg_id: MsgId,
+    until_us: u64,
+}
+
+impl Retry<'_> {
+    /// `false` when the device can send nothing more (its client is closed for good).
+    async fn until_answered<F, Fut>(&self, mut attempt: F) -> bool
+    where
+        F: FnMut(u32) -> Fut,
+        Fut: std::future::Future<Output = Result<ringpost_client::SendAck, ClientError>>,
+    {
+        let (from, msg_id, history) = (self.from, self.msg_id, self.history);
+        let abandoned = |attempts| Event::SendAbandoned {
+            from,
+            msg_id,
+            attempts,
+        };
+        let mut pause = RETRY_PAUSE;
+        let mut n = 0;
+        loop {
+            n += 1;
+            let answer = tokio::time::timeout(REQUEST_TIMEOUT, attempt(n)).await;
+            let mut wait = pause;
+            match answer {
+                Ok(Ok(ack)) => {
+                    history.record(Event::SendAck {
+                        from,
+                        msg_id,
+                        attempt: n,
+                        status: status_name(ack.status),
+                        server_time_ms: ack.server_time_ms,
+                    });
+                    // Ok is final; so is a refusal (the device lists never change in a run).
+                    return true;
+                }
+                Ok(Err(e)) => {
+                    if let Some(after) = e.retry_after() {
+                        wait = wait.max(after);
+                    }
+                    history.record(Event::SendError {
+                        from,
+                        msg_id,
+                        attempt: n,
+                        error: e.to_string(),
+                        code: code_of(&e),
+                    });
+                    if e.is_terminal() {
+                        // The client is closed for good (its device's account is gone, e.g.
+                        // with a removed node): nothing this device sends can work any more.
+                        history.record(abandoned(n));
+                        return false;
+                    }
+                }
+                Err(_) => {
+                    history.record(Event::SendError {
+                        from,
+                        msg_id,
+                        attempt: n,
+                        error: "timed out".into(),
+                        code: None,
+                    });
+                }
+            }
+            if n >= SEND_ATTEMPTS_MAX
+                || self.clock.now_us() >= self.until_us
+                || should_stop(self.spec, self.clock)
+            {
+                history.record(abandoned(n));
+                return true;
+            }
+            tokio::time::sleep(wait).await;
+            pause = (pause * 2).min(RETRY_PAUSE_MAX);
+        }
+    }
+}
+
 /// Sends one device's schedule, in order, each message until it is answered.
 async fn send(
     client: Client,
@@ -641,10 +726,7 @@ async fn send(
                 body: body_for(*to, planned.msg_id, from, planned.padding),
             })
             .collect();
-        let mut pause = RETRY_PAUSE;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
+        let attempt = |attempt: u32| {
             history.record(Event::Send {
                 from,
                 to_user: planned.to_user,
@@ -652,69 +734,18 @@ async fn send(
                 attempt,
                 recipients: recipients.clone(),
             });
-            let answer = tokio::time::timeout(
-                REQUEST_TIMEOUT,
-                client.send(planned.to_user, planned.msg_id.0, ciphertexts.clone()),
-            )
-            .await;
-            let mut wait = pause;
-            match answer {
-                Ok(Ok(ack)) => {
-                    history.record(Event::SendAck {
-                        from,
-                        msg_id: planned.msg_id,
-                        attempt,
-                        status: status_name(ack.status),
-                        server_time_ms: ack.server_time_ms,
-                    });
-                    // Ok is final; so is a refusal (the device lists never change in a run).
-                    break;
-                }
-                Ok(Err(e)) => {
-                    if let Some(after) = e.retry_after() {
-                        wait = wait.max(after);
-                    }
-                    history.record(Event::SendError {
-                        from,
-                        msg_id: planned.msg_id,
-                        attempt,
-                        error: e.to_string(),
-                        code: code_of(&e),
-                    });
-                    if e.is_terminal() {
-                        // The client is closed for good (its device's account is gone, e.g.
-                        // with a removed node): nothing this device sends can work any more.
-                        history.record(Event::SendAbandoned {
-                            from,
-                            msg_id: planned.msg_id,
-                            attempts: attempt,
-                        });
-                        return;
-                    }
-                }
-                Err(_) => {
-                    history.record(Event::SendError {
-                        from,
-                        msg_id: planned.msg_id,
-                        attempt,
-                        error: "timed out".into(),
-                        code: None,
-                    });
-                }
-            }
-            if attempt >= SEND_ATTEMPTS_MAX
-                || clock.now_us() >= retry_until_us
-                || should_stop(&spec, &clock)
-            {
-                history.record(Event::SendAbandoned {
-                    from,
-                    msg_id: planned.msg_id,
-                    attempts: attempt,
-                });
-                break;
-            }
-            tokio::time::sleep(wait).await;
-            pause = (pause * 2).min(RETRY_PAUSE_MAX);
+            client.send(planned.to_user, planned.msg_id.0, ciphertexts.clone())
+        };
+        let retry = Retry {
+            history: &history,
+            spec: &spec,
+            clock: &clock,
+            from,
+            msg_id: planned.msg_id,
+            until_us: retry_until_us,
+        };
+        if !retry.until_answered(attempt).await {
+            return;
         }
     }
 }
@@ -748,10 +779,7 @@ async fn send_groups(
         }
         let recipients = group_recipients(&devices, from, &group.members);
         let body = group_body(group.group, planned.msg_id, from, planned.padding);
-        let mut pause = RETRY_PAUSE;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
+        let attempt = |attempt: u32| {
             history.record(Event::GroupSend {
                 from,
                 group: group.group,
@@ -759,66 +787,18 @@ async fn send_groups(
                 attempt,
                 recipients: recipients.clone(),
             });
-            let answer = tokio::time::timeout(
-                REQUEST_TIMEOUT,
-                client.group_send(group.group.0, planned.msg_id.0, body.clone()),
-            )
-            .await;
-            let mut wait = pause;
-            match answer {
-                Ok(Ok(ack)) => {
-                    history.record(Event::SendAck {
-                        from,
-                        msg_id: planned.msg_id,
-                        attempt,
-                        status: status_name(ack.status),
-                        server_time_ms: ack.server_time_ms,
-                    });
-                    break;
-                }
-                Ok(Err(e)) => {
-                    if let Some(after) = e.retry_after() {
-                        wait = wait.max(after);
-                    }
-                    history.record(Event::SendError {
-                        from,
-                        msg_id: planned.msg_id,
-                        attempt,
-                        error: e.to_string(),
-                        code: code_of(&e),
-                    });
-                    if e.is_terminal() {
-                        history.record(Event::SendAbandoned {
-                            from,
-                            msg_id: planned.msg_id,
-                            attempts: attempt,
-                        });
-                        return;
-                    }
-                }
-                Err(_) => {
-                    history.record(Event::SendError {
-                        from,
-                        msg_id: planned.msg_id,
-                        attempt,
-                        error: "timed out".into(),
-                        code: None,
-                    });
-                }
-            }
-            if attempt >= SEND_ATTEMPTS_MAX
-                || clock.now_us() >= retry_until_us
-                || should_stop(&spec, &clock)
-            {
-                history.record(Event::SendAbandoned {
-                    from,
-                    msg_id: planned.msg_id,
-                    attempts: attempt,
-                });
-                break;
-            }
-            tokio::time::sleep(wait).await;
-            pause = (pause * 2).min(RETRY_PAUSE_MAX);
+            client.group_send(group.group.0, planned.msg_id.0, body.clone())
+        };
+        let retry = Retry {
+            history: &history,
+            spec: &spec,
+            clock: &clock,
+            from,
+            msg_id: planned.msg_id,
+            until_us: retry_until_us,
+        };
+        if !retry.until_answered(attempt).await {
+            return;
         }
     }
 }
