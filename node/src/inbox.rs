@@ -719,72 +719,78 @@ impl Inbox {
         // Shared bodies past their expiry (a backstop: their entries released them). Only the
         // count rows are scanned, shard by shard.
         for shard in 0..self.inner.config.shard_count {
-            let (mut from, to) = bodies::count_range(shard);
-            loop {
-                tokio::task::yield_now().await;
-                let page =
-                    self.inner
-                        .engine
-                        .scan(Cf::GroupBodies, &from, &to, EXPIRE_CHUNK_KEYS_MAX)?;
-                let Some((last, _)) = page.last() else { break };
-                let next = successor(last);
-                let done = page.len() < EXPIRE_CHUNK_KEYS_MAX;
-                let keys: Vec<Vec<u8>> = page
-                    .into_iter()
-                    .filter(|(_, value)| {
+            let (from, to) = bodies::count_range(shard);
+            report.bodies += self
+                .expire_scan(
+                    Cf::GroupBodies,
+                    from,
+                    &to,
+                    |value| {
                         bodies::BodyCount::decode(value).is_ok_and(|c| c.expires_at_ms <= now_ms)
-                    })
-                    .map(|(key, _)| key)
-                    .collect();
-                if !keys.is_empty() {
-                    report.bodies += self
-                        .call(|reply| Request::ExpireBodies {
-                            keys,
-                            now_ms,
-                            reply,
-                        })
-                        .await?;
-                }
-                if done {
-                    break;
-                }
-                from = next;
-            }
+                    },
+                    |keys, reply| Request::ExpireBodies {
+                        keys,
+                        now_ms,
+                        reply,
+                    },
+                )
+                .await?;
         }
 
         if self.inner.engine.drops_expired_dedup() {
             return Ok(report);
         }
-        let mut from = Vec::new();
+        report.dedup_records += self
+            .expire_scan(
+                Cf::Dedup,
+                Vec::new(),
+                &end,
+                |value| DedupRecord::decode(value).is_ok_and(|r| !r.is_live(now_ms)),
+                |keys, reply| Request::ExpireDedup {
+                    keys,
+                    now_ms,
+                    reply,
+                },
+            )
+            .await?;
+        Ok(report)
+    }
+
+    /// Pages through `[from, to)` of `cf`, a bounded page at a time (yielding between pages),
+    /// and has the writer delete the keys whose values `expired` says are past their time;
+    /// returns how many it deleted (the writer checks each again under its lock).
+    async fn expire_scan(
+        &self,
+        cf: Cf,
+        mut from: Vec<u8>,
+        to: &[u8],
+        expired: impl Fn(&[u8]) -> bool,
+        request: impl Fn(Vec<Vec<u8>>, Reply<u64>) -> Request,
+    ) -> Result<u64, InboxError> {
+        let mut deleted = 0;
         loop {
             tokio::task::yield_now().await;
             let page = self
                 .inner
                 .engine
-                .scan(Cf::Dedup, &from, &end, EXPIRE_CHUNK_KEYS_MAX)?;
+                .scan(cf, &from, to, EXPIRE_CHUNK_KEYS_MAX)?;
             let Some((last, _)) = page.last() else { break };
             let next = successor(last);
             let done = page.len() < EXPIRE_CHUNK_KEYS_MAX;
             let keys: Vec<Vec<u8>> = page
                 .into_iter()
-                .filter(|(_, value)| DedupRecord::decode(value).is_ok_and(|r| !r.is_live(now_ms)))
+                .filter(|(_, value)| expired(value))
                 .map(|(key, _)| key)
                 .collect();
             if !keys.is_empty() {
-                report.dedup_records += self
-                    .call(|reply| Request::ExpireDedup {
-                        keys,
-                        now_ms,
-                        reply,
-                    })
-                    .await?;
+                deleted += self.call(|reply| request(keys, reply)).await?;
             }
             if done {
                 break;
             }
             from = next;
         }
-        Ok(report)
+        Ok(deleted)
     }
 
     /// Since when durable writes fail and the latest error (disk full, fsync failed); `None`
