@@ -245,25 +245,15 @@ pub fn group_schedule(
     window: Duration,
 ) -> Vec<PlannedGroup> {
     let mut rng = crate::seeded(seed, &format!("group-send-{from}"));
-    let mut plan = Vec::new();
     if groups == 0 || rate <= 0.0 {
-        return plan;
+        return Vec::new();
     }
-    let mut t = 0.0f64;
-    while plan.len() < MESSAGES_PER_DEVICE_MAX {
-        let u: f64 = rng.gen_range(f64::MIN_POSITIVE..1.0);
-        t += -u.ln() / rate;
-        if t >= window.as_secs_f64() {
-            break;
-        }
-        plan.push(PlannedGroup {
-            at: Duration::from_secs_f64(t),
-            group: rng.gen_range(0..groups),
-            msg_id: MsgId(rng.gen()),
-            padding: rng.gen_range(0..=PADDING_BYTES_MAX),
-        });
-    }
-    plan
+    poisson(&mut rng, rate, window, |rng, at| PlannedGroup {
+        at,
+        group: rng.gen_range(0..groups),
+        msg_id: MsgId(rng.gen()),
+        padding: rng.gen_range(0..=PADDING_BYTES_MAX),
+    })
 }
 
 /// Every device of every member of `members` but `from` itself.
@@ -306,24 +296,34 @@ pub struct Planned {
 pub fn schedule(seed: u64, from: Dev, users: &[u64], rate: f64, window: Duration) -> Vec<Planned> {
     let mut rng = crate::seeded(seed, &format!("send-{from}"));
     let others: Vec<u64> = users.iter().copied().filter(|u| *u != from.user).collect();
-    let mut plan = Vec::new();
     if others.is_empty() || rate <= 0.0 {
-        return plan;
+        return Vec::new();
     }
+    poisson(&mut rng, rate, window, |rng, at| Planned {
+        at,
+        to_user: others[rng.gen_range(0..others.len())],
+        msg_id: MsgId(rng.gen()),
+        padding: rng.gen_range(0..=PADDING_BYTES_MAX),
+    })
+}
+
+/// Poisson arrivals at `rate` per second over `window` (at most [`MESSAGES_PER_DEVICE_MAX`]):
+/// each gap drawn from `rng` first (exponential: -ln(U)/rate), then the item `item` draws.
+fn poisson<R: Rng, T>(
+    rng: &mut R,
+    rate: f64,
+    window: Duration,
+    mut item: impl FnMut(&mut R, Duration) -> T,
+) -> Vec<T> {
+    let mut plan = Vec::new();
     let mut t = 0.0f64;
     while plan.len() < MESSAGES_PER_DEVICE_MAX {
-        // Exponential gap: -ln(U)/rate.
         let u: f64 = rng.gen_range(f64::MIN_POSITIVE..1.0);
         t += -u.ln() / rate;
         if t >= window.as_secs_f64() {
             break;
         }
-        plan.push(Planned {
-            at: Duration::from_secs_f64(t),
-            to_user: others[rng.gen_range(0..others.len())],
-            msg_id: MsgId(rng.gen()),
-            padding: rng.gen_range(0..=PADDING_BYTES_MAX),
-        });
+        plan.push(item(rng, Duration::from_secs_f64(t)));
     }
     plan
 }
