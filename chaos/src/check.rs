@@ -645,6 +645,29 @@ impl Checker<'_> {
         }
     }
 
+    /// A lost message or receipt: `LostUnreplicated` when `removed` names a removed node that
+    /// may have held its only copy, `Lost` otherwise.
+    #[allow(clippy::too_many_arguments)]
+    fn lost(
+        &self,
+        removed: Option<u64>,
+        subject: Subject,
+        msg_id: MsgId,
+        from: Dev,
+        device: Dev,
+        detail: String,
+        t_us: u64,
+        life: (u64, u64),
+    ) -> Violation {
+        let kind = match removed {
+            Some(_) => ViolationKind::LostUnreplicated,
+            None => ViolationKind::Lost,
+        };
+        let mut violation = self.violation(kind, subject, msg_id, from, device, detail, t_us, life);
+        violation.removed_node = removed;
+        violation
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn violation(
         &self,
@@ -893,12 +916,8 @@ impl Checker<'_> {
             if let Some(node) = removed {
                 detail.push_str(&lived_only_on(node));
             }
-            let kind = match removed {
-                Some(_) => ViolationKind::LostUnreplicated,
-                None => ViolationKind::Lost,
-            };
-            let mut violation = self.violation(
-                kind,
+            let violation = self.lost(
+                removed,
                 Subject::ReadReceipt,
                 msg_id,
                 from,
@@ -907,7 +926,6 @@ impl Checker<'_> {
                 acked_us,
                 (sent_us, acked_us),
             );
-            violation.removed_node = removed;
             self.push(violation);
         }
     }
@@ -1000,12 +1018,8 @@ impl Checker<'_> {
                      node, not a violation"
                 ));
             }
-            let kind = match removed {
-                Some(_) => ViolationKind::LostUnreplicated,
-                None => ViolationKind::Lost,
-            };
-            let mut violation = self.violation(
-                kind,
+            let violation = self.lost(
+                removed,
                 Subject::DeliveredReceipt,
                 msg_id,
                 by,
@@ -1014,7 +1028,6 @@ impl Checker<'_> {
                 due_us,
                 (sent_us, due_us),
             );
-            violation.removed_node = removed;
             self.push(violation);
         }
     }
@@ -1075,12 +1088,8 @@ impl Checker<'_> {
                 ));
                 storage_lost.insert((from, msg_id));
             }
-            let kind = match removed {
-                Some(_) => ViolationKind::LostUnreplicated,
-                None => ViolationKind::Lost,
-            };
-            let mut violation = self.violation(
-                kind,
+            let mut violation = self.lost(
+                removed,
                 Subject::Message,
                 msg_id,
                 from,
@@ -1090,7 +1099,6 @@ impl Checker<'_> {
                 (sent_us, acked_us),
             );
             violation.storage_fault = storage_fault;
-            violation.removed_node = removed;
             self.push(violation);
         }
         self.report.counts.storage_acked_lost = storage_lost.len() as u64;
@@ -1329,12 +1337,8 @@ impl Checker<'_> {
                      node, not a violation"
                 ));
             }
-            let kind = match removed {
-                Some(_) => ViolationKind::LostUnreplicated,
-                None => ViolationKind::Lost,
-            };
-            let mut v = self.violation(
-                kind,
+            let v = self.lost(
+                removed,
                 Subject::GroupMessage,
                 msg_id,
                 from,
@@ -1343,7 +1347,6 @@ impl Checker<'_> {
                 acked_us,
                 (sent_us, acked_us),
             );
-            v.removed_node = removed;
             self.push(v);
         }
     }
