@@ -832,6 +832,7 @@ async fn send_returns_the_ack_and_checks_its_msg_id() {
             server_time_ms: 5,
             mismatched: vec![],
             full_devices: vec![],
+            group_seq: 0,
         },
     ))
     .await;
@@ -1363,6 +1364,7 @@ async fn round_trip(server: &mut TestServer, tls: TlsOptions) {
             server_time_ms: 1,
             mismatched: vec![],
             full_devices: vec![],
+            group_seq: 0,
         },
     ))
     .await;

@@ -397,12 +397,18 @@ impl Groups {
     ) -> Result<GroupInfo, GroupError> {
         let _held = self.lock(&update.group);
         let mut state = self.load(&update.group)?.ok_or(GroupError::NotFound)?;
+        let before = state.seq;
         let allow_all = |_: UserId, _: UserId| true;
         let event = match self.add_policy.get() {
             // Every user an update adds is checked here (blocks: `blocks::check_adds`).
             Some(policy) => state.apply(actor, update, invite_code, &|a, b| policy(a, b))?,
             None => state.apply(actor, update, invite_code, &allow_all)?,
         };
+        if state.seq == before {
+            // The update changed nothing (e.g. a retry of one already applied): answered
+            // with the group as it is, nothing written.
+            return state.info_for(actor);
+        }
         let mut batch = WriteBatch::new();
         self.put_state(&mut batch, &state)?;
         self.put_event(&mut batch, &state, &event, now_ms)?;
@@ -442,7 +448,6 @@ impl Groups {
     ) -> Result<Sent, GroupError> {
         let _held = self.lock(group);
         let mut state = self.load(group)?.ok_or(GroupError::NotFound)?;
-        state.may_send(from_user)?;
         let dedup_key = self.row(
             group,
             TAG_DEDUP,
@@ -455,6 +460,7 @@ impl Groups {
         if let Some(v) = self.engine.get(Cf::Groups, &dedup_key)? {
             if let Some((expires, seq, at)) = decode_dedup(&v) {
                 if expires > now_ms {
+                    // A repeat gets the first answer, even if the sender has left since.
                     return Ok(Sent::Duplicate {
                         seq,
                         server_time_ms: at,
@@ -462,6 +468,7 @@ impl Groups {
                 }
             }
         }
+        state.may_send(from_user)?;
         state.seq += 1;
         let seq = state.seq;
         let mut batch = WriteBatch::new();

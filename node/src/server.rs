@@ -808,6 +808,7 @@ impl Server {
                 server_time_ms: now,
                 mismatched: vec![],
                 full_devices: vec![],
+                group_seq: 0,
             };
             match to_result {
                 Stored::Stored { server_time_ms } => {
@@ -1144,6 +1145,7 @@ pub(crate) fn send_ack(msg_id: MsgId, status: SendStatus, now: u64) -> Answer {
         server_time_ms: now,
         mismatched: vec![],
         full_devices: vec![],
+        group_seq: 0,
     })
 }
 
@@ -1154,6 +1156,7 @@ fn mismatched_ack(msg_id: MsgId, now: u64, mismatched: Vec<MismatchedDevices>) -
         server_time_ms: now,
         mismatched,
         full_devices: vec![],
+        group_seq: 0,
     })
 }
 

@@ -202,13 +202,22 @@ fn a_group_spread_over_three_nodes_orders_changes_and_messages_and_survives_its_
             })
             .await;
             assert_eq!(ack.status, SendStatus::Ok);
+            // The ack says where the message sits in the group's order.
+            assert_eq!(ack.group_seq, 4 + i as u64);
             sent.push((users[sender], id));
         }
         // A resend of the same msg_id from the same device is answered, not sequenced again.
         let again =
             retrying(|| clients[2].group_send(group, msg_id(0), Bytes::from_static(b"hello 0")))
                 .await;
-        assert_eq!(again.status, SendStatus::Ok);
+        assert_eq!((again.status, again.group_seq), (SendStatus::Ok, 4));
+        // A remove repeated (its answer lost, say) changes nothing and takes no seq.
+        assert_eq!(
+            retrying(|| clients[0].group_update(remove.clone()))
+                .await
+                .version,
+            6
+        );
 
         // Seqs 1..=6: create, add, remove, three messages. Every current member's device sees
         // every seq it was a member for, in order, each once.

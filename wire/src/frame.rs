@@ -389,6 +389,8 @@ pub struct SendAck {
     pub server_time_ms: u64,
     pub mismatched: Vec<MismatchedDevices>,
     pub full_devices: Vec<DeviceCiphertextRef>,
+    /// For a `GroupSend` answered `Ok`: the message's place in the group's order; else 0.
+    pub group_seq: u64,
 }
 
 /// A (user, device) pair without a body.

@@ -172,6 +172,7 @@ fn maximal_legal_frames_decode() {
                 SEND_CIPHERTEXTS_MAX
             ],
             full_devices: vec![DeviceCiphertextRef { user: 1, device: 2 }; SEND_CIPHERTEXTS_MAX],
+            group_seq: u64::MAX,
         }),
         Body::GroupInfo(GroupInfo {
             group: [4; 16],
@@ -329,6 +330,7 @@ fn frame_with(field: &str, len: usize) -> Frame {
                 n
             ],
             full_devices: vec![DeviceCiphertextRef { user: 1, device: 1 }; full],
+            group_seq: u64::MAX,
         })
     };
     let deliver = |body_len: usize, receipts: usize| {

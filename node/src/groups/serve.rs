@@ -229,14 +229,20 @@ async fn local(
             Body::GroupInfoRequest(r) => Ok((Frame::new(0, groups.info(user, &r.group)?), false)),
             Body::GroupSend(s) => {
                 let sent = groups.send(user, device, &s.group, s.msg_id, &s.body, now)?;
-                let (new, server_time_ms) = match sent {
-                    Sent::New { server_time_ms, .. } => (true, server_time_ms),
-                    Sent::Duplicate { server_time_ms, .. } => {
+                let (new, server_time_ms, group_seq) = match sent {
+                    Sent::New {
+                        seq,
+                        server_time_ms,
+                    } => (true, server_time_ms, seq),
+                    Sent::Duplicate {
+                        seq,
+                        server_time_ms,
+                    } => {
                         groups
                             .metrics
                             .sends_duplicate
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        (false, server_time_ms)
+                        (false, server_time_ms, seq)
                     }
                 };
                 let ack = SendAck {
@@ -245,6 +251,7 @@ async fn local(
                     server_time_ms,
                     mismatched: vec![],
                     full_devices: vec![],
+                    group_seq,
                 };
                 Ok((Frame::new(0, ack), new))
             }

@@ -279,7 +279,7 @@ impl GroupState {
         if next.admins.is_empty() {
             return Err(GroupError::Malformed("a group keeps at least one admin"));
         }
-        if !update.meta.is_empty() {
+        if !update.meta.is_empty() && next.meta[..] != update.meta[..] {
             next.meta = update.meta.to_vec();
             event.meta_changed = true;
         }
@@ -302,6 +302,16 @@ impl GroupState {
             }
         }
         event.rotate_sender_keys = !event.added.is_empty() || !event.removed.is_empty();
+        let changed = event.rotate_sender_keys
+            || !event.promoted.is_empty()
+            || !event.demoted.is_empty()
+            || event.meta_changed
+            || event.settings_changed;
+        if !changed {
+            // Already so (a retried update, an add of a member): no new seq, nothing logged.
+            event.seq = self.seq;
+            return Ok(event);
+        }
         *self = next;
         Ok(event)
     }

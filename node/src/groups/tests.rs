@@ -211,3 +211,53 @@ fn pending_groups_lists_each_group_with_records_once() {
 }
 
 mod receipts;
+
+#[test]
+fn an_update_that_changes_nothing_takes_no_seq_and_logs_nothing() {
+    let (g, _dir) = service();
+    g.create(G, 1, &[2, 3], b"meta", 0).unwrap();
+    let mut remove = GroupUpdate::new(G);
+    remove.remove = vec![3];
+    assert_eq!(g.update(1, &remove, CODE, 1).unwrap().version, 2);
+    // The retry of an update whose answer was lost: answered with the group as it is.
+    let again = g.update(1, &remove, CODE, 2).unwrap();
+    assert_eq!((again.version, again.members), (2, vec![1, 2]));
+    let mut add_member = GroupUpdate::new(G);
+    add_member.add = vec![2];
+    add_member.meta = b"meta".to_vec().into();
+    assert_eq!(g.update(1, &add_member, CODE, 3).unwrap().version, 2);
+    let log = drain(&g);
+    assert_eq!(log.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2]);
+    // The next real change and message take the next numbers.
+    let mut add = GroupUpdate::new(G);
+    add.add = vec![3];
+    assert_eq!(g.update(1, &add, CODE, 4).unwrap().version, 3);
+    assert!(matches!(
+        g.send(2, 1, &G, [9; 16], b"x", 5).unwrap(),
+        Sent::New { seq: 4, .. }
+    ));
+}
+
+#[test]
+fn a_resend_after_leaving_gets_the_first_answer() {
+    let (g, _dir) = service();
+    g.create(G, 1, &[2], b"", 0).unwrap();
+    let first = g.send(2, 1, &G, [9; 16], b"x", 5).unwrap();
+    assert!(matches!(first, Sent::New { seq: 2, .. }));
+    let mut leave = GroupUpdate::new(G);
+    leave.leave = true;
+    g.update(2, &leave, CODE, 6).unwrap();
+    // The answer to the first attempt was lost; the retry must not turn it into a refusal.
+    assert_eq!(
+        g.send(2, 1, &G, [9; 16], b"x", 7).unwrap(),
+        Sent::Duplicate {
+            seq: 2,
+            server_time_ms: 5
+        }
+    );
+    // A new message from a former member is refused.
+    assert!(matches!(
+        g.send(2, 1, &G, [8; 16], b"x", 8),
+        Err(GroupError::NotMember)
+    ));
+}

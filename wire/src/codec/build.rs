@@ -226,6 +226,7 @@ fn body(fbb: &mut Fbb<'_>, body: &Body) -> Off<UnionWIPOffset> {
                 server_time_ms: b.server_time_ms,
                 mismatched,
                 full_devices,
+                group_seq: b.group_seq,
             };
             fb::SendAck::create(fbb, &args).as_union_value()
         }

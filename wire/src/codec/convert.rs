@@ -297,6 +297,7 @@ pub(crate) fn body(
                         device: d.device(),
                     })
                     .collect(),
+                group_seq: t.group_seq(),
             })
         }
         K::Deliver => {

@@ -3612,6 +3612,7 @@ impl<'a> SendAck<'a> {
   pub const VT_SERVER_TIME_MS: ::flatbuffers::VOffsetT = 8;
   pub const VT_MISMATCHED: ::flatbuffers::VOffsetT = 10;
   pub const VT_FULL_DEVICES: ::flatbuffers::VOffsetT = 12;
+  pub const VT_GROUP_SEQ: ::flatbuffers::VOffsetT = 14;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3623,6 +3624,7 @@ impl<'a> SendAck<'a> {
     args: &'args SendAckArgs<'args>
   ) -> ::flatbuffers::WIPOffset<SendAck<'bldr>> {
     let mut builder = SendAckBuilder::new(_fbb);
+    builder.add_group_seq(args.group_seq);
     builder.add_server_time_ms(args.server_time_ms);
     if let Some(x) = args.full_devices { builder.add_full_devices(x); }
     if let Some(x) = args.mismatched { builder.add_mismatched(x); }
@@ -3670,6 +3672,15 @@ impl<'a> SendAck<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<DeviceCiphertextRef>>>>(SendAck::VT_FULL_DEVICES, None)}
   }
+  /// For a GroupSend answered Ok: the message's place in the group's order (the `group_seq`
+  /// its members' Delivers carry), the same on a repeat. 0 for every other answer.
+  #[inline]
+  pub fn group_seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SendAck::VT_GROUP_SEQ, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for SendAck<'_> {
@@ -3683,6 +3694,7 @@ impl ::flatbuffers::Verifiable for SendAck<'_> {
      .visit_field::<u64>("server_time_ms", Self::VT_SERVER_TIME_MS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<MismatchedDevices>>>>("mismatched", Self::VT_MISMATCHED, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<DeviceCiphertextRef>>>>("full_devices", Self::VT_FULL_DEVICES, false)?
+     .visit_field::<u64>("group_seq", Self::VT_GROUP_SEQ, false)?
      .finish();
     Ok(())
   }
@@ -3693,6 +3705,7 @@ pub struct SendAckArgs<'a> {
     pub server_time_ms: u64,
     pub mismatched: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<MismatchedDevices<'a>>>>>,
     pub full_devices: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<DeviceCiphertextRef<'a>>>>>,
+    pub group_seq: u64,
 }
 impl<'a> Default for SendAckArgs<'a> {
   #[inline]
@@ -3703,6 +3716,7 @@ impl<'a> Default for SendAckArgs<'a> {
       server_time_ms: 0,
       mismatched: None,
       full_devices: None,
+      group_seq: 0,
     }
   }
 }
@@ -3733,6 +3747,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SendAckBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SendAck::VT_FULL_DEVICES, full_devices);
   }
   #[inline]
+  pub fn add_group_seq(&mut self, group_seq: u64) {
+    self.fbb_.push_slot::<u64>(SendAck::VT_GROUP_SEQ, group_seq, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SendAckBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     SendAckBuilder {
@@ -3755,6 +3773,7 @@ impl ::core::fmt::Debug for SendAck<'_> {
       ds.field("server_time_ms", &self.server_time_ms());
       ds.field("mismatched", &self.mismatched());
       ds.field("full_devices", &self.full_devices());
+      ds.field("group_seq", &self.group_seq());
       ds.finish()
   }
 }

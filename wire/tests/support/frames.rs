@@ -221,6 +221,7 @@ pub fn body(kind: FrameKind) -> BoxedStrategy<Body> {
                         server_time_ms,
                         mismatched,
                         full_devices,
+                        group_seq: server_time_ms ^ 0x5a5a,
                     })
                 },
             )
