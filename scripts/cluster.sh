@@ -4,6 +4,7 @@
 #
 #   scripts/cluster.sh            # or: make cluster
 #   CLUSTER_DIR=/tmp/c NODES=4 scripts/cluster.sh
+#   PROFILE=release scripts/cluster.sh    # optimised binaries (for benchmarks)
 #
 # Ports (loopback only): coordinators 7901-7903 (clients) and 7911-7913 (raft); node N
 # listens on ws 77N1... see the table it prints. A second run reuses the data directories
@@ -15,10 +16,15 @@ CLUSTER_DIR=${CLUSTER_DIR:-./data/cluster}
 NODES=${NODES:-3}
 SHARDS=${SHARDS:-4096}
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
+PROFILE=${PROFILE:-debug}
 
-"$CARGO" build -q -p ringpost-node -p ringpost-coordinator --bins
-COORD="$TARGET_DIR/debug/ringpost-coordinator"
-NODE="$TARGET_DIR/debug/ringpost-node"
+case "$PROFILE" in
+    debug) "$CARGO" build -q -p ringpost-node -p ringpost-coordinator --bins ;;
+    release) "$CARGO" build -q --release -p ringpost-node -p ringpost-coordinator --bins ;;
+    *) echo "PROFILE must be debug or release, not $PROFILE" >&2; exit 2 ;;
+esac
+COORD="$TARGET_DIR/$PROFILE/ringpost-coordinator"
+NODE="$TARGET_DIR/$PROFILE/ringpost-node"
 
 mkdir -p "$CLUSTER_DIR"
 SECRET_FILE="$CLUSTER_DIR/secret"
