@@ -22,10 +22,18 @@
 //!   its other devices) never got one from that user naming the message.
 //!
 //! - **group messages** ([`Subject::GroupMessage`]): an acked `GroupSend` is owed to every
-//!   device of every member but the sending device (lost if one never got it), handed over at
-//!   most once per device (duplicated), with `group_seq` strictly increasing per group on each
-//!   device (reordered), only to those devices and under its own group (leaked), and never
-//!   after only refusals (phantom). Counted apart (`group_*` in [`Counts`]).
+//!   device of every member at its group seq (the roster, below) but the sending device (lost
+//!   if one never got it), handed over at most once per device (duplicated), with `group_seq`
+//!   strictly increasing per group on each device, messages and changes together, and equal to
+//!   the one its `SendAck` gave (reordered), only to those devices and under its own group
+//!   (leaked), and never after only refusals (phantom). Counted apart (`group_*` in
+//!   [`Counts`]).
+//! - **group changes** ([`Subject::GroupEvent`]): each group's roster is its first members,
+//!   then every change at the `group_seq` the members' devices received it with. A creator's
+//!   answer that disagrees with the roster at its version is a change no member device got
+//!   (lost); its users, and those of an abandoned change, are then uncertain (neither owed nor
+//!   leaked anything). A change made during the run is owed to every device of the members
+//!   after it and of those it removed.
 //!
 //! There is no allowance for the end of a run, for messages or receipts: whatever was acked
 //! must have arrived when the history ends. The run's settle loop
@@ -62,7 +70,7 @@
 //! leaked checks; `delivered` receipts get the lost and leaked checks (a receipt may arrive
 //! twice: the node resends one whose outbox row it had not yet cleared when it crashed).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -102,6 +110,8 @@ pub enum Subject {
     DeliveredReceipt,
     /// A group message (`GroupSend`); `device` is the member device concerned.
     GroupMessage,
+    /// A group change (a `GroupEvent`); `msg_id` is the group's id.
+    GroupEvent,
 }
 
 /// A fault window as the history tells it.
@@ -242,9 +252,21 @@ pub struct Counts {
     /// Distinct (group message, device) pairs handed to the application.
     #[serde(default)]
     pub group_delivered: u64,
-    /// Group (message, member device) pairs lost with a removed node (not violations).
+    /// Group (message or change, member device) pairs lost with a removed node (not
+    /// violations).
     #[serde(default)]
     pub group_lost_unreplicated: u64,
+    /// Membership changes the groups' creators were answered for during the run.
+    #[serde(default)]
+    pub group_changes: u64,
+    /// (change, member device) pairs owed, and distinct ones handed to the application.
+    #[serde(default)]
+    pub group_event_expected: u64,
+    #[serde(default)]
+    pub group_event_deliveries: u64,
+    /// Answered changes that no member device received (each also a violation).
+    #[serde(default)]
+    pub group_events_lost: u64,
 }
 
 /// The outcome of a check.
@@ -630,7 +652,9 @@ impl Checker<'_> {
                     Subject::Message => counts.lost_unreplicated += 1,
                     Subject::ReadReceipt => counts.lost_unreplicated_receipts += 1,
                     Subject::DeliveredReceipt => counts.lost_unreplicated_delivered_receipts += 1,
-                    Subject::GroupMessage => counts.group_lost_unreplicated += 1,
+                    Subject::GroupMessage | Subject::GroupEvent => {
+                        counts.group_lost_unreplicated += 1
+                    }
                 }
                 if self.report.unreplicated.len() < VIOLATIONS_LISTED_MAX {
                     self.report.unreplicated.push(violation);
@@ -1110,24 +1134,203 @@ impl Checker<'_> {
 #[derive(Debug)]
 struct GroupMessage {
     group: MsgId,
+    /// The recipients the sender computed from the group's first members (used when the
+    /// group's roster is unknown).
     recipients: Vec<Dev>,
     first_send_us: u64,
     ok_us: Option<u64>,
+    /// Its group seq, from the `SendAck` (0 if it did not say).
+    acked_seq: u64,
     refusals: u32,
     refused_as: Option<String>,
     errors: u32,
 }
 
+/// One group's membership over its group sequence, as the history tells it: its first
+/// members, then each change as its members' devices received it (`GroupEventDeliver`),
+/// checked against the creator's answers (`GroupChanged`).
+#[derive(Debug, Default)]
+struct Roster {
+    creator: Option<Dev>,
+    initial: BTreeSet<u64>,
+    /// Group seq -> (added, removed), as first delivered.
+    changes: BTreeMap<u64, (Vec<u64>, Vec<u64>)>,
+    /// Users whose membership the history cannot tell at every seq (a change of theirs was
+    /// abandoned unanswered, or delivered changes disagree with an answer): neither owed
+    /// nor leaked anything.
+    uncertain: BTreeSet<u64>,
+}
+
+impl Roster {
+    /// The members a record at group seq `seq` goes to: the first members after every change
+    /// sequenced before it.
+    fn members_at(&self, seq: u64) -> BTreeSet<u64> {
+        let mut members = self.initial.clone();
+        for (added, removed) in self.changes.range(..seq).map(|(_, c)| c) {
+            members.extend(added.iter().copied());
+            for u in removed {
+                members.remove(u);
+            }
+        }
+        members
+    }
+}
+
 impl Checker<'_> {
-    /// Group messages: leaked, phantom, duplicated and reordered as they arrive (reordered:
-    /// a member device handed a group's messages out of `group_seq` order), then lost (an acked
-    /// one some member device, other than the sending one, never got).
+    /// Every user's devices: those taking part (`device`), and those group senders listed as
+    /// recipients (every device of every first member).
+    fn devices_by_user(&self) -> BTreeMap<u64, Vec<Dev>> {
+        let mut out: BTreeMap<u64, Vec<Dev>> = BTreeMap::new();
+        for record in self.records {
+            match &record.event {
+                Event::Device { dev, .. } => out.entry(dev.user).or_default().push(*dev),
+                Event::GroupSend {
+                    from, recipients, ..
+                } => {
+                    for d in recipients.iter().chain([from]) {
+                        out.entry(d.user).or_default().push(*d);
+                    }
+                }
+                _ => {}
+            }
+        }
+        for list in out.values_mut() {
+            list.sort_unstable();
+            list.dedup();
+        }
+        out
+    }
+
+    /// Each group's roster. A change the creator was answered for that no member device
+    /// received is a lost group event (every member, the creator's own devices included, is
+    /// owed it); the users it touched become uncertain.
+    fn group_rosters(&mut self) -> HashMap<MsgId, Roster> {
+        let records = self.records;
+        let mut rosters: HashMap<MsgId, Roster> = HashMap::new();
+        // (time, creator device, group, version, members) of each answered change.
+        let mut answers = Vec::new();
+        for record in records {
+            match &record.event {
+                Event::Group {
+                    group,
+                    members,
+                    creator,
+                } => {
+                    let r = rosters.entry(*group).or_default();
+                    r.creator = Some(*creator);
+                    r.initial = members.iter().copied().collect();
+                }
+                Event::GroupEventDeliver {
+                    at,
+                    group,
+                    group_seq,
+                    added,
+                    removed,
+                    ..
+                } => {
+                    let r = rosters.entry(*group).or_default();
+                    let change = (added.clone(), removed.clone());
+                    match r.changes.get(group_seq) {
+                        None => {
+                            r.changes.insert(*group_seq, change);
+                        }
+                        Some(first) if *first == change => {}
+                        Some(first) => {
+                            let detail = format!(
+                                "{at} got change {group_seq} of group {group} as +{:?} -{:?}, \
+                                 another device as +{:?} -{:?}",
+                                change.0, change.1, first.0, first.1
+                            );
+                            let v = self.violation(
+                                ViolationKind::Leaked,
+                                Subject::GroupEvent,
+                                *group,
+                                *at,
+                                *at,
+                                detail,
+                                record.t_us,
+                                (record.t_us, record.t_us),
+                            );
+                            self.push(v);
+                        }
+                    }
+                }
+                Event::GroupChanged {
+                    by,
+                    group,
+                    version,
+                    members,
+                    ..
+                } => answers.push((record.t_us, *by, *group, *version, members.clone())),
+                Event::GroupChangeAbandoned {
+                    group, add, remove, ..
+                } => {
+                    let r = rosters.entry(*group).or_default();
+                    r.uncertain.extend(add.iter().chain(remove).copied());
+                }
+                _ => {}
+            }
+        }
+        for (t_us, by, group, version, members) in answers {
+            let Some(roster) = rosters.get_mut(&group) else {
+                continue;
+            };
+            let answered: BTreeSet<u64> = members.iter().copied().collect();
+            let known = roster.members_at(version + 1);
+            if known == answered {
+                continue;
+            }
+            let differ: Vec<u64> = known.symmetric_difference(&answered).copied().collect();
+            roster.uncertain.extend(differ.iter().copied());
+            self.report.counts.group_events_lost += 1;
+            let detail = format!(
+                "group {group}: the creator was answered {:?} at version {version}, but the \
+                 changes its members' devices received give {:?} (a change of {differ:?} never \
+                 reached a member device)",
+                answered, known
+            );
+            let removed = self
+                .report
+                .removed_nodes
+                .iter()
+                .find(|r| t_us < r.killed_us)
+                .map(|r| r.node_id);
+            let v = self.lost(
+                removed,
+                Subject::GroupEvent,
+                group,
+                by,
+                by,
+                detail,
+                t_us,
+                (t_us, t_us),
+            );
+            self.push(v);
+        }
+        rosters
+    }
+
+    /// Group messages and changes: leaked, phantom, duplicated and reordered as they arrive
+    /// (reordered: a member device handed a group's records out of `group_seq` order), then
+    /// lost (an acked message some member device at its group seq, other than the sending
+    /// one, never got; a change some device of a member after it, or of a member it removed,
+    /// never got).
     fn check_groups(&mut self) {
         let records = self.records;
+        let rosters = self.group_rosters();
+        let devices = self.devices_by_user();
+        let devices_of = |users: &BTreeSet<u64>, uncertain: &BTreeSet<u64>| -> Vec<Dev> {
+            users
+                .iter()
+                .filter(|u| !uncertain.contains(u))
+                .flat_map(|u| devices.get(u).into_iter().flatten().copied())
+                .collect()
+        };
         let mut messages: HashMap<(Dev, MsgId), GroupMessage> = HashMap::new();
         for record in records {
             match &record.event {
                 Event::Group { .. } => self.report.counts.groups += 1,
+                Event::GroupChanged { .. } => self.report.counts.group_changes += 1,
                 Event::GroupSend {
                     from,
                     group,
@@ -1140,6 +1343,7 @@ impl Checker<'_> {
                         recipients: recipients.clone(),
                         first_send_us: record.t_us,
                         ok_us: None,
+                        acked_seq: 0,
                         refusals: 0,
                         refused_as: None,
                         errors: 0,
@@ -1152,11 +1356,15 @@ impl Checker<'_> {
                     from,
                     msg_id,
                     status,
+                    group_seq,
                     ..
                 } => {
                     if let Some(m) = messages.get_mut(&(*from, *msg_id)) {
                         if status == STATUS_OK {
                             m.ok_us.get_or_insert(record.t_us);
+                            if m.acked_seq == 0 {
+                                m.acked_seq = *group_seq;
+                            }
                         } else {
                             m.refusals += 1;
                             m.refused_as = Some(status.clone());
@@ -1171,136 +1379,223 @@ impl Checker<'_> {
                 _ => {}
             }
         }
-        let counts = &mut self.report.counts;
-        counts.group_sent = messages.len() as u64;
-        for m in messages.values() {
-            if m.ok_us.is_some() {
-                counts.group_acked += 1;
-                counts.group_expected_deliveries += m.recipients.len() as u64;
-            }
-        }
 
         // Arrivals, in history order.
         let mut seen: HashSet<(Dev, Dev, MsgId)> = HashSet::new();
-        // (member device, group) -> highest group_seq handed over so far, and its message.
-        let mut highest: HashMap<(Dev, MsgId), (u64, MsgId)> = HashMap::new();
+        // (device, group, group seq) of changes handed over.
+        let mut seen_changes: HashSet<(Dev, MsgId, u64)> = HashSet::new();
+        // The group seq of each message, as first delivered (for messages acked without one).
+        let mut delivered_seq: HashMap<(Dev, MsgId), u64> = HashMap::new();
+        // (member device, group) -> highest group_seq handed over so far, and what it was.
+        let mut highest: HashMap<(Dev, MsgId), (u64, String)> = HashMap::new();
         for record in records {
-            let Event::GroupDeliver {
-                at,
-                group,
-                group_seq,
-                msg_id,
-                from,
-                body,
-                ..
-            } = &record.event
-            else {
-                continue;
-            };
-            let (at, msg_id, from, t_us) = (*at, *msg_id, *from, record.t_us);
-            let message = messages.get(&(from, msg_id));
-            let life = message.map_or((t_us, t_us), |m| (m.first_send_us, t_us));
-            let mut found = Vec::new();
-            match message {
-                None => found.push((
-                    ViolationKind::Leaked,
-                    format!("group message delivered to {at} but {from} never sent {msg_id}"),
-                )),
-                Some(m) => {
-                    if m.group != *group {
-                        found.push((
-                            ViolationKind::Leaked,
-                            format!(
-                                "delivered to {at} as one of group {group}, sent to {}",
-                                m.group
-                            ),
-                        ));
+            let t_us = record.t_us;
+            match &record.event {
+                Event::GroupEventDeliver {
+                    at,
+                    group,
+                    group_seq,
+                    actor,
+                    ..
+                } => {
+                    let at = *at;
+                    if !seen_changes.insert((at, *group, *group_seq)) {
+                        let v = self.violation(
+                            ViolationKind::Duplicated,
+                            Subject::GroupEvent,
+                            *group,
+                            at,
+                            at,
+                            format!("change {group_seq} of group {group} handed to {at} again"),
+                            t_us,
+                            (t_us, t_us),
+                        );
+                        self.push(v);
+                        continue;
                     }
-                    if !m.recipients.contains(&at) {
-                        found.push((
-                            ViolationKind::Leaked,
-                            format!(
-                                "group message delivered to {at}, which is not one of its \
-                                 recipients {}",
-                                list(&m.recipients)
-                            ),
-                        ));
+                    if *group_seq >= 2 {
+                        // The creation (seq 1) is not counted: it may come before the history.
+                        self.report.counts.group_event_deliveries += 1;
                     }
-                    if m.ok_us.is_none() && m.errors == 0 && m.refusals > 0 {
-                        found.push((
-                            ViolationKind::Phantom,
-                            format!(
-                                "group message delivered to {at} although all {} attempts were \
-                                 refused (last: {})",
-                                m.refusals,
-                                m.refused_as.as_deref().unwrap_or("?")
-                            ),
-                        ));
+                    let what = format!("change by {actor}");
+                    if let Some(detail) = out_of_order(&mut highest, at, *group, *group_seq, what) {
+                        let v = self.violation(
+                            ViolationKind::Reordered,
+                            Subject::GroupEvent,
+                            *group,
+                            at,
+                            at,
+                            detail,
+                            t_us,
+                            (t_us, t_us),
+                        );
+                        self.push(v);
                     }
                 }
-            }
-            match body {
-                Some(tag) if tag.group == *group && tag.msg_id == msg_id => {}
-                Some(tag) => found.push((
-                    ViolationKind::Leaked,
-                    format!(
-                        "{at} got the ciphertext of group {} message {} as {msg_id} of group \
-                         {group}",
-                        tag.group, tag.msg_id
-                    ),
-                )),
-                None => found.push((
-                    ViolationKind::Leaked,
-                    format!("{at} got a group ciphertext the workload did not write"),
-                )),
-            }
-            if seen.insert((at, from, msg_id)) {
-                self.report.counts.group_delivered += 1;
-                match highest.get(&(at, *group)) {
-                    Some(&(top, top_msg)) if top >= *group_seq => found.push((
-                        ViolationKind::Reordered,
-                        format!(
-                            "group {group} seq {group_seq} delivered to {at} after seq {top} \
-                             ({top_msg})"
-                        ),
-                    )),
-                    _ => {
-                        highest.insert((at, *group), (*group_seq, msg_id));
-                    }
-                }
-            } else {
-                found.push((
-                    ViolationKind::Duplicated,
-                    format!("group message handed to the application on {at} again"),
-                ));
-            }
-            for (kind, detail) in found {
-                let v = self.violation(
-                    kind,
-                    Subject::GroupMessage,
+                Event::GroupDeliver {
+                    at,
+                    group,
+                    group_seq,
                     msg_id,
                     from,
-                    at,
-                    detail,
-                    t_us,
-                    life,
-                );
-                self.push(v);
+                    body,
+                    ..
+                } => {
+                    let (at, msg_id, from) = (*at, *msg_id, *from);
+                    let message = messages.get(&(from, msg_id));
+                    let life = message.map_or((t_us, t_us), |m| (m.first_send_us, t_us));
+                    let roster = rosters.get(group);
+                    let mut found = Vec::new();
+                    match message {
+                        None => found.push((
+                            ViolationKind::Leaked,
+                            format!(
+                                "group message delivered to {at} but {from} never sent {msg_id}"
+                            ),
+                        )),
+                        Some(m) => {
+                            if m.group != *group {
+                                found.push((
+                                    ViolationKind::Leaked,
+                                    format!(
+                                        "delivered to {at} as one of group {group}, sent to {}",
+                                        m.group
+                                    ),
+                                ));
+                            }
+                            match roster {
+                                Some(r) if !r.uncertain.contains(&at.user) => {
+                                    let members = r.members_at(*group_seq);
+                                    if at == from || !members.contains(&at.user) {
+                                        found.push((
+                                            ViolationKind::Leaked,
+                                            format!(
+                                                "group message (seq {group_seq}) delivered to \
+                                                 {at}, whose user was not a member at that \
+                                                 seq (members {members:?})"
+                                            ),
+                                        ));
+                                    }
+                                }
+                                Some(_) => {}
+                                None => {
+                                    if !m.recipients.contains(&at) {
+                                        found.push((
+                                            ViolationKind::Leaked,
+                                            format!(
+                                                "group message delivered to {at}, which is not \
+                                                 one of its recipients {}",
+                                                list(&m.recipients)
+                                            ),
+                                        ));
+                                    }
+                                }
+                            }
+                            if m.acked_seq != 0 && m.acked_seq != *group_seq {
+                                found.push((
+                                    ViolationKind::Reordered,
+                                    format!(
+                                        "delivered to {at} at group seq {group_seq}, acked to \
+                                         the sender at {}",
+                                        m.acked_seq
+                                    ),
+                                ));
+                            }
+                            if m.ok_us.is_none() && m.errors == 0 && m.refusals > 0 {
+                                found.push((
+                                    ViolationKind::Phantom,
+                                    format!(
+                                        "group message delivered to {at} although all {} \
+                                         attempts were refused (last: {})",
+                                        m.refusals,
+                                        m.refused_as.as_deref().unwrap_or("?")
+                                    ),
+                                ));
+                            }
+                        }
+                    }
+                    match body {
+                        Some(tag) if tag.group == *group && tag.msg_id == msg_id => {}
+                        Some(tag) => found.push((
+                            ViolationKind::Leaked,
+                            format!(
+                                "{at} got the ciphertext of group {} message {} as {msg_id} of \
+                                 group {group}",
+                                tag.group, tag.msg_id
+                            ),
+                        )),
+                        None => found.push((
+                            ViolationKind::Leaked,
+                            format!("{at} got a group ciphertext the workload did not write"),
+                        )),
+                    }
+                    if seen.insert((at, from, msg_id)) {
+                        self.report.counts.group_delivered += 1;
+                        delivered_seq.entry((from, msg_id)).or_insert(*group_seq);
+                        let what = format!("{msg_id}");
+                        if let Some(detail) =
+                            out_of_order(&mut highest, at, *group, *group_seq, what)
+                        {
+                            found.push((ViolationKind::Reordered, detail));
+                        }
+                    } else {
+                        found.push((
+                            ViolationKind::Duplicated,
+                            format!("group message handed to the application on {at} again"),
+                        ));
+                    }
+                    for (kind, detail) in found {
+                        let v = self.violation(
+                            kind,
+                            Subject::GroupMessage,
+                            msg_id,
+                            from,
+                            at,
+                            detail,
+                            t_us,
+                            life,
+                        );
+                        self.push(v);
+                    }
+                }
+                _ => {}
             }
         }
 
-        // Losses.
+        // Who was owed each acked message: every device of the members at its group seq
+        // (from its SendAck, else from a delivery) but the sending one; the first members'
+        // when the roster or the seq is unknown.
         let mut lost = Vec::new();
+        let counts_groups = messages.len() as u64;
+        let mut acked = 0;
+        let mut expected = 0;
         for ((from, msg_id), m) in &messages {
             let Some(acked_us) = m.ok_us else {
                 continue;
             };
-            for device in &m.recipients {
-                if !seen.contains(&(*device, *from, *msg_id)) {
-                    lost.push((acked_us, *device, *from, *msg_id, m.group, m.first_send_us));
+            acked += 1;
+            let seq = match m.acked_seq {
+                0 => delivered_seq.get(&(*from, *msg_id)).copied(),
+                s => Some(s),
+            };
+            let owed: Vec<Dev> = match (rosters.get(&m.group), seq) {
+                (Some(r), Some(seq)) => devices_of(&r.members_at(seq), &r.uncertain)
+                    .into_iter()
+                    .filter(|d| d != from)
+                    .collect(),
+                _ => m.recipients.clone(),
+            };
+            expected += owed.len() as u64;
+            for device in owed {
+                if !seen.contains(&(device, *from, *msg_id)) {
+                    lost.push((acked_us, device, *from, *msg_id, m.group, m.first_send_us));
                 }
             }
         }
+        let counts = &mut self.report.counts;
+        counts.group_sent = counts_groups;
+        counts.group_acked = acked;
+        counts.group_expected_deliveries = expected;
         lost.sort();
         for (acked_us, device, from, msg_id, group, sent_us) in lost {
             let mut detail = format!("group {group} message acked, never reached {device}");
@@ -1309,27 +1604,7 @@ impl Checker<'_> {
             // the ack and removed may have held the only copy.
             // Or the member's account went with a removed node (it lived there at the kill and
             // none of its devices was welcomed again): nothing can reach it any more.
-            let removed = self
-                .removed_node_for_ack(device, acked_us)
-                .or_else(|| {
-                    self.report
-                        .removed_nodes
-                        .iter()
-                        .find(|r| acked_us < r.killed_us)
-                        .map(|r| r.node_id)
-                })
-                .or_else(|| {
-                    self.report
-                        .removed_nodes
-                        .iter()
-                        .find(|r| {
-                            r.users.contains(&device.user)
-                                && self.homes.get(&device.user).is_none_or(|homes| {
-                                    homes.iter().all(|&(t, _)| t <= r.killed_us)
-                                })
-                        })
-                        .map(|r| r.node_id)
-                });
+            let removed = self.removed_for_group(device, acked_us);
             if let Some(node) = removed {
                 detail.push_str(&format!(
                     "; node {node}, killed after the ack and removed, may have held its only \
@@ -1348,6 +1623,91 @@ impl Checker<'_> {
                 (sent_us, acked_us),
             );
             self.push(v);
+        }
+
+        // Changes made during the run (the creation, seq 1, may have been handed over before
+        // the history began): owed to every device of the members after it and of those it
+        // removed.
+        let mut lost_changes = Vec::new();
+        for (group, roster) in &rosters {
+            let Some(creator) = roster.creator else {
+                continue;
+            };
+            for (&seq, (_, removed)) in roster.changes.range(2..) {
+                let mut users = roster.members_at(seq + 1);
+                users.extend(removed.iter().copied());
+                for device in devices_of(&users, &roster.uncertain) {
+                    self.report.counts.group_event_expected += 1;
+                    if !seen_changes.contains(&(device, *group, seq)) {
+                        lost_changes.push((*group, seq, device, creator));
+                    }
+                }
+            }
+        }
+        lost_changes.sort();
+        for (group, seq, device, creator) in lost_changes {
+            // When it was made is not in the history (only when it arrived): any removed node
+            // may have held it.
+            let removed = self.removed_for_group(device, 0);
+            let detail = format!("change {seq} of group {group} never reached {device}");
+            let t_us = self.report.last_t_us;
+            let v = self.lost(
+                removed,
+                Subject::GroupEvent,
+                group,
+                creator,
+                device,
+                detail,
+                t_us,
+                (t_us, t_us),
+            );
+            self.push(v);
+        }
+    }
+
+    /// The removed node a group record owed to `device` and acked at `acked_us` may have
+    /// been lost with, if any (see the loss loop of [`Checker::check_groups`]).
+    fn removed_for_group(&self, device: Dev, acked_us: u64) -> Option<u64> {
+        self.removed_node_for_ack(device, acked_us)
+            .or_else(|| {
+                self.report
+                    .removed_nodes
+                    .iter()
+                    .find(|r| acked_us < r.killed_us)
+                    .map(|r| r.node_id)
+            })
+            .or_else(|| {
+                self.report
+                    .removed_nodes
+                    .iter()
+                    .find(|r| {
+                        r.users.contains(&device.user)
+                            && self
+                                .homes
+                                .get(&device.user)
+                                .is_none_or(|homes| homes.iter().all(|&(t, _)| t <= r.killed_us))
+                    })
+                    .map(|r| r.node_id)
+            })
+    }
+}
+
+/// Records that `at` got `group`'s record at `seq` (`what`), first time; the detail of a
+/// reordering if it already got a later or equal one.
+fn out_of_order(
+    highest: &mut HashMap<(Dev, MsgId), (u64, String)>,
+    at: Dev,
+    group: MsgId,
+    seq: u64,
+    what: String,
+) -> Option<String> {
+    match highest.get(&(at, group)) {
+        Some((top, top_what)) if *top >= seq => Some(format!(
+            "group {group} seq {seq} ({what}) delivered to {at} after seq {top} ({top_what})"
+        )),
+        _ => {
+            highest.insert((at, group), (seq, what));
+            None
         }
     }
 }

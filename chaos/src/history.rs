@@ -147,6 +147,9 @@ pub enum Event {
         /// The node's clock when it answered (shows clock skew).
         #[serde(default)]
         server_time_ms: u64,
+        /// A group message's place in its group's order (`SendAck.group_seq`); 0 for 1:1.
+        #[serde(default)]
+        group_seq: u64,
     },
     /// An attempt that got no `SendAck`: an `Error` answer (`code`), a disconnect or a timeout.
     /// The message may or may not be stored.
@@ -182,6 +185,50 @@ pub enum Event {
         from: Dev,
         /// What the ciphertext says; `None` if it is not one the workload wrote.
         body: Option<GroupBodyTag>,
+    },
+    /// A group change handed to the application on device `at` (a `Deliver` of kind
+    /// `GroupEvent`): who the change at `group_seq` added and removed.
+    GroupEventDeliver {
+        at: Dev,
+        seq: u64,
+        group: MsgId,
+        group_seq: u64,
+        actor: u64,
+        added: Vec<u64>,
+        removed: Vec<u64>,
+    },
+    /// One attempt at a membership change (`GroupUpdate`) by the group's creator.
+    GroupChange {
+        by: Dev,
+        group: MsgId,
+        attempt: u32,
+        add: Vec<u64>,
+        remove: Vec<u64>,
+    },
+    /// The answer to a membership change: the group's members after it, at `version` (the
+    /// group seq of the change, or a later one when a retry found it already made).
+    GroupChanged {
+        by: Dev,
+        group: MsgId,
+        attempt: u32,
+        version: u64,
+        members: Vec<u64>,
+    },
+    /// A membership change attempt that got no answer (an `Error`, a disconnect, a timeout):
+    /// it may or may not have been made.
+    GroupChangeError {
+        by: Dev,
+        group: MsgId,
+        attempt: u32,
+        error: String,
+    },
+    /// The creator stopped retrying a membership change without an answer: whether it was
+    /// made is known only from the members' `GroupEventDeliver`s.
+    GroupChangeAbandoned {
+        by: Dev,
+        group: MsgId,
+        add: Vec<u64>,
+        remove: Vec<u64>,
     },
     /// The application acknowledged these deliveries (`ok`: the ack was written).
     Ack { at: Dev, seqs: Vec<u64>, ok: bool },

@@ -59,6 +59,11 @@ enum Command {
         /// messages are counted apart from the 1:1 ones). 0: the 1:1 workload alone.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=workload::GROUPS_MAX as i64))]
         groups: u32,
+        /// Membership changes per group during the sending window (its creator removes a
+        /// member or adds one back, at seeded times); the checker then holds every group
+        /// message to the members at its group seq. 0: fixed membership.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(0..=workload::GROUP_CHANGES_MAX as i64))]
+        group_changes: u32,
     },
     /// Check a recorded history file.
     Check {
@@ -199,6 +204,7 @@ async fn run(cli: Cli) -> Result<i32> {
             loopback,
             settle_max,
             groups,
+            group_changes,
         } => {
             let scenarios: Vec<scenario::Scenario> = if name == "all" {
                 scenario::catalogue()
@@ -233,6 +239,7 @@ async fn run(cli: Cli) -> Result<i32> {
                     force_loopback: loopback,
                     settle_max,
                     groups,
+                    group_changes,
                 };
                 let r = scenario::run(s, &opts).await;
                 println!("{}", report::table_row(&r));

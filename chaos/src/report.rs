@@ -298,12 +298,16 @@ pub fn group_line(r: &RunReport) -> Option<String> {
     }
     Some(format!(
         "  groups: {} groups, {} group messages sent, {} acked, {} of {} member-device \
-         deliveries due, {} lost with a removed node",
+         deliveries due, {} membership changes, {} of {} change deliveries due, {} lost with a \
+         removed node",
         c.groups,
         c.group_sent,
         c.group_acked,
         c.group_delivered,
         c.group_expected_deliveries,
+        c.group_changes,
+        c.group_event_deliveries,
+        c.group_event_expected,
         c.group_lost_unreplicated
     ))
 }

@@ -1039,6 +1039,8 @@ pub struct RunOptions {
     pub settle_max: Duration,
     /// Groups in the workload (`--groups`; 0: the 1:1 workload alone).
     pub groups: u32,
+    /// Membership changes per group during the run (`--group-changes`).
+    pub group_changes: u32,
 }
 
 /// The parts of a run that faults act on.
@@ -2127,6 +2129,7 @@ async fn drive(
         receipt_fraction: RECEIPT_FRACTION,
         stop_file: run_dir.join("stop"),
         groups: opts.groups,
+        group_changes: opts.group_changes,
         deadline_us: start_at_us
             + (window + crate::workload::RETRY_GRACE + opts.settle_max + WORKLOAD_EXIT_TIMEOUT)
                 .as_micros() as u64,
@@ -3000,6 +3003,7 @@ mod tests {
                     attempt: 1,
                     status: "Ok".into(),
                     server_time_ms: 0,
+                    group_seq: 0,
                 },
             ));
         }

@@ -9,12 +9,16 @@
 //!   from the seed before anything is sent, so the messages, their ids and their recipients are
 //!   the same whatever the faults do), receives and acks until told to stop.
 //!
+//! With groups (`--groups`), every device also sends group messages on a schedule of its own,
+//! and each group's creator changes its membership at seeded times ([`change_schedule`]);
+//! devices record the group messages and changes they receive.
+//!
 //! Every ciphertext names the device it is for and its message ([`body_for`]), so a device given
 //! another device's ciphertext shows it in the history. Sends from one device are sequential, so
 //! its ack order is its send order; a send that gets no answer is retried with the same msg_id
 //! (the node's idempotency key) until it gets one or the retry window closes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,8 +27,8 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use rand::Rng;
 use ringpost_client::{
-    dev, Auth, Client, ClientConfig, ClientError, DeviceCiphertext, Event as SdkEvent, ReceiptKind,
-    SendStatus,
+    dev, Auth, Client, ClientConfig, ClientError, DeviceCiphertext, ErrorCode, Event as SdkEvent,
+    ReceiptKind, SendStatus,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -66,6 +70,11 @@ pub const GROUP_MEMBERS_MAX: usize = 6;
 /// Group messages a device sends per second, as a share of its 1:1 rate (on a schedule of its
 /// own, so the 1:1 schedule is the same with and without groups).
 pub const GROUP_RATE_FRACTION: f64 = 0.25;
+
+/// Membership changes per group and run, at most (`--group-changes`). The creator's device
+/// makes them, and a device may make 10 account changes a minute (docs/protocol.md): a larger
+/// number only waits for the rate limit.
+pub const GROUP_CHANGES_MAX: u32 = 16;
 
 /// How often the stop file is looked at.
 const STOP_POLL: Duration = Duration::from_millis(100);
@@ -130,6 +139,10 @@ pub struct WorkloadSpec {
     /// alone; at most [`GROUPS_MAX`]).
     #[serde(default)]
     pub groups: u32,
+    /// Membership changes each group's creator makes during the sending window (at most
+    /// [`GROUP_CHANGES_MAX`]; 0: fixed membership).
+    #[serde(default)]
+    pub group_changes: u32,
 }
 
 impl WorkloadSpec {
@@ -254,6 +267,38 @@ pub fn group_schedule(
         msg_id: MsgId(rng.gen()),
         padding: rng.gen_range(0..=PADDING_BYTES_MAX),
     })
+}
+
+/// One planned membership change: at `at`, the group's creator removes `user` if it is a
+/// member, else adds it back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedChange {
+    pub at: Duration,
+    pub user: u64,
+}
+
+/// The membership changes of one group (`members`: the creator first, never changed), drawn
+/// from the seed: `changes` of them at uniform times between 5% and 90% of `window`, so that
+/// messages follow the last one.
+pub fn change_schedule(
+    seed: u64,
+    group: MsgId,
+    members: &[u64],
+    changes: u32,
+    window: Duration,
+) -> Vec<PlannedChange> {
+    let mut rng = crate::seeded(seed, &format!("group-changes-{group}"));
+    if members.len() < 2 {
+        return Vec::new();
+    }
+    let mut plan: Vec<PlannedChange> = (0..changes.min(GROUP_CHANGES_MAX))
+        .map(|_| PlannedChange {
+            at: window.mul_f64(rng.gen_range(0.05..0.9)),
+            user: members[rng.gen_range(1..members.len())],
+        })
+        .collect();
+    plan.sort_by_key(|c| c.at);
+    plan
 }
 
 /// Every device of every member of `members` but `from` itself.
@@ -526,6 +571,23 @@ pub async fn run(spec: WorkloadSpec) -> Result<()> {
             spec.rate_per_device * GROUP_RATE_FRACTION,
             Duration::from_millis(spec.send_ms),
         );
+        for g in my_groups.iter().filter(|g| g.creator == dev) {
+            let plan = change_schedule(
+                spec.seed,
+                g.group,
+                &g.members,
+                spec.group_changes,
+                Duration::from_millis(spec.send_ms),
+            );
+            senders.spawn(change_group(
+                client.clone(),
+                dev,
+                g.clone(),
+                plan,
+                spec.clone(),
+                history.clone(),
+            ));
+        }
         senders.spawn(send_groups(
             client.clone(),
             dev,
@@ -621,6 +683,9 @@ struct Retry<'a> {
     from: Dev,
     msg_id: MsgId,
     until_us: u64,
+    /// A `Forbidden` answer ends the retries (a group send from a member removed meanwhile:
+    /// no retry can succeed).
+    forbidden_is_final: bool,
 }
 
 impl Retry<'_> {
@@ -650,6 +715,7 @@ impl Retry<'_> {
                         attempt: n,
                         status: status_name(ack.status),
                         server_time_ms: ack.server_time_ms,
+                        group_seq: ack.group_seq,
                     });
                     // Ok is final; so is a refusal (the device lists never change in a run).
                     return true;
@@ -670,6 +736,11 @@ impl Retry<'_> {
                         // with a removed node): nothing this device sends can work any more.
                         history.record(abandoned(n));
                         return false;
+                    }
+                    if self.forbidden_is_final && code_of(&e) == Some(ErrorCode::Forbidden.as_u16())
+                    {
+                        history.record(abandoned(n));
+                        return true;
                     }
                 }
                 Err(_) => {
@@ -743,6 +814,7 @@ async fn send(
             from,
             msg_id: planned.msg_id,
             until_us: retry_until_us,
+            forbidden_is_final: false,
         };
         if !retry.until_answered(attempt).await {
             return;
@@ -796,9 +868,102 @@ async fn send_groups(
             from,
             msg_id: planned.msg_id,
             until_us: retry_until_us,
+            forbidden_is_final: true,
         };
         if !retry.until_answered(attempt).await {
             return;
+        }
+    }
+}
+
+/// Makes one group's planned membership changes from its creator's device, each retried until
+/// answered (a retry of a change already made is answered with the group as it is, and
+/// changes nothing). Stops changing the group after a change it had to abandon: its members
+/// are then known only from the events the devices received.
+async fn change_group(
+    client: Client,
+    by: Dev,
+    group: GroupRecord,
+    plan: Vec<PlannedChange>,
+    spec: Arc<WorkloadSpec>,
+    history: Arc<HistoryWriter>,
+) {
+    let clock = history.clock();
+    let start_us = spec.start_at_us;
+    let window_end_us = start_us + spec.send_ms * 1_000;
+    let retry_until_us = window_end_us + RETRY_GRACE.as_micros() as u64;
+    let mut members: BTreeSet<u64> = group.members.iter().copied().collect();
+    for change in plan {
+        let due_us = start_us + change.at.as_micros() as u64;
+        let now = clock.now_us();
+        if due_us > now {
+            tokio::time::sleep(Duration::from_micros(due_us - now)).await;
+        }
+        if clock.now_us() >= window_end_us || should_stop(&spec, &clock) {
+            return;
+        }
+        let (add, remove) = if members.contains(&change.user) {
+            (vec![], vec![change.user])
+        } else {
+            (vec![change.user], vec![])
+        };
+        let mut pause = RETRY_PAUSE;
+        let mut n = 0;
+        loop {
+            n += 1;
+            history.record(Event::GroupChange {
+                by,
+                group: group.group,
+                attempt: n,
+                add: add.clone(),
+                remove: remove.clone(),
+            });
+            let mut update = ringpost_client::wire::GroupUpdate::new(group.group.0);
+            update.add = add.clone();
+            update.remove = remove.clone();
+            let mut wait = pause;
+            let error =
+                match tokio::time::timeout(REQUEST_TIMEOUT, client.group_update(update)).await {
+                    Ok(Ok(info)) => {
+                        history.record(Event::GroupChanged {
+                            by,
+                            group: group.group,
+                            attempt: n,
+                            version: info.version,
+                            members: info.members.clone(),
+                        });
+                        members = info.members.into_iter().collect();
+                        break;
+                    }
+                    Ok(Err(e)) => {
+                        if let Some(after) = e.retry_after() {
+                            wait = wait.max(after);
+                        }
+                        (e.to_string(), e.is_terminal())
+                    }
+                    Err(_) => ("timed out".to_string(), false),
+                };
+            history.record(Event::GroupChangeError {
+                by,
+                group: group.group,
+                attempt: n,
+                error: error.0,
+            });
+            if error.1
+                || n >= SEND_ATTEMPTS_MAX
+                || clock.now_us() >= retry_until_us
+                || should_stop(&spec, &clock)
+            {
+                history.record(Event::GroupChangeAbandoned {
+                    by,
+                    group: group.group,
+                    add,
+                    remove,
+                });
+                return;
+            }
+            tokio::time::sleep(wait).await;
+            pause = (pause * 2).min(RETRY_PAUSE_MAX);
         }
     }
 }
@@ -870,8 +1035,29 @@ async fn receive(
                 });
                 ack = Some(d.seq);
             }
-            // Group changes and aggregated group receipts: acked, not checked.
-            SdkEvent::GroupChanged { seq, .. } | SdkEvent::GroupReceipt { seq, .. } => {
+            SdkEvent::GroupChanged {
+                seq,
+                group,
+                group_seq,
+                event,
+            } => {
+                // An event that does not decode is not recorded: the checker then misses a
+                // change every member was owed.
+                if let Some(e) = event {
+                    history.record(Event::GroupEventDeliver {
+                        at,
+                        seq,
+                        group: MsgId(group),
+                        group_seq,
+                        actor: e.actor,
+                        added: e.added,
+                        removed: e.removed,
+                    });
+                }
+                ack = Some(seq);
+            }
+            // Aggregated group receipts: acked, not checked.
+            SdkEvent::GroupReceipt { seq, .. } => {
                 ack = Some(seq);
             }
             SdkEvent::Delivered {
