@@ -1146,7 +1146,7 @@ impl<'a> Group<'a> {
         user: UserId,
         device: DeviceId,
         meta: &DeviceMeta,
-    ) -> Result<(Vec<Vec<u8>>, Vec<Vec<u8>>), StorageError> {
+    ) -> Result<(RowKeys, RowKeys), StorageError> {
         const PAGE: usize = 1024;
         let prefix = device_prefix(shard, user, device);
         let end = prefix_end(&prefix);
@@ -1501,6 +1501,9 @@ impl<'a> Group<'a> {
         Ok(removed)
     }
 }
+
+/// Keys of rows to load or delete.
+type RowKeys = Vec<Vec<u8>>;
 
 /// What [`Group::read_stored`] learns of a stored entry.
 #[derive(Default)]
