@@ -1,13 +1,14 @@
 //! The offline inbox: per-device queues of entries (message ciphertexts and receipts) waiting
 //! to be delivered and acked, with sender dedup and a per-device quota.
 //!
-//! - Storage: four column families (key layouts in `inbox/keys.rs`): [`Cf::Inbox`] holds the
+//! - Storage: five column families (key layouts in `inbox/keys.rs`): [`Cf::Inbox`] holds the
 //!   entries, `shard | user | device | seq`, so a device's drain is one ordered prefix scan;
 //!   [`Cf::InboxMeta`] holds each device's position (`inbox/device.rs`: next seq and the
 //!   acknowledged floor); [`Cf::Dedup`] remembers each (recipient, sender device, msg_id) for
 //!   the dedup window; [`Cf::GroupBodies`] holds a group message's body once per shard, with
-//!   the count of that shard's entries referring to it (`inbox/bodies.rs`). The shard is the
-//!   recipient's.
+//!   the count of that shard's entries referring to it (`inbox/bodies.rs`); [`Cf::InboxExpiry`]
+//!   indexes by expiry time the entries that expire before the retention (statuses), written
+//!   and deleted in the same batch as the entry. The shard is the recipient's.
 //! - Writes: one writer thread (`inbox/writer.rs`) owns every mutation and commits them in
 //!   groups, one write per group, synced when any request in it needs durability; callers
 //!   `await` their answer, which comes only after the write. The queue in front of it is
@@ -61,7 +62,7 @@ pub use writer::{TRIM_DEVICES_PER_PASS, TRIM_SEQS_MIN};
 
 use crate::shard::{shard_of, ShardId, SHARD_COUNT_DEFAULT};
 use crate::shard_rows::{self, Row};
-use crate::storage::{prefix_end, successor, Cf, Engine, StorageError};
+use crate::storage::{key, prefix_end, successor, Cf, Engine, StorageError};
 use cache::DeviceCache;
 use device::Stored;
 use gate::ShardGate;
@@ -648,9 +649,13 @@ impl Inbox {
     }
 
     /// Deletes expired entries and expired dedup records, one bounded chunk at a time through
-    /// the writer. Scans every stored entry key once per call except that, within a device,
-    /// it stops at the first unexpired entry (entries expire in seq order unless the clock went
-    /// back, which only delays their deletion; reads skip them anyway), and scans every dedup
+    /// the writer. First the expiry index ([`Cf::InboxExpiry`]): per shard, only the rows of
+    /// entries expired by `now_ms`, so an entry that expires before the retention (a status)
+    /// goes in the first call after its expiry even when older entries of its device are still
+    /// pending. Then it scans every stored entry key once per call except that, within a device,
+    /// it stops at the first unexpired entry (entries of one retention expire in seq order
+    /// unless the clock went back, which only delays their deletion; reads skip them anyway),
+    /// and scans every dedup
     /// record unless the engine drops expired ones itself ([`Engine::drops_expired_dedup`]:
     /// RocksDB does, in compaction). The scans run on the caller's thread, [`EXPIRE_CHUNK_KEYS_MAX`] keys at a time.
     ///
@@ -668,6 +673,23 @@ impl Inbox {
 
     async fn expire_report(&self, now_ms: u64) -> Result<ExpireReport, InboxError> {
         let mut report = ExpireReport::default();
+        for shard in 0..self.inner.config.shard_count {
+            report.entries += self
+                .expire_scan(
+                    Cf::InboxExpiry,
+                    key(shard, &[]),
+                    &keys::expiry_range_end(shard, now_ms),
+                    // The range holds only rows expired by `now_ms`.
+                    |_| true,
+                    |keys, reply| Request::ExpireIndexed {
+                        keys,
+                        now_ms,
+                        reply,
+                    },
+                )
+                .await?;
+        }
+
         // Above every shard-prefixed key: shard ids are below u16::MAX.
         let end = [0xff, 0xff];
         let mut from = Vec::new();

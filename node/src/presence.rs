@@ -23,8 +23,13 @@
 //!
 //! Owner change: when the ring moves, subscriber nodes re-register every watched target whose
 //! owner changed with the new owner (the old one's interest in targets it lost is dropped), and
-//! push what changed. A registration that fails (the owner unreachable) is retried at the next
-//! ring change.
+//! push what changed. A registration that fails (the owner unreachable, or not serving the
+//! target yet) is retried with backoff ([`register_retry_delay`]: from
+//! [`PRESENCE_RETRY_BACKOFF_MIN`], doubling up to [`PRESENCE_RETRY_BACKOFF_MAX`], with jitter)
+//! until it is taken, the ring changes (the ring change registers every target whose owner is
+//! not the one registered with, and starts over), or no local viewer watches the target any
+//! more. One task per node runs the retries ([`Presence::take_due_register_retries`]), a
+//! bounded round at a time, and stops trying an owner for the round at its first failed call.
 //!
 //! This module holds the state and its rules, with no IO; `presence/serve.rs` runs it against
 //! the registry, the contacts service and the peer links.
@@ -35,6 +40,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use ringpost_coordinator::NodeId;
@@ -51,6 +57,25 @@ use crate::registry::ConnShared;
 pub const PRESENCE_INTEREST_MAX: usize = 1_000_000;
 /// Viewers whose grants one peer request asks for; more go in several requests.
 pub const PRESENCE_VIEWERS_PER_CALL_MAX: usize = 1024;
+/// Pause before the first retry of a failed registration (see [`register_retry_delay`]).
+pub const PRESENCE_RETRY_BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// Longest pause between two retries of a failed registration.
+pub const PRESENCE_RETRY_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Targets one retry round takes; the others wait for the next round. Bounds a round's peer
+/// calls (at most one per target per viewer chunk). The queue itself holds at most one entry
+/// per watched target, about 60 bytes each.
+pub const PRESENCE_RETRIES_PER_ROUND_MAX: usize = 1024;
+
+/// How long to wait before retrying a registration that failed `failures + 1` times:
+/// [`PRESENCE_RETRY_BACKOFF_MIN`] doubled per earlier failure, capped at
+/// [`PRESENCE_RETRY_BACKOFF_MAX`], then scaled into its upper half by `jitter` (in `[0, 1]`)
+/// so that the targets of one lost owner do not all come back at once.
+pub fn register_retry_delay(failures: u32, jitter: f64) -> Duration {
+    let base = PRESENCE_RETRY_BACKOFF_MIN
+        .saturating_mul(1u32 << failures.min(16))
+        .min(PRESENCE_RETRY_BACKOFF_MAX);
+    base.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+}
 
 /// A user's raw presence, as its owner knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -122,6 +147,8 @@ pub struct PresenceMetrics {
     pub typing_dropped: AtomicU64,
     /// 1:1 messages from a blocked sender, answered `Ok` and dropped.
     pub blocked_sends: AtomicU64,
+    /// Subscriber side: retries of registrations that had failed.
+    pub register_retries: AtomicU64,
 }
 
 impl PresenceMetrics {
@@ -178,6 +205,12 @@ impl PresenceMetrics {
             "1:1 messages from a sender the recipient blocks, answered Ok and dropped.",
             self.blocked_sends.load(Relaxed),
         );
+        counter(
+            out,
+            "ringpost_presence_register_retries_total",
+            "Subscriber side: retries of registrations of this node's interest that had failed.",
+            self.register_retries.load(Relaxed),
+        );
     }
 }
 
@@ -197,6 +230,10 @@ pub struct Presence {
     watches: Mutex<HashMap<UserId, Watch>>,
     /// Subscriber side: connection id → the targets it watches (at most PRESENCE_USERS_MAX).
     by_conn: Mutex<HashMap<u64, Vec<UserId>>>,
+    /// Subscriber side: watched targets whose registration failed, with when to retry.
+    retries: Mutex<RegisterRetries>,
+    /// Wakes the retry task when a retry is queued.
+    retry_queued: tokio::sync::Notify,
     /// Typing indicators per sending device: [`TYPING_PER_S_MAX`] a second, no burst beyond
     /// it. Pruned with the node's other limiters.
     typing: DefaultKeyedRateLimiter<(UserId, DeviceId)>,
@@ -214,6 +251,8 @@ impl Default for Presence {
             online: Default::default(),
             watches: Default::default(),
             by_conn: Default::default(),
+            retries: Default::default(),
+            retry_queued: Default::default(),
             typing: RateLimiter::keyed(Quota::per_second(rate)),
             seq: AtomicU64::new(
                 std::time::SystemTime::now()
@@ -228,6 +267,14 @@ impl Default for Presence {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Failed registrations waiting for their retry: each target once, with how many times it
+/// failed, ordered by when it is due.
+#[derive(Default)]
+struct RegisterRetries {
+    by_target: HashMap<UserId, (u32, Instant)>,
+    by_due: BTreeSet<(Instant, UserId)>,
 }
 
 /// What replacing a connection's subscription set asks of the owners.
@@ -402,6 +449,62 @@ impl Presence {
             .iter()
             .map(|(t, w)| (*t, w.registered))
             .collect()
+    }
+
+    /// Queues a retry of `target`'s registration, which failed `failures + 1` times, at `due`
+    /// (see [`register_retry_delay`]). Nothing if it is queued already, or not watched here.
+    pub fn queue_register_retry(&self, target: UserId, failures: u32, due: Instant) {
+        if !self.is_watched(target) {
+            return;
+        }
+        let mut retries = lock(&self.retries);
+        if retries.by_target.contains_key(&target) {
+            return;
+        }
+        retries.by_target.insert(target, (failures, due));
+        retries.by_due.insert((due, target));
+        drop(retries);
+        self.retry_queued.notify_one();
+    }
+
+    /// Takes up to `max` retries due at `now`, earliest first, each with how many times it
+    /// failed. Targets no longer watched, or registered meanwhile, are dropped instead.
+    pub fn take_due_register_retries(&self, now: Instant, max: usize) -> Vec<(UserId, u32)> {
+        let mut taken = Vec::new();
+        let mut retries = lock(&self.retries);
+        while taken.len() < max {
+            let Some(&(due, target)) = retries.by_due.first() else {
+                break;
+            };
+            if due > now {
+                break;
+            }
+            retries.by_due.remove(&(due, target));
+            if let Some((failures, _)) = retries.by_target.remove(&target) {
+                taken.push((target, failures));
+            }
+        }
+        drop(retries);
+        taken.retain(|(target, _)| self.registered(*target) == Some(None));
+        taken
+    }
+
+    /// When the earliest queued retry is due, if any.
+    pub fn next_register_retry(&self) -> Option<Instant> {
+        lock(&self.retries).by_due.first().map(|(due, _)| *due)
+    }
+
+    /// Forgets every queued retry: the ring changed, and its change registers every watched
+    /// target whose owner is not the one registered with.
+    pub fn clear_register_retries(&self) {
+        let mut retries = lock(&self.retries);
+        retries.by_target.clear();
+        retries.by_due.clear();
+    }
+
+    /// Resolves once a retry was queued since the last call (a permit is kept if nobody waits).
+    pub async fn register_retry_queued(&self) {
+        self.retry_queued.notified().await
     }
 
     /// The distinct viewer users watching `target` here.

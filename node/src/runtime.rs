@@ -345,6 +345,7 @@ impl Node {
         }
         tasks.spawn(housekeeping(server.clone()));
         tasks.spawn(crate::outbox::run(server.clone()));
+        tasks.spawn(server.clone().presence_retry_registrations());
         let cluster = match opts.cluster.clone() {
             Some(options) => {
                 crate::cluster::ClusterLink::start(

@@ -22,7 +22,7 @@ pub const ROW_VALUE_BYTES_MAX: usize = 512 * 1024;
 pub const ROW_HEADER_BYTES: usize = 1 + 4 + 4;
 /// Every shard-prefixed column family: all but [`Cf::Meta`]. A row's `cf` is an index into
 /// this array, so the order is part of the peer protocol: append only.
-pub const SHARD_CFS: [Cf; 11] = [
+pub const SHARD_CFS: [Cf; 12] = [
     Cf::Accounts,
     Cf::Verify,
     Cf::Inbox,
@@ -34,6 +34,7 @@ pub const SHARD_CFS: [Cf; 11] = [
     Cf::Groups,
     Cf::GroupLog,
     Cf::GroupBodies,
+    Cf::InboxExpiry,
 ];
 
 /// Whether a family's keys start with the shard id. A `match`, so that a new [`Cf`] does not
@@ -50,7 +51,8 @@ pub(crate) const fn is_shard_prefixed(cf: Cf) -> bool {
         | Cf::Contacts
         | Cf::Groups
         | Cf::GroupLog
-        | Cf::GroupBodies => true,
+        | Cf::GroupBodies
+        | Cf::InboxExpiry => true,
         Cf::Meta => false,
     }
 }

@@ -56,10 +56,14 @@ pub enum Cf {
     /// group message's body; `shard | 0x01 | group | group_seq` → that body, stored once. Both
     /// are deleted when the count drops to zero (`inbox/bodies.rs`).
     GroupBodies,
+    /// `shard | expires_at_ms | user | device | seq` → empty: the inbox's expiry index, one row
+    /// per entry that expires before the retention (a status), written and deleted in the same
+    /// batch as its entry, so the periodic expiry finds it by time, not behind older entries.
+    InboxExpiry,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 12] = [
+    pub const ALL: [Cf; 13] = [
         Cf::Accounts,
         Cf::Verify,
         Cf::Inbox,
@@ -72,6 +76,7 @@ impl Cf {
         Cf::Groups,
         Cf::GroupLog,
         Cf::GroupBodies,
+        Cf::InboxExpiry,
     ];
 
     /// The column family's name in RocksDB.
@@ -89,6 +94,7 @@ impl Cf {
             Cf::Groups => "groups",
             Cf::GroupLog => "group_log",
             Cf::GroupBodies => "group_bodies",
+            Cf::InboxExpiry => "inbox_expiry",
         }
     }
 }

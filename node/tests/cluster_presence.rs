@@ -339,3 +339,40 @@ fn subscribers_follow_a_user_moved_to_a_joining_node() {
             .await;
     });
 }
+
+#[test]
+fn a_failed_registration_is_retried_until_the_owner_answers() {
+    // A node is marked down only after 100 missed heartbeats of 600 ms, a minute: the owner's
+    // pause below (longer than the 10 s peer call timeout) changes no ring.
+    let cluster = TestCluster::start_configured(1, 2, &[], 600, 100);
+    runtime().block_on(async {
+        let ring = ring_of(&[1, 2]);
+        let target = users_where(&ring, 15_554_000_000, 1, |o| o == 1)[0];
+        let viewer = users_where(&ring, 15_554_000_000, 1, |o| o == 2)[0];
+        let t = cluster.register(0, target).await;
+        let v = cluster.register(0, viewer).await;
+        assert_eq!(t.welcome().node_id, 1);
+        assert_eq!(v.welcome().node_id, 2);
+        let v_events = Events::collect(v.clone());
+        let epoch = cluster.view().await.epoch;
+
+        // The owner stops answering: node 2's registration of its interest times out.
+        let owner = cluster.index_of(1);
+        cluster.nodes[owner].signal("STOP");
+        v.presence_subscribe(vec![target]).await.expect("subscribe");
+        assert!(v_events.presence(target).is_empty());
+        cluster.nodes[owner].signal("CONT");
+
+        // Retried with no ring change: the viewer sees the target, and then its change.
+        v_events
+            .wait_presence(target, "online after the retry", |p| p.online)
+            .await;
+        wait_metric(&cluster, 1, "ringpost_presence_interest_entries", 1).await;
+        assert!(metric(&cluster, 2, "ringpost_presence_register_retries_total") >= 1);
+        t.close().await;
+        v_events
+            .wait_presence(target, "offline", |p| !p.online && p.last_seen_ms > 0)
+            .await;
+        assert_eq!(cluster.view().await.epoch, epoch, "the ring did not change");
+    });
+}

@@ -10,7 +10,7 @@ use ringpost_wire::{CodeChannel, DeviceId, OneTimePrekey, UserId};
 
 use super::*;
 use crate::accounts::{AccountError, AccountsConfig, CodeSender, SendFuture};
-use crate::inbox::{Append, AppendOutcome, Entry, InboxConfig};
+use crate::inbox::{Append, AppendOutcome, Entry, EntryKind, InboxConfig};
 use crate::keys::Keys;
 use crate::shard::shard_of;
 use crate::storage::suite::{mem_fixture, Fixture};
@@ -504,6 +504,33 @@ impl Node {
         }
     }
 
+    /// A status from `from` to devices 1 and 2 of `to`: its entries have expiry index rows.
+    async fn post_status(&self, from: UserId, to: UserId, t: u64) {
+        let entry = Entry {
+            kind: EntryKind::Status,
+            expires_at_ms: t + 24 * 60 * 60 * 1000,
+            ..Entry::message(from, 1, [0xee; 16], Bytes::from_static(b"status"))
+        };
+        let append = Append {
+            to_user: to,
+            dedup: Some((from, 1, [0xee; 16])),
+            entries: vec![(1, entry.clone()), (2, entry)],
+            now_ms: t,
+        };
+        let outcome = self.inbox.append(append).await.unwrap();
+        assert!(
+            matches!(outcome, AppendOutcome::Stored { .. }),
+            "{outcome:?}"
+        );
+    }
+
+    /// The shard's rows of `cf`.
+    fn rows_in(&self, cf: Cf, shard: ShardId) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let from = key(shard, &[]);
+        let to = crate::storage::prefix_end(&from);
+        self.engine.scan(cf, &from, &to, usize::MAX).unwrap()
+    }
+
     fn inbox_of(&self, user: UserId, device: DeviceId, t: u64) -> Vec<(u64, Entry)> {
         self.inbox.read(user, device, 0, 100, t).unwrap()
     }
@@ -547,6 +574,7 @@ async fn hand_off_through_the_services_moves_the_shard_exactly(
                 .collect();
             source.keys.upload(user, 1, &[9; 32], None, &otks).unwrap();
             if shard == MOVED {
+                source.post_status(sender, user, t).await;
                 moved_users.push((user, token));
             }
         }
@@ -570,8 +598,12 @@ async fn hand_off_through_the_services_moves_the_shard_exactly(
         .to_vec();
     let target_entries_before = target.inbox.entries_total();
     let source_entries_before = source.inbox.entries_total();
-    // Two users, six entries each, one acked, whose receipt waits in the user's outbox.
-    let moved_entries = 2 * (5 + 1);
+    // Two users, eight entries each (three messages and a status to two devices), one acked,
+    // whose receipt waits in the user's outbox.
+    let moved_entries = 2 * (7 + 1);
+    // The statuses' expiry index rows are part of the shard.
+    let moved_index_rows = source.rows_in(Cf::InboxExpiry, MOVED);
+    assert_eq!(moved_index_rows.len(), 4);
 
     // Old owner: close and barrier. New owner: pull in small chunks, digest what it got.
     source.inbox.set_writable(MOVED, false);
@@ -600,6 +632,7 @@ async fn hand_off_through_the_services_moves_the_shard_exactly(
         .unwrap();
 
     let received = received.finish();
+    assert_eq!(target.rows_in(Cf::InboxExpiry, MOVED), moved_index_rows);
     assert_eq!(
         received,
         shard_digest(&*source.engine, MOVED, cutoff).unwrap()
@@ -676,7 +709,7 @@ async fn hand_off_through_the_services_moves_the_shard_exactly(
         ..retried
     };
     match target.inbox.append(fresh).await.unwrap() {
-        AppendOutcome::Stored { seqs, .. } => assert_eq!(seqs, vec![(1, 4)]),
+        AppendOutcome::Stored { seqs, .. } => assert_eq!(seqs, vec![(1, 5)]),
         other => panic!("{other:?}"),
     }
 

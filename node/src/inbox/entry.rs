@@ -50,6 +50,15 @@ pub enum EntryKind {
 }
 
 impl EntryKind {
+    /// Whether entries of this kind have a row in the expiry index ([`Cf::InboxExpiry`]):
+    /// those that expire before the retention, so that the periodic expiry finds them by time
+    /// rather than once the older entries of their device have gone.
+    ///
+    /// [`Cf::InboxExpiry`]: crate::storage::Cf::InboxExpiry
+    pub(crate) fn indexes_expiry(self) -> bool {
+        self == EntryKind::Status
+    }
+
     fn from_u8(b: u8) -> Option<Self> {
         match b {
             0 => Some(EntryKind::Message),
@@ -90,7 +99,8 @@ pub struct Entry {
     /// Set by [`Inbox::append`](super::Inbox::append) to `now_ms + retention`, or kept if it is
     /// non-zero and sooner than that (an entry that must expire early, like a status). Reads
     /// skip an expired entry at once; the expiry sweep deletes it once it is the oldest entry
-    /// of its device on disk (entries of one retention expire in seq order).
+    /// of its device on disk (entries of one retention expire in seq order), or, for a kind
+    /// that [indexes its expiry](EntryKind::indexes_expiry), by its expiry index row.
     pub expires_at_ms: u64,
     /// Opaque ciphertext (empty for receipts).
     pub body: Bytes,

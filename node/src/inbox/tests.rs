@@ -1018,6 +1018,8 @@ macro_rules! inbox_cases {
             failed_writes_fail_every_request_and_leave_no_drift,
             an_ack_reported_failed_but_written_still_sends_its_receipt,
             shutdown_answers_queued_requests_and_joins,
+            an_expired_status_leaves_disk_behind_older_entries,
+            status_index_rows_go_with_their_entries,
         );
     };
 }
@@ -1038,6 +1040,12 @@ mod floor;
 
 /// Group message bodies stored once per shard and reference-counted.
 mod bodies;
+
+/// The expiry index of entries that expire before the retention (statuses).
+mod expiry;
+use expiry::{
+    an_expired_status_leaves_disk_behind_older_entries, status_index_rows_go_with_their_entries,
+};
 
 // ---- Engine-independent checks. ----
 

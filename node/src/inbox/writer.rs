@@ -40,7 +40,10 @@ use super::cache::{Cached, DeviceCache, DeviceKey};
 use super::device::{AckEffect, DeviceMeta, Stored, ACKED_ABOVE_MAX};
 use super::entry::{Entry, EntryHeader, EntryKind};
 use super::gate::ShardGate;
-use super::keys::{dedup_key, device_prefix, inbox_key, parse_inbox_key, parse_meta_key};
+use super::keys::{
+    dedup_key, device_prefix, expiry_key, inbox_key, parse_expiry_key, parse_inbox_key,
+    parse_meta_key,
+};
 use super::outbox::{receipt_id, OutboxReceipt, OUTBOX_DEVICE};
 use super::records::DedupRecord;
 use super::{
@@ -82,6 +85,13 @@ pub(crate) enum Request {
     },
     /// Inbox keys found expired by a scan; the writer checks each again before deleting it.
     ExpireEntries {
+        keys: Vec<Vec<u8>>,
+        now_ms: u64,
+        reply: Reply<u64>,
+    },
+    /// Expiry index keys of expired entries ([`Cf::InboxExpiry`]); the writer checks each
+    /// entry again before deleting it with its row, and deletes rows whose entry is gone.
+    ExpireIndexed {
         keys: Vec<Vec<u8>>,
         now_ms: u64,
         reply: Reply<u64>,
@@ -133,6 +143,7 @@ impl Request {
                 Request::DropDevice { .. } => 0,
                 Request::Trim { devices, .. } => 32 * devices.len(),
                 Request::ExpireEntries { keys, .. }
+                | Request::ExpireIndexed { keys, .. }
                 | Request::ExpireDedup { keys, .. }
                 | Request::ExpireBodies { keys, .. } => keys.iter().map(Vec::len).sum(),
                 Request::Import { rows, .. } => rows.iter().map(Row::encoded_len).sum(),
@@ -163,6 +174,7 @@ impl Request {
             | Request::SyncBarrier { .. } => true,
             Request::Ack { .. }
             | Request::ExpireEntries { .. }
+            | Request::ExpireIndexed { .. }
             | Request::ExpireDedup { .. }
             | Request::ExpireBodies { .. }
             | Request::Trim { .. }
@@ -504,6 +516,11 @@ impl<'a> Group<'a> {
                 now_ms,
                 reply,
             } => Done::Count(reply, self.handle_expire_entries(&keys, now_ms)),
+            Request::ExpireIndexed {
+                keys,
+                now_ms,
+                reply,
+            } => Done::Count(reply, self.handle_expire_indexed(&keys, now_ms)),
             Request::ExpireDedup {
                 keys,
                 now_ms,
@@ -692,6 +709,10 @@ impl<'a> Group<'a> {
             None => entry.encode(),
         };
         self.batch.put(Cf::Inbox, key, value);
+        if entry.kind.indexes_expiry() {
+            let index = expiry_key(shard, entry.expires_at_ms, user, device, seq);
+            self.batch.put(Cf::InboxExpiry, index, Vec::new());
+        }
         self.stored.push((user, device, seq, entry));
         self.entries_delta += 1;
         Some(seq)
@@ -779,30 +800,38 @@ impl<'a> Group<'a> {
         slot.dirty = true;
     }
 
-    /// The key of the shared body a stored entry refers to, if it is stored by reference, and
-    /// its header (read back from disk unless this group stored it). Part of a load phase.
+    /// The key of the shared body a stored entry refers to, if it is stored by reference, its
+    /// header, and the key of its expiry index row if it has one (read back from disk unless
+    /// this group stored it). Part of a load phase.
     fn read_stored(
         &self,
         shard: ShardId,
         user: UserId,
         device: DeviceId,
         seq: u64,
-    ) -> Result<(Option<EntryHeader>, Option<Vec<u8>>), StorageError> {
+    ) -> Result<StoredRefs, StorageError> {
         let key = inbox_key(shard, user, device, seq);
         if let Some(body) = self.new_refs.get(&key) {
-            return Ok((None, Some(body.clone())));
+            return Ok(StoredRefs {
+                body: Some(body.clone()),
+                ..StoredRefs::default()
+            });
         }
         let Some(value) = self.engine.get(Cf::Inbox, &key)? else {
-            return Ok((None, None));
+            return Ok(StoredRefs::default());
         };
         match Entry::decode_stored(Bytes::from(value)) {
-            Ok((entry, by_ref)) => {
-                let body = by_ref.then(|| count_key(shard, &entry.body)).flatten();
-                Ok((Some(entry.header()), body))
-            }
+            Ok((entry, by_ref)) => Ok(StoredRefs {
+                header: Some(entry.header()),
+                body: by_ref.then(|| count_key(shard, &entry.body)).flatten(),
+                expiry: entry
+                    .kind
+                    .indexes_expiry()
+                    .then(|| expiry_key(shard, entry.expires_at_ms, user, device, seq)),
+            }),
             Err(err) => {
                 tracing::error!(%err, user, device, seq, "inbox entry does not decode");
-                Ok((None, None))
+                Ok(StoredRefs::default())
             }
         }
     }
@@ -905,23 +934,26 @@ impl<'a> Group<'a> {
         // device a receipt may be stored for.
         let meta = self.load(user, device)?.cached.meta.clone();
         let mut seen = BTreeSet::new();
-        let mut found: Vec<(u64, Option<EntryHeader>, Option<Vec<u8>>)> = Vec::new();
+        let mut found: Vec<(u64, Option<EntryHeader>, StoredRefs)> = Vec::new();
         for (seq, header) in seqs {
             if !meta.is_pending(seq) || !seen.insert(seq) {
                 continue;
             }
-            // A group message may hold a reference to a shared body: read it back for that.
-            let (header, body) = match header {
-                Some(h) if h.kind != EntryKind::GroupMessage => (Some(h), None),
+            // A group message may hold a reference to a shared body, and an entry that
+            // indexes its expiry has an index row keyed by it: read it back for those.
+            let (header, refs) = match header {
+                Some(h) if h.kind != EntryKind::GroupMessage && !h.kind.indexes_expiry() => {
+                    (Some(h), StoredRefs::default())
+                }
                 known => {
-                    let (read, body) = self.read_stored(shard, user, device, seq)?;
-                    (known.or(read), body)
+                    let refs = self.read_stored(shard, user, device, seq)?;
+                    (known.or(refs.header), refs)
                 }
             };
-            if let Some(key) = &body {
+            if let Some(key) = &refs.body {
                 self.load_body(key, false)?;
             }
-            found.push((seq, header, body));
+            found.push((seq, header, refs));
         }
         if found.is_empty() {
             return Ok(Vec::new());
@@ -962,7 +994,7 @@ impl<'a> Group<'a> {
         // Apply phase.
         let mut acked = Vec::with_capacity(found.len());
         let mut receipts: BTreeMap<UserId, Vec<MsgId>> = BTreeMap::new();
-        for (seq, header, body) in found {
+        for (seq, header, refs) in found {
             let slot = self.slot(user, device);
             match slot.cached.meta.ack(seq) {
                 AckEffect::Acked => slot.dirty = true,
@@ -979,8 +1011,11 @@ impl<'a> Group<'a> {
                 }
             }
             self.entries_delta -= 1;
-            if let Some(key) = body {
+            if let Some(key) = refs.body {
                 self.release_body(&key);
+            }
+            if let Some(key) = refs.expiry {
+                self.batch.delete(Cf::InboxExpiry, key);
             }
             let Some(h) = header else { continue };
             let first_ack = receipt_due(user, &h)
@@ -1077,7 +1112,7 @@ impl<'a> Group<'a> {
         let shard = shard_of(user, self.config.shard_count);
         // Load phase: the shared bodies its pending entries refer to (at most its quota).
         let meta = self.load(user, device)?.cached.meta.clone();
-        let bodies = self.pending_body_refs(shard, user, device, &meta)?;
+        let (bodies, expiries) = self.pending_refs(shard, user, device, &meta)?;
         for key in &bodies {
             self.load_body(key, false)?;
         }
@@ -1085,6 +1120,9 @@ impl<'a> Group<'a> {
         // Apply phase.
         for key in &bodies {
             self.release_body(key);
+        }
+        for key in expiries {
+            self.batch.delete(Cf::InboxExpiry, key);
         }
         let slot = self.slot(user, device);
         // The counters stay (everything acknowledged) so next_seq keeps growing if the id
@@ -1099,19 +1137,21 @@ impl<'a> Group<'a> {
         Ok(removed)
     }
 
-    /// The body key of every pending entry of a device stored by reference, once per entry:
-    /// on disk from the floor up, and stored by this group.
-    fn pending_body_refs(
+    /// The body key of every pending entry of a device stored by reference, once per entry,
+    /// and the expiry index key of every pending entry that has one: on disk from the floor
+    /// up, and stored by this group.
+    fn pending_refs(
         &self,
         shard: ShardId,
         user: UserId,
         device: DeviceId,
         meta: &DeviceMeta,
-    ) -> Result<Vec<Vec<u8>>, StorageError> {
+    ) -> Result<(RowKeys, RowKeys), StorageError> {
         const PAGE: usize = 1024;
         let prefix = device_prefix(shard, user, device);
         let end = prefix_end(&prefix);
         let mut refs = Vec::new();
+        let mut expiries = Vec::new();
         let mut from = inbox_key(shard, user, device, meta.floor.saturating_add(1));
         loop {
             let page = self.engine.scan(Cf::Inbox, &from, &end, PAGE)?;
@@ -1123,8 +1163,15 @@ impl<'a> Group<'a> {
                     continue;
                 }
                 match Entry::decode_stored(Bytes::copy_from_slice(value)) {
-                    Ok((entry, true)) => refs.extend(count_key(shard, &entry.body)),
-                    Ok(_) => {}
+                    Ok((entry, by_ref)) => {
+                        if by_ref {
+                            refs.extend(count_key(shard, &entry.body));
+                        }
+                        if entry.kind.indexes_expiry() {
+                            let index = expiry_key(shard, entry.expires_at_ms, user, device, seq);
+                            expiries.push(index);
+                        }
+                    }
                     Err(err) => {
                         tracing::error!(%err, user, device, seq, "inbox entry does not decode")
                     }
@@ -1141,13 +1188,26 @@ impl<'a> Group<'a> {
                 refs.push(body.clone());
             }
         }
-        Ok(refs)
+        for (u, d, seq, entry) in &self.stored {
+            if (*u, *d) == (user, device) && entry.kind.indexes_expiry() {
+                expiries.push(expiry_key(shard, entry.expires_at_ms, user, device, *seq));
+            }
+        }
+        Ok((refs, expiries))
     }
 
     fn handle_expire_entries(&mut self, keys: &[Vec<u8>], now_ms: u64) -> Result<u64, InboxError> {
         // Load phase: re-check each candidate; an ack may have acknowledged it meanwhile.
-        // (key, user, device, seq, pending, shared body it refers to)
-        type Candidate = (Vec<u8>, UserId, DeviceId, u64, bool, Option<Vec<u8>>);
+        // (key, user, device, seq, pending, shared body it refers to, expiry index row)
+        type Candidate = (
+            Vec<u8>,
+            UserId,
+            DeviceId,
+            u64,
+            bool,
+            Option<Vec<u8>>,
+            Option<Vec<u8>>,
+        );
         let mut candidates: Vec<Candidate> = Vec::new();
         for key in keys {
             let Some((shard, user, device, seq)) = parse_inbox_key(key) else {
@@ -1165,7 +1225,7 @@ impl<'a> Group<'a> {
             let pending = self.load(user, device)?.cached.meta.is_pending(seq);
             if !pending {
                 // Acknowledged and not trimmed yet: delete it all the same.
-                candidates.push((key.clone(), user, device, seq, false, None));
+                candidates.push((key.clone(), user, device, seq, false, None, None));
                 continue;
             }
             let Some(value) = self.engine.get(Cf::Inbox, key)? else {
@@ -1177,7 +1237,11 @@ impl<'a> Group<'a> {
                     if let Some(body) = &body {
                         self.load_body(body, false)?;
                     }
-                    candidates.push((key.clone(), user, device, seq, true, body))
+                    let index = entry
+                        .kind
+                        .indexes_expiry()
+                        .then(|| expiry_key(shard, entry.expires_at_ms, user, device, seq));
+                    candidates.push((key.clone(), user, device, seq, true, body, index))
                 }
                 Ok(_) => {}
                 Err(err) => {
@@ -1188,7 +1252,7 @@ impl<'a> Group<'a> {
 
         // Apply phase.
         let mut expired = 0u64;
-        for (key, user, device, seq, pending, body) in candidates {
+        for (key, user, device, seq, pending, body, index) in candidates {
             if pending {
                 let slot = self.slot(user, device);
                 if slot.cached.meta.ack(seq) != AckEffect::Acked {
@@ -1201,7 +1265,112 @@ impl<'a> Group<'a> {
                     self.release_body(&body);
                 }
             }
+            if let Some(index) = index {
+                self.batch.delete(Cf::InboxExpiry, index);
+            }
             self.batch.delete(Cf::Inbox, key);
+        }
+        Ok(expired)
+    }
+
+    /// Deletes the entries that expiry index rows found expired point at, with their rows,
+    /// whatever entries older than them their device still has pending. A row whose entry is
+    /// gone, acknowledged, or not the one it names (its expiry differs) is deleted alone.
+    ///
+    /// An expired entry is acknowledged out of order; if its device already has
+    /// [`ACKED_ABOVE_MAX`] such acks waiting, it stays (with its row) until a later pass: a
+    /// seq left pending without its entry would hold the floor back for good.
+    fn handle_expire_indexed(&mut self, keys: &[Vec<u8>], now_ms: u64) -> Result<u64, InboxError> {
+        struct Candidate {
+            index: Vec<u8>,
+            user: UserId,
+            device: DeviceId,
+            seq: u64,
+            /// The entry to delete with its body reference: `None` deletes the row alone.
+            entry: Option<(Vec<u8>, Option<Vec<u8>>)>,
+        }
+        // Load phase: re-check each entry; an ack may have acknowledged it meanwhile.
+        let mut candidates = Vec::new();
+        for index in keys {
+            let Some((shard, expires_at_ms, user, device, seq)) = parse_expiry_key(index) else {
+                tracing::error!("malformed inbox expiry key; deleted");
+                self.batch.delete(Cf::InboxExpiry, index.clone());
+                continue;
+            };
+            if shard != shard_of(user, self.config.shard_count) {
+                tracing::warn!(
+                    user,
+                    device,
+                    shard,
+                    "expiry row under a foreign shard; kept"
+                );
+                continue;
+            }
+            if expires_at_ms > now_ms {
+                continue;
+            }
+            let mut candidate = Candidate {
+                index: index.clone(),
+                user,
+                device,
+                seq,
+                entry: None,
+            };
+            let key = inbox_key(shard, user, device, seq);
+            let pending = self.load(user, device)?.cached.meta.is_pending(seq);
+            let value = if pending {
+                self.engine.get(Cf::Inbox, &key)?
+            } else {
+                None
+            };
+            if let Some(value) = value {
+                match Entry::decode_stored(Bytes::from(value)) {
+                    Ok((entry, by_ref)) if entry.expires_at_ms == expires_at_ms => {
+                        let body = by_ref.then(|| count_key(shard, &entry.body)).flatten();
+                        if let Some(body) = &body {
+                            self.load_body(body, false)?;
+                        }
+                        candidate.entry = Some((key, body));
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        tracing::error!(%err, user, device, "inbox entry does not decode; not expiring")
+                    }
+                }
+            }
+            candidates.push(candidate);
+        }
+
+        // Apply phase.
+        let mut expired = 0u64;
+        for c in candidates {
+            if let Some((key, body)) = c.entry {
+                let slot = self.slot(c.user, c.device);
+                match slot.cached.meta.ack(c.seq) {
+                    AckEffect::Acked => slot.dirty = true,
+                    AckEffect::Overflow => {
+                        tracing::debug!(
+                            user = c.user,
+                            device = c.device,
+                            seq = c.seq,
+                            "out-of-order acks over the bound; an expired entry waits"
+                        );
+                        continue;
+                    }
+                    // Acknowledged by a request earlier in this group, which released it.
+                    AckEffect::NotPending => {
+                        self.batch.delete(Cf::InboxExpiry, c.index);
+                        continue;
+                    }
+                }
+                expired += 1;
+                self.entries_delta -= 1;
+                if let Some(body) = body {
+                    self.release_body(&body);
+                }
+                self.batch.delete(Cf::Inbox, key);
+            }
+            self.batch.delete(Cf::InboxExpiry, c.index);
         }
         Ok(expired)
     }
@@ -1331,6 +1500,19 @@ impl<'a> Group<'a> {
         self.invalidate_cache = true;
         Ok(removed)
     }
+}
+
+/// Keys of rows to load or delete.
+type RowKeys = Vec<Vec<u8>>;
+
+/// What [`Group::read_stored`] learns of a stored entry.
+#[derive(Default)]
+struct StoredRefs {
+    header: Option<EntryHeader>,
+    /// The shared body it refers to, if it is stored by reference.
+    body: Option<Vec<u8>>,
+    /// Its expiry index row, if its kind has one.
+    expiry: Option<Vec<u8>>,
 }
 
 /// Rebuilds the floor of a format-1 record, whose acknowledged entries were deleted one by

@@ -6,15 +6,20 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::Instant;
 
 use ringpost_coordinator::NodeId;
 use ringpost_wire::{ContactsUpdate, DeviceId, Done, ErrorCode, Frame, UserId, Visibility};
 use tracing::{debug, warn};
 
-use super::{PresenceView, Push, RawPresence, PRESENCE_VIEWERS_PER_CALL_MAX};
+use super::{
+    register_retry_delay, PresenceView, Push, RawPresence, PRESENCE_RETRIES_PER_ROUND_MAX,
+    PRESENCE_VIEWERS_PER_CALL_MAX,
+};
 
 /// Attempts to register a node's interest with a user's new owner after a ring change (each
-/// waits for the owner's hand-off, up to `SHARD_READY_WAIT`, then pauses a little longer).
+/// waits for the owner's hand-off, up to `SHARD_READY_WAIT`, then pauses a little longer);
+/// after them, the node's retry task takes over with backoff.
 pub const PRESENCE_REGISTER_ATTEMPTS_MAX: u32 = 4;
 use crate::peer::{PeerRequest, PeerResponse};
 use crate::routing::Route;
@@ -28,6 +33,23 @@ fn owner(server: &Server, user: UserId) -> Option<NodeId> {
         Route::Remote { node, .. } => Some(node),
         Route::Unowned => None,
     }
+}
+
+/// What one try at asking a target's owner came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refreshed {
+    /// Asked (and registered, if asked to), or nothing left to do: no owner, no viewer.
+    Done,
+    /// The owner answered but did not take the registration (not serving the target yet).
+    NotTaken,
+    /// The owner could not be reached.
+    Unreachable,
+}
+
+/// Queues a retry of `target`'s registration, which failed `failures + 1` times.
+fn retry_later(server: &Server, target: UserId, failures: u32) {
+    let due = Instant::now() + register_retry_delay(failures, rand::random::<f64>());
+    server.presence.queue_register_retry(target, failures, due);
 }
 
 fn push_all(server: &Server, pushes: Vec<Push>) {
@@ -66,16 +88,32 @@ impl Server {
             }
         }
         for ((node, register), targets) in groups {
-            match self.presence_ask(node, register, targets, vec![user]).await {
+            match self
+                .presence_ask(node, register, targets.clone(), vec![user])
+                .await
+            {
                 Ok(views) => {
-                    for view in views.iter().filter(|v| v.owned) {
+                    for view in &views {
+                        if !view.owned {
+                            if register {
+                                retry_later(self, view.target, 0);
+                            }
+                            continue;
+                        }
                         if register {
                             self.presence.set_registered(view.target, Some(node));
                         }
                         push_all(self, self.presence.apply_view(view, &[user]));
                     }
                 }
-                Err(e) => debug!(node, error = %e, "presence registration failed"),
+                Err(e) => {
+                    debug!(node, error = %e, "presence registration failed; retrying later");
+                    if register {
+                        for target in targets {
+                            retry_later(self, target, 0);
+                        }
+                    }
+                }
             }
         }
         frames(Done {})
@@ -244,37 +282,111 @@ impl Server {
     /// Asks `target`'s owner for every local viewer's grant again (registering with it if
     /// `register`), and pushes what changed. A registration the owner could not take (not
     /// reachable, or not serving the user yet) is tried again, [`PRESENCE_REGISTER_ATTEMPTS_MAX`]
-    /// times in all, then left to the next ring change.
+    /// times in all, then queued for the retry task ([`Server::presence_retry_registrations`]).
     async fn presence_refresh(self: &Arc<Self>, target: UserId, register: bool) {
         for attempt in 1..=PRESENCE_REGISTER_ATTEMPTS_MAX {
-            let Some(node) = owner(self, target) else {
+            if self.presence_refresh_once(target, register).await == Refreshed::Done {
                 return;
-            };
-            let viewers = self.presence.viewers(target);
-            let mut taken = !register;
-            for (i, chunk) in viewers.chunks(PRESENCE_VIEWERS_PER_CALL_MAX).enumerate() {
-                let register = register && i == 0;
-                match self
-                    .presence_ask(node, register, vec![target], chunk.to_vec())
-                    .await
-                {
-                    Ok(views) => {
-                        for view in views.iter().filter(|v| v.owned) {
-                            if register {
-                                self.presence.set_registered(target, Some(node));
-                                taken = true;
-                            }
-                            push_all(self, self.presence.apply_view(view, chunk));
-                        }
-                    }
-                    Err(e) => debug!(node, target, error = %e, "presence refresh failed"),
-                }
             }
-            if taken || !self.presence.is_watched(target) {
-                return;
+            if attempt == PRESENCE_REGISTER_ATTEMPTS_MAX {
+                break;
             }
             debug!(target, attempt, "presence registration not taken; retrying");
             tokio::time::sleep(crate::forward::ROUTE_RETRY_PAUSE * attempt).await;
+        }
+        if register {
+            retry_later(self, target, 0);
+        }
+    }
+
+    /// One try of [`Server::presence_refresh`].
+    async fn presence_refresh_once(self: &Arc<Self>, target: UserId, register: bool) -> Refreshed {
+        let Some(node) = owner(self, target) else {
+            return Refreshed::Done;
+        };
+        let viewers = self.presence.viewers(target);
+        let mut taken = !register;
+        let mut reached = true;
+        for (i, chunk) in viewers.chunks(PRESENCE_VIEWERS_PER_CALL_MAX).enumerate() {
+            let register = register && i == 0;
+            match self
+                .presence_ask(node, register, vec![target], chunk.to_vec())
+                .await
+            {
+                Ok(views) => {
+                    for view in views.iter().filter(|v| v.owned) {
+                        if register {
+                            self.presence.set_registered(target, Some(node));
+                            taken = true;
+                        }
+                        push_all(self, self.presence.apply_view(view, chunk));
+                    }
+                }
+                Err(e) => {
+                    debug!(node, target, error = %e, "presence refresh failed");
+                    reached = false;
+                }
+            }
+        }
+        if taken || !self.presence.is_watched(target) {
+            Refreshed::Done
+        } else if reached {
+            Refreshed::NotTaken
+        } else {
+            Refreshed::Unreachable
+        }
+    }
+
+    /// The node's one task retrying failed registrations (see the module doc of
+    /// [`crate::presence`]): sleeps until the earliest retry is due or one is queued, then runs
+    /// a round of at most [`PRESENCE_RETRIES_PER_ROUND_MAX`] targets. Within a round an owner
+    /// that could not be reached is not called again: its remaining targets wait for their
+    /// next backoff. A retry that fails is queued again with a longer pause, unless the ring
+    /// changed meanwhile (the ring change registers it).
+    pub(crate) async fn presence_retry_registrations(self: Arc<Self>) {
+        loop {
+            match self.presence.next_register_retry() {
+                None => self.presence.register_retry_queued().await,
+                Some(due) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(due.into()) => {}
+                        _ = self.presence.register_retry_queued() => {}
+                    }
+                }
+            }
+            self.presence_retry_round().await;
+        }
+    }
+
+    async fn presence_retry_round(self: &Arc<Self>) {
+        let epoch = self.routing.epoch();
+        let due = self
+            .presence
+            .take_due_register_retries(Instant::now(), PRESENCE_RETRIES_PER_ROUND_MAX);
+        let mut by_owner: BTreeMap<NodeId, Vec<(UserId, u32)>> = BTreeMap::new();
+        for (target, failures) in due {
+            // Unowned: the ring change that gives it an owner registers it.
+            if let Some(node) = owner(self, target) {
+                by_owner.entry(node).or_default().push((target, failures));
+            }
+        }
+        for (node, targets) in by_owner {
+            let mut reachable = true;
+            for (target, failures) in targets {
+                let refreshed = if reachable {
+                    self.presence.metrics.register_retries.fetch_add(1, Relaxed);
+                    self.presence_refresh_once(target, true).await
+                } else {
+                    Refreshed::Unreachable
+                };
+                if refreshed == Refreshed::Unreachable {
+                    reachable = false;
+                }
+                if refreshed != Refreshed::Done && self.routing.epoch() == epoch {
+                    debug!(node, target, failures, "presence registration retry failed");
+                    retry_later(self, target, failures.saturating_add(1));
+                }
+            }
         }
     }
 
@@ -333,6 +445,7 @@ impl Server {
     /// are registered with the new owner.
     pub(crate) fn presence_ring_changed(self: &Arc<Self>) {
         let ring = self.routing.ring();
+        self.presence.clear_register_retries();
         self.presence.retain_owned(
             |u| ring.owner_of(u) == Some(self.node_id),
             |n| ring.member(n).is_some(),

@@ -1,5 +1,7 @@
 //! The presence state's rules, without IO.
 
+use std::time::{Duration, Instant};
+
 use super::*;
 use crate::registry::Registry;
 
@@ -198,4 +200,54 @@ fn metrics_render_with_the_presence_prefix() {
     for line in out.lines().filter(|l| !l.starts_with('#')) {
         assert!(line.starts_with("ringpost_presence_"), "{line}");
     }
+}
+
+#[test]
+fn retry_delays_double_from_one_second_to_thirty_within_their_jitter() {
+    let secs = |failures, jitter| register_retry_delay(failures, jitter).as_secs_f64();
+    assert_eq!(secs(0, 1.0), 1.0);
+    assert_eq!(secs(0, 0.0), 0.5);
+    assert_eq!(secs(1, 1.0), 2.0);
+    assert_eq!(secs(4, 1.0), 16.0);
+    assert_eq!(secs(5, 1.0), 30.0);
+    assert_eq!(secs(5, 0.0), 15.0);
+    assert_eq!(secs(u32::MAX, 1.0), 30.0);
+    // Out-of-range jitter is clamped.
+    assert_eq!(secs(2, 7.0), 4.0);
+    assert_eq!(secs(2, -1.0), 2.0);
+}
+
+#[test]
+fn failed_registrations_are_retried_while_watched_and_unregistered() {
+    let p = Presence::default();
+    let (_r, c) = conns(1);
+    p.replace(&c[0], 1, &[T, 101, 102]);
+    let now = Instant::now();
+    let s = Duration::from_secs(1);
+    p.queue_register_retry(T, 0, now + s);
+    p.queue_register_retry(101, 3, now + 2 * s);
+    p.queue_register_retry(102, 0, now + 3 * s);
+    // Queued already: the first schedule stands.
+    p.queue_register_retry(T, 5, now + 10 * s);
+    // Not watched here: nothing to retry.
+    p.queue_register_retry(999, 0, now);
+    assert_eq!(p.next_register_retry(), Some(now + s));
+
+    assert!(p.take_due_register_retries(now, 10).is_empty());
+    assert_eq!(p.take_due_register_retries(now + 2 * s, 1), vec![(T, 0)]);
+    // 101 was registered meanwhile, 102's last viewer left: both dropped when due.
+    p.set_registered(101, Some(OWNER));
+    p.replace(&c[0], 1, &[T]);
+    assert!(p.take_due_register_retries(now + 5 * s, 10).is_empty());
+    assert_eq!(p.next_register_retry(), None);
+
+    // A ring change forgets every queued retry (it registers them itself).
+    p.queue_register_retry(T, 1, now + s);
+    assert_eq!(p.next_register_retry(), Some(now + s));
+    p.clear_register_retries();
+    assert_eq!(p.next_register_retry(), None);
+    assert!(p.take_due_register_retries(now + 100 * s, 10).is_empty());
+    // Queued again after the clear.
+    p.queue_register_retry(T, 2, now + s);
+    assert_eq!(p.take_due_register_retries(now + s, 10), vec![(T, 2)]);
 }

@@ -251,6 +251,13 @@ fn cf_options(cf: Cf, config: &RocksConfig, cache: &Cache) -> Options {
             table.set_bloom_filter(10.0, false);
             opts.set_compression_type(DBCompressionType::Lz4);
         }
+        Cf::InboxExpiry => {
+            // Keys only, read by range scans up to a time and deleted soon (an ack, or the
+            // expiry itself): no bloom filter, no compression, and compact runs of deletions
+            // as for the inbox.
+            opts.set_compression_type(DBCompressionType::None);
+            opts.add_compact_on_deletion_collector_factory(128, 64, 0.5);
+        }
         Cf::Groups | Cf::GroupLog | Cf::GroupBodies => {
             // A group's state row, its send dedup rows, its log and its messages' stored bodies
             // (ciphertext, written once and deleted once fanned out or acknowledged): point

@@ -142,6 +142,18 @@ impl TestCluster {
 
     /// [`TestCluster::start`] with `node_args` added to every node's arguments.
     pub fn start_with(replicas: u64, nodes: u64, node_args: &[&str]) -> TestCluster {
+        Self::start_configured(replicas, nodes, node_args, HEARTBEAT_MS, MISS_LIMIT)
+    }
+
+    /// [`TestCluster::start_with`] with nodes heartbeating every `heartbeat_ms`, marked down
+    /// after `miss_limit` missed heartbeats.
+    pub fn start_configured(
+        replicas: u64,
+        nodes: u64,
+        node_args: &[&str],
+        heartbeat_ms: u64,
+        miss_limit: u32,
+    ) -> TestCluster {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("secret"), SECRET).expect("secret file");
         let replicas: Vec<Replica> = (1..=replicas)
@@ -150,8 +162,8 @@ impl TestCluster {
         let addrs: Vec<String> = replicas.iter().map(|r| r.client_addr.to_string()).collect();
         let out = Command::new(coordinator_bin())
             .args(["init", "--shard-count", &SHARDS.to_string()])
-            .args(["--heartbeat-interval-ms", &HEARTBEAT_MS.to_string()])
-            .args(["--heartbeat-miss-limit", &MISS_LIMIT.to_string()])
+            .args(["--heartbeat-interval-ms", &heartbeat_ms.to_string()])
+            .args(["--heartbeat-miss-limit", &miss_limit.to_string()])
             .args(["--coordinator", &addrs.join(",")])
             .env("RINGPOST_COORD_SECRET", SECRET)
             .output()

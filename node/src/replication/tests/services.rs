@@ -10,7 +10,9 @@ use super::*;
 use crate::accounts::{Accounts, AccountsConfig, CodeSender, SendFuture};
 use crate::clock::ExpiryClock;
 use crate::handoff::shard_digest;
-use crate::inbox::{Append, AppendOutcome, Entry, Inbox, InboxConfig, RETENTION_MS_DEFAULT};
+use crate::inbox::{
+    Append, AppendOutcome, Entry, EntryKind, Inbox, InboxConfig, RETENTION_MS_DEFAULT,
+};
 use crate::keys::Keys;
 use crate::replication::{read_position, ReplicatingEngine};
 use crate::shard::shard_of;
@@ -192,8 +194,34 @@ async fn every_service_write_reaches_the_replica_exactly() {
     let rows = assert_replicated(&*inner, &*replica, "after registration");
     assert!(rows > 0);
 
-    // Messages, grouped: a group commit is one record per shard it touches.
+    // Messages, grouped: a group commit is one record per shard it touches. Then a status to
+    // every user, whose entries have expiry index rows.
     node.send_all(sender, &users, 0..5, t).await;
+    for &user in &users {
+        let entry = Entry {
+            kind: EntryKind::Status,
+            expires_at_ms: t + 24 * 60 * 60 * 1000,
+            ..Entry::message(sender, 1, [0xee; 16], Bytes::from_static(b"status"))
+        };
+        let append = Append {
+            to_user: user,
+            dedup: Some((sender, 1, [0xee; 16])),
+            entries: vec![(1, entry.clone()), (2, entry)],
+            now_ms: t,
+        };
+        let outcome = node.inbox.append(append).await.unwrap();
+        assert!(
+            matches!(outcome, AppendOutcome::Stored { .. }),
+            "{outcome:?}"
+        );
+    }
+    let index_rows = |engine: &dyn Engine| {
+        engine
+            .scan(Cf::InboxExpiry, &[], &[0xff, 0xff], usize::MAX)
+            .unwrap()
+            .len()
+    };
+    assert_eq!(index_rows(&*replica), 2 * users.len());
     for (records, _) in sink.shipped.lock().unwrap().iter() {
         let shards: Vec<ShardId> = records.iter().map(|r| r.shard).collect();
         assert!(shards.windows(2).all(|w| w[0] < w[1]), "{shards:?}");
@@ -210,6 +238,10 @@ async fn every_service_write_reaches_the_replica_exactly() {
     node.inbox.drop_device(users[1], 2).await.unwrap();
     node.inbox.trim().await.unwrap();
     assert_replicated(&*inner, &*replica, "after acks and a removed device");
+    // A status expires a day after it was posted, behind the unacknowledged messages.
+    assert!(node.inbox.expire(t + 24 * 60 * 60 * 1000).await.unwrap() > 0);
+    assert_eq!(index_rows(&*inner), 0);
+    assert_replicated(&*inner, &*replica, "after the statuses expired");
 
     // Expiry deletes every unacknowledged entry; a shard is dropped.
     let expired = node
