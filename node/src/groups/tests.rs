@@ -211,3 +211,4 @@ fn pending_groups_lists_each_group_with_records_once() {
 }
 
 mod receipts;
+mod fan_out;
