@@ -410,11 +410,13 @@ async fn fan_out_window(server: &Arc<Server>, records: &[LogRecord], sweep: &mut
             if sweep.held.contains(&m) {
                 continue;
             }
-            let dest = *routes.entry(m).or_insert_with(|| match server.routing.route(m) {
-                Route::Local { .. } => Some(Dest::Local),
-                Route::Remote { node, epoch, .. } => Some(Dest::Remote(node, epoch)),
-                Route::Unowned => None,
-            });
+            let dest = *routes
+                .entry(m)
+                .or_insert_with(|| match server.routing.route(m) {
+                    Route::Local { .. } => Some(Dest::Local),
+                    Route::Remote { node, epoch, .. } => Some(Dest::Remote(node, epoch)),
+                    Route::Unowned => None,
+                });
             match dest {
                 Some(d) => by_dest.entry(d).or_default().push(m),
                 // Nobody to store for it now: held (it stays pending here and after).

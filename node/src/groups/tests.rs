@@ -210,5 +210,5 @@ fn pending_groups_lists_each_group_with_records_once() {
     assert_eq!(found, want);
 }
 
-mod receipts;
 mod fan_out;
+mod receipts;

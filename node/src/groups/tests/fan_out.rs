@@ -43,8 +43,7 @@ impl CodeSender for Codes {
 
 /// Nodes 1 to 3, active, each advertising its peer address.
 fn view(addrs: &[SocketAddr; 3]) -> ClusterView {
-    let members: Vec<(NodeId, MemberState)> =
-        (1..=3).map(|n| (n, MemberState::Active)).collect();
+    let members: Vec<(NodeId, MemberState)> = (1..=3).map(|n| (n, MemberState::Active)).collect();
     let mut view = ringpost_coordinator::testing::view(1, u32::from(SHARDS), 1, &members);
     for m in &mut view.members {
         m.info.peer_addr = Some(addrs[m.info.node_id as usize - 1].to_string());
