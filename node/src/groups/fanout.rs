@@ -29,9 +29,12 @@
 //!   held: each held member's owner is asked again from that member's oldest pending record.
 //!
 //! A retry sweep still asks the unreachable node for its members' oldest record; the window
-//! it is in finishes (and the next is read) when that call fails, after up to a peer dial's
-//! handshake timeout. Members on healthy nodes get that window's records without waiting,
-//! but later records wait for it: at most once per retry pause.
+//! it is in finishes (and the next is read) only when that call fails (a dial's handshake
+//! timeout, at most [`crate::peer::PEER_CALL_TIMEOUT`]). Members on healthy nodes get that
+//! window's records without waiting, but later records wait for it: once per retry sweep.
+//!
+//! Each record still costs one peer call per destination node; sending a window's records to
+//! a node in one call would need a new peer request (and a protocol version).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
