@@ -150,9 +150,9 @@ async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// Node 2 is down (its peer address answers nothing) while the group gets five records. The
-/// members on nodes 1 and 3 get all five meanwhile; node 2's member stays pending in the log.
-/// When node 2 comes up it gets all five, in seq order, once each. Used to be: the fan-out
+/// Node 2 is down (its peer address answers nothing) while the group gets eight records. The
+/// members on nodes 1 and 3 get all eight meanwhile; node 2's member stays pending in the log.
+/// When node 2 comes up it gets all eight, in seq order, once each. Used to be: the fan-out
 /// went on to a record only once every member's owner had answered for the one before, so
 /// nobody got more than the first record while node 2 was down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,9 +200,22 @@ async fn a_member_on_an_unreachable_node_does_not_delay_the_others() {
         nodes[0].group_seqs(local) == all && nodes[2].group_seqs(remote) == all
     })
     .await;
+    // More records while node 2's member is held (the task waits for its retry or a kick).
+    for n in 4..7u8 {
+        owner
+            .groups
+            .send(sender, 1, &group, [n; 16], b"ciphertext", t)
+            .unwrap();
+        fanout::kick(owner, group);
+    }
+    let all: Vec<u64> = (1..=8).collect();
+    wait_until("the members on nodes 1 and 3 got all eight records", || {
+        nodes[0].group_seqs(local) == all && nodes[2].group_seqs(remote) == all
+    })
+    .await;
     // Node 2's member is still pending in every record, and has nothing.
     let log = owner.groups.pending_records(&group, None, 100).unwrap();
-    assert_eq!(log.len(), 5, "{log:?}");
+    assert_eq!(log.len(), 8, "{log:?}");
     assert!(log.iter().all(|(_, r)| r.pending == vec![dead]), "{log:?}");
     assert!(nodes[1].group_seqs(dead).is_empty());
 
