@@ -13,8 +13,9 @@
 //!   sender once every member passed its messages.
 //! - [`typing`]: a member's typing indicator, sent on to the other members' nodes.
 //! - [`fanout`]: drains each group's log in sequence order, one peer batch per destination
-//!   node, until every member's owner stored the record; resumes from the log after a
-//!   restart or when the shard comes to this node.
+//!   node, until every member's owner stored the record (a member whose owner is unreachable
+//!   is retried later, without holding up the others); resumes from the log after a restart
+//!   or when the shard comes to this node.
 //!
 //! Every change and every message takes the next group sequence number and is one record in
 //! the log; a record is acknowledged (the creator's `GroupInfo`, the sender's `SendAck`) once
@@ -212,7 +213,7 @@ impl GroupMetrics {
             ),
             (
                 "fanout_retries",
-                "Fan-out passes that left members pending and were retried.",
+                "Fan-out retry sweeps for members left pending.",
                 &self.fanout_retries,
             ),
             (
@@ -535,6 +536,31 @@ impl Groups {
             Some((_, v)) => Ok(Some(LogRecord::decode(&v)?)),
             None => Ok(None),
         }
+    }
+
+    /// Up to `limit` log records of `group` in log order (seq order, a receipt right after
+    /// the record at its seq), each with its key; only those after the key `after` when given
+    /// (the fan-out's cursor). New records always sort after every existing one (the seq only
+    /// grows, and a receipt's number with it), so a scan from a cursor misses none written
+    /// since.
+    pub fn pending_records(
+        &self,
+        group: &GroupId,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, LogRecord)>, GroupError> {
+        let start = key(self.shard(group), &[&group[..]]);
+        let to = prefix_end(&start);
+        let from = match after {
+            // The first key above `k`.
+            Some(k) => [k, &[0]].concat(),
+            None => start,
+        };
+        self.engine
+            .scan(Cf::GroupLog, &from, &to, limit)?
+            .into_iter()
+            .map(|(k, v)| Ok((k, LogRecord::decode(&v)?)))
+            .collect()
     }
 
     /// Records the fan-out's progress: the record is done (deleted) when nobody is pending,

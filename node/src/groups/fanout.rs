@@ -3,18 +3,48 @@
 //! sends one [`GroupBatch`] per destination node (the body once); each destination stores an
 //! inbox entry per member device, deduplicated by (sender, sender device, msg_id) per member,
 //! so a record fanned out twice (after a crash, a lost progress write, a primary change) is
-//! stored once. A record leaves the log only when every member's owner answered; members whose
-//! owner could not be reached stay pending and the pass is retried with a backoff. The next
-//! record starts only then: members see the group in one order, at the price of head-of-line
-//! waiting behind an unreachable member's owner.
+//! stored once. A record leaves the log only when every member's owner answered (members whose
+//! owner could not be reached stay pending in it).
+//!
+//! # Order without head-of-line blocking
+//! The invariant: a member never gets a record stored before an earlier record that was owed
+//! to it. Members on healthy nodes do not wait for a member on an unreachable one.
+//!
+//! - The task reads the log in windows of up to [`FANOUT_WINDOW`] records, in log order, from
+//!   a cursor (the key of the last record it went through). A *sweep* goes from the head of
+//!   the log to its end. New records always sort after every existing one, so a sweep that
+//!   goes on from its cursor finds them.
+//! - In a window each pending member is routed once; each destination (this node, or a peer)
+//!   gets its batches one record after the other, in log order, and destinations run
+//!   concurrently. Progress is written per record once the window is done (a record is
+//!   deleted when nobody is pending).
+//! - A member whose store fails (not settled: unreachable owner, moving shard) is *held*: it
+//!   is skipped for every later record of the sweep, where it stays pending. So it cannot get
+//!   a later record before the one it missed.
+//! - At the end of the log: if nobody is held, the task looks again from the head (and stops
+//!   when the log is empty). Otherwise it waits for the retry pause ([`FANOUT_RETRY_PAUSE`],
+//!   doubling to [`FANOUT_RETRY_PAUSE_MAX`]) or for a [`kick`], whichever comes first. A kick
+//!   (new records) goes on from the cursor, the held members still skipped: the others get
+//!   new records at once. The end of the pause starts a new sweep from the head with nobody
+//!   held: each held member's owner is asked again from that member's oldest pending record.
+//!
+//! A retry sweep still asks the unreachable node for its members' oldest record; the window
+//! it is in finishes (and the next is read) only when that call fails (a dial's handshake
+//! timeout, at most [`crate::peer::PEER_CALL_TIMEOUT`]). Members on healthy nodes get that
+//! window's records without waiting, but later records wait for it: once per retry sweep.
+//!
+//! Each record still costs one peer call per destination node; sending a window's records to
+//! a node in one call would need a new peer request (and a protocol version).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use ringpost_coordinator::NodeId;
 use ringpost_wire::{DeviceId, ErrorCode, GroupId, MsgId, UserId};
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use super::{route_id, LogBody, LogRecord};
@@ -27,6 +57,10 @@ use crate::shard::ShardId;
 /// [`FANOUT_RETRY_PAUSE_MAX`].
 pub const FANOUT_RETRY_PAUSE: Duration = Duration::from_millis(100);
 pub const FANOUT_RETRY_PAUSE_MAX: Duration = Duration::from_secs(5);
+/// How many log records the fan-out reads and sends at once. Each destination node gets the
+/// window's batches for its members one after the other (in log order), destinations in
+/// parallel; a larger window keeps more records in memory (each up to a group message).
+pub const FANOUT_WINDOW: usize = 32;
 
 /// One record for the members one node owns: the body once, the members listed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,14 +201,23 @@ pub fn split_entry_body(body: &[u8]) -> Option<(GroupId, u64, &[u8])> {
     Some((group, seq, &body[24..]))
 }
 
+/// A group's fan-out task as [`kick`] sees it.
+#[derive(Debug, Default)]
+struct Task {
+    /// A record was written since the task last found the log empty.
+    again: AtomicBool,
+    /// Wakes the task from a retry pause: new records to fan out to the members not held.
+    wake: Notify,
+}
+
 /// Which groups have a fan-out task, and whether it must look at the log again.
 #[derive(Debug, Default)]
 pub struct Fanout {
-    running: Mutex<HashMap<GroupId, bool>>,
+    running: Mutex<HashMap<GroupId, Arc<Task>>>,
 }
 
 impl Fanout {
-    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<GroupId, bool>> {
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<GroupId, Arc<Task>>> {
         self.running
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -183,15 +226,18 @@ impl Fanout {
 
 /// Makes sure `group`'s log is being drained (after a record was written).
 pub fn kick(server: &Arc<Server>, group: GroupId) {
-    {
+    let task = {
         let mut running = server.fanout.running();
-        if let Some(again) = running.get_mut(&group) {
-            *again = true;
+        if let Some(task) = running.get(&group) {
+            task.again.store(true, Relaxed);
+            task.wake.notify_one();
             return;
         }
-        running.insert(group, false);
-    }
-    tokio::spawn(run(Arc::downgrade(server), group));
+        let task = Arc::new(Task::default());
+        running.insert(group, task.clone());
+        task
+    };
+    tokio::spawn(run(Arc::downgrade(server), group, task));
 }
 
 /// Resumes the fan-out of every group of these shards with records in its log (the shards
@@ -219,10 +265,35 @@ pub fn resume(server: &Arc<Server>, shards: &[ShardId]) {
     });
 }
 
-async fn run(server: Weak<Server>, group: GroupId) {
+/// Where a group's task is in its log, and who it skips (see the module doc).
+struct Sweep {
+    /// The key of the last record this sweep went through; `None`: the sweep starts at the
+    /// head of the log.
+    cursor: Option<Vec<u8>>,
+    /// Members a store failed for in this sweep: skipped until the next sweep from the head
+    /// (after the retry pause), so that nobody gets a later record before an earlier one.
+    held: BTreeSet<UserId>,
+    /// A progress write failed: the log lists members that were stored; a sweep from the head
+    /// repeats those stores (deduplicated) and writes it again.
+    dirty: bool,
+}
+
+impl Sweep {
+    fn from_head() -> Sweep {
+        Sweep {
+            cursor: None,
+            held: BTreeSet::new(),
+            dirty: false,
+        }
+    }
+}
+
+async fn run(weak: Weak<Server>, group: GroupId, task: Arc<Task>) {
     let mut pause = FANOUT_RETRY_PAUSE;
+    let mut sweep = Sweep::from_head();
+    let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
-        let Some(server) = server.upgrade() else {
+        let Some(server) = weak.upgrade() else {
             return;
         };
         let stop = |server: &Server| {
@@ -236,6 +307,7 @@ async fn run(server: Weak<Server>, group: GroupId) {
             Route::Local { .. } => {
                 if server.serves_here(route_id(&group)).is_some() {
                     drop(server);
+                    sweep = Sweep::from_head();
                     tokio::time::sleep(FANOUT_RETRY_PAUSE_MAX).await;
                     continue;
                 }
@@ -246,122 +318,226 @@ async fn run(server: Weak<Server>, group: GroupId) {
             }
         }
         let groups = server.groups.clone();
-        let next = tokio::task::spawn_blocking(move || groups.next_record(&group)).await;
-        match next {
-            Ok(Ok(None)) => {
-                let mut running = server.fanout.running();
-                match running.get_mut(&group) {
-                    Some(again) if *again => *again = false,
-                    _ => {
-                        running.remove(&group);
-                        return;
-                    }
-                }
-            }
-            Ok(Ok(Some(mut record))) => {
-                let before = record.pending.len();
-                deliver(&server, &mut record).await;
-                let left = record.pending.len();
-                let groups = server.groups.clone();
-                let progress = record.clone();
-                let written = tokio::task::spawn_blocking(move || groups.progress(&progress))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()));
-                if let Err(e) = &written {
-                    warn!(error = %e, "writing group fan-out progress failed");
-                }
-                if left == 0 && written.is_ok() {
-                    pause = FANOUT_RETRY_PAUSE;
-                } else {
-                    server
-                        .groups
-                        .metrics
-                        .fanout_retries
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    debug!(
-                        seq = record.seq,
-                        before, left, "group fan-out pass left members pending"
-                    );
-                    drop(server);
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(FANOUT_RETRY_PAUSE_MAX);
-                }
-            }
+        let after = sweep.cursor.clone();
+        let window = tokio::task::spawn_blocking(move || {
+            groups.pending_records(&group, after.as_deref(), FANOUT_WINDOW)
+        })
+        .await;
+        let window = match window {
+            Ok(Ok(window)) => window,
             Ok(Err(e)) => {
                 warn!(error = %e, "reading the group log failed; retrying");
                 drop(server);
+                sweep = Sweep::from_head();
                 tokio::time::sleep(FANOUT_RETRY_PAUSE_MAX).await;
+                continue;
             }
             Err(e) => {
                 warn!(error = %e, "group log task failed; retrying");
                 drop(server);
+                sweep = Sweep::from_head();
                 tokio::time::sleep(FANOUT_RETRY_PAUSE_MAX).await;
+                continue;
+            }
+        };
+        if let Some((last, _)) = window.last() {
+            let last = last.clone();
+            let records: Vec<LogRecord> = window.into_iter().map(|(_, r)| r).collect();
+            fan_out_window(&server, &records, &mut sweep).await;
+            sweep.cursor = Some(last);
+            continue;
+        }
+        // The end of the log.
+        if sweep.cursor.is_none() {
+            // From the head: the log is empty.
+            let mut running = server.fanout.running();
+            if task.again.swap(false, Relaxed) {
+                continue;
+            }
+            running.remove(&group);
+            return;
+        }
+        if sweep.held.is_empty() && !sweep.dirty {
+            // Every record behind the cursor is done: look at the log again from its head.
+            pause = FANOUT_RETRY_PAUSE;
+            retry_at = None;
+            sweep.cursor = None;
+            continue;
+        }
+        // Members are held: wait for their retry, or for new records for the others.
+        let deadline = *retry_at.get_or_insert_with(|| {
+            let at = tokio::time::Instant::now() + pause;
+            pause = (pause * 2).min(FANOUT_RETRY_PAUSE_MAX);
+            at
+        });
+        debug!(
+            held = sweep.held.len(),
+            dirty = sweep.dirty,
+            "group fan-out left members pending"
+        );
+        drop(server);
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {
+                // Retry everyone, from the head of the log.
+                retry_at = None;
+                sweep = Sweep::from_head();
+                if let Some(server) = weak.upgrade() {
+                    server.groups.metrics.fanout_retries.fetch_add(1, Relaxed);
+                }
+            }
+            _ = task.wake.notified() => {
+                // New records: on from the cursor, the held members still skipped.
             }
         }
     }
 }
 
-/// One pass over a record: every pending member's owner is asked once (a batch per node);
-/// `record.pending` keeps those not stored yet.
-async fn deliver(server: &Arc<Server>, record: &mut LogRecord) {
-    let mut local = Vec::new();
-    let mut remote: BTreeMap<NodeId, (u64, Vec<UserId>)> = BTreeMap::new();
-    let mut unowned = Vec::new();
-    for &m in &record.pending {
-        match server.routing.route(m) {
-            Route::Local { .. } => local.push(m),
-            Route::Remote { node, epoch, .. } => {
-                remote.entry(node).or_insert((epoch, vec![])).1.push(m)
+/// Where a member's stores go during one window.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Dest {
+    Local,
+    Remote(NodeId, u64),
+}
+
+/// Fans a window of records (in log order) out to their pending members not held, and
+/// writes each record's progress. Each destination gets its batches in log order, one call
+/// after the other; destinations run concurrently. A member whose store fails is skipped for
+/// the window's later records and added to `sweep.held`.
+async fn fan_out_window(server: &Arc<Server>, records: &[LogRecord], sweep: &mut Sweep) {
+    // Each member is routed once for the window, so its records all go one way, in order.
+    let mut routes: HashMap<UserId, Option<Dest>> = HashMap::new();
+    let mut chains: BTreeMap<Dest, Vec<(usize, Vec<UserId>)>> = BTreeMap::new();
+    for (i, record) in records.iter().enumerate() {
+        let mut by_dest: BTreeMap<Dest, Vec<UserId>> = BTreeMap::new();
+        for &m in &record.pending {
+            if sweep.held.contains(&m) {
+                continue;
             }
-            Route::Unowned => unowned.push(m),
+            let dest = *routes
+                .entry(m)
+                .or_insert_with(|| match server.routing.route(m) {
+                    Route::Local { .. } => Some(Dest::Local),
+                    Route::Remote { node, epoch, .. } => Some(Dest::Remote(node, epoch)),
+                    Route::Unowned => None,
+                });
+            match dest {
+                Some(d) => by_dest.entry(d).or_default().push(m),
+                // Nobody to store for it now: held (it stays pending here and after).
+                None => {
+                    sweep.held.insert(m);
+                }
+            }
+        }
+        for (d, members) in by_dest {
+            chains.entry(d).or_default().push((i, members));
         }
     }
-    let mut still = unowned;
-    if !local.is_empty() {
-        let batch = GroupBatch::of(record, local);
-        for (m, stored) in store_batch(server, &batch).await {
-            if !settled(&stored) {
-                still.push(m);
+    let calls = chains
+        .into_iter()
+        .map(|(dest, batches)| chain(server, dest, records, batches));
+    let mut settled: Vec<Vec<UserId>> = vec![Vec::new(); records.len()];
+    for (done, failed) in futures::future::join_all(calls).await {
+        for (i, members) in done {
+            settled[i].extend(members);
+        }
+        sweep.held.extend(failed);
+    }
+    let progressed: Vec<LogRecord> = records
+        .iter()
+        .zip(settled)
+        .filter(|(_, s)| !s.is_empty())
+        .map(|(r, s)| {
+            let mut r = r.clone();
+            r.pending.retain(|m| !s.contains(m));
+            r
+        })
+        .collect();
+    if progressed.is_empty() {
+        return;
+    }
+    let groups = server.groups.clone();
+    let written = tokio::task::spawn_blocking(move || {
+        let mut failed = false;
+        for record in &progressed {
+            if let Err(e) = groups.progress(record) {
+                warn!(error = %e, seq = record.seq, "writing group fan-out progress failed");
+                failed = true;
             }
         }
+        failed
+    })
+    .await;
+    match written {
+        Ok(false) => {}
+        Ok(true) => sweep.dirty = true,
+        Err(e) => {
+            warn!(error = %e, "group fan-out progress task failed");
+            sweep.dirty = true;
+        }
     }
-    let calls = remote.into_iter().map(|(node, (epoch, members))| {
-        let batch = GroupBatch::of(record, members);
-        let server = server.clone();
-        async move {
-            let members = batch.members.clone();
-            server
-                .groups
-                .metrics
-                .fanout_batches
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            match server
-                .call_peer(node, epoch, PeerRequest::GroupFanout(batch))
+}
+
+/// One destination's batches of a window, in log order: `(record index, members)`. Returns
+/// who was stored (or settled otherwise) per record, and the members a store failed for (each
+/// skipped from its failure on).
+async fn chain(
+    server: &Arc<Server>,
+    dest: Dest,
+    records: &[LogRecord],
+    batches: Vec<(usize, Vec<UserId>)>,
+) -> (Vec<(usize, Vec<UserId>)>, BTreeSet<UserId>) {
+    let mut done = Vec::new();
+    let mut failed = BTreeSet::new();
+    for (i, mut members) in batches {
+        members.retain(|m| !failed.contains(m));
+        if members.is_empty() {
+            continue;
+        }
+        let batch = GroupBatch::of(&records[i], members);
+        let results: Vec<(UserId, bool)> = match dest {
+            Dest::Local => store_batch(server, &batch)
                 .await
-            {
-                Ok(PeerResponse::GroupStored(results)) if results.len() == members.len() => members
-                    .into_iter()
-                    .zip(results)
-                    .filter(|(_, s)| !settled(s))
-                    .map(|(m, _)| m)
-                    .collect(),
-                Ok(other) => {
-                    debug!(node, answer = ?other, "group fan-out batch not stored");
-                    members
-                }
-                Err(e) => {
-                    debug!(node, error = %e, "group fan-out batch failed");
-                    members
+                .into_iter()
+                .map(|(m, s)| (m, settled(&s)))
+                .collect(),
+            Dest::Remote(node, epoch) => {
+                let members = batch.members.clone();
+                server.groups.metrics.fanout_batches.fetch_add(1, Relaxed);
+                match server
+                    .call_peer(node, epoch, PeerRequest::GroupFanout(batch))
+                    .await
+                {
+                    Ok(PeerResponse::GroupStored(results)) if results.len() == members.len() => {
+                        members
+                            .into_iter()
+                            .zip(results)
+                            .map(|(m, s)| (m, settled(&s)))
+                            .collect()
+                    }
+                    Ok(other) => {
+                        debug!(node, answer = ?other, "group fan-out batch not stored");
+                        members.into_iter().map(|m| (m, false)).collect()
+                    }
+                    Err(e) => {
+                        debug!(node, error = %e, "group fan-out batch failed");
+                        members.into_iter().map(|m| (m, false)).collect()
+                    }
                 }
             }
+        };
+        let mut stored = Vec::new();
+        for (m, ok) in results {
+            if ok {
+                stored.push(m);
+            } else {
+                failed.insert(m);
+            }
         }
-    });
-    for left in futures::future::join_all(calls).await {
-        still.extend::<Vec<UserId>>(left);
+        if !stored.is_empty() {
+            done.push((i, stored));
+        }
     }
-    still.sort_unstable();
-    record.pending = still;
+    (done, failed)
 }
 
 /// Whether a member's store is final: stored, a duplicate, or a refusal no retry fixes (the
@@ -394,7 +570,7 @@ pub async fn store_batch(server: &Arc<Server>, batch: &GroupBatch) -> Vec<(UserI
                         .groups
                         .metrics
                         .fanout_member_stores
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        .fetch_add(1, Relaxed);
                     server.store_local(store).await
                 }
                 _ => Stored::Refused {

@@ -210,6 +210,7 @@ fn pending_groups_lists_each_group_with_records_once() {
     assert_eq!(found, want);
 }
 
+mod fan_out;
 mod receipts;
 
 #[test]
