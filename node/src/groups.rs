@@ -461,7 +461,18 @@ impl Groups {
         if let Some(v) = self.engine.get(Cf::Groups, &dedup_key)? {
             if let Some((expires, seq, at)) = decode_dedup(&v) {
                 if expires > now_ms {
-                    // A repeat gets the first answer, even if the sender has left since.
+                    // A repeat gets the first answer, even if the sender has left since, but
+                    // only once the record is durable: the dedup row is written again, synced,
+                    // and on a replicating node shipped to the shard's in-sync replicas, which
+                    // take a shard's records in order and refuse gaps. So an Ok proves they
+                    // hold the original log record too. The original's own write may have
+                    // failed to replicate (its local copy stays, and is dropped when this node
+                    // is caught up as a follower): answered from the local row alone, the
+                    // retry would acknowledge a message only this node has (chaos
+                    // `cluster-partition` lost two that way; the inbox does the same).
+                    let mut batch = WriteBatch::new();
+                    batch.put(Cf::Groups, dedup_key.clone(), v.clone());
+                    self.engine.write(batch, true)?;
                     return Ok(Sent::Duplicate {
                         seq,
                         server_time_ms: at,

@@ -262,3 +262,86 @@ fn a_resend_after_leaving_gets_the_first_answer() {
         Err(GroupError::NotMember)
     ));
 }
+
+/// Records the synced writes that reach the engine, and can fail them.
+struct Recording {
+    inner: Arc<dyn Engine>,
+    synced: Mutex<Vec<WriteBatch>>,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+impl Engine for Recording {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner.get(cf, key)
+    }
+    fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), StorageError> {
+        if self.fail.load(Relaxed) {
+            return Err(StorageError::Other("not replicated".into()));
+        }
+        if sync {
+            self.synced.lock().unwrap().push(batch.clone());
+        }
+        self.inner.write(batch, sync)
+    }
+    fn scan(
+        &self,
+        cf: Cf,
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+        self.inner.scan(cf, from, to, limit)
+    }
+    fn last_in(
+        &self,
+        cf: Cf,
+        from: &[u8],
+        to: &[u8],
+    ) -> Result<Option<(Vec<u8>, Vec<u8>)>, StorageError> {
+        self.inner.last_in(cf, from, to)
+    }
+}
+
+#[test]
+fn a_duplicate_is_answered_only_after_a_synced_write_of_its_record() {
+    let (inner, _dir) = rocks_fixture();
+    let engine = Arc::new(Recording {
+        inner,
+        synced: Mutex::new(Vec::new()),
+        fail: std::sync::atomic::AtomicBool::new(false),
+    });
+    let g = Groups::new(engine.clone(), 64);
+    g.create(G, 1, &[2], b"", 0).unwrap();
+    assert!(matches!(
+        g.send(2, 1, &G, [9; 16], b"x", 5).unwrap(),
+        Sent::New { seq: 2, .. }
+    ));
+    engine.synced.lock().unwrap().clear();
+    // The store cannot make the dedup row durable (say its replicas refuse this node): the
+    // retry is refused, not answered from the local row.
+    engine.fail.store(true, Relaxed);
+    assert!(matches!(
+        g.send(2, 1, &G, [9; 16], b"x", 6),
+        Err(GroupError::Storage(_))
+    ));
+    engine.fail.store(false, Relaxed);
+    assert_eq!(
+        g.send(2, 1, &G, [9; 16], b"x", 7).unwrap(),
+        Sent::Duplicate {
+            seq: 2,
+            server_time_ms: 5
+        }
+    );
+    // The duplicate's answer followed a synced write of the dedup row in the group's shard
+    // (the one a replicating engine ships to the shard's replicas), and sequenced nothing.
+    let synced = engine.synced.lock().unwrap();
+    assert_eq!(synced.len(), 1);
+    assert!(synced[0].ops.iter().all(|op| matches!(
+        op,
+        crate::storage::Op::Put {
+            cf: Cf::Groups,
+            ..
+        }
+    )));
+    assert_eq!(g.load(&G).unwrap().unwrap().seq, 2);
+}
