@@ -24,8 +24,9 @@
 //! - **group messages** ([`Subject::GroupMessage`]): an acked `GroupSend` is owed to every
 //!   device of every member at its group seq (the roster, below) but the sending device (lost
 //!   if one never got it), handed over at most once per device (duplicated), with `group_seq`
-//!   strictly increasing per group on each device, messages and changes together, and equal to
-//!   the one its `SendAck` gave (reordered), only to those devices and under its own group
+//!   strictly increasing per group on each device, messages and changes together, and never
+//!   above the one its `SendAck` gave (reordered; below it is a re-sequencing after the node's
+//!   clock passed the dedup window), only to those devices and under its own group
 //!   (leaked), and never after only refusals (phantom). Counted apart (`group_*` in
 //!   [`Counts`]).
 //! - **group changes** ([`Subject::GroupEvent`]): each group's roster is its first members,
@@ -1491,7 +1492,12 @@ impl Checker<'_> {
                                     }
                                 }
                             }
-                            if m.acked_seq != 0 && m.acked_seq != *group_seq {
+                            // Delivered at an earlier seq than acked: an attempt was sequenced,
+                            // its answer lost, and a retry sequenced again once the node's clock
+                            // had passed the dedup window (the clock faults move it days); the
+                            // device keeps the first copy. A later seq than acked means the
+                            // acked copy never reached the device first.
+                            if m.acked_seq != 0 && *group_seq > m.acked_seq {
                                 found.push((
                                     ViolationKind::Reordered,
                                     format!(
