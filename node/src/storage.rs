@@ -2,7 +2,9 @@
 //!
 //! One database per node, one column family per service ([`Cf`]). Every key starts with the
 //! shard id as a big-endian `u16` so that a shard is one contiguous range in every family:
-//! hand-off is a range scan, dropping a shard is a range delete.
+//! hand-off is a range scan, dropping a shard is a range delete. The exceptions are node-local:
+//! [`Cf::Meta`], and [`Cf::BodyStore`], which only the RocksDB engine writes, to store each
+//! group message body once per node behind the logical [`Cf::GroupBodies`] rows.
 //!
 //! Two engines implement [`Engine`]: [`rocks::RocksEngine`] (the real one) and
 //! [`mem::MemEngine`] (for unit tests of the services); both pass the same conformance suite
@@ -53,17 +55,29 @@ pub enum Cf {
     /// (the durable fan-out log); deleted once every member's owner stored it.
     GroupLog,
     /// `shard | 0x00 | group | group_seq` → how many inbox entries of the shard refer to a
-    /// group message's body; `shard | 0x01 | group | group_seq` → that body, stored once. Both
-    /// are deleted when the count drops to zero (`inbox/bodies.rs`).
+    /// group message's body; `shard | 0x01 | group | group_seq` → that body, stored once per
+    /// shard. Both are deleted when the count drops to zero (`inbox/bodies.rs`).
+    ///
+    /// These are the logical rows every caller reads and writes (and hand-off and replication
+    /// move). The RocksDB engine keeps one physical copy of a body per node: the shard's body
+    /// row holds an empty marker and the body lives in [`Cf::BodyStore`]; its reads return the
+    /// body, so no caller sees the marker.
     GroupBodies,
     /// `shard | expires_at_ms | user | device | seq` → empty: the inbox's expiry index, one row
     /// per entry that expires before the retention (a status), written and deleted in the same
     /// batch as its entry, so the periodic expiry finds it by time, not behind older entries.
     InboxExpiry,
+    /// Node-local, no shard prefix: the RocksDB engine's one copy per node of each group
+    /// message body that [`Cf::GroupBodies`] body rows refer to (`storage/rocks/bodies.rs`):
+    /// `0x00 | group | group_seq` → how many shard body rows of this node refer to it;
+    /// `0x01 | group | group_seq` → the body. Written only by the engine, inside the batch that
+    /// writes the shard rows; never part of a shard (not in hand-off, replication or
+    /// snapshots, which carry the logical rows). The in-memory engine does not use it.
+    BodyStore,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 13] = [
+    pub const ALL: [Cf; 14] = [
         Cf::Accounts,
         Cf::Verify,
         Cf::Inbox,
@@ -77,6 +91,7 @@ impl Cf {
         Cf::GroupLog,
         Cf::GroupBodies,
         Cf::InboxExpiry,
+        Cf::BodyStore,
     ];
 
     /// The column family's name in RocksDB.
@@ -95,8 +110,21 @@ impl Cf {
             Cf::GroupLog => "group_log",
             Cf::GroupBodies => "group_bodies",
             Cf::InboxExpiry => "inbox_expiry",
+            Cf::BodyStore => "body_store",
         }
     }
+}
+
+/// The tag of a [`Cf::GroupBodies`] body row (`shard | tag | group | group_seq`); count rows
+/// have tag 0.
+pub(crate) const GROUP_BODY_TAG: u8 = 1;
+/// Bytes of `group [16] | group_seq u64`: what names a group message's body.
+pub(crate) const GROUP_BODY_REF_LEN: usize = 16 + 8;
+
+/// The `group | group_seq` a [`Cf::GroupBodies`] key names if it is a body row key; `None` for
+/// a count row or any other key.
+pub(crate) fn group_body_ref(key: &[u8]) -> Option<&[u8]> {
+    (key.len() == 2 + 1 + GROUP_BODY_REF_LEN && key[2] == GROUP_BODY_TAG).then(|| &key[3..])
 }
 
 /// One mutation in a [`WriteBatch`].

@@ -35,7 +35,7 @@ fn row(cf: Cf, key: Vec<u8>, value: Vec<u8>) -> Row {
     }
 }
 
-/// Writes rows of varied sizes into every family (Meta too) for each populated shard, plus
+/// Writes rows of varied sizes into every family (the node-local ones too) for each populated shard, plus
 /// keys beyond the last shard id; returns what each shard holds, in export order.
 fn populate(engine: &dyn Engine) -> BTreeMap<ShardId, Vec<Row>> {
     let mut batch = WriteBatch::new();
@@ -48,7 +48,7 @@ fn populate(engine: &dyn Engine) -> BTreeMap<ShardId, Vec<Row>> {
                 let len = (usize::from(n) * 37 + i * 11) % 300;
                 let value: Vec<u8> = (0..len).map(|b| (b as u8) ^ n).collect();
                 batch.put(cf, key.clone(), value.clone());
-                if cf != Cf::Meta {
+                if crate::shard_rows::is_shard_prefixed(cf) {
                     model.entry(shard).or_default().push(row(cf, key, value));
                 }
             }

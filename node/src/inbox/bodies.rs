@@ -6,6 +6,8 @@
 //! `group | group_seq` (flagged as a reference, see `inbox/entry.rs`). The shard prefix keeps a
 //! shard one unit for hand-off and replication, so the saving is per destination shard:
 //! members in the same shard share one body, members in different shards each pay for one.
+//! That is the logical layout, which every caller sees; on disk the RocksDB engine keeps one
+//! copy per node, each shard's body row being a marker (`storage/rocks/bodies.rs`).
 //!
 //! Two rows per body, so that taking or releasing a reference rewrites 17 bytes, never the
 //! body (which is written once, in the batch of the first entry referring to it):
@@ -28,14 +30,14 @@ use bytes::BufMut;
 
 use super::codec::{corrupt, Reader};
 use crate::shard::ShardId;
-use crate::storage::{key, StorageError};
+use crate::storage::{key, StorageError, GROUP_BODY_REF_LEN, GROUP_BODY_TAG};
 
 /// Bytes of a reference, and of a row key after the shard and tag: `group [16] | group_seq
 /// u64`, the front of every group message body.
-pub(crate) const BODY_REF_LEN: usize = 16 + 8;
+pub(crate) const BODY_REF_LEN: usize = GROUP_BODY_REF_LEN;
 
 const COUNT_TAG: u8 = 0;
-const BODY_TAG: u8 = 1;
+const BODY_TAG: u8 = GROUP_BODY_TAG;
 const FORMAT: u8 = 1;
 const CF: &str = "group_bodies";
 

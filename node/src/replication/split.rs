@@ -22,7 +22,7 @@ pub enum SplitError {
 
 /// The ops of `batch` on each shard it touches, in shard order, each list in the batch's order.
 ///
-/// Ops of node-local families ([`Cf::Meta`]) are in none: they stay on this node. An empty or
+/// Ops of node-local families ([`Cf::Meta`], [`Cf::BodyStore`]) are in none: they stay on this node. An empty or
 /// inverted range delete, which deletes nothing on any engine, is left out too. Every other op
 /// belongs to exactly one shard: its key's first two bytes (big-endian), or for a range delete
 /// its `from`'s, with `to` at most the end of that shard's prefix.

@@ -6,8 +6,10 @@
 //! fatal background error (e.g. a failed fsync); that is surfaced, not hidden: every later write
 //! fails with the same error until the process reopens the database.
 
+mod bodies;
+
 use std::path::{Path, PathBuf};
-use std::sync::{RwLock, RwLockReadGuard};
+use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use std::ffi::CStr;
@@ -19,7 +21,7 @@ use rocksdb::{
     ReadOptions, WriteOptions, DB, DEFAULT_COLUMN_FAMILY_NAME,
 };
 
-use super::{Cf, Engine, Op, Result, StorageError, WriteBatch};
+use super::{group_body_ref, Cf, Engine, Op, Result, StorageError, WriteBatch};
 
 const MIB: usize = 1024 * 1024;
 
@@ -106,6 +108,9 @@ pub struct RocksEngine {
     config: RocksConfig,
     // Kept so the cache outlives every table reader (RocksDB holds its own reference too).
     block_cache: Cache,
+    /// Held from reading the state of the group body rows a batch touches to writing the batch
+    /// (`bodies.rs`): the store's counts are read-modify-written. Only such batches take it.
+    bodies_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for RocksEngine {
@@ -130,7 +135,33 @@ impl RocksEngine {
             path: path.to_path_buf(),
             config: config.clone(),
             block_cache,
+            bodies_lock: Mutex::new(()),
         })
+    }
+
+    /// Every stored pair of `cf` as it is on disk (group body rows as markers), for tests of
+    /// the physical layout.
+    #[cfg(test)]
+    pub(crate) fn raw_pairs(&self, cf: Cf) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let guard = self.db().unwrap();
+        let db = guard.as_ref().unwrap();
+        let mut it = db.raw_iterator_cf(handle(db, cf).unwrap());
+        it.seek_to_first();
+        let mut out = Vec::new();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            out.push((k.to_vec(), v.to_vec()));
+            it.next();
+        }
+        it.status().unwrap();
+        out
+    }
+
+    /// Writes a pair as it is, past the group body translation (rows of an older version).
+    #[cfg(test)]
+    pub(crate) fn raw_put(&self, cf: Cf, key: &[u8], value: &[u8]) {
+        let guard = self.db().unwrap();
+        let db = guard.as_ref().unwrap();
+        db.put_cf(handle(db, cf).unwrap(), key, value).unwrap();
     }
 
     /// The database, for one call (a read lock: [`Engine::recover`] waits for it).
@@ -258,10 +289,11 @@ fn cf_options(cf: Cf, config: &RocksConfig, cache: &Cache) -> Options {
             opts.set_compression_type(DBCompressionType::None);
             opts.add_compact_on_deletion_collector_factory(128, 64, 0.5);
         }
-        Cf::Groups | Cf::GroupLog | Cf::GroupBodies => {
+        Cf::Groups | Cf::GroupLog | Cf::GroupBodies | Cf::BodyStore => {
             // A group's state row, its send dedup rows, its log and its messages' stored bodies
-            // (ciphertext, written once and deleted once fanned out or acknowledged): point
-            // lookups and short prefix scans.
+            // (ciphertext, written once and deleted once fanned out or acknowledged; the shard
+            // rows are markers and counts, the bodies are in the store): point lookups and
+            // short prefix scans.
             table.set_bloom_filter(10.0, false);
             opts.set_compression_type(DBCompressionType::None);
         }
@@ -360,6 +392,22 @@ impl Engine for RocksEngine {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
         let guard = self.db()?;
         let db = guard.as_ref().expect("checked by db()");
+        if cf == Cf::GroupBodies && group_body_ref(key).is_some() {
+            // The row and the store's body as of one moment.
+            let snapshot = db.snapshot();
+            let store = handle(db, Cf::BodyStore)?;
+            let value =
+                (snapshot.get_cf(handle(db, cf)?, key)).map_err(|e| classify(e.into_string()))?;
+            return value
+                .map(|v| {
+                    bodies::resolve(key, v, |k| {
+                        snapshot
+                            .get_cf(store, k)
+                            .map_err(|e| classify(e.into_string()))
+                    })
+                })
+                .transpose();
+        }
         db.get_cf(handle(db, cf)?, key)
             .map_err(|e| classify(e.into_string()))
     }
@@ -368,8 +416,38 @@ impl Engine for RocksEngine {
         let guard = self.db()?;
         let db = guard.as_ref().expect("checked by db()");
         let mut rb = rocksdb::WriteBatch::default();
+        // Batches that write group body rows are translated under the store's lock, held until
+        // the batch is written (`bodies.rs`).
+        let (_bodies_guard, mut body_batch) = if bodies::touches_bodies(&batch) {
+            let lock = self
+                .bodies_lock
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            (Some(lock), Some(bodies::BodyBatch::new(db)?))
+        } else {
+            (None, None)
+        };
         for op in batch.ops {
             match op {
+                Op::Put {
+                    cf: Cf::GroupBodies,
+                    key,
+                    value,
+                } if body_batch.is_some() && group_body_ref(&key).is_some() => {
+                    let body_ref = group_body_ref(&key).expect("checked by the guard");
+                    let bodies = body_batch.as_mut().expect("checked by the guard");
+                    let physical = bodies.put(&key, body_ref, value)?;
+                    rb.put_cf(handle(db, Cf::GroupBodies)?, key, physical);
+                }
+                Op::Delete {
+                    cf: Cf::GroupBodies,
+                    key,
+                } if body_batch.is_some() && group_body_ref(&key).is_some() => {
+                    let body_ref = group_body_ref(&key).expect("checked by the guard");
+                    let bodies = body_batch.as_mut().expect("checked by the guard");
+                    bodies.delete(&key, body_ref)?;
+                    rb.delete_cf(handle(db, Cf::GroupBodies)?, key);
+                }
                 Op::Put { cf, key, value } => rb.put_cf(handle(db, cf)?, key, value),
                 Op::Delete { cf, key } => rb.delete_cf(handle(db, cf)?, key),
                 // RocksDB rejects an inverted range; an empty or inverted range deletes nothing.
@@ -391,8 +469,16 @@ impl Engine for RocksEngine {
                     }
                     it.status().map_err(|e| classify(e.into_string()))?;
                 }
-                Op::DeleteRange { cf, from, to } => rb.delete_range_cf(handle(db, cf)?, from, to),
+                Op::DeleteRange { cf, from, to } => {
+                    if let (Cf::GroupBodies, Some(bodies)) = (cf, body_batch.as_mut()) {
+                        bodies.delete_range(&from, &to)?;
+                    }
+                    rb.delete_range_cf(handle(db, cf)?, from, to)
+                }
             }
+        }
+        if let Some(bodies) = body_batch {
+            bodies.finish(&mut rb);
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
@@ -413,6 +499,27 @@ impl Engine for RocksEngine {
         }
         let guard = self.db()?;
         let db = guard.as_ref().expect("checked by db()");
+        if cf == Cf::GroupBodies {
+            // Rows and the store's bodies as of one moment.
+            let snapshot = db.snapshot();
+            let store = handle(db, Cf::BodyStore)?;
+            let mut it =
+                snapshot.raw_iterator_cf_opt(handle(db, cf)?, Self::bounded_read(from, to));
+            it.seek(from);
+            let mut out = Vec::new();
+            while out.len() < limit {
+                let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                    break;
+                };
+                let value = bodies::resolve(k, v.to_vec(), |sk| {
+                    (snapshot.get_cf(store, sk)).map_err(|e| classify(e.into_string()))
+                })?;
+                out.push((k.to_vec(), value));
+                it.next();
+            }
+            it.status().map_err(|e| classify(e.into_string()))?;
+            return Ok(out);
+        }
         let mut it = db.raw_iterator_cf_opt(handle(db, cf)?, Self::bounded_read(from, to));
         it.seek(from);
         let mut out = Vec::new();
@@ -434,6 +541,25 @@ impl Engine for RocksEngine {
         }
         let guard = self.db()?;
         let db = guard.as_ref().expect("checked by db()");
+        if cf == Cf::GroupBodies {
+            // The row and the store's body as of one moment.
+            let snapshot = db.snapshot();
+            let store = handle(db, Cf::BodyStore)?;
+            let mut it =
+                snapshot.raw_iterator_cf_opt(handle(db, cf)?, Self::bounded_read(from, to));
+            it.seek_to_last();
+            let last = match (it.key(), it.value()) {
+                (Some(k), Some(v)) => {
+                    let value = bodies::resolve(k, v.to_vec(), |sk| {
+                        (snapshot.get_cf(store, sk)).map_err(|e| classify(e.into_string()))
+                    })?;
+                    Some((k.to_vec(), value))
+                }
+                _ => None,
+            };
+            it.status().map_err(|e| classify(e.into_string()))?;
+            return Ok(last);
+        }
         let mut it = db.raw_iterator_cf_opt(handle(db, cf)?, Self::bounded_read(from, to));
         let last = if cf == Cf::InboxMeta {
             // Memtables updated in place cannot be iterated backwards: walk the range forward

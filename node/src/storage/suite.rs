@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::mem::MemEngine;
 use super::rocks::{RocksConfig, RocksEngine};
-use super::{key, prefix_end, Cf, Engine, WriteBatch};
+use super::{key, prefix_end, Cf, Engine, WriteBatch, GROUP_BODY_TAG};
 
 /// An engine and, for on-disk engines, the directory it lives in (dropped after the engine).
 pub(crate) type Fixture = (Arc<dyn Engine>, Option<tempfile::TempDir>);
@@ -40,7 +40,8 @@ macro_rules! engine_suite {
             delete_range_is_half_open,
             delete_range_orders_with_puts_in_a_batch,
             keys_with_ff_bytes_and_prefix_end,
-            large_values_roundtrip
+            large_values_roundtrip,
+            group_body_rows_read_back_as_written
         );
     };
     (@cases $fixture:path; $($case:ident),* $(,)?) => {
@@ -394,6 +395,68 @@ pub(crate) fn large_values_roundtrip(e: &dyn Engine) {
     let big: Vec<u8> = (0..(1usize << 20)).map(|i| (i * 7 % 251) as u8).collect();
     put(e, Cf::Inbox, b"big", &big);
     assert_eq!(e.get(Cf::Inbox, b"big").unwrap().as_deref(), Some(&big[..]));
+}
+
+/// Group body rows (which the RocksDB engine stores once per node behind markers) read back
+/// exactly as written, whatever the mix of shards, re-puts, deletes and range deletes.
+pub(crate) fn group_body_rows_read_back_as_written(e: &dyn Engine) {
+    let body_ref = [9u8; 24];
+    let body = |text: &str| [&body_ref[..], text.as_bytes()].concat();
+    let row = |shard| key(shard, &[&[GROUP_BODY_TAG], &body_ref]);
+    let count = |shard| key(shard, &[&[0], &body_ref]);
+    let shard_range = |shard| (key(shard, &[]), prefix_end(&key(shard, &[])));
+    let mut b = WriteBatch::new();
+    for shard in 1..=4 {
+        b.put(Cf::GroupBodies, count(shard), vec![shard as u8; 17]);
+        b.put(Cf::GroupBodies, row(shard), body("same"));
+    }
+    b.put(Cf::GroupBodies, row(1), body("same"));
+    e.write(b, true).unwrap();
+    let mut b = WriteBatch::new();
+    b.put(Cf::GroupBodies, row(2), body("same"));
+    b.delete(Cf::GroupBodies, row(3));
+    let (from, to) = shard_range(4);
+    b.delete_range(Cf::GroupBodies, from, to);
+    b.put(Cf::GroupBodies, row(4), body("same"));
+    b.put(Cf::GroupBodies, row(5), body("other"));
+    e.write(b, true).unwrap();
+    let expected = vec![
+        (count(1), vec![1; 17]),
+        (row(1), body("same")),
+        (count(2), vec![2; 17]),
+        (row(2), body("same")),
+        (count(3), vec![3; 17]),
+        (row(4), body("same")),
+        (row(5), body("other")),
+    ];
+    assert_eq!(
+        e.scan(Cf::GroupBodies, &[], &[0xff], 100).unwrap(),
+        expected
+    );
+    for (k, v) in &expected {
+        assert_eq!(e.get(Cf::GroupBodies, k).unwrap().as_ref(), Some(v));
+    }
+    assert_eq!(e.get(Cf::GroupBodies, &row(3)).unwrap(), None);
+    let (from, to) = shard_range(2);
+    assert_eq!(
+        e.last_in(Cf::GroupBodies, &from, &to).unwrap(),
+        Some((row(2), body("same")))
+    );
+    let mut b = WriteBatch::new();
+    for shard in 1..=5 {
+        let (from, to) = shard_range(shard);
+        b.delete_range(Cf::GroupBodies, from, to);
+    }
+    e.write(b, true).unwrap();
+    assert!(e
+        .scan(Cf::GroupBodies, &[], &[0xff], 100)
+        .unwrap()
+        .is_empty());
+    put(e, Cf::GroupBodies, &row(6), &body("again"));
+    assert_eq!(
+        e.get(Cf::GroupBodies, &row(6)).unwrap(),
+        Some(body("again"))
+    );
 }
 
 mod mem_engine {

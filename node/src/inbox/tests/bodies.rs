@@ -423,10 +423,23 @@ async fn bodies_move_with_their_shard(fixture: Fixture) {
         }
     }
     inbox.set_writable(shard, false);
-    inbox.import(shard, rows).await.unwrap();
+    inbox.import(shard, rows.clone()).await.unwrap();
     inbox.sync_barrier().await.unwrap();
     inbox.set_writable(shard, true);
     assert_eq!(body_rows(&*engine), body_rows(&*source_engine));
+    // Exported again from this engine (on RocksDB: body rows resolved from the node's store),
+    // the shard is the same rows, body bytes included.
+    let mut again: Vec<Row> = Vec::new();
+    let mut cursor = None;
+    loop {
+        let chunk = export_chunk(&*engine, shard, cursor.as_ref(), 1 << 20).unwrap();
+        again.extend(chunk.rows);
+        match chunk.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(again, rows);
     assert_eq!(
         inbox.read(B, 2, 0, 10, t).unwrap()[0].1.body,
         group_body(1, PAYLOAD)
@@ -561,6 +574,83 @@ async fn bytes_per_group_message_per_destination_node() {
     );
     assert_eq!(inbox.group_bodies().get(), (shards.len() as u64, 85));
     assert!(entries + bodies < whole_copies);
+}
+
+/// Physical bytes one group message costs a destination node on RocksDB, with the numbers of
+/// the test above (85 members in a third of 256 shards, a 1 KiB ciphertext): every shard keeps
+/// its logical body row, but on disk it is an empty marker and the body is stored once for
+/// the node ([`Cf::BodyStore`]). Printed for the record; asserted: one physical body.
+#[tokio::test]
+async fn physical_bytes_per_group_message_per_destination_node() {
+    let config = InboxConfig {
+        shard_count: 256,
+        ..InboxConfig::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let rocks = Arc::new(
+        crate::storage::rocks::RocksEngine::open(
+            dir.path(),
+            &crate::storage::rocks::RocksConfig::for_tests(),
+        )
+        .unwrap(),
+    );
+    let engine: Arc<dyn Engine> = Arc::clone(&rocks) as Arc<dyn Engine>;
+    let inbox = Inbox::start(Arc::clone(&engine), config.clone()).unwrap();
+    let t = now();
+    let members: Vec<UserId> = (10_000u64..)
+        .filter(|&u| shard_of(u, 256).is_multiple_of(3))
+        .take(85)
+        .collect();
+    let payload = "c".repeat(1024);
+    for &m in &members {
+        stored_seqs(
+            inbox
+                .append(fan_out(m, &[1], 1, &payload, t))
+                .await
+                .unwrap(),
+        );
+    }
+    let shards: BTreeSet<ShardId> = members.iter().map(|&m| shard_of(m, 256)).collect();
+    let bytes = |pairs: &[(Vec<u8>, Vec<u8>)]| -> usize {
+        pairs.iter().map(|(k, v)| k.len() + v.len()).sum()
+    };
+    let logical = engine
+        .scan(Cf::GroupBodies, &[], &[0xff, 0xff], usize::MAX)
+        .unwrap();
+    let (shard_rows, store) = (
+        rocks.raw_pairs(Cf::GroupBodies),
+        rocks.raw_pairs(Cf::BodyStore),
+    );
+    let entries = bytes(&rocks.raw_pairs(Cf::Inbox));
+    eprintln!(
+        "{} members in {} shards: entries {entries} B + body rows {} B (markers and counts) + \
+         store {} B = {} B; logical body rows {} B",
+        members.len(),
+        shards.len(),
+        bytes(&shard_rows),
+        bytes(&store),
+        entries + bytes(&shard_rows) + bytes(&store),
+        bytes(&logical),
+    );
+    // One count and one body in the store, for the whole node.
+    assert_eq!(store.len(), 2, "{store:?}");
+    assert_eq!(store[1].1, group_body(1, &payload).to_vec());
+    // Every shard keeps its count and body rows; the body rows are markers.
+    assert_eq!(shard_rows.len(), 2 * shards.len());
+    let (counts, markers): (Vec<_>, Vec<_>) =
+        (shard_rows.iter()).partition(|(k, _)| crate::storage::group_body_ref(k).is_none());
+    assert_eq!(counts.len(), shards.len());
+    assert!(markers.iter().all(|(_, v)| v.is_empty()));
+    // Read back, each shard's body row is the whole body.
+    assert_eq!(logical.len(), 2 * shards.len());
+    let whole = group_body(1, &payload).to_vec();
+    let resolved = logical.iter().filter(|(_, v)| *v == whole).count();
+    assert_eq!(resolved, shards.len());
+    // Per shard a count row and a marker (keys and 17-byte count); once, the store's count
+    // and body.
+    assert_eq!(bytes(&shard_rows), shards.len() * (2 * 27 + 17));
+    assert_eq!(bytes(&store), (25 + 9) + (25 + whole.len()));
+    assert_eq!(inbox.group_bodies().get(), (shards.len() as u64, 85));
 }
 
 macro_rules! bodies_cases {

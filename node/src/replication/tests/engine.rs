@@ -305,3 +305,58 @@ fn a_hand_off_moves_the_position_and_the_new_owner_continues_the_log() {
     );
     assert_eq!(rows_of(&*new_owner, 5), rows_of(&*replica, 5));
 }
+
+/// Group body rows ship as the logical rows, whole bodies and not the primary's on-disk
+/// markers, and the replica's engine stores one body for all its shards too.
+#[test]
+fn group_bodies_ship_whole_and_are_stored_once_on_the_replica() {
+    let (primary, _d1) = rocks();
+    let (replica, _d2) = rocks();
+    let sink = ApplySink::new(replica.clone());
+    let engine = ReplicatingEngine::new(primary.clone(), sink.clone(), 1);
+    let body_ref = [4u8; 24];
+    let body = [&body_ref[..], b"group ciphertext"].concat();
+    let row_key = |shard: ShardId| key(shard, &[&[crate::storage::GROUP_BODY_TAG], &body_ref]);
+    let mut b = WriteBatch::new();
+    for shard in [3, 9] {
+        b.put(Cf::GroupBodies, row_key(shard), body.clone());
+    }
+    engine.write(b, true).unwrap();
+
+    let shipped: Vec<Op> = (sink.records().into_iter())
+        .flat_map(|r| r.ops)
+        .filter(|op| {
+            matches!(
+                op,
+                Op::Put {
+                    cf: Cf::GroupBodies,
+                    ..
+                }
+            )
+        })
+        .collect();
+    assert_eq!(
+        shipped,
+        [3, 9]
+            .map(|shard| Op::Put {
+                cf: Cf::GroupBodies,
+                key: row_key(shard),
+                value: body.clone(),
+            })
+            .to_vec()
+    );
+    for shard in [3, 9] {
+        assert_eq!(rows_of(&*primary, shard), rows_of(&*replica, shard));
+        assert_eq!(
+            replica.get(Cf::GroupBodies, &row_key(shard)).unwrap(),
+            Some(body.clone())
+        );
+    }
+    for node in [&primary, &replica] {
+        let store = node.raw_pairs(Cf::BodyStore);
+        assert_eq!(store.len(), 2, "one count and one body: {store:?}");
+        assert_eq!(store[1].1, body);
+        let markers = node.raw_pairs(Cf::GroupBodies);
+        assert!(markers.iter().all(|(_, v)| v.is_empty()), "{markers:?}");
+    }
+}
