@@ -336,12 +336,9 @@ fn a_duplicate_is_answered_only_after_a_synced_write_of_its_record() {
     // (the one a replicating engine ships to the shard's replicas), and sequenced nothing.
     let synced = engine.synced.lock().unwrap();
     assert_eq!(synced.len(), 1);
-    assert!(synced[0].ops.iter().all(|op| matches!(
-        op,
-        crate::storage::Op::Put {
-            cf: Cf::Groups,
-            ..
-        }
-    )));
+    assert!(synced[0]
+        .ops
+        .iter()
+        .all(|op| matches!(op, crate::storage::Op::Put { cf: Cf::Groups, .. })));
     assert_eq!(g.load(&G).unwrap().unwrap().seq, 2);
 }
