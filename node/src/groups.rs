@@ -253,6 +253,11 @@ pub struct Groups {
     shard_count: u16,
     locks: Vec<Mutex<()>>,
     add_policy: OnceLock<AddPolicy>,
+    /// Per group, the lowest seq of a log write not known durable (in flight, or failed to
+    /// sync or replicate): the fan-out delivers only records below it. A later synced write
+    /// of the group clears it (replicas take a shard's records in order and refuse gaps, so
+    /// its success proves the earlier ones are held too), as does [`fanout::resume`].
+    undurable: Mutex<std::collections::HashMap<GroupId, u64>>,
     pub metrics: GroupMetrics,
 }
 
@@ -263,8 +268,39 @@ impl Groups {
             shard_count,
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             add_policy: OnceLock::new(),
+            undurable: Mutex::new(std::collections::HashMap::new()),
             metrics: GroupMetrics::default(),
         }
+    }
+
+    fn undurable_map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<GroupId, u64>> {
+        self.undurable
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Writes a batch that logs `group`'s records from `seq` on, synced (and replicated on a
+    /// replicating node); until it has returned Ok the fan-out leaves those records alone.
+    fn write_logged(&self, group: &GroupId, seq: u64, batch: WriteBatch) -> Result<(), GroupError> {
+        {
+            let mut undurable = self.undurable_map();
+            let from = undurable.entry(*group).or_insert(seq);
+            *from = (*from).min(seq);
+        }
+        self.engine.write(batch, true)?;
+        self.undurable_map().remove(group);
+        Ok(())
+    }
+
+    /// The lowest seq of `group`'s log not known durable on this node, if any.
+    pub fn undurable_from(&self, group: &GroupId) -> Option<u64> {
+        self.undurable_map().get(group).copied()
+    }
+
+    /// Forgets what was not known durable of `group` (its shard's log became this node's:
+    /// what is on disk now is the durable copy).
+    pub fn forget_undurable(&self, group: &GroupId) {
+        self.undurable_map().remove(group);
     }
 
     /// Installs the blocking check group adds ask (see [`AddPolicy`]); once.
@@ -382,7 +418,7 @@ impl Groups {
         let mut batch = WriteBatch::new();
         self.put_state(&mut batch, &state)?;
         self.put_event(&mut batch, &state, &event, now_ms)?;
-        self.engine.write(batch, true)?;
+        self.write_logged(&group, event.seq, batch)?;
         self.metrics.created.fetch_add(1, Relaxed);
         state.info_for(creator)
     }
@@ -414,7 +450,7 @@ impl Groups {
         self.put_state(&mut batch, &state)?;
         self.put_event(&mut batch, &state, &event, now_ms)?;
         self.membership_changed(&mut batch, &state, &event.added, &event.removed, now_ms)?;
-        self.engine.write(batch, true)?;
+        self.write_logged(&update.group, event.seq, batch)?;
         self.metrics.updates.fetch_add(1, Relaxed);
         match state.info_for(actor) {
             Ok(info) => Ok(info),
@@ -472,7 +508,7 @@ impl Groups {
                     // `cluster-partition` lost two that way; the inbox does the same).
                     let mut batch = WriteBatch::new();
                     batch.put(Cf::Groups, dedup_key.clone(), v.clone());
-                    self.engine.write(batch, true)?;
+                    self.write_logged(group, seq, batch)?;
                     return Ok(Sent::Duplicate {
                         seq,
                         server_time_ms: at,
@@ -511,7 +547,7 @@ impl Groups {
         let mut index_key = by_expiry;
         index_key.extend_from_slice(&dedup_key);
         batch.put(Cf::Groups, index_key, Vec::new());
-        self.engine.write(batch, true)?;
+        self.write_logged(group, seq, batch)?;
         self.metrics.sends.fetch_add(1, Relaxed);
         Ok(Sent::New {
             seq,

@@ -260,6 +260,8 @@ pub fn resume(server: &Arc<Server>, shards: &[ShardId]) {
         .await
         .unwrap_or_default();
         for group in found {
+            // The log this node now owns is the durable one (replicated, or caught up).
+            server.groups.forget_undurable(&group);
             kick(&server, group);
         }
     });
@@ -340,6 +342,13 @@ async fn run(weak: Weak<Server>, group: GroupId, task: Arc<Task>) {
                 continue;
             }
         };
+        // Only records known durable: a log write that has not returned (or failed to
+        // replicate) is on this node's disk, but may be dropped when the node is caught up
+        // as a follower; delivering it would hand members a record that never was.
+        let mut window = window;
+        if let Some(from) = server.groups.undurable_from(&group) {
+            window.retain(|(_, r)| r.seq < from);
+        }
         if let Some((last, _)) = window.last() {
             let last = last.clone();
             let records: Vec<LogRecord> = window.into_iter().map(|(_, r)| r).collect();

@@ -263,7 +263,7 @@ impl Groups {
         }
         let logged = self.aggregate(&mut batch, &state, &overrides, now_ms)?;
         // Synced: a receipt record must not be lost once its index flags are set.
-        self.engine.write(batch, true)?;
+        self.write_logged(group, state.seq, batch)?;
         Ok(logged)
     }
 

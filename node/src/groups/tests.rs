@@ -342,3 +342,33 @@ fn a_duplicate_is_answered_only_after_a_synced_write_of_its_record() {
         .all(|op| matches!(op, crate::storage::Op::Put { cf: Cf::Groups, .. })));
     assert_eq!(g.load(&G).unwrap().unwrap().seq, 2);
 }
+
+#[test]
+fn records_of_a_failed_log_write_are_not_fanned_out_until_a_later_write_succeeds() {
+    let (inner, _dir) = rocks_fixture();
+    let engine = Arc::new(Recording {
+        inner,
+        synced: Mutex::new(Vec::new()),
+        fail: std::sync::atomic::AtomicBool::new(false),
+    });
+    let g = Groups::new(engine.clone(), 64);
+    g.create(G, 1, &[2], b"", 0).unwrap();
+    assert_eq!(g.undurable_from(&G), None);
+    // The write fails (here before reaching the disk; on a replicating node its local copy
+    // stays on disk): the fan-out must not deliver seq 2 or later from this node.
+    engine.fail.store(true, Relaxed);
+    assert!(g.send(2, 1, &G, [9; 16], b"x", 5).is_err());
+    assert_eq!(g.undurable_from(&G), Some(2));
+    // A later synced write of the group's shard proves everything before it durable.
+    engine.fail.store(false, Relaxed);
+    assert!(matches!(
+        g.send(2, 1, &G, [8; 16], b"y", 6).unwrap(),
+        Sent::New { seq: 2, .. }
+    ));
+    assert_eq!(g.undurable_from(&G), None);
+    // Taking over a shard's log forgets the mark too.
+    engine.fail.store(true, Relaxed);
+    assert!(g.send(2, 1, &G, [7; 16], b"z", 7).is_err());
+    g.forget_undurable(&G);
+    assert_eq!(g.undurable_from(&G), None);
+}
