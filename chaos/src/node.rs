@@ -195,7 +195,7 @@ impl NodeProcess {
             .stdout(log.try_clone()?)
             .stderr(log)
             .process_group(0)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", node_log_filter())
             .env("NO_COLOR", "1");
         let mut preload = Vec::new();
         if let Some(prefix) = &self.spec.fiu_ctrl {
@@ -373,6 +373,15 @@ pub fn log_tail(path: &Path, start: u64) -> String {
     let text = read_from(path, start);
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// The nodes' log filter: `RINGPOST_CHAOS_NODE_LOG` (a `RUST_LOG` filter, e.g.
+/// `info,ringpost_node::outbox=debug` to follow one service through a failing seed), else `info`.
+fn node_log_filter() -> String {
+    std::env::var("RINGPOST_CHAOS_NODE_LOG")
+        .ok()
+        .filter(|f| !f.trim().is_empty())
+        .unwrap_or_else(|| "info".to_string())
 }
 
 /// Where the node binary is: `--node-bin`, `RINGPOST_NODE_BIN`, else next to this executable

@@ -61,7 +61,13 @@ async fn send_outbox(server: &Arc<Server>, user: u64) -> Result<(), String> {
     match server.routing.route(user) {
         Route::Local { .. } if server.serves_here(user).is_none() => {}
         // The shard moved: its new owner sends the outbox after importing it.
-        Route::Remote { .. } => return Ok(()),
+        Route::Remote { .. } => {
+            debug!(
+                user,
+                "receipt outbox: the user's shard moved; its new owner sends it"
+            );
+            return Ok(());
+        }
         _ => return Err("this node does not serve the user right now".into()),
     }
     loop {
@@ -101,9 +107,11 @@ async fn send_outbox(server: &Arc<Server>, user: u64) -> Result<(), String> {
                 require_contact: false,
                 expires_at_ms: 0,
             });
-            stores.push(async move { (seq, entry.header(), stored.await) });
+            let to = receipt.to_user;
+            stores.push(async move { (seq, to, entry.header(), stored.await) });
         }
-        for (seq, header, stored) in futures::future::join_all(stores).await {
+        for (seq, to, header, stored) in futures::future::join_all(stores).await {
+            debug!(user, seq, to, msg_id = %hex::encode(header.msg_id), outcome = ?stored, "receipt outbox: stored a row's receipt");
             match stored {
                 // Left in the outbox for the next round.
                 Stored::Refused { message, .. } => failed = Some(message),

@@ -1063,6 +1063,13 @@ impl<'a> Group<'a> {
                             .put_entry(user, OUTBOX_DEVICE, receipt.to_entry(), now_ms)
                             .is_some()
                         {
+                            tracing::debug!(
+                                user,
+                                device,
+                                to,
+                                receipt = %hex::encode(receipt.msg_id),
+                                "a delivered receipt waits in the outbox"
+                            );
                             self.outbox_users.push(user);
                         } else {
                             tracing::warn!(
