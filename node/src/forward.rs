@@ -710,7 +710,7 @@ impl Server {
         let epoch = ring.epoch;
         let pending = self.routing.install(ring);
         if let Some(replicating) = self.replicating.get() {
-            replicating.set_epoch(self.routing.epoch());
+            replicating.set_ring(self.node_id, self.routing.ring());
         }
         let ring = self.routing.ring();
         for s in 0..ring.shard_count {

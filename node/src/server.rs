@@ -200,7 +200,7 @@ impl Server {
 
     /// Makes `engine`, the wrapper this server's engine is, follow the ring's epoch.
     pub fn set_replicating(&self, engine: Arc<crate::replication::ReplicatingEngine>) {
-        engine.set_epoch(self.routing.epoch());
+        engine.set_ring(self.node_id, self.routing.ring());
         let _ = self.replicating.set(engine);
     }
 

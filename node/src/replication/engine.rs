@@ -2,12 +2,15 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use ringpost_coordinator::NodeId;
 
 use super::position::{position_key, read_catch_up, read_position, Position};
 use super::record::{RecordKind, ShardLogRecord};
 use super::split::{split, touches_shards};
 use crate::handoff::{export_chunk, Chunk, Cursor};
+use crate::ring::Ring;
 use crate::shard::ShardId;
 use crate::shard_rows::SHARD_CFS;
 use crate::storage::{Cf, Engine, Op, Result, StorageError, WriteBatch};
@@ -70,12 +73,23 @@ pub struct ReplicatingEngine {
     inner: Arc<dyn Engine>,
     sink: Arc<dyn ShardLogSink>,
     epoch: AtomicU64,
+    /// The ring the epoch came from, and this node's id, once [`ReplicatingEngine::set_ring`]
+    /// gave them: a write to a shard this node is not the primary of at that epoch is refused.
+    /// Held (read) while a write takes its epoch, so the two never disagree.
+    fence: RwLock<Option<Fence>>,
     /// Positions read or written so far; held across allocate, write and ship.
     positions: Mutex<Positions>,
     /// Shards whose cached position is to be forgotten at the next write
     /// ([`ReplicatingEngine::forget_position`]): held only for a push or a drain, so an async
     /// task may take it (never `positions`, which a write holds while it waits for replicas).
     forgotten: Mutex<Vec<ShardId>>,
+}
+
+/// Who may write which shard: the ring of the current epoch and this node's id.
+#[derive(Clone)]
+struct Fence {
+    me: NodeId,
+    ring: Arc<Ring>,
 }
 
 /// The cached positions and the epoch they were cached at. A shard's role on this node (its
@@ -113,6 +127,7 @@ impl ReplicatingEngine {
             inner,
             sink,
             epoch: AtomicU64::new(epoch),
+            fence: RwLock::new(None),
             positions: Mutex::new(Positions {
                 epoch,
                 shards: HashMap::new(),
@@ -124,7 +139,24 @@ impl ReplicatingEngine {
     /// The epoch of the records written from now on. A shard whose stored position is at a
     /// later epoch is refused: a newer primary wrote it, this node is behind.
     pub fn set_epoch(&self, epoch: u64) {
+        let _fence = self.fence.write().unwrap_or_else(PoisonError::into_inner);
         self.epoch.store(epoch, Ordering::Relaxed);
+    }
+
+    /// Follows `ring`: records are written at its epoch, and only for shards whose primary it
+    /// makes `me` (the first node of [`Ring::replicas`], the node replicas take records
+    /// from). A write touching any other shard is refused before anything is written.
+    ///
+    /// Why: a replica skips a record whose LSN it holds already unless its epoch is later
+    /// ([`super::apply`]), which is sound only if one node writes a shard at an epoch. A node
+    /// that lost a shard while a write of it was in flight would otherwise log that write at
+    /// the new epoch, under the LSN the new primary is about to use: the new primary's record
+    /// would then look applied on this copy, be acknowledged, and be lost if this copy is
+    /// promoted later (chaos cluster-partition seed 3: an acked read receipt lost).
+    pub fn set_ring(&self, me: NodeId, ring: Arc<Ring>) {
+        let mut fence = self.fence.write().unwrap_or_else(PoisonError::into_inner);
+        self.epoch.store(ring.epoch, Ordering::Relaxed);
+        *fence = Some(Fence { me, ring });
     }
 
     /// The engine this one writes into.
@@ -227,7 +259,21 @@ impl ReplicatingEngine {
                  (a hand-off import) may"
             )));
         }
-        let epoch = self.epoch.load(Ordering::Relaxed);
+        let (epoch, fence) = {
+            let fence = self.fence.read().unwrap_or_else(PoisonError::into_inner);
+            (self.epoch.load(Ordering::Relaxed), fence.clone())
+        };
+        if let Some(Fence { me, ring }) = &fence {
+            if let Some(shard) = per_shard
+                .iter()
+                .map(|(shard, _)| *shard)
+                .find(|&shard| ring.owner(shard) != Some(*me))
+            {
+                return Err(StorageError::Other(format!(
+                    "shard {shard}: node {me} is not its primary at epoch {epoch}"
+                )));
+            }
+        }
         let mut cache = self.positions();
         let positions = cache.at_epoch(epoch);
         let mut records = Vec::with_capacity(per_shard.len());

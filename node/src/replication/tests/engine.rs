@@ -360,3 +360,53 @@ fn group_bodies_ship_whole_and_are_stored_once_on_the_replica() {
         assert!(markers.iter().all(|(_, v)| v.is_empty()), "{markers:?}");
     }
 }
+
+#[test]
+fn a_node_writes_only_the_shards_it_is_the_primary_of_at_its_epoch() {
+    use ringpost_coordinator::{testing, MemberState};
+    let (primary, _d1) = rocks();
+    let (replica, _d2) = rocks();
+    let sink = ApplySink::new(replica.clone());
+    let engine = ReplicatingEngine::new(primary.clone(), sink.clone(), 1);
+    let active = [(1, MemberState::Active), (2, MemberState::Active)];
+    let ring = Arc::new(crate::ring::Ring::from_view(&testing::view(
+        5, 64, 2, &active,
+    )));
+    let mine = (0..64).find(|&s| ring.owner(s) == Some(1)).unwrap();
+    let theirs = (0..64).find(|&s| ring.owner(s) == Some(2)).unwrap();
+    engine.set_ring(1, ring);
+
+    // Its own shard: logged at the ring's epoch.
+    let mut b = WriteBatch::new();
+    put(&mut b, mine, b"a");
+    engine.write(b, true).unwrap();
+    let records = sink.records();
+    assert_eq!(
+        (records[0].shard, records[0].lsn, records[0].epoch),
+        (mine, 1, 5)
+    );
+
+    // A batch touching a shard node 2 is the primary of (a write admitted before the ring
+    // moved): refused whole, nothing written or shipped, no LSN taken.
+    let mut b = WriteBatch::new();
+    put(&mut b, mine, b"b");
+    put(&mut b, theirs, b"c");
+    let err = engine.write(b, true).unwrap_err();
+    assert!(
+        err.to_string().contains(&format!(
+            "shard {theirs}: node 1 is not its primary at epoch 5"
+        )),
+        "{err}"
+    );
+    assert_eq!(primary.get(Cf::Inbox, &key(mine, &[b"b"])).unwrap(), None);
+    assert_eq!(primary.get(Cf::Inbox, &key(theirs, &[b"c"])).unwrap(), None);
+    assert_eq!(
+        read_position(&*primary, theirs).unwrap(),
+        Position::default()
+    );
+    assert_eq!(sink.records().len(), 1);
+    let mut b = WriteBatch::new();
+    put(&mut b, mine, b"d");
+    engine.write(b, true).unwrap();
+    assert_eq!(read_position(&*primary, mine).unwrap().lsn, 2);
+}
