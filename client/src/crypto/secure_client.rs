@@ -325,9 +325,9 @@ impl SecureClient {
         }
         for (user, devices) in missing {
             let known = m.device_list(user).map_or(0, |l| l.devices.len());
-            let own = usize::from(user == m.user());
-            // One claim for all of a user's devices when we need them all.
-            let claims: Vec<DeviceId> = if devices.len() + own >= known {
+            // One claim for all of a user's devices when we need them all (never for our own
+            // user: it would use up one of this device's one-time keys too).
+            let claims: Vec<DeviceId> = if user != m.user() && devices.len() >= known {
                 vec![0]
             } else {
                 devices.clone()
