@@ -373,6 +373,11 @@ impl Client {
         }
     }
 
+    /// Whether deliveries are acknowledged on hand-out (`ClientConfig::auto_ack`).
+    pub fn auto_ack(&self) -> bool {
+        self.shared().config.auto_ack
+    }
+
     /// Sends a request and waits for its answer (within `config.request_timeout`). An `Error`
     /// answer is [`ClientError::Server`]; a connection lost meanwhile is
     /// [`ClientError::Disconnected`] (retry idempotently).

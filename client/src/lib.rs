@@ -12,6 +12,9 @@
 //!   [`Event`]s: deliveries exactly once ([`dedup`]) with batched acks, receipts, typing,
 //!   presence, and connection changes.
 //!
+//! [`crypto`] adds end-to-end encryption on top: [`crypto::SecureClient`] wraps a `Client` and
+//! speaks plaintext to the application, Olm and Megolm ciphertext (vodozemac) to the node.
+//!
 //! [`dev`] runs the registration flow against a dev node, which writes verification codes to a
 //! file. [`Endpoint`] parses node URLs; [`TlsOptions`] says which roots to trust.
 //!
@@ -36,6 +39,7 @@
 pub mod backoff;
 pub mod client;
 pub mod connection;
+pub mod crypto;
 pub mod dedup;
 pub mod dev;
 pub mod endpoint;

@@ -229,7 +229,11 @@ impl Keys {
                     let id = one_time_id(&k).ok_or_else(|| corrupt("one-time prekey key"))?;
                     let key = decode_one_time(&v)?;
                     batch.delete(Cf::Prekeys, k);
-                    Some(OneTimePrekey { id, key })
+                    Some(OneTimePrekey {
+                        id,
+                        key,
+                        signature: Bytes::new(),
+                    })
                 }
                 None => None,
             };
@@ -495,6 +499,7 @@ mod tests {
         ids.map(|id| OneTimePrekey {
             id,
             key: Bytes::from(id.to_be_bytes().repeat(8)),
+            signature: Bytes::new(),
         })
         .collect()
     }
@@ -642,6 +647,7 @@ mod tests {
             let o = OneTimePrekey {
                 id: 1,
                 key: Bytes::copy_from_slice(bad),
+                signature: Bytes::new(),
             };
             assert!(keys.upload(U, 1, &ik(1), None, &[o]).is_err());
         }
@@ -675,6 +681,7 @@ mod tests {
         let o = OneTimePrekey {
             id: u32::MAX,
             key: Bytes::from(max_key.clone()),
+            signature: Bytes::new(),
         };
         keys.upload(U, 1, &max_key, Some(&max_spk), std::slice::from_ref(&o))
             .unwrap();
@@ -704,10 +711,12 @@ mod tests {
             OneTimePrekey {
                 id: 60,
                 key: Bytes::from_static(b"first"),
+                signature: Bytes::new(),
             },
             OneTimePrekey {
                 id: 60,
                 key: Bytes::from_static(b"second"),
+                signature: Bytes::new(),
             },
         ];
         assert_eq!(keys.upload(U, 1, &ik(2), None, &dup).unwrap(), 2);

@@ -525,6 +525,7 @@ pub struct SignedPrekey {
 pub struct OneTimePrekey {
     pub id: u32,
     pub key: Bytes,
+    pub signature: Bytes,
 }
 
 /// c→s: publish this device's identity key, signed prekey and a batch of one-time prekeys.

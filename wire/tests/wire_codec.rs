@@ -139,6 +139,7 @@ fn maximal_legal_frames_decode() {
     let one_time = OneTimePrekey {
         id: 2,
         key: key.clone(),
+        signature: Bytes::from(vec![3; SIGNATURE_BYTES_MAX]),
     };
     let users = |n: usize| (0..n as u64).collect::<Vec<_>>();
     let bodies: Vec<Body> = vec![
@@ -352,9 +353,10 @@ fn frame_with(field: &str, len: usize) -> Frame {
         key: blob(key),
         signature: blob(signature),
     };
-    let one_time = |key: usize| OneTimePrekey {
+    let one_time = |key: usize, signature: usize| OneTimePrekey {
         id: 1,
         key: blob(key),
+        signature: blob(signature),
     };
     let upload = |identity: usize, signed: SignedPrekey, one_time: Vec<OneTimePrekey>| {
         Body::PrekeyUpload(PrekeyUpload {
@@ -472,9 +474,10 @@ fn frame_with(field: &str, len: usize) -> Frame {
         }),
         "SignedPrekey.key" => upload(1, signed(len, 1), vec![]),
         "SignedPrekey.signature" => upload(1, signed(1, len), vec![]),
-        "OneTimePrekey.key" => upload(1, signed(1, 1), vec![one_time(len)]),
+        "OneTimePrekey.key" => upload(1, signed(1, 1), vec![one_time(len, 1)]),
+        "OneTimePrekey.signature" => upload(1, signed(1, 1), vec![one_time(1, len)]),
         "PrekeyUpload.identity_key" => upload(len, signed(1, 1), vec![]),
-        "PrekeyUpload.one_time" => upload(1, signed(1, 1), vec![one_time(1); len]),
+        "PrekeyUpload.one_time" => upload(1, signed(1, 1), vec![one_time(1, 1); len]),
         "DeviceBundle.identity_key" => bundle(1, len),
         "PrekeyBundle.devices" => bundle(len, 1),
         "GroupCreate.members" => Body::GroupCreate(GroupCreate {
@@ -936,7 +939,8 @@ fn too_many_tables_are_refused() {
             one_time: vec![
                 OneTimePrekey {
                     id: 1,
-                    key: Bytes::new()
+                    key: Bytes::new(),
+                    signature: Bytes::new()
                 };
                 VERIFY_TABLES_MAX + 1
             ],

@@ -169,6 +169,7 @@ pub(super) async fn prekey_drain(spec: Arc<AttackSpec>, tally: Tally) -> Result<
         .map(|id| OneTimePrekey {
             id,
             key: key(&mut rng),
+            signature: Bytes::new(),
         })
         .collect();
     victim

@@ -96,6 +96,9 @@ pub enum Event {
     },
     /// A new connection is up and authenticated; `reconnects` counts them since connect.
     Reconnected { welcome: Welcome, reconnects: u64 },
+    /// The node said, unprompted (`req` 0), how many one-time prekeys this device has left:
+    /// upload more when it is low ([`crate::crypto::SecureClient`] does).
+    PrekeyCount { count: u32 },
 }
 
 impl Event {

@@ -570,6 +570,7 @@ async fn hand_off_through_the_services_moves_the_shard_exactly(
                 .map(|id| OneTimePrekey {
                     id,
                     key: Bytes::from(vec![id as u8; 32]),
+                    signature: Bytes::new(),
                 })
                 .collect();
             source.keys.upload(user, 1, &[9; 32], None, &otks).unwrap();

@@ -134,6 +134,7 @@ fn one_time_prekey(src: Source<'_>, k: fb::OneTimePrekey<'_>) -> OneTimePrekey {
     OneTimePrekey {
         id: k.id(),
         key: src.vec(k.key()),
+        signature: src.vec(k.signature()),
     }
 }
 

@@ -5116,6 +5116,7 @@ impl<'a> ::flatbuffers::Follow<'a> for OneTimePrekey<'a> {
 impl<'a> OneTimePrekey<'a> {
   pub const VT_ID: ::flatbuffers::VOffsetT = 4;
   pub const VT_KEY: ::flatbuffers::VOffsetT = 6;
+  pub const VT_SIGNATURE: ::flatbuffers::VOffsetT = 8;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -5127,6 +5128,7 @@ impl<'a> OneTimePrekey<'a> {
     args: &'args OneTimePrekeyArgs<'args>
   ) -> ::flatbuffers::WIPOffset<OneTimePrekey<'bldr>> {
     let mut builder = OneTimePrekeyBuilder::new(_fbb);
+    if let Some(x) = args.signature { builder.add_signature(x); }
     if let Some(x) = args.key { builder.add_key(x); }
     builder.add_id(args.id);
     builder.finish()
@@ -5148,6 +5150,14 @@ impl<'a> OneTimePrekey<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(OneTimePrekey::VT_KEY, None)}
   }
+  /// At most SIGNATURE_BYTES_MAX (96).
+  #[inline]
+  pub fn signature(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(OneTimePrekey::VT_SIGNATURE, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for OneTimePrekey<'_> {
@@ -5158,6 +5168,7 @@ impl ::flatbuffers::Verifiable for OneTimePrekey<'_> {
     v.visit_table(pos)?
      .visit_field::<u32>("id", Self::VT_ID, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("key", Self::VT_KEY, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("signature", Self::VT_SIGNATURE, false)?
      .finish();
     Ok(())
   }
@@ -5165,6 +5176,7 @@ impl ::flatbuffers::Verifiable for OneTimePrekey<'_> {
 pub struct OneTimePrekeyArgs<'a> {
     pub id: u32,
     pub key: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub signature: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
 }
 impl<'a> Default for OneTimePrekeyArgs<'a> {
   #[inline]
@@ -5172,6 +5184,7 @@ impl<'a> Default for OneTimePrekeyArgs<'a> {
     OneTimePrekeyArgs {
       id: 0,
       key: None,
+      signature: None,
     }
   }
 }
@@ -5188,6 +5201,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> OneTimePrekeyBuilder<'a, 'b, 
   #[inline]
   pub fn add_key(&mut self, key: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(OneTimePrekey::VT_KEY, key);
+  }
+  #[inline]
+  pub fn add_signature(&mut self, signature: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(OneTimePrekey::VT_SIGNATURE, signature);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> OneTimePrekeyBuilder<'a, 'b, A> {
@@ -5209,6 +5226,7 @@ impl ::core::fmt::Debug for OneTimePrekey<'_> {
     let mut ds = f.debug_struct("OneTimePrekey");
       ds.field("id", &self.id());
       ds.field("key", &self.key());
+      ds.field("signature", &self.signature());
       ds.finish()
   }
 }

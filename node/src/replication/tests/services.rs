@@ -90,6 +90,7 @@ impl Primary {
             .map(|id| OneTimePrekey {
                 id,
                 key: Bytes::from(vec![id as u8; 32]),
+                signature: Bytes::new(),
             })
             .collect();
         for device in [1, 2] {
