@@ -38,6 +38,10 @@ const FAST_RETRY: [&str; 6] = [
 ];
 
 fn webhook_node(hook: &StandIn, secrets: &tempfile::TempDir) -> TestNode {
+    webhook_node_with(hook, secrets, &[])
+}
+
+fn webhook_node_with(hook: &StandIn, secrets: &tempfile::TempDir, extra: &[&str]) -> TestNode {
     let secret = secrets.path().join("hmac");
     std::fs::write(&secret, "hmac-secret\n").unwrap();
     let url = format!("{}/wake", hook.url);
@@ -51,6 +55,7 @@ fn webhook_node(hook: &StandIn, secrets: &tempfile::TempDir) -> TestNode {
         &secret,
     ];
     args.extend(FAST_RETRY);
+    args.extend(extra);
     TestNode::start_with(&args)
 }
 
@@ -510,7 +515,12 @@ async fn push_latency_on_loopback() {
     const DEVICES: u64 = 1000;
     let mut hook = StandIn::plain().await;
     let secrets = tempfile::tempdir().unwrap();
-    let node = webhook_node(&hook, &secrets);
+    // The sender's rate limit is not what this measures.
+    let node = webhook_node_with(
+        &hook,
+        &secrets,
+        &["--device-rate", "100000", "--device-burst", "100000"],
+    );
     let first = 15_550_100_000u64;
     let registered = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
     let mut tasks = tokio::task::JoinSet::new();
