@@ -9,6 +9,8 @@
 //! Storage (value codecs in `accounts/record.rs`):
 //! - accounts family, `shard | user` → the account: devices with their token hashes, the
 //!   next linked-device id, the registration lock.
+//! - accounts family, `shard | user | 0x01 | device` → the device's push token
+//!   (`accounts/push_token.rs`), removed with the device.
 //! - verify family, `shard | phone` → the pending verification code and resend throttle;
 //!   `shard | user | 0xff | sha256(user | code)[..16]` → an outstanding link code.
 //!
@@ -22,6 +24,7 @@ mod cache;
 mod error;
 mod http_sender;
 mod pin;
+mod push_token;
 mod record;
 mod sender;
 mod token;
@@ -43,6 +46,7 @@ pub use http_sender::{
     HTTP_RESPONSE_HEAD_BYTES_MAX, HTTP_TIMEOUT_MS_DEFAULT,
 };
 pub use pin::PinParams;
+pub use push_token::PushToken;
 pub use sender::{CodeSendError, CodeSender, LogCodeSender, SendFuture};
 pub use token::Token;
 
@@ -387,6 +391,10 @@ impl Accounts {
             let links = self.link_prefix(user);
             batch.delete_range(Cf::Verify, links.clone(), prefix_end(&links));
         }
+        // The old devices' push tokens go with them (the new primary registers its own).
+        for &old in &removed_devices {
+            self.delete_push_token(&mut batch, user, old);
+        }
         self.engine.write(batch, true)?;
         self.cache.invalidate(user);
         tracing::info!(
@@ -603,6 +611,7 @@ impl Accounts {
         }
         let mut batch = WriteBatch::new();
         batch.put(Cf::Accounts, self.account_key(user), account.encode());
+        self.delete_push_token(&mut batch, user, target);
         self.engine.write(batch, true)?;
         self.cache.invalidate(user);
         Ok(())

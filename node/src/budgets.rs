@@ -9,7 +9,7 @@
 //! | lookups | `DeviceListRequest`, `PrekeyClaim` | the device | 50/s, burst 1 000 |
 //! | claims of one user | `PrekeyClaim` | (claiming user, claimed user) | 10/min, burst 10 |
 //! | key uploads | `PrekeyUpload` | the device | 10/min, burst 10 |
-//! | account changes | `LinkCodeRequest`, `RemoveDevice`, `SetRegistrationLock` | the device | 10/min, burst 10 |
+//! | account changes | `LinkCodeRequest`, `RemoveDevice`, `SetRegistrationLock`, `PushRegister` | the device | 10/min, burst 10 |
 //! | codes from one source | `RegisterRequest` (each sends an SMS or a call) | the source address (IPv4, IPv6 /64) | 10/hour, burst 10 |
 //! | codes in all | `RegisterRequest` | the node | 10/s, burst 100 |
 //!

@@ -337,6 +337,9 @@ impl Conn {
             Peer::Device { user, device } if self.bound.is_none() => {
                 self.bound = Some((user, device));
                 self.server.registry.bind(&self.shared, user, device);
+                if let Some(push) = self.server.push.get() {
+                    push.device_connected(user, device);
+                }
                 self.server.presence_device_bound(user);
                 self.shared.set_deadline_ms(None);
                 self.permit = None;

@@ -4,6 +4,7 @@
 //!   frames; [`conn`] drives one connection; [`session`] is its sans-IO state machine.
 //! - [`server`]: executes session requests on the shard services: [`accounts`], [`keys`],
 //!   [`inbox`], over the [`storage`] engine (RocksDB); [`registry`] knows who is connected.
+//! - [`push`]: wakes devices without a connection through a webhook, APNs or FCM.
 //! - [`runtime`]: starts and stops a node; [`admin`] serves `/metrics`, `/healthz`, `/readyz`.
 //!
 //! `docs/architecture.md` is the guided tour.
@@ -28,6 +29,7 @@ pub mod node_key;
 pub mod outbox;
 pub mod peer;
 pub mod presence;
+pub mod push;
 pub mod registry;
 pub mod replication;
 pub mod ring;

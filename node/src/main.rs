@@ -84,6 +84,159 @@ struct Common {
     /// Most unauthenticated connections in all; more are refused at accept.
     #[arg(long, default_value_t = admission::PREAUTH_TOTAL_MAX_DEFAULT, env = "RINGPOST_PREAUTH_MAX")]
     preauth_max: u32,
+    #[command(flatten)]
+    push: PushArgs,
+}
+
+/// Wake-up pushes to devices without a connection (docs/operations.md, "Push"). With no
+/// provider configured none are queued.
+#[derive(clap::Args, Debug)]
+struct PushArgs {
+    /// Webhook that receives wake-up pushes as JSON POSTs
+    /// ({"token","user","device","collapse_key"}); 2xx sent, 410 removes the token.
+    #[arg(long, env = "RINGPOST_PUSH_WEBHOOK_URL")]
+    push_webhook_url: Option<String>,
+    /// Bearer token sent to the push webhook.
+    #[arg(long, env = "RINGPOST_PUSH_WEBHOOK_TOKEN", hide_env_values = true)]
+    push_webhook_token: Option<String>,
+    /// File with a secret that signs each webhook body (X-Ringpost-Signature: sha256=<hex HMAC>).
+    #[arg(long, env = "RINGPOST_PUSH_WEBHOOK_HMAC_SECRET_FILE")]
+    push_webhook_hmac_secret_file: Option<PathBuf>,
+    /// APNs token-auth signing key (the .p8 file from Apple). Needs the key id, team id and topic.
+    #[arg(long, env = "RINGPOST_PUSH_APNS_KEY_FILE")]
+    push_apns_key_file: Option<PathBuf>,
+    /// APNs key id (the 10-character id of the .p8 key).
+    #[arg(long, env = "RINGPOST_PUSH_APNS_KEY_ID")]
+    push_apns_key_id: Option<String>,
+    /// APNs team id.
+    #[arg(long, env = "RINGPOST_PUSH_APNS_TEAM_ID")]
+    push_apns_team_id: Option<String>,
+    /// APNs topic: the app's bundle id.
+    #[arg(long, env = "RINGPOST_PUSH_APNS_TOPIC")]
+    push_apns_topic: Option<String>,
+    /// APNs base URL (https://api.sandbox.push.apple.com for development builds).
+    #[arg(long, default_value = ringpost_node::push::config::APNS_URL_DEFAULT, env = "RINGPOST_PUSH_APNS_URL")]
+    push_apns_url: String,
+    /// background (content-available, priority 5) or alert (visible, priority 10).
+    #[arg(long, value_enum, default_value_t = ApnsPushTypeArg::Background, env = "RINGPOST_PUSH_APNS_PUSH_TYPE")]
+    push_apns_push_type: ApnsPushTypeArg,
+    /// FCM service account JSON key file (project_id, client_email, private_key, token_uri).
+    #[arg(long, env = "RINGPOST_PUSH_FCM_SERVICE_ACCOUNT_FILE")]
+    push_fcm_service_account_file: Option<PathBuf>,
+    /// FCM base URL; messages go to <url>/v1/projects/<project>/messages:send.
+    #[arg(long, default_value = ringpost_node::push::config::FCM_URL_DEFAULT, env = "RINGPOST_PUSH_FCM_URL")]
+    push_fcm_url: String,
+    /// OAuth2 token URL for FCM (default: the service account file's token_uri).
+    #[arg(long, env = "RINGPOST_PUSH_FCM_TOKEN_URL")]
+    push_fcm_token_url: Option<String>,
+    /// PEM file of extra CA certificates trusted for push provider connections (a private
+    /// relay; tests), besides the system's.
+    #[arg(long, env = "RINGPOST_PUSH_CA_FILE")]
+    push_ca_file: Option<PathBuf>,
+    /// Timeout of one provider call, connect included.
+    #[arg(long, default_value_t = ringpost_node::push::config::TIMEOUT_MS_DEFAULT, env = "RINGPOST_PUSH_TIMEOUT_MS")]
+    push_timeout_ms: u64,
+    /// Provider calls in flight at once.
+    #[arg(long, default_value_t = ringpost_node::push::config::CONCURRENCY_DEFAULT, env = "RINGPOST_PUSH_CONCURRENCY")]
+    push_concurrency: usize,
+    /// Provider calls per push, the first included; then the push is dropped.
+    #[arg(long, default_value_t = ringpost_node::push::config::ATTEMPTS_MAX_DEFAULT, env = "RINGPOST_PUSH_ATTEMPTS_MAX",
+          value_parser = clap::value_parser!(u32).range(1..=32))]
+    push_attempts_max: u32,
+    /// Delay before the second call; doubles per call, jittered within [d/2, d].
+    #[arg(long, default_value_t = ringpost_node::push::config::BACKOFF_BASE_MS_DEFAULT, env = "RINGPOST_PUSH_BACKOFF_BASE_MS")]
+    push_backoff_base_ms: u64,
+    /// Longest delay between two calls.
+    #[arg(long, default_value_t = ringpost_node::push::config::BACKOFF_MAX_MS_DEFAULT, env = "RINGPOST_PUSH_BACKOFF_MAX_MS")]
+    push_backoff_max_ms: u64,
+    /// Pending pushes at most (one per device, about 100 bytes each); more are dropped.
+    #[arg(long, default_value_t = ringpost_node::push::config::QUEUE_MAX_DEFAULT, env = "RINGPOST_PUSH_QUEUE_MAX")]
+    push_queue_max: usize,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum ApnsPushTypeArg {
+    Background,
+    Alert,
+}
+
+fn read_text(path: &std::path::Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn push_config(a: PushArgs) -> Result<ringpost_node::push::PushConfig> {
+    use ringpost_node::push::{
+        ApnsConfig, ApnsPushType, FcmConfig, PushConfig, RetryPolicy, WebhookConfig,
+    };
+    let webhook = match a.push_webhook_url {
+        Some(url) => Some(WebhookConfig {
+            url,
+            bearer_token: a.push_webhook_token,
+            hmac_secret: match a.push_webhook_hmac_secret_file {
+                Some(path) => Some(read_text(&path)?.trim_end().to_owned()),
+                None => None,
+            },
+        }),
+        None => None,
+    };
+    let apns = match (
+        a.push_apns_key_file,
+        a.push_apns_key_id,
+        a.push_apns_team_id,
+        a.push_apns_topic,
+    ) {
+        (None, None, None, None) => None,
+        (Some(key), Some(key_id), Some(team_id), Some(topic)) => Some(ApnsConfig {
+            key_pem: read_text(&key)?,
+            key_id,
+            team_id,
+            topic,
+            url: a.push_apns_url,
+            push_type: match a.push_apns_push_type {
+                ApnsPushTypeArg::Background => ApnsPushType::Background,
+                ApnsPushTypeArg::Alert => ApnsPushType::Alert,
+            },
+        }),
+        _ => anyhow::bail!(
+            "APNs needs all of --push-apns-key-file, --push-apns-key-id, --push-apns-team-id and --push-apns-topic"
+        ),
+    };
+    let fcm = match a.push_fcm_service_account_file {
+        Some(path) => Some(FcmConfig {
+            service_account_json: read_text(&path)?,
+            url: a.push_fcm_url,
+            token_url: a.push_fcm_token_url,
+        }),
+        None => None,
+    };
+    let extra_ca_pem = match a.push_ca_file {
+        Some(path) => {
+            Some(std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?)
+        }
+        None => None,
+    };
+    anyhow::ensure!(
+        (1..=4096).contains(&a.push_concurrency),
+        "--push-concurrency must be 1 to 4096"
+    );
+    anyhow::ensure!(
+        a.push_backoff_base_ms <= a.push_backoff_max_ms,
+        "--push-backoff-base-ms must not exceed --push-backoff-max-ms"
+    );
+    Ok(PushConfig {
+        webhook,
+        apns,
+        fcm,
+        extra_ca_pem,
+        timeout_ms: a.push_timeout_ms,
+        concurrency: a.push_concurrency,
+        retry: RetryPolicy {
+            attempts_max: a.push_attempts_max,
+            backoff_base_ms: a.push_backoff_base_ms,
+            backoff_max_ms: a.push_backoff_max_ms,
+            queue_max: a.push_queue_max,
+        },
+    })
 }
 
 #[derive(clap::Args, Debug)]
@@ -224,7 +377,7 @@ fn main() -> Result<()> {
     init_logging(cli.log_format);
     let dev = matches!(cli.command, Command::Dev(_));
     let opts = match cli.command {
-        Command::Dev(args) => dev_options(*args),
+        Command::Dev(args) => dev_options(*args)?,
         Command::Run(args) => run_options(*args)?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -270,7 +423,7 @@ fn load_config_file() -> Result<()> {
     Ok(())
 }
 
-fn node_options(common: Common) -> NodeOptions {
+fn node_options(common: Common) -> Result<NodeOptions> {
     let server = ringpost_node::server::ServerConfig {
         device_rate_per_s: common.device_rate,
         device_burst: common.device_burst,
@@ -290,7 +443,7 @@ fn node_options(common: Common) -> NodeOptions {
         device_quota: common.inbox_quota,
         ..Default::default()
     };
-    NodeOptions {
+    Ok(NodeOptions {
         codes: CodeDelivery::Log { file: None },
         cluster: None,
         data_dir: common.data_dir,
@@ -305,11 +458,12 @@ fn node_options(common: Common) -> NodeOptions {
         rocks: Default::default(),
         replicate: false,
         replication: None,
-    }
+        push: push_config(common.push)?,
+    })
 }
 
-fn dev_options(args: DevArgs) -> NodeOptions {
-    let mut opts = node_options(args.common);
+fn dev_options(args: DevArgs) -> Result<NodeOptions> {
+    let mut opts = node_options(args.common)?;
     opts.codes = CodeDelivery::Log {
         file: Some(opts.data_dir.join("verification-codes.txt")),
     };
@@ -318,11 +472,11 @@ fn dev_options(args: DevArgs) -> NodeOptions {
     opts.listen_quic = Some(args.listen_quic);
     opts.listen_admin = Some(args.listen_admin);
     opts.tls_names = args.tls_names;
-    opts
+    Ok(opts)
 }
 
 fn run_options(args: RunArgs) -> Result<NodeOptions> {
-    let mut opts = node_options(args.common);
+    let mut opts = node_options(args.common)?;
     use ringpost_node::budgets::Budget;
     opts.server.budgets.codes_per_source = (args.codes_per_source_per_hour > 0).then(|| {
         Budget::per_hour(

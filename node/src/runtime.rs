@@ -60,6 +60,8 @@ pub struct NodeOptions {
     pub rocks: RocksConfig,
     /// How verification codes reach users.
     pub codes: CodeDelivery,
+    /// Wake-up pushes to devices without a connection (no provider: none are sent).
+    pub push: crate::push::PushConfig,
     /// Join a standalone coordinator; `None` runs a single-replica coordinator in this
     /// process and joins it (dev, or a one-node deployment).
     pub cluster: Option<crate::cluster::ClusterOptions>,
@@ -218,13 +220,27 @@ impl Node {
         } = open_engine(&opts.data_dir.join("db"), &opts.rocks, replication.as_ref())?;
         let metrics = Arc::new(Metrics::default());
         let registry = Arc::new(crate::registry::Registry::default());
+        // Checked before anything starts: a bad key or CA file is a configuration error.
+        let providers = Arc::new(
+            crate::push::Providers::new(&opts.push).context("configuring push providers")?,
+        );
+        let push = Arc::new(crate::push::Push::new(&opts.push));
+        let restored = push.restore(&*engine).context("reading the push queue")?;
+        if restored > 0 {
+            info!(restored, "push queue restored");
+        }
         let inbox_config = {
             let mut c = opts.inbox.clone();
             c.shard_count = opts.server.shard_count;
-            // Stored entries go straight to their devices' connections.
+            // Stored entries go straight to their devices' connections; a device without one
+            // (all of a user's connections are on its owner, this node) gets a wake-up push.
             let r = registry.clone();
+            let p = push.clone();
             c.on_stored = Some(Arc::new(move |user, device, seq, entry| {
-                r.hand(user, device, seq, entry)
+                match r.device(user, device) {
+                    Some(conn) => conn.hand(seq, entry),
+                    None => p.entry_stored(user, device, entry.kind, crate::push::now_us()),
+                }
             }));
             let r = registry.clone();
             c.on_unsure = Some(Arc::new(move |user, device| r.wake(user, device)));
@@ -279,6 +295,7 @@ impl Node {
         if let Some(replicating) = replicating {
             server.set_replicating(replicating);
         }
+        let _ = server.push.set(push.clone());
         if let Some(sink) = network_sink {
             sink.bind(Arc::new(ServerLinks::new(
                 Arc::downgrade(&server),
@@ -344,6 +361,26 @@ impl Node {
             tasks.spawn(crate::admin::serve(l, server.clone()));
         }
         tasks.spawn(housekeeping(server.clone()));
+        if opts.push.enabled() || push.depth() > 0 {
+            let owner = Arc::downgrade(&server);
+            let worker = crate::push::PushWorker {
+                push,
+                // The queue is node-local: the database itself, not the replicating wrapper.
+                engine: server.replica_engine(),
+                accounts: server.accounts.clone(),
+                providers,
+                owns: Arc::new(move |user| owner.upgrade().is_some_and(|s| s.is_local(user))),
+                concurrency: opts.push.concurrency,
+            };
+            // Not before the node serves its shards: until then it owns no user, and the
+            // pushes restored from disk would be dropped as not this node's.
+            let ready = server.clone();
+            tasks.spawn(async move {
+                ready.wait_ready().await;
+                drop(ready);
+                worker.run().await
+            });
+        }
         tasks.spawn(crate::outbox::run(server.clone()));
         tasks.spawn(server.clone().presence_retry_registrations());
         let cluster = match opts.cluster.clone() {

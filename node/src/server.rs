@@ -112,6 +112,8 @@ pub struct Server {
     /// Statuses' posting limits and counters ([`crate::status`]).
     pub status: crate::status::Status,
     pub registry: Arc<Registry>,
+    /// Wake-up pushes to devices without a connection ([`crate::push`]); set by the runtime.
+    pub push: std::sync::OnceLock<Arc<crate::push::Push>>,
     /// Places of unauthenticated connections (see [`crate::admission`]).
     pub admission: Arc<crate::admission::Admission>,
     pub metrics: Arc<Metrics>,
@@ -164,6 +166,7 @@ impl Server {
             broadcast: Default::default(),
             status: crate::status::Status::new(config.status_ttl_ms),
             registry,
+            push: std::sync::OnceLock::new(),
             admission: crate::admission::Admission::new(config.preauth),
             metrics,
             limiter: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
@@ -576,9 +579,10 @@ impl Server {
             Body::DeviceListRequest(_) => Some(Charge::Lookup),
             Body::PrekeyClaim(c) => Some(Charge::ClaimOf(c.user)),
             Body::PrekeyUpload(_) => Some(Charge::KeyUpload),
-            Body::LinkCodeRequest(_) | Body::RemoveDevice(_) | Body::SetRegistrationLock(_) => {
-                Some(Charge::AccountChange)
-            }
+            Body::LinkCodeRequest(_)
+            | Body::RemoveDevice(_)
+            | Body::SetRegistrationLock(_)
+            | Body::PushRegister(_) => Some(Charge::AccountChange),
             _ => None,
         };
         if let Some(refused) = charge.and_then(|c| self.over_budget(user, device, c)) {
@@ -637,6 +641,14 @@ impl Server {
                     Err(e) => account_error(e),
                 }
             }
+            Body::PushRegister(r) => match blocking(&self.accounts, move |a| {
+                a.set_push_token(user, device, r.provider, &r.token)
+            })
+            .await
+            {
+                Ok(()) => frames(Done {}),
+                Err(e) => account_error(e),
+            },
             Body::PrekeyUpload(u) => {
                 let keys = self.keys.clone();
                 let uploaded = tokio::task::spawn_blocking(move || {

@@ -20,7 +20,8 @@ pub const ROW_KEY_BYTES_MAX: usize = 256;
 pub const ROW_VALUE_BYTES_MAX: usize = 512 * 1024;
 /// Framing bytes of a row besides its key and value: `cf u8 | key len u32 | value len u32`.
 pub const ROW_HEADER_BYTES: usize = 1 + 4 + 4;
-/// Every shard-prefixed column family: all but [`Cf::Meta`] and [`Cf::BodyStore`] (node-local). A row's `cf` is an index into
+/// Every shard-prefixed column family: all but [`Cf::Meta`], [`Cf::BodyStore`] and
+/// [`Cf::PushQueue`] (node-local). A row's `cf` is an index into
 /// this array, so the order is part of the peer protocol: append only.
 pub const SHARD_CFS: [Cf; 12] = [
     Cf::Accounts,
@@ -53,7 +54,7 @@ pub(crate) const fn is_shard_prefixed(cf: Cf) -> bool {
         | Cf::GroupLog
         | Cf::GroupBodies
         | Cf::InboxExpiry => true,
-        Cf::Meta | Cf::BodyStore => false,
+        Cf::Meta | Cf::BodyStore | Cf::PushQueue => false,
     }
 }
 

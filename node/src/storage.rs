@@ -20,7 +20,8 @@ use crate::shard::ShardId;
 /// The column families of a node's database. The set is fixed: adding one is a schema change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Cf {
-    /// `shard | user` → account record (devices, token hashes, registration lock).
+    /// `shard | user` → account record (devices, token hashes, registration lock);
+    /// `shard | user | 0x01 | device` → the device's push token ([`crate::accounts`]).
     Accounts,
     /// `shard | phone` → pending verification code; `shard | user | 0xff | code` → link code.
     Verify,
@@ -74,10 +75,15 @@ pub enum Cf {
     /// writes the shard rows; never part of a shard (not in hand-off, replication or
     /// snapshots, which carry the logical rows). The in-memory engine does not use it.
     BodyStore,
+    /// Node-local, no shard prefix: the wake-up pushes waiting to be sent ([`crate::push`]),
+    /// `user | device` → attempts, when it is due and when its message was stored. At most one
+    /// row per device; it never travels with a shard (a push queued here for a user whose shard
+    /// moved is dropped when its turn comes).
+    PushQueue,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 14] = [
+    pub const ALL: [Cf; 15] = [
         Cf::Accounts,
         Cf::Verify,
         Cf::Inbox,
@@ -92,6 +98,7 @@ impl Cf {
         Cf::GroupBodies,
         Cf::InboxExpiry,
         Cf::BodyStore,
+        Cf::PushQueue,
     ];
 
     /// The column family's name in RocksDB.
@@ -111,6 +118,7 @@ impl Cf {
             Cf::GroupBodies => "group_bodies",
             Cf::InboxExpiry => "inbox_expiry",
             Cf::BodyStore => "body_store",
+            Cf::PushQueue => "push_queue",
         }
     }
 }

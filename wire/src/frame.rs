@@ -80,6 +80,7 @@ pub enum Body {
     BroadcastSend(BroadcastSend),
     BroadcastAck(BroadcastAck),
     StatusPost(StatusPost),
+    PushRegister(PushRegister),
 }
 
 /// Which side may send a frame type.
@@ -203,6 +204,7 @@ frame_types!(
     BroadcastSend = 45 ToServer,
     BroadcastAck = 46 ToClient,
     StatusPost = 47 ToServer,
+    PushRegister = 48 ToServer,
 );
 
 impl std::fmt::Display for FrameKind {
@@ -807,4 +809,26 @@ pub struct StatusPost {
     pub audience: StatusAudience,
     pub users: Vec<UserId>,
     pub body: Bytes,
+}
+
+/// Which push service a device's token belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+#[repr(u8)]
+pub enum PushProvider {
+    /// The operator's own HTTP endpoint.
+    #[default]
+    Webhook = 0,
+    /// Apple Push Notification service.
+    Apns = 1,
+    /// Firebase Cloud Messaging (HTTP v1).
+    Fcm = 2,
+}
+
+/// c→s (authenticated): wake this device through `provider` with `token` while it has no
+/// connection; an empty `token` unregisters. Answered by `Done`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushRegister {
+    pub provider: PushProvider,
+    /// At most [`crate::limits::PUSH_TOKEN_BYTES_MAX`] bytes.
+    pub token: String,
 }

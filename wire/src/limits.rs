@@ -65,6 +65,11 @@ pub const STRING_BYTES_MAX: usize = 256;
 /// Device authentication token length (random, 32 bytes).
 pub const TOKEN_BYTES: usize = 32;
 
+/// Longest push token a device may register (`PushRegister.token`). APNs device tokens are 64
+/// hex characters and FCM registration tokens about 160; the bound leaves room for both to
+/// grow. Storage: one such row per device on its user's owner (and its replicas).
+pub const PUSH_TOKEN_BYTES_MAX: usize = 4096;
+
 /// Client-chosen message id length.
 pub const MSG_ID_BYTES: usize = 16;
 

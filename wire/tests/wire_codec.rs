@@ -526,6 +526,10 @@ fn frame_with(field: &str, len: usize) -> Frame {
             users: vec![],
             body: blob(len),
         }),
+        "PushRegister.token" => Body::PushRegister(PushRegister {
+            provider: PushProvider::Apns,
+            token: text(len),
+        }),
         "BroadcastAck.results" => broadcast_ack(len, 0),
         "BroadcastResult.missing" => broadcast_ack(1, len),
         "BroadcastResult.extra" => Body::BroadcastAck(BroadcastAck {
@@ -845,6 +849,16 @@ fn unknown_enum_values_are_refused() {
                     channel: fb::CodeChannel(9),
                 };
                 Some(fb::RegisterRequest::create(f, &args).as_union_value())
+            }),
+        ),
+        (
+            "PushRegister.provider",
+            raw_frame(PROTOCOL_VERSION, fb::Body::PushRegister.0, |f| {
+                let args = fb::PushRegisterArgs {
+                    provider: fb::PushProvider(9),
+                    token: None,
+                };
+                Some(fb::PushRegister::create(f, &args).as_union_value())
             }),
         ),
         (

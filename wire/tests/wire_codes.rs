@@ -121,7 +121,7 @@ fn decode_and_encode_errors_map_to_pinned_codes() {
 
 #[test]
 fn frame_type_tags_are_pinned() {
-    let pinned: [(FrameKind, u8); 47] = [
+    let pinned: [(FrameKind, u8); 48] = [
         (FrameKind::Hello, 1),
         (FrameKind::Welcome, 2),
         (FrameKind::Redirect, 3),
@@ -169,6 +169,7 @@ fn frame_type_tags_are_pinned() {
         (FrameKind::BroadcastSend, 45),
         (FrameKind::BroadcastAck, 46),
         (FrameKind::StatusPost, 47),
+        (FrameKind::PushRegister, 48),
     ];
     assert_eq!(
         FrameKind::ALL.len(),

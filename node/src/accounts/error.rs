@@ -18,6 +18,10 @@ pub enum AccountError {
         what: &'static str,
         max_bytes: usize,
     },
+    /// A push token with characters its provider never uses (APNs: hex digits; FCM and
+    /// webhook: printable ASCII without spaces). Nothing was stored.
+    #[error("invalid push token: {0}")]
+    InvalidPushToken(&'static str),
     /// A value is outside its bound (PIN too short, device counter exhausted).
     #[error("limit exceeded: {0}")]
     LimitExceeded(&'static str),
@@ -64,6 +68,7 @@ impl AccountError {
     pub fn code(&self) -> ErrorCode {
         match self {
             AccountError::InvalidPhone | AccountError::NotFound => ErrorCode::NotFound,
+            AccountError::InvalidPushToken(_) => ErrorCode::Malformed,
             AccountError::TooLong { .. } | AccountError::LimitExceeded(_) => {
                 ErrorCode::LimitExceeded
             }

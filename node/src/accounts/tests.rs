@@ -794,6 +794,75 @@ fn sweep_removes_only_dead_verification_state(f: Fixture) {
     assert_eq!(h.accounts.devices(PHONE).unwrap(), vec![1]);
 }
 
+fn push_tokens_follow_their_device(f: Fixture) {
+    use ringpost_wire::limits::PUSH_TOKEN_BYTES_MAX;
+    use ringpost_wire::PushProvider;
+    let h = Harness::new(f);
+    h.register(PHONE, T0);
+    let (linked, _) = h.link(PHONE, T0).unwrap();
+    assert_eq!(h.accounts.push_token(PHONE, 1).unwrap(), None);
+    h.accounts
+        .set_push_token(PHONE, 1, PushProvider::Apns, "aa11")
+        .unwrap();
+    h.accounts
+        .set_push_token(PHONE, linked, PushProvider::Fcm, "fcm-1")
+        .unwrap();
+    let apns = PushToken {
+        provider: PushProvider::Apns,
+        token: "aa11".into(),
+    };
+    assert_eq!(h.accounts.push_token(PHONE, 1).unwrap(), Some(apns.clone()));
+    // A later registration replaces the token; a stale one is then not removed by a provider's
+    // "invalid" answer about the old token.
+    h.accounts
+        .set_push_token(PHONE, 1, PushProvider::Apns, "bb22")
+        .unwrap();
+    assert!(!h.accounts.remove_push_token_if(PHONE, 1, &apns).unwrap());
+    let current = h.accounts.push_token(PHONE, 1).unwrap().unwrap();
+    assert_eq!(current.token, "bb22");
+    assert!(h.accounts.remove_push_token_if(PHONE, 1, &current).unwrap());
+    assert_eq!(h.accounts.push_token(PHONE, 1).unwrap(), None);
+    // Empty unregisters; too long or unknown devices are refused and store nothing.
+    h.accounts
+        .set_push_token(PHONE, 1, PushProvider::Webhook, "w")
+        .unwrap();
+    h.accounts
+        .set_push_token(PHONE, 1, PushProvider::Webhook, "")
+        .unwrap();
+    assert_eq!(h.accounts.push_token(PHONE, 1).unwrap(), None);
+    let long = "x".repeat(PUSH_TOKEN_BYTES_MAX + 1);
+    assert!(matches!(
+        h.accounts
+            .set_push_token(PHONE, 1, PushProvider::Fcm, &long),
+        Err(AccountError::TooLong { .. })
+    ));
+    assert!(matches!(
+        h.accounts
+            .set_push_token(PHONE, 1, PushProvider::Apns, "zz/../x"),
+        Err(AccountError::InvalidPushToken(_))
+    ));
+    assert!(matches!(
+        h.accounts
+            .set_push_token(PHONE, 1, PushProvider::Fcm, "a b"),
+        Err(AccountError::InvalidPushToken(_))
+    ));
+    assert_eq!(h.accounts.push_token(PHONE, 1).unwrap(), None);
+    assert!(matches!(
+        h.accounts.set_push_token(PHONE, 9, PushProvider::Fcm, "t"),
+        Err(AccountError::NotFound)
+    ));
+    // Removing the device removes its token; the account and other tokens stay readable.
+    h.accounts.remove_device(PHONE, 1, linked).unwrap();
+    assert_eq!(h.accounts.push_token(PHONE, linked).unwrap(), None);
+    assert_eq!(h.accounts.devices(PHONE).unwrap(), vec![1]);
+    // Re-registration removes every old device's token.
+    h.accounts
+        .set_push_token(PHONE, 1, PushProvider::Fcm, "old-primary")
+        .unwrap();
+    h.register(PHONE, T0 + 2 * MINUTE);
+    assert_eq!(h.accounts.push_token(PHONE, 1).unwrap(), None);
+}
+
 macro_rules! cases {
     ($fixture:path; $($case:ident),* $(,)?) => {
         $( #[test] fn $case() { super::$case($fixture()); } )*
@@ -825,6 +894,7 @@ macro_rules! suite {
             string_inputs_are_bounded,
             corrupt_records_are_errors_not_panics,
             sweep_removes_only_dead_verification_state,
+            push_tokens_follow_their_device,
         );
     };
 }

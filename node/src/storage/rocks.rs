@@ -277,7 +277,13 @@ fn cf_options(cf: Cf, config: &RocksConfig, cache: &Cache) -> Options {
             table.set_bloom_filter(10.0, false);
             opts.set_compression_type(DBCompressionType::Lz4);
         }
-        Cf::Accounts | Cf::Verify | Cf::Prekeys | Cf::ShardLog | Cf::Meta | Cf::Contacts => {
+        Cf::Accounts
+        | Cf::Verify
+        | Cf::Prekeys
+        | Cf::ShardLog
+        | Cf::Meta
+        | Cf::Contacts
+        | Cf::PushQueue => {
             // Point lookups, many of them for keys that exist: 10 bits/key ≈ 1% false positives.
             table.set_bloom_filter(10.0, false);
             opts.set_compression_type(DBCompressionType::Lz4);

@@ -427,6 +427,13 @@ fn body(fbb: &mut Fbb<'_>, body: &Body) -> Off<UnionWIPOffset> {
             };
             fb::StatusPost::create(fbb, &args).as_union_value()
         }
+        Body::PushRegister(b) => {
+            let args = fb::PushRegisterArgs {
+                provider: b.provider.to_fb(),
+                token: string(fbb, &b.token),
+            };
+            fb::PushRegister::create(fbb, &args).as_union_value()
+        }
         Body::BroadcastSend(b) => {
             let ciphertexts = tables(fbb, &b.ciphertexts, |fbb, c| {
                 let args = fb::DeviceCiphertextArgs {

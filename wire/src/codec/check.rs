@@ -137,6 +137,7 @@ const BROADCAST_RESULT_FULL_DEVICES: Max =
     Max::new("BroadcastResult.full_devices", BROADCAST_RESULT_DEVICES_MAX);
 const STATUS_POST_USERS: Max = Max::new("StatusPost.users", PRIVACY_CONTACTS_MAX);
 const STATUS_POST_BODY: Max = Max::new("StatusPost.body", CIPHERTEXT_BYTES_MAX);
+const PUSH_REGISTER_TOKEN: Max = Max::new("PushRegister.token", PUSH_TOKEN_BYTES_MAX);
 const GROUP_SEND_BODY: Max = Max::new("GroupSend.body", GROUP_CIPHERTEXT_BYTES_MAX);
 const GROUP_EVENT_ADDED: Max = Max::new("GroupEvent.added", GROUP_MEMBERS_MAX);
 const GROUP_EVENT_REMOVED: Max = Max::new("GroupEvent.removed", GROUP_MEMBERS_MAX);
@@ -244,6 +245,7 @@ pub const BOUNDS: &[FieldBound] = &[
     BROADCAST_SEND_CIPHERTEXTS.bound(),
     STATUS_POST_USERS.bound(),
     STATUS_POST_BODY.bound(),
+    PUSH_REGISTER_TOKEN.bound(),
     BROADCAST_ACK_RESULTS.bound(),
     BROADCAST_RESULT_MISSING.bound(),
     BROADCAST_RESULT_EXTRA.bound(),
@@ -379,6 +381,7 @@ pub(crate) fn sent(body: &Body) -> Result<(), Violation> {
             STATUS_POST_USERS.check(b.users.len())?;
             STATUS_POST_BODY.check(b.body.len())
         }
+        Body::PushRegister(b) => PUSH_REGISTER_TOKEN.check(b.token.len()),
         Body::BroadcastSend(b) => {
             BROADCAST_SEND_CIPHERTEXTS.check(b.ciphertexts.len())?;
             for c in &b.ciphertexts {
@@ -661,6 +664,11 @@ pub(crate) fn received<'a>(root: fb::Frame<'a>, kind: FrameKind) -> Result<Hot<'
             StatusAudience::received("StatusPost.audience", t.audience())?;
             STATUS_POST_USERS.check(vec_len(t.users()))?;
             STATUS_POST_BODY.check(vec_len(t.body()))?;
+        }
+        K::PushRegister => {
+            let t = table(root.body_as_push_register())?;
+            PushProvider::received("PushRegister.provider", t.provider())?;
+            PUSH_REGISTER_TOKEN.check(str_len(t.token()))?;
         }
         K::BroadcastSend => {
             let t = table(root.body_as_broadcast_send())?;

@@ -101,6 +101,7 @@ enum_mapping!(StatusAudience {
     ContactsExcept,
     OnlyShareWith
 });
+enum_mapping!(PushProvider { Webhook, Apns, Fcm });
 enum_mapping!(GroupPermission {
     Unchanged,
     Members,
@@ -464,6 +465,13 @@ pub(crate) fn body(
                 audience: StatusAudience::received("StatusPost.audience", t.audience())?,
                 users: scalars(t.users()),
                 body: src.vec(t.body()),
+            })
+        }
+        K::PushRegister => {
+            let t = table(root.body_as_push_register())?;
+            Body::PushRegister(PushRegister {
+                provider: PushProvider::received("PushRegister.provider", t.provider())?,
+                token: string(t.token()),
             })
         }
         K::BroadcastSend => {

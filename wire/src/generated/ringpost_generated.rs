@@ -754,12 +754,104 @@ impl<'a> ::flatbuffers::Verifiable for StatusAudience {
 
 impl ::flatbuffers::SimpleToVerifyInSlice for StatusAudience {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MIN_BODY: u8 = 0;
+pub const ENUM_MIN_PUSH_PROVIDER: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_BODY: u8 = 47;
+pub const ENUM_MAX_PUSH_PROVIDER: u8 = 2;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_BODY: [Body; 48] = [
+pub const ENUM_VALUES_PUSH_PROVIDER: [PushProvider; 3] = [
+  PushProvider::Webhook,
+  PushProvider::Apns,
+  PushProvider::Fcm,
+];
+
+/// Which push service a token belongs to. Unknown values are rejected (Malformed).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct PushProvider(pub u8);
+#[allow(non_upper_case_globals)]
+impl PushProvider {
+  /// The operator's own HTTP endpoint (the node POSTs a small JSON document to it).
+  pub const Webhook: Self = Self(0);
+  /// Apple Push Notification service (the token is the device token, hex).
+  pub const Apns: Self = Self(1);
+  /// Firebase Cloud Messaging HTTP v1 (the token is the registration token).
+  pub const Fcm: Self = Self(2);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 2;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::Webhook,
+    Self::Apns,
+    Self::Fcm,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::Webhook => Some("Webhook"),
+      Self::Apns => Some("Apns"),
+      Self::Fcm => Some("Fcm"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for PushProvider {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for PushProvider {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for PushProvider {
+    type Output = PushProvider;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for PushProvider {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for PushProvider {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for PushProvider {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_BODY: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_BODY: u8 = 48;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_BODY: [Body; 49] = [
   Body::NONE,
   Body::Hello,
   Body::Welcome,
@@ -808,6 +900,7 @@ pub const ENUM_VALUES_BODY: [Body; 48] = [
   Body::BroadcastSend,
   Body::BroadcastAck,
   Body::StatusPost,
+  Body::PushRegister,
 ];
 
 /// Every frame type. The union tag is the frame type on the wire: NONE = 0, Hello = 1, ...,
@@ -867,9 +960,10 @@ impl Body {
   pub const BroadcastSend: Self = Self(45);
   pub const BroadcastAck: Self = Self(46);
   pub const StatusPost: Self = Self(47);
+  pub const PushRegister: Self = Self(48);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 47;
+  pub const ENUM_MAX: u8 = 48;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Hello,
@@ -919,6 +1013,7 @@ impl Body {
     Self::BroadcastSend,
     Self::BroadcastAck,
     Self::StatusPost,
+    Self::PushRegister,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -971,6 +1066,7 @@ impl Body {
       Self::BroadcastSend => Some("BroadcastSend"),
       Self::BroadcastAck => Some("BroadcastAck"),
       Self::StatusPost => Some("StatusPost"),
+      Self::PushRegister => Some("PushRegister"),
       _ => None,
     }
   }
@@ -8013,6 +8109,123 @@ impl ::core::fmt::Debug for MediaUploadGrant<'_> {
       ds.finish()
   }
 }
+pub enum PushRegisterOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// c→s (authenticated): wake this device through `provider` with `token` while it has no
+/// connection and something waits in its inbox. Replaces the device's earlier token; an empty
+/// `token` unregisters. Answered by Done. See docs/protocol.md, "Push".
+pub struct PushRegister<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for PushRegister<'a> {
+  type Inner = PushRegister<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> PushRegister<'a> {
+  pub const VT_PROVIDER: ::flatbuffers::VOffsetT = 4;
+  pub const VT_TOKEN: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    PushRegister { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args PushRegisterArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<PushRegister<'bldr>> {
+    let mut builder = PushRegisterBuilder::new(_fbb);
+    if let Some(x) = args.token { builder.add_token(x); }
+    builder.add_provider(args.provider);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn provider(&self) -> PushProvider {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<PushProvider>(PushRegister::VT_PROVIDER, Some(PushProvider::Webhook)).unwrap()}
+  }
+  /// At most PUSH_TOKEN_BYTES_MAX (4096) bytes; empty unregisters.
+  #[inline]
+  pub fn token(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(PushRegister::VT_TOKEN, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for PushRegister<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<PushProvider>("provider", Self::VT_PROVIDER, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("token", Self::VT_TOKEN, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct PushRegisterArgs<'a> {
+    pub provider: PushProvider,
+    pub token: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for PushRegisterArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    PushRegisterArgs {
+      provider: PushProvider::Webhook,
+      token: None,
+    }
+  }
+}
+
+pub struct PushRegisterBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PushRegisterBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_provider(&mut self, provider: PushProvider) {
+    self.fbb_.push_slot::<PushProvider>(PushRegister::VT_PROVIDER, provider, PushProvider::Webhook);
+  }
+  #[inline]
+  pub fn add_token(&mut self, token: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PushRegister::VT_TOKEN, token);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PushRegisterBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    PushRegisterBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<PushRegister<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for PushRegister<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("PushRegister");
+      ds.field("provider", &self.provider());
+      ds.field("token", &self.token());
+      ds.finish()
+  }
+}
 pub enum PingOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -9501,6 +9714,21 @@ impl<'a> Frame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_push_register(&self) -> Option<PushRegister<'a>> {
+    if self.body_type() == Body::PushRegister {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { PushRegister::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Frame<'_> {
@@ -9560,6 +9788,7 @@ impl ::flatbuffers::Verifiable for Frame<'_> {
           Body::BroadcastSend => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<BroadcastSend>>("Body::BroadcastSend", pos),
           Body::BroadcastAck => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<BroadcastAck>>("Body::BroadcastAck", pos),
           Body::StatusPost => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<StatusPost>>("Body::StatusPost", pos),
+          Body::PushRegister => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<PushRegister>>("Body::PushRegister", pos),
           _ => Ok(()),
         }
      })?
@@ -9952,6 +10181,13 @@ impl ::core::fmt::Debug for Frame<'_> {
         },
         Body::StatusPost => {
           if let Some(x) = self.body_as_status_post() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::PushRegister => {
+          if let Some(x) = self.body_as_push_register() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")

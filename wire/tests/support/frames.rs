@@ -533,6 +533,16 @@ pub fn body(kind: FrameKind) -> BoxedStrategy<Body> {
                 })
             })
             .boxed(),
+        K::PushRegister => (
+            prop_oneof![
+                Just(PushProvider::Webhook),
+                Just(PushProvider::Apns),
+                Just(PushProvider::Fcm),
+            ],
+            text(),
+        )
+            .prop_map(|(provider, token)| Body::PushRegister(PushRegister { provider, token }))
+            .boxed(),
         K::BroadcastAck => (
             any::<MsgId>(),
             any::<u64>(),
