@@ -12,6 +12,8 @@
 //!   [`Event`]s: deliveries exactly once ([`dedup`]) with batched acks, receipts, typing,
 //!   presence, and connection changes.
 //!
+//! [`prekeys`] signs prekey uploads the way the node verifies them.
+//!
 //! [`dev`] runs the registration flow against a dev node, which writes verification codes to a
 //! file. [`Endpoint`] parses node URLs; [`TlsOptions`] says which roots to trust.
 //!
@@ -40,6 +42,7 @@ pub mod dedup;
 pub mod dev;
 pub mod endpoint;
 pub mod error;
+pub mod prekeys;
 pub mod tls;
 
 pub use backoff::{Backoff, RECONNECT_BACKOFF_BASE, RECONNECT_BACKOFF_CAP};

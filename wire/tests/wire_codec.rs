@@ -139,6 +139,7 @@ fn maximal_legal_frames_decode() {
     let one_time = OneTimePrekey {
         id: 2,
         key: key.clone(),
+        signature: Bytes::from(vec![3; SIGNATURE_BYTES_MAX]),
     };
     let users = |n: usize| (0..n as u64).collect::<Vec<_>>();
     let bodies: Vec<Body> = vec![
@@ -355,6 +356,12 @@ fn frame_with(field: &str, len: usize) -> Frame {
     let one_time = |key: usize| OneTimePrekey {
         id: 1,
         key: blob(key),
+        signature: blob(1),
+    };
+    let one_time_signed = |signature: usize| OneTimePrekey {
+        id: 1,
+        key: blob(1),
+        signature: blob(signature),
     };
     let upload = |identity: usize, signed: SignedPrekey, one_time: Vec<OneTimePrekey>| {
         Body::PrekeyUpload(PrekeyUpload {
@@ -473,6 +480,7 @@ fn frame_with(field: &str, len: usize) -> Frame {
         "SignedPrekey.key" => upload(1, signed(len, 1), vec![]),
         "SignedPrekey.signature" => upload(1, signed(1, len), vec![]),
         "OneTimePrekey.key" => upload(1, signed(1, 1), vec![one_time(len)]),
+        "OneTimePrekey.signature" => upload(1, signed(1, 1), vec![one_time_signed(len)]),
         "PrekeyUpload.identity_key" => upload(len, signed(1, 1), vec![]),
         "PrekeyUpload.one_time" => upload(1, signed(1, 1), vec![one_time(1); len]),
         "DeviceBundle.identity_key" => bundle(1, len),
@@ -936,7 +944,8 @@ fn too_many_tables_are_refused() {
             one_time: vec![
                 OneTimePrekey {
                     id: 1,
-                    key: Bytes::new()
+                    key: Bytes::new(),
+                    signature: Bytes::new(),
                 };
                 VERIFY_TABLES_MAX + 1
             ],

@@ -71,6 +71,7 @@ fn one_time_prekey<'b>(fbb: &mut Fbb<'b>, k: &OneTimePrekey) -> Off<fb::OneTimeP
     let args = fb::OneTimePrekeyArgs {
         id: k.id,
         key: bytes(fbb, &k.key),
+        signature: bytes(fbb, &k.signature),
     };
     fb::OneTimePrekey::create(fbb, &args)
 }

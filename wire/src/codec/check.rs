@@ -110,6 +110,7 @@ const CONTACTS_UPDATE_UNBLOCK: Max = Max::new("ContactsUpdate.unblock", PRIVACY_
 const SIGNED_PREKEY_KEY: Max = Max::new("SignedPrekey.key", KEY_BYTES_MAX);
 const SIGNED_PREKEY_SIGNATURE: Max = Max::new("SignedPrekey.signature", SIGNATURE_BYTES_MAX);
 const ONE_TIME_PREKEY_KEY: Max = Max::new("OneTimePrekey.key", KEY_BYTES_MAX);
+const ONE_TIME_PREKEY_SIGNATURE: Max = Max::new("OneTimePrekey.signature", SIGNATURE_BYTES_MAX);
 const PREKEY_UPLOAD_IDENTITY_KEY: Max = Max::new("PrekeyUpload.identity_key", KEY_BYTES_MAX);
 const PREKEY_UPLOAD_ONE_TIME: Max = Max::new("PrekeyUpload.one_time", PREKEYS_PER_UPLOAD_MAX);
 const DEVICE_BUNDLE_IDENTITY_KEY: Max = Max::new("DeviceBundle.identity_key", KEY_BYTES_MAX);
@@ -222,6 +223,7 @@ pub const BOUNDS: &[FieldBound] = &[
     SIGNED_PREKEY_KEY.bound(),
     SIGNED_PREKEY_SIGNATURE.bound(),
     ONE_TIME_PREKEY_KEY.bound(),
+    ONE_TIME_PREKEY_SIGNATURE.bound(),
     PREKEY_UPLOAD_IDENTITY_KEY.bound(),
     PREKEY_UPLOAD_ONE_TIME.bound(),
     DEVICE_BUNDLE_IDENTITY_KEY.bound(),
@@ -276,7 +278,8 @@ fn sent_signed_prekey(k: &SignedPrekey) -> Result<(), Violation> {
 }
 
 fn sent_one_time_prekey(k: &OneTimePrekey) -> Result<(), Violation> {
-    ONE_TIME_PREKEY_KEY.check(k.key.len())
+    ONE_TIME_PREKEY_KEY.check(k.key.len())?;
+    ONE_TIME_PREKEY_SIGNATURE.check(k.signature.len())
 }
 
 /// Checks an owned body against every bound before it is encoded.
@@ -461,7 +464,8 @@ fn received_signed_prekey(k: fb::SignedPrekey<'_>) -> Result<(), Violation> {
 }
 
 fn received_one_time_prekey(k: fb::OneTimePrekey<'_>) -> Result<(), Violation> {
-    ONE_TIME_PREKEY_KEY.check(vec_len(k.key()))
+    ONE_TIME_PREKEY_KEY.check(vec_len(k.key()))?;
+    ONE_TIME_PREKEY_SIGNATURE.check(vec_len(k.signature()))
 }
 
 /// Checks a verified frame's body of type `kind` against every bound, every required field and

@@ -94,7 +94,8 @@ enum_mapping!(DeliverKind {
     GroupMessage,
     GroupEvent,
     Status,
-    StatusViewed
+    StatusViewed,
+    IdentityChanged
 });
 enum_mapping!(StatusAudience {
     Contacts,
@@ -134,6 +135,7 @@ fn one_time_prekey(src: Source<'_>, k: fb::OneTimePrekey<'_>) -> OneTimePrekey {
     OneTimePrekey {
         id: k.id(),
         key: src.vec(k.key()),
+        signature: src.vec(k.signature()),
     }
 }
 

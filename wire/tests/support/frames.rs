@@ -48,7 +48,8 @@ fn signed_prekey() -> impl Strategy<Value = SignedPrekey> {
 }
 
 fn one_time_prekey() -> impl Strategy<Value = OneTimePrekey> {
-    (any::<u32>(), blob(KEY_BYTES_MAX)).prop_map(|(id, key)| OneTimePrekey { id, key })
+    (any::<u32>(), blob(KEY_BYTES_MAX), blob(SIGNATURE_BYTES_MAX))
+        .prop_map(|(id, key, signature)| OneTimePrekey { id, key, signature })
 }
 
 /// Largest ciphertext in a generated `Send`: ten of them stay under the frame bound.
@@ -234,6 +235,7 @@ pub fn body(kind: FrameKind) -> BoxedStrategy<Body> {
                 Just(DeliverKind::Read),
                 Just(DeliverKind::Status),
                 Just(DeliverKind::StatusViewed),
+                Just(DeliverKind::IdentityChanged),
             ],
             any::<MsgId>(),
             blob(CIPHERTEXT_BYTES_MAX),
