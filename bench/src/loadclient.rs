@@ -594,7 +594,8 @@ impl Link {
                 | DeliverKind::Read
                 | DeliverKind::GroupEvent
                 | DeliverKind::Status
-                | DeliverKind::StatusViewed => Incoming::Receipt { ack: d.seq },
+                | DeliverKind::StatusViewed
+                | DeliverKind::IdentityChanged => Incoming::Receipt { ack: d.seq },
             },
             Body::SendAck(a) => {
                 let mut sent = [0u8; 8];

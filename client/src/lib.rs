@@ -14,6 +14,7 @@
 //!
 //! [`crypto`] adds end-to-end encryption on top: [`crypto::SecureClient`] wraps a `Client` and
 //! speaks plaintext to the application, Olm and Megolm ciphertext (vodozemac) to the node.
+//! [`prekeys`] signs prekey uploads the way the node verifies them.
 //!
 //! [`dev`] runs the registration flow against a dev node, which writes verification codes to a
 //! file. [`Endpoint`] parses node URLs; [`TlsOptions`] says which roots to trust.
@@ -44,6 +45,7 @@ pub mod dedup;
 pub mod dev;
 pub mod endpoint;
 pub mod error;
+pub mod prekeys;
 pub mod tls;
 
 pub use backoff::{Backoff, RECONNECT_BACKOFF_BASE, RECONNECT_BACKOFF_CAP};

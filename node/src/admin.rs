@@ -96,6 +96,7 @@ async fn handle(mut stream: TcpStream, server: Arc<Server>) -> std::io::Result<(
             if let Some(push) = server.push.get() {
                 push.metrics.render(&mut body);
             }
+            server.keys_metrics.render(&mut body);
             respond(&mut stream, 200, "text/plain; version=0.0.4", &body).await
         }
         ("GET", "/healthz") => respond(&mut stream, 200, "text/plain", "ok\n").await,

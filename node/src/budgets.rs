@@ -8,6 +8,8 @@
 //! | acks | `DeliverAck`, per seq it names | the device | 50 000 seqs/s, burst 100 000 (a device draining a full inbox, 50 000 entries, acks it all within the burst) |
 //! | lookups | `DeviceListRequest`, `PrekeyClaim` | the device | 50/s, burst 1 000 |
 //! | claims of one user | `PrekeyClaim` | (claiming user, claimed user) | 10/min, burst 10 |
+//! | claims by one user | `PrekeyClaim` | the claiming user | 60/min, burst 200 |
+//! | one-time prekeys of one user | `PrekeyClaim` on the claimed user's node | the claimed user | 30/min, burst 100; past it the claim hands out the fallback only ([`Budgets::hand_one_time`]) |
 //! | key uploads | `PrekeyUpload` | the device | 10/min, burst 10 |
 //! | account changes | `LinkCodeRequest`, `RemoveDevice`, `SetRegistrationLock`, `PushRegister` | the device | 10/min, burst 10 |
 //! | codes from one source | `RegisterRequest` (each sends an SMS or a call) | the source address (IPv4, IPv6 /64) | 10/hour, burst 10 |
@@ -21,7 +23,13 @@
 //!
 //! Memory: each budget keeps a few dozen bytes per key charged recently; idle keys are pruned
 //! every [`crate::server::RATE_LIMITER_PRUNE_INTERVAL`], so the state is bounded by the keys
-//! charged within one interval (at most 50 new (claimer, claimed) pairs per device per second).
+//! charged within one interval (at most 50 new (claimer, claimed) pairs per device per second,
+//! and one key per claimed user on its owner).
+//!
+//! The claimed user's budget is not a refusal: refusing claims of a user once anyone spent its
+//! budget would let one attacker deny everyone a session with it. It only stops one-time keys
+//! being handed out (the bundle carries the signed fallback key alone), so that no number of
+//! claiming accounts drains a user's one-time keys faster than it.
 
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -86,7 +94,13 @@ impl Budget {
 pub struct BudgetConfig {
     pub ack_seqs: Budget,
     pub lookups: Budget,
+    /// Claims of one user by one user (the pair).
     pub claims_per_target: Budget,
+    /// Claims by one user, whatever user they claim.
+    pub claims_per_claimer: Budget,
+    /// Claims of one user that hand out one-time keys, whoever claims (charged on the claimed
+    /// user's owner; past it the fallback key is handed out alone).
+    pub one_time_claims_per_user: Budget,
     pub key_uploads: Budget,
     pub account_changes: Budget,
     /// `None`: unbounded (codes that cost nothing: written to a log in development).
@@ -101,6 +115,8 @@ impl Default for BudgetConfig {
             ack_seqs: Budget::per_second(50_000, 2 * crate::inbox::DEVICE_QUOTA_DEFAULT as u32),
             lookups: Budget::per_second(50, 1_000),
             claims_per_target: Budget::per_minute(10, 10),
+            claims_per_claimer: Budget::per_minute(60, 200),
+            one_time_claims_per_user: Budget::per_minute(30, 100),
             key_uploads: Budget::per_minute(10, 10),
             account_changes: Budget::per_minute(10, 10),
             codes_per_source: Some(Budget::per_hour(10, 10)),
@@ -130,6 +146,8 @@ pub struct Budgets {
     ack_seqs: Keyed<(UserId, DeviceId)>,
     lookups: Keyed<(UserId, DeviceId)>,
     claims_per_target: Keyed<(UserId, UserId)>,
+    claims_per_claimer: Keyed<UserId>,
+    one_time_claims_per_user: Keyed<UserId>,
     key_uploads: Keyed<(UserId, DeviceId)>,
     account_changes: Keyed<(UserId, DeviceId)>,
     codes_per_source: Option<Keyed<crate::admission::Source>>,
@@ -143,6 +161,8 @@ impl Budgets {
             ack_seqs: RateLimiter::keyed(config.ack_seqs.quota()),
             lookups: RateLimiter::keyed(config.lookups.quota()),
             claims_per_target: RateLimiter::keyed(config.claims_per_target.quota()),
+            claims_per_claimer: RateLimiter::keyed(config.claims_per_claimer.quota()),
+            one_time_claims_per_user: RateLimiter::keyed(config.one_time_claims_per_user.quota()),
             key_uploads: RateLimiter::keyed(config.key_uploads.quota()),
             account_changes: RateLimiter::keyed(config.account_changes.quota()),
             codes_per_source: config
@@ -201,6 +221,12 @@ impl Budgets {
                         self.config.lookups,
                         "device-list and prekey lookups",
                     )
+                } else if let Err(limited) = self.claims_per_claimer.check_key(&user) {
+                    (
+                        Err(Some(limited)),
+                        self.config.claims_per_claimer,
+                        "prekey claims by one user",
+                    )
                 } else {
                     (
                         self.claims_per_target
@@ -228,16 +254,27 @@ impl Budgets {
         }
     }
 
+    /// Charges a claim of `claimed`'s keys (on its owner) to its one-time key budget: whether
+    /// the claim may hand out one-time keys. `false` means the fallback key alone (see the
+    /// module documentation); nothing is refused.
+    pub fn hand_one_time(&self, claimed: UserId) -> bool {
+        self.one_time_claims_per_user.check_key(&claimed).is_ok()
+    }
+
     /// Forgets idle keys (called every [`crate::server::RATE_LIMITER_PRUNE_INTERVAL`]).
     pub fn prune(&self) {
         self.ack_seqs.retain_recent();
         self.lookups.retain_recent();
         self.claims_per_target.retain_recent();
+        self.claims_per_claimer.retain_recent();
+        self.one_time_claims_per_user.retain_recent();
         self.key_uploads.retain_recent();
         self.account_changes.retain_recent();
         self.ack_seqs.shrink_to_fit();
         self.lookups.shrink_to_fit();
         self.claims_per_target.shrink_to_fit();
+        self.claims_per_claimer.shrink_to_fit();
+        self.one_time_claims_per_user.shrink_to_fit();
         self.key_uploads.shrink_to_fit();
         self.account_changes.shrink_to_fit();
         if let Some(codes) = &self.codes_per_source {
@@ -290,6 +327,32 @@ mod tests {
         // Other targets, and other claimers of the same target, are unaffected.
         assert!(b.charge(1, 1, Charge::ClaimOf(3)).is_none());
         assert!(b.charge(4, 1, Charge::ClaimOf(2)).is_none());
+    }
+
+    #[test]
+    fn claims_by_one_user_are_bounded_over_all_targets() {
+        let b = budgets(BudgetConfig {
+            claims_per_claimer: Budget::per_minute(1, 25),
+            ..Default::default()
+        });
+        // 25 different targets: within every pair's budget, then the claimer's is spent.
+        for target in 100..125 {
+            assert!(b.charge(1, 1, Charge::ClaimOf(target)).is_none());
+        }
+        assert!(limited(b.charge(1, 1, Charge::ClaimOf(200))));
+        assert!(limited(b.charge(1, 2, Charge::ClaimOf(201))), "per user");
+        assert!(b.charge(2, 1, Charge::ClaimOf(200)).is_none());
+    }
+
+    #[test]
+    fn one_time_keys_of_one_user_are_bounded_over_all_claimers() {
+        let b = budgets(BudgetConfig::default());
+        let burst = BudgetConfig::default().one_time_claims_per_user.burst;
+        for _ in 0..burst {
+            assert!(b.hand_one_time(7));
+        }
+        assert!(!b.hand_one_time(7), "past the burst: the fallback only");
+        assert!(b.hand_one_time(8), "per claimed user");
     }
 
     #[test]

@@ -209,8 +209,10 @@ impl Server {
         let now_ms = self.now_ms();
         // A message from a user the recipient blocks: answered like a stored one (after the
         // device check, so the answer is the same as for anyone else) and dropped.
-        let blocked = matches!(store.kind, StoreKind::Message | StoreKind::Status)
-            && store.from_user != store.to_user
+        let blocked = matches!(
+            store.kind,
+            StoreKind::Message | StoreKind::Status | StoreKind::IdentityChanged
+        ) && store.from_user != store.to_user
             && match self.contacts.is_blocked(store.to_user, store.from_user) {
                 Ok(b) => b,
                 Err(e) => {
@@ -237,6 +239,7 @@ impl Server {
             StoreKind::GroupEvent => EntryKind::GroupEvent,
             StoreKind::Status => EntryKind::Status,
             StoreKind::StatusViewed => EntryKind::StatusViewed,
+            StoreKind::IdentityChanged => EntryKind::IdentityChanged,
         };
         let entry = |body: Vec<u8>| Entry {
             kind,

@@ -40,6 +40,8 @@ use crate::shard::ShardId;
 /// and the group requests were added.
 /// 3: `Blockers`, `GroupTyping` and `PeerResponse::Users`; group logs may hold receipt records;
 /// `Store` carries `require_contact` (broadcast lists) and `expires_at_ms` (statuses).
+/// Still 3: `StoreKind::IdentityChanged` was appended (older messages decode unchanged; a node
+/// without it refuses only that store, and the upload announcing it answers the error).
 pub const PEER_PROTOCOL_VERSION: u16 = 3;
 /// How long a forwarded request may take before the sender gives up on that attempt.
 pub const PEER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,6 +57,8 @@ pub enum StoreKind {
     /// A status item ([`crate::status`]).
     Status,
     StatusViewed,
+    /// An identity-key change announced to a contact ([`crate::keys::serve`]).
+    IdentityChanged,
 }
 
 /// Who gets an entry.

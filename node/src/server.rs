@@ -11,8 +11,7 @@ use futures::future::BoxFuture;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use ringpost_wire::{
     Body, DeviceCiphertextRef, DeviceId, DeviceList, Done, ErrorCode, Frame, LinkCode,
-    MismatchedDevices, MsgId, PrekeyCount, RegisterChallenge, Registered, SendAck, SendStatus,
-    UserId,
+    MismatchedDevices, MsgId, RegisterChallenge, Registered, SendAck, SendStatus, UserId,
 };
 use tracing::{info, warn};
 
@@ -118,7 +117,9 @@ pub struct Server {
     pub admission: Arc<crate::admission::Admission>,
     pub metrics: Arc<Metrics>,
     limiter: DefaultKeyedRateLimiter<(UserId, DeviceId)>,
-    budgets: crate::budgets::Budgets,
+    pub(crate) budgets: crate::budgets::Budgets,
+    /// Counters of uploads, claims, low-key events and identity announcements.
+    pub keys_metrics: crate::keys::serve::KeysMetrics,
     shutting_down: AtomicBool,
     /// Decides what has expired; see [`crate::clock`].
     pub expiry_clock: crate::clock::ExpiryClock,
@@ -171,6 +172,7 @@ impl Server {
             metrics,
             limiter: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
             budgets: crate::budgets::Budgets::new(config.budgets),
+            keys_metrics: Default::default(),
             shutting_down: AtomicBool::new(false),
             expiry_clock,
             started: Instant::now(),
@@ -508,6 +510,15 @@ impl Server {
                 }
                 crate::broadcast::send(self, user, device, b.msg_id, recipients)
             }
+            // Prekey uploads (crate::keys::serve): an identity change is stored for the user's
+            // contacts before the answer.
+            Body::PrekeyUpload(u) => {
+                let charge = crate::budgets::Charge::KeyUpload;
+                if let Some(refused) = self.over_budget(user, device, charge) {
+                    return Box::pin(async move { refused });
+                }
+                crate::keys::serve::upload(self, user, device, u)
+            }
             // Statuses (crate::status), charged to the messaging limit and the posting limit.
             Body::StatusPost(p) => {
                 if let Some(limited) = self.rate_limited(user, device) {
@@ -578,7 +589,6 @@ impl Server {
         let charge = match &body {
             Body::DeviceListRequest(_) => Some(Charge::Lookup),
             Body::PrekeyClaim(c) => Some(Charge::ClaimOf(c.user)),
-            Body::PrekeyUpload(_) => Some(Charge::KeyUpload),
             Body::LinkCodeRequest(_)
             | Body::RemoveDevice(_)
             | Body::SetRegistrationLock(_)
@@ -649,44 +659,13 @@ impl Server {
                 Ok(()) => frames(Done {}),
                 Err(e) => account_error(e),
             },
-            Body::PrekeyUpload(u) => {
-                let keys = self.keys.clone();
-                let uploaded = tokio::task::spawn_blocking(move || {
-                    keys.upload(
-                        user,
-                        device,
-                        &u.identity_key,
-                        u.signed_prekey.as_ref(),
-                        &u.one_time,
-                    )
-                })
-                .await;
-                match uploaded.unwrap_or_else(|e| Err(task_failed(e))) {
-                    Ok(_) => frames(Done {}),
-                    Err(e) => keys_error(e),
-                }
-            }
-            Body::PrekeyClaim(c) => {
-                let devices = match self.accounts.devices(c.user) {
-                    Ok(d) => d,
-                    Err(e) => return account_error(e),
-                };
-                let which = (c.device != 0).then_some(c.device);
-                let keys = self.keys.clone();
-                let claimed =
-                    tokio::task::spawn_blocking(move || keys.claim(c.user, which, &devices)).await;
-                match claimed.unwrap_or_else(|e| Err(task_failed(e))) {
-                    Ok(devices) => frames(ringpost_wire::PrekeyBundle {
-                        user: c.user,
-                        devices,
-                    }),
-                    Err(e) => keys_error(e),
-                }
-            }
-            Body::PrekeyCountRequest(_) => match self.keys.count(user, device) {
-                Ok(count) => frames(PrekeyCount { count }),
-                Err(e) => keys_error(e),
-            },
+            Body::PrekeyClaim(c) => crate::keys::serve::claim(self, c).await,
+            Body::PrekeyCountRequest(_) => crate::keys::serve::count(self, user, device),
+            // Served by `device_request` (see `crate::keys::serve`).
+            Body::PrekeyUpload(_) => error(
+                ErrorCode::Internal,
+                "prekey uploads are not control requests",
+            ),
             // Served by `device_request` (see `crate::presence::serve`).
             Body::PresenceSubscribe(_) | Body::SetPrivacy(_) | Body::ContactsUpdate(_) => error(
                 ErrorCode::Internal,

@@ -6,6 +6,8 @@
 mod groups;
 #[path = "e2e/harness.rs"]
 mod harness;
+#[path = "e2e/keys.rs"]
+mod keys;
 #[path = "e2e/messaging.rs"]
 mod messaging;
 #[path = "e2e/operations.rs"]

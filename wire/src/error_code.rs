@@ -39,6 +39,9 @@ pub enum ErrorCode {
     TooManyAttempts = 32,
     /// The account has a registration lock and the PIN was missing or wrong.
     RegistrationLocked = 33,
+    /// A `PrekeyUpload` signature is missing or does not verify against the upload's identity
+    /// signing key ([`crate::prekeys`]); nothing of the upload was stored.
+    BadSignature = 34,
     /// No such user, device or group.
     NotFound = 40,
     /// The account already has the most devices allowed.
@@ -57,7 +60,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for exhaustive tests and documentation.
-    pub const ALL: [ErrorCode; 24] = [
+    pub const ALL: [ErrorCode; 25] = [
         ErrorCode::Malformed,
         ErrorCode::FrameTooLarge,
         ErrorCode::UnsupportedVersion,
@@ -75,6 +78,7 @@ impl ErrorCode {
         ErrorCode::VerificationExpired,
         ErrorCode::TooManyAttempts,
         ErrorCode::RegistrationLocked,
+        ErrorCode::BadSignature,
         ErrorCode::NotFound,
         ErrorCode::DeviceLimit,
         ErrorCode::Internal,

@@ -420,6 +420,9 @@ pub enum DeliverKind {
     Status = 5,
     /// `from_user` viewed the statuses `receipt_msg_ids` this user posted.
     StatusViewed = 6,
+    /// A contact's device (`from_user`, `from_device`) published a new identity key: `body`
+    /// is the 64-byte key ([`crate::prekeys`]). Show a security-code change.
+    IdentityChanged = 7,
 }
 
 /// s→c: one inbox entry for this device. Ack it by `seq`.
@@ -527,6 +530,8 @@ pub struct SignedPrekey {
 pub struct OneTimePrekey {
     pub id: u32,
     pub key: Bytes,
+    /// The identity key's Ed25519 signature over the key ([`crate::prekeys`]); required in an
+    /// upload. The node hands it out with the key, so the claimer can check it too.
     pub signature: Bytes,
 }
 
@@ -550,7 +555,8 @@ pub struct DeviceBundle {
     pub device: DeviceId,
     pub identity_key: Bytes,
     pub signed_prekey: Option<SignedPrekey>,
-    /// Consumed by this claim; absent when the device ran out.
+    /// Consumed by this claim. `None` means the fallback (`signed_prekey`) is to be used:
+    /// the device ran out, or its user's keys are claimed faster than the per-target budget.
     pub one_time: Option<OneTimePrekey>,
 }
 

@@ -35,6 +35,7 @@ pub mod framing;
 #[rustfmt::skip]
 pub mod generated;
 pub mod limits;
+pub mod prekeys;
 pub mod view;
 pub mod ws;
 

@@ -50,6 +50,11 @@ pub const PREKEYS_PER_UPLOAD_MAX: usize = 100;
 /// Public key bytes (Curve25519 keys are 32 bytes, plus a type byte).
 pub const KEY_BYTES_MAX: usize = 64;
 
+/// A claim that takes a device's one-time prekeys below this many makes the node send that
+/// device's connection an unprompted `PrekeyCount` (once per crossing), so it uploads more
+/// before senders fall back to its signed prekey.
+pub const PREKEY_LOW_WATERMARK: u32 = 10;
+
 /// Signature bytes (Ed25519/XEdDSA signatures are 64 bytes).
 pub const SIGNATURE_BYTES_MAX: usize = 96;
 

@@ -5,7 +5,7 @@ use ringpost_wire::*;
 
 #[test]
 fn error_codes_are_pinned() {
-    let pinned: [(ErrorCode, u16); 24] = [
+    let pinned: [(ErrorCode, u16); 25] = [
         (ErrorCode::Malformed, 1),
         (ErrorCode::FrameTooLarge, 2),
         (ErrorCode::UnsupportedVersion, 3),
@@ -23,6 +23,7 @@ fn error_codes_are_pinned() {
         (ErrorCode::VerificationExpired, 31),
         (ErrorCode::TooManyAttempts, 32),
         (ErrorCode::RegistrationLocked, 33),
+        (ErrorCode::BadSignature, 34),
         (ErrorCode::NotFound, 40),
         (ErrorCode::DeviceLimit, 41),
         (ErrorCode::Internal, 50),

@@ -114,6 +114,7 @@ fn limit_table_matches_the_code() {
         ("TYPING_PER_S_MAX", u64::from(TYPING_PER_S_MAX)),
         ("PREKEYS_PER_UPLOAD_MAX", PREKEYS_PER_UPLOAD_MAX as u64),
         ("KEY_BYTES_MAX", KEY_BYTES_MAX as u64),
+        ("PREKEY_LOW_WATERMARK", u64::from(PREKEY_LOW_WATERMARK)),
         ("SIGNATURE_BYTES_MAX", SIGNATURE_BYTES_MAX as u64),
         ("GROUP_MEMBERS_MAX", GROUP_MEMBERS_MAX as u64),
         ("GROUP_META_BYTES_MAX", GROUP_META_BYTES_MAX as u64),

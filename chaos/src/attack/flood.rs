@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use bytes::Bytes;
 use rand::Rng;
-use ringpost_client::wire::{Body, DeliverAck, Hello, OneTimePrekey, SignedPrekey};
+use ringpost_client::prekeys::DeviceKeys;
+use ringpost_client::wire::{Body, DeliverAck, Hello};
 use ringpost_client::{dev, Client, ClientError, Connection, Endpoint, Frame};
 
 use super::{
@@ -154,26 +154,10 @@ pub(super) async fn prekey_drain(spec: Arc<AttackSpec>, tally: Tally) -> Result<
     let victim_phone = FIRST_ATTACKER_USER + 400;
     let victim = client_of(&spec, register(&spec, victim_phone).await?).await?;
     let mut rng = crate::seeded(spec.seed, "attack-prekeys");
-    let key = |rng: &mut rand_chacha::ChaCha8Rng| {
-        let mut k = vec![0u8; 32];
-        rng.fill(&mut k[..]);
-        Bytes::from(k)
-    };
-    let identity = key(&mut rng);
-    let signed = SignedPrekey {
-        id: 1,
-        key: key(&mut rng),
-        signature: Bytes::from(vec![7u8; 64]),
-    };
-    let one_time: Vec<OneTimePrekey> = (1..=VICTIM_PREKEYS)
-        .map(|id| OneTimePrekey {
-            id,
-            key: key(&mut rng),
-            signature: Bytes::new(),
-        })
-        .collect();
+    // Signed as the node verifies them (docs/protocol.md "Prekeys"), from the run's seed.
+    let upload = DeviceKeys::from_seed(rng.gen()).upload(Some(1), 1..=VICTIM_PREKEYS);
     victim
-        .prekey_upload(identity, Some(signed), one_time)
+        .prekey_upload(upload.identity_key, upload.signed_prekey, upload.one_time)
         .await?;
     let mut claimers = Vec::new();
     for i in 0..CLAIMERS {

@@ -374,6 +374,13 @@ impl Driver {
             }
             Body::Typing(typing) => self.emit_lossy(Event::Typing(typing)),
             Body::PresenceUpdate(update) => self.emit_lossy(Event::Presence(update)),
+            // Sent once per crossing of the low watermark: not dropped.
+            Body::PrekeyCount(c) => {
+                self.emit(Queued::Event(Box::new(Event::PrekeysLow {
+                    count: c.count,
+                })))
+                .await
+            }
             Body::GoingAway(going) => {
                 let after = Duration::from_millis(u64::from(going.reconnect_after_ms));
                 let reason = format!("node going away: {}", going.reason);

@@ -74,6 +74,20 @@ pub enum Event {
         msg_ids: Vec<MsgId>,
         server_time_ms: u64,
     },
+    /// A contact's device published a new identity key (kind `IdentityChanged`): a
+    /// re-registration or a newly linked device. Show a security-code change and set up
+    /// sessions with that device again.
+    IdentityChanged {
+        seq: u64,
+        user: UserId,
+        device: DeviceId,
+        /// The new 64-byte identity key (Ed25519 signing key, then Curve25519 identity key).
+        identity_key: bytes::Bytes,
+        server_time_ms: u64,
+    },
+    /// Claims took this device below `PREKEY_LOW_WATERMARK` one-time prekeys (an unprompted
+    /// `PrekeyCount`): `count` are left; upload more.
+    PrekeysLow { count: u32 },
     /// A contact started or stopped typing to us.
     Typing(Typing),
     /// A subscribed user came online or went away.
@@ -149,6 +163,13 @@ impl Event {
                 msg_ids: d.receipt_msg_ids,
                 server_time_ms: d.server_time_ms,
             },
+            DeliverKind::IdentityChanged => Event::IdentityChanged {
+                seq: d.seq,
+                user: d.from_user,
+                device: d.from_device,
+                identity_key: d.body,
+                server_time_ms: d.server_time_ms,
+            },
             DeliverKind::Read => Event::Read {
                 seq: d.seq,
                 by_user: d.from_user,
@@ -164,7 +185,7 @@ impl Event {
     pub fn seq(&self) -> Option<u64> {
         match self {
             Event::Message(d) | Event::GroupMessage(d) | Event::Status(d) => Some(d.seq),
-            Event::StatusViewed { seq, .. } => Some(*seq),
+            Event::StatusViewed { seq, .. } | Event::IdentityChanged { seq, .. } => Some(*seq),
             Event::GroupChanged { seq, .. } => Some(*seq),
             Event::Delivered { seq, .. }
             | Event::Read { seq, .. }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use ringpost_wire::{CodeChannel, DeviceId, OneTimePrekey, UserId};
+use ringpost_wire::{CodeChannel, DeviceId, UserId};
 
 use super::*;
 use crate::accounts::{AccountError, AccountsConfig, CodeSender, SendFuture};
@@ -566,14 +566,11 @@ async fn hand_off_through_the_services_moves_the_shard_exactly(
             let token = source.register(user, t).await;
             source.send(sender, user, t).await;
             source.inbox.ack(user, 1, vec![1], t).await.unwrap();
-            let otks: Vec<OneTimePrekey> = (0..3)
-                .map(|id| OneTimePrekey {
-                    id,
-                    key: Bytes::from(vec![id as u8; 32]),
-                    signature: Bytes::new(),
-                })
-                .collect();
-            source.keys.upload(user, 1, &[9; 32], None, &otks).unwrap();
+            let signer = ringpost_client::prekeys::DeviceKeys::from_seed([9; 32]);
+            source
+                .keys
+                .upload(user, 1, &signer.upload(None, 0..3))
+                .unwrap();
             if shard == MOVED {
                 source.post_status(sender, user, t).await;
                 moved_users.push((user, token));

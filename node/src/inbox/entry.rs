@@ -47,6 +47,9 @@ pub enum EntryKind {
     Status = 5,
     /// `from_user` viewed the statuses `receipt_msg_ids`.
     StatusViewed = 6,
+    /// `from_user`'s device `from_device` published a new identity key, the body
+    /// ([`crate::keys::serve`]).
+    IdentityChanged = 7,
 }
 
 impl EntryKind {
@@ -68,6 +71,7 @@ impl EntryKind {
             4 => Some(EntryKind::GroupEvent),
             5 => Some(EntryKind::Status),
             6 => Some(EntryKind::StatusViewed),
+            7 => Some(EntryKind::IdentityChanged),
             _ => None,
         }
     }
@@ -83,6 +87,7 @@ impl From<EntryKind> for DeliverKind {
             EntryKind::GroupEvent => DeliverKind::GroupEvent,
             EntryKind::Status => DeliverKind::Status,
             EntryKind::StatusViewed => DeliverKind::StatusViewed,
+            EntryKind::IdentityChanged => DeliverKind::IdentityChanged,
         }
     }
 }
@@ -291,11 +296,12 @@ mod tests {
             EntryKind::GroupEvent,
             EntryKind::Status,
             EntryKind::StatusViewed,
+            EntryKind::IdentityChanged,
         ] {
             assert_eq!(kind as u8, DeliverKind::from(kind) as u8);
             assert_eq!(EntryKind::from_u8(kind as u8), Some(kind));
         }
-        assert_eq!(EntryKind::from_u8(7), None);
+        assert_eq!(EntryKind::from_u8(8), None);
     }
 
     #[test]

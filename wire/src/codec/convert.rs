@@ -94,7 +94,8 @@ enum_mapping!(DeliverKind {
     GroupMessage,
     GroupEvent,
     Status,
-    StatusViewed
+    StatusViewed,
+    IdentityChanged
 });
 enum_mapping!(StatusAudience {
     Contacts,

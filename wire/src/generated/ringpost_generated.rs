@@ -192,10 +192,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for SendStatus {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_DELIVER_KIND: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_DELIVER_KIND: u8 = 6;
+pub const ENUM_MAX_DELIVER_KIND: u8 = 7;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_DELIVER_KIND: [DeliverKind; 7] = [
+pub const ENUM_VALUES_DELIVER_KIND: [DeliverKind; 8] = [
   DeliverKind::Message,
   DeliverKind::Delivered,
   DeliverKind::Read,
@@ -203,6 +203,7 @@ pub const ENUM_VALUES_DELIVER_KIND: [DeliverKind; 7] = [
   DeliverKind::GroupEvent,
   DeliverKind::Status,
   DeliverKind::StatusViewed,
+  DeliverKind::IdentityChanged,
 ];
 
 /// What a Deliver carries. Unknown values are rejected (Malformed).
@@ -228,9 +229,14 @@ impl DeliverKind {
   pub const Status: Self = Self(5);
   /// `from_user` viewed the statuses `receipt_msg_ids` you posted.
   pub const StatusViewed: Self = Self(6);
+  /// A contact's device `from_user`/`from_device` published a new identity key (a
+  /// re-registration, or a newly linked device's first upload): `body` is the new 64-byte
+  /// identity key (Ed25519 signing key, then Curve25519 identity key). Show a security-code
+  /// change; sessions with that device must be set up again.
+  pub const IdentityChanged: Self = Self(7);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 6;
+  pub const ENUM_MAX: u8 = 7;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::Message,
     Self::Delivered,
@@ -239,6 +245,7 @@ impl DeliverKind {
     Self::GroupEvent,
     Self::Status,
     Self::StatusViewed,
+    Self::IdentityChanged,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -250,6 +257,7 @@ impl DeliverKind {
       Self::GroupEvent => Some("GroupEvent"),
       Self::Status => Some("Status"),
       Self::StatusViewed => Some("StatusViewed"),
+      Self::IdentityChanged => Some("IdentityChanged"),
       _ => None,
     }
   }
@@ -5065,6 +5073,7 @@ impl ::core::fmt::Debug for ContactsUpdate<'_> {
 pub enum SignedPrekeyOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
+/// The fallback key: handed out with every claim, and alone once the one-time keys ran out.
 pub struct SignedPrekey<'a> {
   pub _tab: ::flatbuffers::Table<'a>,
 }
@@ -5106,7 +5115,7 @@ impl<'a> SignedPrekey<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(SignedPrekey::VT_ID, Some(0)).unwrap()}
   }
-  /// At most KEY_BYTES_MAX (64).
+  /// At most KEY_BYTES_MAX (64); in an upload exactly 32 (a Curve25519 public key).
   #[inline]
   pub fn key(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
     // Safety:
@@ -5114,7 +5123,8 @@ impl<'a> SignedPrekey<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(SignedPrekey::VT_KEY, None)}
   }
-  /// At most SIGNATURE_BYTES_MAX (96).
+  /// At most SIGNATURE_BYTES_MAX (96); in an upload exactly 64: the Ed25519 signature by the
+  /// identity signing key over "ringpost prekey v1\0" | 1 | id (u32 big-endian) | key.
   #[inline]
   pub fn signature(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
     // Safety:
@@ -5238,7 +5248,7 @@ impl<'a> OneTimePrekey<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(OneTimePrekey::VT_ID, Some(0)).unwrap()}
   }
-  /// At most KEY_BYTES_MAX (64).
+  /// At most KEY_BYTES_MAX (64); in an upload exactly 32 (a Curve25519 public key).
   #[inline]
   pub fn key(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
     // Safety:
@@ -5246,7 +5256,9 @@ impl<'a> OneTimePrekey<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(OneTimePrekey::VT_KEY, None)}
   }
-  /// At most SIGNATURE_BYTES_MAX (96).
+  /// At most SIGNATURE_BYTES_MAX (96); required in an upload, exactly 64: the Ed25519
+  /// signature by the identity signing key over "ringpost prekey v1\0" | 2 | id (u32
+  /// big-endian) | key.
   #[inline]
   pub fn signature(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
     // Safety:
@@ -5364,7 +5376,8 @@ impl<'a> PrekeyUpload<'a> {
   }
 
 
-  /// At most KEY_BYTES_MAX (64).
+  /// Exactly 64 bytes in an accepted upload: the device's Ed25519 public signing key (32)
+  /// followed by its Curve25519 identity key (32). At most KEY_BYTES_MAX (64).
   #[inline]
   pub fn identity_key(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
     // Safety:
@@ -5634,7 +5647,9 @@ impl<'a> DeviceBundle<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<SignedPrekey>>(DeviceBundle::VT_SIGNED_PREKEY, None)}
   }
-  /// Consumed by this claim; absent when the device ran out.
+  /// Consumed by this claim. Absent means the fallback (`signed_prekey`) is to be used: the
+  /// device ran out, or the claimed user's one-time keys are being claimed faster than the
+  /// per-target budget allows.
   #[inline]
   pub fn one_time(&self) -> Option<OneTimePrekey<'a>> {
     // Safety:
@@ -5919,7 +5934,8 @@ impl ::core::fmt::Debug for PrekeyCountRequest<'_> {
 pub enum PrekeyCountOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
-/// s→c: the answer to PrekeyCountRequest.
+/// s→c: the answer to PrekeyCountRequest; also sent unprompted (req 0) to a device's connection
+/// when a claim takes its one-time keys below PREKEY_LOW_WATERMARK (10), once per crossing.
 pub struct PrekeyCount<'a> {
   pub _tab: ::flatbuffers::Table<'a>,
 }

@@ -235,6 +235,7 @@ pub fn body(kind: FrameKind) -> BoxedStrategy<Body> {
                 Just(DeliverKind::Read),
                 Just(DeliverKind::Status),
                 Just(DeliverKind::StatusViewed),
+                Just(DeliverKind::IdentityChanged),
             ],
             any::<MsgId>(),
             blob(CIPHERTEXT_BYTES_MAX),

@@ -4,7 +4,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use ringpost_wire::{CodeChannel, OneTimePrekey, UserId};
+use ringpost_wire::{CodeChannel, UserId};
 
 use super::*;
 use crate::accounts::{Accounts, AccountsConfig, CodeSender, SendFuture};
@@ -86,16 +86,10 @@ impl Primary {
         self.accounts.verify(phone, &code, "", "phone", t).unwrap();
         let link = self.accounts.issue_link_code(phone, 1, t).unwrap();
         self.accounts.link(phone, &link.code, "laptop", t).unwrap();
-        let otks: Vec<OneTimePrekey> = (0..4)
-            .map(|id| OneTimePrekey {
-                id,
-                key: Bytes::from(vec![id as u8; 32]),
-                signature: Bytes::new(),
-            })
-            .collect();
         for device in [1, 2] {
+            let signer = ringpost_client::prekeys::DeviceKeys::from_seed([device as u8; 32]);
             self.keys
-                .upload(phone, device, &[9; 32], None, &otks)
+                .upload(phone, device, &signer.upload(None, 0..4))
                 .unwrap();
         }
     }
@@ -233,7 +227,7 @@ async fn every_service_write_reaches_the_replica_exactly() {
     for &user in &users {
         node.inbox.ack(user, 1, vec![1, 2, 3], t).await.unwrap();
     }
-    node.keys.claim(users[0], None, &[1, 2]).unwrap();
+    node.keys.claim(users[0], None, &[1, 2], true).unwrap();
     node.accounts.remove_device(users[1], 1, 2).unwrap();
     node.keys.drop_device(users[1], 2).unwrap();
     node.inbox.drop_device(users[1], 2).await.unwrap();
@@ -376,4 +370,58 @@ async fn a_write_the_replicas_did_not_confirm_fails_without_marking_storage_fail
         .send_all(7, &[phones_in(2).next().unwrap()], 2..3, now())
         .await;
     assert!(primary.inbox.storage_failing().is_none());
+}
+
+/// A one-time key a claim answered is gone from the replica before the answer, and a claim
+/// whose removal did not reach the replica answers no key: whatever the replica, promoted,
+/// hands out later, no key is handed out twice.
+#[test]
+fn a_claimed_one_time_key_is_never_handed_out_again_by_a_promoted_replica() {
+    let (inner, _dir) = rocks();
+    let (replica, _replica_dir) = rocks();
+    let sink = ApplySink::new(replica.clone());
+    let engine: Arc<dyn Engine> = Arc::new(ReplicatingEngine::new(inner, sink.clone(), 1));
+    let primary = Keys::new(engine, SHARD_COUNT);
+    let user: UserId = 15_550_123_456;
+    let signer = ringpost_client::prekeys::DeviceKeys::from_seed([5; 32]);
+    primary
+        .upload(user, 1, &signer.upload(Some(1), 0..6))
+        .unwrap();
+    let on_replica = Keys::new(replica.clone(), SHARD_COUNT);
+    assert_eq!(on_replica.count(user, 1).unwrap(), 6);
+
+    let mut answered = Vec::new();
+    for _ in 0..2 {
+        let c = primary.claim(user, None, &[1], true).unwrap();
+        answered.push(c.bundles[0].one_time.as_ref().unwrap().id);
+        // The removal is on the replica by the time the claim answers.
+        assert_eq!(
+            on_replica.count(user, 1).unwrap() as usize,
+            6 - answered.len()
+        );
+    }
+    // The replica is lost on the way: the claim fails and answers no key.
+    sink.lose_next.store(true, Ordering::Relaxed);
+    let err = primary.claim(user, None, &[1], true).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            crate::keys::KeysError::Storage(crate::storage::StorageError::Replication(_))
+        ),
+        "{err}"
+    );
+    assert_eq!(err.code(), ringpost_wire::ErrorCode::StorageUnavailable);
+
+    // The primary fails; the replica is promoted and serves the rest.
+    let mut handed_later = Vec::new();
+    while let Some(k) = on_replica.claim(user, None, &[1], true).unwrap().bundles[0]
+        .one_time
+        .clone()
+    {
+        handed_later.push(k.id);
+    }
+    assert_eq!(answered, vec![0, 1]);
+    // The key the failed claim popped is handed out once, by the replica (its client never
+    // got it); none of the answered ones is.
+    assert_eq!(handed_later, vec![2, 3, 4, 5]);
 }
