@@ -12,6 +12,8 @@
 //!   [`Event`]s: deliveries exactly once ([`dedup`]) with batched acks, receipts, typing,
 //!   presence, and connection changes.
 //!
+//! [`media`] encrypts attachments with a random key and uploads and downloads them as blobs.
+//!
 //! [`dev`] runs the registration flow against a dev node, which writes verification codes to a
 //! file. [`Endpoint`] parses node URLs; [`TlsOptions`] says which roots to trust.
 //!
@@ -40,6 +42,7 @@ pub mod dedup;
 pub mod dev;
 pub mod endpoint;
 pub mod error;
+pub mod media;
 pub mod tls;
 
 pub use backoff::{Backoff, RECONNECT_BACKOFF_BASE, RECONNECT_BACKOFF_CAP};

@@ -5,6 +5,8 @@
 //! - [`server`]: executes session requests on the shard services: [`accounts`], [`keys`],
 //!   [`inbox`], over the [`storage`] engine (RocksDB); [`registry`] knows who is connected.
 //! - [`runtime`]: starts and stops a node; [`admin`] serves `/metrics`, `/healthz`, `/readyz`.
+//! - [`media`]: encrypted blobs: signed upload and download URLs, the media HTTP listener, and
+//!   the blob store (a local directory or S3-compatible object storage).
 //!
 //! `docs/architecture.md` is the guided tour.
 
@@ -22,6 +24,7 @@ pub mod groups;
 pub mod handoff;
 pub mod inbox;
 pub mod keys;
+pub mod media;
 pub mod metrics;
 pub mod moves;
 pub mod node_key;

@@ -95,7 +95,7 @@ fn limit_table_matches_the_code() {
         .filter(|r| r.len() == 3 && r[0].starts_with('`'))
         .map(|r| (r[0].trim_matches('`').to_owned(), r[1].clone()))
         .collect();
-    let limits: [(&str, u64); 26] = [
+    let limits: [(&str, u64); 27] = [
         ("FRAME_BYTES_MAX", FRAME_BYTES_MAX as u64),
         ("CIPHERTEXT_BYTES_MAX", CIPHERTEXT_BYTES_MAX as u64),
         ("DEVICES_PER_USER_MAX", DEVICES_PER_USER_MAX as u64),
@@ -127,6 +127,7 @@ fn limit_table_matches_the_code() {
             GROUP_CIPHERTEXT_BYTES_MAX as u64,
         ),
         ("MEDIA_BYTES_MAX", MEDIA_BYTES_MAX),
+        ("MEDIA_SHA256_BYTES", MEDIA_SHA256_BYTES as u64),
         (
             "MIGRATE_RECONNECT_AFTER_MS_MAX",
             u64::from(MIGRATE_RECONNECT_AFTER_MS_MAX),
