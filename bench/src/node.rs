@@ -70,6 +70,8 @@ impl SpawnedNode {
                 "127.0.0.1:0",
                 "--listen-admin",
                 "127.0.0.1:0",
+                "--listen-media",
+                "127.0.0.1:0",
             ])
             .args(["--device-rate", &rate, "--device-burst", &rate])
             .stdin(Stdio::null())

@@ -247,6 +247,9 @@ impl NodeProcess {
                 format!("{ip}:{PORT_QUIC}"),
                 "--listen-admin".into(),
                 format!("{ip}:{PORT_ADMIN}"),
+                // Not exercised by the workload; any free port, so dev nodes never collide.
+                "--listen-media".into(),
+                format!("{ip}:0"),
             ]),
             // The host's own address is what other hosts reach it on: advertise it for
             // redirects and peer links.

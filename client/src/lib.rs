@@ -15,6 +15,7 @@
 //! [`crypto`] adds end-to-end encryption on top: [`crypto::SecureClient`] wraps a `Client` and
 //! speaks plaintext to the application, Olm and Megolm ciphertext (vodozemac) to the node.
 //! [`prekeys`] signs prekey uploads the way the node verifies them.
+//! [`media`] encrypts attachments with a random key and uploads and downloads them as blobs.
 //!
 //! [`dev`] runs the registration flow against a dev node, which writes verification codes to a
 //! file. [`Endpoint`] parses node URLs; [`TlsOptions`] says which roots to trust.
@@ -46,6 +47,7 @@ pub mod dev;
 pub mod endpoint;
 pub mod error;
 pub mod prekeys;
+pub mod media;
 pub mod tls;
 
 pub use backoff::{Backoff, RECONNECT_BACKOFF_BASE, RECONNECT_BACKOFF_CAP};

@@ -97,6 +97,9 @@ async fn handle(mut stream: TcpStream, server: Arc<Server>) -> std::io::Result<(
                 push.metrics.render(&mut body);
             }
             server.keys_metrics.render(&mut body);
+            if let Some(media) = server.media.get() {
+                media.metrics.render(&mut body);
+            }
             respond(&mut stream, 200, "text/plain; version=0.0.4", &body).await
         }
         ("GET", "/healthz") => respond(&mut stream, 200, "text/plain", "ok\n").await,

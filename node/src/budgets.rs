@@ -12,6 +12,7 @@
 //! | one-time prekeys of one user | `PrekeyClaim` on the claimed user's node | the claimed user | 30/min, burst 100; past it the claim hands out the fallback only ([`Budgets::hand_one_time`]) |
 //! | key uploads | `PrekeyUpload` | the device | 10/min, burst 10 |
 //! | account changes | `LinkCodeRequest`, `RemoveDevice`, `SetRegistrationLock`, `PushRegister` | the device | 10/min, burst 10 |
+//! | media uploads | `MediaUploadRequest` (each grants one upload of up to 100 MiB) | the device | 100/hour, burst 100 (`--media-uploads-per-hour`) |
 //! | codes from one source | `RegisterRequest` (each sends an SMS or a call) | the source address (IPv4, IPv6 /64) | 10/hour, burst 10 |
 //! | codes in all | `RegisterRequest` | the node | 10/s, burst 100 |
 //!
@@ -103,6 +104,8 @@ pub struct BudgetConfig {
     pub one_time_claims_per_user: Budget,
     pub key_uploads: Budget,
     pub account_changes: Budget,
+    /// Media upload grants ([`crate::media`]).
+    pub media_uploads: Budget,
     /// `None`: unbounded (codes that cost nothing: written to a log in development).
     pub codes_per_source: Option<Budget>,
     /// `None`: unbounded.
@@ -119,6 +122,10 @@ impl Default for BudgetConfig {
             one_time_claims_per_user: Budget::per_minute(30, 100),
             key_uploads: Budget::per_minute(10, 10),
             account_changes: Budget::per_minute(10, 10),
+            media_uploads: Budget::per_hour(
+                crate::media::MEDIA_UPLOADS_PER_HOUR_DEFAULT,
+                crate::media::MEDIA_UPLOADS_PER_HOUR_DEFAULT,
+            ),
             codes_per_source: Some(Budget::per_hour(10, 10)),
             codes_total: Some(Budget::per_second(10, 100)),
         }
@@ -135,6 +142,8 @@ pub enum Charge {
     ClaimOf(UserId),
     KeyUpload,
     AccountChange,
+    /// A `MediaUploadRequest`.
+    MediaUpload,
 }
 
 type Keyed<K> = DefaultKeyedRateLimiter<K>;
@@ -150,6 +159,7 @@ pub struct Budgets {
     one_time_claims_per_user: Keyed<UserId>,
     key_uploads: Keyed<(UserId, DeviceId)>,
     account_changes: Keyed<(UserId, DeviceId)>,
+    media_uploads: Keyed<(UserId, DeviceId)>,
     codes_per_source: Option<Keyed<crate::admission::Source>>,
     codes_total: Option<governor::DefaultDirectRateLimiter>,
 }
@@ -165,6 +175,7 @@ impl Budgets {
             one_time_claims_per_user: RateLimiter::keyed(config.one_time_claims_per_user.quota()),
             key_uploads: RateLimiter::keyed(config.key_uploads.quota()),
             account_changes: RateLimiter::keyed(config.account_changes.quota()),
+            media_uploads: RateLimiter::keyed(config.media_uploads.quota()),
             codes_per_source: config
                 .codes_per_source
                 .map(|b| RateLimiter::keyed(b.quota())),
@@ -247,6 +258,11 @@ impl Budgets {
                 self.config.account_changes,
                 "account changes",
             ),
+            Charge::MediaUpload => (
+                self.media_uploads.check_key(&key).map_err(Some),
+                self.config.media_uploads,
+                "media uploads",
+            ),
         };
         match result {
             Ok(()) => None,
@@ -270,6 +286,7 @@ impl Budgets {
         self.one_time_claims_per_user.retain_recent();
         self.key_uploads.retain_recent();
         self.account_changes.retain_recent();
+        self.media_uploads.retain_recent();
         self.ack_seqs.shrink_to_fit();
         self.lookups.shrink_to_fit();
         self.claims_per_target.shrink_to_fit();
@@ -277,6 +294,7 @@ impl Budgets {
         self.one_time_claims_per_user.shrink_to_fit();
         self.key_uploads.shrink_to_fit();
         self.account_changes.shrink_to_fit();
+        self.media_uploads.shrink_to_fit();
         if let Some(codes) = &self.codes_per_source {
             codes.retain_recent();
             codes.shrink_to_fit();
@@ -380,6 +398,7 @@ mod tests {
         assert!(limited(b.charge(1, 1, Charge::KeyUpload)));
         assert!(limited(b.charge(1, 1, Charge::AccountChange)));
         assert!(b.charge(1, 1, Charge::Lookup).is_none());
+        assert!(b.charge(1, 1, Charge::MediaUpload).is_none());
         b.prune();
     }
 

@@ -6,6 +6,8 @@
 //!   [`inbox`], over the [`storage`] engine (RocksDB); [`registry`] knows who is connected.
 //! - [`push`]: wakes devices without a connection through a webhook, APNs or FCM.
 //! - [`runtime`]: starts and stops a node; [`admin`] serves `/metrics`, `/healthz`, `/readyz`.
+//! - [`media`]: encrypted blobs: signed upload and download URLs, the media HTTP listener, and
+//!   the blob store (a local directory or S3-compatible object storage).
 //!
 //! `docs/architecture.md` is the guided tour.
 
@@ -23,6 +25,7 @@ pub mod groups;
 pub mod handoff;
 pub mod inbox;
 pub mod keys;
+pub mod media;
 pub mod metrics;
 pub mod moves;
 pub mod node_key;

@@ -86,6 +86,8 @@ struct Common {
     preauth_max: u32,
     #[command(flatten)]
     push: PushArgs,
+    #[command(flatten)]
+    media: MediaArgs,
 }
 
 /// Wake-up pushes to devices without a connection (docs/operations.md, "Push"). With no
@@ -239,6 +241,88 @@ fn push_config(a: PushArgs) -> Result<ringpost_node::push::PushConfig> {
     })
 }
 
+/// Media (encrypted blobs; docs/protocol.md#media), with `--listen-media`.
+#[derive(clap::Args, Debug)]
+struct MediaArgs {
+    /// The URL clients reach the media listener at, e.g. https://media.example.com (a TLS
+    /// proxy in front of it); at most 72 bytes. Default: http://<bound --listen-media address>.
+    #[arg(long, env = "RINGPOST_MEDIA_PUBLIC_URL")]
+    media_public_url: Option<String>,
+    /// Where blobs are stored: a local directory (--media-dir) or an S3-compatible bucket
+    /// (--media-s3-*).
+    #[arg(long, value_enum, default_value_t = MediaStoreKind::Local, env = "RINGPOST_MEDIA_STORE")]
+    media_store: MediaStoreKind,
+    /// Directory of the local blob store (default: DATA_DIR/media).
+    #[arg(long, env = "RINGPOST_MEDIA_DIR")]
+    media_dir: Option<PathBuf>,
+    /// S3 bucket of the blob store (with --media-store s3).
+    #[arg(long, env = "RINGPOST_MEDIA_S3_BUCKET")]
+    media_s3_bucket: Option<String>,
+    /// S3-compatible endpoint, e.g. http://127.0.0.1:9000 (default: AWS for the region).
+    #[arg(long, env = "RINGPOST_MEDIA_S3_ENDPOINT")]
+    media_s3_endpoint: Option<String>,
+    /// S3 region (default: AWS_REGION, else us-east-1).
+    #[arg(long, env = "RINGPOST_MEDIA_S3_REGION")]
+    media_s3_region: Option<String>,
+    /// S3 access key id (default: AWS_ACCESS_KEY_ID and the other AWS_* variables).
+    #[arg(long, env = "RINGPOST_MEDIA_S3_ACCESS_KEY_ID")]
+    media_s3_access_key_id: Option<String>,
+    /// S3 secret access key (default: AWS_SECRET_ACCESS_KEY).
+    #[arg(
+        long,
+        env = "RINGPOST_MEDIA_S3_SECRET_ACCESS_KEY",
+        hide_env_values = true
+    )]
+    media_s3_secret_access_key: Option<String>,
+    /// Largest blob a device may upload, in bytes (at most 100 MiB).
+    #[arg(long, default_value_t = ringpost_wire::limits::MEDIA_BYTES_MAX, env = "RINGPOST_MEDIA_BYTES_MAX",
+          value_parser = clap::value_parser!(u64).range(1..=ringpost_wire::limits::MEDIA_BYTES_MAX))]
+    media_bytes_max: u64,
+    /// Upload grants one device may get per hour (burst the same).
+    #[arg(long, default_value_t = ringpost_node::media::MEDIA_UPLOADS_PER_HOUR_DEFAULT, env = "RINGPOST_MEDIA_UPLOADS_PER_HOUR",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    media_uploads_per_hour: u32,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum MediaStoreKind {
+    Local,
+    S3,
+}
+
+impl MediaArgs {
+    fn options(
+        self,
+        listen: SocketAddr,
+        data_dir: &std::path::Path,
+    ) -> Result<ringpost_node::runtime::MediaOptions> {
+        use ringpost_node::media::store::{S3Config, StoreConfig};
+        let store = match self.media_store {
+            MediaStoreKind::Local => StoreConfig::Local {
+                dir: self.media_dir.unwrap_or_else(|| data_dir.join("media")),
+            },
+            MediaStoreKind::S3 => StoreConfig::S3(S3Config {
+                bucket: self
+                    .media_s3_bucket
+                    .context("--media-store s3 needs --media-s3-bucket")?,
+                endpoint: self.media_s3_endpoint.unwrap_or_default(),
+                region: self
+                    .media_s3_region
+                    .or_else(|| std::env::var("AWS_REGION").ok())
+                    .unwrap_or_default(),
+                access_key_id: self.media_s3_access_key_id.unwrap_or_default(),
+                secret_access_key: self.media_s3_secret_access_key.unwrap_or_default(),
+            }),
+        };
+        Ok(ringpost_node::runtime::MediaOptions {
+            listen,
+            public_url: self.media_public_url,
+            store,
+            blob_bytes_max: self.media_bytes_max,
+        })
+    }
+}
+
 #[derive(clap::Args, Debug)]
 struct DevArgs {
     /// WebSocket listener (plain). Port 0 picks a free port.
@@ -253,6 +337,9 @@ struct DevArgs {
     /// Admin HTTP listener: /metrics, /healthz, /readyz.
     #[arg(long, default_value = "127.0.0.1:7780", env = "RINGPOST_LISTEN_ADMIN")]
     listen_admin: SocketAddr,
+    /// Media HTTP listener: uploads and downloads of encrypted blobs.
+    #[arg(long, default_value = "127.0.0.1:7781", env = "RINGPOST_LISTEN_MEDIA")]
+    listen_media: SocketAddr,
     /// A host name or IP address the dev certificate must also cover, for wss and QUIC from
     /// other hosts (repeat it; the addresses the node listens on are added by themselves).
     #[arg(long = "tls-name", env = "RINGPOST_TLS_NAMES", value_delimiter = ',')]
@@ -278,6 +365,10 @@ struct RunArgs {
     /// Admin HTTP listener. Bind it to a private interface.
     #[arg(long, default_value = "127.0.0.1:7780", env = "RINGPOST_LISTEN_ADMIN")]
     listen_admin: SocketAddr,
+    /// Media HTTP listener (uploads and downloads of encrypted blobs; put a TLS proxy in front
+    /// and give its URL as --media-public-url). Omit to disable media.
+    #[arg(long, env = "RINGPOST_LISTEN_MEDIA")]
+    listen_media: Option<SocketAddr>,
     /// PEM certificate chain for wss and QUIC.
     #[arg(long, env = "RINGPOST_TLS_CERT")]
     tls_cert: Option<PathBuf>,
@@ -423,7 +514,7 @@ fn load_config_file() -> Result<()> {
     Ok(())
 }
 
-fn node_options(common: Common) -> Result<NodeOptions> {
+fn node_options(common: Common) -> Result<(NodeOptions, MediaArgs)> {
     let server = ringpost_node::server::ServerConfig {
         device_rate_per_s: common.device_rate,
         device_burst: common.device_burst,
@@ -439,11 +530,17 @@ fn node_options(common: Common) -> Result<NodeOptions> {
         },
         ..Default::default()
     };
+    let mut server = server;
+    use ringpost_node::budgets::Budget;
+    server.budgets.media_uploads = Budget::per_hour(
+        common.media.media_uploads_per_hour,
+        common.media.media_uploads_per_hour,
+    );
     let inbox = ringpost_node::inbox::InboxConfig {
         device_quota: common.inbox_quota,
         ..Default::default()
     };
-    Ok(NodeOptions {
+    let opts = NodeOptions {
         codes: CodeDelivery::Log { file: None },
         cluster: None,
         data_dir: common.data_dir,
@@ -459,11 +556,14 @@ fn node_options(common: Common) -> Result<NodeOptions> {
         replicate: false,
         replication: None,
         push: push_config(common.push)?,
-    })
+        media: None,
+    };
+    Ok((opts, common.media))
 }
 
 fn dev_options(args: DevArgs) -> Result<NodeOptions> {
-    let mut opts = node_options(args.common)?;
+    let (mut opts, media) = node_options(args.common)?;
+    opts.media = Some(media.options(args.listen_media, &opts.data_dir)?);
     opts.codes = CodeDelivery::Log {
         file: Some(opts.data_dir.join("verification-codes.txt")),
     };
@@ -476,7 +576,10 @@ fn dev_options(args: DevArgs) -> Result<NodeOptions> {
 }
 
 fn run_options(args: RunArgs) -> Result<NodeOptions> {
-    let mut opts = node_options(args.common)?;
+    let (mut opts, media) = node_options(args.common)?;
+    if let Some(listen) = args.listen_media {
+        opts.media = Some(media.options(listen, &opts.data_dir)?);
+    }
     use ringpost_node::budgets::Budget;
     opts.server.budgets.codes_per_source = (args.codes_per_source_per_hour > 0).then(|| {
         Budget::per_hour(
@@ -584,6 +687,9 @@ async fn serve(opts: NodeOptions, dev: bool) -> Result<()> {
     }
     if let Some(a) = b.admin {
         println!("listening admin http://{a}");
+    }
+    if let Some(a) = b.media {
+        println!("listening media http://{a}");
     }
     if let Some(ca) = &node.ca {
         println!("dev CA certificate (trust it in clients): {}", ca.display());

@@ -71,6 +71,19 @@ pub struct NodeOptions {
     pub replicate: bool,
     /// Ship every shard write to this sink instead (tests); takes precedence over `replicate`.
     pub replication: Option<ReplicationOptions>,
+    /// The media listener and blob store; `None`: media grants are answered `NotImplemented`.
+    pub media: Option<MediaOptions>,
+}
+
+/// The media listener and where its blobs go ([`crate::media`]).
+#[derive(Debug, Clone)]
+pub struct MediaOptions {
+    pub listen: SocketAddr,
+    /// The URL clients reach the listener at (a proxy's, say); `None`: `http://<bound address>`.
+    pub public_url: Option<String>,
+    pub store: crate::media::store::StoreConfig,
+    /// Largest blob granted (at most `MEDIA_BYTES_MAX`, 100 MiB).
+    pub blob_bytes_max: u64,
 }
 
 /// How a node replicates its shards' writes.
@@ -182,6 +195,7 @@ pub struct Bound {
     pub wss: Option<SocketAddr>,
     pub quic: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
+    pub media: Option<SocketAddr>,
 }
 
 /// A running node.
@@ -359,6 +373,28 @@ impl Node {
             let l = listen_tcp(addr).with_context(|| format!("binding admin {addr}"))?;
             bound.admin = Some(l.local_addr()?);
             tasks.spawn(crate::admin::serve(l, server.clone()));
+        }
+        if let Some(m) = &opts.media {
+            let l = listen_tcp(m.listen).with_context(|| format!("binding media {}", m.listen))?;
+            let addr = l.local_addr()?;
+            bound.media = Some(addr);
+            let secret = opts.cluster.as_ref().map(|c| c.secret.expose());
+            let key = crate::media::url_key(&opts.data_dir, secret).map_err(anyhow::Error::msg)?;
+            let public_url = m
+                .public_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{addr}"));
+            let mut config = crate::media::MediaConfig::new(public_url, m.store.clone(), key);
+            config.blob_bytes_max = m.blob_bytes_max;
+            let media = crate::media::Media::new(config, crate::media::wall_clock())
+                .map_err(|e| anyhow::anyhow!("media: {e}"))?;
+            let _ = server.media.set(media.clone());
+            tasks.spawn(crate::media::http::serve(l, media.clone()));
+            let s = Arc::downgrade(&server);
+            tasks.spawn(crate::media::sweep_periodically(media, move || {
+                // The expiry clock: a wall clock that jumped ahead deletes nothing early.
+                s.upgrade().map_or(0, |s| s.expiry_now_ms())
+            }));
         }
         tasks.spawn(housekeeping(server.clone()));
         if opts.push.enabled() || push.depth() > 0 {

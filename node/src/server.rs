@@ -116,6 +116,8 @@ pub struct Server {
     /// Places of unauthenticated connections (see [`crate::admission`]).
     pub admission: Arc<crate::admission::Admission>,
     pub metrics: Arc<Metrics>,
+    /// Media grants ([`crate::media`]); unset when the node has no media listener.
+    pub media: std::sync::OnceLock<Arc<crate::media::Media>>,
     limiter: DefaultKeyedRateLimiter<(UserId, DeviceId)>,
     pub(crate) budgets: crate::budgets::Budgets,
     /// Counters of uploads, claims, low-key events and identity announcements.
@@ -170,6 +172,7 @@ impl Server {
             push: std::sync::OnceLock::new(),
             admission: crate::admission::Admission::new(config.preauth),
             metrics,
+            media: std::sync::OnceLock::new(),
             limiter: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
             budgets: crate::budgets::Budgets::new(config.budgets),
             keys_metrics: Default::default(),
@@ -571,7 +574,37 @@ impl Server {
                 }
                 crate::groups::serve::request(self, user, device, body)
             }
+            // Media (crate::media): a grant is signed here; the upload goes to the media listener.
+            Body::MediaUploadRequest(r) => {
+                let answer = self.media_grant(user, device, &r);
+                Box::pin(async move { answer })
+            }
             other => Box::pin(async move { server.device_control(user, device, other).await }),
+        }
+    }
+
+    /// Answers a `MediaUploadRequest`: checked, then charged to the device's media budget.
+    fn media_grant(
+        &self,
+        user: UserId,
+        device: DeviceId,
+        request: &ringpost_wire::MediaUploadRequest,
+    ) -> Answer {
+        let Some(media) = self.media.get() else {
+            return error(
+                ErrorCode::NotImplemented,
+                "media is not enabled on this node (it has no media listener)",
+            );
+        };
+        if let Err(e) = media.check(request) {
+            return error(e.code(), &e.to_string());
+        }
+        if let Some(refused) = self.over_budget(user, device, crate::budgets::Charge::MediaUpload) {
+            return refused;
+        }
+        match media.grant(user, device, request) {
+            Ok(grant) => frames(grant),
+            Err(e) => error(e.code(), &e.to_string()),
         }
     }
 
@@ -678,10 +711,6 @@ impl Server {
             | Body::GroupReceipt(_) => error(
                 ErrorCode::UnexpectedFrame,
                 "groups are not served by this node version yet",
-            ),
-            Body::MediaUploadRequest(_) => error(
-                ErrorCode::NotImplemented,
-                "media upload grants are not served by this node version yet",
             ),
             other => error(
                 ErrorCode::UnexpectedFrame,

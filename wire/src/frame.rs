@@ -699,10 +699,14 @@ pub struct GroupInfo {
     pub invite_code: Bytes,
 }
 
-/// c→s: I want to upload an encrypted blob of `size` bytes.
+/// c→s: I want to upload an encrypted blob of `size` bytes whose SHA-256 is `sha256`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MediaUploadRequest {
     pub size: u64,
+    /// Exactly 32 bytes: the SHA-256 of the ciphertext.
+    pub sha256: Bytes,
+    /// Informational, at most `STRING_BYTES_MAX` bytes.
+    pub content_type: String,
 }
 
 /// s→c: signed URLs for the upload and later downloads.

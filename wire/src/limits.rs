@@ -86,6 +86,9 @@ pub const GROUP_INVITE_CODE_BYTES: usize = 16;
 /// Largest media object a grant may be asked for (100 MiB).
 pub const MEDIA_BYTES_MAX: u64 = 100 * 1024 * 1024;
 
+/// Length of `MediaUploadRequest.sha256`: a SHA-256 digest of the ciphertext (exact).
+pub const MEDIA_SHA256_BYTES: usize = 32;
+
 /// Largest `Migrate.reconnect_after_ms` (one minute): how long a node may keep a moved device
 /// away from its new owner. A node spreads the reconnects of a moved shard's devices over at most
 /// this long; a client waits at most this long, whatever a frame says.

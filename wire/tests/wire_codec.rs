@@ -411,6 +411,13 @@ fn frame_with(field: &str, len: usize) -> Frame {
             invite_code: Bytes::from(vec![9; 16]),
         })
     };
+    let media_request = |size: u64, sha256: Bytes, content_type: String| {
+        Body::MediaUploadRequest(MediaUploadRequest {
+            size,
+            sha256,
+            content_type,
+        })
+    };
     let grant = |media_id: String, upload_url: String, download_url: String| {
         Body::MediaUploadGrant(MediaUploadGrant {
             media_id,
@@ -572,9 +579,9 @@ fn frame_with(field: &str, len: usize) -> Frame {
             demoted: ids(len),
             ..Default::default()
         }),
-        "MediaUploadRequest.size" => {
-            Body::MediaUploadRequest(MediaUploadRequest { size: len as u64 })
-        }
+        "MediaUploadRequest.size" => media_request(len as u64, blob(32), String::new()),
+        "MediaUploadRequest.sha256" => media_request(1, blob(len), String::new()),
+        "MediaUploadRequest.content_type" => media_request(1, blob(32), text(len)),
         "MediaUploadGrant.media_id" => grant(text(len), String::new(), String::new()),
         "MediaUploadGrant.upload_url" => grant(String::new(), text(len), String::new()),
         "MediaUploadGrant.download_url" => grant(String::new(), String::new(), text(len)),

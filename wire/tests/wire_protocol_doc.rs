@@ -129,6 +129,7 @@ fn limit_table_matches_the_code() {
         ),
         ("MEDIA_BYTES_MAX", MEDIA_BYTES_MAX),
         ("PUSH_TOKEN_BYTES_MAX", PUSH_TOKEN_BYTES_MAX as u64),
+        ("MEDIA_SHA256_BYTES", MEDIA_SHA256_BYTES as u64),
         (
             "MIGRATE_RECONNECT_AFTER_MS_MAX",
             u64::from(MIGRATE_RECONNECT_AFTER_MS_MAX),

@@ -36,6 +36,8 @@ impl TestNode {
             "127.0.0.1:0",
             "--listen-admin",
             "127.0.0.1:0",
+            "--listen-media",
+            "127.0.0.1:0",
         ]
         .iter()
         .map(|s| s.to_string())

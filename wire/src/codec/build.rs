@@ -472,7 +472,11 @@ fn body(fbb: &mut Fbb<'_>, body: &Body) -> Off<UnionWIPOffset> {
             fb::BroadcastAck::create(fbb, &args).as_union_value()
         }
         Body::MediaUploadRequest(b) => {
-            let args = fb::MediaUploadRequestArgs { size: b.size };
+            let args = fb::MediaUploadRequestArgs {
+                size: b.size,
+                sha256: bytes(fbb, &b.sha256),
+                content_type: string(fbb, &b.content_type),
+            };
             fb::MediaUploadRequest::create(fbb, &args).as_union_value()
         }
         Body::MediaUploadGrant(b) => {

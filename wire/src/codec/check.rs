@@ -145,6 +145,12 @@ const GROUP_EVENT_PROMOTED: Max = Max::new("GroupEvent.promoted", GROUP_MEMBERS_
 const GROUP_EVENT_DEMOTED: Max = Max::new("GroupEvent.demoted", GROUP_MEMBERS_MAX);
 const MEDIA_UPLOAD_REQUEST_SIZE: Max =
     Max::new("MediaUploadRequest.size", MEDIA_BYTES_MAX as usize);
+const MEDIA_UPLOAD_REQUEST_SHA256: Exact = Exact {
+    field: "MediaUploadRequest.sha256",
+    len: MEDIA_SHA256_BYTES,
+};
+const MEDIA_UPLOAD_REQUEST_CONTENT_TYPE: Max =
+    Max::new("MediaUploadRequest.content_type", STRING_BYTES_MAX);
 const MEDIA_UPLOAD_GRANT_MEDIA_ID: Max = Max::new("MediaUploadGrant.media_id", STRING_BYTES_MAX);
 const MEDIA_UPLOAD_GRANT_UPLOAD_URL: Max =
     Max::new("MediaUploadGrant.upload_url", STRING_BYTES_MAX);
@@ -255,6 +261,8 @@ pub const BOUNDS: &[FieldBound] = &[
     GROUP_EVENT_PROMOTED.bound(),
     GROUP_EVENT_DEMOTED.bound(),
     MEDIA_UPLOAD_REQUEST_SIZE.bound(),
+    MEDIA_UPLOAD_REQUEST_SHA256.bound(),
+    MEDIA_UPLOAD_REQUEST_CONTENT_TYPE.bound(),
     MEDIA_UPLOAD_GRANT_MEDIA_ID.bound(),
     MEDIA_UPLOAD_GRANT_UPLOAD_URL.bound(),
     MEDIA_UPLOAD_GRANT_DOWNLOAD_URL.bound(),
@@ -404,7 +412,11 @@ pub(crate) fn sent(body: &Body) -> Result<(), Violation> {
             GROUP_EVENT_PROMOTED.check(b.promoted.len())?;
             GROUP_EVENT_DEMOTED.check(b.demoted.len())
         }
-        Body::MediaUploadRequest(b) => MEDIA_UPLOAD_REQUEST_SIZE.check(size_len(b.size)),
+        Body::MediaUploadRequest(b) => {
+            MEDIA_UPLOAD_REQUEST_SIZE.check(size_len(b.size))?;
+            MEDIA_UPLOAD_REQUEST_SHA256.check(b.sha256.len())?;
+            MEDIA_UPLOAD_REQUEST_CONTENT_TYPE.check(b.content_type.len())
+        }
         Body::MediaUploadGrant(b) => {
             MEDIA_UPLOAD_GRANT_MEDIA_ID.check(b.media_id.len())?;
             MEDIA_UPLOAD_GRANT_UPLOAD_URL.check(b.upload_url.len())?;
@@ -708,6 +720,8 @@ pub(crate) fn received<'a>(root: fb::Frame<'a>, kind: FrameKind) -> Result<Hot<'
         K::MediaUploadRequest => {
             let t = table(root.body_as_media_upload_request())?;
             MEDIA_UPLOAD_REQUEST_SIZE.check(size_len(t.size()))?;
+            MEDIA_UPLOAD_REQUEST_SHA256.check(vec_len(t.sha256()))?;
+            MEDIA_UPLOAD_REQUEST_CONTENT_TYPE.check(str_len(t.content_type()))?;
         }
         K::MediaUploadGrant => {
             let t = table(root.body_as_media_upload_grant())?;

@@ -536,7 +536,11 @@ pub(crate) fn body(
         }
         K::MediaUploadRequest => {
             let t = table(root.body_as_media_upload_request())?;
-            Body::MediaUploadRequest(MediaUploadRequest { size: t.size() })
+            Body::MediaUploadRequest(MediaUploadRequest {
+                size: t.size(),
+                sha256: src.vec(t.sha256()),
+                content_type: string(t.content_type()),
+            })
         }
         K::MediaUploadGrant => {
             let t = table(root.body_as_media_upload_grant())?;

@@ -7882,7 +7882,9 @@ impl ::core::fmt::Debug for StatusPost<'_> {
 pub enum MediaUploadRequestOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
-/// c→s: I want to upload an encrypted blob of `size` bytes (at most MEDIA_BYTES_MAX, 100 MiB).
+/// c→s: I want to upload an encrypted blob of `size` bytes (at most MEDIA_BYTES_MAX, 100 MiB)
+/// whose SHA-256 is `sha256`. Answered by MediaUploadGrant; the upload itself is an HTTP PUT to
+/// the granted URL (docs/protocol.md#media).
 pub struct MediaUploadRequest<'a> {
   pub _tab: ::flatbuffers::Table<'a>,
 }
@@ -7897,6 +7899,8 @@ impl<'a> ::flatbuffers::Follow<'a> for MediaUploadRequest<'a> {
 
 impl<'a> MediaUploadRequest<'a> {
   pub const VT_SIZE: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SHA256: ::flatbuffers::VOffsetT = 6;
+  pub const VT_CONTENT_TYPE: ::flatbuffers::VOffsetT = 8;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -7905,10 +7909,12 @@ impl<'a> MediaUploadRequest<'a> {
   #[allow(unused_mut)]
   pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
     _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args MediaUploadRequestArgs
+    args: &'args MediaUploadRequestArgs<'args>
   ) -> ::flatbuffers::WIPOffset<MediaUploadRequest<'bldr>> {
     let mut builder = MediaUploadRequestBuilder::new(_fbb);
     builder.add_size(args.size);
+    if let Some(x) = args.content_type { builder.add_content_type(x); }
+    if let Some(x) = args.sha256 { builder.add_sha256(x); }
     builder.finish()
   }
 
@@ -7920,6 +7926,22 @@ impl<'a> MediaUploadRequest<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(MediaUploadRequest::VT_SIZE, Some(0)).unwrap()}
   }
+  /// Exactly 32 bytes: the SHA-256 of the ciphertext to be uploaded (the blob's identity).
+  #[inline]
+  pub fn sha256(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(MediaUploadRequest::VT_SHA256, None)}
+  }
+  /// At most STRING_BYTES_MAX (256) bytes; informational (the blob is ciphertext either way).
+  #[inline]
+  pub fn content_type(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(MediaUploadRequest::VT_CONTENT_TYPE, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for MediaUploadRequest<'_> {
@@ -7929,18 +7951,24 @@ impl ::flatbuffers::Verifiable for MediaUploadRequest<'_> {
   ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
     v.visit_table(pos)?
      .visit_field::<u64>("size", Self::VT_SIZE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("sha256", Self::VT_SHA256, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("content_type", Self::VT_CONTENT_TYPE, false)?
      .finish();
     Ok(())
   }
 }
-pub struct MediaUploadRequestArgs {
+pub struct MediaUploadRequestArgs<'a> {
     pub size: u64,
+    pub sha256: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub content_type: Option<::flatbuffers::WIPOffset<&'a str>>,
 }
-impl<'a> Default for MediaUploadRequestArgs {
+impl<'a> Default for MediaUploadRequestArgs<'a> {
   #[inline]
   fn default() -> Self {
     MediaUploadRequestArgs {
       size: 0,
+      sha256: None,
+      content_type: None,
     }
   }
 }
@@ -7953,6 +7981,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> MediaUploadRequestBuilder<'a,
   #[inline]
   pub fn add_size(&mut self, size: u64) {
     self.fbb_.push_slot::<u64>(MediaUploadRequest::VT_SIZE, size, 0);
+  }
+  #[inline]
+  pub fn add_sha256(&mut self, sha256: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(MediaUploadRequest::VT_SHA256, sha256);
+  }
+  #[inline]
+  pub fn add_content_type(&mut self, content_type: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(MediaUploadRequest::VT_CONTENT_TYPE, content_type);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> MediaUploadRequestBuilder<'a, 'b, A> {
@@ -7973,6 +8009,8 @@ impl ::core::fmt::Debug for MediaUploadRequest<'_> {
   fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
     let mut ds = f.debug_struct("MediaUploadRequest");
       ds.field("size", &self.size());
+      ds.field("sha256", &self.sha256());
+      ds.field("content_type", &self.content_type());
       ds.finish()
   }
 }
@@ -8016,7 +8054,8 @@ impl<'a> MediaUploadGrant<'a> {
   }
 
 
-  /// Each at most STRING_BYTES_MAX (256) bytes.
+  /// Each at most STRING_BYTES_MAX (256) bytes. `media_id` is the lowercase hex SHA-256 of the
+  /// ciphertext.
   #[inline]
   pub fn media_id(&self) -> Option<&'a str> {
     // Safety:
@@ -8024,6 +8063,7 @@ impl<'a> MediaUploadGrant<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(MediaUploadGrant::VT_MEDIA_ID, None)}
   }
+  /// PUT the ciphertext here before `expires_at_ms`.
   #[inline]
   pub fn upload_url(&self) -> Option<&'a str> {
     // Safety:
@@ -8031,6 +8071,7 @@ impl<'a> MediaUploadGrant<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(MediaUploadGrant::VT_UPLOAD_URL, None)}
   }
+  /// GET it here (with Range) while the blob lives: 30 days from its upload.
   #[inline]
   pub fn download_url(&self) -> Option<&'a str> {
     // Safety:
@@ -8038,6 +8079,7 @@ impl<'a> MediaUploadGrant<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(MediaUploadGrant::VT_DOWNLOAD_URL, None)}
   }
+  /// When `upload_url` stops being accepted.
   #[inline]
   pub fn expires_at_ms(&self) -> u64 {
     // Safety:

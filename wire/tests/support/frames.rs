@@ -428,8 +428,18 @@ pub fn body(kind: FrameKind) -> BoxedStrategy<Body> {
                 })
             })
             .boxed(),
-        K::MediaUploadRequest => (0..=MEDIA_BYTES_MAX)
-            .prop_map(|size| Body::MediaUploadRequest(MediaUploadRequest { size }))
+        K::MediaUploadRequest => (
+            0..=MEDIA_BYTES_MAX,
+            proptest::collection::vec(any::<u8>(), MEDIA_SHA256_BYTES),
+            text(),
+        )
+            .prop_map(|(size, sha256, content_type)| {
+                Body::MediaUploadRequest(MediaUploadRequest {
+                    size,
+                    sha256: Bytes::from(sha256),
+                    content_type,
+                })
+            })
             .boxed(),
         K::MediaUploadGrant => (text(), text(), text(), any::<u64>())
             .prop_map(|(media_id, upload_url, download_url, expires_at_ms)| {
