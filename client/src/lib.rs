@@ -46,8 +46,8 @@ pub mod dedup;
 pub mod dev;
 pub mod endpoint;
 pub mod error;
-pub mod prekeys;
 pub mod media;
+pub mod prekeys;
 pub mod tls;
 
 pub use backoff::{Backoff, RECONNECT_BACKOFF_BASE, RECONNECT_BACKOFF_CAP};

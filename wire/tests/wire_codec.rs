@@ -356,11 +356,6 @@ fn frame_with(field: &str, len: usize) -> Frame {
     let one_time = |key: usize, signature: usize| OneTimePrekey {
         id: 1,
         key: blob(key),
-        signature: blob(1),
-    };
-    let one_time_signed = |signature: usize| OneTimePrekey {
-        id: 1,
-        key: blob(1),
         signature: blob(signature),
     };
     let upload = |identity: usize, signed: SignedPrekey, one_time: Vec<OneTimePrekey>| {
@@ -486,8 +481,8 @@ fn frame_with(field: &str, len: usize) -> Frame {
         }),
         "SignedPrekey.key" => upload(1, signed(len, 1), vec![]),
         "SignedPrekey.signature" => upload(1, signed(1, len), vec![]),
-        "OneTimePrekey.key" => upload(1, signed(1, 1), vec![one_time(len)]),
-        "OneTimePrekey.signature" => upload(1, signed(1, 1), vec![one_time_signed(len)]),
+        "OneTimePrekey.key" => upload(1, signed(1, 1), vec![one_time(len, 1)]),
+        "OneTimePrekey.signature" => upload(1, signed(1, 1), vec![one_time(1, len)]),
         "PrekeyUpload.identity_key" => upload(len, signed(1, 1), vec![]),
         "PrekeyUpload.one_time" => upload(1, signed(1, 1), vec![one_time(1, 1); len]),
         "DeviceBundle.identity_key" => bundle(1, len),

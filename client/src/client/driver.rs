@@ -415,7 +415,6 @@ impl Driver {
                 tracing::warn!(code = error.code, message = %error.message, "node reported an error");
             }
             Body::Error(_) | Body::Pong(_) => {}
-            Body::PrekeyCount(c) => self.emit_lossy(Event::PrekeyCount { count: c.count }),
             other => tracing::debug!(kind = other.name(), "ignoring an unprompted frame"),
         }
         None

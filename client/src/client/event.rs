@@ -86,7 +86,7 @@ pub enum Event {
         server_time_ms: u64,
     },
     /// Claims took this device below `PREKEY_LOW_WATERMARK` one-time prekeys (an unprompted
-    /// `PrekeyCount`): `count` are left; upload more.
+    /// `PrekeyCount`): `count` are left; upload more ([`crate::crypto::SecureClient`] does).
     PrekeysLow { count: u32 },
     /// A contact started or stopped typing to us.
     Typing(Typing),
@@ -110,9 +110,6 @@ pub enum Event {
     },
     /// A new connection is up and authenticated; `reconnects` counts them since connect.
     Reconnected { welcome: Welcome, reconnects: u64 },
-    /// The node said, unprompted (`req` 0), how many one-time prekeys this device has left:
-    /// upload more when it is low ([`crate::crypto::SecureClient`] does).
-    PrekeyCount { count: u32 },
 }
 
 impl Event {

@@ -482,7 +482,7 @@ impl SecureClient {
                         event,
                     }))
                 }
-                Event::PrekeyCount { count } => {
+                Event::PrekeysLow { count } => {
                     let mut m = self.inner.machine.lock().await;
                     if let Err(e) = self.top_up_from(&mut m, count).await {
                         tracing::warn!(error = %e, "topping up one-time prekeys failed");
