@@ -33,7 +33,6 @@ pub struct BroadcastMetrics {
 impl BroadcastMetrics {
     /// Appends the counters in the Prometheus text format.
     pub fn render(&self, out: &mut String) {
-        use std::fmt::Write as _;
         let counters: [(&str, &str, &AtomicU64); 5] = [
             ("sends", "BroadcastSend frames answered.", &self.sends),
             (
@@ -57,13 +56,7 @@ impl BroadcastMetrics {
                 &self.recipients_not_contact,
             ),
         ];
-        for (name, help, v) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP ringpost_broadcast_{name}_total {help}\n# TYPE ringpost_broadcast_{name}_total counter\nringpost_broadcast_{name}_total {}",
-                v.load(Relaxed)
-            );
-        }
+        crate::metrics::write_counters(out, "ringpost_broadcast_", "_total", &counters);
     }
 }
 

@@ -180,7 +180,6 @@ pub struct GroupMetrics {
 impl GroupMetrics {
     /// Appends the counters in the Prometheus text format.
     pub fn render(&self, out: &mut String) {
-        use std::fmt::Write as _;
         let counters: [(&str, &str, &AtomicU64); 14] = [
             ("created", "Groups created.", &self.created),
             ("updates", "Group changes applied.", &self.updates),
@@ -237,13 +236,7 @@ impl GroupMetrics {
                 &self.typing,
             ),
         ];
-        for (name, help, v) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP ringpost_group_{name}_total {help}\n# TYPE ringpost_group_{name}_total counter\nringpost_group_{name}_total {}",
-                v.load(Relaxed)
-            );
-        }
+        crate::metrics::write_counters(out, "ringpost_group_", "_total", &counters);
     }
 }
 

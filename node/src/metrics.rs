@@ -331,13 +331,7 @@ impl Metrics {
                 &self.commit_group_requests,
             ),
         ];
-        for (name, help, v) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v.load(Relaxed)
-            );
-        }
+        write_counters(&mut out, "", "", &counters);
         let _ = writeln!(
             out,
             "# HELP ringpost_inbox_entries Entries stored in device inboxes.\n# TYPE ringpost_inbox_entries gauge\nringpost_inbox_entries {}",
@@ -400,6 +394,22 @@ impl Metrics {
         let mut out = self.render();
         groups.render(&mut out);
         out
+    }
+}
+
+/// Writes Prometheus counters named `{prefix}{name}{suffix}`, each with its HELP and TYPE lines.
+pub fn write_counters(
+    out: &mut String,
+    prefix: &str,
+    suffix: &str,
+    counters: &[(&str, &str, &AtomicU64)],
+) {
+    for (name, help, v) in counters {
+        let _ = writeln!(
+            out,
+            "# HELP {prefix}{name}{suffix} {help}\n# TYPE {prefix}{name}{suffix} counter\n{prefix}{name}{suffix} {}",
+            v.load(Relaxed)
+        );
     }
 }
 

@@ -73,7 +73,6 @@ impl Status {
 impl StatusMetrics {
     /// Appends the counters in the Prometheus text format.
     pub fn render(&self, out: &mut String) {
-        use std::fmt::Write as _;
         let counters: [(&str, &str, &AtomicU64); 5] = [
             ("posts", "Status items posted by this node's users.", &self.posts),
             (
@@ -97,13 +96,7 @@ impl StatusMetrics {
                 &self.not_contact,
             ),
         ];
-        for (name, help, v) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP ringpost_status_{name}_total {help}\n# TYPE ringpost_status_{name}_total counter\nringpost_status_{name}_total {}",
-                v.load(Relaxed)
-            );
-        }
+        crate::metrics::write_counters(out, "ringpost_status_", "_total", &counters);
     }
 }
 

@@ -44,7 +44,6 @@ pub struct KeysMetrics {
 impl KeysMetrics {
     /// Appends the counters in the Prometheus text format.
     pub fn render(&self, out: &mut String) {
-        use std::fmt::Write as _;
         let counters: [(&str, &str, &AtomicU64); 7] = [
             ("uploads", "Prekey uploads stored.", &self.uploads),
             (
@@ -78,13 +77,7 @@ impl KeysMetrics {
                 &self.identity_announcements,
             ),
         ];
-        for (name, help, v) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP ringpost_keys_{name}_total {help}\n# TYPE ringpost_keys_{name}_total counter\nringpost_keys_{name}_total {}",
-                v.load(Relaxed)
-            );
-        }
+        crate::metrics::write_counters(out, "ringpost_keys_", "_total", &counters);
     }
 }
 

@@ -66,13 +66,7 @@ impl PushMetrics {
             ("ringpost_push_dropped_total", "Pushes dropped without a provider call or after a final refusal (no token, provider not configured, shard moved).", &self.dropped),
             ("ringpost_push_tokens_removed_total", "Push tokens removed because their provider called them invalid.", &self.tokens_removed),
         ];
-        for (name, help, v) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v.load(Relaxed)
-            );
-        }
+        crate::metrics::write_counters(out, "", "", &counters);
         let _ = writeln!(
             out,
             "# HELP ringpost_push_queue_depth Pushes pending (at most one per device).\n# TYPE ringpost_push_queue_depth gauge\nringpost_push_queue_depth {}",
