@@ -222,6 +222,11 @@ pub enum StorageError {
     /// and the replicas detect the missing record as a gap and catch up.
     #[error("not replicated: {0}")]
     Replication(String),
+    /// Refused before anything was written: the batch touches a shard this node is not the
+    /// primary of at its ring epoch ([`crate::replication::ReplicatingEngine::set_ring`]; the
+    /// shard moved while the batch was being built). Nothing is wrong with the disk.
+    #[error("not written: {0}")]
+    NotPrimary(String),
 }
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;

@@ -894,6 +894,7 @@ fn with_replicate_every_replica_holds_what_its_primary_acknowledged() {
             shard,
             lsn: 1,
             epoch: view.epoch,
+            base_epoch: 0,
             ops: vec![Op::Put {
                 cf: Cf::Inbox,
                 key: [&shard.to_be_bytes()[..], b"forged"].concat(),

@@ -229,8 +229,9 @@ impl StorageHealth {
         let mut guard = self.failing.lock().unwrap_or_else(|p| p.into_inner());
         match result {
             Ok(()) => *guard = None,
-            // Written here, not confirmed by the replicas: the disk is not what failed.
-            Err(StorageError::Replication(_)) => {}
+            // Written here, not confirmed by the replicas; or refused because a shard moved:
+            // the disk is not what failed.
+            Err(StorageError::Replication(_) | StorageError::NotPrimary(_)) => {}
             Err(e) => {
                 let since = guard
                     .as_ref()

@@ -290,6 +290,7 @@ async fn a_replicate_is_refused_only_for_the_shards_whose_roles_do_not_hold() {
             shard,
             1,
             view.epoch,
+            0,
             vec![Op::Put {
                 cf: Cf::Inbox,
                 key: key(shard, &[b"k"]),

@@ -34,8 +34,8 @@ pub enum ApplyError {
         got: u64,
         needs: u64,
     },
-    /// The next record comes from an older epoch than the last one applied: its writer is no
-    /// longer the primary (fenced).
+    /// The record comes from an older epoch than a record or snapshot this copy took
+    /// (its [`Position::fence`]): its writer is no longer the primary (fenced).
     #[error(
         "shard {shard}: record {lsn} is of epoch {epoch}, this copy is at epoch {applied_epoch}"
     )]
@@ -45,8 +45,10 @@ pub enum ApplyError {
         epoch: u64,
         applied_epoch: u64,
     },
-    /// A record at or below the position from a later epoch than the position's: this copy
-    /// holds records the new primary does not have. It needs a snapshot.
+    /// The copy's log differs from the record's writer's: a record at or below the position
+    /// from a later epoch than the position's, or the next record written after a record of
+    /// another epoch than the copy's last. This copy holds records the primary does not have
+    /// (or lacks some it has at the same LSNs). It needs a snapshot.
     #[error("shard {shard}: record {lsn} of epoch {epoch} rewrites history this copy holds up to {applied:?}")]
     Diverged {
         shard: ShardId,
@@ -70,21 +72,30 @@ pub enum ApplyError {
 /// record's ops and then its shard's new [`Position`] (LSN and epoch), so a crash keeps a prefix
 /// of the records with positions that match their data.
 ///
-/// For each log record, against its shard's position `p` in this copy:
-/// - `lsn <= p.lsn`: already applied (a re-send), skipped; unless its epoch is later than
-///   `p.epoch` ([`ApplyError::Diverged`]).
-/// - `lsn == p.lsn + 1`: applied, unless its epoch is earlier than `p.epoch`
-///   ([`ApplyError::StaleEpoch`]).
+/// Every record of an epoch earlier than `p.fence` (the latest epoch this copy took anything
+/// from) is refused as stale ([`ApplyError::StaleEpoch`]): its writer was deposed, and what it
+/// sends is never counted as held here. Otherwise, for each log record against its shard's
+/// position `p` in this copy:
+/// - `lsn <= p.lsn`: if its epoch is `p.epoch` (or `p.fence`, right after a snapshot from that
+///   epoch's primary), already applied (a re-send) and skipped: one primary writes an epoch's
+///   records, and this copy's log matches that primary's up to `p.lsn` (below). If its epoch is
+///   later, this copy's record there is another one ([`ApplyError::Diverged`]).
+/// - `lsn == p.lsn + 1`: applied if it was written after a record of `p.epoch`
+///   ([`ShardLogRecord::base_epoch`]); else this copy's record at `p.lsn` is not the writer's
+///   ([`ApplyError::Diverged`]). This is what keeps a copy that took records its primary could
+///   not replicate (cut off, then deposed) from taking the next primary's records on top of
+///   them when the LSNs happen to line up.
 /// - `lsn > p.lsn + 1`: refused ([`ApplyError::Gap`], naming the LSN needed).
 ///
-/// A snapshot chunk ([`RecordKind::Snapshot`]) from an epoch earlier than `p.epoch` is refused
+/// A snapshot chunk ([`RecordKind::Snapshot`]) from an epoch earlier than `p.fence` is refused
 /// as stale. The first chunk of a session (index 0) deletes every row of the shard in this
-/// copy, then writes its rows, sets the position to the chunk's LSN and epoch and marks the
-/// copy as catching up in `session` ([`read_catch_up`]). A later chunk must be the next index
-/// of that session, at exactly the position the copy has (the log records the primary wrote between the two chunks
-/// come between them, so the copy is where the primary was when it read the chunk), else
-/// [`ApplyError::CatchUp`]. The last chunk removes the mark: from then on the copy equals the
-/// primary's at that position, and the log records after it keep it so.
+/// copy, then writes its rows, sets the position to the chunk's LSN and base epoch (the
+/// primary's own position) and marks the copy as catching up in `session` ([`read_catch_up`]).
+/// A later chunk must be the next index of that session, at exactly the position the copy has
+/// (the log records the primary wrote between the two chunks come between them, so the copy is
+/// where the primary was when it read the chunk), else [`ApplyError::CatchUp`]. The last chunk
+/// removes the mark: from then on the copy equals the primary's at that position, and the log
+/// records after it keep it so.
 ///
 /// Why this is exact: the rows up to the previous chunk's last key equal the primary's at that
 /// chunk's LSN; the records applied since move both copies alike; the new chunk carries the
@@ -178,23 +189,29 @@ fn step(
     };
     let position = copy.position;
     let mut catch_up = copy.catch_up;
-    // Its writer was deposed: this copy holds records of a later epoch.
+    // Its writer was deposed: this copy took records of a later epoch.
     let stale = ApplyError::StaleEpoch {
         shard,
         lsn: record.lsn,
         epoch: record.epoch,
-        applied_epoch: position.epoch,
+        applied_epoch: position.fence.max(position.epoch),
     };
-    match record.kind {
+    if record.epoch < position.fence.max(position.epoch) {
+        return Err(stale);
+    }
+    let diverged = ApplyError::Diverged {
+        shard,
+        lsn: record.lsn,
+        epoch: record.epoch,
+        applied: position,
+    };
+    let after = match record.kind {
         RecordKind::Log => {
             if record.lsn <= position.lsn {
-                if record.epoch > position.epoch {
-                    return Err(ApplyError::Diverged {
-                        shard,
-                        lsn: record.lsn,
-                        epoch: record.epoch,
-                        applied: position,
-                    });
+                // The writer of `fence` wrote or cut everything here up to `lsn` (a snapshot
+                // leaves `epoch` below `fence` until the next record).
+                if record.epoch != position.epoch && record.epoch != position.fence {
+                    return Err(diverged);
                 }
                 return Ok(false);
             }
@@ -206,19 +223,17 @@ fn step(
                     needs: position.lsn + 1,
                 });
             }
-            if record.epoch < position.epoch {
-                return Err(stale);
+            if record.base_epoch != position.epoch {
+                return Err(diverged);
             }
             batch.ops.extend(record.ops.iter().cloned());
+            Position::after(record.lsn, record.epoch, position.fence)
         }
         RecordKind::Snapshot {
             session,
             index,
             last,
         } => {
-            if record.epoch < position.epoch {
-                return Err(stale);
-            }
             let refuse = |reason| ApplyError::CatchUp {
                 shard,
                 lsn: record.lsn,
@@ -230,7 +245,7 @@ fn step(
                 return Err(refuse("this copy is not in that catch-up session"));
             } else if catch_up.map(|m| m.next) != Some(index) {
                 return Err(refuse("the chunk does not follow the last one applied"));
-            } else if position.lsn != record.lsn {
+            } else if (position.lsn, position.epoch) != (record.lsn, record.base_epoch) {
                 return Err(refuse("this copy is not at the chunk's position"));
             }
             batch.ops.extend(record.ops.iter().cloned());
@@ -245,12 +260,14 @@ fn step(
                 batch.put(Cf::ShardLog, catch_up_key(shard), mark.encode());
                 catch_up = Some(mark);
             }
+            Position {
+                lsn: record.lsn,
+                epoch: record.base_epoch,
+                fence: position.fence.max(record.epoch),
+            }
         }
-    }
-    let position = Position {
-        lsn: record.lsn,
-        epoch: record.epoch,
     };
+    let position = after;
     batch.put(Cf::ShardLog, position_key(shard), position.encode());
     copies.insert(shard, Copy { position, catch_up });
     Ok(true)

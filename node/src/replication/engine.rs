@@ -269,7 +269,7 @@ impl ReplicatingEngine {
                 .map(|(shard, _)| *shard)
                 .find(|&shard| ring.owner(shard) != Some(*me))
             {
-                return Err(StorageError::Other(format!(
+                return Err(StorageError::NotPrimary(format!(
                     "shard {shard}: node {me} is not its primary at epoch {epoch}"
                 )));
             }
@@ -277,34 +277,36 @@ impl ReplicatingEngine {
         let mut cache = self.positions();
         let positions = cache.at_epoch(epoch);
         let mut records = Vec::with_capacity(per_shard.len());
+        let mut fences = Vec::with_capacity(per_shard.len());
         for (shard, ops) in per_shard {
             let current = match positions.get(&shard) {
                 Some(p) => *p,
                 None => read_position(&*self.inner, shard)?,
             };
-            if current.epoch > epoch {
+            if current.fence.max(current.epoch) > epoch {
                 return Err(StorageError::Other(format!(
                     "shard {shard} was written at epoch {}, after this node's epoch {epoch}",
-                    current.epoch
+                    current.fence.max(current.epoch)
                 )));
             }
             let record = ShardLogRecord {
                 shard,
                 lsn: current.lsn + 1,
                 epoch,
+                base_epoch: current.epoch,
                 ops,
                 kind: RecordKind::Log,
             };
+            fences.push(current.fence);
             record
                 .check()
                 .map_err(|e| StorageError::Other(e.to_string()))?;
             records.push(record);
         }
-        for r in &records {
-            let position = Position {
-                lsn: r.lsn,
-                epoch: r.epoch,
-            };
+        let after: Vec<Position> = (records.iter().zip(&fences))
+            .map(|(r, &fence)| Position::after(r.lsn, r.epoch, fence))
+            .collect();
+        for (r, position) in records.iter().zip(&after) {
             batch.put(Cf::ShardLog, position_key(r.shard), position.encode());
         }
         if let Err(e) = self.inner.write(batch, sync) {
@@ -312,14 +314,8 @@ impl ReplicatingEngine {
             positions.clear();
             return Err(e);
         }
-        for r in &records {
-            positions.insert(
-                r.shard,
-                Position {
-                    lsn: r.lsn,
-                    epoch: r.epoch,
-                },
-            );
+        for (r, position) in records.iter().zip(after) {
+            positions.insert(r.shard, position);
         }
         self.sink
             .ship(records, sync)

@@ -156,6 +156,7 @@ mod tests {
             shard,
             lsn,
             epoch: 1,
+            base_epoch: u64::from(lsn > 1),
             ops: vec![Op::Put {
                 cf: Cf::Inbox,
                 key: key(shard, &[b"k"]),

@@ -6,24 +6,48 @@ use crate::storage::{key, Cf, Engine, StorageError};
 /// The byte after the shard prefix in a position's key (keys may not be the bare prefix).
 const POSITION_TAG: u8 = 0;
 /// Version byte of the stored value.
-const POSITION_VERSION: u8 = 1;
-/// `version u8 | lsn u64 | epoch u64`, big-endian.
-const POSITION_BYTES: usize = 1 + 8 + 8;
+const POSITION_VERSION: u8 = 2;
+/// `version u8 | lsn u64 | epoch u64 | fence u64`, big-endian.
+const POSITION_BYTES: usize = 1 + 8 + 8 + 8;
+/// The first version, without the fence: `version u8 (= 1) | lsn u64 | epoch u64`. Read as a
+/// fence equal to the epoch.
+const POSITION_V1: u8 = 1;
+const POSITION_V1_BYTES: usize = 1 + 8 + 8;
 
 /// The last record of a shard's log that this node's copy of the shard includes. A shard never
 /// written through the replication layer is at LSN 0, epoch 0: its first record is LSN 1.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Position {
     pub lsn: u64,
+    /// The epoch of the record at `lsn` (of the primary that wrote it). Two copies whose
+    /// positions are equal hold the same log up to `lsn`: one primary writes an epoch's records,
+    /// and a record is applied only on top of the record it was written after (its
+    /// [`base_epoch`](super::ShardLogRecord::base_epoch)).
     pub epoch: u64,
+    /// The latest epoch of any primary this copy took a record or snapshot from (at least
+    /// `epoch`; a snapshot leaves `epoch` at the epoch of the primary's record at `lsn`). A
+    /// primary of an earlier epoch was deposed: what it sends is refused, never counted as
+    /// applied (Raft's current term, where `epoch` is the last entry's term).
+    pub fence: u64,
 }
 
 impl Position {
+    /// The position after a record of `epoch` at `lsn`, applied to a copy whose fence was
+    /// `fence`.
+    pub fn after(lsn: u64, epoch: u64, fence: u64) -> Position {
+        Position {
+            lsn,
+            epoch,
+            fence: fence.max(epoch),
+        }
+    }
+
     pub fn encode(self) -> Vec<u8> {
         let mut v = Vec::with_capacity(POSITION_BYTES);
         v.push(POSITION_VERSION);
         v.extend_from_slice(&self.lsn.to_be_bytes());
         v.extend_from_slice(&self.epoch.to_be_bytes());
+        v.extend_from_slice(&self.fence.to_be_bytes());
         v
     }
 
@@ -32,21 +56,27 @@ impl Position {
             cf: "shard_log",
             detail: detail.to_owned(),
         };
-        if bytes.len() != POSITION_BYTES {
-            return Err(corrupt("a shard log position is not 17 bytes"));
-        }
-        if bytes[0] != POSITION_VERSION {
-            return Err(corrupt("a shard log position has an unknown version"));
-        }
         let word = |at: usize| {
             let mut b = [0u8; 8];
             b.copy_from_slice(&bytes[at..at + 8]);
             u64::from_be_bytes(b)
         };
-        Ok(Position {
-            lsn: word(1),
-            epoch: word(9),
-        })
+        match (bytes.first(), bytes.len()) {
+            (Some(&POSITION_VERSION), POSITION_BYTES) => Ok(Position {
+                lsn: word(1),
+                epoch: word(9),
+                fence: word(17),
+            }),
+            (Some(&POSITION_V1), POSITION_V1_BYTES) => Ok(Position {
+                lsn: word(1),
+                epoch: word(9),
+                fence: word(9),
+            }),
+            (Some(&POSITION_VERSION | &POSITION_V1), _) => Err(corrupt(
+                "a shard log position is not 17 bytes (version 1) or 25 (version 2)",
+            )),
+            _ => Err(corrupt("a shard log position has an unknown version")),
+        }
     }
 }
 
@@ -127,11 +157,17 @@ mod tests {
         let p = Position {
             lsn: u64::MAX - 1,
             epoch: 7,
+            fence: 9,
         };
         assert_eq!(Position::decode(&p.encode()).unwrap(), p);
+        // A version 1 value (no fence) reads with its epoch as the fence.
+        let mut v1 = vec![1];
+        v1.extend_from_slice(&p.lsn.to_be_bytes());
+        v1.extend_from_slice(&p.epoch.to_be_bytes());
+        assert_eq!(Position::decode(&v1).unwrap(), Position { fence: 7, ..p });
         let mut bad_version = p.encode();
         bad_version[0] = 9;
-        for bad in [&[][..], &p.encode()[..16], &bad_version[..]] {
+        for bad in [&[][..], &p.encode()[..24], &v1[..16], &bad_version[..]] {
             assert!(matches!(
                 Position::decode(bad),
                 Err(StorageError::Corrupt { .. })

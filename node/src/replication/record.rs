@@ -1,16 +1,20 @@
 //! [`ShardLogRecord`]: one entry of a shard's replication log, and its binary encoding.
 //!
 //! ```text
-//! record:       version u8 (= 1) | shard u16 | lsn u64 | epoch u64 | op count u32 | op*
-//! snapshot:     version u8 (= 2) | shard u16 | lsn u64 | epoch u64 | flags u8 | session u64
-//!               | index u32 | op count u32 | put*      (flags: 1 = last chunk)
+//! record:       version u8 (= 3) | shard u16 | lsn u64 | epoch u64 | base epoch u64
+//!               | op count u32 | op*
+//! snapshot:     version u8 (= 4) | shard u16 | lsn u64 | epoch u64 | base epoch u64
+//!               | flags u8 | session u64 | index u32 | op count u32 | put*
+//!               (flags: 1 = last chunk)
 //! put:          0 u8 | cf u8 | key len u16 | key | value len u32 | value
 //! delete:       1 u8 | cf u8 | key len u16 | key
 //! delete_range: 2 u8 | cf u8 | from len u16 | from | to len u16 | to
 //! ```
 //! Integers are big-endian; `cf` is an index into [`SHARD_CFS`] (append-only, so a family's
-//! index never changes). The decoder takes untrusted bytes: it never panics, allocates in
-//! proportion to the input only, and checks every bound below and [`ShardLogRecord::check`].
+//! index never changes). Versions 1 and 2 (without the base epoch) are refused: a record whose
+//! predecessor's epoch is unknown cannot be checked against a copy. The decoder takes
+//! untrusted bytes: it never panics, allocates in proportion to the input only, and checks
+//! every bound below and [`ShardLogRecord::check`].
 //! The encoder's caller checks the same things before a record is written anywhere.
 
 use crate::inbox::GROUP_BYTES_MAX_DEFAULT;
@@ -21,9 +25,9 @@ use crate::storage::{key, prefix_end, Cf, Op};
 use super::split::op_cf;
 
 /// The encoding's version byte of a log record.
-pub const RECORD_VERSION: u8 = 1;
+pub const RECORD_VERSION: u8 = 3;
 /// The version byte of a snapshot chunk ([`RecordKind::Snapshot`]).
-pub const SNAPSHOT_VERSION: u8 = 2;
+pub const SNAPSHOT_VERSION: u8 = 4;
 const FLAG_LAST: u8 = 1;
 /// Most ops in one record. An inbox group commit writes a few ops per request (an entry per
 /// device, its counters, a dedup record) for at most a few hundred requests; this is far above
@@ -37,8 +41,8 @@ pub const RECORD_VALUE_BYTES_MAX: usize = ROW_VALUE_BYTES_MAX;
 /// worst (the bytes and the ops). Above any inbox group at its default size (checked below),
 /// which is the largest batch any service writes.
 pub const RECORD_BYTES_MAX: usize = 32 * 1024 * 1024;
-/// `version | shard | lsn | epoch | op count`.
-pub const RECORD_HEADER_BYTES: usize = 1 + 2 + 8 + 8 + 4;
+/// `version | shard | lsn | epoch | base epoch | op count`.
+pub const RECORD_HEADER_BYTES: usize = 1 + 2 + 8 + 8 + 8 + 4;
 /// What a snapshot chunk's header adds: `flags | session | index`.
 pub const SNAPSHOT_HEADER_EXTRA_BYTES: usize = 1 + 8 + 4;
 /// The smallest op: a delete of a 3-byte key.
@@ -66,7 +70,13 @@ pub struct ShardLogRecord {
     /// Position in the shard's log: 1 for its first record, then +1 for each. For a snapshot
     /// chunk, the primary's position when it read the chunk's rows.
     pub lsn: u64,
+    /// The epoch the primary wrote (or cut) the record at.
     pub epoch: u64,
+    /// The epoch of the primary's own log entry the record builds on: for a log record, that of
+    /// record `lsn - 1` (0 for the first); for a snapshot chunk, that of record `lsn` (the rows
+    /// include it). A copy applies a log record only if its position is `(lsn - 1, base_epoch)`
+    /// (Raft's prevLogTerm check): else it holds a different history and needs a snapshot.
+    pub base_epoch: u64,
     /// In the order the batch applied them; each inside `shard` (see [`ShardLogRecord::check`]).
     pub ops: Vec<Op>,
     pub kind: RecordKind,
@@ -90,12 +100,19 @@ pub enum RecordKind {
 }
 
 impl ShardLogRecord {
-    /// A log record (the common kind).
-    pub fn log(shard: ShardId, lsn: u64, epoch: u64, ops: Vec<Op>) -> ShardLogRecord {
+    /// A log record (the common kind), written after a record of `base_epoch`.
+    pub fn log(
+        shard: ShardId,
+        lsn: u64,
+        epoch: u64,
+        base_epoch: u64,
+        ops: Vec<Op>,
+    ) -> ShardLogRecord {
         ShardLogRecord {
             shard,
             lsn,
             epoch,
+            base_epoch,
             ops,
             kind: RecordKind::Log,
         }
@@ -152,6 +169,9 @@ impl ShardLogRecord {
         }
         if self.ops.is_empty() && !snapshot {
             return Err(invalid(None, "no ops"));
+        }
+        if self.base_epoch > self.epoch {
+            return Err(invalid(None, "a base epoch after the record's epoch"));
         }
         if let Some(index) = self
             .ops
@@ -226,6 +246,7 @@ impl ShardLogRecord {
         out.extend_from_slice(&self.shard.to_be_bytes());
         out.extend_from_slice(&self.lsn.to_be_bytes());
         out.extend_from_slice(&self.epoch.to_be_bytes());
+        out.extend_from_slice(&self.base_epoch.to_be_bytes());
         if let RecordKind::Snapshot {
             session,
             index,
@@ -274,6 +295,7 @@ impl ShardLogRecord {
         let shard = r.u16()?;
         let lsn = r.u64()?;
         let epoch = r.u64()?;
+        let base_epoch = r.u64()?;
         let kind = if version == SNAPSHOT_VERSION {
             let flags = r.u8()?;
             if flags & !FLAG_LAST != 0 {
@@ -338,6 +360,7 @@ impl ShardLogRecord {
             shard,
             lsn,
             epoch,
+            base_epoch,
             ops,
             kind,
         };

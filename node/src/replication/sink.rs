@@ -872,6 +872,7 @@ impl Cut {
                 shard: self.shard,
                 lsn: position.lsn,
                 epoch,
+                base_epoch: position.epoch,
                 ops: chunk.rows.into_iter().filter_map(row_op).collect(),
                 kind: RecordKind::Snapshot {
                     session: self.session,

@@ -253,7 +253,12 @@ async fn a_follower_behind_and_diverged_is_caught_up_under_writes_and_joins() {
     own.put(
         Cf::ShardLog,
         crate::replication::position_key(1),
-        crate::replication::Position { lsn: 900, epoch: 0 }.encode(),
+        crate::replication::Position {
+            lsn: 900,
+            epoch: 0,
+            fence: 0,
+        }
+        .encode(),
     );
     rig.replica.write(own, true).unwrap();
     // 300 batches the replica never sees: about 800 KiB per shard, several chunks.
@@ -350,6 +355,7 @@ fn chunk(
         shard,
         lsn,
         epoch,
+        base_epoch: epoch,
         ops: vec![Op::Put {
             cf: Cf::Inbox,
             key: key(shard, &[&lsn.to_be_bytes(), &index.to_be_bytes()]),
@@ -371,6 +377,7 @@ fn a_replica_takes_chunks_only_in_their_session_and_position() {
             5,
             lsn,
             epoch,
+            if lsn > 1 { epoch } else { 0 },
             vec![Op::Put {
                 cf: Cf::Inbox,
                 key: key(5, &[b"log", &lsn.to_be_bytes()]),

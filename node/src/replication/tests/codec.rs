@@ -11,6 +11,7 @@ fn record(ops: Vec<Op>) -> ShardLogRecord {
         shard: 7,
         lsn: 42,
         epoch: 3,
+        base_epoch: 2,
         ops,
         kind: RecordKind::Log,
     }
@@ -67,11 +68,12 @@ fn any_op(shard: u16) -> impl Strategy<Value = Op> {
 }
 
 fn any_record() -> impl Strategy<Value = ShardLogRecord> {
-    (0..u16::MAX, 1..u64::MAX, any::<u64>()).prop_flat_map(|(shard, lsn, epoch)| {
+    (0..u16::MAX, 1..u64::MAX, any::<u64>(), any::<u64>()).prop_flat_map(|(shard, lsn, a, b)| {
         proptest::collection::vec(any_op(shard), 1..20).prop_map(move |ops| ShardLogRecord {
             shard,
             lsn,
-            epoch,
+            epoch: a.max(b),
+            base_epoch: a.min(b),
             ops,
             kind: RecordKind::Log,
         })
@@ -132,12 +134,15 @@ fn every_truncation_is_refused() {
         ShardLogRecord::decode(&longer),
         Err(RecordError::TrailingBytes(1))
     );
-    let mut version = bytes;
-    version[0] = 3;
-    assert_eq!(
-        ShardLogRecord::decode(&version),
-        Err(RecordError::Version(3))
-    );
+    // Versions 1 and 2 (without the base epoch) and unknown ones are refused.
+    for v in [1, 2, 5] {
+        let mut version = bytes.clone();
+        version[0] = v;
+        assert_eq!(
+            ShardLogRecord::decode(&version),
+            Err(RecordError::Version(v))
+        );
+    }
 }
 
 #[test]
@@ -246,6 +251,13 @@ fn ops_outside_the_shard_or_rules_are_refused() {
     let cases: Vec<(ShardLogRecord, &str)> = vec![
         (record(Vec::new()), "no ops"),
         (ShardLogRecord { lsn: 0, ..sample() }, "LSN 0"),
+        (
+            ShardLogRecord {
+                base_epoch: 4,
+                ..sample()
+            },
+            "a base epoch after the record's epoch",
+        ),
         (
             ShardLogRecord {
                 shard: u16::MAX,

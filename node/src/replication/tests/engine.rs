@@ -85,7 +85,8 @@ fn lsns_continue_from_the_persisted_position_after_a_restart() {
             read_position(&*inner, 5).unwrap(),
             Position {
                 lsn: u64::from(round + 1) * 4,
-                epoch: 1
+                epoch: 1,
+                fence: 1
             }
         );
     }
@@ -208,7 +209,12 @@ fn refused_batches_write_nothing_and_take_no_lsn() {
     import.put(
         Cf::ShardLog,
         crate::replication::position_key(1),
-        Position { lsn: 9, epoch: 1 }.encode(),
+        Position {
+            lsn: 9,
+            epoch: 1,
+            fence: 1,
+        }
+        .encode(),
     );
     let err = engine.write(import, true).unwrap_err();
     assert!(err.to_string().contains("position"), "{err}");
@@ -240,7 +246,11 @@ fn refused_batches_write_nothing_and_take_no_lsn() {
     engine.write(b, true).unwrap();
     assert_eq!(
         read_position(&*replica, 2).unwrap(),
-        Position { lsn: 2, epoch: 6 }
+        Position {
+            lsn: 2,
+            epoch: 6,
+            fence: 6
+        }
     );
     assert_eq!(rows_of(&*primary, 2), rows_of(&*replica, 2));
 }
@@ -301,7 +311,11 @@ fn a_hand_off_moves_the_position_and_the_new_owner_continues_the_log() {
     engine.write(b, true).unwrap();
     assert_eq!(
         read_position(&*replica, 5).unwrap(),
-        Position { lsn: 4, epoch: 2 }
+        Position {
+            lsn: 4,
+            epoch: 2,
+            fence: 2
+        }
     );
     assert_eq!(rows_of(&*new_owner, 5), rows_of(&*replica, 5));
 }

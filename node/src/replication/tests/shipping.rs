@@ -234,6 +234,7 @@ fn the_replica_applies_good_shards_and_answers_each_refusal() {
         shard,
         lsn,
         epoch: 1,
+        base_epoch: u64::from(lsn > 1),
         ops: vec![crate::storage::Op::Put {
             cf: Cf::Inbox,
             key: key(shard, &[&lsn.to_be_bytes()]),
