@@ -27,6 +27,9 @@ use crate::transport::{Incoming, Transport, TransportError};
 /// before reconnecting (`GoingAway`: its reconnect then follows the `Redirect` of the node it
 /// reaches). Devices the node can tell where to go get a `Migrate` instead.
 pub const MOVED_RECONNECT_AFTER_MS: u32 = 50;
+/// The `GoingAway` delay after an ack that was not written (`Conn::handle_ack_answer`):
+/// long enough for a moved shard's new owner to be in the ring the client is redirected by.
+pub const ACK_FAILED_RECONNECT_AFTER_MS: u32 = 100;
 
 /// Default interval over which the reconnects of devices whose user moved are spread: each
 /// gets a `Migrate` whose `reconnect_after_ms` is drawn uniformly from `[0, this]`, so N moved
@@ -191,7 +194,7 @@ impl Conn {
                 self.handle_answer(req, answer)
             }
             Some((req, answer)) = next_ack(&mut self.acks), if acks > 0 => {
-                self.handle_answer(req, answer)
+                self.handle_ack_answer(req, answer)
             }
             read = transport.next_frame(), if in_flight < REQUESTS_IN_FLIGHT_MAX => {
                 self.handle_read(read)
@@ -323,6 +326,43 @@ impl Conn {
         self.apply(steps)
     }
 
+    /// A `DeliverAck`'s outcome. An ack that was not written (storage failed, or its batch
+    /// was refused because a shard in it moved) leaves its entries unacknowledged, but this
+    /// connection handed them out already and would not send them again: the error is sent,
+    /// then `GoingAway`, and the connection closes, so the client reconnects at once and gets
+    /// every unacknowledged entry again (docs/protocol.md). Over budget (`RateLimited`) is only
+    /// answered: reconnecting would not help.
+    fn handle_ack_answer(&mut self, req: u32, answer: Answer) -> Flow {
+        let failed = match &answer {
+            Answer::Error { code, message, .. } if *code != ErrorCode::RateLimited => {
+                Some((*code, message.clone()))
+            }
+            _ => None,
+        };
+        let flow = self.handle_answer(req, answer);
+        let Some((code, message)) = failed else {
+            return flow;
+        };
+        if let Flow::Close(e) = flow {
+            return Flow::Close(e);
+        }
+        debug!(conn = self.shared.id, ?code, %message, "an ack was not written: reconnecting the device");
+        self.server
+            .metrics
+            .acks_failed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.push_frame(&Frame::new(
+            0,
+            ringpost_wire::GoingAway {
+                reconnect_after_ms: ACK_FAILED_RECONNECT_AFTER_MS,
+                reason: "an acknowledgement was not written; reconnect to get the \
+                    unacknowledged entries again"
+                    .into(),
+            },
+        ));
+        Flow::Close(Some((code, message)))
+    }
+
     fn handle_answer(&mut self, req: u32, answer: Answer) -> Flow {
         let steps = self.session.handle_answer(req, answer);
         self.follow_peer();
@@ -398,7 +438,7 @@ impl Conn {
                         }))
                         .unwrap_or(Poll::Pending)
                     {
-                        if let Flow::Close(e) = self.handle_answer(req, answer) {
+                        if let Flow::Close(e) = self.handle_ack_answer(req, answer) {
                             return Flow::Close(e);
                         }
                     }

@@ -89,6 +89,9 @@ pub struct Metrics {
     pub messages_duplicate: AtomicU64,
     pub messages_delivered: AtomicU64,
     pub messages_acked: AtomicU64,
+    /// Acks not written (storage failed, or a shard in their batch moved): the device was
+    /// asked to reconnect.
+    pub acks_failed: AtomicU64,
     pub messages_rejected: AtomicU64,
     pub rate_limited: AtomicU64,
     /// Connections refused at accept by the bounds on unauthenticated ones.
@@ -143,6 +146,7 @@ impl Default for Metrics {
             messages_duplicate: AtomicU64::new(0),
             messages_delivered: AtomicU64::new(0),
             messages_acked: AtomicU64::new(0),
+            acks_failed: AtomicU64::new(0),
             messages_rejected: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             preauth_refused: AtomicU64::new(0),
@@ -214,7 +218,7 @@ impl Metrics {
                 self.connections_accepted[t as usize].load(Relaxed)
             );
         }
-        let counters: [(&str, &str, &AtomicU64); 23] = [
+        let counters: [(&str, &str, &AtomicU64); 24] = [
             (
                 "ringpost_frames_in_total",
                 "Frames received from clients.",
@@ -249,6 +253,11 @@ impl Metrics {
                 "ringpost_messages_acked_total",
                 "Inbox entries acknowledged by devices (removed from disk in bulk later).",
                 &self.messages_acked,
+            ),
+            (
+                "ringpost_acks_failed_total",
+                "Acks not written (storage failed, or a shard in their batch moved); the device was asked to reconnect.",
+                &self.acks_failed,
             ),
             (
                 "ringpost_messages_rejected_total",
