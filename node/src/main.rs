@@ -278,6 +278,10 @@ struct MediaArgs {
     #[arg(long, default_value_t = ringpost_wire::limits::MEDIA_BYTES_MAX, env = "RINGPOST_MEDIA_BYTES_MAX",
           value_parser = clap::value_parser!(u64).range(1..=ringpost_wire::limits::MEDIA_BYTES_MAX))]
     media_bytes_max: u64,
+    /// A local media store takes an upload only if its filesystem keeps this many bytes free
+    /// after it (so media never fills the database's disk).
+    #[arg(long, default_value_t = ringpost_node::media::LOCAL_FREE_BYTES_MIN_DEFAULT, env = "RINGPOST_MEDIA_FREE_BYTES_MIN")]
+    media_free_bytes_min: u64,
     /// Upload grants one device may get per hour (burst the same).
     #[arg(long, default_value_t = ringpost_node::media::MEDIA_UPLOADS_PER_HOUR_DEFAULT, env = "RINGPOST_MEDIA_UPLOADS_PER_HOUR",
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -319,6 +323,7 @@ impl MediaArgs {
             public_url: self.media_public_url,
             store,
             blob_bytes_max: self.media_bytes_max,
+            local_free_bytes_min: self.media_free_bytes_min,
         })
     }
 }

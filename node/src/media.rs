@@ -51,7 +51,17 @@ pub struct MediaConfig {
     pub blob_bytes_max: u64,
     pub upload_url_ttl_ms: u64,
     pub blob_ttl_ms: u64,
+    /// A media connection whose answer the client has read nothing of for this long is closed
+    /// (default [`http::MEDIA_WRITE_STALL_TIMEOUT`], 30 s).
+    pub write_stall_ms: u64,
+    /// A local store grants and takes an upload only if its filesystem keeps at least this much
+    /// free after it, so media never fills the disk the node's database is on (default
+    /// [`LOCAL_FREE_BYTES_MIN_DEFAULT`]). Object storage has no such check.
+    pub local_free_bytes_min: u64,
 }
+
+/// See [`MediaConfig::local_free_bytes_min`]: 2 GiB.
+pub const LOCAL_FREE_BYTES_MIN_DEFAULT: u64 = 2 << 30;
 
 impl MediaConfig {
     pub fn new(public_url: String, store: StoreConfig, url_key: Vec<u8>) -> MediaConfig {
@@ -62,6 +72,8 @@ impl MediaConfig {
             blob_bytes_max: MEDIA_BYTES_MAX,
             upload_url_ttl_ms: UPLOAD_URL_TTL_MS,
             blob_ttl_ms: BLOB_TTL_MS,
+            write_stall_ms: http::MEDIA_WRITE_STALL_TIMEOUT.as_millis() as u64,
+            local_free_bytes_min: LOCAL_FREE_BYTES_MIN_DEFAULT,
         }
     }
 }
@@ -88,6 +100,7 @@ pub struct MediaMetrics {
     pub bytes_downloaded: AtomicU64,
     pub denied: AtomicU64,
     pub swept: AtomicU64,
+    pub write_stalls: AtomicU64,
 }
 
 impl MediaMetrics {
@@ -130,6 +143,11 @@ impl MediaMetrics {
                 "blobs deleted by the expiry sweep",
                 &self.swept,
             ),
+            (
+                "ringpost_media_write_stalls_total",
+                "media connections closed because the client read nothing of the answer for write_stall_ms",
+                &self.write_stalls,
+            ),
         ] {
             let _ = writeln!(
                 out,
@@ -149,6 +167,8 @@ pub enum GrantError {
     TooLarge { size: u64, max: u64 },
     #[error("MediaUploadRequest.sha256 must be the 32-byte SHA-256 of the ciphertext")]
     BadHash,
+    #[error("this node's media storage is full; try again later")]
+    StorageFull,
 }
 
 impl GrantError {
@@ -156,6 +176,7 @@ impl GrantError {
         match self {
             GrantError::Empty | GrantError::BadHash => ErrorCode::Malformed,
             GrantError::TooLarge { .. } => ErrorCode::LimitExceeded,
+            GrantError::StorageFull => ErrorCode::StorageUnavailable,
         }
     }
 }
@@ -210,7 +231,8 @@ impl Media {
         &self.store
     }
 
-    pub(crate) fn signer(&self) -> &UrlSigner {
+    /// The URL signer (for tools and tests that sign URLs themselves).
+    pub fn signer(&self) -> &UrlSigner {
         &self.signer
     }
 
@@ -227,6 +249,9 @@ impl Media {
         }
         if request.sha256.len() != MEDIA_SHA256_BYTES {
             return Err(GrantError::BadHash);
+        }
+        if !self.has_room(request.size) {
+            return Err(GrantError::StorageFull);
         }
         Ok(())
     }
@@ -264,6 +289,15 @@ impl Media {
             download_url,
             expires_at_ms: upload_expires,
         })
+    }
+
+    /// Whether the store takes a blob of `size` bytes now
+    /// ([`MediaConfig::local_free_bytes_min`]).
+    pub fn has_room(&self, size: u64) -> bool {
+        match self.store.free_bytes() {
+            Some(free) => free >= size.saturating_add(self.config.local_free_bytes_min),
+            None => true,
+        }
     }
 
     /// Deletes the blobs uploaded more than the blob lifetime before `now_ms`.

@@ -84,6 +84,8 @@ pub struct MediaOptions {
     pub store: crate::media::store::StoreConfig,
     /// Largest blob granted (at most `MEDIA_BYTES_MAX`, 100 MiB).
     pub blob_bytes_max: u64,
+    /// See [`crate::media::MediaConfig::local_free_bytes_min`].
+    pub local_free_bytes_min: u64,
 }
 
 /// How a node replicates its shards' writes.
@@ -386,6 +388,7 @@ impl Node {
                 .unwrap_or_else(|| format!("http://{addr}"));
             let mut config = crate::media::MediaConfig::new(public_url, m.store.clone(), key);
             config.blob_bytes_max = m.blob_bytes_max;
+            config.local_free_bytes_min = m.local_free_bytes_min;
             let media = crate::media::Media::new(config, crate::media::wall_clock())
                 .map_err(|e| anyhow::anyhow!("media: {e}"))?;
             let _ = server.media.set(media.clone());

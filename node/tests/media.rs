@@ -179,6 +179,27 @@ async fn local_wrong_hash_or_size_stores_nothing() {
 }
 
 #[tokio::test]
+async fn local_a_reader_that_reads_nothing_is_cut_off() {
+    let (_dir, store) = local();
+    let rig = Rig::start_with(store, |c| c.write_stall_ms = 1_000).await;
+    service::a_reader_that_reads_nothing_is_cut_off(&rig).await;
+}
+
+#[tokio::test]
+async fn local_a_full_store_refuses_grants_and_uploads() {
+    let (dir, store) = local();
+    let free = {
+        let s = nix::sys::statvfs::statvfs(dir.path()).unwrap();
+        s.blocks_available() as u64 * s.fragment_size() as u64
+    };
+    let rig = Rig::start_with(store, |c| {
+        c.local_free_bytes_min = free.saturating_sub(64 << 20)
+    })
+    .await;
+    service::a_full_local_store_refuses_grants_and_uploads(&rig).await;
+}
+
+#[tokio::test]
 async fn local_forged_urls_are_refused() {
     let (_dir, store) = local();
     service::forged_urls_are_refused(&Rig::start(store).await).await;

@@ -4,7 +4,9 @@
 //! Every resource is bounded: connections ([`MEDIA_CONNECTIONS_MAX`]; more wait in the kernel's
 //! accept queue), uploads in progress ([`MEDIA_UPLOADS_IN_FLIGHT_MAX`]; more get 503), the
 //! request head ([`MEDIA_HEAD_BYTES_MAX`], [`MEDIA_HEADERS_MAX`], read within
-//! [`MEDIA_HEADER_READ_TIMEOUT`]) and an upload's silences ([`MEDIA_BODY_IDLE_TIMEOUT`]).
+//! [`MEDIA_HEADER_READ_TIMEOUT`]), an upload's silences ([`MEDIA_BODY_IDLE_TIMEOUT`]) and a
+//! download's stalls ([`MEDIA_WRITE_STALL_TIMEOUT`]: a reader that takes nothing for that long
+//! loses its connection, so slow readers cannot hold every connection slot).
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering::Relaxed;
@@ -43,6 +45,10 @@ pub const MEDIA_HEADERS_MAX: usize = 32;
 pub const MEDIA_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// An upload that sends nothing for this long is abandoned (nothing is stored).
 pub const MEDIA_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection whose writes have been blocked (the client reads nothing) for this long is
+/// closed (the default of [`MediaConfig::write_stall_ms`](super::MediaConfig)). Checked six
+/// times per timeout, so a stall is cut within 7/6 of it.
+pub const MEDIA_WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
@@ -66,6 +72,8 @@ pub async fn serve(listener: TcpListener, media: Arc<Media>) {
         let media = media.clone();
         let uploads = uploads.clone();
         tokio::spawn(async move {
+            let stall_max = Duration::from_millis(media.config.write_stall_ms.max(1));
+            let watcher = media.clone();
             let service = hyper::service::service_fn(move |req| {
                 let media = media.clone();
                 let uploads = uploads.clone();
@@ -76,11 +84,131 @@ pub async fn serve(listener: TcpListener, media: Arc<Media>) {
                 .header_read_timeout(MEDIA_HEADER_READ_TIMEOUT)
                 .max_buf_size(MEDIA_HEAD_BYTES_MAX)
                 .max_headers(MEDIA_HEADERS_MAX);
-            if let Err(e) = http.serve_connection(TokioIo::new(tcp), service).await {
-                debug!(%peer, error = %e, "media connection ended with an error");
+            let (io, stalled) = Watched::new(tcp);
+            let conn = http.serve_connection(TokioIo::new(io), service);
+            tokio::pin!(conn);
+            let mut check = tokio::time::interval((stall_max / 6).max(Duration::from_millis(100)));
+            loop {
+                tokio::select! {
+                    ended = &mut conn => {
+                        if let Err(e) = ended {
+                            debug!(%peer, error = %e, "media connection ended with an error");
+                        }
+                        break;
+                    }
+                    _ = check.tick() => {
+                        if stalled.for_longer_than(stall_max) {
+                            debug!(%peer, "media connection closed: the client read nothing for \
+                                {stall_max:?}");
+                            watcher.metrics.write_stalls.fetch_add(1, Relaxed);
+                            break;
+                        }
+                    }
+                }
             }
             drop(permit);
         });
+    }
+}
+
+/// Since when a connection's writes have been blocked, if they are (milliseconds after its
+/// start, plus one; 0: not blocked).
+#[derive(Clone)]
+struct Stalled {
+    start: std::time::Instant,
+    since: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Stalled {
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64 + 1
+    }
+
+    fn for_longer_than(&self, limit: Duration) -> bool {
+        let since = self.since.load(Relaxed);
+        since != 0 && self.now().saturating_sub(since) > limit.as_millis() as u64
+    }
+}
+
+/// A connection that records when its writes block ([`Stalled`]).
+struct Watched {
+    io: tokio::net::TcpStream,
+    stalled: Stalled,
+}
+
+impl Watched {
+    fn new(io: tokio::net::TcpStream) -> (Watched, Stalled) {
+        let stalled = Stalled {
+            start: std::time::Instant::now(),
+            since: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        };
+        let watched = Watched {
+            io,
+            stalled: stalled.clone(),
+        };
+        (watched, stalled)
+    }
+
+    fn note<T>(&self, poll: &std::task::Poll<T>) {
+        if poll.is_pending() {
+            if self.stalled.since.load(Relaxed) == 0 {
+                self.stalled.since.store(self.stalled.now(), Relaxed);
+            }
+        } else {
+            self.stalled.since.store(0, Relaxed);
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        self.note(&poll);
+        poll
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.note(&poll);
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let poll = std::pin::Pin::new(&mut self.io).poll_flush(cx);
+        self.note(&poll);
+        poll
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -159,7 +287,9 @@ async fn put(
         // A granted client sent the wrong bytes: let it read why (its body is at most what
         // it was granted, or the request is cut off there).
         StatusCode::BAD_REQUEST => drain(&mut body, MEDIA_BYTES_MAX).await,
-        StatusCode::SERVICE_UNAVAILABLE => drain(&mut body, REFUSED_BODY_DRAIN_BYTES_MAX).await,
+        StatusCode::SERVICE_UNAVAILABLE | StatusCode::INSUFFICIENT_STORAGE => {
+            drain(&mut body, REFUSED_BODY_DRAIN_BYTES_MAX).await
+        }
         _ => {}
     }
     answer
@@ -178,6 +308,12 @@ async fn receive(
         media.metrics.uploads_refused.fetch_add(1, Relaxed);
         text(status, &message)
     };
+    if !media.has_room(size) {
+        return refuse(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "this node's media storage is full; nothing stored, try again later".into(),
+        );
+    }
     if let Some(v) = headers.get(header::CONTENT_LENGTH) {
         match v.to_str().ok().and_then(|v| v.parse::<u64>().ok()) {
             Some(n) if n == size => {}

@@ -83,6 +83,18 @@ fn ms_of(t: SystemTime) -> u64 {
 }
 
 impl BlobStore {
+    /// Bytes an unprivileged writer may still use on the local directory's filesystem;
+    /// `None` for object storage (no limit of ours) or if the filesystem cannot say.
+    pub fn free_bytes(&self) -> Option<u64> {
+        match self {
+            BlobStore::Local(dir) => {
+                let s = nix::sys::statvfs::statvfs(&dir.blobs).ok()?;
+                Some((s.blocks_available() as u64).saturating_mul(s.fragment_size() as u64))
+            }
+            BlobStore::S3(_) => None,
+        }
+    }
+
     /// Opens (and for a local directory, creates) the store.
     pub fn open(config: &StoreConfig) -> Result<BlobStore, String> {
         match config {

@@ -122,7 +122,7 @@ impl Providers {
 fn http_client(config: &PushConfig, http2_only: bool) -> Result<reqwest::Client, ProviderError> {
     let timeout = Duration::from_millis(config.timeout_ms.max(1));
     let mut b = reqwest::Client::builder()
-        .use_rustls_tls()
+        .tls_backend_preconfigured(tls_config(config, http2_only)?)
         .timeout(timeout)
         .connect_timeout(timeout)
         .pool_idle_timeout(Duration::from_secs(90))
@@ -130,19 +130,50 @@ fn http_client(config: &PushConfig, http2_only: bool) -> Result<reqwest::Client,
     if http2_only {
         b = b.http2_prior_knowledge();
     }
+    Ok(b.build()?)
+}
+
+/// The TLS side of [`http_client`]: reqwest is built without a TLS provider of its own
+/// (`rustls-no-provider`), so the node hands it a finished rustls configuration, with the
+/// ALPN protocols reqwest would otherwise set.
+fn tls_config(
+    config: &PushConfig,
+    http2_only: bool,
+) -> Result<rustls::ClientConfig, ProviderError> {
+    let bad = |what: String| ProviderError::Config {
+        provider: "push",
+        what,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    // The system's roots. None at all is no error here: an `http://` webhook needs none, and
+    // an `https://` call fails its handshake and is retried like any transport failure.
+    let (_added, _unparsable) =
+        roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
     if let Some(pem) = &config.extra_ca_pem {
-        let certs = reqwest::Certificate::from_pem_bundle(pem)?;
-        if certs.is_empty() {
-            return Err(ProviderError::Config {
-                provider: "push",
-                what: "the extra CA file holds no certificate".into(),
-            });
+        let mut extra = 0;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.map_err(|e| bad(format!("the extra CA file: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| bad(format!("the extra CA file: {e}")))?;
+            extra += 1;
         }
-        for cert in certs {
-            b = b.add_root_certificate(cert);
+        if extra == 0 {
+            return Err(bad("the extra CA file holds no certificate".into()));
         }
     }
-    Ok(b.build()?)
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = if http2_only {
+        vec![b"h2".to_vec()]
+    } else {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    };
+    Ok(tls)
 }
 
 /// `Retry-After` in seconds (the form providers use), capped at [`RETRY_AFTER_MS_MAX`].

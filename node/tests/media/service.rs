@@ -28,6 +28,11 @@ impl Drop for Rig {
 
 impl Rig {
     pub async fn start(store: StoreConfig) -> Rig {
+        Self::start_with(store, |_| {}).await
+    }
+
+    /// [`Rig::start`] with the configuration changed by `edit`.
+    pub async fn start_with(store: StoreConfig, edit: impl FnOnce(&mut MediaConfig)) -> Rig {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -36,11 +41,9 @@ impl Rig {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let c = clock.clone();
-        let media = Media::new(
-            MediaConfig::new(base, store, vec![42; 32]),
-            Arc::new(move || c.load(SeqCst)),
-        )
-        .expect("media service");
+        let mut config = MediaConfig::new(base, store, vec![42; 32]);
+        edit(&mut config);
+        let media = Media::new(config, Arc::new(move || c.load(SeqCst))).expect("media service");
         let server = tokio::spawn(ringpost_node::media::http::serve(listener, media.clone()));
         Rig {
             media,
@@ -134,6 +137,84 @@ pub async fn round_trip_with_ranges(rig: &Rig) {
         416,
         "outside",
     );
+}
+
+/// A client that asks for a blob and reads nothing of it loses the connection once the
+/// node's writes have been blocked for `write_stall_ms`; a client that reads gets it whole.
+pub async fn a_reader_that_reads_nothing_is_cut_off(rig: &Rig) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Far more than loopback's socket buffers hold, so the node's writes block.
+    let data = blob(48 << 20);
+    let g = rig.grant(&data);
+    http()
+        .put(&g.upload_url, data.clone())
+        .await
+        .expect("upload");
+    let url = g.download_url.strip_prefix("http://").expect("an http URL");
+    let (host, path) = url.split_at(url.find('/').expect("a path"));
+    let mut tcp = tokio::net::TcpStream::connect(host).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while rig.media.metrics.write_stalls.load(SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stalled connection was never closed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // What the socket buffers held arrives, then the end: never the whole blob.
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match tcp.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    assert!(got < data.len(), "{got} bytes read of {}", data.len());
+    let all = http().get(&g.download_url, ..).await.expect("download");
+    assert!(all == data, "a reading client gets it whole");
+}
+
+/// A local store whose filesystem would keep less than `local_free_bytes_min` free refuses
+/// the grant (`StorageUnavailable`) and, for a grant made before it filled, the upload (507);
+/// a blob that fits is granted and stored. `reserve` is the filesystem's free space less
+/// 64 MiB, set by the caller.
+pub async fn a_full_local_store_refuses_grants_and_uploads(rig: &Rig) {
+    let small = blob(1024);
+    let g = rig.grant(&small);
+    http()
+        .put(&g.upload_url, small.clone())
+        .await
+        .expect("a blob that fits");
+    let big = blob(1024);
+    let request = |size: u64| MediaUploadRequest {
+        size,
+        sha256: Bytes::copy_from_slice(&sha256(&big)),
+        content_type: "application/octet-stream".into(),
+    };
+    // 96 MiB would leave less than the reserve.
+    match rig.media.grant(15550001, 1, &request(96 << 20)) {
+        Err(e) => assert_eq!(
+            e.code(),
+            ringpost_wire::ErrorCode::StorageUnavailable,
+            "{e}"
+        ),
+        Ok(g) => panic!("granted {g:?}"),
+    }
+    // A grant given when there was room: its upload is refused once there is none.
+    let url = rig.media.signer().url(
+        &hex::encode(sha256(&big)),
+        &ringpost_node::media::url::Grant::Upload {
+            size: 96 << 20,
+            user: 15550001,
+            device: 1,
+            expires_at_ms: rig.now() + MINUTE,
+        },
+    );
+    status(http().put(&url, big).await, 507, "full");
+    assert_eq!(rig.stored().await, vec![g.media_id]);
 }
 
 pub async fn wrong_hash_or_size_stores_nothing(rig: &Rig) {
