@@ -41,6 +41,10 @@ pub const DEVICE_LISTS_MAX: usize = 4096;
 pub const SEEN_MAX: usize = 4096;
 /// Version of the persisted state.
 pub const SNAPSHOT_FORMAT: u32 = 1;
+/// How long a fallback (signed) prekey stays published before the SDK replaces it
+/// ([`Machine::rotate_fallback_if_due`]). vodozemac keeps the previous fallback key's secret
+/// beside the new one, so a session a peer starts from the old bundle still opens.
+pub const FALLBACK_KEY_MAX_AGE_MS: u64 = 7 * 24 * 60 * 60 * 1000;
 
 /// Which delivered message a [`SeenKey`] is about.
 pub const SEEN_DIRECT: u8 = 1;
@@ -124,6 +128,8 @@ pub struct Machine {
     /// The signed (fallback) prekey: its id and key.
     fallback: Option<(u32, [u8; 32])>,
     fallback_published: bool,
+    /// When the fallback key was first seen published (ms since the epoch; 0: not yet).
+    fallback_since_ms: u64,
     peers: BTreeMap<(UserId, DeviceId), Peer>,
     devices: BTreeMap<UserId, DeviceList>,
     outbound: BTreeMap<GroupId, Outbound>,
@@ -156,6 +162,7 @@ impl Machine {
             unpublished_ids: BTreeMap::new(),
             fallback: None,
             fallback_published: false,
+            fallback_since_ms: 0,
             peers: BTreeMap::new(),
             devices: BTreeMap::new(),
             outbound: BTreeMap::new(),
@@ -263,6 +270,32 @@ impl Machine {
         }
     }
 
+    /// Replaces the fallback (signed) prekey once it has been published for `max_age_ms`
+    /// (the age counts from the first call that finds it published); true if it did: publish
+    /// the next [`Machine::prekey_upload`]. The old key's secret is kept (by vodozemac) for
+    /// sessions started from it.
+    pub fn rotate_fallback_if_due(&mut self, now_ms: u64, max_age_ms: u64) -> bool {
+        if self.fallback.is_none() || !self.fallback_published {
+            return false;
+        }
+        if self.fallback_since_ms == 0 {
+            self.fallback_since_ms = now_ms.max(1);
+            return false;
+        }
+        if now_ms.saturating_sub(self.fallback_since_ms) < max_age_ms {
+            return false;
+        }
+        self.account.generate_fallback_key();
+        let Some((_, key)) = self.account.fallback_key().into_iter().next() else {
+            return false;
+        };
+        let id = self.take_key_id();
+        self.fallback = Some((id, key.to_bytes()));
+        self.fallback_published = false;
+        self.fallback_since_ms = 0;
+        true
+    }
+
     /// The node stored the last [`Machine::prekey_upload`].
     pub fn mark_published(&mut self) {
         self.account.mark_keys_as_published();
@@ -303,6 +336,36 @@ impl Machine {
         peer.sessions.insert(0, session);
         peer.sessions.truncate(SESSIONS_PER_DEVICE_MAX);
         Ok(())
+    }
+
+    /// The server announced a new identity key for `user`'s `device` (an `IdentityChanged`
+    /// event; `identity_key` is the 64-byte published form). If it is not the Curve25519 key
+    /// we know for the device, its Olm sessions are dropped (the next message to it starts one
+    /// from a freshly claimed, verified bundle) and every current group session is shared with
+    /// it again; true then. A key of the wrong length changes nothing.
+    pub fn identity_changed(
+        &mut self,
+        user: UserId,
+        device: DeviceId,
+        identity_key: &[u8],
+    ) -> bool {
+        if identity_key.len() != prekeys::IDENTITY_KEY_BYTES {
+            return false;
+        }
+        let mut curve = [0u8; 32];
+        curve.copy_from_slice(&identity_key[32..]);
+        let Some(peer) = self.peers.get_mut(&(user, device)) else {
+            return false;
+        };
+        if peer.identity == Some(curve) {
+            return false;
+        }
+        peer.sessions.clear();
+        peer.identity = None;
+        for out in self.outbound.values_mut() {
+            out.shared_with.remove(&(user, device));
+        }
+        true
     }
 
     fn peer_mut(&mut self, user: UserId, device: DeviceId, used: u64) -> &mut Peer {
@@ -653,6 +716,7 @@ impl Machine {
             unpublished_ids: self.unpublished_ids.iter().map(|(k, v)| (*k, *v)).collect(),
             fallback: self.fallback,
             fallback_published: self.fallback_published,
+            fallback_since_ms: self.fallback_since_ms,
             peers: (self.peers.iter())
                 .map(|((user, device), p)| PeerSnapshot {
                     user: *user,
@@ -721,6 +785,7 @@ impl Machine {
             unpublished_ids: s.unpublished_ids.into_iter().collect(),
             fallback: s.fallback,
             fallback_published: s.fallback_published,
+            fallback_since_ms: s.fallback_since_ms,
             peers: (s.peers.into_iter())
                 .map(|p| {
                     let peer = Peer {
@@ -767,6 +832,9 @@ struct Snapshot {
     unpublished_ids: Vec<([u8; 32], u32)>,
     fallback: Option<(u32, [u8; 32])>,
     fallback_published: bool,
+    /// Absent in states written before fallback rotation: the age starts over.
+    #[serde(default)]
+    fallback_since_ms: u64,
     peers: Vec<PeerSnapshot>,
     devices: Vec<(UserId, DeviceList)>,
     outbound: Vec<OutboundSnapshot>,
@@ -862,6 +930,75 @@ mod tests {
             assert!(bob
                 .decrypt(1, 2, &alice.encrypt(2, 1, &app("x")).unwrap())
                 .is_err());
+        }
+    }
+
+    /// Bob set his device up again (a new identity): the announced key drops Alice's sessions
+    /// with it and un-shares her group session; the same key announced again changes nothing;
+    /// a session from his new bundle works.
+    #[test]
+    fn an_announced_identity_change_drops_the_devices_sessions() {
+        let (mut alice, bob) = pair(true);
+        let group: GroupId = [7; 16];
+        alice.prepare_outbound(group, &BTreeSet::from([1, 2]), 0, RotationPolicy::default());
+        alice.mark_shared(&group, [(2, 1)]);
+        // The key she knows, announced: nothing changes.
+        assert!(!alice.identity_changed(2, 1, &bob.identity_key()));
+        assert!(alice.has_session(2, 1));
+        // A wrong length or an unknown device: nothing either.
+        assert!(!alice.identity_changed(2, 1, &[1; 10]));
+        let mut new_bob = Machine::new(2, 1);
+        assert!(!alice.identity_changed(2, 9, &new_bob.identity_key()));
+        assert!(alice.identity_changed(2, 1, &new_bob.identity_key()));
+        assert!(!alice.has_session(2, 1));
+        assert!(!alice.shared_with(&group, 2, 1));
+        let upload = new_bob.prekey_upload(5);
+        new_bob.mark_published();
+        let verified = prekeys::verify_bundle(2, &bundle_of(&upload, 1, true)).unwrap();
+        alice.start_session(2, &verified).unwrap();
+        let c = alice.encrypt(2, 1, &app("to the new device")).unwrap();
+        assert_eq!(
+            new_bob.decrypt(1, 1, &c).unwrap().envelope,
+            app("to the new device")
+        );
+    }
+
+    /// After a week published, the fallback key is replaced; a peer that took the old bundle
+    /// still starts a session with it, and the new bundle works too.
+    #[test]
+    fn the_fallback_key_is_rotated_and_the_old_one_still_opens_sessions() {
+        let mut bob = Machine::new(2, 1);
+        let old = bob.prekey_upload(0);
+        bob.mark_published();
+        assert!(
+            !bob.rotate_fallback_if_due(1_000, FALLBACK_KEY_MAX_AGE_MS),
+            "the clock starts"
+        );
+        assert!(!bob
+            .rotate_fallback_if_due(1_000 + FALLBACK_KEY_MAX_AGE_MS - 1, FALLBACK_KEY_MAX_AGE_MS));
+        let bob = Machine::from_bytes(&bob.to_bytes()).unwrap();
+        let mut bob = bob;
+        assert!(
+            bob.rotate_fallback_if_due(1_000 + FALLBACK_KEY_MAX_AGE_MS, FALLBACK_KEY_MAX_AGE_MS)
+        );
+        assert!(bob.has_unpublished_keys());
+        let new = bob.prekey_upload(0);
+        bob.mark_published();
+        let (old_key, new_key) = (
+            old.signed_prekey.clone().unwrap(),
+            new.signed_prekey.clone().unwrap(),
+        );
+        assert_ne!(old_key.key, new_key.key);
+        assert!(new_key.id > old_key.id);
+        assert!(
+            !bob.rotate_fallback_if_due(2_000 + FALLBACK_KEY_MAX_AGE_MS, FALLBACK_KEY_MAX_AGE_MS)
+        );
+        for (upload, text) in [(&old, "from the old bundle"), (&new, "from the new one")] {
+            let mut alice = Machine::new(1, 1);
+            let verified = prekeys::verify_bundle(2, &bundle_of(upload, 1, false)).unwrap();
+            alice.start_session(2, &verified).unwrap();
+            let c = alice.encrypt(2, 1, &app(text)).unwrap();
+            assert_eq!(bob.decrypt(1, 1, &c).unwrap().envelope, app(text));
         }
     }
 

@@ -22,7 +22,7 @@ use tokio::sync::{Mutex, MutexGuard};
 
 use super::envelope::Envelope;
 use super::error::{CryptoError, CryptoResult};
-use super::machine::{Machine, RotationPolicy, SEEN_DIRECT, SEEN_GROUP};
+use super::machine::{Machine, RotationPolicy, FALLBACK_KEY_MAX_AGE_MS, SEEN_DIRECT, SEEN_GROUP};
 use super::prekeys;
 use super::store::Store;
 use crate::client::{new_msg_id, Client, Event};
@@ -53,6 +53,10 @@ pub struct SecureConfig {
     pub one_time_keys_low: u32,
     /// When a group's outbound Megolm session is replaced (membership changes always do).
     pub rotation: RotationPolicy,
+    /// How long the fallback (signed) prekey stays published before it is replaced (checked
+    /// on open and whenever the one-time keys are checked); default
+    /// [`FALLBACK_KEY_MAX_AGE_MS`](super::machine::FALLBACK_KEY_MAX_AGE_MS), 7 days.
+    pub fallback_key_max_age: Duration,
     /// See [`DEVICE_LIST_MAX_AGE_DEFAULT`].
     pub device_list_max_age: Duration,
 }
@@ -64,6 +68,7 @@ impl std::fmt::Debug for SecureConfig {
             .field("one_time_keys_target", &self.one_time_keys_target)
             .field("one_time_keys_low", &self.one_time_keys_low)
             .field("rotation", &self.rotation)
+            .field("fallback_key_max_age", &self.fallback_key_max_age)
             .field("device_list_max_age", &self.device_list_max_age)
             .finish_non_exhaustive()
     }
@@ -78,6 +83,7 @@ impl SecureConfig {
             one_time_keys_target: ONE_TIME_KEYS_TARGET_DEFAULT,
             one_time_keys_low: ONE_TIME_KEYS_LOW_DEFAULT,
             rotation: RotationPolicy::default(),
+            fallback_key_max_age: Duration::from_millis(FALLBACK_KEY_MAX_AGE_MS),
             device_list_max_age: DEVICE_LIST_MAX_AGE_DEFAULT,
         }
     }
@@ -248,9 +254,13 @@ impl SecureClient {
 
     async fn top_up_from(&self, m: &mut MutexGuard<'_, Machine>, count: u32) -> CryptoResult<()> {
         let config = &self.inner.config;
+        let max_age = u64::try_from(config.fallback_key_max_age.as_millis()).unwrap_or(u64::MAX);
+        let rotated = m.rotate_fallback_if_due(now_ms(), max_age);
         if count < config.one_time_keys_low {
             self.publish(m, config.one_time_keys_target.saturating_sub(count))
                 .await?;
+        } else if rotated {
+            self.publish(m, 0).await?;
         }
         Ok(())
     }
@@ -480,6 +490,30 @@ impl SecureClient {
                         group,
                         group_seq,
                         event,
+                    }))
+                }
+                Event::IdentityChanged {
+                    seq,
+                    user,
+                    device,
+                    identity_key,
+                    server_time_ms,
+                } => {
+                    let mut m = self.inner.machine.lock().await;
+                    if m.identity_changed(user, device, &identity_key) {
+                        if let Err(e) = self.save(&m).await {
+                            tracing::warn!(error = %e, "saving the store failed");
+                            continue;
+                        }
+                    }
+                    drop(m);
+                    self.ack(seq).await;
+                    Some(SecureEvent::Other(Event::IdentityChanged {
+                        seq,
+                        user,
+                        device,
+                        identity_key,
+                        server_time_ms,
                     }))
                 }
                 Event::PrekeysLow { count } => {
