@@ -435,8 +435,17 @@ impl Groups {
             None => state.apply(actor, update, invite_code, &allow_all)?,
         };
         if state.seq == before {
-            // The update changed nothing (e.g. a retry of one already applied): answered
-            // with the group as it is, nothing written.
+            // The update changed nothing (e.g. a retry of one already applied): answered with
+            // the group as it is, but only once that state is durable on the shard's in-sync
+            // replicas, as a repeated send is (`send`): the state row is written again, synced
+            // and shipped. The first attempt's write may have failed to replicate (its local
+            // copy stays), and a node deposed without knowing it still answers from that copy:
+            // the replicas' gap and epoch checks refuse this write in both cases, so the retry
+            // fails instead of confirming a change only this node has (chaos
+            // `cluster-partition` seed 3 answered a removal that way and lost it).
+            let mut batch = WriteBatch::new();
+            self.put_state(&mut batch, &state)?;
+            self.write_logged(&update.group, state.seq, batch)?;
             return state.info_for(actor);
         }
         let mut batch = WriteBatch::new();

@@ -372,3 +372,42 @@ fn records_of_a_failed_log_write_are_not_fanned_out_until_a_later_write_succeeds
     g.forget_undurable(&G);
     assert_eq!(g.undurable_from(&G), None);
 }
+
+/// A retried update that finds its change already made (the first attempt's write stayed here
+/// but was not confirmed) is answered only after a synced write of the group's state, which a
+/// replicating engine ships to the shard's replicas: a store that cannot make it durable fails
+/// the retry instead of confirming a change only this node may have.
+#[test]
+fn an_update_already_applied_is_answered_only_after_a_synced_write_of_the_state() {
+    let (inner, _dir) = rocks_fixture();
+    let engine = Arc::new(Recording {
+        inner,
+        synced: Mutex::new(Vec::new()),
+        fail: std::sync::atomic::AtomicBool::new(false),
+    });
+    let g = Groups::new(engine.clone(), 64);
+    g.create(G, 1, &[2, 3], b"", 0).unwrap();
+    let mut u = GroupUpdate::new(G);
+    u.remove = vec![3];
+    assert_eq!(g.update(1, &u, CODE, 5).unwrap().members, vec![1, 2]);
+    engine.synced.lock().unwrap().clear();
+    engine.fail.store(true, Relaxed);
+    assert!(matches!(
+        g.update(1, &u, CODE, 6),
+        Err(GroupError::Storage(_))
+    ));
+    engine.fail.store(false, Relaxed);
+    let info = g.update(1, &u, CODE, 7).unwrap();
+    assert_eq!((info.version, info.members), (2, vec![1, 2]));
+    let synced = engine.synced.lock().unwrap();
+    assert_eq!(
+        synced.len(),
+        1,
+        "one synced write of the state, nothing sequenced"
+    );
+    assert!(synced[0]
+        .ops
+        .iter()
+        .all(|op| matches!(op, crate::storage::Op::Put { cf: Cf::Groups, .. })));
+    assert_eq!(g.load(&G).unwrap().unwrap().seq, 2);
+}
