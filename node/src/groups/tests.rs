@@ -263,6 +263,29 @@ fn a_resend_after_leaving_gets_the_first_answer() {
     ));
 }
 
+/// Exactly one synced write reached the engine, and it put group rows only (the rows a
+/// replicating engine ships to the group shard's replicas): nothing was sequenced.
+#[track_caller]
+fn assert_one_synced_write_of_group_rows(engine: &Recording) {
+    let synced = engine.synced.lock().unwrap();
+    assert_eq!(synced.len(), 1, "one synced write");
+    assert!(synced[0]
+        .ops
+        .iter()
+        .all(|op| matches!(op, crate::storage::Op::Put { cf: Cf::Groups, .. })));
+}
+
+/// A [`Recording`] engine over a fresh RocksDB.
+fn recording() -> (Arc<Recording>, Option<tempfile::TempDir>) {
+    let (inner, dir) = rocks_fixture();
+    let engine = Arc::new(Recording {
+        inner,
+        synced: Mutex::new(Vec::new()),
+        fail: std::sync::atomic::AtomicBool::new(false),
+    });
+    (engine, dir)
+}
+
 /// Records the synced writes that reach the engine, and can fail them.
 struct Recording {
     inner: Arc<dyn Engine>,
@@ -304,12 +327,7 @@ impl Engine for Recording {
 
 #[test]
 fn a_duplicate_is_answered_only_after_a_synced_write_of_its_record() {
-    let (inner, _dir) = rocks_fixture();
-    let engine = Arc::new(Recording {
-        inner,
-        synced: Mutex::new(Vec::new()),
-        fail: std::sync::atomic::AtomicBool::new(false),
-    });
+    let (engine, _dir) = recording();
     let g = Groups::new(engine.clone(), 64);
     g.create(G, 1, &[2], b"", 0).unwrap();
     assert!(matches!(
@@ -334,23 +352,13 @@ fn a_duplicate_is_answered_only_after_a_synced_write_of_its_record() {
     );
     // The duplicate's answer followed a synced write of the dedup row in the group's shard
     // (the one a replicating engine ships to the shard's replicas), and sequenced nothing.
-    let synced = engine.synced.lock().unwrap();
-    assert_eq!(synced.len(), 1);
-    assert!(synced[0]
-        .ops
-        .iter()
-        .all(|op| matches!(op, crate::storage::Op::Put { cf: Cf::Groups, .. })));
+    assert_one_synced_write_of_group_rows(&engine);
     assert_eq!(g.load(&G).unwrap().unwrap().seq, 2);
 }
 
 #[test]
 fn records_of_a_failed_log_write_are_not_fanned_out_until_a_later_write_succeeds() {
-    let (inner, _dir) = rocks_fixture();
-    let engine = Arc::new(Recording {
-        inner,
-        synced: Mutex::new(Vec::new()),
-        fail: std::sync::atomic::AtomicBool::new(false),
-    });
+    let (engine, _dir) = recording();
     let g = Groups::new(engine.clone(), 64);
     g.create(G, 1, &[2], b"", 0).unwrap();
     assert_eq!(g.undurable_from(&G), None);
@@ -379,12 +387,7 @@ fn records_of_a_failed_log_write_are_not_fanned_out_until_a_later_write_succeeds
 /// the retry instead of confirming a change only this node may have.
 #[test]
 fn an_update_already_applied_is_answered_only_after_a_synced_write_of_the_state() {
-    let (inner, _dir) = rocks_fixture();
-    let engine = Arc::new(Recording {
-        inner,
-        synced: Mutex::new(Vec::new()),
-        fail: std::sync::atomic::AtomicBool::new(false),
-    });
+    let (engine, _dir) = recording();
     let g = Groups::new(engine.clone(), 64);
     g.create(G, 1, &[2, 3], b"", 0).unwrap();
     let mut u = GroupUpdate::new(G);
@@ -399,15 +402,6 @@ fn an_update_already_applied_is_answered_only_after_a_synced_write_of_the_state(
     engine.fail.store(false, Relaxed);
     let info = g.update(1, &u, CODE, 7).unwrap();
     assert_eq!((info.version, info.members), (2, vec![1, 2]));
-    let synced = engine.synced.lock().unwrap();
-    assert_eq!(
-        synced.len(),
-        1,
-        "one synced write of the state, nothing sequenced"
-    );
-    assert!(synced[0]
-        .ops
-        .iter()
-        .all(|op| matches!(op, crate::storage::Op::Put { cf: Cf::Groups, .. })));
+    assert_one_synced_write_of_group_rows(&engine);
     assert_eq!(g.load(&G).unwrap().unwrap().seq, 2);
 }
