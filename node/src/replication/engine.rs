@@ -277,7 +277,8 @@ impl ReplicatingEngine {
         let mut cache = self.positions();
         let positions = cache.at_epoch(epoch);
         let mut records = Vec::with_capacity(per_shard.len());
-        let mut fences = Vec::with_capacity(per_shard.len());
+        // Each record's shard position once it is written.
+        let mut after = Vec::with_capacity(per_shard.len());
         for (shard, ops) in per_shard {
             let current = match positions.get(&shard) {
                 Some(p) => *p,
@@ -297,15 +298,12 @@ impl ReplicatingEngine {
                 ops,
                 kind: RecordKind::Log,
             };
-            fences.push(current.fence);
             record
                 .check()
                 .map_err(|e| StorageError::Other(e.to_string()))?;
+            after.push(Position::after(record.lsn, epoch, current.fence));
             records.push(record);
         }
-        let after: Vec<Position> = (records.iter().zip(&fences))
-            .map(|(r, &fence)| Position::after(r.lsn, r.epoch, fence))
-            .collect();
         for (r, position) in records.iter().zip(&after) {
             batch.put(Cf::ShardLog, position_key(r.shard), position.encode());
         }
