@@ -69,7 +69,7 @@ pub enum ApplyError {
 }
 
 /// Writes `records` in order into `engine`, one synced batch for the whole call: each applied
-/// record's ops and then its shard's new [`Position`] (LSN and epoch), so a crash keeps a prefix
+/// record's ops and then its shard's new [`Position`] (LSN, epoch, fence), so a crash keeps a prefix
 /// of the records with positions that match their data.
 ///
 /// Every record of an epoch earlier than `p.fence` (the latest epoch this copy took anything
