@@ -44,4 +44,6 @@ pub mod shard;
 pub mod shard_rows;
 pub mod status;
 pub mod storage;
+#[cfg(test)]
+mod test_bytes;
 pub mod transport;

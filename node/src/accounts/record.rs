@@ -458,21 +458,10 @@ mod tests {
     #[test]
     fn arbitrary_bytes_never_panic() {
         // A small deterministic xorshift stream of inputs of every short length.
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        for len in 0..300 {
-            for _ in 0..20 {
-                let buf: Vec<u8> = (0..len)
-                    .map(|_| {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        x as u8
-                    })
-                    .collect();
-                let _ = AccountRecord::decode(&buf);
-                let _ = PendingCode::decode(&buf);
-                let _ = LinkCodeRecord::decode(&buf);
-            }
-        }
+        crate::test_bytes::for_each_input(0x2545_f491_4f6c_dd1d, 300, 20, |buf| {
+            let _ = AccountRecord::decode(buf);
+            let _ = PendingCode::decode(buf);
+            let _ = LinkCodeRecord::decode(buf);
+        });
     }
 }

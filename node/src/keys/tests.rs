@@ -568,21 +568,10 @@ fn corrupt_values_are_errors_never_panics() {
     for n in 0..otk.len() {
         assert!(decode_one_time(&otk[..n]).is_err());
     }
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for len in 0..200 {
-        for _ in 0..20 {
-            let buf: Vec<u8> = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
-            let _ = decode_device(&buf);
-            let _ = decode_one_time(&buf);
-        }
-    }
+    crate::test_bytes::for_each_input(0x9e37_79b9_7f4a_7c15, 200, 20, |buf| {
+        let _ = decode_device(buf);
+        let _ = decode_one_time(buf);
+    });
 }
 
 #[test]
