@@ -8,12 +8,13 @@
 //! a second and closes the ones past their deadline.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use futures::task::AtomicWaker;
 use ringpost_wire::{DeviceId, UserId};
-use tokio::sync::Notify;
 
 use crate::inbox::Entry;
 
@@ -81,7 +82,10 @@ pub enum CloseReason {
 #[derive(Debug)]
 pub struct ConnShared {
     pub id: u64,
-    notify: Notify,
+    /// Set by [`ConnShared::notify`], taken by [`ConnShared::poll_notified`].
+    signal: AtomicBool,
+    /// The connection task's waker.
+    waker: AtomicWaker,
     /// Milliseconds since the registry's start when the peer was last heard from.
     last_rx_ms: AtomicU64,
     /// The silence after which the sweep closes the connection (the idle timeout).
@@ -140,7 +144,14 @@ impl ConnShared {
     /// Wakes the connection task (new inbox entries may exist).
     pub fn wake(&self) {
         self.woken.store(1, Relaxed);
-        self.notify.notify_one();
+        self.notify();
+    }
+
+    /// Wakes the connection task: the next [`ConnShared::poll_notified`] is ready (one stored
+    /// signal, like `tokio::sync::Notify::notify_one`).
+    fn notify(&self) {
+        self.signal.store(true, Release);
+        self.waker.wake();
     }
 
     /// Takes the wake flag: true if a wake-up arrived since the last call.
@@ -148,9 +159,24 @@ impl ConnShared {
         self.woken.swap(0, Relaxed) == 1
     }
 
+    /// Ready once the connection was woken, pushed to, or asked to close since the last ready
+    /// poll; `Pending` registers `cx`'s waker. A poll function with its waker kept here, so a
+    /// connection waiting for it keeps no future (a `Notified` is 80 bytes).
+    pub fn poll_notified(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.signal.swap(false, Acquire) {
+            return std::task::Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        if self.signal.swap(false, Acquire) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+
     /// Resolves when the connection is woken, pushed to, or asked to close.
     pub async fn notified(&self) {
-        self.notify.notified().await
+        std::future::poll_fn(|cx| self.poll_notified(cx)).await
     }
 
     /// Queues an ephemeral frame; false if the queue is full and it was dropped.
@@ -161,7 +187,7 @@ impl ConnShared {
         }
         q.push_back(frame);
         drop(q);
-        self.notify.notify_one();
+        self.notify();
         true
     }
 
@@ -173,7 +199,7 @@ impl ConnShared {
 
     pub fn ask_close(&self, reason: CloseReason) {
         self.close.store(reason as u8, Relaxed);
-        self.notify.notify_one();
+        self.notify();
     }
 
     pub fn close_reason(&self) -> CloseReason {
@@ -248,7 +274,8 @@ impl Registry {
         let id = self.next_id.fetch_add(1, Relaxed);
         let conn = Arc::new(ConnShared {
             id,
-            notify: Notify::new(),
+            signal: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
             last_rx_ms: AtomicU64::new(self.now_ms()),
             timeout_ms: AtomicU32::new(idle_timeout_ms),
             deadline_ms: AtomicU64::new(deadline_ms),

@@ -28,6 +28,7 @@ use crate::storage::Engine;
 use crate::transport::quic::{self, QuicTransport};
 use crate::transport::tls::{self, CertPaths};
 use crate::transport::ws::{WsStream, WsTransport};
+use crate::transport::wss::TlsConn;
 
 /// How often the keepalive sweep runs.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -357,8 +358,7 @@ impl Node {
             let l = listen_tcp(addr).with_context(|| format!("binding wss {addr}"))?;
             bound.wss = Some(l.local_addr()?);
             let config = tls::server_config(&cert, &[], false)?;
-            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-            tasks.spawn(accept_ws(l, Some(acceptor), server.clone()));
+            tasks.spawn(accept_ws(l, Some(Arc::new(config)), server.clone()));
         }
         let mut endpoint = None;
         if let Some(addr) = opts.listen_quic {
@@ -508,7 +508,7 @@ impl Node {
 
 async fn accept_ws(
     listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     server: Arc<Server>,
 ) {
     let kind = if tls.is_some() {
@@ -545,32 +545,43 @@ async fn accept_ws(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let server = server.clone();
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            let handshake = async {
-                let stream = match tls {
-                    Some(acceptor) => WsStream::Tls(Box::new(acceptor.accept(tcp).await?)),
-                    None => WsStream::Plain(tcp),
-                };
-                WsTransport::accept(stream)
-                    .await
-                    .map_err(std::io::Error::other)
-            };
-            let timeout = Duration::from_millis(server.config.preauth.handshake_timeout_ms.into());
-            match tokio::time::timeout(timeout, handshake).await {
-                Ok(Ok(transport)) => {
-                    let admitted = Admitted {
-                        permit,
-                        accepted_ms: accepted,
-                        source: peer.ip(),
-                    };
-                    crate::conn::serve(server, transport, kind, admitted).await
-                }
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "websocket upgrade failed"),
-                Err(_) => tracing::debug!(%peer, "websocket upgrade timed out"),
-            }
-        });
+        let admitted = Admitted {
+            permit,
+            accepted_ms: accepted,
+            source: peer.ip(),
+        };
+        tokio::spawn(serve_ws(server.clone(), tcp, tls.clone(), kind, admitted));
+    }
+}
+
+/// One WebSocket connection's TLS handshake (wss) and upgrade, bounded by the handshake
+/// timeout. The connection is then served by a task of its own ([`crate::conn::serve`]), so
+/// what it keeps for its life holds none of the handshake's state (a TLS connection under way
+/// is about 1.2 KiB).
+async fn serve_ws(
+    server: Arc<Server>,
+    tcp: tokio::net::TcpStream,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    kind: TransportKind,
+    admitted: Admitted,
+) {
+    let peer = admitted.source;
+    let timeout = Duration::from_millis(server.config.preauth.handshake_timeout_ms.into());
+    let handshake = async {
+        let stream = match tls {
+            Some(config) => WsStream::Tls(Box::new(TlsConn::accept(tcp, config).await?)),
+            None => WsStream::Plain(tcp),
+        };
+        WsTransport::accept(stream)
+            .await
+            .map_err(std::io::Error::other)
+    };
+    match tokio::time::timeout(timeout, handshake).await {
+        Ok(Ok(transport)) => drop(tokio::spawn(crate::conn::serve(
+            server, transport, kind, admitted,
+        ))),
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "websocket upgrade failed"),
+        Err(_) => tracing::debug!(%peer, "websocket upgrade timed out"),
     }
 }
 
@@ -592,26 +603,33 @@ async fn accept_quic(endpoint: quinn::Endpoint, server: Arc<Server>) {
                 continue;
             }
         };
-        let server = server.clone();
-        tokio::spawn(async move {
-            let timeout = Duration::from_millis(server.config.preauth.handshake_timeout_ms.into());
-            let setup = async {
-                let conn = incoming.await?;
-                QuicTransport::accept(conn).await
-            };
-            match tokio::time::timeout(timeout, setup).await {
-                Ok(Ok(transport)) => {
-                    let admitted = Admitted {
-                        permit,
-                        accepted_ms: accepted,
-                        source: peer.ip(),
-                    };
-                    crate::conn::serve(server, transport, TransportKind::Quic, admitted).await
-                }
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "quic handshake failed"),
-                Err(_) => tracing::debug!(%peer, "quic handshake timed out"),
-            }
-        });
+        let admitted = Admitted {
+            permit,
+            accepted_ms: accepted,
+            source: peer.ip(),
+        };
+        tokio::spawn(serve_quic(server.clone(), incoming, admitted));
+    }
+}
+
+/// One QUIC connection's handshake and the opening of its control stream, bounded by the
+/// handshake timeout; then, as in [`serve_ws`], a task of its own serves the connection.
+async fn serve_quic(server: Arc<Server>, incoming: quinn::Incoming, admitted: Admitted) {
+    let peer = admitted.source;
+    let timeout = Duration::from_millis(server.config.preauth.handshake_timeout_ms.into());
+    let setup = async {
+        let conn = incoming.await?;
+        QuicTransport::accept(conn).await
+    };
+    match tokio::time::timeout(timeout, setup).await {
+        Ok(Ok(transport)) => drop(tokio::spawn(crate::conn::serve(
+            server,
+            transport,
+            TransportKind::Quic,
+            admitted,
+        ))),
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "quic handshake failed"),
+        Err(_) => tracing::debug!(%peer, "quic handshake timed out"),
     }
 }
 

@@ -9,6 +9,7 @@
 pub mod quic;
 pub mod tls;
 pub mod ws;
+pub mod wss;
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -58,10 +59,23 @@ pub enum TransportError {
 
 /// What the connection driver needs from a transport.
 pub trait Transport: Send {
-    /// The next complete frame (encoded flatbuffer bytes), the peer's close, or word that
-    /// control output is waiting ([`Transport::has_control_output`]). Cancel-safe: dropping the
-    /// future loses nothing and never leaves a half-written frame (it does not write).
-    fn next_frame(&mut self) -> impl Future<Output = Result<Incoming, TransportError>> + Send;
+    /// Polls for the next complete frame (encoded flatbuffer bytes), the peer's close, or word
+    /// that control output is waiting ([`Transport::has_control_output`]); `Pending` registers
+    /// `cx`'s waker for the socket's readiness.
+    ///
+    /// A poll function rather than a future, so a connection waiting to read keeps no read
+    /// future at all (the waker is registered with the socket): what an idle connection costs
+    /// is its state, not the state of nested read futures. Loses nothing when not polled again
+    /// and never writes (a half-written control frame cannot be left behind).
+    fn poll_next_frame(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<Incoming, TransportError>>;
+
+    /// [`Transport::poll_next_frame`] as a future.
+    fn next_frame(&mut self) -> impl Future<Output = Result<Incoming, TransportError>> + Send {
+        std::future::poll_fn(move |cx| self.poll_next_frame(cx))
+    }
 
     /// Whether the transport has control output of its own (e.g. a WebSocket `Pong`) waiting
     /// for the next [`Transport::write`], which the driver then calls even with no frames.

@@ -5,7 +5,9 @@
 //! buffer; only a partial frame's bytes are kept between chunks.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::Result;
@@ -77,24 +79,27 @@ impl QuicTransport {
 }
 
 impl Transport for QuicTransport {
-    async fn next_frame(&mut self) -> Result<Incoming, TransportError> {
+    fn poll_next_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Incoming, TransportError>> {
         loop {
             match framing::decode_prefixed(&mut self.partial) {
                 Ok(Some(frame)) => {
                     if self.partial.is_empty() {
                         self.partial = BytesMut::new();
                     }
-                    return Ok(Incoming::Frame(frame));
+                    return Poll::Ready(Ok(Incoming::Frame(frame)));
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    return Err(TransportError::Protocol {
+                    return Poll::Ready(Err(TransportError::Protocol {
                         code: e.code(),
                         message: e.to_string(),
-                    })
+                    }))
                 }
             }
-            match self.recv.read_chunk(usize::MAX, true).await {
+            // A read future made for this poll and dropped after it: quinn keeps the waker
+            // with the stream, so nothing is kept between polls (and reads are cancel-safe).
+            let read = std::pin::pin!(self.recv.read_chunk(usize::MAX, true));
+            match std::task::ready!(read.poll(cx)) {
                 Ok(Some(chunk)) => {
                     if self.partial.is_empty() {
                         // Usually a chunk holds whole frames: take it without copying.
@@ -103,11 +108,11 @@ impl Transport for QuicTransport {
                         self.partial.extend_from_slice(&chunk.bytes);
                     }
                 }
-                Ok(None) => return Ok(Incoming::Closed),
+                Ok(None) => return Poll::Ready(Ok(Incoming::Closed)),
                 Err(quinn::ReadError::ConnectionLost(_) | quinn::ReadError::ClosedStream) => {
-                    return Ok(Incoming::Closed)
+                    return Poll::Ready(Ok(Incoming::Closed))
                 }
-                Err(e) => return Err(TransportError::Io(std::io::Error::other(e))),
+                Err(e) => return Poll::Ready(Err(TransportError::Io(std::io::Error::other(e)))),
             }
         }
     }

@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -22,70 +22,53 @@ use super::{with_read_buf, Incoming, Transport, TransportError, WRITE_TIMEOUT_MS
 /// The byte stream under the WebSocket.
 pub enum WsStream {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// Boxed: most of a TLS connection's state is rustls' (about 1 KiB).
+    Tls(Box<super::wss::TlsConn>),
 }
 
 impl WsStream {
-    fn tcp(&self) -> &TcpStream {
+    /// Whether TLS output waits for the next write (see [`super::wss`]).
+    fn has_pending_output(&self) -> bool {
         match self {
-            WsStream::Plain(s) => s,
-            WsStream::Tls(s) => s.get_ref().0,
+            WsStream::Plain(_) => false,
+            WsStream::Tls(s) => s.has_pending_output(),
         }
     }
 
-    /// One non-blocking read appended to `dst`: `Ok(Some(0))` is end of stream, `Ok(None)`
-    /// means nothing is available now.
-    fn try_read_into(&mut self, dst: &mut BytesMut) -> io::Result<Option<usize>> {
-        with_read_buf(|buf| match self {
-            // `poll_read` rather than `try_read`: a read that fills less than the buffer tells
-            // tokio the socket is drained, so the next read waits for readiness instead of
-            // paying a system call for EAGAIN (one per frame at low rates).
-            WsStream::Plain(s) => {
+    /// Polls one read appended to `dst`: `Ready(Ok(0))` is end of stream; `Pending` registers
+    /// `cx` for the socket's readiness. Reads go to the worker's buffer, so only what arrived
+    /// is copied to `dst` (which is empty and unallocated between messages).
+    ///
+    /// `poll_read` rather than `try_read`: a read that fills less than the buffer tells tokio the
+    /// socket is drained, so the next read waits for readiness instead of paying a system call
+    /// for EAGAIN (one per frame at low rates).
+    fn poll_read_some(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            WsStream::Plain(s) => with_read_buf(|buf| {
                 let mut rb = ReadBuf::new(buf);
-                let mut cx = Context::from_waker(Waker::noop());
-                match Pin::new(s).poll_read(&mut cx, &mut rb) {
-                    Poll::Ready(Ok(())) => {
-                        let n = rb.filled().len();
-                        dst.extend_from_slice(rb.filled());
-                        Ok(Some(n))
-                    }
-                    Poll::Ready(Err(e)) => Err(e),
-                    Poll::Pending => Ok(None),
-                }
-            }
-            WsStream::Tls(s) => {
-                let mut rb = ReadBuf::new(buf);
-                let mut cx = Context::from_waker(Waker::noop());
-                match Pin::new(&mut **s).poll_read(&mut cx, &mut rb) {
-                    Poll::Ready(Ok(())) => {
-                        let n = rb.filled().len();
-                        dst.extend_from_slice(rb.filled());
-                        Ok(Some(n))
-                    }
-                    Poll::Ready(Err(e)) => Err(e),
-                    Poll::Pending => Ok(None),
-                }
-            }
-        })
+                Pin::new(s).poll_read(cx, &mut rb).map_ok(|()| {
+                    dst.extend_from_slice(rb.filled());
+                    rb.filled().len()
+                })
+            }),
+            // Reads into the worker's buffer too, and decrypts into `dst`.
+            WsStream::Tls(s) => s.poll_read_some(cx, dst),
+        }
     }
 
     /// Reads at least one byte into `dst` (0 at end of stream).
     pub async fn read_some(&mut self, dst: &mut BytesMut) -> io::Result<usize> {
-        loop {
-            if let Some(n) = self.try_read_into(dst)? {
-                return Ok(n);
-            }
-            self.tcp().readable().await?;
-        }
+        std::future::poll_fn(|cx| self.poll_read_some(cx, dst)).await
     }
 
     pub async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
         match self {
             WsStream::Plain(s) => s.write_all(bytes).await,
-            WsStream::Tls(s) => {
-                s.write_all(bytes).await?;
-                s.flush().await
-            }
+            WsStream::Tls(s) => s.write_all(bytes).await,
         }
     }
 
@@ -167,12 +150,12 @@ impl WsTransport {
 }
 
 impl Transport for WsTransport {
-    /// Cancel-safe: it only reads (into `partial`, which keeps what a dropped call read) and
-    /// decodes; control replies are queued for [`Transport::write`].
-    async fn next_frame(&mut self) -> Result<Incoming, TransportError> {
+    /// It only reads (into `partial`, which keeps what was read) and decodes; control replies
+    /// are queued for [`Transport::write`].
+    fn poll_next_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Incoming, TransportError>> {
         loop {
             if self.closed {
-                return Ok(Incoming::Closed);
+                return Poll::Ready(Ok(Incoming::Closed));
             }
             let decoded = self.decoder.decode(&mut self.partial);
             if self.partial.is_empty() && self.partial.capacity() > 0 {
@@ -180,7 +163,7 @@ impl Transport for WsTransport {
                 self.partial = BytesMut::new();
             }
             match decoded {
-                Ok(Some(Message::Binary(frame))) => return Ok(Incoming::Frame(frame)),
+                Ok(Some(Message::Binary(frame))) => return Poll::Ready(Ok(Incoming::Frame(frame))),
                 Ok(Some(Message::Ping(payload))) => {
                     self.pong = Some(Bytes::copy_from_slice(&payload));
                 }
@@ -188,25 +171,26 @@ impl Transport for WsTransport {
                 Ok(Some(Message::Close { .. })) => {
                     // The peer closed: the connection ends, and `close` answers with our Close.
                     self.closed = true;
-                    return Ok(Incoming::Closed);
+                    return Poll::Ready(Ok(Incoming::Closed));
                 }
                 Ok(Some(Message::Text(_))) => {
-                    return Err(TransportError::Protocol {
+                    return Poll::Ready(Err(TransportError::Protocol {
                         code: ErrorCode::TransportProtocol,
                         message: "text frames are not part of the protocol: send each frame as one binary message".into(),
-                    });
+                    }));
                 }
-                Ok(None) if self.pong.is_some() => return Ok(Incoming::Control),
-                Ok(None) => {
-                    if self.stream.read_some(&mut self.partial).await? == 0 {
-                        return Ok(Incoming::Closed);
-                    }
-                }
+                Ok(None) if self.has_control_output() => return Poll::Ready(Ok(Incoming::Control)),
+                Ok(None) => match self.stream.poll_read_some(cx, &mut self.partial) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Ok(Incoming::Closed)),
+                    Poll::Ready(Ok(_)) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                    Poll::Pending => return Poll::Pending,
+                },
                 Err(ws::WsError::TextNotSupported) => {
-                    return Err(TransportError::Protocol {
+                    return Poll::Ready(Err(TransportError::Protocol {
                         code: ErrorCode::TransportProtocol,
                         message: "text frames are not part of the protocol: send each frame as one binary message".into(),
-                    });
+                    }));
                 }
                 Err(e) => {
                     let code = if e.close_code() == 1009 {
@@ -214,17 +198,17 @@ impl Transport for WsTransport {
                     } else {
                         ErrorCode::TransportProtocol
                     };
-                    return Err(TransportError::Protocol {
+                    return Poll::Ready(Err(TransportError::Protocol {
                         code,
                         message: e.to_string(),
-                    });
+                    }));
                 }
             }
         }
     }
 
     fn has_control_output(&self) -> bool {
-        self.pong.is_some()
+        self.pong.is_some() || self.stream.has_pending_output()
     }
 
     async fn write(&mut self, frames: &mut VecDeque<Bytes>) -> Result<(), TransportError> {

@@ -1,0 +1,473 @@
+//! TLS for `wss://` on rustls' unbuffered API: the transport owns every buffer, so an idle
+//! connection holds none. (rustls' buffered `ServerConnection` keeps a 4 KiB receive buffer per
+//! connection for its whole life, more than everything else an idle connection holds.)
+//!
+//! Received TLS bytes go to the worker's read buffer and are kept per connection only while a
+//! record is incomplete; records are decrypted into the caller's buffer (the WebSocket
+//! decoder's partial message). Writes encrypt a batch of frames into one buffer that lives for
+//! that write. TLS output made while reading (a post-handshake message, e.g. the answer to the
+//! client's key update) is held until the next write, which sends it first: reads never write.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus,
+};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::with_read_buf;
+
+/// TLS record overhead in TLS 1.3 (5-byte header, content type, 16-byte tag) per record of at
+/// most 16 KiB: the first guess at the size of an encryption's output.
+const RECORD_OVERHEAD: usize = 22;
+const RECORD_PLAINTEXT_MAX: usize = 16 * 1024;
+
+/// A server-side TLS connection over TCP.
+pub struct TlsConn {
+    tcp: TcpStream,
+    conn: UnbufferedServerConnection,
+    /// Received TLS bytes not processed yet (an incomplete record); empty and unallocated
+    /// between records.
+    incoming: BytesMut,
+    /// TLS output not sent yet: the handshake's, or what a read produced. Sent ahead of the
+    /// next write; empty and unallocated otherwise.
+    out: Vec<u8>,
+    /// Plaintext decrypted by a write's processing (a record completed since the last read),
+    /// given to the next read.
+    stash: BytesMut,
+}
+
+/// Where processing the received bytes left the connection.
+enum Progress {
+    /// The handshake is done and nothing is left to decrypt: wait for more bytes (or write).
+    Established,
+    /// The handshake needs more bytes from the client.
+    NeedData,
+    /// The client sent close_notify, or the connection is closed.
+    Closed,
+}
+
+fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+impl TlsConn {
+    /// Runs the server handshake on `tcp`. The caller bounds the time it may take.
+    pub async fn accept(tcp: TcpStream, config: Arc<rustls::ServerConfig>) -> io::Result<TlsConn> {
+        let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
+        let mut this = TlsConn {
+            tcp,
+            conn,
+            incoming: BytesMut::new(),
+            out: Vec::new(),
+            stash: BytesMut::new(),
+        };
+        loop {
+            let mut plain = BytesMut::new();
+            let progress = this.process(&mut plain)?;
+            if !plain.is_empty() {
+                // The client's first bytes arrived with its Finished: keep them for the reader.
+                this.stash = plain;
+            }
+            this.send_out().await?;
+            match progress {
+                Progress::Established => return Ok(this),
+                Progress::Closed => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the client closed during the TLS handshake",
+                    ))
+                }
+                Progress::NeedData => {
+                    let n = std::future::poll_fn(|cx| this.poll_read_tls(cx)).await?;
+                    if n == 0 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the client closed during the TLS handshake",
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Processes every complete record received, appending application data to `plain` and
+    /// TLS output to `out`.
+    fn process(&mut self, plain: &mut BytesMut) -> io::Result<Progress> {
+        loop {
+            let UnbufferedStatus { discard, state } =
+                self.conn.process_tls_records(&mut self.incoming[..]);
+            let mut extra = 0;
+            let progress = match state {
+                // The connection ends: what is left unprocessed does not matter.
+                Err(e) => return Err(tls_error(e)),
+                Ok(ConnectionState::ReadTraffic(mut records)) => {
+                    while let Some(record) = records.next_record() {
+                        let record = record.map_err(tls_error)?;
+                        extra += record.discard;
+                        plain.extend_from_slice(record.payload);
+                    }
+                    None
+                }
+                Ok(ConnectionState::EncodeTlsData(mut data)) => {
+                    let start = self.out.len();
+                    let mut need = 1024;
+                    loop {
+                        self.out.resize(start + need, 0);
+                        match data.encode(&mut self.out[start..]) {
+                            Ok(n) => {
+                                self.out.truncate(start + n);
+                                break;
+                            }
+                            Err(EncodeError::InsufficientSize(InsufficientSizeError {
+                                required_size,
+                            })) => need = required_size,
+                            Err(e) => {
+                                self.out.truncate(start);
+                                return Err(io::Error::other(e));
+                            }
+                        }
+                    }
+                    None
+                }
+                // Sent by the caller before it waits for anything (`send_out`), in order.
+                Ok(ConnectionState::TransmitTlsData(data)) => {
+                    data.done();
+                    None
+                }
+                Ok(ConnectionState::BlockedHandshake) => Some(Progress::NeedData),
+                Ok(ConnectionState::WriteTraffic(_)) => Some(Progress::Established),
+                Ok(ConnectionState::PeerClosed | ConnectionState::Closed) => Some(Progress::Closed),
+                // Early data is not enabled; rustls may add states.
+                Ok(other) => {
+                    return Err(io::Error::other(format!("unexpected TLS state {other:?}")))
+                }
+            };
+            self.incoming.advance(discard + extra);
+            if self.incoming.is_empty() && self.incoming.capacity() > 0 {
+                self.incoming = BytesMut::new();
+            }
+            if let Some(progress) = progress {
+                return Ok(progress);
+            }
+        }
+    }
+
+    /// Polls one read of TLS bytes from the socket into `incoming` (0 at end of stream).
+    fn poll_read_tls(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let incoming = &mut self.incoming;
+        let tcp = &mut self.tcp;
+        with_read_buf(|buf| {
+            let mut rb = ReadBuf::new(buf);
+            Pin::new(tcp).poll_read(cx, &mut rb).map_ok(|()| {
+                incoming.extend_from_slice(rb.filled());
+                rb.filled().len()
+            })
+        })
+    }
+
+    /// Polls for application data, appended to `dst`: `Ready(Ok(0))` when the client closed.
+    pub fn poll_read_some(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        if !self.stash.is_empty() {
+            let n = self.stash.len();
+            dst.extend_from_slice(&std::mem::take(&mut self.stash));
+            return Poll::Ready(Ok(n));
+        }
+        loop {
+            let before = dst.len();
+            let progress = self.process(dst)?;
+            let n = dst.len() - before;
+            if n > 0 {
+                return Poll::Ready(Ok(n));
+            }
+            if let Progress::Closed = progress {
+                return Poll::Ready(Ok(0));
+            }
+            match self.poll_read_tls(cx) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(0)),
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    /// Whether TLS output made while reading waits for the next write.
+    pub fn has_pending_output(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// Encrypts `plain` (or, with `None`, a close_notify alert) after any pending TLS output
+    /// into one buffer, and writes it.
+    async fn encrypt_and_write(&mut self, plain: Option<&[u8]>) -> io::Result<()> {
+        let mut buf = std::mem::take(&mut self.out);
+        loop {
+            let UnbufferedStatus { discard, state } =
+                self.conn.process_tls_records(&mut self.incoming[..]);
+            let mut extra = 0;
+            let done = match state {
+                // The connection ends: what is left unprocessed does not matter.
+                Err(e) => return Err(tls_error(e)),
+                Ok(ConnectionState::WriteTraffic(mut traffic)) => {
+                    let start = buf.len();
+                    let mut need = match plain {
+                        Some(p) => p.len() + (p.len() / RECORD_PLAINTEXT_MAX + 1) * RECORD_OVERHEAD,
+                        None => 64,
+                    };
+                    loop {
+                        buf.resize(start + need, 0);
+                        let written = match plain {
+                            Some(p) => traffic.encrypt(p, &mut buf[start..]),
+                            None => traffic.queue_close_notify(&mut buf[start..]),
+                        };
+                        match written {
+                            Ok(n) => {
+                                buf.truncate(start + n);
+                                break;
+                            }
+                            Err(EncryptError::InsufficientSize(InsufficientSizeError {
+                                required_size,
+                            })) => need = required_size,
+                            Err(e) => return Err(io::Error::other(e)),
+                        }
+                    }
+                    true
+                }
+                // A record completed since the last read: keep its data for the next read.
+                Ok(ConnectionState::ReadTraffic(mut records)) => {
+                    while let Some(record) = records.next_record() {
+                        let record = record.map_err(tls_error)?;
+                        extra += record.discard;
+                        self.stash.extend_from_slice(record.payload);
+                    }
+                    false
+                }
+                Ok(ConnectionState::EncodeTlsData(mut data)) => {
+                    let start = buf.len();
+                    let mut need = 1024;
+                    loop {
+                        buf.resize(start + need, 0);
+                        match data.encode(&mut buf[start..]) {
+                            Ok(n) => {
+                                buf.truncate(start + n);
+                                break;
+                            }
+                            Err(EncodeError::InsufficientSize(InsufficientSizeError {
+                                required_size,
+                            })) => need = required_size,
+                            Err(e) => return Err(io::Error::other(e)),
+                        }
+                    }
+                    false
+                }
+                Ok(ConnectionState::TransmitTlsData(data)) => {
+                    data.done();
+                    false
+                }
+                // The client's close_notify (reported once): we may still write.
+                Ok(ConnectionState::PeerClosed) => false,
+                Ok(ConnectionState::Closed) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "the TLS connection is closed",
+                    ))
+                }
+                Ok(other) => {
+                    return Err(io::Error::other(format!(
+                        "cannot write in TLS state {other:?}"
+                    )))
+                }
+            };
+            self.incoming.advance(discard + extra);
+            if done {
+                break;
+            }
+        }
+        self.tcp.write_all(&buf).await
+    }
+
+    /// Writes `plain` as application data.
+    pub async fn write_all(&mut self, plain: &[u8]) -> io::Result<()> {
+        self.encrypt_and_write(Some(plain)).await
+    }
+
+    /// Sends any pending TLS output (the handshake's).
+    async fn send_out(&mut self) -> io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let out = std::mem::take(&mut self.out);
+        self.tcp.write_all(&out).await
+    }
+
+    /// Sends close_notify and shuts the socket's write side.
+    pub async fn shutdown(&mut self) -> io::Result<()> {
+        self.encrypt_and_write(None).await?;
+        self.tcp.shutdown().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rustls::pki_types::ServerName;
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+    use crate::transport::tls;
+
+    /// A dev certificate's server configuration, and a client configuration (TLS `versions`)
+    /// trusting its CA.
+    fn configs(
+        dir: &std::path::Path,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+        let paths = tls::dev_certificate(dir, &[]).unwrap();
+        let server = tls::server_config(&paths, &[], false).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = std::fs::read(paths.ca.unwrap()).unwrap();
+        for cert in rustls_pemfile::certs(&mut &ca[..]) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let client = rustls::ClientConfig::builder_with_provider(tls::provider())
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (Arc::new(server), Arc::new(client))
+    }
+
+    /// A server `TlsConn` and a tokio-rustls client over loopback, handshake done.
+    async fn pair(
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> (
+        TlsConn,
+        tokio_rustls::client::TlsStream<TcpStream>,
+        tempfile::TempDir,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let (server_config, client_config) = configs(dir.path(), versions);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = async {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            tokio_rustls::TlsConnector::from(client_config)
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+                .unwrap()
+        };
+        let server = async {
+            let (tcp, _) = listener.accept().await.unwrap();
+            TlsConn::accept(tcp, server_config).await.unwrap()
+        };
+        let (client, server) = tokio::join!(client, server);
+        (server, client, dir)
+    }
+
+    async fn read_exactly(conn: &mut TlsConn, n: usize) -> BytesMut {
+        let mut got = BytesMut::new();
+        while got.len() < n {
+            let read = std::future::poll_fn(|cx| conn.poll_read_some(cx, &mut got));
+            let k = tokio::time::timeout(Duration::from_secs(5), read)
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(k > 0, "closed after {} of {n} bytes", got.len());
+        }
+        got
+    }
+
+    fn pattern(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn data_crosses_both_ways_in_tls_13_and_12_and_an_idle_connection_holds_no_buffer() {
+        for versions in [
+            &[&rustls::version::TLS13][..],
+            &[&rustls::version::TLS12][..],
+        ] {
+            let (mut server, mut client, _dir) = pair(versions).await;
+            // Larger than a record (16 KiB) and than the worker's read buffer (64 KiB).
+            let big = pattern(200_000);
+            let (_, got) = tokio::join!(
+                async { client.write_all(&big).await.unwrap() },
+                read_exactly(&mut server, big.len())
+            );
+            assert_eq!(&got[..], &big[..]);
+            server.write_all(&big).await.unwrap();
+            let mut back = vec![0u8; big.len()];
+            client.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, big);
+            assert_eq!(server.incoming.capacity(), 0, "{versions:?}");
+            assert_eq!(server.out.capacity(), 0);
+            assert_eq!(server.stash.capacity(), 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn traffic_goes_on_across_client_key_updates() {
+        let (mut server, mut client, _dir) = pair(&[&rustls::version::TLS13]).await;
+        for round in 0..3u8 {
+            // A KeyUpdate asking for ours: rustls answers it with the next write's records.
+            client.get_mut().1.refresh_traffic_keys().unwrap();
+            client.write_all(&[round; 16]).await.unwrap();
+            let got = read_exactly(&mut server, 16).await;
+            assert_eq!(&got[..], &[round; 16]);
+            assert!(!server.has_pending_output(), "reads never write");
+            server.write_all(&[round; 6]).await.unwrap();
+            let mut back = [0u8; 6];
+            client.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, [round; 6]);
+        }
+    }
+
+    #[tokio::test]
+    async fn close_notify_goes_both_ways() {
+        let (mut server, mut client, _dir) = pair(&[&rustls::version::TLS13]).await;
+        server.write_all(b"bye").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut all = Vec::new();
+        // A clean end: close_notify, not a truncation error.
+        client.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"bye");
+        client.shutdown().await.unwrap();
+        let mut sink = BytesMut::new();
+        let n = std::future::poll_fn(|cx| server.poll_read_some(cx, &mut sink))
+            .await
+            .unwrap();
+        assert_eq!(n, 0);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_speak_tls_is_refused_without_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let (server_config, _) = configs(dir.path(), &[&rustls::version::TLS13]);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let refused = TlsConn::accept(accepted, server_config).await;
+        assert!(refused.is_err());
+        // Half a handshake, then the client goes away.
+        let (server_config, _) = configs(dir.path(), &[&rustls::version::TLS13]);
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        drop(tcp);
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(TlsConn::accept(accepted, server_config).await.is_err());
+    }
+}
