@@ -15,6 +15,9 @@ use ringpost_node::runtime::{CodeDelivery, Node, NodeOptions};
 use ringpost_node::session::{Keepalive, IDLE_TIMEOUT_MS, PING_INTERVAL_MS};
 use ringpost_node::transport::tls::CertPaths;
 
+/// mimalloc, unless built with `--features system-alloc` (for heap profilers such as heaptrack,
+/// which see only the C library's allocator).
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
