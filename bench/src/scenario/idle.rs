@@ -33,7 +33,7 @@ pub struct Args {
     #[arg(long, default_value_t = 2.0)]
     pub settle: f64,
     /// Seconds to hold the connections after measuring (pinging as the node asks), measuring
-    /// again at the end.
+    /// again at the end: memory after the hold, and the node's CPU per keepalive ping.
     #[arg(long, default_value_t = 0.0)]
     pub hold: f64,
 }
@@ -273,6 +273,26 @@ pub fn assemble(
             }
         }
         if let Some(h) = held {
+            // Keepalive: the node's CPU over the hold, per frame it read then (the pings; an
+            // idle connection sends nothing else).
+            let cpu = after.cpu_until(h);
+            let pings = after.metric_delta(h, "ringpost_frames_in_total");
+            if let (Some(node_s), Some(pings)) = (cpu.node_s, pings) {
+                if pings > 0.0 {
+                    let us = round2(node_s * 1e6 / pings);
+                    r.set("keepalive_pings", pings);
+                    r.set_row(
+                        "keepalive_node_cpu_us_per_ping",
+                        us,
+                        "keepalive",
+                        format!(
+                            "{us} µs of node CPU per ping ({pings:.0} pings in {:.0} s, node CPU \
+                             {node_s:.2} s; timer ticks of 10 ms, so short holds are coarse)",
+                            cpu.wall_s
+                        ),
+                    );
+                }
+            }
             if let (Some(b), Some(x)) = (before.rss_kib, h.rss_kib) {
                 let per = round2((x as f64 - b as f64) / connected as f64);
                 r.set_row(
