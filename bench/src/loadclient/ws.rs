@@ -6,12 +6,21 @@ use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Bytes, BytesMut};
 use ringpost_wire::limits::FRAME_BYTES_MAX;
 use ringpost_wire::ws::{self, Decoder, Message, OpCode, Role};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::cell::RefCell;
+use std::pin::Pin;
+use std::task::Poll;
 
-/// Bytes reserved for each read. The reserve stays with the connection while it waits, so this
-/// is the load generator's own per-connection read cost (100k connections: 800 MiB across the
-/// workers); the node's memory, which is what is measured, does not depend on it.
-pub const READ_RESERVE_BYTES: usize = 8 * 1024;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+/// Size of each worker thread's read buffer. Reads land there and only what arrived is copied
+/// to the connection, which holds no buffer while it waits: the generator's idle connections
+/// cost little more than the node's (at 8 KiB reserved per connection, as before, a million
+/// would have needed 8 GiB for read buffers alone).
+pub const READ_BUF_BYTES: usize = 64 * 1024;
+
+thread_local! {
+    static READ_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; READ_BUF_BYTES].into_boxed_slice());
+}
 
 /// The upgrade handshake on `io`: send the request, read until the `101` answer is complete.
 /// Returns the bytes read past the answer (frames the node sent right away).
@@ -91,8 +100,27 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             if self.closed {
                 return Ok(None);
             }
-            self.buf.reserve(READ_RESERVE_BYTES);
-            let n = self.io.read_buf(&mut self.buf).await.context("read")?;
+            if self.buf.is_empty() && self.buf.capacity() > 0 {
+                // Nothing partial: wait holding no buffer.
+                self.buf = BytesMut::new();
+            }
+            let (io, buf) = (&mut self.io, &mut self.buf);
+            let n = std::future::poll_fn(|cx| {
+                READ_BUF.with(|b| {
+                    let mut b = b.borrow_mut();
+                    let mut rb = ReadBuf::new(&mut b[..]);
+                    match Pin::new(&mut *io).poll_read(cx, &mut rb) {
+                        Poll::Ready(Ok(())) => {
+                            buf.extend_from_slice(rb.filled());
+                            Poll::Ready(Ok(rb.filled().len()))
+                        }
+                        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                        Poll::Pending => Poll::Pending,
+                    }
+                })
+            })
+            .await
+            .context("read")?;
             if n == 0 {
                 self.closed = true;
                 return Ok(None);
@@ -141,11 +169,9 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
         if !self.out.is_empty() {
             self.io.write_all(&self.out).await.context("write")?;
             self.io.flush().await.context("flush")?;
-            self.out.clear();
         }
-        if self.out.capacity() > 64 * 1024 {
-            self.out = BytesMut::new();
-        }
+        // Written: hold no buffer until the next frame.
+        self.out = BytesMut::new();
         Ok(())
     }
 }
