@@ -57,6 +57,55 @@ fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
+/// Appends what `write` writes to `buf`: it is given `guess` bytes first, and as many as it
+/// says it needs (`needs`) if that was too few.
+fn append<E>(
+    buf: &mut Vec<u8>,
+    guess: usize,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, E>,
+    needs: fn(&E) -> Option<usize>,
+) -> io::Result<()>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let start = buf.len();
+    let mut room = guess;
+    loop {
+        buf.resize(start + room, 0);
+        match write(&mut buf[start..]) {
+            Ok(n) => {
+                buf.truncate(start + n);
+                return Ok(());
+            }
+            Err(e) => match needs(&e) {
+                Some(required) if required > room => room = required,
+                _ => {
+                    buf.truncate(start);
+                    return Err(io::Error::other(e));
+                }
+            },
+        }
+    }
+}
+
+fn encode_needs(e: &EncodeError) -> Option<usize> {
+    match e {
+        EncodeError::InsufficientSize(InsufficientSizeError { required_size }) => {
+            Some(*required_size)
+        }
+        _ => None,
+    }
+}
+
+fn encrypt_needs(e: &EncryptError) -> Option<usize> {
+    match e {
+        EncryptError::InsufficientSize(InsufficientSizeError { required_size }) => {
+            Some(*required_size)
+        }
+        _ => None,
+    }
+}
+
 impl TlsConn {
     /// Runs the server handshake on `tcp`. The caller bounds the time it may take.
     pub async fn accept(tcp: TcpStream, config: Arc<rustls::ServerConfig>) -> io::Result<TlsConn> {
@@ -116,24 +165,7 @@ impl TlsConn {
                     None
                 }
                 Ok(ConnectionState::EncodeTlsData(mut data)) => {
-                    let start = self.out.len();
-                    let mut need = 1024;
-                    loop {
-                        self.out.resize(start + need, 0);
-                        match data.encode(&mut self.out[start..]) {
-                            Ok(n) => {
-                                self.out.truncate(start + n);
-                                break;
-                            }
-                            Err(EncodeError::InsufficientSize(InsufficientSizeError {
-                                required_size,
-                            })) => need = required_size,
-                            Err(e) => {
-                                self.out.truncate(start);
-                                return Err(io::Error::other(e));
-                            }
-                        }
-                    }
+                    append(&mut self.out, 1024, |b| data.encode(b), encode_needs)?;
                     None
                 }
                 // Sent by the caller before it waits for anything (`send_out`), in order.
@@ -219,27 +251,18 @@ impl TlsConn {
                 // The connection ends: what is left unprocessed does not matter.
                 Err(e) => return Err(tls_error(e)),
                 Ok(ConnectionState::WriteTraffic(mut traffic)) => {
-                    let start = buf.len();
-                    let mut need = match plain {
-                        Some(p) => p.len() + (p.len() / RECORD_PLAINTEXT_MAX + 1) * RECORD_OVERHEAD,
-                        None => 64,
-                    };
-                    loop {
-                        buf.resize(start + need, 0);
-                        let written = match plain {
-                            Some(p) => traffic.encrypt(p, &mut buf[start..]),
-                            None => traffic.queue_close_notify(&mut buf[start..]),
-                        };
-                        match written {
-                            Ok(n) => {
-                                buf.truncate(start + n);
-                                break;
-                            }
-                            Err(EncryptError::InsufficientSize(InsufficientSizeError {
-                                required_size,
-                            })) => need = required_size,
-                            Err(e) => return Err(io::Error::other(e)),
+                    match plain {
+                        Some(p) => {
+                            let guess =
+                                p.len() + (p.len() / RECORD_PLAINTEXT_MAX + 1) * RECORD_OVERHEAD;
+                            append(&mut buf, guess, |b| traffic.encrypt(p, b), encrypt_needs)?
                         }
+                        None => append(
+                            &mut buf,
+                            64,
+                            |b| traffic.queue_close_notify(b),
+                            encrypt_needs,
+                        )?,
                     }
                     true
                 }
@@ -253,21 +276,7 @@ impl TlsConn {
                     false
                 }
                 Ok(ConnectionState::EncodeTlsData(mut data)) => {
-                    let start = buf.len();
-                    let mut need = 1024;
-                    loop {
-                        buf.resize(start + need, 0);
-                        match data.encode(&mut buf[start..]) {
-                            Ok(n) => {
-                                buf.truncate(start + n);
-                                break;
-                            }
-                            Err(EncodeError::InsufficientSize(InsufficientSizeError {
-                                required_size,
-                            })) => need = required_size,
-                            Err(e) => return Err(io::Error::other(e)),
-                        }
-                    }
+                    append(&mut buf, 1024, |b| data.encode(b), encode_needs)?;
                     false
                 }
                 Ok(ConnectionState::TransmitTlsData(data)) => {
