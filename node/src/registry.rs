@@ -174,11 +174,6 @@ impl ConnShared {
         }
     }
 
-    /// Resolves when the connection is woken, pushed to, or asked to close.
-    pub async fn notified(&self) {
-        std::future::poll_fn(|cx| self.poll_notified(cx)).await
-    }
-
     /// Queues an ephemeral frame; false if the queue is full and it was dropped.
     pub fn push(&self, frame: Bytes) -> bool {
         let mut q = self.pushed.lock().unwrap_or_else(|p| p.into_inner());
@@ -390,6 +385,35 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_wake_up_is_kept_until_polled_and_wakes_a_waiting_task() {
+        let r = Registry::default();
+        let c = r.open(u64::MAX, 1000);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(c.poll_notified(&mut cx).is_pending());
+        // One stored signal, however many wake-ups came before the poll.
+        c.wake();
+        c.ask_close(CloseReason::Expired);
+        assert!(c.poll_notified(&mut cx).is_ready());
+        assert!(c.poll_notified(&mut cx).is_pending());
+        // A task waiting on it is woken from another thread.
+        let waiter = {
+            let c = c.clone();
+            tokio::spawn(async move { std::future::poll_fn(|cx| c.poll_notified(cx)).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let pusher = {
+            let c = c.clone();
+            std::thread::spawn(move || assert!(c.push(Bytes::from_static(b"x"))))
+        };
+        pusher.join().unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiting task was not woken")
+            .unwrap();
+        assert_eq!(c.take_pushed().len(), 1);
+    }
 
     #[test]
     fn newer_connection_of_a_device_replaces_the_older() {
