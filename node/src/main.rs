@@ -57,6 +57,11 @@ struct Common {
     /// Where RocksDB (and, for dev, the certificate and codes file) live.
     #[arg(long, default_value = "./data", env = "RINGPOST_DATA_DIR")]
     data_dir: PathBuf,
+    /// What drives the plain WebSocket listener's connections: tokio (epoll), or io_uring
+    /// (Linux 6.0+; less memory per connection; experimental). Where io_uring is refused the
+    /// node says why and uses tokio. wss and QUIC always use tokio.
+    #[arg(long, value_enum, default_value = "tokio", env = "RINGPOST_WS_DRIVER")]
+    ws_driver: ringpost_node::runtime::WsDriver,
     /// Sends, receipts and typing indicators one device may make per second.
     #[arg(long, default_value_t = ringpost_node::server::DEVICE_RATE_PER_S, env = "RINGPOST_DEVICE_RATE")]
     device_rate: u32,
@@ -553,6 +558,7 @@ fn node_options(common: Common) -> Result<(NodeOptions, MediaArgs)> {
         cluster: None,
         data_dir: common.data_dir,
         listen_ws: None,
+        ws_driver: common.ws_driver,
         listen_wss: None,
         listen_quic: None,
         listen_admin: None,

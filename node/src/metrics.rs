@@ -100,6 +100,10 @@ pub struct Metrics {
     pub peer_dials_refused: AtomicU64,
     /// Connections not authenticated yet (handshake, before `Hello`, anonymous sessions).
     pub unauthenticated: AtomicI64,
+    /// Connections a task is serving now (see [`crate::conn`]: an idle one has none).
+    pub connection_tasks: AtomicI64,
+    /// Whether the ws listener is driven by io_uring (else tokio).
+    pub ws_uring: std::sync::atomic::AtomicBool,
     pub inbox_entries: AtomicI64,
     /// Seconds durable writes have been failing (0 while they succeed).
     pub storage_failing_seconds: AtomicI64,
@@ -152,6 +156,8 @@ impl Default for Metrics {
             preauth_refused: AtomicU64::new(0),
             peer_dials_refused: AtomicU64::new(0),
             unauthenticated: AtomicI64::new(0),
+            connection_tasks: AtomicI64::new(0),
+            ws_uring: std::sync::atomic::AtomicBool::new(false),
             inbox_entries: AtomicI64::new(0),
             storage_failing_seconds: AtomicI64::new(0),
             wal_sync: Histogram::new(LATENCY_BUCKETS_S),
@@ -351,11 +357,21 @@ impl Metrics {
             "# HELP ringpost_storage_failing_seconds Seconds durable writes have been failing (0: they succeed); a node whose storage failed refuses writes until it has reopened its database (it tries every second).\n# TYPE ringpost_storage_failing_seconds gauge\nringpost_storage_failing_seconds {}",
             self.storage_failing_seconds.load(Relaxed)
         );
-        let gauges: [(&str, &str, &AtomicI64); 4] = [
+        let _ = writeln!(
+            out,
+            "# HELP ringpost_ws_driver_info What drives the ws listener's connections (--ws-driver; uring falls back to tokio where the kernel refuses it).\n# TYPE ringpost_ws_driver_info gauge\nringpost_ws_driver_info{{driver=\"{}\"}} 1",
+            if self.ws_uring.load(Relaxed) { "uring" } else { "tokio" }
+        );
+        let gauges: [(&str, &str, &AtomicI64); 5] = [
             (
                 "ringpost_connections_unauthenticated",
                 "Connections in their handshake, before Hello, or in an anonymous session.",
                 &self.unauthenticated,
+            ),
+            (
+                "ringpost_connection_tasks",
+                "Connections with a task serving them now; the others wait with nothing in flight and no task.",
+                &self.connection_tasks,
             ),
             (
                 "ringpost_ring_epoch",

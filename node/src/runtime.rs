@@ -43,11 +43,24 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// What drives the plain WebSocket listener's connections (`--ws-driver`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum WsDriver {
+    /// tokio: epoll readiness, a registration and a read per connection.
+    #[default]
+    Tokio,
+    /// io_uring (Linux 6.0+): one thread per listener accepts, receives into buffers shared by
+    /// every connection and sends in batches ([`crate::transport::uring`]).
+    Uring,
+}
+
 /// Everything needed to start a node.
 #[derive(Debug, Clone)]
 pub struct NodeOptions {
     pub data_dir: PathBuf,
     pub listen_ws: Option<SocketAddr>,
+    /// What drives `listen_ws`'s connections.
+    pub ws_driver: WsDriver,
     pub listen_wss: Option<SocketAddr>,
     pub listen_quic: Option<SocketAddr>,
     pub listen_admin: Option<SocketAddr>,
@@ -208,6 +221,9 @@ pub struct Node {
     pub ca: Option<PathBuf>,
     tasks: JoinSet<()>,
     quic: Option<quinn::Endpoint>,
+    /// The io_uring driver of the ws listener, stopped when the node is.
+    #[cfg(target_os = "linux")]
+    uring: Option<Arc<crate::transport::uring::Driver>>,
     cluster: Option<crate::cluster::ClusterLink>,
 }
 
@@ -349,10 +365,31 @@ impl Node {
 
         let mut tasks = JoinSet::new();
         let mut bound = Bound::default();
+        #[cfg(target_os = "linux")]
+        let mut uring = None;
         if let Some(addr) = opts.listen_ws {
             let l = listen_tcp(addr).with_context(|| format!("binding ws {addr}"))?;
             bound.ws = Some(l.local_addr()?);
-            tasks.spawn(accept_ws(l, None, server.clone()));
+            #[cfg(target_os = "linux")]
+            let l = match start_uring(opts.ws_driver, l)? {
+                Ok((driver, accepted)) => {
+                    tasks.spawn(accept_ws_uring(driver.clone(), accepted, server.clone()));
+                    server.metrics.ws_uring.store(true, Relaxed);
+                    uring = Some(driver);
+                    None
+                }
+                Err(l) => Some(l),
+            };
+            #[cfg(not(target_os = "linux"))]
+            let l = {
+                if opts.ws_driver == WsDriver::Uring {
+                    warn!("io_uring is Linux only: the ws listener uses tokio");
+                }
+                Some(l)
+            };
+            if let Some(l) = l {
+                tasks.spawn(accept_ws(l, None, server.clone()));
+            }
         }
         if let Some(addr) = opts.listen_wss {
             let l = listen_tcp(addr).with_context(|| format!("binding wss {addr}"))?;
@@ -450,6 +487,8 @@ impl Node {
             ca,
             tasks,
             quic: endpoint,
+            #[cfg(target_os = "linux")]
+            uring,
             cluster,
         })
     }
@@ -506,6 +545,112 @@ impl Node {
     }
 }
 
+impl Drop for Node {
+    fn drop(&mut self) {
+        #[cfg(target_os = "linux")]
+        if let Some(driver) = self.uring.take() {
+            driver.stop();
+        }
+    }
+}
+
+/// The io_uring driver of a ws listener and the connections it accepts.
+#[cfg(target_os = "linux")]
+type Uring = (
+    Arc<crate::transport::uring::Driver>,
+    tokio::sync::mpsc::UnboundedReceiver<std::io::Result<crate::transport::uring::Accepted>>,
+);
+
+/// Starts the io_uring driver for the ws listener when `driver` asks for it and the kernel
+/// allows it; otherwise gives the listener back for tokio (saying why io_uring was refused).
+#[cfg(target_os = "linux")]
+fn start_uring(driver: WsDriver, l: TcpListener) -> Result<Result<Uring, TcpListener>> {
+    if driver != WsDriver::Uring {
+        return Ok(Err(l));
+    }
+    if let Some(why) = crate::transport::uring::unsupported_reason() {
+        warn!(%why, "io_uring refused: the ws listener uses tokio");
+        return Ok(Err(l));
+    }
+    let l = l.into_std().context("the ws listener")?;
+    let started =
+        crate::transport::uring::Driver::start(l).context("starting the io_uring ws driver")?;
+    info!(
+        recv_buffers = crate::transport::uring::RECV_BUFS,
+        recv_buffer_bytes = crate::transport::uring::RECV_BUF_BYTES,
+        "ws connections are driven by io_uring"
+    );
+    Ok(Ok(started))
+}
+
+/// What both WebSocket accept loops do with a new connection: refuse it while shutting down
+/// or past the bounds on unauthenticated connections (`None`), else admit it.
+fn admit_ws(server: &Server, peer: SocketAddr) -> Option<Admitted> {
+    if server.is_shutting_down() {
+        return None;
+    }
+    let accepted = server.registry.now_ms();
+    match server.admission.admit(peer.ip()) {
+        Ok(permit) => Some(Admitted {
+            permit,
+            accepted_ms: accepted,
+            source: peer.ip(),
+        }),
+        Err(bound) => {
+            server.metrics.preauth_refused.fetch_add(1, Relaxed);
+            tracing::debug!(%peer, ?bound, "too many unauthenticated connections; refused");
+            None
+        }
+    }
+}
+
+/// The accept loop of a ws listener driven by io_uring: the driver accepts, this admits.
+#[cfg(target_os = "linux")]
+async fn accept_ws_uring(
+    driver: Arc<crate::transport::uring::Driver>,
+    mut accepted: tokio::sync::mpsc::UnboundedReceiver<
+        std::io::Result<crate::transport::uring::Accepted>,
+    >,
+    server: Arc<Server>,
+) {
+    // Not accepting until ready, as on the tokio path.
+    server.wait_ready().await;
+    driver.start_accepting();
+    while let Some(next) = accepted.recv().await {
+        let (stream, peer) = match next {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(transport = "ws", error = %e, "accept failed; raise the open-file limit if this is EMFILE");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                driver.start_accepting();
+                continue;
+            }
+        };
+        match admit_ws(&server, peer) {
+            Some(admitted) => {
+                tokio::spawn(serve_ws_stream(
+                    server.clone(),
+                    WsStream::Uring(stream),
+                    TransportKind::Ws,
+                    admitted,
+                ));
+            }
+            None if server.is_shutting_down() => {}
+            None => {
+                // A WebSocket client learns why; the stream closes once this is sent.
+                let mut stream = stream;
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        stream.send(bytes::Bytes::from_static(PREAUTH_REFUSED_HTTP)),
+                    )
+                    .await;
+                });
+            }
+        }
+    }
+}
+
 async fn accept_ws(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -528,28 +673,14 @@ async fn accept_ws(
                 continue;
             }
         };
-        if server.is_shutting_down() {
-            continue;
-        }
-        let accepted = server.registry.now_ms();
-        let permit = match server.admission.admit(peer.ip()) {
-            Ok(permit) => permit,
-            Err(bound) => {
-                server.metrics.preauth_refused.fetch_add(1, Relaxed);
-                tracing::debug!(%peer, ?bound, "too many unauthenticated connections; refused");
-                if tls.is_none() {
-                    // Best effort and never blocking: a WebSocket client learns why.
-                    let _ = tcp.try_write(PREAUTH_REFUSED_HTTP);
-                }
-                continue;
+        let Some(admitted) = admit_ws(&server, peer) else {
+            if tls.is_none() && !server.is_shutting_down() {
+                // Best effort and never blocking: a WebSocket client learns why.
+                let _ = tcp.try_write(PREAUTH_REFUSED_HTTP);
             }
+            continue;
         };
         let _ = tcp.set_nodelay(true);
-        let admitted = Admitted {
-            permit,
-            accepted_ms: accepted,
-            source: peer.ip(),
-        };
         tokio::spawn(serve_ws(server.clone(), tcp, tls.clone(), kind, admitted));
     }
 }
@@ -565,18 +696,46 @@ async fn serve_ws(
     kind: TransportKind,
     admitted: Admitted,
 ) {
-    let peer = admitted.source;
+    match tls {
+        None => serve_ws_stream(server, WsStream::Plain(tcp), kind, admitted).await,
+        Some(config) => {
+            let peer = admitted.source;
+            let timeout = Duration::from_millis(server.config.preauth.handshake_timeout_ms.into());
+            // The TLS handshake and the upgrade share the one deadline.
+            let deadline = tokio::time::Instant::now() + timeout;
+            match tokio::time::timeout_at(deadline, TlsConn::accept(tcp, config)).await {
+                Ok(Ok(tls)) => {
+                    let stream = WsStream::Tls(Box::new(tls));
+                    serve_ws_upgrade(server, stream, kind, admitted, deadline).await
+                }
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "tls handshake failed"),
+                Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
+            }
+        }
+    }
+}
+
+/// A WebSocket connection's upgrade over `stream`, bounded by the handshake timeout.
+async fn serve_ws_stream(
+    server: Arc<Server>,
+    stream: WsStream,
+    kind: TransportKind,
+    admitted: Admitted,
+) {
     let timeout = Duration::from_millis(server.config.preauth.handshake_timeout_ms.into());
-    let handshake = async {
-        let stream = match tls {
-            Some(config) => WsStream::Tls(Box::new(TlsConn::accept(tcp, config).await?)),
-            None => WsStream::Plain(tcp),
-        };
-        WsTransport::accept(stream)
-            .await
-            .map_err(std::io::Error::other)
-    };
-    match tokio::time::timeout(timeout, handshake).await {
+    let deadline = tokio::time::Instant::now() + timeout;
+    serve_ws_upgrade(server, stream, kind, admitted, deadline).await
+}
+
+async fn serve_ws_upgrade(
+    server: Arc<Server>,
+    stream: WsStream,
+    kind: TransportKind,
+    admitted: Admitted,
+    deadline: tokio::time::Instant,
+) {
+    let peer = admitted.source;
+    match tokio::time::timeout_at(deadline, WsTransport::accept(stream)).await {
         Ok(Ok(transport)) => drop(tokio::spawn(crate::conn::serve(
             server, transport, kind, admitted,
         ))),

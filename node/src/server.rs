@@ -127,6 +127,9 @@ pub struct Server {
     pub expiry_clock: crate::clock::ExpiryClock,
     started: Instant,
     started_unix_ms: u64,
+    /// The runtime that serves connections: a parked connection woken from another thread
+    /// (the inbox writer, the IO driver) gets its task here (see [`crate::conn`]).
+    pub(crate) conn_runtime: std::sync::OnceLock<tokio::runtime::Handle>,
 }
 
 impl Server {
@@ -179,6 +182,7 @@ impl Server {
             shutting_down: AtomicBool::new(false),
             expiry_clock,
             started: Instant::now(),
+            conn_runtime: std::sync::OnceLock::new(),
             started_unix_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)

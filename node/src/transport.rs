@@ -8,6 +8,11 @@
 
 pub mod quic;
 pub mod tls;
+// The one module with `unsafe`: io_uring's buffers and descriptors (each block says why it is
+// sound).
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub mod uring;
 pub mod ws;
 pub mod wss;
 

@@ -14,3 +14,5 @@ mod messaging;
 mod operations;
 #[path = "e2e/robustness.rs"]
 mod robustness;
+#[path = "e2e/uring.rs"]
+mod uring;

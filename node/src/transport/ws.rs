@@ -24,14 +24,17 @@ pub enum WsStream {
     Plain(TcpStream),
     /// Boxed: most of a TLS connection's state is rustls' (about 1 KiB).
     Tls(Box<super::wss::TlsConn>),
+    /// Driven by the listener's io_uring driver ([`super::uring`]).
+    #[cfg(target_os = "linux")]
+    Uring(super::uring::UringStream),
 }
 
 impl WsStream {
     /// Whether TLS output waits for the next write (see [`super::wss`]).
     fn has_pending_output(&self) -> bool {
         match self {
-            WsStream::Plain(_) => false,
             WsStream::Tls(s) => s.has_pending_output(),
+            _ => false,
         }
     }
 
@@ -57,6 +60,8 @@ impl WsStream {
             }),
             // Reads into the worker's buffer too, and decrypts into `dst`.
             WsStream::Tls(s) => s.poll_read_some(cx, dst),
+            #[cfg(target_os = "linux")]
+            WsStream::Uring(s) => s.poll_read_some(cx, dst),
         }
     }
 
@@ -69,6 +74,17 @@ impl WsStream {
         match self {
             WsStream::Plain(s) => s.write_all(bytes).await,
             WsStream::Tls(s) => s.write_all(bytes).await,
+            #[cfg(target_os = "linux")]
+            WsStream::Uring(s) => s.send(Bytes::copy_from_slice(bytes)).await,
+        }
+    }
+
+    /// [`WsStream::write_all`] of a buffer it may keep (io_uring sends it without a copy).
+    async fn write_buf(&mut self, bytes: BytesMut) -> io::Result<()> {
+        match self {
+            #[cfg(target_os = "linux")]
+            WsStream::Uring(s) => s.send(bytes.freeze()).await,
+            _ => self.write_all(&bytes).await,
         }
     }
 
@@ -76,6 +92,11 @@ impl WsStream {
         let _ = match self {
             WsStream::Plain(s) => s.shutdown().await,
             WsStream::Tls(s) => s.shutdown().await,
+            #[cfg(target_os = "linux")]
+            WsStream::Uring(s) => {
+                s.shutdown();
+                Ok(())
+            }
         };
     }
 }
@@ -232,7 +253,7 @@ impl Transport for WsTransport {
         }
         tokio::time::timeout(
             Duration::from_millis(WRITE_TIMEOUT_MS),
-            self.stream.write_all(&out),
+            self.stream.write_buf(out),
         )
         .await
         .map_err(|_| TransportError::WriteTimeout)??;

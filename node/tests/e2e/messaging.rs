@@ -60,9 +60,13 @@ pub async fn next_message(c: &Client) -> ringpost_wire::Deliver {
 }
 
 async fn exchange_over(transport: &str) {
-    let node = TestNode::start();
-    let (alice, _) = register(&node, transport, ALICE).await;
-    let (bob, _) = register(&node, transport, BOB).await;
+    exchange_on(&TestNode::start(), transport).await;
+}
+
+/// Alice and Bob exchange a message, a receipt and typing over `transport` on `node`.
+pub async fn exchange_on(node: &TestNode, transport: &str) {
+    let (alice, _) = register(node, transport, ALICE).await;
+    let (bob, _) = register(node, transport, BOB).await;
 
     let ack = alice
         .send(BOB, msg_id(1), vec![to_device(BOB, 1, "hi bob")])
@@ -482,4 +486,72 @@ async fn large_messages_drain_in_order_through_the_output_budget() {
         }
         bob.close().await;
     }
+}
+
+/// A metric's value in the node's `/metrics` text (the first sample named exactly `name`).
+fn metric(node: &TestNode, name: &str) -> i64 {
+    let (_, text) = node.admin_get("/metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+/// Waits until no connection has a task: every one is parked.
+async fn all_parked(node: &TestNode, open: i64, transport: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let tasks = metric(node, "ringpost_connection_tasks");
+        let conns = metric(
+            node,
+            &format!("ringpost_connections{{transport=\"{transport}\"}}"),
+        );
+        if tasks == 0 && conns == open {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{tasks} connection tasks with {conns} {transport} connections open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An idle connection has no task (it is parked with its state); a message, its ack and a
+/// receipt wake the connections they concern, which park again after.
+async fn idle_connections_park_and_wake_over(transport: &str) {
+    idle_connections_park_and_wake_on(&TestNode::start(), transport).await;
+}
+
+pub async fn idle_connections_park_and_wake_on(node: &TestNode, transport: &str) {
+    let (alice, _) = register(node, transport, ALICE).await;
+    let (bob, _) = register(node, transport, BOB).await;
+    for round in 0..3u32 {
+        all_parked(node, 2, transport).await;
+        let ack = alice
+            .send(BOB, msg_id(round), vec![to_device(BOB, 1, "wake up")])
+            .await
+            .unwrap();
+        assert_eq!(ack.status, SendStatus::Ok);
+        let d = next_message(&bob).await;
+        assert_eq!((d.from_user, d.msg_id), (ALICE, msg_id(round)));
+    }
+    all_parked(node, 2, transport).await;
+    // Closing wakes the parked connection on the server, which closes its side.
+    bob.close().await;
+    all_parked(node, 1, transport).await;
+}
+
+#[tokio::test]
+async fn idle_connections_park_and_wake_over_ws() {
+    idle_connections_park_and_wake_over("ws").await;
+}
+
+#[tokio::test]
+async fn idle_connections_park_and_wake_over_wss() {
+    idle_connections_park_and_wake_over("wss").await;
+}
+
+#[tokio::test]
+async fn idle_connections_park_and_wake_over_quic() {
+    idle_connections_park_and_wake_over("quic").await;
 }

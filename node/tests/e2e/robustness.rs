@@ -51,14 +51,19 @@ fn error_code(f: &Frame) -> Option<ErrorCode> {
 
 #[tokio::test]
 async fn malformed_truncated_oversize_and_wrong_version_frames_get_errors_while_others_carry_on() {
-    let node = TestNode::start();
-    let (alice, _) = register(&node, "ws", ALICE).await;
-    let (bob, _) = register(&node, "quic", BOB).await;
+    bad_frames_get_errors_on(&TestNode::start()).await;
+}
+
+/// Bad frames over ws and QUIC get errors (an oversize one closes the connection) while a
+/// well-behaved pair carries on.
+pub async fn bad_frames_get_errors_on(node: &TestNode) {
+    let (alice, _) = register(node, "ws", ALICE).await;
+    let (bob, _) = register(node, "quic", BOB).await;
 
     for transport in ["ws", "quic"] {
         // Garbage that is a sound transport frame but no flatbuffer: an error, and the
         // connection stays usable.
-        let mut c = raw(&node, transport).await;
+        let mut c = raw(node, transport).await;
         assert!(matches!(hello(&mut c, None).await.body, Body::Welcome(_)));
         c.send_raw(b"this is not a flatbuffer").await.unwrap();
         let f = recv(&mut c).await.expect("error frame");
@@ -99,7 +104,7 @@ async fn malformed_truncated_oversize_and_wrong_version_frames_get_errors_while_
     }
 
     // A frame of an unknown protocol version, and a Hello of one.
-    let mut c = raw(&node, "ws").await;
+    let mut c = raw(node, "ws").await;
     let f = Frame::new(
         1,
         Hello {
