@@ -132,6 +132,8 @@ pub struct Metrics {
     pub ring_epoch: AtomicI64,
     pub shards_owned: AtomicI64,
     pub shards_ready: AtomicI64,
+    /// 1 while `/readyz` would answer 200, else 0 (set at each scrape).
+    pub ready: AtomicI64,
 }
 
 impl Default for Metrics {
@@ -172,6 +174,7 @@ impl Default for Metrics {
             ring_epoch: AtomicI64::new(0),
             shards_owned: AtomicI64::new(0),
             shards_ready: AtomicI64::new(0),
+            ready: AtomicI64::new(0),
         }
     }
 }
@@ -351,7 +354,12 @@ impl Metrics {
             "# HELP ringpost_storage_failing_seconds Seconds durable writes have been failing (0: they succeed); a node whose storage failed refuses writes until it has reopened its database (it tries every second).\n# TYPE ringpost_storage_failing_seconds gauge\nringpost_storage_failing_seconds {}",
             self.storage_failing_seconds.load(Relaxed)
         );
-        let gauges: [(&str, &str, &AtomicI64); 4] = [
+        let gauges: [(&str, &str, &AtomicI64); 5] = [
+            (
+                "ringpost_ready",
+                "1 while the node is ready for clients (what /readyz answers 200 to), else 0.",
+                &self.ready,
+            ),
             (
                 "ringpost_connections_unauthenticated",
                 "Connections in their handshake, before Hello, or in an anonymous session.",
@@ -448,5 +456,8 @@ mod tests {
         let out = m.render();
         assert!(out.contains("ringpost_connections{transport=\"quic\"} 1"));
         assert!(out.contains("ringpost_connections{transport=\"ws\"} 0"));
+        assert!(out.contains("\nringpost_ready 0\n"), "{out}");
+        m.ready.store(1, Relaxed);
+        assert!(m.render().contains("\nringpost_ready 1\n"));
     }
 }
