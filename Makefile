@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 DATA_DIR ?= ./data
 
-.PHONY: run cluster test deps gen check-gen fmt lint fuzz chaos clean
+.PHONY: run cluster test deps gen check-gen check-rules fmt lint fuzz chaos clean
 
 ## make run: build, then start a dev node (embedded coordinator, local data dir) in the foreground.
 ## Builds the workspace's binaries as `make test` does (same features), so after a `make test`
@@ -17,7 +17,7 @@ cluster: deps
 	scripts/cluster.sh
 
 ## make test: every check CI runs: generated code, formatting, lints, all tests.
-test: deps check-gen
+test: deps check-gen check-rules
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) build --workspace --bins
@@ -33,6 +33,11 @@ gen:
 
 check-gen:
 	scripts/gen-wire.sh --check
+
+## make check-rules: promtool checks and unit tests of deploy/prometheus, and the Grafana
+## dashboard's queries parsed as PromQL (offline; needs promtool, which `make deps` installs).
+check-rules: deps
+	scripts/check-rules.sh
 
 fmt:
 	$(CARGO) fmt --all

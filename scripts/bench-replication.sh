@@ -16,7 +16,7 @@ cleanup() { for p in "${pids[@]}"; do kill -TERM $p 2>/dev/null; done; wait 2>/d
 trap cleanup EXIT
 coords=""
 for i in 1 2 3; do
-  $T/ringpost-coordinator run --replica-id $i --data-dir $D/coord$i --raft-listen 127.0.0.1:891$i --client-listen 127.0.0.1:890$i --secret-file $D/secret > $D/coord$i.log 2>&1 &
+  $T/ringpost-coordinator run --replica-id $i --data-dir $D/coord$i --raft-listen 127.0.0.1:891$i --client-listen 127.0.0.1:890$i --admin-listen 127.0.0.1:892$i --secret-file $D/secret > $D/coord$i.log 2>&1 &
   pids+=($!); coords+="${coords:+,}127.0.0.1:890$i"
 done
 for a in $(seq 50); do $T/ringpost-coordinator init --coordinator $coords --secret-file $D/secret --shard-count 256 >> $D/init.log 2>&1 && break; sleep 0.2; done

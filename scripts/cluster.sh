@@ -6,7 +6,8 @@
 #   CLUSTER_DIR=/tmp/c NODES=4 scripts/cluster.sh
 #   PROFILE=release scripts/cluster.sh    # optimised binaries (for benchmarks)
 #
-# Ports (loopback only): coordinators 7901-7903 (clients) and 7911-7913 (raft); node N
+# Ports (loopback only): coordinators 7901-7903 (clients), 7911-7913 (raft) and 7921-7923
+# (admin: /metrics); node N
 # listens on ws 77N1... see the table it prints. A second run reuses the data directories
 # (the cluster is initialised once).
 set -euo pipefail
@@ -50,6 +51,7 @@ coordinators=""
 for i in 1 2 3; do
     "$COORD" run --replica-id "$i" --data-dir "$CLUSTER_DIR/coord$i" \
         --raft-listen "127.0.0.1:791$i" --client-listen "127.0.0.1:790$i" \
+        --admin-listen "127.0.0.1:792$i" \
         --secret-file "$SECRET_FILE" >"$CLUSTER_DIR/coord$i.log" 2>&1 &
     pids+=($!)
     coordinators+="${coordinators:+,}127.0.0.1:790$i"
@@ -90,6 +92,7 @@ done
 
 echo "ringpost cluster up (data and logs in $CLUSTER_DIR)"
 echo "  coordinators (client API): $coordinators"
+echo "    metrics: http://127.0.0.1:7921/metrics http://127.0.0.1:7922/metrics http://127.0.0.1:7923/metrics"
 echo "    ctl: $COORD ctl --coordinator $coordinators --secret-file $SECRET_FILE status|members|drain N|remove N"
 for n in $(seq "$NODES"); do
     echo "  node $n: ws://127.0.0.1:77${n}1  admin http://127.0.0.1:77${n}8  peer 127.0.0.1:77${n}9"

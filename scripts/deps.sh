@@ -27,6 +27,25 @@ if ((${#missing[@]})); then
     exit 1
   fi
 fi
+# promtool (make check-rules) comes with Debian's `prometheus` package, which also installs a
+# Prometheus server service. Only the tool is wanted: no recommends (no node exporter), and the
+# server the package starts on a systemd host (it would listen on :9090) is stopped and
+# disabled again, only when it was this script that installed it.
+if ! command -v promtool >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "deps: installing prometheus (for promtool; its server is left stopped and disabled)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+      systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    fi
+  else
+    echo "deps: promtool is missing (make check-rules needs it)" >&2
+    echo "deps: install it with: sudo apt-get install --no-install-recommends prometheus" >&2
+    echo "deps: then stop the server it starts: sudo systemctl disable --now prometheus" >&2
+    exit 1
+  fi
+fi
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   echo "deps: installing cargo-nextest (test runner)"
   cargo install cargo-nextest --locked >/dev/null

@@ -16,6 +16,7 @@ use crate::process::Supervised;
 /// Fixed ports (each host has its own address, so they never clash).
 pub const PORT_RAFT: u16 = 7400;
 pub const PORT_CLIENT: u16 = 7401;
+pub const PORT_ADMIN: u16 = 7402;
 
 /// Time a replica may take from start to `listening client`.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -98,6 +99,8 @@ impl CoordinatorProcess {
             format!("{ip}:{PORT_RAFT}"),
             "--client-listen".into(),
             format!("{ip}:{PORT_CLIENT}"),
+            "--admin-listen".into(),
+            format!("{ip}:{PORT_ADMIN}"),
             "--secret-file".into(),
             self.spec.secret_file.display().to_string(),
             "--election-timeout-min-ms".into(),

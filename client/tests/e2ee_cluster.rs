@@ -255,6 +255,8 @@ impl Cluster {
                 s("127.0.0.1:0"),
                 s("--client-listen"),
                 s("127.0.0.1:0"),
+                s("--admin-listen"),
+                s("127.0.0.1:0"),
             ],
         );
         let coordinator_addr = loop {

@@ -1,6 +1,7 @@
 //! The client listener: authenticated connections from nodes and `ctl`, one request at a time,
 //! or a push stream of views after `watch`.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +28,10 @@ pub(crate) async fn serve_clients(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let permits = Arc::new(Semaphore::new(max_connections));
+    let metrics = svc.metrics.clone();
+    metrics
+        .client_connections_max
+        .store(i64::try_from(max_connections).unwrap_or(i64::MAX), Relaxed);
     let mut conns = tokio::task::JoinSet::new();
     loop {
         let (stream, from) = tokio::select! {
@@ -41,14 +46,18 @@ pub(crate) async fn serve_clients(
             _ = crate::service::stopped(&mut shutdown) => break,
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
+            metrics.client_refused.fetch_add(1, Relaxed);
             tracing::warn!(%from, limit = max_connections, "too many client connections");
             continue;
         };
         let (svc, secret, shutdown) = (svc.clone(), secret.clone(), shutdown.clone());
+        let metrics = metrics.clone();
+        metrics.client_connections.fetch_add(1, Relaxed);
         conns.spawn(async move {
             if let Err(e) = handle_client(stream, svc, secret, shutdown).await {
                 tracing::debug!(%from, error = %e, "client connection closed");
             }
+            metrics.client_connections.fetch_sub(1, Relaxed);
             drop(permit);
         });
         while conns.try_join_next().is_some() {}
@@ -74,6 +83,7 @@ async fn handle_client(
         match Channel::accept(stream, &secret, ChannelKind::Client, MAX_CLIENT_FRAME_BYTES).await {
             Ok(ch) => ch,
             Err(e) => {
+                svc.metrics.client_handshakes_failed.fetch_add(1, Relaxed);
                 tracing::warn!(?peer, error = %e, "refused client");
                 return Err(e);
             }

@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 use crate::auth::ClusterSecret;
 use crate::client::{ClientError, CoordinatorClient};
 use crate::detector::FailureDetector;
+use crate::metrics::MetricsProbe;
 use crate::network::PeerNetworkFactory;
 use crate::protocol::{InitSpec, WireError, MAX_APPEND_ENTRIES, SNAPSHOT_CHUNK_BYTES};
 use crate::raft_types::Raft;
@@ -63,6 +64,9 @@ pub struct CoordinatorConfig {
     pub raft_listen: SocketAddr,
     /// Where to listen for nodes and `ctl` (port 0: any).
     pub client_listen: SocketAddr,
+    /// Where to serve `/metrics` and `/healthz` over plain HTTP (port 0: any); `None`: not
+    /// at all.
+    pub admin_listen: Option<SocketAddr>,
     /// Address other replicas use; default: the bound raft address.
     pub raft_advertise: Option<String>,
     /// Address clients are sent to in leader hints; default: the bound client address.
@@ -79,7 +83,7 @@ pub struct CoordinatorConfig {
 
 impl CoordinatorConfig {
     /// A config with defaults for everything but the id, directory and secret; listens on
-    /// 127.0.0.1 with OS-chosen ports.
+    /// 127.0.0.1 with OS-chosen ports, no admin listener.
     pub fn new(replica_id: NodeId, data_dir: impl Into<PathBuf>, secret: ClusterSecret) -> Self {
         let any: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
         CoordinatorConfig {
@@ -87,6 +91,7 @@ impl CoordinatorConfig {
             data_dir: data_dir.into(),
             raft_listen: any,
             client_listen: any,
+            admin_listen: None,
             raft_advertise: None,
             client_advertise: None,
             secret,
@@ -178,6 +183,7 @@ pub struct Coordinator {
     svc: Service,
     raft_addr: SocketAddr,
     client_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
     store_closed: crate::store::ClosedWhenGone,
@@ -213,12 +219,20 @@ impl Coordinator {
 
         let raft_listener = bind(config.raft_listen).await?;
         let client_listener = bind(config.client_listen).await?;
+        let admin_listener = match config.admin_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
         let local = |l: &TcpListener, a| {
             l.local_addr()
                 .map_err(|source| CoordinatorError::Bind { addr: a, source })
         };
         let raft_addr = local(&raft_listener, config.raft_listen)?;
         let client_addr = local(&client_listener, config.client_listen)?;
+        let admin_addr = match (&admin_listener, config.admin_listen) {
+            (Some(l), Some(a)) => Some(local(l, a)?),
+            _ => None,
+        };
         let me = ReplicaInfo {
             replica_id: config.replica_id,
             raft_addr: config
@@ -233,6 +247,7 @@ impl Coordinator {
 
         let (view_tx, views) = watch::channel(None);
         let (log, sm, store_closed) = crate::store::open_tracked(&config.data_dir, view_tx)?;
+        let committed = log.committed_index();
         let network = PeerNetworkFactory {
             secret: config.secret.clone(),
         };
@@ -245,6 +260,8 @@ impl Coordinator {
             me,
             views,
             detector: Arc::new(Mutex::new(FailureDetector::new())),
+            metrics: Arc::default(),
+            committed,
         };
         let (shutdown, stop) = watch::channel(false);
         let mut tasks = JoinSet::new();
@@ -261,12 +278,20 @@ impl Coordinator {
             config.max_client_connections,
             stop.clone(),
         ));
+        if let Some(l) = admin_listener {
+            tasks.spawn(crate::admin::serve_admin(
+                l,
+                svc.metrics_probe(),
+                stop.clone(),
+            ));
+        }
         tasks.spawn(crate::service::run_failure_detector(svc.clone(), stop));
-        tracing::info!(replica = config.replica_id, %raft_addr, %client_addr, "coordinator replica started");
+        tracing::info!(replica = config.replica_id, %raft_addr, %client_addr, admin_addr = ?admin_addr, "coordinator replica started");
         Ok(Coordinator {
             svc,
             raft_addr,
             client_addr,
+            admin_addr,
             shutdown,
             tasks,
             store_closed,
@@ -334,6 +359,17 @@ impl Coordinator {
     /// The bound client address.
     pub fn client_addr(&self) -> SocketAddr {
         self.client_addr
+    }
+
+    /// The bound admin (`/metrics`) address, if it has an admin listener.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// What renders this replica's `ringpost_coord_*` metrics (what its admin port serves,
+    /// without the process metrics), for an embedding process that serves its own `/metrics`.
+    pub fn metrics_probe(&self) -> MetricsProbe {
+        self.svc.metrics_probe()
     }
 
     /// This replica's applied view (may lag the leader); `None` before `init`.

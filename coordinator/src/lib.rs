@@ -13,17 +13,23 @@
 //! - `auth` + `channel`: HMAC-SHA256 challenge-response and per-frame MACs over TCP, bounded
 //!   length-prefixed JSON frames ([`protocol`] names the bounds).
 //! - `network`: Raft RPCs between replicas; `api` + `service`: the client listener.
+//! - `admin` + `metrics`: the admin listener (`/metrics`, `/healthz`) and the
+//!   `ringpost_coord_*` metrics it renders; [`process_metrics`]: the standard `process_*`
+//!   metrics from `/proc`, which the node renders too.
 //! - [`Coordinator`]: a running replica (or an embedded single-replica one).
 
 #![forbid(unsafe_code)]
 
+mod admin;
 mod api;
 mod auth;
 mod channel;
 pub mod client;
 mod coordinator;
 pub mod detector;
+mod metrics;
 mod network;
+pub mod process_metrics;
 pub mod protocol;
 mod raft_types;
 mod service;
@@ -31,6 +37,7 @@ pub mod state;
 mod store;
 pub mod types;
 
+pub use admin::{ADMIN_CONNECTIONS_MAX, ADMIN_HEAD_BYTES_MAX, ADMIN_TIMEOUT};
 pub use auth::{ClusterSecret, SecretLengthError, MAX_SECRET_BYTES, MIN_SECRET_BYTES};
 pub use channel::ChannelError;
 pub use client::{ClientError, ClientOptions, CoordinatorClient, InitParams, ViewWatch};
@@ -38,6 +45,7 @@ pub use coordinator::{
     Coordinator, CoordinatorConfig, CoordinatorError, EmbeddedConfig, RaftTimings, RoleProbe,
     DEFAULT_MAX_CLIENT_CONNECTIONS,
 };
+pub use metrics::MetricsProbe;
 pub use network::{MAX_PEER_CONNECTIONS, PEER_IDLE_TIMEOUT};
 pub use raft_types::RaftNode;
 pub use store::StoreError;

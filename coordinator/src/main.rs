@@ -163,6 +163,15 @@ struct RunArgs {
         default_value = "0.0.0.0:7401"
     )]
     client_listen: SocketAddr,
+    /// Listen address for plain HTTP `/metrics` (Prometheus) and `/healthz` (port 0: any free
+    /// port). Unauthenticated: keep it on loopback or a private interface.
+    #[arg(
+        long,
+        visible_alias = "listen-admin",
+        env = "RINGPOST_COORD_ADMIN_LISTEN",
+        default_value = "127.0.0.1:7402"
+    )]
+    admin_listen: SocketAddr,
     /// Address other replicas reach this one on (default: the bound raft address).
     #[arg(long, env = "RINGPOST_COORD_RAFT_ADVERTISE")]
     raft_advertise: Option<String>,
@@ -408,6 +417,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let mut config = CoordinatorConfig::new(replica_id, a.data_dir.clone(), a.common.secret()?);
     config.raft_listen = a.raft_listen;
     config.client_listen = a.client_listen;
+    config.admin_listen = Some(a.admin_listen);
     config.raft_advertise = a.raft_advertise;
     config.client_advertise = a.client_advertise;
     config.timings = RaftTimings {
@@ -422,6 +432,9 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening raft {}", c.raft_addr())?;
         writeln!(out, "listening client {}", c.client_addr())?;
+        if let Some(admin) = c.admin_addr() {
+            writeln!(out, "listening admin http://{admin}")?;
+        }
         out.flush()?;
     }
     shutdown_signal().await?;

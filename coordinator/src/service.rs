@@ -14,9 +14,11 @@ use openraft::ServerState;
 use tokio::sync::watch;
 
 use crate::detector::FailureDetector;
+use crate::metrics::{CoordMetrics, MetricsProbe};
 use crate::protocol::{ErrorCode, InitSpec, LeaderHint, WireError, MAX_REPLICAS};
 use crate::raft_types::{Raft, RaftNode};
 use crate::state::{ApplyOutcome, Command};
+use crate::store::CommittedIndex;
 use crate::types::{
     ClusterView, HeartbeatAck, MemberState, NodeId, NodeInfo, ReplicaInfo, StatusReport,
     MAX_ADDRESS_BYTES,
@@ -41,6 +43,10 @@ pub(crate) struct Service {
     pub(crate) me: ReplicaInfo,
     pub(crate) views: watch::Receiver<Option<Arc<ClusterView>>>,
     pub(crate) detector: Arc<Mutex<FailureDetector>>,
+    /// The replica's own counters (the rest of its metrics is read at each scrape).
+    pub(crate) metrics: Arc<CoordMetrics>,
+    /// The commit index the log store last saved.
+    pub(crate) committed: CommittedIndex,
 }
 
 impl Service {
@@ -144,6 +150,9 @@ impl Service {
             WireError::new(ErrorCode::UnknownNode, format!("unknown node {node_id}"))
         })?;
         self.record_heartbeat(node_id);
+        self.metrics
+            .heartbeats
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if member.state != MemberState::Down {
             return Ok(HeartbeatAck {
                 state: member.state,
@@ -162,6 +171,16 @@ impl Service {
             state,
             epoch: view.epoch,
         })
+    }
+
+    /// What renders this replica's `ringpost_coord_*` metrics.
+    pub(crate) fn metrics_probe(&self) -> MetricsProbe {
+        MetricsProbe {
+            raft: self.raft.metrics(),
+            views: self.views.clone(),
+            committed: self.committed.clone(),
+            counters: self.metrics.clone(),
+        }
     }
 
     pub(crate) fn status(&self) -> StatusReport {
@@ -276,6 +295,7 @@ pub(crate) async fn run_failure_detector(svc: Service, mut shutdown: watch::Rece
             continue;
         }
         tracing::warn!(nodes = ?expired, "nodes missed heartbeats: marking down");
+        let count = expired.len() as u64;
         match svc
             .write(Command::MarkDown {
                 node_ids: expired,
@@ -283,7 +303,12 @@ pub(crate) async fn run_failure_detector(svc: Service, mut shutdown: watch::Rece
             })
             .await
         {
-            Ok(v) => tracing::info!(epoch = v.epoch, "marked down"),
+            Ok(v) => {
+                svc.metrics
+                    .nodes_marked_down
+                    .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(epoch = v.epoch, "marked down");
+            }
             Err(e) => tracing::warn!(error = %e, "mark_down not committed"),
         }
     }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use openraft::{AnyError, ErrorSubject, ErrorVerb, StorageIOError};
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 
-pub(crate) use log_store::LogStore;
+pub(crate) use log_store::{CommittedIndex, LogStore};
 pub(crate) use state_machine::{StateMachineStore, ViewSender};
 
 use crate::raft_types::StorageError;

@@ -1,6 +1,7 @@
-//! The real binary: three `run` processes on 127.0.0.1:0, `init`, and `ctl`, all killed on drop.
+//! The real binary: three `run` processes on 127.0.0.1:0, `init`, `ctl` and the admin port's
+//! `/metrics`, all killed on drop.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -16,6 +17,8 @@ const SECRET: &str = "cli-binary-test-secret-0123";
 struct Replica {
     child: Child,
     client_addr: SocketAddr,
+    /// `host:port` of the admin listener.
+    admin_addr: String,
 }
 
 impl Drop for Replica {
@@ -47,6 +50,8 @@ fn start_replica(id: u64, dir: &Path) -> Replica {
             "127.0.0.1:0",
             "--client-listen",
             "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
         ])
         .args([
             "--election-timeout-min-ms",
@@ -72,9 +77,10 @@ fn start_replica(id: u64, dir: &Path) -> Replica {
     let mut replica = Replica {
         child,
         client_addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        admin_addr: String::new(),
     };
     let mut raft = None;
-    while raft.is_none() || replica.client_addr.port() == 0 {
+    while raft.is_none() || replica.client_addr.port() == 0 || replica.admin_addr.is_empty() {
         let line = rx
             .recv_timeout(Duration::from_secs(20))
             .expect("replica printed its listening addresses");
@@ -82,6 +88,8 @@ fn start_replica(id: u64, dir: &Path) -> Replica {
             raft = Some(a.parse::<SocketAddr>().unwrap());
         } else if let Some(a) = line.strip_prefix("listening client ") {
             replica.client_addr = a.parse().unwrap();
+        } else if let Some(a) = line.strip_prefix("listening admin http://") {
+            replica.admin_addr = a.to_owned();
         }
     }
     replica
@@ -245,6 +253,7 @@ fn help_prints_defaults() {
     for needle in [
         "[default: 0.0.0.0:7400]",
         "[default: 0.0.0.0:7401]",
+        "[default: 127.0.0.1:7402]",
         "[env: RINGPOST_COORD_REPLICA_ID=]",
         "[default: 1000]",
     ] {
@@ -252,4 +261,158 @@ fn help_prints_defaults() {
     }
     let out = run_ok(bin().args(["init", "--help"]));
     assert!(out.contains("[default: 4096]"), "{out}");
+}
+
+/// `METHOD path` on a replica's admin port: the status code and the body.
+fn admin(replica: &Replica, method: &str, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(&replica.admin_addr).expect("admin connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    (status, body)
+}
+
+/// The value of the sample line `series` (name and labels, exactly) in an exposition.
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+#[allow(clippy::disallowed_methods)] // a plain test thread polling child processes
+fn admin_port_serves_raft_and_membership_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let replicas: Vec<Replica> = (1..=3)
+        .map(|id| start_replica(id, &dir.path().join(format!("r{id}"))))
+        .collect();
+
+    // Before init: the Raft state of a replica that has no cluster yet.
+    let (status, body) = admin(&replicas[0], "GET", "/metrics");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        sample(&body, "ringpost_coord_initialized"),
+        Some(0.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "ringpost_coord_replica_id"),
+        Some(1.0),
+        "{body}"
+    );
+    assert!(
+        sample(&body, "process_open_fds").is_some_and(|n| n > 0.0),
+        "{body}"
+    );
+    assert_eq!(admin(&replicas[0], "GET", "/healthz"), (200, "ok\n".into()));
+    assert_eq!(admin(&replicas[0], "POST", "/metrics").0, 405);
+    assert_eq!(admin(&replicas[0], "GET", "/nope").0, 404);
+
+    let addrs: Vec<String> = replicas.iter().map(|r| r.client_addr.to_string()).collect();
+    run_ok(
+        bin()
+            .args(["init", "--secret", SECRET, "--shard-count", "64"])
+            .args(["--coordinator", &addrs.join(",")]),
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = CoordinatorClient::connect(
+            replicas.iter().map(|r| r.client_addr).collect(),
+            ClusterSecret::new(SECRET).unwrap(),
+        )
+        .await
+        .unwrap();
+        client.join(NodeInfo::new(7)).await.unwrap();
+        client.activate(7).await.unwrap();
+        client.heartbeat(7).await.unwrap();
+    });
+
+    // Every replica applies the join (followers a moment later); the leader also reports its
+    // followers' lag once it has heard from them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let bodies = loop {
+        let bodies: Vec<String> = replicas
+            .iter()
+            .map(|r| admin(r, "GET", "/metrics").1)
+            .collect();
+        let applied = bodies
+            .iter()
+            .all(|b| sample(b, "ringpost_coord_members{state=\"active\"}") == Some(1.0));
+        let lag = bodies
+            .iter()
+            .any(|b| b.contains("ringpost_coord_replication_lag_entries{replica="));
+        if (applied && lag) || std::time::Instant::now() > deadline {
+            break bodies;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let leaders: Vec<&String> = (bodies.iter())
+        .filter(|b| sample(b, "ringpost_coord_is_leader") == Some(1.0))
+        .collect();
+    assert_eq!(leaders.len(), 1, "exactly one leader: {bodies:#?}");
+    let leader = leaders[0];
+    let leader_id = sample(leader, "ringpost_coord_replica_id").unwrap();
+    let term = sample(leader, "ringpost_coord_term").unwrap();
+    assert!(term >= 1.0, "{leader}");
+    assert_eq!(
+        sample(leader, "ringpost_coord_raft_role{role=\"leader\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(leader, "ringpost_coord_voters"),
+        Some(3.0),
+        "{leader}"
+    );
+    assert!(
+        sample(leader, "ringpost_coord_quorum_ack_age_seconds").is_some(),
+        "{leader}"
+    );
+    assert_eq!(
+        leader
+            .matches("ringpost_coord_replication_lag_entries{replica=")
+            .count(),
+        2,
+        "{leader}"
+    );
+    assert!(
+        sample(leader, "ringpost_coord_heartbeats_total").unwrap() >= 1.0,
+        "{leader}"
+    );
+    for body in &bodies {
+        assert_eq!(
+            sample(body, "ringpost_coord_leader_id"),
+            Some(leader_id),
+            "{body}"
+        );
+        assert_eq!(sample(body, "ringpost_coord_term"), Some(term), "{body}");
+        assert_eq!(
+            sample(body, "ringpost_coord_initialized"),
+            Some(1.0),
+            "{body}"
+        );
+        assert_eq!(
+            sample(body, "ringpost_coord_ring_epoch"),
+            Some(1.0),
+            "{body}"
+        );
+        assert_eq!(sample(body, "ringpost_coord_shards"), Some(64.0), "{body}");
+        assert_eq!(
+            sample(body, "ringpost_coord_members{state=\"joining\"}"),
+            Some(0.0)
+        );
+        let last = sample(body, "ringpost_coord_last_log_index").unwrap();
+        let committed = sample(body, "ringpost_coord_committed_index").unwrap();
+        let applied = sample(body, "ringpost_coord_last_applied_index").unwrap();
+        assert!(
+            applied <= committed && committed <= last && applied >= 3.0,
+            "applied {applied} <= committed {committed} <= last {last}: {body}"
+        );
+    }
 }

@@ -1,4 +1,6 @@
-//! Admin HTTP on its own port: `/metrics` (Prometheus text format), `/healthz` (the process is
+//! Admin HTTP on its own port: `/metrics` (Prometheus text format: the node's metrics, the
+//! standard `process_*` ones, and in `dev` the embedded coordinator's `ringpost_coord_*`),
+//! `/healthz` (the process is
 //! up), `/readyz` (accepting clients: an active member holding a lease that has taken over every
 //! shard it owns, whose storage takes writes, not shutting down), `/placement` (the shard
 //! placement of the current epoch, summarised per member; `/placement?shard=N` for one shard's
@@ -78,6 +80,11 @@ async fn handle(mut stream: TcpStream, server: Arc<Server>) -> std::io::Result<(
                     .map_or(0, |(for_, _)| for_.as_secs().max(1) as i64),
                 std::sync::atomic::Ordering::Relaxed,
             );
+            let ready = !server.is_shutting_down() && server.not_ready_reason().is_none();
+            server
+                .metrics
+                .ready
+                .store(i64::from(ready), std::sync::atomic::Ordering::Relaxed);
             server.metrics.unauthenticated.store(
                 server.admission.unauthenticated() as i64,
                 std::sync::atomic::Ordering::Relaxed,
@@ -100,6 +107,10 @@ async fn handle(mut stream: TcpStream, server: Arc<Server>) -> std::io::Result<(
             if let Some(media) = server.media.get() {
                 media.metrics.render(&mut body);
             }
+            if let Some(coordinator) = server.embedded_coordinator.get() {
+                coordinator.render(&mut body);
+            }
+            ringpost_coordinator::process_metrics::ProcessStats::read().render(&mut body);
             respond(&mut stream, 200, "text/plain; version=0.0.4", &body).await
         }
         ("GET", "/healthz") => respond(&mut stream, 200, "text/plain", "ok\n").await,

@@ -102,6 +102,7 @@ impl ClusterLink {
         info.ws_url = bound.ws.map(|a| format!("ws://{a}"));
         info.wss_url = bound.wss.map(|a| format!("wss://{a}"));
         info.quic_addr = bound.quic.map(|a| a.to_string());
+        let _ = server.embedded_coordinator.set(coordinator.metrics_probe());
         let mut link = Self::join(client, info, server, false).await?;
         link.embedded = Some(coordinator);
         Ok(link)

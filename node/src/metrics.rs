@@ -136,6 +136,8 @@ pub struct Metrics {
     pub ring_epoch: AtomicI64,
     pub shards_owned: AtomicI64,
     pub shards_ready: AtomicI64,
+    /// 1 while `/readyz` would answer 200, else 0 (set at each scrape).
+    pub ready: AtomicI64,
 }
 
 impl Default for Metrics {
@@ -178,6 +180,7 @@ impl Default for Metrics {
             ring_epoch: AtomicI64::new(0),
             shards_owned: AtomicI64::new(0),
             shards_ready: AtomicI64::new(0),
+            ready: AtomicI64::new(0),
         }
     }
 }
@@ -362,7 +365,12 @@ impl Metrics {
             "# HELP ringpost_ws_driver_info What drives the ws listener's connections (--ws-driver; uring falls back to tokio where the kernel refuses it).\n# TYPE ringpost_ws_driver_info gauge\nringpost_ws_driver_info{{driver=\"{}\"}} 1",
             if self.ws_uring.load(Relaxed) { "uring" } else { "tokio" }
         );
-        let gauges: [(&str, &str, &AtomicI64); 5] = [
+        let gauges: [(&str, &str, &AtomicI64); 6] = [
+            (
+                "ringpost_ready",
+                "1 while the node is ready for clients (what /readyz answers 200 to), else 0.",
+                &self.ready,
+            ),
             (
                 "ringpost_connections_unauthenticated",
                 "Connections in their handshake, before Hello, or in an anonymous session.",
@@ -464,5 +472,8 @@ mod tests {
         let out = m.render();
         assert!(out.contains("ringpost_connections{transport=\"quic\"} 1"));
         assert!(out.contains("ringpost_connections{transport=\"ws\"} 0"));
+        assert!(out.contains("\nringpost_ready 0\n"), "{out}");
+        m.ready.store(1, Relaxed);
+        assert!(m.render().contains("\nringpost_ready 1\n"));
     }
 }

@@ -89,6 +89,9 @@ pub struct Server {
     /// The coordinator this node joined (a standalone one): a primary proposes its shards'
     /// in-sync set changes through it.
     pub(crate) coordinator: std::sync::OnceLock<ringpost_coordinator::CoordinatorClient>,
+    /// The embedded coordinator's metrics (dev: a cluster of one), served on this node's
+    /// `/metrics` since that coordinator has no admin port of its own.
+    pub(crate) embedded_coordinator: std::sync::OnceLock<ringpost_coordinator::MetricsProbe>,
     /// Records other nodes are sending in parts, one in assembly per primary (see
     /// [`crate::replication::part`]).
     pub(crate) replica_parts: std::sync::Mutex<
@@ -158,6 +161,7 @@ impl Server {
             engine,
             replicating: std::sync::OnceLock::new(),
             coordinator: std::sync::OnceLock::new(),
+            embedded_coordinator: std::sync::OnceLock::new(),
             replica_parts: Default::default(),
             replica_apply: tokio::sync::RwLock::new(()),
             accounts: Arc::new(accounts),

@@ -1,11 +1,14 @@
 //! Multi-node tests: real `ringpost-coordinator` replicas and real `ringpost-node run` nodes
 //! on loopback, driven through the client SDK. Users spread over the nodes, redirects,
 //! forwarding between nodes, a coordinator leader killed, a node added and a node drained under
-//! traffic, and the fence that keeps a node with a stale view from writing.
+//! traffic, and the fence that keeps a node with a stale view from writing; and (in
+//! `observability`) the dashboard's and alert rules' metric names against real `/metrics`.
 
 #[allow(dead_code)] // the group, presence and broadcast tests use the rest of it
 #[path = "cluster/harness.rs"]
 mod harness;
+#[path = "cluster/observability.rs"]
+mod observability;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -2,6 +2,8 @@
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, StorageIOError, Vote};
@@ -26,11 +28,38 @@ fn key_index(key: &[u8]) -> Option<u64> {
 #[derive(Clone)]
 pub(crate) struct LogStore {
     db: Db,
+    committed: CommittedIndex,
+}
+
+/// The last commit index the store saved or read back, for metrics: openraft's own metrics do
+/// not carry it. Clones share it.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct CommittedIndex(Arc<AtomicU64>);
+
+impl CommittedIndex {
+    /// The index; `None` before anything was committed.
+    pub(crate) fn get(&self) -> Option<u64> {
+        // Stored as index + 1, so 0 is "none".
+        self.0.load(Ordering::Relaxed).checked_sub(1)
+    }
+
+    fn set(&self, committed: Option<LogId<u64>>) {
+        let v = committed.map_or(0, |l| l.index.saturating_add(1));
+        self.0.store(v, Ordering::Relaxed);
+    }
 }
 
 impl LogStore {
     pub(super) fn new(db: Db) -> Self {
-        LogStore { db }
+        LogStore {
+            db,
+            committed: CommittedIndex::default(),
+        }
+    }
+
+    /// A handle on the commit index this store last saved (or read back at start).
+    pub(crate) fn committed_index(&self) -> CommittedIndex {
+        self.committed.clone()
     }
 
     fn read_json<T: serde::de::DeserializeOwned>(
@@ -138,13 +167,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.db
             .0
             .write(b)
-            .map_err(|e| StorageIOError::write(io_err(e)).into())
+            .map_err(|e| StorageIOError::write(io_err(e)))?;
+        self.committed.set(committed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StorageError> {
-        Ok(self
+        let committed = self
             .read_json::<Option<LogId<u64>>>(KEY_COMMITTED)?
-            .flatten())
+            .flatten();
+        self.committed.set(committed);
+        Ok(committed)
     }
 
     async fn append<I>(

@@ -63,6 +63,8 @@ pub struct Replica {
     child: Option<Child>,
     pub id: u64,
     pub client_addr: SocketAddr,
+    /// `http://host:port` of its admin listener (`/metrics`).
+    pub admin_url: String,
 }
 
 impl Replica {
@@ -75,6 +77,8 @@ impl Replica {
                 "--raft-listen",
                 "127.0.0.1:0",
                 "--client-listen",
+                "127.0.0.1:0",
+                "--admin-listen",
                 "127.0.0.1:0",
             ])
             .args([
@@ -90,19 +94,22 @@ impl Replica {
             .spawn()
             .expect("spawn ringpost-coordinator");
         let rx = lines(&mut child);
-        let mut client_addr = None;
-        while client_addr.is_none() {
+        let (mut client_addr, mut admin_url) = (None, None);
+        while client_addr.is_none() || admin_url.is_none() {
             let line = rx
                 .recv_timeout(Duration::from_secs(30))
                 .expect("replica printed its addresses");
             if let Some(a) = line.strip_prefix("listening client ") {
                 client_addr = Some(a.parse().expect("client address"));
+            } else if let Some(a) = line.strip_prefix("listening admin ") {
+                admin_url = Some(a.to_owned());
             }
         }
         Replica {
             child: Some(child),
             id,
             client_addr: client_addr.unwrap_or_else(|| unreachable!()),
+            admin_url: admin_url.unwrap_or_else(|| unreachable!()),
         }
     }
 

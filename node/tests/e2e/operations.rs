@@ -209,3 +209,34 @@ fn the_admin_port_shows_the_shard_placement() {
     let (status, _) = node.admin_get("/nowhere");
     assert_eq!(status, 404);
 }
+
+#[test]
+fn a_dev_node_serves_readiness_process_and_embedded_coordinator_metrics() {
+    let node = TestNode::start();
+    let body = admin_until(&node, "/metrics", "\nringpost_ready 1\n");
+    for line in [
+        "ringpost_coord_is_leader 1",
+        "ringpost_coord_voters 1",
+        "ringpost_coord_initialized 1",
+        "ringpost_coord_members{state=\"active\"} 1",
+    ] {
+        assert!(body.lines().any(|l| l == line), "no {line:?} in {body}");
+    }
+    for name in [
+        "process_open_fds",
+        "process_max_fds",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+    ] {
+        assert!(
+            body.lines().any(|l| l.starts_with(&format!("{name} "))),
+            "no {name} in {body}"
+        );
+    }
+    // Once each: the node renders the process metrics, the embedded replica does not.
+    assert_eq!(
+        body.matches("# TYPE process_open_fds ").count(),
+        1,
+        "{body}"
+    );
+}
