@@ -9,9 +9,10 @@
 #   5. the real binaries' `--check-config` on deploy/node.toml, deploy/coord.toml and the rendered
 #      files (with the per-instance variables the user-data writes from a fake metadata service);
 #   6. nft -c on the conntrack rules, and the sysctl keys against /proc/sys;
-#   7. checkov on the AWS root module (terraform/), if installed.
-# The AWS root module itself needs the provider registry, so `terraform init` of it runs only
-# where that is reachable (docs/operations.md, "Deploying").
+#   7. checkov on the AWS root module (terraform/), if installed; terraform validate of it if a
+#      local provider mirror has the aws provider (TF_PLUGIN_MIRROR, default /opt/tf-plugins).
+# `plan` and `apply` of the AWS root module need AWS: only where you deploy (docs/operations.md,
+# "Deploying").
 #
 #   scripts/deploy-check.sh          # or: make check-deploy (builds the binaries first)
 #   NODE_BIN=... COORD_BIN=...       # binaries (default $CARGO_TARGET_DIR/debug/)
@@ -86,6 +87,20 @@ if command -v terraform >/dev/null; then
             ok "$dir: init, validate"
         fi
     done
+
+    # The AWS root module needs the aws provider: from a local filesystem mirror when the
+    # machine has one (never the registry), in a copy so that no lock file lands in the clone.
+    mirror="${TF_PLUGIN_MIRROR:-/opt/tf-plugins}"
+    if compgen -G "$mirror/registry.terraform.io/hashicorp/aws/*" >/dev/null; then
+        mkdir -p "$work/aws-tree"
+        cp -r terraform deploy "$work/aws-tree/"
+        quiet "terraform init of the AWS root module (plugin dir $mirror)" \
+            tf "$work/aws-tree/terraform" init -backend=false -input=false -plugin-dir="$mirror"
+        quiet "terraform validate of the AWS root module" tf "$work/aws-tree/terraform" validate
+        ok "terraform/ (AWS root module): init and validate with the aws provider from $mirror ($(ls "$mirror/registry.terraform.io/hashicorp/aws" | tr '\n' ' ' | sed 's/ $//'))"
+    else
+        skip "terraform validate of the AWS root module (no aws provider in a local mirror, $mirror; the registry is unreachable here)"
+    fi
 
     # Render: the check root has outputs only, so apply computes them without any provider.
     render=terraform/checks/render

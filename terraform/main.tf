@@ -6,7 +6,6 @@
 # deploy-check.sh checks it with `terraform fmt` and checkov (baseline: .checkov.yaml), and
 # runs the provider-free modules' tests.
 
-data "aws_region" "current" {}
 data "aws_caller_identity" "current" {}
 data "aws_partition" "current" {}
 
@@ -26,7 +25,7 @@ data "aws_ssm_parameter" "al2023" {
 }
 
 locals {
-  ami_id    = var.ami_id != "" ? var.ami_id : nonsensitive(data.aws_ssm_parameter.al2023[0].value)
+  ami_id    = var.ami_id != "" ? var.ami_id : data.aws_ssm_parameter.al2023[0].insecure_value
   partition = data.aws_partition.current.partition
   account   = data.aws_caller_identity.current.account_id
 
