@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 DATA_DIR ?= ./data
 
-.PHONY: run cluster test deps gen check-gen check-rules fmt lint fuzz chaos clean
+.PHONY: run cluster test deps gen check-gen check-rules check-deploy fmt lint fuzz chaos clean
 
 ## make run: build, then start a dev node (embedded coordinator, local data dir) in the foreground.
 ## Builds the workspace's binaries as `make test` does (same features), so after a `make test`
@@ -16,16 +16,23 @@ run: deps
 cluster: deps
 	scripts/cluster.sh
 
-## make test: every check CI runs: generated code, formatting, lints, all tests.
+## make test: every check CI runs: generated code, formatting, lints, the alert rules, the deployment checks, all tests.
 test: deps check-gen check-rules
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) build --workspace --bins
+	scripts/deploy-check.sh
 	$(CARGO) nextest run --workspace --no-fail-fast
 	$(CARGO) test --workspace --doc
 
 deps:
 	@scripts/deps.sh
+
+## make check-deploy: the offline checks of deploy/ and terraform/ (Terraform tests, systemd units,
+## the rendered configs through the real binaries, nft, checkov when installed).
+check-deploy: deps
+	$(CARGO) build --workspace --bins
+	scripts/deploy-check.sh
 
 ## make gen: regenerate wire/src/generated.rs from wire/schema/*.fbs with the pinned flatc.
 gen:

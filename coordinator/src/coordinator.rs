@@ -100,6 +100,33 @@ impl CoordinatorConfig {
             max_client_connections: DEFAULT_MAX_CLIENT_CONNECTIONS,
         }
     }
+
+    /// Checks the configuration as [`Coordinator::start`] does before it binds or opens the
+    /// store, and does neither (`ringpost-coordinator run --check-config`).
+    pub fn check(&self) -> Result<(), CoordinatorError> {
+        self.raft_config().map(drop)
+    }
+
+    /// The openraft configuration, checked (by us and by openraft).
+    fn raft_config(&self) -> Result<Config, CoordinatorError> {
+        if self.replica_id == 0 {
+            return Err(CoordinatorError::Config("replica id 0 is reserved".into()));
+        }
+        let t = self.timings;
+        Config {
+            cluster_name: "ringpost-coordinator".into(),
+            heartbeat_interval: t.heartbeat_interval_ms,
+            election_timeout_min: t.election_timeout_min_ms,
+            election_timeout_max: t.election_timeout_max_ms,
+            max_payload_entries: MAX_APPEND_ENTRIES,
+            snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every_entries.max(1)),
+            max_in_snapshot_log_to_keep: self.snapshot_every_entries.max(1),
+            ..Config::default()
+        }
+        .validate()
+        .map_err(|e| CoordinatorError::Config(e.to_string()))
+    }
 }
 
 /// Why a replica could not start or an operation on its handle failed.
@@ -199,23 +226,7 @@ impl Coordinator {
     /// Opens the store, binds both listeners and starts Raft. An uninitialized replica waits to
     /// be contacted by the leader or to receive `init`.
     pub async fn start(config: CoordinatorConfig) -> Result<Coordinator, CoordinatorError> {
-        if config.replica_id == 0 {
-            return Err(CoordinatorError::Config("replica id 0 is reserved".into()));
-        }
-        let t = config.timings;
-        let raft_config = Config {
-            cluster_name: "ringpost-coordinator".into(),
-            heartbeat_interval: t.heartbeat_interval_ms,
-            election_timeout_min: t.election_timeout_min_ms,
-            election_timeout_max: t.election_timeout_max_ms,
-            max_payload_entries: MAX_APPEND_ENTRIES,
-            snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every_entries.max(1)),
-            max_in_snapshot_log_to_keep: config.snapshot_every_entries.max(1),
-            ..Config::default()
-        }
-        .validate()
-        .map_err(|e| CoordinatorError::Config(e.to_string()))?;
+        let raft_config = config.raft_config()?;
 
         let raft_listener = bind(config.raft_listen).await?;
         let client_listener = bind(config.client_listen).await?;

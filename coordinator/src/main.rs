@@ -209,6 +209,11 @@ struct RunArgs {
         default_value_t = 4096
     )]
     max_client_connections: usize,
+    /// Load and check the configuration as a start would (the secret file is read, the Raft
+    /// timings checked), then exit: 0 and `configuration ok`, or the error. Binds nothing and
+    /// opens no data.
+    #[arg(long, action = ArgAction::SetTrue)]
+    check_config: bool,
 }
 
 #[derive(Args, Debug)]
@@ -427,6 +432,14 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     };
     config.snapshot_every_entries = a.snapshot_every_entries;
     config.max_client_connections = a.max_client_connections;
+    if a.check_config {
+        config.check()?;
+        match &a.common.config {
+            Some(path) => println!("configuration ok: {}", path.display()),
+            None => println!("configuration ok"),
+        }
+        return Ok(());
+    }
     let c = Coordinator::start(config).await.context("start replica")?;
     {
         let mut out = std::io::stdout().lock();

@@ -415,4 +415,58 @@ fn admin_port_serves_raft_and_membership_metrics() {
             "applied {applied} <= committed {committed} <= last {last}: {body}"
         );
     }
+/// `run --check-config` loads the file and checks it as a start would, then exits without
+/// binding or creating the data directory; a bad value or a missing secret is an error.
+#[test]
+fn run_check_config_checks_without_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("coord.toml");
+    // Port 1 (privileged, surely not ours): a start would fail to bind it; the check binds nothing.
+    let write = |extra: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "replica_id = 1\ndata_dir = {:?}\nsecret_file = {:?}\nraft_listen = \"127.0.0.1:1\"\n\
+                 client_listen = \"127.0.0.1:1\"\n{extra}",
+                data.to_str().unwrap(),
+                secret.to_str().unwrap()
+            ),
+        )
+        .unwrap();
+    };
+    let check = || {
+        bin()
+            .args(["run", "--check-config", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+
+    write("");
+    let out = check();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("configuration ok"), "{stdout}");
+    assert!(!data.exists(), "the check opened no data");
+
+    write("election_timeout_min_ms = 2000\nelection_timeout_max_ms = 1000\n");
+    let out = check();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("election timeout"), "{err}");
+
+    std::fs::remove_file(&secret).unwrap();
+    write("");
+    let out = check();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("secret"), "{err}");
+    assert!(!data.exists());
 }

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use ringpost_node::accounts::{HttpCodeSenderConfig, HTTP_TIMEOUT_MS_DEFAULT};
 use ringpost_node::admission::{self, PreAuthLimits};
 use ringpost_node::runtime::{CodeDelivery, Node, NodeOptions};
@@ -366,6 +366,12 @@ struct RunArgs {
     /// TOML file with any of these options (keys are flag names with `_` for `-`).
     #[arg(long, env = "RINGPOST_CONFIG")]
     config: Option<PathBuf>,
+    /// Load and check the configuration as a start would (the files it names are read, the
+    /// TLS certificate and key parsed), then exit: 0 and `configuration ok`, or the error.
+    /// Binds nothing and opens no data. Also refuses config file keys that are no option
+    /// (a start ignores them).
+    #[arg(long)]
+    check_config: bool,
     /// WebSocket listener (plain; put it behind a TLS load balancer). Omit to disable.
     #[arg(long, env = "RINGPOST_LISTEN_WS")]
     listen_ws: Option<SocketAddr>,
@@ -476,12 +482,13 @@ struct RunArgs {
 }
 
 fn main() -> Result<()> {
-    load_config_file()?;
+    let config = load_config_file()?;
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let dev = matches!(cli.command, Command::Dev(_));
     let opts = match cli.command {
         Command::Dev(args) => dev_options(*args)?,
+        Command::Run(args) if args.check_config => return check_config(*args, config),
         Command::Run(args) => run_options(*args)?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -490,10 +497,57 @@ fn main() -> Result<()> {
     runtime.block_on(serve(opts, dev))
 }
 
+/// `ringpost-node run --check-config`: everything a start checks before it opens data or
+/// binds ([`run_options`], then [`ringpost_node::runtime::check_options`]), and no file key
+/// that is no option of `run`.
+fn check_config(args: RunArgs, config: Option<ConfigFile>) -> Result<()> {
+    if let Some(file) = &config {
+        let cli = Cli::command();
+        let run = cli.find_subcommand("run").context("the run subcommand")?;
+        // `run`'s own options and the global ones (--log-format).
+        let known: std::collections::HashSet<String> = run
+            .get_arguments()
+            .chain(cli.get_arguments())
+            .filter_map(|a| a.get_env())
+            .map(|e| e.to_string_lossy().into_owned())
+            .collect();
+        let unknown: Vec<&str> = file
+            .keys
+            .iter()
+            .filter(|k| !known.contains(&config_key_var(k)))
+            .map(String::as_str)
+            .collect();
+        anyhow::ensure!(
+            unknown.is_empty(),
+            "config {}: unknown option(s) {} (a start would ignore them)",
+            file.path,
+            unknown.join(", ")
+        );
+    }
+    let opts = run_options(args)?;
+    ringpost_node::runtime::check_options(&opts)?;
+    match &config {
+        Some(file) => println!("configuration ok: {}", file.path),
+        None => println!("configuration ok"),
+    }
+    Ok(())
+}
+
+/// The config file read by [`load_config_file`]: its path and keys.
+struct ConfigFile {
+    path: String,
+    keys: Vec<String>,
+}
+
+/// The environment variable a config file key sets.
+fn config_key_var(key: &str) -> String {
+    format!("RINGPOST_{}", key.replace('-', "_").to_ascii_uppercase())
+}
+
 /// Reads `--config FILE` (or RINGPOST_CONFIG) before clap runs and exports each key as its
 /// RINGPOST_* variable unless the environment already sets it, so flags and environment
 /// override the file and clap validates every value the same way.
-fn load_config_file() -> Result<()> {
+fn load_config_file() -> Result<Option<ConfigFile>> {
     let args: Vec<String> = std::env::args().collect();
     let path = args
         .iter()
@@ -504,13 +558,14 @@ fn load_config_file() -> Result<()> {
                 .find_map(|a| a.strip_prefix("--config=").map(str::to_string))
         })
         .or_else(|| std::env::var("RINGPOST_CONFIG").ok());
-    let Some(path) = path else { return Ok(()) };
+    let Some(path) = path else { return Ok(None) };
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading config {path}"))?;
     let table: toml::Table = text
         .parse()
         .with_context(|| format!("parsing config {path}"))?;
+    let keys = table.keys().cloned().collect();
     for (key, value) in table {
-        let var = format!("RINGPOST_{}", key.replace('-', "_").to_ascii_uppercase());
+        let var = config_key_var(&key);
         let value = match value {
             toml::Value::String(s) => s,
             toml::Value::Integer(i) => i.to_string(),
@@ -524,7 +579,7 @@ fn load_config_file() -> Result<()> {
             std::env::set_var(var, value);
         }
     }
-    Ok(())
+    Ok(Some(ConfigFile { path, keys }))
 }
 
 fn node_options(common: Common) -> Result<(NodeOptions, MediaArgs)> {

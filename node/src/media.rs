@@ -64,6 +64,28 @@ pub struct MediaConfig {
 pub const LOCAL_FREE_BYTES_MIN_DEFAULT: u64 = 2 << 30;
 
 impl MediaConfig {
+    /// Checks what [`Media::new`] checks, without opening a local store (which creates its
+    /// directories): the blob limit, the public URL and the key; an S3 store's client is built
+    /// (that reaches no network). For `ringpost-node run --check-config`.
+    pub fn check(&self) -> Result<(), String> {
+        self.signer()?;
+        if let StoreConfig::S3(_) = &self.store {
+            BlobStore::open(&self.store)?;
+        }
+        Ok(())
+    }
+
+    /// The URL signer, after the checks of everything but the store.
+    fn signer(&self) -> Result<UrlSigner, String> {
+        if self.blob_bytes_max == 0 || self.blob_bytes_max > MEDIA_BYTES_MAX {
+            return Err(format!(
+                "the media blob limit must be 1 to {MEDIA_BYTES_MAX} bytes, not {}",
+                self.blob_bytes_max
+            ));
+        }
+        UrlSigner::new(&self.url_key, &self.public_url)
+    }
+
     pub fn new(public_url: String, store: StoreConfig, url_key: Vec<u8>) -> MediaConfig {
         MediaConfig {
             public_url,
@@ -202,13 +224,7 @@ impl std::fmt::Debug for Media {
 impl Media {
     /// Opens the store and checks the configuration.
     pub fn new(config: MediaConfig, clock: Clock) -> Result<Arc<Media>, String> {
-        if config.blob_bytes_max == 0 || config.blob_bytes_max > MEDIA_BYTES_MAX {
-            return Err(format!(
-                "the media blob limit must be 1 to {MEDIA_BYTES_MAX} bytes, not {}",
-                config.blob_bytes_max
-            ));
-        }
-        let signer = UrlSigner::new(&config.url_key, &config.public_url)?;
+        let signer = config.signer()?;
         let store = BlobStore::open(&config.store)?;
         Ok(Arc::new(Media {
             config,

@@ -227,9 +227,50 @@ pub struct Node {
     cluster: Option<crate::cluster::ClusterLink>,
 }
 
+/// Checks `opts` as [`Node::start`] does before it opens storage or binds a listener, and
+/// does neither: the TLS certificate and key load (for wss and QUIC), the push providers and
+/// the SMS gateway can be configured (their key files parse), and the media limits, public URL
+/// and S3 settings are valid. `Node::start` runs it first. `ringpost-node run --check-config`.
+pub fn check_options(opts: &NodeOptions) -> Result<()> {
+    crate::push::Providers::new(&opts.push).context("configuring push providers")?;
+    if let CodeDelivery::Http(config) = &opts.codes {
+        HttpCodeSender::new(config.clone()).context("configuring the SMS gateway")?;
+    }
+    // Without a certificate, `start` generates a dev one in the data dir: nothing to check.
+    if let Some(cert) = &opts.tls {
+        if opts.listen_wss.is_some() {
+            tls::server_config(cert, &[], false).context("the wss certificate")?;
+        }
+        if opts.listen_quic.is_some() {
+            let idle = Duration::from_millis(u64::from(opts.server.keepalive.idle_timeout_ms));
+            quic::server_config(cert, idle).context("the QUIC certificate")?;
+        }
+    }
+    if let Some(m) = &opts.media {
+        // The real key (from the cluster secret, or DATA_DIR/media-url.key) is 32 bytes.
+        media_config(m, m.listen, vec![0; 32])
+            .check()
+            .map_err(|e| anyhow::anyhow!("media: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The media configuration of a node whose media listener is bound to `bound`.
+fn media_config(m: &MediaOptions, bound: SocketAddr, key: Vec<u8>) -> crate::media::MediaConfig {
+    let public_url = m
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{bound}"));
+    let mut config = crate::media::MediaConfig::new(public_url, m.store.clone(), key);
+    config.blob_bytes_max = m.blob_bytes_max;
+    config.local_free_bytes_min = m.local_free_bytes_min;
+    config
+}
+
 impl Node {
     /// Opens storage, starts services and binds every listener.
     pub async fn start(opts: NodeOptions) -> Result<Node> {
+        check_options(&opts)?;
         std::fs::create_dir_all(&opts.data_dir)
             .with_context(|| format!("creating data dir {}", opts.data_dir.display()))?;
         let mut replication = opts.replication.clone();
@@ -419,13 +460,7 @@ impl Node {
             bound.media = Some(addr);
             let secret = opts.cluster.as_ref().map(|c| c.secret.expose());
             let key = crate::media::url_key(&opts.data_dir, secret).map_err(anyhow::Error::msg)?;
-            let public_url = m
-                .public_url
-                .clone()
-                .unwrap_or_else(|| format!("http://{addr}"));
-            let mut config = crate::media::MediaConfig::new(public_url, m.store.clone(), key);
-            config.blob_bytes_max = m.blob_bytes_max;
-            config.local_free_bytes_min = m.local_free_bytes_min;
+            let config = media_config(m, addr, key);
             let media = crate::media::Media::new(config, crate::media::wall_clock())
                 .map_err(|e| anyhow::anyhow!("media: {e}"))?;
             let _ = server.media.set(media.clone());

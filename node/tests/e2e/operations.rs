@@ -123,6 +123,74 @@ async fn run_mode_refuses_an_incomplete_configuration() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--sms-gateway-url"));
 }
 
+/// `run --check-config` checks what a start checks before it opens data or binds (here: the
+/// TLS certificate and the cluster secret), exits 0 on a good file without creating the data
+/// dir, and refuses keys that are no option.
+#[test]
+fn run_check_config_checks_without_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let secret = dir.path().join("cluster-secret");
+    std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let tls = ringpost_node::transport::tls::dev_certificate(&dir.path().join("tls"), &[]).unwrap();
+    let config = dir.path().join("node.toml");
+    let write = |extra: &str, cert: &std::path::Path| {
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {:?}\nlisten_wss = \"127.0.0.1:1\"\nlisten_quic = \"127.0.0.1:1\"\n\
+                 tls_cert = {:?}\ntls_key = {:?}\ncodes_to_log = true\nnode_id = 3\n\
+                 coordinator = \"127.0.0.1:1,127.0.0.1:2,127.0.0.1:3\"\n\
+                 cluster_secret_file = {:?}\n{extra}",
+                data.to_str().unwrap(),
+                cert.to_str().unwrap(),
+                tls.key.to_str().unwrap(),
+                secret.to_str().unwrap(),
+            ),
+        )
+        .unwrap();
+    };
+    let check = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ringpost-node"))
+            .args(["run", "--check-config", "--config"])
+            .arg(&config)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap()
+    };
+
+    write("", &tls.cert);
+    let out = check();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("configuration ok"), "{stdout}");
+    assert!(!data.exists(), "the check opened no data");
+
+    write("", &dir.path().join("missing.pem"));
+    let out = check();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing.pem"), "{err}");
+
+    write("listen_wsss = \"127.0.0.1:1\"\n", &tls.cert);
+    let out = check();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown option(s) listen_wsss"), "{err}");
+
+    std::fs::write(&secret, "short").unwrap();
+    write("", &tls.cert);
+    let out = check();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cluster secret"), "{err}");
+    assert!(!data.exists());
+}
+
 #[tokio::test]
 async fn silent_connections_are_reaped_and_pinging_ones_kept() {
     let node = TestNode::start_with(&["--idle-timeout-ms", "1500", "--ping-interval-ms", "500"]);
