@@ -194,7 +194,7 @@ if command -v systemd-analyze >/dev/null; then
         verify "$work/ec2-node" ringpost-node.service ringpost-notrack.service
         make_root "$work/ec2-coordinator"
         verify "$work/ec2-coordinator" ringpost-coordinator.service
-        ok "systemd-analyze verify and security: the EC2 units as the user-data writes them (node with its 10-ec2.conf drop-in)"
+        ok "systemd-analyze verify and security: the EC2 units as the user-data writes them (node with its 10-ec2.conf and 20-io-uring.conf drop-ins)"
     fi
 else
     skip "systemd-analyze verify (systemd-analyze not installed: apt-get install systemd)"

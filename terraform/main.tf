@@ -60,6 +60,7 @@ module "config" {
   media_public_url = var.media_public_url
   media_s3_bucket  = var.media_bucket ? local.media_bucket_name : ""
   media_s3_region  = var.region
+  ws_driver        = var.ws_driver
 }
 
 module "node_user_data" {
@@ -79,6 +80,7 @@ module "node_user_data" {
   )
   env_secrets    = var.ssm_parameters.sms_gateway_token != "" ? { RINGPOST_SMS_GATEWAY_TOKEN = var.ssm_parameters.sms_gateway_token } : {}
   advertise_host = var.advertise_host
+  allow_io_uring = var.ws_driver == "uring"
 }
 
 module "coordinator_user_data" {

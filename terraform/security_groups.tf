@@ -1,6 +1,7 @@
 # Exactly the rules of modules/topology (tested there): client ports from client_cidrs, the
 # peer port between nodes, Raft between coordinators, the coordinators' client port from
-# nodes and admin_cidrs, the admin port from admin_cidrs and the load balancer's subnets.
+# nodes and admin_cidrs, the nodes' admin port from admin_cidrs and the load balancer's
+# subnets, the coordinators' admin port from admin_cidrs.
 
 resource "aws_security_group" "node" {
   name        = module.topology.names.node_sg

@@ -111,7 +111,7 @@ variable "coordinator_binary" {
 }
 
 variable "ports" {
-  description = "Listener ports; see modules/topology. Defaults: wss and QUIC on 443, admin 7780, peer 7790, raft 7400, coordinator clients 7401, no plain ws, no media."
+  description = "Listener ports; see modules/topology. Defaults: wss and QUIC on 443, admin 7780, peer 7790, raft 7400, coordinator clients 7401, coordinator_admin (the coordinators' metrics) 7402, no plain ws, no media."
   type        = any
   default     = {}
 }
@@ -123,8 +123,14 @@ variable "client_cidrs" {
 }
 
 variable "admin_cidrs" {
-  description = "Who may reach the admin port (metrics, health) and the coordinators' client port (init, ctl): monitoring and the operators' bastion."
+  description = "Who may reach the nodes' and coordinators' admin ports (metrics, health) and the coordinators' client port (init, ctl): monitoring and the operators' bastion."
   type        = list(string)
+}
+
+variable "ws_driver" {
+  description = "What drives the nodes' plain ws listener (needs ports.ws): tokio, or uring (io_uring, experimental; a drop-in lets the unit make its system calls; where the kernel still refuses it the node logs why and uses tokio). See modules/config."
+  type        = string
+  default     = "tokio"
 }
 
 variable "shard_count" {

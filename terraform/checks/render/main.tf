@@ -34,6 +34,7 @@ module "config" {
   media_public_url = "https://media.chat.example:8443"
   media_s3_bucket  = "rp-check-media-123456789012"
   media_s3_region  = "eu-west-1"
+  ws_driver        = "uring" # so that --check-config and systemd-analyze see it and its drop-in
 }
 
 module "node_user_data" {
@@ -51,6 +52,7 @@ module "node_user_data" {
   }
   env_secrets    = { RINGPOST_SMS_GATEWAY_TOKEN = "/rp-check/sms-gateway-token" }
   advertise_host = "n-{public_ipv4_dashed}.nodes.chat.example"
+  allow_io_uring = true
 }
 
 module "coordinator_user_data" {

@@ -23,6 +23,7 @@ locals {
       cluster_secret_file = jsonencode("${var.config_dir}/cluster-secret")
       shard_count         = tostring(var.shard_count)
       replicate           = tostring(var.replicate)
+      ws_driver           = jsonencode(var.ws_driver)
     },
     local.p.ws > 0 ? { listen_ws = jsonencode("0.0.0.0:${local.p.ws}") } : {},
     local.p.wss > 0 ? { listen_wss = jsonencode("0.0.0.0:${local.p.wss}") } : {},
@@ -64,6 +65,7 @@ locals {
             secret_file   = jsonencode("${var.config_dir}/cluster-secret")
             raft_listen   = jsonencode("${c.private_ip}:${local.p.raft}")
             client_listen = jsonencode("${c.private_ip}:${local.p.coordinator_client}")
+            admin_listen  = jsonencode("${c.private_ip}:${local.p.coordinator_admin}")
             log_format    = jsonencode(var.log_format)
           },
           { for k, v in var.coordinator_extra : k => jsonencode(v) },

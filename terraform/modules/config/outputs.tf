@@ -9,6 +9,10 @@ output "node_toml" {
     condition     = var.ports.media == 0 || var.media_public_url != ""
     error_message = "a media listener behind the load balancer needs media_public_url (else grants point at the node's private address)."
   }
+  precondition {
+    condition     = var.ws_driver == "tokio" || var.ports.ws > 0
+    error_message = "ws_driver = \"uring\" drives the plain ws listener only: it needs ports.ws."
+  }
 }
 
 output "coordinator_tomls" {

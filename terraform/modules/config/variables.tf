@@ -10,8 +10,14 @@ variable "ports" {
     peer               = optional(number, 7790)
     raft               = optional(number, 7400)
     coordinator_client = optional(number, 7401)
+    coordinator_admin  = optional(number, 7402)
   })
   default = {}
+  validation {
+    # coord.toml's admin_listen (metrics, /healthz): a real port, not one of the replica's others.
+    condition     = var.ports.coordinator_admin >= 1 && var.ports.coordinator_admin <= 65535 && floor(var.ports.coordinator_admin) == var.ports.coordinator_admin && !contains([var.ports.raft, var.ports.coordinator_client], var.ports.coordinator_admin)
+    error_message = "ports.coordinator_admin must be a port from 1 to 65535, other than raft and coordinator_client."
+  }
 }
 
 variable "coordinators" {
@@ -96,6 +102,16 @@ variable "media_s3_region" {
   description = "The media bucket's region."
   type        = string
   default     = ""
+}
+
+variable "ws_driver" {
+  description = "What drives the nodes' plain ws listener (ports.ws): tokio, or uring (io_uring, Linux 6.0+, experimental; where the kernel refuses it the node logs why and uses tokio). wss and QUIC always use tokio."
+  type        = string
+  default     = "tokio"
+  validation {
+    condition     = contains(["tokio", "uring"], var.ws_driver)
+    error_message = "ws_driver must be tokio or uring."
+  }
 }
 
 variable "log_format" {

@@ -69,6 +69,8 @@ locals {
     "raft-tcp-${local.p.raft}"                       = { protocol = "tcp", port = local.p.raft, cidrs = [], source_group = "coordinator", description = "Raft between coordinator replicas" }
     "client-tcp-${local.p.coordinator_client}"       = { protocol = "tcp", port = local.p.coordinator_client, cidrs = [], source_group = "node", description = "nodes: join, heartbeat, watch" }
     "admin-client-tcp-${local.p.coordinator_client}" = { protocol = "tcp", port = local.p.coordinator_client, cidrs = var.admin_cidrs, source_group = "", description = "operators: ringpost-coordinator init and ctl" }
+    # Like the nodes' admin port: admin_cidrs only (no load balancer checks coordinators).
+    "admin-tcp-${local.p.coordinator_admin}" = { protocol = "tcp", port = local.p.coordinator_admin, cidrs = var.admin_cidrs, source_group = "", description = "metrics and health from the operators' hosts" }
   }
   # Nodes: all egress (clients' replies on untracked flows, S3, push providers, the SMS
   # gateway, peer links, coordinators, the binary download). Coordinators: each other, and

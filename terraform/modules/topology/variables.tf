@@ -108,7 +108,7 @@ variable "shard_count" {
 }
 
 variable "ports" {
-  description = "Ports. Client listeners (ws, wss, quic, media; 0 turns one off) are opened to client_cidrs; wss and quic may share a number (TCP and UDP). admin (metrics, /readyz) and the coordinators' client port are opened to admin_cidrs; peer (UDP) between nodes only; raft between coordinators only. media_public is the load balancer's TLS port in front of the media listener."
+  description = "Ports. Client listeners (ws, wss, quic, media; 0 turns one off) are opened to client_cidrs; wss and quic may share a number (TCP and UDP). The nodes' admin port (metrics, /readyz), the coordinators' admin port (coordinator_admin: metrics, /healthz) and the coordinators' client port are opened to admin_cidrs; peer (UDP) between nodes only; raft between coordinators only. media_public is the load balancer's TLS port in front of the media listener."
   type = object({
     ws                 = optional(number, 0)
     wss                = optional(number, 443)
@@ -119,6 +119,7 @@ variable "ports" {
     peer               = optional(number, 7790)
     raft               = optional(number, 7400)
     coordinator_client = optional(number, 7401)
+    coordinator_admin  = optional(number, 7402)
   })
   default = {}
   validation {
@@ -126,8 +127,8 @@ variable "ports" {
     error_message = "every port must be a whole number from 0 to 65535."
   }
   validation {
-    condition     = alltrue([for p in [var.ports.admin, var.ports.peer, var.ports.raft, var.ports.coordinator_client, var.ports.media_public] : p > 0])
-    error_message = "admin, peer, raft, coordinator_client and media_public ports cannot be 0."
+    condition     = alltrue([for p in [var.ports.admin, var.ports.peer, var.ports.raft, var.ports.coordinator_client, var.ports.coordinator_admin, var.ports.media_public] : p > 0])
+    error_message = "admin, peer, raft, coordinator_client, coordinator_admin and media_public ports cannot be 0."
   }
   validation {
     condition     = var.ports.ws + var.ports.wss + var.ports.quic > 0
@@ -139,9 +140,9 @@ variable "ports" {
       length(compact([for p in [var.ports.ws, var.ports.wss, var.ports.media, var.ports.admin] : p > 0 ? tostring(p) : ""])) ==
       length(distinct(compact([for p in [var.ports.ws, var.ports.wss, var.ports.media, var.ports.admin] : p > 0 ? tostring(p) : ""])))
       && var.ports.quic != var.ports.peer
-      && var.ports.raft != var.ports.coordinator_client
+      && length(distinct([var.ports.raft, var.ports.coordinator_client, var.ports.coordinator_admin])) == 3
     )
-    error_message = "ports collide: ws, wss, media and admin (TCP) must differ, quic and peer (UDP) must differ, raft and coordinator_client must differ."
+    error_message = "ports collide: ws, wss, media and admin (TCP) must differ, quic and peer (UDP) must differ, raft, coordinator_client and coordinator_admin must differ."
   }
   validation {
     condition     = !contains([var.ports.ws, var.ports.wss], var.ports.media_public) || var.ports.media == 0
@@ -160,7 +161,7 @@ variable "client_cidrs" {
 }
 
 variable "admin_cidrs" {
-  description = "Who may reach the nodes' admin port (metrics, health) and the coordinators' client port (ctl, init): the monitoring hosts and operators' bastion. Never the internet."
+  description = "Who may reach the nodes' and the coordinators' admin ports (metrics, health) and the coordinators' client port (ctl, init): the monitoring hosts and operators' bastion. Never the internet."
   type        = list(string)
   validation {
     condition     = alltrue([for c in var.admin_cidrs : can(cidrhost(c, 0))])

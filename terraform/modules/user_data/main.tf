@@ -60,6 +60,9 @@ locals {
       { path = "/etc/systemd/system/ringpost-node.service.d/10-ec2.conf", content = file("${path.module}/templates/10-ec2.conf"), permissions = "0644" },
       { path = "/usr/local/lib/ringpost/instance-env.sh", content = local.instance_env, permissions = "0755" },
     ] : [],
+    local.node && var.allow_io_uring ? [
+      { path = "/etc/systemd/system/ringpost-node.service.d/20-io-uring.conf", content = file("${path.module}/templates/20-io-uring.conf"), permissions = "0644" },
+    ] : [],
   )
 
   cloud_config_body = yamlencode({

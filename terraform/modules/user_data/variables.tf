@@ -71,8 +71,15 @@ variable "ports" {
     peer               = optional(number, 7790)
     raft               = optional(number, 7400)
     coordinator_client = optional(number, 7401)
+    coordinator_admin  = optional(number, 7402)
   })
   default = {}
+}
+
+variable "allow_io_uring" {
+  description = "Node only: a drop-in adds io_uring's system calls to the unit's filter, which @system-service leaves out. Set it with the config module's ws_driver = \"uring\", which otherwise falls back to tokio."
+  type        = bool
+  default     = false
 }
 
 variable "advertise_host" {

@@ -27,6 +27,7 @@ run "node_toml_for_wss_and_quic" {
       sms_gateway_url = "https://sms.internal.example/v1/send"
       tls_cert = "/etc/ringpost/tls/fullchain.pem"
       tls_key = "/etc/ringpost/tls/privkey.pem"
+      ws_driver = "tokio"
       EOT
     error_message = "node.toml:\n${output.node_toml}"
   }
@@ -41,6 +42,7 @@ run "coord_toml_per_replica" {
   assert {
     condition     = output.coordinator_tomls[1] == <<-EOT
       # Rendered by terraform/modules/config; edit the Terraform variables, not this file.
+      admin_listen = "10.0.2.10:7402"
       client_listen = "10.0.2.10:7401"
       data_dir = "/var/lib/ringpost-coordinator"
       log_format = "json"
@@ -50,6 +52,62 @@ run "coord_toml_per_replica" {
       EOT
     error_message = "coord.toml of replica 2:\n${output.coordinator_tomls[1]}"
   }
+}
+
+run "coord_toml_admin_listen_follows_the_port" {
+  command = plan
+  variables {
+    ports = { coordinator_admin = 9402 }
+  }
+  assert {
+    condition     = alltrue([for i, t in output.coordinator_tomls : strcontains(t, "admin_listen = \"10.0.${i + 1}.10:9402\"\n")])
+    error_message = "each replica's admin listener on its own private address:\n${join("\n", output.coordinator_tomls)}"
+  }
+}
+
+run "coordinator_admin_port_on_the_raft_port_is_refused" {
+  command = plan
+  variables {
+    ports = { coordinator_admin = 7400 }
+  }
+  expect_failures = [var.ports]
+}
+
+run "coordinator_admin_port_out_of_range_is_refused" {
+  command = plan
+  variables {
+    ports = { coordinator_admin = 70000 }
+  }
+  expect_failures = [var.ports]
+}
+
+run "ws_driver_uring_for_the_ws_listener" {
+  command = plan
+  variables {
+    ports     = { ws = 80 }
+    ws_driver = "uring"
+  }
+  assert {
+    condition     = strcontains(output.node_toml, "ws_driver = \"uring\"\n") && strcontains(output.node_toml, "listen_ws = \"0.0.0.0:80\"\n")
+    error_message = "node.toml:\n${output.node_toml}"
+  }
+}
+
+run "a_bad_ws_driver_is_refused" {
+  command = plan
+  variables {
+    ports     = { ws = 80 }
+    ws_driver = "epoll"
+  }
+  expect_failures = [var.ws_driver]
+}
+
+run "ws_driver_uring_without_a_ws_listener_is_refused" {
+  command = plan
+  variables {
+    ws_driver = "uring"
+  }
+  expect_failures = [output.node_toml]
 }
 
 run "ws_only_test_cluster_with_media_in_s3" {

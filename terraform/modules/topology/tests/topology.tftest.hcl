@@ -121,8 +121,36 @@ run "security_groups_open_each_port_to_its_sources_only" {
     error_message = "the coordinators' client port from nodes and admins"
   }
   assert {
-    condition     = length(output.coordinator_ingress) == 3
-    error_message = "nothing else is open on the coordinators"
+    condition     = jsonencode(output.coordinator_ingress["admin-tcp-7402"].cidrs) == jsonencode(["10.0.200.0/24"]) && output.coordinator_ingress["admin-tcp-7402"].source_group == ""
+    error_message = "the coordinators' admin port (metrics) only from admin_cidrs, as the nodes' is"
+  }
+  assert {
+    condition     = jsonencode(output.coordinator_ingress["admin-tcp-7402"].cidrs) == jsonencode(output.node_ingress["admin-tcp-7780"].cidrs)
+    error_message = "coordinators' and nodes' admin ports have the same sources"
+  }
+  assert {
+    condition     = length(output.coordinator_ingress) == 4
+    error_message = "nothing else is open on the coordinators: ${jsonencode(keys(output.coordinator_ingress))}"
+  }
+}
+
+run "coordinator_admin_port_follows_ports" {
+  command = plan
+  variables {
+    ports       = { coordinator_admin = 9402 }
+    admin_cidrs = ["10.0.200.0/24", "10.9.0.0/16"]
+  }
+  assert {
+    condition     = output.ports.coordinator_admin == 9402 && !contains(keys(output.coordinator_ingress), "admin-tcp-7402")
+    error_message = "the rule moves with the port: ${jsonencode(keys(output.coordinator_ingress))}"
+  }
+  assert {
+    condition     = jsonencode(output.coordinator_ingress["admin-tcp-9402"].cidrs) == jsonencode(["10.0.200.0/24", "10.9.0.0/16"])
+    error_message = "every admin CIDR and nothing else"
+  }
+  assert {
+    condition     = jsonencode([for k, r in output.security_group_rules.coordinator_ingress : r.cidr if r.port == 9402]) == jsonencode(["10.0.200.0/24", "10.9.0.0/16"])
+    error_message = "one AWS rule per admin CIDR on 9402, none from a group"
   }
 }
 
@@ -224,6 +252,22 @@ run "colliding_ports_are_refused" {
   expect_failures = [var.ports]
 }
 
+run "coordinator_admin_port_colliding_with_raft_is_refused" {
+  command = plan
+  variables {
+    ports = { coordinator_admin = 7400 }
+  }
+  expect_failures = [var.ports]
+}
+
+run "coordinator_admin_port_zero_is_refused" {
+  command = plan
+  variables {
+    ports = { coordinator_admin = 0 }
+  }
+  expect_failures = [var.ports]
+}
+
 run "no_client_listener_is_refused" {
   command = plan
   variables {
@@ -254,11 +298,15 @@ run "security_group_rules_one_per_source" {
     error_message = "node rules: ${jsonencode(output.security_group_rules.node_ingress)}"
   }
   assert {
-    condition     = jsonencode(keys(output.security_group_rules.coordinator_ingress)) == jsonencode(["admin-client-tcp-7401-10.0.200.0/24", "client-tcp-7401", "raft-tcp-7400"])
+    condition     = jsonencode(keys(output.security_group_rules.coordinator_ingress)) == jsonencode(["admin-client-tcp-7401-10.0.200.0/24", "admin-tcp-7402-10.0.200.0/24", "client-tcp-7401", "raft-tcp-7400"])
     error_message = "coordinator rules: ${jsonencode(keys(output.security_group_rules.coordinator_ingress))}"
   }
   assert {
     condition     = output.security_group_rules.coordinator_ingress["raft-tcp-7400"].source_group == "coordinator" && output.security_group_rules.coordinator_egress["https-tcp-443-0.0.0.0/0"].cidr == "0.0.0.0/0"
     error_message = "raft from coordinators; HTTPS out"
+  }
+  assert {
+    condition     = output.security_group_rules.coordinator_ingress["admin-tcp-7402-10.0.200.0/24"].cidr == "10.0.200.0/24" && output.security_group_rules.coordinator_ingress["admin-tcp-7402-10.0.200.0/24"].source_group == null && output.security_group_rules.coordinator_ingress["admin-tcp-7402-10.0.200.0/24"].port == 7402
+    error_message = "the coordinators' admin port from admin_cidrs only"
   }
 }

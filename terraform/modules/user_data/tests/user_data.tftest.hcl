@@ -41,6 +41,21 @@ run "node_carries_the_deploy_files_unchanged" {
     condition     = strcontains(output.notrack_rules, "define RINGPOST_TCP_PORTS = { 443 }\n") && strcontains(output.notrack_rules, "define RINGPOST_UDP_PORTS = { 443 }\n")
     error_message = "the nft file names this deployment's client ports:\n${output.notrack_rules}"
   }
+  assert {
+    condition     = !contains(keys(output.files), "/etc/systemd/system/ringpost-node.service.d/20-io-uring.conf")
+    error_message = "no io_uring drop-in by default: the unit's filter stays as deploy/ has it"
+  }
+}
+
+run "io_uring_drop_in_only_when_asked" {
+  command = plan
+  variables {
+    allow_io_uring = true
+  }
+  assert {
+    condition     = strcontains(output.files["/etc/systemd/system/ringpost-node.service.d/20-io-uring.conf"], "\nSystemCallFilter=io_uring_setup io_uring_enter io_uring_register\n")
+    error_message = "the drop-in adds io_uring's calls to the filter"
+  }
 }
 
 run "install_checks_the_binary_and_reads_secrets_from_ssm" {
@@ -112,6 +127,7 @@ run "coordinator_mounts_its_volume_and_has_no_node_files" {
     config_toml    = "replica_id = 1\n"
     file_secrets   = { "/etc/ringpost/cluster-secret" = "/ringpost/cluster-secret" }
     data_volume_id = "vol-0abc123"
+    allow_io_uring = true
   }
   assert {
     condition     = output.files["/etc/systemd/system/ringpost-coordinator.service"] == file("../../../deploy/ringpost-coordinator.service")
