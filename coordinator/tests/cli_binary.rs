@@ -415,6 +415,8 @@ fn admin_port_serves_raft_and_membership_metrics() {
             "applied {applied} <= committed {committed} <= last {last}: {body}"
         );
     }
+}
+
 /// `run --check-config` loads the file and checks it as a start would, then exits without
 /// binding or creating the data directory; a bad value or a missing secret is an error.
 #[test]
