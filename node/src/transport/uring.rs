@@ -690,7 +690,18 @@ impl DriverThread {
                 if !current(&self.wires, index, generation) {
                     return Ok(false);
                 }
-                self.wires[index as usize].closing = true;
+                let wire = &mut self.wires[index as usize];
+                wire.closing = true;
+                if wire.sending.is_some() {
+                    // A send still in flight when the stream is dropped is one its peer does
+                    // not take (a finished write is always awaited): cancel it, and close once
+                    // its completion is in.
+                    wire.ops += 1;
+                    let cancel = opcode::AsyncCancel::new(user_data(OP_SEND, index, generation))
+                        .build()
+                        .user_data(user_data(OP_CANCEL, index, generation));
+                    self.push(cancel)?;
+                }
                 self.maybe_close(index)?;
             }
         }
@@ -883,8 +894,8 @@ impl DriverThread {
         }
     }
 
-    /// Closes a connection whose stream was dropped once its send is done: the receive is
-    /// cancelled, then the descriptor closed.
+    /// Closes a connection whose stream was dropped once its send is done or cancelled: the
+    /// receive is cancelled, then the descriptor closed.
     fn maybe_close(&mut self, index: u32) -> io::Result<()> {
         let wire = &mut self.wires[index as usize];
         if wire.sending.is_some() {
@@ -997,6 +1008,46 @@ mod tests {
         assert_eq!(read_some(&mut server, &mut buf).await, 0);
         server.shutdown();
         assert_eq!(writer.await.unwrap(), 0);
+    }
+
+    /// A peer that never reads cannot keep a dropped stream's descriptor and slot: its stuck
+    /// send is cancelled and the connection closed.
+    #[tokio::test]
+    async fn dropping_a_stream_whose_peer_does_not_read_closes_it() {
+        let (driver, mut rx) = driver().await;
+        let mut client = tokio::net::TcpStream::connect(driver.local_addr())
+            .await
+            .unwrap();
+        let (mut server, _) = rx.recv().await.unwrap().unwrap();
+        let index = server.index;
+        // More than loopback's socket buffers hold: the send cannot finish.
+        let stuck = tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            server.send(Bytes::from(vec![7u8; 64 << 20])),
+        )
+        .await;
+        assert!(
+            stuck.is_err(),
+            "a 64 MiB send to a peer that does not read finished"
+        );
+        drop(server);
+        // Without reading anything: the slot is freed (the next connection takes it), so the
+        // send was cancelled and the descriptor closed.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let _next = tokio::net::TcpStream::connect(driver.local_addr())
+            .await
+            .unwrap();
+        let (s, _) = rx.recv().await.unwrap().unwrap();
+        // The client then sees its connection end (after what was sent, or reset).
+        let mut sink = Vec::new();
+        let ended = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            client.read_to_end(&mut sink),
+        )
+        .await;
+        assert!(ended.is_ok(), "the connection was not closed");
+        assert_eq!(s.index, index);
+        driver.stop();
     }
 
     #[tokio::test]
