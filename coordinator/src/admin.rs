@@ -61,22 +61,10 @@ pub(crate) async fn serve_admin(
 }
 
 async fn handle(mut stream: TcpStream, probe: MetricsProbe) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
-        if head.len() > ADMIN_HEAD_BYTES_MAX {
-            return respond(&mut stream, 431, "text/plain", "request head too large\n").await;
-        }
-    }
-    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split(' ');
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let Some((method, target)) = read_request_line(&mut stream).await? else {
+        return Ok(());
+    };
+    let (method, target) = (method.as_str(), target.as_str());
     let path = target.split_once('?').map_or(target, |(p, _)| p);
     match (method, path) {
         ("GET", "/metrics") => {
@@ -101,7 +89,35 @@ async fn handle(mut stream: TcpStream, probe: MetricsProbe) -> std::io::Result<(
     }
 }
 
-async fn respond(
+/// Reads a request head of at most [`ADMIN_HEAD_BYTES_MAX`] bytes and returns its method and
+/// target; `None` when the peer closed first or the head was too large (answered 431). Shared
+/// with the node's admin port.
+pub async fn read_request_line(
+    stream: &mut TcpStream,
+) -> std::io::Result<Option<(String, String)>> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        head.extend_from_slice(&buf[..n]);
+        if head.len() > ADMIN_HEAD_BYTES_MAX {
+            respond(stream, 431, "text/plain", "request head too large\n").await?;
+            return Ok(None);
+        }
+    }
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split(' ');
+    let method = parts.next().unwrap_or("").to_owned();
+    let target = parts.next().unwrap_or("").to_owned();
+    Ok(Some((method, target)))
+}
+
+/// Writes one whole answer and closes the sending side. Shared with the node's admin port.
+pub async fn respond(
     stream: &mut TcpStream,
     status: u16,
     content_type: &str,
@@ -109,9 +125,11 @@ async fn respond(
 ) -> std::io::Result<()> {
     let reason = match status {
         200 => "OK",
+        400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
         431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
         _ => "Error",
     };
     let head = format!(

@@ -20,7 +20,7 @@
 
 #![forbid(unsafe_code)]
 
-mod admin;
+pub mod admin;
 mod api;
 mod auth;
 mod channel;

@@ -11,8 +11,8 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ringpost_coordinator::admin::{read_request_line, respond};
 use ringpost_coordinator::NodeId;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
 
@@ -20,7 +20,7 @@ use crate::ring::Ring;
 use crate::server::Server;
 
 /// Largest request head the admin port reads.
-pub const ADMIN_HEAD_BYTES_MAX: usize = 4096;
+pub use ringpost_coordinator::admin::ADMIN_HEAD_BYTES_MAX;
 /// Time a client has to send its request.
 pub const ADMIN_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Admin connections served at once; more wait in the kernel's accept queue.
@@ -50,22 +50,10 @@ pub async fn serve(listener: TcpListener, server: Arc<Server>) {
 }
 
 async fn handle(mut stream: TcpStream, server: Arc<Server>) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
-        if head.len() > ADMIN_HEAD_BYTES_MAX {
-            return respond(&mut stream, 431, "text/plain", "request head too large\n").await;
-        }
-    }
-    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split(' ');
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let Some((method, target)) = read_request_line(&mut stream).await? else {
+        return Ok(());
+    };
+    let (method, target) = (method.as_str(), target.as_str());
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     match (method, path) {
         ("GET", "/metrics") => {
@@ -214,30 +202,6 @@ fn placement(ring: &Ring, me: NodeId, query: &str) -> Result<String, String> {
         );
     }
     Ok(out)
-}
-
-async fn respond(
-    stream: &mut TcpStream,
-    status: u16,
-    content_type: &str,
-    body: &str,
-) -> std::io::Result<()> {
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        _ => "Error",
-    };
-    let head = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
 }
 
 #[cfg(test)]
