@@ -26,6 +26,8 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use tracing::warn;
 
 /// Connections per slab chunk; chunks are allocated as the node needs them and never move.
+/// Memory: a chunk is this many slots of about 100 bytes (about 100 KiB), and the driver's
+/// own record of a connection is about 64 bytes more.
 pub const SLOTS_PER_CHUNK: usize = 1024;
 /// Chunks at most: 4,194,304 connections per listener.
 pub const CHUNKS_MAX: usize = 4096;
@@ -38,7 +40,8 @@ pub const RECV_BUF_BYTES: usize = 4096;
 /// receiving for it (the kernel's socket buffer and TCP's window then hold the sender back).
 /// At least one maximal frame (128 KiB) and its header must fit.
 pub const INBOUND_PAUSE_BYTES: usize = 192 * 1024;
-/// Submission queue entries (the completion queue is four times as large).
+/// Submission queue entries (the completion queue is four times as large). Memory: 64 bytes a
+/// submission entry and 16 a completion entry, 512 KiB per listener.
 pub const RING_ENTRIES: u32 = 4096;
 /// The buffer group id of the receive buffers.
 const BUF_GROUP: u16 = 0;
@@ -968,6 +971,15 @@ mod tests {
         let (driver, rx) = Driver::start(listener).unwrap();
         driver.start_accepting();
         (driver, rx)
+    }
+
+    /// What the constants' documentation says a connection costs the driver: a slot of at
+    /// most 128 bytes in the slab, a record of at most 64 on the driver's thread.
+    #[test]
+    fn a_connection_costs_the_driver_a_small_fixed_record() {
+        let (slot, wire) = (std::mem::size_of::<Slot>(), std::mem::size_of::<Wire>());
+        assert!(slot <= 128, "a slot is {slot} bytes");
+        assert!(wire <= 64, "a driver record is {wire} bytes");
     }
 
     #[tokio::test]
