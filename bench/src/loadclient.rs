@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use ringpost_client::{Endpoint, Scheme};
 use ringpost_wire::{
     Auth, Body, DeliverAck, DeliverKind, DeviceCiphertext, ErrorCode, Frame, Hello, Ping, Redirect,
@@ -456,6 +456,19 @@ impl Conn {
             }
             return Ok(frame);
         }
+    }
+
+    /// The plain-TCP socket under a `ws://` connection, out of tokio's reactor (non-blocking),
+    /// with the bytes read and not decoded yet: a connection held this way costs its file
+    /// descriptor and nothing else in this process. `None` for wss and QUIC, or with frames
+    /// queued and not written.
+    pub fn into_std_tcp(self) -> Option<(std::net::TcpStream, BytesMut)> {
+        let (FrameReader::Ws(r), FrameWriter::Ws(w)) = (self.reader, self.writer) else {
+            return None;
+        };
+        let (r, leftover) = r.into_parts();
+        let tcp = r.reunite(w.into_inner()?).ok()?;
+        Some((tcp.into_std().ok()?, leftover))
     }
 
     /// Closes the connection abruptly: a TCP reset (`SO_LINGER` 0) or a QUIC close.

@@ -21,6 +21,7 @@ mod accounts;
 mod chart;
 mod compare;
 mod loadclient;
+mod million;
 mod node;
 mod report;
 mod run;
@@ -84,6 +85,10 @@ enum Command {
         #[command(flatten)]
         args: scenario::storm::Args,
     },
+    /// A cluster on this host (one coordinator, many nodes) holding a million idle
+    /// authenticated ws connections from worker processes on many source addresses; memory,
+    /// keepalive CPU, a ping check and messages between random pairs at the end.
+    Million(million::Args),
     /// Run idle and chat against Ringpost, mosquitto and nats-server side by side.
     Compare(compare::Args),
     /// Register devices into the --accounts file until it holds --count of them, and exit
@@ -146,6 +151,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Group { common, args } => scenario::group::run(&common, &args).await.map(drop),
         Command::Compare(args) => compare::run(&args).await,
+        Command::Million(args) => million::run(&args).await,
         Command::Register { common, count } => {
             if common.accounts.is_none() {
                 anyhow::bail!("register needs --accounts FILE to write to");

@@ -18,6 +18,7 @@ pub mod chat;
 pub mod drain;
 pub mod group;
 pub mod idle;
+pub mod million;
 pub mod storm;
 
 use std::collections::BTreeMap;
@@ -65,6 +66,7 @@ pub enum Spec {
     Chat(chat::Spec),
     OfflineDrain(drain::Spec),
     ReconnectStorm(storm::Spec),
+    Million(million::Spec),
 }
 
 /// Runs this worker's part of its scenario; the returned value is its final report.
@@ -74,6 +76,7 @@ pub async fn worker(ctx: &mut WorkerCtx) -> Result<Value> {
         Spec::Chat(s) => chat::worker(ctx, s).await,
         Spec::OfflineDrain(s) => drain::worker(ctx, s).await,
         Spec::ReconnectStorm(s) => storm::worker(ctx, s).await,
+        Spec::Million(s) => million::worker(ctx, s).await,
     }
 }
 

@@ -214,3 +214,65 @@ fn group_reaches_every_member() {
     assert_eq!(v["lost"], 0);
     assert!(v["machine"].get("loadavg_1m_before_run").is_some());
 }
+
+/// `million` at a small scale: a real coordinator and two real nodes (`ringpost-node run`,
+/// io_uring driver; a kernel that refuses io_uring gets tokio, and the node logs why) on
+/// loopback ports the kernel picks, one worker process. Every connection is held, answers
+/// the final ping, and every message between random pairs is delivered once.
+#[test]
+fn million_holds_and_checks_every_connection_on_a_local_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node_bin();
+    let coordinator = node.with_file_name("ringpost-coordinator");
+    assert!(
+        coordinator.is_file(),
+        "{} not found: `cargo build --workspace --bins` builds it",
+        coordinator.display()
+    );
+    let json = dir.path().join("million.json");
+    let cluster = dir.path().join("cluster");
+    let out = Command::new(env!("CARGO_BIN_EXE_ringpost-bench"))
+        .arg("million")
+        .arg("--dir")
+        .arg(&cluster)
+        .arg("--node-bin")
+        .arg(&node)
+        .arg("--coordinator-bin")
+        .arg(&coordinator)
+        .args(["--connections", "300", "--nodes", "2", "--settle", "0.5"])
+        .args(["--hold", "1", "--messages", "100", "--answer-timeout", "30"])
+        .arg("--quiet")
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("run ringpost-bench million");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "million failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    let v: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_keys(
+        &v,
+        &[
+            "server_rss_kib_per_conn_slope",
+            "generator_rss_kib_per_conn_slope",
+            "kernel_kib_per_conn_slope",
+            "connect_latency_ms",
+            "snapshots",
+        ],
+    );
+    assert_eq!(v["connections"], 300, "{stdout}");
+    assert_eq!(v["errors"], 0, "{stdout}");
+    assert_eq!(
+        v["server_connections"], 300.0,
+        "the nodes count them: {stdout}"
+    );
+    assert_eq!(v["ping_check_asked"], 300, "{stdout}");
+    assert_eq!(v["ping_check_answered"], 300, "{stdout}");
+    assert_eq!(v["messages_sent"], 100, "{stdout}");
+    assert_eq!(v["messages_acked"], 100, "{stdout}");
+    assert_eq!(v["messages_delivered"], 100, "{stdout}");
+    assert_eq!(v["messages_duplicates"], 0, "{stdout}");
+}

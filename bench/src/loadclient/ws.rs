@@ -66,6 +66,11 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
         }
     }
 
+    /// The stream and the bytes read from it but not decoded yet.
+    pub fn into_parts(self) -> (R, BytesMut) {
+        (self.io, self.buf)
+    }
+
     /// The next frame already read, without waiting. `Ok(None)`: none is complete yet.
     pub fn buffered(&mut self) -> Result<Option<Bytes>> {
         loop {
@@ -156,6 +161,11 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
         self.mask_state = x;
         let v = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
         ((v >> 32) as u32).to_ne_bytes()
+    }
+
+    /// The stream; `None` while frames are queued and not written.
+    pub fn into_inner(self) -> Option<W> {
+        self.out.is_empty().then_some(self.io)
     }
 
     /// Queues one encoded frame as a binary message.

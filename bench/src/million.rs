@@ -1,0 +1,823 @@
+//! `ringpost-bench million`: a cluster on this one host holding N idle authenticated
+//! WebSocket connections (a million by default), the load generator included.
+//!
+//! A process may open 20,000 files here and the limit cannot be raised, so the run starts a
+//! real cluster on loopback: one coordinator and `--nodes` nodes (`ringpost-node run`), each
+//! owning a share of the ring, and spreads the devices over worker processes of ~16,000
+//! connections each, every worker on its own source address (127.0.0.2, .3, …). Each worker
+//! connects its devices with the lean client (following redirects to each user's node), then
+//! holds every connection as a bare descriptor on one thread (`scenario::million`).
+//!
+//! The run, in order: register the devices that the accounts file lacks (kept in `--dir`, so
+//! only the first run pays), connect half, measure, connect the rest, measure, hold for
+//! `--hold` seconds pinging at the interval the nodes advertise, measure (keepalive CPU per
+//! ping), check that every connection answers a `Ping`, and send `--messages` messages between
+//! random connected pairs, counting what arrives.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::loadclient::{ClientKind, Transport};
+use crate::report::{self, Report};
+use crate::run::{self, Common, Setup, CLOCK_TICKS_PER_S};
+use crate::scenario::{self, million as m};
+use crate::stats::{self, Percentiles};
+use crate::sysmem::{self, KernelMem, Machine};
+use crate::worker::{Fleet, DONE};
+
+/// Connections one worker process holds at most (its open-file limit is 20,000 here).
+pub const CONNECTIONS_PER_WORKER: usize = 16_000;
+
+/// How long a node has to say it is ready.
+const NODE_READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Where a cluster directory keeps its coordinator's loopback ports (client, Raft, admin),
+/// chosen free on the first run: a one-replica Raft group keeps its address.
+const COORDINATOR_PORTS_FILE: &str = "coordinator-ports";
+
+/// `million` options.
+#[derive(clap::Args, Debug, Clone, Serialize)]
+pub struct Args {
+    /// Directory for the cluster's data, logs and the accounts file; reused by the next run
+    /// with the same --nodes (registration is the slow part of a first run).
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// The node binary; by default `ringpost-node` beside this one.
+    #[arg(long, value_name = "BIN")]
+    pub node_bin: Option<PathBuf>,
+    /// The coordinator binary; by default `ringpost-coordinator` beside this one.
+    #[arg(long, value_name = "BIN")]
+    pub coordinator_bin: Option<PathBuf>,
+    /// Connections (devices) to open and hold.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub connections: usize,
+    /// Nodes to start; 0: connections ÷ --per-node, rounded up.
+    #[arg(long, default_value_t = 0)]
+    pub nodes: usize,
+    /// Average connections per node when --nodes is 0. Each node may open 20,000 files and the
+    /// ring's shares differ by ~10% (128 virtual nodes each), so the average stays well below.
+    #[arg(long, default_value_t = 14_000)]
+    pub per_node: usize,
+    /// The nodes' WebSocket driver.
+    #[arg(long, default_value = "uring")]
+    pub ws_driver: String,
+    /// The keepalive interval the nodes advertise (`--ping-interval-ms`); the nodes close a
+    /// connection silent for --idle-timeout-ms.
+    #[arg(long, default_value_t = 300_000)]
+    pub ping_interval_ms: u32,
+    #[arg(long, default_value_t = 900_000)]
+    pub idle_timeout_ms: u32,
+    /// Seconds to wait after connecting before measuring memory.
+    #[arg(long, default_value_t = 5.0)]
+    pub settle: f64,
+    /// Seconds to hold every connection, pinging, before the ping check (keepalive CPU is
+    /// measured over it).
+    #[arg(long, default_value_t = 120.0)]
+    pub hold: f64,
+    /// Messages sent between random pairs of connected devices at the end.
+    #[arg(long, default_value_t = 10_000)]
+    pub messages: usize,
+    /// Seconds the ping check and the messages wait for their answers.
+    #[arg(long, default_value_t = 60.0)]
+    pub answer_timeout: f64,
+    /// Connection attempts in flight per worker.
+    #[arg(long, default_value_t = 128)]
+    pub connect_concurrency: usize,
+    /// Registrations in flight at once (first run).
+    #[arg(long, default_value_t = 256)]
+    pub register_concurrency: usize,
+    /// Write the run's figures to this file as one JSON object.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// No progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Only start the cluster, register the devices the accounts file lacks, and stop: the
+    /// measured run then starts from nodes that did not just register a million devices.
+    #[arg(long)]
+    pub register_only: bool,
+}
+
+/// A process this run started; killed (SIGKILL) and reaped when dropped.
+struct Proc {
+    child: Child,
+    name: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The cluster on loopback: its processes and where to reach them.
+pub struct LocalCluster {
+    coordinator: Proc,
+    nodes: Vec<Proc>,
+    pub ws_urls: Vec<String>,
+    pub admins: Vec<String>,
+    pub codes_file: PathBuf,
+}
+
+impl LocalCluster {
+    /// Starts (and, the first time, initialises) one coordinator and `nodes` nodes with data
+    /// under `dir`, and waits until every node is ready.
+    fn start(a: &Args, nodes: usize) -> Result<LocalCluster> {
+        let dir = &a.dir;
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        let sibling = |name: &str| -> Result<PathBuf> {
+            let me = std::env::current_exe().context("find own executable")?;
+            Ok(me.with_file_name(name))
+        };
+        let coord_bin = match &a.coordinator_bin {
+            Some(b) => b.clone(),
+            None => sibling("ringpost-coordinator")?,
+        };
+        let node_bin = match &a.node_bin {
+            Some(b) => b.clone(),
+            None => sibling("ringpost-node")?,
+        };
+        for b in [&coord_bin, &node_bin] {
+            if !b.exists() {
+                bail!("{} does not exist (build it, or name it)", b.display());
+            }
+        }
+        let secret = dir.join("secret");
+        if !secret.exists() {
+            let bytes: [u8; 32] = rand::random();
+            std::fs::write(&secret, hex::encode(bytes))?;
+        }
+        let codes_file = dir.join("verification-codes.txt");
+        if !codes_file.exists() {
+            std::fs::write(&codes_file, "")?;
+        }
+        let [client_port, raft_port, admin_port] = coordinator_ports(dir)?;
+        let client = format!("127.0.0.1:{client_port}");
+        let coordinator = spawn(
+            &coord_bin,
+            "coordinator",
+            dir,
+            &[
+                "run",
+                "--replica-id",
+                "1",
+                "--data-dir",
+                &dir.join("coord").to_string_lossy(),
+                "--client-listen",
+                &client,
+                "--raft-listen",
+                &format!("127.0.0.1:{raft_port}"),
+                "--admin-listen",
+                &format!("127.0.0.1:{admin_port}"),
+                "--secret-file",
+                &secret.to_string_lossy(),
+            ],
+        )?;
+        let marker = dir.join("initialized");
+        if !marker.exists() {
+            let t = Instant::now();
+            loop {
+                let out = Command::new(&coord_bin)
+                    .args(["init", "--coordinator", &client, "--secret-file"])
+                    .arg(&secret)
+                    .output()?;
+                if out.status.success() {
+                    std::fs::write(&marker, "")?;
+                    break;
+                }
+                if t.elapsed() > Duration::from_secs(30) {
+                    bail!(
+                        "coordinator init failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                nap(Duration::from_millis(200));
+            }
+        }
+        let mut procs = Vec::with_capacity(nodes);
+        for n in 1..=nodes {
+            let node_dir = dir.join(format!("node{n}"));
+            let args: Vec<String> = vec![
+                "run".into(),
+                "--data-dir".into(),
+                node_dir.to_string_lossy().into(),
+                "--node-id".into(),
+                n.to_string(),
+                // Port 0: each node advertises the ports it got, and prints them.
+                "--listen-ws".into(),
+                "127.0.0.1:0".into(),
+                "--listen-admin".into(),
+                "127.0.0.1:0".into(),
+                "--listen-peer".into(),
+                "127.0.0.1:0".into(),
+                "--coordinator".into(),
+                client.clone(),
+                "--cluster-secret-file".into(),
+                secret.to_string_lossy().into(),
+                "--codes-file".into(),
+                codes_file.to_string_lossy().into(),
+                "--ws-driver".into(),
+                a.ws_driver.clone(),
+                "--device-rate".into(),
+                "1000000".into(),
+                "--device-burst".into(),
+                "1000000".into(),
+                // Registration is paced per source address and per second by default; the
+                // whole run registers from a few addresses.
+                "--codes-per-second".into(),
+                "1000000".into(),
+                "--codes-per-source-per-hour".into(),
+                "1000000000".into(),
+                "--ping-interval-ms".into(),
+                a.ping_interval_ms.to_string(),
+                "--idle-timeout-ms".into(),
+                a.idle_timeout_ms.to_string(),
+            ];
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            procs.push(spawn(&node_bin, &format!("node{n}"), dir, &args)?);
+        }
+        let (mut ws_urls, mut admins) = (Vec::new(), Vec::new());
+        let t = Instant::now();
+        for (i, proc) in procs.iter_mut().enumerate() {
+            let out = dir.join(format!("node{}.out", i + 1));
+            loop {
+                let text = std::fs::read_to_string(&out).unwrap_or_default();
+                if text.contains("ringpost node ready") {
+                    let url = |prefix: &str| {
+                        text.lines()
+                            .find_map(|l| l.strip_prefix(prefix))
+                            .map(str::to_string)
+                            .ok_or_else(|| anyhow!("{} printed no `{prefix}` line", proc.name))
+                    };
+                    ws_urls.push(url("listening ws ")?);
+                    admins.push(url("listening admin ")?);
+                    break;
+                }
+                if let Some(status) = proc.child.try_wait()? {
+                    bail!(
+                        "{} exited ({status}); its log: {}",
+                        proc.name,
+                        dir.join(format!("node{}.log", i + 1)).display()
+                    );
+                }
+                if t.elapsed() > NODE_READY_TIMEOUT {
+                    bail!("{} was not ready after {NODE_READY_TIMEOUT:?}", proc.name);
+                }
+                nap(Duration::from_millis(100));
+            }
+        }
+        Ok(LocalCluster {
+            coordinator,
+            nodes: procs,
+            ws_urls,
+            admins,
+            codes_file,
+        })
+    }
+
+    fn node_pids(&self) -> Vec<u32> {
+        self.nodes.iter().map(|p| p.child.id()).collect()
+    }
+}
+
+/// The coordinator's client, Raft and admin ports for cluster directory `dir`: the ones of
+/// earlier runs, or three free loopback ports now.
+fn coordinator_ports(dir: &Path) -> Result<[u16; 3]> {
+    let file = dir.join(COORDINATOR_PORTS_FILE);
+    if let Ok(text) = std::fs::read_to_string(&file) {
+        let ports: Vec<u16> = text
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("{} holds no ports", file.display()))?;
+        return ports
+            .try_into()
+            .map_err(|_| anyhow!("{} should hold three ports", file.display()));
+    }
+    // Held together while choosing, so the three differ.
+    let held: Vec<std::net::TcpListener> = (0..3)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()?;
+    let mut ports = [0u16; 3];
+    for (p, l) in ports.iter_mut().zip(&held) {
+        *p = l.local_addr()?.port();
+    }
+    std::fs::write(&file, format!("{} {} {}\n", ports[0], ports[1], ports[2]))?;
+    Ok(ports)
+}
+
+/// Starts `bin args` with stdout to `DIR/NAME.out` and stderr to `DIR/NAME.log`.
+fn spawn(bin: &Path, name: &str, dir: &Path, args: &[&str]) -> Result<Proc> {
+    let out = std::fs::File::create(dir.join(format!("{name}.out")))?;
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+    let child = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .with_context(|| format!("start {}", bin.display()))?;
+    Ok(Proc {
+        child,
+        name: name.to_string(),
+    })
+}
+
+/// The whole host at one moment: every node, the coordinator, the generator, the kernel.
+#[derive(Debug, Clone, Serialize)]
+struct HostSnapshot {
+    #[serde(skip)]
+    at: Option<Instant>,
+    node_rss_kib: u64,
+    node_rss_kib_max: u64,
+    /// Proportional set size: shared pages (the binary) split between the processes.
+    node_pss_kib: u64,
+    coordinator_rss_kib: u64,
+    generator_rss_kib: u64,
+    node_cpu_ticks: u64,
+    generator_cpu_ticks: u64,
+    kernel: Option<KernelMem>,
+    mem_available_kib: u64,
+    /// Sums over every node's /metrics.
+    connections: f64,
+    frames_in: f64,
+    nodes_scraped: usize,
+}
+
+async fn snapshot(cluster: &LocalCluster, generator_pids: &[u32]) -> HostSnapshot {
+    let at = Instant::now();
+    let pids = cluster.node_pids();
+    let rss: Vec<u64> = pids
+        .iter()
+        .map(|&p| sysmem::vm_rss_kib(p).unwrap_or(0))
+        .collect();
+    let node_cpu_ticks = pids.iter().filter_map(|&p| run::cpu_ticks(p)).sum();
+    let generator_cpu_ticks = run::bench_cpu_ticks(generator_pids);
+    let generator_rss_kib = std::iter::once(std::process::id())
+        .chain(generator_pids.iter().copied())
+        .map(|p| sysmem::vm_rss_kib(p).unwrap_or(0))
+        .sum();
+    let (mut connections, mut frames_in, mut scraped) = (0.0, 0.0, 0);
+    for admin in &cluster.admins {
+        if let Ok(s) = crate::node::scrape(admin).await {
+            connections += crate::node::sum_of(&s, "ringpost_connections");
+            frames_in += crate::node::sum_of(&s, "ringpost_frames_in_total");
+            scraped += 1;
+        }
+    }
+    HostSnapshot {
+        at: Some(at),
+        node_rss_kib: rss.iter().sum(),
+        node_rss_kib_max: rss.iter().copied().max().unwrap_or(0),
+        node_pss_kib: pids.iter().filter_map(|&p| pss_kib(p)).sum(),
+        coordinator_rss_kib: sysmem::vm_rss_kib(cluster.coordinator.child.id()).unwrap_or(0),
+        generator_rss_kib,
+        node_cpu_ticks,
+        generator_cpu_ticks,
+        kernel: KernelMem::read().ok(),
+        mem_available_kib: meminfo_kib("MemAvailable:").unwrap_or(0),
+        connections,
+        frames_in,
+        nodes_scraped: scraped,
+    }
+}
+
+/// `Pss` of a process from `/proc/PID/smaps_rollup`, in KiB.
+fn pss_kib(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    field_kib(&text, "Pss:")
+}
+
+fn meminfo_kib(name: &str) -> Option<u64> {
+    field_kib(&std::fs::read_to_string("/proc/meminfo").ok()?, name)
+}
+
+fn field_kib(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn per_conn(before: u64, after: u64, n: u64) -> f64 {
+    if n == 0 {
+        return 0.0;
+    }
+    ((after as f64 - before as f64) / n as f64 * 100.0).round() / 100.0
+}
+
+pub async fn run(a: &Args) -> Result<()> {
+    if a.connections == 0 {
+        bail!("--connections must be at least 1");
+    }
+    let nodes = if a.nodes > 0 {
+        a.nodes
+    } else {
+        a.connections.div_ceil(a.per_node.max(1))
+    };
+    let machine_before = Machine::read();
+    let t_start = Instant::now();
+    let cluster = {
+        let a = a.clone();
+        tokio::task::spawn_blocking(move || LocalCluster::start(&a, nodes)).await??
+    };
+    let started_s = t_start.elapsed().as_secs_f64();
+    if !a.quiet {
+        eprintln!(
+            "{nodes} nodes and a coordinator up in {started_s:.1} s (data and logs in {})",
+            a.dir.display()
+        );
+    }
+    let common = Common {
+        targets: cluster.ws_urls.clone(),
+        spawn_node: None,
+        data_dir: None,
+        transport: Some(Transport::Ws),
+        ca_file: None,
+        codes_file: Some(cluster.codes_file.clone()),
+        admin: None,
+        server_pid: None,
+        accounts: Some(a.dir.join("accounts.txt")),
+        client: ClientKind::Lean,
+        register_concurrency: a.register_concurrency,
+        connect_concurrency: a.connect_concurrency,
+        workers: a.connections.div_ceil(CONNECTIONS_PER_WORKER),
+        json: a.json.clone(),
+        chart: None,
+        quiet: a.quiet,
+    };
+    let setup = Setup {
+        transport: Transport::Ws,
+        peer: None,
+        urls: cluster.ws_urls.clone(),
+        ca_file: None,
+        codes_file: Some(cluster.codes_file.clone()),
+        admin: None,
+        server_pid: None,
+        loopback: true,
+        ipv4: true,
+        node: None,
+    };
+    let t_reg = Instant::now();
+    let accounts = setup.accounts(&common, a.connections).await?;
+    let register_s = t_reg.elapsed().as_secs_f64();
+    if a.register_only {
+        println!(
+            "{} devices in {} ({register_s:.1} s)",
+            accounts.len(),
+            a.dir.join("accounts.txt").display()
+        );
+        return Ok(());
+    }
+    let (workers, _) = run::plan_workers(&common, a.connections);
+    let ranges = run::split(accounts.len(), workers, 1);
+    let answer_timeout_ms = (a.answer_timeout * 1000.0) as u64;
+    let specs = setup.specs(
+        &common,
+        workers,
+        |i| accounts[ranges[i].clone()].to_vec(),
+        |i| {
+            let share = ranges[i].len() * a.messages / accounts.len().max(1);
+            scenario::Spec::Million(m::Spec {
+                messages: share,
+                answer_timeout_ms,
+            })
+        },
+    );
+    let loadavg_before = sysmem::loadavg_1m();
+    let before = snapshot(&cluster, &[]).await;
+    let mut fleet = Fleet::start(specs, false).await?;
+    let gen = fleet.pids();
+    let bar = run::bar(&common, "connecting", a.connections as u64);
+    let b = bar.clone();
+    let progress = move |done, errors| {
+        b.set_position(done);
+        b.set_message(format!("{errors} errors"));
+    };
+    let t0 = Instant::now();
+    let halves = fleet.wait(m::HALF, &progress).await?;
+    let mut connect_s = t0.elapsed().as_secs_f64();
+    let n_half: u64 = halves
+        .iter()
+        .filter_map(|d| d.get("connected")?.as_u64())
+        .sum();
+    tokio::time::sleep(Duration::from_secs_f64(a.settle)).await;
+    let half = snapshot(&cluster, &gen).await;
+    let t1 = Instant::now();
+    fleet.go();
+    let connected_data = fleet.wait(m::CONNECTED, &progress).await?;
+    connect_s += t1.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let sum = |datas: &[Value], key: &str| -> u64 {
+        datas.iter().filter_map(|d| d.get(key)?.as_u64()).sum()
+    };
+    let connected = sum(&connected_data, "connected");
+    let failed = sum(&connected_data, "failed");
+    let first_error = connected_data
+        .iter()
+        .find_map(|d| d.get("first_error")?.as_str().map(String::from));
+    let connect_latency = stats::merge_encoded(
+        connected_data
+            .iter()
+            .filter_map(|d| d.get("connect_latency")?.as_str()),
+    )?;
+    if !a.quiet {
+        eprintln!("{connected} connected, {failed} failed in {connect_s:.1} s; settling, then holding {:.0} s", a.hold);
+    }
+    tokio::time::sleep(Duration::from_secs_f64(a.settle)).await;
+    let after = snapshot(&cluster, &gen).await;
+    tokio::time::sleep(Duration::from_secs_f64(a.hold)).await;
+    let held = snapshot(&cluster, &gen).await;
+    fleet.go();
+    let pinged = fleet.wait(m::PINGED, &|_, _| {}).await?;
+    let checked = |key: &str| -> u64 {
+        pinged
+            .iter()
+            .filter_map(|d| d.get("check")?.get(key)?.as_u64())
+            .sum()
+    };
+    let keepalive = |key: &str| -> u64 {
+        pinged
+            .iter()
+            .filter_map(|d| d.get("keepalive")?.get(key)?.as_u64())
+            .sum()
+    };
+    if !a.quiet {
+        eprintln!(
+            "ping check: {} of {} answered; sending {} messages",
+            checked("answered"),
+            checked("asked"),
+            a.messages
+        );
+    }
+    let end_pre_messages = snapshot(&cluster, &gen).await;
+    fleet.go();
+    let done = fleet.wait(DONE, &|_, _| {}).await?;
+    let msg = |key: &str| -> u64 {
+        done.iter()
+            .filter_map(|d| d.get("messages")?.get(key)?.as_u64())
+            .sum()
+    };
+    let msg_p99 = done
+        .iter()
+        .filter_map(|d| d.get("messages")?.get("latency_ms")?.get("p99")?.as_f64())
+        .fold(0.0_f64, f64::max);
+    let msg_p50s: Vec<f64> = done
+        .iter()
+        .filter_map(|d| d.get("messages")?.get("latency_ms")?.get("p50")?.as_f64())
+        .collect();
+
+    // The report.
+    let mut r = Report::new("million", "ws", connected, failed);
+    r.set_row(
+        "nodes",
+        nodes,
+        "nodes",
+        format!(
+            "{nodes} nodes ({} driver) + 1 coordinator, {} worker processes",
+            a.ws_driver,
+            fleet.len()
+        ),
+    );
+    r.set_row(
+        "requested",
+        a.connections,
+        "requested",
+        a.connections.to_string(),
+    );
+    r.set("registration_s", register_s);
+    r.set("cluster_start_s", started_s);
+    r.set_row(
+        "connect_s",
+        (connect_s * 100.0).round() / 100.0,
+        "connect time",
+        format!(
+            "{connect_s:.1} s to connect and authenticate all ({:.0} connections/s)",
+            connected as f64 / connect_s.max(1e-9)
+        ),
+    );
+    r.set_percentiles(
+        "connect_latency_ms",
+        "connect→Welcome",
+        Percentiles::of(&connect_latency),
+    );
+    if let Some(e) = &first_error {
+        r.row("first error", e.clone());
+    }
+    r.set_row(
+        "server_connections",
+        after.connections,
+        "nodes say",
+        format!(
+            "{:.0} connections (sum of the nodes' /metrics, {} of {nodes} scraped)",
+            after.connections, after.nodes_scraped
+        ),
+    );
+    let added = connected.saturating_sub(n_half);
+    let slope = per_conn(half.node_rss_kib, after.node_rss_kib, added);
+    r.set_row(
+        "server_rss_kib_per_conn_slope",
+        slope,
+        "node RSS/conn",
+        format!(
+            "{slope} KiB (slope over all nodes: {} → {} KiB from {n_half} to {connected} connections)",
+            half.node_rss_kib, after.node_rss_kib
+        ),
+    );
+    r.set_row(
+        "server_rss_kib_per_conn",
+        per_conn(before.node_rss_kib, after.node_rss_kib, connected),
+        "… from zero",
+        format!(
+            "{} KiB (all nodes' RSS {} MiB before, {} MiB with every connection; PSS {} MiB; largest node {} MiB)",
+            per_conn(before.node_rss_kib, after.node_rss_kib, connected),
+            before.node_rss_kib / 1024,
+            after.node_rss_kib / 1024,
+            after.node_pss_kib / 1024,
+            after.node_rss_kib_max / 1024
+        ),
+    );
+    r.set_row(
+        "server_rss_kib_per_conn_after_hold",
+        per_conn(before.node_rss_kib, held.node_rss_kib, connected),
+        "after hold",
+        format!(
+            "{} KiB/conn (all nodes {} MiB after {:.0} s)",
+            per_conn(before.node_rss_kib, held.node_rss_kib, connected),
+            held.node_rss_kib / 1024,
+            a.hold
+        ),
+    );
+    let gen_slope = per_conn(half.generator_rss_kib, after.generator_rss_kib, added);
+    r.set_row(
+        "generator_rss_kib_per_conn_slope",
+        gen_slope,
+        "generator/conn",
+        format!(
+            "{gen_slope} KiB (slope; every generator process: {} MiB with every connection)",
+            after.generator_rss_kib / 1024
+        ),
+    );
+    if let (Some(h), Some(x), Some(b)) = (half.kernel, after.kernel, before.kernel) {
+        let k = per_conn(h.total_kib(), x.total_kib(), added * 2);
+        r.set_row(
+            "kernel_kib_per_conn_slope",
+            k,
+            "kernel/socket",
+            format!(
+                "{k} KiB per socket (slope; slab {} → {} MiB, TCP buffers {} MiB; two sockets per connection)",
+                b.slab_kib / 1024,
+                x.slab_kib / 1024,
+                x.tcp_mem_pages * sysmem::PAGE_BYTES / 1024 / 1024
+            ),
+        );
+        r.set("kernel", json!({ "before": b, "half": h, "after": x }));
+    }
+    r.set_row(
+        "coordinator_rss_kib",
+        after.coordinator_rss_kib,
+        "coordinator",
+        format!("{} MiB RSS", after.coordinator_rss_kib / 1024),
+    );
+    r.set_row(
+        "mem_available_kib",
+        after.mem_available_kib,
+        "host memory",
+        format!(
+            "{} MiB available with every connection held ({} MiB before the run)",
+            after.mem_available_kib / 1024,
+            before.mem_available_kib / 1024
+        ),
+    );
+    let pings = held.frames_in - after.frames_in;
+    let node_s =
+        held.node_cpu_ticks.saturating_sub(after.node_cpu_ticks) as f64 / CLOCK_TICKS_PER_S;
+    let gen_s = held
+        .generator_cpu_ticks
+        .saturating_sub(after.generator_cpu_ticks) as f64
+        / CLOCK_TICKS_PER_S;
+    let wall = held
+        .at
+        .zip(after.at)
+        .map_or(0.0, |(h, x)| h.duration_since(x).as_secs_f64());
+    if pings > 0.0 {
+        let us = (node_s * 1e6 / pings * 100.0).round() / 100.0;
+        r.set("keepalive_pings", pings);
+        r.set_row(
+            "keepalive_node_cpu_us_per_ping",
+            us,
+            "keepalive",
+            format!(
+                "{us} µs of node CPU per ping ({pings:.0} pings in {wall:.0} s; all nodes {node_s:.1} s = {:.0}% of a core; generator {gen_s:.1} s)",
+                node_s / wall.max(1e-9) * 100.0
+            ),
+        );
+    }
+    r.set(
+        "generator_keepalive",
+        json!({
+            "pings": keepalive("pings"),
+            "ping_writes_failed": keepalive("ping_writes_failed"),
+            "closed_by_node": keepalive("closed_by_node"),
+        }),
+    );
+    r.set_row(
+        "ping_check_answered",
+        checked("answered"),
+        "ping check",
+        format!(
+            "{} of {} held connections answered a Ping at the end ({} unanswered, {} closed, {} writes failed)",
+            checked("answered"),
+            checked("asked"),
+            checked("unanswered"),
+            checked("closed"),
+            checked("write_failed")
+        ),
+    );
+    r.set("ping_check_asked", checked("asked"));
+    r.set_row(
+        "messages_delivered",
+        msg("delivered"),
+        "messages",
+        format!(
+            "{} of {} sent between random pairs delivered ({} SendAck ok, {} refused, {} duplicates, {} write failures); worst worker's p99 {msg_p99:.1} ms, median p50 {:.1} ms",
+            msg("delivered"),
+            msg("sent"),
+            msg("acked"),
+            msg("refused"),
+            msg("duplicates"),
+            msg("write_failed"),
+            median(&msg_p50s)
+        ),
+    );
+    r.set("messages_sent", msg("sent"));
+    r.set("messages_acked", msg("acked"));
+    r.set("messages_duplicates", msg("duplicates"));
+    r.set("snapshots", json!({ "before": before, "half": half, "after": after, "held": held, "end": end_pre_messages }));
+    r.set("config", json!({ "million": a }));
+    let mut machine = Machine::read();
+    machine.loadavg_1m_before_run = loadavg_before;
+    r.set("machine", machine);
+    r.set("machine_at_start", machine_before);
+    r.set(
+        "date_unix_s",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    );
+    r.set("note", report::SHARED_CORES_NOTE);
+    print!("{}", r.table());
+    if let Some(path) = &a.json {
+        report::write_json(path, &r.to_json())?;
+        println!("  json: {}", path.display());
+    }
+    drop(fleet);
+    drop(cluster);
+    if connected < a.connections as u64 {
+        return Err(anyhow!(
+            "{} of {} connections failed",
+            a.connections as u64 - connected,
+            a.connections
+        ));
+    }
+    Ok(())
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Sleeps the calling thread.
+#[allow(clippy::disallowed_methods)] // runs on a blocking thread (spawn_blocking), never on a runtime worker
+fn nap(d: Duration) {
+    std::thread::sleep(d);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_conn_is_the_growth_per_connection() {
+        assert_eq!(per_conn(1000, 3000, 1000), 2.0);
+        assert_eq!(per_conn(1000, 900, 100), -1.0);
+        assert_eq!(per_conn(1000, 3000, 0), 0.0);
+    }
+
+    #[test]
+    fn rollup_fields_parse() {
+        let text = "00-ff ---p 0 0 [rollup]\nRss:  44112 kB\nPss:  33220 kB\n";
+        assert_eq!(field_kib(text, "Pss:"), Some(33_220));
+        assert_eq!(field_kib(text, "Swap:"), None);
+    }
+}
