@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use ringpost_wire::{Auth, Body, CodeChannel, DeviceId, RegisterRequest, RegisterVerify, UserId};
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::Mutex;
 
 use crate::loadclient::{Dialer, HelloOutcome, CONNECT_TIMEOUT};
 
@@ -287,7 +287,6 @@ pub async fn ensure(
         }
     }
     let phones = Arc::new(std::sync::Mutex::new(phones));
-    let slots = Arc::new(Semaphore::new(concurrency.max(1)));
     let progress = Arc::new(progress);
     // Each registration is appended as soon as it succeeds, so an interrupted run keeps
     // what it registered.
@@ -302,27 +301,40 @@ pub async fn ensure(
         }
         None => None,
     };
+    // `concurrency` tasks, each registering one account after another until `missing` are
+    // claimed: memory stays that of `concurrency` registrations however many are asked for
+    // (a task per account held ~3 KiB each: 3 GiB for a million).
+    let claimed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..missing {
-        let (dialer, codes, phones, slots, progress, sink) = (
+    for _ in 0..concurrency.clamp(1, missing) {
+        let (dialer, codes, phones, progress, sink, claimed) = (
             dialer.clone(),
             codes.clone(),
             phones.clone(),
-            slots.clone(),
             progress.clone(),
             sink.clone(),
+            claimed.clone(),
         );
         tasks.spawn(async move {
-            let _permit = slots.acquire_owned().await?;
-            let mut last = None;
-            for _ in 0..REGISTER_ATTEMPTS_MAX {
-                let phone = phones
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .pop()
-                    .ok_or_else(|| anyhow!("out of phones"))?;
-                match register_one(&dialer, &codes, phone).await {
-                    Ok(a) => {
+            let mut done: Vec<Result<Account>> = Vec::new();
+            while claimed.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < missing {
+                let mut last = None;
+                let mut registered = None;
+                for _ in 0..REGISTER_ATTEMPTS_MAX {
+                    let Some(phone) = phones.lock().unwrap_or_else(|p| p.into_inner()).pop() else {
+                        last = Some(anyhow!("out of phones"));
+                        break;
+                    };
+                    match register_one(&dialer, &codes, phone).await {
+                        Ok(a) => {
+                            registered = Some(a);
+                            break;
+                        }
+                        Err(e) => last = Some(e),
+                    }
+                }
+                match registered {
+                    Some(a) => {
                         if let Some(f) = &sink {
                             let line = format!("{}\n", a.line());
                             f.lock()
@@ -330,23 +342,25 @@ pub async fn ensure(
                                 .write_all(line.as_bytes())?;
                         }
                         progress(1);
-                        return Ok(a);
+                        done.push(Ok(a));
                     }
-                    Err(e) => last = Some(e),
+                    None => done.push(Err(last.unwrap_or_else(|| anyhow!("registration failed")))),
                 }
             }
-            Err(last.unwrap_or_else(|| anyhow!("registration failed")))
+            anyhow::Ok(done)
         });
     }
     let mut fresh = Vec::with_capacity(missing);
     let mut first_error = None;
     let mut errors = 0;
     while let Some(r) = tasks.join_next().await {
-        match r? {
-            Ok(a) => fresh.push(a),
-            Err(e) => {
-                errors += 1;
-                first_error.get_or_insert(e);
+        for one in r?? {
+            match one {
+                Ok(a) => fresh.push(a),
+                Err(e) => {
+                    errors += 1;
+                    first_error.get_or_insert(e);
+                }
             }
         }
     }
