@@ -82,6 +82,10 @@ pub struct Args {
     /// Messages sent between random pairs of connected devices at the end.
     #[arg(long, default_value_t = 10_000)]
     pub messages: usize,
+    /// Devices dropped at the end, each sent a message while away, and reconnected all at
+    /// once (the reconnect storm): the time until every one is back and has its message.
+    #[arg(long, default_value_t = 100_000)]
+    pub storm: usize,
     /// Seconds the ping check and the messages wait for their answers.
     #[arg(long, default_value_t = 60.0)]
     pub answer_timeout: f64,
@@ -489,6 +493,7 @@ pub async fn run(a: &Args) -> Result<()> {
             scenario::Spec::Million(m::Spec {
                 messages: share,
                 answer_timeout_ms,
+                storm: ranges[i].len() * a.storm.min(accounts.len()) / accounts.len().max(1),
             })
         },
     );
@@ -560,7 +565,20 @@ pub async fn run(a: &Args) -> Result<()> {
     }
     let end_pre_messages = snapshot(&cluster, &gen).await;
     fleet.go();
+    let storm_snaps = if a.storm > 0 {
+        let queued = fleet.wait(m::STORM_QUEUED, &|_, _| {}).await?;
+        let away: u64 = queued.iter().filter_map(|d| d.get("away")?.as_u64()).sum();
+        if !a.quiet {
+            eprintln!("{away} devices away with a message queued to each; all come back now");
+        }
+        let before_storm = snapshot(&cluster, &gen).await;
+        fleet.go();
+        Some((queued, before_storm))
+    } else {
+        None
+    };
     let done = fleet.wait(DONE, &|_, _| {}).await?;
+    let after_storm = snapshot(&cluster, &gen).await;
     let msg = |key: &str| -> u64 {
         done.iter()
             .filter_map(|d| d.get("messages")?.get(key)?.as_u64())
@@ -761,6 +779,9 @@ pub async fn run(a: &Args) -> Result<()> {
     r.set("messages_sent", msg("sent"));
     r.set("messages_acked", msg("acked"));
     r.set("messages_duplicates", msg("duplicates"));
+    if let Some((queued, before_storm)) = &storm_snaps {
+        report_storm(&mut r, queued, &done, before_storm, &after_storm)?;
+    }
     r.set("snapshots", json!({ "before": before, "half": half, "after": after, "held": held, "end": end_pre_messages }));
     r.set("config", json!({ "million": a }));
     let mut machine = Machine::read();
@@ -788,6 +809,91 @@ pub async fn run(a: &Args) -> Result<()> {
             a.connections
         ));
     }
+    Ok(())
+}
+
+/// The reconnect storm's rows: devices away and queued, how long until all were connected and
+/// had their message, and the nodes' CPU per returning device.
+fn report_storm(
+    r: &mut Report,
+    queued: &[Value],
+    done: &[Value],
+    before: &HostSnapshot,
+    after: &HostSnapshot,
+) -> Result<()> {
+    let q = |key: &str| -> u64 { queued.iter().filter_map(|d| d.get(key)?.as_u64()).sum() };
+    let storm = |d: &Value| d.get("storm").cloned().unwrap_or(Value::Null);
+    let sum = |path: &[&str]| -> u64 {
+        done.iter()
+            .filter_map(|d| {
+                let mut v = storm(d);
+                for p in path {
+                    v = v.get(*p)?.clone();
+                }
+                v.as_u64()
+            })
+            .sum()
+    };
+    let max = |path: &[&str]| -> f64 {
+        done.iter()
+            .filter_map(|d| {
+                let mut v = storm(d);
+                for p in path {
+                    v = v.get(*p)?.clone();
+                }
+                v.as_f64()
+            })
+            .fold(0.0, f64::max)
+    };
+    let latency = stats::merge_encoded(
+        done.iter()
+            .filter_map(|d| d.get("storm")?.get("connect_latency")?.as_str()),
+    )?;
+    let away = q("away");
+    let reconnected = sum(&["reconnected"]);
+    let delivered = sum(&["delivered", "delivered"]);
+    let all_connected_s = max(&["all_connected_s"]);
+    let last_delivery_s = max(&["delivered", "last_delivery_s"]);
+    let node_s =
+        after.node_cpu_ticks.saturating_sub(before.node_cpu_ticks) as f64 / CLOCK_TICKS_PER_S;
+    r.set_row(
+        "storm_s",
+        (last_delivery_s * 100.0).round() / 100.0,
+        "reconnect storm",
+        format!(
+            "{reconnected} of {away} devices back in {all_connected_s:.2} s, {delivered} with their queued message by {last_delivery_s:.2} s ({} queued, {} refused; {} reconnects failed)",
+            q("queued"),
+            q("refused"),
+            sum(&["reconnect_failed"])
+        ),
+    );
+    r.set_percentiles(
+        "storm_connect_latency_ms",
+        "storm connect",
+        Percentiles::of(&latency),
+    );
+    if reconnected > 0 {
+        let us = (node_s * 1e6 / reconnected as f64).round();
+        r.set_row(
+            "storm_node_cpu_us_per_device",
+            us,
+            "storm CPU",
+            format!("{us} µs of node CPU per returning device (connect, authenticate, deliver, ack; {node_s:.1} s over all nodes)"),
+        );
+    }
+    r.set("storm_away", away);
+    r.set("storm_reconnected", reconnected);
+    r.set("storm_delivered", delivered);
+    r.set("storm_all_connected_s", all_connected_s);
+    r.set(
+        "storm_first_error",
+        done.iter().find_map(|d| {
+            d.get("storm")?
+                .get("first_error")?
+                .as_str()
+                .map(String::from)
+        }),
+    );
     Ok(())
 }
 

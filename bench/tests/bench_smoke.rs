@@ -218,7 +218,8 @@ fn group_reaches_every_member() {
 /// `million` at a small scale: a real coordinator and two real nodes (`ringpost-node run`,
 /// io_uring driver; a kernel that refuses io_uring gets tokio, and the node logs why) on
 /// loopback ports the kernel picks, one worker process. Every connection is held, answers
-/// the final ping, and every message between random pairs is delivered once.
+/// the final ping, every message between random pairs is delivered once, and every device of
+/// the reconnect storm comes back and gets the message queued to it while it was away.
 #[test]
 fn million_holds_and_checks_every_connection_on_a_local_cluster() {
     let dir = tempfile::tempdir().unwrap();
@@ -241,6 +242,7 @@ fn million_holds_and_checks_every_connection_on_a_local_cluster() {
         .arg(&coordinator)
         .args(["--connections", "300", "--nodes", "2", "--settle", "0.5"])
         .args(["--hold", "1", "--messages", "100", "--answer-timeout", "30"])
+        .args(["--storm", "100"])
         .arg("--quiet")
         .arg("--json")
         .arg(&json)
@@ -275,4 +277,8 @@ fn million_holds_and_checks_every_connection_on_a_local_cluster() {
     assert_eq!(v["messages_acked"], 100, "{stdout}");
     assert_eq!(v["messages_delivered"], 100, "{stdout}");
     assert_eq!(v["messages_duplicates"], 0, "{stdout}");
+    // The storm: 100 devices dropped, a message queued to each, all back with it.
+    assert_eq!(v["storm_away"], 100, "{stdout}");
+    assert_eq!(v["storm_reconnected"], 100, "{stdout}");
+    assert_eq!(v["storm_delivered"], 100, "{stdout}");
 }

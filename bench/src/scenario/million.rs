@@ -40,12 +40,18 @@ pub struct Spec {
     pub messages: usize,
     /// How long the ping check and the messages wait for their answers.
     pub answer_timeout_ms: u64,
+    /// Connections this worker drops at the end, queues a message to each while it is away,
+    /// and reconnects all at once (the reconnect storm); 0: none.
+    #[serde(default)]
+    pub storm: usize,
 }
 
 /// Phase names, in order: the first half connected, all connected, the ping check done.
 pub const HALF: &str = "half";
 pub const CONNECTED: &str = "connected";
 pub const PINGED: &str = "pinged";
+/// The storm's devices are away and a message is queued to each.
+pub const STORM_QUEUED: &str = "storm_queued";
 
 /// How often the holder thread wakes to keep connections alive: each tick visits the share of
 /// connections due in it, so pings are spread evenly over the interval.
@@ -65,6 +71,10 @@ const SEND_BATCH: usize = 2000;
 /// The body of a bench message: this tag, then the pair's index.
 const BODY_TAG: &[u8; 8] = b"rp-1m-v1";
 
+/// How often the holder looks at the storm's reconnected devices while it waits for their
+/// messages.
+const STORM_POLL: Duration = Duration::from_millis(2);
+
 /// One held connection.
 struct Held {
     sock: TcpStream,
@@ -74,7 +84,8 @@ struct Held {
 
 /// What the async side asks of the holder thread.
 enum Cmd {
-    Add(Held),
+    /// A connection, with the bytes read past its `Welcome`.
+    Add(Held, BytesMut),
     CheckPings {
         timeout: Duration,
         reply: oneshot::Sender<Value>,
@@ -84,6 +95,32 @@ enum Cmd {
         timeout: Duration,
         reply: oneshot::Sender<Value>,
     },
+    /// Drop `count` connections and queue a message to each of their devices.
+    StormDown {
+        count: usize,
+        timeout: Duration,
+        reply: oneshot::Sender<(Vec<usize>, Value)>,
+    },
+    /// The storm's reconnections start now.
+    StormStart(Instant),
+    /// Wait until every storm device got its message.
+    StormWait {
+        timeout: Duration,
+        reply: oneshot::Sender<Value>,
+    },
+}
+
+/// The reconnect storm, as the holder tracks it.
+struct Storm {
+    nonce: u64,
+    /// Storm message index of each storm device's account.
+    of_account: HashMap<u32, usize>,
+    delivered: Vec<bool>,
+    /// Connections that reconnected and have not received their message yet.
+    waiting: Vec<usize>,
+    started: Option<Instant>,
+    last_delivery: Duration,
+    stray: u64,
 }
 
 /// The holder thread's counters, read by the async side for reports.
@@ -160,10 +197,47 @@ pub async fn worker(ctx: &mut WorkerCtx, spec: Spec) -> Result<Value> {
         })
         .map_err(|_| anyhow!("the holder thread ended"))?;
     let messages = rx.await.map_err(|_| anyhow!("the holder thread ended"))?;
+    let storm = if spec.storm > 0 {
+        let timeout = Duration::from_millis(spec.answer_timeout_ms);
+        let (tx, rx) = oneshot::channel();
+        cmd_tx
+            .send(Cmd::StormDown {
+                count: spec.storm,
+                timeout,
+                reply: tx,
+            })
+            .map_err(|_| anyhow!("the holder thread ended"))?;
+        let (away, queued) = rx.await.map_err(|_| anyhow!("the holder thread ended"))?;
+        ctx.phase(STORM_QUEUED, queued.clone()).await?;
+        // Every worker starts here at the parent's word: all the devices come back at once.
+        let t0 = Instant::now();
+        cmd_tx
+            .send(Cmd::StormStart(t0))
+            .map_err(|_| anyhow!("the holder thread ended"))?;
+        let mut back = Connecting::default();
+        back.run(ctx, &accounts, away, &cmd_tx, &ping_every).await;
+        let all_connected_s = t0.elapsed().as_secs_f64();
+        let (tx, rx) = oneshot::channel();
+        cmd_tx
+            .send(Cmd::StormWait { timeout, reply: tx })
+            .map_err(|_| anyhow!("the holder thread ended"))?;
+        let waited = rx.await.map_err(|_| anyhow!("the holder thread ended"))?;
+        json!({
+            "queued": queued,
+            "reconnected": back.connected,
+            "reconnect_failed": back.failed,
+            "first_error": back.first_error,
+            "all_connected_s": all_connected_s,
+            "connect_latency": stats::encode(&back.latency)?,
+            "delivered": waited,
+        })
+    } else {
+        Value::Null
+    };
     // Closing the channel ends the thread, which drops (resets) every connection.
     drop(cmd_tx);
     let _ = tokio::task::spawn_blocking(move || holder.join()).await;
-    Ok(json!({ "messages": messages }))
+    Ok(json!({ "messages": messages, "storm": storm }))
 }
 
 /// The connect phases' tallies.
@@ -188,19 +262,19 @@ impl Default for Connecting {
 }
 
 impl Connecting {
-    /// Connects and authenticates `range` of the accounts (at most `connect_concurrency` at
-    /// once), handing each connection to the holder thread as soon as it is welcomed.
+    /// Connects and authenticates the accounts at `indices` (at most `connect_concurrency`
+    /// at once), handing each connection to the holder thread as soon as it is welcomed.
     async fn run(
         &mut self,
         ctx: &WorkerCtx,
         accounts: &Arc<Vec<Account>>,
-        range: std::ops::Range<usize>,
+        indices: impl IntoIterator<Item = usize>,
         cmd_tx: &std_mpsc::Sender<Cmd>,
         ping_every: &Arc<AtomicU64>,
     ) {
         let slots = Arc::new(Semaphore::new(ctx.spec.connect_concurrency.max(1)));
         let mut tasks = tokio::task::JoinSet::new();
-        for i in range {
+        for i in indices {
             let (connector, accounts, slots) =
                 (ctx.connector.clone(), accounts.clone(), slots.clone());
             tasks.spawn(async move {
@@ -214,7 +288,7 @@ impl Connecting {
                 let (sock, leftover) = conn
                     .into_std_tcp()
                     .ok_or_else(|| anyhow!("the connection is not plain TCP"))?;
-                Ok((i, sock, leftover.len(), us, welcome.ping_interval_ms))
+                Ok((i, sock, leftover, us, welcome.ping_interval_ms))
             });
         }
         let mut last = Instant::now();
@@ -222,13 +296,13 @@ impl Connecting {
             match r.map_err(anyhow::Error::from).and_then(|r| r) {
                 Ok((i, sock, leftover, us, ping_ms)) => {
                     ping_every.store(u64::from(ping_ms), Relaxed);
-                    self.leftover_bytes += leftover as u64;
+                    self.leftover_bytes += leftover.len() as u64;
                     stats::record_us(&mut self.latency, us);
                     let held = Held {
                         sock,
                         account: i as u32,
                     };
-                    if cmd_tx.send(Cmd::Add(held)).is_ok() {
+                    if cmd_tx.send(Cmd::Add(held, leftover)).is_ok() {
                         self.connected += 1;
                     } else {
                         self.failed += 1;
@@ -263,12 +337,33 @@ fn holder_main(
         carry: 0.0,
         masks: 0x9e37_79b9_7f4a_7c15,
         buf: vec![0u8; READ_CHUNK],
+        partial: HashMap::new(),
+        storm: None,
     };
     let mut next_tick = Instant::now() + KEEPALIVE_TICK;
     loop {
-        let wait = next_tick.saturating_duration_since(Instant::now());
+        let mut wait = next_tick.saturating_duration_since(Instant::now());
+        if h.storm.as_ref().is_some_and(|s| !s.waiting.is_empty()) {
+            wait = wait.min(STORM_POLL);
+            h.storm_poll();
+        }
         match cmds.recv_timeout(wait) {
-            Ok(Cmd::Add(held)) => h.conns.push(Some(held)),
+            Ok(Cmd::Add(held, leftover)) => h.add(held, leftover),
+            Ok(Cmd::StormDown {
+                count,
+                timeout,
+                reply,
+            }) => {
+                let _ = reply.send(h.storm_down(count, timeout));
+            }
+            Ok(Cmd::StormStart(t0)) => {
+                if let Some(storm) = h.storm.as_mut() {
+                    storm.started = Some(t0);
+                }
+            }
+            Ok(Cmd::StormWait { timeout, reply }) => {
+                let _ = reply.send(h.storm_wait(timeout));
+            }
             Ok(Cmd::CheckPings { timeout, reply }) => {
                 let _ = reply.send(h.check_pings(timeout));
             }
@@ -314,9 +409,215 @@ struct Holder {
     /// Masking-key generator state (RFC 6455 wants keys to vary; they need not be secret here).
     masks: u64,
     buf: Vec<u8>,
+    /// Bytes read and not yet decoded, of connections whose frames the holder reads.
+    partial: HashMap<usize, BytesMut>,
+    storm: Option<Storm>,
 }
 
 impl Holder {
+    /// Takes a connection; one the storm waits for is watched for its message.
+    fn add(&mut self, held: Held, leftover: BytesMut) {
+        let i = self.conns.len();
+        let watched = self
+            .storm
+            .as_mut()
+            .filter(|s| s.of_account.contains_key(&held.account));
+        if let Some(storm) = watched {
+            storm.waiting.push(i);
+            self.partial.insert(i, leftover);
+        }
+        self.conns.push(Some(held));
+    }
+
+    /// Drops `count` random open connections (a reset each), then has other open connections
+    /// send a message to each of their devices, waiting up to `timeout` for every `SendAck`.
+    /// Returns the dropped devices' account indices and what happened.
+    fn storm_down(&mut self, count: usize, timeout: Duration) -> (Vec<usize>, Value) {
+        let mut open: Vec<usize> = (0..self.conns.len())
+            .filter(|&i| self.conns[i].is_some())
+            .collect();
+        let mut rng = rand::thread_rng();
+        let count = count.min(open.len().saturating_sub(1));
+        let mut away = Vec::with_capacity(count);
+        for _ in 0..count {
+            let at = rng.gen_range(0..open.len());
+            let i = open.swap_remove(at);
+            let held = self.conns[i].take().expect("open");
+            self.partial.remove(&i);
+            away.push(held.account as usize);
+            // Linger 0 was set when it connected: this is a reset, as a phone losing its
+            // network looks to the node once it notices.
+            drop(held);
+        }
+        let nonce: u64 = rand::random();
+        let mut of_account = HashMap::with_capacity(count);
+        let mut acked = vec![false; count];
+        let (mut refused, mut write_failed) = (0u64, 0u64);
+        let mut first_refusal = None;
+        let t0 = Instant::now();
+        for batch in (0..count).collect::<Vec<_>>().chunks(SEND_BATCH) {
+            let mut senders = Vec::with_capacity(batch.len());
+            for &k in batch {
+                let to = self.accounts[away[k]].clone();
+                of_account.insert(away[k] as u32, k);
+                let from = open[rng.gen_range(0..open.len())];
+                let bytes = self.message_to(&to, nonce, k, k as u32 + 1);
+                let held = self.conns[from].as_mut().expect("open");
+                if write_all_nonblocking(&mut held.sock, &bytes, Duration::from_secs(5)) {
+                    senders.push(from);
+                } else {
+                    write_failed += 1;
+                    acked[k] = true; // not waited for
+                }
+            }
+            senders.sort_unstable();
+            senders.dedup();
+            while !batch.iter().all(|&k| acked[k]) && t0.elapsed() < timeout {
+                let mut progress = false;
+                for &i in &senders {
+                    for frame in self.read_frames(i) {
+                        progress = true;
+                        let req = frame.req as usize;
+                        if !(1..=count).contains(&req) {
+                            continue;
+                        }
+                        match frame.body {
+                            Body::SendAck(a) if a.status == ringpost_wire::SendStatus::Ok => {
+                                acked[req - 1] = true;
+                            }
+                            Body::SendAck(a) => {
+                                acked[req - 1] = true;
+                                refused += 1;
+                                first_refusal.get_or_insert_with(|| format!("{:?}", a.status));
+                            }
+                            Body::Error(e) => {
+                                acked[req - 1] = true;
+                                refused += 1;
+                                first_refusal
+                                    .get_or_insert_with(|| format!("{:?}: {}", e.code, e.message));
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                if !progress {
+                    nap(Duration::from_millis(2));
+                }
+            }
+        }
+        let queued = acked.iter().filter(|&&a| a).count() as u64 - refused - write_failed;
+        self.storm = Some(Storm {
+            nonce,
+            of_account,
+            delivered: vec![false; count],
+            waiting: Vec::new(),
+            started: None,
+            last_delivery: Duration::ZERO,
+            stray: 0,
+        });
+        let report = json!({
+            "away": count as u64,
+            "queued": queued,
+            "refused": refused,
+            "first_refusal": first_refusal,
+            "write_failed": write_failed,
+            "queue_s": t0.elapsed().as_secs_f64(),
+        });
+        (away, report)
+    }
+
+    /// Reads what the storm's reconnected devices received: each `Deliver` is acknowledged,
+    /// and the storm's message marks its device done.
+    fn storm_poll(&mut self) {
+        let Some(mut storm) = self.storm.take() else {
+            return;
+        };
+        let waiting = std::mem::take(&mut storm.waiting);
+        for i in waiting {
+            let mut seqs = Vec::new();
+            let mut done = false;
+            for frame in self.read_frames(i) {
+                if let Body::Deliver(d) = frame.body {
+                    seqs.push(d.seq);
+                    match parse_body(&d.body, storm.nonce) {
+                        Some(k) if k < storm.delivered.len() => {
+                            if !storm.delivered[k] {
+                                storm.delivered[k] = true;
+                                if let Some(t0) = storm.started {
+                                    storm.last_delivery = t0.elapsed();
+                                }
+                            }
+                            done = true;
+                        }
+                        _ => storm.stray += 1,
+                    }
+                }
+            }
+            if !seqs.is_empty() {
+                let ack = self.ws_message(&Frame::new(0, DeliverAck { seqs }));
+                if let Some(held) = self.conns[i].as_mut() {
+                    let _ = write_all_nonblocking(&mut held.sock, &ack, Duration::from_secs(5));
+                }
+            }
+            if !done && self.conns[i].is_some() {
+                storm.waiting.push(i);
+            } else {
+                self.partial.remove(&i);
+            }
+        }
+        self.storm = Some(storm);
+    }
+
+    /// Waits up to `timeout` for every storm device that reconnected to get its message.
+    fn storm_wait(&mut self, timeout: Duration) -> Value {
+        let t0 = Instant::now();
+        while self.storm.as_ref().is_some_and(|s| !s.waiting.is_empty()) && t0.elapsed() < timeout {
+            self.storm_poll();
+            nap(STORM_POLL);
+        }
+        let Some(storm) = self.storm.as_ref() else {
+            return Value::Null;
+        };
+        json!({
+            "delivered": storm.delivered.iter().filter(|&&d| d).count() as u64,
+            "still_waiting": storm.waiting.len() as u64,
+            "last_delivery_s": storm.last_delivery.as_secs_f64(),
+            "stray_deliveries": storm.stray,
+        })
+    }
+
+    /// A bench message to `to`: one ciphertext for its device, `k` in the body and msg_id.
+    fn message_to(&mut self, to: &Account, nonce: u64, k: usize, req: u32) -> Vec<u8> {
+        let mut body = BODY_TAG.to_vec();
+        body.extend_from_slice(&nonce.to_le_bytes());
+        body.extend_from_slice(&(k as u64).to_le_bytes());
+        let mut msg_id = [0u8; 16];
+        msg_id[..8].copy_from_slice(&nonce.to_le_bytes());
+        msg_id[8..].copy_from_slice(&(k as u64).to_le_bytes());
+        let send = ringpost_wire::Send {
+            msg_id,
+            to: to.user,
+            ciphertexts: vec![DeviceCiphertext {
+                user: to.user,
+                device: to.device,
+                body: Bytes::from(body),
+            }],
+        };
+        self.ws_message(&Frame::new(req, send))
+    }
+
+    /// The frames connection `i` received since the last call (non-blocking); a connection
+    /// the node closed is dropped.
+    fn read_frames(&mut self, i: usize) -> Vec<Frame> {
+        let Some(held) = self.conns[i].as_mut() else {
+            return Vec::new();
+        };
+        let buf = self.partial.entry(i).or_default();
+        if let Drained::Closed = drain(&mut held.sock, &mut self.buf, Some(buf), &self.stats) {
+            self.conns[i] = None;
+        }
+        frames(buf)
+    }
     fn next_mask(&mut self) -> [u8; 4] {
         let mut x = self.masks;
         x ^= x >> 12;
@@ -470,23 +771,9 @@ impl Holder {
             let mut watch: Vec<usize> = Vec::new();
             for &k in batch {
                 let (a, b) = pairs[k];
-                let to = &self.accounts[self.conns[b].as_ref().expect("open").account as usize];
-                let mut body = BODY_TAG.to_vec();
-                body.extend_from_slice(&nonce.to_le_bytes());
-                body.extend_from_slice(&(k as u64).to_le_bytes());
-                let mut msg_id = [0u8; 16];
-                msg_id[..8].copy_from_slice(&nonce.to_le_bytes());
-                msg_id[8..].copy_from_slice(&(k as u64).to_le_bytes());
-                let send = ringpost_wire::Send {
-                    msg_id,
-                    to: to.user,
-                    ciphertexts: vec![DeviceCiphertext {
-                        user: to.user,
-                        device: to.device,
-                        body: Bytes::from(body),
-                    }],
-                };
-                let bytes = self.ws_message(&Frame::new(k as u32 + 1, send));
+                let to =
+                    self.accounts[self.conns[b].as_ref().expect("open").account as usize].clone();
+                let bytes = self.message_to(&to, nonce, k, k as u32 + 1);
                 let held = self.conns[a].as_mut().expect("open");
                 if write_all_nonblocking(&mut held.sock, &bytes, Duration::from_secs(5)) {
                     sent_at[k] = Some(Instant::now());
