@@ -242,6 +242,7 @@ fn million_holds_and_checks_every_connection_on_a_local_cluster() {
         .arg(&coordinator)
         .args(["--connections", "300", "--nodes", "2", "--settle", "0.5"])
         .args(["--hold", "1", "--messages", "100", "--answer-timeout", "30"])
+        .args(["--background", "0.5"])
         .args(["--storm", "100"])
         .arg("--quiet")
         .arg("--json")
