@@ -671,13 +671,14 @@ pub async fn run(a: &Args) -> Result<()> {
             half.node_rss_kib, after.node_rss_kib
         ),
     );
+    let from_zero = per_conn(before.node_rss_kib, after.node_rss_kib, connected);
+    let after_hold = per_conn(before.node_rss_kib, held.node_rss_kib, connected);
     r.set_row(
         "server_rss_kib_per_conn",
-        per_conn(before.node_rss_kib, after.node_rss_kib, connected),
+        from_zero,
         "… from zero",
         format!(
-            "{} KiB (all nodes' RSS {} MiB before, {} MiB with every connection; PSS {} MiB; largest node {} MiB)",
-            per_conn(before.node_rss_kib, after.node_rss_kib, connected),
+            "{from_zero} KiB (all nodes' RSS {} MiB before, {} MiB with every connection; PSS {} MiB; largest node {} MiB)",
             before.node_rss_kib / 1024,
             after.node_rss_kib / 1024,
             after.node_pss_kib / 1024,
@@ -686,11 +687,10 @@ pub async fn run(a: &Args) -> Result<()> {
     );
     r.set_row(
         "server_rss_kib_per_conn_after_hold",
-        per_conn(before.node_rss_kib, held.node_rss_kib, connected),
+        after_hold,
         "after hold",
         format!(
-            "{} KiB/conn (all nodes {} MiB after {:.0} s)",
-            per_conn(before.node_rss_kib, held.node_rss_kib, connected),
+            "{after_hold} KiB/conn (all nodes {} MiB after {:.0} s)",
             held.node_rss_kib / 1024,
             a.hold
         ),
@@ -859,27 +859,23 @@ fn report_storm(
     background_s_per_s: f64,
 ) -> Result<()> {
     let q = |key: &str| -> u64 { queued.iter().filter_map(|d| d.get(key)?.as_u64()).sum() };
-    let storm = |d: &Value| d.get("storm").cloned().unwrap_or(Value::Null);
-    let sum = |path: &[&str]| -> u64 {
+    // Each worker's value at `path` under its "storm" object.
+    let values = |path: &[&str]| -> Vec<Value> {
         done.iter()
             .filter_map(|d| {
-                let mut v = storm(d);
+                let mut v = d.get("storm")?;
                 for p in path {
-                    v = v.get(*p)?.clone();
+                    v = v.get(*p)?;
                 }
-                v.as_u64()
+                Some(v.clone())
             })
-            .sum()
+            .collect()
     };
+    let sum = |path: &[&str]| -> u64 { values(path).iter().filter_map(Value::as_u64).sum() };
     let max = |path: &[&str]| -> f64 {
-        done.iter()
-            .filter_map(|d| {
-                let mut v = storm(d);
-                for p in path {
-                    v = v.get(*p)?.clone();
-                }
-                v.as_f64()
-            })
+        values(path)
+            .iter()
+            .filter_map(Value::as_f64)
             .fold(0.0, f64::max)
     };
     let latency = stats::merge_encoded(
