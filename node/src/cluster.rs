@@ -189,6 +189,13 @@ impl ClusterLink {
         let node_id = info.node_id;
         client.join(info).await.context("joining the cluster")?;
         let _ = server.coordinator.set(client.clone());
+        // A node the failure detector marked down while it was away cannot be activated; a
+        // heartbeat revives it (down → joining) first. For any other node it is only a
+        // heartbeat.
+        client
+            .heartbeat(node_id)
+            .await
+            .context("the first heartbeat")?;
         let sent = Instant::now();
         let view = client.activate(node_id).await.context("activating")?;
         let lease_for = lease_duration(&view);
