@@ -13,6 +13,7 @@ use ringpost_node::accounts::{HttpCodeSenderConfig, HTTP_TIMEOUT_MS_DEFAULT};
 use ringpost_node::admission::{self, PreAuthLimits};
 use ringpost_node::runtime::{CodeDelivery, Node, NodeOptions};
 use ringpost_node::session::{Keepalive, IDLE_TIMEOUT_MS, PING_INTERVAL_MS};
+use ringpost_node::storage::rocks::RocksConfig;
 use ringpost_node::transport::tls::CertPaths;
 
 /// mimalloc, unless built with `--features system-alloc` (for heap profilers such as heaptrack,
@@ -62,6 +63,14 @@ struct Common {
     /// node says why and uses tokio. wss and QUIC always use tokio.
     #[arg(long, value_enum, default_value = "tokio", env = "RINGPOST_WS_DRIVER")]
     ws_driver: ringpost_node::runtime::WsDriver,
+    /// RocksDB's block cache (one for every column family, index and filter blocks included),
+    /// in MiB: at most this much memory. Lower it where many nodes share a host.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..), env = "RINGPOST_ROCKSDB_BLOCK_CACHE_MIB")]
+    rocksdb_block_cache_mib: u32,
+    /// RocksDB's memtables, every column family together, in MiB: at most this much memory
+    /// (the largest is flushed when it is reached).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..), env = "RINGPOST_ROCKSDB_WRITE_BUFFER_MIB")]
+    rocksdb_write_buffer_mib: u32,
     /// Sends, receipts and typing indicators one device may make per second.
     #[arg(long, default_value_t = ringpost_node::server::DEVICE_RATE_PER_S, env = "RINGPOST_DEVICE_RATE")]
     device_rate: u32,
@@ -172,6 +181,19 @@ enum ApnsPushTypeArg {
 
 fn read_text(path: &std::path::Path) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// RocksDB's memory bounds from the flags; everything else at its default.
+fn rocks_config(block_cache_mib: u32, write_buffer_mib: u32) -> RocksConfig {
+    const MIB: usize = 1024 * 1024;
+    let d = RocksConfig::default();
+    let total = write_buffer_mib as usize * MIB;
+    RocksConfig {
+        block_cache_bytes: block_cache_mib as usize * MIB,
+        write_buffer_bytes_total_max: total,
+        write_buffer_bytes_per_cf: d.write_buffer_bytes_per_cf.min(total),
+        ..d
+    }
 }
 
 fn push_config(a: PushArgs) -> Result<ringpost_node::push::PushConfig> {
@@ -621,7 +643,10 @@ fn node_options(common: Common) -> Result<(NodeOptions, MediaArgs)> {
         tls_names: Vec::new(),
         server,
         inbox,
-        rocks: Default::default(),
+        rocks: rocks_config(
+            common.rocksdb_block_cache_mib,
+            common.rocksdb_write_buffer_mib,
+        ),
         replicate: false,
         replication: None,
         push: push_config(common.push)?,
