@@ -33,6 +33,9 @@ use crate::worker::{Fleet, DONE};
 /// Connections one worker process holds at most (its open-file limit is 20,000 here).
 pub const CONNECTIONS_PER_WORKER: usize = 16_000;
 
+/// Nodes started at once; the next batch starts when these are ready.
+const START_BATCH: usize = 8;
+
 /// How long a node has to say it is ready.
 const NODE_READY_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -72,6 +75,13 @@ pub struct Args {
     pub ping_interval_ms: u32,
     #[arg(long, default_value_t = 900_000)]
     pub idle_timeout_ms: u32,
+    /// Each node's RocksDB block cache and memtables, in MiB (`--rocksdb-block-cache-mib`,
+    /// `--rocksdb-write-buffer-mib`): with dozens of nodes on one host, their defaults (256
+    /// each) would take the memory the connections need.
+    #[arg(long, default_value_t = 8)]
+    pub rocksdb_block_cache_mib: u32,
+    #[arg(long, default_value_t = 16)]
+    pub rocksdb_write_buffer_mib: u32,
     /// Seconds to wait after connecting before measuring memory.
     #[arg(long, default_value_t = 5.0)]
     pub settle: f64,
@@ -208,76 +218,86 @@ impl LocalCluster {
                 nap(Duration::from_millis(200));
             }
         }
-        let mut procs = Vec::with_capacity(nodes);
-        for n in 1..=nodes {
-            let node_dir = dir.join(format!("node{n}"));
-            let args: Vec<String> = vec![
-                "run".into(),
-                "--data-dir".into(),
-                node_dir.to_string_lossy().into(),
-                "--node-id".into(),
-                n.to_string(),
-                // Port 0: each node advertises the ports it got, and prints them.
-                "--listen-ws".into(),
-                "127.0.0.1:0".into(),
-                "--listen-admin".into(),
-                "127.0.0.1:0".into(),
-                "--listen-peer".into(),
-                "127.0.0.1:0".into(),
-                "--coordinator".into(),
-                client.clone(),
-                "--cluster-secret-file".into(),
-                secret.to_string_lossy().into(),
-                "--codes-file".into(),
-                codes_file.to_string_lossy().into(),
-                "--ws-driver".into(),
-                a.ws_driver.clone(),
-                "--device-rate".into(),
-                "1000000".into(),
-                "--device-burst".into(),
-                "1000000".into(),
-                // Registration is paced per source address and per second by default; the
-                // whole run registers from a few addresses.
-                "--codes-per-second".into(),
-                "1000000".into(),
-                "--codes-per-source-per-hour".into(),
-                "1000000000".into(),
-                "--ping-interval-ms".into(),
-                a.ping_interval_ms.to_string(),
-                "--idle-timeout-ms".into(),
-                a.idle_timeout_ms.to_string(),
-            ];
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            procs.push(spawn(&node_bin, &format!("node{n}"), dir, &args)?);
-        }
+        let mut procs: Vec<Proc> = Vec::with_capacity(nodes);
         let (mut ws_urls, mut admins) = (Vec::new(), Vec::new());
-        let t = Instant::now();
-        for (i, proc) in procs.iter_mut().enumerate() {
-            let out = dir.join(format!("node{}.out", i + 1));
-            loop {
-                let text = std::fs::read_to_string(&out).unwrap_or_default();
-                if text.contains("ringpost node ready") {
-                    let url = |prefix: &str| {
-                        text.lines()
-                            .find_map(|l| l.strip_prefix(prefix))
-                            .map(str::to_string)
-                            .ok_or_else(|| anyhow!("{} printed no `{prefix}` line", proc.name))
-                    };
-                    ws_urls.push(url("listening ws ")?);
-                    admins.push(url("listening admin ")?);
-                    break;
+        // In batches, each ready before the next starts: dozens of nodes opening their
+        // databases at once on two cores kept some from reaching the coordinator in time.
+        for first in (1..=nodes).step_by(START_BATCH) {
+            for n in first..=(first + START_BATCH - 1).min(nodes) {
+                let node_dir = dir.join(format!("node{n}"));
+                let args: Vec<String> = vec![
+                    "run".into(),
+                    "--data-dir".into(),
+                    node_dir.to_string_lossy().into(),
+                    "--node-id".into(),
+                    n.to_string(),
+                    // Port 0: each node advertises the ports it got, and prints them.
+                    "--listen-ws".into(),
+                    "127.0.0.1:0".into(),
+                    "--listen-admin".into(),
+                    "127.0.0.1:0".into(),
+                    "--listen-peer".into(),
+                    "127.0.0.1:0".into(),
+                    "--coordinator".into(),
+                    client.clone(),
+                    "--cluster-secret-file".into(),
+                    secret.to_string_lossy().into(),
+                    "--codes-file".into(),
+                    codes_file.to_string_lossy().into(),
+                    "--ws-driver".into(),
+                    a.ws_driver.clone(),
+                    "--device-rate".into(),
+                    "1000000".into(),
+                    "--device-burst".into(),
+                    "1000000".into(),
+                    // Registration is paced per source address and per second by default; the
+                    // whole run registers from a few addresses.
+                    "--codes-per-second".into(),
+                    "1000000".into(),
+                    "--codes-per-source-per-hour".into(),
+                    "1000000000".into(),
+                    "--ping-interval-ms".into(),
+                    a.ping_interval_ms.to_string(),
+                    "--idle-timeout-ms".into(),
+                    a.idle_timeout_ms.to_string(),
+                    // Dozens of nodes share this host: RocksDB's caches at their defaults (256 MiB
+                    // of block cache and of memtables each) would fill it on their own.
+                    "--rocksdb-block-cache-mib".into(),
+                    a.rocksdb_block_cache_mib.to_string(),
+                    "--rocksdb-write-buffer-mib".into(),
+                    a.rocksdb_write_buffer_mib.to_string(),
+                ];
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                procs.push(spawn(&node_bin, &format!("node{n}"), dir, &args)?);
+            }
+            let t = Instant::now();
+            for (i, proc) in procs.iter_mut().enumerate().skip(first - 1) {
+                let out = dir.join(format!("node{}.out", i + 1));
+                loop {
+                    let text = std::fs::read_to_string(&out).unwrap_or_default();
+                    if text.contains("ringpost node ready") {
+                        let url = |prefix: &str| {
+                            text.lines()
+                                .find_map(|l| l.strip_prefix(prefix))
+                                .map(str::to_string)
+                                .ok_or_else(|| anyhow!("{} printed no `{prefix}` line", proc.name))
+                        };
+                        ws_urls.push(url("listening ws ")?);
+                        admins.push(url("listening admin ")?);
+                        break;
+                    }
+                    if let Some(status) = proc.child.try_wait()? {
+                        bail!(
+                            "{} exited ({status}); its log: {}",
+                            proc.name,
+                            dir.join(format!("node{}.log", i + 1)).display()
+                        );
+                    }
+                    if t.elapsed() > NODE_READY_TIMEOUT {
+                        bail!("{} was not ready after {NODE_READY_TIMEOUT:?}", proc.name);
+                    }
+                    nap(Duration::from_millis(100));
                 }
-                if let Some(status) = proc.child.try_wait()? {
-                    bail!(
-                        "{} exited ({status}); its log: {}",
-                        proc.name,
-                        dir.join(format!("node{}.log", i + 1)).display()
-                    );
-                }
-                if t.elapsed() > NODE_READY_TIMEOUT {
-                    bail!("{} was not ready after {NODE_READY_TIMEOUT:?}", proc.name);
-                }
-                nap(Duration::from_millis(100));
             }
         }
         Ok(LocalCluster {
