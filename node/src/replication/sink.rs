@@ -67,6 +67,12 @@ pub const REPLICA_DOWN_MS: u64 = 500;
 /// Shards one replica node is caught up on at a time. Memory: one chunk each in flight
 /// ([`CATCH_UP_CHUNK_BYTES`]).
 pub const CATCH_UPS_PER_REPLICA: usize = 8;
+/// Shards caught up at once over every replica node together. [`CATCH_UPS_PER_REPLICA`] alone
+/// lets a node of a large cluster, whose shards have replicas on most other nodes, run dozens
+/// of times as many (a 72-node cluster restarting on one host: ~250 MB per node). Memory:
+/// `CATCH_UPS_PER_NODE × CATCH_UP_CHUNKS_IN_FLIGHT × CATCH_UP_CHUNK_BYTES` (32 MiB) per node at
+/// most, whatever the cluster's size.
+pub const CATCH_UPS_PER_NODE: usize = 16;
 /// Snapshot chunks of one shard's catch-up queued or in flight at a time: a large shard moves
 /// in requests of up to a frame, not one chunk per round trip. Memory: this many chunks per
 /// catch-up, so `CATCH_UPS_PER_REPLICA × CATCH_UP_CHUNKS_IN_FLIGHT × CATCH_UP_CHUNK_BYTES`
@@ -182,9 +188,26 @@ struct Shared {
     /// The next catch-up session id (started from the clock, so a restarted primary does not
     /// reuse one a replica still holds).
     sessions: AtomicU64,
+    /// Catch-ups running over every replica node (at most [`CATCH_UPS_PER_NODE`]).
+    catch_ups_running: AtomicUsize,
 }
 
 impl Shared {
+    /// Takes one of the node's [`CATCH_UPS_PER_NODE`] catch-up slots, if one is free.
+    fn take_catch_up_slot(&self) -> bool {
+        self.catch_ups_running
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < CATCH_UPS_PER_NODE).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn release_catch_up_slots(&self, n: usize) {
+        if n > 0 {
+            self.catch_ups_running.fetch_sub(n, Ordering::AcqRel);
+        }
+    }
+
     fn leave_joining(&self, node: NodeId, shard: ShardId) {
         let mut joining = self.joining.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(nodes) = joining.get_mut(&shard) {
@@ -276,6 +299,7 @@ impl NetworkSink {
                 source: OnceLock::new(),
                 joining: Mutex::new(HashMap::new()),
                 sessions: AtomicU64::new(clock),
+                catch_ups_running: AtomicUsize::new(0),
             }),
             streams: Mutex::new(HashMap::new()),
         })
@@ -636,6 +660,13 @@ struct CatchUps {
     retry_after: HashMap<ShardId, Instant>,
 }
 
+impl Drop for CatchUps {
+    /// A replica node's stream that ends gives back the slots of its catch-ups.
+    fn drop(&mut self) {
+        self.shared.release_catch_up_slots(self.active.len());
+    }
+}
+
 /// One shard's catch-up in progress.
 struct Active {
     session: u64,
@@ -725,16 +756,23 @@ impl CatchUps {
             .is_some_and(|a| a.session == session)
     }
 
-    /// Starts waiting catch-ups while fewer than [`CATCH_UPS_PER_REPLICA`] run.
+    /// Starts waiting catch-ups while fewer than [`CATCH_UPS_PER_REPLICA`] run for this node
+    /// and fewer than [`CATCH_UPS_PER_NODE`] for all of them; one left waiting is started by a
+    /// later call (the next scan's candidates bring one).
     fn start(&mut self) {
-        while self.active.len() < CATCH_UPS_PER_REPLICA {
+        while self.active.len() < CATCH_UPS_PER_REPLICA && !self.waiting.is_empty() {
+            if !self.shared.take_catch_up_slot() {
+                break;
+            }
             let Some(shard) = self.waiting.pop_front() else {
+                self.shared.release_catch_up_slots(1);
                 break;
             };
             self.queued.remove(&shard);
             if self.shared.is_joining(self.node, shard)
                 || !self.links.may_catch_up(self.node, shard)
             {
+                self.shared.release_catch_up_slots(1);
                 continue;
             }
             let session = self.shared.sessions.fetch_add(1, Ordering::Relaxed);
@@ -812,6 +850,7 @@ impl CatchUps {
         let Some(a) = self.active.remove(&shard) else {
             return;
         };
+        self.shared.release_catch_up_slots(1);
         let stats = CatchUpStats {
             chunks: a.chunks,
             bytes: a.bytes,
@@ -826,6 +865,7 @@ impl CatchUps {
         if self.active.remove(&shard).is_none() {
             return;
         }
+        self.shared.release_catch_up_slots(1);
         self.shared.leave_joining(self.node, shard);
         self.retry_after.insert(
             shard,
@@ -1078,5 +1118,27 @@ fn note_failed(failed: &mut Option<(String, Vec<ShardId>)>, e: &str, shard: Shar
     let (_, shards) = failed.get_or_insert_with(|| (e.to_owned(), Vec::new()));
     if !shards.contains(&shard) {
         shards.push(shard);
+    }
+}
+
+#[cfg(test)]
+mod slot_tests {
+    use super::*;
+
+    /// However many replica nodes ask, at most `CATCH_UPS_PER_NODE` catch-ups hold a slot, and
+    /// a released slot is taken again.
+    #[tokio::test]
+    async fn catch_up_slots_are_bounded_per_node() {
+        let sink = NetworkSink::new(tokio::runtime::Handle::current());
+        let shared = &sink.shared;
+        let taken = (0..CATCH_UPS_PER_NODE * 4)
+            .filter(|_| shared.take_catch_up_slot())
+            .count();
+        assert_eq!(taken, CATCH_UPS_PER_NODE);
+        assert!(!shared.take_catch_up_slot());
+        shared.release_catch_up_slots(2);
+        assert!(shared.take_catch_up_slot());
+        assert!(shared.take_catch_up_slot());
+        assert!(!shared.take_catch_up_slot());
     }
 }
