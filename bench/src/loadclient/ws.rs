@@ -134,13 +134,23 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
     }
 }
 
+/// The next masking key from an xorshift64* state (non-zero): RFC 6455 wants unpredictable
+/// keys to protect proxies from browsers' scripts; a load generator talking to its own node
+/// only needs them to vary.
+pub fn next_mask(state: &mut u64) -> [u8; 4] {
+    let mut x = *state;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *state = x;
+    ((x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32) as u32).to_ne_bytes()
+}
+
 /// The writing half: frames are masked into one buffer and written together.
 pub struct WsWriter<W> {
     io: W,
     out: BytesMut,
-    /// State of the masking-key generator (xorshift64*): RFC 6455 wants unpredictable keys to
-    /// protect proxies from browsers' scripts; a load generator talking to its own node only
-    /// needs them to vary.
+    /// State of the masking-key generator ([`next_mask`]).
     mask_state: u64,
 }
 
@@ -154,13 +164,7 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
     }
 
     fn next_mask(&mut self) -> [u8; 4] {
-        let mut x = self.mask_state;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.mask_state = x;
-        let v = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
-        ((v >> 32) as u32).to_ne_bytes()
+        next_mask(&mut self.mask_state)
     }
 
     /// The stream; `None` while frames are queued and not written.

@@ -618,13 +618,9 @@ impl Holder {
         }
         frames(buf)
     }
+
     fn next_mask(&mut self) -> [u8; 4] {
-        let mut x = self.masks;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.masks = x;
-        ((x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32) as u32).to_ne_bytes()
+        crate::loadclient::ws::next_mask(&mut self.masks)
     }
 
     /// `frame` as one masked WebSocket binary message.
