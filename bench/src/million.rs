@@ -25,6 +25,7 @@ use serde_json::{json, Value};
 use crate::loadclient::{ClientKind, Transport};
 use crate::report::{self, Report};
 use crate::run::{self, Common, Setup, CLOCK_TICKS_PER_S};
+use crate::scenario::million::nap;
 use crate::scenario::{self, million as m};
 use crate::stats::{self, Percentiles};
 use crate::sysmem::{self, KernelMem, Machine};
@@ -960,12 +961,6 @@ fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
-
-/// Sleeps the calling thread.
-#[allow(clippy::disallowed_methods)] // runs on a blocking thread (spawn_blocking), never on a runtime worker
-fn nap(d: Duration) {
-    std::thread::sleep(d);
 }
 
 #[cfg(test)]

@@ -934,9 +934,10 @@ fn write_all_nonblocking(sock: &mut TcpStream, mut bytes: &[u8], limit: Duration
     true
 }
 
-/// Sleeps the calling thread.
-#[allow(clippy::disallowed_methods)] // the holder thread is a plain thread, never a runtime worker
-fn nap(d: Duration) {
+/// Sleeps the calling thread: only plain threads call it (the holder thread here, and
+/// `million`'s cluster start in `spawn_blocking`), never a runtime worker.
+#[allow(clippy::disallowed_methods)]
+pub fn nap(d: Duration) {
     std::thread::sleep(d);
 }
 
