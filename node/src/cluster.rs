@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use ringpost_coordinator::protocol::ErrorCode;
 use ringpost_coordinator::{
     ClusterSecret, ClusterView, Coordinator, CoordinatorClient, EmbeddedConfig, MemberState,
     NodeId, NodeInfo,
@@ -191,13 +192,29 @@ impl ClusterLink {
         let _ = server.coordinator.set(client.clone());
         // A node the failure detector marked down while it was away cannot be activated; a
         // heartbeat revives it (down → joining) first. For any other node it is only a
-        // heartbeat.
-        client
-            .heartbeat(node_id)
-            .await
-            .context("the first heartbeat")?;
-        let sent = Instant::now();
-        let view = client.activate(node_id).await.context("activating")?;
+        // heartbeat. The detector may still mark it down between the two: it decided on a
+        // heartbeat older than ours, and its `mark_down` committed after our heartbeat was
+        // answered (seen with 72 nodes starting on two cores). Activation is then refused as
+        // an invalid transition, and a new heartbeat revives the node again.
+        let mut refused = 0;
+        let (view, sent) = loop {
+            client
+                .heartbeat(node_id)
+                .await
+                .context("the first heartbeat")?;
+            let sent = Instant::now();
+            match client.activate(node_id).await {
+                Ok(view) => break (view, sent),
+                Err(e)
+                    if e.code() == Some(ErrorCode::InvalidTransition)
+                        && refused < ACTIVATE_REFUSALS_MAX =>
+                {
+                    refused += 1;
+                    warn!(error = %e, refused, "activation refused: heartbeating and trying again");
+                }
+                Err(e) => return Err(e).context("activating"),
+            }
+        };
         let lease_for = lease_duration(&view);
         if lease {
             server.routing.renew_lease(sent, lease_for);
@@ -308,6 +325,10 @@ impl ClusterLink {
         }
     }
 }
+
+/// Activations refused as invalid transitions (the node marked down again between its
+/// heartbeat and its activation) that `join` answers with a new heartbeat before it gives up.
+const ACTIVATE_REFUSALS_MAX: u32 = 5;
 
 /// The lease a heartbeat buys: the coordinator marks a node down after
 /// `heartbeat_miss_limit` missed intervals; the node stops writing one interval before that.
