@@ -504,9 +504,13 @@ struct RunArgs {
 }
 
 fn main() -> Result<()> {
+    let thp = disable_transparent_huge_pages();
     let config = load_config_file()?;
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    if let Err(e) = thp {
+        tracing::warn!(error = %e, "could not turn transparent huge pages off for this process");
+    }
     let dev = matches!(cli.command, Command::Dev(_));
     let opts = match cli.command {
         Command::Dev(args) => dev_options(*args)?,
@@ -517,6 +521,18 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(serve(opts, dev))
+}
+
+/// Transparent huge pages off for this process (prctl `PR_SET_THP_DISABLE`, Linux 3.15+),
+/// first thing in `main`. mimalloc asks for huge pages on its arenas (`MADV_HUGEPAGE`), so the
+/// kernel backs them 2 MiB at a time, and khugepaged fills the pages mimalloc hands back in
+/// again. On one host (BENCHMARKS.md, "Huge pages"): after a 72-node cluster restart, 18 nodes
+/// with huge pages held 186 MB each on average at rest, 18 without (`MIMALLOC_ALLOW_THP=0`,
+/// which makes this same call) 126 MB; single nodes restarted into the settled cluster held
+/// 147–167 MB with them and 67–68 MB with this call. Nothing here is large and hot enough to
+/// gain from huge pages.
+fn disable_transparent_huge_pages() -> nix::Result<()> {
+    nix::sys::prctl::set_thp_disable(true)
 }
 
 /// `ringpost-node run --check-config`: everything a start checks before it opens data or
