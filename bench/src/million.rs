@@ -83,6 +83,13 @@ pub struct Args {
     pub rocksdb_block_cache_mib: u32,
     #[arg(long, default_value_t = 16)]
     pub rocksdb_write_buffer_mib: u32,
+    /// The nodes' peer-link keep-alive and idle timeout (`--peer-keep-alive-ms`,
+    /// `--peer-idle-timeout-ms`). Each node links to every other: at the nodes' defaults (1 s
+    /// and 5 s), 72 idle nodes spent 1.3 of this host's two cores on keep-alives alone.
+    #[arg(long, default_value_t = 10_000)]
+    pub peer_keep_alive_ms: u64,
+    #[arg(long, default_value_t = 30_000)]
+    pub peer_idle_timeout_ms: u32,
     /// Seconds to wait after connecting before measuring memory.
     #[arg(long, default_value_t = 5.0)]
     pub settle: f64,
@@ -267,6 +274,10 @@ impl LocalCluster {
                     a.rocksdb_block_cache_mib.to_string(),
                     "--rocksdb-write-buffer-mib".into(),
                     a.rocksdb_write_buffer_mib.to_string(),
+                    "--peer-keep-alive-ms".into(),
+                    a.peer_keep_alive_ms.to_string(),
+                    "--peer-idle-timeout-ms".into(),
+                    a.peer_idle_timeout_ms.to_string(),
                 ];
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 procs.push(spawn(&node_bin, &format!("node{n}"), dir, &args)?);

@@ -70,6 +70,8 @@ pub struct ClusterOptions {
     pub advertise_wss: Option<String>,
     pub advertise_quic: Option<String>,
     pub zone: String,
+    /// Keep-alive and idle timeout of the peer links.
+    pub peer_liveness: link::PeerLiveness,
 }
 
 /// A running link: its tasks, the embedded coordinator if any, and the "left the cluster"
@@ -149,6 +151,7 @@ impl ClusterLink {
                 key: key.clone(),
                 directory: Arc::new(crate::peer::MembershipKeys(Arc::downgrade(&server))),
                 bind: options.listen_peer,
+                liveness: options.peer_liveness,
             },
             crate::peer::service(&server),
         )

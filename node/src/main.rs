@@ -456,6 +456,15 @@ struct RunArgs {
     /// Node-to-node QUIC listener (UDP).
     #[arg(long, default_value = "127.0.0.1:7790", env = "RINGPOST_LISTEN_PEER")]
     listen_peer: SocketAddr,
+    /// Keep-alive interval of the node-to-node links, in ms: sent on a link with nothing else
+    /// to send. At most half of --peer-idle-timeout-ms.
+    #[arg(long, default_value_t = ringpost_node::peer::link::PEER_KEEP_ALIVE_MS, env = "RINGPOST_PEER_KEEP_ALIVE_MS")]
+    peer_keep_alive_ms: u64,
+    /// A peer silent this long (ms, 1000 to 60000) is dead: its link fails, with the calls
+    /// waiting on it. Raise both where many nodes share a host (each node keeps a link to every
+    /// node it shares a shard with, and pays for its keep-alives).
+    #[arg(long, default_value_t = ringpost_node::peer::link::PEER_IDLE_TIMEOUT_MS, env = "RINGPOST_PEER_IDLE_TIMEOUT_MS")]
+    peer_idle_timeout_ms: u32,
     /// Peer address other nodes dial (default: the bound --listen-peer address).
     #[arg(long, env = "RINGPOST_ADVERTISE_PEER")]
     advertise_peer: Option<String>,
@@ -755,6 +764,11 @@ fn run_options(args: RunArgs) -> Result<NodeOptions> {
                 anyhow::bail!("--coordinator needs the cluster secret: --cluster-secret-file FILE")
             }
         };
+        let peer_liveness = ringpost_node::peer::link::PeerLiveness::new(
+            std::time::Duration::from_millis(args.peer_keep_alive_ms),
+            std::time::Duration::from_millis(args.peer_idle_timeout_ms.into()),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
         let secret = ringpost_coordinator::ClusterSecret::new(secret).map_err(|e| {
             anyhow::anyhow!("the cluster secret must be 16 to 1024 bytes, not {}", e.0)
         })?;
@@ -767,6 +781,7 @@ fn run_options(args: RunArgs) -> Result<NodeOptions> {
             advertise_wss: args.advertise_wss,
             advertise_quic: args.advertise_quic,
             zone: args.zone,
+            peer_liveness,
         });
     }
     opts.listen_ws = args.listen_ws;

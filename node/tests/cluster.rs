@@ -584,6 +584,7 @@ async fn peer_endpoint(view: &ClusterView, id: u64, key: Arc<NodeKey>) -> PeerNe
             key,
             directory: Arc::new(directory),
             bind: "127.0.0.1:0".parse().unwrap(),
+            liveness: Default::default(),
         },
         Arc::new(NoService),
     )

@@ -113,13 +113,66 @@ pub const PEER_HANDSHAKES_PER_SOURCE_MAX: usize = 8;
 /// key (a node that joined a moment ago is not in every view yet).
 pub const PEER_KEY_WAIT_MS: u64 = 1_000;
 
-/// Keep-alive interval: a link is never idle long enough for its idle timeout to fire while the
-/// peer is alive. Costs one small packet per second per link.
+/// Default keep-alive interval: a link is never idle long enough for its idle timeout to fire
+/// while the peer is alive. Costs one small packet per second per link each way (and its ACK);
+/// see [`PeerLiveness`].
 pub const PEER_KEEP_ALIVE_MS: u64 = 1_000;
 
-/// Idle timeout: a peer silent this long (five missed keep-alives) is dead, and its link fails
-/// its pending calls.
+/// Default idle timeout: a peer silent this long (five missed keep-alives) is dead, and its
+/// link fails its pending calls.
 pub const PEER_IDLE_TIMEOUT_MS: u32 = 5_000;
+
+/// Longest idle timeout a node may be configured with (QUIC's limit is far above it; past a
+/// minute, calls to a dead peer wait too long for anyone).
+pub const PEER_IDLE_TIMEOUT_MS_MAX: u32 = 60_000;
+
+/// How a link notices a dead peer: a keep-alive every `keep_alive` when nothing else was sent,
+/// and the link fails (with its pending calls) after `idle_timeout` without a packet. QUIC takes
+/// the smaller of the two ends' idle timeouts.
+///
+/// Every node links to every node it shares a shard with, which on a ring with many virtual
+/// nodes is every other node: the keep-alives cost each node about four packets per second per
+/// peer at the defaults. That is nothing on a host per node, but 72 nodes sharing two cores
+/// spent 1.3 cores on it at rest (`ringpost-bench million`), which runs them slower.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerLiveness {
+    pub keep_alive: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl Default for PeerLiveness {
+    fn default() -> Self {
+        PeerLiveness {
+            keep_alive: Duration::from_millis(PEER_KEEP_ALIVE_MS),
+            idle_timeout: Duration::from_millis(PEER_IDLE_TIMEOUT_MS.into()),
+        }
+    }
+}
+
+impl PeerLiveness {
+    /// Checks the bounds: an idle timeout of 1 s to [`PEER_IDLE_TIMEOUT_MS_MAX`], and at least
+    /// two keep-alives within it, so one lost keep-alive never fails a live link.
+    pub fn new(keep_alive: Duration, idle_timeout: Duration) -> Result<Self, String> {
+        let max = Duration::from_millis(PEER_IDLE_TIMEOUT_MS_MAX.into());
+        if idle_timeout < Duration::from_secs(1) || idle_timeout > max {
+            return Err(format!(
+                "the peer idle timeout must be 1000 to {PEER_IDLE_TIMEOUT_MS_MAX} ms, not {}",
+                idle_timeout.as_millis()
+            ));
+        }
+        if keep_alive.is_zero() || keep_alive.saturating_mul(2) > idle_timeout {
+            return Err(format!(
+                "the peer keep-alive ({} ms) must be above 0 and at most half the idle timeout ({} ms)",
+                keep_alive.as_millis(),
+                idle_timeout.as_millis()
+            ));
+        }
+        Ok(PeerLiveness {
+            keep_alive,
+            idle_timeout,
+        })
+    }
+}
 
 /// Receive window of the link stream: two maximal frames, so one big frame does not stall on
 /// flow-control round trips. Worst-case unread bytes buffered per link.
@@ -220,6 +273,8 @@ pub struct PeerConfig {
     pub directory: Arc<dyn PeerDirectory>,
     /// UDP address to serve on and dial from.
     pub bind: SocketAddr,
+    /// Keep-alive and idle timeout of every link.
+    pub liveness: PeerLiveness,
 }
 
 /// Why a peer call (or starting the peer network) failed.
@@ -274,9 +329,11 @@ impl PeerNet {
         let keyed = Hmac::<Sha256>::new_from_slice(&config.secret)
             .map_err(|e| PeerError::Config(e.to_string()))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut endpoint = quinn::Endpoint::server(server_config(&provider)?, config.bind)
-            .map_err(|e| PeerError::Config(format!("binding {}: {e}", config.bind)))?;
-        endpoint.set_default_client_config(client_config(provider)?);
+        let liveness = config.liveness;
+        let mut endpoint =
+            quinn::Endpoint::server(server_config(&provider, liveness)?, config.bind)
+                .map_err(|e| PeerError::Config(format!("binding {}: {e}", config.bind)))?;
+        endpoint.set_default_client_config(client_config(provider, liveness)?);
         let local_addr = endpoint
             .local_addr()
             .map_err(|e| PeerError::Config(e.to_string()))?;
@@ -949,7 +1006,10 @@ fn split_frame(buf: &mut BytesMut) -> Result<Option<(u64, Bytes)>, String> {
 // ---- TLS -----------------------------------------------------------------------------------------
 
 /// The serving half of the endpoint: a fresh self-signed certificate, TLS 1.3, our ALPN only.
-fn server_config(provider: &Arc<CryptoProvider>) -> Result<quinn::ServerConfig, PeerError> {
+fn server_config(
+    provider: &Arc<CryptoProvider>,
+    liveness: PeerLiveness,
+) -> Result<quinn::ServerConfig, PeerError> {
     let certified =
         rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_owned()]).map_err(tls_error)?;
     let key = PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der());
@@ -962,12 +1022,15 @@ fn server_config(provider: &Arc<CryptoProvider>) -> Result<quinn::ServerConfig, 
     tls.alpn_protocols = vec![PEER_ALPN.to_vec()];
     let tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(tls_error)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(tls));
-    config.transport_config(transport_config(1));
+    config.transport_config(transport_config(1, liveness));
     Ok(config)
 }
 
 /// The dialing half: any server certificate, authenticated afterwards by the proof exchange.
-fn client_config(provider: Arc<CryptoProvider>) -> Result<quinn::ClientConfig, PeerError> {
+fn client_config(
+    provider: Arc<CryptoProvider>,
+    liveness: PeerLiveness,
+) -> Result<quinn::ClientConfig, PeerError> {
     let verifier = Arc::new(AnyServerCert(provider.signature_verification_algorithms));
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -978,13 +1041,14 @@ fn client_config(provider: Arc<CryptoProvider>) -> Result<quinn::ClientConfig, P
     tls.alpn_protocols = vec![PEER_ALPN.to_vec()];
     let tls = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(tls_error)?;
     let mut config = quinn::ClientConfig::new(Arc::new(tls));
-    config.transport_config(transport_config(0));
+    config.transport_config(transport_config(0, liveness));
     Ok(config)
 }
 
 /// Limits of every link; `peer_streams` is how many streams the other side may open (the
 /// dialer opens the one link stream, the server none).
-fn transport_config(peer_streams: u32) -> Arc<quinn::TransportConfig> {
+fn transport_config(peer_streams: u32, liveness: PeerLiveness) -> Arc<quinn::TransportConfig> {
+    let idle = u32::try_from(liveness.idle_timeout.as_millis()).unwrap_or(PEER_IDLE_TIMEOUT_MS_MAX);
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(peer_streams.into())
         .max_concurrent_uni_streams(0u32.into())
@@ -992,8 +1056,8 @@ fn transport_config(peer_streams: u32) -> Arc<quinn::TransportConfig> {
         .receive_window(PEER_CONNECTION_RECEIVE_WINDOW_BYTES.into())
         .send_window(PEER_SEND_WINDOW_BYTES)
         .datagram_receive_buffer_size(None)
-        .keep_alive_interval(Some(Duration::from_millis(PEER_KEEP_ALIVE_MS)))
-        .max_idle_timeout(Some(VarInt::from_u32(PEER_IDLE_TIMEOUT_MS).into()));
+        .keep_alive_interval(Some(liveness.keep_alive))
+        .max_idle_timeout(Some(VarInt::from_u32(idle).into()));
     Arc::new(t)
 }
 
@@ -1116,6 +1180,7 @@ pub(crate) mod tests {
             key: test_key(node_id),
             directory: test_directory(),
             bind: "127.0.0.1:0".parse().unwrap(),
+            liveness: PeerLiveness::default(),
         }
     }
 
@@ -1135,6 +1200,39 @@ pub(crate) mod tests {
         let (b, served) = start(2, "c", SECRET).await;
         let to_b = b.local_addr().to_string();
         (a, b, to_b, served)
+    }
+
+    #[test]
+    fn liveness_needs_two_keep_alives_within_a_bounded_idle_timeout() {
+        let ms = Duration::from_millis;
+        let default = PeerLiveness::default();
+        assert_eq!(
+            PeerLiveness::new(default.keep_alive, default.idle_timeout),
+            Ok(default)
+        );
+        assert!(PeerLiveness::new(ms(10_000), ms(30_000)).is_ok());
+        assert!(PeerLiveness::new(ms(500), ms(1_000)).is_ok());
+        assert!(PeerLiveness::new(ms(30_000), ms(60_000)).is_ok());
+        for (keep_alive, idle) in [(501, 1_000), (0, 5_000), (400, 999), (1_000, 60_001)] {
+            let e = PeerLiveness::new(ms(keep_alive), ms(idle)).unwrap_err();
+            assert!(e.contains("peer"), "{keep_alive}/{idle}: {e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn nodes_with_different_timers_link_and_call() {
+        let liveness = PeerLiveness::new(Duration::from_secs(10), Duration::from_secs(30)).unwrap();
+        let (a, _) = start_with(PeerConfig {
+            liveness,
+            ..test_config(1, "c", SECRET)
+        })
+        .await;
+        let (b, served) = start(2, "c", SECRET).await;
+        let answer = a
+            .call(2, &b.local_addr().to_string(), Bytes::from("ping"), TIMEOUT)
+            .await;
+        assert_eq!(answer.unwrap(), "1:ping");
+        assert_eq!(served.calls(), 1);
     }
 
     #[tokio::test]
@@ -1361,7 +1459,7 @@ pub(crate) mod tests {
         let to_b = b.local_addr();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut flood = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        flood.set_default_client_config(client_config(provider).unwrap());
+        flood.set_default_client_config(client_config(provider, PeerLiveness::default()).unwrap());
 
         // At most PEER_HANDSHAKES_PER_SOURCE_MAX at once; more complete only if the first ones
         // were cut at their deadline while the flood was still dialing (a loaded machine).
