@@ -8,7 +8,7 @@
 #   4. every query of deploy/grafana/ringpost.json, with Grafana's variables replaced by
 #      example values, through promtool as a recording rule (so each one parses as PromQL).
 # That every metric the rules and the dashboard name is really exported is checked by a test
-# that starts a real node and real coordinators: node/tests/cluster/observability.rs.
+# that starts a real node and real coordinators: node/tests/integration/cluster/observability.rs.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -34,7 +34,7 @@ fi
 echo "fuzz: writing seed frames into $fuzz_dir/corpus/" >&2
 RINGPOST_FUZZ_SEEDS="$root/$fuzz_dir/corpus" \
   CARGO_TARGET_DIR="${HOME}/.cache/ringpost-target-wire" \
-  cargo test --quiet -p ringpost-wire --test wire_fuzz_seeds -- --ignored >/dev/null
+  cargo test --quiet -p ringpost-wire --test integration -- --ignored wire_fuzz_seeds:: >/dev/null
 
 for target in "${targets[@]}"; do
   echo "fuzz: $target for ${seconds}s" >&2

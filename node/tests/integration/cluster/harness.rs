@@ -11,10 +11,7 @@ use std::time::Duration;
 use ringpost_client::{Client, ClientConfig};
 use ringpost_coordinator::{ClusterSecret, ClusterView, CoordinatorClient, StatusReport};
 
-#[allow(dead_code)] // the cluster tests use part of it
-#[path = "../e2e/harness.rs"]
-mod node_harness;
-pub use node_harness::TestNode;
+pub use crate::e2e_harness::TestNode;
 
 pub const SECRET: &str = "cluster-test-secret-0123456789";
 /// Shards of test clusters: enough to spread users, few enough to hand off quickly.

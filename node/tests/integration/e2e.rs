@@ -4,8 +4,7 @@
 
 #[path = "e2e/groups.rs"]
 mod groups;
-#[path = "e2e/harness.rs"]
-mod harness;
+use crate::e2e_harness as harness;
 #[path = "e2e/keys.rs"]
 mod keys;
 #[path = "e2e/messaging.rs"]

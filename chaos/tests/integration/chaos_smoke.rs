@@ -6,8 +6,7 @@
 //! dir (`make test` builds it first with `cargo build --workspace --bins`; alone, run
 //! `cargo build -p ringpost-node` before `cargo test -p ringpost-chaos`).
 
-#[path = "support/harness.rs"]
-mod harness;
+use crate::harness;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

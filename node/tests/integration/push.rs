@@ -3,9 +3,7 @@
 //! a certificate made here, FCM HTTP v1 with its OAuth2 token endpoint). Backoff is configured
 //! short (tens of milliseconds), so no test sleeps; every wait is for an event, with a timeout.
 
-#[allow(dead_code)] // the e2e tests use the rest of it
-#[path = "e2e/harness.rs"]
-mod harness;
+use crate::e2e_harness as harness;
 #[path = "push/stand_in.rs"]
 mod stand_in;
 

@@ -4,9 +4,7 @@
 //! traffic, and the fence that keeps a node with a stale view from writing; and (in
 //! `observability`) the dashboard's and alert rules' metric names against real `/metrics`.
 
-#[allow(dead_code)] // the group, presence and broadcast tests use the rest of it
-#[path = "cluster/harness.rs"]
-mod harness;
+use crate::cluster_harness as harness;
 #[path = "cluster/observability.rs"]
 mod observability;
 

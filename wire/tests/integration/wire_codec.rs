@@ -1,8 +1,7 @@
 //! Frame::encode / Frame::decode: round trips for every frame type, every bound enforced on both
 //! sides, and every kind of bad input answered with the right error and never a panic.
 
-#[path = "support/frames.rs"]
-mod frames;
+use crate::frames;
 
 use bytes::Bytes;
 use flatbuffers::FlatBufferBuilder;

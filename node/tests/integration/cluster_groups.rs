@@ -1,9 +1,7 @@
 //! Groups across a real cluster: a coordinator and three `ringpost-node run` processes on
 //! loopback, members spread over every node, driven through the client SDK.
 
-#[allow(dead_code)] // the other cluster tests use the rest
-#[path = "cluster/harness.rs"]
-mod harness;
+use crate::cluster_harness as harness;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

@@ -2,8 +2,7 @@
 //! streams of them), so libFuzzer starts from the schema's shapes rather than from nothing.
 //! Ignored by `cargo test`; scripts/fuzz.sh runs it with `RINGPOST_FUZZ_SEEDS=<dir>`.
 
-#[path = "support/frames.rs"]
-mod frames;
+use crate::frames;
 
 use std::path::PathBuf;
 

@@ -2,9 +2,7 @@
 //! three `ringpost-node run` processes on loopback, members on every node, driven through the
 //! client SDK.
 
-#[allow(dead_code)] // the other cluster tests use the rest
-#[path = "cluster/harness.rs"]
-mod harness;
+use crate::cluster_harness as harness;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -1,7 +1,6 @@
 //! FrameView: the zero-copy path agrees with the owned decoder on every frame.
 
-#[path = "support/frames.rs"]
-mod frames;
+use crate::frames;
 
 use proptest::prelude::*;
 use ringpost_wire::view::FrameView;

@@ -1,8 +1,7 @@
 //! QUIC stream framing: a stream cut anywhere yields the same frames; bad prefixes are refused
 //! before anything is buffered.
 
-#[path = "support/frames.rs"]
-mod frames;
+use crate::frames;
 
 use bytes::{BufMut, BytesMut};
 use proptest::prelude::*;

@@ -1,8 +1,6 @@
 //! Proptest strategies for every frame type, within every bound and small enough that any
 //! frame they make fits [`FRAME_BYTES_MAX`] (so a round trip must succeed). Shared by the
-//! integration tests through `#[path]`.
-
-#![allow(dead_code)]
+//! integration tests (`main.rs`).
 
 use bytes::Bytes;
 use proptest::collection::vec;

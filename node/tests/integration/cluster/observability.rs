@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use crate::harness::TestCluster;
+use super::harness::TestCluster;
 
 /// A file of the repository, by its path from the workspace root.
 fn repo_file(path: &str) -> String {

@@ -8,8 +8,7 @@
 //!
 //! Also `cluster-slow-net` (below): the same cluster with every link through the relays.
 
-#[path = "support/harness.rs"]
-mod harness;
+use crate::harness;
 
 use std::time::{Duration, Instant};
 

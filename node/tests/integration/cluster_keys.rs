@@ -2,9 +2,7 @@
 //! processes on loopback, driven through the client SDK. An upload with a new identity key on
 //! one node reaches the devices of the uploader's contacts on the other.
 
-#[allow(dead_code)] // the cluster tests use the rest of it
-#[path = "cluster/harness.rs"]
-mod harness;
+use crate::cluster_harness as harness;
 
 use std::time::Duration;
 

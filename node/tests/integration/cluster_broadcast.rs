@@ -1,9 +1,7 @@
 //! Broadcast lists and statuses across real nodes: a real coordinator and two real
 //! `ringpost-node run` processes on loopback, driven through the client SDK.
 
-#[allow(dead_code)] // the cluster tests use the rest of it
-#[path = "cluster/harness.rs"]
-mod harness;
+use crate::cluster_harness as harness;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -5,9 +5,7 @@
 //!   (expiry without sleeping), against the local directory and against a real S3-compatible
 //!   server (moto, started by the test; see `media/moto.rs`).
 
-#[allow(dead_code)]
-#[path = "e2e/harness.rs"]
-mod harness;
+use crate::e2e_harness as harness;
 #[path = "media/moto.rs"]
 mod moto;
 #[path = "media/service.rs"]
