@@ -106,6 +106,12 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // Transparent huge pages off, as in the node (its `main` says why): mimalloc's arenas
+    // otherwise fill up in 2 MiB pages, and the million's workers are measured as the
+    // generator's memory.
+    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+        eprintln!("ringpost-bench: could not turn transparent huge pages off: {e}");
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
