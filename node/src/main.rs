@@ -536,9 +536,9 @@ fn main() -> Result<()> {
 /// first thing in `main`. mimalloc asks for huge pages on its arenas (`MADV_HUGEPAGE`), so the
 /// kernel backs them 2 MiB at a time, and khugepaged fills the pages mimalloc hands back in
 /// again. On one host (BENCHMARKS.md, "Huge pages"): after a 72-node cluster restart, 18 nodes
-/// with huge pages held 186 MB each on average at rest, 18 without (`MIMALLOC_ALLOW_THP=0`,
-/// which makes this same call) 126 MB; single nodes restarted into the settled cluster held
-/// 147–167 MB with them and 67–68 MB with this call. Nothing here is large and hot enough to
+/// with huge pages held 186 MiB each on average at rest, 18 without (`MIMALLOC_ALLOW_THP=0`,
+/// which makes this same call) 126 MiB; single nodes restarted into the settled cluster held
+/// 143–175 MiB with them and 65–67 MiB with this call. Nothing here is large and hot enough to
 /// gain from huge pages.
 fn disable_transparent_huge_pages() -> nix::Result<()> {
     nix::sys::prctl::set_thp_disable(true)
