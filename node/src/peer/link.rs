@@ -134,10 +134,11 @@ pub const PEER_IDLE_TIMEOUT_MS_MAX: u32 = 60_000;
 /// nodes is every other node: the keep-alives cost each node about four packets per second per
 /// peer at the defaults. That is nothing on a host per node, but 72 nodes sharing two cores
 /// spent 1.3 cores on it at rest (`ringpost-bench million`), which runs them slower.
+/// Built by [`PeerLiveness::new`] (which checks the bounds) or `Default`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerLiveness {
-    pub keep_alive: Duration,
-    pub idle_timeout: Duration,
+    keep_alive: Duration,
+    idle_timeout: Duration,
 }
 
 impl Default for PeerLiveness {
