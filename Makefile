@@ -16,7 +16,8 @@ run: deps
 cluster: deps
 	scripts/cluster.sh
 
-## make test: every check CI runs: generated code, formatting, lints, the alert rules, the deployment checks, all tests.
+## make test: every check CI runs: generated code, formatting, lints, the alert rules, the deployment checks, all tests,
+## and that the binaries' build and the tests' build share their compiled crates.
 test: deps check-gen check-rules
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
@@ -24,6 +25,7 @@ test: deps check-gen check-rules
 	scripts/deploy-check.sh
 	$(CARGO) nextest run --workspace --no-fail-fast
 	$(CARGO) test --workspace --doc
+	scripts/check-shared-build.sh
 
 deps:
 	@scripts/deps.sh
