@@ -2,7 +2,7 @@
 //! or a push stream of views after `watch`.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -13,7 +13,8 @@ use crate::channel::{Channel, ChannelError};
 use crate::protocol::{
     ClientRequest, ClientResponse, WireError, MAX_CLIENT_FRAME_BYTES, WATCH_KEEPALIVE,
 };
-use crate::service::Service;
+use crate::service::{EncodedView, Service};
+use crate::types::ClusterView;
 
 /// A request connection idle this long is closed (watch connections carry keepalives instead).
 pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -134,6 +135,27 @@ async fn handle_client(
     }
 }
 
+/// `view`'s frame payload, serialized by the first watcher that pushes this revision and
+/// shared by the rest: every node watches, and a view of 4096 shards is about 80 KB of JSON,
+/// so serializing it per watcher made each revision cost the leader ~70 serializations.
+fn encoded_view(svc: &Service, view: &Arc<ClusterView>) -> Result<Arc<Vec<u8>>, ChannelError> {
+    let mut pushed = svc
+        .pushed_view
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some(e) = pushed.as_ref().filter(|e| e.revision == view.revision) {
+        return Ok(e.payload.clone());
+    }
+    let payload = Arc::new(crate::channel::encode(&ClientResponse::View(Box::new(
+        (**view).clone(),
+    )))?);
+    *pushed = Some(EncodedView {
+        revision: view.revision,
+        payload: payload.clone(),
+    });
+    Ok(payload)
+}
+
 /// Pushes the current view, then every newer one, plus keepalives, until the client goes away
 /// or the replica shuts down. A slow client skips intermediate views (each view is complete).
 async fn watch_loop(
@@ -153,9 +175,7 @@ async fn watch_loop(
     let mut keepalive = tokio::time::interval(WATCH_KEEPALIVE);
     let mut current = views.borrow_and_update().clone();
     if let Some(v) = &current {
-        writer
-            .send(&ClientResponse::View(Box::new((**v).clone())))
-            .await?;
+        writer.send_encoded(&encoded_view(&svc, v)?).await?;
     }
     loop {
         tokio::select! {
@@ -166,7 +186,7 @@ async fn watch_loop(
                 let next = views.borrow_and_update().clone();
                 if let Some(v) = &next {
                     if current.as_ref().map(|c| c.revision) != Some(v.revision) {
-                        writer.send(&ClientResponse::View(Box::new((**v).clone()))).await?;
+                        writer.send_encoded(&encoded_view(&svc, v)?).await?;
                     }
                 }
                 current = next;

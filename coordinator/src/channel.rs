@@ -234,20 +234,30 @@ fn check_magic_and_kind(head: &[u8], kind: ChannelKind) -> Result<(), ChannelErr
     Ok(())
 }
 
+/// A message's frame payload, for [`ChannelWriter::send_encoded`].
+pub(crate) fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, ChannelError> {
+    Ok(serde_json::to_vec(msg)?)
+}
+
 impl ChannelWriter {
     /// Serializes, signs and writes one frame (one `write_all`).
     pub(crate) async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), ChannelError> {
-        let payload = serde_json::to_vec(msg)?;
+        self.send_encoded(&encode(msg)?).await
+    }
+
+    /// Signs and writes one frame of a payload from [`encode`]: a message sent to many
+    /// channels is serialized once.
+    pub(crate) async fn send_encoded(&mut self, payload: &[u8]) -> Result<(), ChannelError> {
         if payload.len() > self.max_frame_bytes {
             return Err(ChannelError::FrameTooLarge {
                 len: payload.len(),
                 max: self.max_frame_bytes,
             });
         }
-        let tag = self.mac.sign(&payload);
+        let tag = self.mac.sign(payload);
         let mut frame = Vec::with_capacity(4 + payload.len() + TAG_BYTES);
         frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-        frame.extend_from_slice(&payload);
+        frame.extend_from_slice(payload);
         frame.extend_from_slice(&tag);
         self.io.write_all(&frame).await?;
         Ok(())

@@ -273,6 +273,8 @@ impl Coordinator {
             detector: Arc::new(Mutex::new(FailureDetector::new())),
             metrics: Arc::default(),
             committed,
+            pushed_view: Arc::default(),
+            marking_down: Default::default(),
         };
         let (shutdown, stop) = watch::channel(false);
         let mut tasks = JoinSet::new();

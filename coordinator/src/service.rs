@@ -26,6 +26,9 @@ use crate::types::{
 
 /// How long `init` waits for the new cluster to elect a leader.
 const INIT_LEADER_WAIT: Duration = Duration::from_secs(10);
+/// Longest a heartbeat waits for a `mark_down` of its node in flight ([`MarkingDown`]); past
+/// it, the heartbeat gets an error (no lease) and the node tries again at its next one.
+const MARK_DOWN_WAIT_MS: u64 = 5_000;
 /// Failure-detector tick before `init` (nothing to watch yet).
 const IDLE_TICK: Duration = Duration::from_millis(200);
 
@@ -47,6 +50,64 @@ pub(crate) struct Service {
     pub(crate) metrics: Arc<CoordMetrics>,
     /// The commit index the log store last saved.
     pub(crate) committed: CommittedIndex,
+    /// The last view pushed to watchers, serialized once for all of them.
+    pub(crate) pushed_view: Arc<Mutex<Option<EncodedView>>>,
+    /// Nodes a `mark_down` is being proposed for.
+    pub(crate) marking_down: MarkingDown,
+}
+
+/// The nodes a `mark_down` is being proposed for. A heartbeat from one of them waits until that
+/// write is done and is answered from the view after it. Answered from the view before it, the
+/// node was told "active" (a lease) by a leader about to commit it down: its shards then failed
+/// over while it held that lease, and it stayed down until its next heartbeat revived it. The
+/// detector decides on heartbeats it has seen, so a node that heartbeats between the decision
+/// and the commit is down once the commit lands; this makes its heartbeat say so.
+#[derive(Clone)]
+pub(crate) struct MarkingDown(watch::Sender<BTreeSet<NodeId>>);
+
+impl Default for MarkingDown {
+    fn default() -> Self {
+        MarkingDown(watch::channel(BTreeSet::new()).0)
+    }
+}
+
+impl MarkingDown {
+    /// Marks `nodes` as being marked down until the guard is dropped.
+    fn begin(&self, nodes: &[NodeId]) -> MarkingDownGuard {
+        self.0.send_modify(|s| s.extend(nodes));
+        MarkingDownGuard {
+            set: self.clone(),
+            nodes: nodes.to_vec(),
+        }
+    }
+
+    /// Resolves once no `mark_down` of `node` is in flight.
+    async fn settled(&self, node: NodeId) {
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|s| !s.contains(&node)).await;
+    }
+}
+
+/// Ends a [`MarkingDown::begin`] when the write is done (or its task is dropped).
+struct MarkingDownGuard {
+    set: MarkingDown,
+    nodes: Vec<NodeId>,
+}
+
+impl Drop for MarkingDownGuard {
+    fn drop(&mut self) {
+        self.set.0.send_modify(|s| {
+            for n in &self.nodes {
+                s.remove(n);
+            }
+        });
+    }
+}
+
+/// A view's `ClientResponse::View` frame payload.
+pub(crate) struct EncodedView {
+    pub(crate) revision: u64,
+    pub(crate) payload: Arc<Vec<u8>>,
 }
 
 impl Service {
@@ -145,14 +206,26 @@ impl Service {
         if let Some(e) = self.not_leader() {
             return Err(e);
         }
-        let view = self.view_now()?;
-        let member = view.member(node_id).ok_or_else(|| {
-            WireError::new(ErrorCode::UnknownNode, format!("unknown node {node_id}"))
-        })?;
+        if self.view_now()?.member(node_id).is_none() {
+            let e = WireError::new(ErrorCode::UnknownNode, format!("unknown node {node_id}"));
+            return Err(e);
+        }
+        // Recorded before the check below, and the detector begins a `mark_down` under the
+        // same lock it decides under: either it saw this heartbeat, or the wait sees its write.
         self.record_heartbeat(node_id);
         self.metrics
             .heartbeats
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let bound = Duration::from_millis(MARK_DOWN_WAIT_MS);
+        if (tokio::time::timeout(bound, self.marking_down.settled(node_id)).await).is_err() {
+            // No answer rather than a lease the write may still break.
+            let e = format!("a mark_down of node {node_id} is still being written; retry");
+            return Err(WireError::new(ErrorCode::Internal, e));
+        }
+        let view = self.view_now()?;
+        let member = view.member(node_id).ok_or_else(|| {
+            WireError::new(ErrorCode::UnknownNode, format!("unknown node {node_id}"))
+        })?;
         if member.state != MemberState::Down {
             return Ok(HeartbeatAck {
                 state: member.state,
@@ -281,7 +354,7 @@ pub(crate) async fn run_failure_detector(svc: Service, mut shutdown: watch::Rece
         let Some(view) = svc.views.borrow().clone() else {
             continue;
         };
-        let expired = {
+        let (expired, _marking) = {
             let Ok(mut d) = svc.detector.lock() else {
                 return;
             };
@@ -289,11 +362,13 @@ pub(crate) async fn run_failure_detector(svc: Service, mut shutdown: watch::Rece
                 d.handle_step_down();
                 continue;
             }
-            d.poll_expired(term, &view, Instant::now())
+            let expired = d.poll_expired(term, &view, Instant::now());
+            if expired.is_empty() {
+                continue;
+            }
+            let marking = svc.marking_down.begin(&expired);
+            (expired, marking)
         };
-        if expired.is_empty() {
-            continue;
-        }
         tracing::warn!(nodes = ?expired, "nodes missed heartbeats: marking down");
         let count = expired.len() as u64;
         match svc
@@ -317,4 +392,34 @@ pub(crate) async fn run_failure_detector(svc: Service, mut shutdown: watch::Rece
 /// Resolves once `shutdown` turns true (or its sender is gone).
 pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A heartbeat's wait ends when the `mark_down` of its node is done, however that write
+    /// ended (the guard is dropped), and does not wait for other nodes' writes.
+    #[tokio::test]
+    async fn a_heartbeat_waits_for_its_nodes_mark_down_only() {
+        let marking = MarkingDown::default();
+        let guard = marking.begin(&[3, 5]);
+        let waiting = tokio::spawn({
+            let marking = marking.clone();
+            async move { marking.settled(3).await }
+        });
+        tokio::time::timeout(Duration::from_secs(5), marking.settled(4))
+            .await
+            .expect("node 4 is not being marked down");
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiting.is_finished(), "node 3's mark_down is in flight");
+        drop(guard);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the wait ends with the write")
+            .unwrap();
+        assert!(marking.0.borrow().is_empty());
+    }
 }
