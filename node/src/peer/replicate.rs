@@ -1,7 +1,7 @@
 //! Shard replication over peer links: the node's [`ReplicaLinks`] (the primary's side, used
 //! by [`crate::replication::NetworkSink`]) and the serving of `Replicate` (the replica's side).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
@@ -32,6 +32,23 @@ pub struct ServerLinks {
     /// may commit later) and not yet seen in the view or shrunk since: a replica that fails is
     /// shrunk out of these shards too. Bounded by replicas × shards.
     expand_sent: Arc<Mutex<HashSet<(NodeId, ShardId)>>>,
+    /// Expands to send, batched: see [`Expands`].
+    expands: Arc<Mutex<Expands>>,
+}
+
+/// The expands of in-sync sets this node has to propose, batched like a group commit: while
+/// one batch is with the coordinator, the shards caught up meanwhile collect here and go
+/// together when it returns. Catch-ups end in bursts (a node that joins takes over shards by
+/// the dozen), and each command the coordinator commits is a view revision every node
+/// receives, so one proposal per shard made a joining cluster's views churn.
+#[derive(Default)]
+struct Expands {
+    /// Shards per (replica, ring epoch the catch-up was against): one command each (chunked
+    /// by [`MAX_SHARDS_PER_COMMAND`]). Bounded by replicas × shards.
+    waiting: BTreeMap<(NodeId, u64), BTreeSet<ShardId>>,
+    /// A task is sending batches ([`send_expands`]); it takes `waiting` until it finds it
+    /// empty.
+    sending: bool,
 }
 
 /// Longest a primary waits for the coordinator to take a failed replica out of its shards'
@@ -45,6 +62,7 @@ impl ServerLinks {
             runtime,
             proposing: Arc::default(),
             expand_sent: Arc::default(),
+            expands: Arc::default(),
         }
     }
 }
@@ -206,7 +224,7 @@ impl ReplicaLinks for ServerLinks {
         let first: Vec<ShardId> = (shards.iter().copied())
             .filter(|&s| ring.owner(s) == Some(me) && ring.in_sync(s).is_none())
             .collect();
-        let mut wanted: Vec<ShardId> = {
+        let wanted: Vec<ShardId> = {
             let mut proposing = self
                 .proposing
                 .lock()
@@ -227,34 +245,22 @@ impl ReplicaLinks for ServerLinks {
             sent.extend(wanted.iter().map(|&s| (node, s)));
             wanted
         };
-        wanted.sort_unstable();
-        let proposing = self.proposing.clone();
-        let epoch = ring.epoch;
-        let propose = (!wanted.is_empty()).then_some(async move {
-            for chunk in wanted.chunks(MAX_SHARDS_PER_COMMAND) {
-                let change = IsrChange {
-                    primary: me,
-                    epoch,
-                    shards: chunk.iter().map(|&s| u32::from(s)).collect(),
-                    op: IsrOp::Expand(node),
-                };
-                match client.change_isr(change).await {
-                    Ok(_) => {}
-                    Err(e) => {
-                        // The epoch moved, or the coordinator is away: the next synced write
-                        // that reaches the replica proposes again.
-                        debug!(replica = node, error = %e, "proposing a replica in sync failed");
-                        let mut proposing =
-                            proposing.lock().unwrap_or_else(PoisonError::into_inner);
-                        for &s in chunk {
-                            proposing.remove(&(node, s));
-                        }
-                    }
+        let start = !wanted.is_empty()
+            && (self.expands.lock().unwrap_or_else(PoisonError::into_inner))
+                .queue(node, ring.epoch, wanted);
+        if start {
+            let propose = move |change: IsrChange| {
+                let client = client.clone();
+                async move {
+                    client
+                        .change_isr(change)
+                        .await
+                        .map(drop)
+                        .map_err(|e| e.to_string())
                 }
-            }
-        });
-        if let Some(propose) = propose {
-            self.runtime.spawn(propose);
+            };
+            let send = send_expands(me, propose, self.expands.clone(), self.proposing.clone());
+            self.runtime.spawn(send);
         }
         if first.is_empty() {
             return Ok(());
@@ -343,9 +349,74 @@ impl ReplicaLinks for ServerLinks {
     }
 }
 
-/// The followers of `shard` on `ring` seen from `me`: if `me` is its primary by its in-sync
-/// set, its placed nodes that are not in the set, as many as the set has room for
-/// ([`MAX_ISR_NODES`]).
+impl Expands {
+    /// Queues `shards` of `node`, caught up against the ring of `epoch`. True when no sender
+    /// runs: the caller starts one ([`send_expands`]).
+    fn queue(&mut self, node: NodeId, epoch: u64, shards: Vec<ShardId>) -> bool {
+        self.waiting
+            .entry((node, epoch))
+            .or_default()
+            .extend(shards);
+        !std::mem::replace(&mut self.sending, true)
+    }
+
+    /// Everything queued, or `None`, and then the sender stops (under the same lock, so a
+    /// shard queued after this starts a new one).
+    fn take(&mut self) -> Option<BTreeMap<(NodeId, u64), BTreeSet<ShardId>>> {
+        if self.waiting.is_empty() {
+            self.sending = false;
+            return None;
+        }
+        Some(std::mem::take(&mut self.waiting))
+    }
+}
+
+/// Sends the waiting expands in batches until none is left (see [`Expands`]): each batch is
+/// one command per replica and epoch (chunked by [`MAX_SHARDS_PER_COMMAND`]), all sent at
+/// once. A command that fails takes its pairs out of `proposing`: the next synced write that
+/// reaches the replica proposes them again.
+async fn send_expands<F, Fut>(
+    me: NodeId,
+    propose: F,
+    expands: Arc<Mutex<Expands>>,
+    proposing: Arc<Mutex<HashSet<(NodeId, ShardId)>>>,
+) where
+    F: Fn(IsrChange) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    loop {
+        let batch = (expands.lock().unwrap_or_else(PoisonError::into_inner)).take();
+        let Some(batch) = batch else {
+            return;
+        };
+        let sends = batch.into_iter().map(|((node, epoch), shards)| {
+            let propose = &propose;
+            let proposing = &proposing;
+            async move {
+                let shards: Vec<ShardId> = shards.into_iter().collect();
+                for chunk in shards.chunks(MAX_SHARDS_PER_COMMAND) {
+                    let change = IsrChange {
+                        primary: me,
+                        epoch,
+                        shards: chunk.iter().map(|&s| u32::from(s)).collect(),
+                        op: IsrOp::Expand(node),
+                    };
+                    if let Err(e) = propose(change).await {
+                        // The epoch moved, or the coordinator is away.
+                        debug!(replica = node, error = %e, "proposing a replica in sync failed");
+                        let mut proposing =
+                            proposing.lock().unwrap_or_else(PoisonError::into_inner);
+                        for &s in chunk {
+                            proposing.remove(&(node, s));
+                        }
+                    }
+                }
+            }
+        });
+        futures::future::join_all(sends).await;
+    }
+}
+
 pub(crate) fn followers_in(ring: &Ring, me: NodeId, shard: ShardId) -> Vec<NodeId> {
     let Some(set) = ring.in_sync(shard) else {
         return Vec::new();
@@ -437,4 +508,81 @@ pub(crate) async fn serve(
     let mut answers = served.answers;
     answers.extend(refused);
     PeerResponse::Replicated(answers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn expand(node: NodeId, epoch: u64, shards: &[u32]) -> IsrChange {
+        IsrChange {
+            primary: 1,
+            epoch,
+            shards: shards.to_vec(),
+            op: IsrOp::Expand(node),
+        }
+    }
+
+    /// Shards caught up while a proposal is with the coordinator wait for it and then go
+    /// together, one command per replica and epoch; a failed command's pairs may be proposed
+    /// again; the sender stops when nothing waits, and the next shard starts a new one.
+    #[tokio::test]
+    async fn expands_caught_up_during_a_proposal_go_in_one_command_each() {
+        let expands = Arc::new(Mutex::new(Expands::default()));
+        let proposing: Arc<Mutex<HashSet<(NodeId, ShardId)>>> = Arc::default();
+        let sent: Arc<Mutex<Vec<IsrChange>>> = Arc::default();
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let propose = {
+            let (sent, gate) = (sent.clone(), gate.clone());
+            move |change: IsrChange| {
+                let refused = change.epoch == 6;
+                sent.lock().unwrap().push(change);
+                let gate = gate.clone();
+                async move {
+                    gate.acquire().await.unwrap().forget();
+                    if refused {
+                        Err("epoch 6 is not the current one".to_string())
+                    } else {
+                        Ok(())
+                    }
+                }
+            }
+        };
+        proposing.lock().unwrap().extend([(2, 1), (3, 5), (3, 6)]);
+        assert!(expands.lock().unwrap().queue(2, 7, vec![1]));
+        let sender = tokio::spawn(send_expands(1, propose, expands.clone(), proposing.clone()));
+        while sent.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        // The first command is with the "coordinator": these wait, and start no sender.
+        for s in (2..=10).rev() {
+            assert!(!expands.lock().unwrap().queue(2, 7, vec![s]));
+        }
+        assert!(!expands.lock().unwrap().queue(3, 7, vec![5]));
+        assert!(!expands.lock().unwrap().queue(3, 6, vec![6]));
+        gate.add_permits(4);
+        sender.await.unwrap();
+        let sent = sent.lock().unwrap().clone();
+        assert_eq!(sent[0], expand(2, 7, &[1]));
+        let mut rest = sent[1..].to_vec();
+        rest.sort_by_key(|c| (format!("{:?}", c.op), c.epoch));
+        assert_eq!(
+            rest,
+            vec![
+                expand(2, 7, &[2, 3, 4, 5, 6, 7, 8, 9, 10]),
+                expand(3, 6, &[6]),
+                expand(3, 7, &[5]),
+            ]
+        );
+        let proposing = proposing.lock().unwrap().clone();
+        assert_eq!(
+            proposing,
+            HashSet::from([(2, 1), (3, 5)]),
+            "the refused pair may be proposed again"
+        );
+        assert!(
+            expands.lock().unwrap().queue(2, 7, vec![11]),
+            "the sender stopped: the next shard starts one"
+        );
+    }
 }
