@@ -358,7 +358,8 @@ fn a_failed_registration_is_retried_until_the_owner_answers() {
         let owner = cluster.index_of(1);
         cluster.nodes[owner].signal("STOP");
         v.presence_subscribe(vec![target]).await.expect("subscribe");
-        assert!(v_events.presence(target).is_empty());
+        let early = v_events.presence(target);
+        assert!(early.is_empty(), "presence from a stopped owner: {early:?}");
         // Held stopped until node 2's registration timed out and was tried again: resuming
         // the owner earlier would let the first attempt's packets through (QUIC retransmits).
         let deadline = Instant::now() + WAIT;

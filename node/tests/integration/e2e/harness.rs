@@ -213,11 +213,17 @@ impl TestNode {
     }
 }
 
+/// Sends `SIG{sig}` to `pid` with kill(2), checked: a `kill` process that failed to start would
+/// go unnoticed, and the test would run against a node it thinks stopped.
 fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status();
+    use std::str::FromStr;
+    let signal = nix::sys::signal::Signal::from_str(&format!("SIG{sig}"))
+        .unwrap_or_else(|e| panic!("no signal SIG{sig}: {e}"));
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("a pid fits in i32"));
+    match nix::sys::signal::kill(pid, signal) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => {} // sent, or the process is gone already
+        Err(e) => panic!("kill -{sig} {pid}: {e}"),
+    }
 }
 
 impl Drop for TestNode {
