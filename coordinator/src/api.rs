@@ -126,6 +126,16 @@ async fn handle_client(
             ClientRequest::SetReplication { factor } => {
                 reply(svc.set_replication(factor).await, view)
             }
+            ClientRequest::SetHeartbeat {
+                interval_ms,
+                miss_limit,
+            } => {
+                let cmd = crate::state::Command::SetHeartbeat {
+                    interval_ms,
+                    miss_limit,
+                };
+                reply(svc.write(cmd).await, view)
+            }
             ClientRequest::ChangeIsr(change) => {
                 reply(svc.write(crate::state::Command::Isr(change)).await, view)
             }

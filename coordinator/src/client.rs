@@ -236,6 +236,21 @@ impl CoordinatorClient {
             .await
     }
 
+    /// Sets the failure detector's timing: nodes heartbeat every `interval_ms`, and are marked
+    /// down after `miss_limit` missed. Refused (`InvalidRequest`) if the timeout
+    /// (`interval_ms × miss_limit`) is shorter than the current one, or out of `init`'s bounds.
+    pub async fn set_heartbeat(
+        &self,
+        interval_ms: u64,
+        miss_limit: u32,
+    ) -> Result<ClusterView, ClientError> {
+        self.expect_view(ClientRequest::SetHeartbeat {
+            interval_ms,
+            miss_limit,
+        })
+        .await
+    }
+
     /// As the primary of `change.shards` at `change.epoch`, changes their in-sync replica sets
     /// (see [`crate::state`]); refused with `NotPrimary` if this node is not (or no longer)
     /// their primary at the current epoch. Returns the view with the change.

@@ -265,6 +265,17 @@ enum CtlOp {
         /// The new factor.
         factor: u32,
     },
+    /// Set the failure detector's timing: nodes heartbeat every --interval-ms and are marked
+    /// down after --miss-limit missed. Only to a timeout (interval × limit) no shorter than the
+    /// current one: nodes hold write leases computed from it.
+    SetHeartbeat {
+        /// How often nodes heartbeat (10 to 60000 ms).
+        #[arg(long)]
+        interval_ms: u64,
+        /// Missed heartbeats before a node is marked down (1 to 100).
+        #[arg(long)]
+        miss_limit: u32,
+    },
 }
 
 /// `--config PATH`, `--config=PATH` or `RINGPOST_COORD_CONFIG`.
@@ -472,6 +483,10 @@ async fn ctl(a: CtlArgs) -> anyhow::Result<()> {
         CtlOp::Remove { node } => client.remove(node).await?,
         CtlOp::Activate { node } => client.activate(node).await?,
         CtlOp::SetReplication { factor } => client.set_replication(factor).await?,
+        CtlOp::SetHeartbeat {
+            interval_ms,
+            miss_limit,
+        } => client.set_heartbeat(interval_ms, miss_limit).await?,
         CtlOp::Status | CtlOp::Members | CtlOp::View => client.view().await?,
     };
     if a.json || matches!(a.op, CtlOp::View) {

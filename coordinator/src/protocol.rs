@@ -97,6 +97,11 @@ pub(crate) enum ClientRequest {
     },
     /// A primary changes its shards' in-sync sets (checked when applied).
     ChangeIsr(crate::state::IsrChange),
+    /// Change the heartbeat timing, never to a shorter timeout (checked when applied).
+    SetHeartbeat {
+        interval_ms: u64,
+        miss_limit: u32,
+    },
     Init(InitSpec),
     /// Turn this connection into a push stream of views. Any replica.
     Watch,

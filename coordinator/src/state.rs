@@ -64,7 +64,8 @@ pub const MAX_HEARTBEAT_MISS_LIMIT: u32 = 100;
 pub const LEGACY_MAX_REPLICATION_FACTOR: u32 = 16;
 
 /// Parameters set when the cluster is created. All are fixed for its life except the
-/// replication factor (`set_replication`).
+/// replication factor (`set_replication`) and the heartbeat timing (`set_heartbeat`, never to a
+/// shorter timeout).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterConfig {
     /// Cluster id.
@@ -77,6 +78,33 @@ pub struct ClusterConfig {
     pub heartbeat_interval_ms: u64,
     /// Missed heartbeats before the leader marks a node down.
     pub heartbeat_miss_limit: u32,
+}
+
+/// Checks a `set_heartbeat` against `current`: the bounds `init` applies, and a timeout
+/// (`interval_ms × miss_limit`) no shorter than the current one. Nodes write under a lease of
+/// `(miss_limit − 1) × interval` from their last acknowledged heartbeat, computed from the view
+/// they hold; after a shorter timeout the leader could mark a node down (and fail its shards
+/// over) while it still held a lease from the longer one.
+pub fn validate_heartbeat(
+    current: &ClusterConfig,
+    interval_ms: u64,
+    miss_limit: u32,
+) -> Result<(), StateError> {
+    let mut next = current.clone();
+    next.heartbeat_interval_ms = interval_ms;
+    next.heartbeat_miss_limit = miss_limit;
+    next.validate_committed()?;
+    let timeout = |c: &ClusterConfig| c.heartbeat_interval_ms * u64::from(c.heartbeat_miss_limit);
+    if timeout(&next) < timeout(current) {
+        return Err(StateError::Invalid(format!(
+            "a heartbeat timeout of {} ms ({interval_ms} ms x {miss_limit}) is shorter than the \
+             current {} ms: leases granted under the current one could outlive it (only a \
+             longer or equal timeout can be set on a running cluster)",
+            timeout(&next),
+            timeout(current)
+        )));
+    }
+    Ok(())
 }
 
 impl ClusterConfig {
@@ -185,6 +213,15 @@ pub enum Command {
     },
     /// A change to in-sync replica sets, proposed by the primary of every shard it names.
     Isr(IsrChange),
+    /// The operator changes the failure detector's timing (`ctl set-heartbeat`): only to a
+    /// timeout (interval × miss limit) no shorter than the current one, so no lease a node holds
+    /// under the old timing outlives the new timeout.
+    SetHeartbeat {
+        /// How often nodes heartbeat, within the bounds `init` accepts.
+        interval_ms: u64,
+        /// Missed heartbeats before the leader marks a node down.
+        miss_limit: u32,
+    },
 }
 
 /// What a shard's primary asks of its shards' in-sync sets (see the module doc).
@@ -491,6 +528,22 @@ impl ClusterState {
                 None => Err(StateError::UnknownNode(*node_id)),
             },
             Command::Isr(change) => self.change_isr(change),
+            Command::SetHeartbeat {
+                interval_ms,
+                miss_limit,
+            } => {
+                let Some(c) = self.config.as_mut() else {
+                    return Err(StateError::NotInitialized);
+                };
+                validate_heartbeat(c, *interval_ms, *miss_limit)?;
+                if (c.heartbeat_interval_ms, c.heartbeat_miss_limit) == (*interval_ms, *miss_limit)
+                {
+                    return Ok(false);
+                }
+                c.heartbeat_interval_ms = *interval_ms;
+                c.heartbeat_miss_limit = *miss_limit;
+                Ok(true)
+            }
             Command::MarkDown { node_ids, at_ms } => {
                 if node_ids.len() > MAX_NODES_PER_COMMAND {
                     return Err(StateError::Invalid("too many node ids".into()));
@@ -1197,6 +1250,56 @@ mod tests {
         let before = s.clone();
         assert_eq!(step(&mut s, set_replication(1)), Ok(before.revision()));
         assert_eq!(s, before);
+    }
+
+    fn set_heartbeat(interval_ms: u64, miss_limit: u32) -> Command {
+        Command::SetHeartbeat {
+            interval_ms,
+            miss_limit,
+        }
+    }
+
+    /// The timing can grow (a new revision, no new epoch) but the timeout never shrinks, and
+    /// `init`'s bounds hold; a refused change changes nothing.
+    #[test]
+    fn set_heartbeat_only_lengthens_the_timeout() {
+        assert_eq!(
+            ClusterState::default().apply(1, &set_heartbeat(2000, 10)),
+            Err(StateError::NotInitialized)
+        );
+        let mut s = init(); // 1000 ms x 5
+        s.apply(2, &join(1)).unwrap();
+        s.apply(3, &activate(1)).unwrap();
+        let (e, r) = (s.epoch(), s.revision());
+        s.apply(4, &set_heartbeat(2000, 10)).unwrap();
+        let v = s.view().unwrap();
+        assert_eq!(
+            (v.heartbeat_interval_ms, v.heartbeat_miss_limit),
+            (2000, 10)
+        );
+        assert_eq!(s.epoch(), e, "the ring does not change");
+        assert!(s.revision() > r);
+        // The same 20 s timeout at another interval: allowed.
+        s.apply(5, &set_heartbeat(4000, 5)).unwrap();
+        let before = s.clone();
+        for (i, (interval, limit)) in [(1000, 19), (4000, 4), (5, 10_000), (60_001, 1), (4000, 0)]
+            .into_iter()
+            .enumerate()
+        {
+            assert!(
+                matches!(
+                    s.apply(6 + i as u64, &set_heartbeat(interval, limit)),
+                    Err(StateError::Invalid(_))
+                ),
+                "{interval} ms x {limit}"
+            );
+        }
+        assert_eq!(s, before);
+        assert_eq!(
+            s.apply(20, &set_heartbeat(4000, 5)),
+            Ok(before.revision()),
+            "the same timing again changes nothing"
+        );
     }
 
     #[test]
