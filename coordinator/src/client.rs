@@ -194,6 +194,14 @@ impl CoordinatorClient {
         })
     }
 
+    /// Another client of the same replicas, with its own connection: its requests never wait
+    /// behind this one's (which are serialized on one connection). A node heartbeats on one of
+    /// these, so that no heartbeat queues behind writes waiting for their commits.
+    pub async fn separate(&self) -> Result<CoordinatorClient, ClientError> {
+        let i = &self.inner;
+        Self::connect_with(i.addrs.clone(), i.secret.clone(), i.options).await
+    }
+
     /// Joins (or re-announces) a node. A new node is `joining`; call
     /// [`CoordinatorClient::activate`] when it is ready to own shards. A known node keeps its
     /// state (a `down` one becomes `joining`). Returns the view after the join.

@@ -227,8 +227,12 @@ impl ClusterLink {
         let kick = Arc::new(Notify::new());
         let (left_tx, left) = watch::channel(false);
         let interval = Duration::from_millis(view.heartbeat_interval_ms.max(10));
+        // Heartbeats have a connection of their own: the client serializes its requests, so a
+        // heartbeat could queue behind in-sync set changes, each waiting for a commit on a
+        // loaded coordinator, and time out (heartbeats timed out with 72 nodes on two cores).
+        let heartbeats = (client.separate().await).context("connecting for heartbeats")?;
         let heartbeat = {
-            let client = client.clone();
+            let client = heartbeats;
             let server = server.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(interval);
