@@ -21,6 +21,11 @@
 //! query per viewer at subscribe and per policy change, and one message per node per presence
 //! change, which is the frequent event.
 //!
+//! Delivery: a change the owner could not send to an interested node (its link broke, or the
+//! node paused) is sent again with backoff, a few times, each time with the state as it is by
+//! then ([`serve::PRESENCE_CHANGE_ATTEMPTS_MAX`]); a change reaching a node twice, or late, is
+//! harmless (the subscriber keeps the highest `seq`).
+//!
 //! Owner change: when the ring moves, subscriber nodes re-register every watched target whose
 //! owner changed with the new owner (the old one's interest in targets it lost is dropped), and
 //! push what changed. A registration that fails (the owner unreachable, or not serving the
@@ -149,6 +154,8 @@ pub struct PresenceMetrics {
     pub blocked_sends: AtomicU64,
     /// Subscriber side: retries of registrations that had failed.
     pub register_retries: AtomicU64,
+    /// Owner side: changes sent again to a node the first attempt did not reach.
+    pub change_retries: AtomicU64,
 }
 
 impl PresenceMetrics {
@@ -210,6 +217,12 @@ impl PresenceMetrics {
             "ringpost_presence_register_retries_total",
             "Subscriber side: retries of registrations of this node's interest that had failed.",
             self.register_retries.load(Relaxed),
+        );
+        counter(
+            out,
+            "ringpost_presence_change_retries_total",
+            "Owner side: presence changes sent again to a node the first attempt did not reach.",
+            self.change_retries.load(Relaxed),
         );
     }
 }

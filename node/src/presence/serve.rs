@@ -21,6 +21,9 @@ use super::{
 /// waits for the owner's hand-off, up to `SHARD_READY_WAIT`, then pauses a little longer);
 /// after them, the node's retry task takes over with backoff.
 pub const PRESENCE_REGISTER_ATTEMPTS_MAX: u32 = 4;
+/// Attempts to send one presence change to an interested node: the first, then retries after
+/// [`register_retry_delay`]'s pauses (about 15 s in all before the last).
+pub const PRESENCE_CHANGE_ATTEMPTS_MAX: u32 = 5;
 use crate::peer::{PeerRequest, PeerResponse};
 use crate::routing::Route;
 use crate::server::{error, frames, Server};
@@ -88,6 +91,13 @@ impl Server {
             }
         }
         for ((node, register), targets) in groups {
+            debug!(
+                viewer = user,
+                owner = node,
+                register,
+                targets = targets.len(),
+                "presence subscribe asks"
+            );
             match self
                 .presence_ask(node, register, targets.clone(), vec![user])
                 .await
@@ -225,7 +235,11 @@ impl Server {
     }
 
     /// Owner side: tells every interested node (once each) that `user`'s presence or, with
-    /// `policy_changed`, its privacy, contacts or blocks changed.
+    /// `policy_changed`, its privacy, contacts or blocks changed. A change that does not reach
+    /// a node (the link broke, the node paused) is sent again, with backoff
+    /// ([`PRESENCE_CHANGE_ATTEMPTS_MAX`] attempts in all), each time with the state as it is
+    /// then: a subscriber that missed one change would otherwise show the old state until the
+    /// next.
     pub(crate) fn presence_notify(self: &Arc<Self>, user: UserId, policy_changed: bool) {
         let raw = self.presence_raw(user);
         for node in self.presence.interested(user) {
@@ -236,27 +250,57 @@ impl Server {
             }
             let server = self.clone();
             tokio::spawn(async move {
-                let request = PeerRequest::PresenceChanged {
-                    target: user,
-                    raw,
-                    policy_changed,
-                };
-                match server
-                    .call_peer(node, server.routing.epoch(), request)
+                server
+                    .presence_send_change(node, user, raw, policy_changed)
                     .await
-                {
-                    Ok(PeerResponse::Done) => {}
-                    // No viewer there any more: the node's interest is stale.
-                    Ok(PeerResponse::Error { code, .. })
-                        if code == ErrorCode::NotFound.as_u16() =>
-                    {
-                        server.presence.set_interest(user, node, false);
-                    }
-                    Ok(other) => debug!(node, ?other, "presence change refused"),
-                    Err(e) => debug!(node, error = %e, "presence change not sent"),
-                }
             });
         }
+    }
+
+    /// Sends one change of `user` to the interested node `node`; see
+    /// [`Server::presence_notify`].
+    async fn presence_send_change(
+        self: &Arc<Self>,
+        node: NodeId,
+        user: UserId,
+        mut raw: RawPresence,
+        policy_changed: bool,
+    ) {
+        for attempt in 1..=PRESENCE_CHANGE_ATTEMPTS_MAX {
+            if attempt > 1 {
+                let pause = register_retry_delay(attempt - 2, rand::random::<f64>());
+                tokio::time::sleep(pause).await;
+                // Only while this node still owns the user and the node is still interested
+                // (a node that left the ring is dropped from every interest).
+                if !self.is_local(user) || !self.presence.interested(user).contains(&node) {
+                    return;
+                }
+                self.presence.metrics.change_retries.fetch_add(1, Relaxed);
+                raw = self.presence_raw(user);
+            }
+            let request = PeerRequest::PresenceChanged {
+                target: user,
+                raw,
+                policy_changed,
+            };
+            match self.call_peer(node, self.routing.epoch(), request).await {
+                Ok(PeerResponse::Done) => return,
+                // No viewer there any more: the node's interest is stale.
+                Ok(PeerResponse::Error { code, .. }) if code == ErrorCode::NotFound.as_u16() => {
+                    self.presence.set_interest(user, node, false);
+                    return;
+                }
+                Ok(other) => {
+                    debug!(node, ?other, "presence change refused");
+                    return;
+                }
+                Err(e) => debug!(node, attempt, error = %e, "presence change not sent"),
+            }
+        }
+        warn!(
+            node,
+            user, "presence change not sent after {PRESENCE_CHANGE_ATTEMPTS_MAX} attempts"
+        );
     }
 
     /// Subscriber side: the owner says `target` changed; false if no viewer here watches it.

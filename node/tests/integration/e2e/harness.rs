@@ -162,11 +162,19 @@ impl TestNode {
         }
     }
 
-    /// Sends a signal ("STOP", "CONT", "TERM", ...) to the node process.
+    /// Sends a signal ("STOP", "CONT", "TERM", ...) to the node process. "STOP" returns only
+    /// once every thread of it has stopped: kill(2) wakes one thread to begin the group stop,
+    /// and on busy cores the others may run on for a while (long enough to answer a request
+    /// sent after the kill returned).
     #[allow(dead_code)] // used by the cluster tests
     pub fn signal(&self, sig: &str) {
         if let Some(c) = &self.child {
             signal(c.id(), sig);
+            match sig {
+                "STOP" => wait_threads(c.id(), true),
+                "CONT" => wait_threads(c.id(), false),
+                _ => {}
+            }
         }
     }
 
@@ -223,6 +231,52 @@ fn signal(pid: u32, sig: &str) {
     match nix::sys::signal::kill(pid, signal) {
         Ok(()) | Err(nix::errno::Errno::ESRCH) => {} // sent, or the process is gone already
         Err(e) => panic!("kill -{sig} {pid}: {e}"),
+    }
+}
+
+/// Waits until every thread of process `pid` is stopped (`stopped`: state `T` in
+/// `/proc/PID/task/*/stat`), or none is. A process still stopped a second after SIGCONT is sent
+/// it again (and says so): one run in a few hundred of the presence test saw a node that never
+/// answered after its SIGCONT.
+#[allow(clippy::disallowed_methods)] // polls /proc from a test thread
+fn wait_threads(pid: u32, stopped: bool) {
+    let start = std::time::Instant::now();
+    let mut resent = false;
+    loop {
+        let states: Vec<char> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| {
+                tasks
+                    .flatten()
+                    .filter_map(|t| {
+                        let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+                        // "tid (comm) S ...": the state follows the last ')'.
+                        stat.rsplit(')').next()?.trim_start().chars().next()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let halted = states.iter().filter(|&&s| s == 'T' || s == 't').count();
+        let waiting_for = if stopped {
+            states.len() - halted
+        } else {
+            halted
+        };
+        if waiting_for == 0 {
+            return;
+        }
+        let waited = start.elapsed();
+        if !stopped && !resent && waited > Duration::from_secs(1) {
+            eprintln!("harness: {halted} threads of process {pid} still stopped 1 s after SIGCONT; sending it again");
+            signal(pid, "CONT");
+            resent = true;
+        }
+        assert!(
+            waited < Duration::from_secs(10),
+            "process {pid}: {waiting_for} of {} threads not {} 10 s after the signal",
+            states.len(),
+            if stopped { "stopped" } else { "running" }
+        );
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
