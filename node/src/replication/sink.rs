@@ -30,7 +30,9 @@
 //! proposed into the in-sync set ([`ReplicaLinks::caught_up`]). A failure on the way (a chunk
 //! refused, a record missed, the link down) abandons the catch-up and the node leaves
 //! *joining*; the next scan (every [`CATCH_UP_SCAN_MS`], [`ReplicaLinks::catch_up_candidates`])
-//! starts it over after [`CATCH_UP_RETRY_MS`].
+//! starts it over after a pause ([`catch_up_retry_delay`]: [`CATCH_UP_RETRY_MS`], doubling
+//! with each failure in a row up to [`CATCH_UP_RETRY_MAX_MS`], with jitter), so that a loaded
+//! replica, or one whose answers time out, is not sent the same snapshots again every second.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -85,6 +87,20 @@ pub const CATCH_UP_CHUNK_BYTES: usize = 256 * 1024;
 pub const CATCH_UP_SCAN_MS: u64 = 500;
 /// How long a shard's catch-up to a node waits after one failed before it starts over.
 pub const CATCH_UP_RETRY_MS: u64 = 1_000;
+/// The longest such pause, after many failures in a row.
+pub const CATCH_UP_RETRY_MAX_MS: u64 = 60_000;
+
+/// The pause before a shard's catch-up starts over after its `failures`-th failure in a row
+/// (1 for the first): [`CATCH_UP_RETRY_MS`] doubled per earlier failure, capped at
+/// [`CATCH_UP_RETRY_MAX_MS`], then scaled into its upper half by `jitter` (in `[0, 1]`) so the
+/// shards of one replica that failed together do not all start over together.
+pub fn catch_up_retry_delay(failures: u32, jitter: f64) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    let base = CATCH_UP_RETRY_MS
+        .saturating_mul(1 << doublings)
+        .min(CATCH_UP_RETRY_MAX_MS);
+    Duration::from_millis(base).mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+}
 
 /// What one finished catch-up moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -656,8 +672,9 @@ struct CatchUps {
     /// The shards in `waiting`: every scan wants every follower again, so finding one must not
     /// cost a pass over the queue.
     queued: HashSet<ShardId>,
-    /// Shards whose catch-up failed, and when they may start over.
-    retry_after: HashMap<ShardId, Instant>,
+    /// Shards whose last catch-up failed: when they may start over, and how many failed in a
+    /// row (a finished catch-up clears its shard). At most one entry per shard.
+    retry_after: HashMap<ShardId, Backoff>,
 }
 
 impl Drop for CatchUps {
@@ -665,6 +682,13 @@ impl Drop for CatchUps {
     fn drop(&mut self) {
         self.shared.release_catch_up_slots(self.active.len());
     }
+}
+
+/// A shard's failed catch-ups in a row, and when the next may start.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    until: Instant,
+    failures: u32,
 }
 
 /// One shard's catch-up in progress.
@@ -694,7 +718,7 @@ impl CatchUps {
                     let later = self
                         .retry_after
                         .get(&shard)
-                        .is_some_and(|&t| t > Instant::now());
+                        .is_some_and(|b| b.until > Instant::now());
                     if !later && !self.active.contains_key(&shard) && !self.queued.contains(&shard)
                     {
                         self.waiting.push_back(shard);
@@ -851,6 +875,7 @@ impl CatchUps {
             return;
         };
         self.shared.release_catch_up_slots(1);
+        self.retry_after.remove(&shard);
         let stats = CatchUpStats {
             chunks: a.chunks,
             bytes: a.bytes,
@@ -860,18 +885,19 @@ impl CatchUps {
         tokio::task::spawn_blocking(move || links.caught_up(node, shard, stats));
     }
 
-    /// Gives up `shard`'s catch-up; it may start over after [`CATCH_UP_RETRY_MS`].
+    /// Gives up `shard`'s catch-up; it may start over after [`catch_up_retry_delay`].
     fn abandon(&mut self, shard: ShardId, why: &str) {
         if self.active.remove(&shard).is_none() {
             return;
         }
         self.shared.release_catch_up_slots(1);
         self.shared.leave_joining(self.node, shard);
-        self.retry_after.insert(
-            shard,
-            Instant::now() + Duration::from_millis(CATCH_UP_RETRY_MS),
-        );
-        self.retry_after.retain(|_, t| *t > Instant::now());
+        let failures = self
+            .retry_after
+            .get(&shard)
+            .map_or(1, |b| b.failures.saturating_add(1));
+        let until = Instant::now() + catch_up_retry_delay(failures, rand::random::<f64>());
+        self.retry_after.insert(shard, Backoff { until, failures });
         self.links.catch_up_failed(self.node, shard, why);
     }
 }
@@ -1124,6 +1150,18 @@ fn note_failed(failed: &mut Option<(String, Vec<ShardId>)>, e: &str, shard: Shar
 #[cfg(test)]
 mod slot_tests {
     use super::*;
+
+    #[test]
+    fn catch_up_retries_double_up_to_the_cap_with_jitter_in_the_upper_half() {
+        let ms = |f, j| catch_up_retry_delay(f, j).as_millis() as u64;
+        assert_eq!(ms(1, 1.0), CATCH_UP_RETRY_MS);
+        assert_eq!(ms(1, 0.0), CATCH_UP_RETRY_MS / 2);
+        assert_eq!(ms(2, 1.0), 2 * CATCH_UP_RETRY_MS);
+        assert_eq!(ms(4, 1.0), 8 * CATCH_UP_RETRY_MS);
+        assert_eq!(ms(40, 1.0), CATCH_UP_RETRY_MAX_MS);
+        assert_eq!(ms(u32::MAX, 0.5), CATCH_UP_RETRY_MAX_MS * 3 / 4);
+        assert_eq!(ms(0, 1.0), CATCH_UP_RETRY_MS, "0 counts as the first");
+    }
 
     /// However many replica nodes ask, at most `CATCH_UPS_PER_NODE` catch-ups hold a slot, and
     /// a released slot is taken again.

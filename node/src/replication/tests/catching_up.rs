@@ -31,6 +31,8 @@ struct Links {
     assembly: Arc<Mutex<Reassembly>>,
     caught_up: Mutex<Vec<(NodeId, ShardId, CatchUpStats)>>,
     failed: Mutex<Vec<(NodeId, ShardId, String)>>,
+    /// When each failure was reported.
+    failed_at: Mutex<Vec<Instant>>,
     /// Requests whose snapshot chunks are refused (to test a failed catch-up).
     refuse_chunks: AtomicU64,
     /// Hold the next request carrying a last chunk for a while, then refuse it.
@@ -95,6 +97,7 @@ impl ReplicaLinks for Links {
             .lock()
             .unwrap()
             .push((node, shard, why.to_owned()));
+        self.failed_at.lock().unwrap().push(Instant::now());
     }
 
     fn replicate(
@@ -304,6 +307,31 @@ async fn a_refused_chunk_abandons_the_catch_up_and_it_starts_over() {
     assert_eq!(rig.links.failed.lock().unwrap().len(), 1);
     rig.write(churn(3, 999)).await;
     rig.assert_same(3);
+}
+
+/// A shard whose catch-up keeps failing is retried later each time: the pause doubles.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_catch_up_failing_in_a_row_backs_off() {
+    use crate::replication::sink::{catch_up_retry_delay, CATCH_UP_RETRY_MS};
+    let rig = rig();
+    for n in 0..50 {
+        rig.write(churn(4, n)).await;
+    }
+    rig.links.refuse_chunks.store(2, Ordering::Relaxed);
+    rig.follow(4);
+    rig.start();
+    rig.caught_up(&[4]).await;
+    let done = Instant::now();
+    let at = rig.links.failed_at.lock().unwrap().clone();
+    assert_eq!(at.len(), 2, "two refused requests, two failures");
+    // Each start over waits at least half its pause (the jitter's lower end).
+    let first = catch_up_retry_delay(1, 0.0);
+    let second = catch_up_retry_delay(2, 0.0);
+    assert_eq!(first, Duration::from_millis(CATCH_UP_RETRY_MS / 2));
+    assert_eq!(second, 2 * first);
+    assert!(at[1] - at[0] >= first, "{:?}", at[1] - at[0]);
+    assert!(done - at[1] >= second, "{:?}", done - at[1]);
+    rig.assert_same(4);
 }
 
 /// Between its last chunk's cut and its answer, a follower is *joining*: writes wait for it
