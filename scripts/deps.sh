@@ -16,6 +16,16 @@ command -v cargo >/dev/null 2>&1 || {
   echo "deps: cargo is not installed; install Rust with rustup (https://rustup.rs), then rerun." >&2
   exit 1
 }
+# make test formats with rustfmt and compiles the workspace through clippy-driver (Makefile).
+if ! command -v clippy-driver >/dev/null 2>&1 || ! command -v rustfmt >/dev/null 2>&1; then
+  if command -v rustup >/dev/null 2>&1; then
+    echo "deps: installing the clippy and rustfmt components"
+    rustup component add clippy rustfmt
+  else
+    echo "deps: clippy-driver or rustfmt is missing; install Rust's clippy and rustfmt components." >&2
+    exit 1
+  fi
+fi
 
 if ((${#missing[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
