@@ -14,6 +14,7 @@
 pub mod accounts;
 pub mod admin;
 pub mod admission;
+pub mod backoff;
 pub mod broadcast;
 pub mod budgets;
 pub mod clock;

@@ -76,10 +76,12 @@ pub const PRESENCE_RETRIES_PER_ROUND_MAX: usize = 1024;
 /// [`PRESENCE_RETRY_BACKOFF_MAX`], then scaled into its upper half by `jitter` (in `[0, 1]`)
 /// so that the targets of one lost owner do not all come back at once.
 pub fn register_retry_delay(failures: u32, jitter: f64) -> Duration {
-    let base = PRESENCE_RETRY_BACKOFF_MIN
-        .saturating_mul(1u32 << failures.min(16))
-        .min(PRESENCE_RETRY_BACKOFF_MAX);
-    base.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+    crate::backoff::delay(
+        PRESENCE_RETRY_BACKOFF_MIN,
+        PRESENCE_RETRY_BACKOFF_MAX,
+        failures.saturating_add(1),
+        jitter,
+    )
 }
 
 /// A user's raw presence, as its owner knows it.

@@ -6,6 +6,7 @@
 //! [`Cf::PushQueue`]: crate::storage::Cf::PushQueue
 
 use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
 
 use ringpost_wire::{DeviceId, UserId};
 
@@ -289,14 +290,13 @@ impl Schedule {
     /// The delay after the `attempts`-th failed call: `base * 2^(attempts-1)`, capped, with the
     /// upper half jittered (`[d/2, d]`), so a provider outage's retries spread out.
     pub fn backoff_ms(&self, attempts: u32, jitter: f64) -> u64 {
-        let exp = attempts.saturating_sub(1).min(32);
-        let full = self
-            .policy
-            .backoff_base_ms
-            .saturating_mul(1u64 << exp)
-            .min(self.policy.backoff_max_ms);
-        let half = full / 2;
-        half + ((full - half) as f64 * jitter.clamp(0.0, 1.0)) as u64
+        let delay = crate::backoff::delay(
+            Duration::from_millis(self.policy.backoff_base_ms),
+            Duration::from_millis(self.policy.backoff_max_ms),
+            attempts,
+            jitter,
+        );
+        u64::try_from(delay.as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Forgets a new push that was never written (its device has no token): no row change.

@@ -95,11 +95,12 @@ pub const CATCH_UP_RETRY_MAX_MS: u64 = 60_000;
 /// [`CATCH_UP_RETRY_MAX_MS`], then scaled into its upper half by `jitter` (in `[0, 1]`) so the
 /// shards of one replica that failed together do not all start over together.
 pub fn catch_up_retry_delay(failures: u32, jitter: f64) -> Duration {
-    let doublings = failures.saturating_sub(1).min(16);
-    let base = CATCH_UP_RETRY_MS
-        .saturating_mul(1 << doublings)
-        .min(CATCH_UP_RETRY_MAX_MS);
-    Duration::from_millis(base).mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+    crate::backoff::delay(
+        Duration::from_millis(CATCH_UP_RETRY_MS),
+        Duration::from_millis(CATCH_UP_RETRY_MAX_MS),
+        failures,
+        jitter,
+    )
 }
 
 /// What one finished catch-up moved.
