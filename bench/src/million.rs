@@ -90,6 +90,12 @@ pub struct Args {
     pub peer_keep_alive_ms: u64,
     #[arg(long, default_value_t = 30_000)]
     pub peer_idle_timeout_ms: u32,
+    /// How long a replica has to answer a replication request (the nodes'
+    /// `--replica-ack-timeout-ms`). At the nodes' default (2 s), run nine's replicas on a host
+    /// at load average 275-412 missed it 74,594 times: each miss drops the replica from the
+    /// shard's in-sync set, and each drop costs a catch-up.
+    #[arg(long, default_value_t = 10_000)]
+    pub replica_ack_timeout_ms: u64,
     /// The cluster's heartbeat timing (`ringpost-coordinator init`, or `ctl set-heartbeat` on a
     /// cluster made before with a shorter timeout). At the defaults (1 s, 5 missed), nodes
     /// starved of CPU while 72 of them started on two cores missed heartbeats, were marked down
@@ -297,6 +303,8 @@ impl LocalCluster {
                     a.peer_keep_alive_ms.to_string(),
                     "--peer-idle-timeout-ms".into(),
                     a.peer_idle_timeout_ms.to_string(),
+                    "--replica-ack-timeout-ms".into(),
+                    a.replica_ack_timeout_ms.to_string(),
                 ];
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 procs.push(spawn(&node_bin, &format!("node{n}"), dir, &args)?);

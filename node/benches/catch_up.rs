@@ -14,7 +14,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use futures::future::BoxFuture;
 use ringpost_coordinator::NodeId;
 use ringpost_node::peer::{encode_request, PeerRequest};
-use ringpost_node::replication::sink::CatchUpStats;
+use ringpost_node::replication::sink::{CatchUpStats, REPLICA_ACK_TIMEOUT_MS};
 use ringpost_node::replication::{
     serve_parts, NetworkSink, Reassembly, RecordPart, ReplicaLinks, ReplicatingEngine, ShardAnswer,
 };
@@ -129,7 +129,10 @@ fn catch_up(c: &mut Criterion) {
                         assembly: Arc::default(),
                         done: Mutex::new(None),
                     });
-                    let sink = NetworkSink::new(tokio::runtime::Handle::current());
+                    let sink = NetworkSink::new(
+                        tokio::runtime::Handle::current(),
+                        Duration::from_millis(REPLICA_ACK_TIMEOUT_MS),
+                    );
                     sink.bind(links.clone());
                     let engine = Arc::new(ReplicatingEngine::new(primary.clone(), sink.clone(), 1));
                     let started = Instant::now();

@@ -496,6 +496,16 @@ struct RunArgs {
         default_missing_value = "true"
     )]
     replicate: bool,
+    /// How long a replica has to answer one replication request, in ms. A replica that does
+    /// not is dropped from the shards' in-sync sets (their writes go on without it) and must be
+    /// caught up to come back. Longer keeps a slow replica (an overloaded host) in sync; a dead
+    /// one then holds its shards' writes this long before it is dropped.
+    #[arg(long, default_value_t = ringpost_node::replication::sink::REPLICA_ACK_TIMEOUT_MS,
+          env = "RINGPOST_REPLICA_ACK_TIMEOUT_MS",
+          value_parser = clap::value_parser!(u64).range(
+              ringpost_node::replication::sink::REPLICA_ACK_TIMEOUT_MS_MIN
+                  ..=ringpost_node::replication::sink::REPLICA_ACK_TIMEOUT_MS_MAX))]
+    replica_ack_timeout_ms: u64,
     /// When a user's shard moves to another node (a join, a drain, a failover), its connected
     /// devices are told to reconnect there after a delay drawn from [0, this] milliseconds:
     /// N moved devices reconnect at about N / this per millisecond, and each is offline at
@@ -673,6 +683,9 @@ fn node_options(common: Common) -> Result<(NodeOptions, MediaArgs)> {
             common.rocksdb_write_buffer_mib,
         ),
         replicate: false,
+        replica_ack_timeout: std::time::Duration::from_millis(
+            ringpost_node::replication::sink::REPLICA_ACK_TIMEOUT_MS,
+        ),
         replication: None,
         push: push_config(common.push)?,
         media: None,
@@ -744,6 +757,7 @@ fn run_options(args: RunArgs) -> Result<NodeOptions> {
     opts.server.node_id = args.node_id;
     opts.server.shard_count = args.shard_count;
     opts.replicate = args.replicate;
+    opts.replica_ack_timeout = std::time::Duration::from_millis(args.replica_ack_timeout_ms);
     opts.server.migrate_spread_ms = args.migrate_spread_ms;
     opts.server.status_ttl_ms = args.status_ttl_ms;
     if !args.coordinator.is_empty() {

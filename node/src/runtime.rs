@@ -83,6 +83,10 @@ pub struct NodeOptions {
     /// experimental: see docs/replication.md). Only for a node in a cluster (`cluster` set);
     /// off, the services write RocksDB directly, as before replication existed.
     pub replicate: bool,
+    /// How long a replica has to answer one replication request before its records fail and
+    /// the primary drops it from the shards' in-sync sets (`--replica-ack-timeout-ms`; see
+    /// [`crate::replication::sink::REPLICA_ACK_TIMEOUT_MS`]).
+    pub replica_ack_timeout: std::time::Duration,
     /// Ship every shard write to this sink instead (tests); takes precedence over `replicate`.
     pub replication: Option<ReplicationOptions>,
     /// The media listener and blob store; `None`: media grants are answered `NotImplemented`.
@@ -277,7 +281,8 @@ impl Node {
         let mut network_sink = None;
         if opts.replicate && replication.is_none() {
             if opts.cluster.is_some() {
-                let sink = NetworkSink::new(tokio::runtime::Handle::current());
+                let sink =
+                    NetworkSink::new(tokio::runtime::Handle::current(), opts.replica_ack_timeout);
                 replication = Some(ReplicationOptions {
                     sink: sink.clone(),
                     epoch: 0, // the ring's, once the node has one

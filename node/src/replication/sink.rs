@@ -10,8 +10,9 @@
 //! [`ShardLogSink::ship`] runs on the inbox writer's thread or a blocking thread (never an async
 //! worker: it blocks). It queues each record for every node [`ReplicaLinks::must_have`] names
 //! for its shard and, for a synced write, waits until each of them has applied it durably, or
-//! fails. A replica that does not answer a request within [`REPLICA_ACK_TIMEOUT_MS`] fails
-//! every record of that request: the write is refused (nothing is acknowledged; a client
+//! fails. A replica that does not answer a request within the sink's ack timeout
+//! ([`REPLICA_ACK_TIMEOUT_MS`] unless the node is told otherwise) fails every record of that
+//! request: the write is refused (nothing is acknowledged; a client
 //! retries, and its retry is deduplicated). An unsynced write (acknowledged floors) does not
 //! wait: its records ride with the next batch, unless a queue holds more than
 //! [`REPLICA_QUEUE_BYTES_MAX`], when it waits too (back-pressure).
@@ -55,9 +56,18 @@ use crate::handoff::{Chunk, Cursor};
 use crate::shard::ShardId;
 
 /// How long a replica has to answer one `Replicate` request before the records in it are
-/// failed (and with them the writes waiting for them). Twice a slow fsync plus a round trip
-/// with a margin; the in-sync set (next step) will drop such a replica instead of failing.
+/// failed (and with them the writes waiting for them), by default: twice a slow fsync plus a
+/// round trip, with a margin. The primary then drops the replica from the shards' in-sync sets,
+/// and it needs a catch-up to come back. `--replica-ack-timeout-ms` sets it per node, within
+/// [`REPLICA_ACK_TIMEOUT_MS_MIN`]..=[`REPLICA_ACK_TIMEOUT_MS_MAX`]: longer keeps a slow
+/// replica (an overloaded host) in sync, at the price of a dead one holding its shards'
+/// writes that long before it is dropped.
 pub const REPLICA_ACK_TIMEOUT_MS: u64 = 2_000;
+/// The shortest ack timeout a node accepts: below a few fsyncs and round trips, healthy
+/// replicas would be dropped.
+pub const REPLICA_ACK_TIMEOUT_MS_MIN: u64 = 100;
+/// The longest ack timeout a node accepts: a dead replica holds writes this long.
+pub const REPLICA_ACK_TIMEOUT_MS_MAX: u64 = 60_000;
 /// Encoded record bytes queued for one replica node beyond which even an unsynced write waits
 /// for its records. Memory: this much per replica node, plus one ship call's records.
 pub const REPLICA_QUEUE_BYTES_MAX: usize = 64 * 1024 * 1024;
@@ -207,6 +217,8 @@ struct Shared {
     sessions: AtomicU64,
     /// Catch-ups running over every replica node (at most [`CATCH_UPS_PER_NODE`]).
     catch_ups_running: AtomicUsize,
+    /// How long a replica has to answer one request ([`REPLICA_ACK_TIMEOUT_MS`]).
+    ack_timeout: Duration,
 }
 
 impl Shared {
@@ -304,8 +316,13 @@ impl Drop for Queued {
 }
 
 impl NetworkSink {
-    /// A sink whose streams run on `runtime`.
-    pub fn new(runtime: tokio::runtime::Handle) -> Arc<NetworkSink> {
+    /// A sink whose streams run on `runtime`, giving a replica `ack_timeout` to answer each
+    /// request (clamped to [`REPLICA_ACK_TIMEOUT_MS_MIN`]..=[`REPLICA_ACK_TIMEOUT_MS_MAX`]).
+    pub fn new(runtime: tokio::runtime::Handle, ack_timeout: Duration) -> Arc<NetworkSink> {
+        let ack_timeout = ack_timeout.clamp(
+            Duration::from_millis(REPLICA_ACK_TIMEOUT_MS_MIN),
+            Duration::from_millis(REPLICA_ACK_TIMEOUT_MS_MAX),
+        );
         let clock = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);
@@ -317,6 +334,7 @@ impl NetworkSink {
                 joining: Mutex::new(HashMap::new()),
                 sessions: AtomicU64::new(clock),
                 catch_ups_running: AtomicUsize::new(0),
+                ack_timeout,
             }),
             streams: Mutex::new(HashMap::new()),
         })
@@ -573,7 +591,7 @@ async fn run_stream(
     shared: Arc<Shared>,
     queued_bytes: Arc<AtomicUsize>,
 ) {
-    let timeout = Duration::from_millis(REPLICA_ACK_TIMEOUT_MS);
+    let timeout = shared.ack_timeout;
     let mut queue: VecDeque<Item> = VecDeque::new();
     // Bytes of the front record already sent in earlier frames.
     let mut sent = 0usize;
@@ -615,7 +633,7 @@ async fn run_stream(
                 match tokio::time::timeout(timeout, links.replicate(node, parts, timeout)).await {
                     Ok(Ok(answers)) => Ok(answers),
                     Ok(Err(e)) => Err(e),
-                    Err(_) => Err(format!("no answer within {REPLICA_ACK_TIMEOUT_MS} ms")),
+                    Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
                 }
             }
         };
@@ -1164,11 +1182,27 @@ mod slot_tests {
         assert_eq!(ms(0, 1.0), CATCH_UP_RETRY_MS, "0 counts as the first");
     }
 
+    /// The ack timeout a node is given is kept within its bounds.
+    #[tokio::test]
+    async fn the_ack_timeout_is_clamped_to_its_bounds() {
+        let timeout = |ms| {
+            let sink =
+                NetworkSink::new(tokio::runtime::Handle::current(), Duration::from_millis(ms));
+            sink.shared.ack_timeout.as_millis() as u64
+        };
+        assert_eq!(timeout(0), REPLICA_ACK_TIMEOUT_MS_MIN);
+        assert_eq!(timeout(10_000), 10_000);
+        assert_eq!(timeout(u64::MAX / 2), REPLICA_ACK_TIMEOUT_MS_MAX);
+    }
+
     /// However many replica nodes ask, at most `CATCH_UPS_PER_NODE` catch-ups hold a slot, and
     /// a released slot is taken again.
     #[tokio::test]
     async fn catch_up_slots_are_bounded_per_node() {
-        let sink = NetworkSink::new(tokio::runtime::Handle::current());
+        let sink = NetworkSink::new(
+            tokio::runtime::Handle::current(),
+            Duration::from_millis(REPLICA_ACK_TIMEOUT_MS),
+        );
         let shared = &sink.shared;
         let taken = (0..CATCH_UPS_PER_NODE * 4)
             .filter(|_| shared.take_catch_up_slot())

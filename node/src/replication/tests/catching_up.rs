@@ -170,7 +170,10 @@ fn rig() -> Rig {
     let replica: Arc<dyn Engine> = r;
     let links = Arc::new(Links::default());
     *links.replica.lock().unwrap() = Some(replica.clone());
-    let sink = NetworkSink::new(tokio::runtime::Handle::current());
+    let sink = NetworkSink::new(
+        tokio::runtime::Handle::current(),
+        Duration::from_millis(crate::replication::sink::REPLICA_ACK_TIMEOUT_MS),
+    );
     sink.bind(links.clone());
     let bare: Arc<dyn Engine> = p;
     let primary = Arc::new(ReplicatingEngine::new(bare.clone(), sink.clone(), 1));

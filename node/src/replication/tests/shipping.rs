@@ -12,7 +12,7 @@ use ringpost_coordinator::NodeId;
 use super::*;
 use crate::peer::link::PEER_FRAME_BYTES_MAX;
 use crate::peer::{encode_request, Envelope, PeerRequest};
-use crate::replication::sink::REPLICA_DOWN_MS;
+use crate::replication::sink::{REPLICA_ACK_TIMEOUT_MS, REPLICA_DOWN_MS};
 use crate::replication::{
     read_position, serve_parts, NetworkSink, Reassembly, RecordPart, ReplicaLinks,
     ReplicatingEngine, ShardAnswer,
@@ -78,6 +78,11 @@ struct Rig {
 /// A primary (node 1) and replica nodes 2 and 3; shard 1 on both, shard 2 on node 2, shard 3
 /// on none.
 fn rig() -> Rig {
+    rig_with_ack_timeout(Duration::from_millis(REPLICA_ACK_TIMEOUT_MS))
+}
+
+/// [`rig`], with the sink giving each replica `ack_timeout` to answer.
+fn rig_with_ack_timeout(ack_timeout: Duration) -> Rig {
     let (primary, d1) = rocks();
     let (r2, d2) = rocks();
     let (r3, d3) = rocks();
@@ -88,7 +93,7 @@ fn rig() -> Rig {
         silent: Default::default(),
         requests: Default::default(),
     });
-    let sink = NetworkSink::new(tokio::runtime::Handle::current());
+    let sink = NetworkSink::new(tokio::runtime::Handle::current(), ack_timeout);
     sink.bind(links.clone());
     let bare: Arc<dyn Engine> = primary;
     Rig {
@@ -187,13 +192,15 @@ async fn unsynced_records_ride_along_and_a_synced_barrier_waits_for_them() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_silent_replica_fails_the_write_and_a_gap_is_reported_after() {
-    let rig = rig();
+    // The sink's ack timeout, not the default, is what a replica is given.
+    let rig = rig_with_ack_timeout(Duration::from_millis(1_500));
     rig.links.silent.lock().unwrap().insert(3);
     let mut b = WriteBatch::new();
     put(&mut b, 1, b"a", vec![1]);
     let err = rig.write(b, true).await.unwrap_err();
     assert!(
-        matches!(&err, StorageError::Replication(m) if m.contains("replica node 3")),
+        matches!(&err, StorageError::Replication(m)
+            if m.contains("replica node 3") && m.contains("no answer within 1500 ms")),
         "{err}"
     );
     // Written here and on node 2 all the same (at-least-once: nothing was acknowledged).
