@@ -524,6 +524,36 @@ fn per_conn(before: u64, after: u64, n: u64) -> f64 {
     ((after as f64 - before as f64) / n as f64 * 100.0).round() / 100.0
 }
 
+/// Says so when the kernel's TCP memory limit (`net.ipv4.tcp_mem`, in pages, for every TCP
+/// socket of the host) is below what `connections` need with both ends here. The kernel
+/// charges a socket whole pages for what waits in its queues: a generator connection with a
+/// few unread bytes (a `Pong` that waits for the holder's next visit) costs one page, and
+/// above the limit the kernel drops segments and every connection slows.
+fn warn_if_tcp_mem_is_short(connections: usize) {
+    let Ok(text) = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_mem") else {
+        return;
+    };
+    let Some(max_pages) = text
+        .split_whitespace()
+        .nth(2)
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    // One page per generator socket, and a quarter again for the nodes' sockets in motion.
+    let want = connections as u64 * 5 / 4;
+    if max_pages < want {
+        eprintln!(
+            "million: net.ipv4.tcp_mem allows {max_pages} pages of TCP buffers; {connections} \
+             connections with both ends here need about {want}: raise it, e.g. `sysctl -w \
+             net.ipv4.tcp_mem=\"{} {} {}\"`",
+            want / 2,
+            want * 3 / 4,
+            want
+        );
+    }
+}
+
 pub async fn run(a: &Args) -> Result<()> {
     if a.connections == 0 {
         bail!("--connections must be at least 1");
@@ -533,6 +563,7 @@ pub async fn run(a: &Args) -> Result<()> {
     } else {
         a.connections.div_ceil(a.per_node.max(1))
     };
+    warn_if_tcp_mem_is_short(a.connections);
     let machine_before = Machine::read();
     let t_start = Instant::now();
     let cluster = {

@@ -79,7 +79,7 @@ pub async fn connect(
         TcpSocket::new_v6()?
     };
     if let Some(ip) = source {
-        socket.bind(SocketAddr::new(ip, 0))?;
+        super::bind_source(&socket, ip)?;
     }
     socket.set_zero_linger()?;
     let stream: TcpStream = socket
