@@ -269,8 +269,12 @@ impl LocalCluster {
                     "127.0.0.1:0".into(),
                     "--listen-admin".into(),
                     "127.0.0.1:0".into(),
+                    // Each node its own loopback address for its peer links, as each host has
+                    // its own in a fleet: a node admits PEER_HANDSHAKES_PER_SOURCE_MAX link
+                    // handshakes per source address at once, and 71 nodes dialling one node
+                    // from 127.0.0.1 were refused (run eleven: replication failed, sends with it).
                     "--listen-peer".into(),
-                    "127.0.0.1:0".into(),
+                    format!("{}:0", peer_address(n)),
                     "--coordinator".into(),
                     client.clone(),
                     "--cluster-secret-file".into(),
@@ -377,6 +381,13 @@ fn coordinator_ports(dir: &Path) -> Result<[u16; 3]> {
     }
     std::fs::write(&file, format!("{} {} {}\n", ports[0], ports[1], ports[2]))?;
     Ok(ports)
+}
+
+/// Node `n`'s (from 1) address for its peer links: 127.1.0.1, 127.1.0.2, … (loopback, apart
+/// from the workers' 127.0.0.x).
+fn peer_address(n: usize) -> std::net::Ipv4Addr {
+    let n = n.clamp(1, 0xffff) as u16;
+    std::net::Ipv4Addr::new(127, 1, (n >> 8) as u8, (n & 0xff) as u8)
 }
 
 /// Starts `bin args` with stdout to `DIR/NAME.out` and stderr to `DIR/NAME.log`.
@@ -1064,6 +1075,16 @@ fn median(v: &[f64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_node_has_its_own_peer_address_on_loopback() {
+        assert_eq!(peer_address(1).to_string(), "127.1.0.1");
+        assert_eq!(peer_address(72).to_string(), "127.1.0.72");
+        assert_eq!(peer_address(300).to_string(), "127.1.1.44");
+        let all: std::collections::HashSet<_> = (1..=1000).map(peer_address).collect();
+        assert_eq!(all.len(), 1000);
+        assert!(all.iter().all(|a| a.is_loopback()));
+    }
 
     #[test]
     fn per_conn_is_the_growth_per_connection() {
