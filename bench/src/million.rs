@@ -536,10 +536,12 @@ fn per_conn(before: u64, after: u64, n: u64) -> f64 {
 }
 
 /// Says so when the kernel's TCP memory limit (`net.ipv4.tcp_mem`, in pages, for every TCP
-/// socket of the host) is below what `connections` need with both ends here. The kernel
-/// charges a socket whole pages for what waits in its queues: a generator connection with a
-/// few unread bytes (a `Pong` that waits for the holder's next visit) costs one page, and
-/// above the limit the kernel drops segments and every connection slows.
+/// socket of the host) is below what `connections` could need with both ends here. The kernel
+/// charges a socket whole pages for what waits in its queues, so a page per connection is the
+/// ceiling when data waits on every one (as it did before the holder read on arrival: 682,872
+/// pages with a million held). Reading on arrival, run twelve peaked at 84,796 pages, but it
+/// ran with the limit raised: the default was not tried. Above the limit the kernel drops
+/// segments and every connection slows.
 fn warn_if_tcp_mem_is_short(connections: usize) {
     let Ok(text) = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_mem") else {
         return;
