@@ -14,9 +14,13 @@
 //!
 //! At the parent's word it checks that every connection still answers a `Ping`
 //! ([`check_pings`]) and sends messages between random pairs of its connections, counting the
-//! `SendAck`s and `Deliver`s that come back ([`messages`]).
+//! `SendAck`s and `Deliver`s that come back ([`messages`]). While a phase waits for answers
+//! it sleeps in `epoll_wait` and decodes only the connections the phase watches that have
+//! something new, so 63 generator processes waiting on 10,000 answers cost the host's two
+//! cores nothing between arrivals (an earlier version re-read every watched connection every
+//! 2 ms, and starved the nodes it measured).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -30,7 +34,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use rand::Rng;
 use ringpost_wire::limits::FRAME_BYTES_MAX;
 use ringpost_wire::ws::{self, Decoder, Message, OpCode, Role};
-use ringpost_wire::{Body, DeliverAck, DeviceCiphertext, Frame, Ping};
+use ringpost_wire::{Body, DeliverAck, DeviceCiphertext, Frame, Ping, Pong};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{oneshot, Semaphore};
@@ -81,8 +85,8 @@ const SEND_BATCH: usize = 2000;
 /// The body of a bench message: this tag, then the pair's index.
 const BODY_TAG: &[u8; 8] = b"rp-1m-v1";
 
-/// How often the holder looks at the storm's reconnected devices while it waits for their
-/// messages.
+/// While the storm's devices reconnect (each one a command), the longest the holder waits for
+/// the next command before it reads what arrived for those already back.
 const STORM_POLL: Duration = Duration::from_millis(2);
 
 /// One held connection.
@@ -127,7 +131,7 @@ struct Storm {
     of_account: HashMap<u32, usize>,
     delivered: Vec<bool>,
     /// Connections that reconnected and have not received their message yet.
-    waiting: Vec<usize>,
+    waiting: HashSet<usize>,
     started: Option<Instant>,
     last_delivery: Duration,
     stray: u64,
@@ -339,24 +343,32 @@ fn holder_main(
     stats: Arc<HolderStats>,
     ping_every: Arc<AtomicU64>,
 ) {
+    let now = Instant::now();
     let mut h = Holder {
-        // Without it (an exotic kernel) arrivals are read at each connection's next visit.
+        // Without it (an exotic kernel) arrivals are read at each connection's next visit,
+        // and the connections a phase watches are read at every poll.
         epoll: Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).ok(),
         conns: Vec::new(),
         accounts,
         stats,
+        ping_every,
+        last_tick: now,
+        next_tick: now + KEEPALIVE_TICK,
         cursor: 0,
         carry: 0.0,
         masks: 0x9e37_79b9_7f4a_7c15,
         buf: vec![0u8; READ_CHUNK],
-        partial: HashMap::new(),
+        watched: HashMap::new(),
+        ready: Vec::new(),
         storm: None,
     };
-    let mut next_tick = Instant::now() + KEEPALIVE_TICK;
     loop {
-        let mut wait = next_tick.saturating_duration_since(Instant::now());
+        let mut wait = h.next_tick.saturating_duration_since(Instant::now());
         if h.storm.as_ref().is_some_and(|s| !s.waiting.is_empty()) {
+            // Reconnections keep arriving as commands: between them, the storm's devices are
+            // read as soon as something arrives for them.
             wait = wait.min(STORM_POLL);
+            h.poll(Duration::ZERO);
             h.storm_poll();
         }
         match cmds.recv_timeout(wait) {
@@ -387,16 +399,8 @@ fn holder_main(
                 let _ = reply.send(h.messages(count, timeout));
             }
             Err(std_mpsc::RecvTimeoutError::Timeout) => {
-                h.drain_ready();
-                let interval_ms = ping_every.load(Relaxed);
-                if interval_ms > 0 {
-                    h.keepalive_tick(Duration::from_millis(interval_ms).mul_f64(PING_EARLY));
-                }
-                next_tick += KEEPALIVE_TICK;
-                if next_tick < Instant::now() {
-                    // Behind (a long command ran): skip the missed ticks, not their work.
-                    next_tick = Instant::now() + KEEPALIVE_TICK;
-                }
+                h.poll(Duration::ZERO);
+                h.tick_if_due();
             }
             Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
         }
@@ -412,11 +416,15 @@ enum Drained {
 }
 
 struct Holder {
-    /// Every held connection, with its index as the event's data.
+    /// Every held connection, edge-triggered, with its index as the event's data.
     epoll: Option<Epoll>,
     conns: Vec<Option<Held>>,
     accounts: Arc<Vec<Account>>,
     stats: Arc<HolderStats>,
+    /// `Welcome.ping_interval_ms` (0 until the first connection is welcomed).
+    ping_every: Arc<AtomicU64>,
+    last_tick: Instant,
+    next_tick: Instant,
     /// The next connection the keepalive visits.
     cursor: usize,
     /// Fractional visits owed from earlier ticks.
@@ -424,8 +432,12 @@ struct Holder {
     /// Masking-key generator state (RFC 6455 wants keys to vary; they need not be secret here).
     masks: u64,
     buf: Vec<u8>,
-    /// Bytes read and not yet decoded, of connections whose frames the holder reads.
-    partial: HashMap<usize, BytesMut>,
+    /// The connections whose frames a phase reads (the rest are read and dropped), with the
+    /// bytes read and not yet decoded.
+    watched: HashMap<usize, BytesMut>,
+    /// Watched connections that read something since the phase last looked (or were just
+    /// added with bytes read past their `Welcome`). May repeat; [`Holder::take_ready`] dedups.
+    ready: Vec<usize>,
     storm: Option<Storm>,
 }
 
@@ -433,47 +445,112 @@ impl Holder {
     /// Takes a connection; one the storm waits for is watched for its message.
     fn add(&mut self, held: Held, leftover: BytesMut) {
         let i = self.conns.len();
-        let watched = self
+        let awaited = self
             .storm
             .as_mut()
             .filter(|s| s.of_account.contains_key(&held.account));
-        if let Some(storm) = watched {
-            storm.waiting.push(i);
-            self.partial.insert(i, leftover);
+        if let Some(storm) = awaited {
+            storm.waiting.insert(i);
+            self.watched.insert(i, leftover);
+            // The leftover may hold its message already.
+            self.ready.push(i);
         }
         if let Some(epoll) = &self.epoll {
             let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
-            // Not in the set: read at its visits only.
+            // Adding reports bytes that arrived before it. Not in the set: read at its
+            // visits only.
             let _ = epoll.add(&held.sock, EpollEvent::new(flags, i as u64));
         }
         self.conns.push(Some(held));
     }
 
-    /// Reads and drops what arrived on connections since the last call, without waiting.
-    /// Connections whose frames the storm reads are left to it.
-    fn drain_ready(&mut self) {
+    /// From now on the frames connection `i` receives are kept for the phase to read.
+    fn watch(&mut self, i: usize) {
+        self.watched.entry(i).or_default();
+    }
+
+    fn unwatch(&mut self, i: usize) {
+        self.watched.remove(&i);
+    }
+
+    /// Reads what arrived, waiting up to `timeout` for the first arrival (whole milliseconds,
+    /// rounded up): an unwatched connection's bytes are dropped, a watched one's are kept and
+    /// it joins `ready`.
+    fn poll(&mut self, timeout: Duration) {
         let Some(epoll) = &self.epoll else {
+            nap(timeout);
+            let watched: Vec<usize> = self.watched.keys().copied().collect();
+            for i in watched {
+                self.read(i);
+            }
             return;
         };
+        let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128);
+        let mut wait = EpollTimeout::try_from(ms).unwrap_or(EpollTimeout::MAX);
         let mut events = [EpollEvent::empty(); EPOLL_EVENTS];
+        let mut arrived = Vec::new();
         loop {
-            let n = epoll.wait(&mut events, EpollTimeout::ZERO).unwrap_or(0);
-            for event in &events[..n] {
-                let i = event.data() as usize;
-                if self.partial.contains_key(&i) {
-                    continue;
-                }
-                let Some(held) = self.conns.get_mut(i).and_then(Option::as_mut) else {
-                    continue;
-                };
-                if let Drained::Closed = drain(&mut held.sock, &mut self.buf, None, &self.stats) {
-                    self.stats.closed_by_node.fetch_add(1, Relaxed);
-                    self.conns[i] = None;
-                }
-            }
+            // Interrupted: whatever is ready is still reported at the next poll.
+            let n = epoll.wait(&mut events, wait).unwrap_or(0);
+            wait = EpollTimeout::ZERO;
+            arrived.extend(events[..n].iter().map(|e| e.data() as usize));
             if n < events.len() {
-                return;
+                break;
             }
+        }
+        for i in arrived {
+            self.read(i);
+        }
+    }
+
+    /// Reads everything connection `i` has (edge-triggered readiness needs that): kept if it
+    /// is watched, dropped if not.
+    fn read(&mut self, i: usize) {
+        let Some(held) = self.conns.get_mut(i).and_then(Option::as_mut) else {
+            return;
+        };
+        let keep = self.watched.get_mut(&i);
+        let watched = keep.is_some();
+        if let Drained::Closed = drain(&mut held.sock, &mut self.buf, keep, &self.stats) {
+            self.stats.closed_by_node.fetch_add(1, Relaxed);
+            self.conns[i] = None;
+        }
+        if watched {
+            self.ready.push(i);
+        }
+    }
+
+    /// The watched connections that read something (or closed) since the last call.
+    fn take_ready(&mut self) -> Vec<usize> {
+        let mut ready = std::mem::take(&mut self.ready);
+        ready.sort_unstable();
+        ready.dedup();
+        ready
+    }
+
+    /// The frames complete in watched connection `i`'s bytes.
+    fn frames_of(&mut self, i: usize) -> Vec<Frame> {
+        self.watched.get_mut(&i).map(frames).unwrap_or_default()
+    }
+
+    /// Runs the keepalive if its tick is due. Phases that wait call it, so a long phase
+    /// leaves no connection unpinged.
+    fn tick_if_due(&mut self) {
+        let now = Instant::now();
+        if now < self.next_tick {
+            return;
+        }
+        let interval_ms = self.ping_every.load(Relaxed);
+        if interval_ms > 0 {
+            let every = Duration::from_millis(interval_ms).mul_f64(PING_EARLY);
+            self.keepalive_tick(every, now - self.last_tick);
+        }
+        self.last_tick = now;
+        self.next_tick += KEEPALIVE_TICK;
+        if self.next_tick < now {
+            // Behind (a long step ran): the missed ticks' visits are owed (`carry`), not
+            // their wake-ups.
+            self.next_tick = now + KEEPALIVE_TICK;
         }
     }
 
@@ -491,7 +568,7 @@ impl Holder {
             let at = rng.gen_range(0..open.len());
             let i = open.swap_remove(at);
             let held = self.conns[i].take().expect("open");
-            self.partial.remove(&i);
+            self.unwatch(i);
             away.push(held.account as usize);
             // Linger 0 was set when it connected: this is a reset, as a phone losing its
             // network looks to the node once it notices.
@@ -502,29 +579,31 @@ impl Holder {
         let mut acked = vec![false; count];
         let (mut refused, mut write_failed) = (0u64, 0u64);
         let mut first_refusal = None;
+        let mut senders = Vec::new();
         let t0 = Instant::now();
         for batch in (0..count).collect::<Vec<_>>().chunks(SEND_BATCH) {
-            let mut senders = Vec::with_capacity(batch.len());
             for &k in batch {
                 let to = self.accounts[away[k]].clone();
                 of_account.insert(away[k] as u32, k);
                 let from = open[rng.gen_range(0..open.len())];
                 let bytes = self.message_to(&to, nonce, k, k as u32 + 1);
-                let held = self.conns[from].as_mut().expect("open");
-                if write_all_nonblocking(&mut held.sock, &bytes, Duration::from_secs(5)) {
-                    senders.push(from);
-                } else {
+                self.watch(from);
+                senders.push(from);
+                let Some(held) = self.conns[from].as_mut() else {
                     write_failed += 1;
                     acked[k] = true; // not waited for
+                    continue;
+                };
+                if !write_all_nonblocking(&mut held.sock, &bytes, Duration::from_secs(5)) {
+                    write_failed += 1;
+                    acked[k] = true;
                 }
             }
-            senders.sort_unstable();
-            senders.dedup();
             while !batch.iter().all(|&k| acked[k]) && t0.elapsed() < timeout {
-                let mut progress = false;
-                for &i in &senders {
-                    for frame in self.read_frames(i) {
-                        progress = true;
+                self.poll(timeout.saturating_sub(t0.elapsed()).min(KEEPALIVE_TICK));
+                self.tick_if_due();
+                for i in self.take_ready() {
+                    for frame in self.frames_of(i) {
                         let req = frame.req as usize;
                         if !(1..=count).contains(&req) {
                             continue;
@@ -548,17 +627,18 @@ impl Holder {
                         }
                     }
                 }
-                if !progress {
-                    nap(Duration::from_millis(2));
-                }
             }
         }
+        for i in senders {
+            self.unwatch(i);
+        }
+        self.ready.clear();
         let queued = acked.iter().filter(|&&a| a).count() as u64 - refused - write_failed;
         self.storm = Some(Storm {
             nonce,
             of_account,
             delivered: vec![false; count],
-            waiting: Vec::new(),
+            waiting: HashSet::new(),
             started: None,
             last_delivery: Duration::ZERO,
             stray: 0,
@@ -574,17 +654,19 @@ impl Holder {
         (away, report)
     }
 
-    /// Reads what the storm's reconnected devices received: each `Deliver` is acknowledged,
-    /// and the storm's message marks its device done.
+    /// Reads what the storm's reconnected devices received since the last call: each
+    /// `Deliver` is acknowledged, and the storm's message marks its device done.
     fn storm_poll(&mut self) {
         let Some(mut storm) = self.storm.take() else {
             return;
         };
-        let waiting = std::mem::take(&mut storm.waiting);
-        for i in waiting {
+        for i in self.take_ready() {
+            if !storm.waiting.contains(&i) {
+                continue;
+            }
             let mut seqs = Vec::new();
             let mut done = false;
-            for frame in self.read_frames(i) {
+            for frame in self.frames_of(i) {
                 if let Body::Deliver(d) = frame.body {
                     seqs.push(d.seq);
                     match parse_body(&d.body, storm.nonce) {
@@ -607,10 +689,9 @@ impl Holder {
                     let _ = write_all_nonblocking(&mut held.sock, &ack, Duration::from_secs(5));
                 }
             }
-            if !done && self.conns[i].is_some() {
-                storm.waiting.push(i);
-            } else {
-                self.partial.remove(&i);
+            if done || self.conns[i].is_none() {
+                storm.waiting.remove(&i);
+                self.unwatch(i);
             }
         }
         self.storm = Some(storm);
@@ -620,8 +701,9 @@ impl Holder {
     fn storm_wait(&mut self, timeout: Duration) -> Value {
         let t0 = Instant::now();
         while self.storm.as_ref().is_some_and(|s| !s.waiting.is_empty()) && t0.elapsed() < timeout {
+            self.poll(timeout.saturating_sub(t0.elapsed()).min(KEEPALIVE_TICK));
+            self.tick_if_due();
             self.storm_poll();
-            nap(STORM_POLL);
         }
         let Some(storm) = self.storm.as_ref() else {
             return Value::Null;
@@ -654,19 +736,6 @@ impl Holder {
         self.ws_message(&Frame::new(req, send))
     }
 
-    /// The frames connection `i` received since the last call (non-blocking); a connection
-    /// the node closed is dropped.
-    fn read_frames(&mut self, i: usize) -> Vec<Frame> {
-        let Some(held) = self.conns[i].as_mut() else {
-            return Vec::new();
-        };
-        let buf = self.partial.entry(i).or_default();
-        if let Drained::Closed = drain(&mut held.sock, &mut self.buf, Some(buf), &self.stats) {
-            self.conns[i] = None;
-        }
-        frames(buf)
-    }
-
     fn next_mask(&mut self) -> [u8; 4] {
         crate::loadclient::ws::next_mask(&mut self.masks)
     }
@@ -680,28 +749,25 @@ impl Holder {
         out.to_vec()
     }
 
-    /// Visits the connections due in one tick: with `n` connections and interval `every`,
-    /// `n × tick / every` of them, in a round.
-    fn keepalive_tick(&mut self, every: Duration) {
+    /// Visits the connections due for `elapsed` since the last tick: with `n` connections and
+    /// interval `every`, `n × elapsed / every` of them (at most one round), in a round.
+    fn keepalive_tick(&mut self, every: Duration, elapsed: Duration) {
         let n = self.conns.len();
         if n == 0 {
             return;
         }
-        self.carry += n as f64 * KEEPALIVE_TICK.as_secs_f64() / every.as_secs_f64().max(1e-3);
-        let visits = (self.carry.floor() as usize).min(n);
+        let share = elapsed.as_secs_f64() / every.as_secs_f64().max(1e-3);
+        self.carry = (self.carry + n as f64 * share).min(n as f64);
+        let visits = self.carry.floor() as usize;
         self.carry -= visits as f64;
         let ping = self.ws_message(&Frame::new(0, Ping { nonce: 0 }));
         for _ in 0..visits {
             let i = self.cursor % n;
             self.cursor = (self.cursor + 1) % n;
+            self.read(i);
             let Some(held) = self.conns[i].as_mut() else {
                 continue;
             };
-            if let Drained::Closed = drain(&mut held.sock, &mut self.buf, None, &self.stats) {
-                self.stats.closed_by_node.fetch_add(1, Relaxed);
-                self.conns[i] = None;
-                continue;
-            }
             match held.sock.write(&ping) {
                 Ok(k) if k == ping.len() => {
                     self.stats.pings.fetch_add(1, Relaxed);
@@ -717,59 +783,61 @@ impl Holder {
     fn check_pings(&mut self, timeout: Duration) -> Value {
         let nonce: u64 = rand::random();
         let ping = self.ws_message(&Frame::new(7, Ping { nonce }));
-        let mut pending: Vec<usize> = Vec::new();
+        let mut pending: HashSet<usize> = HashSet::new();
         let mut write_failed = 0u64;
         let mut closed = 0u64;
         for i in 0..self.conns.len() {
-            let Some(held) = self.conns[i].as_mut() else {
-                continue;
-            };
-            if let Drained::Closed = drain(&mut held.sock, &mut self.buf, None, &self.stats) {
-                closed += 1;
-                self.conns[i] = None;
+            if self.conns[i].is_none() {
                 continue;
             }
+            // What came before is dropped (a keepalive `Pong`); what comes after is kept.
+            self.read(i);
+            let Some(held) = self.conns[i].as_mut() else {
+                closed += 1;
+                continue;
+            };
+            self.watched.insert(i, BytesMut::new());
             match held.sock.write(&ping) {
-                Ok(k) if k == ping.len() => pending.push(i),
-                _ => write_failed += 1,
+                Ok(k) if k == ping.len() => {
+                    pending.insert(i);
+                }
+                _ => {
+                    write_failed += 1;
+                    self.unwatch(i);
+                }
             }
         }
         let asked = pending.len() as u64 + write_failed;
         let t0 = Instant::now();
-        let mut partial: HashMap<usize, BytesMut> = HashMap::new();
         let mut answered = 0u64;
         let mut latest_answer = Duration::ZERO;
         while !pending.is_empty() && t0.elapsed() < timeout {
-            let mut still = Vec::with_capacity(pending.len());
-            for i in pending {
-                let Some(held) = self.conns[i].as_mut() else {
+            self.poll(timeout.saturating_sub(t0.elapsed()).min(KEEPALIVE_TICK));
+            self.tick_if_due();
+            for i in self.take_ready() {
+                if !pending.contains(&i) {
                     continue;
-                };
-                let buf = partial.entry(i).or_default();
-                let state = drain(&mut held.sock, &mut self.buf, Some(buf), &self.stats);
-                let mut got = false;
-                for frame in frames(buf) {
-                    if let Body::Pong(p) = frame.body {
-                        got |= p.nonce == nonce;
-                    }
                 }
+                let got = self
+                    .frames_of(i)
+                    .iter()
+                    .any(|f| matches!(f.body, Body::Pong(Pong { nonce: n }) if n == nonce));
                 if got {
                     answered += 1;
                     latest_answer = t0.elapsed();
-                    partial.remove(&i);
-                } else if let Drained::Closed = state {
-                    closed += 1;
-                    partial.remove(&i);
-                    self.conns[i] = None;
+                } else if self.conns[i].is_some() {
+                    continue;
                 } else {
-                    still.push(i);
+                    closed += 1;
                 }
-            }
-            pending = still;
-            if !pending.is_empty() {
-                nap(Duration::from_millis(20));
+                pending.remove(&i);
+                self.unwatch(i);
             }
         }
+        for &i in &pending {
+            self.unwatch(i);
+        }
+        self.ready.clear();
         json!({
             "held": self.conns.iter().filter(|c| c.is_some()).count() as u64,
             "asked": asked,
@@ -808,47 +876,38 @@ impl Holder {
         let mut latency = stats::new_histogram();
         let (mut refused, mut duplicates, mut write_failed, mut stray) = (0u64, 0u64, 0u64, 0u64);
         let mut first_refusal: Option<String> = None;
-        let mut partial: HashMap<usize, BytesMut> = HashMap::new();
         let t0 = Instant::now();
         for batch in (0..count).collect::<Vec<_>>().chunks(SEND_BATCH) {
             // Send a batch, then read until it settles (or the time runs out).
-            let mut watch: Vec<usize> = Vec::new();
             for &k in batch {
                 let (a, b) = pairs[k];
-                let to =
-                    self.accounts[self.conns[b].as_ref().expect("open").account as usize].clone();
+                self.watch(a);
+                self.watch(b);
+                let Some(to) = self.conns[b].as_ref().map(|h| h.account as usize) else {
+                    continue; // closed by the node since: not sent
+                };
+                let to = self.accounts[to].clone();
                 let bytes = self.message_to(&to, nonce, k, k as u32 + 1);
-                let held = self.conns[a].as_mut().expect("open");
+                let Some(held) = self.conns[a].as_mut() else {
+                    continue;
+                };
                 if write_all_nonblocking(&mut held.sock, &bytes, Duration::from_secs(5)) {
                     sent_at[k] = Some(Instant::now());
                 } else {
                     write_failed += 1;
                 }
-                watch.push(a);
-                watch.push(b);
             }
-            watch.sort_unstable();
-            watch.dedup();
             let settled = |acked: &[bool], delivered: &[bool]| {
                 batch
                     .iter()
                     .all(|&k| sent_at[k].is_none() || (acked[k] && delivered[k]))
             };
             while !settled(&acked, &delivered) && t0.elapsed() < timeout {
-                let mut progress = false;
-                for &i in &watch {
-                    let Some(held) = self.conns[i].as_mut() else {
-                        continue;
-                    };
-                    let buf = partial.entry(i).or_default();
-                    if let Drained::Closed =
-                        drain(&mut held.sock, &mut self.buf, Some(buf), &self.stats)
-                    {
-                        self.conns[i] = None;
-                    }
+                self.poll(timeout.saturating_sub(t0.elapsed()).min(KEEPALIVE_TICK));
+                self.tick_if_due();
+                for i in self.take_ready() {
                     let mut seqs = Vec::new();
-                    for frame in frames(buf) {
-                        progress = true;
+                    for frame in self.frames_of(i) {
                         let req = frame.req as usize;
                         match frame.body {
                             Body::SendAck(a) if (1..=count).contains(&req) => {
@@ -892,11 +951,13 @@ impl Holder {
                         }
                     }
                 }
-                if !progress {
-                    nap(Duration::from_millis(2));
-                }
             }
         }
+        for &(a, b) in &pairs {
+            self.unwatch(a);
+            self.unwatch(b);
+        }
+        self.ready.clear();
         let elapsed = t0.elapsed();
         let sent = sent_at.iter().filter(|s| s.is_some()).count() as u64;
         json!({
