@@ -38,7 +38,7 @@ pub mod sink;
 mod split;
 
 pub use apply::{apply, apply_each, snapshot_clears, Applied, ApplyError};
-pub use engine::{ReplicatingEngine, ShardLogSink, ShipError};
+pub use engine::{ReplicatingEngine, ShardLogSink, ShipError, Shipping};
 pub use part::{Reassembly, RecordPart};
 pub use position::{
     catch_up_key, position_key, read_catch_up, read_position, CatchUpMark, Position,

@@ -84,6 +84,12 @@ impl ReplicaLinks for ServerLinks {
         .collect()
     }
 
+    fn in_sync_member(&self, node: NodeId, shard: ShardId) -> bool {
+        self.server.upgrade().is_some_and(|server| {
+            (server.routing.ring().in_sync(shard)).is_some_and(|set| set.contains(&node))
+        })
+    }
+
     /// The placed nodes of a shard this node is the primary of by its in-sync set that are not
     /// in the set ([`followers_in`]). A shard without a set waits for every placed replica (no
     /// followers).

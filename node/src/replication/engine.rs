@@ -33,6 +33,37 @@ pub trait ShardLogSink: Send + Sync + 'static {
     /// On `Err` the records may have reached some replicas, or none: a replica that misses one
     /// refuses the next as a gap ([`super::apply`]) and catches up.
     fn ship(&self, records: Vec<ShardLogRecord>, sync: bool) -> Result<(), ShipError>;
+
+    /// [`ShardLogSink::ship`] in two steps: hands the records on (in the order of the calls,
+    /// which is LSN order per shard) and returns what is left to wait for. The engine calls it
+    /// under the lock that orders its writes and waits after releasing it, so one write waiting
+    /// for its replicas holds up no other writer (nor a blocking thread per writer behind it).
+    /// The default ships at once and leaves nothing to wait for.
+    fn queue(&self, records: Vec<ShardLogRecord>, sync: bool) -> Result<Shipping, ShipError> {
+        self.ship(records, sync).map(|()| Shipping::done())
+    }
+}
+
+/// Records a sink has taken and not yet seen on the replicas (see [`ShardLogSink::queue`]).
+#[must_use = "a write is acknowledged only once its records are waited for"]
+pub struct Shipping(Option<Box<dyn FnOnce() -> Result<(), ShipError> + Send>>);
+
+impl Shipping {
+    /// Nothing to wait for.
+    pub fn done() -> Shipping {
+        Shipping(None)
+    }
+
+    /// Waiting is `wait`.
+    pub fn waiting(wait: impl FnOnce() -> Result<(), ShipError> + Send + 'static) -> Shipping {
+        Shipping(Some(Box::new(wait)))
+    }
+
+    /// Blocks until the replicas have the records (durably for a synced write), or fails as
+    /// [`ShardLogSink::ship`] does.
+    pub fn wait(self) -> Result<(), ShipError> {
+        self.0.map_or(Ok(()), |wait| wait())
+    }
 }
 
 /// An [`Engine`] that turns every committed batch into per-shard log records.
@@ -48,8 +79,8 @@ pub trait ShardLogSink: Send + Sync + 'static {
 /// 3. Append each shard's new [`Position`] to the batch and write it with `sync`: the data and
 ///    the positions are one atomic batch, so after a crash the stored position is exactly the
 ///    last record whose data is stored, and the LSNs continue from it.
-/// 4. Ship the records to the sink and return its error, if any, as
-///    [`StorageError::Replication`].
+/// 4. Queue the records to the sink ([`ShardLogSink::queue`]), release the lock, wait for
+///    them and return the sink's error, if any, as [`StorageError::Replication`].
 ///
 /// Why the local write stays when the sink fails: the caller gets an error and acknowledges
 /// nothing, so the write is one the protocol already allows to be lost or kept (at-least-once:
@@ -57,11 +88,16 @@ pub trait ShardLogSink: Send + Sync + 'static {
 /// record shipped is one past the missing one and a replica that lacks it refuses it as a gap
 /// rather than diverging silently.
 ///
-/// Steps 2 to 4 run under one lock, so records of a shard are allocated, written and shipped
-/// in LSN order with no holes: a failed local write allocates nothing (and, since RocksDB may
-/// have written a batch it reported as failed, the cached positions are dropped and read back
-/// from disk). The price is that writes of different services no longer share an fsync while a
-/// sink is set; the inbox writer, which carries nearly all the load, is one thread anyway.
+/// Steps 2 to 4 up to the queueing run under one lock, so records of a shard are allocated,
+/// written and queued in LSN order with no holes: a failed local write allocates nothing (and,
+/// since RocksDB may have written a batch it reported as failed, the cached positions are
+/// dropped and read back from disk). The price is that writes of different services no longer
+/// share an fsync while a sink is set; the inbox writer, which carries nearly all the load, is
+/// one thread anyway. The wait for the replicas is outside the lock: when it was inside, one
+/// synced write waiting out a slow replica (up to the ack timeout) held every other writer of
+/// the node, each on a blocking thread; under the million's reconnect storm that was ~420
+/// threads per node, and a replica whose blocking pool was full could not apply records
+/// either, so its primaries timed out in turn.
 ///
 /// Exactly one wrapper may write a database: each caches the positions it wrote. Records this
 /// node applies as a replica go to [`ReplicatingEngine::inner`], below the wrapper (never
@@ -315,9 +351,13 @@ impl ReplicatingEngine {
         for (r, position) in records.iter().zip(after) {
             positions.insert(r.shard, position);
         }
-        self.sink
-            .ship(records, sync)
-            .map_err(|e| StorageError::Replication(e.0))
+        let shipping = self
+            .sink
+            .queue(records, sync)
+            .map_err(|e| StorageError::Replication(e.0))?;
+        // Queued in order; the wait needs no lock.
+        drop(cache);
+        shipping.wait().map_err(|e| StorageError::Replication(e.0))
     }
 }
 
@@ -351,14 +391,17 @@ impl Engine for ReplicatingEngine {
             return self.inner.write(batch, false);
         }
         // A synced write of node-local data, or of nothing (a barrier): the replicas sync too.
-        let _order = self
+        let order = self
             .positions
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         self.inner.write(batch, true)?;
-        self.sink
-            .ship(Vec::new(), true)
-            .map_err(|e| StorageError::Replication(e.0))
+        let shipping = self
+            .sink
+            .queue(Vec::new(), true)
+            .map_err(|e| StorageError::Replication(e.0))?;
+        drop(order);
+        shipping.wait().map_err(|e| StorageError::Replication(e.0))
     }
 
     fn scan(

@@ -45,7 +45,7 @@ use ringpost_coordinator::NodeId;
 use tokio::sync::mpsc as tokio_mpsc;
 use tracing::{debug, warn};
 
-use super::engine::{ReplicatingEngine, ShardLogSink, ShipError};
+use super::engine::{ReplicatingEngine, ShardLogSink, ShipError, Shipping};
 use super::part::{
     RecordPart, PART_BYTES_MIN, PART_HEADER_BYTES_MAX, REPLICATE_FRAME_BYTES_MAX,
     REPLICATE_PARTS_MAX,
@@ -148,6 +148,18 @@ pub trait ReplicaLinks: Send + Sync + 'static {
     fn confirm_in_sync(&self, node: NodeId, shards: Vec<ShardId>) -> Result<(), String> {
         let _ = (node, shards);
         Ok(())
+    }
+
+    /// Whether `node` is in `shard`'s in-sync set now. A synced write's acknowledgement from a
+    /// node that was a member when the write was queued proposes nothing: writes wait for their
+    /// replicas concurrently, so another write may have dropped the node since, and a dropped
+    /// node comes back by a catch-up (whose records are all waited for), never by the
+    /// acknowledgement of a record queued before it was dropped (a record queued after the
+    /// drop and before such a proposal commits would be waited for by nobody). False by
+    /// default: every acknowledging node is proposed.
+    fn in_sync_member(&self, node: NodeId, shard: ShardId) -> bool {
+        let _ = (node, shard);
+        false
     }
 
     /// The placed replicas of `shard` that are not in [`ReplicaLinks::must_have`]: they get its
@@ -433,12 +445,20 @@ impl NetworkSink {
 
 impl ShardLogSink for NetworkSink {
     fn ship(&self, records: Vec<ShardLogRecord>, sync: bool) -> Result<(), ShipError> {
-        let Some(links) = self.shared.links.get() else {
-            return Ok(());
+        self.queue(records, sync)?.wait()
+    }
+
+    fn queue(&self, records: Vec<ShardLogRecord>, sync: bool) -> Result<Shipping, ShipError> {
+        let Some(links) = self.shared.links.get().cloned() else {
+            return Ok(Shipping::done());
         };
+        let links = &links;
         let (reply, replies) = mpsc::channel();
         let mut expected = 0usize;
         let mut over_bound = false;
+        // Nodes in a shard's in-sync set as its record is queued: their acknowledgements
+        // confirm nothing (see `ReplicaLinks::in_sync_member`).
+        let mut members: HashSet<(NodeId, ShardId)> = HashSet::new();
         {
             let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
             let joining = self
@@ -471,6 +491,9 @@ impl ShardLogSink for NetworkSink {
                 });
                 for (i, node) in nodes.into_iter().enumerate() {
                     let must_have = i < must;
+                    if must_have && sync && links.in_sync_member(node, record.shard) {
+                        members.insert((node, record.shard));
+                    }
                     let stream = self.stream(&mut streams, node, links);
                     let bytes = encoded.bytes.len();
                     let queued = stream.queued_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
@@ -532,53 +555,73 @@ impl ShardLogSink for NetworkSink {
         }
         drop(reply);
         if !sync && !over_bound {
-            return Ok(());
+            return Ok(Shipping::done());
         }
-        // Every answer, not just up to the first failure: when `ship` returns, no record of
-        // this call is still on its way.
-        let mut first_error = None;
-        let mut applied: HashMap<NodeId, Vec<ShardId>> = HashMap::new();
-        let mut missing: HashMap<NodeId, (Vec<ShardId>, String)> = HashMap::new();
-        for _ in 0..expected {
-            match replies.recv() {
-                Ok((node, shards, Ok(()))) => applied.entry(node).or_default().extend(shards),
-                Ok((node, shards, Err(e))) if shards.is_empty() => {
-                    first_error.get_or_insert(format!("replica node {node}: {e}"));
-                }
-                Ok((node, shards, Err(e))) => {
-                    let (missed, _) = missing.entry(node).or_insert_with(|| (Vec::new(), e));
-                    missed.extend(shards);
-                }
-                // Every reply sender is gone: nothing more will come.
-                Err(_) => {
-                    first_error.get_or_insert("a replica stream stopped".to_owned());
-                    break;
-                }
+        let (links, shared) = (links.clone(), self.shared.clone());
+        Ok(Shipping::waiting(move || {
+            wait_for_replicas(&replies, expected, sync, &members, &*links, &shared)
+        }))
+    }
+}
+
+/// The waiting half of [`NetworkSink::queue`]: `expected` answers on `replies`, then the
+/// in-sync sets brought in line with them.
+fn wait_for_replicas(
+    replies: &mpsc::Receiver<(NodeId, Vec<ShardId>, Result<(), String>)>,
+    expected: usize,
+    sync: bool,
+    members: &HashSet<(NodeId, ShardId)>,
+    links: &dyn ReplicaLinks,
+    shared: &Shared,
+) -> Result<(), ShipError> {
+    // Every answer, not just up to the first failure: when `ship` returns, no record of
+    // this call is still on its way.
+    let mut first_error = None;
+    let mut applied: HashMap<NodeId, Vec<ShardId>> = HashMap::new();
+    let mut missing: HashMap<NodeId, (Vec<ShardId>, String)> = HashMap::new();
+    for _ in 0..expected {
+        match replies.recv() {
+            Ok((node, shards, Ok(()))) => applied.entry(node).or_default().extend(shards),
+            Ok((node, shards, Err(e))) if shards.is_empty() => {
+                first_error.get_or_insert(format!("replica node {node}: {e}"));
+            }
+            Ok((node, shards, Err(e))) => {
+                let (missed, _) = missing.entry(node).or_insert_with(|| (Vec::new(), e));
+                missed.extend(shards);
+            }
+            // Every reply sender is gone: nothing more will come.
+            Err(_) => {
+                first_error.get_or_insert("a replica stream stopped".to_owned());
+                break;
             }
         }
-        if sync {
-            for (node, shards) in applied {
-                if let Err(e) = links.confirm_in_sync(node, shards) {
-                    first_error.get_or_insert(format!("replica node {node}: {e}"));
-                }
+    }
+    if sync {
+        for (node, mut shards) in applied {
+            shards.retain(|&shard| !members.contains(&(node, shard)));
+            if shards.is_empty() {
+                continue;
             }
-        }
-        // A replica that lacks records is dropped from the shards' in-sync sets; only if that
-        // fails does the write fail (the rest of the set has the records). A joining node
-        // stops joining: its catch-up starts over.
-        for (node, (mut shards, e)) in missing {
-            shards.sort_unstable();
-            shards.dedup();
-            for &shard in &shards {
-                self.shared.leave_joining(node, shard);
-            }
-            if let Err(why) = links.drop_from_in_sync(node, shards) {
-                warn!(replica = node, error = %why, "cannot drop a failed replica from the in-sync sets");
+            if let Err(e) = links.confirm_in_sync(node, shards) {
                 first_error.get_or_insert(format!("replica node {node}: {e}"));
             }
         }
-        first_error.map_or(Ok(()), |e| Err(ShipError(e)))
     }
+    // A replica that lacks records is dropped from the shards' in-sync sets; only if that
+    // fails does the write fail (the rest of the set has the records). A joining node
+    // stops joining: its catch-up starts over.
+    for (node, (mut shards, e)) in missing {
+        shards.sort_unstable();
+        shards.dedup();
+        for &shard in &shards {
+            shared.leave_joining(node, shard);
+        }
+        if let Err(why) = links.drop_from_in_sync(node, shards) {
+            warn!(replica = node, error = %why, "cannot drop a failed replica from the in-sync sets");
+            first_error.get_or_insert(format!("replica node {node}: {e}"));
+        }
+    }
+    first_error.map_or(Ok(()), |e| Err(ShipError(e)))
 }
 
 /// One replica node's stream: sends what is queued, a frame at a time, answers each item, and

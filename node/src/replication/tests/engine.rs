@@ -424,3 +424,92 @@ fn a_node_writes_only_the_shards_it_is_the_primary_of_at_its_epoch() {
     engine.write(b, true).unwrap();
     assert_eq!(read_position(&*primary, mine).unwrap().lsn, 2);
 }
+
+/// A sink whose synced writes wait until the test lets them go, as a slow replica's would.
+struct HeldSink {
+    queued: Mutex<Vec<(ShardId, u64)>>,
+    release: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+}
+
+impl ShardLogSink for HeldSink {
+    fn ship(&self, records: Vec<ShardLogRecord>, sync: bool) -> Result<(), ShipError> {
+        self.queue(records, sync)?.wait()
+    }
+
+    fn queue(
+        &self,
+        records: Vec<ShardLogRecord>,
+        sync: bool,
+    ) -> Result<crate::replication::Shipping, ShipError> {
+        let mut queued = self.queued.lock().unwrap();
+        queued.extend(records.iter().map(|r| (r.shard, r.lsn)));
+        if !sync {
+            return Ok(crate::replication::Shipping::done());
+        }
+        let release = self
+            .release
+            .lock()
+            .unwrap()
+            .take()
+            .expect("one synced write");
+        Ok(crate::replication::Shipping::waiting(move || {
+            release
+                .recv()
+                .map_err(|_| ShipError("the test ended".into()))
+        }))
+    }
+}
+
+#[test]
+fn a_write_waiting_for_its_replicas_holds_up_no_other_writer() {
+    let (primary, _d) = rocks();
+    let (release_tx, release_rx) = std::sync::mpsc::channel();
+    let sink = Arc::new(HeldSink {
+        queued: Mutex::new(Vec::new()),
+        release: Mutex::new(Some(release_rx)),
+    });
+    let engine = Arc::new(ReplicatingEngine::new(primary.clone(), sink.clone(), 1));
+    // A synced write to shard 4 waits for its replicas...
+    let slow = {
+        let engine = engine.clone();
+        std::thread::spawn(move || {
+            let mut b = WriteBatch::new();
+            put(&mut b, 4, b"slow");
+            engine.write(b, true)
+        })
+    };
+    while sink.queued.lock().unwrap().is_empty() {
+        std::thread::yield_now();
+    }
+    // ... while other writes, to its shard and another, go through. (Before, they waited on
+    // the engine's lock until the slow one's replicas answered: this test hung.)
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    {
+        let engine = engine.clone();
+        std::thread::spawn(move || {
+            for (shard, tail) in [(4, b"next"), (7, b"else")] {
+                let mut b = WriteBatch::new();
+                put(&mut b, shard, tail);
+                done_tx.send(engine.write(b, false)).unwrap();
+            }
+        });
+    }
+    for _ in 0..2 {
+        let written = done_rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("a write went through while another waited for its replicas");
+        written.unwrap();
+    }
+    assert!(!slow.is_finished(), "the synced write still waits");
+    assert_eq!(
+        *sink.queued.lock().unwrap(),
+        vec![(4, 1), (4, 2), (7, 1)],
+        "queued in LSN order per shard"
+    );
+    release_tx.send(()).unwrap();
+    slow.join().unwrap().unwrap();
+    assert!(primary
+        .get(Cf::Inbox, &key(4, &[b"next"]))
+        .unwrap()
+        .is_some());
+}
