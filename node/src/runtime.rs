@@ -243,7 +243,7 @@ pub fn check_options(opts: &NodeOptions) -> Result<()> {
     // Without a certificate, `start` generates a dev one in the data dir: nothing to check.
     if let Some(cert) = &opts.tls {
         if opts.listen_wss.is_some() {
-            tls::server_config(cert, &[], false).context("the wss certificate")?;
+            crate::transport::wss::server_config(cert).context("the wss certificate")?;
         }
         if opts.listen_quic.is_some() {
             let idle = Duration::from_millis(u64::from(opts.server.keepalive.idle_timeout_ms));
@@ -440,7 +440,7 @@ impl Node {
         if let Some(addr) = opts.listen_wss {
             let l = listen_tcp(addr).with_context(|| format!("binding wss {addr}"))?;
             bound.wss = Some(l.local_addr()?);
-            let config = tls::server_config(&cert, &[], false)?;
+            let config = crate::transport::wss::server_config(&cert)?;
             tasks.spawn(accept_ws(l, Some(Arc::new(config)), server.clone()));
         }
         let mut endpoint = None;

@@ -7,6 +7,10 @@
 //! decoder's partial message). Writes encrypt a batch of frames into one buffer that lives for
 //! that write. TLS output made while reading (a post-handshake message, e.g. the answer to the
 //! client's key update) is held until the next write, which sends it first: reads never write.
+//!
+//! Once a TLS 1.3 handshake is done, rustls' connection is dropped and [`records`] carries the
+//! traffic on rustls' keys: an idle connection keeps two AEAD keys and the key schedule's
+//! secrets, not rustls' state machine, deframer and record layer.
 
 use std::io;
 use std::pin::Pin;
@@ -23,15 +27,36 @@ use tokio::net::TcpStream;
 
 use super::with_read_buf;
 
+mod records;
+use records::{Opened, Records};
+
+/// The TLS server configuration for `wss://` listeners: [`super::tls::server_config`] with
+/// secret extraction on, which [`records`] needs to take a connection over from rustls.
+pub fn server_config(paths: &super::tls::CertPaths) -> anyhow::Result<rustls::ServerConfig> {
+    let mut config = super::tls::server_config(paths, &[], false)?;
+    config.enable_secret_extraction = true;
+    Ok(config)
+}
+
 /// TLS record overhead in TLS 1.3 (5-byte header, content type, 16-byte tag) per record of at
 /// most 16 KiB: the first guess at the size of an encryption's output.
 const RECORD_OVERHEAD: usize = 22;
 const RECORD_PLAINTEXT_MAX: usize = 16 * 1024;
 
+/// Who holds a connection's TLS state.
+enum Tls {
+    /// rustls: the handshake, and a TLS 1.2 connection for its life.
+    Rustls(Box<UnbufferedServerConnection>),
+    /// A TLS 1.3 connection after its handshake.
+    Records(Box<Records>),
+    /// Taking over from rustls failed: nothing more is read or written.
+    Failed,
+}
+
 /// A server-side TLS connection over TCP.
 pub struct TlsConn {
     tcp: TcpStream,
-    conn: UnbufferedServerConnection,
+    tls: Tls,
     /// Received TLS bytes not processed yet (an incomplete record); empty and unallocated
     /// between records.
     incoming: BytesMut,
@@ -55,6 +80,10 @@ enum Progress {
 
 fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+fn closed() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "the TLS connection is closed")
 }
 
 /// Appends what `write` writes to `buf`: it is given `guess` bytes first, and as many as it
@@ -112,7 +141,7 @@ impl TlsConn {
         let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
         let mut this = TlsConn {
             tcp,
-            conn,
+            tls: Tls::Rustls(Box::new(conn)),
             incoming: BytesMut::new(),
             out: Vec::new(),
             stash: BytesMut::new(),
@@ -126,7 +155,10 @@ impl TlsConn {
             }
             this.send_out().await?;
             match progress {
-                Progress::Established => return Ok(this),
+                Progress::Established => {
+                    this.take_over()?;
+                    return Ok(this);
+                }
                 Progress::Closed => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -146,12 +178,43 @@ impl TlsConn {
         }
     }
 
+    /// Hands an established TLS 1.3 connection from rustls to [`Records`].
+    fn take_over(&mut self) -> io::Result<()> {
+        let Tls::Rustls(conn) = std::mem::replace(&mut self.tls, Tls::Failed) else {
+            return Ok(());
+        };
+        self.tls = match Records::take_over(conn) {
+            Ok(records) => Tls::Records(records?),
+            Err(tls12) => Tls::Rustls(tls12),
+        };
+        Ok(())
+    }
+
+    /// Frees the receive buffer once nothing is left in it.
+    fn release_incoming(&mut self) {
+        if self.incoming.is_empty() && self.incoming.capacity() > 0 {
+            self.incoming = BytesMut::new();
+        }
+    }
+
     /// Processes every complete record received, appending application data to `plain` and
     /// TLS output to `out`.
     fn process(&mut self, plain: &mut BytesMut) -> io::Result<Progress> {
+        let conn = match &mut self.tls {
+            Tls::Rustls(conn) => conn,
+            Tls::Records(records) => {
+                let opened = records.open(&mut self.incoming, plain)?;
+                self.release_incoming();
+                return Ok(match opened {
+                    Opened::More => Progress::Established,
+                    Opened::Closed => Progress::Closed,
+                });
+            }
+            Tls::Failed => return Err(closed()),
+        };
         loop {
             let UnbufferedStatus { discard, state } =
-                self.conn.process_tls_records(&mut self.incoming[..]);
+                conn.process_tls_records(&mut self.incoming[..]);
             let mut extra = 0;
             let progress = match state {
                 // The connection ends: what is left unprocessed does not matter.
@@ -234,6 +297,15 @@ impl TlsConn {
         }
     }
 
+    /// The connection's TLS 1.3 record layer, once rustls handed it over.
+    #[cfg(test)]
+    fn records(&mut self) -> Option<&mut Records> {
+        match &mut self.tls {
+            Tls::Records(r) => Some(r),
+            _ => None,
+        }
+    }
+
     /// Whether TLS output made while reading waits for the next write.
     pub fn has_pending_output(&self) -> bool {
         !self.out.is_empty()
@@ -243,9 +315,20 @@ impl TlsConn {
     /// into one buffer, and writes it.
     async fn encrypt_and_write(&mut self, plain: Option<&[u8]>) -> io::Result<()> {
         let mut buf = std::mem::take(&mut self.out);
+        let conn = match &mut self.tls {
+            Tls::Rustls(conn) => conn,
+            Tls::Records(records) => {
+                match plain {
+                    Some(p) => records.seal(p, &mut buf)?,
+                    None => records.seal_close_notify(&mut buf)?,
+                }
+                return self.tcp.write_all(&buf).await;
+            }
+            Tls::Failed => return Err(closed()),
+        };
         loop {
             let UnbufferedStatus { discard, state } =
-                self.conn.process_tls_records(&mut self.incoming[..]);
+                conn.process_tls_records(&mut self.incoming[..]);
             let mut extra = 0;
             let done = match state {
                 // The connection ends: what is left unprocessed does not matter.
@@ -285,12 +368,7 @@ impl TlsConn {
                 }
                 // The client's close_notify (reported once): we may still write.
                 Ok(ConnectionState::PeerClosed) => false,
-                Ok(ConnectionState::Closed) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::BrokenPipe,
-                        "the TLS connection is closed",
-                    ))
-                }
+                Ok(ConnectionState::Closed) => return Err(closed()),
                 Ok(other) => {
                     return Err(io::Error::other(format!(
                         "cannot write in TLS state {other:?}"
@@ -343,7 +421,7 @@ mod tests {
         versions: &[&'static rustls::SupportedProtocolVersion],
     ) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
         let paths = tls::dev_certificate(dir, &[]).unwrap();
-        let server = tls::server_config(&paths, &[], false).unwrap();
+        let server = server_config(&paths).unwrap();
         let mut roots = rustls::RootCertStore::empty();
         let ca = std::fs::read(paths.ca.unwrap()).unwrap();
         for cert in rustls_pemfile::certs(&mut &ca[..]) {
@@ -420,6 +498,11 @@ mod tests {
             client.read_exact(&mut back).await.unwrap();
             assert_eq!(back, big);
             assert_eq!(server.incoming.capacity(), 0, "{versions:?}");
+            assert_eq!(
+                server.records().is_some(),
+                versions[0] == &rustls::version::TLS13,
+                "TLS 1.3 runs on our record layer, TLS 1.2 on rustls"
+            );
             assert_eq!(server.out.capacity(), 0);
             assert_eq!(server.stash.capacity(), 0);
         }
@@ -435,6 +518,7 @@ mod tests {
             let got = read_exactly(&mut server, 16).await;
             assert_eq!(&got[..], &[round; 16]);
             assert!(!server.has_pending_output(), "reads never write");
+            assert!(server.records().unwrap().key_update_owed());
             server.write_all(&[round; 6]).await.unwrap();
             let mut back = [0u8; 6];
             client.read_exact(&mut back).await.unwrap();
@@ -457,6 +541,67 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(n, 0);
+    }
+
+    #[tokio::test]
+    async fn the_server_replaces_its_key_before_the_limit_and_the_client_follows() {
+        let (mut server, mut client, _dir) = pair(&[&rustls::version::TLS13]).await;
+        // Three records per key: a 40 KB write is three records, so every write crosses a
+        // key update, and the next write starts with one.
+        server.records().unwrap().set_tx_limit(3);
+        for round in 0..6u8 {
+            let data = vec![round; 40_000];
+            server.write_all(&data).await.unwrap();
+            let mut back = vec![0u8; data.len()];
+            client.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, data, "round {round}");
+            assert!(
+                server.records().unwrap().tx_seq() <= 3,
+                "the key was replaced"
+            );
+            // The client's direction is untouched by ours.
+            client.write_all(&[round; 5]).await.unwrap();
+            assert_eq!(&read_exactly(&mut server, 5).await[..], &[round; 5]);
+        }
+    }
+
+    /// Bytes the client writes under the TLS layer, as an attacker on the path would.
+    async fn raw_to_server(bytes: &[u8]) -> io::Error {
+        let (mut server, mut client, _dir) = pair(&[&rustls::version::TLS13]).await;
+        client.get_mut().0.write_all(bytes).await.unwrap();
+        let mut sink = BytesMut::new();
+        let read = std::future::poll_fn(|cx| server.poll_read_some(cx, &mut sink));
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .expect("the server decides at once")
+            .expect_err("refused")
+    }
+
+    #[tokio::test]
+    async fn forged_oversize_and_plaintext_records_are_refused_without_a_panic() {
+        let mut forged = vec![23, 3, 3, 0, 40];
+        forged.extend_from_slice(&[0x5a; 40]);
+        let e = raw_to_server(&forged).await;
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        let e = raw_to_server(&[23, 3, 3, 0xff, 0xff]).await;
+        assert!(e.to_string().contains("record_overflow"), "{e}");
+        // A plaintext handshake record after the handshake.
+        let e = raw_to_server(&[22, 3, 3, 0, 5, 24, 0, 0, 1, 0]).await;
+        assert!(e.to_string().contains("only application_data"), "{e}");
+        // Too short to hold a tag.
+        let e = raw_to_server(&[23, 3, 3, 0, 1, 0]).await;
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_established_tls13_connection_keeps_no_rustls_connection() {
+        let (mut server, _client, _dir) = pair(&[&rustls::version::TLS13]).await;
+        assert!(server.records().is_some());
+        // The connection itself, inline in its boxed transport: rustls' connection (1.2 KiB
+        // inline, its deframer and state machine behind it) is gone; the two AEAD keys are
+        // behind the record layer's two boxes.
+        let bytes = std::mem::size_of::<TlsConn>();
+        assert!(bytes <= 768, "TlsConn is {bytes} bytes");
     }
 
     #[tokio::test]
