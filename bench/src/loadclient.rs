@@ -36,6 +36,9 @@ use tokio_rustls::client::TlsStream;
 
 /// Redirects followed by one connection attempt before it counts as an error.
 pub const REDIRECTS_MAX: u32 = 3;
+/// `Hello`s refused with `WrongOwner` tried again, and the first pause (doubling).
+pub const WRONG_OWNER_RETRIES_MAX: u32 = 5;
+pub const WRONG_OWNER_RETRY_MS: u64 = 100;
 
 /// Time allowed for a TCP connect, TLS and WebSocket handshakes and the `Hello` answer.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -253,7 +256,32 @@ impl Dialer {
             .map_err(|_| anyhow!("connect and Hello timed out after {CONNECT_TIMEOUT:?}"))?
     }
 
+    /// As a client does (docs/protocol.md): a `Hello` refused with `WrongOwner` (the user's
+    /// data is being handed over) is tried again on a new connection after `retry_after_ms`,
+    /// or a backoff from [`WRONG_OWNER_RETRY_MS`], up to [`WRONG_OWNER_RETRIES_MAX`] times.
     async fn connect_device_inner(&self, auth: &Auth) -> Result<(Conn, Welcome)> {
+        let mut retries = 0u32;
+        loop {
+            let e = match self.connect_device_once(auth).await {
+                Err(e) => e,
+                done => return done,
+            };
+            let wrong_owner = e
+                .downcast_ref::<NodeError>()
+                .filter(|n| n.code == ErrorCode::WrongOwner.as_u16());
+            match wrong_owner {
+                Some(n) if retries < WRONG_OWNER_RETRIES_MAX => {
+                    let backoff = WRONG_OWNER_RETRY_MS << retries;
+                    let wait = u64::from(n.retry_after_ms).max(backoff);
+                    retries += 1;
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                }
+                _ => return Err(e),
+            }
+        }
+    }
+
+    async fn connect_device_once(&self, auth: &Auth) -> Result<(Conn, Welcome)> {
         let mut conn = self.connect().await?;
         for _ in 0..=REDIRECTS_MAX {
             match conn.hello(Some(auth.clone())).await? {
