@@ -41,6 +41,8 @@ struct Links {
     holding: AtomicBool,
     /// `drop_from_in_sync` calls.
     dropped: Mutex<Vec<(NodeId, ShardId)>>,
+    /// `confirm_in_sync` calls.
+    confirmed: Mutex<Vec<(NodeId, Vec<ShardId>)>>,
 }
 
 impl ReplicaLinks for Links {
@@ -71,6 +73,15 @@ impl ReplicaLinks for Links {
 
     fn may_catch_up(&self, node: NodeId, shard: ShardId) -> bool {
         self.followers(shard).contains(&node)
+    }
+
+    fn in_sync_member(&self, node: NodeId, shard: ShardId) -> bool {
+        self.must_have(shard).contains(&node)
+    }
+
+    fn confirm_in_sync(&self, node: NodeId, shards: Vec<ShardId>) -> Result<(), String> {
+        self.confirmed.lock().unwrap().push((node, shards));
+        Ok(())
     }
 
     fn drop_from_in_sync(&self, node: NodeId, shards: Vec<ShardId>) -> Result<(), String> {
@@ -482,5 +493,22 @@ fn a_replica_takes_chunks_only_in_their_session_and_position() {
     assert_eq!(
         snapshot_clears(5).len(),
         crate::shard_rows::SHARD_CFS.len() - 1
+    );
+}
+
+/// Writes wait for their replicas concurrently, so a member's acknowledgement must not propose
+/// it again: another write may have dropped it meanwhile, and it comes back by a catch-up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_members_acknowledgement_proposes_nothing() {
+    let rig = rig();
+    rig.links.must.lock().unwrap().insert(3, vec![2]);
+    for n in 0..3 {
+        rig.write(churn(3, n)).await;
+    }
+    rig.assert_same(3);
+    assert!(
+        rig.links.confirmed.lock().unwrap().is_empty(),
+        "node 2 was in shard 3's set: {:?}",
+        rig.links.confirmed.lock().unwrap()
     );
 }
