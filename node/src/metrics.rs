@@ -104,6 +104,8 @@ pub struct Metrics {
     pub connection_tasks: AtomicI64,
     /// Whether the ws listener is driven by io_uring (else tokio).
     pub ws_uring: std::sync::atomic::AtomicBool,
+    /// Whether the wss listener is driven by io_uring (else tokio).
+    pub wss_uring: std::sync::atomic::AtomicBool,
     pub inbox_entries: AtomicI64,
     /// Seconds durable writes have been failing (0 while they succeed).
     pub storage_failing_seconds: AtomicI64,
@@ -160,6 +162,7 @@ impl Default for Metrics {
             unauthenticated: AtomicI64::new(0),
             connection_tasks: AtomicI64::new(0),
             ws_uring: std::sync::atomic::AtomicBool::new(false),
+            wss_uring: std::sync::atomic::AtomicBool::new(false),
             inbox_entries: AtomicI64::new(0),
             storage_failing_seconds: AtomicI64::new(0),
             wal_sync: Histogram::new(LATENCY_BUCKETS_S),
@@ -364,6 +367,11 @@ impl Metrics {
             out,
             "# HELP ringpost_ws_driver_info What drives the ws listener's connections (--ws-driver; uring falls back to tokio where the kernel refuses it).\n# TYPE ringpost_ws_driver_info gauge\nringpost_ws_driver_info{{driver=\"{}\"}} 1",
             if self.ws_uring.load(Relaxed) { "uring" } else { "tokio" }
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ringpost_wss_driver_info What drives the wss listener's connections (--ws-driver, as for ws).\n# TYPE ringpost_wss_driver_info gauge\nringpost_wss_driver_info{{driver=\"{}\"}} 1",
+            if self.wss_uring.load(Relaxed) { "uring" } else { "tokio" }
         );
         let gauges: [(&str, &str, &AtomicI64); 6] = [
             (

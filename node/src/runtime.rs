@@ -28,7 +28,7 @@ use crate::storage::Engine;
 use crate::transport::quic::{self, QuicTransport};
 use crate::transport::tls::{self, CertPaths};
 use crate::transport::ws::{WsStream, WsTransport};
-use crate::transport::wss::TlsConn;
+use crate::transport::wss::{TlsConn, TlsSocket};
 
 /// How often the keepalive sweep runs.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -225,9 +225,9 @@ pub struct Node {
     pub ca: Option<PathBuf>,
     tasks: JoinSet<()>,
     quic: Option<quinn::Endpoint>,
-    /// The io_uring driver of the ws listener, stopped when the node is.
+    /// The io_uring drivers of the ws and wss listeners, stopped when the node is.
     #[cfg(target_os = "linux")]
-    uring: Option<Arc<crate::transport::uring::Driver>>,
+    uring: Vec<Arc<crate::transport::uring::Driver>>,
     cluster: Option<crate::cluster::ClusterLink>,
 }
 
@@ -412,16 +412,17 @@ impl Node {
         let mut tasks = JoinSet::new();
         let mut bound = Bound::default();
         #[cfg(target_os = "linux")]
-        let mut uring = None;
+        let mut uring = Vec::new();
         if let Some(addr) = opts.listen_ws {
             let l = listen_tcp(addr).with_context(|| format!("binding ws {addr}"))?;
             bound.ws = Some(l.local_addr()?);
             #[cfg(target_os = "linux")]
-            let l = match start_uring(opts.ws_driver, l)? {
+            let l = match start_uring(opts.ws_driver, l, "ws")? {
                 Ok((driver, accepted)) => {
-                    tasks.spawn(accept_ws_uring(driver.clone(), accepted, server.clone()));
+                    let accepting = accept_ws_uring(driver.clone(), accepted, None, server.clone());
+                    tasks.spawn(accepting);
                     server.metrics.ws_uring.store(true, Relaxed);
-                    uring = Some(driver);
+                    uring.push(driver);
                     None
                 }
                 Err(l) => Some(l),
@@ -440,8 +441,28 @@ impl Node {
         if let Some(addr) = opts.listen_wss {
             let l = listen_tcp(addr).with_context(|| format!("binding wss {addr}"))?;
             bound.wss = Some(l.local_addr()?);
-            let config = crate::transport::wss::server_config(&cert)?;
-            tasks.spawn(accept_ws(l, Some(Arc::new(config)), server.clone()));
+            let config = Arc::new(crate::transport::wss::server_config(&cert)?);
+            #[cfg(target_os = "linux")]
+            let l = match start_uring(opts.ws_driver, l, "wss")? {
+                Ok((driver, accepted)) => {
+                    let tls = Some(config.clone());
+                    tasks.spawn(accept_ws_uring(
+                        driver.clone(),
+                        accepted,
+                        tls,
+                        server.clone(),
+                    ));
+                    server.metrics.wss_uring.store(true, Relaxed);
+                    uring.push(driver);
+                    None
+                }
+                Err(l) => Some(l),
+            };
+            #[cfg(not(target_os = "linux"))]
+            let l = Some(l);
+            if let Some(l) = l {
+                tasks.spawn(accept_ws(l, Some(config), server.clone()));
+            }
         }
         let mut endpoint = None;
         if let Some(addr) = opts.listen_quic {
@@ -588,37 +609,45 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         #[cfg(target_os = "linux")]
-        if let Some(driver) = self.uring.take() {
+        for driver in self.uring.drain(..) {
             driver.stop();
         }
     }
 }
 
-/// The io_uring driver of a ws listener and the connections it accepts.
+/// The io_uring driver of a ws or wss listener and the connections it accepts.
 #[cfg(target_os = "linux")]
 type Uring = (
     Arc<crate::transport::uring::Driver>,
     tokio::sync::mpsc::UnboundedReceiver<std::io::Result<crate::transport::uring::Accepted>>,
 );
 
-/// Starts the io_uring driver for the ws listener when `driver` asks for it and the kernel
-/// allows it; otherwise gives the listener back for tokio (saying why io_uring was refused).
+/// Starts the io_uring driver for a WebSocket listener (`listener`: "ws" or "wss") when
+/// `driver` asks for it and the kernel allows it; otherwise gives the listener back for tokio
+/// (saying why io_uring was refused).
 #[cfg(target_os = "linux")]
-fn start_uring(driver: WsDriver, l: TcpListener) -> Result<Result<Uring, TcpListener>> {
+fn start_uring(
+    driver: WsDriver,
+    l: TcpListener,
+    listener: &'static str,
+) -> Result<Result<Uring, TcpListener>> {
     if driver != WsDriver::Uring {
         return Ok(Err(l));
     }
     if let Some(why) = crate::transport::uring::unsupported_reason() {
-        warn!(%why, "io_uring refused: the ws listener uses tokio");
+        warn!(%why, listener, "io_uring refused: the listener uses tokio");
         return Ok(Err(l));
     }
-    let l = l.into_std().context("the ws listener")?;
-    let started =
-        crate::transport::uring::Driver::start(l).context("starting the io_uring ws driver")?;
+    let l = l
+        .into_std()
+        .with_context(|| format!("the {listener} listener"))?;
+    let started = crate::transport::uring::Driver::start(l)
+        .with_context(|| format!("starting the io_uring driver of the {listener} listener"))?;
     info!(
+        listener,
         recv_buffers = crate::transport::uring::RECV_BUFS,
         recv_buffer_bytes = crate::transport::uring::RECV_BUF_BYTES,
-        "ws connections are driven by io_uring"
+        "connections are driven by io_uring"
     );
     Ok(Ok(started))
 }
@@ -644,15 +673,22 @@ fn admit_ws(server: &Server, peer: SocketAddr) -> Option<Admitted> {
     }
 }
 
-/// The accept loop of a ws listener driven by io_uring: the driver accepts, this admits.
+/// The accept loop of a ws or wss (`tls`) listener driven by io_uring: the driver accepts,
+/// this admits.
 #[cfg(target_os = "linux")]
 async fn accept_ws_uring(
     driver: Arc<crate::transport::uring::Driver>,
     mut accepted: tokio::sync::mpsc::UnboundedReceiver<
         std::io::Result<crate::transport::uring::Accepted>,
     >,
+    tls: Option<Arc<rustls::ServerConfig>>,
     server: Arc<Server>,
 ) {
+    let kind = if tls.is_some() {
+        TransportKind::Wss
+    } else {
+        TransportKind::Ws
+    };
     // Not accepting until ready, as on the tokio path.
     server.wait_ready().await;
     driver.start_accepting();
@@ -660,23 +696,30 @@ async fn accept_ws_uring(
         let (stream, peer) = match next {
             Ok(s) => s,
             Err(e) => {
-                warn!(transport = "ws", error = %e, "accept failed; raise the open-file limit if this is EMFILE");
+                warn!(transport = kind.name(), error = %e, "accept failed; raise the open-file limit if this is EMFILE");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
                 driver.start_accepting();
                 continue;
             }
         };
-        match admit_ws(&server, peer) {
-            Some(admitted) => {
+        match (admit_ws(&server, peer), &tls) {
+            (Some(admitted), None) => {
                 tokio::spawn(serve_ws_stream(
                     server.clone(),
                     WsStream::Uring(stream),
-                    TransportKind::Ws,
+                    kind,
                     admitted,
                 ));
             }
-            None if server.is_shutting_down() => {}
-            None => {
+            (Some(admitted), Some(config)) => {
+                let config = config.clone();
+                let wrap = |tls| WsStream::UringTls(Box::new(tls));
+                tokio::spawn(serve_tls(server.clone(), stream, config, wrap, admitted));
+            }
+            // Over TLS the refusal is the connection's close, as on the tokio path.
+            (None, Some(_)) => {}
+            (None, None) if server.is_shutting_down() => {}
+            (None, None) => {
                 // A WebSocket client learns why; the stream closes once this is sent.
                 let mut stream = stream;
                 tokio::spawn(async move {
@@ -739,19 +782,31 @@ async fn serve_ws(
     match tls {
         None => serve_ws_stream(server, WsStream::Plain(tcp), kind, admitted).await,
         Some(config) => {
-            let peer = admitted.source;
-            let timeout = Duration::from_millis(server.config.preauth.handshake_timeout_ms.into());
-            // The TLS handshake and the upgrade share the one deadline.
-            let deadline = tokio::time::Instant::now() + timeout;
-            match tokio::time::timeout_at(deadline, TlsConn::accept(tcp, config)).await {
-                Ok(Ok(tls)) => {
-                    let stream = WsStream::Tls(Box::new(tls));
-                    serve_ws_upgrade(server, stream, kind, admitted, deadline).await
-                }
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "tls handshake failed"),
-                Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
-            }
+            let wrap = |tls| WsStream::Tls(Box::new(tls));
+            serve_tls(server, tcp, config, wrap, admitted).await
         }
+    }
+}
+
+/// A wss connection's TLS handshake over `socket` (tokio's TCP or the io_uring driver's), then
+/// its upgrade over the stream `wrap` makes of it, both within the handshake timeout.
+async fn serve_tls<S: TlsSocket>(
+    server: Arc<Server>,
+    socket: S,
+    config: Arc<rustls::ServerConfig>,
+    wrap: impl FnOnce(TlsConn<S>) -> WsStream,
+    admitted: Admitted,
+) {
+    let peer = admitted.source;
+    let timeout = Duration::from_millis(server.config.preauth.handshake_timeout_ms.into());
+    // The TLS handshake and the upgrade share the one deadline.
+    let deadline = tokio::time::Instant::now() + timeout;
+    match tokio::time::timeout_at(deadline, TlsConn::accept(socket, config)).await {
+        Ok(Ok(tls)) => {
+            serve_ws_upgrade(server, wrap(tls), TransportKind::Wss, admitted, deadline).await
+        }
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "tls handshake failed"),
+        Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
     }
 }
 

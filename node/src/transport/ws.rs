@@ -27,6 +27,9 @@ pub enum WsStream {
     /// Driven by the listener's io_uring driver ([`super::uring`]).
     #[cfg(target_os = "linux")]
     Uring(super::uring::UringStream),
+    /// TLS over a connection of the io_uring driver.
+    #[cfg(target_os = "linux")]
+    UringTls(Box<super::wss::TlsConn<super::uring::UringStream>>),
 }
 
 impl WsStream {
@@ -34,6 +37,8 @@ impl WsStream {
     fn has_pending_output(&self) -> bool {
         match self {
             WsStream::Tls(s) => s.has_pending_output(),
+            #[cfg(target_os = "linux")]
+            WsStream::UringTls(s) => s.has_pending_output(),
             _ => false,
         }
     }
@@ -62,6 +67,8 @@ impl WsStream {
             WsStream::Tls(s) => s.poll_read_some(cx, dst),
             #[cfg(target_os = "linux")]
             WsStream::Uring(s) => s.poll_read_some(cx, dst),
+            #[cfg(target_os = "linux")]
+            WsStream::UringTls(s) => s.poll_read_some(cx, dst),
         }
     }
 
@@ -76,6 +83,8 @@ impl WsStream {
             WsStream::Tls(s) => s.write_all(bytes).await,
             #[cfg(target_os = "linux")]
             WsStream::Uring(s) => s.send(Bytes::copy_from_slice(bytes)).await,
+            #[cfg(target_os = "linux")]
+            WsStream::UringTls(s) => s.write_all(bytes).await,
         }
     }
 
@@ -97,6 +106,8 @@ impl WsStream {
                 s.shutdown();
                 Ok(())
             }
+            #[cfg(target_os = "linux")]
+            WsStream::UringTls(s) => s.shutdown().await,
         };
     }
 }

@@ -53,9 +53,68 @@ enum Tls {
     Failed,
 }
 
-/// A server-side TLS connection over TCP.
-pub struct TlsConn {
-    tcp: TcpStream,
+/// The byte stream under TLS: a tokio TCP socket, or a connection of the io_uring driver.
+pub trait TlsSocket: Send + 'static {
+    /// Polls one read, appended to `dst`: `Ready(Ok(0))` at end of stream.
+    fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut BytesMut,
+    ) -> Poll<io::Result<usize>>;
+    /// Writes `bytes` whole.
+    fn send(&mut self, bytes: Vec<u8>) -> impl std::future::Future<Output = io::Result<()>> + Send;
+    /// Shuts the sending side (the peer reads end of stream).
+    fn close_write(&mut self) -> impl std::future::Future<Output = io::Result<()>> + Send;
+}
+
+impl TlsSocket for TcpStream {
+    /// Through the worker's read buffer: only what arrived is copied to `dst`.
+    fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        with_read_buf(|buf| {
+            let mut rb = ReadBuf::new(buf);
+            Pin::new(&mut *self).poll_read(cx, &mut rb).map_ok(|()| {
+                dst.extend_from_slice(rb.filled());
+                rb.filled().len()
+            })
+        })
+    }
+
+    async fn send(&mut self, bytes: Vec<u8>) -> io::Result<()> {
+        AsyncWriteExt::write_all(self, &bytes).await
+    }
+
+    async fn close_write(&mut self) -> io::Result<()> {
+        AsyncWriteExt::shutdown(self).await
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl TlsSocket for super::uring::UringStream {
+    fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        self.poll_read_some(cx, dst)
+    }
+
+    async fn send(&mut self, bytes: Vec<u8>) -> io::Result<()> {
+        super::uring::UringStream::send(self, bytes::Bytes::from(bytes)).await
+    }
+
+    async fn close_write(&mut self) -> io::Result<()> {
+        self.shutdown();
+        Ok(())
+    }
+}
+
+/// A server-side TLS connection over a byte stream (tokio's TCP by default).
+pub struct TlsConn<S = TcpStream> {
+    tcp: S,
     tls: Tls,
     /// Received TLS bytes not processed yet (an incomplete record); empty and unallocated
     /// between records.
@@ -135,9 +194,9 @@ fn encrypt_needs(e: &EncryptError) -> Option<usize> {
     }
 }
 
-impl TlsConn {
+impl<S: TlsSocket> TlsConn<S> {
     /// Runs the server handshake on `tcp`. The caller bounds the time it may take.
-    pub async fn accept(tcp: TcpStream, config: Arc<rustls::ServerConfig>) -> io::Result<TlsConn> {
+    pub async fn accept(tcp: S, config: Arc<rustls::ServerConfig>) -> io::Result<TlsConn<S>> {
         let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
         let mut this = TlsConn {
             tcp,
@@ -256,15 +315,7 @@ impl TlsConn {
 
     /// Polls one read of TLS bytes from the socket into `incoming` (0 at end of stream).
     fn poll_read_tls(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let incoming = &mut self.incoming;
-        let tcp = &mut self.tcp;
-        with_read_buf(|buf| {
-            let mut rb = ReadBuf::new(buf);
-            Pin::new(tcp).poll_read(cx, &mut rb).map_ok(|()| {
-                incoming.extend_from_slice(rb.filled());
-                rb.filled().len()
-            })
-        })
+        self.tcp.poll_read_into(cx, &mut self.incoming)
     }
 
     /// Polls for application data, appended to `dst`: `Ready(Ok(0))` when the client closed.
@@ -322,7 +373,7 @@ impl TlsConn {
                     Some(p) => records.seal(p, &mut buf)?,
                     None => records.seal_close_notify(&mut buf)?,
                 }
-                return self.tcp.write_all(&buf).await;
+                return self.tcp.send(buf).await;
             }
             Tls::Failed => return Err(closed()),
         };
@@ -380,7 +431,7 @@ impl TlsConn {
                 break;
             }
         }
-        self.tcp.write_all(&buf).await
+        self.tcp.send(buf).await
     }
 
     /// Writes `plain` as application data.
@@ -394,13 +445,13 @@ impl TlsConn {
             return Ok(());
         }
         let out = std::mem::take(&mut self.out);
-        self.tcp.write_all(&out).await
+        self.tcp.send(out).await
     }
 
     /// Sends close_notify and shuts the socket's write side.
     pub async fn shutdown(&mut self) -> io::Result<()> {
         self.encrypt_and_write(None).await?;
-        self.tcp.shutdown().await
+        self.tcp.close_write().await
     }
 }
 

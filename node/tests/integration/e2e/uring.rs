@@ -1,6 +1,6 @@
-//! The io_uring WebSocket driver (`--ws-driver uring`) under the same flows as tokio's: the
-//! whole e2e suite also passes with `RINGPOST_WS_DRIVER=uring` in the environment; these run
-//! the flows that exercise the driver most on every `make test`.
+//! The io_uring WebSocket driver (`--ws-driver uring`, ws and wss) under the same flows as
+//! tokio's: the whole e2e suite also passes with `RINGPOST_WS_DRIVER=uring` in the
+//! environment; these run the flows that exercise the driver most on every `make test`.
 
 use std::time::Duration;
 
@@ -15,11 +15,25 @@ fn uring_node(extra: &[&str]) -> TestNode {
     args.extend_from_slice(extra);
     let node = TestNode::start_with(&args);
     let (_, metrics) = node.admin_get("/metrics");
-    assert!(
-        metrics.contains("ringpost_ws_driver_info{driver=\"uring\"} 1"),
-        "the node did not start its io_uring driver: {metrics}"
-    );
+    for listener in ["ws", "wss"] {
+        assert!(
+            metrics.contains(&format!(
+                "ringpost_{listener}_driver_info{{driver=\"uring\"}} 1"
+            )),
+            "the node did not start the {listener} listener's io_uring driver: {metrics}"
+        );
+    }
     node
+}
+
+#[tokio::test]
+async fn messages_receipts_and_typing_flow_over_wss_on_uring() {
+    exchange_on(&uring_node(&[]), "wss").await;
+}
+
+#[tokio::test]
+async fn idle_wss_connections_on_uring_park_and_wake() {
+    idle_connections_park_and_wake_on(&uring_node(&[]), "wss").await;
 }
 
 #[tokio::test]
