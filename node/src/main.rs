@@ -58,9 +58,9 @@ struct Common {
     /// Where RocksDB (and, for dev, the certificate and codes file) live.
     #[arg(long, default_value = "./data", env = "RINGPOST_DATA_DIR")]
     data_dir: PathBuf,
-    /// What drives the plain WebSocket listener's connections: tokio (epoll), or io_uring
+    /// What drives the ws and wss listeners' connections: tokio (epoll), or io_uring
     /// (Linux 6.0+; less memory per connection; experimental). Where io_uring is refused the
-    /// node says why and uses tokio. wss and QUIC always use tokio.
+    /// node says why and uses tokio. QUIC always uses tokio.
     #[arg(long, value_enum, default_value = "tokio", env = "RINGPOST_WS_DRIVER")]
     ws_driver: ringpost_node::runtime::WsDriver,
     /// RocksDB's block cache (one for every column family, index and filter blocks included),

@@ -43,7 +43,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// What drives the plain WebSocket listener's connections (`--ws-driver`).
+/// What drives the ws and wss listeners' connections (`--ws-driver`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum WsDriver {
     /// tokio: epoll readiness, a registration and a read per connection.
@@ -430,7 +430,7 @@ impl Node {
             #[cfg(not(target_os = "linux"))]
             let l = {
                 if opts.ws_driver == WsDriver::Uring {
-                    warn!("io_uring is Linux only: the ws listener uses tokio");
+                    warn!("io_uring is Linux only: the ws and wss listeners use tokio");
                 }
                 Some(l)
             };
