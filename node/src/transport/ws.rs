@@ -22,7 +22,8 @@ use super::{with_read_buf, Incoming, Transport, TransportError, WRITE_TIMEOUT_MS
 /// The byte stream under the WebSocket.
 pub enum WsStream {
     Plain(TcpStream),
-    /// Boxed: most of a TLS connection's state is rustls' (about 1 KiB).
+    /// Boxed, as the TLS state is larger than the other variants (rustls' connection during
+    /// the handshake and for TLS 1.2, the record layer after a TLS 1.3 handshake).
     Tls(Box<super::wss::TlsConn>),
     /// Driven by the listener's io_uring driver ([`super::uring`]).
     #[cfg(target_os = "linux")]
