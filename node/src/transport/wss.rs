@@ -616,6 +616,30 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_flood_of_key_updates_without_data_is_refused() {
+        let (mut server, mut client, _dir) = pair(&[&rustls::version::TLS13]).await;
+        // 32 in a row are taken; application data starts the count again.
+        for _ in 0..32 {
+            client.get_mut().1.refresh_traffic_keys().unwrap();
+            client.flush().await.unwrap();
+        }
+        client.write_all(b"x").await.unwrap();
+        assert_eq!(&read_exactly(&mut server, 1).await[..], b"x");
+        for _ in 0..33 {
+            client.get_mut().1.refresh_traffic_keys().unwrap();
+            client.flush().await.unwrap();
+        }
+        let mut sink = BytesMut::new();
+        let read = std::future::poll_fn(|cx| server.poll_read_some(cx, &mut sink));
+        let e = match tokio::time::timeout(Duration::from_secs(5), read).await {
+            Ok(Err(e)) => e,
+            Ok(Ok(n)) => panic!("read {n} bytes where a refusal was due"),
+            Err(_) => panic!("the 33rd KeyUpdate in a row was taken"),
+        };
+        assert!(e.to_string().contains("KeyUpdates"), "{e}");
+    }
+
     /// Bytes the client writes under the TLS layer, as an attacker on the path would.
     async fn raw_to_server(bytes: &[u8]) -> io::Error {
         let (mut server, mut client, _dir) = pair(&[&rustls::version::TLS13]).await;

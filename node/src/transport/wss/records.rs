@@ -13,7 +13,8 @@
 //! (every record is `application_data` on the outside, at most 2^14 + 256 bytes of ciphertext
 //! and 2^14 of plaintext), counts the sequence numbers, and handles the three kinds of inner
 //! content a client may send after the handshake: application data, alerts (`close_notify`
-//! ends the stream, `user_canceled` is ignored, any other is fatal) and `KeyUpdate` (§4.6.3:
+//! ends the stream, `user_canceled` is ignored up to 4 times, any other is fatal) and
+//! `KeyUpdate` (at most 32 with no application data between them, as rustls allows; §4.6.3:
 //! the receiving key is replaced at once; if the client asks for ours, our `KeyUpdate` is sent
 //! ahead of the next write, which then uses the new key). It replaces its own sending key
 //! before the cipher suite's confidentiality limit. Any other handshake message, a
@@ -52,6 +53,12 @@ const USER_CANCELED: u8 = 90;
 /// `KeyUpdate.request_update` (§4.6.3).
 const UPDATE_NOT_REQUESTED: u8 = 0;
 const UPDATE_REQUESTED: u8 = 1;
+/// `KeyUpdate`s a client may send with no application data between them, and `user_canceled`
+/// alerts in all: each costs the node a key derivation or a record for nothing, so a flood of
+/// them is refused (rustls' and BoringSSL's bounds, which the connection had before it left
+/// rustls).
+const KEY_UPDATES_IN_A_ROW_MAX: u8 = 32;
+const WARNING_ALERTS_MAX: u8 = 4;
 
 /// What opening the received records found.
 #[derive(Debug, PartialEq, Eq)]
@@ -77,6 +84,10 @@ pub struct Records {
     /// The client asked for our `KeyUpdate`: sent ahead of the next write.
     update_owed: bool,
     peer_closed: bool,
+    /// `KeyUpdate`s the client may still send before its next application data.
+    key_updates_left: u8,
+    /// `user_canceled` alerts the client may still send.
+    warning_alerts_left: u8,
 }
 
 fn invalid(why: impl Into<String>) -> io::Error {
@@ -136,6 +147,8 @@ impl Records {
             tx_limit: suite.common.confidentiality_limit.saturating_sub(1).max(1),
             update_owed: false,
             peer_closed: false,
+            key_updates_left: KEY_UPDATES_IN_A_ROW_MAX,
+            warning_alerts_left: WARNING_ALERTS_MAX,
         })
     }
 
@@ -181,10 +194,20 @@ impl Records {
                 )));
             }
             match message.typ {
-                ContentType::ApplicationData => plain.extend_from_slice(message.payload),
+                ContentType::ApplicationData => {
+                    self.key_updates_left = KEY_UPDATES_IN_A_ROW_MAX;
+                    plain.extend_from_slice(message.payload)
+                }
                 ContentType::Alert => match *message.payload {
                     [_, CLOSE_NOTIFY] => self.peer_closed = true,
-                    [_, USER_CANCELED] => {}
+                    [_, USER_CANCELED] => {
+                        self.warning_alerts_left =
+                            self.warning_alerts_left.checked_sub(1).ok_or_else(|| {
+                                invalid(format!(
+                                    "more than {WARNING_ALERTS_MAX} user_canceled alerts"
+                                ))
+                            })?;
+                    }
                     [_, description] => {
                         return Err(io::Error::new(
                             io::ErrorKind::ConnectionAborted,
@@ -219,6 +242,13 @@ impl Records {
             messages = after;
             match (HandshakeType::from(*typ), body) {
                 (HandshakeType::KeyUpdate, [request]) if messages.is_empty() => {
+                    self.key_updates_left =
+                        self.key_updates_left.checked_sub(1).ok_or_else(|| {
+                            invalid(format!(
+                                "more than {KEY_UPDATES_IN_A_ROW_MAX} KeyUpdates with no \
+                                 application data between them"
+                            ))
+                        })?;
                     let (seq, secrets) = self.kernel.update_rx_secret().map_err(tls_error)?;
                     let (key, iv) = key_and_iv(secrets)?;
                     self.opener = self.suite.aead_alg.decrypter(key, iv);
