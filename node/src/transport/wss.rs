@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use super::with_read_buf;
 
 mod records;
-use records::{Opened, Records};
+use records::{Opened, Records, PLAINTEXT_MAX, RECORD_OVERHEAD};
 
 /// The TLS server configuration for `wss://` listeners: [`super::tls::server_config`] with
 /// secret extraction on, which [`records`] needs to take a connection over from rustls.
@@ -37,11 +37,6 @@ pub fn server_config(paths: &super::tls::CertPaths) -> anyhow::Result<rustls::Se
     config.enable_secret_extraction = true;
     Ok(config)
 }
-
-/// TLS record overhead in TLS 1.3 (5-byte header, content type, 16-byte tag) per record of at
-/// most 16 KiB: the first guess at the size of an encryption's output.
-const RECORD_OVERHEAD: usize = 22;
-const RECORD_PLAINTEXT_MAX: usize = 16 * 1024;
 
 /// Who holds a connection's TLS state.
 enum Tls {
@@ -387,8 +382,7 @@ impl<S: TlsSocket> TlsConn<S> {
                 Ok(ConnectionState::WriteTraffic(mut traffic)) => {
                     match plain {
                         Some(p) => {
-                            let guess =
-                                p.len() + (p.len() / RECORD_PLAINTEXT_MAX + 1) * RECORD_OVERHEAD;
+                            let guess = p.len() + (p.len() / PLAINTEXT_MAX + 1) * RECORD_OVERHEAD;
                             append(&mut buf, guess, |b| traffic.encrypt(p, b), encrypt_needs)?
                         }
                         None => append(

@@ -43,6 +43,9 @@ use rustls::{
 const HEADER_BYTES: usize = 5;
 /// The most plaintext in one record (RFC 8446 §5.1).
 pub const PLAINTEXT_MAX: usize = 1 << 14;
+/// What sealing adds to a record's plaintext without padding: the header, the inner content
+/// type and a 16-byte AEAD tag.
+pub const RECORD_OVERHEAD: usize = HEADER_BYTES + 1 + 16;
 /// The most ciphertext in one record (§5.2): plaintext, content type, padding and tag.
 const CIPHERTEXT_MAX: usize = PLAINTEXT_MAX + 256;
 /// `legacy_record_version` of every TLS 1.3 record.
@@ -283,7 +286,7 @@ impl Records {
     /// Seals `plain` as application data (records of at most [`PLAINTEXT_MAX`]), appended to
     /// `out`, after any `KeyUpdate` owed.
     pub fn seal(&mut self, plain: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
-        out.reserve(plain.len() + plain.len().div_ceil(PLAINTEXT_MAX) * (HEADER_BYTES + 17 + 16));
+        out.reserve(plain.len() + plain.len().div_ceil(PLAINTEXT_MAX) * RECORD_OVERHEAD);
         for chunk in plain.chunks(PLAINTEXT_MAX) {
             self.seal_record(ContentType::ApplicationData, chunk, out)?;
         }
