@@ -122,6 +122,10 @@ pub struct Args {
     /// once (the reconnect storm): the time until every one is back and has its message.
     #[arg(long, default_value_t = 100_000)]
     pub storm: usize,
+    /// Before the storm, wait (up to `--answer-timeout`) until the nodes together use less
+    /// than this share of one core (%) over 2 s: the queued messages are stored and replicated.
+    #[arg(long, default_value_t = 50.0)]
+    pub storm_quiet_cpu_percent: f64,
     /// Seconds the ping check and the messages wait for their answers.
     #[arg(long, default_value_t = 60.0)]
     pub answer_timeout: f64,
@@ -514,6 +518,42 @@ fn field_kib(text: &str, name: &str) -> Option<u64> {
         .ok()
 }
 
+/// How the cluster settled before the storm.
+struct Quiet {
+    /// Seconds waited.
+    waited_s: f64,
+    /// The nodes' CPU over the last window, in % of one core.
+    cpu_percent: f64,
+}
+
+/// Window over which [`settle_quiet`] measures the nodes' CPU.
+const QUIET_WINDOW: Duration = Duration::from_secs(2);
+
+/// Waits until the nodes together use less than `percent` of one core over a
+/// [`QUIET_WINDOW`], or `at_most`.
+async fn settle_quiet(cluster: &LocalCluster, percent: f64, at_most: Duration) -> Quiet {
+    let t0 = Instant::now();
+    let ticks = || -> u64 {
+        cluster
+            .node_pids()
+            .iter()
+            .filter_map(|&p| run::cpu_ticks(p))
+            .sum()
+    };
+    loop {
+        let (from, at) = (ticks(), Instant::now());
+        tokio::time::sleep(QUIET_WINDOW).await;
+        let cpu_s = ticks().saturating_sub(from) as f64 / CLOCK_TICKS_PER_S;
+        let cpu_percent = 100.0 * cpu_s / at.elapsed().as_secs_f64();
+        if cpu_percent < percent || t0.elapsed() >= at_most {
+            return Quiet {
+                waited_s: t0.elapsed().as_secs_f64(),
+                cpu_percent,
+            };
+        }
+    }
+}
+
 /// The nodes' CPU seconds per second between two snapshots.
 fn cpu_rate(from: &HostSnapshot, to: &HostSnapshot) -> f64 {
     let wall = match (from.at, to.at) {
@@ -721,12 +761,23 @@ pub async fn run(a: &Args) -> Result<()> {
     let storm_snaps = if a.storm > 0 {
         let queued = fleet.wait(m::STORM_QUEUED, &|_, _| {}).await?;
         let away: u64 = queued.iter().filter_map(|d| d.get("away")?.as_u64()).sum();
+        // The storm starts on a quiet cluster: replication the queueing left behind (a
+        // replica caught up, a late apply) would otherwise be timed as the storm's.
+        let quiet = settle_quiet(
+            &cluster,
+            a.storm_quiet_cpu_percent,
+            Duration::from_secs_f64(a.answer_timeout),
+        )
+        .await;
         if !a.quiet {
-            eprintln!("{away} devices away with a message queued to each; all come back now");
+            eprintln!(
+                "{away} devices away with a message queued to each; the nodes at {:.0}% of a core after {:.1} s; all come back now",
+                quiet.cpu_percent, quiet.waited_s
+            );
         }
         let before_storm = snapshot(&cluster, &gen).await;
         fleet.go();
-        Some((queued, before_storm))
+        Some((queued, before_storm, quiet))
     } else {
         None
     };
@@ -940,7 +991,12 @@ pub async fn run(a: &Args) -> Result<()> {
     r.set("messages_sent", msg("sent"));
     r.set("messages_acked", msg("acked"));
     r.set("messages_duplicates", msg("duplicates"));
-    if let Some((queued, before_storm)) = &storm_snaps {
+    if let Some((queued, before_storm, quiet)) = &storm_snaps {
+        r.set("storm_settle_s", (quiet.waited_s * 10.0).round() / 10.0);
+        r.set(
+            "storm_start_nodes_cpu_percent",
+            (quiet.cpu_percent * 10.0).round() / 10.0,
+        );
         report_storm(
             &mut r,
             queued,

@@ -282,4 +282,10 @@ fn million_holds_and_checks_every_connection_on_a_local_cluster() {
     assert_eq!(v["storm_away"], 100, "{stdout}");
     assert_eq!(v["storm_reconnected"], 100, "{stdout}");
     assert_eq!(v["storm_delivered"], 100, "{stdout}");
+    // It began once the nodes were quiet, which the report says.
+    assert!(v["storm_settle_s"].as_f64().is_some(), "{stdout}");
+    assert!(
+        v["storm_start_nodes_cpu_percent"].as_f64().is_some(),
+        "{stdout}"
+    );
 }

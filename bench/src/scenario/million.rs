@@ -82,6 +82,12 @@ const EPOLL_EVENTS: usize = 1024;
 /// buffers and the node's per-connection budgets.
 const SEND_BATCH: usize = 2000;
 
+/// Storm messages a worker has unanswered at once while it queues them (63 workers: ~2,000
+/// in the cluster at a time). Each is stored and replicated before its `SendAck`; sent all at
+/// once, 100,000 of them kept writes waiting on their replicas past the ack timeout on this
+/// host, and the replicas left behind were still being caught up when the storm began.
+const STORM_SEND_WINDOW: usize = 32;
+
 /// The body of a bench message: this tag, then the pair's index.
 const BODY_TAG: &[u8; 8] = b"rp-1m-v1";
 
@@ -581,8 +587,13 @@ impl Holder {
         let mut first_refusal = None;
         let mut senders = Vec::new();
         let t0 = Instant::now();
-        for batch in (0..count).collect::<Vec<_>>().chunks(SEND_BATCH) {
-            for &k in batch {
+        // At most STORM_SEND_WINDOW unanswered at once: the next send goes out as an answer
+        // comes back, so the cluster stores the burst at its own pace.
+        let (mut next, mut in_flight) = (0usize, 0usize);
+        while (next < count || in_flight > 0) && t0.elapsed() < timeout {
+            while next < count && in_flight < STORM_SEND_WINDOW {
+                let k = next;
+                next += 1;
                 let to = self.accounts[away[k]].clone();
                 of_account.insert(away[k] as u32, k);
                 let from = open[rng.gen_range(0..open.len())];
@@ -594,37 +605,32 @@ impl Holder {
                     acked[k] = true; // not waited for
                     continue;
                 };
-                if !write_all_nonblocking(&mut held.sock, &bytes, Duration::from_secs(5)) {
+                if write_all_nonblocking(&mut held.sock, &bytes, Duration::from_secs(5)) {
+                    in_flight += 1;
+                } else {
                     write_failed += 1;
                     acked[k] = true;
                 }
             }
-            while !batch.iter().all(|&k| acked[k]) && t0.elapsed() < timeout {
-                self.poll(timeout.saturating_sub(t0.elapsed()).min(KEEPALIVE_TICK));
-                self.tick_if_due();
-                for i in self.take_ready() {
-                    for frame in self.frames_of(i) {
-                        let req = frame.req as usize;
-                        if !(1..=count).contains(&req) {
-                            continue;
-                        }
-                        match frame.body {
-                            Body::SendAck(a) if a.status == ringpost_wire::SendStatus::Ok => {
-                                acked[req - 1] = true;
-                            }
-                            Body::SendAck(a) => {
-                                acked[req - 1] = true;
-                                refused += 1;
-                                first_refusal.get_or_insert_with(|| format!("{:?}", a.status));
-                            }
-                            Body::Error(e) => {
-                                acked[req - 1] = true;
-                                refused += 1;
-                                first_refusal
-                                    .get_or_insert_with(|| format!("{:?}: {}", e.code, e.message));
-                            }
-                            _ => {}
-                        }
+            self.poll(timeout.saturating_sub(t0.elapsed()).min(KEEPALIVE_TICK));
+            self.tick_if_due();
+            for i in self.take_ready() {
+                for frame in self.frames_of(i) {
+                    let req = frame.req as usize;
+                    if !(1..=next).contains(&req) || acked[req - 1] {
+                        continue;
+                    }
+                    let refusal = match frame.body {
+                        Body::SendAck(a) if a.status == ringpost_wire::SendStatus::Ok => None,
+                        Body::SendAck(a) => Some(format!("{:?}", a.status)),
+                        Body::Error(e) => Some(format!("{:?}: {}", e.code, e.message)),
+                        _ => continue,
+                    };
+                    acked[req - 1] = true;
+                    in_flight -= 1;
+                    if let Some(r) = refusal {
+                        refused += 1;
+                        first_refusal.get_or_insert(r);
                     }
                 }
             }
