@@ -18,6 +18,9 @@ use ringpost_wire::{framing, ErrorCode};
 use super::tls::{self, CertPaths};
 use super::{Incoming, Transport, TransportError, WRITE_TIMEOUT_MS};
 
+mod crypto;
+pub use crypto::ServerCrypto;
+
 /// Flow-control window of the control stream. Must hold one maximal frame (128 KiB) plus its
 /// prefix; worst-case receive memory per connection when a client fills it.
 pub const STREAM_RECEIVE_WINDOW_BYTES: u32 = 256 * 1024;
@@ -39,11 +42,19 @@ pub const CLOSE_PROTOCOL: u32 = 1;
 /// The node is going away.
 pub const CLOSE_GOING_AWAY: u32 = 2;
 
-/// The quinn server configuration: TLS 1.3 with ALPN `ringpost/1`, transport limits above.
+/// The quinn server configuration: TLS 1.3 with ALPN `ringpost/1` ([`ServerCrypto`], which
+/// keeps no TLS state past the handshake but the key-update secrets), transport limits above.
 pub fn server_config(cert: &CertPaths, idle_timeout: Duration) -> Result<quinn::ServerConfig> {
-    let crypto = tls::server_config(cert, &[tls::ALPN_CLIENT], true)?;
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)?;
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let crypto = ServerCrypto::new(tls::server_config(cert, &[tls::ALPN_CLIENT], true)?)?;
+    server_config_with(Arc::new(crypto), idle_timeout)
+}
+
+/// [`server_config`] over a given [`ServerCrypto`].
+pub fn server_config_with(
+    crypto: Arc<ServerCrypto>,
+    idle_timeout: Duration,
+) -> Result<quinn::ServerConfig> {
+    let mut config = quinn::ServerConfig::with_crypto(crypto);
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(BIDI_STREAMS_MAX.into())
         .max_concurrent_uni_streams(0u32.into())
