@@ -372,6 +372,15 @@ fn apply_view(server: &Arc<Server>, view: &ClusterView, kick: &Notify) {
                 peers.forget(m.node_id());
             }
         }
+        // Links to every live member are dialed now, while the view changes, rather than by
+        // the first write or forward that needs one (perhaps under load). A link that exists
+        // is kept; one that failed is dialed again.
+        for m in ring.members() {
+            let live = m.state != MemberState::Down;
+            if let (true, Some(addr)) = (live && m.node_id() != server.node_id, &m.info.peer_addr) {
+                peers.warm(m.node_id(), addr);
+            }
+        }
     }
     let pending = server.install_ring(ring);
     server.presence_ring_changed();
