@@ -2,7 +2,8 @@
 //! secrets the connection's 1-RTT key updates derive from.
 //!
 //! quinn's own session (`quinn::crypto::rustls::QuicServerConfig`) keeps rustls' whole
-//! connection (state machine, deframer buffer, queues: ~2.6 KiB) for the connection's life,
+//! connection (state machine, deframer buffer, queues) for the connection's life (4.0 KiB per
+//! idle connection measured, BENCHMARKS.md ninth stop on issue 22),
 //! though after the handshake a server uses it for nothing but the next key update. This one
 //! drops it once the handshake is done and its last handshake bytes (the session tickets)
 //! were taken, and keeps the `Secrets` rustls handed over with the 1-RTT keys.
@@ -219,10 +220,16 @@ impl crypto::Session for Session {
             if buf.is_empty() {
                 return Ok(false);
             }
+            // `next` is set once the handshake got as far as the 1-RTT keys; without it the
+            // session never started (logged in `start_session`).
+            let reason = match self.next {
+                Some(_) => "TLS data after the handshake",
+                None => "no TLS session",
+            };
             return Err(TransportError {
                 code: TransportErrorCode::crypto(ALERT_UNEXPECTED_MESSAGE),
                 frame: None,
-                reason: "TLS data after the handshake".into(),
+                reason: reason.into(),
             });
         };
         let conn = &mut tls.conn;
