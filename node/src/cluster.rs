@@ -376,8 +376,10 @@ fn apply_view(server: &Arc<Server>, view: &ClusterView, kick: &Notify) {
         // the first write or forward that needs one (perhaps under load). A link that exists
         // is kept; one that failed is dialed again.
         for m in ring.members() {
-            let live = m.state != MemberState::Down;
-            if let (true, Some(addr)) = (live && m.node_id() != server.node_id, &m.info.peer_addr) {
+            if m.state == MemberState::Down || m.node_id() == server.node_id {
+                continue;
+            }
+            if let Some(addr) = &m.info.peer_addr {
                 peers.warm(m.node_id(), addr);
             }
         }
