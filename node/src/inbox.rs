@@ -58,7 +58,7 @@ pub use device::ACKED_ABOVE_MAX;
 pub use entry::{Entry, EntryHeader, EntryKind};
 pub use error::InboxError;
 pub use outbox::{receipt_id, OutboxReceipt, OUTBOX_DEVICE};
-pub use writer::{TRIM_DEVICES_PER_PASS, TRIM_SEQS_MIN};
+pub use writer::{TRIM_DEVICES_PER_PASS, TRIM_POINT_DELETES_MAX, TRIM_SEQS_MIN};
 
 use crate::shard::{shard_of, ShardId, SHARD_COUNT_DEFAULT};
 use crate::shard_rows::{self, Row};
@@ -66,7 +66,10 @@ use crate::storage::{key, prefix_end, successor, Cf, Engine, StorageError};
 use cache::DeviceCache;
 use device::Stored;
 use gate::ShardGate;
-use keys::{device_prefix, inbox_key, parse_inbox_key, parse_meta_key, DEVICE_PREFIX_LEN};
+/// Length of a device's prefix in [`Cf::Inbox`](crate::storage::Cf::Inbox): the family's
+/// prefix extractor and bloom filters use it.
+pub(crate) use keys::DEVICE_PREFIX_LEN;
+use keys::{device_prefix, inbox_key, parse_inbox_key, parse_meta_key};
 use records::DedupRecord;
 pub use writer::StorageHealth;
 use writer::{Reply, Request, Writer};

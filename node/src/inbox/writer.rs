@@ -19,7 +19,8 @@
 //!
 //! Acknowledged entries stay on disk below their device's floor until trimmed in bulk: one
 //! range delete per device once [`TRIM_SEQS_MIN`] of them gathered, and a periodic
-//! [`Request::Trim`] for the rest.
+//! [`Request::Trim`] for the rest (point deletes for a device with at most
+//! [`TRIM_POINT_DELETES_MAX`] of them).
 //!
 //! Hand-off requests (import, shard drop, sync barrier) each form a group of their own: they
 //! touch whole shards, which the overlay of per-device state does not model, and an import's
@@ -64,9 +65,26 @@ const REQUEST_OVERHEAD_BYTES: usize = 64;
 /// entries per active device linger until then.
 pub const TRIM_SEQS_MIN: u64 = 64;
 
-/// Devices one periodic trim request range-deletes below their floors: bounds that group's
-/// batch (one range tombstone each) and how long it holds the writer.
+/// A trim of at most this many acknowledged entries of a device deletes them one by one
+/// instead of with a range delete. RocksDB fragments every range tombstone of a memtable again
+/// for the first read after each write that adds one, and every read seeks through them: in a
+/// reconnect storm (100,000 devices back, one entry each, trimmed by the periodic pass in
+/// thousands of range tombstones at once) that cost 5% of the nodes' CPU, where a point
+/// tombstone costs a read nothing outside its own device. A device's seqs are consecutive, so
+/// the entries below its floor are exactly these keys (one already expired is deleted again,
+/// harmlessly).
+pub const TRIM_POINT_DELETES_MAX: u64 = 8;
+
+/// Devices one periodic trim request trims below their floors: bounds that group's
+/// batch (per device one range tombstone, or at most [`TRIM_POINT_DELETES_MAX`] point
+/// tombstones: 32,768 keys, ~1 MiB) and how long it holds the writer.
 pub const TRIM_DEVICES_PER_PASS: usize = 4096;
+
+// A trim pass's point deletes fit one shard-log record with room for the rest of its group.
+const _: () = assert!(
+    TRIM_DEVICES_PER_PASS as u64 * TRIM_POINT_DELETES_MAX
+        <= crate::replication::record::RECORD_OPS_MAX as u64 / 4
+);
 
 /// One mutation, queued for the writer.
 pub(crate) enum Request {
@@ -561,11 +579,18 @@ impl<'a> Group<'a> {
             let untrimmed = slot.cached.untrimmed();
             if untrimmed > 0 && (slot.trim || untrimmed >= TRIM_SEQS_MIN) {
                 let floor = slot.cached.meta.floor;
-                self.batch.delete_range(
-                    Cf::Inbox,
-                    inbox_key(shard, user, device, slot.cached.trimmed + 1),
-                    inbox_key(shard, user, device, floor + 1),
-                );
+                if untrimmed <= TRIM_POINT_DELETES_MAX {
+                    for seq in slot.cached.trimmed + 1..=floor {
+                        self.batch
+                            .delete(Cf::Inbox, inbox_key(shard, user, device, seq));
+                    }
+                } else {
+                    self.batch.delete_range(
+                        Cf::Inbox,
+                        inbox_key(shard, user, device, slot.cached.trimmed + 1),
+                        inbox_key(shard, user, device, floor + 1),
+                    );
+                }
                 slot.cached.trimmed = floor;
             }
             devices.push(((user, device), slot.cached));

@@ -251,7 +251,8 @@ async fn a_delivered_receipt_survives_a_crash_between_ack_and_receipt() {
 }
 
 /// Acks write no tombstone per entry: the floor moves, and acknowledged entries go in range
-/// deletes, one per [`TRIM_SEQS_MIN`] entries of a device or per periodic trim.
+/// deletes, one per [`TRIM_SEQS_MIN`] entries of a device or per periodic trim of more than
+/// [`TRIM_POINT_DELETES_MAX`].
 #[tokio::test]
 async fn acknowledged_entries_are_removed_in_bulk() {
     let t = now();
@@ -301,6 +302,58 @@ async fn acknowledged_entries_are_removed_in_bulk() {
         )
         .unwrap();
     assert!(b_keys.is_empty(), "{} entries left", b_keys.len());
+    assert_eq!(inbox.trim().await.unwrap(), 0, "nothing left to trim");
+    assert_counts_match_disk(&*engine, &inbox);
+}
+
+/// A periodic trim of a device with few acknowledged entries deletes each of them (no range
+/// tombstone, which every later read of the memtable would pay for) and nothing else.
+#[tokio::test]
+async fn a_short_trim_deletes_entries_one_by_one() {
+    let t = now();
+    let engine = Arc::new(CrashEngine::default());
+    let inbox = start(&engine);
+    let n = TRIM_POINT_DELETES_MAX;
+    for i in 0..n + 1 {
+        stored_seqs(inbox.append(to_b(i as u8, t)).await.unwrap());
+    }
+    // Out of order: the floor reaches n only with the last ack.
+    let mut acks: Vec<u64> = (2..=n).collect();
+    acks.push(1);
+    for seq in acks {
+        ack_as_node(&inbox, &[seq], t).await;
+    }
+    engine.log.lock().unwrap().clear();
+    assert_eq!(inbox.trim().await.unwrap(), 0, "acked in this pass");
+    assert_eq!(inbox.trim().await.unwrap(), 1, "quiet for a whole pass");
+    let shard = shard_of(B, 16);
+    let ops: Vec<Op> = engine
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|b| b.ops.clone())
+        .collect();
+    let deleted: Vec<Vec<u8>> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Delete { cf: Cf::Inbox, key } => Some(key.clone()),
+            _ => None,
+        })
+        .collect();
+    let expected: Vec<Vec<u8>> = (1..=n).map(|seq| inbox_key(shard, B, 1, seq)).collect();
+    assert_eq!(deleted, expected);
+    assert!(
+        !ops.iter()
+            .any(|op| matches!(op, Op::DeleteRange { cf: Cf::Inbox, .. })),
+        "no range tombstone"
+    );
+    let prefix = device_prefix(shard, B, 1);
+    let left = engine
+        .scan(Cf::Inbox, &prefix, &prefix_end(&prefix), usize::MAX)
+        .unwrap();
+    assert_eq!(left.len(), 1, "only the unacknowledged entry stays");
+    assert_eq!(seqs_of(&inbox.read(B, 1, 0, 10, t).unwrap()), vec![n + 1]);
     assert_eq!(inbox.trim().await.unwrap(), 0, "nothing left to trim");
     assert_counts_match_disk(&*engine, &inbox);
 }
