@@ -31,7 +31,7 @@ use std::collections::HashMap;
 
 use rocksdb::{ColumnFamily, DB};
 
-use super::{classify, handle, RocksEngine};
+use super::{classify, handle, RocksEngine, Seek};
 use crate::storage::{group_body_ref, Cf, Op, Result, StorageError, WriteBatch};
 
 const COUNT_TAG: u8 = 0;
@@ -231,8 +231,10 @@ impl<'a> BodyBatch<'a> {
     /// Releases every marker row in `[from, to)` (on disk, or put earlier in the batch).
     pub(super) fn delete_range(&mut self, from: &[u8], to: &[u8]) -> Result<()> {
         let mut in_range: Vec<(Vec<u8>, RowState)> = Vec::new();
-        let mut it =
-            (self.db).raw_iterator_cf_opt(self.shard_cf, RocksEngine::bounded_read(from, to));
+        let mut it = (self.db).raw_iterator_cf_opt(
+            self.shard_cf,
+            RocksEngine::bounded_read(Cf::GroupBodies, from, to, Seek::Forward),
+        );
         it.seek(from);
         while let (Some(key), Some(value)) = (it.key(), it.value()) {
             if group_body_ref(key).is_some() && !self.rows.contains_key(key) {
