@@ -459,6 +459,8 @@ struct HostSnapshot {
     connections: f64,
     frames_in: f64,
     nodes_scraped: usize,
+    /// Host-wide drop counters (every process counts).
+    drops: sysmem::DropCounters,
 }
 
 async fn snapshot(cluster: &LocalCluster, generator_pids: &[u32]) -> HostSnapshot {
@@ -496,6 +498,7 @@ async fn snapshot(cluster: &LocalCluster, generator_pids: &[u32]) -> HostSnapsho
         connections,
         frames_in,
         nodes_scraped: scraped,
+        drops: sysmem::DropCounters::read(),
     }
 }
 
@@ -1101,13 +1104,36 @@ fn report_storm(
     );
     if reconnected > 0 {
         let us = (node_s * 1e6 / reconnected as f64).round();
+        let gross_s =
+            after.node_cpu_ticks.saturating_sub(before.node_cpu_ticks) as f64 / CLOCK_TICKS_PER_S;
+        let gross_us = (gross_s * 1e6 / reconnected as f64).round();
+        let generator_s = after
+            .generator_cpu_ticks
+            .saturating_sub(before.generator_cpu_ticks) as f64
+            / CLOCK_TICKS_PER_S;
+        let generator_us = (generator_s * 1e6 / reconnected as f64).round();
         r.set_row(
             "storm_node_cpu_us_per_device",
             us,
             "storm CPU",
-            format!("{us} µs of node CPU per returning device (connect, authenticate, deliver, ack; {node_s:.1} s over all nodes in {wall:.1} s, less their background)"),
+            format!("{us} µs of node CPU per returning device (connect, authenticate, deliver, ack; {node_s:.1} s over all nodes in {wall:.1} s, less their background; {gross_us} µs with it); the generator {generator_us} µs"),
         );
+        r.set("storm_node_cpu_us_per_device_gross", gross_us);
+        r.set("storm_generator_cpu_us_per_device", generator_us);
     }
+    // Peer links are QUIC: a datagram dropped on a node's full receive buffer waits for loss
+    // recovery, whose timer doubles with each loss in a row.
+    let drops = after.drops.since(&before.drops);
+    r.set_row(
+        "storm_udp_rcvbuf_drops",
+        drops.udp_rcvbuf_errors,
+        "storm drops",
+        format!(
+            "{} UDP datagrams dropped on full receive buffers (peer links), {} SYNs on full accept queues (host-wide counters)",
+            drops.udp_rcvbuf_errors, drops.listen_overflows
+        ),
+    );
+    r.set("storm_listen_overflows", drops.listen_overflows);
     r.set("storm_away", away);
     r.set("storm_reconnected", reconnected);
     r.set("storm_delivered", delivered);

@@ -288,4 +288,16 @@ fn million_holds_and_checks_every_connection_on_a_local_cluster() {
         v["storm_start_nodes_cpu_percent"].as_f64().is_some(),
         "{stdout}"
     );
+    // Its costs: the nodes' CPU with their background and the generator's, and the host's
+    // drops while it ran.
+    assert!(
+        v["storm_node_cpu_us_per_device_gross"].as_f64().unwrap() > 0.0,
+        "{stdout}"
+    );
+    assert!(
+        v["storm_generator_cpu_us_per_device"].as_f64().is_some(),
+        "{stdout}"
+    );
+    assert!(v["storm_udp_rcvbuf_drops"].as_u64().is_some(), "{stdout}");
+    assert!(v["storm_listen_overflows"].as_u64().is_some(), "{stdout}");
 }

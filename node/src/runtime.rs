@@ -161,9 +161,11 @@ pub fn open_engine(
 /// drops the excess SYNs and clients stall for a 1 s retransmission. Costs nothing until used.
 pub const LISTEN_BACKLOG: u32 = 4096;
 
-/// Receive and send buffer asked for on the QUIC UDP socket (the kernel caps it at
-/// `net.core.rmem_max` / `wmem_max`). Every QUIC client shares this one socket, so a handshake
-/// burst overflows the default ~208 KiB and the dropped datagrams cost retransmission timeouts.
+/// Receive and send buffer asked for on each QUIC UDP socket (the kernel caps it at
+/// `net.core.rmem_max` / `wmem_max`). Every QUIC client shares the listener's socket, and
+/// every peer link the peer socket, so a burst (a handshake storm, a node starved of CPU while
+/// its peers replicate to it) overflows the default ~208 KiB, and each dropped datagram costs
+/// a loss-recovery timeout that doubles with each loss in a row.
 pub const QUIC_SOCKET_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 
 fn listen_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -181,6 +183,18 @@ fn quic_endpoint(
     config: quinn::ServerConfig,
     addr: SocketAddr,
 ) -> std::io::Result<quinn::Endpoint> {
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        quic_socket(addr)?,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
+/// A non-blocking UDP socket bound to `addr` for a QUIC endpoint, with
+/// [`QUIC_SOCKET_BUFFER_BYTES`] of receive and send buffer asked for (the client listener's and
+/// the peer links').
+pub(crate) fn quic_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::DGRAM,
@@ -191,12 +205,7 @@ fn quic_endpoint(
     let _ = socket.set_send_buffer_size(QUIC_SOCKET_BUFFER_BYTES);
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(config),
-        socket.into(),
-        Arc::new(quinn::TokioRuntime),
-    )
+    Ok(socket.into())
 }
 
 /// How verification codes are delivered.

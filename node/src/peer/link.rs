@@ -331,9 +331,15 @@ impl PeerNet {
             .map_err(|e| PeerError::Config(e.to_string()))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let liveness = config.liveness;
-        let mut endpoint =
-            quinn::Endpoint::server(server_config(&provider, liveness)?, config.bind)
-                .map_err(|e| PeerError::Config(format!("binding {}: {e}", config.bind)))?;
+        let bind_failed =
+            |e: std::io::Error| PeerError::Config(format!("binding {}: {e}", config.bind));
+        let mut endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config(&provider, liveness)?),
+            crate::runtime::quic_socket(config.bind).map_err(bind_failed)?,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_failed)?;
         endpoint.set_default_client_config(client_config(provider, liveness)?);
         let local_addr = endpoint
             .local_addr()
