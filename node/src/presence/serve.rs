@@ -241,8 +241,14 @@ impl Server {
     /// then: a subscriber that missed one change would otherwise show the old state until the
     /// next.
     pub(crate) fn presence_notify(self: &Arc<Self>, user: UserId, policy_changed: bool) {
+        let interested = self.presence.interested(user);
+        if interested.is_empty() {
+            // Nobody to tell: skip reading the last-seen time (a database read on every
+            // device's first connection, 2.6% of the nodes' CPU in a reconnect storm).
+            return;
+        }
         let raw = self.presence_raw(user);
-        for node in self.presence.interested(user) {
+        for node in interested {
             self.presence.metrics.changes_sent.fetch_add(1, Relaxed);
             if node == self.node_id {
                 self.presence_changed(user, raw, policy_changed);
