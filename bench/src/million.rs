@@ -112,7 +112,10 @@ pub struct Args {
     #[arg(long, default_value_t = 120.0)]
     pub hold: f64,
     /// Seconds the nodes' CPU is measured with no connection before the run: their
-    /// background (peer links, heartbeats, timers), subtracted from the keepalive figure.
+    /// background (peer links, heartbeats, timers), subtracted from the keepalive and storm
+    /// figures. It starts once the nodes are quiet (`--storm-quiet-cpu-percent`, waiting up to
+    /// `--answer-timeout`): nodes restarted on their data first catch up the replicas that
+    /// missed their last records, which is no background.
     #[arg(long, default_value_t = 20.0)]
     pub background: f64,
     /// Messages sent between random pairs of connected devices at the end.
@@ -122,8 +125,10 @@ pub struct Args {
     /// once (the reconnect storm): the time until every one is back and has its message.
     #[arg(long, default_value_t = 100_000)]
     pub storm: usize,
-    /// Before the storm, wait (up to `--answer-timeout`) until the nodes together use less
-    /// than this share of one core (%) over 2 s: the queued messages are stored and replicated.
+    /// Before the background is measured and before the storm, wait (up to
+    /// `--answer-timeout`) until the nodes together use less than this share of one core (%)
+    /// over 2 s: catch-ups after a restart are done; the queued messages are stored and
+    /// replicated.
     #[arg(long, default_value_t = 50.0)]
     pub storm_quiet_cpu_percent: f64,
     /// Seconds the ping check and the messages wait for their answers.
@@ -521,7 +526,7 @@ fn field_kib(text: &str, name: &str) -> Option<u64> {
         .ok()
 }
 
-/// How the cluster settled before the storm.
+/// How the cluster settled before a measurement (the background, the storm).
 struct Quiet {
     /// Seconds waited.
     waited_s: f64,
@@ -690,6 +695,12 @@ pub async fn run(a: &Args) -> Result<()> {
             })
         },
     );
+    let bg_quiet = settle_quiet(
+        &cluster,
+        a.storm_quiet_cpu_percent,
+        Duration::from_secs_f64(a.answer_timeout),
+    )
+    .await;
     let bg_start = snapshot(&cluster, &[]).await;
     tokio::time::sleep(Duration::from_secs_f64(a.background)).await;
     let loadavg_before = sysmem::loadavg_1m();
@@ -954,6 +965,10 @@ pub async fn run(a: &Args) -> Result<()> {
             ),
         );
     }
+    r.set(
+        "background_settle_s",
+        (bg_quiet.waited_s * 10.0).round() / 10.0,
+    );
     r.set(
         "generator_keepalive",
         json!({

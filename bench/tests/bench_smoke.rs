@@ -288,6 +288,8 @@ fn million_holds_and_checks_every_connection_on_a_local_cluster() {
         v["storm_start_nodes_cpu_percent"].as_f64().is_some(),
         "{stdout}"
     );
+    // The background was measured on quiet nodes, which the report says.
+    assert!(v["background_settle_s"].as_f64().is_some(), "{stdout}");
     // Its costs: the nodes' CPU with their background and the generator's, and the host's
     // drops while it ran.
     assert!(
