@@ -115,6 +115,7 @@ impl ClusterLink {
     /// active and holds a write lease renewed by its heartbeats.
     pub async fn start(
         options: ClusterOptions,
+        peer_runtime: Option<tokio::runtime::Handle>,
         data_dir: &std::path::Path,
         node_id: NodeId,
         bound: &crate::runtime::Bound,
@@ -143,7 +144,7 @@ impl ClusterLink {
             view.shard_count,
             server.config.shard_count
         );
-        let peers = link::PeerNet::start(
+        let start = link::PeerNet::start(
             link::PeerConfig {
                 node_id,
                 cluster_id: view.cluster_id.clone(),
@@ -154,8 +155,15 @@ impl ClusterLink {
                 liveness: options.peer_liveness,
             },
             crate::peer::service(&server),
-        )
-        .await
+        );
+        // On the peer runtime when the node has one: the network's tasks stay where it starts.
+        let peers = match peer_runtime {
+            Some(runtime) => runtime
+                .spawn(start)
+                .await
+                .context("the peer link's start did not finish")?,
+            None => start.await,
+        }
         .context("starting the peer link")?;
         let peer_addr = peers.local_addr();
         info!(%peer_addr, "peer link listening");

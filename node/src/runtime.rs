@@ -238,6 +238,44 @@ pub struct Node {
     #[cfg(target_os = "linux")]
     uring: Vec<Arc<crate::transport::uring::Driver>>,
     cluster: Option<crate::cluster::ClusterLink>,
+    /// Where the peer links and the replication streams run (last: it outlives the cluster
+    /// link, whose shutdown closes the links on it).
+    peer_runtime: Option<PeerRuntime>,
+}
+
+/// A runtime of its own for the peer network and the replication streams: one worker thread
+/// whose queue holds only peer work. On the client runtime, a replica's answer crossed several
+/// tasks (the endpoint's, the connection's, the link's, the stream's), each queued behind
+/// every client connection ready to run; in a reconnect storm on a saturated host (72 nodes on
+/// two cores) that took over the 10 s ack timeout, replicas were dropped and caught up, and
+/// the catch-ups added load. Dropped with its node, without waiting for its tasks.
+pub struct PeerRuntime(Option<tokio::runtime::Runtime>);
+
+impl PeerRuntime {
+    pub fn new() -> std::io::Result<PeerRuntime> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("ringpost-peer")
+            .enable_all()
+            .build()?;
+        Ok(PeerRuntime(Some(runtime)))
+    }
+
+    pub fn handle(&self) -> tokio::runtime::Handle {
+        match &self.0 {
+            Some(runtime) => runtime.handle().clone(),
+            None => unreachable!("the runtime is only taken on drop"),
+        }
+    }
+}
+
+impl Drop for PeerRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            // Not `drop`: that blocks on the tasks, which an async caller may not.
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// Checks `opts` as [`Node::start`] does before it opens storage or binds a listener, and
@@ -288,10 +326,13 @@ impl Node {
             .with_context(|| format!("creating data dir {}", opts.data_dir.display()))?;
         let mut replication = opts.replication.clone();
         let mut network_sink = None;
+        let peer_runtime = match opts.cluster {
+            Some(_) => Some(PeerRuntime::new().context("starting the peer runtime")?),
+            None => None,
+        };
         if opts.replicate && replication.is_none() {
-            if opts.cluster.is_some() {
-                let sink =
-                    NetworkSink::new(tokio::runtime::Handle::current(), opts.replica_ack_timeout);
+            if let Some(peer_runtime) = &peer_runtime {
+                let sink = NetworkSink::new(peer_runtime.handle(), opts.replica_ack_timeout);
                 replication = Some(ReplicationOptions {
                     sink: sink.clone(),
                     epoch: 0, // the ring's, once the node has one
@@ -533,6 +574,7 @@ impl Node {
             Some(options) => {
                 crate::cluster::ClusterLink::start(
                     options,
+                    peer_runtime.as_ref().map(PeerRuntime::handle),
                     &opts.data_dir,
                     opts.server.node_id,
                     &bound,
@@ -560,6 +602,7 @@ impl Node {
             #[cfg(target_os = "linux")]
             uring,
             cluster,
+            peer_runtime,
         })
     }
 
@@ -611,6 +654,8 @@ impl Node {
         if let Some(cluster) = self.cluster.take() {
             cluster.shutdown().await;
         }
+        // The links are closed: what is left on the peer runtime stops with it.
+        drop(self.peer_runtime.take());
         info!(left = self.server.registry.len(), "shutdown complete");
     }
 }

@@ -303,6 +303,9 @@ pub struct PeerNet {
 
 struct Shared {
     identity: Arc<Identity>,
+    /// The runtime `start` ran on: every task of the network (the endpoint's and connections'
+    /// drivers, the accept loop, each link's task) runs there, whoever calls.
+    runtime: tokio::runtime::Handle,
     endpoint: quinn::Endpoint,
     local_addr: SocketAddr,
     /// Outgoing links by peer, `None` once shut down. Keyed by cluster members only (the
@@ -312,6 +315,10 @@ struct Shared {
 
 impl PeerNet {
     /// Binds `config.bind` with a fresh self-signed certificate and starts serving peers.
+    /// Every task of the network runs on the runtime this is called on, whichever runtime
+    /// later calls or dials: a node runs it on a runtime of its own
+    /// ([`crate::runtime::PeerRuntime`]), so that replication and forwarding do not queue
+    /// behind client connections' tasks.
     pub async fn start(
         config: PeerConfig,
         service: Arc<dyn PeerService>,
@@ -333,11 +340,12 @@ impl PeerNet {
         let liveness = config.liveness;
         let bind_failed =
             |e: std::io::Error| PeerError::Config(format!("binding {}: {e}", config.bind));
+        let runtime = tokio::runtime::Handle::current();
         let mut endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             Some(server_config(&provider, liveness)?),
             crate::runtime::quic_socket(config.bind).map_err(bind_failed)?,
-            Arc::new(quinn::TokioRuntime),
+            Arc::new(OnRuntime(runtime.clone())),
         )
         .map_err(bind_failed)?;
         endpoint.set_default_client_config(client_config(provider, liveness)?);
@@ -352,10 +360,11 @@ impl PeerNet {
             directory: config.directory,
             refused: AtomicU64::new(0),
         });
-        tokio::spawn(accept_links(endpoint.clone(), identity.clone(), service));
+        runtime.spawn(accept_links(endpoint.clone(), identity.clone(), service));
         Ok(PeerNet {
             shared: Arc::new(Shared {
                 identity,
+                runtime,
                 endpoint,
                 local_addr,
                 links: Mutex::new(Some(HashMap::new())),
@@ -465,7 +474,7 @@ impl PeerNet {
             failure: OnceLock::new(),
             close: Notify::new(),
         });
-        tokio::spawn(run_link(
+        self.shared.runtime.spawn(run_link(
             self.shared.identity.clone(),
             self.shared.endpoint.clone(),
             peer,
@@ -738,6 +747,30 @@ async fn read_responses(
 }
 
 // ---- The serving side ------------------------------------------------------------------------
+
+/// quinn's tokio runtime pinned to one runtime: quinn spawns a connection's driver where it
+/// is dialed, and a dial from a client connection's task would put it on the client runtime.
+#[derive(Debug)]
+struct OnRuntime(tokio::runtime::Handle);
+
+impl quinn::Runtime for OnRuntime {
+    fn new_timer(&self, at: std::time::Instant) -> std::pin::Pin<Box<dyn quinn::AsyncTimer>> {
+        let _entered = self.0.enter();
+        quinn::TokioRuntime.new_timer(at)
+    }
+
+    fn spawn(&self, future: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) {
+        self.0.spawn(future);
+    }
+
+    fn wrap_udp_socket(
+        &self,
+        socket: std::net::UdpSocket,
+    ) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
+        let _entered = self.0.enter();
+        quinn::TokioRuntime.wrap_udp_socket(socket)
+    }
+}
 
 async fn accept_links(
     endpoint: quinn::Endpoint,
