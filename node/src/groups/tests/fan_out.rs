@@ -213,10 +213,14 @@ async fn a_member_on_an_unreachable_node_does_not_delay_the_others() {
         nodes[0].group_seqs(local) == all && nodes[2].group_seqs(remote) == all
     })
     .await;
-    // Node 2's member is still pending in every record, and has nothing.
-    let log = owner.groups.pending_records(&group, None, 100).unwrap();
-    assert_eq!(log.len(), 8, "{log:?}");
-    assert!(log.iter().all(|(_, r)| r.pending == vec![dead]), "{log:?}");
+    // Node 2's member is still pending in every record, and has nothing. A record's pending
+    // list is rewritten once its round's stores answered, after the members' inboxes have it:
+    // wait for that write too.
+    wait_until("every record pending for node 2's member only", || {
+        let log = owner.groups.pending_records(&group, None, 100).unwrap();
+        log.len() == 8 && log.iter().all(|(_, r)| r.pending == vec![dead])
+    })
+    .await;
     assert!(nodes[1].group_seqs(dead).is_empty());
 
     // Node 2 comes up at its address: the retry stores everything for its member, in order.
