@@ -217,6 +217,12 @@ proptest! {
     }
 }
 
+/// Every op the writer wrote since the log was last cleared, in order.
+fn written_ops(engine: &CrashEngine) -> Vec<Op> {
+    let log = engine.log.lock().unwrap();
+    log.iter().flat_map(|b| b.ops.clone()).collect()
+}
+
 fn receipted_entries(inbox: &Inbox, t: u64) -> usize {
     inbox.read(A, 1, 0, READ_ENTRIES_MAX, t).unwrap().len()
 }
@@ -263,13 +269,7 @@ async fn acknowledged_entries_are_removed_in_bulk() {
         stored_seqs(inbox.append(to_b(i as u8, t)).await.unwrap());
         ack_as_node(&inbox, &[i + 1], t).await;
     }
-    let ops: Vec<Op> = engine
-        .log
-        .lock()
-        .unwrap()
-        .iter()
-        .flat_map(|b| b.ops.clone())
-        .collect();
+    let ops = written_ops(&engine);
     let point_deletes = ops
         .iter()
         .filter(|op| matches!(op, Op::Delete { cf: Cf::Inbox, .. }))
@@ -327,13 +327,7 @@ async fn a_short_trim_deletes_entries_one_by_one() {
     assert_eq!(inbox.trim().await.unwrap(), 0, "acked in this pass");
     assert_eq!(inbox.trim().await.unwrap(), 1, "quiet for a whole pass");
     let shard = shard_of(B, 16);
-    let ops: Vec<Op> = engine
-        .log
-        .lock()
-        .unwrap()
-        .iter()
-        .flat_map(|b| b.ops.clone())
-        .collect();
+    let ops = written_ops(&engine);
     let deleted: Vec<Vec<u8>> = ops
         .iter()
         .filter_map(|op| match op {
