@@ -19,6 +19,7 @@ use super::tls::{self, CertPaths};
 use super::{Incoming, Transport, TransportError, WRITE_TIMEOUT_MS};
 
 mod crypto;
+pub mod keys;
 pub use crypto::ServerCrypto;
 
 /// Flow-control window of the control stream. Must hold one maximal frame (128 KiB) plus its
@@ -43,9 +44,11 @@ pub const CLOSE_PROTOCOL: u32 = 1;
 pub const CLOSE_GOING_AWAY: u32 = 2;
 
 /// The quinn server configuration: TLS 1.3 with ALPN `ringpost/1` ([`ServerCrypto`], which
-/// keeps no TLS state past the handshake but the key-update secrets), transport limits above.
+/// keeps no TLS state past the handshake but the key-update secrets; packet keys that keep
+/// only their bytes, [`keys`]), transport limits above.
 pub fn server_config(cert: &CertPaths, idle_timeout: Duration) -> Result<quinn::ServerConfig> {
-    let crypto = ServerCrypto::new(tls::server_config(cert, &[tls::ALPN_CLIENT], true)?)?;
+    let tls = tls::server_config_with(cert, &[tls::ALPN_CLIENT], true, keys::provider())?;
+    let crypto = ServerCrypto::new(tls)?;
     server_config_with(Arc::new(crypto), idle_timeout)
 }
 

@@ -151,13 +151,23 @@ pub fn server_config(
     alpn: &[&[u8]],
     tls13_only: bool,
 ) -> Result<rustls::ServerConfig> {
+    server_config_with(paths, alpn, tls13_only, provider())
+}
+
+/// [`server_config`] over a given crypto provider.
+pub fn server_config_with(
+    paths: &CertPaths,
+    alpn: &[&[u8]],
+    tls13_only: bool,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<rustls::ServerConfig> {
     let (certs, key) = load(paths)?;
     let versions: &[&rustls::SupportedProtocolVersion] = if tls13_only {
         &[&rustls::version::TLS13]
     } else {
         rustls::DEFAULT_VERSIONS
     };
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)?
         .with_no_client_auth()
         .with_single_cert(certs, key)?;

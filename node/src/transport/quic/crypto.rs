@@ -330,8 +330,16 @@ mod tests {
     fn endpoints(dir: &std::path::Path) -> (Arc<ServerCrypto>, quinn::Endpoint, quinn::Endpoint) {
         let cert = tls::dev_certificate(dir, &[]).unwrap();
         let crypto = Arc::new(
-            ServerCrypto::new(tls::server_config(&cert, &[tls::ALPN_CLIENT], true).unwrap())
+            ServerCrypto::new(
+                tls::server_config_with(
+                    &cert,
+                    &[tls::ALPN_CLIENT],
+                    true,
+                    super::super::keys::provider(),
+                )
                 .unwrap(),
+            )
+            .unwrap(),
         );
         let config =
             super::super::server_config_with(crypto.clone(), Duration::from_secs(30)).unwrap();
