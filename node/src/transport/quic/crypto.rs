@@ -418,6 +418,29 @@ mod tests {
             .is_err());
     }
 
+    /// Client connections send no datagram over 1,200 bytes: no path MTU discovery (whose
+    /// probes would double quinn's per-connection transmit buffer), even where the path
+    /// (loopback) carries far larger ones.
+    #[tokio::test]
+    async fn a_client_connection_keeps_to_1200_byte_datagrams() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_crypto, server, client) = endpoints(dir.path());
+        let addr = server.local_addr().unwrap();
+        let accept = tokio::spawn(async move {
+            let conn = server.accept().await.unwrap().await.unwrap();
+            (server, conn)
+        });
+        let c = client.connect(addr, "localhost").unwrap().await.unwrap();
+        let (_server, s) = accept.await.unwrap();
+        // Discovery, where on, raises the MTU within milliseconds of the handshake here.
+        for _ in 0..10 {
+            round_trip(&s, &c, &[7; 20_000]).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(s.stats().path.current_mtu, 1200);
+        assert_eq!(s.stats().path.sent_plpmtud_probes, 0);
+    }
+
     #[test]
     fn versions_are_those_quinn_speaks() {
         assert!(matches!(version(1), Ok(Version::V1)));
