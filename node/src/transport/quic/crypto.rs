@@ -362,6 +362,27 @@ mod tests {
         (crypto, server, client)
     }
 
+    /// A client connected to a server of [`endpoints`]: the crypto, both endpoints (kept open
+    /// while the connections are used), the client's and the server's connection.
+    async fn connected(
+        dir: &std::path::Path,
+    ) -> (
+        Arc<ServerCrypto>,
+        (quinn::Endpoint, quinn::Endpoint),
+        quinn::Connection,
+        quinn::Connection,
+    ) {
+        let (crypto, server, client) = endpoints(dir);
+        let addr = server.local_addr().unwrap();
+        let accept = tokio::spawn(async move {
+            let conn = server.accept().await.unwrap().await.unwrap();
+            (server, conn)
+        });
+        let c = client.connect(addr, "localhost").unwrap().await.unwrap();
+        let (server, s) = accept.await.unwrap();
+        (crypto, (server, client), c, s)
+    }
+
     /// Sends `msg` on a new stream of `from` and reads it on `to`'s next accepted stream.
     async fn round_trip(from: &quinn::Connection, to: &quinn::Connection, msg: &[u8]) {
         let (mut send, _recv) = from.open_bi().await.unwrap();
@@ -374,14 +395,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_keeps_no_tls_connection_after_its_handshake_and_still_updates_keys() {
         let dir = tempfile::tempdir().unwrap();
-        let (crypto, server, client) = endpoints(dir.path());
-        let addr = server.local_addr().unwrap();
-        let accept = tokio::spawn(async move {
-            let conn = server.accept().await.unwrap().await.unwrap();
-            (server, conn)
-        });
-        let c = client.connect(addr, "localhost").unwrap().await.unwrap();
-        let (_server, s) = accept.await.unwrap();
+        let (crypto, _endpoints, c, s) = connected(dir.path()).await;
         round_trip(&c, &s, b"hello").await;
 
         // The server's session let go of rustls once the handshake was written.
@@ -424,14 +438,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_connection_keeps_to_1200_byte_datagrams() {
         let dir = tempfile::tempdir().unwrap();
-        let (_crypto, server, client) = endpoints(dir.path());
-        let addr = server.local_addr().unwrap();
-        let accept = tokio::spawn(async move {
-            let conn = server.accept().await.unwrap().await.unwrap();
-            (server, conn)
-        });
-        let c = client.connect(addr, "localhost").unwrap().await.unwrap();
-        let (_server, s) = accept.await.unwrap();
+        let (_crypto, _endpoints, c, s) = connected(dir.path()).await;
         // Discovery, where on, raises the MTU within milliseconds of the handshake here.
         for _ in 0..10 {
             round_trip(&s, &c, &[7; 20_000]).await;
