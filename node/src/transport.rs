@@ -6,6 +6,7 @@
 //! frame, allocated only while there is one. Outgoing frames are queued as `Bytes` and written
 //! vectored, so the queue is empty (and unallocated) when idle.
 
+pub mod cipher;
 pub mod quic;
 pub mod tls;
 // The one module with `unsafe`: io_uring's buffers and descriptors (each block says why it is

@@ -15,11 +15,11 @@ use bytes::{Bytes, BytesMut};
 use quinn::VarInt;
 use ringpost_wire::{framing, ErrorCode};
 
+use super::cipher;
 use super::tls::{self, CertPaths};
 use super::{Incoming, Transport, TransportError, WRITE_TIMEOUT_MS};
 
 mod crypto;
-pub mod keys;
 pub use crypto::ServerCrypto;
 
 /// Flow-control window of the control stream. Must hold one maximal frame (128 KiB) plus its
@@ -53,9 +53,9 @@ pub const CLOSE_GOING_AWAY: u32 = 2;
 
 /// The quinn server configuration: TLS 1.3 with ALPN `ringpost/1` ([`ServerCrypto`], which
 /// keeps no TLS state past the handshake but the key-update secrets; packet keys that keep
-/// only their bytes, [`keys`]), transport limits above.
+/// only their bytes, [`cipher`]), transport limits above.
 pub fn server_config(cert: &CertPaths, idle_timeout: Duration) -> Result<quinn::ServerConfig> {
-    let tls = tls::server_config_with(cert, &[tls::ALPN_CLIENT], true, keys::provider())?;
+    let tls = tls::server_config_with(cert, &[tls::ALPN_CLIENT], true, cipher::provider())?;
     let crypto = ServerCrypto::new(tls)?;
     server_config_with(Arc::new(crypto), idle_timeout)
 }

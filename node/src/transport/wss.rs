@@ -33,7 +33,7 @@ use records::{Opened, Records, PLAINTEXT_MAX, RECORD_OVERHEAD};
 /// The TLS server configuration for `wss://` listeners: [`super::tls::server_config`] with
 /// secret extraction on, which [`records`] needs to take a connection over from rustls.
 pub fn server_config(paths: &super::tls::CertPaths) -> anyhow::Result<rustls::ServerConfig> {
-    let mut config = super::tls::server_config(paths, &[], false)?;
+    let mut config = super::tls::server_config_with(paths, &[], false, super::cipher::provider())?;
     config.enable_secret_extraction = true;
     Ok(config)
 }
@@ -464,6 +464,7 @@ mod tests {
     fn configs(
         dir: &std::path::Path,
         versions: &[&'static rustls::SupportedProtocolVersion],
+        client_provider: Arc<rustls::crypto::CryptoProvider>,
     ) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
         let paths = tls::dev_certificate(dir, &[]).unwrap();
         let server = server_config(&paths).unwrap();
@@ -472,7 +473,7 @@ mod tests {
         for cert in rustls_pemfile::certs(&mut &ca[..]) {
             roots.add(cert.unwrap()).unwrap();
         }
-        let client = rustls::ClientConfig::builder_with_provider(tls::provider())
+        let client = rustls::ClientConfig::builder_with_provider(client_provider)
             .with_protocol_versions(versions)
             .unwrap()
             .with_root_certificates(roots)
@@ -488,8 +489,20 @@ mod tests {
         tokio_rustls::client::TlsStream<TcpStream>,
         tempfile::TempDir,
     ) {
+        pair_with(versions, tls::provider()).await
+    }
+
+    /// [`pair`] with a client on the given provider (rustls' own keys, not the node's).
+    async fn pair_with(
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        client_provider: Arc<rustls::crypto::CryptoProvider>,
+    ) -> (
+        TlsConn,
+        tokio_rustls::client::TlsStream<TcpStream>,
+        tempfile::TempDir,
+    ) {
         let dir = tempfile::tempdir().unwrap();
-        let (server_config, client_config) = configs(dir.path(), versions);
+        let (server_config, client_config) = configs(dir.path(), versions, client_provider);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let client = async {
@@ -550,6 +563,47 @@ mod tests {
             );
             assert_eq!(server.out.capacity(), 0);
             assert_eq!(server.stash.capacity(), 0);
+        }
+    }
+
+    /// Every TLS 1.3 suite works between a rustls client on ring's keys and the node's keys
+    /// (`transport/cipher.rs`), from the handshake to the records after a key update each way.
+    #[tokio::test]
+    async fn every_tls13_suite_carries_data_on_the_nodes_keys() {
+        for suite in [
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+            rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+        ] {
+            let mut provider = rustls::crypto::ring::default_provider();
+            provider.cipher_suites.retain(|cs| cs.suite() == suite);
+            let (mut server, mut client, _dir) =
+                pair_with(&[&rustls::version::TLS13], Arc::new(provider)).await;
+            assert_eq!(
+                client
+                    .get_ref()
+                    .1
+                    .negotiated_cipher_suite()
+                    .unwrap()
+                    .suite(),
+                suite
+            );
+            assert!(server.records().is_some());
+            let data = pattern(40_000);
+            for round in 0..2 {
+                if round == 1 {
+                    client.get_mut().1.refresh_traffic_keys().unwrap();
+                }
+                let (_, got) = tokio::join!(
+                    async { client.write_all(&data).await.unwrap() },
+                    read_exactly(&mut server, data.len())
+                );
+                assert_eq!(&got[..], &data[..], "{suite:?}");
+                server.write_all(&data).await.unwrap();
+                let mut back = vec![0u8; data.len()];
+                client.read_exact(&mut back).await.unwrap();
+                assert_eq!(back, data, "{suite:?}");
+            }
         }
     }
 
@@ -676,7 +730,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_that_does_not_speak_tls_is_refused_without_a_panic() {
         let dir = tempfile::tempdir().unwrap();
-        let (server_config, _) = configs(dir.path(), &[&rustls::version::TLS13]);
+        let (server_config, _) = configs(dir.path(), &[&rustls::version::TLS13], tls::provider());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut tcp = TcpStream::connect(addr).await.unwrap();
@@ -687,7 +741,7 @@ mod tests {
         let refused = TlsConn::accept(accepted, server_config).await;
         assert!(refused.is_err());
         // Half a handshake, then the client goes away.
-        let (server_config, _) = configs(dir.path(), &[&rustls::version::TLS13]);
+        let (server_config, _) = configs(dir.path(), &[&rustls::version::TLS13], tls::provider());
         let tcp = TcpStream::connect(addr).await.unwrap();
         drop(tcp);
         let (accepted, _) = listener.accept().await.unwrap();

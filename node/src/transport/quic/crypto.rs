@@ -335,7 +335,7 @@ mod tests {
                     &cert,
                     &[tls::ALPN_CLIENT],
                     true,
-                    super::super::keys::provider(),
+                    crate::transport::cipher::provider(),
                 )
                 .unwrap(),
             )

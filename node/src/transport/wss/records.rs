@@ -5,9 +5,10 @@
 //! the key schedule so key updates still work) and drops the rest of rustls' connection: its
 //! state machine, handshake deframer and record layer, about 2 KiB that an idle connection
 //! would otherwise keep for its whole life. What stays is what a connection cannot do without:
-//! one sealing and one opening key (rustls' own AEAD implementations from the process's crypto
-//! provider, so nonces, additional data and padding are rustls' code, not ours) and the key
-//! schedule's two traffic secrets.
+//! one sealing and one opening key (from the listener's crypto provider through rustls'
+//! `MessageEncrypter`/`MessageDecrypter`: `transport/cipher.rs`, ring's AEAD with keys kept as
+//! bytes; rustls builds nonces and additional data and strips padding) and the key schedule's
+//! two traffic secrets.
 //!
 //! What this layer does itself, per RFC 8446 §5: it cuts and parses the 5-byte record headers
 //! (every record is `application_data` on the outside, at most 2^14 + 256 bytes of ciphertext

@@ -1,27 +1,42 @@
-//! QUIC packet and header protection keys that keep only their key bytes.
+//! The client listeners' keys (wss and QUIC): ring's AEAD, with keys that keep only their bytes.
 //!
-//! rustls' ring keys hold ring's expanded key: an AES-GCM packet key is about 575 bytes (the
-//! AES key schedule and the GHASH table), a header protection key about 256. A client
-//! connection holds six of them for its life (the 1-RTT pair, the pair of the next key update,
+//! rustls' ring keys hold ring's expanded key: an AES-GCM key is about 560 bytes (the AES key
+//! schedule and the GHASH table), a QUIC header protection key about 256. A connection holds
+//! its keys for life: a TLS 1.3 connection after its handshake one sealing and one opening key
+//! (`wss/records.rs`); a QUIC connection six (the 1-RTT pair, the pair of the next key update,
 //! which quinn derives as soon as the handshake is done, and the header protection pair):
-//! 2.9 KiB per idle connection (heaptrack, BENCHMARKS.md ninth stop on issue 22). These keys
-//! keep the bytes rustls derived (at most 32, and the 12-byte IV) and expand them into ring's
-//! key for each packet they protect: about 100 bytes a key. The expansion costs CPU per packet
-//! (`cargo bench -p ringpost-node --bench quic_keys`; BENCHMARKS.md eleventh stop on issue 22).
+//! 1.1 and 2.9 KiB per idle connection (heaptrack, BENCHMARKS.md ninth and eleventh stops on
+//! issue 22). These keys keep the bytes TLS derived (at most 32, and the 12-byte IV; wiped when
+//! dropped) and expand them into ring's key for each record or packet they protect: about 100
+//! bytes a key, for about 0.2 µs per record or packet (`cargo bench -p ringpost-node --bench
+//! cipher`; BENCHMARKS.md eleventh stop on issue 22).
 //!
-//! The protection itself is RFC 9001 §5.3 (AEAD: nonce = IV xor packet number, the header as
-//! associated data) and §5.4 (header protection), on ring as rustls' ring provider does it.
+//! [`provider`] is ring's rustls provider with these keys in its TLS 1.3 suites: the AEAD
+//! (`Tls13AeadAlgorithm`) and the QUIC algorithm; key schedules, hashes, signatures and TLS 1.2
+//! stay ring's. The protection is what rustls' ring provider does, on ring: TLS 1.3 records per
+//! RFC 8446 §5.2 (nonce = IV xor sequence number, the record header as associated data, the
+//! inner content type after the plaintext; rustls' code builds the nonce and header and strips
+//! the padding), QUIC packets per RFC 9001 §5.3 (nonce = IV xor packet number, the header as
+//! associated data) and §5.4 (header protection).
 
 use std::sync::{Arc, OnceLock};
 
 use ring::aead;
-use rustls::crypto::cipher::{AeadKey, Iv, Nonce};
+use rustls::crypto::cipher::{
+    make_tls13_aad, AeadKey, InboundOpaqueMessage, InboundPlainMessage, Iv, MessageDecrypter,
+    MessageEncrypter, Nonce, OutboundOpaqueMessage, OutboundPlainMessage, PrefixedPayload,
+    Tls13AeadAlgorithm, UnsupportedOperationError,
+};
 use rustls::crypto::CryptoProvider;
 use rustls::quic::{self, Tag};
-use rustls::{CipherSuite, Error, SupportedCipherSuite, Tls13CipherSuite};
+use rustls::{
+    CipherSuite, ConnectionTrafficSecrets, ContentType, Error, ProtocolVersion,
+    SupportedCipherSuite, Tls13CipherSuite,
+};
 use zeroize::Zeroize;
 
-/// The QUIC algorithm of one TLS 1.3 suite, producing key-bytes-only keys.
+/// The AEAD of one TLS 1.3 suite, for its records and its QUIC packets, producing
+/// key-bytes-only keys.
 pub struct Algorithm {
     packet: &'static aead::Algorithm,
     header: &'static aead::quic::Algorithm,
@@ -66,8 +81,8 @@ impl Algorithm {
     }
 }
 
-/// The node's rustls provider (ring) with these keys for QUIC: its TLS 1.3 suites are ring's,
-/// their QUIC algorithm ours. TLS over TCP is unchanged.
+/// ring's rustls provider with these keys: its TLS 1.3 suites are ring's but for their AEAD
+/// and QUIC algorithm, which are ours.
 pub fn provider() -> Arc<CryptoProvider> {
     static SUITES: OnceLock<Vec<SupportedCipherSuite>> = OnceLock::new();
     let mut provider = rustls::crypto::ring::default_provider();
@@ -87,7 +102,7 @@ pub fn provider() -> Arc<CryptoProvider> {
                                     confidentiality_limit: s.common.confidentiality_limit,
                                 },
                                 hkdf_provider: s.hkdf_provider,
-                                aead_alg: s.aead_alg,
+                                aead_alg: alg,
                                 quic: Some(alg),
                             }));
                         SupportedCipherSuite::Tls13(ours)
@@ -161,6 +176,119 @@ impl Algorithm {
     }
 }
 
+impl Tls13AeadAlgorithm for Algorithm {
+    fn encrypter(&self, key: AeadKey, iv: Iv) -> Box<dyn MessageEncrypter> {
+        Box::new(RecordKey {
+            alg: Algorithm::for_packet(self.packet),
+            key: KeyBytes::new(&key),
+            iv,
+        })
+    }
+
+    fn decrypter(&self, key: AeadKey, iv: Iv) -> Box<dyn MessageDecrypter> {
+        Box::new(RecordKey {
+            alg: Algorithm::for_packet(self.packet),
+            key: KeyBytes::new(&key),
+            iv,
+        })
+    }
+
+    fn key_len(&self) -> usize {
+        self.packet.key_len()
+    }
+
+    fn extract_keys(
+        &self,
+        key: AeadKey,
+        iv: Iv,
+    ) -> Result<ConnectionTrafficSecrets, UnsupportedOperationError> {
+        Ok(if self.packet == &aead::AES_128_GCM {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv }
+        } else if self.packet == &aead::AES_256_GCM {
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+        } else {
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv }
+        })
+    }
+}
+
+/// One direction's TLS 1.3 record key.
+struct RecordKey {
+    alg: &'static Algorithm,
+    key: KeyBytes,
+    iv: Iv,
+}
+
+impl RecordKey {
+    /// ring's key, expanded for this one record.
+    fn expand(&self) -> aead::LessSafeKey {
+        expand(self.alg, &self.key)
+    }
+}
+
+impl MessageEncrypter for RecordKey {
+    fn encrypt(
+        &mut self,
+        msg: OutboundPlainMessage<'_>,
+        seq: u64,
+    ) -> Result<OutboundOpaqueMessage, Error> {
+        let total_len = self.encrypted_payload_len(msg.payload.len());
+        let mut payload = PrefixedPayload::with_capacity(total_len);
+        payload.extend_from_chunks(&msg.payload);
+        payload.extend_from_slice(&msg.typ.to_array());
+        self.expand()
+            .seal_in_place_append_tag(
+                aead::Nonce::assume_unique_for_key(Nonce::new(&self.iv, seq).0),
+                aead::Aad::from(make_tls13_aad(total_len)),
+                &mut payload,
+            )
+            .map_err(|_| Error::EncryptError)?;
+        // Every TLS 1.3 record is application data in TLS 1.2's clothes on the outside (§5.1).
+        Ok(OutboundOpaqueMessage::new(
+            ContentType::ApplicationData,
+            ProtocolVersion::TLSv1_2,
+            payload,
+        ))
+    }
+
+    fn encrypted_payload_len(&self, payload_len: usize) -> usize {
+        payload_len + 1 + self.alg.packet.tag_len()
+    }
+}
+
+impl MessageDecrypter for RecordKey {
+    fn decrypt<'a>(
+        &mut self,
+        mut msg: InboundOpaqueMessage<'a>,
+        seq: u64,
+    ) -> Result<InboundPlainMessage<'a>, Error> {
+        let payload = &mut msg.payload;
+        if payload.len() < self.alg.packet.tag_len() {
+            return Err(Error::DecryptError);
+        }
+        let aad = aead::Aad::from(make_tls13_aad(payload.len()));
+        let plain_len = self
+            .expand()
+            .open_in_place(
+                aead::Nonce::assume_unique_for_key(Nonce::new(&self.iv, seq).0),
+                aad,
+                payload,
+            )
+            .map_err(|_| Error::DecryptError)?
+            .len();
+        payload.truncate(plain_len);
+        msg.into_tls13_unpadded_message()
+    }
+}
+
+/// ring's key of `alg` over `key`, expanded for one use. The length is the algorithm's: TLS
+/// derived it by `key_len`/`aead_key_len`.
+fn expand(alg: &Algorithm, key: &KeyBytes) -> aead::LessSafeKey {
+    let unbound =
+        aead::UnboundKey::new(alg.packet, key.get()).expect("a key of the algorithm's length");
+    aead::LessSafeKey::new(unbound)
+}
+
 struct PacketKey {
     alg: &'static Algorithm,
     key: KeyBytes,
@@ -168,12 +296,9 @@ struct PacketKey {
 }
 
 impl PacketKey {
-    /// ring's key, expanded for this one use.
+    /// ring's key, expanded for this one packet.
     fn expand(&self) -> aead::LessSafeKey {
-        // The length is the algorithm's: rustls derived it by `aead_key_len`.
-        let unbound = aead::UnboundKey::new(self.alg.packet, self.key.get())
-            .expect("a key of the algorithm's length");
-        aead::LessSafeKey::new(unbound)
+        expand(self.alg, &self.key)
     }
 
     fn nonce(&self, packet_number: u64) -> aead::Nonce {
@@ -428,9 +553,90 @@ mod tests {
         }
     }
 
+    /// The TLS 1.3 AEAD of `suite` in `provider`.
+    fn aead_of(provider: &CryptoProvider, suite: CipherSuite) -> &'static dyn Tls13AeadAlgorithm {
+        provider
+            .cipher_suites
+            .iter()
+            .find_map(|cs| match cs {
+                SupportedCipherSuite::Tls13(s) if s.common.suite == suite => Some(s.aead_alg),
+                _ => None,
+            })
+            .unwrap()
+    }
+
+    /// TLS 1.3 records sealed by our keys are byte for byte ring's, and each side opens the
+    /// other's; a flipped bit is refused. (The suites with 32-byte keys: rustls builds a key
+    /// of another length only from a key schedule; AES-128-GCM records are in the wss tests.)
+    #[test]
+    fn our_record_keys_seal_what_rings_do() {
+        use rustls::crypto::cipher::OutboundChunks;
+        let ring = rustls::crypto::ring::default_provider();
+        let ours = provider();
+        for suite in [
+            CipherSuite::TLS13_AES_256_GCM_SHA384,
+            CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+        ] {
+            let (key, iv) = ([0x5a; 32], [0xa5; 12]);
+            let mut ring_sealer = aead_of(&ring, suite).encrypter(AeadKey::from(key), Iv::new(iv));
+            let mut our_sealer = aead_of(&ours, suite).encrypter(AeadKey::from(key), Iv::new(iv));
+            let mut ring_opener = aead_of(&ring, suite).decrypter(AeadKey::from(key), Iv::new(iv));
+            let mut our_opener = aead_of(&ours, suite).decrypter(AeadKey::from(key), Iv::new(iv));
+            assert_eq!(
+                our_sealer.encrypted_payload_len(100),
+                ring_sealer.encrypted_payload_len(100)
+            );
+            for (seq, len) in [(0u64, 0usize), (1, 100), (1 << 40, 16_384)] {
+                let plain: Vec<u8> = (0..len).map(|i| i as u8).collect();
+                let message = |payload| OutboundPlainMessage {
+                    typ: ContentType::ApplicationData,
+                    version: ProtocolVersion::TLSv1_2,
+                    payload,
+                };
+                let theirs = ring_sealer
+                    .encrypt(message(OutboundChunks::Single(&plain)), seq)
+                    .unwrap()
+                    .encode();
+                let mine = our_sealer
+                    .encrypt(message(OutboundChunks::Single(&plain)), seq)
+                    .unwrap()
+                    .encode();
+                assert_eq!(mine, theirs, "{suite:?} record {seq}");
+                for (sealed, opener) in [(&mine, &mut ring_opener), (&theirs, &mut our_opener)] {
+                    let mut body = sealed[5..].to_vec();
+                    let opened = opener
+                        .decrypt(
+                            InboundOpaqueMessage::new(
+                                ContentType::ApplicationData,
+                                ProtocolVersion::TLSv1_2,
+                                &mut body,
+                            ),
+                            seq,
+                        )
+                        .unwrap();
+                    assert_eq!(opened.typ, ContentType::ApplicationData);
+                    assert_eq!(opened.payload, &plain[..]);
+                }
+                let mut tampered = mine[5..].to_vec();
+                tampered[0] ^= 1;
+                assert!(our_opener
+                    .decrypt(
+                        InboundOpaqueMessage::new(
+                            ContentType::ApplicationData,
+                            ProtocolVersion::TLSv1_2,
+                            &mut tampered,
+                        ),
+                        seq,
+                    )
+                    .is_err());
+            }
+        }
+    }
+
     #[test]
     fn a_key_is_small() {
         assert!(size_of::<PacketKey>() <= 64, "{}", size_of::<PacketKey>());
+        assert!(size_of::<RecordKey>() <= 64);
         assert!(size_of::<HeaderProtectionKey>() <= 48);
     }
 }

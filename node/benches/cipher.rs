@@ -1,13 +1,14 @@
-//! QUIC packet protection per packet: the node's keys (`transport::quic::keys`, which keep
-//! only their bytes and expand ring's key for each packet) against rustls' ring keys (which
-//! keep ring's expanded key). Seal = AEAD seal + header protection, as quinn sends a packet;
-//! open = header protection removed + AEAD open, as it receives one. A 64-byte payload (a
-//! ping, an ack, a receipt) and a 1,200-byte one (a full datagram).
+//! Protection per QUIC packet and per TLS 1.3 record: the node's keys
+//! (`transport::cipher`, which keep only their bytes and expand ring's key for each packet or
+//! record) against rustls' ring keys (which keep ring's expanded key). QUIC: seal = AEAD seal +
+//! header protection, as quinn sends a packet; open = header protection removed + AEAD open,
+//! as it receives one; a 64-byte payload (a ping, an ack, a receipt) and a 1,200-byte one (a
+//! full datagram). TLS: sealing a 64-byte and a 16 KiB (full) record.
 //!
-//! `cargo bench -p ringpost-node --bench quic_keys`.
+//! `cargo bench -p ringpost-node --bench cipher`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ringpost_node::transport::quic::keys;
+use ringpost_node::transport::cipher;
 use rustls::quic::{DirectionalKeys, Keys, Suite, Version};
 use rustls::{CipherSuite, Side, SupportedCipherSuite};
 
@@ -58,7 +59,7 @@ fn open(keys: &DirectionalKeys, pn: u64, packet: &mut [u8]) {
 }
 
 fn protection(c: &mut Criterion) {
-    let ours = suite(&keys::provider());
+    let ours = suite(&cipher::provider());
     let rings = suite(&rustls::crypto::ring::default_provider());
     let mut group = c.benchmark_group("quic_packet");
     for payload in [64usize, 1200] {
@@ -90,5 +91,51 @@ fn protection(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, protection);
+fn records(c: &mut Criterion) {
+    use rustls::crypto::cipher::{AeadKey, Iv, OutboundChunks, OutboundPlainMessage};
+    use rustls::{ContentType, ProtocolVersion};
+    let aead = |provider: &rustls::crypto::CryptoProvider| {
+        provider
+            .cipher_suites
+            .iter()
+            .find_map(|cs| match cs {
+                SupportedCipherSuite::Tls13(s)
+                    if s.common.suite == CipherSuite::TLS13_AES_256_GCM_SHA384 =>
+                {
+                    Some(s.aead_alg)
+                }
+                _ => None,
+            })
+            .expect("AES-256-GCM")
+    };
+    let ours = aead(&cipher::provider());
+    let rings = aead(&rustls::crypto::ring::default_provider());
+    let mut group = c.benchmark_group("tls_record");
+    group.throughput(Throughput::Elements(1));
+    for len in [64usize, 16_384] {
+        let plain = vec![7u8; len];
+        for (name, alg) in [("ours", ours), ("ring", rings)] {
+            let mut sealer = alg.encrypter(AeadKey::from([9; 32]), Iv::new([3; 12]));
+            let mut seq = 0;
+            group.bench_with_input(
+                BenchmarkId::new(format!("seal_{name}"), len),
+                &(),
+                |b, _| {
+                    b.iter(|| {
+                        seq += 1;
+                        let msg = OutboundPlainMessage {
+                            typ: ContentType::ApplicationData,
+                            version: ProtocolVersion::TLSv1_2,
+                            payload: OutboundChunks::Single(&plain),
+                        };
+                        sealer.encrypt(msg, seq).expect("sealed")
+                    })
+                },
+            );
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, protection, records);
 criterion_main!(benches);
