@@ -12,19 +12,25 @@ use ringpost_node::transport::cipher;
 use rustls::quic::{DirectionalKeys, Keys, Suite, Version};
 use rustls::{CipherSuite, Side, SupportedCipherSuite};
 
-fn suite(provider: &rustls::crypto::CryptoProvider) -> Suite {
+/// `provider`'s TLS 1.3 suite `suite`.
+fn tls13(
+    provider: &rustls::crypto::CryptoProvider,
+    suite: CipherSuite,
+) -> &'static rustls::Tls13CipherSuite {
     provider
         .cipher_suites
         .iter()
         .find_map(|cs| match cs {
-            SupportedCipherSuite::Tls13(s)
-                if s.common.suite == CipherSuite::TLS13_AES_128_GCM_SHA256 =>
-            {
-                s.quic_suite()
-            }
+            SupportedCipherSuite::Tls13(s) if s.common.suite == suite => Some(*s),
             _ => None,
         })
-        .expect("AES-128-GCM")
+        .expect("the suite")
+}
+
+fn suite(provider: &rustls::crypto::CryptoProvider) -> Suite {
+    tls13(provider, CipherSuite::TLS13_AES_128_GCM_SHA256)
+        .quic_suite()
+        .expect("QUIC")
 }
 
 const HEADER: usize = 9;
@@ -95,18 +101,7 @@ fn records(c: &mut Criterion) {
     use rustls::crypto::cipher::{AeadKey, Iv, OutboundChunks, OutboundPlainMessage};
     use rustls::{ContentType, ProtocolVersion};
     let aead = |provider: &rustls::crypto::CryptoProvider| {
-        provider
-            .cipher_suites
-            .iter()
-            .find_map(|cs| match cs {
-                SupportedCipherSuite::Tls13(s)
-                    if s.common.suite == CipherSuite::TLS13_AES_256_GCM_SHA384 =>
-                {
-                    Some(s.aead_alg)
-                }
-                _ => None,
-            })
-            .expect("AES-256-GCM")
+        tls13(provider, CipherSuite::TLS13_AES_256_GCM_SHA384).aead_alg
     };
     let ours = aead(&cipher::provider());
     let rings = aead(&rustls::crypto::ring::default_provider());

@@ -147,11 +147,7 @@ impl Drop for KeyBytes {
 
 impl quic::Algorithm for Algorithm {
     fn packet_key(&self, key: AeadKey, iv: Iv) -> Box<dyn quic::PacketKey> {
-        Box::new(PacketKey {
-            alg: Algorithm::for_packet(self.packet),
-            key: KeyBytes::new(&key),
-            iv,
-        })
+        Box::new(self.key(&key, iv))
     }
 
     fn header_protection_key(&self, key: AeadKey) -> Box<dyn quic::HeaderProtectionKey> {
@@ -178,19 +174,11 @@ impl Algorithm {
 
 impl Tls13AeadAlgorithm for Algorithm {
     fn encrypter(&self, key: AeadKey, iv: Iv) -> Box<dyn MessageEncrypter> {
-        Box::new(RecordKey {
-            alg: Algorithm::for_packet(self.packet),
-            key: KeyBytes::new(&key),
-            iv,
-        })
+        Box::new(self.key(&key, iv))
     }
 
     fn decrypter(&self, key: AeadKey, iv: Iv) -> Box<dyn MessageDecrypter> {
-        Box::new(RecordKey {
-            alg: Algorithm::for_packet(self.packet),
-            key: KeyBytes::new(&key),
-            iv,
-        })
+        Box::new(self.key(&key, iv))
     }
 
     fn key_len(&self) -> usize {
@@ -212,21 +200,7 @@ impl Tls13AeadAlgorithm for Algorithm {
     }
 }
 
-/// One direction's TLS 1.3 record key.
-struct RecordKey {
-    alg: &'static Algorithm,
-    key: KeyBytes,
-    iv: Iv,
-}
-
-impl RecordKey {
-    /// ring's key, expanded for this one record.
-    fn expand(&self) -> aead::LessSafeKey {
-        expand(self.alg, &self.key)
-    }
-}
-
-impl MessageEncrypter for RecordKey {
+impl MessageEncrypter for Key {
     fn encrypt(
         &mut self,
         msg: OutboundPlainMessage<'_>,
@@ -238,7 +212,7 @@ impl MessageEncrypter for RecordKey {
         payload.extend_from_slice(&msg.typ.to_array());
         self.expand()
             .seal_in_place_append_tag(
-                aead::Nonce::assume_unique_for_key(Nonce::new(&self.iv, seq).0),
+                self.nonce(seq),
                 aead::Aad::from(make_tls13_aad(total_len)),
                 &mut payload,
             )
@@ -256,7 +230,7 @@ impl MessageEncrypter for RecordKey {
     }
 }
 
-impl MessageDecrypter for RecordKey {
+impl MessageDecrypter for Key {
     fn decrypt<'a>(
         &mut self,
         mut msg: InboundOpaqueMessage<'a>,
@@ -269,11 +243,7 @@ impl MessageDecrypter for RecordKey {
         let aad = aead::Aad::from(make_tls13_aad(payload.len()));
         let plain_len = self
             .expand()
-            .open_in_place(
-                aead::Nonce::assume_unique_for_key(Nonce::new(&self.iv, seq).0),
-                aad,
-                payload,
-            )
+            .open_in_place(self.nonce(seq), aad, payload)
             .map_err(|_| Error::DecryptError)?
             .len();
         payload.truncate(plain_len);
@@ -281,32 +251,40 @@ impl MessageDecrypter for RecordKey {
     }
 }
 
-/// ring's key of `alg` over `key`, expanded for one use. The length is the algorithm's: TLS
-/// derived it by `key_len`/`aead_key_len`.
-fn expand(alg: &Algorithm, key: &KeyBytes) -> aead::LessSafeKey {
-    let unbound =
-        aead::UnboundKey::new(alg.packet, key.get()).expect("a key of the algorithm's length");
-    aead::LessSafeKey::new(unbound)
-}
-
-struct PacketKey {
+/// One direction's key, for TLS 1.3 records or QUIC packets: the algorithm, the key's bytes
+/// and the IV.
+struct Key {
     alg: &'static Algorithm,
     key: KeyBytes,
     iv: Iv,
 }
 
-impl PacketKey {
-    /// ring's key, expanded for this one packet.
-    fn expand(&self) -> aead::LessSafeKey {
-        expand(self.alg, &self.key)
-    }
-
-    fn nonce(&self, packet_number: u64) -> aead::Nonce {
-        aead::Nonce::assume_unique_for_key(Nonce::new(&self.iv, packet_number).0)
+impl Algorithm {
+    fn key(&self, key: &AeadKey, iv: Iv) -> Key {
+        Key {
+            alg: Algorithm::for_packet(self.packet),
+            key: KeyBytes::new(key),
+            iv,
+        }
     }
 }
 
-impl quic::PacketKey for PacketKey {
+impl Key {
+    /// ring's key, expanded for one record or packet. The length is the algorithm's: TLS
+    /// derived it by `key_len`/`aead_key_len`.
+    fn expand(&self) -> aead::LessSafeKey {
+        let unbound = aead::UnboundKey::new(self.alg.packet, self.key.get())
+            .expect("a key of the algorithm's length");
+        aead::LessSafeKey::new(unbound)
+    }
+
+    /// The nonce of record or packet number `n`: the IV xor `n`.
+    fn nonce(&self, n: u64) -> aead::Nonce {
+        aead::Nonce::assume_unique_for_key(Nonce::new(&self.iv, n).0)
+    }
+}
+
+impl quic::PacketKey for Key {
     fn encrypt_in_place(
         &self,
         packet_number: u64,
@@ -635,8 +613,7 @@ mod tests {
 
     #[test]
     fn a_key_is_small() {
-        assert!(size_of::<PacketKey>() <= 64, "{}", size_of::<PacketKey>());
-        assert!(size_of::<RecordKey>() <= 64);
+        assert!(size_of::<Key>() <= 64, "{}", size_of::<Key>());
         assert!(size_of::<HeaderProtectionKey>() <= 48);
     }
 }
