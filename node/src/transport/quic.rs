@@ -36,14 +36,6 @@ pub const SEND_WINDOW_BYTES: u64 = 512 * 1024;
 /// Streams a client may open: one control stream. Each stream costs state, so no more.
 pub const BIDI_STREAMS_MAX: u32 = 1;
 
-/// Path MTU discovery on client connections: off, so every datagram is at most 1,200 bytes
-/// (QUIC's minimum, which every path carries). quinn's transmit buffer grows to twice the
-/// largest datagram it ever built and keeps that for the connection's life: a discovery probe
-/// (up to 1,452 bytes) would make it 2,400 bytes on every connection where 1,200 fit (heaptrack,
-/// BENCHMARKS.md eleventh stop on issue 22). A client's traffic is small frames (media goes
-/// over HTTP), so larger datagrams would save little, and no probes are sent.
-pub const MTU_DISCOVERY: bool = false;
-
 /// Application error codes in QUIC CONNECTION_CLOSE.
 pub const CLOSE_NORMAL: u32 = 0;
 /// The peer violated the protocol.
@@ -74,10 +66,14 @@ pub fn server_config_with(
         .send_window(SEND_WINDOW_BYTES)
         .datagram_receive_buffer_size(None)
         .keep_alive_interval(None)
-        .max_idle_timeout(Some(idle_timeout.try_into()?));
-    if !MTU_DISCOVERY {
-        t.mtu_discovery_config(None);
-    }
+        .max_idle_timeout(Some(idle_timeout.try_into()?))
+        // No path MTU discovery: every datagram is at most 1,200 bytes (QUIC's minimum, which
+        // every path carries). quinn's transmit buffer grows by doubling to fit the largest
+        // datagram it built and keeps that for the connection's life: a discovery probe (up to
+        // 1,452 bytes) made it 2,400 bytes on every connection where 1,200 fit (heaptrack,
+        // BENCHMARKS.md eleventh stop on issue 22). A client's traffic is small frames (media
+        // goes over HTTP), so larger datagrams would save little.
+        .mtu_discovery_config(None);
     config.transport_config(Arc::new(t));
     Ok(config)
 }

@@ -30,8 +30,9 @@ use super::with_read_buf;
 mod records;
 use records::{Opened, Records, PLAINTEXT_MAX, RECORD_OVERHEAD};
 
-/// The TLS server configuration for `wss://` listeners: [`super::tls::server_config`] with
-/// secret extraction on, which [`records`] needs to take a connection over from rustls.
+/// The TLS server configuration for `wss://` listeners: [`super::tls::server_config`] over
+/// [`super::cipher::provider`] (keys kept as bytes), with secret extraction on, which
+/// [`records`] needs to take a connection over from rustls.
 pub fn server_config(paths: &super::tls::CertPaths) -> anyhow::Result<rustls::ServerConfig> {
     let mut config = super::tls::server_config_with(paths, &[], false, super::cipher::provider())?;
     config.enable_secret_extraction = true;
