@@ -182,13 +182,8 @@ fn listen_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
 fn quic_endpoint(
     config: quinn::ServerConfig,
     addr: SocketAddr,
-) -> std::io::Result<quinn::Endpoint> {
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(config),
-        quic_socket(addr)?,
-        Arc::new(quinn::TokioRuntime),
-    )
+) -> std::io::Result<(quic::driver::Endpoint, quic::driver::Incomings)> {
+    quic::driver::Endpoint::new(config, quic_socket(addr)?)
 }
 
 /// A non-blocking UDP socket bound to `addr` for a QUIC endpoint, with
@@ -233,7 +228,7 @@ pub struct Node {
     pub bound: Bound,
     pub ca: Option<PathBuf>,
     tasks: JoinSet<()>,
-    quic: Option<quinn::Endpoint>,
+    quic: Option<quic::driver::Endpoint>,
     /// The io_uring drivers of the ws and wss listeners, stopped when the node is.
     #[cfg(target_os = "linux")]
     uring: Vec<Arc<crate::transport::uring::Driver>>,
@@ -520,9 +515,10 @@ impl Node {
                 &cert,
                 Duration::from_millis(u64::from(opts.server.keepalive.idle_timeout_ms)),
             )?;
-            let ep = quic_endpoint(config, addr).with_context(|| format!("binding quic {addr}"))?;
-            bound.quic = Some(ep.local_addr()?);
-            tasks.spawn(accept_quic(ep.clone(), server.clone()));
+            let (ep, incomings) =
+                quic_endpoint(config, addr).with_context(|| format!("binding quic {addr}"))?;
+            bound.quic = Some(ep.local_addr());
+            tasks.spawn(accept_quic(incomings, server.clone()));
             endpoint = Some(ep);
         }
         if let Some(addr) = opts.listen_admin {
@@ -644,10 +640,7 @@ impl Node {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if let Some(ep) = self.quic.take() {
-            ep.close(
-                quinn::VarInt::from_u32(quic::CLOSE_GOING_AWAY),
-                b"node shutting down",
-            );
+            ep.close(quic::CLOSE_GOING_AWAY, b"node shutting down");
             let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
         }
         while self.tasks.join_next().await.is_some() {}
@@ -893,9 +886,9 @@ async fn serve_ws_upgrade(
     }
 }
 
-async fn accept_quic(endpoint: quinn::Endpoint, server: Arc<Server>) {
+async fn accept_quic(mut incomings: quic::driver::Incomings, server: Arc<Server>) {
     server.wait_ready().await;
-    while let Some(incoming) = endpoint.accept().await {
+    while let Some(incoming) = incomings.next().await {
         if server.is_shutting_down() {
             incoming.refuse();
             continue;
@@ -922,13 +915,10 @@ async fn accept_quic(endpoint: quinn::Endpoint, server: Arc<Server>) {
 
 /// One QUIC connection's handshake and the opening of its control stream, bounded by the
 /// handshake timeout; then, as in [`serve_ws`], a task of its own serves the connection.
-async fn serve_quic(server: Arc<Server>, incoming: quinn::Incoming, admitted: Admitted) {
+async fn serve_quic(server: Arc<Server>, incoming: quic::driver::Incoming, admitted: Admitted) {
     let peer = admitted.source;
     let timeout = Duration::from_millis(server.config.preauth.handshake_timeout_ms.into());
-    let setup = async {
-        let conn = incoming.await?;
-        QuicTransport::accept(conn).await
-    };
+    let setup = QuicTransport::accept(incoming.accept());
     match tokio::time::timeout(timeout, setup).await {
         Ok(Ok(transport)) => drop(tokio::spawn(crate::conn::serve(
             server,

@@ -5,14 +5,14 @@
 //! buffer; only a partial frame's bytes are kept between chunks.
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::Result;
 use bytes::{Bytes, BytesMut};
-use quinn::VarInt;
+use quinn_proto as proto;
+use quinn_proto::{ConnectionError, StreamId};
 use ringpost_wire::{framing, ErrorCode};
 
 use super::cipher;
@@ -20,7 +20,9 @@ use super::tls::{self, CertPaths};
 use super::{Incoming, Transport, TransportError, WRITE_TIMEOUT_MS};
 
 mod crypto;
+pub mod driver;
 pub use crypto::ServerCrypto;
+use driver::{ConnRef, Connecting};
 
 /// Flow-control window of the control stream. Must hold one maximal frame (128 KiB) plus its
 /// prefix; worst-case receive memory per connection when a client fills it.
@@ -78,24 +80,131 @@ pub fn server_config_with(
     Ok(config)
 }
 
-/// One client connection's control stream.
+/// One client connection's control stream, served by the endpoint's [`driver`].
 pub struct QuicTransport {
-    conn: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    conn: ConnRef,
+    stream: StreamId,
     partial: BytesMut,
 }
 
 impl QuicTransport {
-    /// Waits for the client to open its control stream.
-    pub async fn accept(conn: quinn::Connection) -> Result<QuicTransport, quinn::ConnectionError> {
-        let (send, recv) = conn.accept_bi().await?;
+    /// Waits for the handshake and for the client to open its control stream.
+    pub async fn accept(connecting: Connecting) -> Result<QuicTransport, ConnectionError> {
+        let (conn, stream) = connecting.await?;
         Ok(QuicTransport {
             conn,
-            send,
-            recv,
+            stream,
             partial: BytesMut::new(),
         })
+    }
+
+    /// Takes what the control stream has received (under the connection's lock): `Ready(true)`
+    /// when bytes were added to `partial`, `Ready(false)` at the stream's or the connection's
+    /// end, `Pending` (the waker kept) when nothing has arrived.
+    fn poll_receive(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        let mut st = self.conn.lock();
+        if st.lost.is_some() {
+            return Poll::Ready(false);
+        }
+        let Some(conn) = st.conn.as_mut() else {
+            return Poll::Ready(false);
+        };
+        let mut stream = conn.recv_stream(self.stream);
+        let Ok(mut chunks) = stream.read(true) else {
+            return Poll::Ready(false);
+        };
+        let mut got = false;
+        let mut ended = false;
+        loop {
+            match chunks.next(usize::MAX) {
+                Ok(Some(chunk)) => {
+                    got = true;
+                    if self.partial.is_empty() {
+                        // Usually a chunk holds whole frames: take it without copying.
+                        self.partial = BytesMut::from(chunk.bytes);
+                    } else {
+                        self.partial.extend_from_slice(&chunk.bytes);
+                    }
+                }
+                Ok(None) | Err(proto::ReadError::Reset(_)) => {
+                    ended = true;
+                    break;
+                }
+                Err(proto::ReadError::Blocked) => break,
+            }
+        }
+        // Reading may open the client's flow-control window: the driver sends that.
+        if chunks.finalize().should_transmit() {
+            self.conn.queue(&mut st);
+        }
+        if got {
+            Poll::Ready(true)
+        } else if ended {
+            Poll::Ready(false)
+        } else {
+            ConnRef::wait_readable(&mut st, cx);
+            Poll::Pending
+        }
+    }
+
+    /// Writes as many of `chunks` as the stream takes now; `Ready` once all are written.
+    fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunks: &mut [Bytes],
+        done: &mut usize,
+    ) -> Poll<Result<(), TransportError>> {
+        let mut st = self.conn.lock();
+        if let Some(e) = &st.lost {
+            return Poll::Ready(Err(TransportError::Io(std::io::Error::other(e.clone()))));
+        }
+        let Some(conn) = st.conn.as_mut() else {
+            return Poll::Ready(Err(TransportError::Io(std::io::Error::other(
+                "connection closed",
+            ))));
+        };
+        let mut wrote = false;
+        let result = loop {
+            if *done == chunks.len() {
+                break Poll::Ready(Ok(()));
+            }
+            match conn
+                .send_stream(self.stream)
+                .write_chunks(&mut chunks[*done..])
+            {
+                Ok(written) => {
+                    wrote |= written.bytes > 0;
+                    *done += written.chunks;
+                }
+                Err(proto::WriteError::Blocked) => {
+                    ConnRef::wait_writable(&mut st, cx);
+                    break Poll::Pending;
+                }
+                Err(e) => break Poll::Ready(Err(TransportError::Io(std::io::Error::other(e)))),
+            }
+        };
+        if wrote {
+            self.conn.queue(&mut st);
+        }
+        result
+    }
+
+    /// Ends the control stream; `Ready` once the client acknowledged all of it (or the
+    /// connection ended).
+    fn poll_finished(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut st = self.conn.lock();
+        if st.finished || st.lost.is_some() {
+            return Poll::Ready(());
+        }
+        match st.conn.as_mut() {
+            Some(conn) if !conn.is_closed() => match conn.send_stream(self.stream).stopped() {
+                Ok(None) => {}
+                _ => return Poll::Ready(()),
+            },
+            _ => return Poll::Ready(()),
+        }
+        ConnRef::wait_writable(&mut st, cx);
+        Poll::Pending
     }
 }
 
@@ -117,23 +226,8 @@ impl Transport for QuicTransport {
                     }))
                 }
             }
-            // A read future made for this poll and dropped after it: quinn keeps the waker
-            // with the stream, so nothing is kept between polls (and reads are cancel-safe).
-            let read = std::pin::pin!(self.recv.read_chunk(usize::MAX, true));
-            match std::task::ready!(read.poll(cx)) {
-                Ok(Some(chunk)) => {
-                    if self.partial.is_empty() {
-                        // Usually a chunk holds whole frames: take it without copying.
-                        self.partial = BytesMut::from(chunk.bytes);
-                    } else {
-                        self.partial.extend_from_slice(&chunk.bytes);
-                    }
-                }
-                Ok(None) => return Poll::Ready(Ok(Incoming::Closed)),
-                Err(quinn::ReadError::ConnectionLost(_) | quinn::ReadError::ClosedStream) => {
-                    return Poll::Ready(Ok(Incoming::Closed))
-                }
-                Err(e) => return Poll::Ready(Err(TransportError::Io(std::io::Error::other(e)))),
+            if !std::task::ready!(self.poll_receive(cx)) {
+                return Poll::Ready(Ok(Incoming::Closed));
             }
         }
     }
@@ -148,29 +242,59 @@ impl Transport for QuicTransport {
             chunks.push(Bytes::copy_from_slice(&prefix));
             chunks.push(f);
         }
-        let write = async {
-            let mut rest: &mut [Bytes] = &mut chunks;
-            while !rest.is_empty() {
-                let written = self.send.write_chunks(rest).await?;
-                rest = &mut rest[written.chunks..];
-            }
-            Ok::<_, quinn::WriteError>(())
-        };
+        let mut done = 0;
+        let write = std::future::poll_fn(|cx| self.poll_write(cx, &mut chunks, &mut done));
         tokio::time::timeout(Duration::from_millis(WRITE_TIMEOUT_MS), write)
             .await
             .map_err(|_| TransportError::WriteTimeout)?
-            .map_err(|e| TransportError::Io(std::io::Error::other(e)))
     }
 
     async fn close(&mut self, error: Option<(ErrorCode, &str)>) {
-        let _ = self.send.finish();
+        {
+            let mut st = self.conn.lock();
+            if let Some(conn) = st.conn.as_mut() {
+                if conn.send_stream(self.stream).finish().is_ok() {
+                    self.conn.queue(&mut st);
+                }
+            }
+        }
         let (code, reason) = match error {
             None => (CLOSE_NORMAL, ""),
             Some((ErrorCode::ShuttingDown, r)) => (CLOSE_GOING_AWAY, r),
             Some((_, r)) => (CLOSE_PROTOCOL, r),
         };
         // Give the peer a moment to receive what was written before the close frame.
-        let _ = tokio::time::timeout(Duration::from_millis(200), self.send.stopped()).await;
-        self.conn.close(VarInt::from_u32(code), reason.as_bytes());
+        let finished = std::future::poll_fn(|cx| self.poll_finished(cx));
+        let _ = tokio::time::timeout(Duration::from_millis(200), finished).await;
+        self.conn.close(code, reason.as_bytes());
+    }
+}
+
+/// What tests of the QUIC listener share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::Arc;
+
+    use crate::transport::tls::{self, CertPaths};
+
+    /// A quinn client endpoint on loopback that trusts `cert`'s CA and speaks ALPN
+    /// `ringpost/1` over TLS 1.3.
+    pub fn client(cert: &CertPaths) -> quinn::Endpoint {
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = std::fs::read(cert.ca.as_ref().expect("a dev certificate's CA")).unwrap();
+        for c in rustls_pemfile::certs(&mut &ca[..]) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let mut client_tls = rustls::ClientConfig::builder_with_provider(tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client_tls.alpn_protocols = vec![tls::ALPN_CLIENT.to_vec()];
+        let client_crypto =
+            quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(client_tls)).unwrap();
+        let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        client.set_default_client_config(quinn::ClientConfig::new(Arc::new(client_crypto)));
+        client
     }
 }

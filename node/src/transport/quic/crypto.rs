@@ -344,21 +344,7 @@ mod tests {
         let config =
             super::super::server_config_with(crypto.clone(), Duration::from_secs(30)).unwrap();
         let server = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        let ca = std::fs::read(cert.ca.as_ref().unwrap()).unwrap();
-        for c in rustls_pemfile::certs(&mut &ca[..]) {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let mut client_tls = rustls::ClientConfig::builder_with_provider(tls::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        client_tls.alpn_protocols = vec![tls::ALPN_CLIENT.to_vec()];
-        let client_crypto =
-            quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(client_tls)).unwrap();
-        let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        client.set_default_client_config(quinn::ClientConfig::new(Arc::new(client_crypto)));
+        let client = super::super::testing::client(&cert);
         (crypto, server, client)
     }
 
