@@ -183,7 +183,9 @@ fn quic_endpoint(
     config: quinn::ServerConfig,
     addr: SocketAddr,
 ) -> std::io::Result<(quic::driver::Endpoint, quic::driver::Incomings)> {
-    quic::driver::Endpoint::new(config, quic_socket(addr)?)
+    // One driver shard per runtime worker: connections' packets spread over them.
+    let shards = tokio::runtime::Handle::current().metrics().num_workers();
+    quic::driver::Endpoint::new(config, quic_socket(addr)?, shards)
 }
 
 /// A non-blocking UDP socket bound to `addr` for a QUIC endpoint, with

@@ -1,12 +1,12 @@
-//! The client QUIC listener's driver: one task per endpoint runs quinn-proto's sans-IO
-//! endpoint and every connection on it.
+//! The client QUIC listener's driver: a few tasks (shards, one per runtime worker) run
+//! quinn-proto's sans-IO endpoint and every connection on it.
 //!
 //! quinn (the crate over quinn-proto) gives each connection a task of its own, a channel from
 //! the endpoint task to it (tokio's first block of 32 events, about 7 KiB), a timer and a
 //! transmit buffer, and keeps them for the connection's life: about 9 KiB an idle client
 //! connection held beside quinn-proto's own state (heaptrack, BENCHMARKS.md, eleventh stop on
-//! issue 22). Here the endpoint's task hands each datagram to its connection directly, keeps
-//! every connection's timer in one heap, and builds every datagram in one buffer. What a
+//! issue 22). Here a shard hands each datagram to its connection directly, keeps every
+//! connection's timer in one heap, and builds every datagram in one buffer. What a
 //! connection owns beyond quinn-proto's [`proto::Connection`] is one small [`Shared`] record
 //! (its lock, two wakers and a few flags) and its slot in the driver's table.
 //!
@@ -22,14 +22,19 @@
 //! [`TRANSMITS_PER_TURN`] datagrams (or GSO batches) a turn. quinn-proto bounds incoming
 //! handshakes and their buffered bytes (`ServerConfig::max_incoming`).
 //!
-//! All of an endpoint's packets are processed on one task. That is what keeps an idle
-//! connection small; a host with many cores runs several endpoints (one per listener address).
+//! Shards: each shard is a quinn-proto endpoint of its own with its share of the connections;
+//! the connection ids it issues carry its number in their first byte. Shard 0 receives every
+//! datagram on the one UDP socket and passes each to the shard its destination connection id
+//! names (a client's first packets, whose id the client chose, go by a hash of that id), in
+//! batches; every shard sends on the socket itself. A connection's packets are processed on its
+//! shard's task alone, so connections spread over the runtime's workers and a client that
+//! changes address stays with its shard.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::future::Future;
 use std::io::{self, IoSliceMut};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -42,6 +47,10 @@ use quinn_proto::{ConnectionError, ConnectionHandle, Dir, StreamEvent, StreamId,
 use quinn_udp::{RecvMeta, UdpSocketState};
 use tokio::sync::{mpsc, Notify};
 
+/// Shards at most (a connection id's first byte names its shard).
+pub const SHARDS_MAX: usize = 64;
+/// Length of the connection ids the node issues (quinn's default).
+const CID_LEN: usize = 8;
 /// Receive batches a turn handles before it serves its queue and timers.
 pub const RECV_BATCHES: usize = 16;
 /// Datagrams (or GSO batches) one connection sends in one turn; one with more is queued for
@@ -60,27 +69,34 @@ pub struct Endpoint {
 }
 
 struct Handle {
-    shared: Arc<EndpointShared>,
+    shards: Arc<[Arc<EndpointShared>]>,
 }
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        self.shared.command(Command::Stop);
+        for shard in self.shards.iter() {
+            shard.command(Command::Stop);
+        }
     }
 }
 
-/// What the driver and the handles share.
-struct EndpointShared {
+/// The UDP socket: shard 0 receives on it, every shard sends on it.
+struct Io {
     socket: tokio::net::UdpSocket,
     udp: UdpSocketState,
     local: SocketAddr,
-    queue: Mutex<Queue>,
-    wake: Notify,
-    /// Connections the driver holds (accepted and not yet drained).
-    open: AtomicUsize,
-    stopped: AtomicBool,
     /// Datagrams not sent because the socket's send buffer was full (QUIC resends them).
     send_dropped: AtomicU64,
+}
+
+/// What a shard's driver shares with the handles, the sessions and the other shards.
+struct EndpointShared {
+    io: Arc<Io>,
+    queue: Mutex<Queue>,
+    wake: Notify,
+    /// Connections the shard holds (accepted and not yet drained).
+    open: AtomicUsize,
+    stopped: AtomicBool,
 }
 
 #[derive(Default)]
@@ -88,6 +104,16 @@ struct Queue {
     /// Connections a session gave something to send.
     dirty: Vec<Arc<Shared>>,
     commands: Vec<Command>,
+    /// Datagrams shard 0 received for this shard.
+    forwarded: Vec<Datagram>,
+}
+
+/// A received datagram.
+struct Datagram {
+    remote: SocketAddr,
+    dst_ip: Option<IpAddr>,
+    ecn: Option<proto::EcnCodepoint>,
+    data: BytesMut,
 }
 
 enum Command {
@@ -106,17 +132,17 @@ impl EndpointShared {
 
 /// The endpoint's incoming connections, in arrival order.
 pub struct Incomings {
-    rx: mpsc::UnboundedReceiver<proto::Incoming>,
-    shared: Arc<EndpointShared>,
+    rx: mpsc::UnboundedReceiver<(proto::Incoming, usize)>,
+    shards: Arc<[Arc<EndpointShared>]>,
 }
 
 impl Incomings {
     /// The next connection attempt; `None` once the endpoint stopped.
     pub async fn next(&mut self) -> Option<Incoming> {
-        let inner = self.rx.recv().await?;
+        let (inner, shard) = self.rx.recv().await?;
         Some(Incoming {
             inner: Some(inner),
-            shared: self.shared.clone(),
+            shared: self.shards[shard].clone(),
         })
     }
 }
@@ -295,50 +321,67 @@ struct Entry {
 
 impl Endpoint {
     /// Serves `socket` (non-blocking, bound) as a QUIC server endpoint on the current tokio
-    /// runtime.
+    /// runtime, over `shards` driver tasks (at least 1, at most [`SHARDS_MAX`]).
     pub fn new(
         server: proto::ServerConfig,
         socket: std::net::UdpSocket,
+        shards: usize,
     ) -> io::Result<(Endpoint, Incomings)> {
+        let n = shards.clamp(1, SHARDS_MAX);
         let udp = UdpSocketState::new((&socket).into())?;
         let local = socket.local_addr()?;
-        let socket = tokio::net::UdpSocket::from_std(socket)?;
-        let shared = Arc::new(EndpointShared {
-            socket,
+        let io = Arc::new(Io {
+            socket: tokio::net::UdpSocket::from_std(socket)?,
             udp,
             local,
-            queue: Mutex::new(Queue::default()),
-            wake: Notify::new(),
-            open: AtomicUsize::new(0),
-            stopped: AtomicBool::new(false),
             send_dropped: AtomicU64::new(0),
         });
-        let endpoint = proto::Endpoint::new(
-            Arc::new(proto::EndpointConfig::default()),
-            Some(Arc::new(server)),
-            false,
-            None,
-        );
+        let shared: Arc<[Arc<EndpointShared>]> = (0..n)
+            .map(|_| {
+                Arc::new(EndpointShared {
+                    io: io.clone(),
+                    queue: Mutex::new(Queue::default()),
+                    wake: Notify::new(),
+                    open: AtomicUsize::new(0),
+                    stopped: AtomicBool::new(false),
+                })
+            })
+            .collect();
+        let server = Arc::new(server);
+        // One reset key for every shard: a shard answers only for connections it issued ids
+        // for, but the clients see one endpoint.
+        let base = proto::EndpointConfig::default();
+        let max_gso = io.udp.max_gso_segments().clamp(1, GSO_SEGMENTS_MAX);
         let (tx, rx) = mpsc::unbounded_channel();
-        let driver = Driver {
-            max_gso: shared.udp.max_gso_segments().clamp(1, GSO_SEGMENTS_MAX),
-            shared: shared.clone(),
-            endpoint,
-            entries: Vec::new(),
-            timers: BinaryHeap::new(),
-            incoming: tx,
-            send_buf: Vec::new(),
-            response_buf: Vec::new(),
-            closing: None,
-        };
-        tokio::spawn(driver.run());
+        for index in 0..n {
+            let mut config = base.clone();
+            let shard = index as u8;
+            config.cid_generator(move || Box::new(ShardCids { shard }));
+            let endpoint =
+                proto::Endpoint::new(Arc::new(config), Some(server.clone()), false, None);
+            let driver = Driver {
+                index,
+                shards: shared.clone(),
+                shared: shared[index].clone(),
+                max_gso,
+                endpoint,
+                entries: Vec::new(),
+                timers: BinaryHeap::new(),
+                incoming: tx.clone(),
+                send_buf: Vec::new(),
+                response_buf: Vec::new(),
+                closing: None,
+                outbox: (0..n).map(|_| Vec::new()).collect(),
+            };
+            tokio::spawn(driver.run());
+        }
         let incomings = Incomings {
             rx,
-            shared: shared.clone(),
+            shards: shared.clone(),
         };
         Ok((
             Endpoint {
-                handle: Arc::new(Handle { shared }),
+                handle: Arc::new(Handle { shards: shared }),
             },
             incomings,
         ))
@@ -346,25 +389,40 @@ impl Endpoint {
 
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
-        self.handle.shared.local
+        self.handle.shards[0].io.local
     }
 
     /// Connections not yet drained.
     pub fn open_connections(&self) -> usize {
-        self.handle.shared.open.load(Relaxed)
+        self.handle
+            .shards
+            .iter()
+            .map(|s| s.open.load(Relaxed))
+            .sum()
+    }
+
+    /// Connections not yet drained, per shard.
+    pub fn open_per_shard(&self) -> Vec<usize> {
+        self.handle
+            .shards
+            .iter()
+            .map(|s| s.open.load(Relaxed))
+            .collect()
     }
 
     /// Datagrams dropped because the socket's send buffer was full.
     pub fn send_dropped(&self) -> u64 {
-        self.handle.shared.send_dropped.load(Relaxed)
+        self.handle.shards[0].io.send_dropped.load(Relaxed)
     }
 
     /// Closes every connection (and refuses new ones) with `code` and `reason`.
     pub fn close(&self, code: u32, reason: &[u8]) {
-        self.handle.shared.command(Command::CloseAll(
-            VarInt::from_u32(code),
-            Bytes::copy_from_slice(reason),
-        ));
+        for shard in self.handle.shards.iter() {
+            shard.command(Command::CloseAll(
+                VarInt::from_u32(code),
+                Bytes::copy_from_slice(reason),
+            ));
+        }
     }
 
     /// Waits until every connection has drained.
@@ -375,32 +433,89 @@ impl Endpoint {
     }
 }
 
+/// Connection ids of [`CID_LEN`] random bytes whose first byte is the issuing shard's number.
+struct ShardCids {
+    shard: u8,
+}
+
+impl proto::ConnectionIdGenerator for ShardCids {
+    fn generate_cid(&mut self) -> proto::ConnectionId {
+        let mut id = [0u8; CID_LEN];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut id);
+        id[0] = self.shard;
+        proto::ConnectionId::new(&id)
+    }
+
+    fn cid_len(&self) -> usize {
+        CID_LEN
+    }
+
+    fn cid_lifetime(&self) -> Option<std::time::Duration> {
+        None
+    }
+}
+
+/// The shard of `n` a datagram belongs to: the one its destination connection id names, or
+/// for an id the client chose (its first packets), one picked by a hash of that id, so all of
+/// them go to the same shard.
+fn shard_of(datagram: &[u8], n: usize) -> usize {
+    if n == 1 {
+        return 0;
+    }
+    let dcid = match datagram.first() {
+        // Short header: the id follows the first byte; ours are CID_LEN long.
+        Some(first) if first & 0x80 == 0 => datagram.get(1..1 + CID_LEN),
+        // Long header: first byte, version (4), id length, id.
+        Some(_) => datagram
+            .get(5)
+            .and_then(|&len| datagram.get(6..6 + usize::from(len))),
+        None => None,
+    };
+    match dcid {
+        Some(id) if id.len() == CID_LEN && usize::from(id[0]) < n => usize::from(id[0]),
+        Some(id) => {
+            let hash = id.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+            (hash % n as u64) as usize
+        }
+        None => 0,
+    }
+}
+
 struct Driver {
+    /// This shard's number; shard 0 also receives for the others.
+    index: usize,
+    shards: Arc<[Arc<EndpointShared>]>,
     shared: Arc<EndpointShared>,
     endpoint: proto::Endpoint,
     /// Indexed by quinn-proto's connection handle (its slab index).
     entries: Vec<Option<Entry>>,
     timers: BinaryHeap<Reverse<(Instant, usize)>>,
-    incoming: mpsc::UnboundedSender<proto::Incoming>,
+    incoming: mpsc::UnboundedSender<(proto::Incoming, usize)>,
     max_gso: usize,
     send_buf: Vec<u8>,
     response_buf: Vec<u8>,
     /// Set by [`Endpoint::close`]: new connections are refused, later ones closed with it.
     closing: Option<(VarInt, Bytes)>,
+    /// Shard 0's datagrams for each shard, handed over after each receive batch.
+    outbox: Vec<Vec<Datagram>>,
 }
 
 impl Driver {
     async fn run(mut self) {
+        let receives = self.index == 0;
         let batch = quinn_udp::BATCH_SIZE;
-        // GRO joins datagrams up to 64 KiB, so one receive never needs more than that.
-        let mut recv_buf = vec![0u8; RECV_BUF_BYTES * batch];
+        // GRO joins datagrams up to 64 KiB, so one receive never needs more than that. Only
+        // shard 0 receives.
+        let mut recv_buf = vec![0u8; if receives { RECV_BUF_BYTES * batch } else { 0 }];
         let mut metas = vec![RecvMeta::default(); batch];
         loop {
             let now = Instant::now();
             if !self.serve_queue(now) {
                 break;
             }
-            let more = self.receive(&mut recv_buf, &mut metas);
+            let more = receives && self.receive(&mut recv_buf, &mut metas);
             self.fire_timers(Instant::now());
             if more {
                 tokio::task::yield_now().await;
@@ -413,10 +528,18 @@ impl Driver {
                     None => std::future::pending().await,
                 }
             };
+            let io = self.shared.io.clone();
+            let readable = async {
+                if receives {
+                    io.socket.readable().await
+                } else {
+                    std::future::pending().await
+                }
+            };
             tokio::select! {
                 biased;
                 _ = self.shared.wake.notified() => {}
-                _ = self.shared.socket.readable() => {}
+                _ = readable => {}
                 _ = sleep => {}
             }
         }
@@ -446,23 +569,25 @@ impl Driver {
 
     /// Serves the commands and the connections sessions queued; false once told to stop.
     fn serve_queue(&mut self, now: Instant) -> bool {
-        let (dirty, commands) = {
+        let (dirty, commands, forwarded) = {
             let mut q = lock(&self.shared.queue);
             (
                 std::mem::take(&mut q.dirty),
                 std::mem::take(&mut q.commands),
+                std::mem::take(&mut q.forwarded),
             )
         };
+        let mut touched = Vec::new();
+        for datagram in forwarded {
+            self.handle_datagram(now, datagram, &mut touched);
+        }
+        for i in touched {
+            self.drive(i, now);
+        }
         for command in commands {
             match command {
                 Command::Accept(incoming, shared) => self.accept(incoming, shared, now),
-                Command::Refuse(incoming) => {
-                    self.response_buf.clear();
-                    let t = self.endpoint.refuse(incoming, &mut self.response_buf);
-                    let buf = std::mem::take(&mut self.response_buf);
-                    self.send(&t, &buf);
-                    self.response_buf = buf;
-                }
+                Command::Refuse(incoming) => self.refuse(incoming),
                 Command::CloseAll(code, reason) => {
                     self.closing = Some((code, reason.clone()));
                     for i in 0..self.entries.len() {
@@ -497,11 +622,7 @@ impl Driver {
 
     fn accept(&mut self, incoming: proto::Incoming, shared: Arc<Shared>, now: Instant) {
         if self.closing.is_some() || lock(&shared.state).abandoned {
-            self.response_buf.clear();
-            let t = self.endpoint.refuse(incoming, &mut self.response_buf);
-            let buf = std::mem::take(&mut self.response_buf);
-            self.send(&t, &buf);
-            self.response_buf = buf;
+            self.refuse(incoming);
             let mut st = lock(&shared.state);
             st.lost = Some(ConnectionError::LocallyClosed);
             let w = st.reader.take();
@@ -546,20 +667,22 @@ impl Driver {
         }
     }
 
-    /// Receives what the socket holds, up to [`RECV_BATCHES`] batches; true if there may be
-    /// more.
+    /// Receives what the socket holds, up to [`RECV_BATCHES`] batches, handling this shard's
+    /// datagrams and handing the others' over; true if there may be more.
     fn receive(&mut self, recv_buf: &mut [u8], metas: &mut [RecvMeta]) -> bool {
         let now = Instant::now();
+        let n = self.shards.len();
         let chunk = recv_buf.len() / metas.len();
+        let io = self.shared.io.clone();
+        let mut touched = Vec::new();
         for _ in 0..RECV_BATCHES {
             let mut iovs: Vec<IoSliceMut<'_>> =
                 recv_buf.chunks_mut(chunk).map(IoSliceMut::new).collect();
-            let shared = self.shared.clone();
-            let got = shared.socket.try_io(tokio::io::Interest::READABLE, || {
-                shared.udp.recv((&shared.socket).into(), &mut iovs, metas)
+            let got = io.socket.try_io(tokio::io::Interest::READABLE, || {
+                io.udp.recv((&io.socket).into(), &mut iovs, metas)
             });
-            let n = match got {
-                Ok(n) => n,
+            let count = match got {
+                Ok(count) => count,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) => {
                     // ICMP errors and the like: nothing to do but go on.
@@ -567,59 +690,86 @@ impl Driver {
                     continue;
                 }
             };
-            let mut touched = Vec::new();
-            for (meta, buf) in metas.iter().zip(iovs.iter()).take(n) {
+            for (meta, buf) in metas.iter().zip(iovs.iter()).take(count) {
                 let mut data = BytesMut::from(&buf[..meta.len]);
                 while !data.is_empty() {
-                    let datagram = data.split_to(meta.stride.min(data.len()));
-                    self.response_buf.clear();
-                    match self.endpoint.handle(
-                        now,
-                        meta.addr,
-                        meta.dst_ip,
-                        meta.ecn.map(proto_ecn),
-                        datagram,
-                        &mut self.response_buf,
-                    ) {
-                        Some(proto::DatagramEvent::ConnectionEvent(ch, event)) => {
-                            if let Some(Some(entry)) = self.entries.get(ch.0) {
-                                let shared = entry.shared.clone();
-                                if let Some(conn) = lock(&shared.state).conn.as_mut() {
-                                    conn.handle_event(event);
-                                }
-                                if !touched.contains(&ch.0) {
-                                    touched.push(ch.0);
-                                }
-                            }
-                        }
-                        Some(proto::DatagramEvent::NewConnection(incoming)) => {
-                            if self.closing.is_some() {
-                                self.response_buf.clear();
-                                let t = self.endpoint.refuse(incoming, &mut self.response_buf);
-                                let b = std::mem::take(&mut self.response_buf);
-                                self.send(&t, &b);
-                                self.response_buf = b;
-                            } else if let Err(mpsc::error::SendError(incoming)) =
-                                self.incoming.send(incoming)
-                            {
-                                // Nobody accepts any more.
-                                self.endpoint.ignore(incoming);
-                            }
-                        }
-                        Some(proto::DatagramEvent::Response(t)) => {
-                            let b = std::mem::take(&mut self.response_buf);
-                            self.send(&t, &b);
-                            self.response_buf = b;
-                        }
-                        None => {}
+                    let datagram = Datagram {
+                        remote: meta.addr,
+                        dst_ip: meta.dst_ip,
+                        ecn: meta.ecn.map(proto_ecn),
+                        data: data.split_to(meta.stride.min(data.len())),
+                    };
+                    let shard = shard_of(&datagram.data, n);
+                    if shard == self.index {
+                        self.handle_datagram(now, datagram, &mut touched);
+                    } else {
+                        self.outbox[shard].push(datagram);
                     }
                 }
             }
-            for i in touched {
+            for i in touched.drain(..) {
                 self.drive(i, now);
+            }
+            for (shard, out) in self.outbox.iter_mut().enumerate() {
+                if !out.is_empty() {
+                    let to = &self.shards[shard];
+                    lock(&to.queue).forwarded.append(out);
+                    to.wake.notify_one();
+                }
             }
         }
         true
+    }
+
+    /// Hands one datagram to this shard's endpoint; `touched` collects the connections it
+    /// went to (each driven once after a batch).
+    fn handle_datagram(&mut self, now: Instant, d: Datagram, touched: &mut Vec<usize>) {
+        self.response_buf.clear();
+        match self.endpoint.handle(
+            now,
+            d.remote,
+            d.dst_ip,
+            d.ecn,
+            d.data,
+            &mut self.response_buf,
+        ) {
+            Some(proto::DatagramEvent::ConnectionEvent(ch, event)) => {
+                if let Some(Some(entry)) = self.entries.get(ch.0) {
+                    let shared = entry.shared.clone();
+                    if let Some(conn) = lock(&shared.state).conn.as_mut() {
+                        conn.handle_event(event);
+                    }
+                    if !touched.contains(&ch.0) {
+                        touched.push(ch.0);
+                    }
+                }
+            }
+            Some(proto::DatagramEvent::NewConnection(incoming)) => {
+                if self.closing.is_some() {
+                    self.refuse(incoming);
+                } else if let Err(mpsc::error::SendError((incoming, _))) =
+                    self.incoming.send((incoming, self.index))
+                {
+                    // Nobody accepts any more.
+                    self.endpoint.ignore(incoming);
+                }
+            }
+            Some(proto::DatagramEvent::Response(t)) => {
+                let b = std::mem::take(&mut self.response_buf);
+                self.send(&t, &b);
+                self.response_buf = b;
+            }
+            None => {}
+        }
+    }
+
+    /// Refuses a connection attempt (the client is told at once).
+    fn refuse(&mut self, incoming: proto::Incoming) {
+        self.response_buf.clear();
+        let t = self.endpoint.refuse(incoming, &mut self.response_buf);
+        let buf = std::mem::take(&mut self.response_buf);
+        self.send(&t, &buf);
+        self.response_buf = buf;
     }
 
     /// Handles the timeouts that fell due.
@@ -758,17 +908,13 @@ impl Driver {
             segment_size: t.segment_size,
             src_ip: t.src_ip,
         };
-        let sent = self
-            .shared
-            .socket
-            .try_io(tokio::io::Interest::WRITABLE, || {
-                self.shared
-                    .udp
-                    .send((&self.shared.socket).into(), &transmit)
-            });
+        let io = &self.shared.io;
+        let sent = io.socket.try_io(tokio::io::Interest::WRITABLE, || {
+            io.udp.send((&io.socket).into(), &transmit)
+        });
         if let Err(e) = sent {
             if e.kind() == io::ErrorKind::WouldBlock {
-                self.shared.send_dropped.fetch_add(1, Relaxed);
+                io.send_dropped.fetch_add(1, Relaxed);
             } else {
                 tracing::debug!(error = %e, to = %t.destination, "quic send failed");
             }
@@ -811,12 +957,16 @@ mod tests {
     }
 
     fn setup(idle: Duration) -> Setup {
+        setup_sharded(idle, 1)
+    }
+
+    fn setup_sharded(idle: Duration, shards: usize) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let cert = tls::dev_certificate(dir.path(), &[]).unwrap();
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         socket.set_nonblocking(true).unwrap();
         let (endpoint, incomings) =
-            Endpoint::new(server_config(&cert, idle).unwrap(), socket).unwrap();
+            Endpoint::new(server_config(&cert, idle).unwrap(), socket, shards).unwrap();
         let client = testing::client(&cert);
         Setup {
             _dir: dir,
@@ -1017,6 +1167,89 @@ mod tests {
         // And the endpoint still serves the next client.
         let (_c, _send, _recv, _t) = open(&mut s).await;
         assert_eq!(s.endpoint.open_connections(), 1);
+    }
+
+    /// Three shards: connections spread over them (shard 0 receives every datagram and hands
+    /// the others theirs by connection id), and stay with their shard when the client's
+    /// address changes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_spread_over_shards_and_keep_to_them_across_an_address_change() {
+        let mut s = setup_sharded(Duration::from_secs(30), 3);
+        let mut conns = Vec::new();
+        for _ in 0..12 {
+            conns.push(open(&mut s).await);
+        }
+        let per_shard = s.endpoint.open_per_shard();
+        assert_eq!(per_shard.iter().sum::<usize>(), 12);
+        assert!(
+            per_shard.iter().filter(|&&n| n > 0).count() >= 2,
+            "spread: {per_shard:?}"
+        );
+        async fn echo(
+            round: u8,
+            conns: &mut [(
+                quinn::Connection,
+                quinn::SendStream,
+                quinn::RecvStream,
+                QuicTransport,
+            )],
+        ) {
+            for (i, (_c, send, recv, t)) in conns.iter_mut().enumerate() {
+                let msg = vec![round, i as u8, 7];
+                send.write_all(&prefixed(&msg)).await.unwrap();
+                let Read::Frame(f) = t.next_frame().await.unwrap() else {
+                    panic!("connection {i}: no frame");
+                };
+                assert_eq!(&f[..], &msg[..]);
+                t.write(&mut VecDeque::from([f])).await.unwrap();
+                assert_eq!(read_frame(recv).await.unwrap(), msg);
+            }
+        }
+        echo(1, &mut conns).await;
+        // Every connection of the client moves to a new port.
+        let before = s.client.local_addr().unwrap();
+        s.client
+            .rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+            .unwrap();
+        assert_ne!(s.client.local_addr().unwrap(), before);
+        echo(2, &mut conns).await;
+        assert_eq!(s.endpoint.open_per_shard(), per_shard);
+        for (c, ..) in &conns {
+            assert!(c.close_reason().is_none());
+        }
+    }
+
+    #[test]
+    fn a_datagram_goes_to_the_shard_its_connection_id_names() {
+        let ours = |shard: u8| {
+            let mut id = [0x5a; CID_LEN];
+            id[0] = shard;
+            id
+        };
+        // Short header: first byte, then the id.
+        let short = |id: &[u8]| [&[0x41][..], id, &[1, 2, 3]].concat();
+        // Long header: first byte, version, id length, id, then the source id.
+        let long = |id: &[u8]| [&[0xc0, 0, 0, 0, 1, id.len() as u8][..], id, &[8]].concat();
+        for shard in 0..4u8 {
+            assert_eq!(shard_of(&short(&ours(shard)), 4), usize::from(shard));
+            assert_eq!(shard_of(&long(&ours(shard)), 4), usize::from(shard));
+            assert_eq!(shard_of(&short(&ours(shard)), 1), 0);
+        }
+        // An id the client chose (20 bytes here, as quinn's): the same shard every time.
+        let chosen = [0xab; 20];
+        let first = shard_of(&long(&chosen), 4);
+        assert!(first < 4);
+        assert_eq!(shard_of(&long(&chosen), 4), first);
+        // An id naming a shard that is not there, and datagrams too short to have an id.
+        assert!(shard_of(&short(&ours(9)), 4) < 4);
+        for d in [
+            &[][..],
+            &[0x41][..],
+            &[0xc0, 0, 0][..],
+            &[0xc0, 0, 0, 0, 1, 20, 1][..],
+        ] {
+            assert_eq!(shard_of(d, 4), 0);
+        }
     }
 
     /// When the last handle goes, the driver closes what is left as the node going away.
