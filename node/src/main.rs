@@ -63,6 +63,12 @@ struct Common {
     /// node says why and uses tokio. QUIC always uses tokio.
     #[arg(long, value_enum, default_value = "tokio", env = "RINGPOST_WS_DRIVER")]
     ws_driver: ringpost_node::runtime::WsDriver,
+    /// Tasks that run the QUIC listener's connections (its driver's shards; the first also
+    /// receives every datagram for the others). 1 keeps all QUIC work on one core at the
+    /// lowest cost per packet; raise it (up to the cores the node has) where QUIC traffic needs
+    /// more than one core. Each shard past the first costs a hand-over per datagram.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64), env = "RINGPOST_QUIC_SHARDS")]
+    quic_shards: u16,
     /// RocksDB's block cache (one for every column family, index and filter blocks included),
     /// in MiB: at most this much memory. Lower it where many nodes share a host.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..), env = "RINGPOST_ROCKSDB_BLOCK_CACHE_MIB")]
@@ -671,6 +677,7 @@ fn node_options(common: Common) -> Result<(NodeOptions, MediaArgs)> {
         data_dir: common.data_dir,
         listen_ws: None,
         ws_driver: common.ws_driver,
+        quic_shards: usize::from(common.quic_shards),
         listen_wss: None,
         listen_quic: None,
         listen_admin: None,

@@ -96,6 +96,8 @@ pub struct Metrics {
     pub rate_limited: AtomicU64,
     /// Connections refused at accept by the bounds on unauthenticated ones.
     pub preauth_refused: AtomicU64,
+    /// The client QUIC listener's dropped datagrams (its driver counts them).
+    pub quic: std::sync::Arc<crate::transport::quic::driver::Counters>,
     /// Copied from the peer network at each scrape.
     pub peer_dials_refused: AtomicU64,
     /// Connections not authenticated yet (handshake, before `Hello`, anonymous sessions).
@@ -158,6 +160,7 @@ impl Default for Metrics {
             messages_rejected: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             preauth_refused: AtomicU64::new(0),
+            quic: Default::default(),
             peer_dials_refused: AtomicU64::new(0),
             unauthenticated: AtomicI64::new(0),
             connection_tasks: AtomicI64::new(0),
@@ -230,7 +233,7 @@ impl Metrics {
                 self.connections_accepted[t as usize].load(Relaxed)
             );
         }
-        let counters: [(&str, &str, &AtomicU64); 24] = [
+        let counters: [(&str, &str, &AtomicU64); 26] = [
             (
                 "ringpost_frames_in_total",
                 "Frames received from clients.",
@@ -285,6 +288,16 @@ impl Metrics {
                 "ringpost_preauth_refused_total",
                 "Connections refused at accept: too many unauthenticated ones from their source or in all.",
                 &self.preauth_refused,
+            ),
+            (
+                "ringpost_quic_send_dropped_total",
+                "QUIC datagrams to clients not sent: the UDP socket's send buffer was full (QUIC resends them).",
+                &self.quic.send_dropped,
+            ),
+            (
+                "ringpost_quic_forward_dropped_total",
+                "QUIC datagrams from clients dropped because their driver shard had too many waiting (QUIC resends them).",
+                &self.quic.forward_dropped,
             ),
             (
                 "ringpost_peer_dials_refused_total",

@@ -63,6 +63,9 @@ pub struct NodeOptions {
     pub ws_driver: WsDriver,
     pub listen_wss: Option<SocketAddr>,
     pub listen_quic: Option<SocketAddr>,
+    /// Shards of the QUIC listener's driver (0 counts as 1; at most
+    /// [`quic::driver::SHARDS_MAX`]).
+    pub quic_shards: usize,
     pub listen_admin: Option<SocketAddr>,
     /// TLS certificate for wss and QUIC; `None` generates a dev certificate in the data dir.
     pub tls: Option<CertPaths>,
@@ -182,10 +185,10 @@ fn listen_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
 fn quic_endpoint(
     config: quinn::ServerConfig,
     addr: SocketAddr,
+    shards: usize,
+    counters: Arc<quic::driver::Counters>,
 ) -> std::io::Result<(quic::driver::Endpoint, quic::driver::Incomings)> {
-    // One driver shard per runtime worker: connections' packets spread over them.
-    let shards = tokio::runtime::Handle::current().metrics().num_workers();
-    quic::driver::Endpoint::new(config, quic_socket(addr)?, shards)
+    quic::driver::Endpoint::new(config, quic_socket(addr)?, shards, counters)
 }
 
 /// A non-blocking UDP socket bound to `addr` for a QUIC endpoint, with
@@ -518,7 +521,8 @@ impl Node {
                 Duration::from_millis(u64::from(opts.server.keepalive.idle_timeout_ms)),
             )?;
             let (ep, incomings) =
-                quic_endpoint(config, addr).with_context(|| format!("binding quic {addr}"))?;
+                quic_endpoint(config, addr, opts.quic_shards, server.metrics.quic.clone())
+                    .with_context(|| format!("binding quic {addr}"))?;
             bound.quic = Some(ep.local_addr());
             tasks.spawn(accept_quic(incomings, server.clone()));
             endpoint = Some(ep);

@@ -51,6 +51,10 @@ use tokio::sync::{mpsc, Notify};
 pub const SHARDS_MAX: usize = 64;
 /// Length of the connection ids the node issues (quinn's default).
 const CID_LEN: usize = 8;
+/// Datagrams at most waiting for a shard from shard 0; past it they are dropped (and counted),
+/// as a full socket buffer would: QUIC resends. Memory: up to this many datagrams of up to
+/// 1,500 bytes (each a `BytesMut` of its own), about 12 MiB per shard at the worst.
+pub const FORWARD_QUEUE_MAX: usize = 8192;
 /// Receive batches a turn handles before it serves its queue and timers.
 pub const RECV_BATCHES: usize = 16;
 /// Datagrams (or GSO batches) one connection sends in one turn; one with more is queued for
@@ -85,8 +89,16 @@ struct Io {
     socket: tokio::net::UdpSocket,
     udp: UdpSocketState,
     local: SocketAddr,
+    counters: Arc<Counters>,
+}
+
+/// What an endpoint counts (the node's `/metrics` shows them).
+#[derive(Default, Debug)]
+pub struct Counters {
     /// Datagrams not sent because the socket's send buffer was full (QUIC resends them).
-    send_dropped: AtomicU64,
+    pub send_dropped: AtomicU64,
+    /// Datagrams dropped because their shard had [`FORWARD_QUEUE_MAX`] waiting.
+    pub forward_dropped: AtomicU64,
 }
 
 /// What a shard's driver shares with the handles, the sessions and the other shards.
@@ -321,11 +333,13 @@ struct Entry {
 
 impl Endpoint {
     /// Serves `socket` (non-blocking, bound) as a QUIC server endpoint on the current tokio
-    /// runtime, over `shards` driver tasks (at least 1, at most [`SHARDS_MAX`]).
+    /// runtime, over `shards` driver tasks (at least 1, at most [`SHARDS_MAX`]), counting into
+    /// `counters`.
     pub fn new(
         server: proto::ServerConfig,
         socket: std::net::UdpSocket,
         shards: usize,
+        counters: Arc<Counters>,
     ) -> io::Result<(Endpoint, Incomings)> {
         let n = shards.clamp(1, SHARDS_MAX);
         let udp = UdpSocketState::new((&socket).into())?;
@@ -334,7 +348,7 @@ impl Endpoint {
             socket: tokio::net::UdpSocket::from_std(socket)?,
             udp,
             local,
-            send_dropped: AtomicU64::new(0),
+            counters,
         });
         let shared: Arc<[Arc<EndpointShared>]> = (0..n)
             .map(|_| {
@@ -408,11 +422,6 @@ impl Endpoint {
             .iter()
             .map(|s| s.open.load(Relaxed))
             .collect()
-    }
-
-    /// Datagrams dropped because the socket's send buffer was full.
-    pub fn send_dropped(&self) -> u64 {
-        self.handle.shards[0].io.send_dropped.load(Relaxed)
     }
 
     /// Closes every connection (and refuses new ones) with `code` and `reason`.
@@ -711,11 +720,22 @@ impl Driver {
                 self.drive(i, now);
             }
             for (shard, out) in self.outbox.iter_mut().enumerate() {
-                if !out.is_empty() {
-                    let to = &self.shards[shard];
-                    lock(&to.queue).forwarded.append(out);
-                    to.wake.notify_one();
+                if out.is_empty() {
+                    continue;
                 }
+                let to = &self.shards[shard];
+                let mut q = lock(&to.queue);
+                let room = FORWARD_QUEUE_MAX.saturating_sub(q.forwarded.len());
+                if out.len() > room {
+                    let dropped = out.len() - room;
+                    out.truncate(room);
+                    io.counters
+                        .forward_dropped
+                        .fetch_add(dropped as u64, Relaxed);
+                }
+                q.forwarded.append(out);
+                drop(q);
+                to.wake.notify_one();
             }
         }
         true
@@ -914,7 +934,7 @@ impl Driver {
         });
         if let Err(e) = sent {
             if e.kind() == io::ErrorKind::WouldBlock {
-                io.send_dropped.fetch_add(1, Relaxed);
+                io.counters.send_dropped.fetch_add(1, Relaxed);
             } else {
                 tracing::debug!(error = %e, to = %t.destination, "quic send failed");
             }
@@ -965,8 +985,13 @@ mod tests {
         let cert = tls::dev_certificate(dir.path(), &[]).unwrap();
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         socket.set_nonblocking(true).unwrap();
-        let (endpoint, incomings) =
-            Endpoint::new(server_config(&cert, idle).unwrap(), socket, shards).unwrap();
+        let (endpoint, incomings) = Endpoint::new(
+            server_config(&cert, idle).unwrap(),
+            socket,
+            shards,
+            Arc::default(),
+        )
+        .unwrap();
         let client = testing::client(&cert);
         Setup {
             _dir: dir,
