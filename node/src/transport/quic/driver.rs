@@ -369,7 +369,8 @@ impl Endpoint {
         let (tx, rx) = mpsc::unbounded_channel();
         for index in 0..n {
             let mut config = base.clone();
-            let shard = index as u8;
+            // One shard needs no id to name it: all eight bytes stay random.
+            let shard = (n > 1).then_some(index as u8);
             config.cid_generator(move || Box::new(ShardCids { shard }));
             let endpoint =
                 proto::Endpoint::new(Arc::new(config), Some(server.clone()), false, None);
@@ -442,16 +443,19 @@ impl Endpoint {
     }
 }
 
-/// Connection ids of [`CID_LEN`] random bytes whose first byte is the issuing shard's number.
+/// Connection ids of [`CID_LEN`] random bytes, the first of them the issuing shard's number
+/// when there are shards.
 struct ShardCids {
-    shard: u8,
+    shard: Option<u8>,
 }
 
 impl proto::ConnectionIdGenerator for ShardCids {
     fn generate_cid(&mut self) -> proto::ConnectionId {
         let mut id = [0u8; CID_LEN];
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut id);
-        id[0] = self.shard;
+        if let Some(shard) = self.shard {
+            id[0] = shard;
+        }
         proto::ConnectionId::new(&id)
     }
 
@@ -1241,6 +1245,23 @@ mod tests {
         assert_eq!(s.endpoint.open_per_shard(), per_shard);
         for (c, ..) in &conns {
             assert!(c.close_reason().is_none());
+        }
+    }
+
+    #[test]
+    fn connection_ids_name_their_shard_only_when_there_are_shards() {
+        use proto::ConnectionIdGenerator;
+        let mut sharded = ShardCids { shard: Some(3) };
+        let mut single = ShardCids { shard: None };
+        let firsts: Vec<u8> = (0..64).map(|_| single.generate_cid()[0]).collect();
+        assert!(
+            firsts.iter().any(|&b| b != firsts[0]),
+            "one shard: the first byte is random too"
+        );
+        for _ in 0..64 {
+            let id = sharded.generate_cid();
+            assert_eq!((id.len(), id[0]), (CID_LEN, 3));
+            assert_eq!(shard_of(&[&[0x41][..], &id[..]].concat(), 4), 3);
         }
     }
 
