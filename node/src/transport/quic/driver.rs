@@ -36,7 +36,7 @@ use std::future::Future;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
@@ -108,7 +108,6 @@ struct EndpointShared {
     wake: Notify,
     /// Connections the shard holds (accepted and not yet drained).
     open: AtomicUsize,
-    stopped: AtomicBool,
 }
 
 #[derive(Default)]
@@ -357,7 +356,6 @@ impl Endpoint {
                     queue: Mutex::new(Queue::default()),
                     wake: Notify::new(),
                     open: AtomicUsize::new(0),
-                    stopped: AtomicBool::new(false),
                 })
             })
             .collect();
@@ -556,7 +554,6 @@ impl Driver {
                 _ = sleep => {}
             }
         }
-        self.shared.stopped.store(true, Relaxed);
         // What is left is closed: the sessions see their connections lost.
         let now = Instant::now();
         for i in 0..self.entries.len() {
